@@ -1,1 +1,39 @@
+"""Typed, validated run configuration (TOML)."""
 
+from fedsilo.config.load import (
+    ConfigError,
+    config_digest,
+    config_to_toml,
+    load_config,
+    parse_config,
+    save_config,
+)
+from fedsilo.config.schema import (
+    DEFAULT_TARGET_MODULES,
+    EvaluationSection,
+    FedsiloConfig,
+    LoraSection,
+    ModelSection,
+    RunSection,
+    StrategySection,
+    TaskSection,
+    TrainSection,
+)
+
+__all__ = [
+    "DEFAULT_TARGET_MODULES",
+    "ConfigError",
+    "EvaluationSection",
+    "FedsiloConfig",
+    "LoraSection",
+    "ModelSection",
+    "RunSection",
+    "StrategySection",
+    "TaskSection",
+    "TrainSection",
+    "config_digest",
+    "config_to_toml",
+    "load_config",
+    "parse_config",
+    "save_config",
+]

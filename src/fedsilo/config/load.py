@@ -1,0 +1,85 @@
+"""Reading and writing run configurations as TOML, with errors that name file and field."""
+
+from __future__ import annotations
+
+import hashlib
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+from pydantic import ValidationError
+
+from fedsilo.config.schema import FedsiloConfig
+from fedsilo.storage import write_text_atomic
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be used; the message names the file and the field."""
+
+
+def _field_path(location: tuple[int | str, ...]) -> str:
+    parts: list[str] = []
+    for item in location:
+        if isinstance(item, int):
+            parts[-1] = f"{parts[-1]}[{item}]" if parts else f"[{item}]"
+        else:
+            parts.append(str(item))
+    return ".".join(parts) or "(top level)"
+
+
+def parse_config(data: Mapping[str, Any], *, source: str) -> FedsiloConfig:
+    """Validate a config mapping; ``source`` (a file name) is named in every error."""
+    try:
+        return FedsiloConfig.model_validate(dict(data))
+    except ValidationError as error:
+        problems = [
+            f"  {_field_path(tuple(item['loc']))}: {item['msg']}" for item in error.errors()
+        ]
+        raise ConfigError(f"{source}: invalid configuration\n" + "\n".join(problems)) from None
+
+
+def load_config(path: Path) -> FedsiloConfig:
+    """Load and validate a TOML config file. Relative data paths are resolved from its folder."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: not valid TOML: {error}") from None
+    config = parse_config(raw, source=str(path))
+    return _resolve_paths(config, base=path.parent.resolve())
+
+
+def _resolve_paths(config: FedsiloConfig, *, base: Path) -> FedsiloConfig:
+    task = config.task
+    sites = tuple(site.model_copy(update={"path": base / site.path}) for site in task.sites)
+    gold = base / task.gold_path if task.gold_path is not None else None
+    model_base = config.model.base
+    candidate = base / model_base
+    if ("/" in model_base or model_base.startswith(".")) and not Path(model_base).is_absolute():
+        model_base = str(candidate)
+    return config.model_copy(
+        update={
+            "task": task.model_copy(update={"sites": sites, "gold_path": gold}),
+            "model": config.model.model_copy(update={"base": model_base}),
+        }
+    )
+
+
+def config_to_toml(config: FedsiloConfig) -> str:
+    """The fully resolved config as TOML (every default written out, None omitted)."""
+    data = config.model_dump(mode="json", exclude_none=True)
+    return tomli_w.dumps(data)
+
+
+def config_digest(config: FedsiloConfig) -> str:
+    """sha256 of the resolved TOML: identifies exactly which settings a run used."""
+    return "sha256:" + hashlib.sha256(config_to_toml(config).encode("utf-8")).hexdigest()
+
+
+def save_config(config: FedsiloConfig, path: Path) -> None:
+    """Write the resolved config atomically."""
+    write_text_atomic(path, config_to_toml(config))

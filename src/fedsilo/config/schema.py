@@ -1,0 +1,170 @@
+"""The run configuration: typed, frozen, validated sections of one TOML file.
+
+Every field has a default, so an empty file is a valid (tiny) run; unknown keys are errors,
+because a misspelt privacy or training key silently falling back to a default is worse than
+a refusal.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+DEFAULT_TARGET_MODULES: tuple[str, ...] = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+)
+
+EngineName = Literal["inprocess", "ray"]
+StrategyName = Literal["fedavg", "fedprox", "fedadam"]
+PartitionName = Literal["by-chapter", "dirichlet"]
+TaskName = Literal["icd10", "files"]
+
+
+class Section(BaseModel):
+    """Base of every section: frozen, no unknown keys."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class RunSection(Section):
+    """What to run and how the process behaves."""
+
+    name: str = "fedsilo-run"
+    seed: int = 0
+    rounds: int = Field(3, ge=1)
+    # On a small machine a multi-threaded torch process slows down sharply as soon as
+    # anything else runs; one thread per simulated site is the fast, predictable choice.
+    torch_threads: int = Field(1, ge=1)
+    engine: EngineName = "inprocess"
+
+
+class ModelSection(Section):
+    """The base model every site fine-tunes."""
+
+    # "smollm2-135m-instruct" (embedded default) or a path to a local Hugging Face folder.
+    base: str = "smollm2-135m-instruct"
+
+
+class LoraSection(Section):
+    """LoRA adapter shape; only these tensors are ever trained, saved or sent."""
+
+    rank: int = Field(8, ge=1, le=256)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
+
+    @model_validator(mode="after")
+    def _targets_not_empty(self) -> LoraSection:
+        if not self.target_modules:
+            raise ValueError("target_modules must name at least one module")
+        return self
+
+
+class SiteFilesSection(Section):
+    """One site's records on disk (used by task name = "files")."""
+
+    name: str = Field(min_length=1)
+    path: Path
+
+
+class TaskSection(Section):
+    """Which data each site trains on, and the held-out gold set."""
+
+    name: TaskName = "icd10"
+    num_sites: int = Field(4, ge=1)
+    partition: PartitionName = "by-chapter"
+    alpha: float = Field(1.0, gt=0)
+    examples_per_site: int = Field(64, ge=1)
+    gold_size: int = Field(48, ge=1)
+    chapters: tuple[str, ...] | None = None
+    # task name = "files": each site's records and the gold set as files.
+    sites: tuple[SiteFilesSection, ...] = ()
+    gold_path: Path | None = None
+    system_prompt: str | None = None
+
+    @model_validator(mode="after")
+    def _files_task_complete(self) -> TaskSection:
+        if self.name == "files":
+            if not self.sites:
+                raise ValueError('task "files" needs at least one [[task.sites]] entry')
+            if self.gold_path is None:
+                raise ValueError('task "files" needs gold_path')
+            names = [site.name for site in self.sites]
+            if len(set(names)) != len(names):
+                raise ValueError(f"site names must be unique, got {names}")
+        return self
+
+
+class TrainSection(Section):
+    """Local training at each site, per round."""
+
+    local_steps: int = Field(8, ge=1)
+    batch_size: int = Field(4, ge=1)
+    learning_rate: float = Field(1e-3, gt=0, le=1)
+    max_length: int = Field(96, ge=8)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+
+
+class StrategySection(Section):
+    """How the server combines site updates, and when a round counts."""
+
+    name: StrategyName = "fedavg"
+    # FedProx: weight of the proximal term (mu / 2) * ||w - w_global||^2 in each site's loss.
+    proximal_mu: float = Field(0.01, ge=0)
+    # FedAdam (Reddi et al. 2021, "Adaptive Federated Optimization").
+    server_learning_rate: float = Field(0.01, gt=0)
+    beta_1: float = Field(0.9, ge=0, lt=1)
+    beta_2: float = Field(0.99, ge=0, lt=1)
+    tau: float = Field(1e-3, gt=0)
+    # A round is aggregated only if at least this many sites returned a valid update.
+    min_sites: int = Field(2, ge=1)
+    sites_per_round: int | None = Field(None, ge=1)
+    round_timeout_s: float = Field(1800.0, gt=0)
+    max_round_attempts: int = Field(2, ge=1)
+
+
+class EvaluationSection(Section):
+    """Gold-set evaluation at the server."""
+
+    max_new_tokens: int = Field(10, ge=1)
+    batch_size: int = Field(16, ge=1)
+
+
+class FedsiloConfig(Section):
+    """A whole run: the content of one config TOML file."""
+
+    run: RunSection = RunSection()
+    model: ModelSection = ModelSection()
+    lora: LoraSection = LoraSection()
+    task: TaskSection = TaskSection()
+    train: TrainSection = TrainSection()
+    strategy: StrategySection = StrategySection()
+    evaluation: EvaluationSection = EvaluationSection()
+
+    @model_validator(mode="after")
+    def _cohort_fits(self) -> FedsiloConfig:
+        num_sites = len(self.task.sites) if self.task.name == "files" else self.task.num_sites
+        per_round = self.strategy.sites_per_round or num_sites
+        if per_round > num_sites:
+            raise ValueError(
+                f"strategy.sites_per_round={per_round} exceeds the {num_sites} sites of the task"
+            )
+        if self.strategy.min_sites > per_round:
+            raise ValueError(
+                f"strategy.min_sites={self.strategy.min_sites} can never be met: "
+                f"only {per_round} sites take part in a round"
+            )
+        return self
+
+    @property
+    def num_sites(self) -> int:
+        """Number of sites in the federation."""
+        return len(self.task.sites) if self.task.name == "files" else self.task.num_sites
