@@ -1,0 +1,72 @@
+from pathlib import Path
+
+import pytest
+
+from fedsilo.config import ConfigError, config_to_toml, load_config, parse_config
+
+
+def test_empty_file_is_a_valid_default_config(tmp_path: Path) -> None:
+    path = tmp_path / "run.toml"
+    path.write_text("")
+
+    config = load_config(path)
+
+    assert config.strategy.name == "fedavg"
+    assert config.num_sites == 4
+
+
+def test_error_names_file_and_field(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text("[train]\nlearning_rate = -1\n")
+
+    with pytest.raises(ConfigError, match=r"bad\.toml.*\n.*train\.learning_rate"):
+        load_config(path)
+
+
+def test_unknown_key_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "typo.toml"
+    path.write_text("[strategy]\nproximal_muu = 0.1\n")
+
+    with pytest.raises(ConfigError, match=r"strategy\.proximal_muu"):
+        load_config(path)
+
+
+def test_unknown_strategy_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"strategy\.name"):
+        parse_config({"strategy": {"name": "fedmagic"}}, source="x.toml")
+
+
+def test_min_sites_above_cohort_is_refused() -> None:
+    with pytest.raises(ConfigError, match="min_sites=5 can never be met"):
+        parse_config({"task": {"num_sites": 4}, "strategy": {"min_sites": 5}}, source="x.toml")
+
+
+def test_broken_toml_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "broken.toml"
+    path.write_text("[run\nname = 'x'")
+
+    with pytest.raises(ConfigError, match=r"broken\.toml: not valid TOML"):
+        load_config(path)
+
+
+def test_files_task_paths_resolve_relative_to_config(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "run.toml"
+    path.parent.mkdir()
+    path.write_text(
+        '[task]\nname = "files"\ngold_path = "gold.jsonl"\n'
+        '[[task.sites]]\nname = "a"\npath = "data/a.jsonl"\n'
+        "[strategy]\nmin_sites = 1\n"
+    )
+
+    config = load_config(path)
+
+    assert config.task.sites[0].path == path.parent.resolve() / "data" / "a.jsonl"
+    assert config.task.gold_path == path.parent.resolve() / "gold.jsonl"
+
+
+def test_resolved_config_round_trips_through_toml(tmp_path: Path) -> None:
+    config = parse_config({"run": {"rounds": 7}, "lora": {"rank": 4}}, source="x")
+    path = tmp_path / "config.toml"
+    path.write_text(config_to_toml(config))
+
+    assert load_config(path) == config
