@@ -269,3 +269,22 @@ def test_export_rejects_a_mismatched_state(lora_model: PeftModel, tmp_path: Path
         export_peft_folder(lora_model, state, tmp_path / "export", base_model_path="x")
 
     assert not (tmp_path / "export").exists()
+
+
+def test_export_refuses_an_existing_folder(lora_model: PeftModel, tmp_path: Path) -> None:
+    out = tmp_path / "export"
+    out.mkdir()
+
+    with pytest.raises(FileExistsError, match="export"):
+        export_peft_folder(lora_model, get_adapter_state(lora_model), out, base_model_path="x")
+
+
+def test_export_with_replace_swaps_the_folder(lora_model: PeftModel, tmp_path: Path) -> None:
+    out = tmp_path / "export"
+    state = get_adapter_state(lora_model)
+    export_peft_folder(lora_model, state, out, base_model_path="old")
+
+    export_peft_folder(lora_model, state, out, base_model_path="new", replace=True)
+
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "new"

@@ -140,13 +140,19 @@ def load_adapter(path: Path) -> AdapterState:
 
 
 def export_peft_folder(
-    model: PeftModel, state: AdapterState, out_dir: Path, *, base_model_path: str
+    model: PeftModel,
+    state: AdapterState,
+    out_dir: Path,
+    *,
+    base_model_path: str,
+    replace: bool = False,
 ) -> None:
     """Write ``state`` as a standard PEFT folder that ``PeftModel.from_pretrained`` loads.
 
     The folder (adapter_config.json and adapter_model.safetensors) takes the LoRA settings
     from ``model`` and records ``base_model_path`` as ``base_model_name_or_path``. It appears
-    atomically; an existing ``out_dir`` is an error (FileExistsError).
+    atomically. An existing ``out_dir`` is an error (FileExistsError) unless ``replace`` is
+    true, in which case it is swapped for the new folder in one step.
     """
     params = _adapter_parameters(model)
     _check_state(state, {name: tuple(p.shape) for name, p in params.items()}, "adapter state")
@@ -159,7 +165,7 @@ def export_peft_folder(
         if isinstance(value, set):
             settings[key] = sorted(value)
     weights = {name: state[name].detach().contiguous() for name in sorted(state)}
-    with atomic_folder(Path(out_dir)) as tmp:
+    with atomic_folder(Path(out_dir), replace=replace) as tmp:
         write_bytes_atomic(
             tmp / _ADAPTER_CONFIG,
             (json.dumps(settings, indent=2, sort_keys=True) + "\n").encode("utf-8"),
