@@ -1,0 +1,62 @@
+"""The demo's gold-set quality before and after federated training, with its timings.
+
+    python benchmarks/demo_quality.py [--out-run runs/bench-demo]
+
+Runs `fedsilo demo` (the embedded default config) and writes benchmarks/results/demo.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import time
+from pathlib import Path
+
+from fedsilo.cli.main import main as fedsilo_main
+from fedsilo.server.run_folder import RunFolder
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out-run", type=Path, default=Path("runs") / "bench-demo")
+    parser.add_argument("--out", type=Path, default=RESULTS / "demo.json")
+    args = parser.parse_args()
+
+    started = time.perf_counter()
+    status = fedsilo_main(["demo", "--out", str(args.out_run)])
+    wall = time.perf_counter() - started
+    if status != 0:
+        raise SystemExit(f"demo failed with exit status {status}")
+    folder = RunFolder(args.out_run)
+    metrics = folder.read_metrics()
+    before, after = metrics[0], metrics[-1]
+    keys = ("gold_accuracy", "gold_category_accuracy", "gold_loss")
+    result = {
+        "benchmark": "demo-gold-quality",
+        "config": (folder.config_path).read_text(encoding="utf-8"),
+        "base_model_hash": folder.read_json(folder.run_info_path)["base_model_hash"],
+        "rounds": after["round"],
+        "gold_count": after["gold_count"],
+        "before": {k: before[k] for k in keys},
+        "after": {k: after[k] for k in keys},
+        "per_round": [
+            {k: m[k] for k in ("round", "sites_ok", "train_loss", *keys, "seconds")}
+            for m in metrics
+        ],
+        "wall_seconds": wall,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({"before": result["before"], "after": result["after"], "wall_s": wall}))
+
+
+if __name__ == "__main__":
+    main()

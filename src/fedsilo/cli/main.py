@@ -1,0 +1,121 @@
+"""The `fedsilo` command: parse arguments, load the config, call the library."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+from importlib import resources
+from pathlib import Path
+
+from fedsilo.config import ConfigError, FedsiloConfig, load_config, parse_config
+
+
+def _demo_config(rounds: int | None) -> FedsiloConfig:
+    import tomllib
+
+    text = resources.files("fedsilo.configs").joinpath("demo.toml").read_text(encoding="utf-8")
+    data = tomllib.loads(text)
+    if rounds is not None:
+        data["run"]["rounds"] = rounds
+    return parse_config(data, source="fedsilo/configs/demo.toml")
+
+
+def _run(config: FedsiloConfig, *, out: Path, resume: bool) -> int:
+    from fedsilo.cli.progress import ConsoleReporter
+    from fedsilo.server.app import ServerJob
+    from fedsilo.server.run_folder import RunFolder
+    from fedsilo.simulation.engines import simulate
+
+    reporter = ConsoleReporter()
+    reporter.console.print(
+        f"run [bold]{config.run.name}[/]: {config.num_sites} sites, {config.run.rounds} rounds, "
+        f"strategy {config.strategy.name}, engine {config.run.engine}, base model "
+        f"{config.model.base} -> {out}"
+    )
+    simulate(ServerJob(config=config, run_dir=out, resume=resume, reporter=reporter))
+    reporter.summary(RunFolder(out).read_metrics())
+    reporter.console.print(f"final adapter: {RunFolder(out).final_dir}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    out = args.out or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
+    return _run(_demo_config(args.rounds), out=out, resume=False)
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    if args.resume is not None:
+        if args.out is not None and args.out != args.resume:
+            raise ConfigError("--out and --resume name different folders; give only --resume")
+        return _run(config, out=args.resume, resume=True)
+    out = args.out or Path("runs") / time.strftime(f"{config.run.name}-%Y%m%d-%H%M%S")
+    return _run(config, out=out, resume=False)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from fedsilo.server.outputs import export_run
+
+    source = export_run(args.run, args.out)
+    print(f"wrote PEFT adapter folder {args.out} (from {source})")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from fedsilo.server.outputs import generate_from_run
+
+    print(generate_from_run(args.run, args.prompt, max_new_tokens=args.max_new_tokens))
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedsilo", description="Federated LoRA fine-tuning across data silos, on Flower."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="4 hospitals learn ICD-10-CM coding on SmolLM2")
+    demo.add_argument("--out", type=Path, help="run folder (default: runs/demo-TIMESTAMP)")
+    demo.add_argument("--rounds", type=int, help="number of rounds (default: 3)")
+    demo.set_defaults(handler=cmd_demo)
+
+    simulate = commands.add_parser("simulate", help="run a federation from a TOML config")
+    simulate.add_argument("config", type=Path)
+    simulate.add_argument("--out", type=Path, help="run folder (default: runs/NAME-TIMESTAMP)")
+    simulate.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue this run")
+    simulate.set_defaults(handler=cmd_simulate)
+
+    export = commands.add_parser("export", help="write a run's adapter as a PEFT folder")
+    export.add_argument("run", type=Path)
+    export.add_argument("--out", type=Path, required=True)
+    export.set_defaults(handler=cmd_export)
+
+    generate = commands.add_parser("generate", help="answer a prompt with a run's model")
+    generate.add_argument("run", type=Path)
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--max-new-tokens", type=int, default=32)
+    generate.set_defaults(handler=cmd_generate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `fedsilo` command."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except (ConfigError, FileExistsError, FileNotFoundError, ValueError, RuntimeError) as error:
+        print(f"fedsilo {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

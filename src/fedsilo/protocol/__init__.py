@@ -1,0 +1,1 @@
+"""Typed records exchanged between the server and the sites."""

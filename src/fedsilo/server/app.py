@@ -1,0 +1,166 @@
+"""The fedsilo ServerApp: prepares the run folder and the server side, then runs the rounds."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import flwr
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+import fedsilo
+from fedsilo.client.site import load_model_with_adapter
+from fedsilo.config import (
+    ConfigError,
+    FedsiloConfig,
+    config_digest,
+    config_to_toml,
+    load_config,
+    save_config,
+)
+from fedsilo.data.tasks import build_task
+from fedsilo.evaluation.gold import evaluate_gold
+from fedsilo.evaluation.metrics import GoldMetrics
+from fedsilo.model.adapters import AdapterState, export_peft_folder, set_adapter_state
+from fedsilo.model.base import resolve_base_model
+from fedsilo.server.federation import FederationPlan, ProgressReporter, run_federation
+from fedsilo.server.run_folder import RunFolder
+from fedsilo.server.strategies import build_strategy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServerJob:
+    """What the ServerApp is asked to do."""
+
+    config: FedsiloConfig
+    run_dir: Path
+    resume: bool
+    reporter: ProgressReporter
+
+
+def check_resume_config(saved: FedsiloConfig, requested: FedsiloConfig, *, source: Path) -> None:
+    """A resumed run must use the settings it started with; only ``run.rounds`` may grow."""
+    as_saved = saved.model_copy(update={"run": saved.run.model_copy(update={"rounds": 1})})
+    as_requested = requested.model_copy(
+        update={"run": requested.run.model_copy(update={"rounds": 1})}
+    )
+    if config_to_toml(as_saved) != config_to_toml(as_requested):
+        saved_data = as_saved.model_dump(mode="json")
+        requested_data = as_requested.model_dump(mode="json")
+        differing = sorted(
+            f"{section}.{key}"
+            for section, values in requested_data.items()
+            for key, value in values.items()
+            if saved_data[section].get(key) != value
+        )
+        raise ConfigError(
+            f"{source}: cannot resume with different settings; these differ from the run's "
+            f"config: {', '.join(differing)}"
+        )
+
+
+def _run_info(
+    config: FedsiloConfig, base_hash: str, base_folder: Path, system_prompt: str | None
+) -> dict[str, Any]:
+    return {
+        "system_prompt": system_prompt,
+        "run_name": config.run.name,
+        "config_digest": config_digest(config),
+        "base_model": config.model.base,
+        "base_model_path": str(base_folder),
+        "base_model_hash": base_hash,
+        "fedsilo_version": fedsilo.__version__,
+        "flwr_version": flwr.__version__,
+        "python": platform.python_version(),
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def execute(grid: Grid, job: ServerJob) -> AdapterState:
+    """Run the federation described by ``job`` over ``grid``; record its outcome."""
+    folder = RunFolder(job.run_dir)
+    config = job.config
+    if job.resume:
+        check_resume_config(load_config(folder.config_path), config, source=folder.config_path)
+    elif folder.latest_checkpoint_round() is not None:
+        raise FileExistsError(
+            f"{folder.root} already holds a run; resume it with --resume or choose another --out"
+        )
+    folder.root.mkdir(parents=True, exist_ok=True)
+    save_config(config, folder.config_path)
+    folder.write_json(folder.status_path, {"status": "running"})
+    try:
+        final = _execute(grid, job, folder)
+    except BaseException as error:
+        folder.write_json(
+            folder.status_path, {"status": "failed", "reason": f"{type(error).__name__}: {error}"}
+        )
+        raise
+    folder.write_json(folder.status_path, {"status": "completed", "rounds": config.run.rounds})
+    return final
+
+
+def _execute(grid: Grid, job: ServerJob, folder: RunFolder) -> AdapterState:
+    config = job.config
+    loaded = load_model_with_adapter(config)
+    base_folder = resolve_base_model(config.model.base)
+    if job.resume and folder.run_info_path.exists():
+        recorded = folder.read_json(folder.run_info_path)["base_model_hash"]
+        if recorded != loaded.base_model_hash:
+            raise ConfigError(
+                f"{folder.run_info_path}: the run used base model {recorded}, but "
+                f"{config.model.base} now hashes to {loaded.base_model_hash}"
+            )
+    task = build_task(config.task, seed=config.run.seed)
+    if not (job.resume and folder.run_info_path.exists()):
+        folder.write_json(
+            folder.run_info_path,
+            _run_info(config, loaded.base_model_hash, base_folder, task.system_prompt),
+        )
+
+    def evaluate(adapter: AdapterState) -> GoldMetrics:
+        set_adapter_state(loaded.model, adapter)
+        return evaluate_gold(
+            loaded.model,
+            loaded.tokenizer,
+            task.gold,
+            system_prompt=task.system_prompt,
+            max_new_tokens=config.evaluation.max_new_tokens,
+            batch_size=config.evaluation.batch_size,
+            max_length=config.train.max_length,
+        )
+
+    plan = FederationPlan(
+        config=config,
+        folder=folder,
+        base_model_hash=loaded.base_model_hash,
+        initial_adapter=loaded.adapter_template,
+        strategy=build_strategy(config.strategy),
+        evaluate=evaluate,
+        reporter=job.reporter,
+    )
+    final = run_federation(grid, plan, resume=job.resume)
+    set_adapter_state(loaded.model, final)
+    export_peft_folder(
+        loaded.model, final, folder.final_dir, base_model_path=str(base_folder), replace=True
+    )
+    return final
+
+
+def build_server_app(job: ServerJob) -> ServerApp:
+    """A ServerApp that runs ``job``."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        del context  # the job carries the configuration
+        execute(grid, job)
+
+    return app

@@ -1,0 +1,139 @@
+"""The run folder contract, and crash-safe checkpoints inside it.
+
+RUN/
+  config.toml            the resolved configuration
+  run.json               base model hash, versions, start time
+  metrics.jsonl          one JSON object per round (round 0 = before training)
+  checkpoints/round-N/   adapter.safetensors, server_state.safetensors, round.json
+  final/                 the final adapter as a PEFT folder
+  status.json            "running" | "completed" | "failed" with the reason
+
+A checkpoint folder appears only complete (built in a temporary folder, fsynced, renamed),
+and it holds the round's metrics record too, so metrics.jsonl can always be rebuilt from the
+checkpoints after a crash between the two writes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fedsilo.model.adapters import AdapterState, load_adapter, save_adapter
+from fedsilo.storage import atomic_folder, write_text_atomic
+
+_ROUND_DIR = re.compile(r"^round-(\d+)$")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """The global state after a round."""
+
+    round: int
+    adapter: AdapterState
+    server_state: dict[str, torch.Tensor]
+    record: dict[str, Any]  # the round's metrics line
+
+
+class RunFolder:
+    """Paths and reads/writes of one run's folder."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.toml"
+
+    @property
+    def run_info_path(self) -> Path:
+        return self.root / "run.json"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def final_dir(self) -> Path:
+        return self.root / "final"
+
+    @property
+    def status_path(self) -> Path:
+        return self.root / "status.json"
+
+    def checkpoint_dir(self, round_number: int) -> Path:
+        return self.checkpoints_dir / f"round-{round_number}"
+
+    def checkpoint_rounds(self) -> list[int]:
+        """Rounds with a complete checkpoint, ascending (temporary folders are ignored)."""
+        if not self.checkpoints_dir.is_dir():
+            return []
+        rounds = []
+        for entry in self.checkpoints_dir.iterdir():
+            match = _ROUND_DIR.match(entry.name)
+            if match and entry.is_dir():
+                rounds.append(int(match.group(1)))
+        return sorted(rounds)
+
+    def latest_checkpoint_round(self) -> int | None:
+        rounds = self.checkpoint_rounds()
+        return rounds[-1] if rounds else None
+
+    def save_checkpoint(self, checkpoint: Checkpoint) -> None:
+        """Write a round's checkpoint; an existing one for that round is an error."""
+        with atomic_folder(self.checkpoint_dir(checkpoint.round)) as folder:
+            save_adapter(checkpoint.adapter, folder / "adapter.safetensors")
+            save_file(
+                {k: v.contiguous() for k, v in checkpoint.server_state.items()},
+                str(folder / "server_state.safetensors"),
+            )
+            (folder / "round.json").write_text(
+                json.dumps(checkpoint.record, indent=2, sort_keys=True), encoding="utf-8"
+            )
+
+    def load_checkpoint(self, round_number: int) -> Checkpoint:
+        folder = self.checkpoint_dir(round_number)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder}: no checkpoint for round {round_number}")
+        return Checkpoint(
+            round=round_number,
+            adapter=load_adapter(folder / "adapter.safetensors"),
+            server_state=load_file(str(folder / "server_state.safetensors")),
+            record=self.read_round_record(round_number),
+        )
+
+    def read_round_record(self, round_number: int) -> dict[str, Any]:
+        """The metrics record stored with a round's checkpoint."""
+        return self.read_json(self.checkpoint_dir(round_number) / "round.json")
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics_path.exists():
+            return []
+        lines = self.metrics_path.read_text(encoding="utf-8").splitlines()
+        return [json.loads(line) for line in lines if line.strip()]
+
+    def write_metrics(self, records: list[dict[str, Any]]) -> None:
+        """Replace metrics.jsonl as a whole (it is small), so it is never half-written."""
+        text = "".join(json.dumps(record, sort_keys=True) + "\n" for record in records)
+        write_text_atomic(self.metrics_path, text)
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        self.write_metrics([*self.read_metrics(), record])
+
+    def write_json(self, path: Path, data: dict[str, Any]) -> None:
+        write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+    def read_json(self, path: Path) -> dict[str, Any]:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a JSON object")
+        return data

@@ -1,0 +1,168 @@
+"""Server strategies: how the global adapter moves given the sites' updates.
+
+Every strategy pairs what it asks of the sites (``site_settings``) with how it combines their
+replies (``aggregate``). Updates are adapter deltas (trained minus global); sums are taken in
+float64 so the result does not depend on the order replies arrived in, beyond the final cast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from fedsilo.config import StrategySection
+from fedsilo.model.adapters import AdapterState
+
+
+@dataclass(frozen=True)
+class SiteUpdate:
+    """One site's accepted contribution to a round."""
+
+    site: str
+    delta: AdapterState
+    num_examples: int
+
+
+@dataclass(frozen=True)
+class SiteSettings:
+    """Strategy-specific settings sent to every site with the round task."""
+
+    proximal_mu: float
+
+
+class Strategy(Protocol):
+    """A federated optimisation algorithm on adapter tensors."""
+
+    name: str
+
+    def site_settings(self) -> SiteSettings:
+        """What sites must do differently under this strategy."""
+        ...
+
+    def aggregate(self, global_state: AdapterState, updates: Sequence[SiteUpdate]) -> AdapterState:
+        """The next global adapter. Pure with respect to its inputs; raises on no updates."""
+        ...
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Server-side optimizer state, checkpointed with the adapter so a resume is exact."""
+        ...
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        ...
+
+
+def weighted_mean_delta(updates: Sequence[SiteUpdate]) -> AdapterState:
+    """Example-weighted mean of the site deltas: sum_i n_i * d_i / sum_i n_i."""
+    if not updates:
+        raise ValueError("cannot aggregate a round with no updates")
+    total_examples = sum(update.num_examples for update in updates)
+    if total_examples <= 0:
+        raise ValueError("cannot weight updates: the sites reported no examples")
+    names = updates[0].delta.keys()
+    mean: AdapterState = {}
+    for name in names:
+        acc = torch.zeros_like(updates[0].delta[name], dtype=torch.float64)
+        for update in updates:
+            acc += update.delta[name].to(torch.float64) * update.num_examples
+        mean[name] = (acc / total_examples).to(torch.float32)
+    return mean
+
+
+class FedAvg:
+    """FedAvg (McMahan et al. 2017): the global adapter plus the example-weighted mean delta."""
+
+    name = "fedavg"
+
+    def site_settings(self) -> SiteSettings:
+        return SiteSettings(proximal_mu=0.0)
+
+    def aggregate(self, global_state: AdapterState, updates: Sequence[SiteUpdate]) -> AdapterState:
+        mean = weighted_mean_delta(updates)
+        return {name: global_state[name] + mean[name] for name in global_state}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            raise ValueError(f"FedAvg keeps no server state, got {sorted(state)}")
+
+
+class FedProx(FedAvg):
+    """FedProx (Li et al. 2020): FedAvg aggregation, sites add (mu / 2) * ||w - w_g||^2."""
+
+    name = "fedprox"
+
+    def __init__(self, *, proximal_mu: float) -> None:
+        self.proximal_mu = proximal_mu
+
+    def site_settings(self) -> SiteSettings:
+        return SiteSettings(proximal_mu=self.proximal_mu)
+
+
+class FedAdam:
+    """FedAdam (Reddi et al. 2021): Adam on the server, the mean delta as pseudo-gradient.
+
+    m <- b1 m + (1 - b1) d;  v <- b2 v + (1 - b2) d^2;  x <- x + lr * m / (sqrt(v) + tau),
+    as in Algorithm 2 of the paper (no bias correction).
+    """
+
+    name = "fedadam"
+
+    def __init__(
+        self, *, server_learning_rate: float, beta_1: float, beta_2: float, tau: float
+    ) -> None:
+        self.server_learning_rate = server_learning_rate
+        self.beta_1 = beta_1
+        self.beta_2 = beta_2
+        self.tau = tau
+        self._m: AdapterState = {}
+        self._v: AdapterState = {}
+
+    def site_settings(self) -> SiteSettings:
+        return SiteSettings(proximal_mu=0.0)
+
+    def aggregate(self, global_state: AdapterState, updates: Sequence[SiteUpdate]) -> AdapterState:
+        delta = weighted_mean_delta(updates)
+        new_state: AdapterState = {}
+        for name, value in global_state.items():
+            m = self._m.get(name, torch.zeros_like(value))
+            v = self._v.get(name, torch.zeros_like(value))
+            m = self.beta_1 * m + (1 - self.beta_1) * delta[name]
+            v = self.beta_2 * v + (1 - self.beta_2) * delta[name] ** 2
+            self._m[name], self._v[name] = m, v
+            new_state[name] = value + self.server_learning_rate * m / (torch.sqrt(v) + self.tau)
+        return new_state
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {f"m.{name}": value.clone() for name, value in self._m.items()}
+        state.update({f"v.{name}": value.clone() for name, value in self._v.items()})
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        unknown = [key for key in state if not key.startswith(("m.", "v."))]
+        if unknown:
+            raise ValueError(f"FedAdam state has unexpected entries {unknown[:5]}")
+        self._m = {key[2:]: value.clone() for key, value in state.items() if key.startswith("m.")}
+        self._v = {key[2:]: value.clone() for key, value in state.items() if key.startswith("v.")}
+
+
+STRATEGIES: dict[str, Callable[[StrategySection], Strategy]] = {
+    "fedavg": lambda _settings: FedAvg(),
+    "fedprox": lambda settings: FedProx(proximal_mu=settings.proximal_mu),
+    "fedadam": lambda settings: FedAdam(
+        server_learning_rate=settings.server_learning_rate,
+        beta_1=settings.beta_1,
+        beta_2=settings.beta_2,
+        tau=settings.tau,
+    ),
+}
+
+
+def build_strategy(settings: StrategySection) -> Strategy:
+    """The strategy named in the config."""
+    return STRATEGIES[settings.name](settings)

@@ -1,0 +1,71 @@
+"""The `fedsilo` command on the tiny model: simulate, resume, export, generate, errors."""
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from peft import PeftModel
+
+from fedsilo.cli.main import main
+from fedsilo.config import FedsiloConfig, config_to_toml
+from fedsilo.model.base import load_base_model
+from fedsilo.server.run_folder import RunFolder
+
+
+def _write(config: FedsiloConfig, path: Path) -> Path:
+    path.write_text(config_to_toml(config))
+    return path
+
+
+def test_simulate_then_export_then_generate(
+    make_config: Callable[..., FedsiloConfig],
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    config_path = _write(make_config(run={"rounds": 1}), tmp_path / "run.toml")
+    run_dir = tmp_path / "run"
+
+    assert main(["simulate", str(config_path), "--out", str(run_dir)]) == 0
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "adapter")]) == 0
+    assert main(["generate", str(run_dir), "--prompt", "ICD-10-CM code for: x"]) == 0
+
+    output = capsys.readouterr().out
+    assert "round 1/1" in output
+    assert "exact-match accuracy" in output
+    base, _ = load_base_model(tiny_model_dir)
+    PeftModel.from_pretrained(base, tmp_path / "adapter")
+
+
+def test_simulate_resume_extends_a_run(
+    make_config: Callable[..., FedsiloConfig], tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    one_round = _write(make_config(run={"rounds": 1}), tmp_path / "one.toml")
+    two_rounds = _write(make_config(run={"rounds": 2}), tmp_path / "two.toml")
+    assert main(["simulate", str(one_round), "--out", str(run_dir)]) == 0
+
+    assert main(["simulate", str(two_rounds), "--resume", str(run_dir)]) == 0
+
+    assert [m["round"] for m in RunFolder(run_dir).read_metrics()] == [0, 1, 2]
+
+
+def test_bad_config_exits_2_naming_the_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text("[lora]\nrank = 0\n")
+
+    assert main(["simulate", str(path), "--out", str(tmp_path / "run")]) == 2
+
+    error = capsys.readouterr().err
+    assert "bad.toml" in error
+    assert "lora.rank" in error
+
+
+def test_export_of_missing_run_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["export", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2
+
+    assert "no such run folder" in capsys.readouterr().err

@@ -1,0 +1,97 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
+
+from fedsilo.protocol.records import (
+    ProtocolError,
+    RoundTask,
+    SiteMetrics,
+    adapter_from_record,
+    adapter_to_record,
+)
+
+TEMPLATE = {"a.lora_A.weight": torch.zeros(2, 3), "a.lora_B.weight": torch.zeros(3, 2)}
+
+
+def _task() -> RoundTask:
+    return RoundTask(
+        run_name="r",
+        round=3,
+        base_model_hash="sha256:00",
+        local_steps=4,
+        batch_size=2,
+        learning_rate=1e-3,
+        max_length=64,
+        max_grad_norm=1.0,
+        proximal_mu=0.0,
+        seed=7,
+    )
+
+
+def test_round_task_round_trips() -> None:
+    assert RoundTask.from_record(_task().to_record()) == _task()
+
+
+def test_round_task_with_missing_field_is_refused() -> None:
+    record = ConfigRecord({k: v for k, v in _task().to_record().items() if k != "round"})
+
+    with pytest.raises(ProtocolError, match=r"missing fields \[.round.\]"):
+        RoundTask.from_record(record)
+
+
+def test_round_task_with_wrong_type_is_refused() -> None:
+    record = _task().to_record()
+    record["local_steps"] = "many"
+
+    with pytest.raises(ProtocolError, match="local_steps"):
+        RoundTask.from_record(record)
+
+
+def test_adapter_round_trips_exactly() -> None:
+    state = {name: torch.randn(t.shape) for name, t in TEMPLATE.items()}
+
+    decoded = adapter_from_record(adapter_to_record(state), like=TEMPLATE, what="x")
+
+    assert all(torch.equal(decoded[n], state[n]) for n in state)
+
+
+def test_adapter_with_wrong_shape_is_rejected() -> None:
+    bad = dict(TEMPLATE)
+    bad["a.lora_A.weight"] = torch.zeros(4, 3)
+
+    with pytest.raises(ProtocolError, match=r"update from s1.*lora_A.*shape"):
+        adapter_from_record(adapter_to_record(bad), like=TEMPLATE, what="update from s1")
+
+
+def test_adapter_with_extra_tensor_is_rejected() -> None:
+    bad = {**TEMPLATE, "evil": torch.zeros(1)}
+
+    with pytest.raises(ProtocolError, match="unexpected \\['evil'\\]"):
+        adapter_from_record(adapter_to_record(bad), like=TEMPLATE, what="u")
+
+
+def test_adapter_with_nan_is_rejected() -> None:
+    bad = {n: t.clone() for n, t in TEMPLATE.items()}
+    bad["a.lora_B.weight"][0, 0] = math.nan
+
+    with pytest.raises(ProtocolError, match="NaN or infinity"):
+        adapter_from_record(adapter_to_record(bad), like=TEMPLATE, what="u")
+
+
+def test_adapter_with_float64_is_rejected() -> None:
+    record = ArrayRecord(
+        {n: Array(np.zeros(tuple(t.shape), dtype=np.float64)) for n, t in TEMPLATE.items()}
+    )
+
+    with pytest.raises(ProtocolError, match="dtype float64"):
+        adapter_from_record(record, like=TEMPLATE, what="u")
+
+
+def test_site_metrics_need_positive_example_count() -> None:
+    record = MetricRecord({"num_examples": 0, "train_loss": 1.0, "tokens": 1, "seconds": 1.0})
+
+    with pytest.raises(ProtocolError, match="num_examples"):
+        SiteMetrics.from_record(record)
