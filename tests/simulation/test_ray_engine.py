@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from fedsilo.config import FedsiloConfig
+from fedsilo.model.base import ModelError
 from fedsilo.server.app import ServerJob
-from fedsilo.server.federation import FederationError
 from fedsilo.server.run_folder import RunFolder
 from fedsilo.simulation.engines import simulate
 
@@ -50,9 +50,13 @@ def test_failed_ray_run_raises_instead_of_passing_silently(
         strategy={"min_sites": 2},
     )
 
-    with pytest.raises(FederationError, match="no-such-model"):
+    with pytest.raises(ModelError, match="no-such-model"):
         simulate(
             ServerJob(
                 config=config, run_dir=tmp_path / "run", resume=False, reporter=RecordingReporter()
             )
         )
+
+    status = RunFolder(tmp_path / "run").read_json(RunFolder(tmp_path / "run").status_path)
+    assert status["status"] == "failed"
+    assert "no-such-model" in status["reason"]

@@ -110,9 +110,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     handler: Callable[[argparse.Namespace], int] = args.handler
+    from fedsilo.model.base import ModelError
+
     try:
         return handler(args)
-    except (ConfigError, FileExistsError, FileNotFoundError, ValueError, RuntimeError) as error:
+    except (ConfigError, ModelError, OSError, ValueError, RuntimeError) as error:
         print(f"fedsilo {args.command}: error: {error}", file=sys.stderr)
         return 2
 

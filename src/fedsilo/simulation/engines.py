@@ -44,7 +44,8 @@ def run_ray(job: ServerJob) -> None:
             "init_args": {"include_dashboard": False, "log_to_driver": True},
         },
     )
-    # The engine logs a failed ServerApp and returns normally: the run folder says how it went.
+    # The engine re-raises what the ServerApp raised; should it ever return normally after a
+    # failure, the run folder still says how the run went.
     status = RunFolder(job.run_dir).read_json(RunFolder(job.run_dir).status_path)
     if status.get("status") != "completed":
         raise FederationError(f"run failed: {status.get('reason', status)}")
