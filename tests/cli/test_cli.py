@@ -69,3 +69,15 @@ def test_export_of_missing_run_is_a_clear_error(
     assert main(["export", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2
 
     assert "no such run folder" in capsys.readouterr().err
+
+
+def test_packaged_demo_config_is_the_documented_default() -> None:
+    from fedsilo.cli.main import _demo_config
+
+    config = _demo_config(rounds=None)
+
+    assert config.model.base == "smollm2-135m-instruct"
+    assert config.task.name == "icd10"
+    assert config.num_sites == 4
+    assert config.run.rounds == 3
+    assert _demo_config(rounds=5).run.rounds == 5

@@ -25,11 +25,17 @@ def _demo_config(rounds: int | None) -> FedsiloConfig:
 
 def _run(config: FedsiloConfig, *, out: Path, resume: bool) -> int:
     from fedsilo.cli.progress import ConsoleReporter
+    from fedsilo.model.base import DEFAULT_BASE_MODEL, cache_root, is_default_model_cached
     from fedsilo.server.app import ServerJob
     from fedsilo.server.run_folder import RunFolder
     from fedsilo.simulation.engines import simulate
 
     reporter = ConsoleReporter()
+    if config.model.base == DEFAULT_BASE_MODEL and not is_default_model_cached():
+        reporter.console.print(
+            "first use of the embedded SmolLM2-135M-Instruct: converting its GGUF file to a "
+            f"cached safetensors folder in {cache_root()} (about 30 s, once)"
+        )
     reporter.console.print(
         f"run [bold]{config.run.name}[/]: {config.num_sites} sites, {config.run.rounds} rounds, "
         f"strategy {config.strategy.name}, engine {config.run.engine}, base model "
@@ -110,7 +116,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     handler: Callable[[argparse.Namespace], int] = args.handler
+    from transformers.utils import logging as transformers_logging
+
     from fedsilo.model.base import ModelError
+
+    # Per-load progress bars would drown the one line per round that matters.
+    transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
     try:
         return handler(args)

@@ -1,7 +1,7 @@
 """Base models and LoRA adapters: resolving, loading, fingerprinting, (de)serializing."""
 
+from fedsilo.config import DEFAULT_TARGET_MODULES
 from fedsilo.model.adapters import (
-    DEFAULT_TARGET_MODULES,
     AdapterState,
     adapter_from_bytes,
     adapter_to_bytes,

@@ -26,16 +26,6 @@ from transformers import PreTrainedModel
 from fedsilo.model.base import ModelError
 from fedsilo.storage import atomic_folder, write_bytes_atomic
 
-DEFAULT_TARGET_MODULES: tuple[str, ...] = (
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-)
-
 AdapterState: TypeAlias = dict[str, torch.Tensor]
 """LoRA tensors by peft state-dict name: fp32, CPU, contiguous, detached."""
 

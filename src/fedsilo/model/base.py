@@ -140,8 +140,17 @@ def _weight_files(folder: Path) -> list[str]:
     return sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*.safetensors"))
 
 
+def is_default_model_cached() -> bool:
+    """Whether the embedded default model has already been converted into the cache."""
+    return _is_converted(_default_model_target())
+
+
+def _default_model_target() -> Path:
+    return cache_root() / "models" / DEFAULT_BASE_MODEL
+
+
 def _default_model_folder() -> Path:
-    target = cache_root() / "models" / DEFAULT_BASE_MODEL
+    target = _default_model_target()
     if _is_converted(target):
         return target
     gguf_folder = _embedded_gguf_folder()

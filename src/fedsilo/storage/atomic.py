@@ -73,6 +73,10 @@ def atomic_folder(target: Path, *, replace: bool = False) -> Iterator[Path]:
     if target.exists() and not replace:
         raise FileExistsError(f"{target} already exists; refusing to overwrite it")
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    # mkdtemp makes the folder private; the finished folder gets the usual umask-based mode.
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
     try:
         yield tmp
         _fsync_tree(tmp)
