@@ -1,0 +1,189 @@
+"""Domain-separated Ed25519 signatures over small records of named fields.
+
+Every signature covers the bytes of :func:`canonical_bytes`: a fixed domain prefix, a purpose
+(what kind of statement is signed) and the fields as canonical JSON. The purpose keeps a
+signature made for one kind of statement from being accepted as another (an update signature
+never verifies as a receipt); the domain prefix keeps fedsilo signatures apart from anything
+else the same key might sign.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidSignature
+
+from fedsilo.crypto.keys import PrivateKey, PublicKey
+
+DOMAIN = b"fedsilo/v1\n"
+SIGNATURE_BYTES = 64
+UPDATE_PURPOSE = "update"
+RECEIPT_PURPOSE = "receipt"
+
+_PURPOSE = re.compile(r"[a-z0-9-]+")
+
+
+class SignatureError(Exception):
+    """A signature that does not verify, or signature text that cannot be decoded."""
+
+
+def canonical_bytes(purpose: str, fields: Mapping[str, str | int]) -> bytes:
+    r"""The exact bytes that are signed for ``purpose`` and ``fields``.
+
+    Recipe (what an independent verifier re-implements)::
+
+        b"fedsilo/v1\n"
+        + purpose, ASCII
+        + b"\n"
+        + the fields as one JSON object, ASCII
+
+    where the JSON is Python's ``json.dumps(fields, sort_keys=True, separators=(",", ":"),
+    ensure_ascii=True)``: keys sorted by code point, no whitespace, every non-ASCII character
+    written as a lowercase ``\uXXXX`` escape (UTF-16 surrogate pairs above U+FFFF), the usual
+    JSON escapes for ``"``, ``\`` and control characters, integers in plain decimal. No
+    trailing newline. For example ``canonical_bytes("update", {"round": 3, "a": "é"})`` is
+    the 42 bytes ``fedsilo/v1<LF>update<LF>{"a":"\u00e9","round":3}``.
+
+    ``purpose`` must be non-empty ``[a-z0-9-]+``. Keys must be ``str`` and values ``str`` or
+    ``int``; ``bool`` (an ``int`` in Python, ``true``/``false`` in JSON), ``float`` and
+    anything else raise ``TypeError``, so each set of fields has a single encoding.
+    """
+    if not isinstance(purpose, str) or not _PURPOSE.fullmatch(purpose):
+        raise ValueError(f"signature purpose {purpose!r}: must be non-empty [a-z0-9-]+")
+    checked: dict[str, str | int] = {}
+    for name, value in fields.items():
+        if not isinstance(name, str):
+            raise TypeError(f"field name {name!r}: must be str, got {type(name).__name__}")
+        if isinstance(value, bool) or not isinstance(value, str | int):
+            raise TypeError(f"field {name!r}: value must be str or int, got {type(value).__name__}")
+        checked[name] = value
+    body = json.dumps(checked, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return DOMAIN + purpose.encode("ascii") + b"\n" + body.encode("ascii")
+
+
+def sign(key: PrivateKey, purpose: str, fields: Mapping[str, str | int]) -> bytes:
+    """The 64-byte Ed25519 signature of :func:`canonical_bytes` for ``purpose`` and ``fields``."""
+    return key.sign(canonical_bytes(purpose, fields))
+
+
+def verify(key: PublicKey, purpose: str, fields: Mapping[str, str | int], signature: bytes) -> None:
+    """Return if ``signature`` is ``key``'s signature of these fields, else raise.
+
+    Raises :class:`SignatureError` for any mismatch, including a signature of the wrong length.
+    """
+    message = canonical_bytes(purpose, fields)
+    if not isinstance(signature, bytes) or len(signature) != SIGNATURE_BYTES:
+        size = len(signature) if isinstance(signature, bytes) else type(signature).__name__
+        raise SignatureError(
+            f"{purpose} signature does not match: expected {SIGNATURE_BYTES} bytes, got {size}"
+        )
+    try:
+        key.verify(signature, message)
+    except InvalidSignature:
+        raise SignatureError(
+            f"{purpose} signature does not match the signed fields and public key"
+        ) from None
+
+
+@dataclass(frozen=True)
+class UpdateBinding:
+    """What a site's signature on one model update commits to.
+
+    The update's payload is bound through its sha256 (see :func:`sha256_hex`) to the
+    federation, run, round and protocol stage it was produced for, and to the sending site, so
+    a signed update cannot be replayed into another round, run or federation, or claimed by
+    another site.
+    """
+
+    federation_id: str
+    run_id: str
+    round: int
+    stage: str
+    site_id: str
+    payload_sha256: str
+
+    def fields(self) -> dict[str, str | int]:
+        """The signed fields, named as the attributes."""
+        return {
+            "federation_id": self.federation_id,
+            "run_id": self.run_id,
+            "round": self.round,
+            "stage": self.stage,
+            "site_id": self.site_id,
+            "payload_sha256": self.payload_sha256,
+        }
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """The coordinator's signed acknowledgement that an update was accepted and ledgered.
+
+    It covers the whole :class:`UpdateBinding` plus the ledger position (``ledger_seq``) and
+    the hash of the ledger entry that records it (``entry_hash``).
+    """
+
+    binding: UpdateBinding
+    ledger_seq: int
+    entry_hash: str
+
+    def fields(self) -> dict[str, str | int]:
+        """The signed fields: the binding's fields plus ``ledger_seq`` and ``entry_hash``."""
+        return {
+            **self.binding.fields(),
+            "ledger_seq": self.ledger_seq,
+            "entry_hash": self.entry_hash,
+        }
+
+
+def sign_update(key: PrivateKey, binding: UpdateBinding) -> bytes:
+    """A site's signature on ``binding`` (purpose ``"update"``)."""
+    return sign(key, UPDATE_PURPOSE, binding.fields())
+
+
+def verify_update(key: PublicKey, binding: UpdateBinding, signature: bytes) -> None:
+    """Raise :class:`SignatureError` unless ``signature`` is ``key``'s signature of ``binding``."""
+    verify(key, UPDATE_PURPOSE, binding.fields(), signature)
+
+
+def sign_receipt(key: PrivateKey, receipt: Receipt) -> bytes:
+    """The coordinator's signature on ``receipt`` (purpose ``"receipt"``)."""
+    return sign(key, RECEIPT_PURPOSE, receipt.fields())
+
+
+def verify_receipt(key: PublicKey, receipt: Receipt, signature: bytes) -> None:
+    """Raise :class:`SignatureError` unless ``signature`` is ``key``'s signature of ``receipt``."""
+    verify(key, RECEIPT_PURPOSE, receipt.fields(), signature)
+
+
+def sha256_hex(data: bytes) -> str:
+    """Lowercase hex sha256 of ``data``: the digest used for payloads in bindings."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def encode_signature(sig: bytes) -> str:
+    """Standard padded base64 of a signature, for JSON and ledger storage."""
+    return base64.b64encode(sig).decode("ascii")
+
+
+def decode_signature(text: str) -> bytes:
+    """Inverse of :func:`encode_signature`; raises :class:`SignatureError` on anything else.
+
+    Only canonical base64 of exactly 64 bytes is accepted.
+    """
+    if not isinstance(text, str):
+        raise SignatureError(f"signature text: must be str, got {type(text).__name__}")
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise SignatureError(f"signature text {text!r:.40}: not valid base64") from None
+    if encode_signature(raw) != text:
+        raise SignatureError(f"signature text {text!r:.40}: not canonical padded base64")
+    if len(raw) != SIGNATURE_BYTES:
+        raise SignatureError(f"signature text: {len(raw)} bytes, expected {SIGNATURE_BYTES}")
+    return raw
