@@ -1,0 +1,179 @@
+import html
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from fedsilo.report import ReportData, render_report, write_report
+from tests.report.conftest import ADAPTER_HASHES, HOSTILE_SITE, REJECTION_REASON, make_report_data
+
+_SVG = re.compile(r"<svg\b.*?</svg>", re.DOTALL)
+
+
+def test_every_site_and_fingerprint_appears(report_data: ReportData) -> None:
+    page = render_report(report_data)
+
+    for site in report_data.sites:
+        assert html.escape(site.name) in page
+        assert html.escape(site.fingerprint) in page
+
+
+def test_every_update_digest_and_reason_appears(report_data: ReportData) -> None:
+    page = render_report(report_data)
+
+    for update in report_data.updates:
+        assert html.escape(update.detail) in page
+    assert html.escape(REJECTION_REASON) in page
+
+
+def test_provenance_values_appear(report_data: ReportData) -> None:
+    page = render_report(report_data)
+
+    for value in (
+        report_data.run_name,
+        report_data.federation_id,
+        report_data.generated_at,
+        report_data.base_model_hash,
+        report_data.config_digest,
+        report_data.coordinator_fingerprint,
+        report_data.strategy,
+        report_data.privacy_summary,
+    ):
+        assert html.escape(value) in page
+
+
+def test_adapter_hash_is_shortened_with_full_value_in_title(report_data: ReportData) -> None:
+    page = render_report(report_data)
+
+    for digest in ADAPTER_HASHES:
+        assert f'<code title="{digest}">{digest[:12]}\u2026</code>' in page
+
+
+def test_passing_verification_shows_pass_banner(report_data: ReportData) -> None:
+    page = render_report(report_data)
+
+    assert 'class="banner pass"' in page
+    assert ">PASS<" in page
+    assert ">FAIL<" not in page
+    assert html.escape(report_data.verify_summary) in page
+
+
+def test_failing_verification_shows_fail_banner_with_problems() -> None:
+    problems = ("entry 4: signature does not verify", "round 2: digest <mismatch>")
+    data = make_report_data(verify_ok=False, problems=problems)
+
+    page = render_report(data)
+
+    assert 'class="banner fail"' in page
+    assert ">FAIL<" in page
+    assert ">PASS<" not in page
+    for problem in problems:
+        assert f"<li>{html.escape(problem)}</li>" in page
+
+
+def test_hostile_site_name_is_escaped_and_no_script_tag_exists(report_data: ReportData) -> None:
+    page = render_report(report_data)
+
+    assert html.escape(HOSTILE_SITE) in page
+    assert "<script" not in page.lower()
+
+
+def test_no_network_urls_anywhere() -> None:
+    data = make_report_data(epsilon={"st-mary": ((1, 0.5), (2, 0.9))}, delta=1e-5)
+
+    page = render_report(data)
+
+    assert "http://" not in page
+    assert "https://" not in page
+
+
+def test_no_external_resources_can_be_referenced(report_data: ReportData) -> None:
+    page = render_report(report_data).lower()
+
+    for marker in ("<link", "<script", "<img", "<iframe", "@import", "url(", " src=", " href="):
+        assert marker not in page
+
+
+def test_content_security_policy_forbids_fetches(report_data: ReportData) -> None:
+    page = render_report(report_data)
+
+    assert "content=\"default-src 'none'; style-src 'unsafe-inline'\"" in page
+
+
+def test_every_svg_is_well_formed_xml() -> None:
+    data = make_report_data(epsilon={HOSTILE_SITE: ((1, 0.5), (2, 0.9))}, delta=1e-5)
+
+    svgs = _SVG.findall(render_report(data))
+
+    assert len(svgs) == 3
+    for svg in svgs:
+        assert ET.fromstring(svg).tag == "svg"
+
+
+def test_without_dp_the_epsilon_chart_is_replaced_by_a_note(report_data: ReportData) -> None:
+    page = render_report(report_data)
+
+    assert "No differential privacy configured: epsilon is not bounded." in page
+    assert len(_SVG.findall(page)) == 2
+
+
+def test_with_dp_final_epsilon_and_delta_are_shown() -> None:
+    data = make_report_data(epsilon={"st-mary": ((1, 0.5), (2, 0.875))}, delta=1e-5)
+
+    page = render_report(data)
+
+    assert "epsilon is not bounded" not in page
+    assert "\u03b4 = 1e-05" in page
+    assert '<td class="num">0.875</td>' in page
+
+
+def test_missing_train_loss_is_a_dash_not_zero(report_data: ReportData) -> None:
+    page = render_report(report_data)
+
+    round_zero = re.search(r'<tr><td class="num">0</td>.*?</tr>', page)
+
+    assert round_zero is not None
+    assert "\u2014" in round_zero.group(0)
+
+
+def test_empty_run_renders_placeholders() -> None:
+    data = ReportData(
+        run_name="empty",
+        federation_id="fed",
+        generated_at="now",
+        base_model_hash="h",
+        config_digest="c",
+        coordinator_fingerprint="f",
+        strategy="fedavg",
+        privacy_summary="none",
+        verify_ok=False,
+        verify_summary="nothing recorded",
+        verify_problems=(),
+        sites=(),
+        rounds=(),
+        updates=(),
+        epsilon={},
+        delta=None,
+    )
+
+    page = render_report(data)
+
+    assert "No rounds are recorded" in page
+    assert page.count(">no data<") == 2
+
+
+def test_nan_metric_is_refused() -> None:
+    data = make_report_data(epsilon={"st-mary": ((1, float("nan")),)})
+
+    with pytest.raises(ValueError, match="st-mary"):
+        render_report(data)
+
+
+def test_write_report_writes_the_rendered_page(tmp_path: Path, report_data: ReportData) -> None:
+    target = tmp_path / "out" / "report.html"
+
+    write_report(report_data, target)
+
+    assert target.read_text(encoding="utf-8") == render_report(report_data)
+    assert [p.name for p in target.parent.iterdir()] == ["report.html"]
