@@ -1,0 +1,258 @@
+"""Offline audit of a ledger: is every entry there, in order, unedited and really signed?
+
+The auditor pins the coordinator's public key out of band (never taking it from the ledger
+itself) and knows each site's public key. Per entry, in this order:
+
+1. ``seq`` follows the previous entry's seq by one (the first is 1): nothing deleted or moved;
+2. ``prev_hash`` is the previous entry's ``entry_hash`` (``GENESIS_HASH`` for the first);
+3. ``entry_hash`` recomputes from the entry's fields (recipe in :mod:`fedsilo.ledger.entries`);
+4. the coordinator's signature over ``(entry_hash, seq)`` verifies under the pinned key;
+5. the first entry is ``run_started``;
+6. an ``update_received`` entry carries the site's update binding and ``site_signature``, the
+   site is known, and its signature verifies.
+
+Every problem is collected, not just the first; then caller-supplied extra checks run (the
+server adds one that compares aggregate digests with the checkpoints on disk).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedsilo.crypto import (
+    PublicKey,
+    SignatureError,
+    UpdateBinding,
+    decode_signature,
+    fingerprint,
+    public_key_text,
+    verify_update,
+)
+from fedsilo.ledger.entries import (
+    GENESIS_HASH,
+    SITE_SIGNATURE_FIELD,
+    UPDATE_BINDING_FIELDS,
+    Entry,
+    EntryKind,
+    recomputed_hash,
+    verify_entry_signature,
+)
+from fedsilo.ledger.store import (
+    LedgerError,
+    key_fingerprint_text,
+    parse_row,
+    read_stored_ledger,
+)
+
+
+@dataclass(frozen=True)
+class VerifyProblem:
+    """One thing wrong with a ledger; ``seq`` is None for a problem of the ledger as a whole."""
+
+    seq: int | None
+    reason: str
+
+
+ExtraCheck = Callable[[Sequence[Entry]], list[VerifyProblem]]
+"""A further check over all entries, returning its problems (empty when it passes)."""
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """The outcome of an audit.
+
+    ``problems`` are ordered with whole-ledger problems (``seq`` None) first, then by seq, and
+    in check order within one entry. ``coordinator_fingerprint`` is that of the pinned key
+    the ledger was checked against.
+    """
+
+    entries: int
+    problems: tuple[VerifyProblem, ...]
+    coordinator_fingerprint: str
+
+    @property
+    def ok(self) -> bool:
+        """True when no problem was found."""
+        return not self.problems
+
+    @property
+    def first_problem(self) -> VerifyProblem | None:
+        """The earliest problem (whole-ledger ones first, then by seq), or None."""
+        return self.problems[0] if self.problems else None
+
+
+def _ordered(problems: list[VerifyProblem]) -> tuple[VerifyProblem, ...]:
+    # sorted() is stable, so the check order within one entry is kept.
+    return tuple(sorted(problems, key=lambda p: (p.seq is not None, p.seq or 0)))
+
+
+def _binding_of(entry: Entry) -> tuple[UpdateBinding, str] | str:
+    """The site's binding and signature text from an update entry, or why they are not there."""
+    payload = entry.payload
+    missing = [
+        name for name in (*UPDATE_BINDING_FIELDS, SITE_SIGNATURE_FIELD) if name not in payload
+    ]
+    if missing:
+        return f"update_received payload lacks {', '.join(missing)}"
+    wrong = [
+        name
+        for name in (*UPDATE_BINDING_FIELDS, SITE_SIGNATURE_FIELD)
+        if name != "round" and not isinstance(payload[name], str)
+    ]
+    round_value = payload["round"]
+    if isinstance(round_value, bool) or not isinstance(round_value, int):
+        wrong.append("round")
+    if wrong or not isinstance(round_value, int):
+        return f"update_received payload fields of the wrong type: {', '.join(wrong)}"
+    binding = UpdateBinding(
+        federation_id=str(payload["federation_id"]),
+        run_id=str(payload["run_id"]),
+        round=round_value,
+        stage=str(payload["stage"]),
+        site_id=str(payload["site_id"]),
+        payload_sha256=str(payload["payload_sha256"]),
+    )
+    return binding, str(payload[SITE_SIGNATURE_FIELD])
+
+
+def _update_problems(entry: Entry, site_keys: Mapping[str, PublicKey]) -> list[VerifyProblem]:
+    found = _binding_of(entry)
+    if isinstance(found, str):
+        return [VerifyProblem(entry.seq, found)]
+    binding, signature_text = found
+    site_key = site_keys.get(binding.site_id)
+    if site_key is None:
+        return [VerifyProblem(entry.seq, f"update from unknown site {binding.site_id!r}")]
+    try:
+        verify_update(site_key, binding, decode_signature(signature_text))
+    except SignatureError as error:
+        return [
+            VerifyProblem(
+                entry.seq, f"site {binding.site_id!r} signature on the update is invalid: {error}"
+            )
+        ]
+    return []
+
+
+def _entry_problems(
+    entry: Entry, previous: Entry | None, coordinator_key: PublicKey
+) -> list[VerifyProblem]:
+    """Checks 1-5 of the module docstring for one entry."""
+    problems: list[VerifyProblem] = []
+    expected_seq = 1 if previous is None else previous.seq + 1
+    if entry.seq != expected_seq:
+        problems.append(
+            VerifyProblem(
+                entry.seq,
+                f"seq {entry.seq} where {expected_seq} was expected "
+                "(an entry is missing, duplicated or out of order)",
+            )
+        )
+    expected_prev = GENESIS_HASH if previous is None else previous.entry_hash
+    if entry.prev_hash != expected_prev:
+        after = "the genesis hash" if previous is None else f"entry seq {previous.seq}'s hash"
+        problems.append(VerifyProblem(entry.seq, f"prev_hash is not {after}"))
+    try:
+        hash_matches = recomputed_hash(entry) == entry.entry_hash
+    except ValueError as error:
+        problems.append(VerifyProblem(entry.seq, f"entry cannot be hashed: {error}"))
+    else:
+        if not hash_matches:
+            problems.append(
+                VerifyProblem(entry.seq, "entry_hash does not match the entry's fields (edited)")
+            )
+    try:
+        verify_entry_signature(coordinator_key, entry)
+    except SignatureError as error:
+        problems.append(VerifyProblem(entry.seq, f"coordinator signature does not verify: {error}"))
+    if previous is None and entry.kind is not EntryKind.RUN_STARTED:
+        problems.append(
+            VerifyProblem(
+                entry.seq, f"the first entry is {entry.kind}, not {EntryKind.RUN_STARTED}"
+            )
+        )
+    return problems
+
+
+def _chain_problems(
+    entries: Sequence[Entry],
+    coordinator_key: PublicKey,
+    site_keys: Mapping[str, PublicKey],
+) -> list[VerifyProblem]:
+    problems: list[VerifyProblem] = []
+    previous: Entry | None = None
+    for entry in entries:
+        problems.extend(_entry_problems(entry, previous, coordinator_key))
+        if entry.kind is EntryKind.UPDATE_RECEIVED:
+            problems.extend(_update_problems(entry, site_keys))
+        previous = entry
+    return problems
+
+
+def verify_entries(
+    entries: Sequence[Entry],
+    *,
+    coordinator_key: PublicKey,
+    site_keys: Mapping[str, PublicKey],
+    extra_checks: Sequence[ExtraCheck] = (),
+) -> VerifyReport:
+    """Audit ``entries`` (in ledger order) against the pinned coordinator key and site keys.
+
+    Returns a report of every problem found; an empty ledger is a problem too. The checks are
+    listed in the module docstring; ``extra_checks`` run afterwards on the same entries.
+    """
+    problems = _chain_problems(entries, coordinator_key, site_keys)
+    if not entries:
+        problems.append(VerifyProblem(None, "the ledger has no entries"))
+    for check in extra_checks:
+        problems.extend(check(entries))
+    return VerifyReport(
+        entries=len(entries),
+        problems=_ordered(problems),
+        coordinator_fingerprint=fingerprint(coordinator_key),
+    )
+
+
+def verify_ledger(
+    path: Path,
+    *,
+    coordinator_key: PublicKey,
+    site_keys: Mapping[str, PublicKey],
+    extra_checks: Sequence[ExtraCheck] = (),
+) -> VerifyReport:
+    """Audit the ledger file at ``path``, opened read-only (see :func:`verify_entries`).
+
+    Beyond the per-entry checks, a stored row that cannot be read as an entry (unknown kind,
+    a payload that is not canonical JSON) is a problem at its seq, and so is a ledger whose
+    recorded coordinator key is not the pinned one. Raises LedgerError only when the file is
+    missing or not a ledger at all.
+    """
+    stored = read_stored_ledger(Path(path))
+    problems: list[VerifyProblem] = []
+    if stored.coordinator_key_text != public_key_text(coordinator_key):
+        problems.append(
+            VerifyProblem(
+                None,
+                f"the ledger was written for coordinator key "
+                f"{key_fingerprint_text(stored.coordinator_key_text)}, but the pinned key is "
+                f"{fingerprint(coordinator_key)}",
+            )
+        )
+    entries: list[Entry] = []
+    for row in stored.rows:
+        try:
+            entries.append(parse_row(row))
+        except LedgerError as error:
+            problems.append(VerifyProblem(row.seq, str(error)))
+    if not stored.rows:
+        problems.append(VerifyProblem(None, "the ledger has no entries"))
+    problems.extend(_chain_problems(entries, coordinator_key, site_keys))
+    for check in extra_checks:
+        problems.extend(check(entries))
+    return VerifyReport(
+        entries=len(stored.rows),
+        problems=_ordered(problems),
+        coordinator_fingerprint=fingerprint(coordinator_key),
+    )
