@@ -18,6 +18,9 @@ TEMPLATE = {"a.lora_A.weight": torch.zeros(2, 3), "a.lora_B.weight": torch.zeros
 
 def _task() -> RoundTask:
     return RoundTask(
+        federation_id="fed",
+        run_id="run-1",
+        stage="train",
         run_name="r",
         round=3,
         base_model_hash="sha256:00",

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from flwr.app import Context, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedsilo.client.app import build_client_app
 from fedsilo.config import FedsiloConfig
-from fedsilo.server.app import ServerJob, build_server_app
+from fedsilo.server.app import build_server_app
+from fedsilo.simulation.engines import SimulationRequest, prepare_job
 from fedsilo.simulation.inprocess_grid import InProcessGrid
+from fedsilo.simulation.sites import SimulatedSites
 
 
 class RecordingReporter:
@@ -31,15 +34,21 @@ class RecordingReporter:
 def run_with_grid(
     config: FedsiloConfig,
     run_dir: Path,
-    client_app: ClientApp,
+    make_app: Callable[[SimulatedSites], ClientApp] = build_client_app,
     *,
     resume: bool = False,
     unreachable: Iterable[int] = (),
 ) -> RecordingReporter:
-    """Run the ServerApp over an in-process grid of ``config.num_sites`` nodes."""
+    """Enroll, then run the ServerApp over an in-process grid of ``config.num_sites`` nodes.
+
+    ``make_app`` builds the ClientApp from the simulated sites (tests wrap it to misbehave).
+    """
     reporter = RecordingReporter()
-    grid = InProcessGrid(client_app, num_nodes=config.num_sites, unreachable=unreachable)
-    job = ServerJob(config=config, run_dir=run_dir, resume=resume, reporter=reporter)
+    job = prepare_job(
+        SimulationRequest(config=config, run_dir=run_dir, resume=resume, reporter=reporter)
+    )
+    sites = SimulatedSites(config, run_dir=run_dir, membership=job.membership)
+    grid = InProcessGrid(make_app(sites), num_nodes=config.num_sites, unreachable=unreachable)
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
     build_server_app(job)(grid, context)
     return reporter

@@ -6,8 +6,6 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
-from fedsilo.client.app import build_client_app
-from fedsilo.client.site import SimulatedSites
 from fedsilo.config import FedsiloConfig, load_config
 from fedsilo.model.base import load_base_model
 from fedsilo.server.run_folder import RunFolder
@@ -32,7 +30,7 @@ def test_three_sites_two_rounds(
     config = make_config()
     run_dir = tmp_path / "run"
 
-    run_with_grid(config, run_dir, build_client_app(SimulatedSites(config)))
+    run_with_grid(config, run_dir)
 
     folder = RunFolder(run_dir)
     metrics = folder.read_metrics()
@@ -53,7 +51,7 @@ def test_final_folder_loads_as_peft_adapter(
 ) -> None:
     config = make_config(run={"rounds": 1})
     run_dir = tmp_path / "run"
-    run_with_grid(config, run_dir, build_client_app(SimulatedSites(config)))
+    run_with_grid(config, run_dir)
     base, _ = load_base_model(tiny_model_dir)
 
     model = PeftModel.from_pretrained(base, RunFolder(run_dir).final_dir)

@@ -8,9 +8,8 @@ import pytest
 
 from fedsilo.config import FedsiloConfig
 from fedsilo.model.base import ModelError
-from fedsilo.server.app import ServerJob
 from fedsilo.server.run_folder import RunFolder
-from fedsilo.simulation.engines import simulate
+from fedsilo.simulation.engines import SimulationRequest, simulate
 
 from .conftest import RecordingReporter
 
@@ -33,7 +32,11 @@ def test_two_sites_one_round_on_ray(
     )
     run_dir = tmp_path / "run"
 
-    simulate(ServerJob(config=config, run_dir=run_dir, resume=False, reporter=RecordingReporter()))
+    simulate(
+        SimulationRequest(
+            config=config, run_dir=run_dir, resume=False, reporter=RecordingReporter()
+        )
+    )
 
     folder = RunFolder(run_dir)
     assert [m["sites_ok"] for m in folder.read_metrics()] == [0, 2]
@@ -52,7 +55,7 @@ def test_failed_ray_run_raises_instead_of_passing_silently(
 
     with pytest.raises(ModelError, match="no-such-model"):
         simulate(
-            ServerJob(
+            SimulationRequest(
                 config=config, run_dir=tmp_path / "run", resume=False, reporter=RecordingReporter()
             )
         )

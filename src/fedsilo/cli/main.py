@@ -9,8 +9,12 @@ import time
 from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedsilo.config import ConfigError, FedsiloConfig, load_config, parse_config
+
+if TYPE_CHECKING:
+    from fedsilo.crypto import PublicKey
 
 
 def _demo_config(rounds: int | None) -> FedsiloConfig:
@@ -26,9 +30,8 @@ def _demo_config(rounds: int | None) -> FedsiloConfig:
 def _run(config: FedsiloConfig, *, out: Path, resume: bool) -> int:
     from fedsilo.cli.progress import ConsoleReporter
     from fedsilo.model.base import DEFAULT_BASE_MODEL, cache_root, is_default_model_cached
-    from fedsilo.server.app import ServerJob
     from fedsilo.server.run_folder import RunFolder
-    from fedsilo.simulation.engines import simulate
+    from fedsilo.simulation.engines import SimulationRequest, simulate
 
     reporter = ConsoleReporter()
     if config.model.base == DEFAULT_BASE_MODEL and not is_default_model_cached():
@@ -41,7 +44,7 @@ def _run(config: FedsiloConfig, *, out: Path, resume: bool) -> int:
         f"strategy {config.strategy.name}, engine {config.run.engine}, base model "
         f"{config.model.base} -> {out}"
     )
-    simulate(ServerJob(config=config, run_dir=out, resume=resume, reporter=reporter))
+    simulate(SimulationRequest(config=config, run_dir=out, resume=resume, reporter=reporter))
     reporter.summary(RunFolder(out).read_metrics())
     reporter.console.print(f"final adapter: {RunFolder(out).final_dir}")
     return 0
@@ -77,6 +80,52 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys_init(args: argparse.Namespace) -> int:
+    from fedsilo.crypto import fingerprint, init_site_keys, read_public_key
+
+    passphrase = None
+    if args.passphrase_file is not None:
+        passphrase = args.passphrase_file.read_bytes().rstrip(b"\r\n")
+    private, public = init_site_keys(args.site, args.out, passphrase=passphrase)
+    print(f"private key: {private} (mode 0600{', passphrase-encrypted' if passphrase else ''})")
+    print(f"public key:  {public}")
+    print(f"fingerprint: {fingerprint(read_public_key(public))}")
+    print("give the public key (not the private one) to the federation coordinator to enroll")
+    return 0
+
+
+def _trusted_key(args: argparse.Namespace) -> PublicKey | None:
+    from fedsilo.crypto import read_public_key
+
+    return read_public_key(args.coordinator_key) if args.coordinator_key else None
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from fedsilo.server.audit import describe, verify_run
+
+    if args.coordinator_key is None:
+        print(
+            "note: trusting the coordinator key pinned in the run folder; pass "
+            "--coordinator-key FILE to check against a key you obtained yourself"
+        )
+    report = verify_run(args.run, coordinator_key=_trusted_key(args))
+    print(describe(report))
+    for problem in report.problems:
+        where = f"entry {problem.seq}" if problem.seq is not None else "run folder"
+        print(f"  {where}: {problem.reason}")
+    return 0 if report.ok else 1
+
+
+def cmd_audit_report(args: argparse.Namespace) -> int:
+    from fedsilo.report import write_report
+    from fedsilo.server.audit import build_report_data, describe, verify_run
+
+    report = verify_run(args.run, coordinator_key=_trusted_key(args))
+    write_report(build_report_data(args.run, report), args.out)
+    print(f"wrote {args.out}; {describe(report)}")
+    return 0 if report.ok else 1
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedsilo", description="Federated LoRA fine-tuning across data silos, on Flower."
@@ -105,6 +154,33 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--max-new-tokens", type=int, default=32)
     generate.set_defaults(handler=cmd_generate)
+
+    keys = commands.add_parser("keys", help="site identity keys").add_subparsers(
+        dest="keys_command", required=True
+    )
+    keys_init = keys.add_parser("init", help="create a site's Ed25519 key pair")
+    keys_init.add_argument("--site", required=True, help="the site's name in the federation")
+    keys_init.add_argument("--out", type=Path, required=True, help="folder for NAME.key/NAME.pub")
+    keys_init.add_argument(
+        "--passphrase-file", type=Path, help="encrypt the private key with this file's content"
+    )
+    keys_init.set_defaults(handler=cmd_keys_init)
+
+    audit = commands.add_parser("audit", help="verify a run's ledger offline").add_subparsers(
+        dest="audit_command", required=True
+    )
+    for name, handler, help_text in (
+        ("verify", cmd_audit_verify, "check the ledger's chain, signatures and checkpoints"),
+        ("report", cmd_audit_report, "write a self-contained HTML compliance report"),
+    ):
+        command = audit.add_parser(name, help=help_text)
+        command.add_argument("run", type=Path)
+        command.add_argument(
+            "--coordinator-key", type=Path, help="the coordinator's public key file you trust"
+        )
+        if name == "report":
+            command.add_argument("--out", type=Path, required=True)
+        command.set_defaults(handler=handler)
     return parser
 
 
@@ -126,6 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handler(args)
     except (ConfigError, ModelError, OSError, ValueError, RuntimeError) as error:
+        # KeyFileError, MembershipError, DataError, ProtocolError and LedgerError derive from
+        # ValueError or RuntimeError: each names its file or field.
         print(f"fedsilo {args.command}: error: {error}", file=sys.stderr)
         return 2
 

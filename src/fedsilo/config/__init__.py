@@ -11,6 +11,7 @@ from fedsilo.config.load import (
 from fedsilo.config.schema import (
     DEFAULT_TARGET_MODULES,
     EvaluationSection,
+    FederationSection,
     FedsiloConfig,
     LoraSection,
     ModelSection,
@@ -24,6 +25,7 @@ __all__ = [
     "DEFAULT_TARGET_MODULES",
     "ConfigError",
     "EvaluationSection",
+    "FederationSection",
     "FedsiloConfig",
     "LoraSection",
     "ModelSection",

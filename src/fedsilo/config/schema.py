@@ -138,10 +138,19 @@ class EvaluationSection(Section):
     batch_size: int = Field(16, ge=1)
 
 
+class FederationSection(Section):
+    """Identity of the federation, bound into every signature, and limits on what sites send."""
+
+    id: str = Field("fedsilo-simulation", min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    # An update larger than this is rejected before it is parsed.
+    max_update_bytes: int = Field(256 * 1024 * 1024, ge=1)
+
+
 class FedsiloConfig(Section):
     """A whole run: the content of one config TOML file."""
 
     run: RunSection = RunSection()
+    federation: FederationSection = FederationSection()
     model: ModelSection = ModelSection()
     lora: LoraSection = LoraSection()
     task: TaskSection = TaskSection()

@@ -264,8 +264,9 @@ def _split_by_chapter(
     named = []
     for indices in sites:
         own = sorted({chapters[i] for i in indices}, key=CHAPTER_ORDER.index)
-        # Sites hold disjoint chapters and specialty names are distinct, so names are unique.
-        named.append(("+".join(SPECIALTIES[c] for c in own), indices))
+        # Sites hold disjoint chapters and specialty names are distinct (and free of "_"), so
+        # names are unique; "_" keeps them valid as file and key names.
+        named.append(("_".join(SPECIALTIES[c] for c in own), indices))
     return named
 
 

@@ -1,9 +1,10 @@
 """What travels between the server and the sites, as typed Flower records.
 
 Down (server -> site): the global adapter (ArrayRecord "global") and the round task
-(ConfigRecord "task"). Up (site -> server): the adapter delta (ArrayRecord "update") and
-aggregate numbers (MetricRecord "metrics"). Arrays travel as numpy buffers that Flower decodes
-with ``allow_pickle=False``; nothing here is ever unpickled.
+(ConfigRecord "task"). Up (site -> server): the adapter delta as the exact safetensors bytes the
+site signed (ArrayRecord "update", one uint8 array, so Flower can chunk it), aggregate numbers
+(MetricRecord "metrics") and the site's signed binding (ConfigRecord "site"). Arrays travel as
+numpy buffers that Flower decodes with ``allow_pickle=False``; nothing here is ever unpickled.
 """
 
 from __future__ import annotations
@@ -11,16 +12,30 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, ConfigRecordValues, MetricRecord, RecordDict
 
-from fedsilo.model.adapters import AdapterState
+from fedsilo.crypto import (
+    Receipt,
+    SignatureError,
+    UpdateBinding,
+    decode_signature,
+    encode_signature,
+)
+from fedsilo.model.adapters import AdapterState, adapter_from_bytes
+from fedsilo.model.base import ModelError
 
 GLOBAL_KEY = "global"
 TASK_KEY = "task"
 UPDATE_KEY = "update"
 METRICS_KEY = "metrics"
 SITE_KEY = "site"
+RECEIPT_KEY = "receipt"
+PAYLOAD_ARRAY = "safetensors"
+TRAIN_STAGE = "train"
+TRAIN_MESSAGE = "train"
+RECEIPT_MESSAGE = "query.receipt"
 
 
 class ProtocolError(ValueError):
@@ -31,6 +46,9 @@ class ProtocolError(ValueError):
 class RoundTask:
     """The instructions for one site in one round."""
 
+    federation_id: str
+    run_id: str
+    stage: str
     run_name: str
     round: int
     base_model_hash: str
@@ -65,6 +83,9 @@ class RoundTask:
 
 
 _FIELD_KINDS: dict[str, type] = {
+    "federation_id": str,
+    "run_id": str,
+    "stage": str,
     "run_name": str,
     "round": int,
     "base_model_hash": str,
@@ -113,14 +134,10 @@ def adapter_to_record(state: AdapterState) -> ArrayRecord:
     return ArrayRecord({name: tensor.to(torch.float32) for name, tensor in state.items()})
 
 
-def adapter_from_record(record: ArrayRecord, *, like: AdapterState, what: str) -> AdapterState:
-    """Decode and validate an adapter against the expected names, shapes and dtype.
-
-    Everything is checked before anything is returned, so a malformed update is rejected
-    whole, never half-applied.
-    """
-    received = set(record.keys())
-    expected = set(like.keys())
+def check_adapter_layout(state: AdapterState, *, like: AdapterState, what: str) -> None:
+    """Raise unless ``state`` has ``like``'s tensor names and shapes, fp32 and finite values."""
+    received = set(state)
+    expected = set(like)
     if received != expected:
         missing = sorted(expected - received)[:3]
         unexpected = sorted(received - expected)[:3]
@@ -128,14 +145,12 @@ def adapter_from_record(record: ArrayRecord, *, like: AdapterState, what: str) -
             f"{what}: tensor names differ from the global adapter "
             f"(missing {missing}, unexpected {unexpected})"
         )
-    state: AdapterState = {}
     for name in sorted(expected):
-        array = record[name].numpy()
-        if str(array.dtype) != "float32":
+        tensor = state[name]
+        if tensor.dtype != torch.float32:
             raise ProtocolError(
-                f"{what}: tensor {name!r} has dtype {array.dtype}, expected float32"
+                f"{what}: tensor {name!r} has dtype {tensor.dtype}, expected float32"
             )
-        tensor = torch.from_numpy(array.copy())
         if tuple(tensor.shape) != tuple(like[name].shape):
             raise ProtocolError(
                 f"{what}: tensor {name!r} has shape {tuple(tensor.shape)}, "
@@ -143,7 +158,33 @@ def adapter_from_record(record: ArrayRecord, *, like: AdapterState, what: str) -
             )
         if not torch.isfinite(tensor).all():
             raise ProtocolError(f"{what}: tensor {name!r} contains NaN or infinity")
-        state[name] = tensor
+
+
+def adapter_from_record(record: ArrayRecord, *, like: AdapterState, what: str) -> AdapterState:
+    """Decode and validate an adapter against the expected names, shapes and dtype.
+
+    Everything is checked before anything is returned, so a malformed adapter is rejected
+    whole, never half-applied.
+    """
+    state: AdapterState = {}
+    for name in record:
+        array = record[name].numpy()
+        if str(array.dtype) != "float32":
+            raise ProtocolError(
+                f"{what}: tensor {name!r} has dtype {array.dtype}, expected float32"
+            )
+        state[name] = torch.from_numpy(array.copy())
+    check_adapter_layout(state, like=like, what=what)
+    return state
+
+
+def adapter_from_payload(payload: bytes, *, like: AdapterState, what: str) -> AdapterState:
+    """Parse an update's safetensors bytes and check its layout against ``like``."""
+    try:
+        state = adapter_from_bytes(payload)
+    except ModelError as error:
+        raise ProtocolError(f"{what}: {error}") from None
+    check_adapter_layout(state, like=like, what=what)
     return state
 
 
@@ -152,12 +193,107 @@ def train_instruction(global_state: AdapterState, task: RoundTask) -> RecordDict
     return RecordDict({GLOBAL_KEY: adapter_to_record(global_state), TASK_KEY: task.to_record()})
 
 
-def train_reply(delta: AdapterState, metrics: SiteMetrics, *, site: str) -> RecordDict:
+_BINDING_KINDS: dict[str, type] = {
+    "federation_id": str,
+    "run_id": str,
+    "round": int,
+    "stage": str,
+    "site_id": str,
+    "payload_sha256": str,
+}
+
+
+def _typed_fields(
+    record: ConfigRecord, kinds: dict[str, type], *, what: str
+) -> dict[str, str | int]:
+    values = dict(record)
+    wrong = [
+        name
+        for name, kind in kinds.items()
+        if not isinstance(values.get(name), kind) or isinstance(values.get(name), bool)
+    ]
+    if wrong:
+        raise ProtocolError(f"{what} lacks or mistypes the fields {wrong}")
+    return {name: values[name] for name in kinds}  # type: ignore[misc]
+
+
+def _signature_field(record: ConfigRecord, *, what: str) -> bytes:
+    text = record.get("signature")
+    if not isinstance(text, str):
+        raise ProtocolError(f"{what} carries no signature")
+    try:
+        return decode_signature(text)
+    except SignatureError as error:
+        raise ProtocolError(f"{what}: {error}") from None
+
+
+def binding_to_record(binding: UpdateBinding, signature: bytes) -> ConfigRecord:
+    """A site's signed binding of its update, as sent with the update."""
+    fields: dict[str, ConfigRecordValues] = {
+        **binding.fields(),
+        "signature": encode_signature(signature),
+    }
+    return ConfigRecord(fields)
+
+
+def binding_from_record(record: ConfigRecord) -> tuple[UpdateBinding, bytes]:
+    """The binding a site claims to have signed, and the signature (not yet verified)."""
+    fields = _typed_fields(record, _BINDING_KINDS, what="the update's signed binding")
+    return UpdateBinding(**fields), _signature_field(record, what="the update")  # type: ignore[arg-type]
+
+
+def receipt_to_record(receipt: Receipt, signature: bytes) -> RecordDict:
+    """The content of a receipt message from the coordinator to a site."""
+    fields: dict[str, ConfigRecordValues] = {
+        **receipt.fields(),
+        "signature": encode_signature(signature),
+    }
+    return RecordDict({RECEIPT_KEY: ConfigRecord(fields)})
+
+
+def receipt_from_record(content: RecordDict) -> tuple[Receipt, bytes]:
+    """A receipt as received by a site (not yet verified)."""
+    if RECEIPT_KEY not in content.config_records:
+        raise ProtocolError("the receipt message holds no receipt")
+    record = content.config_records[RECEIPT_KEY]
+    binding = UpdateBinding(**_typed_fields(record, _BINDING_KINDS, what="the receipt"))  # type: ignore[arg-type]
+    position = _typed_fields(record, {"ledger_seq": int, "entry_hash": str}, what="the receipt")
+    receipt = Receipt(
+        binding=binding,
+        ledger_seq=int(position["ledger_seq"]),
+        entry_hash=str(position["entry_hash"]),
+    )
+    return receipt, _signature_field(record, what="the receipt")
+
+
+def payload_to_record(payload: bytes) -> ArrayRecord:
+    """The update's exact bytes as a one-array record (uint8, chunked by Flower in transit)."""
+    return ArrayRecord({PAYLOAD_ARRAY: Array(np.frombuffer(payload, dtype=np.uint8).copy())})
+
+
+def payload_from_record(record: ArrayRecord, *, max_bytes: int, what: str) -> bytes:
+    """The exact bytes a site sent, refusing anything but one 1-D uint8 array of bounded size."""
+    if list(record.keys()) != [PAYLOAD_ARRAY]:
+        raise ProtocolError(f"{what}: expected one array {PAYLOAD_ARRAY!r}, got {list(record)[:3]}")
+    array = record[PAYLOAD_ARRAY]
+    if array.dtype != "uint8":
+        raise ProtocolError(f"{what}: payload dtype is {array.dtype}, expected uint8")
+    if len(array.shape) != 1:
+        raise ProtocolError(f"{what}: payload shape is {array.shape}, expected one dimension")
+    size = array.shape[0]
+    if size > max_bytes:
+        raise ProtocolError(f"{what}: payload of {size} bytes exceeds the maximum of {max_bytes}")
+    return bytes(array.numpy().tobytes())
+
+
+def train_reply(
+    payload: bytes, metrics: SiteMetrics, binding: UpdateBinding, signature: bytes
+) -> RecordDict:
     """The content of a site's reply to a train message."""
     return RecordDict(
         {
-            UPDATE_KEY: adapter_to_record(delta),
+            UPDATE_KEY: payload_to_record(payload),
             METRICS_KEY: metrics.to_record(),
-            SITE_KEY: ConfigRecord({"name": site}),
+            SITE_KEY: binding_to_record(binding, signature),
         }
     )

@@ -23,12 +23,20 @@ from fedsilo.config import (
     load_config,
     save_config,
 )
+from fedsilo.crypto import fingerprint, read_private_key
 from fedsilo.data.tasks import build_task
 from fedsilo.evaluation.gold import evaluate_gold
 from fedsilo.evaluation.metrics import GoldMetrics
+from fedsilo.ledger import EntryKind, Ledger
 from fedsilo.model.adapters import AdapterState, export_peft_folder, set_adapter_state
 from fedsilo.model.base import resolve_base_model
-from fedsilo.server.federation import FederationPlan, ProgressReporter, run_federation
+from fedsilo.server.federation import (
+    FederationPlan,
+    ProgressReporter,
+    adapter_digest,
+    run_federation,
+)
+from fedsilo.server.membership import Membership
 from fedsilo.server.run_folder import RunFolder
 from fedsilo.server.strategies import build_strategy
 
@@ -43,6 +51,7 @@ class ServerJob:
     run_dir: Path
     resume: bool
     reporter: ProgressReporter
+    membership: Membership  # pinned identities (RUN/federation.json)
 
 
 def check_resume_config(saved: FedsiloConfig, requested: FedsiloConfig, *, source: Path) -> None:
@@ -89,7 +98,7 @@ def execute(grid: Grid, job: ServerJob) -> AdapterState:
     config = job.config
     if job.resume:
         check_resume_config(load_config(folder.config_path), config, source=folder.config_path)
-    elif folder.latest_checkpoint_round() is not None:
+    elif folder.latest_checkpoint_round() is not None or folder.ledger_path.exists():
         raise FileExistsError(
             f"{folder.root} already holds a run; resume it with --resume or choose another --out"
         )
@@ -137,20 +146,54 @@ def _execute(grid: Grid, job: ServerJob, folder: RunFolder) -> AdapterState:
             max_length=config.train.max_length,
         )
 
-    plan = FederationPlan(
-        config=config,
-        folder=folder,
-        base_model_hash=loaded.base_model_hash,
-        initial_adapter=loaded.adapter_template,
-        strategy=build_strategy(config.strategy),
-        evaluate=evaluate,
-        reporter=job.reporter,
-    )
-    final = run_federation(grid, plan, resume=job.resume)
-    set_adapter_state(loaded.model, final)
-    export_peft_folder(
-        loaded.model, final, folder.final_dir, base_model_path=str(base_folder), replace=True
-    )
+    membership = job.membership
+    coordinator_key = read_private_key(membership.coordinator_key_path, passphrase=None)
+    with Ledger.open(folder.ledger_path, coordinator_key=coordinator_key) as ledger:
+        if ledger.head() is None:
+            ledger.append(
+                EntryKind.RUN_STARTED,
+                {
+                    "federation_id": membership.federation_id,
+                    "run_id": membership.run_id,
+                    "run_name": config.run.name,
+                    "config_digest": config_digest(config),
+                    "base_model_hash": loaded.base_model_hash,
+                    "initial_adapter_sha256": adapter_digest(loaded.adapter_template),
+                    "strategy": config.strategy.name,
+                    "coordinator_fingerprint": fingerprint(coordinator_key.public_key()),
+                    "sites": {name: fp for name, fp in membership.fingerprints().items()},
+                    "fedsilo_version": fedsilo.__version__,
+                },
+            )
+        else:
+            ledger.append(
+                EntryKind.RUN_RESUMED,
+                {
+                    "config_digest": config_digest(config),
+                    "after_round": folder.latest_checkpoint_round(),
+                },
+            )
+        plan = FederationPlan(
+            config=config,
+            folder=folder,
+            base_model_hash=loaded.base_model_hash,
+            initial_adapter=loaded.adapter_template,
+            strategy=build_strategy(config.strategy),
+            evaluate=evaluate,
+            reporter=job.reporter,
+            membership=membership,
+            ledger=ledger,
+            coordinator_key=coordinator_key,
+        )
+        final = run_federation(grid, plan, resume=job.resume)
+        set_adapter_state(loaded.model, final)
+        export_peft_folder(
+            loaded.model, final, folder.final_dir, base_model_path=str(base_folder), replace=True
+        )
+        ledger.append(
+            EntryKind.RUN_FINISHED,
+            {"rounds": config.run.rounds, "final_adapter_sha256": adapter_digest(final)},
+        )
     return final
 
 

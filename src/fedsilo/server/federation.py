@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -21,24 +21,32 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from fedsilo.config import FedsiloConfig
+from fedsilo.crypto import PrivateKey, Receipt, encode_signature, sha256_hex, sign_receipt
 from fedsilo.evaluation.metrics import GoldMetrics
-from fedsilo.model.adapters import AdapterState
+from fedsilo.ledger import Entry, EntryKind, JsonValue, Ledger
+from fedsilo.model.adapters import AdapterState, adapter_to_bytes
 from fedsilo.protocol.records import (
-    METRICS_KEY,
-    SITE_KEY,
-    UPDATE_KEY,
-    ProtocolError,
+    RECEIPT_MESSAGE,
+    TRAIN_MESSAGE,
+    TRAIN_STAGE,
     RoundTask,
     SiteMetrics,
-    adapter_from_record,
+    receipt_to_record,
     train_instruction,
 )
+from fedsilo.server.admission import (
+    AdmittedUpdate,
+    ExpectedBinding,
+    UpdateRejectedError,
+    admit_update,
+)
+from fedsilo.server.membership import Membership
 from fedsilo.server.run_folder import Checkpoint, RunFolder
 from fedsilo.server.strategies import SiteUpdate, Strategy
 
 log = logging.getLogger(__name__)
 
-TRAIN_MESSAGE = "train"
+RECEIPT_TIMEOUT_S = 120.0
 
 
 class FederationError(RuntimeError):
@@ -66,6 +74,8 @@ class RoundReplies:
     updates: list[SiteUpdate] = field(default_factory=list)
     metrics: dict[str, SiteMetrics] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)  # site or node -> reason
+    # Accepted updates with the ledger entry that records each: what receipts are issued for.
+    ledgered: list[tuple[AdmittedUpdate, Entry]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -79,6 +89,18 @@ class FederationPlan:
     strategy: Strategy
     evaluate: GoldEvaluator
     reporter: ProgressReporter
+    membership: Membership
+    ledger: Ledger
+    coordinator_key: PrivateKey
+
+
+def _json_map(values: dict[str, str]) -> dict[str, JsonValue]:
+    return {key: value for key, value in values.items()}
+
+
+def adapter_digest(adapter: AdapterState) -> str:
+    """sha256 of the adapter's safetensors bytes: the bytes a checkpoint's adapter file holds."""
+    return sha256_hex(adapter_to_bytes(adapter))
 
 
 def _site_seed(seed: int, round_number: int, node_id: int) -> int:
@@ -101,6 +123,9 @@ def _round_task(
 ) -> RoundTask:
     train = config.train
     return RoundTask(
+        federation_id=plan.membership.federation_id,
+        run_id=plan.membership.run_id,
+        stage=TRAIN_STAGE,
         run_name=config.run.name,
         round=round_number,
         base_model_hash=plan.base_model_hash,
@@ -114,63 +139,124 @@ def _round_task(
     )
 
 
-def _site_name(reply: Message, node: int) -> str:
-    if SITE_KEY in reply.content.config_records:
-        name = reply.content.config_records[SITE_KEY].get("name")
-        if isinstance(name, str) and name:
-            return name
-    return f"node-{node}"
-
-
 def collect_round(
     grid: Grid,
     plan: FederationPlan,
     global_state: AdapterState,
     *,
     round_number: int,
+    attempt: int,
     nodes: Sequence[int],
 ) -> RoundReplies:
-    """Send the round's task to ``nodes`` and validate what comes back."""
-    config = plan.config
+    """Send the round's task to ``nodes``, admit or reject each reply, ledger every outcome."""
+    config, ledger = plan.config, plan.ledger
+    tasks = {node: _round_task(config, plan, round_number, node) for node in nodes}
+    ledger.append(
+        EntryKind.ROUND_OPENED,
+        {
+            "round": round_number,
+            "attempt": attempt,
+            "nodes": list(nodes),
+            "global_adapter_sha256": adapter_digest(global_state),
+        },
+    )
+    for node, task in tasks.items():
+        ledger.append(
+            EntryKind.TASK_SENT,
+            {"round": round_number, "attempt": attempt, "node": node, "task": asdict(task)},
+        )
     messages = [
         Message(
-            train_instruction(global_state, _round_task(config, plan, round_number, node)),
+            train_instruction(global_state, task),
             dst_node_id=node,
             message_type=TRAIN_MESSAGE,
             group_id=str(round_number),
         )
-        for node in nodes
+        for node, task in tasks.items()
     ]
     replies = list(grid.send_and_receive(messages, timeout=config.strategy.round_timeout_s))
+    expected = ExpectedBinding(
+        federation_id=plan.membership.federation_id,
+        run_id=plan.membership.run_id,
+        round=round_number,
+        stage=TRAIN_STAGE,
+    )
+    site_keys = plan.membership.site_keys()
     result = RoundReplies()
     answered: set[int] = set()
     for reply in replies:
-        node = reply.metadata.src_node_id
-        answered.add(node)
-        if reply.has_error():
-            result.failures[f"node-{node}"] = f"site error: {reply.error.reason}"
-            continue
-        site = _site_name(reply, node)
+        answered.add(reply.metadata.src_node_id)
         try:
-            delta = adapter_from_record(
-                reply.content.array_records[UPDATE_KEY],
+            admitted = admit_update(
+                reply,
+                expected=expected,
+                site_keys=site_keys,
+                admitted_sites=result.metrics.keys(),
                 like=global_state,
-                what=f"update from {site}",
+                max_bytes=config.federation.max_update_bytes,
             )
-            metrics = SiteMetrics.from_record(reply.content.metric_records[METRICS_KEY])
-        except (ProtocolError, KeyError) as error:
-            reason = f"rejected: {error}"
-            result.failures[site] = reason
-            log.warning("round %d: %s %s", round_number, site, reason)
+        except UpdateRejectedError as rejection:
+            _reject(plan, result, round_number, rejection.sender, rejection.reason)
             continue
-        result.updates.append(SiteUpdate(site=site, delta=delta, num_examples=metrics.num_examples))
-        result.metrics[site] = metrics
+        # The entry is durable before the update can influence anything.
+        entry = ledger.append(
+            EntryKind.UPDATE_RECEIVED,
+            {
+                **admitted.binding.fields(),
+                "site_signature": encode_signature(admitted.signature),
+                "node": admitted.node,
+                "payload_bytes": admitted.payload_size,
+                "num_examples": admitted.metrics.num_examples,
+                "dp_event": None,
+            },
+        )
+        site = admitted.binding.site_id
+        result.updates.append(SiteUpdate(site, admitted.delta, admitted.metrics.num_examples))
+        result.metrics[site] = admitted.metrics
+        result.ledgered.append((admitted, entry))
     for node in nodes:
         if node not in answered:
-            result.failures[f"node-{node}"] = (
-                f"no reply within {config.strategy.round_timeout_s:g} s"
-            )
+            reason = f"no reply within {config.strategy.round_timeout_s:g} s"
+            _reject(plan, result, round_number, f"node-{node}", reason)
     return result
+
+
+def _reject(
+    plan: FederationPlan, result: RoundReplies, round_number: int, sender: str, reason: str
+) -> None:
+    plan.ledger.append(
+        EntryKind.UPDATE_REJECTED, {"round": round_number, "sender": sender, "reason": reason}
+    )
+    result.failures[sender] = reason
+    log.warning("round %d: %s rejected: %s", round_number, sender, reason.splitlines()[0])
+
+
+def send_receipts(
+    grid: Grid, plan: FederationPlan, replies: RoundReplies, round_number: int
+) -> None:
+    """Give each accepted site the coordinator's signed receipt for its ledgered update."""
+    messages = []
+    for admitted, entry in replies.ledgered:
+        receipt = Receipt(admitted.binding, ledger_seq=entry.seq, entry_hash=entry.entry_hash)
+        messages.append(
+            Message(
+                receipt_to_record(receipt, sign_receipt(plan.coordinator_key, receipt)),
+                dst_node_id=admitted.node,
+                message_type=RECEIPT_MESSAGE,
+                group_id=str(round_number),
+            )
+        )
+    delivered = {
+        reply.metadata.src_node_id
+        for reply in grid.send_and_receive(messages, timeout=RECEIPT_TIMEOUT_S)
+        if not reply.has_error()
+    }
+    for admitted, _entry in replies.ledgered:
+        if admitted.node not in delivered:
+            plan.reporter.notice(
+                f"round {round_number}: the receipt for {admitted.binding.site_id} was not "
+                "delivered; the site can ask for it again from the ledger entry"
+            )
 
 
 def _weighted_train_loss(replies: RoundReplies) -> float:
@@ -208,7 +294,7 @@ def run_federation(grid: Grid, plan: FederationPlan, *, resume: bool) -> Adapter
                 attempt=attempt,
             )
             replies = collect_round(
-                grid, plan, global_state, round_number=round_number, nodes=nodes
+                grid, plan, global_state, round_number=round_number, attempt=attempt, nodes=nodes
             )
             if len(replies.updates) >= config.strategy.min_sites:
                 break
@@ -218,6 +304,14 @@ def run_federation(grid: Grid, plan: FederationPlan, *, resume: bool) -> Adapter
                 f"{config.strategy.min_sites}); {_describe(replies.failures)}"
             )
         else:
+            plan.ledger.append(
+                EntryKind.ROUND_FAILED,
+                {
+                    "round": round_number,
+                    "attempts": config.strategy.max_round_attempts,
+                    "failures": _json_map(replies.failures),
+                },
+            )
             raise FederationError(
                 f"round {round_number}: fewer than min_sites={config.strategy.min_sites} valid "
                 f"updates after {config.strategy.max_round_attempts} attempts; "
@@ -242,10 +336,23 @@ def run_federation(grid: Grid, plan: FederationPlan, *, resume: bool) -> Adapter
             **_gold_fields(gold),
             "seconds": time.perf_counter() - started,
         }
+        # Ledger first: a crash before the checkpoint lands leaves an entry that a resumed run
+        # supersedes, never a checkpoint the ledger does not account for.
+        plan.ledger.append(
+            EntryKind.ROUND_AGGREGATED,
+            {
+                "round": round_number,
+                "adapter_sha256": adapter_digest(global_state),
+                "sites": record["sites"],
+                "examples": record["examples"],
+                "strategy": strategy.name,
+            },
+        )
         folder.save_checkpoint(
             Checkpoint(round_number, global_state, strategy.state_dict(), record)
         )
         folder.append_metrics(record)
+        send_receipts(grid, plan, replies, round_number)
         plan.reporter.round_done(record, total_rounds=config.run.rounds)
     return global_state
 

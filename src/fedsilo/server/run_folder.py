@@ -7,6 +7,8 @@ RUN/
   checkpoints/round-N/   adapter.safetensors, server_state.safetensors, round.json
   final/                 the final adapter as a PEFT folder
   status.json            "running" | "completed" | "failed" with the reason
+  federation.json        federation id, run id, pinned coordinator and site public keys
+  ledger.db              the signed, hash-chained audit ledger (SQLite)
 
 A checkpoint folder appears only complete (built in a temporary folder, fsynced, renamed),
 and it holds the round's metrics record too, so metrics.jsonl can always be rebuilt from the
@@ -65,6 +67,14 @@ class RunFolder:
     @property
     def final_dir(self) -> Path:
         return self.root / "final"
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.root / "ledger.db"
+
+    @property
+    def membership_path(self) -> Path:
+        return self.root / "federation.json"
 
     @property
     def status_path(self) -> Path:

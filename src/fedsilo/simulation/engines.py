@@ -9,23 +9,56 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from flwr.app import Context, RecordDict
 
 from fedsilo.client.app import build_client_app
-from fedsilo.client.site import SimulatedSites
+from fedsilo.config import FedsiloConfig
+from fedsilo.data.tasks import build_task
 from fedsilo.server.app import ServerJob, build_server_app
-from fedsilo.server.federation import FederationError
+from fedsilo.server.federation import FederationError, ProgressReporter
 from fedsilo.server.run_folder import RunFolder
+from fedsilo.simulation.enrollment import enroll_simulated_federation
 from fedsilo.simulation.inprocess_grid import InProcessGrid
+from fedsilo.simulation.sites import SimulatedSites
+
+
+@dataclass(frozen=True)
+class SimulationRequest:
+    """A run to simulate: its config, its folder, whether to resume, where progress goes."""
+
+    config: FedsiloConfig
+    run_dir: Path
+    resume: bool
+    reporter: ProgressReporter
+
+
+def prepare_job(request: SimulationRequest) -> ServerJob:
+    """Enroll the simulated sites' keys (created once, reused on resume) and build the job."""
+    config = request.config
+    site_names = [site.name for site in build_task(config.task, seed=config.run.seed).sites]
+    membership = enroll_simulated_federation(
+        request.run_dir, federation_id=config.federation.id, site_names=site_names
+    )
+    return ServerJob(
+        config=config,
+        run_dir=request.run_dir,
+        resume=request.resume,
+        reporter=request.reporter,
+        membership=membership,
+    )
+
+
+def _sites(job: ServerJob) -> SimulatedSites:
+    return SimulatedSites(job.config, run_dir=job.run_dir, membership=job.membership)
 
 
 def run_inprocess(job: ServerJob) -> None:
     """All sites in this process, one after the other."""
-    config = job.config
-    client_app = build_client_app(SimulatedSites(config))
-    grid = InProcessGrid(client_app, num_nodes=config.num_sites)
+    grid = InProcessGrid(build_client_app(_sites(job)), num_nodes=job.config.num_sites)
     server_context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
     build_server_app(job)(grid, server_context)
 
@@ -37,7 +70,7 @@ def run_ray(job: ServerJob) -> None:
     config = job.config
     run_simulation(
         server_app=build_server_app(job),
-        client_app=build_client_app(SimulatedSites(config)),
+        client_app=build_client_app(_sites(job)),
         num_supernodes=config.num_sites,
         backend_config={
             "client_resources": {"num_cpus": config.run.torch_threads, "num_gpus": 0.0},
@@ -46,7 +79,8 @@ def run_ray(job: ServerJob) -> None:
     )
     # The engine re-raises what the ServerApp raised; should it ever return normally after a
     # failure, the run folder still says how the run went.
-    status = RunFolder(job.run_dir).read_json(RunFolder(job.run_dir).status_path)
+    folder = RunFolder(job.run_dir)
+    status = folder.read_json(folder.status_path)
     if status.get("status") != "completed":
         raise FederationError(f"run failed: {status.get('reason', status)}")
 
@@ -54,8 +88,9 @@ def run_ray(job: ServerJob) -> None:
 ENGINES: dict[str, Callable[[ServerJob], None]] = {"inprocess": run_inprocess, "ray": run_ray}
 
 
-def simulate(job: ServerJob) -> None:
-    """Run ``job`` on the engine its config names, with torch pinned to its thread budget."""
+def simulate(request: SimulationRequest) -> None:
+    """Run ``request`` on the engine its config names, with torch pinned to its thread budget."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    torch.set_num_threads(job.config.run.torch_threads)
-    ENGINES[job.config.run.engine](job)
+    torch.set_num_threads(request.config.run.torch_threads)
+    job = prepare_job(request)
+    ENGINES[request.config.run.engine](job)

@@ -1,0 +1,124 @@
+"""Admission of a site's reply: nothing in it is used before every check has passed.
+
+The checks run cheapest-first and the payload is parsed last, after its size is bounded and its
+signature verified, so a forged or oversized upload costs the coordinator a hash at most:
+a site error; an unknown or unpinned site; a binding for another federation, run, round or
+stage (a replay); a second update from the same site in a round; a payload that is not one
+bounded uint8 buffer; a digest that differs from the signed one; a bad signature; tensor names,
+shapes or dtypes that do not fit the global adapter, or NaN/inf; malformed metrics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+
+from flwr.app import Message
+
+from fedsilo.crypto import PublicKey, SignatureError, UpdateBinding, sha256_hex, verify_update
+from fedsilo.model.adapters import AdapterState
+from fedsilo.protocol.records import (
+    METRICS_KEY,
+    SITE_KEY,
+    UPDATE_KEY,
+    ProtocolError,
+    SiteMetrics,
+    adapter_from_payload,
+    binding_from_record,
+    payload_from_record,
+)
+
+
+class UpdateRejectedError(Exception):
+    """A reply that is not admitted; ``sender`` is the claimed site, or the node if unknown."""
+
+    def __init__(self, sender: str, reason: str) -> None:
+        super().__init__(f"{sender}: {reason}")
+        self.sender = sender
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ExpectedBinding:
+    """What a valid update in this round must be bound to."""
+
+    federation_id: str
+    run_id: str
+    round: int
+    stage: str
+
+
+@dataclass(frozen=True)
+class AdmittedUpdate:
+    """A reply that passed every check."""
+
+    node: int
+    binding: UpdateBinding
+    signature: bytes
+    payload_size: int
+    delta: AdapterState
+    metrics: SiteMetrics
+
+
+def admit_update(
+    reply: Message,
+    *,
+    expected: ExpectedBinding,
+    site_keys: Mapping[str, PublicKey],
+    admitted_sites: Collection[str],
+    like: AdapterState,
+    max_bytes: int,
+) -> AdmittedUpdate:
+    """Check one reply completely; raise UpdateRejectedError naming the sender and the reason."""
+    node = reply.metadata.src_node_id
+    sender = f"node-{node}"
+    if reply.has_error():
+        raise UpdateRejectedError(sender, f"site error: {reply.error.reason}")
+    content = reply.content
+    try:
+        binding, signature = binding_from_record(content.config_records[SITE_KEY])
+    except KeyError:
+        raise UpdateRejectedError(sender, "the update is unsigned") from None
+    except ProtocolError as error:
+        raise UpdateRejectedError(sender, str(error)) from None
+    site = binding.site_id
+    if site not in site_keys:
+        raise UpdateRejectedError(site, f"site {site!r} is not enrolled in this federation")
+    _check_binding(binding, expected, site)
+    if site in admitted_sites:
+        raise UpdateRejectedError(
+            site, f"duplicate: an update from {site} was already accepted in round {binding.round}"
+        )
+    try:
+        payload = payload_from_record(
+            content.array_records[UPDATE_KEY], max_bytes=max_bytes, what=f"update from {site}"
+        )
+    except KeyError:
+        raise UpdateRejectedError(site, "the reply carries no update") from None
+    except ProtocolError as error:
+        raise UpdateRejectedError(site, str(error)) from None
+    if sha256_hex(payload) != binding.payload_sha256:
+        raise UpdateRejectedError(site, "the payload's sha256 differs from the signed digest")
+    try:
+        verify_update(site_keys[site], binding, signature)
+    except SignatureError as error:
+        raise UpdateRejectedError(site, f"bad signature: {error}") from None
+    try:
+        delta = adapter_from_payload(payload, like=like, what=f"update from {site}")
+        metrics = SiteMetrics.from_record(content.metric_records[METRICS_KEY])
+    except KeyError:
+        raise UpdateRejectedError(site, "the reply carries no metrics") from None
+    except ProtocolError as error:
+        raise UpdateRejectedError(site, str(error)) from None
+    return AdmittedUpdate(node, binding, signature, len(payload), delta, metrics)
+
+
+def _check_binding(binding: UpdateBinding, expected: ExpectedBinding, site: str) -> None:
+    claimed = (binding.federation_id, binding.run_id, binding.round, binding.stage)
+    wanted = (expected.federation_id, expected.run_id, expected.round, expected.stage)
+    if claimed != wanted:
+        raise UpdateRejectedError(
+            site,
+            "replayed or stale update: signed for federation {}, run {}, round {}, stage {}; "
+            "expected federation {}, run {}, round {}, stage {}".format(*claimed, *wanted),
+        )

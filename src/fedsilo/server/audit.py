@@ -1,0 +1,197 @@
+"""Auditing a run folder offline: the ledger against its keys, and against the files on disk.
+
+The ledger's own checks (chain, coordinator signatures, site signatures) are in
+``fedsilo.ledger``. This module adds what needs the run folder: each checkpoint's adapter file
+must hash to what the ledger recorded for that round (the initial adapter in ``run_started``,
+the last ``round_aggregated`` entry of every later round, the final adapter in
+``run_finished``), and no checkpoint may exist that the ledger does not account for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from fedsilo.crypto import PublicKey, fingerprint
+from fedsilo.ledger import Entry, EntryKind, ExtraCheck, VerifyProblem, VerifyReport, verify_ledger
+from fedsilo.report import ReportData, RoundRow, SiteRow, UpdateRow
+from fedsilo.server.membership import load_membership
+from fedsilo.server.run_folder import RunFolder
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _recorded_adapters(entries: Sequence[Entry]) -> dict[int, tuple[int, str]]:
+    """Round -> (seq, adapter sha256) as the ledger last recorded it."""
+    recorded: dict[int, tuple[int, str]] = {}
+    for entry in entries:
+        if entry.kind is EntryKind.RUN_STARTED:
+            recorded[0] = (entry.seq, str(entry.payload.get("initial_adapter_sha256")))
+        elif entry.kind is EntryKind.ROUND_AGGREGATED:
+            round_number = entry.payload.get("round")
+            if isinstance(round_number, int):
+                recorded[round_number] = (entry.seq, str(entry.payload.get("adapter_sha256")))
+    return recorded
+
+
+def checkpoints_match_ledger(folder: RunFolder) -> ExtraCheck:
+    """An extra ledger check: checkpoints on disk are exactly the adapters the ledger recorded."""
+
+    def check(entries: Sequence[Entry]) -> list[VerifyProblem]:
+        problems: list[VerifyProblem] = []
+        recorded = _recorded_adapters(entries)
+        for round_number in folder.checkpoint_rounds():
+            path = folder.checkpoint_dir(round_number) / "adapter.safetensors"
+            if round_number not in recorded:
+                problems.append(
+                    VerifyProblem(None, f"checkpoint {path} is not recorded in the ledger")
+                )
+                continue
+            seq, digest = recorded[round_number]
+            actual = _file_sha256(path)
+            if actual != digest:
+                problems.append(
+                    VerifyProblem(
+                        seq,
+                        f"round {round_number}: the ledger records adapter {digest}, but "
+                        f"{path} hashes to {actual}",
+                    )
+                )
+        finished = [e for e in entries if e.kind is EntryKind.RUN_FINISHED]
+        last_round = folder.latest_checkpoint_round()
+        if finished and last_round is not None:
+            path = folder.checkpoint_dir(last_round) / "adapter.safetensors"
+            digest = str(finished[-1].payload.get("final_adapter_sha256"))
+            if _file_sha256(path) != digest:
+                problems.append(
+                    VerifyProblem(
+                        finished[-1].seq,
+                        f"run_finished records final adapter {digest}, but the last "
+                        f"checkpoint {path} differs",
+                    )
+                )
+        return problems
+
+    return check
+
+
+def verify_run(run_dir: Path, *, coordinator_key: PublicKey | None = None) -> VerifyReport:
+    """Verify a run folder's ledger offline.
+
+    ``coordinator_key`` is the key the auditor trusts, obtained out of band; without it the
+    key pinned in RUN/federation.json is used (which only proves the ledger is consistent
+    with the folder it came in, not who wrote it).
+    """
+    folder = RunFolder(run_dir)
+    membership = load_membership(folder.membership_path)
+    return verify_ledger(
+        folder.ledger_path,
+        coordinator_key=coordinator_key or membership.coordinator_key(),
+        site_keys=membership.site_keys(),
+        extra_checks=(checkpoints_match_ledger(folder),),
+    )
+
+
+def describe(report: VerifyReport) -> str:
+    """One line saying whether the ledger verified."""
+    if report.ok:
+        return (
+            f"ledger verified: {report.entries} entries, chain, coordinator signatures "
+            f"({report.coordinator_fingerprint}), site signatures and checkpoints all hold"
+        )
+    first = report.first_problem
+    where = f"entry {first.seq}" if first and first.seq is not None else "run folder"
+    reason = first.reason if first else "unknown problem"
+    return (
+        f"ledger FAILED verification: {len(report.problems)} problem(s); first at {where}: {reason}"
+    )
+
+
+def _update_rows(entries: Sequence[Entry]) -> tuple[UpdateRow, ...]:
+    rows: list[UpdateRow] = []
+    for entry in entries:
+        payload = entry.payload
+        if entry.kind is EntryKind.UPDATE_RECEIVED:
+            size = payload.get("payload_bytes")
+            rows.append(
+                UpdateRow(
+                    round=int(str(payload["round"])),
+                    site=str(payload["site_id"]),
+                    accepted=True,
+                    detail=f"sha256 {payload['payload_sha256']}",
+                    size_bytes=size if isinstance(size, int) else None,
+                )
+            )
+        elif entry.kind is EntryKind.UPDATE_REJECTED:
+            rows.append(
+                UpdateRow(
+                    round=int(str(payload["round"])),
+                    site=str(payload["sender"]),
+                    accepted=False,
+                    detail=str(payload["reason"]),
+                    size_bytes=None,
+                )
+            )
+    return tuple(rows)
+
+
+def build_report_data(run_dir: Path, report: VerifyReport) -> ReportData:
+    """Everything the HTML compliance report shows, read from the run folder and its ledger."""
+    from fedsilo.ledger import read_entries
+
+    folder = RunFolder(run_dir)
+    membership = load_membership(folder.membership_path)
+    entries = read_entries(folder.ledger_path)
+    info = folder.read_json(folder.run_info_path)
+    updates = _update_rows(entries)
+    recorded = _recorded_adapters(entries)
+    sites = tuple(
+        SiteRow(
+            name=name,
+            fingerprint=key_fingerprint,
+            accepted=sum(1 for u in updates if u.site == name and u.accepted),
+            rejected=sum(1 for u in updates if u.site == name and not u.accepted),
+        )
+        for name, key_fingerprint in sorted(membership.fingerprints().items())
+    )
+    rounds = tuple(
+        RoundRow(
+            round=int(m["round"]),
+            sites_ok=int(m["sites_ok"]),
+            sites_failed=int(m["sites_failed"]),
+            train_loss=m["train_loss"],
+            gold_accuracy=float(m["gold_accuracy"]),
+            gold_category_accuracy=float(m["gold_category_accuracy"]),
+            gold_loss=float(m["gold_loss"]),
+            adapter_sha256=recorded.get(int(m["round"]), (0, "not in ledger"))[1],
+        )
+        for m in folder.read_metrics()
+    )
+    started = next((e for e in entries if e.kind is EntryKind.RUN_STARTED), None)
+    return ReportData(
+        run_name=str(info.get("run_name", folder.root.name)),
+        federation_id=membership.federation_id,
+        generated_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        base_model_hash=str(info.get("base_model_hash")),
+        config_digest=str(info.get("config_digest")),
+        coordinator_fingerprint=fingerprint(membership.coordinator_key()),
+        strategy=str(started.payload.get("strategy")) if started else "unknown",
+        privacy_summary=(
+            "no differential privacy configured: updates are not noised, so no epsilon bounds "
+            "what a site's records reveal; raw records never leave a site"
+        ),
+        verify_ok=report.ok,
+        verify_summary=describe(report),
+        verify_problems=tuple(
+            f"entry {p.seq}: {p.reason}" if p.seq is not None else p.reason for p in report.problems
+        ),
+        sites=sites,
+        rounds=rounds,
+        updates=updates,
+        epsilon={},
+        delta=None,
+    )

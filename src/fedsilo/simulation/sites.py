@@ -1,0 +1,80 @@
+"""The sites of a simulated federation, all served from one run folder.
+
+Node ``partition-id`` i is the task's site i. Each site's key pair and receipts live in
+RUN/sites/NAME/, standing in for that site's own machine.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from flwr.app import Context
+
+from fedsilo.client.site import LoadedModel, Site, load_model_with_adapter
+from fedsilo.config import FedsiloConfig
+from fedsilo.crypto import read_private_key
+from fedsilo.data.encode import encode_records
+from fedsilo.data.icd10 import TaskData
+from fedsilo.data.tasks import build_task
+from fedsilo.server.membership import Membership
+from fedsilo.simulation.enrollment import site_folder
+
+log = logging.getLogger(__name__)
+
+
+class SimulatedSites:
+    """Finds and prepares the site a simulated node stands for (model loaded once per process)."""
+
+    def __init__(self, config: FedsiloConfig, *, run_dir: Path, membership: Membership) -> None:
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.membership = membership
+        self._sites: dict[int, Site] = {}
+
+    @cached_property
+    def _loaded(self) -> LoadedModel:
+        # Each simulated site process (a Ray actor) keeps to its own thread budget.
+        torch.set_num_threads(self.config.run.torch_threads)
+        return load_model_with_adapter(self.config)
+
+    @cached_property
+    def _task(self) -> TaskData:
+        return build_task(self.config.task, seed=self.config.run.seed)
+
+    def site_for(self, context: Context) -> Site:
+        index = context.node_config.get("partition-id")
+        if not isinstance(index, int) or not 0 <= index < len(self._task.sites):
+            raise ValueError(
+                f"node {context.node_id}: node_config partition-id={index!r} does not name one of "
+                f"the {len(self._task.sites)} sites of this task"
+            )
+        if index not in self._sites:
+            self._sites[index] = self._prepare(index)
+        return self._sites[index]
+
+    def _prepare(self, index: int) -> Site:
+        data = self._task.sites[index]
+        loaded = self._loaded
+        examples = encode_records(
+            loaded.tokenizer,
+            data.records,
+            system_prompt=self._task.system_prompt,
+            max_length=self.config.train.max_length,
+            source=f"site {data.name}",
+        )
+        folder = site_folder(self.run_dir, data.name)
+        log.info("site %s: %d training examples", data.name, len(examples))
+        return Site(
+            name=data.name,
+            model=loaded.model,
+            tokenizer=loaded.tokenizer,
+            examples=tuple(examples),
+            base_model_hash=loaded.base_model_hash,
+            adapter_template=loaded.adapter_template,
+            signing_key=read_private_key(folder / f"{data.name}.key", passphrase=None),
+            coordinator_key=self.membership.coordinator_key(),
+            receipts_dir=folder / "receipts",
+        )

@@ -1,0 +1,123 @@
+"""Offline audit of a run folder: the ledger, its signatures and the checkpoints on disk."""
+
+import sqlite3
+import stat
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from fedsilo.cli.main import main
+from fedsilo.config import FedsiloConfig
+from fedsilo.crypto import generate_private_key, write_public_key
+from fedsilo.ledger import EntryKind, read_entries
+from fedsilo.server.audit import verify_run
+from fedsilo.server.federation import FederationError
+from fedsilo.server.run_folder import RunFolder
+
+from ..simulation.conftest import run_with_grid
+
+
+@pytest.fixture
+def finished_run(make_config: Callable[..., FedsiloConfig], tmp_path: Path) -> Path:
+    run_dir = tmp_path / "run"
+    run_with_grid(make_config(run={"rounds": 2}), run_dir)
+    return run_dir
+
+
+def test_completed_run_verifies(finished_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["audit", "verify", str(finished_run)]) == 0
+
+    assert "ledger verified" in capsys.readouterr().out
+    kinds = [entry.kind for entry in read_entries(finished_run / "ledger.db")]
+    assert kinds[0] is EntryKind.RUN_STARTED
+    assert kinds.count(EntryKind.UPDATE_RECEIVED) == 6
+    assert kinds.count(EntryKind.ROUND_AGGREGATED) == 2
+    assert kinds[-1] is EntryKind.RUN_FINISHED
+
+
+def test_swapped_checkpoint_is_detected(finished_run: Path) -> None:
+    folder = RunFolder(finished_run)
+    round_one = folder.checkpoint_dir(1) / "adapter.safetensors"
+    round_one.write_bytes((folder.checkpoint_dir(2) / "adapter.safetensors").read_bytes())
+
+    report = verify_run(finished_run)
+
+    assert not report.ok
+    assert any("round 1: the ledger records adapter" in p.reason for p in report.problems)
+
+
+def test_edited_ledger_entry_fails_the_command(
+    finished_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with sqlite3.connect(finished_run / "ledger.db") as db:
+        db.execute(
+            "UPDATE entries SET payload = replace(payload, '\"num_examples\":8', "
+            "'\"num_examples\":800') WHERE kind = 'update_received' AND seq = "
+            "(SELECT min(seq) FROM entries WHERE kind = 'update_received')"
+        )
+
+    assert main(["audit", "verify", str(finished_run)]) == 1
+
+    assert "FAILED" in capsys.readouterr().out
+
+
+def test_untrusted_coordinator_key_fails(finished_run: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other.pub"
+    write_public_key(generate_private_key().public_key(), other)
+
+    assert main(["audit", "verify", str(finished_run), "--coordinator-key", str(other)]) == 1
+
+
+def test_crash_between_ledger_and_checkpoint_resumes_to_a_verifying_ledger(
+    make_config: Callable[..., FedsiloConfig],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    config = make_config(run={"rounds": 2})
+    run_dir = tmp_path / "run"
+    original = RunFolder.save_checkpoint
+
+    def crash_on_round_two(self: RunFolder, checkpoint: object) -> None:
+        if getattr(checkpoint, "round", None) == 2:
+            raise FederationError("power cut while writing the checkpoint")
+        original(self, checkpoint)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(RunFolder, "save_checkpoint", crash_on_round_two)
+    with pytest.raises(FederationError, match="power cut"):
+        run_with_grid(config, run_dir)
+
+    assert verify_run(run_dir).ok
+    monkeypatch.setattr(RunFolder, "save_checkpoint", original)
+    run_with_grid(config, run_dir, resume=True)
+
+    report = verify_run(run_dir)
+    assert report.ok, report.problems
+    kinds = [entry.kind for entry in read_entries(run_dir / "ledger.db")]
+    assert EntryKind.RUN_RESUMED in kinds
+    assert kinds.count(EntryKind.ROUND_AGGREGATED) == 3  # round 2 twice: before and after
+
+
+def test_report_renders_sites_and_verdict(finished_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report.html"
+
+    assert main(["audit", "report", str(finished_run), "--out", str(out)]) == 0
+
+    html = out.read_text()
+    folder = RunFolder(finished_run)
+    for site in folder.read_metrics()[1]["sites"]:
+        assert site in html
+    assert "ledger verified" in html
+    assert "http://" not in html and "https://" not in html
+
+
+def test_keys_init_creates_a_private_key_only_the_owner_reads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["keys", "init", "--site", "st-mary", "--out", str(tmp_path)]) == 0
+
+    mode = stat.S_IMODE((tmp_path / "st-mary.key").stat().st_mode)
+    assert mode == 0o600
+    assert (tmp_path / "st-mary.pub").read_text().startswith("ed25519:")
+    assert "fingerprint: SHA256:" in capsys.readouterr().out
+    assert main(["keys", "init", "--site", "st-mary", "--out", str(tmp_path)]) == 2
