@@ -121,3 +121,31 @@ def test_keys_init_creates_a_private_key_only_the_owner_reads(
     assert (tmp_path / "st-mary.pub").read_text().startswith("ed25519:")
     assert "fingerprint: SHA256:" in capsys.readouterr().out
     assert main(["keys", "init", "--site", "st-mary", "--out", str(tmp_path)]) == 2
+
+
+def test_ledger_cut_short_is_detected(finished_run: Path) -> None:
+    with sqlite3.connect(finished_run / "ledger.db") as db:
+        (last,) = db.execute("SELECT max(seq) FROM entries").fetchone()
+        # Drop round 2 entirely: everything after round 2 was opened.
+        (opened,) = db.execute(
+            "SELECT min(seq) FROM entries WHERE kind = 'round_opened' AND "
+            "payload LIKE '%\"round\":2%'"
+        ).fetchone()
+        db.execute("DELETE FROM entries WHERE seq >= ?", (opened,))
+    assert opened < last
+
+    report = verify_run(finished_run)
+
+    reasons = " | ".join(p.reason for p in report.problems)
+    assert "no run_finished entry" in reasons
+    assert "which the ledger does not hold" in reasons  # the sites' round-2 receipts
+    assert "is not recorded in the ledger" in reasons  # checkpoint round-2
+
+
+def test_receipt_not_signed_by_the_coordinator_is_reported(finished_run: Path) -> None:
+    receipt = sorted(finished_run.glob("sites/*/receipts/*.json"))[0]
+    receipt.write_text(receipt.read_text().replace('"ledger_seq": ', '"ledger_seq": 1'))
+
+    report = verify_run(finished_run)
+
+    assert any("is not valid" in p.reason for p in report.problems)

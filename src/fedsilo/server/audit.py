@@ -10,11 +10,20 @@ the last ``round_aggregated`` entry of every later round, the final adapter in
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from fedsilo.crypto import PublicKey, fingerprint
+from fedsilo.crypto import (
+    PublicKey,
+    Receipt,
+    SignatureError,
+    UpdateBinding,
+    decode_signature,
+    fingerprint,
+    verify_receipt,
+)
 from fedsilo.ledger import Entry, EntryKind, ExtraCheck, VerifyProblem, VerifyReport, verify_ledger
 from fedsilo.report import ReportData, RoundRow, SiteRow, UpdateRow
 from fedsilo.server.membership import load_membership
@@ -62,6 +71,16 @@ def checkpoints_match_ledger(folder: RunFolder) -> ExtraCheck:
                     )
                 )
         finished = [e for e in entries if e.kind is EntryKind.RUN_FINISHED]
+        if folder.final_dir.exists() and not finished:
+            # A chain cut short still verifies on its own; the final adapter on disk says
+            # the run finished, so its last entries must be there.
+            problems.append(
+                VerifyProblem(
+                    None,
+                    f"{folder.final_dir} exists but the ledger has no run_finished entry: "
+                    "entries may have been cut from its end",
+                )
+            )
         last_round = folder.latest_checkpoint_round()
         if finished and last_round is not None:
             path = folder.checkpoint_dir(last_round) / "adapter.safetensors"
@@ -79,8 +98,54 @@ def checkpoints_match_ledger(folder: RunFolder) -> ExtraCheck:
     return check
 
 
-def verify_run(run_dir: Path, *, coordinator_key: PublicKey | None = None) -> VerifyReport:
-    """Verify a run folder's ledger offline.
+def receipts_match_ledger(receipt_files: Sequence[Path], coordinator_key: PublicKey) -> ExtraCheck:
+    """An extra ledger check: every receipt a site holds names an entry that is in the ledger.
+
+    Receipts are the sites' own evidence: a ledger cut short, or rewritten after the fact,
+    no longer contains the (seq, entry hash) the coordinator signed for them.
+    """
+
+    def check(entries: Sequence[Entry]) -> list[VerifyProblem]:
+        by_seq = {entry.seq: entry for entry in entries}
+        problems: list[VerifyProblem] = []
+        for path in receipt_files:
+            try:
+                receipt, signature = _read_receipt(path)
+                verify_receipt(coordinator_key, receipt, signature)
+            except (ValueError, KeyError, TypeError, SignatureError) as error:
+                problems.append(VerifyProblem(None, f"receipt {path} is not valid: {error}"))
+                continue
+            entry = by_seq.get(receipt.ledger_seq)
+            if entry is None or entry.entry_hash != receipt.entry_hash:
+                problems.append(
+                    VerifyProblem(
+                        receipt.ledger_seq,
+                        f"receipt {path} was signed for ledger entry {receipt.ledger_seq} "
+                        f"with hash {receipt.entry_hash}, which the ledger does not hold",
+                    )
+                )
+        return problems
+
+    return check
+
+
+def _read_receipt(path: Path) -> tuple[Receipt, bytes]:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    receipt = Receipt(
+        binding=UpdateBinding(**data["binding"]),
+        ledger_seq=int(data["ledger_seq"]),
+        entry_hash=str(data["entry_hash"]),
+    )
+    return receipt, decode_signature(str(data["signature"]))
+
+
+def verify_run(
+    run_dir: Path,
+    *,
+    coordinator_key: PublicKey | None = None,
+    receipt_files: Sequence[Path] | None = None,
+) -> VerifyReport:
+    """Verify a run folder's ledger offline, with the checkpoints and the sites' receipts.
 
     ``coordinator_key`` is the key the auditor trusts, obtained out of band; without it the
     key pinned in RUN/federation.json is used (which only proves the ledger is consistent
@@ -88,11 +153,18 @@ def verify_run(run_dir: Path, *, coordinator_key: PublicKey | None = None) -> Ve
     """
     folder = RunFolder(run_dir)
     membership = load_membership(folder.membership_path)
+    trusted = coordinator_key or membership.coordinator_key()
+    if receipt_files is None:
+        # In simulation each site's storage is RUN/sites/NAME/, receipts included.
+        receipt_files = sorted(folder.root.glob("sites/*/receipts/*.json"))
     return verify_ledger(
         folder.ledger_path,
-        coordinator_key=coordinator_key or membership.coordinator_key(),
+        coordinator_key=trusted,
         site_keys=membership.site_keys(),
-        extra_checks=(checkpoints_match_ledger(folder),),
+        extra_checks=(
+            checkpoints_match_ledger(folder),
+            receipts_match_ledger(receipt_files, trusted),
+        ),
     )
 
 
