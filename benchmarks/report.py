@@ -22,7 +22,7 @@ def _load(name: str) -> dict[str, Any] | None:
 
 
 def _pct(value: float) -> str:
-    return f"{100 * value:.1f}%"
+    return f"{100 * value:.2f}%" if value < 0.01 else f"{100 * value:.1f}%"
 
 
 def _throughput_section(result: dict[str, Any] | None) -> list[str]:
@@ -83,6 +83,44 @@ def _demo_section(result: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+def _audit_section(result: dict[str, Any] | None) -> list[str]:
+    lines = ["## Cost of signatures and the audit ledger", ""]
+    if result is None:
+        return [*lines, "Not measured yet: run `python benchmarks/audit_overhead.py`.", ""]
+    lines += [
+        f"`python benchmarks/audit_overhead.py`: {result['sites']} sites, adapters of "
+        f"{result['params_per_adapter']:,} fp32 parameters ({result['payload_bytes']:,} bytes of "
+        f"safetensors), {result['rounds']} rounds, {result['ledger_entries_per_round']} ledger "
+        "entries per round. Per round: the slowest site's encoding, hashing and signing, plus "
+        "all of the coordinator's digest checks, signature checks, ledger writes and receipts.",
+        "",
+        "| round | slowest site signing (ms) | coordinator (ms) |",
+        "|---:|---:|---:|",
+    ]
+    for index, (site_s, coordinator_s) in enumerate(
+        zip(result["slowest_site_signing_s"], result["coordinator_s"], strict=True), start=1
+    ):
+        lines.append(f"| {index} | {1000 * site_s:.1f} | {1000 * coordinator_s:.1f} |")
+    lines += ["", f"Median per round: {1000 * result['median_audit_s_per_round']:.1f} ms."]
+    reference = result.get("reference")
+    if reference:
+        lines += [
+            "",
+            f"Against the demo's measured round ({reference['demo_round_s']:.0f} s for 4 sites "
+            f"training one after another; {reference['demo_round_s_per_site']:.0f} s of training "
+            f"per site): {_pct(reference['fraction_of_demo_round'])} of a demo round, "
+            f"{_pct(reference['fraction_of_one_site_training'])} of one site's local training "
+            "(the round time when sites train in parallel). Goal: < 2%.",
+        ]
+    lines += [
+        "",
+        f"Measured {result['measured_at']} on {result['machine']['cpus']} CPU cores; source: "
+        "`benchmarks/results/audit_overhead.json`.",
+        "",
+    ]
+    return lines
+
+
 def main() -> None:
     lines = [
         "# Benchmarks",
@@ -92,6 +130,7 @@ def main() -> None:
         "",
         *_throughput_section(_load("throughput.json")),
         *_demo_section(_load("demo.json")),
+        *_audit_section(_load("audit_overhead.json")),
     ]
     PAGE.parent.mkdir(parents=True, exist_ok=True)
     PAGE.write_text("\n".join(lines))

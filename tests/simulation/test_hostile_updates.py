@@ -5,6 +5,7 @@ the honest sites, that the reason names the problem, and that the ledger records
 """
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -105,7 +106,7 @@ def test_site_cannot_impersonate_another_site(
     def impersonate(reply: Message, context: Context, sites: SimulatedSites) -> Message:
         binding, _ = binding_from_record(reply.content.config_records[SITE_KEY])
         other = sites._task.sites[1].name
-        claimed = UpdateBinding(**{**binding.fields(), "site_id": other})  # type: ignore[arg-type]
+        claimed = replace(binding, site_id=other)
         own_key = sites.site_for(context).signing_key
         _replace(
             reply, payload=_payload(reply), binding=claimed, signature=sign_update(own_key, claimed)
@@ -123,7 +124,7 @@ def test_unknown_site_is_rejected(
 ) -> None:
     def stranger_site(reply: Message, context: Context, sites: SimulatedSites) -> Message:
         binding, _ = binding_from_record(reply.content.config_records[SITE_KEY])
-        claimed = UpdateBinding(**{**binding.fields(), "site_id": "mallory"})  # type: ignore[arg-type]
+        claimed = replace(binding, site_id="mallory")
         key = generate_private_key()
         _replace(
             reply, payload=_payload(reply), binding=claimed, signature=sign_update(key, claimed)
@@ -216,7 +217,7 @@ def test_payload_changed_after_signing_is_rejected(
 def _resigned(reply: Message, context: Context, sites: SimulatedSites, payload: bytes) -> Message:
     """What a malicious but enrolled site does: sign its own bad payload properly."""
     binding, _ = binding_from_record(reply.content.config_records[SITE_KEY])
-    binding = UpdateBinding(**{**binding.fields(), "payload_sha256": sha256_hex(payload)})  # type: ignore[arg-type]
+    binding = replace(binding, payload_sha256=sha256_hex(payload))
     key = sites.site_for(context).signing_key
     _replace(reply, payload=payload, binding=binding, signature=sign_update(key, binding))
     return reply
