@@ -57,6 +57,15 @@ def _resolve_paths(config: FedsiloConfig, *, base: Path) -> FedsiloConfig:
     task = config.task
     sites = tuple(site.model_copy(update={"path": base / site.path}) for site in task.sites)
     gold = base / task.gold_path if task.gold_path is not None else None
+    federation = config.federation
+    federation = federation.model_copy(
+        update={
+            "keys_dir": base / federation.keys_dir if federation.keys_dir else None,
+            "coordinator_key": (
+                base / federation.coordinator_key if federation.coordinator_key else None
+            ),
+        }
+    )
     model_base = config.model.base
     candidate = base / model_base
     if ("/" in model_base or model_base.startswith(".")) and not Path(model_base).is_absolute():
@@ -65,6 +74,7 @@ def _resolve_paths(config: FedsiloConfig, *, base: Path) -> FedsiloConfig:
         update={
             "task": task.model_copy(update={"sites": sites, "gold_path": gold}),
             "model": config.model.model_copy(update={"base": model_base}),
+            "federation": federation,
         }
     )
 

@@ -138,12 +138,35 @@ class EvaluationSection(Section):
     batch_size: int = Field(16, ge=1)
 
 
+class EnrolledSiteSection(Section):
+    """A site admitted to the federation, pinned by its public key."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
+    public_key: str = Field(pattern=r"^ed25519:")  # as written by `fedsilo keys init`
+
+
 class FederationSection(Section):
     """Identity of the federation, bound into every signature, and limits on what sites send."""
 
     id: str = Field("fedsilo-simulation", min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
     # An update larger than this is rejected before it is parsed.
     max_update_bytes: int = Field(256 * 1024 * 1024, ge=1)
+    # Pinned site keys. Empty in a plain simulation: fedsilo then creates a key pair per site
+    # in the run folder. When given, every site of the task must be listed.
+    sites: tuple[EnrolledSiteSection, ...] = ()
+    # Simulation with pinned keys: the folder holding each site's NAME.key.
+    keys_dir: Path | None = None
+    # The coordinator's private key (created in the run folder when not given).
+    coordinator_key: Path | None = None
+
+    @model_validator(mode="after")
+    def _pins_complete(self) -> FederationSection:
+        names = [site.name for site in self.sites]
+        if len(set(names)) != len(names):
+            raise ValueError(f"enrolled site names must be unique, got {names}")
+        if self.sites and self.keys_dir is None:
+            raise ValueError("federation.sites pins keys; keys_dir must name where they are")
+        return self
 
 
 class FedsiloConfig(Section):

@@ -41,7 +41,7 @@ def prepare_job(request: SimulationRequest) -> ServerJob:
     config = request.config
     site_names = [site.name for site in build_task(config.task, seed=config.run.seed).sites]
     membership = enroll_simulated_federation(
-        request.run_dir, federation_id=config.federation.id, site_names=site_names
+        request.run_dir, federation=config.federation, site_names=site_names
     )
     return ServerJob(
         config=config,

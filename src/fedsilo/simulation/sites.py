@@ -20,7 +20,7 @@ from fedsilo.data.encode import encode_records
 from fedsilo.data.icd10 import TaskData
 from fedsilo.data.tasks import build_task
 from fedsilo.server.membership import Membership
-from fedsilo.simulation.enrollment import site_folder
+from fedsilo.simulation.enrollment import site_folder, site_key_path
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,9 @@ class SimulatedSites:
             examples=tuple(examples),
             base_model_hash=loaded.base_model_hash,
             adapter_template=loaded.adapter_template,
-            signing_key=read_private_key(folder / f"{data.name}.key", passphrase=None),
+            signing_key=read_private_key(
+                site_key_path(self.run_dir, self.config.federation, data.name), passphrase=None
+            ),
             coordinator_key=self.membership.coordinator_key(),
             receipts_dir=folder / "receipts",
         )
