@@ -9,7 +9,6 @@ the last ``round_aggregated`` entry of every later round, the final adapter in
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Sequence
@@ -22,16 +21,13 @@ from fedsilo.crypto import (
     UpdateBinding,
     decode_signature,
     fingerprint,
+    sha256_hex,
     verify_receipt,
 )
 from fedsilo.ledger import Entry, EntryKind, ExtraCheck, VerifyProblem, VerifyReport, verify_ledger
 from fedsilo.report import ReportData, RoundRow, SiteRow, UpdateRow
 from fedsilo.server.membership import load_membership
 from fedsilo.server.run_folder import RunFolder
-
-
-def _file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _recorded_adapters(entries: Sequence[Entry]) -> dict[int, tuple[int, str]]:
@@ -61,7 +57,7 @@ def checkpoints_match_ledger(folder: RunFolder) -> ExtraCheck:
                 )
                 continue
             seq, digest = recorded[round_number]
-            actual = _file_sha256(path)
+            actual = sha256_hex(path.read_bytes())
             if actual != digest:
                 problems.append(
                     VerifyProblem(
@@ -85,7 +81,7 @@ def checkpoints_match_ledger(folder: RunFolder) -> ExtraCheck:
         if finished and last_round is not None:
             path = folder.checkpoint_dir(last_round) / "adapter.safetensors"
             digest = str(finished[-1].payload.get("final_adapter_sha256"))
-            if _file_sha256(path) != digest:
+            if sha256_hex(path.read_bytes()) != digest:
                 problems.append(
                     VerifyProblem(
                         finished[-1].seq,
