@@ -23,6 +23,7 @@ def _task() -> RoundTask:
         stage="train",
         run_name="r",
         round=3,
+        cohort_size=4,
         base_model_hash="sha256:00",
         local_steps=4,
         batch_size=2,

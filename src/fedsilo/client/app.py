@@ -8,6 +8,7 @@ from dataclasses import asdict
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedsilo.client.policy import TaskRefusedError, check_task
 from fedsilo.client.site import SiteProvider
 from fedsilo.client.train import train_local
 from fedsilo.crypto import UpdateBinding, encode_signature, sha256_hex, sign_update, verify_receipt
@@ -24,14 +25,13 @@ from fedsilo.protocol.records import (
 from fedsilo.storage import write_text_atomic
 
 
-class TaskRefusedError(RuntimeError):
-    """The site will not run this round task; the reason reaches the server as an error."""
-
-
 def handle_train(message: Message, context: Context, sites: SiteProvider) -> Message:
     """Check the round task, train locally from the global adapter, reply with the signed delta."""
     site = sites.site_for(context)
     task = RoundTask.from_record(message.content.config_records[TASK_KEY])
+    # The site's own rules come first: nothing is loaded or trained for a refused task.
+    if site.policy is not None:
+        check_task(site.policy, task, site=site.name)
     if task.base_model_hash != site.base_model_hash:
         raise TaskRefusedError(
             f"site {site.name}: the round's base model {task.base_model_hash} is not the model "

@@ -15,6 +15,7 @@ from flwr.app import Context
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
+from fedsilo.client.policy import SitePolicy
 from fedsilo.config import FedsiloConfig
 from fedsilo.crypto import PrivateKey, PublicKey
 from fedsilo.data.encode import Example
@@ -35,6 +36,7 @@ class Site:
     signing_key: PrivateKey
     coordinator_key: PublicKey  # verifies the coordinator's receipts
     receipts_dir: Path
+    policy: SitePolicy | None  # the site's own rules for what it accepts to train on
 
 
 class SiteProvider(Protocol):

@@ -75,6 +75,13 @@ def _resolve_paths(config: FedsiloConfig, *, base: Path) -> FedsiloConfig:
             "task": task.model_copy(update={"sites": sites, "gold_path": gold}),
             "model": config.model.model_copy(update={"base": model_base}),
             "federation": federation,
+            "run": config.run.model_copy(
+                update={
+                    "site_policies": (
+                        base / config.run.site_policies if config.run.site_policies else None
+                    )
+                }
+            ),
         }
     )
 

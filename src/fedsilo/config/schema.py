@@ -44,6 +44,9 @@ class RunSection(Section):
     # anything else runs; one thread per simulated site is the fast, predictable choice.
     torch_threads: int = Field(1, ge=1)
     engine: EngineName = "inprocess"
+    # Simulation: a folder with one policy file per site (NAME.toml); a site without one
+    # accepts every task. In a deployment each site keeps its policy on its own machine.
+    site_policies: Path | None = None
 
 
 class ModelSection(Section):

@@ -51,6 +51,7 @@ class RoundTask:
     stage: str
     run_name: str
     round: int
+    cohort_size: int  # sites asked to train in this round (their updates are summed)
     base_model_hash: str
     local_steps: int
     batch_size: int
@@ -88,6 +89,7 @@ _FIELD_KINDS: dict[str, type] = {
     "stage": str,
     "run_name": str,
     "round": int,
+    "cohort_size": int,
     "base_model_hash": str,
     "local_steps": int,
     "batch_size": int,

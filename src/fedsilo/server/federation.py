@@ -119,7 +119,7 @@ def sample_sites(
 
 
 def _round_task(
-    config: FedsiloConfig, plan: FederationPlan, round_number: int, node: int
+    config: FedsiloConfig, plan: FederationPlan, round_number: int, node: int, cohort_size: int
 ) -> RoundTask:
     train = config.train
     return RoundTask(
@@ -128,6 +128,7 @@ def _round_task(
         stage=TRAIN_STAGE,
         run_name=config.run.name,
         round=round_number,
+        cohort_size=cohort_size,
         base_model_hash=plan.base_model_hash,
         local_steps=train.local_steps,
         batch_size=train.batch_size,
@@ -150,7 +151,7 @@ def collect_round(
 ) -> RoundReplies:
     """Send the round's task to ``nodes``, admit or reject each reply, ledger every outcome."""
     config, ledger = plan.config, plan.ledger
-    tasks = {node: _round_task(config, plan, round_number, node) for node in nodes}
+    tasks = {node: _round_task(config, plan, round_number, node, len(nodes)) for node in nodes}
     ledger.append(
         EntryKind.ROUND_OPENED,
         {

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from flwr.app import Context
 
+from fedsilo.client.policy import SitePolicy, load_policy
 from fedsilo.client.site import LoadedModel, Site, load_model_with_adapter
 from fedsilo.config import FedsiloConfig
 from fedsilo.crypto import read_private_key
@@ -79,4 +80,11 @@ class SimulatedSites:
             ),
             coordinator_key=self.membership.coordinator_key(),
             receipts_dir=folder / "receipts",
+            policy=self._policy(data.name),
         )
+
+    def _policy(self, site: str) -> SitePolicy | None:
+        folder = self.config.run.site_policies
+        if folder is None or not (folder / f"{site}.toml").exists():
+            return None
+        return load_policy(folder / f"{site}.toml")

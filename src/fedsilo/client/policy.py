@@ -1,0 +1,131 @@
+"""A site's own policy: what it accepts to train on, enforced by the installed client.
+
+The policy file lives on the site and is never sent by the server. Before touching any data the
+client checks each round task against it and refuses, with a reason that reaches the server as
+a refusal, anything outside it: another federation, another base model, a cohort too small to
+hide in, hyperparameters outside the allowed ranges.
+
+    [accept]
+    federation_id = "cardio-pilot"
+    base_model_hash = "sha256:..."        # optional; when set, any other base model is refused
+
+    [limits]
+    min_cohort = 3                        # refuse rounds that sum fewer sites than this
+    learning_rate = [1e-5, 1e-2]          # inclusive ranges
+    local_steps = [1, 200]
+    batch_size = [1, 64]
+    max_length = [8, 2048]
+
+    [privacy]                             # the site's budget (enforced once DP is configured)
+    max_epsilon = 8.0
+    delta = 1e-5
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fedsilo.protocol.records import RoundTask
+
+
+class PolicyError(ValueError):
+    """A policy file that cannot be used; names the file and the field."""
+
+
+class TaskRefusedError(RuntimeError):
+    """The site will not run this round task; the reason reaches the server as an error."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class AcceptSection(_Section):
+    """Which federation and base model this site works with."""
+
+    federation_id: str = Field(min_length=1)
+    base_model_hash: str | None = Field(None, pattern=r"^sha256:[0-9a-f]{64}$")
+
+
+Range = tuple[float, float]
+
+
+class LimitsSection(_Section):
+    """Inclusive ranges the round task's hyperparameters must fall in."""
+
+    min_cohort: int = Field(1, ge=1)
+    learning_rate: Range = (1e-6, 1e-1)
+    local_steps: Range = (1, 1000)
+    batch_size: Range = (1, 256)
+    max_length: Range = (8, 8192)
+
+    @model_validator(mode="after")
+    def _ranges_ordered(self) -> LimitsSection:
+        for name in ("learning_rate", "local_steps", "batch_size", "max_length"):
+            low, high = getattr(self, name)
+            if low > high:
+                raise ValueError(f"{name}: lower bound {low} exceeds upper bound {high}")
+        return self
+
+
+class PrivacySection(_Section):
+    """The site's privacy budget."""
+
+    max_epsilon: float = Field(gt=0)
+    delta: float = Field(gt=0, lt=1)
+
+
+class SitePolicy(_Section):
+    """A site's policy file."""
+
+    accept: AcceptSection
+    limits: LimitsSection = LimitsSection()
+    privacy: PrivacySection | None = None
+
+
+def load_policy(path: Path) -> SitePolicy:
+    """Read and validate a policy file; errors name the file and the field."""
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PolicyError(f"{path}: site policy file not found") from None
+    except tomllib.TOMLDecodeError as error:
+        raise PolicyError(f"{path}: not valid TOML: {error}") from None
+    try:
+        return SitePolicy.model_validate(data)
+    except ValidationError as error:
+        problems = [
+            f"  {'.'.join(str(part) for part in item['loc'])}: {item['msg']}"
+            for item in error.errors()
+        ]
+        raise PolicyError(f"{path}: invalid site policy\n" + "\n".join(problems)) from None
+
+
+def check_task(policy: SitePolicy, task: RoundTask, *, site: str) -> None:
+    """Raise TaskRefusedError naming the first rule ``task`` breaks; return if it keeps them all."""
+    accept, limits = policy.accept, policy.limits
+    if task.federation_id != accept.federation_id:
+        raise TaskRefusedError(
+            f"site {site}: policy accepts federation {accept.federation_id!r}, "
+            f"not {task.federation_id!r}"
+        )
+    if accept.base_model_hash is not None and task.base_model_hash != accept.base_model_hash:
+        raise TaskRefusedError(
+            f"site {site}: policy accepts base model {accept.base_model_hash}, "
+            f"not {task.base_model_hash}"
+        )
+    if task.cohort_size < limits.min_cohort:
+        raise TaskRefusedError(
+            f"site {site}: the round sums {task.cohort_size} sites; policy requires at least "
+            f"{limits.min_cohort}"
+        )
+    for name in ("learning_rate", "local_steps", "batch_size", "max_length"):
+        low, high = getattr(limits, name)
+        value = getattr(task, name)
+        if not low <= value <= high:
+            raise TaskRefusedError(
+                f"site {site}: {name}={value} is outside the policy's range [{low:g}, {high:g}]"
+            )
