@@ -1,0 +1,395 @@
+"""DP-SGD local training: clipping, noise scale, Poisson sampling, mechanics and cleanup."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from peft import PeftModel
+from torch import nn
+
+from fedsilo.client.site import load_model_with_adapter
+from fedsilo.client.train import train_local
+from fedsilo.config import FedsiloConfig
+from fedsilo.data.batching import collate
+from fedsilo.data.encode import Example, encode_records
+from fedsilo.data.records import ChatRecord
+from fedsilo.model.adapters import AdapterState, get_adapter_state
+from fedsilo.privacy.dp_sgd import (
+    DpTrainingResult,
+    clip_per_example,
+    clipped_per_example_gradients,
+    per_example_gradient_hooks,
+    poisson_batches,
+    train_local_dp,
+)
+
+OPACUS_PARAM_ATTRS = ("grad_sample", "_forward_counter", "_current_grad_sample", "_norm_sample")
+
+
+@dataclass
+class Setup:
+    model: PeftModel
+    examples: list[Example]
+    global_state: AdapterState
+    pad_id: int
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return [param for param in self.model.parameters() if param.requires_grad]
+
+
+@pytest.fixture
+def setup(make_config: Callable[..., FedsiloConfig]) -> Setup:
+    loaded = load_model_with_adapter(make_config())
+    # Answers of different lengths, so batches are padded.
+    records = [ChatRecord(prompt=f"code {i}", response="A" * (i + 1) + ".9") for i in range(6)]
+    examples = encode_records(
+        loaded.tokenizer, records, system_prompt=None, max_length=64, source="test"
+    )
+    # Make B non-zero so that every LoRA matrix has a gradient from the first step.
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(3)
+        for name, param in loaded.model.named_parameters():
+            if ".lora_B." in name:
+                param.copy_(0.05 * torch.randn(param.shape, generator=generator))
+    return Setup(
+        model=loaded.model,
+        examples=examples,
+        global_state=get_adapter_state(loaded.model),
+        pad_id=int(loaded.tokenizer.pad_token_id),
+    )
+
+
+def _run(setup: Setup, **overrides: Any) -> DpTrainingResult:
+    arguments: dict[str, Any] = {
+        "global_state": setup.global_state,
+        "steps": 3,
+        "expected_batch_size": 2,
+        "learning_rate": 0.01,
+        "max_grad_norm": 1.0,
+        "noise_multiplier": 1.0,
+        "proximal_mu": 0.0,
+        "pad_id": setup.pad_id,
+        "seed": 7,
+    }
+    arguments.update(overrides)
+    return train_local_dp(setup.model, setup.examples, **arguments)
+
+
+def _single_example_gradients(setup: Setup, example: Example) -> list[torch.Tensor]:
+    """The gradient of one example's mean token loss, by an ordinary backward pass."""
+    setup.model.zero_grad(set_to_none=True)
+    setup.model(**collate([example], pad_id=setup.pad_id)).loss.backward()
+    grads = [param.grad.detach().clone() for param in setup.params if param.grad is not None]
+    setup.model.zero_grad(set_to_none=True)
+    return grads
+
+
+def _raw_per_example(setup: Setup) -> list[torch.Tensor]:
+    setup.model.train()
+    with per_example_gradient_hooks(setup.model):
+        grads, _ = clipped_per_example_gradients(
+            setup.model,
+            setup.examples,
+            params=setup.params,
+            pad_id=setup.pad_id,
+            max_grad_norm=1e9,
+        )
+    setup.model.zero_grad(set_to_none=True)
+    return grads
+
+
+def _norms(grads: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack([g.flatten(1).pow(2).sum(1) for g in grads]).sum(0).sqrt()
+
+
+def _flat(state: AdapterState) -> torch.Tensor:
+    return torch.cat([state[name].flatten() for name in sorted(state)])
+
+
+def _hooks_count(model: nn.Module) -> int:
+    return sum(
+        len(m._forward_hooks) + len(m._backward_hooks) + len(m._forward_pre_hooks)
+        for m in model.modules()
+    )
+
+
+def test_per_example_gradients_match_single_example_backward(setup: Setup) -> None:
+    expected = [_single_example_gradients(setup, example) for example in setup.examples]
+
+    grads = _raw_per_example(setup)
+
+    for row, per_param in enumerate(expected):
+        for grad, reference in zip(grads, per_param, strict=True):
+            torch.testing.assert_close(grad[row], reference, rtol=1e-4, atol=1e-6)
+
+
+def test_no_clipped_gradient_exceeds_the_bound(setup: Setup) -> None:
+    bound = float(_norms(_raw_per_example(setup)).median())
+    setup.model.train()
+
+    with per_example_gradient_hooks(setup.model):
+        clipped, _ = clipped_per_example_gradients(
+            setup.model,
+            setup.examples,
+            params=setup.params,
+            pad_id=setup.pad_id,
+            max_grad_norm=bound,
+        )
+
+    assert bool((_norms(clipped) <= bound + 1e-6).all())
+
+
+def test_gradients_within_the_bound_are_not_scaled(setup: Setup) -> None:
+    raw = _raw_per_example(setup)
+    norms = _norms(raw)
+    bound = float(norms.median())
+
+    clipped = clip_per_example(raw, max_grad_norm=bound)
+
+    small = norms < bound
+    assert bool(small.any())
+    for grad, reference in zip(clipped, raw, strict=True):
+        torch.testing.assert_close(grad[small], reference[small], rtol=1e-5, atol=0.0)
+
+
+def test_clipping_scales_a_large_gradient_to_the_bound_and_keeps_a_small_one() -> None:
+    grads = [torch.tensor([[3.0, 4.0], [0.3, 0.4]]), torch.tensor([[[0.0]], [[0.0]]])]
+
+    clipped = clip_per_example(grads, max_grad_norm=1.0)
+
+    torch.testing.assert_close(clipped[0][0], torch.tensor([0.6, 0.8]), rtol=1e-5, atol=0.0)
+    torch.testing.assert_close(clipped[0][1], torch.tensor([0.3, 0.4]))
+
+
+def test_one_noiseless_step_equals_the_hand_computed_gradient_step(setup: Setup) -> None:
+    # Divided by the expected batch size (2), not by the size of the batch drawn (3).
+    batch_size, rate = 2, 2 / len(setup.examples)
+    seed = next(
+        s
+        for s in range(1000)
+        if (np.random.default_rng(s).random(len(setup.examples)) < rate).sum() == 3
+    )
+    (batch,) = poisson_batches(
+        setup.examples, sampling_rate=rate, steps=1, generator=np.random.default_rng(seed)
+    )
+    per_example = [_single_example_gradients(setup, example) for example in batch]
+    start = [param.detach().clone() for param in setup.params]
+    learning_rate = 0.5
+    expected = [
+        weight - learning_rate * sum(grads[index] for grads in per_example) / batch_size
+        for index, weight in enumerate(start)
+    ]
+
+    _run(
+        setup,
+        steps=1,
+        expected_batch_size=batch_size,
+        learning_rate=learning_rate,
+        max_grad_norm=1e6,
+        noise_multiplier=0.0,
+        optimizer="sgd",
+        seed=seed,
+    )
+
+    for param, reference in zip(setup.params, expected, strict=True):
+        torch.testing.assert_close(param.detach(), reference, rtol=1e-4, atol=1e-6)
+
+
+def test_noise_has_the_calibrated_scale(setup: Setup) -> None:
+    # With this much noise the clipped gradients (norm <= C each, a handful of them) are
+    # negligible next to noise of norm about sigma * C * sqrt(#coordinates).
+    sigma, bound, batch_size = 50.0, 0.1, 2
+
+    result = _run(
+        setup,
+        steps=1,
+        expected_batch_size=batch_size,
+        learning_rate=1.0,
+        max_grad_norm=bound,
+        noise_multiplier=sigma,
+        optimizer="sgd",
+    )
+
+    measured = float(_flat(result.result.delta).std())
+    assert measured == pytest.approx(sigma * bound / batch_size, rel=0.1)
+
+
+def test_an_empty_batch_is_a_noise_only_step(setup: Setup) -> None:
+    rate = 1 / len(setup.examples)
+    seed = next(
+        s
+        for s in range(1000)
+        if not (np.random.default_rng(s).random(len(setup.examples)) < rate).any()
+    )
+
+    noisy = _run(setup, steps=1, expected_batch_size=1, seed=seed, optimizer="sgd")
+    silent = _run(
+        setup, steps=1, expected_batch_size=1, seed=seed, optimizer="sgd", noise_multiplier=0.0
+    )
+
+    assert float(_flat(noisy.result.delta).abs().max()) > 0
+    assert float(_flat(silent.result.delta).abs().max()) == 0
+    assert math.isnan(noisy.result.train_loss) and noisy.result.tokens == 0
+
+
+def test_poisson_batches_have_the_expected_mean_size_and_vary() -> None:
+    examples = [Example(input_ids=(i,), labels=(i,)) for i in range(100)]
+
+    sizes = [
+        len(batch)
+        for batch in poisson_batches(
+            examples, sampling_rate=0.1, steps=2000, generator=np.random.default_rng(0)
+        )
+    ]
+
+    assert np.mean(sizes) == pytest.approx(10.0, abs=0.3)
+    assert np.std(sizes) == pytest.approx(math.sqrt(100 * 0.1 * 0.9), rel=0.1)
+
+
+def test_poisson_batches_hold_each_example_at_most_once() -> None:
+    examples = [Example(input_ids=(i,), labels=(i,)) for i in range(20)]
+
+    batches = list(
+        poisson_batches(examples, sampling_rate=0.5, steps=50, generator=np.random.default_rng(1))
+    )
+
+    assert all(len({ex.input_ids for ex in batch}) == len(batch) for batch in batches)
+
+
+def test_training_is_deterministic_for_a_seed(setup: Setup) -> None:
+    first = _run(setup)
+    second = _run(setup)
+    other = _run(setup, seed=8)
+
+    assert torch.equal(_flat(first.result.delta), _flat(second.result.delta))
+    assert not torch.equal(_flat(first.result.delta), _flat(other.result.delta))
+
+
+def test_result_reports_the_mechanism(setup: Setup) -> None:
+    result = _run(setup, steps=4, expected_batch_size=3, noise_multiplier=1.5, max_grad_norm=0.5)
+
+    assert (result.sampling_rate, result.steps) == (3 / len(setup.examples), 4)
+    assert (result.noise_multiplier, result.max_grad_norm) == (1.5, 0.5)
+    assert result.result.num_examples == len(setup.examples)
+    assert set(result.result.delta) == set(setup.global_state)
+
+
+def test_proximal_gradient_is_added_after_the_noise(setup: Setup) -> None:
+    # Step 1 is the same with or without the proximal term (w = w_global there); step 2 then
+    # differs by exactly -lr * mu * (w_1 - w_global), noise included, for plain SGD.
+    learning_rate, mu = 0.1, 2.0
+    after_one = _run(setup, steps=1, learning_rate=learning_rate, optimizer="sgd")
+    free = _run(setup, steps=2, learning_rate=learning_rate, optimizer="sgd")
+    anchored = _run(setup, steps=2, learning_rate=learning_rate, optimizer="sgd", proximal_mu=mu)
+
+    difference = _flat(anchored.result.delta) - _flat(free.result.delta)
+    torch.testing.assert_close(
+        difference, -learning_rate * mu * _flat(after_one.result.delta), rtol=1e-4, atol=1e-7
+    )
+
+
+def test_only_adapter_weights_change(setup: Setup) -> None:
+    before = {
+        name: param.detach().clone()
+        for name, param in setup.model.named_parameters()
+        if not param.requires_grad
+    }
+
+    _run(setup)
+
+    after = dict(setup.model.named_parameters())
+    assert all(torch.equal(after[name], value) for name, value in before.items())
+
+
+def test_model_is_left_without_opacus_traces(setup: Setup) -> None:
+    hooks_before = _hooks_count(setup.model)
+    setup.model.eval()
+
+    _run(setup)
+
+    assert _hooks_count(setup.model) == hooks_before
+    assert not setup.model.training
+    assert not any(
+        hasattr(param, attr) for param in setup.model.parameters() for attr in OPACUS_PARAM_ATTRS
+    )
+    assert not any(
+        hasattr(module, attr)
+        for module in setup.model.modules()
+        for attr in ("activations", "max_batch_len", "autograd_grad_sample_hooks")
+    )
+    assert all(param.grad is None for param in setup.model.parameters())
+
+
+def test_model_trains_normally_afterwards(
+    setup: Setup, make_config: Callable[..., FedsiloConfig]
+) -> None:
+    fresh = load_model_with_adapter(make_config()).model
+    arguments: dict[str, Any] = {
+        "global_state": setup.global_state,
+        "steps": 2,
+        "batch_size": 2,
+        "learning_rate": 0.01,
+        "proximal_mu": 0.0,
+        "max_grad_norm": None,
+        "pad_id": setup.pad_id,
+        "seed": 1,
+    }
+    _run(setup)
+
+    used = train_local(setup.model, setup.examples, **arguments)
+    reference = train_local(fresh, setup.examples, **arguments)
+
+    assert torch.equal(_flat(used.delta), _flat(reference.delta))
+
+
+def test_hooks_are_removed_when_training_fails(setup: Setup) -> None:
+    hooks_before = _hooks_count(setup.model)
+
+    with pytest.raises(RuntimeError, match="boom"), per_example_gradient_hooks(setup.model):
+        raise RuntimeError("boom")
+
+    assert _hooks_count(setup.model) == hooks_before
+    assert not hasattr(setup.model, "autograd_grad_sample_hooks")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"noise_multiplier": -0.1}, "noise_multiplier"),
+        ({"noise_multiplier": math.inf}, "noise_multiplier"),
+        ({"max_grad_norm": 0.0}, "max_grad_norm"),
+        ({"expected_batch_size": 0}, "expected_batch_size"),
+        ({"expected_batch_size": 7}, "expected_batch_size"),
+        ({"steps": 0}, "steps"),
+        ({"learning_rate": 0.0}, "learning_rate"),
+        ({"proximal_mu": -1.0}, "proximal_mu"),
+        ({"optimizer": "adagrad"}, "optimizer"),
+    ],
+)
+def test_bad_arguments_are_refused(setup: Setup, overrides: dict[str, Any], field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        _run(setup, **overrides)
+
+
+def test_an_empty_dataset_is_refused(setup: Setup) -> None:
+    with pytest.raises(ValueError, match="empty dataset"):
+        train_local_dp(
+            setup.model,
+            [],
+            global_state=setup.global_state,
+            steps=1,
+            expected_batch_size=1,
+            learning_rate=0.1,
+            max_grad_norm=1.0,
+            noise_multiplier=1.0,
+            proximal_mu=0.0,
+            pad_id=setup.pad_id,
+            seed=0,
+        )
