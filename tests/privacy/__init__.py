@@ -1,0 +1,1 @@
+"""Tests for fedsilo.privacy: DP events, accounting and calibration."""
