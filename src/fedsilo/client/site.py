@@ -36,6 +36,7 @@ class Site:
     signing_key: PrivateKey
     coordinator_key: PublicKey  # verifies the coordinator's receipts
     receipts_dir: Path
+    spent_path: Path  # the DP events this site has released, across runs
     policy: SitePolicy | None  # the site's own rules for what it accepts to train on
 
 

@@ -172,6 +172,29 @@ class FederationSection(Section):
         return self
 
 
+class PrivacySection(Section):
+    """Record-level differential privacy (DP-SGD at every site).
+
+    Give either ``noise_multiplier`` or ``target_epsilon``; with a target each site calibrates
+    its own noise for its dataset size so that the whole run (``run.rounds`` rounds) spends at
+    most ``target_epsilon`` at ``delta``. A site's own policy may refuse a round that would
+    exceed its budget.
+    """
+
+    record_level: bool = False
+    noise_multiplier: float | None = Field(None, gt=0)
+    target_epsilon: float | None = Field(None, gt=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    delta: float = Field(1e-5, gt=0, lt=1)
+    accountant: Literal["rdp", "pld"] = "rdp"
+
+    @model_validator(mode="after")
+    def _one_noise_setting(self) -> PrivacySection:
+        if self.record_level and (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError("record_level needs exactly one of noise_multiplier, target_epsilon")
+        return self
+
+
 class FedsiloConfig(Section):
     """A whole run: the content of one config TOML file."""
 
@@ -183,6 +206,7 @@ class FedsiloConfig(Section):
     train: TrainSection = TrainSection()
     strategy: StrategySection = StrategySection()
     evaluation: EvaluationSection = EvaluationSection()
+    privacy: PrivacySection = PrivacySection()
 
     @model_validator(mode="after")
     def _cohort_fits(self) -> FedsiloConfig:

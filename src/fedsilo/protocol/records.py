@@ -10,6 +10,7 @@ numpy buffers that Flower decodes with ``allow_pickle=False``; nothing here is e
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -30,6 +31,8 @@ GLOBAL_KEY = "global"
 TASK_KEY = "task"
 UPDATE_KEY = "update"
 METRICS_KEY = "metrics"
+DP_KEY = "dp"
+DP_EVENT_KEY = "dp_event"
 SITE_KEY = "site"
 RECEIPT_KEY = "receipt"
 PAYLOAD_ARRAY = "safetensors"
@@ -103,32 +106,76 @@ _FIELD_KINDS: dict[str, type] = {
 
 @dataclass(frozen=True)
 class SiteMetrics:
-    """Aggregate numbers a site reports with its update (no per-example values)."""
+    """Aggregate numbers a site reports with its update (no per-example values).
+
+    Under differential privacy a site releases only the DP-protected update: its weight is 1
+    (its example count is not released), and no loss, token count or timing is reported.
+    """
 
     num_examples: int
-    train_loss: float
+    train_loss: float | None
     tokens: int
     seconds: float
 
+    @classmethod
+    def withheld(cls) -> SiteMetrics:
+        """What a site under differential privacy reports: nothing about its data."""
+        return cls(num_examples=1, train_loss=None, tokens=0, seconds=0.0)
+
     def to_record(self) -> MetricRecord:
-        return MetricRecord(dict(asdict(self)))
+        return MetricRecord({k: v for k, v in asdict(self).items() if v is not None})
 
     @classmethod
     def from_record(cls, record: MetricRecord) -> SiteMetrics:
         try:
             num_examples = record["num_examples"]
-            train_loss = record["train_loss"]
+            train_loss = record.get("train_loss")
             tokens = record["tokens"]
             seconds = record["seconds"]
         except KeyError as error:
             raise ProtocolError(f"site metrics are missing {error.args[0]!r}") from None
         if not isinstance(num_examples, int) or num_examples <= 0:
             raise ProtocolError(f"num_examples must be a positive integer, got {num_examples!r}")
-        if not isinstance(train_loss, float | int) or not math.isfinite(train_loss):
+        if train_loss is not None and (
+            not isinstance(train_loss, float | int) or not math.isfinite(train_loss)
+        ):
             raise ProtocolError(f"train_loss must be a finite number, got {train_loss!r}")
         if not isinstance(tokens, int) or not isinstance(seconds, float | int):
             raise ProtocolError("tokens must be an integer and seconds a number")
-        return cls(num_examples, float(train_loss), tokens, float(seconds))
+        loss = None if train_loss is None else float(train_loss)
+        return cls(num_examples, loss, tokens, float(seconds))
+
+
+@dataclass(frozen=True)
+class DpTask:
+    """Record-level DP-SGD settings sent with a round (absent: no differential privacy)."""
+
+    noise_multiplier: float  # 0 means: calibrate to target_epsilon
+    target_epsilon: float  # 0 means: use noise_multiplier
+    max_grad_norm: float
+    delta: float
+    accountant: str
+    planned_rounds: int  # the run's rounds, over which a target epsilon is spread
+
+    def to_record(self) -> ConfigRecord:
+        return ConfigRecord(dict(asdict(self)))
+
+    @classmethod
+    def from_record(cls, record: ConfigRecord) -> DpTask:
+        kinds = {
+            "noise_multiplier": float,
+            "target_epsilon": float,
+            "max_grad_norm": float,
+            "delta": float,
+            "accountant": str,
+            "planned_rounds": int,
+        }
+        values = {
+            name: float(v) if kind is float and isinstance(v, int) else v
+            for name, kind in kinds.items()
+            if (v := record.get(name)) is not None
+        }
+        return cls(**_typed_fields(values, kinds, what="the round's DP settings"))  # type: ignore[arg-type]
 
 
 def adapter_to_record(state: AdapterState) -> ArrayRecord:
@@ -190,9 +237,14 @@ def adapter_from_payload(payload: bytes, *, like: AdapterState, what: str) -> Ad
     return state
 
 
-def train_instruction(global_state: AdapterState, task: RoundTask) -> RecordDict:
+def train_instruction(
+    global_state: AdapterState, task: RoundTask, dp: DpTask | None = None
+) -> RecordDict:
     """The content of a train message."""
-    return RecordDict({GLOBAL_KEY: adapter_to_record(global_state), TASK_KEY: task.to_record()})
+    content = RecordDict({GLOBAL_KEY: adapter_to_record(global_state), TASK_KEY: task.to_record()})
+    if dp is not None:
+        content[DP_KEY] = dp.to_record()
+    return content
 
 
 _BINDING_KINDS: dict[str, type] = {
@@ -206,8 +258,8 @@ _BINDING_KINDS: dict[str, type] = {
 
 
 def _typed_fields(
-    record: ConfigRecord, kinds: dict[str, type], *, what: str
-) -> dict[str, str | int]:
+    record: Mapping[str, object], kinds: dict[str, type], *, what: str
+) -> dict[str, str | int | float]:
     values = dict(record)
     wrong = [
         name
@@ -289,13 +341,20 @@ def payload_from_record(record: ArrayRecord, *, max_bytes: int, what: str) -> by
 
 
 def train_reply(
-    payload: bytes, metrics: SiteMetrics, binding: UpdateBinding, signature: bytes
+    payload: bytes,
+    metrics: SiteMetrics,
+    binding: UpdateBinding,
+    signature: bytes,
+    dp_event: Mapping[str, str | int | float] | None = None,
 ) -> RecordDict:
-    """The content of a site's reply to a train message."""
-    return RecordDict(
+    """The content of a site's reply to a train message (with its DP event when private)."""
+    content = RecordDict(
         {
             UPDATE_KEY: payload_to_record(payload),
             METRICS_KEY: metrics.to_record(),
             SITE_KEY: binding_to_record(binding, signature),
         }
     )
+    if dp_event is not None:
+        content[DP_EVENT_KEY] = ConfigRecord(dict(dp_event))
+    return content

@@ -13,11 +13,13 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
-from flwr.app import Message
+from flwr.app import Message, RecordDict
 
 from fedsilo.crypto import PublicKey, SignatureError, UpdateBinding, sha256_hex, verify_update
 from fedsilo.model.adapters import AdapterState
+from fedsilo.privacy.events import PoissonGaussianEvent, event_from_json, event_to_json
 from fedsilo.protocol.records import (
+    DP_EVENT_KEY,
     METRICS_KEY,
     SITE_KEY,
     UPDATE_KEY,
@@ -58,6 +60,7 @@ class AdmittedUpdate:
     payload_size: int
     delta: AdapterState
     metrics: SiteMetrics
+    dp_event: dict[str, str | int | float] | None  # the site's DP event, as ledgered
 
 
 def admit_update(
@@ -68,6 +71,7 @@ def admit_update(
     admitted_sites: Collection[str],
     like: AdapterState,
     max_bytes: int,
+    dp_required: DpRequirement | None = None,
 ) -> AdmittedUpdate:
     """Check one reply completely; raise UpdateRejectedError naming the sender and the reason."""
     node = reply.metadata.src_node_id
@@ -110,7 +114,43 @@ def admit_update(
         raise UpdateRejectedError(site, "the reply carries no metrics") from None
     except ProtocolError as error:
         raise UpdateRejectedError(site, str(error)) from None
-    return AdmittedUpdate(node, binding, signature, len(payload), delta, metrics)
+    dp_event = _dp_event(content, dp_required, site)
+    return AdmittedUpdate(node, binding, signature, len(payload), delta, metrics, dp_event)
+
+
+@dataclass(frozen=True)
+class DpRequirement:
+    """What a record-level DP update must declare: its steps, and at least this much noise."""
+
+    steps: int
+    min_noise_multiplier: float  # 0 when each site calibrates its own noise to a target
+
+
+def _dp_event(
+    content: RecordDict, required: DpRequirement | None, site: str
+) -> dict[str, str | int | float] | None:
+    if required is None:
+        return None
+    if DP_EVENT_KEY not in content.config_records:
+        raise UpdateRejectedError(site, "the round is differentially private; no DP event sent")
+    raw = dict(content.config_records[DP_EVENT_KEY])
+    try:
+        event = event_from_json(raw)
+    except (ValueError, TypeError) as error:
+        raise UpdateRejectedError(site, f"malformed DP event: {error}") from None
+    if not isinstance(event, PoissonGaussianEvent):
+        raise UpdateRejectedError(site, f"DP event {type(event).__name__} is not DP-SGD")
+    if event.steps != required.steps:
+        raise UpdateRejectedError(
+            site, f"DP event declares {event.steps} steps; the round asked for {required.steps}"
+        )
+    if event.noise_multiplier <= 0 or event.noise_multiplier < required.min_noise_multiplier:
+        raise UpdateRejectedError(
+            site,
+            f"DP event noise multiplier {event.noise_multiplier:g} is below the round's "
+            f"{required.min_noise_multiplier:g} (or zero)",
+        )
+    return event_to_json(event)
 
 
 def _check_binding(binding: UpdateBinding, expected: ExpectedBinding, site: str) -> None:

@@ -23,12 +23,13 @@ from flwr.serverapp import Grid
 from fedsilo.config import FedsiloConfig
 from fedsilo.crypto import PrivateKey, Receipt, encode_signature, sha256_hex, sign_receipt
 from fedsilo.evaluation.metrics import GoldMetrics
-from fedsilo.ledger import Entry, EntryKind, JsonValue, Ledger
+from fedsilo.ledger import Entry, EntryKind, JsonValue, Ledger, read_entries
 from fedsilo.model.adapters import AdapterState, adapter_to_bytes
 from fedsilo.protocol.records import (
     RECEIPT_MESSAGE,
     TRAIN_MESSAGE,
     TRAIN_STAGE,
+    DpTask,
     RoundTask,
     SiteMetrics,
     receipt_to_record,
@@ -36,11 +37,13 @@ from fedsilo.protocol.records import (
 )
 from fedsilo.server.admission import (
     AdmittedUpdate,
+    DpRequirement,
     ExpectedBinding,
     UpdateRejectedError,
     admit_update,
 )
 from fedsilo.server.membership import Membership
+from fedsilo.server.privacy_report import site_epsilons
 from fedsilo.server.run_folder import Checkpoint, RunFolder
 from fedsilo.server.strategies import SiteUpdate, Strategy
 
@@ -96,6 +99,33 @@ class FederationPlan:
 
 def _json_map(values: dict[str, str]) -> dict[str, JsonValue]:
     return {key: value for key, value in values.items()}
+
+
+def _json_event(event: dict[str, str | int | float] | None) -> JsonValue:
+    return None if event is None else {key: value for key, value in event.items()}
+
+
+def _dp_task(config: FedsiloConfig) -> DpTask | None:
+    privacy = config.privacy
+    if not privacy.record_level:
+        return None
+    return DpTask(
+        noise_multiplier=privacy.noise_multiplier or 0.0,
+        target_epsilon=privacy.target_epsilon or 0.0,
+        max_grad_norm=privacy.max_grad_norm,
+        delta=privacy.delta,
+        accountant=privacy.accountant,
+        planned_rounds=config.run.rounds,
+    )
+
+
+def _dp_requirement(config: FedsiloConfig) -> DpRequirement | None:
+    privacy = config.privacy
+    if not privacy.record_level:
+        return None
+    return DpRequirement(
+        steps=config.train.local_steps, min_noise_multiplier=privacy.noise_multiplier or 0.0
+    )
 
 
 def adapter_digest(adapter: AdapterState) -> str:
@@ -166,9 +196,10 @@ def collect_round(
             EntryKind.TASK_SENT,
             {"round": round_number, "attempt": attempt, "node": node, "task": asdict(task)},
         )
+    dp_task = _dp_task(config)
     messages = [
         Message(
-            train_instruction(global_state, task),
+            train_instruction(global_state, task, dp_task),
             dst_node_id=node,
             message_type=TRAIN_MESSAGE,
             group_id=str(round_number),
@@ -195,6 +226,7 @@ def collect_round(
                 admitted_sites=result.metrics.keys(),
                 like=global_state,
                 max_bytes=config.federation.max_update_bytes,
+                dp_required=_dp_requirement(config),
             )
         except UpdateRejectedError as rejection:
             _reject(plan, result, round_number, rejection.sender, rejection.reason)
@@ -208,7 +240,7 @@ def collect_round(
                 "node": admitted.node,
                 "payload_bytes": admitted.payload_size,
                 "num_examples": admitted.metrics.num_examples,
-                "dp_event": None,
+                "dp_event": _json_event(admitted.dp_event),
             },
         )
         site = admitted.binding.site_id
@@ -260,9 +292,24 @@ def send_receipts(
             )
 
 
-def _weighted_train_loss(replies: RoundReplies) -> float:
-    total = sum(m.num_examples for m in replies.metrics.values())
-    return sum(m.train_loss * m.num_examples for m in replies.metrics.values()) / total
+def _weighted_train_loss(replies: RoundReplies) -> float | None:
+    """Example-weighted mean loss of the sites that reported one (none do under DP)."""
+    reported = [(m.train_loss, m.num_examples) for m in replies.metrics.values()]
+    losses = [(loss, n) for loss, n in reported if loss is not None]
+    if not losses:
+        return None
+    return sum(loss * n for loss, n in losses) / sum(n for _, n in losses)
+
+
+def _privacy_fields(plan: FederationPlan) -> dict[str, Any]:
+    privacy = plan.config.privacy
+    if not privacy.record_level:
+        return {}
+    entries = read_entries(plan.ledger.path)
+    return {
+        "epsilon": site_epsilons(entries, delta=privacy.delta, accountant=privacy.accountant),
+        "delta": privacy.delta,
+    }
 
 
 def _gold_fields(metrics: GoldMetrics) -> dict[str, Any]:
@@ -335,6 +382,7 @@ def run_federation(grid: Grid, plan: FederationPlan, *, resume: bool) -> Adapter
             "bytes_down_per_site": _adapter_bytes(global_state),
             "bytes_up_per_site": _adapter_bytes(replies.updates[0].delta),
             **_gold_fields(gold),
+            **_privacy_fields(plan),
             "seconds": time.perf_counter() - started,
         }
         # Ledger first: a crash before the checkpoint lands leaves an entry that a resumed run

@@ -80,6 +80,7 @@ class SimulatedSites:
             ),
             coordinator_key=self.membership.coordinator_key(),
             receipts_dir=folder / "receipts",
+            spent_path=folder / "privacy-spent.json",
             policy=self._policy(data.name),
         )
 

@@ -1,0 +1,83 @@
+"""A site's privacy budget: what it has spent, what the next round would cost, and refusing.
+
+The site keeps every DP event it has released in its own storage (``privacy-spent.json``),
+across runs, and composes them with dp-accounting. Before training it works out the event the
+round would add (its sampling rate depends on its own dataset size, which it never releases)
+and refuses the round if the total would exceed its policy's ``max_epsilon`` at its ``delta``.
+An event is recorded before the update leaves the site: released is spent.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from fedsilo.client.policy import SitePolicy, TaskRefusedError
+from fedsilo.privacy.accounting import compute_epsilon
+from fedsilo.privacy.calibration import calibrate_noise_multiplier
+from fedsilo.privacy.events import DpEvent, PoissonGaussianEvent, event_from_json, event_to_json
+from fedsilo.protocol.records import DpTask, RoundTask
+from fedsilo.storage import write_text_atomic
+
+
+def read_spent(path: Path) -> list[DpEvent]:
+    """Every DP event this site has released, oldest first (none if the file is absent)."""
+    if not path.exists():
+        return []
+    entries = json.loads(path.read_text(encoding="utf-8"))
+    return [event_from_json(entry["event"]) for entry in entries]
+
+
+def record_spent(path: Path, *, run_id: str, round_number: int, event: DpEvent) -> None:
+    """Append one released event to the site's record (rewritten atomically)."""
+    entries = json.loads(path.read_text(encoding="utf-8")) if path.exists() else []
+    entries.append({"run_id": run_id, "round": round_number, "event": event_to_json(event)})
+    write_text_atomic(path, json.dumps(entries, indent=2) + "\n")
+
+
+def plan_round_event(dp: DpTask, task: RoundTask, *, num_examples: int) -> PoissonGaussianEvent:
+    """The DP-SGD event this site's round will be: its own sampling rate and noise."""
+    sampling_rate = min(1.0, task.batch_size / num_examples)
+    noise = dp.noise_multiplier
+    if dp.target_epsilon > 0:
+        # The run's target covers all planned rounds of this site, each with local_steps steps.
+        noise = calibrate_noise_multiplier(
+            target_epsilon=dp.target_epsilon,
+            delta=dp.delta,
+            sampling_rate=sampling_rate,
+            steps=task.local_steps * dp.planned_rounds,
+            accountant=dp.accountant,  # type: ignore[arg-type]
+        )
+    return PoissonGaussianEvent(
+        noise_multiplier=noise, sampling_rate=sampling_rate, steps=task.local_steps
+    )
+
+
+def check_budget(
+    policy: SitePolicy | None,
+    *,
+    dp: DpTask | None,
+    event: DpEvent | None,
+    spent: Sequence[DpEvent],
+    site: str,
+) -> None:
+    """Refuse (TaskRefusedError) a round the site's budget does not allow."""
+    if policy is None or policy.privacy is None:
+        return
+    budget = policy.privacy
+    if dp is None or event is None:
+        raise TaskRefusedError(
+            f"site {site}: policy sets a privacy budget (epsilon {budget.max_epsilon:g}); "
+            "this round is not differentially private"
+        )
+    if event.noise_multiplier <= 0:
+        raise TaskRefusedError(f"site {site}: the round adds no noise; policy sets a budget")
+    accountant = dp.accountant
+    after = compute_epsilon([*spent, event], delta=budget.delta, accountant=accountant)  # type: ignore[arg-type]
+    if after > budget.max_epsilon:
+        before = compute_epsilon(list(spent), delta=budget.delta, accountant=accountant)  # type: ignore[arg-type]
+        raise TaskRefusedError(
+            f"site {site}: this round would bring epsilon from {before:.3f} to {after:.3f} at "
+            f"delta {budget.delta:g}, over the policy's budget of {budget.max_epsilon:g}"
+        )

@@ -1,0 +1,37 @@
+"""Epsilon per site, recomputed from the DP events in the ledger alone.
+
+Each accepted update under record-level DP carries the site's DP event (noise multiplier,
+sampling rate, steps), ledgered with it. A site's epsilon is the composition of its events
+with dp-accounting; anyone holding the ledger can recompute it.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+from fedsilo.ledger import Entry, EntryKind
+from fedsilo.privacy.accounting import AccountantName, compute_epsilon
+from fedsilo.privacy.events import DpEvent, event_from_json
+
+
+def site_events(entries: Sequence[Entry]) -> dict[str, list[DpEvent]]:
+    """Each site's DP events, in ledger order, from its accepted updates."""
+    events: dict[str, list[DpEvent]] = defaultdict(list)
+    for entry in entries:
+        if entry.kind is not EntryKind.UPDATE_RECEIVED:
+            continue
+        raw = entry.payload.get("dp_event")
+        if isinstance(raw, dict):
+            events[str(entry.payload["site_id"])].append(event_from_json(raw))
+    return dict(events)
+
+
+def site_epsilons(
+    entries: Sequence[Entry], *, delta: float, accountant: AccountantName
+) -> dict[str, float]:
+    """Epsilon spent so far by each site that released DP updates."""
+    return {
+        site: compute_epsilon(events, delta=delta, accountant=accountant)
+        for site, events in sorted(site_events(entries).items())
+    }

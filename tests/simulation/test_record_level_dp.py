@@ -1,0 +1,96 @@
+"""Record-level DP-SGD in a federation: events ledgered, epsilon per site, budgets enforced."""
+
+from collections.abc import Callable
+from pathlib import Path
+
+import dp_accounting
+import pytest
+
+from fedsilo.cli.main import main
+from fedsilo.config import FedsiloConfig
+from fedsilo.data.tasks import build_task
+from fedsilo.ledger import EntryKind, read_entries
+from fedsilo.server.run_folder import RunFolder
+
+from .conftest import run_with_grid
+
+
+def _dp_config(make_config: Callable[..., FedsiloConfig], **privacy: object) -> FedsiloConfig:
+    return make_config(
+        run={"rounds": 2},
+        privacy={"record_level": True, "max_grad_norm": 1.0, "delta": 1e-5, **privacy},
+    )
+
+
+def test_private_run_reports_epsilon_that_dp_accounting_confirms(
+    make_config: Callable[..., FedsiloConfig], tmp_path: Path
+) -> None:
+    config = _dp_config(make_config, noise_multiplier=1.5)
+
+    run_with_grid(config, tmp_path / "run")
+
+    metrics = RunFolder(tmp_path / "run").read_metrics()
+    final = metrics[-1]
+    assert final["delta"] == 1e-5
+    assert set(final["epsilon"]) == set(final["sites"])
+    # Each site: 8 examples, batch 2 -> q = 0.25, 2 steps per round, 2 rounds.
+    accountant = dp_accounting.rdp.RdpAccountant()
+    event = dp_accounting.PoissonSampledDpEvent(0.25, dp_accounting.GaussianDpEvent(1.5))
+    accountant.compose(dp_accounting.SelfComposedDpEvent(event, 4))
+    expected = accountant.get_epsilon(1e-5)
+    assert all(abs(eps - expected) < 1e-9 * expected for eps in final["epsilon"].values())
+    assert final["train_loss"] is None  # sites release nothing but the private update
+    entries = read_entries(tmp_path / "run" / "ledger.db")
+    received = [e for e in entries if e.kind is EntryKind.UPDATE_RECEIVED]
+    assert all(isinstance(e.payload["dp_event"], dict) for e in received)
+    assert all(e.payload["num_examples"] == 1 for e in received)
+
+
+def test_privacy_command_recomputes_what_was_reported(
+    make_config: Callable[..., FedsiloConfig],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    run_with_grid(_dp_config(make_config, noise_multiplier=1.0), tmp_path / "run")
+
+    assert main(["privacy", str(tmp_path / "run")]) == 0
+
+    output = capsys.readouterr().out
+    assert output.count(" yes") == 3
+
+
+def test_target_epsilon_is_never_overshot(
+    make_config: Callable[..., FedsiloConfig], tmp_path: Path
+) -> None:
+    run_with_grid(_dp_config(make_config, target_epsilon=4.0), tmp_path / "run")
+
+    final = RunFolder(tmp_path / "run").read_metrics()[-1]
+    assert all(0 < eps <= 4.0 for eps in final["epsilon"].values())
+
+
+def test_site_at_its_budget_refuses_and_the_round_goes_on(
+    make_config: Callable[..., FedsiloConfig], tmp_path: Path
+) -> None:
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    config = _dp_config(make_config, noise_multiplier=1.0)
+    config = config.model_copy(
+        update={"run": config.run.model_copy(update={"site_policies": policies})}
+    )
+    thrifty = build_task(config.task, seed=config.run.seed).sites[0].name
+    # At delta 1e-5 (RDP) one round of this site costs epsilon 3.87 and two rounds 4.87:
+    # with a budget of 4.5 it can afford round 1 and must refuse round 2.
+    (policies / f"{thrifty}.toml").write_text(
+        '[accept]\nfederation_id = "fedsilo-simulation"\n'
+        "[privacy]\nmax_epsilon = 4.5\ndelta = 1e-5\n"
+    )
+
+    run_with_grid(config, tmp_path / "run")
+
+    [_, round_one, round_two] = RunFolder(tmp_path / "run").read_metrics()
+    assert thrifty in round_one["sites"]
+    assert thrifty not in round_two["sites"]
+    assert round_two["sites_ok"] == 2
+    [reason] = round_two["failures"].values()
+    assert "over the policy's budget of 4.5" in reason
+    assert round_two["epsilon"][thrifty] <= 4.5
