@@ -129,15 +129,28 @@ def cmd_audit_report(args: argparse.Namespace) -> int:
 def cmd_privacy(args: argparse.Namespace) -> int:
     from fedsilo.config import load_config
     from fedsilo.ledger import read_entries
-    from fedsilo.server.privacy_report import site_epsilons, site_events
+    from fedsilo.server.privacy_report import site_epsilons, site_events, site_level_epsilon
     from fedsilo.server.run_folder import RunFolder
 
     folder = RunFolder(args.run)
     privacy = load_config(folder.config_path).privacy
-    if not privacy.record_level:
+    if not (privacy.record_level or privacy.site_level):
         print(f"{folder.root}: no differential privacy configured; no epsilon bounds this run")
         return 1
     entries = read_entries(folder.ledger_path)
+    all_match = True
+    if privacy.site_level:
+        site_level = site_level_epsilon(entries, delta=privacy.delta, accountant=privacy.accountant)
+        claims = [
+            m["site_level_epsilon"] for m in folder.read_metrics() if "site_level_epsilon" in m
+        ]
+        all_match = bool(claims) and abs(claims[-1] - site_level) <= 1e-9 * max(1.0, site_level)
+        print(
+            f"site-level epsilon of the global adapter at delta={privacy.delta:g}: "
+            f"{site_level:.4f} recomputed, {claims[-1] if claims else '-'} reported"
+        )
+    if not privacy.record_level:
+        return 0 if all_match else 1
     events = site_events(entries)
     recomputed = site_epsilons(entries, delta=privacy.delta, accountant=privacy.accountant)
     with_epsilon = [m["epsilon"] for m in folder.read_metrics() if "epsilon" in m]
@@ -147,7 +160,6 @@ def cmd_privacy(args: argparse.Namespace) -> int:
         "recomputed from the DP events in the ledger"
     )
     print(f"{'site':<32} {'events':>6} {'epsilon':>10} {'reported':>10}  match")
-    all_match = True
     for site, epsilon in recomputed.items():
         stated = reported.get(site)
         match = stated is not None and abs(stated - epsilon) <= 1e-9 * max(1.0, epsilon)

@@ -173,7 +173,7 @@ class FederationSection(Section):
 
 
 class PrivacySection(Section):
-    """Record-level differential privacy (DP-SGD at every site).
+    """Differential privacy: record-level (DP-SGD at every site) and/or site-level.
 
     Give either ``noise_multiplier`` or ``target_epsilon``; with a target each site calibrates
     its own noise for its dataset size so that the whole run (``run.rounds`` rounds) spends at
@@ -183,6 +183,11 @@ class PrivacySection(Section):
 
     record_level: bool = False
     noise_multiplier: float | None = Field(None, gt=0)
+    # Site-level DP at the coordinator (docs/privacy.md): each site's update clipped to
+    # site_clip_norm, Gaussian noise site_noise_multiplier * site_clip_norm on the sum.
+    site_level: bool = False
+    site_clip_norm: float = Field(1.0, gt=0)
+    site_noise_multiplier: float = Field(1.0, gt=0)
     target_epsilon: float | None = Field(None, gt=0)
     max_grad_norm: float = Field(1.0, gt=0)
     delta: float = Field(1e-5, gt=0, lt=1)

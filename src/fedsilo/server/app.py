@@ -38,7 +38,8 @@ from fedsilo.server.federation import (
 )
 from fedsilo.server.membership import Membership
 from fedsilo.server.run_folder import RunFolder
-from fedsilo.server.strategies import build_strategy
+from fedsilo.server.site_dp import SiteLevelDp
+from fedsilo.server.strategies import Strategy, build_strategy
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +179,7 @@ def _execute(grid: Grid, job: ServerJob, folder: RunFolder) -> AdapterState:
             folder=folder,
             base_model_hash=loaded.base_model_hash,
             initial_adapter=loaded.adapter_template,
-            strategy=build_strategy(config.strategy),
+            strategy=_strategy(config),
             evaluate=evaluate,
             reporter=job.reporter,
             membership=membership,
@@ -195,6 +196,19 @@ def _execute(grid: Grid, job: ServerJob, folder: RunFolder) -> AdapterState:
             {"rounds": config.run.rounds, "final_adapter_sha256": adapter_digest(final)},
         )
     return final
+
+
+def _strategy(config: FedsiloConfig) -> Strategy:
+    strategy = build_strategy(config.strategy)
+    privacy = config.privacy
+    if not privacy.site_level:
+        return strategy
+    return SiteLevelDp(
+        strategy,
+        clip_norm=privacy.site_clip_norm,
+        noise_multiplier=privacy.site_noise_multiplier,
+        cohort_size=config.strategy.sites_per_round or config.num_sites,
+    )
 
 
 def build_server_app(job: ServerJob) -> ServerApp:

@@ -11,6 +11,7 @@ aggregated round is checkpointed before it is reported.
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -25,6 +26,7 @@ from fedsilo.crypto import PrivateKey, Receipt, encode_signature, sha256_hex, si
 from fedsilo.evaluation.metrics import GoldMetrics
 from fedsilo.ledger import Entry, EntryKind, JsonValue, Ledger, read_entries
 from fedsilo.model.adapters import AdapterState, adapter_to_bytes
+from fedsilo.privacy.events import SampledSitesGaussianEvent, event_from_json, event_to_json
 from fedsilo.protocol.records import (
     RECEIPT_MESSAGE,
     TRAIN_MESSAGE,
@@ -43,7 +45,7 @@ from fedsilo.server.admission import (
     admit_update,
 )
 from fedsilo.server.membership import Membership
-from fedsilo.server.privacy_report import site_epsilons
+from fedsilo.server.privacy_report import site_epsilons, site_level_epsilon
 from fedsilo.server.run_folder import Checkpoint, RunFolder
 from fedsilo.server.strategies import SiteUpdate, Strategy
 
@@ -119,6 +121,22 @@ def _dp_task(config: FedsiloConfig) -> DpTask | None:
     )
 
 
+def _site_dp_json(config: FedsiloConfig) -> dict[str, str | int | float]:
+    event = SampledSitesGaussianEvent(
+        noise_multiplier=config.privacy.site_noise_multiplier,
+        sites_per_round=config.strategy.sites_per_round or config.num_sites,
+        num_sites=config.num_sites,
+        rounds=1,
+    )
+    return event_to_json(event)
+
+
+def _site_dp_event(config: FedsiloConfig) -> JsonValue:
+    if not config.privacy.site_level:
+        return None
+    return {key: value for key, value in _site_dp_json(config).items()}
+
+
 def _dp_requirement(config: FedsiloConfig) -> DpRequirement | None:
     privacy = config.privacy
     if not privacy.record_level:
@@ -138,13 +156,24 @@ def _site_seed(seed: int, round_number: int, node_id: int) -> int:
 
 
 def sample_sites(
-    node_ids: Iterable[int], *, count: int | None, seed: int, round_number: int, attempt: int
+    node_ids: Iterable[int],
+    *,
+    count: int | None,
+    seed: int,
+    round_number: int,
+    attempt: int,
+    secret: bool = False,
 ) -> list[int]:
-    """The nodes asked to train in this round attempt (all of them when ``count`` is None)."""
+    """The nodes asked to train in this round attempt (all of them when ``count`` is None).
+
+    With ``secret`` the draw comes from the operating system's secure random source instead
+    of the run's seed: privacy amplification by sampling needs a sample nobody can predict.
+    """
     nodes = sorted(node_ids)
     if count is None or count >= len(nodes):
         return nodes
-    rng = np.random.default_rng([seed, round_number, attempt])
+    entropy = secrets.randbits(128) if secret else [seed, round_number, attempt]
+    rng = np.random.default_rng(entropy)
     return sorted(int(node) for node in rng.choice(nodes, size=count, replace=False))
 
 
@@ -303,13 +332,23 @@ def _weighted_train_loss(replies: RoundReplies) -> float | None:
 
 def _privacy_fields(plan: FederationPlan) -> dict[str, Any]:
     privacy = plan.config.privacy
-    if not privacy.record_level:
+    if not (privacy.record_level or privacy.site_level):
         return {}
     entries = read_entries(plan.ledger.path)
-    return {
-        "epsilon": site_epsilons(entries, delta=privacy.delta, accountant=privacy.accountant),
-        "delta": privacy.delta,
-    }
+    fields: dict[str, Any] = {"delta": privacy.delta}
+    if privacy.record_level:
+        fields["epsilon"] = site_epsilons(
+            entries, delta=privacy.delta, accountant=privacy.accountant
+        )
+    if privacy.site_level:
+        # This round's event is ledgered with its round_aggregated entry, just after.
+        fields["site_level_epsilon"] = site_level_epsilon(
+            entries,
+            delta=privacy.delta,
+            accountant=privacy.accountant,
+            pending=[event_from_json(_site_dp_json(plan.config))],
+        )
+    return fields
 
 
 def _gold_fields(metrics: GoldMetrics) -> dict[str, Any]:
@@ -340,6 +379,7 @@ def run_federation(grid: Grid, plan: FederationPlan, *, resume: bool) -> Adapter
                 seed=config.run.seed,
                 round_number=round_number,
                 attempt=attempt,
+                secret=config.privacy.site_level,
             )
             replies = collect_round(
                 grid, plan, global_state, round_number=round_number, attempt=attempt, nodes=nodes
@@ -395,6 +435,7 @@ def run_federation(grid: Grid, plan: FederationPlan, *, resume: bool) -> Adapter
                 "sites": record["sites"],
                 "examples": record["examples"],
                 "strategy": strategy.name,
+                "site_dp_event": _site_dp_event(config),
             },
         )
         folder.save_checkpoint(

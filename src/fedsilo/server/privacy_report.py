@@ -35,3 +35,30 @@ def site_epsilons(
         site: compute_epsilon(events, delta=delta, accountant=accountant)
         for site, events in sorted(site_events(entries).items())
     }
+
+
+def site_level_events(entries: Sequence[Entry]) -> list[DpEvent]:
+    """The coordinator's site-level DP events, one per aggregated round, in ledger order."""
+    events: list[DpEvent] = []
+    for entry in entries:
+        if entry.kind is not EntryKind.ROUND_AGGREGATED:
+            continue
+        raw = entry.payload.get("site_dp_event")
+        if isinstance(raw, dict):
+            events.append(event_from_json(raw))
+    return events
+
+
+def site_level_epsilon(
+    entries: Sequence[Entry],
+    *,
+    delta: float,
+    accountant: AccountantName,
+    pending: Sequence[DpEvent] = (),
+) -> float:
+    """Epsilon of the released global adapter w.r.t. any one site's whole data.
+
+    ``pending`` are events of a round being aggregated, not yet in ``entries``.
+    """
+    events = [*site_level_events(entries), *pending]
+    return compute_epsilon(events, delta=delta, accountant=accountant)
