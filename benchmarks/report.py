@@ -46,6 +46,19 @@ def _throughput_section(result: dict[str, Any] | None) -> list[str]:
         + ", ".join(f"{v:.0f}" for v in result["tokens_per_s_fedsilo"])
         + " |",
         f"| **ratio** | **{_pct(result['ratio'])}** | |",
+        *(
+            [
+                f"| record-level DP-SGD (`train_local_dp`, noise 1, clip 1) | "
+                f"{result['median_dp_sgd']:.0f} | "
+                + ", ".join(f"{v:.0f}" for v in result["tokens_per_s_dp_sgd"])
+                + " |",
+                "",
+                f"DP-SGD costs {result['dp_sgd_slowdown_per_token']:.2f}x the non-private time per "
+                "token (goal: <= 1.2x).",
+            ]
+            if "median_dp_sgd" in result
+            else []
+        ),
         "",
         f"Measured {result['measured_at']} on {result['machine']['cpus']} CPU cores "
         f"(torch {result['torch']}); source: `benchmarks/results/throughput.json`.",
