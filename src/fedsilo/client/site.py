@@ -69,5 +69,6 @@ def load_model_with_adapter(config: FedsiloConfig) -> LoadedModel:
         dropout=lora.dropout,
         target_modules=lora.target_modules,
         init_seed=config.run.seed,
+        freeze_a=lora.ffa,
     )
     return LoadedModel(model, tokenizer, digest, get_adapter_state(model))

@@ -25,7 +25,10 @@ DEFAULT_TARGET_MODULES: tuple[str, ...] = (
 EngineName = Literal["inprocess", "ray"]
 StrategyName = Literal["fedavg", "fedprox", "fedadam"]
 PartitionName = Literal["by-chapter", "dirichlet"]
-TaskName = Literal["icd10", "files"]
+TaskName = Literal["icd10", "drug-review", "shakespeare", "files"]
+# How the gold set is scored (docs/benchmarks.md): "code" ICD-10-CM exact match and category,
+# "sentiment" rating class and adjacent class, "next-token" teacher-forced top-1 and top-5.
+MetricName = Literal["code", "sentiment", "next-token"]
 
 
 class Section(BaseModel):
@@ -63,6 +66,8 @@ class LoraSection(Section):
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
+    # FFA-LoRA: A frozen at the run seed's init, only B trained, sent and averaged (exact).
+    ffa: bool = False
 
     @model_validator(mode="after")
     def _targets_not_empty(self) -> LoraSection:
@@ -92,6 +97,9 @@ class TaskSection(Section):
     sites: tuple[SiteFilesSection, ...] = ()
     gold_path: Path | None = None
     system_prompt: str | None = None
+    # None: the task's own metric (icd10 and files: "code", drug-review: "sentiment",
+    # shakespeare: "next-token").
+    metric: MetricName | None = None
 
     @model_validator(mode="after")
     def _files_task_complete(self) -> TaskSection:

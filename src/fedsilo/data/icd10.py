@@ -22,6 +22,7 @@ from typing import Literal, TypeAlias
 
 import numpy as np
 
+from fedsilo.config.schema import MetricName
 from fedsilo.data.partition import partition_by_group, partition_dirichlet
 from fedsilo.data.records import ChatRecord, Record
 
@@ -107,6 +108,7 @@ class TaskData:
     system_prompt: str | None
     sites: tuple[SiteData, ...]
     gold: tuple[ChatRecord, ...]
+    metric: MetricName = "code"  # how the gold set is scored (fedsilo.evaluation.gold)
 
 
 def icd10_prompt(description: str) -> str:

@@ -1,16 +1,21 @@
 """Build a federation's datasets from the task section of a config.
 
-Two kinds of task: the built-in ICD-10-CM coding task (sites are hospital specialties made from
-the public code set), and "files", where each site's records and the gold set are files on disk.
+Built-in tasks from data shipped in installed packages: ICD-10-CM coding (sites are hospital
+specialties, or a Dirichlet split over chapters), drug-review sentiment (sites are clinics by
+condition) and Shakespeare next-line prediction (a site per play and role). And "files", where
+each site's records and the gold set are files on disk.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 from fedsilo.config import TaskSection
+from fedsilo.data.drug_review import build_drug_review_task
 from fedsilo.data.icd10 import SiteData, TaskData, build_icd10_task
 from fedsilo.data.records import ChatRecord, DataError, load_records
+from fedsilo.data.shakespeare import build_shakespeare_task
 
 
 def _icd10(task: TaskSection, seed: int) -> TaskData:
@@ -23,11 +28,7 @@ def _icd10(task: TaskSection, seed: int) -> TaskData:
         seed=seed,
         chapters=task.chapters,
     )
-    if task.system_prompt is None:
-        return built
-    return TaskData(
-        name=built.name, system_prompt=task.system_prompt, sites=built.sites, gold=built.gold
-    )
+    return built
 
 
 def _files(task: TaskSection, seed: int) -> TaskData:
@@ -52,12 +53,40 @@ def _files(task: TaskSection, seed: int) -> TaskData:
     )
 
 
+def _drug_review(task: TaskSection, seed: int) -> TaskData:
+    return build_drug_review_task(
+        num_sites=task.num_sites,
+        examples_per_site=task.examples_per_site,
+        gold_size=task.gold_size,
+        seed=seed,
+    )
+
+
+def _shakespeare(task: TaskSection, seed: int) -> TaskData:
+    return build_shakespeare_task(
+        num_sites=task.num_sites,
+        examples_per_site=task.examples_per_site,
+        gold_size=task.gold_size,
+        seed=seed,
+    )
+
+
 TASK_BUILDERS: dict[str, Callable[[TaskSection, int], TaskData]] = {
     "icd10": _icd10,
+    "drug-review": _drug_review,
+    "shakespeare": _shakespeare,
     "files": _files,
 }
 
 
 def build_task(task: TaskSection, *, seed: int) -> TaskData:
-    """Every site's records and the held-out gold set, deterministic for a seed."""
-    return TASK_BUILDERS[task.name](task, seed)
+    """Every site's records and the held-out gold set, deterministic for a seed.
+
+    ``task.system_prompt`` and ``task.metric``, when given, replace the task's own.
+    """
+    built = TASK_BUILDERS[task.name](task, seed)
+    if task.system_prompt is not None:
+        built = dataclasses.replace(built, system_prompt=task.system_prompt)
+    if task.metric is not None:
+        built = dataclasses.replace(built, metric=task.metric)
+    return built

@@ -1,4 +1,4 @@
-"""Gold-set evaluation at the server: greedy answers scored by exact match, plus the loss.
+"""Gold-set evaluation at the server: greedy answers scored by the task's metric, plus the loss.
 
 The gold set is held out from every site. Each answer is generated greedily from the same chat
 prompt a site trains on; the loss is the mean, over examples, of the per-token cross-entropy
@@ -8,15 +8,22 @@ on the reference answer (teacher forcing), so it is comparable across rounds.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import cast
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from fedsilo.config.schema import MetricName
 from fedsilo.data.batching import collate
 from fedsilo.data.encode import IGNORE_INDEX, encode_prompt, encode_record
 from fedsilo.data.records import ChatRecord
-from fedsilo.evaluation.metrics import GoldMetrics, summarize
+from fedsilo.evaluation.metrics import (
+    GoldMetrics,
+    summarize,
+    summarize_next_token,
+    summarize_sentiment,
+)
 
 
 def _left_padded(prompts: Sequence[Sequence[int]], *, pad_id: int) -> dict[str, torch.Tensor]:
@@ -64,8 +71,30 @@ def generate_answers(
     return answers
 
 
+@dataclass(frozen=True)
+class AnswerScores:
+    """Teacher-forced scores of the reference answers: per example loss, pooled token hits."""
+
+    losses: list[float]
+    top1_hits: int
+    top5_hits: int
+    tokens: int
+
+
+def token_hits(logits: torch.Tensor, targets: torch.Tensor, *, k: int) -> int:
+    """How many scored targets (not IGNORE_INDEX) are among the top-``k`` logits at their place.
+
+    ``logits`` is (batch, positions, vocab) and ``targets`` (batch, positions), already aligned
+    (``logits[:, t]`` predicts ``targets[:, t]``).
+    """
+    scored = targets != IGNORE_INDEX
+    top = logits.topk(min(k, logits.shape[-1]), dim=-1).indices
+    hit = (top == targets.unsqueeze(-1)).any(dim=-1) & scored
+    return int(hit.sum())
+
+
 @torch.no_grad()
-def answer_losses(
+def answer_scores(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     records: Sequence[ChatRecord],
@@ -73,10 +102,11 @@ def answer_losses(
     system_prompt: str | None,
     max_length: int,
     batch_size: int,
-) -> list[float]:
-    """Per-example mean cross-entropy of the reference answer given the prompt."""
+) -> AnswerScores:
+    """Per-example mean cross-entropy of the reference answer, and its top-1/top-5 hits."""
     pad_id = int(tokenizer.pad_token_id)
     losses: list[float] = []
+    top1 = top5 = tokens = 0
     for start in range(0, len(records), batch_size):
         examples = [
             encode_record(tokenizer, record, system_prompt=system_prompt, max_length=max_length)
@@ -94,7 +124,30 @@ def answer_losses(
         )
         counted = (targets != IGNORE_INDEX).sum(dim=1).clamp(min=1)
         losses.extend((token_loss.sum(dim=1) / counted).tolist())
-    return losses
+        top1 += token_hits(logits[:, :-1], targets, k=1)
+        top5 += token_hits(logits[:, :-1], targets, k=5)
+        tokens += int((targets != IGNORE_INDEX).sum())
+    return AnswerScores(losses, top1, top5, tokens)
+
+
+def answer_losses(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    records: Sequence[ChatRecord],
+    *,
+    system_prompt: str | None,
+    max_length: int,
+    batch_size: int,
+) -> list[float]:
+    """Per-example mean cross-entropy of the reference answer given the prompt."""
+    return answer_scores(
+        model,
+        tokenizer,
+        records,
+        system_prompt=system_prompt,
+        max_length=max_length,
+        batch_size=batch_size,
+    ).losses
 
 
 def evaluate_gold(
@@ -106,11 +159,30 @@ def evaluate_gold(
     max_new_tokens: int,
     batch_size: int,
     max_length: int,
+    metric: MetricName = "code",
 ) -> GoldMetrics:
-    """Exact-match accuracy, 3-character category accuracy and mean loss on ``gold``."""
+    """Score ``gold`` with ``metric``; every metric also reports the mean answer loss.
+
+    - ``"code"``: greedy answers; ICD-10-CM exact match and 3-character category match.
+    - ``"sentiment"``: greedy answers; rating-class match and adjacent-class match.
+    - ``"next-token"``: no generation; teacher-forced top-1 and top-5 next-token accuracy over
+      every token of the reference answers.
+    """
     was_training = model.training
     model.train(False)
     try:
+        if metric == "next-token":
+            scores = answer_scores(
+                model,
+                tokenizer,
+                gold,
+                system_prompt=system_prompt,
+                max_length=max_length,
+                batch_size=batch_size,
+            )
+            return summarize_next_token(
+                scores.top1_hits, scores.top5_hits, scores.tokens, scores.losses
+            )
         answers = generate_answers(
             model,
             tokenizer,
@@ -130,4 +202,5 @@ def evaluate_gold(
         )
     finally:
         model.train(was_training)
-    return summarize(answers, [record.response for record in gold], losses)
+    summary = summarize_sentiment if metric == "sentiment" else summarize
+    return summary(answers, [record.response for record in gold], losses)

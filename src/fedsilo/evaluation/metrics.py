@@ -98,3 +98,86 @@ def summarize(
         loss=math.fsum(losses) / count,
         count=count,
     )
+
+
+SENTIMENT_LABELS: tuple[str, ...] = ("negative", "neutral", "positive")  # in rating order
+
+
+def normalize_label(text: str) -> str:
+    """The label a generated answer names: its first word, lower-cased, punctuation gone."""
+    words = text.split()
+    return words[0].strip(_OUTER_PUNCTUATION).lower() if words else ""
+
+
+def sentiment_match(prediction: str, reference: str) -> bool:
+    """True if the answer names the reference rating class (case and punctuation ignored)."""
+    predicted = normalize_label(prediction)
+    return predicted in SENTIMENT_LABELS and predicted == normalize_label(reference)
+
+
+def sentiment_adjacent(prediction: str, reference: str) -> bool:
+    """True if the answer is a rating class at most one step from the reference.
+
+    Classes are ordered negative < neutral < positive, so only naming the opposite polarity
+    (or no class at all) fails: the lenient score for a 3-class ordinal rating.
+    """
+    predicted, expected = normalize_label(prediction), normalize_label(reference)
+    if predicted not in SENTIMENT_LABELS or expected not in SENTIMENT_LABELS:
+        return False
+    return abs(SENTIMENT_LABELS.index(predicted) - SENTIMENT_LABELS.index(expected)) <= 1
+
+
+def summarize_sentiment(
+    predictions: Sequence[str], references: Sequence[str], losses: Sequence[float]
+) -> GoldMetrics:
+    """Rating-class accuracy (``accuracy``) and adjacent-class accuracy (``category_accuracy``)."""
+    _check_aligned(predictions, references, losses)
+    count = len(references)
+    pairs = list(zip(predictions, references, strict=True))
+    return GoldMetrics(
+        accuracy=sum(sentiment_match(p, r) for p, r in pairs) / count,
+        category_accuracy=sum(sentiment_adjacent(p, r) for p, r in pairs) / count,
+        loss=math.fsum(losses) / count,
+        count=count,
+    )
+
+
+def summarize_next_token(
+    top1_hits: int, top5_hits: int, tokens: int, losses: Sequence[float]
+) -> GoldMetrics:
+    """Teacher-forced next-token accuracy over all reference tokens of the gold set.
+
+    ``accuracy`` is top-1 hits / tokens, ``category_accuracy`` top-5 hits / tokens (pooled over
+    tokens, as LEAF pools characters), ``loss`` the mean of the per-example losses.
+    """
+    if not losses or tokens <= 0:
+        raise ValueError("cannot summarize an empty gold set")
+    if not 0 <= top1_hits <= top5_hits <= tokens:
+        raise ValueError(f"need 0 <= top1 ({top1_hits}) <= top5 ({top5_hits}) <= tokens ({tokens})")
+    _check_finite(losses)
+    return GoldMetrics(
+        accuracy=top1_hits / tokens,
+        category_accuracy=top5_hits / tokens,
+        loss=math.fsum(losses) / len(losses),
+        count=len(losses),
+    )
+
+
+def _check_finite(losses: Sequence[float]) -> None:
+    for position, loss in enumerate(losses):
+        if not math.isfinite(loss):
+            raise ValueError(f"loss of gold example {position} is not finite: {loss}")
+
+
+def _check_aligned(
+    predictions: Sequence[str], references: Sequence[str], losses: Sequence[float]
+) -> None:
+    count = len(references)
+    if count == 0:
+        raise ValueError("cannot summarize an empty gold set")
+    if len(predictions) != count or len(losses) != count:
+        raise ValueError(
+            f"predictions, references and losses must have the same length, got "
+            f"{len(predictions)}, {count} and {len(losses)}"
+        )
+    _check_finite(losses)

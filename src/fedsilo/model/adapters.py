@@ -41,6 +41,7 @@ def attach_lora(
     dropout: float,
     target_modules: Sequence[str],
     init_seed: int,
+    freeze_a: bool = False,
 ) -> PeftModel:
     """Wrap ``model`` (in place) with a LoRA adapter on ``target_modules``.
 
@@ -48,6 +49,12 @@ def attach_lora(
     a generator seeded with ``init_seed``, in sorted parameter-name order, and each B is zero:
     every site and the server that use the same seed and shapes start from the same adapter.
     The global torch RNG is left as it was. Only LoRA parameters are trainable.
+
+    ``freeze_a`` gives FFA-LoRA (Sun et al. 2024, "Improving LoRA in Privacy-preserving
+    Federated Learning"): the A matrices stay at their seeded values and only B is trained.
+    Frozen tensors are not part of the adapter state (:func:`get_adapter_state`), so they are
+    never sent or averaged: every party rebuilds them from the shared seed. With A shared,
+    averaging the B matrices averages the weight updates ``B @ A`` exactly.
     """
     targets = list(target_modules)
     available = _linear_module_names(model)
@@ -76,15 +83,25 @@ def attach_lora(
     if not isinstance(peft_model, PeftModel):
         raise ModelError(f"peft did not return a PeftModel for {type(model).__name__}")
     _init_lora(peft_model, init_seed)
+    if freeze_a:
+        for name, param in peft_model.named_parameters():
+            if ".lora_A." in name:
+                param.requires_grad_(False)
     return peft_model
 
 
 def get_adapter_state(model: PeftModel) -> AdapterState:
-    """A detached fp32 CPU copy of the model's active LoRA tensors, sorted by name."""
+    """A detached fp32 CPU copy of the model's trainable LoRA tensors, sorted by name.
+
+    Frozen LoRA tensors (FFA-LoRA's A matrices) are left out: they are a function of the
+    shared init seed, not of any site's data, and never travel.
+    """
+    trainable = _trainable_parameters(model)
     state = get_peft_model_state_dict(model)
     return {
         name: tensor.detach().to(device="cpu", dtype=torch.float32).contiguous().clone()
         for name, tensor in sorted(state.items())
+        if name in trainable
     }
 
 
@@ -94,8 +111,9 @@ def set_adapter_state(model: PeftModel, state: AdapterState) -> None:
     Strict: the names and shapes must be exactly the model's, and every tensor must be finite
     fp32. Everything is checked before anything is copied, so a malformed update leaves the
     model untouched (ModelError listing every missing, unexpected or mismatched name).
+    Frozen LoRA tensors are not part of a state and are left as they are.
     """
-    params = _adapter_parameters(model)
+    params = _trainable_parameters(model)
     _check_state(state, {name: tuple(p.shape) for name, p in params.items()}, "adapter state")
     with torch.no_grad():
         for name, param in params.items():
@@ -142,10 +160,16 @@ def export_peft_folder(
     The folder (adapter_config.json and adapter_model.safetensors) takes the LoRA settings
     from ``model`` and records ``base_model_path`` as ``base_model_name_or_path``. It appears
     atomically. An existing ``out_dir`` is an error (FileExistsError) unless ``replace`` is
-    true, in which case it is swapped for the new folder in one step.
+    true, in which case it is swapped for the new folder in one step. Frozen LoRA tensors
+    (FFA-LoRA's A) are taken from ``model``, so the folder holds the whole adapter.
     """
-    params = _adapter_parameters(model)
-    _check_state(state, {name: tuple(p.shape) for name, p in params.items()}, "adapter state")
+    trainable = _trainable_parameters(model)
+    _check_state(state, {name: tuple(p.shape) for name, p in trainable.items()}, "adapter state")
+    frozen = {
+        name: param.detach().to(device="cpu", dtype=torch.float32)
+        for name, param in _adapter_parameters(model).items()
+        if name not in trainable
+    }
     config = copy.deepcopy(model.peft_config[model.active_adapter])
     config.base_model_name_or_path = base_model_path
     config.inference_mode = True
@@ -154,7 +178,8 @@ def export_peft_folder(
         # Sets have no stable order across processes; a sorted list keeps the file reproducible.
         if isinstance(value, set):
             settings[key] = sorted(value)
-    weights = {name: state[name].detach().contiguous() for name in sorted(state)}
+    full = {**frozen, **state}
+    weights = {name: full[name].detach().contiguous() for name in sorted(full)}
     with atomic_folder(Path(out_dir), replace=replace) as tmp:
         write_bytes_atomic(
             tmp / _ADAPTER_CONFIG,
@@ -197,6 +222,11 @@ def _adapter_parameters(model: PeftModel) -> dict[str, nn.Parameter]:
             f"{sorted(set(params) ^ expected)[:5]}"
         )
     return dict(sorted(params.items()))
+
+
+def _trainable_parameters(model: PeftModel) -> dict[str, nn.Parameter]:
+    """The adapter parameters that training changes: what an adapter state holds."""
+    return {name: p for name, p in _adapter_parameters(model).items() if p.requires_grad}
 
 
 def _check_state(

@@ -145,6 +145,7 @@ def _execute(grid: Grid, job: ServerJob, folder: RunFolder) -> AdapterState:
             max_new_tokens=config.evaluation.max_new_tokens,
             batch_size=config.evaluation.batch_size,
             max_length=config.train.max_length,
+            metric=task.metric,
         )
 
     membership = job.membership

@@ -1,0 +1,89 @@
+"""Sentiment and next-token gold metrics on hand-made cases."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedsilo.data.encode import IGNORE_INDEX
+from fedsilo.evaluation.gold import token_hits
+from fedsilo.evaluation.metrics import (
+    normalize_label,
+    sentiment_adjacent,
+    sentiment_match,
+    summarize_next_token,
+    summarize_sentiment,
+)
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        ("Positive.", "positive"),
+        ("  negative, clearly", "negative"),
+        ("", ""),
+        ('"neutral"', "neutral"),
+    ],
+)
+def test_normalize_label(answer: str, expected: str) -> None:
+    assert normalize_label(answer) == expected
+
+
+@pytest.mark.parametrize(
+    ("answer", "reference", "exact", "adjacent"),
+    [
+        ("positive", "positive", True, True),
+        ("Neutral.", "positive", False, True),
+        ("neutral", "negative", False, True),
+        ("negative", "positive", False, False),
+        ("great", "positive", False, False),
+        ("", "neutral", False, False),
+    ],
+)
+def test_sentiment_match_and_adjacent(
+    answer: str, reference: str, exact: bool, adjacent: bool
+) -> None:
+    assert sentiment_match(answer, reference) is exact
+    assert sentiment_adjacent(answer, reference) is adjacent
+
+
+def test_summarize_sentiment_counts_each_kind() -> None:
+    metrics = summarize_sentiment(
+        ["positive", "neutral", "negative", "x"],
+        ["positive", "positive", "positive", "neutral"],
+        [1.0, 2.0, 3.0, 4.0],
+    )
+
+    assert (metrics.accuracy, metrics.category_accuracy) == (0.25, 0.5)
+    assert metrics.loss == 2.5 and metrics.count == 4
+
+
+def test_summarize_sentiment_refuses_misaligned_input() -> None:
+    with pytest.raises(ValueError, match="same length"):
+        summarize_sentiment(["positive"], ["positive", "neutral"], [1.0, 1.0])
+
+
+def test_token_hits_top1_and_top5_skip_ignored_positions() -> None:
+    # vocab of 6; row 0 predicts token 2 best, then 1; target 1 is second best.
+    logits = torch.tensor([[[0.0, 5.0, 9.0, 1.0, 2.0, 3.0], [9.0, 0.0, 0.0, 0.0, 0.0, 0.0]]])
+    targets = torch.tensor([[1, IGNORE_INDEX]])
+
+    assert token_hits(logits, targets, k=1) == 0
+    assert token_hits(logits, targets, k=2) == 1
+    assert token_hits(logits, targets, k=5) == 1
+
+
+def test_summarize_next_token_pools_over_tokens() -> None:
+    metrics = summarize_next_token(3, 7, 10, [0.5, 1.5])
+
+    assert (metrics.accuracy, metrics.category_accuracy, metrics.loss, metrics.count) == (
+        0.3,
+        0.7,
+        1.0,
+        2,
+    )
+
+
+def test_summarize_next_token_refuses_impossible_counts() -> None:
+    with pytest.raises(ValueError, match="top1"):
+        summarize_next_token(5, 3, 10, [1.0])
