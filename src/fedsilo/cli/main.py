@@ -45,6 +45,10 @@ def _run(config: FedsiloConfig, *, out: Path, resume: bool) -> int:
         f"{config.model.base} -> {out}"
     )
     simulate(SimulationRequest(config=config, run_dir=out, resume=resume, reporter=reporter))
+    if config.clusters.method != "none":
+        for expert in sorted((out / "experts").iterdir()):
+            reporter.console.print(f"expert {expert.name}: {expert}")
+        return 0
     reporter.summary(RunFolder(out).read_metrics())
     reporter.console.print(f"final adapter: {RunFolder(out).final_dir}")
     return 0
@@ -170,6 +174,49 @@ def cmd_privacy(args: argparse.Namespace) -> int:
     return 0 if all_match else 1
 
 
+def cmd_transfer_set(args: argparse.Namespace) -> int:
+    from fedsilo.distill.transfer import build_transfer_for_run, write_transfer
+
+    records = build_transfer_for_run(args.run, per_expert=args.per_expert, seed=args.seed)
+    write_transfer(records, args.out)
+    experts = sorted({record.expert or "" for record in records})
+    print(f"wrote {len(records)} public transfer records for experts {experts} to {args.out}")
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    import torch
+
+    from fedsilo.distill.run import DistillSettings, distill
+
+    torch.set_num_threads(args.threads)
+    settings = DistillSettings(
+        temperature=args.temperature,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        max_length=args.max_length,
+        seed=args.seed,
+        router=args.router,
+    )
+    result = distill(
+        args.experts,
+        args.transfer,
+        args.out,
+        settings=settings,
+        base=args.base,
+        system_prompt=args.system_prompt,
+        coordinator_key=args.coordinator_key,
+    )
+    routed = ", ".join(f"{name}: {count}" for name, count in sorted(result.routed.items()))
+    print(
+        f"distilled {len(result.experts)} experts into {args.out / 'final'} "
+        f"(transfer examples per expert: {routed}); distillation loss "
+        f"{result.kl_before:.4f} -> {result.kl_after:.4f}"
+    )
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedsilo", description="Federated LoRA fine-tuning across data silos, on Flower."
@@ -202,6 +249,32 @@ def _parser() -> argparse.ArgumentParser:
     privacy = commands.add_parser("privacy", help="recompute each site's epsilon from the ledger")
     privacy.add_argument("run", type=Path)
     privacy.set_defaults(handler=cmd_privacy)
+
+    transfer = commands.add_parser(
+        "transfer-set", help="public ICD-10-CM transfer records for a clustered run's experts"
+    )
+    transfer.add_argument("run", type=Path, help="a clustered run folder (with experts/)")
+    transfer.add_argument("--per-expert", type=int, default=64)
+    transfer.add_argument("--seed", type=int, default=0)
+    transfer.add_argument("--out", type=Path, required=True, help="the JSONL file to write")
+    transfer.set_defaults(handler=cmd_transfer_set)
+
+    dist = commands.add_parser("distill", help="distill expert adapters into one master adapter")
+    dist.add_argument("--experts", type=Path, required=True, help="folder of expert adapters")
+    dist.add_argument("--transfer", type=Path, required=True, help="transfer set (JSONL)")
+    dist.add_argument("--out", type=Path, required=True, help="output folder")
+    dist.add_argument("--temperature", type=float, default=2.0)
+    dist.add_argument("--steps", type=int, default=64)
+    dist.add_argument("--batch-size", type=int, default=4)
+    dist.add_argument("--learning-rate", type=float, default=1e-3)
+    dist.add_argument("--max-length", type=int, default=96)
+    dist.add_argument("--seed", type=int, default=0)
+    dist.add_argument("--router", choices=["label", "best-expert"], default="label")
+    dist.add_argument("--base", help="base model (default: the one the experts name)")
+    dist.add_argument("--system-prompt", help="default: the one the experts were trained with")
+    dist.add_argument("--coordinator-key", type=Path, help="signs the ledger (default: the run's)")
+    dist.add_argument("--threads", type=int, default=1, help="torch threads")
+    dist.set_defaults(handler=cmd_distill)
 
     keys = commands.add_parser("keys", help="site identity keys").add_subparsers(
         dest="keys_command", required=True

@@ -10,6 +10,7 @@ from fedsilo.config.load import (
 )
 from fedsilo.config.schema import (
     DEFAULT_TARGET_MODULES,
+    ClustersSection,
     EvaluationSection,
     FederationSection,
     FedsiloConfig,
@@ -24,6 +25,7 @@ from fedsilo.config.schema import (
 
 __all__ = [
     "DEFAULT_TARGET_MODULES",
+    "ClustersSection",
     "ConfigError",
     "EvaluationSection",
     "FederationSection",

@@ -7,6 +7,7 @@ a refusal.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -29,6 +30,7 @@ TaskName = Literal["icd10", "drug-review", "shakespeare", "files"]
 # How the gold set is scored (docs/benchmarks.md): "code" ICD-10-CM exact match and category,
 # "sentiment" rating class and adjacent class, "next-token" teacher-forced top-1 and top-5.
 MetricName = Literal["code", "sentiment", "next-token"]
+ClusterMethod = Literal["none", "groups", "site", "update-cosine"]
 
 
 class Section(BaseModel):
@@ -100,6 +102,9 @@ class TaskSection(Section):
     # None: the task's own metric (icd10 and files: "code", drug-review: "sentiment",
     # shakespeare: "next-token").
     metric: MetricName | None = None
+    # Keep only these sites of the task (a cluster's federation, see [clusters]); with the
+    # ICD-10 task the gold set keeps only the chapters these sites hold.
+    only_sites: tuple[str, ...] = ()
 
     @model_validator(mode="after")
     def _files_task_complete(self) -> TaskSection:
@@ -111,6 +116,37 @@ class TaskSection(Section):
             names = [site.name for site in self.sites]
             if len(set(names)) != len(names):
                 raise ValueError(f"site names must be unique, got {names}")
+        return self
+
+
+class ClustersSection(Section):
+    """Clustered federations: one expert adapter per group of sites (docs/distillation.md).
+
+    ``method`` "groups": ``groups`` maps each cluster name to its sites (every site in exactly
+    one); "site": every site is its own cluster; "update-cosine": sites are grouped into
+    ``count`` clusters by the cosine similarity of their first-round updates (average-linkage
+    agglomeration, deterministic).
+    """
+
+    method: ClusterMethod = "none"
+    groups: dict[str, tuple[str, ...]] = Field(default_factory=dict)
+    count: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _groups_given(self) -> ClustersSection:
+        if self.method == "groups" and not self.groups:
+            raise ValueError('method "groups" needs [clusters.groups] NAME = ["site", ...]')
+        if self.method != "groups" and self.groups:
+            raise ValueError(f'groups are only read with method "groups", not {self.method!r}')
+        for name, sites in self.groups.items():
+            if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", name):
+                raise ValueError(f"cluster name {name!r}: use letters, digits, '.', '_', '-'")
+            if not sites:
+                raise ValueError(f"cluster {name!r} lists no sites")
+        listed = [site for sites in self.groups.values() for site in sites]
+        repeated = sorted({site for site in listed if listed.count(site) > 1})
+        if repeated:
+            raise ValueError(f"sites {repeated} are in more than one cluster")
         return self
 
 
@@ -220,10 +256,13 @@ class FedsiloConfig(Section):
     strategy: StrategySection = StrategySection()
     evaluation: EvaluationSection = EvaluationSection()
     privacy: PrivacySection = PrivacySection()
+    clusters: ClustersSection = ClustersSection()
 
     @model_validator(mode="after")
     def _cohort_fits(self) -> FedsiloConfig:
-        num_sites = len(self.task.sites) if self.task.name == "files" else self.task.num_sites
+        if self.clusters.method != "none":
+            return self  # each cluster's federation is checked when it is formed
+        num_sites = self.num_sites
         per_round = self.strategy.sites_per_round or num_sites
         if per_round > num_sites:
             raise ValueError(
@@ -239,4 +278,6 @@ class FedsiloConfig(Section):
     @property
     def num_sites(self) -> int:
         """Number of sites in the federation."""
+        if self.task.only_sites:
+            return len(self.task.only_sites)
         return len(self.task.sites) if self.task.name == "files" else self.task.num_sites

@@ -144,6 +144,16 @@ def _all_leaf_codes() -> tuple[IcdCode, ...]:
     return tuple(codes[code] for code in sorted(codes, key=lambda c: c.replace(".", "")))
 
 
+@functools.cache
+def _chapters_by_code() -> dict[str, str]:
+    return {code.code: code.chapter for code in _all_leaf_codes()}
+
+
+def chapter_of_code(code: str) -> str | None:
+    """The chapter ("1" to "22") of a billable code such as "E11.9", None if it is not one."""
+    return _chapters_by_code().get(code)
+
+
 def load_icd10_codes() -> list[IcdCode]:
     """All billable (leaf) ICD-10-CM codes, sorted by code; read once per process."""
     return list(_all_leaf_codes())

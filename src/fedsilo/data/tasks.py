@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from fedsilo.config import TaskSection
 from fedsilo.data.drug_review import build_drug_review_task
-from fedsilo.data.icd10 import SiteData, TaskData, build_icd10_task
+from fedsilo.data.icd10 import SiteData, TaskData, build_icd10_task, chapter_of_code
 from fedsilo.data.records import ChatRecord, DataError, load_records
 from fedsilo.data.shakespeare import build_shakespeare_task
 
@@ -82,11 +82,37 @@ TASK_BUILDERS: dict[str, Callable[[TaskSection, int], TaskData]] = {
 def build_task(task: TaskSection, *, seed: int) -> TaskData:
     """Every site's records and the held-out gold set, deterministic for a seed.
 
-    ``task.system_prompt`` and ``task.metric``, when given, replace the task's own.
+    ``task.system_prompt`` and ``task.metric``, when given, replace the task's own. With
+    ``task.only_sites`` only those sites are kept (in the task's order); for the ICD-10 task
+    the gold set then keeps only the codes of the chapters those sites hold, so a cluster's
+    expert is scored on its own domain.
     """
     built = TASK_BUILDERS[task.name](task, seed)
     if task.system_prompt is not None:
         built = dataclasses.replace(built, system_prompt=task.system_prompt)
     if task.metric is not None:
         built = dataclasses.replace(built, metric=task.metric)
+    if task.only_sites:
+        built = restrict_to_sites(built, task.only_sites)
     return built
+
+
+def restrict_to_sites(data: TaskData, names: tuple[str, ...]) -> TaskData:
+    """``data`` with only the sites ``names`` (ValueError naming any unknown site)."""
+    known = [site.name for site in data.sites]
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        raise ValueError(f"task.only_sites names {unknown}, not sites of this task: {known}")
+    sites = tuple(site for site in data.sites if site.name in names)
+    gold = data.gold
+    if data.name == "icd10":
+        chapters = {
+            chapter_of_code(record.response)
+            for site in sites
+            for record in site.records
+            if isinstance(record, ChatRecord)
+        }
+        gold = tuple(record for record in data.gold if chapter_of_code(record.response) in chapters)
+    if not gold:
+        raise ValueError(f"sites {list(names)} keep no gold record of their own domain")
+    return dataclasses.replace(data, sites=sites, gold=gold)

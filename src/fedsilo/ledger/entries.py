@@ -76,6 +76,10 @@ class EntryKind(StrEnum):
     ROUND_AGGREGATED = "round_aggregated"
     ROUND_FAILED = "round_failed"
     RUN_FINISHED = "run_finished"
+    # Provenance of clustered runs and distilled adapters (docs/distillation.md).
+    CLUSTERS_ASSIGNED = "clusters_assigned"
+    EXPERT_FINISHED = "expert_finished"
+    DISTILL_SOURCES = "distill_sources"
 
 
 @dataclass(frozen=True)

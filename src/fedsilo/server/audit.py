@@ -26,6 +26,7 @@ from fedsilo.crypto import (
 )
 from fedsilo.ledger import Entry, EntryKind, ExtraCheck, VerifyProblem, VerifyReport, verify_ledger
 from fedsilo.report import ReportData, RoundRow, SiteRow, UpdateRow
+from fedsilo.server.lineage import lineage_matches_ledger
 from fedsilo.server.membership import load_membership
 from fedsilo.server.run_folder import RunFolder
 
@@ -160,8 +161,14 @@ def verify_run(
         extra_checks=(
             checkpoints_match_ledger(folder),
             receipts_match_ledger(receipt_files, trusted),
+            lineage_matches_ledger(folder, trusted, _verify_nested),
         ),
     )
+
+
+def _verify_nested(run_dir: Path, coordinator_key: PublicKey) -> VerifyReport:
+    # A cluster's run or a distillation's source run, under the key the auditor trusts.
+    return verify_run(run_dir, coordinator_key=coordinator_key)
 
 
 def describe(report: VerifyReport) -> str:

@@ -92,5 +92,27 @@ def simulate(request: SimulationRequest) -> None:
     """Run ``request`` on the engine its config names, with torch pinned to its thread budget."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.set_num_threads(request.config.run.torch_threads)
+    if request.config.clusters.method != "none":
+        _simulate_clustered(request)
+        return
     job = prepare_job(request)
     ENGINES[request.config.run.engine](job)
+
+
+def _simulate_clustered(request: SimulationRequest) -> None:
+    """One federation per cluster (fedsilo.simulation.clustered), each on the configured engine."""
+    from fedsilo.config import ConfigError
+    from fedsilo.simulation.clustered import simulate_clustered
+
+    if request.resume:
+        raise ConfigError(
+            f"{request.run_dir}: a clustered run cannot be resumed as a whole; resume the "
+            "cluster that stopped (RUN/clusters/NAME) with its own config.toml"
+        )
+
+    def run_cluster(config: FedsiloConfig, run_dir: Path) -> None:
+        simulate(SimulationRequest(config, run_dir, resume=False, reporter=request.reporter))
+
+    simulate_clustered(
+        request.config, run_dir=request.run_dir, reporter=request.reporter, run_cluster=run_cluster
+    )
