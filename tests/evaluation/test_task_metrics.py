@@ -6,8 +6,12 @@ import pytest
 import torch
 
 from fedsilo.data.encode import IGNORE_INDEX
+from fedsilo.data.icd10_edge import EdgeCaseSet
+from fedsilo.data.records import ChatRecord
+from fedsilo.evaluation.edge_cases import score_edge_answers
 from fedsilo.evaluation.gold import token_hits
 from fedsilo.evaluation.metrics import (
+    looks_like_code,
     normalize_label,
     sentiment_adjacent,
     sentiment_match,
@@ -87,3 +91,25 @@ def test_summarize_next_token_pools_over_tokens() -> None:
 def test_summarize_next_token_refuses_impossible_counts() -> None:
     with pytest.raises(ValueError, match="top1"):
         summarize_next_token(5, 3, 10, [1.0])
+
+
+@pytest.mark.parametrize(
+    ("answer", "shaped"),
+    [("E11.9", True), ("s72.001a", True), ("I10", True), ("OK", False), ("", False), ("E1", False)],
+)
+def test_looks_like_code(answer: str, shaped: bool) -> None:
+    assert looks_like_code(answer) is shaped
+
+
+def test_edge_scores_per_scoring_kind() -> None:
+    coded = EdgeCaseSet("rare-code", "code", (ChatRecord("p", "E11.9"), ChatRecord("q", "I10")))
+    shaped = EdgeCaseSet("empty", "code-shaped", (ChatRecord("", ""), ChatRecord(" ", "")))
+
+    coded_score = score_edge_answers(coded, ["E11.65", "I10"])
+    shaped_score = score_edge_answers(shaped, ["E11.9", "I do not know"])
+
+    assert (coded_score.accuracy, coded_score.category_accuracy) == (0.5, 1.0)
+    assert coded_score.code_shaped_rate == 1.0
+    assert (shaped_score.accuracy, shaped_score.code_shaped_rate) == (None, 0.5)
+    with pytest.raises(ValueError, match="answers"):
+        score_edge_answers(coded, ["E11.9"])

@@ -217,6 +217,80 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_quality(args: argparse.Namespace) -> int:
+    from fedsilo.bench.quality import QualityRequest, run_quality_benchmark
+    from fedsilo.bench.settings import ALL_ALGORITHMS, QualityBudget
+
+    defaults = QualityBudget()
+    budget = QualityBudget(
+        num_sites=args.sites,
+        rounds=args.rounds,
+        local_steps=args.local_steps,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        examples_per_site=args.examples_per_site,
+        gold_size=args.gold_size,
+        lora_rank=args.lora_rank,
+        proximal_mus=tuple(args.mu) if args.mu else defaults.proximal_mus,
+        seed=args.seed,
+    )
+    algorithms = tuple(args.algorithms.split(",")) if args.algorithms else ALL_ALGORITHMS
+    out = args.out or Path("runs") / time.strftime(f"quality-{args.task}-%Y%m%d-%H%M%S")
+    results = args.results or Path("benchmarks") / "results" / f"quality-{args.task}.json"
+    run_quality_benchmark(
+        QualityRequest(
+            task=args.task,
+            model=args.model,
+            out_dir=out,
+            results_path=results,
+            budget=budget,
+            algorithms=algorithms,
+            edge_cases=not args.no_edge_cases,
+            say=lambda line: print(line, flush=True),
+        )
+    )
+    return 0
+
+
+def _add_bench(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from fedsilo.bench.settings import TASK_PRESETS, QualityBudget
+
+    defaults = QualityBudget()
+    bench = commands.add_parser("bench", help="quality benchmarks").add_subparsers(
+        dest="bench_command", required=True
+    )
+    quality = bench.add_parser(
+        "quality", help="federated vs centralized vs local-only training on one task"
+    )
+    quality.add_argument("--task", required=True, choices=sorted(TASK_PRESETS))
+    quality.add_argument("--model", default="smollm2-135m-instruct", help="base model")
+    quality.add_argument("--out", type=Path, help="folder for the runs (default: runs/...)")
+    quality.add_argument(
+        "--results", type=Path, help="results JSON (default: benchmarks/results/quality-T.json)"
+    )
+    quality.add_argument(
+        "--algorithms",
+        help="comma-separated subset of centralized,local,fedavg,fedprox,"
+        "fedadam,ffa-lora (default: all)",
+    )
+    quality.add_argument("--mu", type=float, action="append", help="FedProx mu (repeatable)")
+    quality.add_argument("--no-edge-cases", action="store_true", help="skip the ICD-10 edge cases")
+    for flag, field_name, kind in (
+        ("sites", "num_sites", int),
+        ("rounds", "rounds", int),
+        ("local-steps", "local_steps", int),
+        ("batch-size", "batch_size", int),
+        ("learning-rate", "learning_rate", float),
+        ("examples-per-site", "examples_per_site", int),
+        ("gold-size", "gold_size", int),
+        ("lora-rank", "lora_rank", int),
+        ("seed", "seed", int),
+    ):
+        default = getattr(defaults, field_name)
+        quality.add_argument(f"--{flag}", type=kind, default=default, help=f"default {default}")
+    quality.set_defaults(handler=cmd_bench_quality)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedsilo", description="Federated LoRA fine-tuning across data silos, on Flower."
@@ -302,6 +376,7 @@ def _parser() -> argparse.ArgumentParser:
         if name == "report":
             command.add_argument("--out", type=Path, required=True)
         command.set_defaults(handler=handler)
+    _add_bench(commands)
     return parser
 
 

@@ -9,6 +9,7 @@ right diagnosis and counts as correct.
 from __future__ import annotations
 
 import math
+import re
 import string
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -181,3 +182,12 @@ def _check_aligned(
             f"{len(predictions)}, {count} and {len(losses)}"
         )
     _check_finite(losses)
+
+
+# A letter, a digit, a digit or letter, then optionally a dot and 1-4 more: E11.9, S72.001A.
+_CODE_SHAPE = re.compile(r"^[A-Z][0-9][0-9A-Z](\.[0-9A-Z]{1,4})?$")
+
+
+def looks_like_code(text: str) -> bool:
+    """True if the answer's first word has the shape of an ICD-10-CM code (valid or not)."""
+    return bool(_CODE_SHAPE.match(normalize_code(text)))

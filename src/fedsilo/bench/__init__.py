@@ -1,0 +1,1 @@
+"""Benchmarks run by `fedsilo bench`: federated against centralized and local-only training."""

@@ -1,0 +1,444 @@
+"""Federated against centralized and local-only training, at one budget, on one task.
+
+``run_quality_benchmark`` trains the same LoRA adapter on the same examples in every way the
+issue asks for, and scores each on the task's gold set after every round:
+
+- ``centralized``: all sites' examples pooled in one place; ``rounds`` rounds of
+  ``num_sites * local_steps`` steps, so it sees exactly the examples and takes exactly the
+  optimizer steps that the whole federation does.
+- ``local``: every site alone, ``rounds`` rounds of ``local_steps`` steps on its own examples
+  (the budget each site spends in the federation); scored after the last round only, to save
+  compute, and reported as the mean and the worst site.
+- ``fedavg``, ``fedprox-mu<mu>`` (one per mu of the grid), ``fedadam``, ``ffa-lora`` (FedAvg
+  with A frozen): the real federation (ServerApp, ClientApp, signatures, ledger) simulated
+  in-process, each in its own run folder.
+
+Centralized and local-only use the same training loop the sites use (``train_local``) and
+the same gold evaluation as the server. Every configuration starts from the same seeded
+adapter. The ICD-10 tasks also score each final adapter on the edge-case sets.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import resource
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedsilo.bench.settings import (
+    ALL_ALGORITHMS,
+    LENGTHS,
+    METRIC_MEANING,
+    TASK_PRESETS,
+    QualityBudget,
+)
+from fedsilo.client.site import LoadedModel, load_model_with_adapter
+from fedsilo.client.train import train_local
+from fedsilo.config import FedsiloConfig, parse_config
+from fedsilo.data.encode import Example, encode_records
+from fedsilo.data.icd10 import TaskData, default_chapters
+from fedsilo.data.icd10_edge import build_icd10_edge_cases
+from fedsilo.data.tasks import build_task
+from fedsilo.evaluation.edge_cases import evaluate_edge_cases
+from fedsilo.evaluation.gold import evaluate_gold
+from fedsilo.evaluation.metrics import GoldMetrics
+from fedsilo.model.adapters import AdapterState, set_adapter_state
+from fedsilo.server.run_folder import RunFolder
+from fedsilo.simulation.engines import SimulationRequest, simulate
+from fedsilo.storage import write_text_atomic
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class QualityRequest:
+    """What to benchmark, with what, and where to write."""
+
+    task: str
+    model: str
+    out_dir: Path
+    results_path: Path
+    budget: QualityBudget = field(default_factory=QualityBudget)
+    algorithms: tuple[str, ...] = ALL_ALGORITHMS
+    edge_cases: bool = True
+    say: Callable[[str], None] = print
+
+
+class _QuietReporter:
+    """Progress of one simulated federation, one line per round."""
+
+    def __init__(self, label: str, say: Callable[[str], None]) -> None:
+        self.label, self.say = label, say
+
+    def round_done(self, record: dict[str, Any], *, total_rounds: int) -> None:
+        self.say(
+            f"{self.label}: round {record['round']}/{total_rounds} gold "
+            f"{record['gold_accuracy']:.3f} / {record['gold_category_accuracy']:.3f} "
+            f"loss {record['gold_loss']:.3f} ({record['seconds']:.0f} s)"
+        )
+
+    def notice(self, text: str) -> None:
+        self.say(f"{self.label}: {text}")
+
+
+def _gold_row(metrics: GoldMetrics) -> dict[str, float]:
+    return {
+        "gold_accuracy": metrics.accuracy,
+        "gold_category_accuracy": metrics.category_accuracy,
+        "gold_loss": metrics.loss,
+    }
+
+
+def base_config(request: QualityRequest) -> FedsiloConfig:
+    """The federation every algorithm is derived from (FedAvg, plain LoRA)."""
+    if request.task not in TASK_PRESETS:
+        raise ValueError(f"unknown task {request.task!r}; choose one of {sorted(TASK_PRESETS)}")
+    budget = request.budget
+    task = dict(TASK_PRESETS[request.task])
+    length, new_tokens = LENGTHS[task["name"]]
+    task.update(
+        num_sites=budget.num_sites,
+        examples_per_site=budget.examples_per_site,
+        gold_size=budget.gold_size,
+    )
+    return parse_config(
+        {
+            "run": {
+                "name": f"quality-{request.task}",
+                "seed": budget.seed,
+                "rounds": budget.rounds,
+            },
+            "model": {"base": request.model},
+            "lora": {"rank": budget.lora_rank, "alpha": 2.0 * budget.lora_rank},
+            "task": task,
+            "train": {
+                "local_steps": budget.local_steps,
+                "batch_size": budget.batch_size,
+                "learning_rate": budget.learning_rate,
+                "max_length": budget.max_length or length,
+            },
+            "strategy": {
+                "name": "fedavg",
+                "min_sites": budget.num_sites,
+                "server_learning_rate": budget.server_learning_rate,
+            },
+            "evaluation": {"max_new_tokens": budget.max_new_tokens or new_tokens},
+        },
+        source=f"quality benchmark {request.task}",
+    )
+
+
+def federated_configs(config: FedsiloConfig, budget: QualityBudget) -> dict[str, FedsiloConfig]:
+    """One config per federated algorithm: the FedProx grid expands to one run per mu."""
+
+    def variant(strategy: dict[str, Any], lora: dict[str, Any] | None = None) -> FedsiloConfig:
+        return config.model_copy(
+            update={
+                "strategy": config.strategy.model_copy(update=strategy),
+                "lora": config.lora.model_copy(update=lora or {}),
+            }
+        )
+
+    configs = {"fedavg": variant({"name": "fedavg"})}
+    for mu in budget.proximal_mus:
+        configs[f"fedprox-mu{mu:g}"] = variant({"name": "fedprox", "proximal_mu": mu})
+    configs["fedadam"] = variant({"name": "fedadam"})
+    configs["ffa-lora"] = variant({"name": "fedavg"}, {"ffa": True})
+    return configs
+
+
+def _round_seed(seed: int, round_number: int, site: int) -> int:
+    return int(np.random.SeedSequence([seed, round_number, site, 0xBE]).generate_state(1)[0])
+
+
+class _Trainer:
+    """Centralized and local-only training with the sites' loop, evaluated like the server."""
+
+    def __init__(self, config: FedsiloConfig, task: TaskData) -> None:
+        self.config = config
+        self.task = task
+        self.loaded: LoadedModel = load_model_with_adapter(config)
+        tokenizer = self.loaded.tokenizer
+        self.examples = [
+            encode_records(
+                tokenizer,
+                site.records,
+                system_prompt=task.system_prompt,
+                max_length=config.train.max_length,
+                source=f"site {site.name}",
+            )
+            for site in task.sites
+        ]
+
+    def evaluate(self, adapter: AdapterState) -> GoldMetrics:
+        set_adapter_state(self.loaded.model, adapter)
+        return evaluate_gold(
+            self.loaded.model,
+            self.loaded.tokenizer,
+            self.task.gold,
+            system_prompt=self.task.system_prompt,
+            max_new_tokens=self.config.evaluation.max_new_tokens,
+            batch_size=self.config.evaluation.batch_size,
+            max_length=self.config.train.max_length,
+            metric=self.task.metric,
+        )
+
+    def train_round(
+        self, state: AdapterState, examples: Sequence[Example], *, steps: int, seed: int
+    ) -> AdapterState:
+        train = self.config.train
+        result = train_local(
+            self.loaded.model,
+            examples,
+            global_state=state,
+            steps=steps,
+            batch_size=train.batch_size,
+            learning_rate=train.learning_rate,
+            proximal_mu=0.0,
+            max_grad_norm=train.max_grad_norm,
+            pad_id=int(self.loaded.tokenizer.pad_token_id),
+            seed=seed,
+        )
+        return {name: state[name] + result.delta[name] for name in state}
+
+
+def _centralized(
+    trainer: _Trainer, say: Callable[[str], None]
+) -> tuple[dict[str, Any], AdapterState]:
+    config = trainer.config
+    pooled = [example for site in trainer.examples for example in site]
+    steps = config.num_sites * config.train.local_steps
+    state = trainer.loaded.adapter_template
+    rows = []
+    for round_number in range(1, config.run.rounds + 1):
+        started = time.perf_counter()
+        state = trainer.train_round(
+            state, pooled, steps=steps, seed=_round_seed(config.run.seed, round_number, 0)
+        )
+        row = {"round": round_number, **_gold_row(trainer.evaluate(state))}
+        row["seconds"] = time.perf_counter() - started
+        rows.append(row)
+        say(
+            f"centralized: round {round_number} gold {row['gold_accuracy']:.3f} / "
+            f"{row['gold_category_accuracy']:.3f} loss {row['gold_loss']:.3f}"
+        )
+    record_bytes = [
+        sum(len(json.dumps(asdict(r)).encode()) for r in site.records)
+        for site in trainer.task.sites
+    ]
+    result = {
+        "per_round": rows,
+        "optimizer_steps": steps * config.run.rounds,
+        "examples_seen": steps * config.run.rounds * config.train.batch_size,
+        "bytes_up_per_site": 0,
+        "raw_record_bytes_moved_per_site": max(record_bytes),
+    }
+    return result, state
+
+
+def _local(trainer: _Trainer, say: Callable[[str], None]) -> dict[str, Any]:
+    config = trainer.config
+    per_site: dict[str, dict[str, float]] = {}
+    for index, (site, examples) in enumerate(
+        zip(trainer.task.sites, trainer.examples, strict=True)
+    ):
+        state = trainer.loaded.adapter_template
+        for round_number in range(1, config.run.rounds + 1):
+            seed = _round_seed(config.run.seed, round_number, index + 1)
+            state = trainer.train_round(state, examples, steps=config.train.local_steps, seed=seed)
+        per_site[site.name] = _gold_row(trainer.evaluate(state))
+        say(
+            f"local {site.name}: gold {per_site[site.name]['gold_accuracy']:.3f} / "
+            f"{per_site[site.name]['gold_category_accuracy']:.3f}"
+        )
+    keys = ("gold_accuracy", "gold_category_accuracy")
+    mean = {k: float(np.mean([row[k] for row in per_site.values()])) for k in (*keys, "gold_loss")}
+    worst = {k: min(row[k] for row in per_site.values()) for k in keys}
+    worst["gold_loss"] = max(row["gold_loss"] for row in per_site.values())
+    return {
+        "per_site": per_site,
+        "final_mean": mean,
+        "final_worst": worst,
+        "optimizer_steps_per_site": config.run.rounds * config.train.local_steps,
+        "bytes_up_per_site": 0,
+    }
+
+
+def _federated(
+    name: str, config: FedsiloConfig, run_dir: Path, say: Callable[[str], None]
+) -> tuple[dict[str, Any], AdapterState]:
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise FileExistsError(f"{run_dir} already holds a run: choose another --out")
+    started = time.perf_counter()
+    simulate(
+        SimulationRequest(
+            config=config, run_dir=run_dir, resume=False, reporter=_QuietReporter(name, say)
+        )
+    )
+    folder = RunFolder(run_dir)
+    metrics = folder.read_metrics()
+    keys = ("gold_accuracy", "gold_category_accuracy", "gold_loss", "seconds", "train_loss")
+    rows = [{"round": m["round"], **{k: m[k] for k in keys}} for m in metrics if m["round"] > 0]
+    result = {
+        "per_round": rows,
+        "round0": {
+            k: metrics[0][k] for k in ("gold_accuracy", "gold_category_accuracy", "gold_loss")
+        },
+        "bytes_up_per_site_per_round": metrics[-1]["bytes_up_per_site"],
+        "bytes_up_per_site": sum(m["bytes_up_per_site"] for m in metrics),
+        "bytes_down_per_site": sum(m["bytes_down_per_site"] for m in metrics),
+        "optimizer_steps_per_site": config.run.rounds * config.train.local_steps,
+        "examples_seen": config.run.rounds
+        * config.num_sites
+        * config.train.local_steps
+        * config.train.batch_size,
+        "run_dir": str(run_dir),
+        "wall_seconds": time.perf_counter() - started,
+    }
+    return result, folder.load_checkpoint(config.run.rounds).adapter
+
+
+def _final(result: dict[str, Any]) -> dict[str, float]:
+    if "final_mean" in result:
+        return dict(result["final_mean"])
+    last = result["per_round"][-1]
+    return {k: last[k] for k in ("gold_accuracy", "gold_category_accuracy", "gold_loss")}
+
+
+def _ratio(value: float, reference: float) -> float | None:
+    return value / reference if reference > 0 else None
+
+
+def summarize_goals(
+    algorithms: dict[str, dict[str, Any]], round0: dict[str, float]
+) -> dict[str, Any]:
+    """Where each federated algorithm stands against centralized and local-only.
+
+    Accuracy ratios are None when centralized scored 0. ``gold_loss_reduction_vs_centralized``
+    is the share of centralized training's gold-loss reduction (from the untrained adapter)
+    that the algorithm achieved: informative even when every accuracy is 0.
+    """
+    summary: dict[str, Any] = {}
+    central = _final(algorithms["centralized"]) if "centralized" in algorithms else None
+    local = algorithms.get("local", {}).get("final_mean")
+    for name, result in algorithms.items():
+        if name in ("centralized", "local"):
+            continue
+        final = _final(result)
+        row: dict[str, Any] = {}
+        for key in ("gold_accuracy", "gold_category_accuracy"):
+            if central is not None:
+                row[f"{key}_vs_centralized"] = _ratio(final[key], central[key])
+            if local is not None:
+                row[f"{key}_minus_local_mean"] = final[key] - local[key]
+        if central is not None:
+            row["gold_loss_reduction_vs_centralized"] = _ratio(
+                round0["gold_loss"] - final["gold_loss"], round0["gold_loss"] - central["gold_loss"]
+            )
+        if local is not None:
+            row["gold_loss_minus_local_mean"] = final["gold_loss"] - local["gold_loss"]
+        summary[name] = row
+    return summary
+
+
+def run_quality_benchmark(request: QualityRequest) -> dict[str, Any]:
+    """Run every requested algorithm; write and return the results."""
+    unknown = [a for a in request.algorithms if a not in ALL_ALGORITHMS]
+    if unknown:
+        raise ValueError(f"unknown algorithm(s) {unknown}; choose from {list(ALL_ALGORITHMS)}")
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    config = base_config(request)
+    task = build_task(config.task, seed=config.run.seed)
+    request.out_dir.mkdir(parents=True, exist_ok=True)
+    say = request.say
+    say(
+        f"quality {request.task}: {len(task.sites)} sites {[s.name for s in task.sites]}, "
+        f"gold {len(task.gold)}, metric {task.metric}, model {request.model}"
+    )
+
+    trainer = _Trainer(config, task)
+    initial = trainer.loaded.adapter_template
+    round0 = _gold_row(trainer.evaluate(initial))
+    say(
+        f"before training: gold {round0['gold_accuracy']:.3f} / "
+        f"{round0['gold_category_accuracy']:.3f} loss {round0['gold_loss']:.3f}"
+    )
+    algorithms: dict[str, dict[str, Any]] = {}
+    finals: dict[str, AdapterState] = {}
+    if "centralized" in request.algorithms:
+        algorithms["centralized"], finals["centralized"] = _centralized(trainer, say)
+    if "local" in request.algorithms:
+        algorithms["local"] = _local(trainer, say)
+    for name, variant in federated_configs(config, request.budget).items():
+        family = "fedprox" if name.startswith("fedprox") else name
+        if family not in request.algorithms:
+            continue
+        algorithms[name], adapter = _federated(name, variant, request.out_dir / name, say)
+        # FFA-LoRA's state holds B only; A is the shared seeded init the template holds.
+        finals[name] = {**initial, **adapter}
+
+    edge: dict[str, Any] = {}
+    if request.edge_cases and task.name == "icd10":
+        chapters = config.task.chapters or default_chapters(config.task.num_sites)
+        cases = build_icd10_edge_cases(
+            task,
+            chapters=chapters,
+            per_kind=request.budget.edge_cases_per_kind,
+            seed=config.run.seed,
+        )
+        edge["sizes"] = {kind: len(case_set.records) for kind, case_set in cases.items()}
+        for name, adapter in finals.items():
+            set_adapter_state(trainer.loaded.model, adapter)
+            scores = evaluate_edge_cases(
+                trainer.loaded.model,
+                trainer.loaded.tokenizer,
+                cases,
+                system_prompt=task.system_prompt,
+                max_new_tokens=config.evaluation.max_new_tokens,
+                batch_size=config.evaluation.batch_size,
+                max_length=config.train.max_length,
+            )
+            edge[name] = {kind: asdict(score) for kind, score in scores.items()}
+            say(
+                f"edge cases {name}: "
+                + ", ".join(
+                    f"{k} {s.accuracy if s.accuracy is not None else s.code_shaped_rate:.2f}"
+                    for k, s in scores.items()
+                )
+            )
+
+    result = {
+        "benchmark": "quality",
+        "task": request.task,
+        "task_settings": config.task.model_dump(mode="json", exclude_none=True),
+        "metric": task.metric,
+        "metric_meaning": METRIC_MEANING[task.metric],
+        "model": request.model,
+        "base_model_hash": trainer.loaded.base_model_hash,
+        "budget": asdict(request.budget),
+        "train": config.train.model_dump(mode="json"),
+        "lora": config.lora.model_dump(mode="json"),
+        "sites": {site.name: len(site.records) for site in task.sites},
+        "gold_count": len(task.gold),
+        "round0": round0,
+        "algorithms": algorithms,
+        "goals": summarize_goals(algorithms, round0),
+        "edge_cases": edge,
+        "wall_seconds": time.perf_counter() - started,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch_threads": 1},
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    write_text_atomic(request.results_path, json.dumps(result, indent=2) + "\n")
+    say(f"wrote {request.results_path}")
+    return result
