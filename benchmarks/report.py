@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from report_distill import distill_section
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 PAGE = ROOT / "docs" / "benchmarks.md"
@@ -181,6 +183,7 @@ def main() -> None:
         *_demo_section(_load("demo.json")),
         *_audit_section(_load("audit_overhead.json")),
         *_attack_section(_load("privacy-attacks-tiny.json")),
+        *distill_section(_load("distill.json")),
     ]
     PAGE.parent.mkdir(parents=True, exist_ok=True)
     PAGE.write_text("\n".join(lines))

@@ -152,3 +152,20 @@ def test_extra_expert_folder_fails_the_clustered_run(clustered_run: Path) -> Non
     report = verify_run(clustered_run)
 
     assert any("rogue is not recorded" in p.reason for p in report.problems)
+
+
+def test_update_cosine_run_verifies_and_a_swapped_probe_fails(
+    make_config: Callable[..., FedsiloConfig], tmp_path: Path
+) -> None:
+    config = _clustered(make_config, method="update-cosine", count=2)
+    run_dir = tmp_path / "run"
+    simulate(SimulationRequest(config, run_dir, resume=False, reporter=RecordingReporter()))
+    assigned = read_entries(run_dir / "ledger.db")[1].payload
+    assert assigned["method"] == "update-cosine" and assigned["count"] == 2
+    assert verify_run(run_dir).ok
+
+    probes = sorted((run_dir / "probe").iterdir())
+    probes[0].write_bytes(probes[1].read_bytes())
+
+    report = verify_run(run_dir)
+    assert any("probe update of" in p.reason for p in report.problems)
