@@ -63,6 +63,8 @@ DISTILL = {
     "temperature": 2.0,
     "max_length": 64,
 }
+# Output folder -> router: the master is distilled once per router.
+ROUTERS = {"master": "label", "master-best-expert": "best-expert"}
 GOAL = 0.95  # the master keeps >= 95% of each expert's gold score on the expert's domain
 
 
@@ -116,10 +118,12 @@ def distill_master(work: Path, seconds: dict[str, float]) -> None:
             "--out",
             str(transfer),
         )
-    if not _done(work / "master"):
-        seconds["distill"] = _fedsilo(
+    for folder, router in ROUTERS.items():
+        if _done(work / folder):
+            continue
+        seconds[f"distill:{router}"] = _fedsilo(
             "distill", "--experts", str(work / "clustered" / "experts"),
-            "--transfer", str(transfer), "--out", str(work / "master"),
+            "--transfer", str(transfer), "--out", str(work / folder), "--router", router,
             "--steps", str(DISTILL["steps"]), "--batch-size", str(DISTILL["batch_size"]),
             "--learning-rate", str(DISTILL["learning_rate"]),
             "--temperature", str(DISTILL["temperature"]),
@@ -151,7 +155,10 @@ def evaluate(work: Path) -> dict[str, Any]:
     weights = "adapter_model.safetensors"
     adapters = {
         "base": loaded.adapter_template,
-        "master": adapter_from_bytes((work / "master" / "final" / weights).read_bytes()),
+        **{
+            folder: adapter_from_bytes((work / folder / "final" / weights).read_bytes())
+            for folder in ROUTERS
+        },
         "single": adapter_from_bytes((work / "single" / "final" / weights).read_bytes()),
     }
     for name in CLUSTERS:
@@ -229,6 +236,7 @@ def main() -> None:
     seconds = {**previous, **seconds}
     timing.write_text(json.dumps(seconds, indent=2))
     master_metrics = json.loads((args.work / "master" / "metrics.json").read_text())
+    best_metrics = json.loads((args.work / "master-best-expert" / "metrics.json").read_text())
     result = {
         "benchmark": "distill-quality",
         "model": BASE_CONFIG["model"]["base"],
@@ -238,6 +246,9 @@ def main() -> None:
         "goal_retained": GOAL,
         "distillation": {
             key: master_metrics[key] for key in ("kl_before", "kl_after", "routed", "answer_tokens")
+        },
+        "best_expert_router": {
+            key: best_metrics[key] for key in ("kl_before", "kl_after", "routed", "answer_tokens")
         },
         "scores": scores,
         "goal": goal_rows(scores),

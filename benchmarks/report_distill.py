@@ -39,7 +39,15 @@ def distill_section(result: dict[str, Any] | None) -> list[str]:
         f"gold set does not contain; label router): {distill['steps']} steps of "
         f"{distill['batch_size']}, temperature {distill['temperature']}, learning rate "
         f"{distill['learning_rate']}; its distillation loss on the transfer set fell from "
-        f"{kl['kl_before']:.4f} to {kl['kl_after']:.4f}.",
+        f"{kl['kl_before']:.4f} to {kl['kl_after']:.4f}."
+        + (
+            " With the best-expert router (each record taught by the expert that predicts its "
+            f"answer best: {result['best_expert_router']['routed']}) it fell from "
+            f"{result['best_expert_router']['kl_before']:.4f} to "
+            f"{result['best_expert_router']['kl_after']:.4f}."
+            if "best_expert_router" in result
+            else ""
+        ),
         "",
         "Each cell: exact match / category (first 3 characters) / mean answer loss, on each "
         "expert's gold set (the gold codes of its own chapters) and on the whole gold set.",
@@ -51,10 +59,12 @@ def distill_section(result: dict[str, Any] | None) -> list[str]:
     ]
     labels = {
         "master": "**master (distilled)**",
+        "master-best-expert": "master, best-expert router",
         "single": "single federation",
         "base": "base model",
     }
-    for name in ["master", *[f"expert:{d}" for d in domains], "single", "base"]:
+    extra = ["master-best-expert"] if "master-best-expert" in scores else []
+    for name in ["master", *extra, *[f"expert:{d}" for d in domains], "single", "base"]:
         label = labels.get(name, f"expert {name.split(':', 1)[-1]}")
         cells = " | ".join(_cell(scores[name][d]) for d in [*domains, "all"])
         lines.append(f"| {label} | {cells} |")

@@ -169,3 +169,19 @@ def test_update_cosine_run_verifies_and_a_swapped_probe_fails(
 
     report = verify_run(run_dir)
     assert any("probe update of" in p.reason for p in report.problems)
+
+
+def test_update_cosine_is_refused_with_differential_privacy(
+    make_config: Callable[..., FedsiloConfig], tmp_path: Path
+) -> None:
+    config = make_config(
+        task={"num_sites": 4},
+        privacy={"site_level": True},
+        clusters={"method": "update-cosine", "count": 2},
+    )
+
+    with pytest.raises(ConfigError, match="differential privacy"):
+        simulate(
+            SimulationRequest(config, tmp_path / "run", resume=False, reporter=RecordingReporter())
+        )
+    assert not (tmp_path / "run" / "probe").exists()
