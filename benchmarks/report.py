@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from quality_report import quality_sections, scale_section
 from report_distill import distill_section
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -184,6 +185,8 @@ def main() -> None:
         *_audit_section(_load("audit_overhead.json")),
         *_attack_section(_load("privacy-attacks-tiny.json")),
         *distill_section(_load("distill.json")),
+        *quality_sections(),
+        *scale_section(),
     ]
     PAGE.parent.mkdir(parents=True, exist_ok=True)
     PAGE.write_text("\n".join(lines))

@@ -1,0 +1,339 @@
+"""The quality and scale sections of docs/benchmarks.md, and their SVG plots in docs/img/.
+
+Called by benchmarks/report.py; every number comes from benchmarks/results/quality-*.json
+(written by `fedsilo bench quality`) and benchmarks/results/scale.json.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from fedsilo.report.svg import line_chart
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+IMAGES = ROOT / "docs" / "img"
+
+ORDER = ("centralized", "local", "fedavg", "fedprox", "fedadam", "ffa-lora")
+ALPHA_TASKS = {"icd10-alpha0.1": 0.1, "icd10-alpha1": 1.0, "icd10-alpha10": 10.0}
+GOAL_RATIO = 0.97
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _mb(value: float) -> str:
+    return f"{value / 2**20:.2f} MB"
+
+
+def _sort_key(name: str) -> tuple[int, str]:
+    family = "fedprox" if name.startswith("fedprox") else name
+    return (ORDER.index(family) if family in ORDER else len(ORDER), name)
+
+
+def _write_svg(name: str, svg: str) -> str:
+    # A standalone .svg file needs the namespace that inline SVG in HTML does without.
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    (IMAGES / name).write_text(svg.replace("<svg ", '<svg xmlns="http://www.w3.org/2000/svg" ', 1))
+    return f"img/{name}"
+
+
+def _final(result: dict[str, Any]) -> dict[str, float]:
+    if "final_mean" in result:
+        return dict(result["final_mean"])
+    last = result["per_round"][-1]
+    return {k: last[k] for k in ("gold_accuracy", "gold_category_accuracy", "gold_loss")}
+
+
+def _curves(data: dict[str, Any], key: str) -> dict[str, list[tuple[float, float]]]:
+    round0 = data["round0"][key]
+    series: dict[str, list[tuple[float, float]]] = {}
+    for name in sorted(data["algorithms"], key=_sort_key):
+        result = data["algorithms"][name]
+        if "per_round" in result:
+            series[name] = [(0.0, round0)] + [
+                (float(r["round"]), r[key]) for r in result["per_round"]
+            ]
+        else:  # local-only: scored after the last round only
+            rounds = float(data["budget"]["rounds"])
+            series["local (mean)"] = [(0.0, round0), (rounds, result["final_mean"][key])]
+            series["local (worst)"] = [(0.0, round0), (rounds, result["final_worst"][key])]
+    return series
+
+
+def _table(data: dict[str, Any]) -> list[str]:
+    meaning = data["metric_meaning"]
+    lines = [
+        f"| algorithm | gold: {meaning['gold_accuracy']} | gold: "
+        f"{meaning['gold_category_accuracy']} | gold loss | rounds | bytes sent per site "
+        "(all rounds) | accuracy vs centralized | share of centralized loss reduction |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    goals = data["goals"]
+    rounds = data["budget"]["rounds"]
+    for name in sorted(data["algorithms"], key=_sort_key):
+        result = data["algorithms"][name]
+        final = _final(result)
+        goal = goals.get(name, {})
+        if name == "local":
+            worst = result["final_worst"]
+            accuracy = f"{_pct(final['gold_accuracy'])} (worst {_pct(worst['gold_accuracy'])})"
+            category = (
+                f"{_pct(final['gold_category_accuracy'])} "
+                f"(worst {_pct(worst['gold_category_accuracy'])})"
+            )
+            label = "local only (mean of sites)"
+            loss = f"{final['gold_loss']:.3f} (worst {worst['gold_loss']:.3f})"
+        else:
+            accuracy, category = _pct(final["gold_accuracy"]), _pct(final["gold_category_accuracy"])
+            label, loss = name, f"{final['gold_loss']:.3f}"
+        sent = result.get("bytes_up_per_site", 0)
+        sent_text = _mb(sent) if sent else "0"
+        if name == "centralized":
+            sent_text = f"0 (all {result['raw_record_bytes_moved_per_site']:,} B of records moved)"
+        lines.append(
+            f"| {label} | {accuracy} | {category} | {loss} | {rounds} | {sent_text} | "
+            f"{_pct(goal.get('gold_accuracy_vs_centralized'))} | "
+            f"{_pct(goal.get('gold_loss_reduction_vs_centralized'))} |"
+        )
+    return lines
+
+
+def _edge_table(data: dict[str, Any]) -> list[str]:
+    edge = data.get("edge_cases") or {}
+    if not edge:
+        return []
+    names = sorted((n for n in edge if n != "sizes"), key=_sort_key)
+    lines = [
+        "Edge cases (`fedsilo.data.icd10_edge`), each scored on its own: exact code "
+        "(category) for the coded sets; for `empty` there is no right answer and the cell is "
+        "the share of answers shaped like a code.",
+        "",
+        "| edge case | cases | " + " | ".join(names) + " |",
+        "|---|---:|" + "---:|" * len(names),
+    ]
+    for kind, size in edge["sizes"].items():
+        cells = []
+        for name in names:
+            score = edge[name][kind]
+            if score["accuracy"] is None:
+                cells.append(f"{_pct(score['code_shaped_rate'])} code-shaped")
+            else:
+                cells.append(f"{_pct(score['accuracy'])} ({_pct(score['category_accuracy'])})")
+        lines.append(f"| {kind} | {size} | " + " | ".join(cells) + " |")
+    lines.append("")
+    return lines
+
+
+def _goal_lines(data: dict[str, Any]) -> list[str]:
+    goals = data["goals"]
+    lines = []
+    for name in sorted(goals, key=_sort_key):
+        row = goals[name]
+        ratio = row.get("gold_accuracy_vs_centralized")
+        ratio_text = (
+            "undefined (centralized scored 0%)"
+            if ratio is None
+            else f"{_pct(ratio)} ({'meets' if ratio >= GOAL_RATIO else 'misses'} the 97% goal)"
+        )
+        above = row.get("gold_accuracy_minus_local_mean")
+        loss_gap = row.get("gold_loss_minus_local_mean")
+        local_text = (
+            ""
+            if above is None
+            else f"; accuracy {100 * above:+.1f} points and gold loss {loss_gap:+.3f} vs the "
+            "local-only mean"
+        )
+        lines.append(f"- {name}: accuracy vs centralized {ratio_text}{local_text}.")
+    return lines
+
+
+def _task_section(name: str, data: dict[str, Any]) -> list[str]:
+    budget, train = data["budget"], data["train"]
+    settings = data["task_settings"]
+    split = (
+        f"Dirichlet(alpha={settings['alpha']:g}) over chapters"
+        if settings.get("partition") == "dirichlet" and settings["name"] == "icd10"
+        else {"icd10": "one specialty (chapter) per site", "drug-review": "clinics by condition",
+              "shakespeare": "one site per (play, role)"}[settings["name"]]
+    )  # fmt: skip
+    accuracy = _write_svg(
+        f"quality-{name}-accuracy.svg",
+        line_chart(
+            _curves(data, "gold_accuracy"),
+            title=f"{name}: gold accuracy by round",
+            x_label="round",
+            y_label="gold accuracy",
+            y_min=0.0,
+            y_max=1.0,
+        ),
+    )
+    loss = _write_svg(
+        f"quality-{name}-loss.svg",
+        line_chart(
+            _curves(data, "gold_loss"),
+            title=f"{name}: gold loss by round",
+            x_label="round",
+            y_label="gold loss (answer tokens)",
+        ),
+    )
+    return [
+        f"### `{name}`",
+        "",
+        f"`fedsilo bench quality --task {name} --model {data['model']}` with {budget['num_sites']} "
+        f"sites ({split}), {budget['rounds']} rounds of {train['local_steps']} local steps of "
+        f"{train['batch_size']} examples (learning rate {train['learning_rate']:g}, max length "
+        f"{train['max_length']}), {budget['examples_per_site']} examples per site, LoRA rank "
+        f"{data['lora']['rank']}, FedProx mu in {budget['proximal_mus']}, FedAdam server "
+        f"learning rate {budget['server_learning_rate']:g}. Gold set: {data['gold_count']} "
+        f"held-out records. Untrained: gold accuracy {_pct(data['round0']['gold_accuracy'])}, "
+        f"loss {data['round0']['gold_loss']:.3f}.",
+        "",
+        *_table(data),
+        "",
+        "Against the goals (federated >= 97% of centralized; clearly above local-only):",
+        "",
+        *_goal_lines(data),
+        "",
+        f"![gold accuracy by round]({accuracy})",
+        f"![gold loss by round]({loss})",
+        "",
+        *_edge_table(data),
+        f"Measured {data['measured_at']} in {data['wall_seconds'] / 60:.0f} min on "
+        f"{data['machine']['cpus']} shared CPU cores (1 torch thread); source: "
+        f"`benchmarks/results/quality-{name}.json`.",
+        "",
+    ]
+
+
+def _alpha_chart(loaded: dict[str, dict[str, Any]]) -> list[str]:
+    points: dict[str, list[tuple[float, float]]] = {}
+    accuracy_points: dict[str, list[tuple[float, float]]] = {}
+    for task, alpha in sorted(ALPHA_TASKS.items(), key=lambda item: item[1]):
+        data = loaded.get(task)
+        if data is None:
+            continue
+        for name, row in sorted(data["goals"].items(), key=lambda item: _sort_key(item[0])):
+            share = row.get("gold_loss_reduction_vs_centralized")
+            if share is not None:
+                points.setdefault(name, []).append((math.log10(alpha), share))
+            ratio = row.get("gold_accuracy_vs_centralized")
+            if ratio is not None:
+                accuracy_points.setdefault(name, []).append((math.log10(alpha), ratio))
+    if not points:
+        return []
+    image = _write_svg(
+        "quality-ratio-vs-alpha.svg",
+        line_chart(
+            points,
+            title="federated / centralized vs Dirichlet alpha (ICD-10)",
+            x_label="log10 alpha (-1 = very non-IID, 1 = nearly IID)",
+            y_label="share of centralized loss reduction",
+        ),
+    )
+    lines = [
+        "### Federated / centralized against non-IID-ness",
+        "",
+        "Share of the centralized baseline's gold-loss reduction (from the untrained adapter) "
+        "that each federated algorithm reaches, for each ICD-10 Dirichlet alpha that was run "
+        "(1.0 = as good as pooling the data).",
+        "",
+        f"![ratio vs alpha]({image})",
+        "",
+    ]
+    if accuracy_points:
+        image = _write_svg(
+            "quality-accuracy-ratio-vs-alpha.svg",
+            line_chart(
+                accuracy_points,
+                title="gold accuracy: federated / centralized vs alpha",
+                x_label="log10 alpha",
+                y_label="accuracy ratio",
+            ),
+        )
+        lines += [f"![accuracy ratio vs alpha]({image})", ""]
+    else:
+        lines += [
+            "The accuracy ratio is undefined in every run: centralized training scored 0% "
+            "exact codes on the gold set.",
+            "",
+        ]
+    return lines
+
+
+def quality_sections() -> list[str]:
+    """The `fedsilo bench quality` section: one subsection per results file, then the alpha plot."""
+    lines = ["## Federated vs centralized vs local-only (`fedsilo bench quality`)", ""]
+    files = sorted(RESULTS.glob("quality-*.json"))
+    if not files:
+        return [*lines, "Not measured yet: run `fedsilo bench quality --task T`.", ""]
+    loaded = {path.stem.removeprefix("quality-"): json.loads(path.read_text()) for path in files}
+    lines += [
+        "Every algorithm gets the same budget: centralized trains on all sites' examples pooled "
+        "(rounds x sites x local steps optimizer steps, so the same examples and steps as the "
+        "federation); local-only trains each site alone for the steps it spends in the "
+        "federation and is scored after the last round (mean and worst site); the federated "
+        "runs are the real ServerApp and ClientApp simulated in-process. Bytes sent per site "
+        "count the adapter updates a site uploads over all rounds. The budget is deliberately "
+        "small (2 shared CPU cores): read the numbers as a smoke-scale comparison, not as "
+        "converged results.",
+        "",
+    ]
+    for name, data in loaded.items():
+        lines += _task_section(name, data)
+    lines += _alpha_chart(loaded)
+    return lines
+
+
+def scale_section() -> list[str]:
+    """The scale run's table."""
+    lines = ["## Scale: 10, 30 and 100 simulated sites", ""]
+    path = RESULTS / "scale.json"
+    if not path.exists():
+        return [*lines, "Not measured yet: run `python benchmarks/scale.py`.", ""]
+    data = json.loads(path.read_text())
+    lines += [
+        f"`python benchmarks/scale.py`: {data['model']} (adapter {data['adapter_mb']:.2f} MB), "
+        f"{data['rounds']} rounds of {data['local_steps']} local step(s) per site, all sites in "
+        "one process on one torch thread (in-process grid), every site training in turn. Memory "
+        "is the process's resident set, sampled every 5 ms; sites share the process, so its "
+        "growth with the number of sites is what the coordinator holds for a round.",
+        "",
+        "| sites | seconds per round | resident before round 1 | peak during rounds | growth "
+        "| adapter bytes sent per round |",
+        "|---:|---|---:|---:|---:|---:|",
+    ]
+    for run in data["runs"]:
+        seconds = ", ".join(f"{s:.1f}" for s in run["round_seconds"])
+        lines.append(
+            f"| {run['sites']} | {seconds} | {run['rss_before_rounds_mb']:.0f} MB | "
+            f"{run['peak_rss_during_rounds_mb']:.0f} MB | {run['growth_during_rounds_mb']:.0f} MB "
+            f"| {_mb(run['bytes_up_per_round'])} |"
+        )
+    per_site = data["growth_per_extra_site_mb"]
+    copies = per_site / data["adapter_mb"]
+    if copies < 0.5:
+        shape = "about flat, as aggregating replies as they arrive would make it"
+    elif copies <= 1.0:
+        shape = "linear in the sites of a round, within the goal of sites x adapter"
+    else:
+        shape = (
+            f"linear in the sites of a round, {copies:.1f} times the goal's bound of "
+            "sites x adapter (and not flat)"
+        )
+    lines += [
+        "",
+        f"Peak memory grows by {per_site:.2f} MB per extra site, {copies:.1f} times the adapter: "
+        f"{shape}. From the server loop: the coordinator builds one outgoing message per site, "
+        "each with its own copy of the global adapter, and keeps every reply of a round (its "
+        "bytes and the decoded update) until it aggregates.",
+        "",
+        f"Measured {data['measured_at']} on {data['machine']['cpus']} CPU cores, {data['note']}; "
+        "source: `benchmarks/results/scale.json`.",
+        "",
+    ]
+    return lines
