@@ -70,3 +70,25 @@ def test_resolved_config_round_trips_through_toml(tmp_path: Path) -> None:
     path.write_text(config_to_toml(config))
 
     assert load_config(path) == config
+
+
+def test_secure_aggregation_defaults_off_and_round_trips() -> None:
+    config = parse_config({"secure_aggregation": {"mode": "secagg", "threshold": 3}}, source="x")
+
+    assert parse_config({}, source="x").secure_aggregation.mode == "none"
+    assert config.secure_threshold == 3
+    assert 'mode = "secagg"' in config_to_toml(config)
+
+
+def test_secure_aggregation_threshold_must_be_a_majority() -> None:
+    with pytest.raises(ConfigError, match="threshold=2 must be a majority of the 4 sites"):
+        parse_config({"secure_aggregation": {"mode": "secagg", "threshold": 2}}, source="x")
+    with pytest.raises(ConfigError, match=r"secure_aggregation\.mode"):
+        parse_config({"secure_aggregation": {"mode": "masks"}}, source="x")
+
+
+def test_default_threshold_is_a_majority_raised_to_min_sites() -> None:
+    five = {"task": {"num_sites": 5}, "secure_aggregation": {"mode": "secagg"}}
+
+    assert parse_config(five, source="x").secure_threshold == 3
+    assert parse_config({**five, "strategy": {"min_sites": 4}}, source="x").secure_threshold == 4

@@ -7,7 +7,8 @@ key stays with the site; receipts from the coordinator are kept in its own folde
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -38,6 +39,9 @@ class Site:
     receipts_dir: Path
     spent_path: Path  # the DP events this site has released, across runs
     policy: SitePolicy | None  # the site's own rules for what it accepts to train on
+    # The federation's pinned site identity keys, installed at the site: secure aggregation
+    # verifies every peer's key advertisement against them, so the server cannot swap keys.
+    peer_keys: Mapping[str, PublicKey] = field(default_factory=dict)
 
 
 class SiteProvider(Protocol):

@@ -31,6 +31,7 @@ TaskName = Literal["icd10", "drug-review", "shakespeare", "files"]
 # "sentiment" rating class and adjacent class, "next-token" teacher-forced top-1 and top-5.
 MetricName = Literal["code", "sentiment", "next-token"]
 ClusterMethod = Literal["none", "groups", "site", "update-cosine"]
+SecureAggregationMode = Literal["none", "secagg"]
 
 
 class Section(BaseModel):
@@ -244,6 +245,22 @@ class PrivacySection(Section):
         return self
 
 
+class SecureAggregationSection(Section):
+    """How site updates are combined without the coordinator seeing any one of them.
+
+    "secagg": pairwise-masked fixed-point sums with dropout recovery (docs/secure-aggregation.md).
+    With it, sites send no example counts (updates are equally weighted) and, when
+    ``privacy.site_level`` is on, add the DP noise themselves (distributed DP).
+    """
+
+    mode: SecureAggregationMode = "none"
+    # Fewest sites whose inputs are ever summed (secagg: Shamir threshold); default: a majority
+    # of the round's cohort. Below it a round attempt stops cleanly and is retried.
+    threshold: int | None = Field(None, ge=2)
+    # secagg: each coordinate is clipped to [-clip, clip] before fixed-point quantization.
+    clip: float = Field(1.0, gt=0)
+
+
 class FedsiloConfig(Section):
     """A whole run: the content of one config TOML file."""
 
@@ -257,6 +274,7 @@ class FedsiloConfig(Section):
     evaluation: EvaluationSection = EvaluationSection()
     privacy: PrivacySection = PrivacySection()
     clusters: ClustersSection = ClustersSection()
+    secure_aggregation: SecureAggregationSection = SecureAggregationSection()
 
     @model_validator(mode="after")
     def _cohort_fits(self) -> FedsiloConfig:
@@ -273,7 +291,23 @@ class FedsiloConfig(Section):
                 f"strategy.min_sites={self.strategy.min_sites} can never be met: "
                 f"only {per_round} sites take part in a round"
             )
+        threshold = self.secure_aggregation.threshold
+        if threshold is not None and not per_round < 2 * threshold <= 2 * per_round:
+            raise ValueError(
+                f"secure_aggregation.threshold={threshold} must be a majority of the "
+                f"{per_round} sites of a round and at most {per_round}"
+            )
+        if self.secure_aggregation.mode != "none" and per_round < 2:
+            raise ValueError("secure aggregation needs at least 2 sites per round")
         return self
+
+    @property
+    def secure_threshold(self) -> int:
+        """The fewest sites a secure round sums: the configured threshold (default a majority
+        of the cohort), raised to ``strategy.min_sites`` when that is larger."""
+        per_round = self.strategy.sites_per_round or self.num_sites
+        threshold = self.secure_aggregation.threshold or per_round // 2 + 1
+        return max(threshold, self.strategy.min_sites)
 
     @property
     def num_sites(self) -> int:

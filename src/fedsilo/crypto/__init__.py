@@ -1,9 +1,21 @@
-"""Site identity keys (Ed25519) and domain-separated signatures over updates and receipts.
+"""Site identity keys (Ed25519), signatures, and the secure-aggregation primitives.
 
 This package is the only place in fedsilo that touches the ``cryptography`` library; the
 ``PrivateKey`` and ``PublicKey`` aliases let other code annotate keys without importing it.
 """
 
+from fedsilo.crypto.agreement import (
+    AgreementKey,
+    SealError,
+    agree,
+    agreement_key_from_bytes,
+    agreement_private_bytes,
+    agreement_public_bytes,
+    expand_mask,
+    generate_agreement_key,
+    open_sealed,
+    seal,
+)
 from fedsilo.crypto.keys import (
     PUBLIC_KEY_PREFIX,
     KeyFileError,
@@ -46,23 +58,33 @@ __all__ = [
     "RECEIPT_PURPOSE",
     "SIGNATURE_BYTES",
     "UPDATE_PURPOSE",
+    "AgreementKey",
     "KeyFileError",
     "PrivateKey",
     "PublicKey",
     "Receipt",
+    "SealError",
     "SignatureError",
     "UpdateBinding",
+    "agree",
+    "agreement_key_from_bytes",
+    "agreement_private_bytes",
+    "agreement_public_bytes",
     "canonical_bytes",
     "decode_signature",
     "encode_signature",
+    "expand_mask",
     "fingerprint",
+    "generate_agreement_key",
     "generate_private_key",
     "init_site_keys",
+    "open_sealed",
     "parse_public_key",
     "private_key_from_seed",
     "public_key_text",
     "read_private_key",
     "read_public_key",
+    "seal",
     "sha256_hex",
     "sign",
     "sign_receipt",

@@ -75,6 +75,7 @@ class EntryKind(StrEnum):
     UPDATE_REJECTED = "update_rejected"
     ROUND_AGGREGATED = "round_aggregated"
     ROUND_FAILED = "round_failed"
+    SECURE_AGGREGATION_STAGE = "secure_aggregation_stage"
     RUN_FINISHED = "run_finished"
     # Provenance of clustered runs and distilled adapters (docs/distillation.md).
     CLUSTERS_ASSIGNED = "clusters_assigned"

@@ -63,17 +63,25 @@ class AdmittedUpdate:
     dp_event: dict[str, str | int | float] | None  # the site's DP event, as ledgered
 
 
-def admit_update(
+@dataclass(frozen=True)
+class SignedUpload:
+    """A reply whose payload is bounded, bound to this round and stage, and signed by its site."""
+
+    node: int
+    binding: UpdateBinding
+    signature: bytes
+    payload: bytes
+
+
+def admit_signed(
     reply: Message,
     *,
     expected: ExpectedBinding,
     site_keys: Mapping[str, PublicKey],
     admitted_sites: Collection[str],
-    like: AdapterState,
     max_bytes: int,
-    dp_required: DpRequirement | None = None,
-) -> AdmittedUpdate:
-    """Check one reply completely; raise UpdateRejectedError naming the sender and the reason."""
+) -> SignedUpload:
+    """The checks every upload passes, whatever its stage: up to and including the signature."""
     node = reply.metadata.src_node_id
     sender = f"node-{node}"
     if reply.has_error():
@@ -107,15 +115,45 @@ def admit_update(
         verify_update(site_keys[site], binding, signature)
     except SignatureError as error:
         raise UpdateRejectedError(site, f"bad signature: {error}") from None
+    return SignedUpload(node, binding, signature, payload)
+
+
+def admit_update(
+    reply: Message,
+    *,
+    expected: ExpectedBinding,
+    site_keys: Mapping[str, PublicKey],
+    admitted_sites: Collection[str],
+    like: AdapterState,
+    max_bytes: int,
+    dp_required: DpRequirement | None = None,
+) -> AdmittedUpdate:
+    """Check one reply completely; raise UpdateRejectedError naming the sender and the reason."""
+    upload = admit_signed(
+        reply,
+        expected=expected,
+        site_keys=site_keys,
+        admitted_sites=admitted_sites,
+        max_bytes=max_bytes,
+    )
+    site, content = upload.binding.site_id, reply.content
     try:
-        delta = adapter_from_payload(payload, like=like, what=f"update from {site}")
+        delta = adapter_from_payload(upload.payload, like=like, what=f"update from {site}")
         metrics = SiteMetrics.from_record(content.metric_records[METRICS_KEY])
     except KeyError:
         raise UpdateRejectedError(site, "the reply carries no metrics") from None
     except ProtocolError as error:
         raise UpdateRejectedError(site, str(error)) from None
-    dp_event = _dp_event(content, dp_required, site)
-    return AdmittedUpdate(node, binding, signature, len(payload), delta, metrics, dp_event)
+    dp_event = check_dp_event(content, dp_required, site)
+    return AdmittedUpdate(
+        upload.node,
+        upload.binding,
+        upload.signature,
+        len(upload.payload),
+        delta,
+        metrics,
+        dp_event,
+    )
 
 
 @dataclass(frozen=True)
@@ -126,9 +164,10 @@ class DpRequirement:
     min_noise_multiplier: float  # 0 when each site calibrates its own noise to a target
 
 
-def _dp_event(
+def check_dp_event(
     content: RecordDict, required: DpRequirement | None, site: str
 ) -> dict[str, str | int | float] | None:
+    """The site's record-level DP event, checked against the round (None when DP is off)."""
     if required is None:
         return None
     if DP_EVENT_KEY not in content.config_records:

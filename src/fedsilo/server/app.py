@@ -204,6 +204,10 @@ def _strategy(config: FedsiloConfig) -> Strategy:
     privacy = config.privacy
     if not privacy.site_level:
         return strategy
+    if config.secure_aggregation.mode != "none":
+        # Distributed DP: the sites clip and add the noise before masking or encrypting; the
+        # coordinator only ever sees the noised sum, and adds nothing.
+        return strategy
     return SiteLevelDp(
         strategy,
         clip_norm=privacy.site_clip_norm,

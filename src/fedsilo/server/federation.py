@@ -13,41 +13,42 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 from flwr.app import Message
 from flwr.serverapp import Grid
 
 from fedsilo.config import FedsiloConfig
-from fedsilo.crypto import PrivateKey, Receipt, encode_signature, sha256_hex, sign_receipt
+from fedsilo.crypto import Receipt, encode_signature, sign_receipt
 from fedsilo.evaluation.metrics import GoldMetrics
-from fedsilo.ledger import Entry, EntryKind, JsonValue, Ledger, read_entries
-from fedsilo.model.adapters import AdapterState, adapter_to_bytes
+from fedsilo.ledger import EntryKind, JsonValue, read_entries
+from fedsilo.model.adapters import AdapterState
 from fedsilo.privacy.events import SampledSitesGaussianEvent, event_from_json, event_to_json
 from fedsilo.protocol.records import (
     RECEIPT_MESSAGE,
     TRAIN_MESSAGE,
     TRAIN_STAGE,
-    DpTask,
-    RoundTask,
-    SiteMetrics,
     receipt_to_record,
     train_instruction,
 )
-from fedsilo.server.admission import (
-    AdmittedUpdate,
-    DpRequirement,
-    ExpectedBinding,
-    UpdateRejectedError,
-    admit_update,
-)
-from fedsilo.server.membership import Membership
+from fedsilo.server.admission import ExpectedBinding, UpdateRejectedError, admit_update
 from fedsilo.server.privacy_report import site_epsilons, site_level_epsilon
-from fedsilo.server.run_folder import Checkpoint, RunFolder
-from fedsilo.server.strategies import SiteUpdate, Strategy
+from fedsilo.server.rounds import (
+    FederationPlan,
+    GoldEvaluator,
+    ProgressReporter,
+    RoundReplies,
+    adapter_digest,
+    dp_requirement,
+    dp_task,
+    open_round,
+    reject,
+)
+from fedsilo.server.run_folder import Checkpoint
+from fedsilo.server.secagg_round import collect_secure_round
+from fedsilo.server.strategies import SiteUpdate
 
 log = logging.getLogger(__name__)
 
@@ -58,67 +59,12 @@ class FederationError(RuntimeError):
     """The run cannot go on (for example: too few sites answered, after every retry)."""
 
 
-class GoldEvaluator(Protocol):
-    """Scores a global adapter on the held-out gold set at the server."""
-
-    def __call__(self, adapter: AdapterState) -> GoldMetrics: ...
-
-
-class ProgressReporter(Protocol):
-    """Receives each round's metrics record and free-text notices, for display."""
-
-    def round_done(self, record: dict[str, Any], *, total_rounds: int) -> None: ...
-
-    def notice(self, text: str) -> None: ...
-
-
-@dataclass
-class RoundReplies:
-    """What came back in one attempt of a round."""
-
-    updates: list[SiteUpdate] = field(default_factory=list)
-    metrics: dict[str, SiteMetrics] = field(default_factory=dict)
-    failures: dict[str, str] = field(default_factory=dict)  # site or node -> reason
-    # Accepted updates with the ledger entry that records each: what receipts are issued for.
-    ledgered: list[tuple[AdmittedUpdate, Entry]] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class FederationPlan:
-    """Everything the server loop needs besides the grid."""
-
-    config: FedsiloConfig
-    folder: RunFolder
-    base_model_hash: str
-    initial_adapter: AdapterState
-    strategy: Strategy
-    evaluate: GoldEvaluator
-    reporter: ProgressReporter
-    membership: Membership
-    ledger: Ledger
-    coordinator_key: PrivateKey
-
-
 def _json_map(values: dict[str, str]) -> dict[str, JsonValue]:
     return {key: value for key, value in values.items()}
 
 
 def _json_event(event: dict[str, str | int | float] | None) -> JsonValue:
     return None if event is None else {key: value for key, value in event.items()}
-
-
-def _dp_task(config: FedsiloConfig) -> DpTask | None:
-    privacy = config.privacy
-    if not privacy.record_level:
-        return None
-    return DpTask(
-        noise_multiplier=privacy.noise_multiplier or 0.0,
-        target_epsilon=privacy.target_epsilon or 0.0,
-        max_grad_norm=privacy.max_grad_norm,
-        delta=privacy.delta,
-        accountant=privacy.accountant,
-        planned_rounds=config.run.rounds,
-    )
 
 
 def _site_dp_json(config: FedsiloConfig) -> dict[str, str | int | float]:
@@ -135,24 +81,6 @@ def _site_dp_event(config: FedsiloConfig) -> JsonValue:
     if not config.privacy.site_level:
         return None
     return {key: value for key, value in _site_dp_json(config).items()}
-
-
-def _dp_requirement(config: FedsiloConfig) -> DpRequirement | None:
-    privacy = config.privacy
-    if not privacy.record_level:
-        return None
-    return DpRequirement(
-        steps=config.train.local_steps, min_noise_multiplier=privacy.noise_multiplier or 0.0
-    )
-
-
-def adapter_digest(adapter: AdapterState) -> str:
-    """sha256 of the adapter's safetensors bytes: the bytes a checkpoint's adapter file holds."""
-    return sha256_hex(adapter_to_bytes(adapter))
-
-
-def _site_seed(seed: int, round_number: int, node_id: int) -> int:
-    return int(np.random.SeedSequence([seed, round_number, node_id]).generate_state(1)[0])
 
 
 def sample_sites(
@@ -177,28 +105,6 @@ def sample_sites(
     return sorted(int(node) for node in rng.choice(nodes, size=count, replace=False))
 
 
-def _round_task(
-    config: FedsiloConfig, plan: FederationPlan, round_number: int, node: int, cohort_size: int
-) -> RoundTask:
-    train = config.train
-    return RoundTask(
-        federation_id=plan.membership.federation_id,
-        run_id=plan.membership.run_id,
-        stage=TRAIN_STAGE,
-        run_name=config.run.name,
-        round=round_number,
-        cohort_size=cohort_size,
-        base_model_hash=plan.base_model_hash,
-        local_steps=train.local_steps,
-        batch_size=train.batch_size,
-        learning_rate=train.learning_rate,
-        max_length=train.max_length,
-        max_grad_norm=train.max_grad_norm or 0.0,
-        proximal_mu=plan.strategy.site_settings().proximal_mu,
-        seed=_site_seed(config.run.seed, round_number, node),
-    )
-
-
 def collect_round(
     grid: Grid,
     plan: FederationPlan,
@@ -210,25 +116,11 @@ def collect_round(
 ) -> RoundReplies:
     """Send the round's task to ``nodes``, admit or reject each reply, ledger every outcome."""
     config, ledger = plan.config, plan.ledger
-    tasks = {node: _round_task(config, plan, round_number, node, len(nodes)) for node in nodes}
-    ledger.append(
-        EntryKind.ROUND_OPENED,
-        {
-            "round": round_number,
-            "attempt": attempt,
-            "nodes": list(nodes),
-            "global_adapter_sha256": adapter_digest(global_state),
-        },
-    )
-    for node, task in tasks.items():
-        ledger.append(
-            EntryKind.TASK_SENT,
-            {"round": round_number, "attempt": attempt, "node": node, "task": asdict(task)},
-        )
-    dp_task = _dp_task(config)
+    tasks = open_round(plan, global_state, round_number=round_number, attempt=attempt, nodes=nodes)
+    task_dp = dp_task(config)
     messages = [
         Message(
-            train_instruction(global_state, task, dp_task),
+            train_instruction(global_state, task, task_dp),
             dst_node_id=node,
             message_type=TRAIN_MESSAGE,
             group_id=str(round_number),
@@ -255,10 +147,10 @@ def collect_round(
                 admitted_sites=result.metrics.keys(),
                 like=global_state,
                 max_bytes=config.federation.max_update_bytes,
-                dp_required=_dp_requirement(config),
+                dp_required=dp_requirement(config),
             )
         except UpdateRejectedError as rejection:
-            _reject(plan, result, round_number, rejection.sender, rejection.reason)
+            reject(plan, result, round_number, rejection.sender, rejection.reason)
             continue
         # The entry is durable before the update can influence anything.
         entry = ledger.append(
@@ -275,22 +167,12 @@ def collect_round(
         site = admitted.binding.site_id
         result.updates.append(SiteUpdate(site, admitted.delta, admitted.metrics.num_examples))
         result.metrics[site] = admitted.metrics
-        result.ledgered.append((admitted, entry))
+        result.ledgered.append((admitted.node, admitted.binding, entry))
     for node in nodes:
         if node not in answered:
             reason = f"no reply within {config.strategy.round_timeout_s:g} s"
-            _reject(plan, result, round_number, f"node-{node}", reason)
+            reject(plan, result, round_number, f"node-{node}", reason)
     return result
-
-
-def _reject(
-    plan: FederationPlan, result: RoundReplies, round_number: int, sender: str, reason: str
-) -> None:
-    plan.ledger.append(
-        EntryKind.UPDATE_REJECTED, {"round": round_number, "sender": sender, "reason": reason}
-    )
-    result.failures[sender] = reason
-    log.warning("round %d: %s rejected: %s", round_number, sender, reason.splitlines()[0])
 
 
 def send_receipts(
@@ -298,12 +180,12 @@ def send_receipts(
 ) -> None:
     """Give each accepted site the coordinator's signed receipt for its ledgered update."""
     messages = []
-    for admitted, entry in replies.ledgered:
-        receipt = Receipt(admitted.binding, ledger_seq=entry.seq, entry_hash=entry.entry_hash)
+    for node, binding, entry in replies.ledgered:
+        receipt = Receipt(binding, ledger_seq=entry.seq, entry_hash=entry.entry_hash)
         messages.append(
             Message(
                 receipt_to_record(receipt, sign_receipt(plan.coordinator_key, receipt)),
-                dst_node_id=admitted.node,
+                dst_node_id=node,
                 message_type=RECEIPT_MESSAGE,
                 group_id=str(round_number),
             )
@@ -313,10 +195,10 @@ def send_receipts(
         for reply in grid.send_and_receive(messages, timeout=RECEIPT_TIMEOUT_S)
         if not reply.has_error()
     }
-    for admitted, _entry in replies.ledgered:
-        if admitted.node not in delivered:
+    for node, binding, _entry in replies.ledgered:
+        if node not in delivered:
             plan.reporter.notice(
-                f"round {round_number}: the receipt for {admitted.binding.site_id} was not "
+                f"round {round_number}: the receipt for {binding.site_id} was not "
                 "delivered; the site can ask for it again from the ledger entry"
             )
 
@@ -364,6 +246,18 @@ def _adapter_bytes(adapter: AdapterState) -> int:
     return sum(tensor.numel() * tensor.element_size() for tensor in adapter.values())
 
 
+def _bytes_up_per_site(replies: RoundReplies) -> float:
+    """Plain rounds: the fp32 adapter; secure rounds: the mean upload over every stage."""
+    if replies.bytes_up:
+        return sum(replies.bytes_up.values()) / len(replies.bytes_up)
+    return _adapter_bytes(replies.updates[0].delta)
+
+
+Collector = Callable[..., RoundReplies]
+# secagg and he return one aggregate update (the mean of the contributors' inputs).
+COLLECTORS: dict[str, Collector] = {"none": collect_round, "secagg": collect_secure_round}
+
+
 def run_federation(grid: Grid, plan: FederationPlan, *, resume: bool) -> AdapterState:
     """Run (or resume) all rounds; return the final global adapter."""
     config, folder, strategy = plan.config, plan.folder, plan.strategy
@@ -381,13 +275,14 @@ def run_federation(grid: Grid, plan: FederationPlan, *, resume: bool) -> Adapter
                 attempt=attempt,
                 secret=config.privacy.site_level,
             )
-            replies = collect_round(
+            collect = COLLECTORS[config.secure_aggregation.mode]
+            replies = collect(
                 grid, plan, global_state, round_number=round_number, attempt=attempt, nodes=nodes
             )
-            if len(replies.updates) >= config.strategy.min_sites:
+            if replies.updates and len(replies.sites) >= config.strategy.min_sites:
                 break
             plan.reporter.notice(
-                f"round {round_number} attempt {attempt}: only {len(replies.updates)} of "
+                f"round {round_number} attempt {attempt}: only {len(replies.sites)} of "
                 f"{len(nodes)} sites returned a valid update (min_sites="
                 f"{config.strategy.min_sites}); {_describe(replies.failures)}"
             )
@@ -412,15 +307,17 @@ def run_federation(grid: Grid, plan: FederationPlan, *, resume: bool) -> Adapter
         record = {
             "round": round_number,
             "attempts": attempt,
-            "sites_ok": len(replies.updates),
+            "sites_ok": len(replies.sites),
             "sites_failed": len(replies.failures),
-            "sites": sorted(update.site for update in replies.updates),
+            "sites": replies.sites,
             "failures": replies.failures,
             "train_loss": _weighted_train_loss(replies),
             "examples": sum(update.num_examples for update in replies.updates),
             "tokens": sum(m.tokens for m in replies.metrics.values()),
             "bytes_down_per_site": _adapter_bytes(global_state),
-            "bytes_up_per_site": _adapter_bytes(replies.updates[0].delta),
+            "bytes_up_per_site": _bytes_up_per_site(replies),
+            "secure_aggregation": config.secure_aggregation.mode,
+            **({"secure_stages": replies.stages} if replies.stages else {}),
             **_gold_fields(gold),
             **_privacy_fields(plan),
             "seconds": time.perf_counter() - started,
@@ -497,6 +394,7 @@ __all__ = [
     "GoldEvaluator",
     "ProgressReporter",
     "RoundReplies",
+    "adapter_digest",
     "collect_round",
     "run_federation",
     "sample_sites",

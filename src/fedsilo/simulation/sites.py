@@ -82,6 +82,7 @@ class SimulatedSites:
             receipts_dir=folder / "receipts",
             spent_path=folder / "privacy-spent.json",
             policy=self._policy(data.name),
+            peer_keys=self.membership.site_keys(),
         )
 
     def _policy(self, site: str) -> SitePolicy | None:

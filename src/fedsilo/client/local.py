@@ -1,0 +1,142 @@
+"""A site's local step of a round: check the task against its rules, train, sign what it sends."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+from flwr.app import Context, Message
+
+from fedsilo.client.policy import TaskRefusedError, check_task
+from fedsilo.client.privacy_budget import (
+    check_budget,
+    plan_round_event,
+    read_spent,
+    record_spent,
+)
+from fedsilo.client.site import Site, SiteProvider
+from fedsilo.client.train import train_local
+from fedsilo.crypto import UpdateBinding, sha256_hex, sign_update
+from fedsilo.model.adapters import AdapterState
+from fedsilo.privacy.dp_sgd import train_local_dp
+from fedsilo.privacy.events import PoissonGaussianEvent, event_to_json
+from fedsilo.protocol.records import (
+    DP_KEY,
+    GLOBAL_KEY,
+    TASK_KEY,
+    DpTask,
+    RoundTask,
+    SiteMetrics,
+    adapter_from_record,
+)
+
+
+@dataclass(frozen=True)
+class LocalUpdate:
+    """What a site's local training produced for one round task, before it is sent."""
+
+    site: Site
+    task: RoundTask
+    delta: AdapterState
+    metrics: SiteMetrics
+    dp_event: dict[str, str | int | float] | None
+
+
+def local_update(message: Message, context: Context, sites: SiteProvider) -> LocalUpdate:
+    """Check the round task against the site's rules, then train from the global adapter."""
+    site = sites.site_for(context)
+    content = message.content
+    task = RoundTask.from_record(content.config_records[TASK_KEY])
+    dp = (
+        DpTask.from_record(content.config_records[DP_KEY])
+        if DP_KEY in content.config_records
+        else None
+    )
+    # The site's own rules come first: nothing is loaded or trained for a refused task.
+    if site.policy is not None:
+        check_task(site.policy, task, site=site.name)
+    if task.base_model_hash != site.base_model_hash:
+        raise TaskRefusedError(
+            f"site {site.name}: the round's base model {task.base_model_hash} is not the model "
+            f"installed here ({site.base_model_hash})"
+        )
+    event = plan_round_event(dp, task, num_examples=len(site.examples)) if dp else None
+    check_budget(site.policy, dp=dp, event=event, spent=read_spent(site.spent_path), site=site.name)
+    global_state = adapter_from_record(
+        content.array_records[GLOBAL_KEY],
+        like=site.adapter_template,
+        what=f"global adapter sent to {site.name}",
+    )
+    if dp is not None and event is not None:
+        delta, metrics = _train_private(site, task, dp, event, global_state)
+        # Released is spent: the event is on the site's record before the update leaves.
+        record_spent(site.spent_path, run_id=task.run_id, round_number=task.round, event=event)
+    else:
+        delta, metrics = _train(site, task, global_state)
+    dp_event = event_to_json(event) if event is not None else None
+    return LocalUpdate(site, task, delta, metrics, dp_event)
+
+
+def sign_payload(
+    site: Site, *, federation_id: str, run_id: str, round_number: int, stage: str, payload: bytes
+) -> tuple[UpdateBinding, bytes]:
+    """The site's binding of ``payload`` to this federation, run, round and stage, signed."""
+    binding = UpdateBinding(
+        federation_id=federation_id,
+        run_id=run_id,
+        round=round_number,
+        stage=stage,
+        site_id=site.name,
+        payload_sha256=sha256_hex(payload),
+    )
+    return binding, sign_update(site.signing_key, binding)
+
+
+def _train(
+    site: Site, task: RoundTask, global_state: AdapterState
+) -> tuple[AdapterState, SiteMetrics]:
+    result = train_local(
+        site.model,
+        site.examples,
+        global_state=global_state,
+        steps=task.local_steps,
+        batch_size=task.batch_size,
+        learning_rate=task.learning_rate,
+        proximal_mu=task.proximal_mu,
+        max_grad_norm=task.max_grad_norm or None,
+        pad_id=int(site.tokenizer.pad_token_id),
+        seed=task.seed,
+    )
+    metrics = SiteMetrics(
+        num_examples=result.num_examples,
+        train_loss=result.train_loss,
+        tokens=result.tokens,
+        seconds=result.seconds,
+    )
+    return result.delta, metrics
+
+
+def _train_private(
+    site: Site,
+    task: RoundTask,
+    dp: DpTask,
+    event: PoissonGaussianEvent,
+    global_state: AdapterState,
+) -> tuple[AdapterState, SiteMetrics]:
+    result = train_local_dp(
+        site.model,
+        site.examples,
+        global_state=global_state,
+        steps=event.steps,
+        expected_batch_size=min(task.batch_size, len(site.examples)),
+        learning_rate=task.learning_rate,
+        max_grad_norm=dp.max_grad_norm,
+        noise_multiplier=event.noise_multiplier,
+        proximal_mu=task.proximal_mu,
+        pad_id=int(site.tokenizer.pad_token_id),
+        # The seed drives batch sampling and noise: it must be the site's secret, never the
+        # round seed the coordinator chose, or the coordinator could subtract the noise.
+        seed=secrets.randbits(63),
+    )
+    # Only the DP-protected update is released: no count, loss, tokens or timing.
+    return result.result.delta, SiteMetrics.withheld()

@@ -1,0 +1,236 @@
+"""The site's secure-aggregation handlers: one per stage, state kept in the node's Context.
+
+The session's secrets (X25519 private keys, self-mask seed, shares held for peers) live in
+``context.state`` on the site and never leave it except as the shares the protocol sends,
+sealed for their recipient. Every advertisement the server relays is verified against the
+peer's pinned Ed25519 key before it is used, so the server cannot substitute keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message
+from flwr.clientapp import ClientApp
+
+from fedsilo.client.local import local_update, sign_payload
+from fedsilo.client.policy import TaskRefusedError
+from fedsilo.client.site import Site, SiteProvider
+from fedsilo.crypto import SignatureError, verify_update
+from fedsilo.model.flatten import flatten
+from fedsilo.privacy.distributed_dp import (
+    clip_l2,
+    noise_share_std,
+    rounded_gaussian,
+    secure_generator,
+)
+from fedsilo.privacy.secagg import site as protocol
+from fedsilo.privacy.secagg.masking import SessionId
+from fedsilo.privacy.secagg.messages import (
+    ADVERTISE_STAGE,
+    MASKED_STAGE,
+    SHARE_STAGE,
+    UNMASK_STAGE,
+    Advertisement,
+    SecAggMessageError,
+    SecAggParams,
+    encode_sealed_map,
+)
+from fedsilo.privacy.secagg.quantize import RING_DTYPE, quantize
+from fedsilo.protocol.records import DP_EVENT_KEY, TASK_KEY, RoundTask
+from fedsilo.protocol.secagg_records import (
+    ADVERTISE_MESSAGE,
+    MASKED_MESSAGE,
+    SHARE_MESSAGE,
+    UNMASK_MESSAGE,
+    adverts_from_content,
+    session_from_content,
+    shares_from_content,
+    signed_reply,
+    unmask_from_content,
+)
+
+STATE_KEY = "secagg-session"
+
+
+def _min_cohort(site: Site) -> int:
+    return site.policy.limits.min_cohort if site.policy is not None else 1
+
+
+def _reply(message: Message, site: Site, session: SessionId, stage: str, payload: bytes) -> Message:
+    binding, signature = sign_payload(
+        site,
+        federation_id=session.federation_id,
+        run_id=session.run_id,
+        round_number=session.round,
+        stage=stage,
+        payload=payload,
+    )
+    return Message(signed_reply(payload, binding, signature), reply_to=message)
+
+
+def _save(context: Context, state: protocol.SiteSession) -> None:
+    context.state.config_records[STATE_KEY] = ConfigRecord({"state": state.to_bytes()})
+
+
+def _load(context: Context, site: Site, message: Message) -> protocol.SiteSession:
+    session, params = session_from_content(message.content)
+    record = context.state.config_records.get(STATE_KEY)
+    raw = record.get("state") if record is not None else None
+    if not isinstance(raw, bytes):
+        raise protocol.SecAggRefusedError(f"site {site.name}: no secure-aggregation session open")
+    state = protocol.SiteSession.from_bytes(raw)
+    if state.session != session or state.params != params or state.site != site.name:
+        raise protocol.SecAggRefusedError(
+            f"site {site.name}: the request is for session {session.key()}, but the open session "
+            f"is {state.session.key()} (or its parameters changed)"
+        )
+    return state
+
+
+def handle_advertise(message: Message, context: Context, sites: SiteProvider) -> Message:
+    """Stage 1: open a session with fresh keys; reply with the signed public keys."""
+    site = sites.site_for(context)
+    session, params = session_from_content(message.content)
+    if site.policy is not None and site.policy.accept.federation_id != session.federation_id:
+        raise TaskRefusedError(
+            f"site {site.name}: policy accepts federation {site.policy.accept.federation_id!r}, "
+            f"not {session.federation_id!r}"
+        )
+    if params.cohort_size < _min_cohort(site):
+        raise TaskRefusedError(
+            f"site {site.name}: the round sums {params.cohort_size} sites; policy requires at "
+            f"least {_min_cohort(site)}"
+        )
+    state = protocol.advertise(site=site.name, session=session, params=params)
+    _save(context, state)
+    return _reply(message, site, session, ADVERTISE_STAGE, state.advertisement().to_payload())
+
+
+def _verified_cohort(site: Site, message: Message, session: SessionId) -> dict[str, Advertisement]:
+    cohort: dict[str, Advertisement] = {}
+    for signed in adverts_from_content(message.content):
+        if signed.site in cohort:
+            raise protocol.SecAggRefusedError(f"site {site.name}: {signed.site} advertised twice")
+        if signed.site not in site.peer_keys:
+            raise protocol.SecAggRefusedError(
+                f"site {site.name}: {signed.site!r} is not an enrolled site of this federation"
+            )
+        try:
+            verify_update(
+                site.peer_keys[signed.site],
+                signed.binding(session, ADVERTISE_STAGE),
+                signed.signature,
+            )
+            advert = Advertisement.from_payload(
+                signed.payload, site=signed.site, session=session.key()
+            )
+        except (SignatureError, SecAggMessageError) as error:
+            raise protocol.SecAggRefusedError(
+                f"site {site.name}: the key advertisement of {signed.site} is not "
+                f"authentic: {error}"
+            ) from None
+        cohort[signed.site] = advert
+    return cohort
+
+
+def handle_share(message: Message, context: Context, sites: SiteProvider) -> Message:
+    """Stage 2: verify the cohort's advertisements; reply with shares sealed for each peer."""
+    site = sites.site_for(context)
+    state = _load(context, site, message)
+    cohort = _verified_cohort(site, message, state.session)
+    state, sealed = protocol.share_keys(state, cohort)
+    _save(context, state)
+    return _reply(message, site, state.session, SHARE_STAGE, encode_sealed_map(sealed))
+
+
+def _quantized_update(
+    site: Site, params: SecAggParams, message: Message, context: Context
+) -> tuple[np.ndarray, dict[str, str | int | float] | None]:
+    update = local_update(message, context, _Fixed(site))
+    vector = flatten(update.delta)
+    q = params.quantization()
+    if params.distributed_dp:
+        vector = clip_l2(vector, clip_norm=params.dp_clip_norm)
+    words = quantize(vector, q)
+    if params.distributed_dp:
+        std = noise_share_std(
+            noise_multiplier=params.dp_noise_multiplier,
+            clip_norm=params.dp_clip_norm,
+            threshold=params.threshold,
+        )
+        noise = rounded_gaussian(len(words), std=std * q.scale, generator=secure_generator())
+        words = words + noise.astype(RING_DTYPE)  # wraps modulo 2^32
+    return words, update.dp_event
+
+
+class _Fixed:
+    """A SiteProvider that always answers with one site (already resolved by the caller)."""
+
+    def __init__(self, site: Site) -> None:
+        self.site = site
+
+    def site_for(self, context: Context) -> Site:
+        del context
+        return self.site
+
+
+def handle_masked_input(message: Message, context: Context, sites: SiteProvider) -> Message:
+    """Stage 3: open the relayed shares, check the cohort, train, reply with the masked input."""
+    site = sites.site_for(context)
+    state = _load(context, site, message)
+    task = RoundTask.from_record(message.content.config_records[TASK_KEY])
+    bound = (task.federation_id, task.run_id, task.round)
+    if bound != (state.session.federation_id, state.session.run_id, state.session.round):
+        raise protocol.SecAggRefusedError(
+            f"site {site.name}: the round task is for {bound}, not session {state.session.key()}"
+        )
+    # The cohort check comes before any training: a refused round costs nothing.
+    state = protocol.receive_shares(
+        state, shares_from_content(message.content), min_cohort=_min_cohort(site)
+    )
+    _save(context, state)
+    words, dp_event = _quantized_update(site, state.params, message, context)
+    masked = protocol.mask(state, words)
+    payload = masked.astype("<u4").tobytes()
+    reply = _reply(message, site, state.session, MASKED_STAGE, payload)
+    if dp_event is not None:
+        reply.content[DP_EVENT_KEY] = ConfigRecord(dict(dp_event))
+    return reply
+
+
+def handle_unmask(message: Message, context: Context, sites: SiteProvider) -> Message:
+    """Stage 4: reply, once, with the shares that unmask exactly the named survivors' sum."""
+    site = sites.site_for(context)
+    state = _load(context, site, message)
+    survivors, dropped = unmask_from_content(message.content)
+    state, reply = protocol.unmask(
+        state, survivors=survivors, dropped=dropped, min_cohort=_min_cohort(site)
+    )
+    _save(context, state)
+    return _reply(message, site, state.session, UNMASK_STAGE, reply.to_payload())
+
+
+def register(app: ClientApp, sites: SiteProvider) -> None:
+    """Add the four secure-aggregation handlers to ``app``."""
+    handlers = {
+        ADVERTISE_MESSAGE: handle_advertise,
+        SHARE_MESSAGE: handle_share,
+        MASKED_MESSAGE: handle_masked_input,
+        UNMASK_MESSAGE: handle_unmask,
+    }
+    for message_type, handler in handlers.items():
+        category, action = message_type.split(".")
+        decorator = app.train(action) if category == "train" else app.query(action)
+        decorator(_bound(handler, sites))
+
+
+Handler = Callable[[Message, Context, SiteProvider], Message]
+
+
+def _bound(handler: Handler, sites: SiteProvider) -> Callable[[Message, Context], Message]:
+    def serve(message: Message, context: Context) -> Message:
+        return handler(message, context, sites)
+
+    return serve

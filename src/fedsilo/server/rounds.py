@@ -1,0 +1,174 @@
+"""What every kind of round shares: the plan, the replies of one attempt, tasks and rejections.
+
+The plain round (:mod:`fedsilo.server.federation`) and the secure ones
+(:mod:`fedsilo.server.secagg_round`, :mod:`fedsilo.server.he_round`) build on these, so a
+round's ledger entries and failure reports look the same whatever the aggregation.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from fedsilo.config import FedsiloConfig
+from fedsilo.crypto import PrivateKey, UpdateBinding, sha256_hex
+from fedsilo.evaluation.metrics import GoldMetrics
+from fedsilo.ledger import Entry, EntryKind, Ledger
+from fedsilo.model.adapters import AdapterState, adapter_to_bytes
+from fedsilo.protocol.records import TRAIN_STAGE, DpTask, RoundTask, SiteMetrics
+from fedsilo.server.admission import DpRequirement
+from fedsilo.server.membership import Membership
+from fedsilo.server.run_folder import RunFolder
+from fedsilo.server.strategies import SiteUpdate, Strategy
+
+log = logging.getLogger(__name__)
+
+
+class GoldEvaluator(Protocol):
+    """Scores a global adapter on the held-out gold set at the server."""
+
+    def __call__(self, adapter: AdapterState) -> GoldMetrics: ...
+
+
+class ProgressReporter(Protocol):
+    """Receives each round's metrics record and free-text notices, for display."""
+
+    def round_done(self, record: dict[str, Any], *, total_rounds: int) -> None: ...
+
+    def notice(self, text: str) -> None: ...
+
+
+@dataclass
+class RoundReplies:
+    """What came back in one attempt of a round."""
+
+    updates: list[SiteUpdate] = field(default_factory=list)
+    metrics: dict[str, SiteMetrics] = field(default_factory=dict)
+    failures: dict[str, str] = field(default_factory=dict)  # site or node -> reason
+    # Accepted uploads (node, signed binding) with the ledger entry that records each: what
+    # receipts are issued for.
+    ledgered: list[tuple[int, UpdateBinding, Entry]] = field(default_factory=list)
+    # Secure aggregation: the sites whose inputs are in the one aggregate update, and the bytes
+    # each uploaded over all stages (empty for a plain round).
+    contributors: list[str] = field(default_factory=list)
+    bytes_up: dict[str, int] = field(default_factory=dict)
+    stages: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def sites(self) -> list[str]:
+        """The sites whose updates went into this round."""
+        return sorted(self.contributors or [update.site for update in self.updates])
+
+
+@dataclass(frozen=True)
+class FederationPlan:
+    """Everything the server loop needs besides the grid."""
+
+    config: FedsiloConfig
+    folder: RunFolder
+    base_model_hash: str
+    initial_adapter: AdapterState
+    strategy: Strategy
+    evaluate: GoldEvaluator
+    reporter: ProgressReporter
+    membership: Membership
+    ledger: Ledger
+    coordinator_key: PrivateKey
+
+
+def dp_task(config: FedsiloConfig) -> DpTask | None:
+    """The record-level DP settings sent with each round (None without record-level DP)."""
+    privacy = config.privacy
+    if not privacy.record_level:
+        return None
+    return DpTask(
+        noise_multiplier=privacy.noise_multiplier or 0.0,
+        target_epsilon=privacy.target_epsilon or 0.0,
+        max_grad_norm=privacy.max_grad_norm,
+        delta=privacy.delta,
+        accountant=privacy.accountant,
+        planned_rounds=config.run.rounds,
+    )
+
+
+def dp_requirement(config: FedsiloConfig) -> DpRequirement | None:
+    """What each site's record-level DP event must declare (None without record-level DP)."""
+    privacy = config.privacy
+    if not privacy.record_level:
+        return None
+    return DpRequirement(
+        steps=config.train.local_steps, min_noise_multiplier=privacy.noise_multiplier or 0.0
+    )
+
+
+def adapter_digest(adapter: AdapterState) -> str:
+    """sha256 of the adapter's safetensors bytes: the bytes a checkpoint's adapter file holds."""
+    return sha256_hex(adapter_to_bytes(adapter))
+
+
+def _site_seed(seed: int, round_number: int, node_id: int) -> int:
+    return int(np.random.SeedSequence([seed, round_number, node_id]).generate_state(1)[0])
+
+
+def round_task(plan: FederationPlan, round_number: int, node: int, cohort_size: int) -> RoundTask:
+    """The training instructions for ``node`` in this round."""
+    config, train = plan.config, plan.config.train
+    return RoundTask(
+        federation_id=plan.membership.federation_id,
+        run_id=plan.membership.run_id,
+        stage=TRAIN_STAGE,
+        run_name=config.run.name,
+        round=round_number,
+        cohort_size=cohort_size,
+        base_model_hash=plan.base_model_hash,
+        local_steps=train.local_steps,
+        batch_size=train.batch_size,
+        learning_rate=train.learning_rate,
+        max_length=train.max_length,
+        max_grad_norm=train.max_grad_norm or 0.0,
+        proximal_mu=plan.strategy.site_settings().proximal_mu,
+        seed=_site_seed(config.run.seed, round_number, node),
+    )
+
+
+def open_round(
+    plan: FederationPlan,
+    global_state: AdapterState,
+    *,
+    round_number: int,
+    attempt: int,
+    nodes: Sequence[int],
+) -> dict[int, RoundTask]:
+    """Ledger the round's opening and each node's task; return the tasks."""
+    tasks = {node: round_task(plan, round_number, node, len(nodes)) for node in nodes}
+    plan.ledger.append(
+        EntryKind.ROUND_OPENED,
+        {
+            "round": round_number,
+            "attempt": attempt,
+            "nodes": list(nodes),
+            "global_adapter_sha256": adapter_digest(global_state),
+            "secure_aggregation": plan.config.secure_aggregation.mode,
+        },
+    )
+    for node, task in tasks.items():
+        plan.ledger.append(
+            EntryKind.TASK_SENT,
+            {"round": round_number, "attempt": attempt, "node": node, "task": asdict(task)},
+        )
+    return tasks
+
+
+def reject(
+    plan: FederationPlan, result: RoundReplies, round_number: int, sender: str, reason: str
+) -> None:
+    """Ledger and report a reply (or a missing one) that is not used."""
+    plan.ledger.append(
+        EntryKind.UPDATE_REJECTED, {"round": round_number, "sender": sender, "reason": reason}
+    )
+    result.failures[sender] = reason
+    log.warning("round %d: %s rejected: %s", round_number, sender, reason.splitlines()[0])

@@ -1,0 +1,403 @@
+"""A secure-aggregation round on the Grid: four named stages over one typed state.
+
+    advertise_keys        every sampled site sends signed fresh X25519 public keys   (U1)
+    share_keys            the server relays U1's adverts; each site returns shares of its
+                          self-mask seed and mask key, sealed for each peer          (U2)
+    collect_masked_inputs each site in U2 gets its sealed shares, the global adapter and the
+                          task; it trains and returns its masked, quantized update   (U3)
+    unmask                survivors U3 send self-seed shares of U3 and mask-key shares
+                          of U2 minus U3; the server rebuilds them and removes the masks
+
+Any stage that leaves fewer than ``threshold`` sites halts the attempt (:class:`StageHaltedError`):
+the round is retried from the same global adapter with fresh keys, as a plain round is. The
+server holds only masked vectors, ciphertexts and the shares it is owed; the only plaintext it
+ever computes is the sum of at least ``threshold`` sites' inputs. Each stage's outcome is
+ledgered, and each masked input as an ``update_received`` entry with the site's signature.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import Message, RecordDict
+from flwr.serverapp import Grid
+
+from fedsilo.crypto import encode_signature
+from fedsilo.ledger import EntryKind, JsonValue
+from fedsilo.model.adapters import AdapterState
+from fedsilo.model.flatten import flat_length, unflatten
+from fedsilo.privacy.secagg.masking import SessionId
+from fedsilo.privacy.secagg.messages import (
+    ADVERTISE_STAGE,
+    MASKED_STAGE,
+    SHARE_STAGE,
+    UNMASK_STAGE,
+    Advertisement,
+    SecAggMessageError,
+    SecAggParams,
+    UnmaskReply,
+    decode_sealed_map,
+)
+from fedsilo.privacy.secagg.quantize import RING_DTYPE, dequantize
+from fedsilo.privacy.secagg.recovery import RecoveryError, recover_sum
+from fedsilo.protocol.records import RoundTask, train_instruction
+from fedsilo.protocol.secagg_records import (
+    ADVERTISE_MESSAGE,
+    ADVERTS_KEY,
+    MASKED_MESSAGE,
+    SECAGG_KEY,
+    SHARE_MESSAGE,
+    SHARES_KEY,
+    UNMASK_KEY,
+    UNMASK_MESSAGE,
+    SignedPayload,
+    adverts_record,
+    session_record,
+    shares_record,
+    unmask_record,
+)
+from fedsilo.server.admission import (
+    ExpectedBinding,
+    SignedUpload,
+    UpdateRejectedError,
+    admit_signed,
+    check_dp_event,
+)
+from fedsilo.server.rounds import (
+    FederationPlan,
+    RoundReplies,
+    dp_requirement,
+    dp_task,
+    open_round,
+    reject,
+)
+from fedsilo.server.strategies import SiteUpdate
+
+AGGREGATE_SITE = "secure-aggregate"
+_SMALL_UPLOAD_BYTES = 4 * 1024 * 1024  # keys, sealed shares, unmasking shares
+
+
+class StageHaltedError(Exception):
+    """Too few sites are left at a stage: this attempt stops cleanly (the round is retried)."""
+
+
+@dataclass
+class SecAggState:
+    """Everything the server learns in one attempt of a secure round, stage by stage."""
+
+    session: SessionId
+    params: SecAggParams
+    length: int  # values in the flattened adapter
+    nodes: list[int]
+    node_of: dict[str, int] = field(default_factory=dict)
+    adverts: dict[str, SignedPayload] = field(default_factory=dict)  # U1, relayed verbatim
+    keys: dict[str, Advertisement] = field(default_factory=dict)
+    sealed: dict[str, dict[str, bytes]] = field(default_factory=dict)  # U2: sender -> recipient
+    masked: dict[str, np.ndarray] = field(default_factory=dict)  # U3
+    unmasking: dict[str, UnmaskReply] = field(default_factory=dict)
+    total: np.ndarray | None = None  # the unmasked ring sum of U3's inputs
+    stages: list[dict[str, JsonValue]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class SecAggRound:
+    """What the stages need besides the state: where to send, and what the round is."""
+
+    grid: Grid
+    plan: FederationPlan
+    global_state: AdapterState
+    tasks: Mapping[int, RoundTask]
+    round_number: int
+    replies: RoundReplies  # failures, ledgered uploads and bytes, as for a plain round
+
+
+def _exchange(
+    ctx: SecAggRound,
+    state: SecAggState,
+    contents: Mapping[int, RecordDict],
+    *,
+    message_type: str,
+    stage: str,
+    max_bytes: int,
+) -> dict[str, tuple[SignedUpload, Message]]:
+    """Send one request per node; admit each signed reply of ``stage``; note every failure."""
+    config = ctx.plan.config
+    messages = [
+        Message(
+            content, dst_node_id=node, message_type=message_type, group_id=str(ctx.round_number)
+        )
+        for node, content in contents.items()
+    ]
+    replies = list(ctx.grid.send_and_receive(messages, timeout=config.strategy.round_timeout_s))
+    expected = ExpectedBinding(
+        federation_id=state.session.federation_id,
+        run_id=state.session.run_id,
+        round=state.session.round,
+        stage=stage,
+    )
+    site_keys = ctx.plan.membership.site_keys()
+    accepted: dict[str, tuple[SignedUpload, Message]] = {}
+    answered: set[int] = set()
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        answered.add(node)
+        try:
+            upload = admit_signed(
+                reply,
+                expected=expected,
+                site_keys=site_keys,
+                admitted_sites=accepted.keys(),
+                max_bytes=max_bytes,
+            )
+            site = upload.binding.site_id
+            if state.node_of.setdefault(site, node) != node:
+                raise UpdateRejectedError(site, f"{site} answered from node {node}, not its own")
+        except UpdateRejectedError as rejection:
+            reject(
+                ctx.plan,
+                ctx.replies,
+                ctx.round_number,
+                rejection.sender,
+                f"{stage}: {rejection.reason}",
+            )
+            continue
+        accepted[site] = (upload, reply)
+        ctx.replies.bytes_up[site] = ctx.replies.bytes_up.get(site, 0) + len(upload.payload)
+    for node in contents:
+        if node not in answered:
+            reason = f"{stage}: no reply within {config.strategy.round_timeout_s:g} s"
+            reject(ctx.plan, ctx.replies, ctx.round_number, f"node-{node}", reason)
+    return accepted
+
+
+def _require(ctx: SecAggRound, state: SecAggState, stage: str, sites: list[str]) -> None:
+    """Ledger the stage's outcome; halt the attempt if fewer than ``threshold`` sites remain."""
+    threshold = state.params.threshold
+    halted = len(sites) < threshold
+    outcome: dict[str, JsonValue] = {
+        "round": state.session.round,
+        "attempt": state.session.attempt,
+        "stage": stage,
+        "sites": list(sorted(sites)),
+        "threshold": threshold,
+        "outcome": "halted" if halted else "completed",
+    }
+    ctx.plan.ledger.append(EntryKind.SECURE_AGGREGATION_STAGE, outcome)
+    state.stages.append(outcome)
+    if halted:
+        raise StageHaltedError(
+            f"secure aggregation stopped at {stage}: {len(sites)} sites left, the threshold "
+            f"is {threshold}"
+        )
+
+
+def _session_content(state: SecAggState) -> RecordDict:
+    return RecordDict({SECAGG_KEY: session_record(state.session, state.params)})
+
+
+def advertise_keys(ctx: SecAggRound, state: SecAggState) -> None:
+    """Stage 1: collect each site's signed key advertisement (U1)."""
+    contents = {node: _session_content(state) for node in state.nodes}
+    accepted = _exchange(
+        ctx,
+        state,
+        contents,
+        message_type=ADVERTISE_MESSAGE,
+        stage=ADVERTISE_STAGE,
+        max_bytes=_SMALL_UPLOAD_BYTES,
+    )
+    for site, (upload, _) in accepted.items():
+        try:
+            state.keys[site] = Advertisement.from_payload(
+                upload.payload, site=site, session=state.session.key()
+            )
+        except SecAggMessageError as error:
+            reject(ctx.plan, ctx.replies, ctx.round_number, site, f"{ADVERTISE_STAGE}: {error}")
+            continue
+        state.adverts[site] = SignedPayload(site, upload.payload, upload.signature)
+    _require(ctx, state, "advertise_keys", list(state.adverts))
+
+
+def share_keys(ctx: SecAggRound, state: SecAggState) -> None:
+    """Stage 2: relay U1's adverts; collect each site's sealed shares for its peers (U2)."""
+    relayed = adverts_record([state.adverts[site] for site in sorted(state.adverts)])
+    contents = {}
+    for site in state.adverts:
+        content = _session_content(state)
+        content[ADVERTS_KEY] = relayed
+        contents[state.node_of[site]] = content
+    accepted = _exchange(
+        ctx,
+        state,
+        contents,
+        message_type=SHARE_MESSAGE,
+        stage=SHARE_STAGE,
+        max_bytes=_SMALL_UPLOAD_BYTES,
+    )
+    for site, (upload, _) in accepted.items():
+        peers = set(state.adverts) - {site}
+        try:
+            state.sealed[site] = decode_sealed_map(upload.payload, site=site, recipients=peers)
+        except SecAggMessageError as error:
+            reject(ctx.plan, ctx.replies, ctx.round_number, site, f"{SHARE_STAGE}: {error}")
+    _require(ctx, state, "share_keys", list(state.sealed))
+
+
+def collect_masked_inputs(ctx: SecAggRound, state: SecAggState) -> None:
+    """Stage 3: each site of U2 gets its shares and the task; collect masked inputs (U3)."""
+    cohort = sorted(state.sealed)
+    task_dp = dp_task(ctx.plan.config)
+    contents = {}
+    for site in cohort:
+        node = state.node_of[site]
+        content = train_instruction(ctx.global_state, ctx.tasks[node], task_dp)
+        content[SECAGG_KEY] = session_record(state.session, state.params)
+        content[SHARES_KEY] = shares_record(
+            {sender: state.sealed[sender][site] for sender in cohort if sender != site}
+        )
+        contents[node] = content
+    accepted = _exchange(
+        ctx,
+        state,
+        contents,
+        message_type=MASKED_MESSAGE,
+        stage=MASKED_STAGE,
+        max_bytes=ctx.plan.config.federation.max_update_bytes,
+    )
+    expected_bytes = 4 * state.length
+    for site, (upload, reply) in accepted.items():
+        try:
+            if len(upload.payload) != expected_bytes:
+                raise UpdateRejectedError(
+                    site,
+                    f"masked vector from {site} has {len(upload.payload)} bytes; expected "
+                    f"{expected_bytes} ({state.length} uint32 words, one per adapter value)",
+                )
+            dp_event = check_dp_event(reply.content, dp_requirement(ctx.plan.config), site)
+        except UpdateRejectedError as rejection:
+            reject(
+                ctx.plan, ctx.replies, ctx.round_number, site, f"{MASKED_STAGE}: {rejection.reason}"
+            )
+            continue
+        entry = ctx.plan.ledger.append(
+            EntryKind.UPDATE_RECEIVED,
+            {
+                **upload.binding.fields(),
+                "site_signature": encode_signature(upload.signature),
+                "node": upload.node,
+                "payload_bytes": len(upload.payload),
+                "dp_event": None if dp_event is None else dict(dp_event),
+            },
+        )
+        ctx.replies.ledgered.append((upload.node, upload.binding, entry))
+        state.masked[site] = np.frombuffer(upload.payload, dtype="<u4").astype(RING_DTYPE)
+    _require(ctx, state, "collect_masked_inputs", list(state.masked))
+
+
+def unmask(ctx: SecAggRound, state: SecAggState) -> None:
+    """Stage 4: ask U3 for the shares owed; rebuild the secrets; unmask the sum of U3."""
+    survivors = sorted(state.masked)
+    dropped = sorted(set(state.sealed) - set(state.masked))
+    contents = {}
+    for site in survivors:
+        content = _session_content(state)
+        content[UNMASK_KEY] = unmask_record(survivors, dropped)
+        contents[state.node_of[site]] = content
+    accepted = _exchange(
+        ctx,
+        state,
+        contents,
+        message_type=UNMASK_MESSAGE,
+        stage=UNMASK_STAGE,
+        max_bytes=_SMALL_UPLOAD_BYTES,
+    )
+    for site, (upload, _) in accepted.items():
+        try:
+            state.unmasking[site] = UnmaskReply.from_payload(
+                upload.payload, site=site, survivors=set(survivors), dropped=set(dropped)
+            )
+        except SecAggMessageError as error:
+            reject(ctx.plan, ctx.replies, ctx.round_number, site, f"{UNMASK_STAGE}: {error}")
+    _require(ctx, state, "unmask", list(state.unmasking))
+    try:
+        state.total = recover_sum(
+            session=state.session,
+            threshold=state.params.threshold,
+            adverts=state.keys,
+            masked=state.masked,
+            replies=state.unmasking,
+            dropped=set(dropped),
+        )
+    except RecoveryError as error:
+        raise StageHaltedError(f"secure aggregation could not unmask the sum: {error}") from None
+
+
+Stage = Callable[[SecAggRound, SecAggState], None]
+STAGES: tuple[Stage, ...] = (advertise_keys, share_keys, collect_masked_inputs, unmask)
+
+
+def secagg_params(plan: FederationPlan, cohort_size: int) -> SecAggParams:
+    """The round's parameters from the run's configuration."""
+    config = plan.config
+    privacy = config.privacy
+    return SecAggParams(
+        threshold=config.secure_threshold,
+        cohort_size=cohort_size,
+        clip=config.secure_aggregation.clip,
+        dp_clip_norm=privacy.site_clip_norm if privacy.site_level else 0.0,
+        dp_noise_multiplier=privacy.site_noise_multiplier if privacy.site_level else 0.0,
+    )
+
+
+def secure_sum(
+    grid: Grid,
+    plan: FederationPlan,
+    global_state: AdapterState,
+    *,
+    round_number: int,
+    attempt: int,
+    nodes: list[int],
+) -> tuple[SecAggState, RoundReplies]:
+    """Open the round and run the four stages; ``state.total`` is None if they halted."""
+    tasks = open_round(plan, global_state, round_number=round_number, attempt=attempt, nodes=nodes)
+    membership = plan.membership
+    state = SecAggState(
+        session=SessionId(membership.federation_id, membership.run_id, round_number, attempt),
+        params=secagg_params(plan, len(nodes)),
+        length=flat_length(global_state),
+        nodes=list(nodes),
+    )
+    replies = RoundReplies()
+    ctx = SecAggRound(grid, plan, global_state, tasks, round_number, replies)
+    try:
+        for stage in STAGES:
+            stage(ctx, state)
+    except StageHaltedError as halt:
+        replies.failures["secure-aggregation"] = str(halt)
+    replies.stages = state.stages
+    return state, replies
+
+
+def collect_secure_round(
+    grid: Grid,
+    plan: FederationPlan,
+    global_state: AdapterState,
+    *,
+    round_number: int,
+    attempt: int,
+    nodes: list[int],
+) -> RoundReplies:
+    """A secure round's replies: one aggregate update, the mean of the survivors' inputs."""
+    state, replies = secure_sum(
+        grid, plan, global_state, round_number=round_number, attempt=attempt, nodes=nodes
+    )
+    if state.total is None:
+        return replies
+    contributors = sorted(state.masked)
+    total = dequantize(state.total, state.params.quantization())
+    mean = unflatten(total / len(contributors), global_state)
+    replies.updates = [SiteUpdate(AGGREGATE_SITE, mean, len(contributors))]
+    replies.contributors = contributors
+    return replies

@@ -1,0 +1,260 @@
+"""Secure aggregation over the Grid: exact sums with dropouts at every stage, clean stops below
+the threshold, refusals by sites, and a server that never holds one site's update in the clear.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Message
+
+from fedsilo.client.policy import SitePolicy
+from fedsilo.crypto import agreement_public_bytes, generate_agreement_key
+from fedsilo.ledger import EntryKind, read_entries
+from fedsilo.model.flatten import flatten
+from fedsilo.privacy.secagg import site as site_protocol
+from fedsilo.privacy.secagg.messages import canonical_json
+from fedsilo.privacy.secagg.quantize import dequantize, quantize, resolution
+from fedsilo.protocol.records import UPDATE_KEY
+from fedsilo.protocol.secagg_records import (
+    ADVERTISE_MESSAGE,
+    ADVERTS_KEY,
+    MASKED_MESSAGE,
+    SHARE_MESSAGE,
+    UNMASK_MESSAGE,
+)
+from fedsilo.server.secagg_round import collect_secure_round
+
+from .secagg_harness import TEMPLATE, make_harness, secagg_quantization
+
+# Dropping a site at a stage: it stops answering from that stage's message on.
+STAGE_MESSAGES = {
+    "before key advertisement": ADVERTISE_MESSAGE,
+    "after advertising, before sharing": SHARE_MESSAGE,
+    "after sharing, before the masked input": MASKED_MESSAGE,
+    "after the masked input, during unmasking": UNMASK_MESSAGE,
+}
+
+
+def test_sum_without_dropouts_is_bit_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    h = make_harness(tmp_path, monkeypatch, num_sites=4)
+
+    state, replies = h.run()
+
+    assert state.total is not None, replies.failures
+    np.testing.assert_array_equal(state.total, h.expected_sum(h.names))
+    assert [s["outcome"] for s in state.stages] == ["completed"] * 4
+
+
+@pytest.mark.parametrize("stage", list(STAGE_MESSAGES))
+def test_dropouts_up_to_n_minus_t_at_each_stage_give_the_survivors_exact_sum(
+    stage: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = make_harness(tmp_path, monkeypatch, num_sites=5, threshold=3)
+    dropped = ["site-1", "site-3"]  # n - t = 2
+    h.grid.drop_from[STAGE_MESSAGES[stage]] = {h.node(n) for n in dropped}
+
+    state, replies = h.run()
+
+    assert state.total is not None, replies.failures
+    # Dropping during unmasking still counts their masked inputs: they are in the sum.
+    summed = (
+        h.names
+        if STAGE_MESSAGES[stage] == UNMASK_MESSAGE
+        else [n for n in h.names if n not in dropped]
+    )
+    assert sorted(state.masked) == sorted(summed)
+    np.testing.assert_array_equal(state.total, h.expected_sum(summed))
+
+
+@pytest.mark.parametrize("stage", list(STAGE_MESSAGES))
+def test_below_threshold_at_each_stage_stops_cleanly(
+    stage: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = make_harness(tmp_path, monkeypatch, num_sites=5, threshold=3)
+    h.grid.drop_from[STAGE_MESSAGES[stage]] = {h.node(n) for n in ["site-0", "site-2", "site-4"]}
+
+    state, replies = h.run()
+
+    assert state.total is None
+    assert replies.updates == []
+    assert "threshold is 3" in replies.failures["secure-aggregation"]
+    assert state.stages[-1]["outcome"] == "halted"
+    ledgered = [
+        e.payload
+        for e in read_entries(h.plan.ledger.path)
+        if e.kind is EntryKind.SECURE_AGGREGATION_STAGE
+    ]
+    assert ledgered == state.stages
+
+
+def test_a_retried_attempt_after_a_halt_completes_with_fresh_keys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = make_harness(tmp_path, monkeypatch, num_sites=3, threshold=2)
+    h.grid.drop_from[SHARE_MESSAGE] = {h.node("site-0"), h.node("site-1")}
+    first, _ = h.run(attempt=1)
+    h.grid.drop_from.clear()
+    h.grid._gone.clear()
+
+    second, replies = h.run(attempt=2)
+
+    assert first.total is None
+    assert second.total is not None, replies.failures
+    np.testing.assert_array_equal(second.total, h.expected_sum(h.names))
+    assert first.keys["site-2"].mask_public != second.keys["site-2"].mask_public
+
+
+def test_decoded_mean_is_within_quantization_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = make_harness(tmp_path, monkeypatch, num_sites=4)
+    h.grid.drop_from[MASKED_MESSAGE] = {h.node("site-2")}
+
+    replies = collect_secure_round(
+        h.grid, h.plan, TEMPLATE, round_number=1, attempt=1, nodes=h.nodes
+    )
+
+    [update] = replies.updates
+    survivors = ["site-0", "site-1", "site-3"]
+    assert replies.contributors == survivors
+    exact = np.mean([flatten(h.sites.deltas[n]) for n in survivors], axis=0)
+    error = np.max(np.abs(flatten(update.delta) - exact))
+    assert error <= resolution(secagg_quantization(h)) / 3 + 1e-7  # + fp32 rounding
+    assert "num_examples" not in str(replies.metrics)  # no counts travelled
+
+
+def test_server_never_receives_an_unmasked_update(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = make_harness(tmp_path, monkeypatch, num_sites=4)
+    h.grid.drop_from[UNMASK_MESSAGE] = {h.node("site-3")}
+
+    state, _ = h.run()
+
+    q = secagg_quantization(h)
+    plain = {n: quantize(flatten(h.sites.deltas[n]), q) for n in h.names}
+    masked_replies = [
+        m
+        for m in h.grid.received
+        if not m.has_error() and m.metadata.message_type == MASKED_MESSAGE
+    ]
+    assert len(masked_replies) == 4
+    for reply in masked_replies:
+        words = np.frombuffer(reply.content.array_records[UPDATE_KEY]["safetensors"].numpy(), "<u4")
+        decoded = dequantize(words, q)
+        for vector in plain.values():
+            # Not the input, and not even close to it: masked words look uniform.
+            assert np.count_nonzero(words == vector) <= 1
+            assert np.max(np.abs(decoded - dequantize(vector, q))) > 1.0
+    # Every other upload is keys, sealed shares or shares the server is owed: no input inside.
+    for reply in h.grid.received:
+        if reply.has_error():
+            continue
+        payload = reply.content.array_records[UPDATE_KEY]["safetensors"].numpy().tobytes()
+        for vector in plain.values():
+            assert vector.tobytes() not in payload
+    # A site dropped in unmasking is summed but never unmasked alone: the server holds no
+    # mask-key shares of any survivor.
+    for reply in state.unmasking.values():
+        assert reply.mask_key_shares == {}
+    assert state.total is not None
+
+
+def test_site_refuses_to_unmask_twice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A curious server asking again with other sets (to get both shares of one site) is refused.
+    h = make_harness(tmp_path, monkeypatch, num_sites=3, threshold=2)
+    state, _ = h.run()
+    context = h.grid.contexts[h.node("site-0")]
+    from fedsilo.client.secagg import STATE_KEY
+
+    raw = context.state.config_records[STATE_KEY]["state"]
+    session = site_protocol.SiteSession.from_bytes(raw)  # type: ignore[arg-type]
+
+    with pytest.raises(site_protocol.SecAggRefusedError, match="already answered"):
+        site_protocol.unmask(
+            session, survivors={"site-0", "site-1"}, dropped={"site-2"}, min_cohort=1
+        )
+    assert state.total is not None
+
+
+def test_min_cohort_refusal_reaches_the_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    policy = SitePolicy.model_validate(
+        {"accept": {"federation_id": "fed"}, "limits": {"min_cohort": 4}}
+    )
+    h = make_harness(tmp_path, monkeypatch, num_sites=4, threshold=3, policies={"site-0": policy})
+    h.grid.drop_from[SHARE_MESSAGE] = {h.node("site-3")}
+
+    state, replies = h.run()
+
+    reason = (
+        replies.failures["site-0"]
+        if "site-0" in replies.failures
+        else replies.failures[f"node-{h.node('site-0')}"]
+    )
+    assert "would sum 3 sites" in reason and "min_cohort 4" in reason
+    assert "site-0" not in state.masked
+    assert state.total is None  # 2 left of threshold 3: the attempt stops
+
+
+def test_wrong_length_masked_vector_is_rejected_naming_the_site(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = make_harness(tmp_path, monkeypatch, num_sites=4)
+    real_mask = site_protocol.mask
+
+    def short_mask(state: site_protocol.SiteSession, words: np.ndarray) -> np.ndarray:
+        masked = real_mask(state, words)
+        return masked[:-1] if state.site == "site-1" else masked
+
+    monkeypatch.setattr(site_protocol, "mask", short_mask)
+
+    state, replies = h.run()
+
+    reason = replies.failures["site-1"]
+    assert "masked vector from site-1 has 104 bytes; expected 108" in reason
+    # The rest is summed exactly: site-1 counts as dropped after sharing.
+    assert state.total is not None
+    np.testing.assert_array_equal(state.total, h.expected_sum(["site-0", "site-2", "site-3"]))
+
+
+def test_server_cannot_substitute_a_sites_keys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = make_harness(tmp_path, monkeypatch, num_sites=3, threshold=2)
+
+    def swap_key(message: Message) -> None:
+        # A key the server knows the private half of, in place of site-1's mask key.
+        if message.metadata.message_type != SHARE_MESSAGE:
+            return
+        record = message.content.config_records[ADVERTS_KEY]
+        payloads = list(record["payloads"])  # type: ignore[arg-type]
+        advert = json.loads(payloads[1])
+        advert["mask_public"] = agreement_public_bytes(generate_agreement_key()).hex()
+        payloads[1] = canonical_json(advert)
+        record["payloads"] = payloads
+
+    h.grid.tamper = swap_key
+
+    state, replies = h.run()
+
+    assert state.total is None
+    assert all("not authentic" in r for k, r in replies.failures.items() if k.startswith("site"))
+    assert any("not authentic" in r for r in replies.failures.values())
+
+
+def test_advertise_stage_refuses_a_cohort_below_min_cohort(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    policy = SitePolicy.model_validate(
+        {"accept": {"federation_id": "fed"}, "limits": {"min_cohort": 5}}
+    )
+    h = make_harness(tmp_path, monkeypatch, num_sites=4, policies={"site-2": policy})
+
+    state, replies = h.run()
+
+    assert any("policy requires at least 5" in r for r in replies.failures.values())
+    assert "site-2" not in state.adverts

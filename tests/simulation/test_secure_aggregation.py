@@ -1,0 +1,78 @@
+"""End to end on the tiny model with secure aggregation: the real ServerApp and ClientApp."""
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from fedsilo.config import FedsiloConfig, load_config
+from fedsilo.ledger import EntryKind, read_entries, verify_ledger
+from fedsilo.server.membership import load_membership
+from fedsilo.server.run_folder import RunFolder
+
+from .conftest import run_with_grid
+
+
+def _final(run_dir: Path) -> dict[str, torch.Tensor]:
+    return RunFolder(run_dir).load_checkpoint(1).adapter
+
+
+def test_secagg_round_matches_plain_fedavg_within_quantization_error(
+    make_config: Callable[..., FedsiloConfig], tmp_path: Path
+) -> None:
+    # Equal example counts: FedAvg's weighted mean is the equal-weight mean secagg computes.
+    plain = make_config(run={"rounds": 1})
+    secure = make_config(run={"rounds": 1}, secure_aggregation={"mode": "secagg"})
+
+    run_with_grid(plain, tmp_path / "plain")
+    run_with_grid(secure, tmp_path / "secure")
+
+    folder = RunFolder(tmp_path / "secure")
+    [_, record] = folder.read_metrics()
+    assert record["secure_aggregation"] == "secagg"
+    assert record["sites_ok"] == 3 and len(record["sites"]) == 3
+    assert load_config(folder.config_path).secure_aggregation.mode == "secagg"
+    expected, got = _final(tmp_path / "plain"), _final(tmp_path / "secure")
+    for name in expected:
+        # 3 sites, clip 1: the decoded mean is within 3 / (2 * scale) / 3 (about 7e-10) plus
+        # fp32 rounding of the result.
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6)
+    assert any(not torch.equal(got[n], folder.load_checkpoint(0).adapter[n]) for n in got)
+    entries = read_entries(folder.ledger_path)
+    stages = [e.payload for e in entries if e.kind is EntryKind.SECURE_AGGREGATION_STAGE]
+    assert [(s["stage"], s["outcome"]) for s in stages] == [
+        ("advertise_keys", "completed"),
+        ("share_keys", "completed"),
+        ("collect_masked_inputs", "completed"),
+        ("unmask", "completed"),
+    ]
+    updates = [e.payload for e in entries if e.kind is EntryKind.UPDATE_RECEIVED]
+    assert {u["stage"] for u in updates} == {"secagg-masked"}
+    assert all("num_examples" not in u for u in updates)
+    membership = load_membership(folder.root / "federation.json")
+    report = verify_ledger(
+        folder.ledger_path,
+        coordinator_key=membership.coordinator_key(),
+        site_keys=membership.site_keys(),
+    )
+    assert report.problems == ()
+    assert len(list((folder.root / "sites").rglob("round-1-secagg-masked.json"))) == 3
+
+
+def test_secagg_with_distributed_dp_is_accounted_and_noised(
+    make_config: Callable[..., FedsiloConfig], tmp_path: Path
+) -> None:
+    privacy = {"site_level": True, "site_clip_norm": 0.5, "site_noise_multiplier": 1.0}
+    plain = make_config(run={"rounds": 1})
+    secure = make_config(run={"rounds": 1}, secure_aggregation={"mode": "secagg"}, privacy=privacy)
+
+    run_with_grid(plain, tmp_path / "plain")
+    run_with_grid(secure, tmp_path / "secure")
+
+    [_, record] = RunFolder(tmp_path / "secure").read_metrics()
+    assert record["site_level_epsilon"] > 0
+    assert record["secure_aggregation"] == "secagg"
+    expected, got = _final(tmp_path / "plain"), _final(tmp_path / "secure")
+    # Noise of std 1.0 * 0.5 on the sum of 3, i.e. about 0.17 on the mean, per coordinate.
+    difference = torch.cat([(got[n] - expected[n]).reshape(-1) for n in got])
+    assert 0.08 < float(difference.std()) < 0.35
