@@ -92,3 +92,10 @@ def test_default_threshold_is_a_majority_raised_to_min_sites() -> None:
 
     assert parse_config(five, source="x").secure_threshold == 3
     assert parse_config({**five, "strategy": {"min_sites": 4}}, source="x").secure_threshold == 4
+
+
+def test_update_cosine_clusters_are_refused_under_secure_aggregation() -> None:
+    settings = {"secure_aggregation": {"mode": "secagg"}, "clusters": {"method": "update-cosine"}}
+
+    with pytest.raises(ConfigError, match="raw first update"):
+        parse_config(settings, source="x")

@@ -301,6 +301,15 @@ class FedsiloConfig(Section):
             raise ValueError("secure aggregation needs at least 2 sites per round")
         return self
 
+    @model_validator(mode="after")
+    def _no_raw_updates_under_secure_aggregation(self) -> FedsiloConfig:
+        if self.secure_aggregation.mode != "none" and self.clusters.method == "update-cosine":
+            raise ValueError(
+                'clusters.method "update-cosine" shows the coordinator every site\'s raw first '
+                "update, which secure aggregation forbids; use groups or site"
+            )
+        return self
+
     @property
     def secure_threshold(self) -> int:
         """The fewest sites a secure round sums: the configured threshold (default a majority
