@@ -11,6 +11,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fedsilo.cli.deploy import add_deploy_commands
 from fedsilo.config import ConfigError, FedsiloConfig, load_config, parse_config
 
 if TYPE_CHECKING:
@@ -377,6 +378,7 @@ def _parser() -> argparse.ArgumentParser:
             command.add_argument("--out", type=Path, required=True)
         command.set_defaults(handler=handler)
     _add_bench(commands)
+    add_deploy_commands(commands)
     return parser
 
 

@@ -19,6 +19,26 @@ hide in, hyperparameters outside the allowed ranges.
     [privacy]                             # the site's budget (enforced once DP is configured)
     max_epsilon = 8.0
     delta = 1e-5
+
+A deployed site (``fedsilo site start POLICY``) also says who it is, where its data and keys
+are, where the coordinator is, and which app bundles it accepts:
+
+    [site]
+    name = "st-mary"                      # as enrolled with the coordinator
+    data = "records.jsonl"                # JSONL, CSV or Parquet (text, or prompt/response)
+    base_model = "smollm2-135m-instruct"  # or a local Hugging Face folder
+    keys_dir = "keys"                     # NAME.key and NAME.node.key from `fedsilo certs site`
+    state_dir = "state"                   # receipts, privacy spending, logs
+
+    [connect]
+    coordinator = "coordinator.example.org:9443"
+    ca_cert = "keys/ca.pem"               # the federation's CA (verifies the coordinator)
+    coordinator_key = "keys/coordinator-signing.pub"   # verifies receipts
+
+    [code]
+    bundles = ["sha256:..."]              # optional: refuse runs submitted with other bundles
+
+Relative paths are resolved from the policy file's folder.
 """
 
 from __future__ import annotations
@@ -28,7 +48,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from fedsilo.protocol.records import RoundTask
+from fedsilo.protocol.records import LoraSpec, RoundTask
 
 
 class PolicyError(ValueError):
@@ -61,10 +81,13 @@ class LimitsSection(_Section):
     local_steps: Range = (1, 1000)
     batch_size: Range = (1, 256)
     max_length: Range = (8, 8192)
+    lora_rank: Range = (1, 256)
+    # The largest message (global adapter and task) this site accepts to load.
+    max_payload_bytes: int = Field(256 * 1024 * 1024, ge=1)
 
     @model_validator(mode="after")
     def _ranges_ordered(self) -> LimitsSection:
-        for name in ("learning_rate", "local_steps", "batch_size", "max_length"):
+        for name in ("learning_rate", "local_steps", "batch_size", "max_length", "lora_rank"):
             low, high = getattr(self, name)
             if low > high:
                 raise ValueError(f"{name}: lower bound {low} exceeds upper bound {high}")
@@ -78,12 +101,76 @@ class PrivacySection(_Section):
     delta: float = Field(gt=0, lt=1)
 
 
+class SiteSection(_Section):
+    """Who this site is and what it holds (deployment)."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
+    data: Path
+    base_model: str = "smollm2-135m-instruct"
+    system_prompt: str | None = None
+    keys_dir: Path = Path(".")
+    state_dir: Path = Path("state")
+    torch_threads: int = Field(1, ge=1)
+
+
+class ConnectSection(_Section):
+    """Where the coordinator is and how this site recognises it (deployment)."""
+
+    coordinator: str = Field(pattern=r"^[^\s/]+:[0-9]{1,5}$")
+    ca_cert: Path
+    coordinator_key: Path
+
+
+class CodeSection(_Section):
+    """Which app bundles (FABs) this site accepts runs for; empty: any (none is executed)."""
+
+    bundles: tuple[str, ...] = ()
+
+    @model_validator(mode="after")
+    def _hash_form(self) -> CodeSection:
+        for value in self.bundles:
+            digits = value.removeprefix("sha256:")
+            if digits == value or len(digits) != 64 or digits.strip("0123456789abcdef"):
+                raise ValueError(f"bundles: {value!r} is not of the form sha256:<64 hex digits>")
+        return self
+
+
 class SitePolicy(_Section):
     """A site's policy file."""
 
     accept: AcceptSection
     limits: LimitsSection = LimitsSection()
     privacy: PrivacySection | None = None
+    site: SiteSection | None = None
+    connect: ConnectSection | None = None
+    code: CodeSection = CodeSection()
+
+
+def resolve_policy_paths(policy: SitePolicy, *, base: Path) -> SitePolicy:
+    """The policy with its relative paths taken from ``base`` (the policy file's folder)."""
+    updates: dict[str, object] = {}
+    if policy.site is not None:
+        site = policy.site
+        base_model = site.base_model
+        if "/" in base_model or base_model.startswith("."):
+            base_model = str(base / base_model)
+        updates["site"] = site.model_copy(
+            update={
+                "data": base / site.data,
+                "keys_dir": base / site.keys_dir,
+                "state_dir": base / site.state_dir,
+                "base_model": base_model,
+            }
+        )
+    if policy.connect is not None:
+        connect = policy.connect
+        updates["connect"] = connect.model_copy(
+            update={
+                "ca_cert": base / connect.ca_cert,
+                "coordinator_key": base / connect.coordinator_key,
+            }
+        )
+    return policy.model_copy(update=updates)
 
 
 def load_policy(path: Path) -> SitePolicy:
@@ -129,3 +216,22 @@ def check_task(policy: SitePolicy, task: RoundTask, *, site: str) -> None:
             raise TaskRefusedError(
                 f"site {site}: {name}={value} is outside the policy's range [{low:g}, {high:g}]"
             )
+
+
+def check_lora(policy: SitePolicy, lora: LoraSpec, *, site: str) -> None:
+    """Raise TaskRefusedError if the round's adapter rank is outside the policy's range."""
+    low, high = policy.limits.lora_rank
+    if not low <= lora.rank <= high:
+        raise TaskRefusedError(
+            f"site {site}: lora_rank={lora.rank} is outside the policy's range [{low:g}, {high:g}]"
+        )
+
+
+def check_bundle(policy: SitePolicy, bundle_sha256: str, *, site: str) -> None:
+    """Raise TaskRefusedError unless the run's app bundle is allowed (any, when none is pinned)."""
+    allowed = policy.code.bundles
+    if allowed and bundle_sha256 not in allowed:
+        raise TaskRefusedError(
+            f"site {site}: the run was submitted with app bundle {bundle_sha256}, which this "
+            f"site's policy does not allow ([code] bundles = {list(allowed)})"
+        )

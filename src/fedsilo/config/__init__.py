@@ -11,6 +11,7 @@ from fedsilo.config.load import (
 from fedsilo.config.schema import (
     DEFAULT_TARGET_MODULES,
     ClustersSection,
+    DeploymentSection,
     EvaluationSection,
     FederationSection,
     FedsiloConfig,
@@ -28,6 +29,7 @@ __all__ = [
     "DEFAULT_TARGET_MODULES",
     "ClustersSection",
     "ConfigError",
+    "DeploymentSection",
     "EvaluationSection",
     "FederationSection",
     "FedsiloConfig",

@@ -11,7 +11,7 @@ from typing import Any
 import tomli_w
 from pydantic import ValidationError
 
-from fedsilo.config.schema import FedsiloConfig
+from fedsilo.config.schema import DeploymentSection, FedsiloConfig
 from fedsilo.storage import write_text_atomic
 
 
@@ -82,6 +82,18 @@ def _resolve_paths(config: FedsiloConfig, *, base: Path) -> FedsiloConfig:
                     )
                 }
             ),
+            "deployment": _resolve_deployment(config, base=base),
+        }
+    )
+
+
+def _resolve_deployment(config: FedsiloConfig, *, base: Path) -> DeploymentSection | None:
+    deployment = config.deployment
+    if deployment is None:
+        return None
+    return deployment.model_copy(
+        update={
+            name: base / getattr(deployment, name) for name in ("certs_dir", "state_dir", "run_dir")
         }
     )
 

@@ -191,6 +191,9 @@ class EnrolledSiteSection(Section):
 
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
     public_key: str = Field(pattern=r"^ed25519:")  # as written by `fedsilo keys init`
+    # Deployment: the site's SuperNode authentication key (NAME.node.pub from
+    # `fedsilo certs site`); the coordinator registers it with its SuperLink.
+    node_public_key: str | None = Field(None, pattern=r"^ecdsa-sha2-nistp384 ")
 
 
 class FederationSection(Section):
@@ -212,8 +215,6 @@ class FederationSection(Section):
         names = [site.name for site in self.sites]
         if len(set(names)) != len(names):
             raise ValueError(f"enrolled site names must be unique, got {names}")
-        if self.sites and self.keys_dir is None:
-            raise ValueError("federation.sites pins keys; keys_dir must name where they are")
         return self
 
 
@@ -261,6 +262,26 @@ class SecureAggregationSection(Section):
     clip: float = Field(1.0, gt=0)
 
 
+class DeploymentSection(Section):
+    """How `fedsilo coordinator start` runs the federation on Flower's deployment engine.
+
+    The SuperLink listens on loopback only; sites reach it through nginx on ``listen_host``
+    and ``listen_port``, which terminates TLS and forwards the Fleet API paths and nothing
+    else. Relative paths are resolved from the config file's folder.
+    """
+
+    listen_host: str = "0.0.0.0"
+    listen_port: int = Field(9443, ge=1, le=65535)
+    # Loopback port of the SuperLink itself (0: a free port chosen at start).
+    superlink_port: int = Field(0, ge=0, le=65535)
+    certs_dir: Path = Path("certs")  # from `fedsilo certs init`
+    state_dir: Path = Path("coordinator-state")  # SuperLink database, nginx config, logs
+    run_dir: Path = Path("run")  # the run folder: ledger, checkpoints, metrics
+    # Start the run once this many enrolled sites are connected (default: all of them).
+    min_sites_connected: int | None = Field(None, ge=1)
+    join_timeout_s: float = Field(600.0, gt=0)
+
+
 class FedsiloConfig(Section):
     """A whole run: the content of one config TOML file."""
 
@@ -275,6 +296,15 @@ class FedsiloConfig(Section):
     privacy: PrivacySection = PrivacySection()
     clusters: ClustersSection = ClustersSection()
     secure_aggregation: SecureAggregationSection = SecureAggregationSection()
+    deployment: DeploymentSection | None = None
+
+    @model_validator(mode="after")
+    def _keys_located(self) -> FedsiloConfig:
+        # A simulation holds every site's private key; a deployment holds none of them.
+        federation = self.federation
+        if federation.sites and federation.keys_dir is None and self.deployment is None:
+            raise ValueError("federation.sites pins keys; keys_dir must name where they are")
+        return self
 
     @model_validator(mode="after")
     def _cohort_fits(self) -> FedsiloConfig:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, ConfigRecordValues, MetricRecord, RecordDict
 
+from fedsilo.config import LoraSection
 from fedsilo.crypto import (
     Receipt,
     SignatureError,
@@ -32,6 +33,7 @@ TASK_KEY = "task"
 UPDATE_KEY = "update"
 METRICS_KEY = "metrics"
 DP_KEY = "dp"
+LORA_KEY = "lora"
 DP_EVENT_KEY = "dp_event"
 SITE_KEY = "site"
 RECEIPT_KEY = "receipt"
@@ -178,6 +180,54 @@ class DpTask:
         return cls(**_typed_fields(values, kinds, what="the round's DP settings"))  # type: ignore[arg-type]
 
 
+@dataclass(frozen=True)
+class LoraSpec:
+    """The adapter's shape and scaling, so that a deployed site can build the same LoRA model."""
+
+    rank: int
+    alpha: float
+    dropout: float
+    target_modules: tuple[str, ...]
+
+    def to_record(self) -> ConfigRecord:
+        return ConfigRecord(
+            {
+                "rank": self.rank,
+                "alpha": self.alpha,
+                "dropout": self.dropout,
+                "target_modules": list(self.target_modules),
+            }
+        )
+
+    @classmethod
+    def of(cls, lora: LoraSection) -> LoraSpec:
+        """The spec of a run's [lora] section."""
+        return cls(lora.rank, lora.alpha, lora.dropout, tuple(lora.target_modules))
+
+    @classmethod
+    def from_record(cls, record: ConfigRecord) -> LoraSpec:
+        values = {
+            "rank": record.get("rank"),
+            "alpha": float(a) if isinstance(a := record.get("alpha"), int) else a,
+            "dropout": float(d) if isinstance(d := record.get("dropout"), int) else d,
+        }
+        fields = _typed_fields(
+            values, {"rank": int, "alpha": float, "dropout": float}, what="the round's LoRA spec"
+        )
+        targets = record.get("target_modules")
+        if (
+            not isinstance(targets, list)
+            or not targets
+            or not all(isinstance(t, str) for t in targets)
+        ):
+            raise ProtocolError("the round's LoRA spec needs target_modules as a list of names")
+        rank = int(fields["rank"])
+        if rank < 1:
+            raise ProtocolError(f"the round's LoRA rank must be positive, got {rank}")
+        names = tuple(str(t) for t in targets)
+        return cls(rank, float(fields["alpha"]), float(fields["dropout"]), names)
+
+
 def adapter_to_record(state: AdapterState) -> ArrayRecord:
     """An adapter (or delta) as an ArrayRecord, fp32 (Flower refuses bf16)."""
     return ArrayRecord({name: tensor.to(torch.float32) for name, tensor in state.items()})
@@ -238,12 +288,17 @@ def adapter_from_payload(payload: bytes, *, like: AdapterState, what: str) -> Ad
 
 
 def train_instruction(
-    global_state: AdapterState, task: RoundTask, dp: DpTask | None = None
+    global_state: AdapterState,
+    task: RoundTask,
+    dp: DpTask | None = None,
+    lora: LoraSpec | None = None,
 ) -> RecordDict:
     """The content of a train message."""
     content = RecordDict({GLOBAL_KEY: adapter_to_record(global_state), TASK_KEY: task.to_record()})
     if dp is not None:
         content[DP_KEY] = dp.to_record()
+    if lora is not None:
+        content[LORA_KEY] = lora.to_record()
     return content
 
 

@@ -67,8 +67,8 @@ def check_resume_config(saved: FedsiloConfig, requested: FedsiloConfig, *, sourc
         differing = sorted(
             f"{section}.{key}"
             for section, values in requested_data.items()
-            for key, value in values.items()
-            if saved_data[section].get(key) != value
+            for key, value in (values or {}).items()  # an optional section may be None
+            if (saved_data.get(section) or {}).get(key) != value
         )
         raise ConfigError(
             f"{source}: cannot resume with different settings; these differ from the run's "

@@ -30,6 +30,7 @@ from fedsilo.protocol.records import (
     RECEIPT_MESSAGE,
     TRAIN_MESSAGE,
     TRAIN_STAGE,
+    LoraSpec,
     receipt_to_record,
     train_instruction,
 )
@@ -120,7 +121,7 @@ def collect_round(
     task_dp = dp_task(config)
     messages = [
         Message(
-            train_instruction(global_state, task, task_dp),
+            train_instruction(global_state, task, task_dp, LoraSpec.of(config.lora)),
             dst_node_id=node,
             message_type=TRAIN_MESSAGE,
             group_id=str(round_number),
@@ -137,8 +138,12 @@ def collect_round(
     site_keys = plan.membership.site_keys()
     result = RoundReplies()
     answered: set[int] = set()
+    # Grids set each sent message's id; a reply made by Flower itself (say, "node unavailable")
+    # comes from the SuperLink, not the node, and is matched to its node through that id.
+    sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
     for reply in replies:
-        answered.add(reply.metadata.src_node_id)
+        node = sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+        answered.add(node)
         try:
             admitted = admit_update(
                 reply,
@@ -150,7 +155,9 @@ def collect_round(
                 dp_required=dp_requirement(config),
             )
         except UpdateRejectedError as rejection:
-            reject(plan, result, round_number, rejection.sender, rejection.reason)
+            relayed = node != reply.metadata.src_node_id
+            sender = f"node-{node}" if relayed else rejection.sender
+            reject(plan, result, round_number, sender, rejection.reason)
             continue
         # The entry is durable before the update can influence anything.
         entry = ledger.append(

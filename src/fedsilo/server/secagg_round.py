@@ -42,7 +42,7 @@ from fedsilo.privacy.secagg.messages import (
 )
 from fedsilo.privacy.secagg.quantize import RING_DTYPE, dequantize
 from fedsilo.privacy.secagg.recovery import RecoveryError, recover_sum
-from fedsilo.protocol.records import RoundTask, train_instruction
+from fedsilo.protocol.records import LoraSpec, RoundTask, train_instruction
 from fedsilo.protocol.secagg_records import (
     ADVERTISE_MESSAGE,
     ADVERTS_KEY,
@@ -252,7 +252,8 @@ def collect_masked_inputs(ctx: SecAggRound, state: SecAggState) -> None:
     contents = {}
     for site in cohort:
         node = state.node_of[site]
-        content = train_instruction(ctx.global_state, ctx.tasks[node], task_dp)
+        lora = LoraSpec.of(ctx.plan.config.lora)
+        content = train_instruction(ctx.global_state, ctx.tasks[node], task_dp, lora)
         content[SECAGG_KEY] = session_record(state.session, state.params)
         content[SHARES_KEY] = shares_record(
             {sender: state.sealed[sender][site] for sender in cohort if sender != site}

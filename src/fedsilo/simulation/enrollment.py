@@ -52,7 +52,7 @@ def _pinned_sites(federation: FederationSection, site_names: list[str]) -> dict[
         raise KeyFileError(
             f"sites {unenrolled} of the task are not enrolled in [[federation.sites]]"
         )
-    assert federation.keys_dir is not None  # enforced by FederationSection
+    assert federation.keys_dir is not None  # enforced by FedsiloConfig for a simulation
     for name in site_names:
         path = federation.keys_dir / f"{name}.key"
         held = public_key_text(read_private_key(path, passphrase=None).public_key())

@@ -1,0 +1,1 @@
+"""Running a federation across machines on Flower's deployment engine (SuperLink, SuperNodes)."""

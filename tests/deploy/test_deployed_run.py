@@ -1,0 +1,118 @@
+"""End to end on Flower's deployment engine: a SuperLink behind nginx and three SuperNodes.
+
+Everything runs as separate processes on 127.0.0.1 with TLS (the federation's own CA) and
+SuperNode authentication, started with the `fedsilo coordinator start` and `fedsilo site start`
+commands. Slow (about 1.5 min each on 2 cores): run with `-m slow`.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fedsilo.cli.main import main
+from fedsilo.ledger import EntryKind, read_entries
+
+from .harness import SITES, Deployment, Started, build_deployment, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def deployment(tmp_path: Path, tiny_model_dir: Path) -> Iterator[Deployment]:
+    built = build_deployment(tmp_path, tiny_model_dir, rounds=3, round_timeout_s=25.0)
+    try:
+        yield built
+    finally:
+        built.close()  # every process this test started, by its own PID
+
+
+def _supernode_pid(site: Started) -> int:
+    found = re.findall(r"SuperNode pid (\d+)", site.log())
+    assert found, site.log()
+    return int(found[-1])
+
+
+def _tasks_sent(run_dir: Path, round_number: int) -> int:
+    ledger = run_dir / "ledger.db"
+    if not ledger.exists():
+        return 0
+    return sum(
+        1
+        for entry in read_entries(ledger)
+        if entry.kind == EntryKind.TASK_SENT and entry.payload.get("round") == round_number
+    )
+
+
+def test_three_sites_survive_a_supernode_killed_mid_round(deployment: Deployment) -> None:
+    import os
+
+    coordinator = deployment.start_coordinator()
+    sites = {name: deployment.start_site(name) for name in SITES}
+    watch = [coordinator, *sites.values()]
+    victim = sites["gamma"]
+    # Round 2 is under way once gamma has taken its round-2 task: kill its SuperNode then.
+    wait_for(
+        lambda: "task train (group 2)" in victim.log(),
+        timeout=240,
+        what="gamma to receive its round-2 task",
+        watch=watch,
+    )
+    killed = _supernode_pid(victim)
+    os.kill(killed, signal.SIGKILL)
+
+    assert coordinator.process.wait(timeout=300) == 0, coordinator.log()
+    metrics = deployment.metrics()
+    assert [m["round"] for m in metrics] == [0, 1, 2, 3]
+    assert metrics[1]["sites_ok"] == 3
+    # Round 2 completed without gamma, and says so.
+    assert metrics[2]["sites_ok"] == 2 and metrics[2]["sites_failed"] == 1
+    assert "gamma" not in metrics[2]["sites"]
+    (reason,) = metrics[2]["failures"].values()
+    # Either the round timed out on it, or Flower reported the node gone.
+    assert "no reply within" in reason or "Node Unavailable" in reason
+    # Gamma's SuperNode was started again, rejoined, and trained in round 3.
+    assert f"SuperNode (pid {killed}) exited" in victim.log()
+    assert _supernode_pid(victim) != killed
+    assert metrics[3]["sites"] == sorted(SITES)
+    assert "Flower run status: finished/completed" in coordinator.log()
+    assert main(["audit", "verify", str(deployment.run_dir)]) == 0
+    for name, site in sites.items():
+        assert site.process.poll() is None, f"{name} stopped:\n{site.log()}"
+        assert deployment.stop(site) == 0
+    receipts = sorted(p.name for p in (deployment.root / "gamma/state/receipts").iterdir())
+    assert receipts == ["round-1-train.json", "round-3-train.json"]
+
+
+def test_coordinator_killed_mid_run_resumes_with_the_ledger_intact(
+    deployment: Deployment,
+) -> None:
+    coordinator = deployment.start_coordinator()
+    sites = [deployment.start_site(name) for name in SITES]
+    wait_for(
+        lambda: _tasks_sent(deployment.run_dir, 2) == len(SITES),
+        timeout=240,
+        what="round 2 to be sent",
+        watch=[coordinator, *sites],
+    )
+    deployment.stop(coordinator, sig=signal.SIGKILL)  # no clean-up: a crash
+    before = read_entries(deployment.run_dir / "ledger.db")
+    assert [m["round"] for m in deployment.metrics()] == [0, 1]
+
+    resumed = deployment.start_coordinator(resume=True)
+
+    assert resumed.process.wait(timeout=300) == 0, resumed.log()
+    assert "resuming after round 1" in resumed.log()
+    metrics = deployment.metrics()
+    assert [m["round"] for m in metrics] == [0, 1, 2, 3]
+    after = read_entries(deployment.run_dir / "ledger.db")
+    assert [e.entry_hash for e in after[: len(before)]] == [e.entry_hash for e in before]
+    assert EntryKind.RUN_RESUMED in {e.kind for e in after[len(before) :]}
+    assert after[-1].kind == EntryKind.RUN_FINISHED
+    assert main(["audit", "verify", str(deployment.run_dir)]) == 0
+    for site in sites:
+        assert site.process.poll() is None, site.log()

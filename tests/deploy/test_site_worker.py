@@ -1,0 +1,193 @@
+"""The site worker's gate: bundle allowlist, message size and adapter rank, before the app runs.
+
+The worker is driven with real train messages built by the server's own code, on the tiny
+model; only the Runtime API transport is left out (the end-to-end tests cover it).
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tomli_w
+from flwr.app import Context, Message, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedsilo.client.app import build_client_app
+from fedsilo.client.policy import PolicyError
+from fedsilo.crypto import init_site_keys
+from fedsilo.deploy.bundle import build_bundle, bundle_hash, expected_bundle_hash
+from fedsilo.deploy.site import load_site_policy
+from fedsilo.deploy.site_model import DeployedSite, load_identity
+from fedsilo.deploy.site_worker import SiteWorker
+from fedsilo.model.adapters import attach_lora, get_adapter_state
+from fedsilo.model.base import base_model_hash, load_base_model
+from fedsilo.protocol.records import (
+    PAYLOAD_ARRAY,
+    TRAIN_MESSAGE,
+    TRAIN_STAGE,
+    UPDATE_KEY,
+    LoraSpec,
+    RoundTask,
+    train_instruction,
+)
+
+OTHER_BUNDLE = "sha256:" + "ab" * 32
+
+
+def _policy_file(folder: Path, tiny_model_dir: Path, **sections: dict[str, Any]) -> Path:
+    keys = folder / "keys"
+    init_site_keys("alpha", keys, passphrase=None)
+    init_site_keys("coordinator-signing", keys, passphrase=None)
+    (folder / "records.jsonl").write_text(
+        '{"prompt": "Fever", "response": "R50.9"}\n{"prompt": "Cough", "response": "R05"}\n'
+    )
+    policy: dict[str, Any] = {
+        "accept": {"federation_id": "pilot"},
+        "limits": {"lora_rank": [1, 8]},
+        "site": {
+            "name": "alpha",
+            "data": "records.jsonl",
+            "base_model": str(tiny_model_dir),
+            "keys_dir": "keys",
+        },
+        "connect": {
+            "coordinator": "127.0.0.1:9443",
+            "ca_cert": "keys/ca.pem",
+            "coordinator_key": "keys/coordinator-signing.pub",
+        },
+    }
+    for name, values in sections.items():
+        policy.setdefault(name, {}).update(values)
+    path = folder / "policy.toml"
+    path.write_text(tomli_w.dumps(policy))
+    return path
+
+
+def _worker(path: Path) -> SiteWorker:
+    policy = load_site_policy(path)
+    site = DeployedSite(policy, load_identity(policy))
+    return SiteWorker(
+        site, build_client_app(site), runtime_address="127.0.0.1:1", stop=threading.Event()
+    )
+
+
+def _train_message(tiny_model_dir: Path, *, rank: int = 4) -> Message:
+    base, _ = load_base_model(tiny_model_dir)
+    targets = ("q_proj", "v_proj")
+    model = attach_lora(
+        base, rank=rank, alpha=8.0, dropout=0.0, target_modules=targets, init_seed=0
+    )
+    task = RoundTask(
+        federation_id="pilot",
+        run_id="run-1",
+        stage=TRAIN_STAGE,
+        run_name="t",
+        round=1,
+        cohort_size=3,
+        base_model_hash=base_model_hash(tiny_model_dir),
+        local_steps=1,
+        batch_size=2,
+        learning_rate=0.01,
+        max_length=64,
+        max_grad_norm=1.0,
+        proximal_mu=0.0,
+        seed=1,
+    )
+    lora = LoraSpec(rank=rank, alpha=8.0, dropout=0.0, target_modules=targets)
+    content = train_instruction(get_adapter_state(model), task, None, lora)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SUPERLINK_NODE_ID, 0
+    message = Message(content, 5, TRAIN_MESSAGE, group_id="1")
+    message.metadata.__dict__["_message_id"] = "m-1"
+    return message
+
+
+def _context() -> Context:
+    return Context(run_id=1, node_id=5, node_config={}, state=RecordDict(), run_config={})
+
+
+def test_a_run_with_an_unapproved_bundle_is_refused_before_anything_is_loaded(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    worker = _worker(_policy_file(tmp_path, tiny_model_dir, code={"bundles": [OTHER_BUNDLE]}))
+
+    reply = worker._answer(
+        _train_message(tiny_model_dir), _context(), bundle_sha256=bundle_hash(build_bundle())
+    )
+
+    assert reply.has_error()
+    assert "does not allow" in reply.error.reason
+    assert worker.site._site is None  # no adapter was attached, no data encoded
+
+
+def test_the_approved_bundle_trains_with_the_installed_app(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    pinned = expected_bundle_hash()
+    worker = _worker(_policy_file(tmp_path, tiny_model_dir, code={"bundles": [pinned]}))
+
+    reply = worker._answer(_train_message(tiny_model_dir), _context(), bundle_sha256=pinned)
+
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    assert PAYLOAD_ARRAY in reply.content.array_records[UPDATE_KEY]
+
+
+def test_the_model_stays_loaded_across_rounds(tmp_path: Path, tiny_model_dir: Path) -> None:
+    worker = _worker(_policy_file(tmp_path, tiny_model_dir))
+    bundle = expected_bundle_hash()
+
+    worker._answer(_train_message(tiny_model_dir), _context(), bundle_sha256=bundle)
+    first = worker.site._site
+    worker._answer(_train_message(tiny_model_dir), _context(), bundle_sha256=bundle)
+
+    assert first is not None and worker.site._site is not None
+    assert worker.site._site.model is first.model  # same object: no reload
+
+
+def test_a_rank_outside_the_policy_is_refused(tmp_path: Path, tiny_model_dir: Path) -> None:
+    worker = _worker(_policy_file(tmp_path, tiny_model_dir))
+
+    reply = worker._answer(
+        _train_message(tiny_model_dir, rank=16), _context(), bundle_sha256=expected_bundle_hash()
+    )
+
+    assert reply.has_error() and "lora_rank=16" in reply.error.reason
+
+
+def test_an_oversized_message_is_refused(tmp_path: Path, tiny_model_dir: Path) -> None:
+    worker = _worker(_policy_file(tmp_path, tiny_model_dir, limits={"max_payload_bytes": 1000}))
+
+    reply = worker._answer(
+        _train_message(tiny_model_dir), _context(), bundle_sha256=expected_bundle_hash()
+    )
+
+    assert reply.has_error() and "at most 1000" in reply.error.reason
+
+
+def test_the_bundle_hash_is_stable_and_carries_no_code() -> None:
+    import io
+    import zipfile
+
+    first, second = build_bundle(), build_bundle()
+
+    assert first == second
+    names = zipfile.ZipFile(io.BytesIO(first)).namelist()
+    assert not [n for n in names if n.endswith(".py")], names
+
+
+def test_a_deployed_policy_needs_site_and_connect(tmp_path: Path) -> None:
+    path = tmp_path / "policy.toml"
+    path.write_text('[accept]\nfederation_id = "pilot"\n')
+
+    with pytest.raises(PolicyError, match=r"\['site', 'connect'\]"):
+        load_site_policy(path)
+
+
+def test_bundle_pins_must_be_sha256(tmp_path: Path, tiny_model_dir: Path) -> None:
+    path = _policy_file(tmp_path, tiny_model_dir, code={"bundles": ["md5:abc"]})
+
+    with pytest.raises(PolicyError, match=r"code: .*bundles: .md5:abc. is not"):
+        load_site_policy(path)
