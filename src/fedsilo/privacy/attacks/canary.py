@@ -211,6 +211,29 @@ def exposure_from_log_likelihoods(
     return math.log2(len(scores) + 1) - math.log2(rank)
 
 
+def exposure_p_value(exposures: Sequence[float]) -> float:
+    """Probability that canaries never seen in training reach at least this total exposure.
+
+    For a canary the model never saw, its secret is exchangeable with the random candidates, so
+    its rank is uniform and ``2**-exposure = rank / (candidates + 1)`` is a p-value. Fisher's
+    method combines the canaries: with ``k`` of them, ``ln 2 * sum(exposures)`` is a Gamma(k, 1)
+    variable under that null hypothesis, and this returns its survival function
+    ``exp(-s) * sum_{i<k} s**i / i!``. The ranks are discrete and ties count against the
+    canary, so the p-value is conservative: a small value is real evidence of memorisation.
+    """
+    if not exposures:
+        raise ValueError("exposure_p_value needs at least one exposure")
+    values = np.asarray(exposures, dtype=np.float64)
+    if not np.isfinite(values).all() or (values < 0).any():
+        raise ValueError(f"exposures must be finite and non-negative, got {list(exposures)}")
+    total = math.log(2) * float(values.sum())
+    term, tail = 1.0, 1.0
+    for i in range(1, len(values)):
+        term *= total / i
+        tail += term
+    return min(1.0, math.exp(-total) * tail)
+
+
 def candidate_secrets(canary: Canary, *, count: int, rng: np.random.Generator) -> list[str]:
     """``count`` distinct secrets of the canary's length, uniform over all but the true one."""
     space = 10**canary.digits

@@ -1,0 +1,228 @@
+"""Proof by attack: plant canaries in one site's records, federate, and attack the result.
+
+One experiment: the ICD-10 task with 3 sites by specialty, ``canaries`` secret canaries planted
+``repeats`` times each in the first site's records and as many never planted; a federation is
+simulated with the given privacy settings; then the final global adapter is attacked:
+
+- exposure of every planted and never-planted canary (``fedsilo.privacy.attacks.canary``), and
+  the Fisher-combined p-value of each group under "the model never saw these secrets";
+- loss-threshold membership inference AUC, first site's records against held-out ones.
+
+Used by ``benchmarks/privacy_attacks.py`` and by the end-to-end attack tests.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedsilo.client.site import load_model_with_adapter
+from fedsilo.config import FedsiloConfig, parse_config
+from fedsilo.data.icd10 import build_icd10_task
+from fedsilo.data.records import ChatRecord
+from fedsilo.model.adapters import set_adapter_state
+from fedsilo.privacy.attacks import (
+    CANARY_PROMPT,
+    Canary,
+    exposure,
+    exposure_p_value,
+    make_canaries,
+    membership_auc,
+    plant,
+)
+from fedsilo.server.federation import ProgressReporter
+from fedsilo.server.run_folder import RunFolder
+from fedsilo.simulation.engines import SimulationRequest, simulate
+
+
+@dataclass(frozen=True)
+class CanaryExperiment:
+    """The federation the attack runs on, and the attack's own sizes."""
+
+    base_model: str
+    rounds: int = 3
+    local_steps: int = 100
+    batch_size: int = 8
+    learning_rate: float = 0.01
+    examples_per_site: int = 32
+    canaries: int = 2  # planted; as many again are never planted
+    repeats: int = 16
+    candidates: int = 200
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class AttackOutcome:
+    """What the attacks found on one trained federation."""
+
+    planted_exposure: list[float]
+    never_inserted_exposure: list[float]
+    planted_p_value: float
+    never_inserted_p_value: float
+    max_exposure: float
+    membership_auc: float
+    epsilon: dict[str, float] | None
+    delta: float | None
+    gold_loss: float
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "planted_exposure": self.planted_exposure,
+            "never_inserted_exposure": self.never_inserted_exposure,
+            "planted_mean": statistics.mean(self.planted_exposure),
+            "never_inserted_mean": statistics.mean(self.never_inserted_exposure),
+            "planted_p_value": self.planted_p_value,
+            "never_inserted_p_value": self.never_inserted_p_value,
+            "max_exposure": self.max_exposure,
+            "membership_auc": self.membership_auc,
+            "epsilon": self.epsilon,
+            "delta": self.delta,
+            "gold_loss": self.gold_loss,
+            "seconds": self.seconds,
+        }
+
+
+def _write_jsonl(path: Path, records: list[ChatRecord]) -> Path:
+    lines = [json.dumps({"prompt": r.prompt, "response": r.response}) for r in records]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _read_jsonl(path: Path) -> list[ChatRecord]:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [ChatRecord(**json.loads(line)) for line in lines if line.strip()]
+
+
+def _canaries(experiment: CanaryExperiment) -> tuple[list[Canary], list[Canary]]:
+    canaries = make_canaries(
+        experiment.canaries * 2, digits=6, rng=np.random.default_rng(experiment.seed)
+    )
+    return canaries[: experiment.canaries], canaries[experiment.canaries :]
+
+
+def prepare(experiment: CanaryExperiment, work: Path, privacy: dict[str, Any]) -> FedsiloConfig:
+    """Write the sites' files (canaries planted in the first) and the gold set; the config."""
+    task = build_icd10_task(
+        num_sites=3,
+        partition="by-chapter",
+        alpha=1.0,
+        examples_per_site=experiment.examples_per_site,
+        gold_size=experiment.examples_per_site,
+        seed=experiment.seed,
+    )
+    planted, _never = _canaries(experiment)
+    rng = np.random.default_rng(experiment.seed + 1)
+    work.mkdir(parents=True, exist_ok=True)
+    sites = []
+    for index, site in enumerate(task.sites):
+        records: list[ChatRecord] = [r for r in site.records if isinstance(r, ChatRecord)]
+        if index == 0:
+            records = [
+                r
+                for r in plant(records, planted, repeats=experiment.repeats, rng=rng)
+                if isinstance(r, ChatRecord)
+            ]
+        path = _write_jsonl(work / f"{site.name}.jsonl", records)
+        sites.append({"name": site.name, "path": str(path)})
+    _write_jsonl(work / "gold.jsonl", [r for r in task.gold if isinstance(r, ChatRecord)])
+    return parse_config(
+        {
+            "run": {"name": "canary-attack", "rounds": experiment.rounds, "torch_threads": 1},
+            "model": {"base": experiment.base_model},
+            "task": {
+                "name": "files",
+                "sites": sites,
+                "gold_path": str(work / "gold.jsonl"),
+                "system_prompt": task.system_prompt,
+            },
+            "train": {
+                "local_steps": experiment.local_steps,
+                "batch_size": experiment.batch_size,
+                "learning_rate": experiment.learning_rate,
+                "max_length": 96,
+            },
+            "strategy": {"min_sites": 3},
+            "evaluation": {"max_new_tokens": 4},
+            "privacy": privacy,
+        },
+        source="canary experiment",
+    )
+
+
+def attack(config: FedsiloConfig, run_dir: Path, experiment: CanaryExperiment) -> AttackOutcome:
+    """Attack the final global adapter of the finished run in ``run_dir``."""
+    started = time.perf_counter()
+    loaded = load_model_with_adapter(config)
+    folder = RunFolder(run_dir)
+    set_adapter_state(
+        loaded.model, folder.load_checkpoint(folder.latest_checkpoint_round() or 0).adapter
+    )
+    rng = np.random.default_rng(experiment.seed + 2)
+    system_prompt = config.task.system_prompt
+
+    def exposures(canaries: list[Canary]) -> list[float]:
+        return [
+            exposure(
+                loaded.model,
+                loaded.tokenizer,
+                canary,
+                candidates=experiment.candidates,
+                rng=rng,
+                system_prompt=system_prompt,
+                batch_size=32,
+            )
+            for canary in canaries
+        ]
+
+    planted, never = _canaries(experiment)
+    members = [r for r in _read_jsonl(config.task.sites[0].path) if r.prompt != CANARY_PROMPT]
+    if config.task.gold_path is None:
+        raise ValueError("canary experiment: the config has no gold_path (use prepare())")
+    held_out = _read_jsonl(config.task.gold_path)
+    planted_exposure, never_exposure = exposures(planted), exposures(never)
+    auc = membership_auc(
+        loaded.model,
+        loaded.tokenizer,
+        members[: len(held_out)],
+        held_out,
+        system_prompt=system_prompt,
+        batch_size=16,
+        max_length=96,
+    )
+    final = folder.read_metrics()[-1]
+    return AttackOutcome(
+        planted_exposure=planted_exposure,
+        never_inserted_exposure=never_exposure,
+        planted_p_value=exposure_p_value(planted_exposure),
+        never_inserted_p_value=exposure_p_value(never_exposure),
+        max_exposure=float(np.log2(experiment.candidates + 1)),
+        membership_auc=auc,
+        epsilon=final.get("epsilon"),
+        delta=final.get("delta"),
+        gold_loss=float(final["gold_loss"]),
+        seconds=time.perf_counter() - started,
+    )
+
+
+def run_canary_experiment(
+    experiment: CanaryExperiment,
+    work: Path,
+    *,
+    privacy: dict[str, Any],
+    reporter: ProgressReporter,
+) -> AttackOutcome:
+    """Prepare the sites in ``work``, simulate the federation, attack its final adapter."""
+    config = prepare(experiment, work, privacy)
+    run_dir = work / "run"
+    started = time.perf_counter()
+    simulate(SimulationRequest(config=config, run_dir=run_dir, resume=False, reporter=reporter))
+    outcome = attack(config, run_dir, experiment)
+    total = time.perf_counter() - started
+    return AttackOutcome(**{**outcome.__dict__, "seconds": total})
