@@ -1,18 +1,21 @@
 """What privacy costs in accuracy: the demo federation at several privacy settings.
 
-    python benchmarks/privacy_utility.py [--rounds 3] [--settings no_dp,eps8,...] [--force]
+    python benchmarks/privacy_utility.py [--rounds 2] [--local-steps 8] [--settings no_dp,eps8,...]
 
-Runs the embedded default federation (SmolLM2-135M-Instruct, 4 hospitals by specialty, ICD-10-CM
-coding) once per privacy setting, with everything else equal: no DP; record-level DP-SGD at a
-target epsilon of 1, 3 and 8 for the whole run (each site calibrates its own noise); and
-site-level DP at the coordinator (clipped updates, noise on the sum). Each finished setting is
-written to benchmarks/results/privacy-utility.json at once, and a rerun skips the settings already
-there (``--force`` reruns them), so an interrupted benchmark loses at most one setting.
+Runs the embedded default federation (SmolLM2-135M-Instruct, 4 hospitals by specialty,
+ICD-10-CM coding) once per privacy setting, with everything else equal. The default training
+budget is smaller than the demo's (2 rounds of 8 local steps) so that five runs fit on two cores.
+Settings: no DP; record-level DP-SGD at a target epsilon of 1, 3 and 8 for the whole run (each
+site calibrates its own noise); and site-level DP at the coordinator (clipped updates, noise on
+the sum). Each finished setting is written to benchmarks/results/privacy-utility.json at once,
+and a rerun skips the settings already there (``--force`` reruns them), so an interrupted
+benchmark loses at most one setting; settings may run in parallel processes.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import platform
@@ -45,10 +48,13 @@ SETTINGS: dict[str, dict[str, Any]] = {
 METRIC_KEYS = ("gold_accuracy", "gold_category_accuracy", "gold_loss")
 
 
-def _config(privacy: dict[str, Any], *, rounds: int, threads: int) -> FedsiloConfig:
+def _config(
+    privacy: dict[str, Any], *, rounds: int, local_steps: int, threads: int
+) -> FedsiloConfig:
     text = resources.files("fedsilo.configs").joinpath("demo.toml").read_text(encoding="utf-8")
     data = tomllib.loads(text)
     data["run"].update({"rounds": rounds, "torch_threads": threads, "name": "privacy-utility"})
+    data["train"]["local_steps"] = local_steps
     data["privacy"] = privacy
     return parse_config(data, source="privacy utility benchmark")
 
@@ -64,6 +70,7 @@ def _run(name: str, config: FedsiloConfig, run_dir: Path) -> dict[str, Any]:
     return {
         "setting": name,
         "privacy": config.privacy.model_dump(mode="json"),
+        "train": config.train.model_dump(mode="json"),
         "final": {key: final[key] for key in METRIC_KEYS},
         "epsilon": final.get("epsilon"),
         "site_level_epsilon": final.get("site_level_epsilon"),
@@ -81,8 +88,9 @@ def _load() -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--local-steps", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--settings", default=",".join(SETTINGS))
     parser.add_argument("--runs", type=Path, default=Path("runs") / "privacy-utility")
     parser.add_argument("--force", action="store_true")
@@ -96,27 +104,42 @@ def main() -> None:
     for name in names:
         result = _load()
         done = result.get("settings", {})
-        if name in done and not args.force and done[name]["per_round"][-1]["round"] == args.rounds:
+        same = name in done and done[name]["train"]["local_steps"] == args.local_steps
+        if same and not args.force and done[name]["per_round"][-1]["round"] == args.rounds:
             print(f"{name}: already measured, skipped (use --force to rerun)")
             continue
-        config = _config(SETTINGS[name], rounds=args.rounds, threads=args.threads)
+        config = _config(
+            SETTINGS[name], rounds=args.rounds, local_steps=args.local_steps, threads=args.threads
+        )
         row = _run(name, config, args.runs / name)
         print(name, json.dumps({"final": row["final"], "epsilon": row["epsilon"]}))
-        result = _load()
-        result.update(
-            {
-                "benchmark": "privacy-utility",
-                "model": config.model.base,
-                "task": config.task.model_dump(mode="json"),
-                "train": config.train.model_dump(mode="json"),
-                "rounds": args.rounds,
-                "threads": args.threads,
-                "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-            }
-        )
-        result.setdefault("settings", {})[name] = row
-        write_text_atomic(OUT, json.dumps(result, indent=2) + "\n")
+        # Settings may run in parallel processes: merge under a lock on the results folder,
+        # so no process overwrites another's row.
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        folder = os.open(RESULTS, os.O_RDONLY)
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX)
+            _save(name, row, config, args)
+        finally:
+            os.close(folder)
     print(f"wrote {OUT}")
+
+
+def _save(name: str, row: dict[str, Any], config: FedsiloConfig, args: argparse.Namespace) -> None:
+    result = _load()
+    result.update(
+        {
+            "benchmark": "privacy-utility",
+            "model": config.model.base,
+            "task": config.task.model_dump(mode="json"),
+            "train": config.train.model_dump(mode="json"),
+            "rounds": args.rounds,
+            "threads": args.threads,
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        }
+    )
+    result.setdefault("settings", {})[name] = row
+    write_text_atomic(OUT, json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from typing import Any
 
 from quality_report import quality_sections, scale_section
 from report_distill import distill_section
+from report_privacy import attack_section, utility_section
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -137,42 +138,6 @@ def _audit_section(result: dict[str, Any] | None) -> list[str]:
     return lines
 
 
-def _attack_section(result: dict[str, Any] | None) -> list[str]:
-    lines = ["## Privacy attacks: canary exposure and membership inference", ""]
-    if result is None:
-        return [*lines, "Not measured yet: run `python benchmarks/privacy_attacks.py`.", ""]
-    settings = result["settings"]
-    lines += [
-        f"`python benchmarks/privacy_attacks.py --model {settings['model']}`: 3 sites, "
-        f"{settings['rounds']} rounds of {settings['steps']} local steps; {settings['canaries']} "
-        f"canaries planted {settings['repeats']} times each in one site's records, "
-        f"{settings['canaries']} never planted; exposure ranks each secret among "
-        f"{settings['candidates']} random ones (maximum "
-        f"{result['results']['no_dp']['max_exposure']:.2f} bits, about 1.44 expected by chance); "
-        "membership AUC separates that site's records from held-out ones (0.5 = no signal).",
-        "",
-        "| training | epsilon per site | planted exposure (bits) | never-planted exposure | "
-        "membership AUC |",
-        "|---|---|---|---|---:|",
-    ]
-    for name, label in (("no_dp", "no DP"), ("record_dp", "record-level DP-SGD")):
-        row = result["results"][name]
-        epsilon = row["epsilon"]
-        eps_text = "unbounded" if not epsilon else ", ".join(f"{v:.2f}" for v in epsilon.values())
-        planted = ", ".join(f"{v:.2f}" for v in row["planted_exposure"])
-        never = ", ".join(f"{v:.2f}" for v in row["never_inserted_exposure"])
-        lines.append(
-            f"| {label} | {eps_text} | {planted} | {never} | {row['membership_auc']:.3f} |"
-        )
-    lines += [
-        "",
-        f"Measured {result['measured_at']} on {result['machine']['cpus']} CPU cores; source: "
-        f"`benchmarks/results/privacy-attacks-{settings['model']}.json`.",
-        "",
-    ]
-    return lines
-
-
 def main() -> None:
     lines = [
         "# Benchmarks",
@@ -183,7 +148,17 @@ def main() -> None:
         *_throughput_section(_load("throughput.json")),
         *_demo_section(_load("demo.json")),
         *_audit_section(_load("audit_overhead.json")),
-        *_attack_section(_load("privacy-attacks-tiny.json")),
+        *attack_section(
+            [
+                r
+                for r in (
+                    _load("privacy-attacks-tiny.json"),
+                    _load("privacy-attacks-smollm2-135m-instruct.json"),
+                )
+                if r is not None
+            ]
+        ),
+        *utility_section(_load("privacy-utility.json")),
         *distill_section(_load("distill.json")),
         *quality_sections(),
         *scale_section(),

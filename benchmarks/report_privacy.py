@@ -1,0 +1,163 @@
+"""The privacy sections of docs/benchmarks.md: attacks, and privacy against utility."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.2f}%" if value < 0.01 else f"{100 * value:.1f}%"
+
+
+def attack_section(results: list[dict[str, Any]]) -> list[str]:
+    lines = ["## Privacy attacks: canary exposure and membership inference", ""]
+    if not results:
+        return [*lines, "Not measured yet: run `python benchmarks/privacy_attacks.py`.", ""]
+    lines += [
+        "`python benchmarks/privacy_attacks.py --model M`: 3 sites by specialty; canaries planted "
+        "several times in one site's records and as many never planted; exposure ranks each "
+        "secret among random ones (about 1.44 bits expected by chance); the p-value is the "
+        "chance that secrets the model never saw reach the group's total exposure (Fisher's "
+        "method; small means memorised); membership AUC separates that site's records from "
+        "held-out ones (0.5 = no signal). Goal: without DP the planted canaries are exposed, "
+        "with DP at epsilon <= 8 they look like never-planted ones.",
+        "",
+    ]
+    for result in results:
+        settings = result["settings"]
+        lines += [
+            f"**`{settings['model']}`**: {settings['rounds']} rounds of {settings['steps']} local "
+            f"steps, {settings['canaries']} canaries planted {settings['repeats']} times each, "
+            f"{settings['candidates']} candidates (maximum exposure "
+            f"{result['results']['no_dp']['max_exposure']:.2f} bits).",
+            "",
+            "| training | epsilon per site | planted exposure (bits) | p-value | "
+            "never-planted exposure | p-value | membership AUC |",
+            "|---|---|---|---:|---|---:|---:|",
+        ]
+        for name, label in (("no_dp", "no DP"), ("record_dp", "record-level DP-SGD")):
+            row = result["results"][name]
+            epsilon = row["epsilon"]
+            eps_text = (
+                "unbounded" if not epsilon else ", ".join(f"{v:.2f}" for v in epsilon.values())
+            )
+            planted = ", ".join(f"{v:.2f}" for v in row["planted_exposure"])
+            never = ", ".join(f"{v:.2f}" for v in row["never_inserted_exposure"])
+            lines.append(
+                f"| {label} | {eps_text} | {planted} | {_p(row.get('planted_p_value'))} | "
+                f"{never} | {_p(row.get('never_inserted_p_value'))} | "
+                f"{row['membership_auc']:.3f} |"
+            )
+        lines += [
+            "",
+            f"Measured {result['measured_at']} on {result['machine']['cpus']} CPU cores; "
+            f"source: `benchmarks/results/privacy-attacks-{Path(settings['model']).name}.json`.",
+            "",
+        ]
+    return lines
+
+
+def _p(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2g}"
+
+
+_UTILITY_LABELS = {
+    "no_dp": "no DP (epsilon = inf)",
+    "eps8": "record-level DP-SGD, target epsilon 8",
+    "eps3": "record-level DP-SGD, target epsilon 3",
+    "eps1": "record-level DP-SGD, target epsilon 1",
+    "site_level": "site-level DP (clip 1, noise multiplier 1)",
+}
+UTILITY_PLOT = DOCS / "plots" / "privacy-utility.svg"
+
+
+def _utility_epsilon(row: dict[str, Any]) -> str:
+    if row.get("epsilon"):
+        values = row["epsilon"].values()
+        return f"{max(values):.2f} (largest of {len(row['epsilon'])} sites)"
+    if row.get("site_level_epsilon") is not None:
+        return f"{row['site_level_epsilon']:.2f} (per site's whole data)"
+    return "unbounded"
+
+
+def _utility_plot(result: dict[str, Any]) -> None:
+    from fedsilo.report.svg import line_chart
+
+    series = {
+        _UTILITY_LABELS.get(name, name): [
+            (float(r["round"]), float(r["gold_loss"])) for r in row["per_round"]
+        ]
+        for name, row in result["settings"].items()
+    }
+    chart = line_chart(
+        series,
+        title="Gold loss per round at each privacy setting",
+        x_label="round",
+        y_label="gold loss (mean answer-token loss)",
+        width=820,
+    )
+    UTILITY_PLOT.parent.mkdir(parents=True, exist_ok=True)
+    UTILITY_PLOT.write_text(chart + "\n", encoding="utf-8")
+
+
+def utility_section(result: dict[str, Any] | None) -> list[str]:
+    lines = ["## Privacy and utility", ""]
+    if result is None:
+        return [*lines, "Not measured yet: run `python benchmarks/privacy_utility.py`.", ""]
+    task, train = result["task"], result["train"]
+    rows = result["settings"]
+    lines += [
+        "`python benchmarks/privacy_utility.py` runs the demo federation once per privacy "
+        f"setting, everything else equal: `{result['model']}`, {task['num_sites']} hospitals "
+        f"by specialty, {task['examples_per_site']} records each, {result['rounds']} rounds of "
+        f"{train['local_steps']} local steps (batch {train['batch_size']}, learning rate "
+        f"{train['learning_rate']}), gold set of {task['gold_size']} ICD-10-CM codes no site "
+        "saw. Record-level targets are for the whole run, delta 1e-5, clip 1; each site "
+        "calibrates its own noise. Goal: epsilon 8 keeps >= 90% of non-DP gold accuracy.",
+        "",
+        "| setting | epsilon | gold exact match | gold category | gold loss | minutes |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for name in ("no_dp", "eps8", "eps3", "eps1", "site_level"):
+        if name not in rows:
+            lines.append(f"| {_UTILITY_LABELS[name]} | not measured | | | | |")
+            continue
+        row = rows[name]
+        final = row["final"]
+        lines.append(
+            f"| {_UTILITY_LABELS[name]} | {_utility_epsilon(row)} | "
+            f"{_pct(final['gold_accuracy'])} | {_pct(final['gold_category_accuracy'])} | "
+            f"{final['gold_loss']:.3f} | {row['seconds'] / 60:.1f} |"
+        )
+    base = rows.get("no_dp", {}).get("final")
+    eps8 = rows.get("eps8", {}).get("final")
+    if base and eps8:
+        lines += ["", _utility_goal(base, eps8)]
+    _utility_plot(result)
+    lines += [
+        "",
+        f"![gold loss per round](plots/{UTILITY_PLOT.name})",
+        "",
+        f"Round 0 is the base model before training. Measured on {result['machine']['cpus']} "
+        "CPU cores shared with other work (minutes are wall time, not comparable across rows); "
+        "source: `benchmarks/results/privacy-utility.json`.",
+        "",
+    ]
+    return lines
+
+
+def _utility_goal(base: dict[str, Any], eps8: dict[str, Any]) -> str:
+    if base["gold_accuracy"] > 0:
+        kept = eps8["gold_accuracy"] / base["gold_accuracy"]
+        return f"At epsilon 8 the federation keeps {_pct(kept)} of the non-DP exact-match accuracy."
+    return (
+        "The goal cannot be read from exact match here: without DP the model reaches "
+        f"{_pct(base['gold_accuracy'])} exact match on unseen codes in this budget, so the ratio "
+        "is undefined. The gold loss carries the comparison: "
+        f"{base['gold_loss']:.3f} without DP against {eps8['gold_loss']:.3f} at epsilon 8."
+    )
