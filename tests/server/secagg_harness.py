@@ -17,6 +17,7 @@ import pytest
 import torch
 from flwr.app import Context, Message
 
+from fedsilo.client import he as client_he
 from fedsilo.client import secagg as client_secagg
 from fedsilo.client.app import build_client_app
 from fedsilo.client.local import LocalUpdate
@@ -126,12 +127,18 @@ def make_harness(
     min_sites: int = 2,
     policies: dict[str, SitePolicy] | None = None,
     privacy: dict[str, Any] | None = None,
+    secure: dict[str, Any] | None = None,
 ) -> Harness:
     config = parse_config(
         {
             "task": {"num_sites": num_sites},
             "strategy": {"min_sites": min_sites},
-            "secure_aggregation": {"mode": "secagg", "threshold": threshold, "clip": 0.5},
+            "secure_aggregation": {
+                "mode": "secagg",
+                "threshold": threshold,
+                "clip": 0.5,
+                **(secure or {}),
+            },
             "privacy": privacy or {},
         },
         source="test config",
@@ -171,6 +178,7 @@ def make_harness(
         return LocalUpdate(site, task, fixed.deltas[site.name], SiteMetrics.withheld(), None)
 
     monkeypatch.setattr(client_secagg, "local_update", fixed_update)
+    monkeypatch.setattr(client_he, "local_update", fixed_update)
     ledger = Ledger.open(tmp_path / "ledger.sqlite", coordinator_key=coordinator)
     ledger.append(EntryKind.RUN_STARTED, {"federation_id": "fed", "run_id": "run-1"})
     plan = FederationPlan(

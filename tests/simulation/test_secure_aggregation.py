@@ -76,3 +76,31 @@ def test_secagg_with_distributed_dp_is_accounted_and_noised(
     # Noise of std 1.0 * 0.5 on the sum of 3, i.e. about 0.17 on the mean, per coordinate.
     difference = torch.cat([(got[n] - expected[n]).reshape(-1) for n in got])
     assert 0.08 < float(difference.std()) < 0.35
+
+
+def test_he_round_matches_plain_fedavg_within_ckks_error(
+    make_config: Callable[..., FedsiloConfig], tmp_path: Path
+) -> None:
+    plain = make_config(run={"rounds": 1})
+    secure = make_config(run={"rounds": 1}, secure_aggregation={"mode": "he"})
+
+    run_with_grid(plain, tmp_path / "plain")
+    run_with_grid(secure, tmp_path / "secure")
+
+    folder = RunFolder(tmp_path / "secure")
+    [_, record] = folder.read_metrics()
+    assert record["secure_aggregation"] == "he"
+    assert record["sites_ok"] == 3
+    expected, got = _final(tmp_path / "plain"), _final(tmp_path / "secure")
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6)
+    entries = read_entries(folder.ledger_path)
+    updates = [e.payload for e in entries if e.kind is EntryKind.UPDATE_RECEIVED]
+    assert {u["stage"] for u in updates} == {"he-encrypted"}
+    membership = load_membership(folder.root / "federation.json")
+    report = verify_ledger(
+        folder.ledger_path,
+        coordinator_key=membership.coordinator_key(),
+        site_keys=membership.site_keys(),
+    )
+    assert report.problems == ()

@@ -8,7 +8,7 @@ from dataclasses import asdict
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedsilo.client import secagg
+from fedsilo.client import he, secagg
 from fedsilo.client.local import local_update, sign_payload
 from fedsilo.client.site import SiteProvider
 from fedsilo.crypto import encode_signature, verify_receipt
@@ -63,5 +63,6 @@ def build_client_app(sites: SiteProvider) -> ClientApp:
         return handle_receipt(message, context, sites)
 
     secagg.register(app, sites)
+    he.register(app, sites)
 
     return app

@@ -140,3 +140,14 @@ def _train_private(
     )
     # Only the DP-protected update is released: no count, loss, tokens or timing.
     return result.result.delta, SiteMetrics.withheld()
+
+
+class SingleSite:
+    """A SiteProvider that always answers with one site (already resolved by the caller)."""
+
+    def __init__(self, site: Site) -> None:
+        self.site = site
+
+    def site_for(self, context: Context) -> Site:
+        del context
+        return self.site

@@ -14,7 +14,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from fedsilo.client.local import local_update, sign_payload
+from fedsilo.client.local import SingleSite, local_update, sign_payload
 from fedsilo.client.policy import TaskRefusedError
 from fedsilo.client.site import Site, SiteProvider
 from fedsilo.crypto import SignatureError, verify_update
@@ -58,7 +58,9 @@ def _min_cohort(site: Site) -> int:
     return site.policy.limits.min_cohort if site.policy is not None else 1
 
 
-def _reply(message: Message, site: Site, session: SessionId, stage: str, payload: bytes) -> Message:
+def reply_signed(
+    message: Message, site: Site, session: SessionId, stage: str, payload: bytes
+) -> Message:
     binding, signature = sign_payload(
         site,
         federation_id=session.federation_id,
@@ -74,7 +76,7 @@ def _save(context: Context, state: protocol.SiteSession) -> None:
     context.state.config_records[STATE_KEY] = ConfigRecord({"state": state.to_bytes()})
 
 
-def _load(context: Context, site: Site, message: Message) -> protocol.SiteSession:
+def load_session(context: Context, site: Site, message: Message) -> protocol.SiteSession:
     session, params = session_from_content(message.content)
     record = context.state.config_records.get(STATE_KEY)
     raw = record.get("state") if record is not None else None
@@ -105,10 +107,10 @@ def handle_advertise(message: Message, context: Context, sites: SiteProvider) ->
         )
     state = protocol.advertise(site=site.name, session=session, params=params)
     _save(context, state)
-    return _reply(message, site, session, ADVERTISE_STAGE, state.advertisement().to_payload())
+    return reply_signed(message, site, session, ADVERTISE_STAGE, state.advertisement().to_payload())
 
 
-def _verified_cohort(site: Site, message: Message, session: SessionId) -> dict[str, Advertisement]:
+def verified_cohort(site: Site, message: Message, session: SessionId) -> dict[str, Advertisement]:
     cohort: dict[str, Advertisement] = {}
     for signed in adverts_from_content(message.content):
         if signed.site in cohort:
@@ -138,17 +140,17 @@ def _verified_cohort(site: Site, message: Message, session: SessionId) -> dict[s
 def handle_share(message: Message, context: Context, sites: SiteProvider) -> Message:
     """Stage 2: verify the cohort's advertisements; reply with shares sealed for each peer."""
     site = sites.site_for(context)
-    state = _load(context, site, message)
-    cohort = _verified_cohort(site, message, state.session)
+    state = load_session(context, site, message)
+    cohort = verified_cohort(site, message, state.session)
     state, sealed = protocol.share_keys(state, cohort)
     _save(context, state)
-    return _reply(message, site, state.session, SHARE_STAGE, encode_sealed_map(sealed))
+    return reply_signed(message, site, state.session, SHARE_STAGE, encode_sealed_map(sealed))
 
 
 def _quantized_update(
     site: Site, params: SecAggParams, message: Message, context: Context
 ) -> tuple[np.ndarray, dict[str, str | int | float] | None]:
-    update = local_update(message, context, _Fixed(site))
+    update = local_update(message, context, SingleSite(site))
     vector = flatten(update.delta)
     q = params.quantization()
     if params.distributed_dp:
@@ -165,21 +167,10 @@ def _quantized_update(
     return words, update.dp_event
 
 
-class _Fixed:
-    """A SiteProvider that always answers with one site (already resolved by the caller)."""
-
-    def __init__(self, site: Site) -> None:
-        self.site = site
-
-    def site_for(self, context: Context) -> Site:
-        del context
-        return self.site
-
-
 def handle_masked_input(message: Message, context: Context, sites: SiteProvider) -> Message:
     """Stage 3: open the relayed shares, check the cohort, train, reply with the masked input."""
     site = sites.site_for(context)
-    state = _load(context, site, message)
+    state = load_session(context, site, message)
     task = RoundTask.from_record(message.content.config_records[TASK_KEY])
     bound = (task.federation_id, task.run_id, task.round)
     if bound != (state.session.federation_id, state.session.run_id, state.session.round):
@@ -194,7 +185,7 @@ def handle_masked_input(message: Message, context: Context, sites: SiteProvider)
     words, dp_event = _quantized_update(site, state.params, message, context)
     masked = protocol.mask(state, words)
     payload = masked.astype("<u4").tobytes()
-    reply = _reply(message, site, state.session, MASKED_STAGE, payload)
+    reply = reply_signed(message, site, state.session, MASKED_STAGE, payload)
     if dp_event is not None:
         reply.content[DP_EVENT_KEY] = ConfigRecord(dict(dp_event))
     return reply
@@ -203,18 +194,18 @@ def handle_masked_input(message: Message, context: Context, sites: SiteProvider)
 def handle_unmask(message: Message, context: Context, sites: SiteProvider) -> Message:
     """Stage 4: reply, once, with the shares that unmask exactly the named survivors' sum."""
     site = sites.site_for(context)
-    state = _load(context, site, message)
+    state = load_session(context, site, message)
     survivors, dropped = unmask_from_content(message.content)
     state, reply = protocol.unmask(
         state, survivors=survivors, dropped=dropped, min_cohort=_min_cohort(site)
     )
     _save(context, state)
-    return _reply(message, site, state.session, UNMASK_STAGE, reply.to_payload())
+    return reply_signed(message, site, state.session, UNMASK_STAGE, reply.to_payload())
 
 
 def register(app: ClientApp, sites: SiteProvider) -> None:
     """Add the four secure-aggregation handlers to ``app``."""
-    handlers = {
+    handlers: dict[str, Handler] = {
         ADVERTISE_MESSAGE: handle_advertise,
         SHARE_MESSAGE: handle_share,
         MASKED_MESSAGE: handle_masked_input,
@@ -223,13 +214,15 @@ def register(app: ClientApp, sites: SiteProvider) -> None:
     for message_type, handler in handlers.items():
         category, action = message_type.split(".")
         decorator = app.train(action) if category == "train" else app.query(action)
-        decorator(_bound(handler, sites))
+        decorator(bind(handler, sites))
 
 
 Handler = Callable[[Message, Context, SiteProvider], Message]
 
 
-def _bound(handler: Handler, sites: SiteProvider) -> Callable[[Message, Context], Message]:
+def bind(handler: Handler, sites: SiteProvider) -> Callable[[Message, Context], Message]:
+    """``handler`` as a Flower handler serving ``sites``."""
+
     def serve(message: Message, context: Context) -> Message:
         return handler(message, context, sites)
 

@@ -31,7 +31,7 @@ TaskName = Literal["icd10", "drug-review", "shakespeare", "files"]
 # "sentiment" rating class and adjacent class, "next-token" teacher-forced top-1 and top-5.
 MetricName = Literal["code", "sentiment", "next-token"]
 ClusterMethod = Literal["none", "groups", "site", "update-cosine"]
-SecureAggregationMode = Literal["none", "secagg"]
+SecureAggregationMode = Literal["none", "secagg", "he"]
 
 
 class Section(BaseModel):
@@ -249,8 +249,9 @@ class PrivacySection(Section):
 class SecureAggregationSection(Section):
     """How site updates are combined without the coordinator seeing any one of them.
 
-    "secagg": pairwise-masked fixed-point sums with dropout recovery (docs/secure-aggregation.md).
-    With it, sites send no example counts (updates are equally weighted) and, when
+    "secagg": pairwise-masked fixed-point sums with dropout recovery (docs/secure-aggregation.md);
+    "he": CKKS homomorphic encryption under a key the sites create and the server never holds.
+    With either, sites send no example counts (updates are equally weighted) and, when
     ``privacy.site_level`` is on, add the DP noise themselves (distributed DP).
     """
 
@@ -260,6 +261,10 @@ class SecureAggregationSection(Section):
     threshold: int | None = Field(None, ge=2)
     # secagg: each coordinate is clipped to [-clip, clip] before fixed-point quantization.
     clip: float = Field(1.0, gt=0)
+    # he: substrings selecting the tensors that are encrypted (empty: all); the others travel
+    # in the clear, one per site.
+    he_tensors: tuple[str, ...] = ()
+    he_poly_modulus_degree: Literal[4096, 8192, 16384] = 8192
 
 
 class DeploymentSection(Section):

@@ -35,6 +35,7 @@ from fedsilo.protocol.records import (
     train_instruction,
 )
 from fedsilo.server.admission import ExpectedBinding, UpdateRejectedError, admit_update
+from fedsilo.server.he_round import collect_he_round
 from fedsilo.server.privacy_report import site_epsilons, site_level_epsilon
 from fedsilo.server.rounds import (
     FederationPlan,
@@ -262,7 +263,11 @@ def _bytes_up_per_site(replies: RoundReplies) -> float:
 
 Collector = Callable[..., RoundReplies]
 # secagg and he return one aggregate update (the mean of the contributors' inputs).
-COLLECTORS: dict[str, Collector] = {"none": collect_round, "secagg": collect_secure_round}
+COLLECTORS: dict[str, Collector] = {
+    "none": collect_round,
+    "secagg": collect_secure_round,
+    "he": collect_he_round,
+}
 
 
 def run_federation(grid: Grid, plan: FederationPlan, *, resume: bool) -> AdapterState:

@@ -113,7 +113,7 @@ class SecAggRound:
     replies: RoundReplies  # failures, ledgered uploads and bytes, as for a plain round
 
 
-def _exchange(
+def exchange(
     ctx: SecAggRound,
     state: SecAggState,
     contents: Mapping[int, RecordDict],
@@ -172,7 +172,7 @@ def _exchange(
     return accepted
 
 
-def _require(ctx: SecAggRound, state: SecAggState, stage: str, sites: list[str]) -> None:
+def require_sites(ctx: SecAggRound, state: SecAggState, stage: str, sites: list[str]) -> None:
     """Ledger the stage's outcome; halt the attempt if fewer than ``threshold`` sites remain."""
     threshold = state.params.threshold
     halted = len(sites) < threshold
@@ -193,14 +193,14 @@ def _require(ctx: SecAggRound, state: SecAggState, stage: str, sites: list[str])
         )
 
 
-def _session_content(state: SecAggState) -> RecordDict:
+def session_content(state: SecAggState) -> RecordDict:
     return RecordDict({SECAGG_KEY: session_record(state.session, state.params)})
 
 
 def advertise_keys(ctx: SecAggRound, state: SecAggState) -> None:
     """Stage 1: collect each site's signed key advertisement (U1)."""
-    contents = {node: _session_content(state) for node in state.nodes}
-    accepted = _exchange(
+    contents = {node: session_content(state) for node in state.nodes}
+    accepted = exchange(
         ctx,
         state,
         contents,
@@ -217,7 +217,7 @@ def advertise_keys(ctx: SecAggRound, state: SecAggState) -> None:
             reject(ctx.plan, ctx.replies, ctx.round_number, site, f"{ADVERTISE_STAGE}: {error}")
             continue
         state.adverts[site] = SignedPayload(site, upload.payload, upload.signature)
-    _require(ctx, state, "advertise_keys", list(state.adverts))
+    require_sites(ctx, state, "advertise_keys", list(state.adverts))
 
 
 def share_keys(ctx: SecAggRound, state: SecAggState) -> None:
@@ -225,10 +225,10 @@ def share_keys(ctx: SecAggRound, state: SecAggState) -> None:
     relayed = adverts_record([state.adverts[site] for site in sorted(state.adverts)])
     contents = {}
     for site in state.adverts:
-        content = _session_content(state)
+        content = session_content(state)
         content[ADVERTS_KEY] = relayed
         contents[state.node_of[site]] = content
-    accepted = _exchange(
+    accepted = exchange(
         ctx,
         state,
         contents,
@@ -242,7 +242,7 @@ def share_keys(ctx: SecAggRound, state: SecAggState) -> None:
             state.sealed[site] = decode_sealed_map(upload.payload, site=site, recipients=peers)
         except SecAggMessageError as error:
             reject(ctx.plan, ctx.replies, ctx.round_number, site, f"{SHARE_STAGE}: {error}")
-    _require(ctx, state, "share_keys", list(state.sealed))
+    require_sites(ctx, state, "share_keys", list(state.sealed))
 
 
 def collect_masked_inputs(ctx: SecAggRound, state: SecAggState) -> None:
@@ -259,7 +259,7 @@ def collect_masked_inputs(ctx: SecAggRound, state: SecAggState) -> None:
             {sender: state.sealed[sender][site] for sender in cohort if sender != site}
         )
         contents[node] = content
-    accepted = _exchange(
+    accepted = exchange(
         ctx,
         state,
         contents,
@@ -294,7 +294,7 @@ def collect_masked_inputs(ctx: SecAggRound, state: SecAggState) -> None:
         )
         ctx.replies.ledgered.append((upload.node, upload.binding, entry))
         state.masked[site] = np.frombuffer(upload.payload, dtype="<u4").astype(RING_DTYPE)
-    _require(ctx, state, "collect_masked_inputs", list(state.masked))
+    require_sites(ctx, state, "collect_masked_inputs", list(state.masked))
 
 
 def unmask(ctx: SecAggRound, state: SecAggState) -> None:
@@ -303,10 +303,10 @@ def unmask(ctx: SecAggRound, state: SecAggState) -> None:
     dropped = sorted(set(state.sealed) - set(state.masked))
     contents = {}
     for site in survivors:
-        content = _session_content(state)
+        content = session_content(state)
         content[UNMASK_KEY] = unmask_record(survivors, dropped)
         contents[state.node_of[site]] = content
-    accepted = _exchange(
+    accepted = exchange(
         ctx,
         state,
         contents,
@@ -321,7 +321,7 @@ def unmask(ctx: SecAggRound, state: SecAggState) -> None:
             )
         except SecAggMessageError as error:
             reject(ctx.plan, ctx.replies, ctx.round_number, site, f"{UNMASK_STAGE}: {error}")
-    _require(ctx, state, "unmask", list(state.unmasking))
+    require_sites(ctx, state, "unmask", list(state.unmasking))
     try:
         state.total = recover_sum(
             session=state.session,

@@ -1,0 +1,207 @@
+"""The site's homomorphic-encryption handlers: key ceremony, encrypted input, decryption.
+
+Key ceremony: every site of the round advertises signed X25519 keys (the secure-aggregation
+advertise stage, reused); one site, the dealer, verifies every advertisement against the
+pinned identity keys, creates a CKKS context with a fresh secret key and seals it for each other
+site under the key only the two of them agree on. The server relays the sealed contexts and gets
+the public part only: it can add ciphertexts, never decrypt them. A site verifies the dealer's
+advertisement before it uses the key it received.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message
+from flwr.clientapp import ClientApp
+
+from fedsilo.client.local import SingleSite, local_update
+from fedsilo.client.policy import TaskRefusedError
+from fedsilo.client.secagg import Handler, bind, load_session, reply_signed, verified_cohort
+from fedsilo.client.site import Site, SiteProvider
+from fedsilo.crypto import (
+    SealError,
+    SignatureError,
+    agree,
+    agreement_key_from_bytes,
+    open_sealed,
+    seal,
+    verify_update,
+)
+from fedsilo.model.flatten import flatten, unflatten
+from fedsilo.privacy.distributed_dp import clip_l2, noise_share_std, secure_generator
+from fedsilo.privacy.he import ckks
+from fedsilo.privacy.secagg.masking import SessionId
+from fedsilo.privacy.secagg.messages import (
+    ADVERTISE_STAGE,
+    Advertisement,
+    SecAggMessageError,
+    canonical_json,
+)
+from fedsilo.privacy.secagg.site import SecAggRefusedError, SiteSession
+from fedsilo.protocol.he_records import (
+    DECRYPT_MESSAGE,
+    DECRYPTED_STAGE,
+    ENCRYPTED_MESSAGE,
+    ENCRYPTED_STAGE,
+    KEYGEN_MESSAGE,
+    KEYS_STAGE,
+    DecryptRequest,
+    EncryptRequest,
+    keygen_from_content,
+)
+from fedsilo.protocol.records import DP_EVENT_KEY, TASK_KEY, RoundTask
+
+HE_STATE_KEY = "he-session"
+
+
+def _key_contexts(session: SessionId, dealer: str, peer: str) -> tuple[bytes, bytes]:
+    return session.context("he-key", dealer, peer), session.context("he-seal", dealer, peer)
+
+
+def _save_secret(context: Context, session: SessionId, secret: bytes, *, decrypted: bool) -> None:
+    context.state.config_records[HE_STATE_KEY] = ConfigRecord(
+        {"session": session.key(), "secret": secret, "decrypted": decrypted}
+    )
+
+
+def _load_secret(context: Context, site: Site, session: SessionId) -> tuple[bytes, bool]:
+    record = context.state.config_records.get(HE_STATE_KEY)
+    if record is None or record.get("session") != session.key():
+        raise SecAggRefusedError(f"site {site.name}: holds no CKKS key for session {session.key()}")
+    secret, decrypted = record.get("secret"), record.get("decrypted")
+    assert isinstance(secret, bytes) and isinstance(decrypted, bool)
+    return secret, decrypted
+
+
+def handle_keygen(message: Message, context: Context, sites: SiteProvider) -> Message:
+    """The dealer: verify the cohort, create the CKKS key, seal it for every other site."""
+    site = sites.site_for(context)
+    state = load_session(context, site, message)
+    cohort = verified_cohort(site, message, state.session)
+    if cohort.get(site.name) != state.advertisement():
+        raise SecAggRefusedError(f"site {site.name}: the cohort does not hold this site's keys")
+    secret = ckks.new_secret_context(keygen_from_content(message.content))
+    share_key = agreement_key_from_bytes(state.share_key)
+    recipients = sorted(name for name in cohort if name != site.name)
+    sealed = []
+    for peer in recipients:
+        key_context, associated = _key_contexts(state.session, site.name, peer)
+        key = agree(share_key, cohort[peer].share_public, context=key_context)
+        sealed.append(seal(key, secret, associated=associated))
+    _save_secret(context, state.session, secret, decrypted=False)
+    header = canonical_json({"recipients": recipients})
+    payload = ckks.frame([header, ckks.public_part(secret), *sealed])
+    return reply_signed(message, site, state.session, KEYS_STAGE, payload)
+
+
+def _received_secret(site: Site, state: SiteSession, request: EncryptRequest) -> bytes:
+    dealer = request.dealer
+    if dealer.site not in site.peer_keys:
+        raise SecAggRefusedError(f"site {site.name}: dealer {dealer.site!r} is not enrolled")
+    try:
+        verify_update(
+            site.peer_keys[dealer.site],
+            dealer.binding(state.session, ADVERTISE_STAGE),
+            dealer.signature,
+        )
+        advert = Advertisement.from_payload(
+            dealer.payload, site=dealer.site, session=state.session.key()
+        )
+    except (SignatureError, SecAggMessageError) as error:
+        raise SecAggRefusedError(
+            f"site {site.name}: the dealer's advertisement is not authentic: {error}"
+        ) from None
+    key_context, associated = _key_contexts(state.session, dealer.site, site.name)
+    key = agree(agreement_key_from_bytes(state.share_key), advert.share_public, context=key_context)
+    try:
+        return open_sealed(key, request.sealed_secret, associated=associated)
+    except SealError as error:
+        raise SecAggRefusedError(f"site {site.name}: the sealed CKKS key: {error}") from None
+
+
+def selector(tensors: tuple[str, ...]) -> Callable[[str], bool]:
+    """Whether a tensor is encrypted: its name contains one of ``tensors`` (all when empty)."""
+    return lambda name: not tensors or any(part in name for part in tensors)
+
+
+def handle_encrypted_input(message: Message, context: Context, sites: SiteProvider) -> Message:
+    """Train, then send the selected tensors encrypted under the ceremony's key."""
+    site = sites.site_for(context)
+    state = load_session(context, site, message)
+    task = RoundTask.from_record(message.content.config_records[TASK_KEY])
+    if (task.federation_id, task.run_id, task.round) != (
+        state.session.federation_id,
+        state.session.run_id,
+        state.session.round,
+    ):
+        raise SecAggRefusedError(f"site {site.name}: the round task is for another session")
+    request = EncryptRequest.from_content(message.content)
+    if request.dealer.site == site.name:
+        secret, _ = _load_secret(context, site, state.session)
+    else:
+        secret = _received_secret(site, state, request)
+        _save_secret(context, state.session, secret, decrypted=False)
+    update = local_update(message, context, SingleSite(site))
+    select = selector(request.tensors)
+    params = state.params
+    if params.distributed_dp:
+        std = noise_share_std(
+            noise_multiplier=params.dp_noise_multiplier,
+            clip_norm=params.dp_clip_norm,
+            threshold=params.threshold,
+        )
+        full = clip_l2(flatten(update.delta), clip_norm=params.dp_clip_norm)
+        noise = secure_generator().normal(0.0, std, size=len(full))
+        noised = unflatten(full + noise, update.delta)
+    else:
+        noised = update.delta
+    encrypted = flatten(noised, select)
+    plain = flatten(noised, lambda name: not select(name)).astype("<f4")
+    chunks = ckks.encrypt(ckks.load_context(secret, what="CKKS key", secret=True), encrypted)
+    payload = ckks.frame([plain.tobytes(), *chunks])
+    reply = reply_signed(message, site, state.session, ENCRYPTED_STAGE, payload)
+    if update.dp_event is not None:
+        reply.content[DP_EVENT_KEY] = ConfigRecord(dict(update.dp_event))
+    return reply
+
+
+def handle_decrypt(message: Message, context: Context, sites: SiteProvider) -> Message:
+    """Decrypt the sum, once per session, if it sums enough enrolled sites."""
+    site = sites.site_for(context)
+    state = load_session(context, site, message)
+    secret, decrypted = _load_secret(context, site, state.session)
+    if decrypted:
+        raise SecAggRefusedError(f"site {site.name}: already decrypted a sum in this session")
+    request = DecryptRequest.from_content(message.content)
+    contributors = set(request.contributors)
+    unknown = sorted(contributors - set(site.peer_keys))
+    if unknown or len(contributors) != len(request.contributors):
+        raise SecAggRefusedError(f"site {site.name}: contributors {unknown} are not enrolled")
+    min_cohort = site.policy.limits.min_cohort if site.policy is not None else 1
+    needed = max(state.params.threshold, min_cohort)
+    if len(contributors) < needed:
+        raise TaskRefusedError(
+            f"site {site.name}: the sum holds {len(contributors)} sites; this site decrypts "
+            f"only sums of at least {needed} (threshold {state.params.threshold}, policy "
+            f"min_cohort {min_cohort})"
+        )
+    key = ckks.load_context(secret, what="CKKS key", secret=True)
+    values = ckks.decrypt(key, request.chunks, length=request.length, what="the summed input")
+    _save_secret(context, state.session, secret, decrypted=True)
+    payload = np.asarray(values, dtype="<f8").tobytes()
+    return reply_signed(message, site, state.session, DECRYPTED_STAGE, payload)
+
+
+def register(app: ClientApp, sites: SiteProvider) -> None:
+    """Add the key-ceremony, encrypted-input and decryption handlers to ``app``."""
+    handlers: dict[str, Handler] = {
+        KEYGEN_MESSAGE: handle_keygen,
+        ENCRYPTED_MESSAGE: handle_encrypted_input,
+        DECRYPT_MESSAGE: handle_decrypt,
+    }
+    for message_type, handler in handlers.items():
+        category, action = message_type.split(".")
+        decorator = app.train(action) if category == "train" else app.query(action)
+        decorator(bind(handler, sites))

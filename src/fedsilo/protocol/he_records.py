@@ -1,0 +1,135 @@
+"""The homomorphic-encryption requests as typed Flower records (server -> site).
+
+Besides the secure-aggregation session record ("secagg", shared with :mod:`secagg_records`):
+the key ceremony request carries the cohort's signed advertisements and the CKKS degree; the
+encrypted-input request the dealer's signed advertisement, the secret context sealed for this
+site, and the names selecting the encrypted tensors; the decryption request the contributors and
+the summed ciphertexts. Replies are signed uploads, as in every secure stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flwr.app import ConfigRecord, RecordDict
+
+from fedsilo.protocol.records import ProtocolError
+from fedsilo.protocol.secagg_records import SignedPayload
+
+HE_KEY = "he"
+KEYGEN_MESSAGE = "query.he_keygen"
+ENCRYPTED_MESSAGE = "train.he"
+DECRYPT_MESSAGE = "query.he_decrypt"
+
+KEYS_STAGE = "he-keys"
+ENCRYPTED_STAGE = "he-encrypted"
+DECRYPTED_STAGE = "he-decrypted"
+
+
+def _str(record: ConfigRecord, name: str, what: str) -> str:
+    value = record.get(name)
+    if not isinstance(value, str):
+        raise ProtocolError(f"{what}: field {name!r} is missing or not text")
+    return value
+
+
+def _bytes(record: ConfigRecord, name: str, what: str) -> bytes:
+    value = record.get(name)
+    if not isinstance(value, bytes):
+        raise ProtocolError(f"{what}: field {name!r} is missing or not bytes")
+    return value
+
+
+def _int(record: ConfigRecord, name: str, what: str) -> int:
+    value = record.get(name)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ProtocolError(f"{what}: field {name!r} is missing or not an integer")
+    return value
+
+
+def _strings(record: ConfigRecord, name: str, what: str) -> tuple[str, ...]:
+    value = record.get(name)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ProtocolError(f"{what}: field {name!r} is missing or not a list of names")
+    return tuple(str(v) for v in value)
+
+
+def _blobs(record: ConfigRecord, name: str, what: str) -> tuple[bytes, ...]:
+    value = record.get(name)
+    if not isinstance(value, list) or not all(isinstance(v, bytes) for v in value):
+        raise ProtocolError(f"{what}: field {name!r} is missing or not a list of bytes")
+    return tuple(bytes(v) for v in value)  # type: ignore[arg-type]
+
+
+def _record(content: RecordDict, what: str) -> ConfigRecord:
+    if HE_KEY not in content.config_records:
+        raise ProtocolError(f"{what}: no {HE_KEY!r} record")
+    return content.config_records[HE_KEY]
+
+
+def keygen_record(poly_modulus_degree: int) -> ConfigRecord:
+    return ConfigRecord({"poly_modulus_degree": poly_modulus_degree})
+
+
+def keygen_from_content(content: RecordDict) -> int:
+    what = "the key ceremony request"
+    return _int(_record(content, what), "poly_modulus_degree", what)
+
+
+@dataclass(frozen=True)
+class EncryptRequest:
+    """What a site needs to encrypt its update under the ceremony's key."""
+
+    dealer: SignedPayload  # the dealer's signed key advertisement
+    sealed_secret: bytes  # the secret context sealed for this site (empty for the dealer)
+    tensors: tuple[str, ...]  # substrings selecting the encrypted tensors; empty: all
+
+    def to_record(self) -> ConfigRecord:
+        return ConfigRecord(
+            {
+                "dealer": self.dealer.site,
+                "dealer_payload": self.dealer.payload,
+                "dealer_signature": self.dealer.signature,
+                "sealed_secret": self.sealed_secret,
+                "tensors": list(self.tensors),
+            }
+        )
+
+    @classmethod
+    def from_content(cls, content: RecordDict) -> EncryptRequest:
+        what = "the encrypted-input request"
+        record = _record(content, what)
+        dealer = SignedPayload(
+            site=_str(record, "dealer", what),
+            payload=_bytes(record, "dealer_payload", what),
+            signature=_bytes(record, "dealer_signature", what),
+        )
+        return cls(dealer, _bytes(record, "sealed_secret", what), _strings(record, "tensors", what))
+
+
+@dataclass(frozen=True)
+class DecryptRequest:
+    """The summed ciphertexts and who contributed to them."""
+
+    contributors: tuple[str, ...]
+    chunks: tuple[bytes, ...]
+    length: int
+
+    def to_record(self) -> ConfigRecord:
+        return ConfigRecord(
+            {
+                "contributors": list(self.contributors),
+                "chunks": list(self.chunks),
+                "length": self.length,
+            }
+        )
+
+    @classmethod
+    def from_content(cls, content: RecordDict) -> DecryptRequest:
+        what = "the decryption request"
+        record = _record(content, what)
+        return cls(
+            _strings(record, "contributors", what),
+            _blobs(record, "chunks", what),
+            _int(record, "length", what),
+        )

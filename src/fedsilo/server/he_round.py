@@ -1,0 +1,271 @@
+"""A homomorphic-encryption round on the Grid: named stages over one typed state.
+
+    advertise_keys    every sampled site sends signed fresh X25519 public keys (as in secagg)
+    key_ceremony      one site (the dealer, first by name) verifies them, creates the CKKS key
+                      and seals it for every other site; the server keeps the public part
+    encrypted_inputs  each site gets its sealed key, the global adapter and the task; it trains
+                      and returns its update, the selected tensors encrypted
+    add_ciphertexts   the server adds the ciphertexts (and the plain tensors, if any)
+    decrypt_sum       one contributing site decrypts the sum, if it holds enough sites
+
+Below ``threshold`` contributors the attempt halts and the round is retried, as in secagg.
+The server never holds the secret key; it sees ciphertexts, the plain (unselected) tensors, and
+the decrypted sum.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.serverapp import Grid
+
+from fedsilo.client.he import selector
+from fedsilo.crypto import encode_signature
+from fedsilo.ledger import EntryKind
+from fedsilo.model.adapters import AdapterState
+from fedsilo.model.flatten import flat_length, unflatten
+from fedsilo.privacy.he import ckks
+from fedsilo.privacy.secagg.masking import SessionId
+from fedsilo.protocol.he_records import (
+    DECRYPT_MESSAGE,
+    DECRYPTED_STAGE,
+    ENCRYPTED_MESSAGE,
+    ENCRYPTED_STAGE,
+    HE_KEY,
+    KEYGEN_MESSAGE,
+    KEYS_STAGE,
+    DecryptRequest,
+    EncryptRequest,
+    keygen_record,
+)
+from fedsilo.protocol.records import train_instruction
+from fedsilo.protocol.secagg_records import ADVERTS_KEY, SECAGG_KEY, adverts_record, session_record
+from fedsilo.server.admission import UpdateRejectedError, check_dp_event
+from fedsilo.server.rounds import (
+    FederationPlan,
+    RoundReplies,
+    dp_requirement,
+    dp_task,
+    open_round,
+    reject,
+)
+from fedsilo.server.secagg_round import (
+    AGGREGATE_SITE,
+    SecAggRound,
+    SecAggState,
+    StageHaltedError,
+    advertise_keys,
+    exchange,
+    require_sites,
+    secagg_params,
+    session_content,
+)
+from fedsilo.server.strategies import SiteUpdate
+
+_KEYS_UPLOAD_BYTES = 512 * 1024 * 1024  # one public context and a sealed secret per site
+
+
+@dataclass
+class HeState(SecAggState):
+    """What the server learns in one attempt of an HE round."""
+
+    dealer: str | None = None
+    public_context: bytes = b""
+    sealed_keys: dict[str, bytes] = field(default_factory=dict)  # recipient -> sealed secret
+    encrypted: dict[str, list[bytes]] = field(default_factory=dict)
+    plain: dict[str, np.ndarray] = field(default_factory=dict)
+    encrypted_sum: list[bytes] = field(default_factory=list)
+    plain_sum: np.ndarray | None = None
+    decrypted: np.ndarray | None = None
+    tensors: tuple[str, ...] = ()
+    poly_modulus_degree: int = 8192
+
+
+def _selected_length(ctx: SecAggRound, state: HeState) -> int:
+    return flat_length(ctx.global_state, selector(state.tensors))
+
+
+def key_ceremony(ctx: SecAggRound, state: HeState) -> None:
+    """Stage 2: the first advertiser that answers creates the key and seals it for the others."""
+    relayed = adverts_record([state.adverts[site] for site in sorted(state.adverts)])
+    for dealer in sorted(state.adverts):
+        content = session_content(state)
+        content[ADVERTS_KEY] = relayed
+        content[HE_KEY] = keygen_record(state.poly_modulus_degree)
+        accepted = exchange(
+            ctx,
+            state,
+            {state.node_of[dealer]: content},
+            message_type=KEYGEN_MESSAGE,
+            stage=KEYS_STAGE,
+            max_bytes=_KEYS_UPLOAD_BYTES,
+        )
+        if dealer not in accepted:
+            continue
+        try:
+            header, public, *sealed = ckks.unframe(accepted[dealer][0].payload, what=KEYS_STAGE)
+            recipients = json.loads(header)["recipients"]
+            if recipients != sorted(set(state.adverts) - {dealer}) or len(sealed) != len(
+                recipients
+            ):
+                raise ckks.HeError("the sealed keys do not match the cohort")
+            ckks.load_context(public, what="the dealer's public context", secret=False)
+        except (ckks.HeError, ValueError, KeyError, TypeError) as error:
+            reject(ctx.plan, ctx.replies, ctx.round_number, dealer, f"{KEYS_STAGE}: {error}")
+            continue
+        state.dealer, state.public_context = dealer, public
+        state.sealed_keys = dict(zip(recipients, sealed, strict=True))
+        break
+    require_sites(ctx, state, "key_ceremony", list(state.adverts) if state.dealer else [])
+
+
+def encrypted_inputs(ctx: SecAggRound, state: HeState) -> None:
+    """Stage 3: every site of the ceremony trains and sends its encrypted update."""
+    assert state.dealer is not None
+    cohort = sorted(state.adverts)
+    task_dp = dp_task(ctx.plan.config)
+    contents = {}
+    for site in cohort:
+        node = state.node_of[site]
+        content = train_instruction(ctx.global_state, ctx.tasks[node], task_dp)
+        content[SECAGG_KEY] = session_record(state.session, state.params)
+        content[HE_KEY] = EncryptRequest(
+            state.adverts[state.dealer], state.sealed_keys.get(site, b""), state.tensors
+        ).to_record()
+        contents[node] = content
+    accepted = exchange(
+        ctx,
+        state,
+        contents,
+        message_type=ENCRYPTED_MESSAGE,
+        stage=ENCRYPTED_STAGE,
+        max_bytes=ctx.plan.config.federation.max_update_bytes,
+    )
+    selected = _selected_length(ctx, state)
+    chunks_expected = math.ceil(selected / (state.poly_modulus_degree // 2))
+    plain_bytes = 4 * (state.length - selected)
+    for site, (upload, reply) in accepted.items():
+        try:
+            plain, *chunks = ckks.unframe(upload.payload, what=f"encrypted update from {site}")
+            if len(plain) != plain_bytes or len(chunks) != chunks_expected:
+                raise UpdateRejectedError(
+                    site,
+                    f"encrypted update from {site} has {len(chunks)} ciphertexts and "
+                    f"{len(plain)} plain bytes; expected {chunks_expected} and {plain_bytes}",
+                )
+            dp_event = check_dp_event(reply.content, dp_requirement(ctx.plan.config), site)
+        except ckks.HeError as error:
+            reject(ctx.plan, ctx.replies, ctx.round_number, site, f"{ENCRYPTED_STAGE}: {error}")
+            continue
+        except UpdateRejectedError as rejection:
+            reject(
+                ctx.plan,
+                ctx.replies,
+                ctx.round_number,
+                site,
+                f"{ENCRYPTED_STAGE}: {rejection.reason}",
+            )
+            continue
+        entry = ctx.plan.ledger.append(
+            EntryKind.UPDATE_RECEIVED,
+            {
+                **upload.binding.fields(),
+                "site_signature": encode_signature(upload.signature),
+                "node": upload.node,
+                "payload_bytes": len(upload.payload),
+                "dp_event": None if dp_event is None else dict(dp_event),
+            },
+        )
+        ctx.replies.ledgered.append((upload.node, upload.binding, entry))
+        state.encrypted[site] = chunks
+        state.plain[site] = np.frombuffer(plain, dtype="<f4").astype(np.float64)
+    require_sites(ctx, state, "encrypted_inputs", list(state.encrypted))
+
+
+def add_ciphertexts(ctx: SecAggRound, state: HeState) -> None:
+    """Stage 4: the homomorphic sum, with the public context only."""
+    context = ckks.load_context(state.public_context, what="public context", secret=False)
+    sites = sorted(state.encrypted)
+    try:
+        state.encrypted_sum = ckks.add_all(
+            context, [state.encrypted[s] for s in sites], what="the encrypted updates"
+        )
+    except ckks.HeError as error:
+        raise StageHaltedError(f"adding the ciphertexts failed: {error}") from None
+    state.plain_sum = np.sum([state.plain[s] for s in sites], axis=0)
+    require_sites(ctx, state, "add_ciphertexts", sites)
+
+
+def decrypt_sum(ctx: SecAggRound, state: HeState) -> None:
+    """Stage 5: the first contributor that answers decrypts the sum."""
+    contributors = sorted(state.encrypted)
+    length = _selected_length(ctx, state)
+    request = DecryptRequest(tuple(contributors), tuple(state.encrypted_sum), length).to_record()
+    for site in contributors:
+        content = session_content(state)
+        content[HE_KEY] = request
+        accepted = exchange(
+            ctx,
+            state,
+            {state.node_of[site]: content},
+            message_type=DECRYPT_MESSAGE,
+            stage=DECRYPTED_STAGE,
+            max_bytes=8 * length,
+        )
+        if site not in accepted:
+            continue
+        payload = accepted[site][0].payload
+        if len(payload) != 8 * length:
+            reject(ctx.plan, ctx.replies, ctx.round_number, site, "decrypted sum of wrong length")
+            continue
+        state.decrypted = np.frombuffer(payload, dtype="<f8").copy()
+        break
+    require_sites(ctx, state, "decrypt_sum", contributors if state.decrypted is not None else [])
+
+
+HE_STAGES = (advertise_keys, key_ceremony, encrypted_inputs, add_ciphertexts, decrypt_sum)
+
+
+def collect_he_round(
+    grid: Grid,
+    plan: FederationPlan,
+    global_state: AdapterState,
+    *,
+    round_number: int,
+    attempt: int,
+    nodes: list[int],
+) -> RoundReplies:
+    """Run the HE stages; on success one aggregate update, the mean of the contributors'."""
+    tasks = open_round(plan, global_state, round_number=round_number, attempt=attempt, nodes=nodes)
+    membership, section = plan.membership, plan.config.secure_aggregation
+    state = HeState(
+        session=SessionId(membership.federation_id, membership.run_id, round_number, attempt),
+        params=secagg_params(plan, len(nodes)),
+        length=flat_length(global_state),
+        nodes=list(nodes),
+        tensors=section.he_tensors,
+        poly_modulus_degree=section.he_poly_modulus_degree,
+    )
+    replies = RoundReplies()
+    ctx = SecAggRound(grid, plan, global_state, tasks, round_number, replies)
+    try:
+        for stage in HE_STAGES:
+            stage(ctx, state)
+    except StageHaltedError as halt:
+        replies.failures["secure-aggregation"] = str(halt)
+    replies.stages = state.stages
+    if state.decrypted is None or state.plain_sum is None:
+        return replies
+    select = selector(state.tensors)
+    contributors = sorted(state.encrypted)
+    count = len(contributors)
+    mean = {
+        **unflatten(state.decrypted / count, global_state, select),
+        **unflatten(state.plain_sum / count, global_state, lambda name: not select(name)),
+    }
+    replies.updates = [SiteUpdate(AGGREGATE_SITE, mean, count)]
+    replies.contributors = contributors
+    return replies

@@ -1,0 +1,155 @@
+"""HE rounds over the Grid: a key the sites make, a server that only adds, and dropouts."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedsilo.client.policy import SitePolicy
+from fedsilo.model.flatten import flatten
+from fedsilo.privacy.he import ckks
+from fedsilo.protocol.he_records import DECRYPT_MESSAGE, ENCRYPTED_MESSAGE, KEYGEN_MESSAGE
+from fedsilo.protocol.records import UPDATE_KEY
+from fedsilo.server.he_round import collect_he_round
+
+from .secagg_harness import TEMPLATE, Harness, make_harness
+
+
+def _he(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **kwargs: object) -> Harness:
+    secure = {"mode": "he", "he_poly_modulus_degree": 4096, **kwargs.pop("secure", {})}  # type: ignore[dict-item]
+    return make_harness(tmp_path, monkeypatch, secure=secure, **kwargs)  # type: ignore[arg-type]
+
+
+def _mean(h: Harness, names: list[str]) -> np.ndarray:
+    return np.mean([flatten(h.sites.deltas[n]) for n in names], axis=0)
+
+
+def test_he_mean_matches_the_plaintext_mean(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = _he(tmp_path, monkeypatch, num_sites=3)
+
+    replies = collect_he_round(h.grid, h.plan, TEMPLATE, round_number=1, attempt=1, nodes=h.nodes)
+
+    [update] = replies.updates
+    assert replies.contributors == h.names
+    np.testing.assert_allclose(flatten(update.delta), _mean(h, h.names), rtol=0, atol=1e-4)
+    assert [s["stage"] for s in replies.stages] == [
+        "advertise_keys",
+        "key_ceremony",
+        "encrypted_inputs",
+        "add_ciphertexts",
+        "decrypt_sum",
+    ]
+
+
+def test_server_holds_no_secret_key_and_no_plain_update(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = _he(tmp_path, monkeypatch, num_sites=3)
+
+    collect_he_round(h.grid, h.plan, TEMPLATE, round_number=1, attempt=1, nodes=h.nodes)
+
+    [keys] = [m for m in h.grid.received if m.metadata.message_type == KEYGEN_MESSAGE]
+    payload = keys.content.array_records[UPDATE_KEY]["safetensors"].numpy().tobytes()
+    _, public, *sealed = ckks.unframe(payload, what="keys")
+    ckks.load_context(public, what="server's context", secret=False)  # raises if it held the key
+    for blob in sealed:
+        with pytest.raises(ckks.HeError):
+            ckks.load_context(blob, what="sealed secret")  # sealed: not readable by the server
+    inputs = [m for m in h.grid.received if m.metadata.message_type == ENCRYPTED_MESSAGE]
+    assert len(inputs) == 3
+    for reply in inputs:
+        raw = reply.content.array_records[UPDATE_KEY]["safetensors"].numpy().tobytes()
+        plain, *chunks = ckks.unframe(raw, what="input")
+        assert plain == b"" and len(chunks) == 1  # everything encrypted by default
+        for delta in h.sites.deltas.values():
+            assert flatten(delta).astype("<f4").tobytes()[:16] not in raw
+
+
+def test_dropout_after_the_key_ceremony_leaves_the_survivors_sum(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = _he(tmp_path, monkeypatch, num_sites=4)
+    h.grid.drop_from[ENCRYPTED_MESSAGE] = {h.node("site-2")}
+
+    replies = collect_he_round(h.grid, h.plan, TEMPLATE, round_number=1, attempt=1, nodes=h.nodes)
+
+    survivors = ["site-0", "site-1", "site-3"]
+    assert replies.contributors == survivors
+    [update] = replies.updates
+    np.testing.assert_allclose(flatten(update.delta), _mean(h, survivors), rtol=0, atol=1e-4)
+
+
+def test_a_dealer_that_drops_is_replaced_by_the_next_site(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = _he(tmp_path, monkeypatch, num_sites=3)
+    h.grid.drop_from[KEYGEN_MESSAGE] = {h.node("site-0")}
+
+    replies = collect_he_round(h.grid, h.plan, TEMPLATE, round_number=1, attempt=1, nodes=h.nodes)
+
+    assert replies.contributors == ["site-1", "site-2"]
+    [update] = replies.updates
+    np.testing.assert_allclose(flatten(update.delta), _mean(h, ["site-1", "site-2"]), atol=1e-4)
+
+
+def test_decryption_falls_to_the_next_contributor_and_below_threshold_halts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = _he(tmp_path, monkeypatch, num_sites=3)
+    h.grid.drop_from[DECRYPT_MESSAGE] = {h.node("site-0")}
+    ok = collect_he_round(h.grid, h.plan, TEMPLATE, round_number=1, attempt=1, nodes=h.nodes)
+    h.grid.drop_from[ENCRYPTED_MESSAGE] = {h.node("site-1"), h.node("site-2")}
+
+    halted = collect_he_round(h.grid, h.plan, TEMPLATE, round_number=1, attempt=2, nodes=h.nodes)
+
+    assert ok.contributors == h.names
+    assert halted.updates == []
+    assert "threshold is 2" in halted.failures["secure-aggregation"]
+
+
+def test_a_site_refuses_to_decrypt_a_sum_below_its_min_cohort(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    strict = SitePolicy.model_validate(
+        {"accept": {"federation_id": "fed"}, "limits": {"min_cohort": 3}}
+    )
+    h = _he(tmp_path, monkeypatch, num_sites=3, policies={n: strict for n in ["site-0", "site-1"]})
+    h.grid.drop_from[ENCRYPTED_MESSAGE] = {h.node("site-2")}
+
+    replies = collect_he_round(h.grid, h.plan, TEMPLATE, round_number=1, attempt=1, nodes=h.nodes)
+
+    assert replies.updates == []
+    refusals = [r for r in replies.failures.values() if "decrypts only sums of at least 3" in r]
+    assert len(refusals) == 2
+
+
+def test_only_the_selected_tensors_are_encrypted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = _he(tmp_path, monkeypatch, num_sites=3, secure={"he_tensors": ["lora_B"]})
+
+    replies = collect_he_round(h.grid, h.plan, TEMPLATE, round_number=1, attempt=1, nodes=h.nodes)
+
+    [update] = replies.updates
+    np.testing.assert_allclose(flatten(update.delta), _mean(h, h.names), atol=1e-4)
+    [first, *_] = [m for m in h.grid.received if m.metadata.message_type == ENCRYPTED_MESSAGE]
+    plain, *_chunks = ckks.unframe(
+        first.content.array_records[UPDATE_KEY]["safetensors"].numpy().tobytes(), what="input"
+    )
+    assert len(plain) == 4 * TEMPLATE["a.lora_A"].numel()  # lora_A in the clear, B encrypted
+
+
+def test_distributed_dp_noise_is_added_by_the_sites(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    privacy = {"site_level": True, "site_clip_norm": 10.0, "site_noise_multiplier": 1.0}
+    h = _he(tmp_path, monkeypatch, num_sites=3, privacy=privacy)
+    replies = collect_he_round(h.grid, h.plan, TEMPLATE, round_number=1, attempt=1, nodes=h.nodes)
+
+    [update] = replies.updates
+    noise = flatten(update.delta) - _mean(h, h.names)
+    # Threshold 2: each site adds std 10/sqrt(2); the sum of 3 has std 10*sqrt(3/2); mean /3.
+    expected = 10.0 * np.sqrt(3 / 2) / 3
+    assert 0.5 * expected < float(noise.std()) < 1.6 * expected
