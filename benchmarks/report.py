@@ -14,6 +14,7 @@ from typing import Any
 from quality_report import quality_sections, scale_section
 from report_distill import distill_section
 from report_privacy import attack_section, utility_section
+from report_secagg import secagg_section
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -160,6 +161,7 @@ def main() -> None:
         ),
         *utility_section(_load("privacy-utility.json")),
         *distill_section(_load("distill.json")),
+        *secagg_section(_load("secure-aggregation.json")),
         *quality_sections(),
         *scale_section(),
     ]

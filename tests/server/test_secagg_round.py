@@ -258,3 +258,17 @@ def test_advertise_stage_refuses_a_cohort_below_min_cohort(
 
     assert any("policy requires at least 5" in r for r in replies.failures.values())
     assert "site-2" not in state.adverts
+
+
+def test_site_sends_one_masked_input_per_session(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = make_harness(tmp_path, monkeypatch, num_sites=3, threshold=2)
+    h.run()
+    from fedsilo.client.secagg import STATE_KEY
+
+    raw = h.grid.contexts[h.node("site-1")].state.config_records[STATE_KEY]["state"]
+    session = site_protocol.SiteSession.from_bytes(raw)  # type: ignore[arg-type]
+
+    with pytest.raises(site_protocol.SecAggRefusedError, match="already sent its masked input"):
+        site_protocol.receive_shares(session, {}, min_cohort=1)

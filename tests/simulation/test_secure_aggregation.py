@@ -6,8 +6,8 @@ from pathlib import Path
 import torch
 
 from fedsilo.config import FedsiloConfig, load_config
-from fedsilo.ledger import EntryKind, read_entries, verify_ledger
-from fedsilo.server.membership import load_membership
+from fedsilo.ledger import EntryKind, read_entries
+from fedsilo.server.audit import verify_run
 from fedsilo.server.run_folder import RunFolder
 
 from .conftest import run_with_grid
@@ -49,13 +49,8 @@ def test_secagg_round_matches_plain_fedavg_within_quantization_error(
     updates = [e.payload for e in entries if e.kind is EntryKind.UPDATE_RECEIVED]
     assert {u["stage"] for u in updates} == {"secagg-masked"}
     assert all("num_examples" not in u for u in updates)
-    membership = load_membership(folder.root / "federation.json")
-    report = verify_ledger(
-        folder.ledger_path,
-        coordinator_key=membership.coordinator_key(),
-        site_keys=membership.site_keys(),
-    )
-    assert report.problems == ()
+    # Chain, coordinator and site signatures, checkpoints and every site's receipt.
+    assert verify_run(folder.root).problems == ()
     assert len(list((folder.root / "sites").rglob("round-1-secagg-masked.json"))) == 3
 
 
@@ -97,10 +92,5 @@ def test_he_round_matches_plain_fedavg_within_ckks_error(
     entries = read_entries(folder.ledger_path)
     updates = [e.payload for e in entries if e.kind is EntryKind.UPDATE_RECEIVED]
     assert {u["stage"] for u in updates} == {"he-encrypted"}
-    membership = load_membership(folder.root / "federation.json")
-    report = verify_ledger(
-        folder.ledger_path,
-        coordinator_key=membership.coordinator_key(),
-        site_keys=membership.site_keys(),
-    )
-    assert report.problems == ()
+    # Chain, coordinator and site signatures, checkpoints and every site's receipt.
+    assert verify_run(folder.root).problems == ()

@@ -29,6 +29,7 @@ from fedsilo.model.adapters import AdapterState
 from fedsilo.model.flatten import flat_length, unflatten
 from fedsilo.privacy.he import ckks
 from fedsilo.privacy.secagg.masking import SessionId
+from fedsilo.privacy.secagg.messages import SecAggMessageError
 from fedsilo.protocol.he_records import (
     DECRYPT_MESSAGE,
     DECRYPTED_STAGE,
@@ -241,15 +242,20 @@ def collect_he_round(
     """Run the HE stages; on success one aggregate update, the mean of the contributors'."""
     tasks = open_round(plan, global_state, round_number=round_number, attempt=attempt, nodes=nodes)
     membership, section = plan.membership, plan.config.secure_aggregation
+    replies = RoundReplies()
+    try:
+        params = secagg_params(plan, len(nodes))
+    except SecAggMessageError as error:  # fewer nodes online than the threshold needs
+        replies.failures["secure-aggregation"] = str(error)
+        return replies
     state = HeState(
         session=SessionId(membership.federation_id, membership.run_id, round_number, attempt),
-        params=secagg_params(plan, len(nodes)),
+        params=params,
         length=flat_length(global_state),
         nodes=list(nodes),
         tensors=section.he_tensors,
         poly_modulus_degree=section.he_poly_modulus_degree,
     )
-    replies = RoundReplies()
     ctx = SecAggRound(grid, plan, global_state, tasks, round_number, replies)
     try:
         for stage in HE_STAGES:

@@ -335,6 +335,10 @@ def unmask(ctx: SecAggRound, state: SecAggState) -> None:
         raise StageHaltedError(f"secure aggregation could not unmask the sum: {error}") from None
 
 
+_NO_PARAMS = SecAggParams(
+    threshold=2, cohort_size=2, clip=1.0, dp_clip_norm=0.0, dp_noise_multiplier=0.0
+)
+
 Stage = Callable[[SecAggRound, SecAggState], None]
 STAGES: tuple[Stage, ...] = (advertise_keys, share_keys, collect_masked_inputs, unmask)
 
@@ -364,13 +368,18 @@ def secure_sum(
     """Open the round and run the four stages; ``state.total`` is None if they halted."""
     tasks = open_round(plan, global_state, round_number=round_number, attempt=attempt, nodes=nodes)
     membership = plan.membership
+    replies = RoundReplies()
+    try:
+        params = secagg_params(plan, len(nodes))
+    except SecAggMessageError as error:  # fewer nodes online than the threshold needs
+        replies.failures["secure-aggregation"] = str(error)
+        return SecAggState(SessionId("", "", round_number, attempt), _NO_PARAMS, 0, []), replies
     state = SecAggState(
         session=SessionId(membership.federation_id, membership.run_id, round_number, attempt),
-        params=secagg_params(plan, len(nodes)),
+        params=params,
         length=flat_length(global_state),
         nodes=list(nodes),
     )
-    replies = RoundReplies()
     ctx = SecAggRound(grid, plan, global_state, tasks, round_number, replies)
     try:
         for stage in STAGES:

@@ -181,6 +181,10 @@ def receive_shares(
     state: SiteSession, sealed: Mapping[str, bytes], *, min_cohort: int
 ) -> SiteSession:
     """Step 3a: open the bundles the other sites of the cohort sent us (server-relayed)."""
+    if len(state.held) > 1:
+        # One masked input per session: two inputs masked over different cohorts would give
+        # the server two views of the same input to compare.
+        raise SecAggRefusedError(f"site {state.site}: already sent its masked input")
     unknown = sorted(set(sealed) - set(state.peers))
     if unknown or state.site in sealed:
         raise SecAggRefusedError(
