@@ -42,7 +42,7 @@ from fedsilo.protocol.he_records import (
     EncryptRequest,
     keygen_record,
 )
-from fedsilo.protocol.records import train_instruction
+from fedsilo.protocol.records import LoraSpec, train_instruction
 from fedsilo.protocol.secagg_records import ADVERTS_KEY, SECAGG_KEY, adverts_record, session_record
 from fedsilo.server.admission import UpdateRejectedError, check_dp_event
 from fedsilo.server.rounds import (
@@ -131,7 +131,8 @@ def encrypted_inputs(ctx: SecAggRound, state: HeState) -> None:
     contents = {}
     for site in cohort:
         node = state.node_of[site]
-        content = train_instruction(ctx.global_state, ctx.tasks[node], task_dp)
+        lora = LoraSpec.of(ctx.plan.config.lora)
+        content = train_instruction(ctx.global_state, ctx.tasks[node], task_dp, lora)
         content[SECAGG_KEY] = session_record(state.session, state.params)
         content[HE_KEY] = EncryptRequest(
             state.adverts[state.dealer], state.sealed_keys.get(site, b""), state.tensors

@@ -140,8 +140,11 @@ def exchange(
     site_keys = ctx.plan.membership.site_keys()
     accepted: dict[str, tuple[SignedUpload, Message]] = {}
     answered: set[int] = set()
+    # A reply Flower makes itself (say, "node unavailable") comes from the SuperLink: match it
+    # to its node through the id of the message it answers, as the plain round does.
+    sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
     for reply in replies:
-        node = reply.metadata.src_node_id
+        node = sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
         answered.add(node)
         try:
             upload = admit_signed(
@@ -155,13 +158,8 @@ def exchange(
             if state.node_of.setdefault(site, node) != node:
                 raise UpdateRejectedError(site, f"{site} answered from node {node}, not its own")
         except UpdateRejectedError as rejection:
-            reject(
-                ctx.plan,
-                ctx.replies,
-                ctx.round_number,
-                rejection.sender,
-                f"{stage}: {rejection.reason}",
-            )
+            sender = f"node-{node}" if node != reply.metadata.src_node_id else rejection.sender
+            reject(ctx.plan, ctx.replies, ctx.round_number, sender, f"{stage}: {rejection.reason}")
             continue
         accepted[site] = (upload, reply)
         ctx.replies.bytes_up[site] = ctx.replies.bytes_up.get(site, 0) + len(upload.payload)
