@@ -272,3 +272,30 @@ def test_site_sends_one_masked_input_per_session(
 
     with pytest.raises(site_protocol.SecAggRefusedError, match="already sent its masked input"):
         site_protocol.receive_shares(session, {}, min_cohort=1)
+
+
+def test_shares_reach_the_server_only_sealed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = make_harness(tmp_path, monkeypatch, num_sites=4)
+    h.run()
+    from fedsilo.client.secagg import STATE_KEY
+
+    held = [
+        site_protocol.SiteSession.from_bytes(
+            h.grid.contexts[h.node(n)].state.config_records[STATE_KEY]["state"]  # type: ignore[arg-type]
+        ).held
+        for n in h.names
+    ]
+    points = {b.mask_key_share.hex() for bundles in held for b in bundles.values()}
+    points |= {b.self_seed_share.hex() for bundles in held for b in bundles.values()}
+    shared = [m for m in h.grid.received if m.metadata.message_type == SHARE_MESSAGE]
+
+    assert len(points) == 2 * 4 * 4 and len(shared) == 4
+    for reply in shared:
+        payload = reply.content.array_records[UPDATE_KEY]["safetensors"].numpy().tobytes()
+        for blob in json.loads(payload).values():  # recipient -> sealed bundle (hex)
+            opened = bytes.fromhex(blob)
+            for point in points:
+                assert point.encode() not in opened
+                assert bytes.fromhex(point) not in opened

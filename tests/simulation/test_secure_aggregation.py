@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 
+from fedsilo.cli.main import main
 from fedsilo.config import FedsiloConfig, load_config
 from fedsilo.ledger import EntryKind, read_entries
 from fedsilo.server.audit import verify_run
@@ -66,6 +67,8 @@ def test_secagg_with_distributed_dp_is_accounted_and_noised(
 
     [_, record] = RunFolder(tmp_path / "secure").read_metrics()
     assert record["site_level_epsilon"] > 0
+    # The auditor's recomputation from the ledger agrees (exit 1 on any difference).
+    assert main(["privacy", str(tmp_path / "secure")]) == 0
     assert record["secure_aggregation"] == "secagg"
     expected, got = _final(tmp_path / "plain"), _final(tmp_path / "secure")
     # Noise of std 1.0 * 0.5 on the sum of 3, i.e. about 0.17 on the mean, per coordinate.
@@ -94,3 +97,24 @@ def test_he_round_matches_plain_fedavg_within_ckks_error(
     assert {u["stage"] for u in updates} == {"he-encrypted"}
     # Chain, coordinator and site signatures, checkpoints and every site's receipt.
     assert verify_run(folder.root).problems == ()
+
+
+def test_record_level_dp_events_travel_with_the_masked_inputs(
+    make_config: Callable[..., FedsiloConfig], tmp_path: Path
+) -> None:
+    config = make_config(
+        run={"rounds": 1},
+        privacy={"record_level": True, "noise_multiplier": 1.0},
+        secure_aggregation={"mode": "secagg"},
+    )
+
+    run_with_grid(config, tmp_path / "run")
+
+    folder = RunFolder(tmp_path / "run")
+    [_, record] = folder.read_metrics()
+    assert record["sites_ok"] == 3 and len(record["epsilon"]) == 3
+    updates = [
+        e.payload for e in read_entries(folder.ledger_path) if e.kind is EntryKind.UPDATE_RECEIVED
+    ]
+    assert all(isinstance(u["dp_event"], dict) for u in updates)
+    assert main(["privacy", str(folder.root)]) == 0
