@@ -119,6 +119,9 @@ class ConnectSection(_Section):
     coordinator: str = Field(pattern=r"^[^\s/]+:[0-9]{1,5}$")
     ca_cert: Path
     coordinator_key: Path
+    # Secure aggregation: a folder of the federation's pinned site public keys, NAME.pub each
+    # (as `fedsilo keys init` writes them); peers' key advertisements are verified against them.
+    peers: Path | None = None
 
 
 class CodeSection(_Section):
@@ -168,6 +171,7 @@ def resolve_policy_paths(policy: SitePolicy, *, base: Path) -> SitePolicy:
             update={
                 "ca_cert": base / connect.ca_cert,
                 "coordinator_key": base / connect.coordinator_key,
+                "peers": None if connect.peers is None else base / connect.peers,
             }
         )
     return policy.model_copy(update=updates)

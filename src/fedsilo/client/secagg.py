@@ -15,7 +15,7 @@ from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from fedsilo.client.local import SingleSite, local_update, sign_payload
-from fedsilo.client.policy import TaskRefusedError
+from fedsilo.client.policy import TaskRefusedError, check_task
 from fedsilo.client.site import Site, SiteProvider
 from fedsilo.crypto import SignatureError, verify_update
 from fedsilo.model.flatten import flatten
@@ -105,6 +105,10 @@ def handle_advertise(message: Message, context: Context, sites: SiteProvider) ->
             f"site {site.name}: the round sums {params.cohort_size} sites; policy requires at "
             f"least {_min_cohort(site)}"
         )
+    if site.policy is not None and TASK_KEY in message.content.config_records:
+        # The round's task is checked before the site joins: a refusal costs no keys.
+        task = RoundTask.from_record(message.content.config_records[TASK_KEY])
+        check_task(site.policy, task, site=site.name)
     state = protocol.advertise(site=site.name, session=session, params=params)
     _save(context, state)
     return reply_signed(message, site, session, ADVERTISE_STAGE, state.advertisement().to_payload())

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from flwr.app import Context
@@ -33,15 +34,21 @@ class SiteIdentity:
 
     signing_key: PrivateKey
     coordinator_key: PublicKey
+    # The federation's pinned site keys ([connect] peers), for secure aggregation.
+    peer_keys: Mapping[str, PublicKey] = field(default_factory=dict)
 
 
 def load_identity(policy: SitePolicy) -> SiteIdentity:
     """Read the keys a policy's [site] and [connect] sections name."""
     assert policy.site is not None and policy.connect is not None
     keys = policy.site.keys_dir
+    peers = policy.connect.peers
     return SiteIdentity(
         signing_key=read_private_key(keys / f"{policy.site.name}.key", passphrase=None),
         coordinator_key=read_public_key(policy.connect.coordinator_key),
+        peer_keys={}
+        if peers is None
+        else {path.stem: read_public_key(path) for path in sorted(Path(peers).glob("*.pub"))},
     )
 
 
@@ -121,6 +128,7 @@ class DeployedSite:
             receipts_dir=state / "receipts",
             spent_path=state / "privacy-spent.json",
             policy=self.policy,
+            peer_keys=self.identity.peer_keys,
         )
 
     def site_for(self, context: Context) -> Site:

@@ -42,7 +42,13 @@ from fedsilo.privacy.secagg.messages import (
 )
 from fedsilo.privacy.secagg.quantize import RING_DTYPE, dequantize
 from fedsilo.privacy.secagg.recovery import RecoveryError, recover_sum
-from fedsilo.protocol.records import LoraSpec, RoundTask, train_instruction
+from fedsilo.protocol.records import (
+    LORA_KEY,
+    TASK_KEY,
+    LoraSpec,
+    RoundTask,
+    train_instruction,
+)
 from fedsilo.protocol.secagg_records import (
     ADVERTISE_MESSAGE,
     ADVERTS_KEY,
@@ -197,7 +203,15 @@ def session_content(state: SecAggState) -> RecordDict:
 
 def advertise_keys(ctx: SecAggRound, state: SecAggState) -> None:
     """Stage 1: collect each site's signed key advertisement (U1)."""
-    contents = {node: session_content(state) for node in state.nodes}
+    contents = {}
+    lora = LoraSpec.of(ctx.plan.config.lora)
+    for node in state.nodes:
+        # The round task and adapter shape travel from the first stage on: a site checks the
+        # task against its policy before it joins, and a deployed site loads its model.
+        content = session_content(state)
+        content[TASK_KEY] = ctx.tasks[node].to_record()
+        content[LORA_KEY] = lora.to_record()
+        contents[node] = content
     accepted = exchange(
         ctx,
         state,
