@@ -11,8 +11,9 @@ system's secure random source. Accounted per round as a
 :class:`fedsilo.privacy.events.SampledSitesGaussianEvent`.
 
 The coordinator sees each site's update before the noise (central DP with a trusted
-aggregator); a coordinator that must not see them needs secure aggregation with distributed
-noise, which fedsilo does not have yet.
+aggregator); a coordinator that must not see them uses secure aggregation, under which the
+sites add the noise themselves (:mod:`fedsilo.privacy.distributed_dp`) and this wrapper is not
+used.
 """
 
 from __future__ import annotations
