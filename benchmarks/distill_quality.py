@@ -202,7 +202,12 @@ def goal_rows(scores: dict[str, Any]) -> dict[str, Any]:
     rows = {}
     for name in CLUSTERS:
         expert, master = scores[f"expert:{name}"][name], scores["master"][name]
+        base = scores["base"][name]
         rows[name] = {
+            # Of the expert's gain over the base model in gold loss, the part the master keeps.
+            "loss_gain_kept": _retained(
+                base["loss"] - master["loss"], base["loss"] - expert["loss"]
+            ),
             "accuracy_retained": _retained(master["accuracy"], expert["accuracy"]),
             "category_accuracy_retained": _retained(
                 master["category_accuracy"], expert["category_accuracy"]

@@ -73,15 +73,17 @@ def distill_section(result: dict[str, Any] | None) -> list[str]:
         f"Goal: the master keeps >= {_pct(result['goal_retained'])} of each expert's gold accuracy "
         "on that expert's domain.",
         "",
-        "| domain | exact match kept | category kept | master loss - expert loss |",
-        "|---|---:|---:|---:|",
+        "| domain | exact match kept | category kept | gold-loss gain over base kept | "
+        "master loss - expert loss |",
+        "|---|---:|---:|---:|---:|",
     ]
     for domain, row in result["goal"].items():
         kept = [
             "undefined (expert 0%)" if row[key] is None else _pct(row[key])
             for key in ("accuracy_retained", "category_accuracy_retained")
         ]
-        lines.append(f"| {domain} | {kept[0]} | {kept[1]} | {row['loss_gap']:+.3f} |")
+        gain = _pct(row.get("loss_gain_kept"))
+        lines.append(f"| {domain} | {kept[0]} | {kept[1]} | {gain} | {row['loss_gap']:+.3f} |")
     lines.append("")
     seconds = result["seconds"]
     lines += [

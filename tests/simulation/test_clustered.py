@@ -11,6 +11,7 @@ from peft import PeftModel
 
 from fedsilo.cli.main import main
 from fedsilo.config import ConfigError, FedsiloConfig
+from fedsilo.data.records import ChatRecord
 from fedsilo.data.tasks import build_task
 from fedsilo.ledger import EntryKind, read_entries
 from fedsilo.model.base import load_base_model
@@ -185,3 +186,23 @@ def test_update_cosine_is_refused_with_differential_privacy(
             SimulationRequest(config, tmp_path / "run", resume=False, reporter=RecordingReporter())
         )
     assert not (tmp_path / "run" / "probe").exists()
+
+
+def test_distill_refuses_a_transfer_set_holding_a_site_record(
+    clustered_run: Path, tmp_path: Path
+) -> None:
+    from fedsilo.config import load_config
+    from fedsilo.distill.run import DistillError, DistillSettings, distill
+    from fedsilo.distill.transfer import TransferRecord, write_transfer
+
+    config = load_config(clustered_run / "config.toml")
+    site_record = build_task(config.task, seed=0).sites[0].records[0]
+    assert isinstance(site_record, ChatRecord)
+    transfer = tmp_path / "leaky.jsonl"
+    write_transfer([TransferRecord(site_record.prompt, "X00", "cardio-pulm")], transfer)
+
+    with pytest.raises(DistillError, match="shares 1 record"):
+        distill(
+            clustered_run / "experts", transfer, tmp_path / "m", settings=DistillSettings(steps=1)
+        )
+    assert not (tmp_path / "m" / "ledger.db").exists()

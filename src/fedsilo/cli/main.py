@@ -213,7 +213,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
     print(
         f"distilled {len(result.experts)} experts into {args.out / 'final'} "
         f"(transfer examples per expert: {routed}); distillation loss "
-        f"{result.kl_before:.4f} -> {result.kl_after:.4f}"
+        f"{result.kl_before:.4f} -> {result.kl_after:.4f}; provenance in {args.out / 'ledger.db'}, "
+        f"signed with {result.coordinator_key}"
     )
     return 0
 

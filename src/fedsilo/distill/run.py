@@ -41,7 +41,7 @@ from fedsilo.data.records import ChatRecord
 from fedsilo.data.tasks import build_task
 from fedsilo.distill.experts import Expert, load_experts
 from fedsilo.distill.train import RouterName, mean_kl, soft_labels, train_student
-from fedsilo.distill.transfer import TransferRecord, load_transfer, site_overlap
+from fedsilo.distill.transfer import TransferRecord, parse_transfer, site_overlap
 from fedsilo.ledger import EntryKind, JsonValue, Ledger, read_entries
 from fedsilo.model.adapters import (
     attach_lora,
@@ -102,6 +102,7 @@ class DistillResult:
     kl_after: float
     experts: tuple[str, ...]
     routed: dict[str, int]  # expert -> transfer examples it taught
+    coordinator_key: Path  # the private key that signed the ledger
 
 
 def _agreed(experts: list[Expert], key: str) -> Any:
@@ -189,8 +190,9 @@ def distill(
     if folder.ledger_path.exists() or folder.final_dir.exists():
         raise FileExistsError(f"{out} already holds a distillation; choose another --out")
     experts = load_experts(Path(experts_dir))
+    # Parsed from the bytes that are hashed and copied, so all three are the same set.
     transfer_bytes = Path(transfer_path).read_bytes()
-    records = load_transfer(Path(transfer_path))
+    records = parse_transfer(transfer_bytes, source=str(transfer_path))
     base_spec = base or experts[0].base_model_path
     base_folder = resolve_base_model(base_spec)
     base_hash = base_model_hash(base_folder)
@@ -391,7 +393,14 @@ def _distill(
                 "steps": settings.steps,
             },
         )
-    return DistillResult(out, kl_before, kl_after, tuple(e.name for e in experts), routed)
+    return DistillResult(
+        out,
+        kl_before,
+        kl_after,
+        tuple(e.name for e in experts),
+        routed,
+        membership.coordinator_key_path,
+    )
 
 
 def _plain(value: object) -> JsonValue:

@@ -34,9 +34,18 @@ def load_transfer(path: Path) -> list[TransferRecord]:
     """Read a transfer JSONL file; DataError naming the file, line and field on bad input."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
+        return parse_transfer(path.read_bytes(), source=str(path))
+    except OSError as error:
         raise DataError(f"{path}: cannot read the transfer set: {error}") from None
+
+
+def parse_transfer(data: bytes, *, source: str) -> list[TransferRecord]:
+    """The records of a transfer JSONL file's bytes; errors name ``source`` and the line."""
+    path = source
+    try:
+        lines = data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: the transfer set is not UTF-8 text: {error}") from None
     records: list[TransferRecord] = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
