@@ -12,7 +12,9 @@ checks (extra checks of ``fedsilo audit verify``) hold each name to the bytes on
   is the recorded one, and the expert folder holds exactly that adapter; no cluster run or
   expert folder exists that the ledger does not name;
 - ``distill_sources``: every expert adapter and the transfer set hash as recorded; when the
-  experts came from a clustered run, that run verifies and its ledger holds the recorded head;
+  experts came from a clustered run, that run verifies and its ledger holds the recorded head
+  (under the auditor's key when the same coordinator signed both, else under the key pinned
+  in that run's federation.json);
 - ``run_finished`` of a distillation: final/ holds the recorded master adapter.
 """
 
@@ -23,12 +25,13 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from fedsilo.config import load_config
-from fedsilo.crypto import PublicKey, sha256_hex
+from fedsilo.crypto import PublicKey, public_key_text, sha256_hex
 from fedsilo.ledger import Entry, EntryKind, ExtraCheck, VerifyProblem, VerifyReport, read_entries
 from fedsilo.model.adapters import adapter_from_bytes, load_adapter
 from fedsilo.model.base import ModelError
 from fedsilo.server.clustering import agglomerate, cosine_similarities
 from fedsilo.server.federation import adapter_digest
+from fedsilo.server.membership import load_membership
 from fedsilo.server.run_folder import RunFolder
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -237,7 +240,13 @@ def _sources_problems(
     if isinstance(source, dict):
         run_dir = Path(str(source.get("folder")))
         label = f"source run {run_dir}"
-        problems += _nested(entry.seq, label, verify(run_dir, trusted))
+        if not RunFolder(run_dir).membership_path.exists():
+            return [*problems, VerifyProblem(entry.seq, f"{label}: the run folder is missing")]
+        # Distilled by the run's own coordinator (the default): the auditor's key covers both.
+        # Signed by another party: that run's own pinned key, which shows consistency only.
+        pinned = load_membership(RunFolder(run_dir).membership_path).coordinator_key()
+        key = trusted if public_key_text(pinned) == public_key_text(trusted) else pinned
+        problems += _nested(entry.seq, label, verify(run_dir, key))
         problems += _head_problems(entry.seq, label, RunFolder(run_dir).ledger_path, source)
     return problems
 
