@@ -8,21 +8,33 @@ proxy forwards them.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import datetime
+import json
 from pathlib import Path
 
 import httpx
 import pytest
 from flwr.proto.control_pb2 import RegisterNodeRequest
 
-from fedsilo.config import load_config
-from fedsilo.crypto.certs import init_node_keys, node_public_key_pem, read_node_private_key
+from fedsilo.cli.main import main
+from fedsilo.crypto.certs import (
+    init_coordinator_tls,
+    init_node_keys,
+    issue_server_cert,
+    node_public_key_pem,
+    parse_node_public_key,
+    read_certificate,
+    read_ec_private_key,
+    read_node_private_key,
+    write_server_cert,
+)
 from fedsilo.deploy.bundle import build_bundle
 from fedsilo.deploy.control import Control
 from fedsilo.deploy.coordinator import CoordinatorService
-from fedsilo.deploy.nginx import nginx_binary
+from fedsilo.deploy.nginx import ProxySettings, nginx_binary, start_proxy
+from fedsilo.deploy.processes import Children, free_port, wait_for_port
 
-from .harness import build_deployment
+from .harness import SITES, Deployment, wait_for, write_site_policy
 
 try:
     nginx_binary()
@@ -30,31 +42,13 @@ except RuntimeError:  # pragma: no cover - CI installs it (.ci/run)
     pytest.skip("nginx is not installed", allow_module_level=True)
 
 
-class _Quiet:
-    def round_done(self, record: dict[str, object], *, total_rounds: int) -> None:
-        pass
-
-    def notice(self, text: str) -> None:
-        pass
-
-
 @pytest.fixture(scope="module")
 def coordinator(
-    tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
-) -> Iterator[tuple[CoordinatorService, Path, str]]:
-    root = tmp_path_factory.mktemp("proxy")
-    deployment = build_deployment(root, tiny_model_dir)
-    service = CoordinatorService(
-        load_config(deployment.config_path), resume=False, reporter=_Quiet(), say=print
-    )
-    service.state_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        service.start_superlink()
-        service.start_proxy()
-        ca = root / "coordinator" / "certs" / "ca.pem"
-        yield service, ca, f"127.0.0.1:{deployment.listen_port}"
-    finally:
-        service.shutdown()  # the SuperLink and nginx, each by its PID
+    coordinator_front: tuple[CoordinatorService, Deployment],
+) -> tuple[CoordinatorService, Path, str]:
+    service, deployment = coordinator_front
+    ca = deployment.root / "coordinator" / "certs" / "ca.pem"
+    return service, ca, f"127.0.0.1:{deployment.listen_port}"
 
 
 def _intruder_key(tmp_path: Path) -> bytes:
@@ -69,7 +63,8 @@ def test_the_control_api_answers_on_loopback_only(
     direct = Control(service.superlink_address, ca_cert=ca)
     through_proxy = Control(public, ca_cert=ca)
     try:
-        assert direct.nodes() == []  # on loopback the Control API works
+        enrolled = direct.nodes()  # on loopback the Control API works
+        assert sorted(n.name for n in enrolled) == sorted(SITES)
         with pytest.raises(httpx.HTTPStatusError) as submitted:
             through_proxy.start_run(build_bundle())
         assert submitted.value.response.status_code == 404
@@ -78,7 +73,7 @@ def test_the_control_api_answers_on_loopback_only(
                 RegisterNodeRequest(public_key=_intruder_key(tmp_path), name="intruder")
             )
         assert registered.value.response.status_code == 404
-        assert direct.nodes() == []  # nothing was registered
+        assert direct.nodes() == enrolled  # nothing was registered
     finally:
         direct.close()
         through_proxy.close()
@@ -135,3 +130,129 @@ def test_the_proxy_presents_the_federation_certificate_only(
     _service, _ca, public = coordinator
     with httpx.Client() as client, pytest.raises(httpx.ConnectError, match="CERTIFICATE"):
         client.post(f"https://{public}/v1/fleet/get-run")  # the system CAs do not trust it
+
+
+# --- sites the coordinator or the site itself must refuse (slow: real site processes) ----
+
+
+def _site_with_material(deployment: Deployment, name: str, *, ca: Path, address: str) -> Path:
+    """A site folder with its own keys (not enrolled) and a policy pointing at ``address``."""
+    site_dir = deployment.root / name
+    keys = site_dir / "keys"
+    assert main(["certs", "site", "--name", name, "--out", str(keys), "--ca", str(ca)]) == 0
+    signing = deployment.root / "coordinator" / "certs" / "coordinator-signing.pub"
+    (keys / "coordinator-signing.pub").write_bytes(signing.read_bytes())
+    (site_dir / "records.jsonl").write_text('{"prompt": "Fever", "response": "R50.9"}\n')
+    port = int(address.rsplit(":", 1)[1])
+    policy = write_site_policy(site_dir, name, listen_port=port)
+    policy.write_text(
+        policy.read_text().replace('"MODEL"', json.dumps(str(deployment.tiny_model_dir)))
+    )
+    return policy
+
+
+def _run_site(deployment: Deployment, policy: Path, *, timeout: float = 120) -> tuple[int, str]:
+    started = deployment._spawn(policy.parent.name, ["site", "start", str(policy)])
+    try:
+        code = started.process.wait(timeout=timeout)
+    finally:
+        deployment.stop(started)
+    return code, started.log()
+
+
+@pytest.mark.slow  # a `fedsilo site start` process: 20-50 s on 2 busy cores
+def test_an_enrolled_site_joins(coordinator_front: tuple[CoordinatorService, Deployment]) -> None:
+    service, deployment = coordinator_front
+    site = deployment.start_site("alpha")
+    control = Control(service.superlink_address, ca_cert=service.files.ca_cert)
+    try:
+        wait_for(
+            lambda: any(n.name == "alpha" and n.status == "online" for n in control.nodes()),
+            timeout=120,
+            what="alpha to come online",
+            watch=[site],
+        )
+    finally:
+        control.close()
+        deployment.stop(site)
+
+
+@pytest.mark.slow  # a `fedsilo site start` process: 20-50 s on 2 busy cores
+def test_a_site_that_is_not_enrolled_is_refused(
+    coordinator_front: tuple[CoordinatorService, Deployment],
+) -> None:
+    service, deployment = coordinator_front
+    public = f"127.0.0.1:{deployment.listen_port}"
+    policy = _site_with_material(deployment, "mallory", ca=service.files.ca_cert, address=public)
+
+    code, log = _run_site(deployment, policy)
+
+    assert code == 2, log
+    assert "refused this site's node key" in log
+
+
+@pytest.mark.slow  # a `fedsilo site start` process: 20-50 s on 2 busy cores
+def test_a_coordinator_certificate_from_another_ca_is_refused(
+    coordinator_front: tuple[CoordinatorService, Deployment],
+) -> None:
+    _service, deployment = coordinator_front
+    other = init_coordinator_tls(deployment.root / "other-ca", sans=("127.0.0.1",), valid_days=9)
+    public = f"127.0.0.1:{deployment.listen_port}"
+    policy = _site_with_material(deployment, "wrong-ca", ca=other.ca_cert, address=public)
+
+    code, log = _run_site(deployment, policy)
+
+    assert code == 2, log
+    assert "does not verify" in log and "self-signed certificate in certificate chain" in log
+    assert "SuperNode pid" not in log  # nothing was started towards that peer
+
+
+@pytest.mark.slow  # a `fedsilo site start` process: 20-50 s on 2 busy cores
+def test_an_expired_coordinator_certificate_is_refused(
+    coordinator_front: tuple[CoordinatorService, Deployment],
+) -> None:
+    service, deployment = coordinator_front
+    certs = deployment.root / "coordinator" / "certs"
+    ca_key, ca_cert = read_ec_private_key(certs / "ca.key"), read_certificate(certs / "ca.pem")
+    past = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=30)
+    key, cert = issue_server_cert(
+        ca_key, ca_cert, common_name="expired", sans=("127.0.0.1",), valid_days=1, not_before=past
+    )
+    expired = deployment.root / "expired"
+    expired.mkdir()
+    write_server_cert(
+        key, cert, ca_cert, cert_path=expired / "server.pem", key_path=expired / "server.key"
+    )
+    port = free_port()
+    proxy = Children()
+    settings = ProxySettings(
+        listen_host="127.0.0.1",
+        listen_port=port,
+        upstream_port=service.superlink_port,
+        server_cert=expired / "server.pem",
+        server_key=expired / "server.key",
+        ca_cert=certs / "ca.pem",
+        max_body_bytes=1 << 20,
+        state_dir=expired,
+    )
+    try:
+        start_proxy(proxy, settings)
+        wait_for_port("127.0.0.1", port, timeout=30, children=proxy)
+        policy = _site_with_material(
+            deployment, "late", ca=certs / "ca.pem", address=f"127.0.0.1:{port}"
+        )
+        # Enrolled, so that only the certificate can be the reason.
+        control = Control(service.superlink_address, ca_cert=certs / "ca.pem")
+        try:
+            node_pub = (deployment.root / "late" / "keys" / "late.node.pub").read_text()
+            pem = node_public_key_pem(parse_node_public_key(node_pub, source="late"))
+            control.register_node(public_key_pem=pem, name="late")
+        finally:
+            control.close()
+
+        code, log = _run_site(deployment, policy)
+    finally:
+        proxy.stop_all()
+
+    assert code == 2, log
+    assert "certificate has expired" in log
