@@ -33,11 +33,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the local-deployment harness lives with the tests
 
 import torch  # noqa: E402
+from tests.deploy.harness import SITES, build_deployment, wait_for  # noqa: E402
 
 from fedsilo.config import load_config  # noqa: E402
 from fedsilo.model.tiny import write_tiny_llama  # noqa: E402
 from fedsilo.simulation.engines import SimulationRequest, simulate  # noqa: E402
-from tests.deploy.harness import SITES, build_deployment, wait_for  # noqa: E402
 
 torch.set_num_threads(1)
 
