@@ -22,6 +22,7 @@ import argparse
 import json
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -57,13 +58,21 @@ def _round_seconds(run_dir: Path) -> list[float]:
 
 def _simulate(config_path: Path, out: Path) -> list[float]:
     config = load_config(config_path)
-    config = config.model_copy(update={"deployment": None})
+    # The same run as a simulation: no deployment, and each simulated site gets its own key.
+    federation = config.federation.model_copy(update={"sites": ()})
+    config = config.model_copy(update={"deployment": None, "federation": federation})
     simulate(SimulationRequest(config=config, run_dir=out, resume=False, reporter=_Quiet()))
     return _round_seconds(out)
 
 
-def _deploy(root: Path, model: Path, rounds: int) -> dict[str, Any]:
-    deployment = build_deployment(root, model, rounds=rounds, round_timeout_s=600.0)
+def _deploy(root: Path, model: Path | str, rounds: int, train: dict[str, Any]) -> dict[str, Any]:
+    deployment = build_deployment(
+        root,
+        model,
+        rounds=rounds,
+        round_timeout_s=1800.0,
+        train=train,
+    )
     coordinator = deployment.start_coordinator()
     joins: dict[str, float] = {}
     try:
@@ -100,11 +109,11 @@ def _deploy(root: Path, model: Path, rounds: int) -> dict[str, Any]:
     }
 
 
-def _fresh_process_seconds(model: Path, repeats: int) -> list[float]:
+def _fresh_process_seconds(model: Path | str, repeats: int) -> list[float]:
     code = (
         "import fedsilo.client.app, fedsilo.deploy.site_worker; "
-        "from fedsilo.model.base import load_base_model; "
-        f"load_base_model(__import__('pathlib').Path({str(model)!r}))"
+        "from fedsilo.model.base import load_base_model, resolve_base_model; "
+        f"load_base_model(resolve_base_model({str(model)!r}))"
     )
     times = []
     for _ in range(repeats):
@@ -117,37 +126,37 @@ def _fresh_process_seconds(model: Path, repeats: int) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--model", default="tiny", help="'tiny' or a local model folder")
+    parser.add_argument("--model", default="tiny", help="'tiny', a model folder or name")
+    parser.add_argument("--local-steps", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--work", type=Path, default=ROOT / ".cache" / "bench-deployment")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/deployment.json")
     args = parser.parse_args()
-    import shutil
-
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)
-    model = (
-        write_tiny_llama(args.work / "tiny-llama", seed=0)
-        if args.model == "tiny"
-        else Path(args.model)
+    model: Path | str = (
+        write_tiny_llama(args.work / "tiny-llama", seed=0) if args.model == "tiny" else args.model
     )
-    deployed = _deploy(args.work / "deployed", model, args.rounds)
-    config_path = args.work / "deployed" / "coordinator" / "federation.toml"
+    train = {"local_steps": args.local_steps, "batch_size": args.batch_size}
+    # The simulation runs the deployment's own config file (built, not started).
+    config_path = build_deployment(
+        args.work / "sim-config", model, rounds=args.rounds, train=train
+    ).config_path
     simulated = _simulate(config_path, args.work / "simulated")
-    fresh = _fresh_process_seconds(model, repeats=3)
     sim_steady = statistics.median(simulated[1:])
-    dep_steady = statistics.median(deployed["round_seconds"][1:])
+    deployed = _deploy(args.work / "deployed", model, args.rounds, train)
+    steady = statistics.median(deployed["round_seconds"][1:])
+    deployments = [{**deployed, "steady_median_s": steady, "overhead": steady / sim_steady - 1.0}]
+    fresh = _fresh_process_seconds(model, repeats=3)
     result = {
         "model": "tiny random Llama (tests)" if args.model == "tiny" else str(args.model),
         "sites": len(SITES),
         "rounds": args.rounds,
-        "machine": f"{platform.machine()}, {platform.python_version()}, shared 2-core box",
+        "train": train,
+        "machine": f"{platform.machine()}, Python {platform.python_version()}, shared 2-core box",
         "simulation_round_seconds": simulated,
-        "deployment_round_seconds": deployed["round_seconds"],
         "simulation_steady_median_s": sim_steady,
-        "deployment_steady_median_s": dep_steady,
-        "overhead": dep_steady / sim_steady - 1.0,
-        "join_seconds": deployed["join_seconds"],
-        "site_train_task_seconds": deployed["site_train_task_seconds"],
+        "deployments": deployments,
         "fresh_clientapp_process_seconds": fresh,
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

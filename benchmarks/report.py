@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from quality_report import quality_sections, scale_section
+from report_deployment import deployment_section
 from report_distill import distill_section
 from report_privacy import attack_section, utility_section
 from report_secagg import secagg_section
@@ -164,6 +165,9 @@ def main() -> None:
         *secagg_section(_load("secure-aggregation.json")),
         *quality_sections(),
         *scale_section(),
+        *deployment_section(
+            [r for name in ("deployment.json", "deployment-smollm2.json") if (r := _load(name))]
+        ),
     ]
     PAGE.parent.mkdir(parents=True, exist_ok=True)
     PAGE.write_text("\n".join(lines))

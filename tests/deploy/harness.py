@@ -178,17 +178,29 @@ def write_site_policy(
 
 
 def build_deployment(
-    root: Path, tiny_model_dir: Path, *, rounds: int = 2, round_timeout_s: float = 60.0
+    root: Path,
+    tiny_model_dir: Path | str,
+    *,
+    rounds: int = 2,
+    round_timeout_s: float = 60.0,
+    train: dict[str, Any] | None = None,
+    site_policy: dict[str, Any] | None = None,
 ) -> Deployment:
-    """Material for a coordinator and three sites, made with the `fedsilo certs` commands."""
+    """Material for a coordinator and three sites, made with the `fedsilo certs` commands.
+
+    ``tiny_model_dir`` is the base model (a folder, or the name of the embedded model);
+    ``train`` overrides the [train] section, ``site_policy`` adds to every site's policy.
+    """
     listen_port = free_port()
     coordinator = root / "coordinator"
     assert (
         main(["certs", "init", "--out", str(coordinator / "certs"), "--federation", "pilot"]) == 0
     )
     data = coordinator_config(
-        tiny_model_dir, listen_port, rounds=rounds, round_timeout_s=round_timeout_s
+        Path(tiny_model_dir), listen_port, rounds=rounds, round_timeout_s=round_timeout_s
     )
+    data["model"]["base"] = str(tiny_model_dir)
+    data["train"].update(train or {})
     task = build_task(parse_config(data, source="harness").task, seed=0)
     enrolled = []
     for index, name in enumerate(SITES):
@@ -207,9 +219,9 @@ def build_deployment(
             if isinstance(r, ChatRecord)
         ]
         (site_dir / "records.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-        policy = write_site_policy(site_dir, name, listen_port=listen_port)
+        policy = write_site_policy(site_dir, name, listen_port=listen_port, extra=site_policy)
         policy.write_text(policy.read_text().replace('"MODEL"', json.dumps(str(tiny_model_dir))))
     data["federation"]["sites"] = enrolled
     config_path = coordinator / "federation.toml"
     config_path.write_text(tomli_w.dumps(data), encoding="utf-8")
-    return Deployment(root, tiny_model_dir, listen_port, config_path)
+    return Deployment(root, Path(tiny_model_dir), listen_port, config_path)

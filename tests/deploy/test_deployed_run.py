@@ -7,6 +7,7 @@ commands. Slow (about 1.5 min each on 2 cores): run with `-m slow`.
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 from collections.abc import Iterator
@@ -37,6 +38,14 @@ def _supernode_pid(site: Started) -> int:
     return int(found[-1])
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def _tasks_sent(run_dir: Path, round_number: int) -> int:
     ledger = run_dir / "ledger.db"
     if not ledger.exists():
@@ -49,8 +58,6 @@ def _tasks_sent(run_dir: Path, round_number: int) -> int:
 
 
 def test_three_sites_survive_a_supernode_killed_mid_round(deployment: Deployment) -> None:
-    import os
-
     coordinator = deployment.start_coordinator()
     sites = {name: deployment.start_site(name) for name in SITES}
     watch = [coordinator, *sites.values()]
@@ -83,7 +90,9 @@ def test_three_sites_survive_a_supernode_killed_mid_round(deployment: Deployment
     assert main(["audit", "verify", str(deployment.run_dir)]) == 0
     for name, site in sites.items():
         assert site.process.poll() is None, f"{name} stopped:\n{site.log()}"
-        assert deployment.stop(site) == 0
+        supernode = _supernode_pid(site)
+        assert deployment.stop(site) == 0  # SIGTERM: a clean stop
+        assert not _alive(supernode)  # and its SuperNode is gone with it
     receipts = sorted(p.name for p in (deployment.root / "gamma/state/receipts").iterdir())
     assert receipts == ["round-1-train.json", "round-3-train.json"]
 
@@ -116,3 +125,23 @@ def test_coordinator_killed_mid_run_resumes_with_the_ledger_intact(
     assert main(["audit", "verify", str(deployment.run_dir)]) == 0
     for site in sites:
         assert site.process.poll() is None, site.log()
+
+
+def test_sigterm_stops_the_coordinator_and_every_process_it_started(
+    deployment: Deployment,
+) -> None:
+    coordinator = deployment.start_coordinator()
+    wait_for(
+        lambda: "enrolled site gamma" in coordinator.log(),
+        timeout=180,
+        what="the coordinator to wait for its sites",
+        watch=[coordinator],
+    )
+    children = [int(pid) for pid in re.findall(r"(?:nginx|SuperLink) pid (\d+)", coordinator.log())]
+    assert len(children) == 2 and all(_alive(pid) for pid in children)
+
+    code = deployment.stop(coordinator)
+
+    assert code == 130, coordinator.log()
+    assert "received SIGTERM: stopped" in coordinator.log()
+    assert not any(_alive(pid) for pid in children)

@@ -59,6 +59,7 @@ from fedsilo.deploy.control import Control, RunStatus
 from fedsilo.deploy.material import COORDINATOR_SIGNING
 from fedsilo.deploy.nginx import ProxySettings, start_proxy
 from fedsilo.deploy.processes import (
+    Child,
     Children,
     apply_quiet_environment,
     flower_binary,
@@ -223,6 +224,8 @@ class CoordinatorService:
         self.superlink_address = f"127.0.0.1:{self.superlink_port}"
         self.state_dir = self.deployment.state_dir
         self.join_seconds: dict[str, float] = {}
+        self.superlink: Child | None = None
+        self.proxy: Child | None = None
 
     # -- processes ---------------------------------------------------------------------------
 
@@ -245,7 +248,7 @@ class CoordinatorService:
             str(self.superlink_port),
         ]
         env = quiet_environment({"FLWR_HOME": str((self.state_dir / "flwr").resolve())})
-        self.children.start(
+        self.superlink = self.children.start(
             "flower-superlink", argv, log_path=self.state_dir / "superlink.log", env=env
         )
         wait_for_https(
@@ -268,7 +271,7 @@ class CoordinatorService:
             max_body_bytes=self.config.federation.max_update_bytes + 16 * 1024 * 1024,
             state_dir=self.state_dir,
         )
-        start_proxy(self.children, settings)
+        self.proxy = start_proxy(self.children, settings)
         host = (
             "127.0.0.1" if deployment.listen_host in ("0.0.0.0", "::") else deployment.listen_host
         )
@@ -382,13 +385,14 @@ class CoordinatorService:
         self.start_superlink()
         self.start_proxy()
         server_cert = read_certificate(self.files.server_cert)
+        assert self.superlink is not None and self.proxy is not None
         for line in (
             f"federation {membership.federation_id} (run {membership.run_id}"
             f"{', resumed' if self.resume else ''}) -> {deployment.run_dir}",
-            f"sites connect to {deployment.listen_host}:{deployment.listen_port} (nginx: TLS, "
-            "Fleet API paths only)",
-            f"SuperLink listens on {self.superlink_address} only (loopback; Control and "
-            "Runtime APIs never exposed)",
+            f"sites connect to {deployment.listen_host}:{deployment.listen_port} (nginx pid "
+            f"{self.proxy.pid}: TLS, Fleet API paths only)",
+            f"SuperLink pid {self.superlink.pid} listens on {self.superlink_address} only "
+            "(loopback; Control and Runtime APIs never exposed)",
             f"TLS certificate {certificate_fingerprint(server_cert)}",
             f"coordinator signing key {fingerprint(membership.coordinator_key())}",
             f"app bundle {bundle_hash(bundle)} (carries no code; sites run their own)",
