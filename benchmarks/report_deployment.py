@@ -65,9 +65,7 @@ def deployment_section(results: list[dict[str, Any]]) -> list[str]:
         "transport and waiting: Flower moves each array of a message as its own object (one "
         "HTTPS request each, through nginx), the SuperNode waits 3 s after an empty pull, the "
         "worker and the coordinator poll every 0.2 s and 0.25 s (Flower's HttpGrid: 3 s), plus "
-        "TLS and serialization; the sites train in parallel processes instead of taking turns. "
-        "Capping the SuperNode's idle poll at 0.5 s was tried: 6.57 s against 6.82 s per round "
-        "(tiny model, same box, within its noise), so it was not kept.",
+        "TLS and serialization; the sites train in parallel processes instead of taking turns.",
         "",
     ]
     for result in results:

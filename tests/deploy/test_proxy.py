@@ -132,7 +132,7 @@ def test_the_proxy_presents_the_federation_certificate_only(
         client.post(f"https://{public}/v1/fleet/get-run")  # the system CAs do not trust it
 
 
-# --- sites the coordinator or the site itself must refuse (slow: real site processes) ----
+# --- sites the coordinator or the site itself must refuse (real site processes, 10-20 s) -
 
 
 def _site_with_material(deployment: Deployment, name: str, *, ca: Path, address: str) -> Path:
@@ -160,7 +160,6 @@ def _run_site(deployment: Deployment, policy: Path, *, timeout: float = 120) -> 
     return code, started.log()
 
 
-@pytest.mark.slow  # a `fedsilo site start` process: 20-50 s on 2 busy cores
 def test_an_enrolled_site_joins(coordinator_front: tuple[CoordinatorService, Deployment]) -> None:
     service, deployment = coordinator_front
     site = deployment.start_site("alpha")
@@ -177,7 +176,6 @@ def test_an_enrolled_site_joins(coordinator_front: tuple[CoordinatorService, Dep
         deployment.stop(site)
 
 
-@pytest.mark.slow  # a `fedsilo site start` process: 20-50 s on 2 busy cores
 def test_a_site_that_is_not_enrolled_is_refused(
     coordinator_front: tuple[CoordinatorService, Deployment],
 ) -> None:
@@ -191,7 +189,6 @@ def test_a_site_that_is_not_enrolled_is_refused(
     assert "refused this site's node key" in log
 
 
-@pytest.mark.slow  # a `fedsilo site start` process: 20-50 s on 2 busy cores
 def test_a_coordinator_certificate_from_another_ca_is_refused(
     coordinator_front: tuple[CoordinatorService, Deployment],
 ) -> None:
@@ -207,7 +204,6 @@ def test_a_coordinator_certificate_from_another_ca_is_refused(
     assert "SuperNode pid" not in log  # nothing was started towards that peer
 
 
-@pytest.mark.slow  # a `fedsilo site start` process: 20-50 s on 2 busy cores
 def test_an_expired_coordinator_certificate_is_refused(
     coordinator_front: tuple[CoordinatorService, Deployment],
 ) -> None:
