@@ -174,6 +174,24 @@ def _goal_lines(data: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _algorithm_note(data: dict[str, Any]) -> str:
+    ran = data["algorithms"]
+    budget = data["budget"]
+    notes = []
+    if any(name.startswith("fedprox") for name in ran):
+        mus = sorted(float(name.removeprefix("fedprox-mu")) for name in ran if "fedprox" in name)
+        notes.append(f"FedProx mu in {mus}")
+    if "fedadam" in ran:
+        notes.append(f"FedAdam server learning rate {budget['server_learning_rate']:g}")
+    families = {"fedprox" if n.startswith("fedprox") else n for n in ran}
+    missing = [family for family in ORDER if family not in families]
+    if missing:
+        notes.append("not run here, to save time: " + ", ".join(missing))
+    if not data.get("edge_cases"):
+        notes.append("no edge cases")
+    return "".join(f", {note}" for note in notes)
+
+
 def _task_section(name: str, data: dict[str, Any]) -> list[str]:
     budget, train = data["budget"], data["train"]
     settings = data["task_settings"]
@@ -210,8 +228,7 @@ def _task_section(name: str, data: dict[str, Any]) -> list[str]:
         f"sites ({split}), {budget['rounds']} rounds of {train['local_steps']} local steps of "
         f"{train['batch_size']} examples (learning rate {train['learning_rate']:g}, max length "
         f"{train['max_length']}), {budget['examples_per_site']} examples per site, LoRA rank "
-        f"{data['lora']['rank']}, FedProx mu in {budget['proximal_mus']}, FedAdam server "
-        f"learning rate {budget['server_learning_rate']:g}. Gold set: {data['gold_count']} "
+        f"{data['lora']['rank']}{_algorithm_note(data)}. Gold set: {data['gold_count']} "
         f"held-out records. Untrained: gold accuracy {_pct(data['round0']['gold_accuracy'])}, "
         f"loss {data['round0']['gold_loss']:.3f}.",
         "",
