@@ -1,7 +1,7 @@
 """Proof by attack: canary exposure and membership inference after federated training.
 
     python benchmarks/privacy_attacks.py --model tiny        # CI-sized, a few minutes on 2 cores
-    python benchmarks/privacy_attacks.py --model smollm2-135m-instruct --rounds 3 --steps 12
+    python benchmarks/privacy_attacks.py --model smollm2-135m-instruct --rounds 2 --steps 12
 
 Secret canaries (random MRNs in a clinical-note template) are planted several times in one
 site's records; the federation trains with and without record-level DP-SGD (the same task,
@@ -35,15 +35,17 @@ RESULTS = Path(__file__).parent / "results"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
+    defaults = CanaryExperiment(base_model="")
     parser.add_argument("--model", default="tiny")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--learning-rate", type=float, default=0.01)
-    parser.add_argument("--examples", type=int, default=32)
-    parser.add_argument("--canaries", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=16)
-    parser.add_argument("--candidates", type=int, default=200)
+    parser.add_argument("--sites", type=int, default=defaults.num_sites)
+    parser.add_argument("--rounds", type=int, default=defaults.rounds)
+    parser.add_argument("--steps", type=int, default=defaults.local_steps)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
+    parser.add_argument("--examples", type=int, default=defaults.examples_per_site)
+    parser.add_argument("--canaries", type=int, default=defaults.canaries)
+    parser.add_argument("--repeats", type=int, default=defaults.repeats)
+    parser.add_argument("--candidates", type=int, default=defaults.candidates)
     parser.add_argument("--target-epsilon", type=float, default=8.0)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -54,6 +56,7 @@ def main() -> None:
         base = str(write_tiny_llama(work / "tiny")) if args.model == "tiny" else args.model
         experiment = CanaryExperiment(
             base_model=base,
+            num_sites=args.sites,
             rounds=args.rounds,
             local_steps=args.steps,
             batch_size=args.batch_size,

@@ -1,12 +1,14 @@
 """Proof by attack: plant canaries in one site's records, federate, and attack the result.
 
-One experiment: the ICD-10 task with 3 sites by specialty, ``canaries`` secret canaries planted
-``repeats`` times each in the first site's records and as many never planted; a federation is
-simulated with the given privacy settings; then the final global adapter is attacked:
+One experiment: the ICD-10 task with ``num_sites`` sites by specialty, ``canaries`` secret
+canaries planted ``repeats`` times each in the first site's records and as many never planted; a
+federation is simulated with the given privacy settings; then the final global adapter is
+attacked:
 
 - exposure of every planted and never-planted canary (``fedsilo.privacy.attacks.canary``), and
   the Fisher-combined p-value of each group under "the model never saw these secrets";
-- loss-threshold membership inference AUC, first site's records against held-out ones.
+- loss-threshold membership inference AUC, first site's records against held-out records of the
+  same specialty that no site trained on.
 
 Used by ``benchmarks/privacy_attacks.py`` and by the end-to-end attack tests.
 """
@@ -46,14 +48,15 @@ class CanaryExperiment:
     """The federation the attack runs on, and the attack's own sizes."""
 
     base_model: str
+    num_sites: int = 2
     rounds: int = 3
     local_steps: int = 100
     batch_size: int = 8
     learning_rate: float = 0.01
-    examples_per_site: int = 32
+    examples_per_site: int = 16
     canaries: int = 2  # planted; as many again are never planted
     repeats: int = 16
-    candidates: int = 200
+    candidates: int = 1000
     seed: int = 0
 
 
@@ -108,12 +111,18 @@ def _canaries(experiment: CanaryExperiment) -> tuple[list[Canary], list[Canary]]
 
 
 def prepare(experiment: CanaryExperiment, work: Path, privacy: dict[str, Any]) -> FedsiloConfig:
-    """Write the sites' files (canaries planted in the first) and the gold set; the config."""
+    """Write the sites' files (canaries planted in the first), held-out records, gold; the config.
+
+    Each site draws twice its share of records and trains on the first half; the first site's
+    second half is the membership attack's non-members, from the same specialty as its members,
+    so the attack measures membership and not a change of topic.
+    """
+    size = experiment.examples_per_site
     task = build_icd10_task(
-        num_sites=3,
+        num_sites=experiment.num_sites,
         partition="by-chapter",
         alpha=1.0,
-        examples_per_site=experiment.examples_per_site,
+        examples_per_site=2 * size,
         gold_size=experiment.examples_per_site,
         seed=experiment.seed,
     )
@@ -122,8 +131,10 @@ def prepare(experiment: CanaryExperiment, work: Path, privacy: dict[str, Any]) -
     work.mkdir(parents=True, exist_ok=True)
     sites = []
     for index, site in enumerate(task.sites):
-        records: list[ChatRecord] = [r for r in site.records if isinstance(r, ChatRecord)]
+        drawn: list[ChatRecord] = [r for r in site.records if isinstance(r, ChatRecord)]
+        records = drawn[:size]
         if index == 0:
+            _write_jsonl(work / "held-out.jsonl", drawn[size:])
             records = [
                 r
                 for r in plant(records, planted, repeats=experiment.repeats, rng=rng)
@@ -148,7 +159,7 @@ def prepare(experiment: CanaryExperiment, work: Path, privacy: dict[str, Any]) -
                 "learning_rate": experiment.learning_rate,
                 "max_length": 96,
             },
-            "strategy": {"min_sites": 3},
+            "strategy": {"min_sites": experiment.num_sites},
             "evaluation": {"max_new_tokens": 4},
             "privacy": privacy,
         },
@@ -183,9 +194,7 @@ def attack(config: FedsiloConfig, run_dir: Path, experiment: CanaryExperiment) -
 
     planted, never = _canaries(experiment)
     members = [r for r in _read_jsonl(config.task.sites[0].path) if r.prompt != CANARY_PROMPT]
-    if config.task.gold_path is None:
-        raise ValueError("canary experiment: the config has no gold_path (use prepare())")
-    held_out = _read_jsonl(config.task.gold_path)
+    held_out = _read_jsonl(config.task.sites[0].path.parent / "held-out.jsonl")
     planted_exposure, never_exposure = exposures(planted), exposures(never)
     auc = membership_auc(
         loaded.model,
