@@ -132,6 +132,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=ROOT / ".cache" / "bench-deployment")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/deployment.json")
     args = parser.parse_args()
+    args.work = args.work.resolve()  # the processes it starts run in other folders
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)
     model: Path | str = (

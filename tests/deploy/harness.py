@@ -191,6 +191,7 @@ def build_deployment(
     ``tiny_model_dir`` is the base model (a folder, or the name of the embedded model);
     ``train`` overrides the [train] section, ``site_policy`` adds to every site's policy.
     """
+    root = Path(root).resolve()  # the processes started later run in other folders
     listen_port = free_port()
     coordinator = root / "coordinator"
     assert (

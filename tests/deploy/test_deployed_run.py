@@ -139,6 +139,11 @@ def test_sigterm_stops_the_coordinator_and_every_process_it_started(
     )
     children = [int(pid) for pid in re.findall(r"(?:nginx|SuperLink) pid (\d+)", coordinator.log())]
     assert len(children) == 2 and all(_alive(pid) for pid in children)
+    (superlink,) = (int(pid) for pid in re.findall(r"SuperLink pid (\d+)", coordinator.log()))
+    # Flower's telemetry and update check are off in the SuperLink the command started.
+    environ = Path(f"/proc/{superlink}/environ").read_bytes().split(b"\0")
+    assert b"FLWR_TELEMETRY_ENABLED=0" in environ
+    assert b"FLWR_DISABLE_UPDATE_CHECK=1" in environ
 
     code = deployment.stop(coordinator)
 
