@@ -187,7 +187,7 @@ def _algorithm_note(data: dict[str, Any]) -> str:
     missing = [family for family in ORDER if family not in families]
     if missing:
         notes.append("not run here, to save time: " + ", ".join(missing))
-    if not data.get("edge_cases"):
+    if data["task_settings"]["name"] == "icd10" and not data.get("edge_cases"):
         notes.append("no edge cases")
     return "".join(f", {note}" for note in notes)
 
