@@ -17,19 +17,21 @@ def attack_section(results: list[dict[str, Any]]) -> list[str]:
     if not results:
         return [*lines, "Not measured yet: run `python benchmarks/privacy_attacks.py`.", ""]
     lines += [
-        "`python benchmarks/privacy_attacks.py --model M`: 3 sites by specialty; canaries planted "
-        "several times in one site's records and as many never planted; exposure ranks each "
-        "secret among random ones (about 1.44 bits expected by chance); the p-value is the "
-        "chance that secrets the model never saw reach the group's total exposure (Fisher's "
-        "method; small means memorised); membership AUC separates that site's records from "
-        "held-out ones (0.5 = no signal). Goal: without DP the planted canaries are exposed, "
-        "with DP at epsilon <= 8 they look like never-planted ones.",
+        "`python benchmarks/privacy_attacks.py --model M`: a federation of hospitals by "
+        "specialty; canaries planted several times in one site's records and as many never "
+        "planted; exposure ranks each secret among random ones (about 1.44 bits expected by "
+        "chance); the p-value is the chance that secrets the model never saw reach the group's "
+        "total exposure (Fisher's method; small means memorised); membership AUC separates that "
+        "site's records from held-out records of its specialty (0.5 = no signal). Goal: without "
+        "DP the planted canaries are exposed, with DP at epsilon <= 8 they look like "
+        "never-planted ones.",
         "",
     ]
     for result in results:
         settings = result["settings"]
         lines += [
-            f"**`{settings['model']}`**: {settings['rounds']} rounds of {settings['steps']} local "
+            f"**`{settings['model']}`**: {settings.get('sites', 3)} sites, "
+            f"{settings['rounds']} rounds of {settings['steps']} local "
             f"steps, {settings['canaries']} canaries planted {settings['repeats']} times each, "
             f"{settings['candidates']} candidates (maximum exposure "
             f"{result['results']['no_dp']['max_exposure']:.2f} bits).",
@@ -73,7 +75,7 @@ _UTILITY_LABELS = {
     "eps1": "record-level DP-SGD, target epsilon 1",
     "site_level": "site-level DP (clip 1, noise multiplier 1)",
 }
-UTILITY_PLOT = DOCS / "plots" / "privacy-utility.svg"
+UTILITY_PLOT = DOCS / "img" / "privacy-utility.svg"
 
 
 def _utility_epsilon(row: dict[str, Any]) -> str:
@@ -134,14 +136,12 @@ def utility_section(result: dict[str, Any] | None) -> list[str]:
             f"{_pct(final['gold_accuracy'])} | {_pct(final['gold_category_accuracy'])} | "
             f"{final['gold_loss']:.3f} | {row['seconds'] / 60:.1f} |"
         )
-    base = rows.get("no_dp", {}).get("final")
-    eps8 = rows.get("eps8", {}).get("final")
-    if base and eps8:
-        lines += ["", _utility_goal(base, eps8)]
+    if "no_dp" in rows and "eps8" in rows:
+        lines += ["", _utility_goal(rows["no_dp"], rows["eps8"])]
     _utility_plot(result)
     lines += [
         "",
-        f"![gold loss per round](plots/{UTILITY_PLOT.name})",
+        f"![gold loss per round](img/{UTILITY_PLOT.name})",
         "",
         f"Round 0 is the base model before training. Measured on {result['machine']['cpus']} "
         "CPU cores shared with other work (minutes are wall time, not comparable across rows); "
@@ -151,13 +151,21 @@ def utility_section(result: dict[str, Any] | None) -> list[str]:
     return lines
 
 
-def _utility_goal(base: dict[str, Any], eps8: dict[str, Any]) -> str:
-    if base["gold_accuracy"] > 0:
-        kept = eps8["gold_accuracy"] / base["gold_accuracy"]
-        return f"At epsilon 8 the federation keeps {_pct(kept)} of the non-DP exact-match accuracy."
+def _utility_goal(no_dp: dict[str, Any], eps8: dict[str, Any]) -> str:
+    start = no_dp["per_round"][0]["gold_loss"]
+    gained = start - no_dp["final"]["gold_loss"]
+    kept = (start - eps8["final"]["gold_loss"]) / gained if gained > 0 else float("nan")
+    reduction = (
+        f"Epsilon 8 keeps {_pct(kept)} of the gold-loss reduction that training without DP "
+        f"achieves ({start:.3f} before training, {no_dp['final']['gold_loss']:.3f} without DP, "
+        f"{eps8['final']['gold_loss']:.3f} at epsilon 8)."
+    )
+    accuracy = no_dp["final"]["gold_accuracy"]
+    if accuracy > 0:
+        share = eps8["final"]["gold_accuracy"] / accuracy
+        return f"{reduction} Of the non-DP exact-match accuracy it keeps {_pct(share)}."
     return (
-        "The goal cannot be read from exact match here: without DP the model reaches "
-        f"{_pct(base['gold_accuracy'])} exact match on unseen codes in this budget, so the ratio "
-        "is undefined. The gold loss carries the comparison: "
-        f"{base['gold_loss']:.3f} without DP against {eps8['gold_loss']:.3f} at epsilon 8."
+        f"{reduction} The accuracy goal cannot be read here: without DP the model reaches "
+        f"{_pct(accuracy)} exact match on codes it never saw in this budget, so the ratio is "
+        "undefined, and the gold loss carries the comparison."
     )
