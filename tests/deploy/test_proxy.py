@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import ssl
 from pathlib import Path
 
 import httpx
@@ -101,7 +102,7 @@ def test_everything_but_the_fleet_api_is_refused_by_nginx(
     coordinator: tuple[CoordinatorService, Path, str], path: str
 ) -> None:
     _service, ca, public = coordinator
-    with httpx.Client(verify=str(ca)) as client:
+    with httpx.Client(verify=ssl.create_default_context(cafile=str(ca))) as client:
         response = client.post(f"https://{public}{path}", content=b"")
 
     assert response.status_code in (400, 404), (path, response.status_code)
@@ -112,7 +113,7 @@ def test_the_fleet_api_reaches_flower_and_demands_node_auth(
     coordinator: tuple[CoordinatorService, Path, str],
 ) -> None:
     _service, ca, public = coordinator
-    with httpx.Client(verify=str(ca)) as client:
+    with httpx.Client(verify=ssl.create_default_context(cafile=str(ca))) as client:
         response = client.post(
             f"https://{public}/v1/fleet/get-run",
             content=b"",
