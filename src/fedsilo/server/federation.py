@@ -21,7 +21,7 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from fedsilo.config import FedsiloConfig
-from fedsilo.crypto import Receipt, encode_signature, sign_receipt
+from fedsilo.crypto import Receipt, sign_receipt
 from fedsilo.evaluation.metrics import GoldMetrics
 from fedsilo.ledger import EntryKind, JsonValue, read_entries
 from fedsilo.model.adapters import AdapterState
@@ -42,11 +42,13 @@ from fedsilo.server.rounds import (
     GoldEvaluator,
     ProgressReporter,
     RoundReplies,
+    accept,
     adapter_digest,
     dp_requirement,
     dp_task,
     open_round,
     reject,
+    send_and_attribute,
 )
 from fedsilo.server.run_folder import Checkpoint
 from fedsilo.server.secagg_round import collect_secure_round
@@ -63,10 +65,6 @@ class FederationError(RuntimeError):
 
 def _json_map(values: dict[str, str]) -> dict[str, JsonValue]:
     return {key: value for key, value in values.items()}
-
-
-def _json_event(event: dict[str, str | int | float] | None) -> JsonValue:
-    return None if event is None else {key: value for key, value in event.items()}
 
 
 def _site_dp_json(config: FedsiloConfig) -> dict[str, str | int | float]:
@@ -117,7 +115,7 @@ def collect_round(
     nodes: Sequence[int],
 ) -> RoundReplies:
     """Send the round's task to ``nodes``, admit or reject each reply, ledger every outcome."""
-    config, ledger = plan.config, plan.ledger
+    config = plan.config
     tasks = open_round(plan, global_state, round_number=round_number, attempt=attempt, nodes=nodes)
     task_dp = dp_task(config)
     messages = [
@@ -129,7 +127,7 @@ def collect_round(
         )
         for node, task in tasks.items()
     ]
-    replies = list(grid.send_and_receive(messages, timeout=config.strategy.round_timeout_s))
+    replies = send_and_attribute(grid, messages, timeout=config.strategy.round_timeout_s)
     expected = ExpectedBinding(
         federation_id=plan.membership.federation_id,
         run_id=plan.membership.run_id,
@@ -139,11 +137,7 @@ def collect_round(
     site_keys = plan.membership.site_keys()
     result = RoundReplies()
     answered: set[int] = set()
-    # Grids set each sent message's id; a reply made by Flower itself (say, "node unavailable")
-    # comes from the SuperLink, not the node, and is matched to its node through that id.
-    sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
-    for reply in replies:
-        node = sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+    for node, reply in replies:
         answered.add(node)
         try:
             admitted = admit_update(
@@ -160,22 +154,19 @@ def collect_round(
             sender = f"node-{node}" if relayed else rejection.sender
             reject(plan, result, round_number, sender, rejection.reason)
             continue
-        # The entry is durable before the update can influence anything.
-        entry = ledger.append(
-            EntryKind.UPDATE_RECEIVED,
-            {
-                **admitted.binding.fields(),
-                "site_signature": encode_signature(admitted.signature),
-                "node": admitted.node,
-                "payload_bytes": admitted.payload_size,
-                "num_examples": admitted.metrics.num_examples,
-                "dp_event": _json_event(admitted.dp_event),
-            },
+        accept(
+            plan,
+            result,
+            node=admitted.node,
+            binding=admitted.binding,
+            signature=admitted.signature,
+            payload_bytes=admitted.payload_size,
+            dp_event=admitted.dp_event,
+            num_examples=admitted.metrics.num_examples,
         )
         site = admitted.binding.site_id
         result.updates.append(SiteUpdate(site, admitted.delta, admitted.metrics.num_examples))
         result.metrics[site] = admitted.metrics
-        result.ledgered.append((admitted.node, admitted.binding, entry))
     for node in nodes:
         if node not in answered:
             reason = f"no reply within {config.strategy.round_timeout_s:g} s"

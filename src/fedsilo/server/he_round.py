@@ -23,8 +23,6 @@ import numpy as np
 from flwr.serverapp import Grid
 
 from fedsilo.client.he import selector
-from fedsilo.crypto import encode_signature
-from fedsilo.ledger import EntryKind
 from fedsilo.model.adapters import AdapterState
 from fedsilo.model.flatten import flat_length, unflatten
 from fedsilo.privacy.he import ckks
@@ -48,6 +46,7 @@ from fedsilo.server.admission import UpdateRejectedError, check_dp_event
 from fedsilo.server.rounds import (
     FederationPlan,
     RoundReplies,
+    accept,
     dp_requirement,
     dp_task,
     open_round,
@@ -171,17 +170,15 @@ def encrypted_inputs(ctx: SecAggRound, state: HeState) -> None:
                 f"{ENCRYPTED_STAGE}: {rejection.reason}",
             )
             continue
-        entry = ctx.plan.ledger.append(
-            EntryKind.UPDATE_RECEIVED,
-            {
-                **upload.binding.fields(),
-                "site_signature": encode_signature(upload.signature),
-                "node": upload.node,
-                "payload_bytes": len(upload.payload),
-                "dp_event": None if dp_event is None else dict(dp_event),
-            },
+        accept(
+            ctx.plan,
+            ctx.replies,
+            node=upload.node,
+            binding=upload.binding,
+            signature=upload.signature,
+            payload_bytes=len(upload.payload),
+            dp_event=dp_event,
         )
-        ctx.replies.ledgered.append((upload.node, upload.binding, entry))
         state.encrypted[site] = chunks
         state.plain[site] = np.frombuffer(plain, dtype="<f4").astype(np.float64)
     require_sites(ctx, state, "encrypted_inputs", list(state.encrypted))

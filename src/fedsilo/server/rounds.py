@@ -8,16 +8,18 @@ round's ledger entries and failure reports look the same whatever the aggregatio
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
+from flwr.app import Message
+from flwr.serverapp import Grid
 
 from fedsilo.config import FedsiloConfig
-from fedsilo.crypto import PrivateKey, UpdateBinding, sha256_hex
+from fedsilo.crypto import PrivateKey, UpdateBinding, encode_signature, sha256_hex
 from fedsilo.evaluation.metrics import GoldMetrics
-from fedsilo.ledger import Entry, EntryKind, Ledger
+from fedsilo.ledger import Entry, EntryKind, JsonValue, Ledger
 from fedsilo.model.adapters import AdapterState, adapter_to_bytes
 from fedsilo.protocol.records import TRAIN_STAGE, DpTask, RoundTask, SiteMetrics
 from fedsilo.server.admission import DpRequirement
@@ -172,3 +174,48 @@ def reject(
     )
     result.failures[sender] = reason
     log.warning("round %d: %s rejected: %s", round_number, sender, reason.splitlines()[0])
+
+
+def accept(
+    plan: FederationPlan,
+    result: RoundReplies,
+    *,
+    node: int,
+    binding: UpdateBinding,
+    signature: bytes,
+    payload_bytes: int,
+    dp_event: Mapping[str, str | int | float] | None,
+    num_examples: int | None = None,
+) -> Entry:
+    """Ledger an accepted upload and keep it for its receipt.
+
+    The entry is durable before the upload can influence anything.
+    """
+    fields: dict[str, JsonValue] = {
+        **binding.fields(),
+        "site_signature": encode_signature(signature),
+        "node": node,
+        "payload_bytes": payload_bytes,
+        "dp_event": None if dp_event is None else dict(dp_event),
+    }
+    if num_examples is not None:
+        fields["num_examples"] = num_examples
+    entry = plan.ledger.append(EntryKind.UPDATE_RECEIVED, fields)
+    result.ledgered.append((node, binding, entry))
+    return entry
+
+
+def send_and_attribute(
+    grid: Grid, messages: Sequence[Message], *, timeout: float
+) -> list[tuple[int, Message]]:
+    """Send ``messages``; return each reply with the node it answers for.
+
+    Grids set each sent message's id; a reply made by Flower itself (say, "node unavailable")
+    comes from the SuperLink, not the node, and is matched to its node through that id.
+    """
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+    return [
+        (sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id), reply)
+        for reply in replies
+    ]

@@ -24,7 +24,6 @@ import numpy as np
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
-from fedsilo.crypto import encode_signature
 from fedsilo.ledger import EntryKind, JsonValue
 from fedsilo.model.adapters import AdapterState
 from fedsilo.model.flatten import flat_length, unflatten
@@ -74,10 +73,12 @@ from fedsilo.server.admission import (
 from fedsilo.server.rounds import (
     FederationPlan,
     RoundReplies,
+    accept,
     dp_requirement,
     dp_task,
     open_round,
     reject,
+    send_and_attribute,
 )
 from fedsilo.server.strategies import SiteUpdate
 
@@ -136,7 +137,7 @@ def exchange(
         )
         for node, content in contents.items()
     ]
-    replies = list(ctx.grid.send_and_receive(messages, timeout=config.strategy.round_timeout_s))
+    replies = send_and_attribute(ctx.grid, messages, timeout=config.strategy.round_timeout_s)
     expected = ExpectedBinding(
         federation_id=state.session.federation_id,
         run_id=state.session.run_id,
@@ -146,11 +147,7 @@ def exchange(
     site_keys = ctx.plan.membership.site_keys()
     accepted: dict[str, tuple[SignedUpload, Message]] = {}
     answered: set[int] = set()
-    # A reply Flower makes itself (say, "node unavailable") comes from the SuperLink: match it
-    # to its node through the id of the message it answers, as the plain round does.
-    sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
-    for reply in replies:
-        node = sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+    for node, reply in replies:
         answered.add(node)
         try:
             upload = admit_signed(
@@ -294,17 +291,15 @@ def collect_masked_inputs(ctx: SecAggRound, state: SecAggState) -> None:
                 ctx.plan, ctx.replies, ctx.round_number, site, f"{MASKED_STAGE}: {rejection.reason}"
             )
             continue
-        entry = ctx.plan.ledger.append(
-            EntryKind.UPDATE_RECEIVED,
-            {
-                **upload.binding.fields(),
-                "site_signature": encode_signature(upload.signature),
-                "node": upload.node,
-                "payload_bytes": len(upload.payload),
-                "dp_event": None if dp_event is None else dict(dp_event),
-            },
+        accept(
+            ctx.plan,
+            ctx.replies,
+            node=upload.node,
+            binding=upload.binding,
+            signature=upload.signature,
+            payload_bytes=len(upload.payload),
+            dp_event=dp_event,
         )
-        ctx.replies.ledgered.append((upload.node, upload.binding, entry))
         state.masked[site] = np.frombuffer(upload.payload, dtype="<u4").astype(RING_DTYPE)
     require_sites(ctx, state, "collect_masked_inputs", list(state.masked))
 
