@@ -27,7 +27,7 @@ import numpy as np
 from fedsilo.client.site import load_model_with_adapter
 from fedsilo.config import FedsiloConfig, parse_config
 from fedsilo.data.icd10 import build_icd10_task
-from fedsilo.data.records import ChatRecord
+from fedsilo.data.records import ChatRecord, load_records
 from fedsilo.model.adapters import set_adapter_state
 from fedsilo.privacy.attacks import (
     CANARY_PROMPT,
@@ -98,9 +98,8 @@ def _write_jsonl(path: Path, records: list[ChatRecord]) -> Path:
     return path
 
 
-def _read_jsonl(path: Path) -> list[ChatRecord]:
-    lines = path.read_text(encoding="utf-8").splitlines()
-    return [ChatRecord(**json.loads(line)) for line in lines if line.strip()]
+def _read_chat_records(path: Path) -> list[ChatRecord]:
+    return [r for r in load_records(path) if isinstance(r, ChatRecord)]
 
 
 def _canaries(experiment: CanaryExperiment) -> tuple[list[Canary], list[Canary]]:
@@ -193,8 +192,9 @@ def attack(config: FedsiloConfig, run_dir: Path, experiment: CanaryExperiment) -
         ]
 
     planted, never = _canaries(experiment)
-    members = [r for r in _read_jsonl(config.task.sites[0].path) if r.prompt != CANARY_PROMPT]
-    held_out = _read_jsonl(config.task.sites[0].path.parent / "held-out.jsonl")
+    site_file = config.task.sites[0].path
+    members = [r for r in _read_chat_records(site_file) if r.prompt != CANARY_PROMPT]
+    held_out = _read_chat_records(site_file.parent / "held-out.jsonl")
     planted_exposure, never_exposure = exposures(planted), exposures(never)
     auc = membership_auc(
         loaded.model,
