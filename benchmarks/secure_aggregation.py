@@ -201,7 +201,7 @@ def _ours(
         started = time.perf_counter()
         replies = collect(grid, plan, template, round_number=1, attempt=attempt, nodes=nodes)
         wall = time.perf_counter() - started
-        if not replies.updates:
+        if not replies.updates.count:
             raise RuntimeError(f"{mode} round failed: {replies.failures}")
         return wall, grid.parallel_estimate(wall), grid.mean_bytes(), replies
 

@@ -138,13 +138,12 @@ def test_deployed_sites_complete_a_secagg_round_equal_to_plain_fedavg(
     plain = collect_round(grid, plan, template, round_number=1, attempt=2, nodes=nodes)
 
     assert secure.contributors == list(NAMES), secure.failures
-    assert sorted(u.site for u in plain.updates) == list(NAMES), plain.failures
-    [aggregate] = secure.updates
-    mean = {
-        name: sum(u.delta[name] for u in plain.updates) / len(plain.updates) for name in template
-    }
+    assert sorted(plain.updates.sites) == list(NAMES), plain.failures
+    # The secure mean weighs sites equally; so does the plain mean when their counts are equal.
+    assert len({m.num_examples for m in plain.metrics.values()}) == 1
+    aggregate, mean = secure.updates.mean(), plain.updates.mean()
     for name in template:
-        torch.testing.assert_close(aggregate.delta[name], mean[name], rtol=0, atol=1e-6)
+        torch.testing.assert_close(aggregate[name], mean[name], rtol=0, atol=1e-6)
 
 
 def test_a_deployed_site_without_the_roster_refuses_naming_the_peer(
@@ -155,5 +154,5 @@ def test_a_deployed_site_without_the_roster_refuses_naming_the_peer(
 
     secure = collect_secure_round(grid, plan, template, round_number=1, attempt=1, nodes=nodes)
 
-    assert secure.updates == []
+    assert secure.updates.count == 0
     assert any("is not an enrolled site" in r for r in secure.failures.values()), secure.failures

@@ -32,6 +32,7 @@ from fedsilo.protocol.records import (
     UPDATE_KEY,
     LoraSpec,
     RoundTask,
+    adapter_to_record,
     train_instruction,
 )
 
@@ -98,7 +99,7 @@ def _train_message(tiny_model_dir: Path, *, rank: int = 4) -> Message:
         seed=1,
     )
     lora = LoraSpec(rank=rank, alpha=8.0, dropout=0.0, target_modules=targets)
-    content = train_instruction(get_adapter_state(model), task, None, lora)
+    content = train_instruction(adapter_to_record(get_adapter_state(model)), task, None, lora)
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SUPERLINK_NODE_ID, 0
     message = Message(content, 5, TRAIN_MESSAGE, group_id="1")
     message.metadata.__dict__["_message_id"] = "m-1"

@@ -31,9 +31,9 @@ def test_he_mean_matches_the_plaintext_mean(
 
     replies = collect_he_round(h.grid, h.plan, TEMPLATE, round_number=1, attempt=1, nodes=h.nodes)
 
-    [update] = replies.updates
+    mean = replies.updates.mean()
     assert replies.contributors == h.names
-    np.testing.assert_allclose(flatten(update.delta), _mean(h, h.names), rtol=0, atol=1e-4)
+    np.testing.assert_allclose(flatten(mean), _mean(h, h.names), rtol=0, atol=1e-4)
     assert [s["stage"] for s in replies.stages] == [
         "advertise_keys",
         "key_ceremony",
@@ -77,8 +77,8 @@ def test_dropout_after_the_key_ceremony_leaves_the_survivors_sum(
 
     survivors = ["site-0", "site-1", "site-3"]
     assert replies.contributors == survivors
-    [update] = replies.updates
-    np.testing.assert_allclose(flatten(update.delta), _mean(h, survivors), rtol=0, atol=1e-4)
+    mean = replies.updates.mean()
+    np.testing.assert_allclose(flatten(mean), _mean(h, survivors), rtol=0, atol=1e-4)
 
 
 def test_a_dealer_that_drops_is_replaced_by_the_next_site(
@@ -90,8 +90,8 @@ def test_a_dealer_that_drops_is_replaced_by_the_next_site(
     replies = collect_he_round(h.grid, h.plan, TEMPLATE, round_number=1, attempt=1, nodes=h.nodes)
 
     assert replies.contributors == ["site-1", "site-2"]
-    [update] = replies.updates
-    np.testing.assert_allclose(flatten(update.delta), _mean(h, ["site-1", "site-2"]), atol=1e-4)
+    mean = replies.updates.mean()
+    np.testing.assert_allclose(flatten(mean), _mean(h, ["site-1", "site-2"]), atol=1e-4)
 
 
 def test_decryption_falls_to_the_next_contributor_and_below_threshold_halts(
@@ -105,7 +105,7 @@ def test_decryption_falls_to_the_next_contributor_and_below_threshold_halts(
     halted = collect_he_round(h.grid, h.plan, TEMPLATE, round_number=1, attempt=2, nodes=h.nodes)
 
     assert ok.contributors == h.names
-    assert halted.updates == []
+    assert halted.updates.count == 0
     assert "threshold is 2" in halted.failures["secure-aggregation"]
 
 
@@ -120,7 +120,7 @@ def test_a_site_refuses_to_decrypt_a_sum_below_its_min_cohort(
 
     replies = collect_he_round(h.grid, h.plan, TEMPLATE, round_number=1, attempt=1, nodes=h.nodes)
 
-    assert replies.updates == []
+    assert replies.updates.count == 0
     refusals = [r for r in replies.failures.values() if "decrypts only sums of at least 3" in r]
     assert len(refusals) == 2
 
@@ -132,8 +132,8 @@ def test_only_the_selected_tensors_are_encrypted(
 
     replies = collect_he_round(h.grid, h.plan, TEMPLATE, round_number=1, attempt=1, nodes=h.nodes)
 
-    [update] = replies.updates
-    np.testing.assert_allclose(flatten(update.delta), _mean(h, h.names), atol=1e-4)
+    mean = replies.updates.mean()
+    np.testing.assert_allclose(flatten(mean), _mean(h, h.names), atol=1e-4)
     [first, *_] = [m for m in h.grid.received if m.metadata.message_type == ENCRYPTED_MESSAGE]
     plain, *_chunks = ckks.unframe(
         first.content.array_records[UPDATE_KEY]["safetensors"].numpy().tobytes(), what="input"
@@ -148,8 +148,8 @@ def test_distributed_dp_noise_is_added_by_the_sites(
     h = _he(tmp_path, monkeypatch, num_sites=3, privacy=privacy)
     replies = collect_he_round(h.grid, h.plan, TEMPLATE, round_number=1, attempt=1, nodes=h.nodes)
 
-    [update] = replies.updates
-    noise = flatten(update.delta) - _mean(h, h.names)
+    mean = replies.updates.mean()
+    noise = flatten(mean) - _mean(h, h.names)
     # Threshold 2: each site adds std 10/sqrt(2); the sum of 3 has std 10*sqrt(3/2); mean /3.
     expected = 10.0 * np.sqrt(3 / 2) / 3
     assert 0.5 * expected < float(noise.std()) < 1.6 * expected

@@ -11,7 +11,7 @@ from fedsilo.config import FedsiloConfig
 from fedsilo.ledger import EntryKind, read_entries
 from fedsilo.server.run_folder import RunFolder
 from fedsilo.server.site_dp import SiteLevelDp, clip_update
-from fedsilo.server.strategies import FedAvg, SiteUpdate
+from fedsilo.server.strategies import FedAvg, SiteUpdate, UpdateSum
 
 from ..simulation.conftest import run_with_grid
 
@@ -35,9 +35,30 @@ def test_example_counts_do_not_weigh_in() -> None:
         SiteUpdate("b", {"w": torch.tensor([3.0])}, num_examples=1000),
     ]
 
-    result = dp.aggregate({"w": torch.tensor([0.0])}, updates)
+    total = dp.new_sum()
+    for update in updates:
+        total.add(update)
+    result = dp.aggregate({"w": torch.tensor([0.0])}, total)
 
     assert result["w"].item() == pytest.approx(2.0, abs=1e-6)
+
+
+def test_each_update_is_clipped_as_it_is_added() -> None:
+    dp = SiteLevelDp(FedAvg(), clip_norm=1.0, noise_multiplier=1e-9, cohort_size=2)
+    total = dp.new_sum()
+    total.add(SiteUpdate("a", {"w": torch.tensor([30.0, 40.0])}, num_examples=1))
+    total.add(SiteUpdate("b", {"w": torch.tensor([0.3, 0.4])}, num_examples=1))
+
+    torch.testing.assert_close(total.total()["w"], torch.tensor([0.9, 1.2], dtype=torch.float64))
+
+
+def test_an_unclipped_sum_is_refused() -> None:
+    dp = SiteLevelDp(FedAvg(), clip_norm=1.0, noise_multiplier=1.0, cohort_size=1)
+    unclipped = UpdateSum()
+    unclipped.add(SiteUpdate("a", {"w": torch.tensor([30.0])}, num_examples=1))
+
+    with pytest.raises(TypeError, match=r"clipped to 1\.0"):
+        dp.aggregate({"w": torch.tensor([0.0])}, unclipped)
 
 
 def test_noise_has_the_stated_scale() -> None:
@@ -48,7 +69,9 @@ def test_noise_has_the_stated_scale() -> None:
         cohort_size=4,
         generator=torch.Generator().manual_seed(0),
     )
-    zero = [SiteUpdate(str(i), {"w": torch.zeros(20_000)}, num_examples=1) for i in range(4)]
+    zero = dp.new_sum()
+    for i in range(4):
+        zero.add(SiteUpdate(str(i), {"w": torch.zeros(20_000)}, num_examples=1))
 
     mean = dp.noised_mean(zero)
 

@@ -38,17 +38,19 @@ def run_with_grid(
     *,
     resume: bool = False,
     unreachable: Iterable[int] = (),
+    grid_class: type[InProcessGrid] = InProcessGrid,
 ) -> RecordingReporter:
     """Enroll, then run the ServerApp over an in-process grid of ``config.num_sites`` nodes.
 
-    ``make_app`` builds the ClientApp from the simulated sites (tests wrap it to misbehave).
+    ``make_app`` builds the ClientApp from the simulated sites (tests wrap it to misbehave);
+    ``grid_class`` lets a test watch the deliveries.
     """
     reporter = RecordingReporter()
     job = prepare_job(
         SimulationRequest(config=config, run_dir=run_dir, resume=resume, reporter=reporter)
     )
     sites = SimulatedSites(config, run_dir=run_dir, membership=job.membership)
-    grid = InProcessGrid(make_app(sites), num_nodes=config.num_sites, unreachable=unreachable)
+    grid = grid_class(make_app(sites), num_nodes=config.num_sites, unreachable=unreachable)
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
     build_server_app(job)(grid, context)
     return reporter

@@ -288,13 +288,17 @@ def adapter_from_payload(payload: bytes, *, like: AdapterState, what: str) -> Ad
 
 
 def train_instruction(
-    global_state: AdapterState,
+    global_record: ArrayRecord,
     task: RoundTask,
     dp: DpTask | None = None,
     lora: LoraSpec | None = None,
 ) -> RecordDict:
-    """The content of a train message."""
-    content = RecordDict({GLOBAL_KEY: adapter_to_record(global_state), TASK_KEY: task.to_record()})
+    """The content of a train message.
+
+    ``global_record`` is :func:`adapter_to_record` of the global adapter; a round builds it
+    once and every site's message shares it (records are copied on delivery, never mutated).
+    """
+    content = RecordDict({GLOBAL_KEY: global_record, TASK_KEY: task.to_record()})
     if dp is not None:
         content[DP_KEY] = dp.to_record()
     if lora is not None:

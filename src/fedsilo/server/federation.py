@@ -31,6 +31,7 @@ from fedsilo.protocol.records import (
     TRAIN_MESSAGE,
     TRAIN_STAGE,
     LoraSpec,
+    adapter_to_record,
     receipt_to_record,
     train_instruction,
 )
@@ -48,7 +49,7 @@ from fedsilo.server.rounds import (
     dp_task,
     open_round,
     reject,
-    send_and_attribute,
+    stream_replies,
 )
 from fedsilo.server.run_folder import Checkpoint
 from fedsilo.server.secagg_round import collect_secure_round
@@ -114,20 +115,25 @@ def collect_round(
     attempt: int,
     nodes: Sequence[int],
 ) -> RoundReplies:
-    """Send the round's task to ``nodes``, admit or reject each reply, ledger every outcome."""
+    """Send the round's task to ``nodes``, admit or reject each reply, ledger every outcome.
+
+    Every message carries the same global adapter record (built once, not once per site), and
+    each accepted update is folded into the strategy's running sum as it arrives.
+    """
     config = plan.config
     tasks = open_round(plan, global_state, round_number=round_number, attempt=attempt, nodes=nodes)
     task_dp = dp_task(config)
+    lora = LoraSpec.of(config.lora)
+    global_record = adapter_to_record(global_state)
     messages = [
         Message(
-            train_instruction(global_state, task, task_dp, LoraSpec.of(config.lora)),
+            train_instruction(global_record, task, task_dp, lora),
             dst_node_id=node,
             message_type=TRAIN_MESSAGE,
             group_id=str(round_number),
         )
         for node, task in tasks.items()
     ]
-    replies = send_and_attribute(grid, messages, timeout=config.strategy.round_timeout_s)
     expected = ExpectedBinding(
         federation_id=plan.membership.federation_id,
         run_id=plan.membership.run_id,
@@ -135,9 +141,9 @@ def collect_round(
         stage=TRAIN_STAGE,
     )
     site_keys = plan.membership.site_keys()
-    result = RoundReplies()
+    result = RoundReplies(updates=plan.strategy.new_sum())
     answered: set[int] = set()
-    for node, reply in replies:
+    for node, reply in stream_replies(grid, messages, timeout=config.strategy.round_timeout_s):
         answered.add(node)
         try:
             admitted = admit_update(
@@ -165,7 +171,7 @@ def collect_round(
             num_examples=admitted.metrics.num_examples,
         )
         site = admitted.binding.site_id
-        result.updates.append(SiteUpdate(site, admitted.delta, admitted.metrics.num_examples))
+        result.updates.add(SiteUpdate(site, admitted.delta, admitted.metrics.num_examples))
         result.metrics[site] = admitted.metrics
     for node in nodes:
         if node not in answered:
@@ -245,11 +251,12 @@ def _adapter_bytes(adapter: AdapterState) -> int:
     return sum(tensor.numel() * tensor.element_size() for tensor in adapter.values())
 
 
-def _bytes_up_per_site(replies: RoundReplies) -> float:
-    """Plain rounds: the fp32 adapter; secure rounds: the mean upload over every stage."""
+def _bytes_up_per_site(replies: RoundReplies, global_state: AdapterState) -> float:
+    """Plain rounds: the fp32 adapter (updates have its shape); secure rounds: the mean upload
+    over every stage."""
     if replies.bytes_up:
         return sum(replies.bytes_up.values()) / len(replies.bytes_up)
-    return _adapter_bytes(replies.updates[0].delta)
+    return _adapter_bytes(global_state)
 
 
 Collector = Callable[..., RoundReplies]
@@ -282,7 +289,7 @@ def run_federation(grid: Grid, plan: FederationPlan, *, resume: bool) -> Adapter
             replies = collect(
                 grid, plan, global_state, round_number=round_number, attempt=attempt, nodes=nodes
             )
-            if replies.updates and len(replies.sites) >= config.strategy.min_sites:
+            if replies.updates.count and len(replies.sites) >= config.strategy.min_sites:
                 break
             plan.reporter.notice(
                 f"round {round_number} attempt {attempt}: only {len(replies.sites)} of "
@@ -315,10 +322,10 @@ def run_federation(grid: Grid, plan: FederationPlan, *, resume: bool) -> Adapter
             "sites": replies.sites,
             "failures": replies.failures,
             "train_loss": _weighted_train_loss(replies),
-            "examples": sum(update.num_examples for update in replies.updates),
+            "examples": replies.updates.examples,
             "tokens": sum(m.tokens for m in replies.metrics.values()),
             "bytes_down_per_site": _adapter_bytes(global_state),
-            "bytes_up_per_site": _bytes_up_per_site(replies),
+            "bytes_up_per_site": _bytes_up_per_site(replies, global_state),
             "secure_aggregation": config.secure_aggregation.mode,
             **({"secure_stages": replies.stages} if replies.stages else {}),
             **_gold_fields(gold),

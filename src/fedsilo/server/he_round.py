@@ -40,7 +40,7 @@ from fedsilo.protocol.he_records import (
     EncryptRequest,
     keygen_record,
 )
-from fedsilo.protocol.records import LoraSpec, train_instruction
+from fedsilo.protocol.records import LoraSpec, adapter_to_record, train_instruction
 from fedsilo.protocol.secagg_records import ADVERTS_KEY, SECAGG_KEY, adverts_record, session_record
 from fedsilo.server.admission import UpdateRejectedError, check_dp_event
 from fedsilo.server.rounds import (
@@ -127,11 +127,12 @@ def encrypted_inputs(ctx: SecAggRound, state: HeState) -> None:
     assert state.dealer is not None
     cohort = sorted(state.adverts)
     task_dp = dp_task(ctx.plan.config)
+    lora = LoraSpec.of(ctx.plan.config.lora)
+    global_record = adapter_to_record(ctx.global_state)
     contents = {}
     for site in cohort:
         node = state.node_of[site]
-        lora = LoraSpec.of(ctx.plan.config.lora)
-        content = train_instruction(ctx.global_state, ctx.tasks[node], task_dp, lora)
+        content = train_instruction(global_record, ctx.tasks[node], task_dp, lora)
         content[SECAGG_KEY] = session_record(state.session, state.params)
         content[HE_KEY] = EncryptRequest(
             state.adverts[state.dealer], state.sealed_keys.get(site, b""), state.tensors
@@ -270,6 +271,6 @@ def collect_he_round(
         **unflatten(state.decrypted / count, global_state, select),
         **unflatten(state.plain_sum / count, global_state, lambda name: not select(name)),
     }
-    replies.updates = [SiteUpdate(AGGREGATE_SITE, mean, count)]
+    replies.updates.add(SiteUpdate(AGGREGATE_SITE, mean, count))
     replies.contributors = contributors
     return replies

@@ -8,7 +8,8 @@ round's ledger entries and failure reports look the same whatever the aggregatio
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -25,9 +26,12 @@ from fedsilo.protocol.records import TRAIN_STAGE, DpTask, RoundTask, SiteMetrics
 from fedsilo.server.admission import DpRequirement
 from fedsilo.server.membership import Membership
 from fedsilo.server.run_folder import RunFolder
-from fedsilo.server.strategies import SiteUpdate, Strategy
+from fedsilo.server.strategies import Strategy, UpdateSum
 
 log = logging.getLogger(__name__)
+
+# How often a round asks the grid for replies while it waits.
+REPLY_POLL_S = 0.25
 
 
 class GoldEvaluator(Protocol):
@@ -48,7 +52,9 @@ class ProgressReporter(Protocol):
 class RoundReplies:
     """What came back in one attempt of a round."""
 
-    updates: list[SiteUpdate] = field(default_factory=list)
+    # The accepted updates, folded into one running sum as they arrived (for secure rounds: the
+    # one aggregate of the contributors' inputs).
+    updates: UpdateSum = field(default_factory=UpdateSum)
     metrics: dict[str, SiteMetrics] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)  # site or node -> reason
     # Accepted uploads (node, signed binding) with the ledger entry that records each: what
@@ -63,7 +69,7 @@ class RoundReplies:
     @property
     def sites(self) -> list[str]:
         """The sites whose updates went into this round."""
-        return sorted(self.contributors or [update.site for update in self.updates])
+        return sorted(self.contributors or self.updates.sites)
 
 
 @dataclass(frozen=True)
@@ -205,17 +211,41 @@ def accept(
     return entry
 
 
+def stream_replies(
+    grid: Grid, messages: Sequence[Message], *, timeout: float
+) -> Iterator[tuple[int, Message]]:
+    """Send ``messages``; yield each reply, with the node it answers for, as it arrives.
+
+    The caller handles one reply before the next is pulled from the list, so a round can fold
+    each update into its sum and let it go instead of holding one reply per site. Grids set
+    each sent message's id; a reply made by Flower itself (say, "node unavailable") comes from
+    the SuperLink, not the node, and is matched to its node through that id. Stops when every
+    message is answered or ``timeout`` seconds have passed; a grid that delivers synchronously
+    (``delivers_synchronously``) has nothing more to give once a pull comes back empty.
+    """
+    pending = set(grid.push_messages(messages))
+    sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+    synchronous = getattr(grid, "delivers_synchronously", False)
+    deadline = time.monotonic() + timeout
+    while pending:
+        pulled = list(grid.pull_messages(pending))
+        if not pulled:
+            left = deadline - time.monotonic()
+            if synchronous or left <= 0:
+                return
+            time.sleep(min(REPLY_POLL_S, left))
+            continue
+        pulled.reverse()
+        while pulled:
+            reply = pulled.pop()
+            answered = reply.metadata.reply_to_message_id
+            pending.discard(answered)
+            yield sent_to.get(answered, reply.metadata.src_node_id), reply
+            del reply
+
+
 def send_and_attribute(
     grid: Grid, messages: Sequence[Message], *, timeout: float
 ) -> list[tuple[int, Message]]:
-    """Send ``messages``; return each reply with the node it answers for.
-
-    Grids set each sent message's id; a reply made by Flower itself (say, "node unavailable")
-    comes from the SuperLink, not the node, and is matched to its node through that id.
-    """
-    replies = list(grid.send_and_receive(messages, timeout=timeout))
-    sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
-    return [
-        (sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id), reply)
-        for reply in replies
-    ]
+    """Every reply of :func:`stream_replies`, for stages that need all of them at once."""
+    return list(stream_replies(grid, messages, timeout=timeout))

@@ -46,6 +46,7 @@ from fedsilo.protocol.records import (
     TASK_KEY,
     LoraSpec,
     RoundTask,
+    adapter_to_record,
     train_instruction,
 )
 from fedsilo.protocol.secagg_records import (
@@ -258,11 +259,12 @@ def collect_masked_inputs(ctx: SecAggRound, state: SecAggState) -> None:
     """Stage 3: each site of U2 gets its shares and the task; collect masked inputs (U3)."""
     cohort = sorted(state.sealed)
     task_dp = dp_task(ctx.plan.config)
+    lora = LoraSpec.of(ctx.plan.config.lora)
+    global_record = adapter_to_record(ctx.global_state)
     contents = {}
     for site in cohort:
         node = state.node_of[site]
-        lora = LoraSpec.of(ctx.plan.config.lora)
-        content = train_instruction(ctx.global_state, ctx.tasks[node], task_dp, lora)
+        content = train_instruction(global_record, ctx.tasks[node], task_dp, lora)
         content[SECAGG_KEY] = session_record(state.session, state.params)
         content[SHARES_KEY] = shares_record(
             {sender: state.sealed[sender][site] for sender in cohort if sender != site}
@@ -415,6 +417,6 @@ def collect_secure_round(
     contributors = sorted(state.masked)
     total = dequantize(state.total, state.params.quantization())
     mean = unflatten(total / len(contributors), global_state)
-    replies.updates = [SiteUpdate(AGGREGATE_SITE, mean, len(contributors))]
+    replies.updates.add(SiteUpdate(AGGREGATE_SITE, mean, len(contributors)))
     replies.contributors = contributors
     return replies

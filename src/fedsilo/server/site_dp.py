@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Sequence
 
 import torch
 
 from fedsilo.model.adapters import AdapterState
-from fedsilo.server.strategies import SiteSettings, SiteUpdate, Strategy
+from fedsilo.server.strategies import SiteSettings, SiteUpdate, Strategy, UpdateSum
 
 
 def clip_update(delta: AdapterState, *, clip_norm: float) -> AdapterState:
@@ -33,6 +32,17 @@ def clip_update(delta: AdapterState, *, clip_norm: float) -> AdapterState:
     norm = math.sqrt(sum(float(torch.sum(t.double() ** 2)) for t in delta.values()))
     factor = min(1.0, clip_norm / norm) if norm > 0 else 1.0
     return {name: tensor * factor for name, tensor in delta.items()}
+
+
+class ClippedSum(UpdateSum):
+    """Sum of site deltas, each clipped to ``clip_norm`` and weighed equally (counts ignored)."""
+
+    def __init__(self, *, clip_norm: float) -> None:
+        super().__init__()
+        self.clip_norm = clip_norm
+
+    def weigh(self, update: SiteUpdate) -> tuple[AdapterState, float]:
+        return clip_update(update.delta, clip_norm=self.clip_norm), 1.0
 
 
 class SiteLevelDp:
@@ -59,28 +69,25 @@ class SiteLevelDp:
     def site_settings(self) -> SiteSettings:
         return self.inner.site_settings()
 
-    def noised_mean(self, updates: Sequence[SiteUpdate]) -> AdapterState:
+    def new_sum(self) -> ClippedSum:
+        return ClippedSum(clip_norm=self.clip_norm)
+
+    def noised_mean(self, updates: UpdateSum) -> AdapterState:
         """(sum of clipped deltas + noise) / cohort size."""
-        if not updates:
-            raise ValueError("cannot aggregate a round with no updates")
-        clipped = [clip_update(u.delta, clip_norm=self.clip_norm) for u in updates]
+        if not isinstance(updates, ClippedSum) or updates.clip_norm != self.clip_norm:
+            # An unclipped sum would void the sensitivity the noise is calibrated to.
+            raise TypeError(f"site-level DP needs a sum clipped to {self.clip_norm}")
         std = self.noise_multiplier * self.clip_norm
         mean: AdapterState = {}
-        for name, reference in clipped[0].items():
-            total = torch.zeros_like(reference, dtype=torch.float64)
-            for delta in clipped:
-                total += delta[name].double()
-            noise = (
-                torch.randn(reference.shape, generator=self._generator, dtype=torch.float64) * std
-            )
+        for name, total in updates.total().items():
+            noise = torch.randn(total.shape, generator=self._generator, dtype=torch.float64) * std
             mean[name] = ((total + noise) / self.cohort_size).to(torch.float32)
         return mean
 
-    def aggregate(self, global_state: AdapterState, updates: Sequence[SiteUpdate]) -> AdapterState:
-        noised = SiteUpdate(
-            site="site-dp-noised-mean", delta=self.noised_mean(updates), num_examples=1
-        )
-        return self.inner.aggregate(global_state, [noised])
+    def aggregate(self, global_state: AdapterState, updates: UpdateSum) -> AdapterState:
+        noised = UpdateSum()
+        noised.add(SiteUpdate("site-dp-noised-mean", self.noised_mean(updates), num_examples=1))
+        return self.inner.aggregate(global_state, noised)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.inner.state_dict()

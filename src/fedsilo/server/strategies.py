@@ -1,13 +1,16 @@
 """Server strategies: how the global adapter moves given the sites' updates.
 
 Every strategy pairs what it asks of the sites (``site_settings``) with how it combines their
-replies (``aggregate``). Updates are adapter deltas (trained minus global); sums are taken in
-float64 so the result does not depend on the order replies arrived in, beyond the final cast.
+replies: a round folds each accepted update into the strategy's running sum (``new_sum``) as it
+arrives and drops it, then ``aggregate`` turns the sum into the next global adapter. So the
+coordinator holds one sum per round, not one update per site. Updates are adapter deltas
+(trained minus global); sums are taken in float64 so the result does not depend on the order
+replies arrived in, beyond the final cast.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -33,6 +36,57 @@ class SiteSettings:
     proximal_mu: float
 
 
+class UpdateSum:
+    """Running example-weighted sum of site deltas, in float64: all a round keeps of its updates.
+
+    ``add`` folds an update in; the caller can then drop it, so the memory a round needs is
+    this sum (twice the fp32 adapter) whatever the number of sites.
+    """
+
+    def __init__(self) -> None:
+        self._sum: dict[str, torch.Tensor] = {}
+        self.weight = 0.0
+        self.sites: list[str] = []
+        self.examples = 0
+
+    @property
+    def count(self) -> int:
+        """How many updates were added."""
+        return len(self.sites)
+
+    def weigh(self, update: SiteUpdate) -> tuple[AdapterState, float]:
+        """The delta to add and its weight: the update's own delta, by its example count."""
+        return update.delta, float(update.num_examples)
+
+    def add(self, update: SiteUpdate) -> None:
+        """Fold ``update`` into the sum."""
+        delta, weight = self.weigh(update)
+        if not self._sum:
+            self._sum = {
+                name: torch.zeros_like(t, dtype=torch.float64) for name, t in delta.items()
+            }
+        elif delta.keys() != self._sum.keys():
+            raise ValueError(f"update from {update.site} has other tensors than the round's sum")
+        for name, tensor in delta.items():
+            self._sum[name] += tensor.to(torch.float64) * weight
+        self.weight += weight
+        self.sites.append(update.site)
+        self.examples += update.num_examples
+
+    def total(self) -> dict[str, torch.Tensor]:
+        """The float64 weighted sum; raises when nothing was added."""
+        if not self._sum:
+            raise ValueError("cannot aggregate a round with no updates")
+        return self._sum
+
+    def mean(self) -> AdapterState:
+        """sum_i w_i * d_i / sum_i w_i, cast to float32."""
+        total = self.total()
+        if self.weight <= 0:
+            raise ValueError("cannot weight updates: the sites reported no examples")
+        return {name: (value / self.weight).to(torch.float32) for name, value in total.items()}
+
+
 class Strategy(Protocol):
     """A federated optimisation algorithm on adapter tensors."""
 
@@ -42,8 +96,12 @@ class Strategy(Protocol):
         """What sites must do differently under this strategy."""
         ...
 
-    def aggregate(self, global_state: AdapterState, updates: Sequence[SiteUpdate]) -> AdapterState:
-        """The next global adapter. Pure with respect to its inputs; raises on no updates."""
+    def new_sum(self) -> UpdateSum:
+        """An empty sum for one round's updates, weighing them as this strategy does."""
+        ...
+
+    def aggregate(self, global_state: AdapterState, updates: UpdateSum) -> AdapterState:
+        """The next global adapter from the round's sum. Raises when the sum is empty."""
         ...
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -55,23 +113,6 @@ class Strategy(Protocol):
         ...
 
 
-def weighted_mean_delta(updates: Sequence[SiteUpdate]) -> AdapterState:
-    """Example-weighted mean of the site deltas: sum_i n_i * d_i / sum_i n_i."""
-    if not updates:
-        raise ValueError("cannot aggregate a round with no updates")
-    total_examples = sum(update.num_examples for update in updates)
-    if total_examples <= 0:
-        raise ValueError("cannot weight updates: the sites reported no examples")
-    names = updates[0].delta.keys()
-    mean: AdapterState = {}
-    for name in names:
-        acc = torch.zeros_like(updates[0].delta[name], dtype=torch.float64)
-        for update in updates:
-            acc += update.delta[name].to(torch.float64) * update.num_examples
-        mean[name] = (acc / total_examples).to(torch.float32)
-    return mean
-
-
 class FedAvg:
     """FedAvg (McMahan et al. 2017): the global adapter plus the example-weighted mean delta."""
 
@@ -80,8 +121,11 @@ class FedAvg:
     def site_settings(self) -> SiteSettings:
         return SiteSettings(proximal_mu=0.0)
 
-    def aggregate(self, global_state: AdapterState, updates: Sequence[SiteUpdate]) -> AdapterState:
-        mean = weighted_mean_delta(updates)
+    def new_sum(self) -> UpdateSum:
+        return UpdateSum()
+
+    def aggregate(self, global_state: AdapterState, updates: UpdateSum) -> AdapterState:
+        mean = updates.mean()
         return {name: global_state[name] + mean[name] for name in global_state}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -126,8 +170,11 @@ class FedAdam:
     def site_settings(self) -> SiteSettings:
         return SiteSettings(proximal_mu=0.0)
 
-    def aggregate(self, global_state: AdapterState, updates: Sequence[SiteUpdate]) -> AdapterState:
-        delta = weighted_mean_delta(updates)
+    def new_sum(self) -> UpdateSum:
+        return UpdateSum()
+
+    def aggregate(self, global_state: AdapterState, updates: UpdateSum) -> AdapterState:
+        delta = updates.mean()
         new_state: AdapterState = {}
         for name, value in global_state.items():
             m = self._m.get(name, torch.zeros_like(value))

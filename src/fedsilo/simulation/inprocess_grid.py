@@ -1,10 +1,13 @@
 """A Flower Grid that delivers messages to ClientApps in this process.
 
 It runs the real ServerApp and ClientApp code, message for message, without Ray or a
-SuperLink: a 4-site LoRA round needs a fraction of the time and memory. Two details matter
+SuperLink: a 4-site LoRA round needs a fraction of the time and memory. Three details matter
 for fidelity: every message is deep-copied on the way (mods and handlers mutate records in
-place, and across a real network nobody shares objects), and messages carry the run id the
-client side expects.
+place, and across a real network nobody shares objects); messages carry the run id the
+client side expects; and replies come back one per pull, in the order the messages were
+pushed, as they would from sites finishing one after another. A site trains only when the
+server pulls, so a server that handles each reply before pulling the next holds one reply at
+a time, as it would over a network.
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ class InProcessGrid(Grid):
     messages are accepted and no reply ever comes, as over a real network.
     """
 
+    # Once a pull comes back empty nothing more will come: callers need not wait for timeouts.
+    delivers_synchronously = True
+
     def __init__(
         self,
         client_app: ClientApp,
@@ -55,7 +61,8 @@ class InProcessGrid(Grid):
             for index in range(num_nodes)
         }
         self._unreachable = set(unreachable)
-        self._replies: dict[str, Message] = {}
+        # Pushed and not yet delivered: message id -> (message, destination node).
+        self._pending: dict[str, tuple[Message, int]] = {}
         # Messages built by the ServerApp take their run and source node from here.
         TaskIdentity.run_id = run_id
         TaskIdentity.node_id = SUPERLINK_NODE_ID
@@ -102,7 +109,7 @@ class InProcessGrid(Grid):
                 raise ValueError(f"message for unknown node {node}")
             if node in self._unreachable:
                 continue
-            self._replies[message_id] = self._deliver(copy.deepcopy(message), node)
+            self._pending[message_id] = (message, node)
         return ids
 
     def _deliver(self, message: Message, node: int) -> Message:
@@ -117,7 +124,13 @@ class InProcessGrid(Grid):
         return reply
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return [self._replies.pop(mid) for mid in list(message_ids) if mid in self._replies]
+        """The reply to the first pushed message among ``message_ids`` (empty when none)."""
+        wanted = set(message_ids)
+        for message_id, (message, node) in self._pending.items():
+            if message_id in wanted:
+                del self._pending[message_id]
+                return [self._deliver(copy.deepcopy(message), node)]
+        return []
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
@@ -125,4 +138,8 @@ class InProcessGrid(Grid):
         # Delivery is synchronous: whatever has not answered now never will, so the
         # timeout is reached at once instead of slept through.
         del timeout
-        return self.pull_messages(self.push_messages(messages))
+        ids = list(self.push_messages(messages))
+        replies: list[Message] = []
+        while pulled := list(self.pull_messages(ids)):
+            replies.extend(pulled)
+        return replies
