@@ -376,7 +376,7 @@ def scale_section() -> list[str]:
     per_site = data["growth_per_extra_site_mb"]
     copies = per_site / data["adapter_mb"]
     if copies < 0.5:
-        shape = "about flat, as aggregating replies as they arrive would make it"
+        shape = "about flat, within the goal of sites x adapter"
     elif copies <= 1.0:
         shape = "linear in the sites of a round, within the goal of sites x adapter"
     else:
@@ -387,9 +387,13 @@ def scale_section() -> list[str]:
     lines += [
         "",
         f"Peak memory grows by {per_site:.2f} MB per extra site, {copies:.1f} times the adapter: "
-        f"{shape}. From the server loop: the coordinator builds one outgoing message per site, "
-        "each with its own copy of the global adapter, and keeps every reply of a round (its "
-        "bytes and the decoded update) until it aggregates.",
+        f"{shape}. The coordinator builds the global adapter's record once per round and every "
+        "site's message shares it, and it folds each accepted update into the round's float64 "
+        "sum as the reply arrives, then lets the reply go (`UpdateSum` in "
+        "`src/fedsilo/server/strategies.py`; `tests/simulation/test_streaming_aggregation.py` "
+        "checks that no earlier reply is alive while the next site trains). What still grows is "
+        "small per-site state: ledger entries, tasks and metrics, and the simulated sites' own "
+        "state, which shares the process.",
         "",
         f"Measured {data['measured_at']} on {data['machine']['cpus']} CPU cores, {data['note']}; "
         "source: `benchmarks/results/scale.json`.",
