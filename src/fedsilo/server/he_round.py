@@ -40,15 +40,13 @@ from fedsilo.protocol.he_records import (
     EncryptRequest,
     keygen_record,
 )
-from fedsilo.protocol.records import LoraSpec, adapter_to_record, train_instruction
-from fedsilo.protocol.secagg_records import ADVERTS_KEY, SECAGG_KEY, adverts_record, session_record
+from fedsilo.protocol.secagg_records import ADVERTS_KEY, adverts_record
 from fedsilo.server.admission import UpdateRejectedError, check_dp_event
 from fedsilo.server.rounds import (
     FederationPlan,
     RoundReplies,
     accept,
     dp_requirement,
-    dp_task,
     open_round,
     reject,
 )
@@ -62,6 +60,7 @@ from fedsilo.server.secagg_round import (
     require_sites,
     secagg_params,
     session_content,
+    train_contents,
 )
 from fedsilo.server.strategies import SiteUpdate
 
@@ -126,18 +125,11 @@ def encrypted_inputs(ctx: SecAggRound, state: HeState) -> None:
     """Stage 3: every site of the ceremony trains and sends its encrypted update."""
     assert state.dealer is not None
     cohort = sorted(state.adverts)
-    task_dp = dp_task(ctx.plan.config)
-    lora = LoraSpec.of(ctx.plan.config.lora)
-    global_record = adapter_to_record(ctx.global_state)
-    contents = {}
+    contents = train_contents(ctx, state, cohort)
     for site in cohort:
-        node = state.node_of[site]
-        content = train_instruction(global_record, ctx.tasks[node], task_dp, lora)
-        content[SECAGG_KEY] = session_record(state.session, state.params)
-        content[HE_KEY] = EncryptRequest(
+        contents[state.node_of[site]][HE_KEY] = EncryptRequest(
             state.adverts[state.dealer], state.sealed_keys.get(site, b""), state.tensors
         ).to_record()
-        contents[node] = content
     accepted = exchange(
         ctx,
         state,

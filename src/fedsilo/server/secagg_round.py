@@ -255,9 +255,13 @@ def share_keys(ctx: SecAggRound, state: SecAggState) -> None:
     require_sites(ctx, state, "share_keys", list(state.sealed))
 
 
-def collect_masked_inputs(ctx: SecAggRound, state: SecAggState) -> None:
-    """Stage 3: each site of U2 gets its shares and the task; collect masked inputs (U3)."""
-    cohort = sorted(state.sealed)
+def train_contents(
+    ctx: SecAggRound, state: SecAggState, cohort: list[str]
+) -> dict[int, RecordDict]:
+    """Each cohort site's train instruction, with the session: what the input stage adds to.
+
+    The global adapter's record is built once and shared by every site's content.
+    """
     task_dp = dp_task(ctx.plan.config)
     lora = LoraSpec.of(ctx.plan.config.lora)
     global_record = adapter_to_record(ctx.global_state)
@@ -266,10 +270,18 @@ def collect_masked_inputs(ctx: SecAggRound, state: SecAggState) -> None:
         node = state.node_of[site]
         content = train_instruction(global_record, ctx.tasks[node], task_dp, lora)
         content[SECAGG_KEY] = session_record(state.session, state.params)
-        content[SHARES_KEY] = shares_record(
+        contents[node] = content
+    return contents
+
+
+def collect_masked_inputs(ctx: SecAggRound, state: SecAggState) -> None:
+    """Stage 3: each site of U2 gets its shares and the task; collect masked inputs (U3)."""
+    cohort = sorted(state.sealed)
+    contents = train_contents(ctx, state, cohort)
+    for site in cohort:
+        contents[state.node_of[site]][SHARES_KEY] = shares_record(
             {sender: state.sealed[sender][site] for sender in cohort if sender != site}
         )
-        contents[node] = content
     accepted = exchange(
         ctx,
         state,
