@@ -316,6 +316,56 @@ def _alpha_chart(loaded: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _family_cell(data: dict[str, Any], family: str, key: str) -> str:
+    """``key`` of the family's final adapter (FedProx: its best mu by gold loss)."""
+    algorithms = data["algorithms"]
+    names = [n for n in algorithms if n == family or n.startswith(f"{family}-mu")]
+    if not names:
+        return "not run"
+    best = min(names, key=lambda n: _final(algorithms[n])["gold_loss"])
+    suffix = f" (mu {best.removeprefix('fedprox-mu')})" if family == "fedprox" else ""
+    if key == "gold_accuracy":
+        return _pct(_final(algorithms[best])["gold_accuracy"]) + suffix
+    if family == "centralized":
+        return "100%"
+    if family == "local":
+        base, local = data["round0"]["gold_loss"], _final(algorithms["local"])["gold_loss"]
+        central = _final(algorithms["centralized"])["gold_loss"]
+        return _pct((base - local) / (base - central)) if base != central else "-"
+    return _pct(data["goals"].get(best, {}).get("gold_loss_reduction_vs_centralized")) + suffix
+
+
+def _summary(loaded: dict[str, dict[str, Any]]) -> list[str]:
+    """One row per task: every algorithm's final gold accuracy, then its share of the loss drop."""
+    header = "| task | metric | " + " | ".join(ORDER) + " |"
+    rule = "|---|---|" + "---:|" * len(ORDER)
+    accuracy = [header, rule]
+    loss_share = [header.replace("| metric ", "| untrained gold loss "), rule]
+    for name, data in loaded.items():
+        if "centralized" not in data["algorithms"]:
+            continue
+        cells = [_family_cell(data, family, "gold_accuracy") for family in ORDER]
+        accuracy.append(f"| `{name}` | {data['metric']} | " + " | ".join(cells) + " |")
+        cells = [_family_cell(data, family, "loss_share") for family in ORDER]
+        loss_share.append(
+            f"| `{name}` | {data['round0']['gold_loss']:.3f} | " + " | ".join(cells) + " |"
+        )
+    return [
+        "### Summary",
+        "",
+        "Final gold accuracy (local: the mean of the sites; FedProx: its best mu by gold loss):",
+        "",
+        *accuracy,
+        "",
+        "Share of centralized training's gold-loss reduction (untrained loss minus final loss, "
+        "over the same for centralized), the readable comparison where exact answers are still "
+        "0% at this budget:",
+        "",
+        *loss_share,
+        "",
+    ]
+
+
 def quality_sections() -> list[str]:
     """The `fedsilo bench quality` section: one subsection per results file, then the alpha plot."""
     lines = ["## Federated vs centralized vs local-only (`fedsilo bench quality`)", ""]
@@ -342,6 +392,7 @@ def quality_sections() -> list[str]:
             "Not run yet (no results file): " + ", ".join(f"`{name}`" for name in missing) + ".",
             "",
         ]
+    lines += _summary(loaded)
     for name, data in loaded.items():
         lines += _task_section(name, data)
     lines += _alpha_chart(loaded)
