@@ -7,7 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from fedsilo.bench.quality import QualityRequest, run_quality_benchmark, summarize_goals
+from fedsilo.bench.quality import (
+    QualityRequest,
+    ResumeError,
+    run_quality_benchmark,
+    summarize_goals,
+)
 from fedsilo.bench.settings import QualityBudget
 
 
@@ -116,3 +121,86 @@ def test_unknown_task_or_algorithm_is_refused(tmp_path: Path) -> None:
         )
     with pytest.raises(ValueError, match="unknown task"):
         run_quality_benchmark(QualityRequest("mnist", "m", tmp_path, tmp_path / "r.json"))
+
+
+def _small_request(model: Path, out: Path, **changes: object) -> QualityRequest:
+    budget = QualityBudget(
+        num_sites=2, rounds=1, local_steps=1, batch_size=2, examples_per_site=4, gold_size=4,
+        lora_rank=2, proximal_mus=(0.1,), edge_cases_per_kind=2,
+    )  # fmt: skip
+    fields: dict = {
+        "task": "icd10-alpha1",
+        "model": str(model),
+        "out_dir": out / "runs",
+        "results_path": out / "quality.json",
+        "budget": budget,
+        "algorithms": ("centralized", "fedavg"),
+        "say": lambda _line: None,
+    }
+    fields.update(changes)
+    return QualityRequest(**fields)  # type: ignore[arg-type]
+
+
+def test_a_stopped_benchmark_keeps_what_it_measured_and_resumes(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fedsilo.bench.quality as quality
+
+    real_federated = quality._federated
+
+    def crash(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("power cut")
+
+    monkeypatch.setattr(quality, "_federated", crash)
+    with pytest.raises(RuntimeError, match="power cut"):
+        run_quality_benchmark(_small_request(tiny_model_dir, tmp_path))
+
+    partial = json.loads((tmp_path / "quality.json").read_text())
+    assert partial["complete"] is False
+    assert set(partial["algorithms"]) == {"centralized"}
+    assert set(partial["edge_cases"]) == {"sizes", "centralized"}
+
+    def no_centralized(*args: object, **kwargs: object) -> None:
+        raise AssertionError("centralized was measured already")
+
+    monkeypatch.setattr(quality, "_federated", real_federated)
+    monkeypatch.setattr(quality, "_centralized", no_centralized)
+    resumed = run_quality_benchmark(_small_request(tiny_model_dir, tmp_path, resume=True))
+
+    assert resumed["complete"] is True
+    assert resumed["algorithms"]["centralized"] == partial["algorithms"]["centralized"]
+    assert [r["round"] for r in resumed["algorithms"]["fedavg"]["per_round"]] == [1]
+    assert set(resumed["edge_cases"]) == {"sizes", "centralized", "fedavg"}
+    assert set(resumed["goals"]) == {"fedavg"}
+
+
+def test_a_federation_stopped_midway_goes_on_from_its_checkpoint(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    first = run_quality_benchmark(_small_request(tiny_model_dir, tmp_path, algorithms=("fedavg",)))
+    # As if the process died after the federation finished but before its result was written.
+    results = tmp_path / "quality.json"
+    data = json.loads(results.read_text())
+    data["algorithms"], data["complete"] = {}, False
+    results.write_text(json.dumps(data))
+
+    resumed = run_quality_benchmark(
+        _small_request(tiny_model_dir, tmp_path, algorithms=("fedavg",), resume=True)
+    )
+
+    assert (
+        resumed["algorithms"]["fedavg"]["per_round"] == first["algorithms"]["fedavg"]["per_round"]
+    )
+    with pytest.raises(FileExistsError, match="--resume"):
+        run_quality_benchmark(_small_request(tiny_model_dir, tmp_path, algorithms=("fedavg",)))
+
+
+def test_resume_refuses_results_of_another_budget_naming_the_field(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    run_quality_benchmark(_small_request(tiny_model_dir, tmp_path, algorithms=("centralized",)))
+    other = QualityBudget(num_sites=2, rounds=2, local_steps=1, batch_size=2,
+                          examples_per_site=4, gold_size=4, lora_rank=2)  # fmt: skip
+
+    with pytest.raises(ResumeError, match=r"quality\.json: field 'budget' differs"):
+        run_quality_benchmark(_small_request(tiny_model_dir, tmp_path, budget=other, resume=True))

@@ -1,5 +1,6 @@
 """The `fedsilo` command on the tiny model: simulate, resume, export, generate, errors."""
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -81,3 +82,26 @@ def test_packaged_demo_config_is_the_documented_default() -> None:
     assert config.num_sites == 4
     assert config.run.rounds == 3
     assert _demo_config(rounds=5).run.rounds == 5
+
+
+def test_bench_quality_resume_goes_on_in_the_folder_its_results_name(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # a fresh --out would land under ./runs
+    results = tmp_path / "quality.json"
+    common = ["bench", "quality", "--task", "icd10-alpha1", "--model", str(tiny_model_dir)]
+    common += ["--sites", "2", "--rounds", "1", "--local-steps", "1", "--batch-size", "2"]
+    common += ["--examples-per-site", "4", "--gold-size", "4", "--lora-rank", "2"]
+    common += ["--algorithms", "fedavg", "--no-edge-cases", "--results", str(results)]
+    assert main([*common, "--out", str(tmp_path / "bench")]) == 0
+    first = json.loads(results.read_text())
+    results.write_text(json.dumps({**first, "algorithms": {}, "complete": False}))
+
+    assert main([*common, "--resume"]) == 0
+
+    resumed = json.loads(results.read_text())
+    assert resumed["out_dir"] == str(tmp_path / "bench")
+    assert (
+        resumed["algorithms"]["fedavg"]["per_round"] == first["algorithms"]["fedavg"]["per_round"]
+    )
+    assert not (tmp_path / "runs").exists()

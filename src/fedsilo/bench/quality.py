@@ -26,7 +26,7 @@ import os
 import platform
 import resource
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +46,7 @@ from fedsilo.client.train import train_local
 from fedsilo.config import FedsiloConfig, parse_config
 from fedsilo.data.encode import Example, encode_records
 from fedsilo.data.icd10 import TaskData, default_chapters
-from fedsilo.data.icd10_edge import build_icd10_edge_cases
+from fedsilo.data.icd10_edge import EdgeCaseSet, build_icd10_edge_cases
 from fedsilo.data.tasks import build_task
 from fedsilo.evaluation.edge_cases import evaluate_edge_cases
 from fedsilo.evaluation.gold import evaluate_gold
@@ -70,6 +70,7 @@ class QualityRequest:
     budget: QualityBudget = field(default_factory=QualityBudget)
     algorithms: tuple[str, ...] = ALL_ALGORITHMS
     edge_cases: bool = True
+    resume: bool = False  # keep the algorithms results_path already holds, run the rest
     say: Callable[[str], None] = print
 
 
@@ -274,14 +275,16 @@ def _local(trainer: _Trainer, say: Callable[[str], None]) -> dict[str, Any]:
 
 
 def _federated(
-    name: str, config: FedsiloConfig, run_dir: Path, say: Callable[[str], None]
+    name: str, config: FedsiloConfig, run_dir: Path, say: Callable[[str], None], *, resume: bool
 ) -> tuple[dict[str, Any], AdapterState]:
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise FileExistsError(f"{run_dir} already holds a run: choose another --out")
-    started = time.perf_counter()
+    """One simulated federation; with ``resume``, a run folder left by a stopped run goes on."""
+    started = run_dir.exists() and any(run_dir.iterdir())
+    if started and not resume:
+        raise FileExistsError(f"{run_dir} already holds a run: choose another --out or --resume")
+    begun = time.perf_counter()
     simulate(
         SimulationRequest(
-            config=config, run_dir=run_dir, resume=False, reporter=_QuietReporter(name, say)
+            config=config, run_dir=run_dir, resume=started, reporter=_QuietReporter(name, say)
         )
     )
     folder = RunFolder(run_dir)
@@ -302,7 +305,7 @@ def _federated(
         * config.train.local_steps
         * config.train.batch_size,
         "run_dir": str(run_dir),
-        "wall_seconds": time.perf_counter() - started,
+        "wall_seconds": time.perf_counter() - begun,
     }
     return result, folder.load_checkpoint(config.run.rounds).adapter
 
@@ -350,8 +353,78 @@ def summarize_goals(
     return summary
 
 
+class ResumeError(ValueError):
+    """A results file that a resumed benchmark cannot build on; says which field differs."""
+
+
+def _identity(
+    request: QualityRequest, config: FedsiloConfig, base_model_hash: str
+) -> dict[str, Any]:
+    """What a results file must match for a resumed run to add to it."""
+    return {
+        "task": request.task,
+        "model": request.model,
+        "base_model_hash": base_model_hash,
+        "budget": json.loads(json.dumps(asdict(request.budget))),
+        "train": config.train.model_dump(mode="json"),
+        "lora": config.lora.model_dump(mode="json"),
+    }
+
+
+def _previous(request: QualityRequest, identity: dict[str, Any]) -> dict[str, Any]:
+    """The results already measured with the same identity (empty when not resuming)."""
+    path = request.results_path
+    if not request.resume or not path.exists():
+        return {}
+    try:
+        data: dict[str, Any] = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ResumeError(f"{path}: not a results file ({error})") from error
+    for key, value in identity.items():
+        if data.get(key) != value:
+            raise ResumeError(
+                f"{path}: field {key!r} differs from this run ({data.get(key)!r} there, "
+                f"{value!r} here); resume with the same settings or write another --results"
+            )
+    return data
+
+
+def _edge_scores(
+    trainer: _Trainer,
+    cases: Mapping[str, EdgeCaseSet],
+    adapter: AdapterState,
+    name: str,
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    set_adapter_state(trainer.loaded.model, adapter)
+    config = trainer.config
+    scores = evaluate_edge_cases(
+        trainer.loaded.model,
+        trainer.loaded.tokenizer,
+        cases,
+        system_prompt=trainer.task.system_prompt,
+        max_new_tokens=config.evaluation.max_new_tokens,
+        batch_size=config.evaluation.batch_size,
+        max_length=config.train.max_length,
+    )
+    say(
+        f"edge cases {name}: "
+        + ", ".join(
+            f"{k} {s.accuracy if s.accuracy is not None else s.code_shaped_rate:.2f}"
+            for k, s in scores.items()
+        )
+    )
+    return {kind: asdict(score) for kind, score in scores.items()}
+
+
 def run_quality_benchmark(request: QualityRequest) -> dict[str, Any]:
-    """Run every requested algorithm; write and return the results."""
+    """Run every requested algorithm; write and return the results.
+
+    The results file is rewritten (atomically) after every algorithm, with ``complete``
+    false until the last: a run that stops keeps what it measured, and ``request.resume``
+    picks it up, skipping the algorithms it holds and resuming a federation that stopped
+    midway from its last checkpoint.
+    """
     unknown = [a for a in request.algorithms if a not in ALL_ALGORITHMS]
     if unknown:
         raise ValueError(f"unknown algorithm(s) {unknown}; choose from {list(ALL_ALGORITHMS)}")
@@ -367,27 +440,19 @@ def run_quality_benchmark(request: QualityRequest) -> dict[str, Any]:
     )
 
     trainer = _Trainer(config, task)
+    identity = _identity(request, config, trainer.loaded.base_model_hash)
+    previous = _previous(request, identity)
     initial = trainer.loaded.adapter_template
     round0 = _gold_row(trainer.evaluate(initial))
     say(
         f"before training: gold {round0['gold_accuracy']:.3f} / "
         f"{round0['gold_category_accuracy']:.3f} loss {round0['gold_loss']:.3f}"
     )
-    algorithms: dict[str, dict[str, Any]] = {}
-    finals: dict[str, AdapterState] = {}
-    if "centralized" in request.algorithms:
-        algorithms["centralized"], finals["centralized"] = _centralized(trainer, say)
-    if "local" in request.algorithms:
-        algorithms["local"] = _local(trainer, say)
-    for name, variant in federated_configs(config, request.budget).items():
-        family = "fedprox" if name.startswith("fedprox") else name
-        if family not in request.algorithms:
-            continue
-        algorithms[name], adapter = _federated(name, variant, request.out_dir / name, say)
-        # FFA-LoRA's state holds B only; A is the shared seeded init the template holds.
-        finals[name] = {**initial, **adapter}
-
-    edge: dict[str, Any] = {}
+    algorithms: dict[str, dict[str, Any]] = dict(previous.get("algorithms", {}))
+    edge: dict[str, Any] = dict(previous.get("edge_cases", {}))
+    if algorithms:
+        say(f"resuming: keeping {sorted(algorithms)} from {request.results_path}")
+    cases: dict[str, EdgeCaseSet] = {}
     if request.edge_cases and task.name == "icd10":
         chapters = config.task.chapters or default_chapters(config.task.num_sites)
         cases = build_icd10_edge_cases(
@@ -397,48 +462,55 @@ def run_quality_benchmark(request: QualityRequest) -> dict[str, Any]:
             seed=config.run.seed,
         )
         edge["sizes"] = {kind: len(case_set.records) for kind, case_set in cases.items()}
-        for name, adapter in finals.items():
-            set_adapter_state(trainer.loaded.model, adapter)
-            scores = evaluate_edge_cases(
-                trainer.loaded.model,
-                trainer.loaded.tokenizer,
-                cases,
-                system_prompt=task.system_prompt,
-                max_new_tokens=config.evaluation.max_new_tokens,
-                batch_size=config.evaluation.batch_size,
-                max_length=config.train.max_length,
-            )
-            edge[name] = {kind: asdict(score) for kind, score in scores.items()}
-            say(
-                f"edge cases {name}: "
-                + ", ".join(
-                    f"{k} {s.accuracy if s.accuracy is not None else s.code_shaped_rate:.2f}"
-                    for k, s in scores.items()
-                )
-            )
+    earlier_seconds = float(previous.get("wall_seconds", 0.0))
 
-    result = {
-        "benchmark": "quality",
-        "task": request.task,
-        "task_settings": config.task.model_dump(mode="json", exclude_none=True),
-        "metric": task.metric,
-        "metric_meaning": METRIC_MEANING[task.metric],
-        "model": request.model,
-        "base_model_hash": trainer.loaded.base_model_hash,
-        "budget": asdict(request.budget),
-        "train": config.train.model_dump(mode="json"),
-        "lora": config.lora.model_dump(mode="json"),
-        "sites": {site.name: len(site.records) for site in task.sites},
-        "gold_count": len(task.gold),
-        "round0": round0,
-        "algorithms": algorithms,
-        "goals": summarize_goals(algorithms, round0),
-        "edge_cases": edge,
-        "wall_seconds": time.perf_counter() - started,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch_threads": 1},
-        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    write_text_atomic(request.results_path, json.dumps(result, indent=2) + "\n")
+    def write(*, complete: bool) -> dict[str, Any]:
+        result = {
+            "benchmark": "quality",
+            **identity,
+            "task_settings": config.task.model_dump(mode="json", exclude_none=True),
+            "metric": task.metric,
+            "metric_meaning": METRIC_MEANING[task.metric],
+            "sites": {site.name: len(site.records) for site in task.sites},
+            "gold_count": len(task.gold),
+            "round0": round0,
+            "algorithms": algorithms,
+            "goals": summarize_goals(algorithms, round0),
+            "edge_cases": edge,
+            "complete": complete,
+            "out_dir": str(request.out_dir),
+            "wall_seconds": earlier_seconds + time.perf_counter() - started,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "machine": {
+                "cpus": os.cpu_count(),
+                "platform": platform.platform(),
+                "torch_threads": 1,
+            },
+            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        write_text_atomic(request.results_path, json.dumps(result, indent=2) + "\n")
+        return result
+
+    def done(name: str, result: dict[str, Any], adapter: AdapterState | None) -> None:
+        algorithms[name] = result
+        if cases and adapter is not None:
+            edge[name] = _edge_scores(trainer, cases, adapter, name, say)
+        write(complete=False)
+
+    if "centralized" in request.algorithms and "centralized" not in algorithms:
+        done("centralized", *_centralized(trainer, say))
+    if "local" in request.algorithms and "local" not in algorithms:
+        done("local", _local(trainer, say), None)
+    for name, variant in federated_configs(config, request.budget).items():
+        family = "fedprox" if name.startswith("fedprox") else name
+        if family not in request.algorithms or name in algorithms:
+            continue
+        result, adapter = _federated(
+            name, variant, request.out_dir / name, say, resume=request.resume
+        )
+        # FFA-LoRA's state holds B only; A is the shared seeded init the template holds.
+        done(name, result, {**initial, **adapter})
+
+    result = write(complete=True)
     say(f"wrote {request.results_path}")
     return result

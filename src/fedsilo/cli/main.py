@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -237,8 +238,9 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     algorithms = tuple(args.algorithms.split(",")) if args.algorithms else ALL_ALGORITHMS
-    out = args.out or Path("runs") / time.strftime(f"quality-{args.task}-%Y%m%d-%H%M%S")
     results = args.results or Path("benchmarks") / "results" / f"quality-{args.task}.json"
+    out = args.out or (_recorded_out_dir(results) if args.resume else None)
+    out = out or Path("runs") / time.strftime(f"quality-{args.task}-%Y%m%d-%H%M%S")
     run_quality_benchmark(
         QualityRequest(
             task=args.task,
@@ -248,10 +250,20 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
             budget=budget,
             algorithms=algorithms,
             edge_cases=not args.no_edge_cases,
+            resume=args.resume,
             say=lambda line: print(line, flush=True),
         )
     )
     return 0
+
+
+def _recorded_out_dir(results: Path) -> Path | None:
+    """The run folder a results file was measured in (what --resume goes on in)."""
+    try:
+        recorded = json.loads(results.read_text()).get("out_dir")
+    except (OSError, json.JSONDecodeError):
+        return None
+    return Path(recorded) if recorded else None
 
 
 def _add_bench(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -277,6 +289,13 @@ def _add_bench(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     quality.add_argument("--mu", type=float, action="append", help="FedProx mu (repeatable)")
     quality.add_argument("--no-edge-cases", action="store_true", help="skip the ICD-10 edge cases")
+    quality.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the algorithms the results file already holds (same task, model and budget) "
+        "and run the rest; a federation that stopped midway goes on from its last checkpoint "
+        "(default --out: the folder the results file names)",
+    )
     for flag, field_name, kind in (
         ("sites", "num_sites", int),
         ("rounds", "rounds", int),
