@@ -192,6 +192,11 @@ def _algorithm_note(data: dict[str, Any]) -> str:
     return "".join(f", {note}" for note in notes)
 
 
+def _seed_flag(data: dict[str, Any]) -> str:
+    seed = data["budget"]["seed"]
+    return f" --seed {seed}" if seed else ""
+
+
 def _task_section(name: str, data: dict[str, Any]) -> list[str]:
     budget, train = data["budget"], data["train"]
     settings = data["task_settings"]
@@ -224,7 +229,8 @@ def _task_section(name: str, data: dict[str, Any]) -> list[str]:
     return [
         f"### `{name}`",
         "",
-        f"`fedsilo bench quality --task {name} --model {data['model']}` with {budget['num_sites']} "
+        f"`fedsilo bench quality --task {data['task']} --model {data['model']}{_seed_flag(data)}` "
+        f"with {budget['num_sites']} "
         f"sites ({split}), {budget['rounds']} rounds of {train['local_steps']} local steps of "
         f"{train['batch_size']} examples (learning rate {train['learning_rate']:g}, max length "
         f"{train['max_length']}), {budget['examples_per_site']} examples per site, LoRA rank "
