@@ -2,8 +2,9 @@
 
 One round: send the global adapter and the round task to the sampled sites, wait (bounded) for
 replies, validate each reply whole and fold it into the round's running sum as it arrives, and
-aggregate only if at least ``min_sites`` valid updates arrived. Otherwise the round is retried from the same global state, and after
-``max_round_attempts`` the run stops with a message naming every site and why it failed.
+aggregate only if at least ``min_sites`` valid updates arrived. Otherwise the round is retried
+from the same global state, and after ``max_round_attempts`` the run stops with a message
+naming every site and why it failed.
 Nothing is half-applied: the global adapter changes only by a completed aggregation, and each
 aggregated round is checkpointed before it is reported.
 """

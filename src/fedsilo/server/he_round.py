@@ -45,7 +45,6 @@ from fedsilo.server.admission import UpdateRejectedError, check_dp_event
 from fedsilo.server.rounds import (
     FederationPlan,
     RoundReplies,
-    accept,
     dp_requirement,
     open_round,
     reject,
@@ -55,6 +54,7 @@ from fedsilo.server.secagg_round import (
     SecAggRound,
     SecAggState,
     StageHaltedError,
+    accept_input,
     advertise_keys,
     exchange,
     require_sites,
@@ -91,9 +91,9 @@ def key_ceremony(ctx: SecAggRound, state: HeState) -> None:
     """Stage 2: the first advertiser that answers creates the key and seals it for the others."""
     relayed = adverts_record([state.adverts[site] for site in sorted(state.adverts)])
     for dealer in sorted(state.adverts):
-        content = session_content(state)
-        content[ADVERTS_KEY] = relayed
-        content[HE_KEY] = keygen_record(state.poly_modulus_degree)
+        content = session_content(
+            state, {ADVERTS_KEY: relayed, HE_KEY: keygen_record(state.poly_modulus_degree)}
+        )
         accepted = exchange(
             ctx,
             state,
@@ -163,15 +163,7 @@ def encrypted_inputs(ctx: SecAggRound, state: HeState) -> None:
                 f"{ENCRYPTED_STAGE}: {rejection.reason}",
             )
             continue
-        accept(
-            ctx.plan,
-            ctx.replies,
-            node=upload.node,
-            binding=upload.binding,
-            signature=upload.signature,
-            payload_bytes=len(upload.payload),
-            dp_event=dp_event,
-        )
+        accept_input(ctx, upload, dp_event)
         state.encrypted[site] = chunks
         state.plain[site] = np.frombuffer(plain, dtype="<f4").astype(np.float64)
     require_sites(ctx, state, "encrypted_inputs", list(state.encrypted))
@@ -197,8 +189,7 @@ def decrypt_sum(ctx: SecAggRound, state: HeState) -> None:
     length = _selected_length(ctx, state)
     request = DecryptRequest(tuple(contributors), tuple(state.encrypted_sum), length).to_record()
     for site in contributors:
-        content = session_content(state)
-        content[HE_KEY] = request
+        content = session_content(state, {HE_KEY: request})
         accepted = exchange(
             ctx,
             state,

@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedsilo.ledger import EntryKind, JsonValue
@@ -195,21 +195,22 @@ def require_sites(ctx: SecAggRound, state: SecAggState, stage: str, sites: list[
         )
 
 
-def session_content(state: SecAggState) -> RecordDict:
-    return RecordDict({SECAGG_KEY: session_record(state.session, state.params)})
+def session_content(
+    state: SecAggState, records: Mapping[str, ArrayRecord | ConfigRecord] | None = None
+) -> RecordDict:
+    """A request of this session: the session record, plus ``records`` by key."""
+    return RecordDict({SECAGG_KEY: session_record(state.session, state.params), **(records or {})})
 
 
 def advertise_keys(ctx: SecAggRound, state: SecAggState) -> None:
     """Stage 1: collect each site's signed key advertisement (U1)."""
-    contents = {}
-    lora = LoraSpec.of(ctx.plan.config.lora)
-    for node in state.nodes:
-        # The round task and adapter shape travel from the first stage on: a site checks the
-        # task against its policy before it joins, and a deployed site loads its model.
-        content = session_content(state)
-        content[TASK_KEY] = ctx.tasks[node].to_record()
-        content[LORA_KEY] = lora.to_record()
-        contents[node] = content
+    lora = LoraSpec.of(ctx.plan.config.lora).to_record()
+    # The round task and adapter shape travel from the first stage on: a site checks the task
+    # against its policy before it joins, and a deployed site loads its model.
+    contents = {
+        node: session_content(state, {TASK_KEY: ctx.tasks[node].to_record(), LORA_KEY: lora})
+        for node in state.nodes
+    }
     accepted = exchange(
         ctx,
         state,
@@ -233,11 +234,10 @@ def advertise_keys(ctx: SecAggRound, state: SecAggState) -> None:
 def share_keys(ctx: SecAggRound, state: SecAggState) -> None:
     """Stage 2: relay U1's adverts; collect each site's sealed shares for its peers (U2)."""
     relayed = adverts_record([state.adverts[site] for site in sorted(state.adverts)])
-    contents = {}
-    for site in state.adverts:
-        content = session_content(state)
-        content[ADVERTS_KEY] = relayed
-        contents[state.node_of[site]] = content
+    contents = {
+        state.node_of[site]: session_content(state, {ADVERTS_KEY: relayed})
+        for site in state.adverts
+    }
     accepted = exchange(
         ctx,
         state,
@@ -269,9 +269,24 @@ def train_contents(
     for site in cohort:
         node = state.node_of[site]
         content = train_instruction(global_record, ctx.tasks[node], task_dp, lora)
-        content[SECAGG_KEY] = session_record(state.session, state.params)
+        content[SECAGG_KEY] = session_content(state)[SECAGG_KEY]
         contents[node] = content
     return contents
+
+
+def accept_input(
+    ctx: SecAggRound, upload: SignedUpload, dp_event: Mapping[str, str | int | float] | None
+) -> None:
+    """Ledger an input-stage upload that passed its checks: it goes into the secure sum."""
+    accept(
+        ctx.plan,
+        ctx.replies,
+        node=upload.node,
+        binding=upload.binding,
+        signature=upload.signature,
+        payload_bytes=len(upload.payload),
+        dp_event=dp_event,
+    )
 
 
 def collect_masked_inputs(ctx: SecAggRound, state: SecAggState) -> None:
@@ -305,15 +320,7 @@ def collect_masked_inputs(ctx: SecAggRound, state: SecAggState) -> None:
                 ctx.plan, ctx.replies, ctx.round_number, site, f"{MASKED_STAGE}: {rejection.reason}"
             )
             continue
-        accept(
-            ctx.plan,
-            ctx.replies,
-            node=upload.node,
-            binding=upload.binding,
-            signature=upload.signature,
-            payload_bytes=len(upload.payload),
-            dp_event=dp_event,
-        )
+        accept_input(ctx, upload, dp_event)
         state.masked[site] = np.frombuffer(upload.payload, dtype="<u4").astype(RING_DTYPE)
     require_sites(ctx, state, "collect_masked_inputs", list(state.masked))
 
@@ -322,11 +329,10 @@ def unmask(ctx: SecAggRound, state: SecAggState) -> None:
     """Stage 4: ask U3 for the shares owed; rebuild the secrets; unmask the sum of U3."""
     survivors = sorted(state.masked)
     dropped = sorted(set(state.sealed) - set(state.masked))
-    contents = {}
-    for site in survivors:
-        content = session_content(state)
-        content[UNMASK_KEY] = unmask_record(survivors, dropped)
-        contents[state.node_of[site]] = content
+    request = unmask_record(survivors, dropped)
+    contents = {
+        state.node_of[site]: session_content(state, {UNMASK_KEY: request}) for site in survivors
+    }
     accepted = exchange(
         ctx,
         state,
