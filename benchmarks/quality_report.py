@@ -356,6 +356,32 @@ def _summary(loaded: dict[str, dict[str, Any]]) -> list[str]:
         loss_share.append(
             f"| `{name}` | {data['round0']['gold_loss']:.3f} | " + " | ".join(cells) + " |"
         )
+    moves = sorted(
+        abs(rows[-1]["gold_loss"] - rows[-2]["gold_loss"])
+        for data in loaded.values()
+        for name, result in data["algorithms"].items()
+        if name != "centralized" and len(rows := result.get("per_round", [])) >= 2
+    )
+    gold = "/".join(str(n) for n in sorted({d["gold_count"] for d in loaded.values()}))
+    rounds = "/".join(str(n) for n in sorted({d["budget"]["rounds"] for d in loaded.values()}))
+    seeds = (
+        " The `-seed` rows repeat a task with another seed (other draws of the sites' records, "
+        "the gold set and the initial adapter)."
+        if any("-seed" in name for name in loaded)
+        else ""
+    )
+    noise = (
+        [
+            "How far apart two results must be to mean something: between its last two rounds "
+            f"the gold loss of a federated run moved by {moves[len(moves) // 2]:.3f} (median) "
+            f"and up to {moves[-1]:.3f}, over {len(moves)} runs. Differences between "
+            "algorithms smaller than that are within the round-to-round noise of this budget "
+            f"({gold} gold records, {rounds} rounds).{seeds}",
+            "",
+        ]
+        if moves
+        else []
+    )
     return [
         "### Summary",
         "",
@@ -369,6 +395,7 @@ def _summary(loaded: dict[str, dict[str, Any]]) -> list[str]:
         "",
         *loss_share,
         "",
+        *noise,
     ]
 
 
