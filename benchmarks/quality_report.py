@@ -364,6 +364,7 @@ def _summary(loaded: dict[str, dict[str, Any]]) -> list[str]:
     )
     gold = "/".join(str(n) for n in sorted({d["gold_count"] for d in loaded.values()}))
     rounds = "/".join(str(n) for n in sorted({d["budget"]["rounds"] for d in loaded.values()}))
+    step = "/".join(f"{100 / n:.1f}" for n in sorted({d["gold_count"] for d in loaded.values()}))
     seeds = (
         " The `-seed` rows repeat a task with another seed (other draws of the sites' records, "
         "the gold set and the initial adapter)."
@@ -376,7 +377,8 @@ def _summary(loaded: dict[str, dict[str, Any]]) -> list[str]:
             f"the gold loss of a federated run moved by {moves[len(moves) // 2]:.3f} (median) "
             f"and up to {moves[-1]:.3f}, over {len(moves)} runs. Differences between "
             "algorithms smaller than that are within the round-to-round noise of this budget "
-            f"({gold} gold records, {rounds} rounds).{seeds}",
+            f"({gold} gold records, {rounds} rounds). Accuracy moves in steps of one gold "
+            f"record: {step} points.{seeds}",
             "",
         ]
         if moves
