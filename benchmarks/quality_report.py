@@ -364,7 +364,8 @@ def _summary(loaded: dict[str, dict[str, Any]]) -> list[str]:
     )
     gold = "/".join(str(n) for n in sorted({d["gold_count"] for d in loaded.values()}))
     rounds = "/".join(str(n) for n in sorted({d["budget"]["rounds"] for d in loaded.values()}))
-    step = "/".join(f"{100 / n:.1f}" for n in sorted({d["gold_count"] for d in loaded.values()}))
+    per_record = {d["gold_count"] for d in loaded.values() if d["metric"] != "next-token"}
+    step = "/".join(f"{100 / n:.1f}" for n in sorted(per_record))
     seeds = (
         " The `-seed` rows repeat a task with another seed (other draws of the sites' records, "
         "the gold set and the initial adapter)."
@@ -377,8 +378,9 @@ def _summary(loaded: dict[str, dict[str, Any]]) -> list[str]:
             f"the gold loss of a federated run moved by {moves[len(moves) // 2]:.3f} (median) "
             f"and up to {moves[-1]:.3f}, over {len(moves)} runs. Differences between "
             "algorithms smaller than that are within the round-to-round noise of this budget "
-            f"({gold} gold records, {rounds} rounds). Accuracy moves in steps of one gold "
-            f"record: {step} points.{seeds}",
+            f"({gold} gold records, {rounds} rounds). Per-record accuracy (codes, sentiment) "
+            f"moves in steps of one gold record: {step} points; next-token accuracy counts "
+            f"tokens, so its steps are finer.{seeds}",
             "",
         ]
         if moves
