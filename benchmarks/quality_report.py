@@ -458,6 +458,7 @@ def quality_sections() -> list[str]:
     if not files:
         return [*lines, "Not measured yet: run `fedsilo bench quality --task T`.", ""]
     loaded = {path.stem.removeprefix("quality-"): json.loads(path.read_text()) for path in files}
+    steps = "/".join(str(n) for n in sorted({d["train"]["local_steps"] for d in loaded.values()}))
     lines += [
         "Every algorithm gets the same budget: centralized trains on all sites' examples pooled "
         "(rounds x sites x local steps optimizer steps, so the same examples and steps as the "
@@ -468,9 +469,9 @@ def quality_sections() -> list[str]:
         "small (2 shared CPU cores): read the numbers as a smoke-scale comparison, not as "
         "converged results. A first `icd10-alpha0.1` attempt at learning rate 0.005 was "
         "stopped when its centralized baseline diverged in round 3 (gold loss 2.12 -> 8.53); "
-        "the runs below use 0.002. FedProx corrects the drift of many local steps; at 2 "
-        "steps per round its proximal term has little to act on (its gradient is zero at a "
-        "round's first step), so this budget cannot show what it is for.",
+        "the runs below use 0.002. FedProx corrects the drift of many local steps; at "
+        f"{steps} steps per round its proximal term has little to act on (its gradient is zero "
+        "at a round's first step), so this budget cannot show what it is for.",
         "",
     ]
     missing = sorted(set(TASK_PRESETS) - set(loaded))
