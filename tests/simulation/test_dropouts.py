@@ -134,3 +134,19 @@ def test_new_run_refuses_a_folder_that_holds_a_run(
 
     with pytest.raises(FileExistsError, match="already holds a run"):
         run_with_grid(config, tmp_path / "run")
+
+
+def test_a_node_that_fails_later_is_named_by_the_site_it_signed_as(
+    make_config: Callable[..., FedsiloConfig], tmp_path: Path
+) -> None:
+    config = make_config(run={"rounds": 2})
+
+    run_with_grid(config, tmp_path / "run", crashing({1}, rounds={2}))
+
+    [_, round_one, round_two] = RunFolder(tmp_path / "run").read_metrics()
+    assert round_one["sites_failed"] == 0
+    node = FIRST_NODE_ID + 1
+    [site] = [name for name in round_one["sites"] if name not in round_two["sites"]]
+    [(sender, reason)] = round_two["failures"].items()
+    assert sender == f"node-{node} ({site})"
+    assert "disk full" in reason

@@ -157,8 +157,8 @@ def collect_round(
                 dp_required=dp_requirement(config),
             )
         except UpdateRejectedError as rejection:
-            relayed = node != reply.metadata.src_node_id
-            sender = f"node-{node}" if relayed else rejection.sender
+            unsigned = node != reply.metadata.src_node_id or rejection.sender.startswith("node-")
+            sender = plan.node_label(node) if unsigned else rejection.sender
             reject(plan, result, round_number, sender, rejection.reason)
             continue
         accept(
@@ -172,12 +172,13 @@ def collect_round(
             num_examples=admitted.metrics.num_examples,
         )
         site = admitted.binding.site_id
+        plan.node_sites[admitted.node] = site
         result.updates.add(SiteUpdate(site, admitted.delta, admitted.metrics.num_examples))
         result.metrics[site] = admitted.metrics
     for node in nodes:
         if node not in answered:
             reason = f"no reply within {config.strategy.round_timeout_s:g} s"
-            reject(plan, result, round_number, f"node-{node}", reason)
+            reject(plan, result, round_number, plan.node_label(node), reason)
     return result
 
 

@@ -86,6 +86,14 @@ class FederationPlan:
     membership: Membership
     ledger: Ledger
     coordinator_key: PrivateKey
+    # node id -> the site its last accepted update was signed by: names a node that later
+    # fails without a signature (no reply, a crash) in the failures and the ledger.
+    node_sites: dict[int, str] = field(default_factory=dict)
+
+    def node_label(self, node: int) -> str:
+        """``node-<id>``, with the site it signed as earlier in the run when there is one."""
+        site = self.node_sites.get(node)
+        return f"node-{node} ({site})" if site else f"node-{node}"
 
 
 def dp_task(config: FedsiloConfig) -> DpTask | None:
