@@ -162,15 +162,17 @@ def exchange(
             if state.node_of.setdefault(site, node) != node:
                 raise UpdateRejectedError(site, f"{site} answered from node {node}, not its own")
         except UpdateRejectedError as rejection:
-            sender = f"node-{node}" if node != reply.metadata.src_node_id else rejection.sender
+            unsigned = node != reply.metadata.src_node_id or rejection.sender.startswith("node-")
+            sender = ctx.plan.node_label(node) if unsigned else rejection.sender
             reject(ctx.plan, ctx.replies, ctx.round_number, sender, f"{stage}: {rejection.reason}")
             continue
+        ctx.plan.node_sites[node] = site
         accepted[site] = (upload, reply)
         ctx.replies.bytes_up[site] = ctx.replies.bytes_up.get(site, 0) + len(upload.payload)
     for node in contents:
         if node not in answered:
             reason = f"{stage}: no reply within {config.strategy.round_timeout_s:g} s"
-            reject(ctx.plan, ctx.replies, ctx.round_number, f"node-{node}", reason)
+            reject(ctx.plan, ctx.replies, ctx.round_number, ctx.plan.node_label(node), reason)
     return accepted
 
 
