@@ -373,17 +373,21 @@ def _goal_summary(loaded: dict[str, dict[str, Any]]) -> list[str]:
             "- above local-only (FedAvg's gold loss minus the local-only mean; negative is "
             "better): " + "; ".join(above) + "."
         )
-    sharpest = loaded.get("icd10-alpha0.1")
-    if sharpest and "fedavg" in sharpest["algorithms"]:
-        base = _final(sharpest["algorithms"]["fedavg"])["gold_loss"]
+    runs = []
+    for name, data in loaded.items():
+        if data["task"] != "icd10-alpha0.1" or "fedavg" not in data["algorithms"]:
+            continue
+        base = _final(data["algorithms"]["fedavg"])["gold_loss"]
         changes = [
             f"{algorithm} {_final(result)['gold_loss'] - base:+.3f}"
-            for algorithm, result in sorted(sharpest["algorithms"].items())
+            for algorithm, result in sorted(data["algorithms"].items())
             if algorithm.startswith(("fedprox", "ffa-lora"))
         ]
+        runs.append(f"`{name}` " + ", ".join(changes))
+    if runs:
         lines.append(
             "- FedProx or FFA-LoRA better than FedAvg at alpha 0.1 (gold loss against "
-            "FedAvg's; negative is better): " + "; ".join(changes) + "."
+            "FedAvg's; negative is better): " + "; ".join(runs) + "."
         )
     return [*lines, ""]
 
@@ -457,6 +461,8 @@ def quality_sections() -> list[str]:
     files = sorted(RESULTS.glob("quality-*.json"))
     if not files:
         return [*lines, "Not measured yet: run `fedsilo bench quality --task T`.", ""]
+    # A task's runs with other seeds (quality-T-seedN.json) follow the task's own.
+    files.sort(key=lambda path: path.stem.partition("-seed"))
     loaded = {path.stem.removeprefix("quality-"): json.loads(path.read_text()) for path in files}
     steps = "/".join(str(n) for n in sorted({d["train"]["local_steps"] for d in loaded.values()}))
     lines += [
