@@ -18,7 +18,13 @@ from flwr.clientapp import ClientApp
 
 from fedsilo.client.local import SingleSite, local_update
 from fedsilo.client.policy import TaskRefusedError
-from fedsilo.client.secagg import Handler, bind, load_session, reply_signed, verified_cohort
+from fedsilo.client.secagg import (
+    Handler,
+    load_session,
+    register_handlers,
+    reply_signed,
+    verified_cohort,
+)
 from fedsilo.client.site import Site, SiteProvider
 from fedsilo.crypto import (
     SealError,
@@ -201,7 +207,4 @@ def register(app: ClientApp, sites: SiteProvider) -> None:
         ENCRYPTED_MESSAGE: handle_encrypted_input,
         DECRYPT_MESSAGE: handle_decrypt,
     }
-    for message_type, handler in handlers.items():
-        category, action = message_type.split(".")
-        decorator = app.train(action) if category == "train" else app.query(action)
-        decorator(bind(handler, sites))
+    register_handlers(app, sites, handlers)

@@ -215,6 +215,11 @@ def register(app: ClientApp, sites: SiteProvider) -> None:
         MASKED_MESSAGE: handle_masked_input,
         UNMASK_MESSAGE: handle_unmask,
     }
+    register_handlers(app, sites, handlers)
+
+
+def register_handlers(app: ClientApp, sites: SiteProvider, handlers: dict[str, Handler]) -> None:
+    """Serve each ``"train.X"`` or ``"query.X"`` message type with its handler."""
     for message_type, handler in handlers.items():
         category, action = message_type.split(".")
         decorator = app.train(action) if category == "train" else app.query(action)

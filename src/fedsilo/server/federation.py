@@ -50,6 +50,7 @@ from fedsilo.server.rounds import (
     dp_task,
     open_round,
     reject,
+    rejected_sender,
     stream_replies,
 )
 from fedsilo.server.run_folder import Checkpoint
@@ -157,8 +158,7 @@ def collect_round(
                 dp_required=dp_requirement(config),
             )
         except UpdateRejectedError as rejection:
-            unsigned = node != reply.metadata.src_node_id or rejection.sender.startswith("node-")
-            sender = plan.node_label(node) if unsigned else rejection.sender
+            sender = rejected_sender(plan, node, reply, rejection.sender)
             reject(plan, result, round_number, sender, rejection.reason)
             continue
         accept(

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
+from flwr.app import RecordDict
 from flwr.serverapp import Grid
 
 from fedsilo.client.he import selector
@@ -58,6 +60,7 @@ from fedsilo.server.secagg_round import (
     advertise_keys,
     exchange,
     require_sites,
+    run_stages,
     secagg_params,
     session_content,
     train_contents,
@@ -87,25 +90,52 @@ def _selected_length(ctx: SecAggRound, state: HeState) -> int:
     return flat_length(ctx.global_state, selector(state.tensors))
 
 
-def key_ceremony(ctx: SecAggRound, state: HeState) -> None:
-    """Stage 2: the first advertiser that answers creates the key and seals it for the others."""
-    relayed = adverts_record([state.adverts[site] for site in sorted(state.adverts)])
-    for dealer in sorted(state.adverts):
-        content = session_content(
-            state, {ADVERTS_KEY: relayed, HE_KEY: keygen_record(state.poly_modulus_degree)}
-        )
+def _in_turn(
+    ctx: SecAggRound,
+    state: HeState,
+    sites: list[str],
+    content: RecordDict,
+    *,
+    message_type: str,
+    stage: str,
+    max_bytes: int,
+) -> Iterator[tuple[str, bytes]]:
+    """Ask ``sites`` one at a time, in order; yield each that answers, with its payload.
+
+    For the stages one site does for all (dealing the key, decrypting): the caller stops at the
+    first usable answer, and the next site is asked only if it did not get one.
+    """
+    for site in sites:
         accepted = exchange(
             ctx,
             state,
-            {state.node_of[dealer]: content},
-            message_type=KEYGEN_MESSAGE,
-            stage=KEYS_STAGE,
-            max_bytes=_KEYS_UPLOAD_BYTES,
+            {state.node_of[site]: content},
+            message_type=message_type,
+            stage=stage,
+            max_bytes=max_bytes,
         )
-        if dealer not in accepted:
-            continue
+        if site in accepted:
+            yield site, accepted[site][0].payload
+
+
+def key_ceremony(ctx: SecAggRound, state: HeState) -> None:
+    """Stage 2: the first advertiser that answers creates the key and seals it for the others."""
+    relayed = adverts_record([state.adverts[site] for site in sorted(state.adverts)])
+    content = session_content(
+        state, {ADVERTS_KEY: relayed, HE_KEY: keygen_record(state.poly_modulus_degree)}
+    )
+    answers = _in_turn(
+        ctx,
+        state,
+        sorted(state.adverts),
+        content,
+        message_type=KEYGEN_MESSAGE,
+        stage=KEYS_STAGE,
+        max_bytes=_KEYS_UPLOAD_BYTES,
+    )
+    for dealer, payload in answers:
         try:
-            header, public, *sealed = ckks.unframe(accepted[dealer][0].payload, what=KEYS_STAGE)
+            header, public, *sealed = ckks.unframe(payload, what=KEYS_STAGE)
             recipients = json.loads(header)["recipients"]
             if recipients != sorted(set(state.adverts) - {dealer}) or len(sealed) != len(
                 recipients
@@ -188,19 +218,16 @@ def decrypt_sum(ctx: SecAggRound, state: HeState) -> None:
     contributors = sorted(state.encrypted)
     length = _selected_length(ctx, state)
     request = DecryptRequest(tuple(contributors), tuple(state.encrypted_sum), length).to_record()
-    for site in contributors:
-        content = session_content(state, {HE_KEY: request})
-        accepted = exchange(
-            ctx,
-            state,
-            {state.node_of[site]: content},
-            message_type=DECRYPT_MESSAGE,
-            stage=DECRYPTED_STAGE,
-            max_bytes=8 * length,
-        )
-        if site not in accepted:
-            continue
-        payload = accepted[site][0].payload
+    answers = _in_turn(
+        ctx,
+        state,
+        contributors,
+        session_content(state, {HE_KEY: request}),
+        message_type=DECRYPT_MESSAGE,
+        stage=DECRYPTED_STAGE,
+        max_bytes=8 * length,
+    )
+    for site, payload in answers:
         if len(payload) != 8 * length:
             reject(ctx.plan, ctx.replies, ctx.round_number, site, "decrypted sum of wrong length")
             continue
@@ -238,13 +265,9 @@ def collect_he_round(
         tensors=section.he_tensors,
         poly_modulus_degree=section.he_poly_modulus_degree,
     )
-    ctx = SecAggRound(grid, plan, global_state, tasks, round_number, replies)
-    try:
-        for stage in HE_STAGES:
-            stage(ctx, state)
-    except StageHaltedError as halt:
-        replies.failures["secure-aggregation"] = str(halt)
-    replies.stages = state.stages
+    run_stages(
+        SecAggRound(grid, plan, global_state, tasks, round_number, replies), state, HE_STAGES
+    )
     if state.decrypted is None or state.plain_sum is None:
         return replies
     select = selector(state.tensors)

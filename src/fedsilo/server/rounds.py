@@ -190,6 +190,17 @@ def reject(
     log.warning("round %d: %s rejected: %s", round_number, sender, reason.splitlines()[0])
 
 
+def rejected_sender(plan: FederationPlan, node: int, reply: Message, sender: str) -> str:
+    """Who a rejected reply is reported as.
+
+    ``sender`` is what admission named: the signing site, or ``node-<id>`` for a reply with no
+    signature to go by. Such a reply, and one Flower relayed for the node, is named by
+    :meth:`FederationPlan.node_label`.
+    """
+    unsigned = node != reply.metadata.src_node_id or sender.startswith("node-")
+    return plan.node_label(node) if unsigned else sender
+
+
 def accept(
     plan: FederationPlan,
     result: RoundReplies,

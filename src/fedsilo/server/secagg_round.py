@@ -17,8 +17,9 @@ ledgered, and each masked input as an ``update_received`` entry with the site's 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
@@ -79,6 +80,7 @@ from fedsilo.server.rounds import (
     dp_task,
     open_round,
     reject,
+    rejected_sender,
     send_and_attribute,
 )
 from fedsilo.server.strategies import SiteUpdate
@@ -162,8 +164,7 @@ def exchange(
             if state.node_of.setdefault(site, node) != node:
                 raise UpdateRejectedError(site, f"{site} answered from node {node}, not its own")
         except UpdateRejectedError as rejection:
-            unsigned = node != reply.metadata.src_node_id or rejection.sender.startswith("node-")
-            sender = ctx.plan.node_label(node) if unsigned else rejection.sender
+            sender = rejected_sender(ctx.plan, node, reply, rejection.sender)
             reject(ctx.plan, ctx.replies, ctx.round_number, sender, f"{stage}: {rejection.reason}")
             continue
         ctx.plan.node_sites[node] = site
@@ -385,6 +386,18 @@ def secagg_params(plan: FederationPlan, cohort_size: int) -> SecAggParams:
     )
 
 
+def run_stages(
+    ctx: SecAggRound, state: SecAggState, stages: Sequence[Callable[[SecAggRound, Any], None]]
+) -> None:
+    """Run ``stages`` in turn; a halt ends the attempt cleanly, noted in the replies."""
+    try:
+        for stage in stages:
+            stage(ctx, state)
+    except StageHaltedError as halt:
+        ctx.replies.failures["secure-aggregation"] = str(halt)
+    ctx.replies.stages = state.stages
+
+
 def secure_sum(
     grid: Grid,
     plan: FederationPlan,
@@ -409,13 +422,7 @@ def secure_sum(
         length=flat_length(global_state),
         nodes=list(nodes),
     )
-    ctx = SecAggRound(grid, plan, global_state, tasks, round_number, replies)
-    try:
-        for stage in STAGES:
-            stage(ctx, state)
-    except StageHaltedError as halt:
-        replies.failures["secure-aggregation"] = str(halt)
-    replies.stages = state.stages
+    run_stages(SecAggRound(grid, plan, global_state, tasks, round_number, replies), state, STAGES)
     return state, replies
 
 
