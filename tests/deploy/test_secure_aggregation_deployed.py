@@ -73,6 +73,7 @@ class Workers:
 
 
 def _setup(tmp_path: Path, tiny_model_dir: Path, *, with_peers: bool) -> tuple[Any, ...]:
+    """The grid of deployed site workers, a plan for secure rounds, the adapter and the nodes."""
     peers = tmp_path / "peers"
     for name in NAMES:
         init_site_keys(name, peers, passphrase=None)  # the federation's roster: NAME.pub
@@ -125,14 +126,13 @@ def _setup(tmp_path: Path, tiny_model_dir: Path, *, with_peers: bool) -> tuple[A
         ledger=ledger,
         coordinator_key=coordinator,
     )
-    return grid, plan, template
+    return grid, plan, template, [FIRST_NODE_ID + i for i in range(3)]
 
 
 def test_deployed_sites_complete_a_secagg_round_equal_to_plain_fedavg(
     tmp_path: Path, tiny_model_dir: Path
 ) -> None:
-    grid, plan, template = _setup(tmp_path, tiny_model_dir, with_peers=True)
-    nodes = [FIRST_NODE_ID + i for i in range(3)]
+    grid, plan, template, nodes = _setup(tmp_path, tiny_model_dir, with_peers=True)
 
     secure = collect_secure_round(grid, plan, template, round_number=1, attempt=1, nodes=nodes)
     plain = collect_round(grid, plan, template, round_number=1, attempt=2, nodes=nodes)
@@ -149,8 +149,7 @@ def test_deployed_sites_complete_a_secagg_round_equal_to_plain_fedavg(
 def test_a_deployed_site_without_the_roster_refuses_naming_the_peer(
     tmp_path: Path, tiny_model_dir: Path
 ) -> None:
-    grid, plan, template = _setup(tmp_path, tiny_model_dir, with_peers=False)
-    nodes = [FIRST_NODE_ID + i for i in range(3)]
+    grid, plan, template, nodes = _setup(tmp_path, tiny_model_dir, with_peers=False)
 
     secure = collect_secure_round(grid, plan, template, round_number=1, attempt=1, nodes=nodes)
 

@@ -11,6 +11,7 @@ from fedsilo.privacy.he import ckks
 from fedsilo.protocol.he_records import DECRYPT_MESSAGE, ENCRYPTED_MESSAGE, KEYGEN_MESSAGE
 from fedsilo.protocol.records import UPDATE_KEY
 from fedsilo.server.he_round import collect_he_round
+from fedsilo.server.rounds import RoundReplies
 
 from .secagg_harness import TEMPLATE, Harness, make_harness
 
@@ -18,6 +19,12 @@ from .secagg_harness import TEMPLATE, Harness, make_harness
 def _he(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **kwargs: object) -> Harness:
     secure = {"mode": "he", "he_poly_modulus_degree": 4096, **kwargs.pop("secure", {})}  # type: ignore[dict-item]
     return make_harness(tmp_path, monkeypatch, secure=secure, **kwargs)  # type: ignore[arg-type]
+
+
+def _round(h: Harness, attempt: int = 1) -> RoundReplies:
+    return collect_he_round(
+        h.grid, h.plan, TEMPLATE, round_number=1, attempt=attempt, nodes=h.nodes
+    )
 
 
 def _mean(h: Harness, names: list[str]) -> np.ndarray:
@@ -29,7 +36,7 @@ def test_he_mean_matches_the_plaintext_mean(
 ) -> None:
     h = _he(tmp_path, monkeypatch, num_sites=3)
 
-    replies = collect_he_round(h.grid, h.plan, TEMPLATE, round_number=1, attempt=1, nodes=h.nodes)
+    replies = _round(h)
 
     mean = replies.updates.mean()
     assert replies.contributors == h.names
@@ -48,7 +55,7 @@ def test_server_holds_no_secret_key_and_no_plain_update(
 ) -> None:
     h = _he(tmp_path, monkeypatch, num_sites=3)
 
-    collect_he_round(h.grid, h.plan, TEMPLATE, round_number=1, attempt=1, nodes=h.nodes)
+    _round(h)
 
     [keys] = [m for m in h.grid.received if m.metadata.message_type == KEYGEN_MESSAGE]
     payload = keys.content.array_records[UPDATE_KEY]["safetensors"].numpy().tobytes()
@@ -73,7 +80,7 @@ def test_dropout_after_the_key_ceremony_leaves_the_survivors_sum(
     h = _he(tmp_path, monkeypatch, num_sites=4)
     h.grid.drop_from[ENCRYPTED_MESSAGE] = {h.node("site-2")}
 
-    replies = collect_he_round(h.grid, h.plan, TEMPLATE, round_number=1, attempt=1, nodes=h.nodes)
+    replies = _round(h)
 
     survivors = ["site-0", "site-1", "site-3"]
     assert replies.contributors == survivors
@@ -87,7 +94,7 @@ def test_a_dealer_that_drops_is_replaced_by_the_next_site(
     h = _he(tmp_path, monkeypatch, num_sites=3)
     h.grid.drop_from[KEYGEN_MESSAGE] = {h.node("site-0")}
 
-    replies = collect_he_round(h.grid, h.plan, TEMPLATE, round_number=1, attempt=1, nodes=h.nodes)
+    replies = _round(h)
 
     assert replies.contributors == ["site-1", "site-2"]
     mean = replies.updates.mean()
@@ -99,10 +106,10 @@ def test_decryption_falls_to_the_next_contributor_and_below_threshold_halts(
 ) -> None:
     h = _he(tmp_path, monkeypatch, num_sites=3)
     h.grid.drop_from[DECRYPT_MESSAGE] = {h.node("site-0")}
-    ok = collect_he_round(h.grid, h.plan, TEMPLATE, round_number=1, attempt=1, nodes=h.nodes)
+    ok = _round(h)
     h.grid.drop_from[ENCRYPTED_MESSAGE] = {h.node("site-1"), h.node("site-2")}
 
-    halted = collect_he_round(h.grid, h.plan, TEMPLATE, round_number=1, attempt=2, nodes=h.nodes)
+    halted = _round(h, attempt=2)
 
     assert ok.contributors == h.names
     assert halted.updates.count == 0
@@ -118,7 +125,7 @@ def test_a_site_refuses_to_decrypt_a_sum_below_its_min_cohort(
     h = _he(tmp_path, monkeypatch, num_sites=3, policies={n: strict for n in ["site-0", "site-1"]})
     h.grid.drop_from[ENCRYPTED_MESSAGE] = {h.node("site-2")}
 
-    replies = collect_he_round(h.grid, h.plan, TEMPLATE, round_number=1, attempt=1, nodes=h.nodes)
+    replies = _round(h)
 
     assert replies.updates.count == 0
     refusals = [r for r in replies.failures.values() if "decrypts only sums of at least 3" in r]
@@ -130,7 +137,7 @@ def test_only_the_selected_tensors_are_encrypted(
 ) -> None:
     h = _he(tmp_path, monkeypatch, num_sites=3, secure={"he_tensors": ["lora_B"]})
 
-    replies = collect_he_round(h.grid, h.plan, TEMPLATE, round_number=1, attempt=1, nodes=h.nodes)
+    replies = _round(h)
 
     mean = replies.updates.mean()
     np.testing.assert_allclose(flatten(mean), _mean(h, h.names), atol=1e-4)
@@ -146,7 +153,7 @@ def test_distributed_dp_noise_is_added_by_the_sites(
 ) -> None:
     privacy = {"site_level": True, "site_clip_norm": 10.0, "site_noise_multiplier": 1.0}
     h = _he(tmp_path, monkeypatch, num_sites=3, privacy=privacy)
-    replies = collect_he_round(h.grid, h.plan, TEMPLATE, round_number=1, attempt=1, nodes=h.nodes)
+    replies = _round(h)
 
     mean = replies.updates.mean()
     noise = flatten(mean) - _mean(h, h.names)

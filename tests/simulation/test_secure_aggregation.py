@@ -18,22 +18,28 @@ def _final(run_dir: Path) -> dict[str, torch.Tensor]:
     return RunFolder(run_dir).load_checkpoint(1).adapter
 
 
+def _plain_and_secure(
+    make_config: Callable[..., FedsiloConfig], tmp_path: Path, **secure: object
+) -> tuple[RunFolder, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """One round of plain FedAvg and one with the ``secure`` settings: the secure run's folder,
+    then the plain and the secure final adapters."""
+    run_with_grid(make_config(run={"rounds": 1}), tmp_path / "plain")
+    run_with_grid(make_config(run={"rounds": 1}, **secure), tmp_path / "secure")
+    return RunFolder(tmp_path / "secure"), _final(tmp_path / "plain"), _final(tmp_path / "secure")
+
+
 def test_secagg_round_matches_plain_fedavg_within_quantization_error(
     make_config: Callable[..., FedsiloConfig], tmp_path: Path
 ) -> None:
     # Equal example counts: FedAvg's weighted mean is the equal-weight mean secagg computes.
-    plain = make_config(run={"rounds": 1})
-    secure = make_config(run={"rounds": 1}, secure_aggregation={"mode": "secagg"})
+    folder, expected, got = _plain_and_secure(
+        make_config, tmp_path, secure_aggregation={"mode": "secagg"}
+    )
 
-    run_with_grid(plain, tmp_path / "plain")
-    run_with_grid(secure, tmp_path / "secure")
-
-    folder = RunFolder(tmp_path / "secure")
     [_, record] = folder.read_metrics()
     assert record["secure_aggregation"] == "secagg"
     assert record["sites_ok"] == 3 and len(record["sites"]) == 3
     assert load_config(folder.config_path).secure_aggregation.mode == "secagg"
-    expected, got = _final(tmp_path / "plain"), _final(tmp_path / "secure")
     for name in expected:
         # 3 sites, clip 1: the decoded mean is within 3 / (2 * scale) / 3 (about 7e-10) plus
         # fp32 rounding of the result.
@@ -59,18 +65,15 @@ def test_secagg_with_distributed_dp_is_accounted_and_noised(
     make_config: Callable[..., FedsiloConfig], tmp_path: Path
 ) -> None:
     privacy = {"site_level": True, "site_clip_norm": 0.5, "site_noise_multiplier": 1.0}
-    plain = make_config(run={"rounds": 1})
-    secure = make_config(run={"rounds": 1}, secure_aggregation={"mode": "secagg"}, privacy=privacy)
+    folder, expected, got = _plain_and_secure(
+        make_config, tmp_path, secure_aggregation={"mode": "secagg"}, privacy=privacy
+    )
 
-    run_with_grid(plain, tmp_path / "plain")
-    run_with_grid(secure, tmp_path / "secure")
-
-    [_, record] = RunFolder(tmp_path / "secure").read_metrics()
+    [_, record] = folder.read_metrics()
     assert record["site_level_epsilon"] > 0
     # The auditor's recomputation from the ledger agrees (exit 1 on any difference).
-    assert main(["privacy", str(tmp_path / "secure")]) == 0
+    assert main(["privacy", str(folder.root)]) == 0
     assert record["secure_aggregation"] == "secagg"
-    expected, got = _final(tmp_path / "plain"), _final(tmp_path / "secure")
     # Noise of std 1.0 * 0.5 on the sum of 3, i.e. about 0.17 on the mean, per coordinate.
     difference = torch.cat([(got[n] - expected[n]).reshape(-1) for n in got])
     assert 0.08 < float(difference.std()) < 0.35
@@ -79,17 +82,13 @@ def test_secagg_with_distributed_dp_is_accounted_and_noised(
 def test_he_round_matches_plain_fedavg_within_ckks_error(
     make_config: Callable[..., FedsiloConfig], tmp_path: Path
 ) -> None:
-    plain = make_config(run={"rounds": 1})
-    secure = make_config(run={"rounds": 1}, secure_aggregation={"mode": "he"})
+    folder, expected, got = _plain_and_secure(
+        make_config, tmp_path, secure_aggregation={"mode": "he"}
+    )
 
-    run_with_grid(plain, tmp_path / "plain")
-    run_with_grid(secure, tmp_path / "secure")
-
-    folder = RunFolder(tmp_path / "secure")
     [_, record] = folder.read_metrics()
     assert record["secure_aggregation"] == "he"
     assert record["sites_ok"] == 3
-    expected, got = _final(tmp_path / "plain"), _final(tmp_path / "secure")
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6)
     entries = read_entries(folder.ledger_path)
