@@ -49,7 +49,14 @@ def make_config(tiny_model_dir: Path) -> Callable[..., FedsiloConfig]:
                 "gold_size": 6,
                 "system_prompt": "Code it.",
             },
-            "train": {"local_steps": 2, "batch_size": 2, "learning_rate": 0.01, "max_length": 96},
+            # fp32 unless a test asks for bf16: the same numbers on every CPU.
+            "train": {
+                "local_steps": 2,
+                "batch_size": 2,
+                "learning_rate": 0.01,
+                "max_length": 96,
+                "precision": "fp32",
+            },
             "strategy": {"name": "fedavg", "min_sites": 2},
             "evaluation": {"max_new_tokens": 4, "batch_size": 8},
         }

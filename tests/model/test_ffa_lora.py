@@ -9,7 +9,6 @@ import torch
 from peft import PeftModel
 
 from fedsilo.client.site import LoadedModel, load_model_with_adapter
-from fedsilo.client.train import train_local
 from fedsilo.config import FedsiloConfig
 from fedsilo.data.encode import encode_records
 from fedsilo.data.records import ChatRecord
@@ -17,6 +16,7 @@ from fedsilo.model.adapters import AdapterState, set_adapter_state
 from fedsilo.model.base import load_base_model
 from fedsilo.server.run_folder import RunFolder
 from fedsilo.server.strategies import FedAvg, SiteUpdate, UpdateSum
+from fedsilo.training.loop import train_plain
 
 from ..simulation.conftest import run_with_grid
 
@@ -30,7 +30,7 @@ def _train(loaded: LoadedModel, offset: int) -> AdapterState:
     examples = encode_records(
         loaded.tokenizer, records, system_prompt=None, max_length=64, source="test"
     )
-    return train_local(
+    return train_plain(
         loaded.model,
         examples,
         global_state=loaded.adapter_template,

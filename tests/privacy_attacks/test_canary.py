@@ -7,7 +7,6 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from fedsilo.client.site import load_model_with_adapter
-from fedsilo.client.train import train_local
 from fedsilo.config import FedsiloConfig
 from fedsilo.data.encode import IGNORE_INDEX, encode_record, encode_records
 from fedsilo.data.records import ChatRecord, Record, TextRecord
@@ -23,6 +22,7 @@ from fedsilo.privacy.attacks.canary import (
     plant,
     sequence_log_likelihood,
 )
+from fedsilo.training.loop import train_plain
 
 
 def _canary(secret: str = "123456") -> Canary:
@@ -302,7 +302,7 @@ def test_a_planted_canary_is_exposed_and_a_fresh_one_is_not(
     examples = encode_records(
         loaded.tokenizer, training, system_prompt=None, max_length=96, source="test"
     )
-    train_local(
+    train_plain(
         loaded.model,
         examples,
         global_state=loaded.adapter_template,

@@ -6,11 +6,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fedsilo.client.site import load_model_with_adapter
-from fedsilo.client.train import train_local
 from fedsilo.config import FedsiloConfig
 from fedsilo.data.encode import encode_records
 from fedsilo.data.records import ChatRecord
 from fedsilo.privacy.attacks.membership import loss_threshold_auc, membership_auc
+from fedsilo.training.loop import train_plain
 
 
 def test_perfect_separation_gives_one() -> None:
@@ -99,7 +99,7 @@ def test_records_trained_on_are_recognised(make_config: Callable[..., FedsiloCon
     examples = encode_records(
         loaded.tokenizer, members, system_prompt=None, max_length=64, source="test"
     )
-    train_local(
+    train_plain(
         loaded.model,
         examples,
         global_state=loaded.adapter_template,

@@ -14,7 +14,6 @@ from peft import PeftModel
 from torch import nn
 
 from fedsilo.client.site import load_model_with_adapter
-from fedsilo.client.train import train_local
 from fedsilo.config import FedsiloConfig
 from fedsilo.data.batching import collate
 from fedsilo.data.encode import Example, encode_records
@@ -28,6 +27,7 @@ from fedsilo.privacy.dp_sgd import (
     poisson_batches,
     train_local_dp,
 )
+from fedsilo.training.loop import train_plain
 
 OPACUS_PARAM_ATTRS = ("grad_sample", "_forward_counter", "_current_grad_sample", "_norm_sample")
 
@@ -343,8 +343,8 @@ def test_model_trains_normally_afterwards(
     }
     _run(setup)
 
-    used = train_local(setup.model, setup.examples, **arguments)
-    reference = train_local(fresh, setup.examples, **arguments)
+    used = train_plain(setup.model, setup.examples, **arguments)
+    reference = train_plain(fresh, setup.examples, **arguments)
 
     assert torch.equal(_flat(used.delta), _flat(reference.delta))
 

@@ -13,7 +13,7 @@ issue asks for, and scores each on the task's gold set after every round:
   with A frozen): the real federation (ServerApp, ClientApp, signatures, ledger) simulated
   in-process, each in its own run folder.
 
-Centralized and local-only use the same training loop the sites use (``train_local``) and
+Centralized and local-only use the same training loop the sites use (``train_plain``) and
 the same gold evaluation as the server. Every configuration starts from the same seeded
 adapter. The ICD-10 tasks also score each final adapter on the edge-case sets.
 """
@@ -42,7 +42,6 @@ from fedsilo.bench.settings import (
     QualityBudget,
 )
 from fedsilo.client.site import LoadedModel, load_model_with_adapter
-from fedsilo.client.train import train_local
 from fedsilo.config import FedsiloConfig, parse_config
 from fedsilo.data.encode import Example, encode_records
 from fedsilo.data.icd10 import TaskData, default_chapters
@@ -55,6 +54,8 @@ from fedsilo.model.adapters import AdapterState, set_adapter_state
 from fedsilo.server.run_folder import RunFolder
 from fedsilo.simulation.engines import SimulationRequest, simulate
 from fedsilo.storage import write_text_atomic
+from fedsilo.training.loop import train_plain
+from fedsilo.training.precision import compute_in
 
 log = logging.getLogger(__name__)
 
@@ -182,22 +183,23 @@ class _Trainer:
 
     def evaluate(self, adapter: AdapterState) -> GoldMetrics:
         set_adapter_state(self.loaded.model, adapter)
-        return evaluate_gold(
-            self.loaded.model,
-            self.loaded.tokenizer,
-            self.task.gold,
-            system_prompt=self.task.system_prompt,
-            max_new_tokens=self.config.evaluation.max_new_tokens,
-            batch_size=self.config.evaluation.batch_size,
-            max_length=self.config.train.max_length,
-            metric=self.task.metric,
-        )
+        with compute_in(self.loaded.precision.precision):
+            return evaluate_gold(
+                self.loaded.model,
+                self.loaded.tokenizer,
+                self.task.gold,
+                system_prompt=self.task.system_prompt,
+                max_new_tokens=self.config.evaluation.max_new_tokens,
+                batch_size=self.config.evaluation.batch_size,
+                max_length=self.config.train.max_length,
+                metric=self.task.metric,
+            )
 
     def train_round(
         self, state: AdapterState, examples: Sequence[Example], *, steps: int, seed: int
     ) -> AdapterState:
         train = self.config.train
-        result = train_local(
+        result = train_plain(
             self.loaded.model,
             examples,
             global_state=state,

@@ -15,7 +15,6 @@ from fedsilo.client.privacy_budget import (
     record_spent,
 )
 from fedsilo.client.site import Site, SiteProvider
-from fedsilo.client.train import train_local
 from fedsilo.crypto import UpdateBinding, sha256_hex, sign_update
 from fedsilo.model.adapters import AdapterState
 from fedsilo.privacy.dp_sgd import train_local_dp
@@ -29,6 +28,7 @@ from fedsilo.protocol.records import (
     SiteMetrics,
     adapter_from_record,
 )
+from fedsilo.training.loop import train_plain
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ def sign_payload(
 def _train(
     site: Site, task: RoundTask, global_state: AdapterState
 ) -> tuple[AdapterState, SiteMetrics]:
-    result = train_local(
+    result = train_plain(
         site.model,
         site.examples,
         global_state=global_state,
@@ -112,6 +112,8 @@ def _train(
         train_loss=result.train_loss,
         tokens=result.tokens,
         seconds=result.seconds,
+        precision=result.precision,
+        padding_share=result.padding_share,
     )
     return result.delta, metrics
 
@@ -139,7 +141,7 @@ def _train_private(
         seed=secrets.randbits(63),
     )
     # Only the DP-protected update is released: no count, loss, tokens or timing.
-    return result.result.delta, SiteMetrics.withheld()
+    return result.result.delta, SiteMetrics.withheld(precision=result.result.precision)
 
 
 class SingleSite:

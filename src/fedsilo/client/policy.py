@@ -48,6 +48,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from fedsilo.config.schema import PrecisionSetting
 from fedsilo.protocol.records import LoraSpec, RoundTask
 
 
@@ -111,6 +112,9 @@ class SiteSection(_Section):
     keys_dir: Path = Path(".")
     state_dir: Path = Path("state")
     torch_threads: int = Field(1, ge=1)
+    # The site's own choice of compute precision on its hardware (the coordinator's
+    # train.precision does not apply to a deployed site).
+    precision: PrecisionSetting = "auto"
 
 
 class ConnectSection(_Section):

@@ -22,6 +22,7 @@ from fedsilo.crypto import PrivateKey, PublicKey
 from fedsilo.data.encode import Example
 from fedsilo.model.adapters import AdapterState, attach_lora, get_adapter_state
 from fedsilo.model.base import base_model_hash, load_base_model, resolve_base_model
+from fedsilo.training.precision import PrecisionChoice, hold_base_weights_in, machine_precision
 
 
 @dataclass(frozen=True)
@@ -58,10 +59,12 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     base_model_hash: str
     adapter_template: AdapterState
+    precision: PrecisionChoice  # the frozen base weights are held, and computed, in this
 
 
 def load_model_with_adapter(config: FedsiloConfig) -> LoadedModel:
-    """Resolve, hash and load the base model, then attach the run's LoRA adapter."""
+    """Resolve, hash and load the base model, attach the run's LoRA adapter, and hold the
+    frozen base weights in the precision ``train.precision`` resolves to on this machine."""
     folder = resolve_base_model(config.model.base)
     digest = base_model_hash(folder)
     base, tokenizer = load_base_model(folder)
@@ -75,4 +78,6 @@ def load_model_with_adapter(config: FedsiloConfig) -> LoadedModel:
         init_seed=config.run.seed,
         freeze_a=lora.ffa,
     )
-    return LoadedModel(model, tokenizer, digest, get_adapter_state(model))
+    choice = machine_precision(config.train.precision)
+    hold_base_weights_in(model, choice.precision)
+    return LoadedModel(model, tokenizer, digest, get_adapter_state(model), choice)

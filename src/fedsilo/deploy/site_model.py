@@ -24,6 +24,7 @@ from fedsilo.data.records import Record, load_records
 from fedsilo.model.adapters import attach_lora, get_adapter_state
 from fedsilo.model.base import base_model_hash, load_base_model, resolve_base_model
 from fedsilo.protocol.records import LoraSpec
+from fedsilo.training.precision import hold_base_weights_in, machine_precision
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,8 @@ class DeployedSite:
                 target_modules=lora.target_modules,
                 init_seed=0,  # every round starts from the global adapter it is sent
             )
+            # The site's own hardware decides its precision (its policy may pin it).
+            hold_base_weights_in(model, machine_precision(self.section.precision).precision)
             self._lora = lora
             template = get_adapter_state(model)
         else:

@@ -16,6 +16,12 @@ else touches the data:
 5. FedProx's ``mu * (w - w_global)`` is added after the noise (see :func:`train_local_dp`),
    then the optimizer steps. The optimizer only post-processes the noisy gradient.
 
+The steps run in the site's one local-training loop (:mod:`fedsilo.training.loop`), in its
+compute precision: under bf16 the forward pass runs in bf16, but per-example gradients are
+upcast to fp32 before they are clipped and summed, so the bound ``C`` and the accountant's
+inputs are the same in either precision. A large expected batch is processed in micro-batches
+of per-example gradients, so memory does not grow with it.
+
 Opacus provides the per-example gradients only. Clipping, noise and normalisation are written
 out below rather than delegated to ``opacus.optimizers.DPOptimizer`` so that the mechanism is
 visible in a few lines, the noise comes from an explicit generator, and an empty batch (which
@@ -34,12 +40,10 @@ defence against floating-point attacks on the Gaussian sampler is attempted.
 from __future__ import annotations
 
 import math
-import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Literal
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -47,21 +51,24 @@ from opacus.grad_sample import GradSampleHooks
 from peft import PeftModel
 from torch import nn
 
-from fedsilo.client.train import LocalTrainingResult
 from fedsilo.data.batching import collate
-from fedsilo.data.encode import IGNORE_INDEX, Example
-from fedsilo.model.adapters import AdapterState, get_adapter_state, set_adapter_state
-
-OptimizerName = Literal["adamw", "sgd"]
-"""The optimizer that turns noisy gradients into steps (post-processing, free in privacy)."""
-
-_OPTIMIZERS: dict[str, Callable[[list[nn.Parameter], float], torch.optim.Optimizer]] = {
-    "adamw": lambda params, lr: torch.optim.AdamW(params, lr=lr, weight_decay=0.0),
-    "sgd": lambda params, lr: torch.optim.SGD(params, lr=lr),
-}
+from fedsilo.data.encode import Example
+from fedsilo.model.adapters import AdapterState
+from fedsilo.training.loop import (
+    LocalTrainingResult,
+    OptimizerName,
+    StepOutcome,
+    StepProgress,
+    micro_batches,
+    train_local,
+)
+from fedsilo.training.loss import labelled_token_losses
+from fedsilo.training.precision import Precision, compute_in
 
 # Attributes that Opacus's hooks leave on modules after a backward pass.
 _MODULE_LEFTOVERS = ("activations", "max_batch_len")
+# Examples whose per-example gradients are held at once: bounds memory for large batches.
+DEFAULT_MICRO_BATCH_SIZE = 16
 
 
 @dataclass(frozen=True)
@@ -83,6 +90,73 @@ class DpTrainingResult:
     max_grad_norm: float
 
 
+@dataclass
+class DpSgdGradient:
+    """One DP-SGD step as the loop's gradient method (steps 1-4 of the module docstring).
+
+    Per-example gradients are computed ``micro_batch_size`` examples at a time, upcast to
+    fp32, clipped and summed in fp32, so memory is bounded whatever the expected batch size and
+    the clipping bound holds exactly in either compute precision.
+    """
+
+    expected_batch_size: int
+    sampling_rate: float
+    max_grad_norm: float
+    noise_multiplier: float
+    noise_seed: int
+    micro_batch_size: int = DEFAULT_MICRO_BATCH_SIZE
+    _noise: torch.Generator = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._noise = torch.Generator().manual_seed(self.noise_seed)
+
+    def batches(
+        self, examples: Sequence[Example], *, steps: int, generator: np.random.Generator
+    ) -> Iterator[list[Example]]:
+        return poisson_batches(
+            examples, sampling_rate=self.sampling_rate, steps=steps, generator=generator
+        )
+
+    def attached(self, model: nn.Module) -> AbstractContextManager[None]:
+        return per_example_gradient_hooks(model)
+
+    def set_gradients(
+        self,
+        model: nn.Module,
+        batch: Sequence[Example],
+        *,
+        params: Sequence[nn.Parameter],
+        pad_id: int,
+        precision: Precision,
+    ) -> StepOutcome:
+        sums = [torch.zeros_like(param, dtype=torch.float32) for param in params]
+        example_losses: list[float] = []
+        tokens = positions = 0
+        for piece in micro_batches(batch, size=self.micro_batch_size):
+            clipped, piece_losses = clipped_per_example_gradients(
+                model,
+                piece,
+                params=params,
+                pad_id=pad_id,
+                max_grad_norm=self.max_grad_norm,
+                precision=precision,
+            )
+            for total, per_example in zip(sums, clipped, strict=True):
+                total += per_example.sum(dim=0)
+            example_losses += piece_losses.tolist()
+            tokens += sum(len(example.input_ids) for example in piece)
+            positions += len(piece) * max(len(example.input_ids) for example in piece)
+        _set_private_gradients(
+            params,
+            sums,
+            noise_std=self.noise_multiplier * self.max_grad_norm,
+            expected_batch_size=self.expected_batch_size,
+            generator=self._noise,
+        )
+        loss = float(np.mean(example_losses)) if example_losses else None
+        return StepOutcome(loss=loss, tokens=tokens, positions=positions)
+
+
 def train_local_dp(
     model: PeftModel,
     examples: Sequence[Example],
@@ -97,13 +171,16 @@ def train_local_dp(
     pad_id: int,
     seed: int,
     optimizer: OptimizerName = "adamw",
+    micro_batch_size: int = DEFAULT_MICRO_BATCH_SIZE,
+    on_step: Callable[[StepProgress], None] | None = None,
 ) -> DpTrainingResult:
     """Train the adapter from ``global_state`` with DP-SGD for ``steps`` steps; return the update.
 
-    The steps are the mechanism described in the module docstring. FedProx's proximal term
+    The steps are the mechanism described in the module docstring, run by the one local loop
+    (:func:`fedsilo.training.loop.train_local`). FedProx's proximal term
     ``(mu / 2) * ||w - w_global||^2`` depends only on the current weights (themselves outputs
     of earlier private steps) and on the global adapter the coordinator sent, never on a
-    record, so its gradient ``mu * (w - w_global)`` is added after the noise: it needs no
+    record, so the loop adds its gradient ``mu * (w - w_global)`` after the noise: it needs no
     clipping and costs no privacy, and clipping it with the data would only distort it.
 
     ``seed`` drives both the batch sampling and the noise, and must be secret to the site (see
@@ -121,66 +198,29 @@ def train_local_dp(
         max_grad_norm=max_grad_norm,
         noise_multiplier=noise_multiplier,
         proximal_mu=proximal_mu,
-        optimizer=optimizer,
+        micro_batch_size=micro_batch_size,
     )
-    started = time.perf_counter()
     sampling_rate = expected_batch_size / len(examples)
-    set_adapter_state(model, global_state)
-    params = [param for param in model.parameters() if param.requires_grad]
-    if not params:
-        raise ValueError("the model has no trainable adapter parameters")
-    anchors = [param.detach().clone() for param in params]
-    # A fresh optimizer each round, as in non-private training.
-    step_optimizer = _OPTIMIZERS[optimizer](params, learning_rate)
-    sampler = np.random.default_rng(seed)
-    noise_generator = torch.Generator(device=params[0].device).manual_seed(seed)
-
-    losses: list[float] = []
-    tokens = 0
-    was_training = model.training
-    try:
-        with per_example_gradient_hooks(model):
-            model.train()
-            for batch_examples in poisson_batches(
-                examples, sampling_rate=sampling_rate, steps=steps, generator=sampler
-            ):
-                if batch_examples:
-                    clipped, batch_losses = clipped_per_example_gradients(
-                        model,
-                        batch_examples,
-                        params=params,
-                        pad_id=pad_id,
-                        max_grad_norm=max_grad_norm,
-                    )
-                    summed = [per_example.sum(dim=0) for per_example in clipped]
-                    losses.append(float(batch_losses.mean()))
-                    tokens += sum(len(example.input_ids) for example in batch_examples)
-                else:
-                    summed = [torch.zeros_like(param) for param in params]
-                _set_private_gradients(
-                    params,
-                    summed,
-                    anchors,
-                    noise_std=noise_multiplier * max_grad_norm,
-                    expected_batch_size=expected_batch_size,
-                    proximal_mu=proximal_mu,
-                    generator=noise_generator,
-                )
-                step_optimizer.step()
-                step_optimizer.zero_grad(set_to_none=True)
-    finally:
-        for param in params:
-            param.grad = None
-        model.train(was_training)
-
-    trained = get_adapter_state(model)
-    delta = {name: trained[name] - global_state[name] for name in global_state}
-    result = LocalTrainingResult(
-        delta=delta,
-        num_examples=len(examples),
-        train_loss=float(np.mean(losses)) if losses else math.nan,
-        tokens=tokens,
-        seconds=time.perf_counter() - started,
+    method = DpSgdGradient(
+        expected_batch_size=expected_batch_size,
+        sampling_rate=sampling_rate,
+        max_grad_norm=max_grad_norm,
+        noise_multiplier=noise_multiplier,
+        noise_seed=seed,
+        micro_batch_size=micro_batch_size,
+    )
+    result = train_local(
+        model,
+        examples,
+        method=method,
+        global_state=global_state,
+        steps=steps,
+        learning_rate=learning_rate,
+        proximal_mu=proximal_mu,
+        pad_id=pad_id,
+        seed=seed,
+        optimizer=optimizer,
+        on_step=on_step,
     )
     return DpTrainingResult(
         result=result,
@@ -232,23 +272,27 @@ def per_example_gradient_hooks(model: nn.Module) -> Iterator[None]:
 
 
 def clipped_per_example_gradients(
-    model: PeftModel,
+    model: nn.Module,
     batch_examples: Sequence[Example],
     *,
     params: Sequence[nn.Parameter],
     pad_id: int,
     max_grad_norm: float,
+    precision: Precision = "fp32",
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Per-example gradients of ``params`` for one non-empty batch, each clipped to the bound.
 
     Needs :func:`per_example_gradient_hooks` attached and the model in training mode. Returns,
-    for each parameter, a tensor of shape ``(len(batch_examples), *param.shape)`` whose rows are
-    the examples' clipped gradients (the clipping is over the whole adapter: all parameters of
-    one example together), and the examples' mean token losses. ``param.grad`` is left as
-    whatever the backward pass put there; callers overwrite it.
+    for each parameter, an fp32 tensor of shape ``(len(batch_examples), *param.shape)`` whose
+    rows are the examples' clipped gradients (the clipping is over the whole adapter: all
+    parameters of one example together), and the examples' mean token losses. The forward
+    pass runs in ``precision``; the gradients are upcast to fp32 before their norms are taken,
+    so the bound holds exactly. ``param.grad`` is left as whatever the backward pass put
+    there; callers overwrite it.
     """
     batch = collate(batch_examples, pad_id=pad_id)
-    per_example_losses = _per_example_losses(model, batch)
+    with compute_in(precision):
+        per_example_losses = labelled_token_losses(model, batch).per_example_mean()
     # Opacus's hooks assume the loss is a sum over examples: each grad_sample row is then
     # the gradient of that example's own loss.
     with warnings.catch_warnings():
@@ -258,7 +302,7 @@ def clipped_per_example_gradients(
             "ignore", message="Full backward hook is firing", category=UserWarning
         )
         torch.autograd.backward(per_example_losses.sum())
-    grads = [_take_grad_sample(param) for param in params]
+    grads = [_take_grad_sample(param).float() for param in params]
     return clip_per_example(grads, max_grad_norm=max_grad_norm), per_example_losses.detach()
 
 
@@ -277,20 +321,18 @@ def clip_per_example(grads: Sequence[torch.Tensor], *, max_grad_norm: float) -> 
 def _set_private_gradients(
     params: Sequence[nn.Parameter],
     sums: Sequence[torch.Tensor],
-    anchors: Sequence[torch.Tensor],
     *,
     noise_std: float,
     expected_batch_size: int,
-    proximal_mu: float,
     generator: torch.Generator,
 ) -> None:
-    """Set each ``param.grad`` to the noisy mean of the clipped gradients, plus FedProx's pull.
+    """Set each ``param.grad`` to the noisy mean of the clipped gradients.
 
     The noise is drawn for every parameter at every step, empty batch or not, so the
     generator's stream (and the run) depends only on the seed and the shapes.
     """
     with torch.no_grad():
-        for param, total, anchor in zip(params, sums, anchors, strict=True):
+        for param, total in zip(params, sums, strict=True):
             noise = torch.normal(
                 0.0,
                 noise_std,
@@ -299,22 +341,7 @@ def _set_private_gradients(
                 device=param.device,
                 dtype=param.dtype,
             )
-            grad = (total + noise) / expected_batch_size
-            if proximal_mu > 0:
-                # Data-independent, so added after the noise (see train_local_dp).
-                grad = grad + proximal_mu * (param - anchor)
-            param.grad = grad
-
-
-def _per_example_losses(model: PeftModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Each row's mean token loss (a causal LM predicts position t from positions before t)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    targets = batch["labels"][:, 1:]
-    token_losses = nn.functional.cross_entropy(
-        logits[:, :-1].transpose(1, 2).float(), targets, ignore_index=IGNORE_INDEX, reduction="none"
-    )
-    counts = (targets != IGNORE_INDEX).sum(dim=1)
-    return token_losses.sum(dim=1) / counts
+            param.grad = (total + noise) / expected_batch_size
 
 
 def _take_grad_sample(param: nn.Parameter) -> torch.Tensor:
@@ -339,7 +366,7 @@ def _validate(
     max_grad_norm: float,
     noise_multiplier: float,
     proximal_mu: float,
-    optimizer: str,
+    micro_batch_size: int,
 ) -> None:
     if not examples:
         raise ValueError("a site cannot train on an empty dataset")
@@ -357,8 +384,8 @@ def _validate(
     _check_number("max_grad_norm", max_grad_norm, minimum=0.0, strict=True)
     _check_number("noise_multiplier", noise_multiplier, minimum=0.0, strict=False)
     _check_number("proximal_mu", proximal_mu, minimum=0.0, strict=False)
-    if optimizer not in _OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {sorted(_OPTIMIZERS)}, got {optimizer!r}")
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be at least 1, got {micro_batch_size}")
 
 
 def _check_number(name: str, value: float, *, minimum: float, strict: bool) -> None:

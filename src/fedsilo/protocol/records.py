@@ -106,26 +106,36 @@ _FIELD_KINDS: dict[str, type] = {
 }
 
 
+_PRECISION_BITS = {"bf16": 16, "fp32": 32}
+
+
 @dataclass(frozen=True)
 class SiteMetrics:
     """Aggregate numbers a site reports with its update (no per-example values).
 
     Under differential privacy a site releases only the DP-protected update: its weight is 1
-    (its example count is not released), and no loss, token count or timing is reported.
+    (its example count is not released), and no loss, token count, padding or timing is
+    reported. Its compute precision depends on its hardware, not its data, and is reported.
     """
 
     num_examples: int
     train_loss: float | None
     tokens: int
     seconds: float
+    precision: str | None = None  # "bf16" or "fp32": how the site computed
+    padding_share: float | None = None  # share of the positions it processed that were padding
 
     @classmethod
-    def withheld(cls) -> SiteMetrics:
+    def withheld(cls, *, precision: str | None = None) -> SiteMetrics:
         """What a site under differential privacy reports: nothing about its data."""
-        return cls(num_examples=1, train_loss=None, tokens=0, seconds=0.0)
+        return cls(num_examples=1, train_loss=None, tokens=0, seconds=0.0, precision=precision)
 
     def to_record(self) -> MetricRecord:
-        return MetricRecord({k: v for k, v in asdict(self).items() if v is not None})
+        values = {k: v for k, v in asdict(self).items() if v is not None}
+        # A MetricRecord holds numbers only: the precision travels as its bit width.
+        if self.precision is not None:
+            values["precision_bits"] = _PRECISION_BITS[values.pop("precision")]
+        return MetricRecord(values)
 
     @classmethod
     def from_record(cls, record: MetricRecord) -> SiteMetrics:
@@ -144,8 +154,21 @@ class SiteMetrics:
             raise ProtocolError(f"train_loss must be a finite number, got {train_loss!r}")
         if not isinstance(tokens, int) or not isinstance(seconds, float | int):
             raise ProtocolError("tokens must be an integer and seconds a number")
+        bits = record.get("precision_bits")
+        precision = None
+        if bits is not None:
+            by_bits = {value: name for name, value in _PRECISION_BITS.items()}
+            if not isinstance(bits, int) or bits not in by_bits:
+                raise ProtocolError(f"precision_bits must be 16 or 32, got {bits!r}")
+            precision = by_bits[bits]
+        padding = record.get("padding_share")
+        if padding is not None and (
+            not isinstance(padding, float | int) or not 0.0 <= padding <= 1.0
+        ):
+            raise ProtocolError(f"padding_share must be a number in [0, 1], got {padding!r}")
         loss = None if train_loss is None else float(train_loss)
-        return cls(num_examples, loss, tokens, float(seconds))
+        share = None if padding is None else float(padding)
+        return cls(num_examples, loss, tokens, float(seconds), precision, share)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import flwr
+import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
@@ -40,6 +41,7 @@ from fedsilo.server.membership import Membership
 from fedsilo.server.run_folder import RunFolder
 from fedsilo.server.site_dp import SiteLevelDp
 from fedsilo.server.strategies import Strategy, build_strategy
+from fedsilo.training.precision import PrecisionChoice, compute_in
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +79,11 @@ def check_resume_config(saved: FedsiloConfig, requested: FedsiloConfig, *, sourc
 
 
 def _run_info(
-    config: FedsiloConfig, base_hash: str, base_folder: Path, system_prompt: str | None
+    config: FedsiloConfig,
+    base_hash: str,
+    base_folder: Path,
+    system_prompt: str | None,
+    precision: PrecisionChoice,
 ) -> dict[str, Any]:
     return {
         "system_prompt": system_prompt,
@@ -88,7 +94,12 @@ def _run_info(
         "base_model_hash": base_hash,
         "fedsilo_version": fedsilo.__version__,
         "flwr_version": flwr.__version__,
+        "torch_version": torch.__version__,
         "python": platform.python_version(),
+        # How this process (the coordinator's evaluation, and every site in a simulation)
+        # computes; a deployed site chooses its own and reports it each round.
+        "precision": precision.precision,
+        "precision_choice": precision.as_record(),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
@@ -132,21 +143,24 @@ def _execute(grid: Grid, job: ServerJob, folder: RunFolder) -> AdapterState:
     if not (job.resume and folder.run_info_path.exists()):
         folder.write_json(
             folder.run_info_path,
-            _run_info(config, loaded.base_model_hash, base_folder, task.system_prompt),
+            _run_info(
+                config, loaded.base_model_hash, base_folder, task.system_prompt, loaded.precision
+            ),
         )
 
     def evaluate(adapter: AdapterState) -> GoldMetrics:
         set_adapter_state(loaded.model, adapter)
-        return evaluate_gold(
-            loaded.model,
-            loaded.tokenizer,
-            task.gold,
-            system_prompt=task.system_prompt,
-            max_new_tokens=config.evaluation.max_new_tokens,
-            batch_size=config.evaluation.batch_size,
-            max_length=config.train.max_length,
-            metric=task.metric,
-        )
+        with compute_in(loaded.precision.precision):
+            return evaluate_gold(
+                loaded.model,
+                loaded.tokenizer,
+                task.gold,
+                system_prompt=task.system_prompt,
+                max_new_tokens=config.evaluation.max_new_tokens,
+                batch_size=config.evaluation.batch_size,
+                max_length=config.train.max_length,
+                metric=task.metric,
+            )
 
     membership = job.membership
     coordinator_key = read_private_key(membership.coordinator_key_path, passphrase=None)
@@ -165,6 +179,7 @@ def _execute(grid: Grid, job: ServerJob, folder: RunFolder) -> AdapterState:
                     "coordinator_fingerprint": fingerprint(coordinator_key.public_key()),
                     "sites": {name: fp for name, fp in membership.fingerprints().items()},
                     "fedsilo_version": fedsilo.__version__,
+                    "precision": loaded.precision.precision,
                 },
             )
         else:

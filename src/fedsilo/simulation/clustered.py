@@ -29,7 +29,6 @@ import numpy as np
 
 import fedsilo
 from fedsilo.client.site import load_model_with_adapter
-from fedsilo.client.train import train_local
 from fedsilo.config import (
     ClustersSection,
     ConfigError,
@@ -56,6 +55,7 @@ from fedsilo.server.federation import ProgressReporter, adapter_digest
 from fedsilo.server.membership import Membership, save_membership
 from fedsilo.server.run_folder import RunFolder
 from fedsilo.storage import atomic_folder, write_text_atomic
+from fedsilo.training.loop import train_plain
 
 COORDINATOR = "coordinator"
 EXPERT_INFO = "expert.json"
@@ -176,7 +176,7 @@ def probe_updates(config: FedsiloConfig, paths: ClusteredPaths) -> dict[str, Ada
             source=f"site {site.name}",
         )
         seed = int(np.random.SeedSequence([config.run.seed, 1, index]).generate_state(1)[0])
-        result = train_local(
+        result = train_plain(
             loaded.model,
             examples,
             global_state=loaded.adapter_template,

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from fedsilo.client.site import load_model_with_adapter
-from fedsilo.client.train import proximal_term, train_local
 from fedsilo.config import FedsiloConfig
 from fedsilo.data.encode import encode_records
 from fedsilo.data.records import ChatRecord
+from fedsilo.training.loop import proximal_term, train_plain
 
 
 def test_proximal_term_matches_hand_computation() -> None:
@@ -26,7 +26,7 @@ def _train(config: FedsiloConfig, *, mu: float) -> tuple[dict[str, torch.Tensor]
     examples = encode_records(
         loaded.tokenizer, records, system_prompt=None, max_length=64, source="test"
     )
-    result = train_local(
+    result = train_plain(
         loaded.model,
         examples,
         global_state=loaded.adapter_template,

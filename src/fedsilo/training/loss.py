@@ -1,0 +1,74 @@
+"""The training loss of a causal LM, computed only where a label is set.
+
+In an instruction example most tokens are prompt; only the answer carries loss (about 5 of
+60 tokens for ICD-10 coding). The vocabulary projection (49,152 x 576 for SmolLM2) and the
+cross-entropy are therefore run only on the hidden states of positions whose next token is a
+label: the same values as the full logits at those positions, at a fraction of the FLOPs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import cast
+
+import torch
+from torch import nn
+
+from fedsilo.data.encode import IGNORE_INDEX
+
+
+@dataclass(frozen=True)
+class TokenLosses:
+    """Cross-entropy of every labelled target in a batch, and the row each belongs to."""
+
+    losses: torch.Tensor  # (targets,) fp32
+    rows: torch.Tensor  # (targets,) long: the batch row of each target
+    batch_rows: int
+
+    def per_example_mean(self) -> torch.Tensor:
+        """Each row's mean token loss, shape (batch_rows,); rows without a target get 0."""
+        totals = torch.zeros(self.batch_rows, dtype=self.losses.dtype, device=self.losses.device)
+        totals = totals.index_add(0, self.rows, self.losses)
+        counts = torch.bincount(self.rows, minlength=self.batch_rows).clamp(min=1)
+        return totals / counts.to(totals.dtype)
+
+    def token_mean(self) -> torch.Tensor:
+        """The mean over every labelled token of the batch (Hugging Face's causal-LM loss)."""
+        return self.losses.mean()
+
+
+def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The transformer body and the vocabulary projection of a (peft-wrapped) causal LM."""
+    inner = model
+    get_base = getattr(inner, "get_base_model", None)
+    if callable(get_base):
+        inner = cast(nn.Module, get_base())
+    get_decoder = getattr(inner, "get_decoder", None)
+    get_head = getattr(inner, "get_output_embeddings", None)
+    if not callable(get_decoder) or not callable(get_head):
+        raise TypeError(f"{type(inner).__name__} is not a causal LM with a decoder and an LM head")
+    decoder, head = get_decoder(), get_head()
+    if not isinstance(decoder, nn.Module) or not isinstance(head, nn.Module):
+        raise TypeError(f"{type(inner).__name__} has no decoder or LM head module")
+    return decoder, head
+
+
+def labelled_token_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> TokenLosses:
+    """Cross-entropy of each labelled target, with the LM head run only where it is needed.
+
+    Position ``t`` predicts the label at ``t + 1``; a label of :data:`IGNORE_INDEX` (prompt,
+    padding) is not a target. The loss is computed from fp32 logits whatever the precision.
+    """
+    decoder, head = decoder_and_head(model)
+    hidden = decoder(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+    ).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    scored = targets != IGNORE_INDEX
+    # Boolean indexing copies the selected rows into one contiguous block, which the LM head's
+    # matrix multiply needs to run at full speed.
+    selected = hidden[:, :-1][scored]
+    logits = head(selected).float()
+    losses = nn.functional.cross_entropy(logits, targets[scored], reduction="none")
+    rows = scored.nonzero()[:, 0]
+    return TokenLosses(losses=losses, rows=rows, batch_rows=int(targets.shape[0]))

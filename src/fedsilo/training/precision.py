@@ -1,0 +1,205 @@
+"""The compute precision of local training and evaluation, chosen for the CPU it runs on.
+
+bf16 halves the bytes of every frozen base weight and, on CPUs with native bf16 matrix
+multiply (AVX512-BF16 or AMX), runs the matrix products several times faster than fp32. On a
+CPU without it torch emulates bf16 and is slower than fp32, so ``"auto"`` looks at the CPU
+flags *and* times one second of both precisions before choosing; it never assumes.
+
+Only the frozen base weights are held in bf16. LoRA parameters, their gradients, the optimizer
+state and everything a site sends stay fp32, so aggregation, secure aggregation (bit-exact
+fixed-point sums) and the wire format are the same in both precisions. Under bf16 the forward
+pass runs inside ``torch.autocast``; losses are computed from fp32 logits.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from fedsilo.config.schema import PrecisionSetting
+
+log = logging.getLogger(__name__)
+
+Precision = Literal["bf16", "fp32"]
+
+# CPU flags (Linux /proc/cpuinfo) that mean bf16 matrix multiply runs in hardware.
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+# auto picks bf16 only when the probe measures at least this speed-up over fp32: a native
+# unit that is not actually faster (or a busy machine that hides it) keeps the exact path.
+MIN_BF16_SPEEDUP = 1.3
+_TORCH_DTYPES: dict[Precision, torch.dtype] = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+class PrecisionError(ValueError):
+    """A precision setting this machine or this model cannot honour."""
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    """The precision a process trains in, and the evidence it was chosen on."""
+
+    precision: Precision
+    setting: PrecisionSetting
+    native_bf16: bool  # the CPU reports a native bf16 matrix-multiply flag
+    fp32_gflops: float | None  # probe figures (None when no probe ran)
+    bf16_gflops: float | None
+
+    def describe(self) -> str:
+        """One line for the log: what was chosen and why."""
+        figures = ""
+        if self.fp32_gflops is not None and self.bf16_gflops is not None:
+            figures = (
+                f"; probe: fp32 {self.fp32_gflops:.0f} GFLOP/s, bf16 {self.bf16_gflops:.0f} "
+                f"GFLOP/s ({self.bf16_gflops / self.fp32_gflops:.2f}x)"
+            )
+        native = "native bf16" if self.native_bf16 else "no native bf16"
+        return f"precision {self.precision} (setting {self.setting!r}, {native}{figures})"
+
+    def as_record(self) -> dict[str, str | float | bool | None]:
+        """The choice as JSON-ready values (run.json, the ledger's run-start entry)."""
+        return {
+            "precision": self.precision,
+            "setting": self.setting,
+            "native_bf16": self.native_bf16,
+            "probe_fp32_gflops": self.fp32_gflops,
+            "probe_bf16_gflops": self.bf16_gflops,
+        }
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
+    """The CPU feature flags the kernel reports (empty where /proc/cpuinfo does not exist)."""
+    try:
+        text = cpuinfo.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
+def has_native_bf16(flags: frozenset[str]) -> bool:
+    """Whether ``flags`` include a bf16 matrix-multiply instruction set."""
+    return any(flag in flags for flag in NATIVE_BF16_FLAGS)
+
+
+def matmul_gflops(dtype: torch.dtype, *, seconds: float = 0.5) -> float:
+    """GFLOP/s of repeated 512x576 by 576x1536 products (a SmolLM2 MLP shape) in ``dtype``.
+
+    Runs on the current torch thread count for about ``seconds``; a product is 2*m*k*n FLOPs.
+    """
+    m, k, n = 512, 576, 1536
+    generator = torch.Generator().manual_seed(0)
+    left = torch.randn(m, k, generator=generator).to(dtype)
+    right = torch.randn(k, n, generator=generator).to(dtype)
+    torch.matmul(left, right)  # warm-up: first calls pick kernels and allocate
+    products = 0
+    started = time.perf_counter()
+    while True:
+        torch.matmul(left, right)
+        products += 1
+        elapsed = time.perf_counter() - started
+        if elapsed >= seconds:
+            return 2.0 * m * k * n * products / elapsed / 1e9
+
+
+Probe = Callable[[], tuple[float, float]]
+
+
+def probe_speeds(*, seconds: float = 0.5) -> tuple[float, float]:
+    """Measured (fp32, bf16) GFLOP/s of this CPU, about ``2 * seconds`` in all."""
+    return matmul_gflops(torch.float32, seconds=seconds), matmul_gflops(
+        torch.bfloat16, seconds=seconds
+    )
+
+
+def resolve_precision(
+    setting: PrecisionSetting,
+    *,
+    flags: frozenset[str] | None = None,
+    probe: Probe = probe_speeds,
+) -> PrecisionChoice:
+    """Turn a configured setting into the precision this machine trains in.
+
+    ``"fp32"`` is always honoured. ``"bf16"`` is refused (PrecisionError naming the setting)
+    on a CPU without native bf16, where it would be slower than fp32 and gain nothing.
+    ``"auto"`` chooses bf16 when the CPU reports native bf16 and the probe measures at least
+    :data:`MIN_BF16_SPEEDUP` over fp32; fp32 otherwise.
+    """
+    native = has_native_bf16(cpu_flags() if flags is None else flags)
+    if setting == "fp32":
+        return PrecisionChoice("fp32", setting, native, None, None)
+    if not native:
+        if setting == "bf16":
+            raise PrecisionError(
+                "train.precision = 'bf16' needs a CPU with native bf16 matrix multiply "
+                f"(one of the flags {', '.join(NATIVE_BF16_FLAGS)}); this CPU has none. "
+                "Use 'auto' or 'fp32'."
+            )
+        return PrecisionChoice("fp32", setting, native, None, None)
+    fp32_gflops, bf16_gflops = probe()
+    if setting == "bf16":
+        return PrecisionChoice("bf16", setting, native, fp32_gflops, bf16_gflops)
+    fast = bf16_gflops >= MIN_BF16_SPEEDUP * fp32_gflops
+    return PrecisionChoice("bf16" if fast else "fp32", setting, native, fp32_gflops, bf16_gflops)
+
+
+@cache
+def machine_precision(setting: PrecisionSetting) -> PrecisionChoice:
+    """:func:`resolve_precision` once per process and setting, logged once with its figures."""
+    choice = resolve_precision(setting)
+    log.info("%s", choice.describe())
+    return choice
+
+
+def torch_dtype(precision: Precision) -> torch.dtype:
+    """The torch dtype of the frozen base weights in ``precision``."""
+    return _TORCH_DTYPES[precision]
+
+
+def is_adapter_parameter(name: str) -> bool:
+    """Whether a parameter name belongs to a LoRA adapter (kept fp32 in every precision)."""
+    return "lora_" in name
+
+
+def hold_base_weights_in(model: nn.Module, precision: Precision) -> None:
+    """Store every frozen non-adapter parameter and buffer of ``model`` in ``precision``.
+
+    Adapter tensors (trainable or, with FFA-LoRA, frozen A) stay fp32: they are what is
+    trained, aggregated and sent. Floating-point buffers such as rotary frequencies stay fp32
+    as well; they are small and their precision matters.
+    """
+    dtype = torch_dtype(precision)
+    for name, param in model.named_parameters():
+        if param.requires_grad or is_adapter_parameter(name):
+            continue
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+
+
+def base_weights_precision(model: nn.Module) -> Precision:
+    """The precision the frozen base weights of ``model`` are held in."""
+    for name, param in model.named_parameters():
+        if not is_adapter_parameter(name) and param.is_floating_point():
+            return "bf16" if param.dtype == torch.bfloat16 else "fp32"
+    return "fp32"
+
+
+@contextmanager
+def compute_in(precision: Precision) -> Iterator[None]:
+    """Run the enclosed forward passes in ``precision`` (autocast for bf16, nothing for fp32)."""
+    if precision == "fp32":
+        yield
+        return
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        yield
