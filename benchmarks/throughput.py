@@ -1,10 +1,30 @@
-"""Local-training throughput: fedsilo's site loop against a bare torch + peft loop, and DP-SGD.
+"""Local-training throughput on SmolLM2: fedsilo's loop against the loops others run.
 
-Both loops train the same LoRA adapter on the same model, the same encoded ICD-10 examples and
-the same batches; the bare loop is what one would write by hand (forward, backward, AdamW step).
-Repeats alternate between the two so that machine noise hits both alike; the median is reported.
+Every loop trains the same LoRA adapter (rank 8, all projections) of the same model on the
+same encoded ICD-10 examples (about 60 tokens each, about 5 of them answer), batch 16, for the
+same number of steps from the same initial adapter, one process per (loop, threads) so that
+peak memory and thread count are its own:
 
-    python benchmarks/throughput.py [--model smollm2-135m-instruct] [--steps 8] [--repeats 3]
+- ``bare-fp32``: a hand-written torch + peft loop (forward with full logits, backward, AdamW);
+- ``bare-bf16``: the same with the frozen base weights in bf16 under autocast;
+- ``hf-trainer-bf16``: the Hugging Face ``Trainer`` with peft and ``bf16=True`` on the CPU (the
+  loop FlowerTune's clients run through TRL), same batches size and optimizer;
+- ``fedsilo-plain`` and ``fedsilo-plain-fp32``: :func:`fedsilo.training.loop.train_plain` in
+  the precision ``auto`` resolves to, and in fp32;
+- ``fedsilo-dp``: record-level DP-SGD (:func:`fedsilo.privacy.dp_sgd.train_local_dp`, Poisson
+  batches of expected size 16, clip 1, noise 1) in the ``auto`` precision.
+
+Each process also measures its GEMM peak in its own precision and thread count (the product
+the precision probe times), so achieved FLOP rates are read against the same machine at the
+same moment. FLOPs counted: forward plus activation gradients, ``4 * P`` per position a
+weight matrix is applied to (2 per multiply-add, forward and backward; the frozen weights get
+no weight gradient), with ``P_body`` the decoder's matrix parameters applied to every
+position, padding included, and ``P_head`` the LM head's, applied to every position (full
+logits) or only to labelled positions (fedsilo). Attention scores and the LoRA matrices are
+not counted (under 3% here). ``eval_loss`` is the mean answer loss on 64 held-out examples
+after training: loops that trained equally well have equal eval losses.
+
+    python benchmarks/throughput.py [--steps 12] [--threads 1 2]
 
 Writes benchmarks/results/throughput.json.
 """
@@ -15,7 +35,9 @@ import argparse
 import json
 import os
 import platform
-import statistics
+import resource
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,154 +45,312 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedsilo.client.site import load_model_with_adapter
-from fedsilo.client.train import train_local
-from fedsilo.config import parse_config
-from fedsilo.data.batching import collate, count_tokens, iterate_batches
-from fedsilo.data.encode import Example, encode_records
-from fedsilo.data.tasks import build_task
-from fedsilo.model.adapters import set_adapter_state
-from fedsilo.privacy.dp_sgd import train_local_dp
-
 RESULTS = Path(__file__).parent / "results"
+LOOPS = (
+    "bare-fp32",
+    "bare-bf16",
+    "hf-trainer-bf16",
+    "fedsilo-plain-fp32",
+    "fedsilo-plain",
+    "fedsilo-dp",
+)
+BATCH = 16
+LEARNING_RATE = 1e-3
+WARMUP_STEPS = 2
 
 
-def bare_loop(
-    model: Any, examples: list[Example], *, steps: int, batch_size: int, lr: float, pad_id: int
-) -> int:
-    """The hand-written baseline; returns the tokens processed."""
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    tokens = 0
-    for batch_examples in iterate_batches(
-        examples, batch_size=batch_size, steps=steps, generator=np.random.default_rng(0)
-    ):
-        batch = collate(batch_examples, pad_id=pad_id)
-        tokens += count_tokens(batch)
-        model(**batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return tokens
+def _rss_mb() -> float:
+    """Resident memory now (MB), from /proc/self/statm."""
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 1e6
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=RESULTS / "throughput.json")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+def _setup(precision: str) -> dict[str, Any]:
+    from fedsilo.client.site import load_model_with_adapter
+    from fedsilo.config import parse_config
+    from fedsilo.data.encode import encode_records
+    from fedsilo.data.tasks import build_task
 
     config = parse_config(
         {
-            "model": {"base": args.model},
-            "task": {"num_sites": 4, "examples_per_site": 64},
-            "train": {"max_length": 64},
+            "model": {"base": "smollm2-135m-instruct"},
+            "task": {"num_sites": 4, "examples_per_site": 512, "gold_size": 64},
+            "train": {"max_length": 96, "precision": precision},
         },
         source="benchmark",
     )
     loaded = load_model_with_adapter(config)
     task = build_task(config.task, seed=0)
+    records = [record for site in task.sites for record in site.records]
     examples = encode_records(
-        loaded.tokenizer,
-        task.sites[0].records,
-        system_prompt=task.system_prompt,
-        max_length=config.train.max_length,
-        source=task.sites[0].name,
+        loaded.tokenizer, records, system_prompt=task.system_prompt, max_length=96, source="sites"
     )
+    held_out = encode_records(
+        loaded.tokenizer, task.gold, system_prompt=task.system_prompt, max_length=96, source="gold"
+    )
+    return {"loaded": loaded, "examples": examples, "held_out": held_out}
+
+
+def _parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
+    """(matrix parameters of the decoder body, of the LM head), frozen base only."""
+    from fedsilo.training.loss import decoder_and_head
+
+    decoder, head = decoder_and_head(model)
+    body = sum(
+        module.weight.numel()
+        for name, module in decoder.named_modules()
+        if isinstance(module, torch.nn.Linear) and "lora_" not in name
+    )
+    head_weight = getattr(head, "weight", None)
+    return body, 0 if head_weight is None else int(head_weight.numel())
+
+
+def _eval_loss(loaded: Any, examples: list[Any], precision: str) -> float:
+    from fedsilo.data.batching import collate
+    from fedsilo.training.loss import labelled_token_losses
+    from fedsilo.training.precision import compute_in
+
+    loaded.model.eval()
+    losses = []
     pad_id = int(loaded.tokenizer.pad_token_id)
-    initial = loaded.adapter_template
-    lr = config.train.learning_rate
+    with torch.no_grad(), compute_in(precision):  # type: ignore[arg-type]
+        for start in range(0, len(examples), 16):
+            batch = collate(examples[start : start + 16], pad_id=pad_id)
+            losses += labelled_token_losses(loaded.model, batch).per_example_mean().tolist()
+    return float(np.mean(losses))
 
-    def run_ours() -> float:
-        started = time.perf_counter()
-        result = train_local(
-            loaded.model,
-            examples,
-            global_state=initial,
-            steps=args.steps,
-            batch_size=args.batch_size,
-            learning_rate=lr,
-            proximal_mu=0.0,
-            max_grad_norm=config.train.max_grad_norm,
-            pad_id=pad_id,
-            seed=0,
-        )
-        return result.tokens / (time.perf_counter() - started)
 
-    def run_bare() -> float:
-        set_adapter_state(loaded.model, initial)
-        started = time.perf_counter()
-        tokens = bare_loop(
-            loaded.model,
-            examples,
-            steps=args.steps,
-            batch_size=args.batch_size,
-            lr=lr,
-            pad_id=pad_id,
-        )
-        return tokens / (time.perf_counter() - started)
+class _Clock:
+    """Step times after the warm-up steps, the tokens and positions they processed."""
 
-    def run_dp() -> float:
-        started = time.perf_counter()
+    def __init__(self) -> None:
+        self.marks: list[float] = []
+        self.peak_rss_mb = 0.0
+
+    def step(self) -> None:
+        self.marks.append(time.perf_counter())
+        self.peak_rss_mb = max(self.peak_rss_mb, _rss_mb())
+
+    def seconds(self) -> float:
+        return self.marks[-1] - self.marks[WARMUP_STEPS - 1]
+
+
+def _bare(setup: dict[str, Any], steps: int, precision: str) -> dict[str, Any]:
+    from fedsilo.data.batching import collate, count_positions, count_tokens, iterate_batches
+    from fedsilo.training.precision import compute_in
+
+    loaded, examples = setup["loaded"], setup["examples"]
+    model = loaded.model
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE, weight_decay=0.0)
+    clock = _Clock()
+    tokens = positions = targets = 0
+    pad_id = int(loaded.tokenizer.pad_token_id)
+    batches = iterate_batches(
+        examples, batch_size=BATCH, steps=steps, generator=np.random.default_rng(0)
+    )
+    for step, chosen in enumerate(batches):
+        batch = collate(chosen, pad_id=pad_id)
+        with compute_in(precision):  # type: ignore[arg-type]
+            loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        clock.step()
+        if step >= WARMUP_STEPS:
+            tokens += count_tokens(batch)
+            positions += count_positions(batch)
+            targets += count_positions(batch)  # full logits: the head runs everywhere
+    return {"clock": clock, "tokens": tokens, "positions": positions, "head_rows": targets}
+
+
+def _hf_trainer(setup: dict[str, Any], steps: int) -> dict[str, Any]:
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from fedsilo.data.batching import collate, count_positions, count_tokens
+
+    loaded, examples = setup["loaded"], setup["examples"]
+    pad_id = int(loaded.tokenizer.pad_token_id)
+    clock = _Clock()
+    seen = {"tokens": 0, "positions": 0, "batches": 0}
+
+    def collator(features: list[Any]) -> dict[str, torch.Tensor]:
+        batch = collate(features, pad_id=pad_id)
+        if seen["batches"] >= WARMUP_STEPS:
+            seen["tokens"] += count_tokens(batch)
+            seen["positions"] += count_positions(batch)
+        seen["batches"] += 1
+        return batch
+
+    class Timer(TrainerCallback):  # type: ignore[misc]
+        def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+            clock.step()
+
+    arguments = TrainingArguments(
+        output_dir=str(Path(os.environ.get("TMPDIR", "/tmp")) / "fedsilo-hf-trainer"),
+        per_device_train_batch_size=BATCH,
+        max_steps=steps,
+        learning_rate=LEARNING_RATE,
+        weight_decay=0.0,
+        lr_scheduler_type="constant",
+        optim="adamw_torch",
+        bf16=True,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        seed=0,
+    )
+    trainer = Trainer(
+        model=loaded.model,
+        args=arguments,
+        train_dataset=list(examples),
+        data_collator=collator,
+        callbacks=[Timer()],
+    )
+    trainer.train()
+    # The batches the collator built after the warm-up ones, minus any prefetched extra.
+    return {
+        "clock": clock,
+        "tokens": seen["tokens"],
+        "positions": seen["positions"],
+        "head_rows": seen["positions"],
+    }
+
+
+def _fedsilo(setup: dict[str, Any], steps: int, private: bool) -> dict[str, Any]:
+    from fedsilo.privacy.dp_sgd import train_local_dp
+    from fedsilo.training.loop import train_plain
+
+    loaded, examples = setup["loaded"], setup["examples"]
+    clock = _Clock()
+    progress: list[Any] = []
+
+    def on_step(state: Any) -> None:
+        clock.step()
+        progress.append(state)
+
+    common: dict[str, Any] = {
+        "global_state": loaded.adapter_template,
+        "steps": steps,
+        "learning_rate": LEARNING_RATE,
+        "proximal_mu": 0.0,
+        "pad_id": int(loaded.tokenizer.pad_token_id),
+        "seed": 0,
+        "on_step": on_step,
+    }
+    if private:
         result = train_local_dp(
             loaded.model,
             examples,
-            global_state=initial,
-            steps=args.steps,
-            expected_batch_size=args.batch_size,
-            learning_rate=lr,
+            expected_batch_size=BATCH,
             max_grad_norm=1.0,
             noise_multiplier=1.0,
-            proximal_mu=0.0,
-            pad_id=pad_id,
-            seed=0,
-        )
-        return result.result.tokens / (time.perf_counter() - started)
+            **common,
+        ).result
+    else:
+        result = train_plain(loaded.model, examples, batch_size=BATCH, max_grad_norm=1.0, **common)
+    tokens = result.tokens - progress[WARMUP_STEPS - 1].tokens
+    positions = round(tokens / (1.0 - result.padding_share))
+    targets = round(
+        tokens * sum(e.num_targets for e in examples) / sum(len(e.input_ids) for e in examples)
+    )
+    return {"clock": clock, "tokens": tokens, "positions": positions, "head_rows": targets}
 
-    run_bare()  # warm-up: first-call allocations and kernel selection
-    run_dp()
-    ours: list[float] = []
-    bare: list[float] = []
-    private: list[float] = []
-    for _ in range(args.repeats):
-        bare.append(run_bare())
-        ours.append(run_ours())
-        private.append(run_dp())
 
-    result = {
-        "benchmark": "local-training-throughput",
-        "model": args.model,
-        "base_model_hash": loaded.base_model_hash,
-        "lora_rank": config.lora.rank,
-        "target_modules": list(config.lora.target_modules),
-        "steps": args.steps,
-        "batch_size": args.batch_size,
-        "max_length": config.train.max_length,
-        "threads": args.threads,
-        "repeats": args.repeats,
-        "tokens_per_s_fedsilo": ours,
-        "tokens_per_s_bare": bare,
-        "median_fedsilo": statistics.median(ours),
-        "median_bare": statistics.median(bare),
-        "ratio": statistics.median(ours) / statistics.median(bare),
-        # Record-level DP-SGD (Opacus per-example gradients, clipping, noise), same model and
-        # examples, Poisson batches of the same expected size; per token, since batches vary.
-        "tokens_per_s_dp_sgd": private,
-        "median_dp_sgd": statistics.median(private),
-        "dp_sgd_slowdown_per_token": statistics.median(ours) / statistics.median(private),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "torch": torch.__version__,
-        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+def run_one(loop: str, threads: int, steps: int) -> dict[str, Any]:
+    """Measure one loop in this process (called in a child process per loop)."""
+    from fedsilo.training.precision import matmul_gflops, resolve_precision
+
+    torch.set_num_threads(threads)
+    auto = resolve_precision("auto").precision
+    precision = {
+        "bare-fp32": "fp32",
+        "bare-bf16": "bf16",
+        "hf-trainer-bf16": "fp32",  # the Trainer keeps fp32 weights and autocasts
+        "fedsilo-plain-fp32": "fp32",
+        "fedsilo-plain": auto,
+        "fedsilo-dp": auto,
+    }[loop]
+    setup = _setup(precision)
+    compute = "bf16" if loop in ("bare-bf16", "hf-trainer-bf16") else precision
+    peak = matmul_gflops(torch.bfloat16 if compute == "bf16" else torch.float32, seconds=1.0)
+    if loop.startswith("bare"):
+        measured = _bare(setup, steps, compute)
+    elif loop == "hf-trainer-bf16":
+        measured = _hf_trainer(setup, steps)
+    else:
+        measured = _fedsilo(setup, steps, private=loop == "fedsilo-dp")
+    clock: _Clock = measured["clock"]
+    seconds = clock.seconds()
+    body, head = _parameter_counts(setup["loaded"].model)
+    flops = 4.0 * (body * measured["positions"] + head * measured["head_rows"])
+    return {
+        "loop": loop,
+        "threads": threads,
+        "precision": compute,
+        "steps_timed": steps - WARMUP_STEPS,
+        "seconds": seconds,
+        "tokens": measured["tokens"],
+        "positions": measured["positions"],
+        "padding_share": 1.0 - measured["tokens"] / measured["positions"],
+        "tokens_per_s": measured["tokens"] / seconds,
+        "achieved_gflops": flops / seconds / 1e9,
+        "gemm_peak_gflops": peak,
+        "share_of_peak": flops / seconds / 1e9 / peak,
+        "eval_loss": _eval_loss(setup["loaded"], setup["held_out"], compute),
+        "peak_rss_training_mb": clock.peak_rss_mb,
+        "peak_rss_process_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3,
+        "param_counts": {"body": body, "head": head},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    summary = ("median_fedsilo", "median_bare", "ratio", "dp_sgd_slowdown_per_token")
-    print(json.dumps({key: result[key] for key in summary}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--loops", nargs="+", default=list(LOOPS), choices=LOOPS)
+    parser.add_argument("--one", choices=LOOPS, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=RESULTS / "throughput.json")
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_one(args.one, args.threads[0], args.steps)))
+        return
+
+    from fedsilo.training.precision import cpu_flags, has_native_bf16
+
+    rows = []
+    for threads in args.threads:
+        for loop in args.loops:
+            env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+            command = [sys.executable, __file__, "--one", loop, "--threads", str(threads)]
+            done = subprocess.run(
+                [*command, "--steps", str(args.steps)],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            row = json.loads(done.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            print(json.dumps({k: row[k] for k in ("loop", "threads", "tokens_per_s")}))
+            result = {
+                "benchmark": "local-training-throughput",
+                "model": "smollm2-135m-instruct",
+                "batch_size": BATCH,
+                "steps": args.steps,
+                "warmup_steps": WARMUP_STEPS,
+                "native_bf16": has_native_bf16(cpu_flags()),
+                "rows": rows,
+                "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+                "torch": torch.__version__,
+                "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from fedsilo.privacy.dp_sgd import (
     train_local_dp,
 )
 from fedsilo.training.loop import train_plain
+from fedsilo.training.precision import hold_base_weights_in
 
 OPACUS_PARAM_ATTRS = ("grad_sample", "_forward_counter", "_current_grad_sample", "_norm_sample")
 
@@ -393,3 +394,43 @@ def test_an_empty_dataset_is_refused(setup: Setup) -> None:
             pad_id=setup.pad_id,
             seed=0,
         )
+
+
+def test_bf16_clips_fp32_per_example_gradients_to_the_same_bound(setup: Setup) -> None:
+    hold_base_weights_in(setup.model, "bf16")
+    setup.model.train()
+    bound = 1e-3  # far below every example's norm: each one is scaled to the bound
+
+    with per_example_gradient_hooks(setup.model):
+        clipped, _ = clipped_per_example_gradients(
+            setup.model,
+            setup.examples,
+            params=setup.params,
+            pad_id=setup.pad_id,
+            max_grad_norm=bound,
+            precision="bf16",
+        )
+
+    assert all(grad.dtype == torch.float32 for grad in clipped)
+    assert bool((_norms(clipped) <= bound * (1 + 1e-5)).all())
+
+
+def test_bf16_reports_the_same_mechanism_to_the_accountant(setup: Setup) -> None:
+    fp32 = _run(setup)
+    hold_base_weights_in(setup.model, "bf16")
+
+    bf16 = _run(setup)
+
+    assert bf16.result.precision == "bf16"
+    mechanism = ("sampling_rate", "steps", "noise_multiplier", "max_grad_norm")
+    assert [getattr(bf16, name) for name in mechanism] == [
+        getattr(fp32, name) for name in mechanism
+    ]
+    assert all(delta.dtype == torch.float32 for delta in bf16.result.delta.values())
+
+
+def test_micro_batches_do_not_change_the_update(setup: Setup) -> None:
+    whole = _run(setup, micro_batch_size=16, noise_multiplier=0.5)
+    pieces = _run(setup, micro_batch_size=1, noise_multiplier=0.5)
+
+    torch.testing.assert_close(_flat(whole.result.delta), _flat(pieces.result.delta))

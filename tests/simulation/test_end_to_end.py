@@ -46,6 +46,23 @@ def test_three_sites_two_rounds(
     assert metrics[2]["gold_loss"] != metrics[0]["gold_loss"]
 
 
+def test_rounds_report_training_time_speed_padding_and_precision(
+    make_config: Callable[..., FedsiloConfig], tmp_path: Path
+) -> None:
+    config = make_config(run={"rounds": 1})
+    run_dir = tmp_path / "run"
+
+    run_with_grid(config, run_dir)
+
+    folder = RunFolder(run_dir)
+    round_one = folder.read_metrics()[1]
+    assert round_one["precision"] == "fp32"
+    assert round_one["train_seconds"] > 0
+    assert round_one["train_tokens_per_s"] == round_one["tokens"] / round_one["train_seconds"]
+    assert 0.0 <= round_one["padding_share"] < 1.0
+    assert folder.read_json(folder.run_info_path)["precision"] == "fp32"
+
+
 def test_final_folder_loads_as_peft_adapter(
     make_config: Callable[..., FedsiloConfig], tmp_path: Path, tiny_model_dir: Path
 ) -> None:

@@ -1,13 +1,16 @@
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
 
 from fedsilo.client.site import load_model_with_adapter
 from fedsilo.config import FedsiloConfig
-from fedsilo.data.encode import encode_records
+from fedsilo.data.encode import Example, encode_records
 from fedsilo.data.records import ChatRecord
-from fedsilo.training.loop import proximal_term, train_plain
+from fedsilo.model.adapters import get_adapter_state
+from fedsilo.training.loop import PlainGradient, StepProgress, proximal_term, train_plain
+from fedsilo.training.precision import hold_base_weights_in
 
 
 def test_proximal_term_matches_hand_computation() -> None:
@@ -69,3 +72,96 @@ def test_training_is_deterministic_for_a_seed(make_config: Callable[..., Fedsilo
     second, _ = _train(make_config(), mu=0.0)
 
     assert all(torch.equal(first[n], second[n]) for n in first)
+
+
+def _setup(config: FedsiloConfig) -> tuple[Any, list[Example], int]:
+    loaded = load_model_with_adapter(config)
+    records = [
+        ChatRecord(prompt=f"code {i}" * (1 + i % 3), response=f"A{i:02d}.{i}") for i in range(8)
+    ]
+    examples = encode_records(
+        loaded.tokenizer, records, system_prompt=None, max_length=64, source="test"
+    )
+    # Non-zero B, so every LoRA matrix has a gradient from the first step.
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(3)
+        for name, param in loaded.model.named_parameters():
+            if ".lora_B." in name:
+                param.copy_(0.05 * torch.randn(param.shape, generator=generator))
+    return loaded, examples, int(loaded.tokenizer.pad_token_id)
+
+
+def _gradients(
+    loaded: Any, examples: list[Example], method: Any, pad_id: int
+) -> list[torch.Tensor]:
+    params = [p for p in loaded.model.parameters() if p.requires_grad]
+    loaded.model.zero_grad(set_to_none=True)
+    method.set_gradients(loaded.model, examples, params=params, pad_id=pad_id, precision="fp32")
+    grads = [p.grad.detach().clone() for p in params]
+    loaded.model.zero_grad(set_to_none=True)
+    return grads
+
+
+def test_micro_batches_give_the_whole_batch_gradient(
+    make_config: Callable[..., FedsiloConfig],
+) -> None:
+    loaded, examples, pad_id = _setup(make_config())
+
+    whole = _gradients(loaded, examples, PlainGradient(batch_size=8), pad_id)
+    pieces = _gradients(loaded, examples, PlainGradient(batch_size=8, micro_batch_size=3), pad_id)
+
+    for left, right in zip(whole, pieces, strict=True):
+        torch.testing.assert_close(left, right, rtol=1e-4, atol=1e-7)
+
+
+def test_bf16_training_sends_fp32_deltas_and_keeps_adapters_fp32(
+    make_config: Callable[..., FedsiloConfig],
+) -> None:
+    loaded, examples, pad_id = _setup(make_config())
+    hold_base_weights_in(loaded.model, "bf16")
+
+    result = train_plain(
+        loaded.model,
+        examples,
+        global_state=get_adapter_state(loaded.model),
+        steps=3,
+        batch_size=4,
+        learning_rate=0.01,
+        proximal_mu=0.1,
+        max_grad_norm=1.0,
+        pad_id=pad_id,
+        seed=0,
+    )
+
+    assert result.precision == "bf16"
+    assert all(delta.dtype == torch.float32 for delta in result.delta.values())
+    assert all(bool(torch.isfinite(delta).all()) for delta in result.delta.values())
+    assert _norm(result.delta) > 0
+    assert all(
+        param.dtype == torch.float32
+        for name, param in loaded.model.named_parameters()
+        if "lora_" in name
+    )
+
+
+def test_progress_is_reported_after_every_step(make_config: Callable[..., FedsiloConfig]) -> None:
+    loaded, examples, pad_id = _setup(make_config())
+    seen: list[StepProgress] = []
+
+    result = train_plain(
+        loaded.model,
+        examples,
+        global_state=get_adapter_state(loaded.model),
+        steps=3,
+        batch_size=4,
+        learning_rate=0.01,
+        proximal_mu=0.0,
+        max_grad_norm=None,
+        pad_id=pad_id,
+        seed=0,
+        on_step=seen.append,
+    )
+
+    assert [(p.step, p.steps) for p in seen] == [(1, 3), (2, 3), (3, 3)]
+    assert seen[-1].tokens == result.tokens
+    assert all(p.loss is not None and p.tokens_per_second > 0 for p in seen)

@@ -46,7 +46,8 @@ def _run(config: FedsiloConfig, *, out: Path, resume: bool) -> int:
         f"strategy {config.strategy.name}, engine {config.run.engine}, base model "
         f"{config.model.base} -> {out}"
     )
-    simulate(SimulationRequest(config=config, run_dir=out, resume=resume, reporter=reporter))
+    with reporter.training_progress():
+        simulate(SimulationRequest(config=config, run_dir=out, resume=resume, reporter=reporter))
     if config.clusters.method != "none":
         for expert in sorted((out / "experts").iterdir()):
             reporter.console.print(f"expert {expert.name}: {expert}")

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
 from rich.table import Table
+
+from fedsilo.training.loop import StepProgress
+from fedsilo.training.progress import progress_to
 
 
 def _percent(value: Any) -> str:
@@ -14,6 +20,17 @@ def _percent(value: Any) -> str:
 
 def _number(value: Any) -> str:
     return "-" if value is None else f"{float(value):.3f}"
+
+
+def _training_speed(record: dict[str, Any]) -> str:
+    """The sites' training time and speed, when they reported it (not under DP)."""
+    rate = record.get("train_tokens_per_s")
+    if not rate:
+        return ""
+    return (
+        f"  (training {record['train_seconds']:.1f} s at {rate:,.0f} tokens/s, "
+        f"{record.get('precision') or '-'})"
+    )
 
 
 class ConsoleReporter:
@@ -38,12 +55,41 @@ class ConsoleReporter:
             f"gold accuracy {_percent(record['gold_accuracy'])}  "
             f"category {_percent(record['gold_category_accuracy'])}  "
             f"gold loss {_number(record['gold_loss'])}  {record['seconds']:.1f} s"
+            f"{_training_speed(record)}"
         )
         for site, reason in sorted(record.get("failures", {}).items()):
             self.console.print(f"    [yellow]{site}[/]: {reason.splitlines()[0]}")
 
     def notice(self, text: str) -> None:
         self.console.print(f"[yellow]{text}[/]")
+
+    @contextmanager
+    def training_progress(self) -> Iterator[None]:
+        """A live bar for the site that is training: its name, step of steps, tokens/s."""
+        bar = Progress(
+            TextColumn("  site {task.fields[site]} training"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("steps  {task.fields[rate]}"),
+            console=self.console,
+            transient=True,
+        )
+        current: dict[str, TaskID] = {}
+
+        def show(site: str, progress: StepProgress) -> None:
+            if site not in current or progress.step == 1:
+                for task in current.values():
+                    bar.remove_task(task)
+                current.clear()
+                current[site] = bar.add_task("", total=progress.steps, site=site, rate="")
+            bar.update(
+                current[site],
+                completed=progress.step,
+                rate=f"{progress.tokens_per_second:,.0f} tokens/s",
+            )
+
+        with bar, progress_to(show):
+            yield
 
     def summary(self, records: list[dict[str, Any]]) -> None:
         """Before/after table of the gold metrics."""

@@ -29,6 +29,7 @@ from fedsilo.protocol.records import (
     adapter_from_record,
 )
 from fedsilo.training.loop import train_plain
+from fedsilo.training.progress import site_progress
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,7 @@ def _train(
         max_grad_norm=task.max_grad_norm or None,
         pad_id=int(site.tokenizer.pad_token_id),
         seed=task.seed,
+        on_step=site_progress(site.name),
     )
     metrics = SiteMetrics(
         num_examples=result.num_examples,
@@ -139,6 +141,7 @@ def _train_private(
         # The seed drives batch sampling and noise: it must be the site's secret, never the
         # round seed the coordinator chose, or the coordinator could subtract the noise.
         seed=secrets.randbits(63),
+        on_step=site_progress(site.name),
     )
     # Only the DP-protected update is released: no count, loss, tokens or timing.
     return result.result.delta, SiteMetrics.withheld(precision=result.result.precision)

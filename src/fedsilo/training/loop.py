@@ -57,6 +57,7 @@ class StepProgress:
     steps: int
     tokens: int  # non-padding tokens so far
     seconds: float  # since the round's training started
+    loss: float | None  # this step's batch loss (None: an empty DP batch)
 
     @property
     def tokens_per_second(self) -> float:
@@ -235,7 +236,11 @@ def train_local(
                 tokens += outcome.tokens
                 positions += outcome.positions
                 if on_step is not None:
-                    on_step(StepProgress(step, steps, tokens, time.perf_counter() - started))
+                    on_step(
+                        StepProgress(
+                            step, steps, tokens, time.perf_counter() - started, outcome.loss
+                        )
+                    )
     finally:
         for param in params:
             param.grad = None

@@ -127,14 +127,15 @@ def resolve_precision(
     setting: PrecisionSetting,
     *,
     flags: frozenset[str] | None = None,
-    probe: Probe = probe_speeds,
+    probe: Probe | None = None,
 ) -> PrecisionChoice:
     """Turn a configured setting into the precision this machine trains in.
 
     ``"fp32"`` is always honoured. ``"bf16"`` is refused (PrecisionError naming the setting)
     on a CPU without native bf16, where it would be slower than fp32 and gain nothing.
     ``"auto"`` chooses bf16 when the CPU reports native bf16 and the probe measures at least
-    :data:`MIN_BF16_SPEEDUP` over fp32; fp32 otherwise.
+    :data:`MIN_BF16_SPEEDUP` over fp32; fp32 otherwise. ``flags`` default to this CPU's and
+    ``probe`` to :func:`probe_speeds` (tests pass their own).
     """
     native = has_native_bf16(cpu_flags() if flags is None else flags)
     if setting == "fp32":
@@ -147,7 +148,7 @@ def resolve_precision(
                 "Use 'auto' or 'fp32'."
             )
         return PrecisionChoice("fp32", setting, native, None, None)
-    fp32_gflops, bf16_gflops = probe()
+    fp32_gflops, bf16_gflops = (probe or probe_speeds)()
     if setting == "bf16":
         return PrecisionChoice("bf16", setting, native, fp32_gflops, bf16_gflops)
     fast = bf16_gflops >= MIN_BF16_SPEEDUP * fp32_gflops
