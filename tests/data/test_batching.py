@@ -8,13 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedsilo.data.batching import (
-    collate,
-    count_label_tokens,
-    count_tokens,
-    iterate_batches,
-    length_grouped_batches,
-)
+from fedsilo.data.batching import collate, count_label_tokens, count_tokens, iterate_batches
 from fedsilo.data.encode import IGNORE_INDEX, Example
 
 PAD = 99
@@ -177,58 +171,3 @@ def test_every_epoch_is_a_permutation_and_no_batch_repeats_an_example(
     assert all(len(batch) == size and len(set(batch)) == size for batch in batches)
     assert all(sorted(epoch) == list(range(count)) for epoch in epochs if len(epoch) == count)
     assert all(len(set(epoch)) == len(epoch) for epoch in epochs)
-
-
-# --- length_grouped_batches ----------------------------------------------------------------------
-
-
-def _varied(count: int, seed: int = 0) -> list[Example]:
-    # Example i starts with token i (readable back) and has a random length of 1 to 40.
-    lengths = np.random.default_rng(seed).integers(1, 41, size=count)
-    return [
-        Example(input_ids=(index,) + (0,) * (int(length) - 1), labels=(index,) * int(length))
-        for index, length in enumerate(lengths)
-    ]
-
-
-def _padding_share(batches: list[list[Example]]) -> float:
-    tokens = sum(len(example.input_ids) for batch in batches for example in batch)
-    positions = sum(len(batch) * max(len(e.input_ids) for e in batch) for batch in batches)
-    return 1.0 - tokens / positions
-
-
-def test_length_grouped_batches_use_every_example_once_per_epoch() -> None:
-    examples = _varied(50)
-
-    batches = list(
-        length_grouped_batches(
-            examples, batch_size=8, steps=14, generator=np.random.default_rng(0), window=2
-        )
-    )
-
-    assert len(batches) == 14
-    first_epoch = batches[:7]  # 50 examples in batches of 8: six full ones and one of 2
-    assert sorted(index for batch in first_epoch for index in _indices(batch)) == list(range(50))
-    assert all(len(set(_indices(batch))) == len(batch) for batch in batches)
-    assert sorted(len(batch) for batch in first_epoch) == [2, 8, 8, 8, 8, 8, 8]
-
-
-def test_length_grouped_batches_pad_far_less_than_random_ones() -> None:
-    examples = _varied(512)
-    generator = np.random.default_rng(3)
-
-    grouped = list(length_grouped_batches(examples, batch_size=16, steps=64, generator=generator))
-    shuffled = list(iterate_batches(examples, batch_size=16, steps=64, generator=generator))
-
-    assert _padding_share(grouped) < 0.1
-    assert _padding_share(shuffled) > 0.3
-
-
-def test_length_grouped_batches_are_deterministic_for_a_seed() -> None:
-    def draw() -> list[list[int]]:
-        batches = length_grouped_batches(
-            _varied(30), batch_size=4, steps=20, generator=np.random.default_rng(5)
-        )
-        return [_indices(batch) for batch in batches]
-
-    assert draw() == draw()

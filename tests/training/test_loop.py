@@ -9,7 +9,13 @@ from fedsilo.config import FedsiloConfig
 from fedsilo.data.encode import Example, encode_records
 from fedsilo.data.records import ChatRecord
 from fedsilo.model.adapters import get_adapter_state
-from fedsilo.training.loop import PlainGradient, StepProgress, proximal_term, train_plain
+from fedsilo.training.loop import (
+    PlainGradient,
+    StepProgress,
+    micro_batches,
+    proximal_term,
+    train_plain,
+)
 from fedsilo.training.precision import hold_base_weights_in
 
 
@@ -107,7 +113,7 @@ def test_micro_batches_give_the_whole_batch_gradient(
 ) -> None:
     loaded, examples, pad_id = _setup(make_config())
 
-    whole = _gradients(loaded, examples, PlainGradient(batch_size=8), pad_id)
+    whole = _gradients(loaded, examples, PlainGradient(batch_size=8, micro_batch_size=8), pad_id)
     pieces = _gradients(loaded, examples, PlainGradient(batch_size=8, micro_batch_size=3), pad_id)
 
     for left, right in zip(whole, pieces, strict=True):
@@ -165,3 +171,12 @@ def test_progress_is_reported_after_every_step(make_config: Callable[..., Fedsil
     assert [(p.step, p.steps) for p in seen] == [(1, 3), (2, 3), (3, 3)]
     assert seen[-1].tokens == result.tokens
     assert all(p.loss is not None and p.tokens_per_second > 0 for p in seen)
+
+
+def test_micro_batches_sort_by_length_and_keep_every_example() -> None:
+    lengths = [5, 1, 9, 3, 7, 2, 8]
+    batch = [Example(input_ids=(0,) * n, labels=(0,) * n) for n in lengths]
+
+    pieces = list(micro_batches(batch, size=3))
+
+    assert [[len(e.input_ids) for e in piece] for piece in pieces] == [[1, 2, 3], [5, 7, 8], [9]]

@@ -68,50 +68,6 @@ def iterate_batches(
         position += size
 
 
-def length_grouped_batches(
-    examples: Sequence[Example],
-    *,
-    batch_size: int,
-    steps: int,
-    generator: np.random.Generator,
-    window: int = 16,
-) -> Iterator[list[Example]]:
-    """Yield ``steps`` shuffled batches of examples of similar length, epoch after epoch.
-
-    Each epoch is a fresh permutation drawn from ``generator``, cut into windows of
-    ``window * batch_size`` examples; within a window the examples are sorted by length and
-    cut into batches, so a batch pads little, and the epoch's batches are then shuffled, so
-    the order of lengths is random. Every example is used once per epoch and never twice in a
-    batch. The last batch of an epoch holds the remainder when ``batch_size`` does not divide
-    the dataset (and with fewer examples than ``batch_size`` each batch is a whole epoch).
-    The same generator state gives the same batches.
-    """
-    if not examples:
-        raise ValueError("cannot draw batches from an empty dataset")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    if steps < 0:
-        raise ValueError(f"steps must not be negative, got {steps}")
-    if window < 1:
-        raise ValueError(f"window must be at least 1, got {window}")
-    size = min(batch_size, len(examples))
-    produced = 0
-    while produced < steps:
-        order = [int(index) for index in generator.permutation(len(examples))]
-        epoch: list[list[int]] = []
-        for start in range(0, len(order), size * window):
-            chunk = sorted(
-                order[start : start + size * window],
-                key=lambda index: len(examples[index].input_ids),
-            )
-            epoch += [chunk[offset : offset + size] for offset in range(0, len(chunk), size)]
-        for position in generator.permutation(len(epoch)):
-            if produced == steps:
-                return
-            yield [examples[index] for index in epoch[int(position)]]
-            produced += 1
-
-
 def count_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Tokens that are not padding (the attention mask's ones)."""
     return int(batch["attention_mask"].sum())

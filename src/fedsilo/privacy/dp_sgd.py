@@ -68,7 +68,7 @@ from fedsilo.training.precision import Precision, compute_in
 # Attributes that Opacus's hooks leave on modules after a backward pass.
 _MODULE_LEFTOVERS = ("activations", "max_batch_len")
 # Examples whose per-example gradients are held at once: bounds memory for large batches.
-DEFAULT_MICRO_BATCH_SIZE = 16
+DEFAULT_MICRO_BATCH_SIZE = 8
 
 
 @dataclass(frozen=True)

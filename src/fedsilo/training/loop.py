@@ -25,7 +25,7 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from fedsilo.data.batching import collate, count_positions, count_tokens, length_grouped_batches
+from fedsilo.data.batching import collate, count_positions, count_tokens, iterate_batches
 from fedsilo.data.encode import Example
 from fedsilo.model.adapters import AdapterState, get_adapter_state, set_adapter_state
 from fedsilo.training.loss import labelled_token_losses
@@ -110,24 +110,31 @@ def micro_batches(batch: Sequence[Example], *, size: int) -> Iterator[list[Examp
         yield ordered[start : start + size]
 
 
+# Examples per forward pass in plain training. A random batch is sorted by length and cut into
+# pieces of this size, so each piece pads only to its own longest example (about 3% padding
+# on ICD-10 batches of 16, against 15% for the whole batch padded at once) while the batch,
+# and so the gradient, is the same as without the cut.
+DEFAULT_PLAIN_MICRO_BATCH = 4
+
+
 @dataclass(frozen=True)
 class PlainGradient:
-    """Non-private training: the token-mean loss of a shuffled, length-grouped batch.
+    """Non-private training: the token-mean loss of a shuffled batch.
 
     The batch's gradient is accumulated over micro-batches of at most ``micro_batch_size``
-    examples (bounded memory), each weighted by its share of the batch's loss tokens, so the
-    result is the gradient of the whole batch's token mean. ``max_grad_norm`` clips that
-    gradient (over all adapter parameters together) when set.
+    examples of similar length (less padding, bounded memory), each weighted by its share of
+    the batch's loss tokens, so the result is exactly the gradient of the whole batch's token
+    mean. ``max_grad_norm`` clips that gradient (over all adapter parameters together) when set.
     """
 
     batch_size: int
     max_grad_norm: float | None = None
-    micro_batch_size: int | None = None
+    micro_batch_size: int = DEFAULT_PLAIN_MICRO_BATCH
 
     def batches(
         self, examples: Sequence[Example], *, steps: int, generator: np.random.Generator
     ) -> Iterator[list[Example]]:
-        return length_grouped_batches(
+        return iterate_batches(
             examples, batch_size=self.batch_size, steps=steps, generator=generator
         )
 
@@ -149,7 +156,7 @@ class PlainGradient:
             raise ValueError("a training batch has no loss token")
         loss_sum = 0.0
         tokens = positions = 0
-        for piece in micro_batches(batch, size=self.micro_batch_size or len(batch)):
+        for piece in micro_batches(batch, size=self.micro_batch_size):
             tensors = collate(piece, pad_id=pad_id)
             tokens += count_tokens(tensors)
             positions += count_positions(tensors)
