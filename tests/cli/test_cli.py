@@ -105,3 +105,28 @@ def test_bench_quality_resume_goes_on_in_the_folder_its_results_name(
         resumed["algorithms"]["fedavg"]["per_round"] == first["algorithms"]["fedavg"]["per_round"]
     )
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_console_shows_training_progress_in_its_bar_not_the_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from io import StringIO
+
+    from rich.console import Console
+
+    from fedsilo.cli.progress import ConsoleReporter
+    from fedsilo.training.loop import StepProgress
+    from fedsilo.training.progress import report_progress
+
+    reporter = ConsoleReporter(Console(file=StringIO(), force_terminal=False))
+    step = StepProgress(1, 4, 120, 1.0, 2.5)
+
+    with caplog.at_level("INFO", logger="fedsilo.training"):
+        with reporter.training_progress():
+            report_progress("st-mary", step)
+        assert caplog.records == []
+        report_progress("st-mary", step)
+
+    assert [r.getMessage() for r in caplog.records] == [
+        "site st-mary: training step 1/4, 120 tokens/s"
+    ]

@@ -7,6 +7,8 @@ import torch
 from peft import PeftModel
 
 from fedsilo.config import FedsiloConfig, load_config
+from fedsilo.ledger import EntryKind
+from fedsilo.ledger.store import read_entries
 from fedsilo.model.base import load_base_model
 from fedsilo.server.run_folder import RunFolder
 
@@ -61,6 +63,9 @@ def test_rounds_report_training_time_speed_padding_and_precision(
     assert round_one["train_tokens_per_s"] == round_one["tokens"] / round_one["train_seconds"]
     assert 0.0 <= round_one["padding_share"] < 1.0
     assert folder.read_json(folder.run_info_path)["precision"] == "fp32"
+    started = read_entries(folder.ledger_path)[0]
+    assert started.kind is EntryKind.RUN_STARTED
+    assert started.payload["precision"] == "fp32"
 
 
 def test_final_folder_loads_as_peft_adapter(

@@ -17,6 +17,7 @@ from fedsilo.training.loop import (
     train_plain,
 )
 from fedsilo.training.precision import hold_base_weights_in
+from fedsilo.training.progress import progress_lines, progress_to, site_progress
 
 
 def test_proximal_term_matches_hand_computation() -> None:
@@ -180,3 +181,17 @@ def test_micro_batches_sort_by_length_and_keep_every_example() -> None:
     pieces = list(micro_batches(batch, size=3))
 
     assert [[len(e.input_ids) for e in piece] for piece in pieces] == [[1, 2, 3], [5, 7, 8], [9]]
+
+
+def test_a_site_reports_its_progress_to_the_current_sink() -> None:
+    said: list[str] = []
+    steps = [StepProgress(step, 20, 100 * step, float(step), 1.0) for step in range(1, 21)]
+
+    with progress_to(progress_lines(said.append)):
+        for progress in steps:
+            site_progress("st-mary")(progress)
+
+    assert said[0] == "site st-mary: training step 1/20, 100 tokens/s"
+    assert [line.split()[4] for line in said] == [
+        f"{n}/20," for n in (1, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20)
+    ]

@@ -45,11 +45,14 @@ def cmd_coordinator_start(args: argparse.Namespace) -> int:
 
 def cmd_site_start(args: argparse.Namespace) -> int:
     from fedsilo.deploy.site import run_site
+    from fedsilo.training.progress import progress_lines, progress_to
 
     def say(text: str) -> None:
         print(text, flush=True)
 
-    return run_site(args.policy, say=say)
+    # The worker's local training reports its steps on the site's own output.
+    with progress_to(progress_lines(say)):
+        return run_site(args.policy, say=say)
 
 
 def add_deploy_commands(commands: Any) -> None:

@@ -21,18 +21,22 @@ log = logging.getLogger("fedsilo.training")
 ProgressSink = Callable[[str, StepProgress], None]
 
 
-def log_progress(site: str, progress: StepProgress) -> None:
-    """Log the first step, about every tenth of the round, and the last one."""
-    every = max(1, progress.steps // 10)
-    if progress.step in (1, progress.steps) or progress.step % every == 0:
-        log.info(
-            "site %s: step %d/%d, %.0f tokens/s",
-            site,
-            progress.step,
-            progress.steps,
-            progress.tokens_per_second,
-        )
+def progress_lines(say: Callable[[str], None]) -> ProgressSink:
+    """A sink that says a line at the first step, about every tenth of the round and the last."""
 
+    def sink(site: str, progress: StepProgress) -> None:
+        every = max(1, progress.steps // 10)
+        if progress.step in (1, progress.steps) or progress.step % every == 0:
+            say(
+                f"site {site}: training step {progress.step}/{progress.steps}, "
+                f"{progress.tokens_per_second:,.0f} tokens/s"
+            )
+
+    return sink
+
+
+log_progress = progress_lines(log.info)
+"""The default sink: the lines go to the ``fedsilo.training`` log."""
 
 _sink: ProgressSink = log_progress
 
