@@ -51,6 +51,7 @@ def test_secagg_round_matches_plain_fedavg_within_quantization_error(
         ("advertise_keys", "completed"),
         ("share_keys", "completed"),
         ("collect_masked_inputs", "completed"),
+        ("check_consistency", "completed"),
         ("unmask", "completed"),
     ]
     updates = [e.payload for e in entries if e.kind is EntryKind.UPDATE_RECEIVED]
