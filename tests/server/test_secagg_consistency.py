@@ -20,6 +20,8 @@ from fedsilo.crypto import (
     SignatureError,
     agreement_key_from_bytes,
     decode_signature,
+    expand_mask,
+    sign_update,
     verify_update,
 )
 from fedsilo.ledger import EntryKind, read_entries
@@ -371,3 +373,126 @@ def test_unmasking_request_without_signatures_is_refused(
     assert len(reasons) == 3
     assert all("carries no signatures on the survivor set" in r for r in reasons)
     assert "threshold is 2" in replies.failures["secure-aggregation"]
+
+
+COLLUDER = "site-3"  # hands its session to the coordinator and signs whatever it is asked
+
+
+class CollusionAttack:
+    """A coordinator with one colluding site: the target and site-0 are shown the true survivor
+    set, site-1 and site-2 a set without the target; the colluder signs both sets and gives its
+    own shares of both of the target's secrets."""
+
+    TRUTH = (TARGET, "site-0")
+    LIE = ("site-1", "site-2")
+
+    def __init__(self, h: Harness) -> None:
+        self.h = h
+        self.signatures: dict[str, dict[str, bytes]] = {"truth": {}, "lie": {}}
+        self.replies: dict[str, UnmaskReply] = {}
+        self.refusals: list[str] = []
+        self.state: SecAggState | None = None
+
+    def views(self, state: SecAggState) -> dict[str, list[str]]:
+        everyone = sorted(state.masked)
+        return {"truth": everyone, "lie": [s for s in everyone if s != TARGET]}
+
+    def consistency(self, ctx: SecAggRound, state: SecAggState) -> None:
+        views = self.views(state)
+        contents = {
+            state.node_of[site]: session_content(
+                state, {SURVIVORS_KEY: survivors_record(views[view])}
+            )
+            for view, sites in (("truth", self.TRUTH), ("lie", self.LIE))
+            for site in sites
+        }
+        accepted = exchange(
+            ctx,
+            state,
+            contents,
+            message_type=CONSISTENCY_MESSAGE,
+            stage=CONSISTENCY_STAGE,
+            max_bytes=1 << 20,
+        )
+        for site, (upload, _) in accepted.items():
+            self.signatures["truth" if site in self.TRUTH else "lie"][site] = upload.signature
+        colluder_key = self.h.sites.sites[self.h.names.index(COLLUDER)].signing_key
+        for view, survivors in views.items():
+            binding = survivor_binding(state.session, COLLUDER, survivors)
+            self.signatures[view][COLLUDER] = sign_update(colluder_key, binding)
+
+    def unmask(self, ctx: SecAggRound, state: SecAggState) -> None:
+        views = self.views(state)
+        contents = {}
+        for view, sites in (("truth", self.TRUTH), ("lie", self.LIE)):
+            dropped = sorted(set(state.sealed) - set(views[view]))
+            request = {
+                UNMASK_KEY: unmask_record(views[view], dropped),
+                SURVIVOR_SIGNATURES_KEY: survivor_signatures_record(self.signatures[view]),
+            }
+            for site in sites:
+                contents[state.node_of[site]] = session_content(state, request)
+        accepted = exchange(
+            ctx, state, contents, message_type=UNMASK_MESSAGE, stage=UNMASK_STAGE, max_bytes=1 << 20
+        )
+        for site, (upload, _) in accepted.items():
+            view = set(views["truth" if site in self.TRUTH else "lie"])
+            self.replies[site] = UnmaskReply.from_payload(
+                upload.payload, site=site, survivors=view, dropped=set(state.sealed) - view
+            )
+        self.refusals = error_reasons(self.h, UNMASK_MESSAGE)
+        self.state = state
+
+    def stages(self) -> tuple[Stage, ...]:
+        return (*secagg_round.STAGES[:3], self.consistency, self.unmask)
+
+
+@pytest.mark.parametrize("threshold", [3, 4])
+def test_one_colluding_site_breaks_a_majority_threshold_of_five_but_not_a_threshold_of_four(
+    threshold: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # docs/secure-aggregation.md: the check holds while 2 * threshold > n + colluding sites.
+    h = make_harness(tmp_path, monkeypatch, num_sites=5, threshold=threshold)
+    attack = CollusionAttack(h)
+    monkeypatch.setattr(secagg_round, "STAGES", attack.stages())
+
+    h.run()
+
+    assert attack.state is not None
+    colluder = site_protocol.SiteSession.from_bytes(
+        h.grid.contexts[h.node(COLLUDER)].state.config_records[STATE_KEY]["state"]  # type: ignore[arg-type]
+    ).held[TARGET]
+    seed_points = [
+        r.self_seed_shares[TARGET]
+        for r in attack.replies.values()
+        if r.self_seed_shares.get(TARGET)
+    ]
+    key_points = [
+        r.mask_key_shares[TARGET] for r in attack.replies.values() if r.mask_key_shares.get(TARGET)
+    ]
+    seed_points.append((colluder.x, colluder.self_seed_share))
+    key_points.append((colluder.x, colluder.mask_key_share))
+    if threshold == 4:
+        # 3 signatures on each set, one short: every honest site refuses.
+        assert len(attack.refusals) == 4
+        assert all(
+            "3 survivors signed the survivor set; the threshold is 4" in r for r in attack.refusals
+        )
+        assert len(seed_points) == len(key_points) == 1  # the colluder's own points only
+        return
+    # Threshold 3: 2 + 1 shares of each secret, and the target's input comes out in the clear.
+    assert attack.refusals == []
+    assert len(seed_points) == len(key_points) == 3
+    seed = combine([Share.from_bytes(x, y) for x, y in seed_points], threshold=3)
+    key = agreement_key_from_bytes(
+        combine([Share.from_bytes(x, y) for x, y in key_points], threshold=3)
+    )
+    state = attack.state
+    peeled = state.masked[TARGET] - expand_mask(seed, len(state.masked[TARGET]))
+    for peer in h.names:
+        if peer != TARGET:
+            peeled -= pairwise_mask(
+                state.session, TARGET, key, peer, state.keys[peer].mask_public, len(peeled)
+            )
+    plain = quantize(flatten(h.sites.deltas[TARGET]), secagg_quantization(h)).astype(RING_DTYPE)
+    np.testing.assert_array_equal(peeled, plain)
