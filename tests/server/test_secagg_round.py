@@ -20,6 +20,7 @@ from fedsilo.protocol.records import UPDATE_KEY
 from fedsilo.protocol.secagg_records import (
     ADVERTISE_MESSAGE,
     ADVERTS_KEY,
+    CONSISTENCY_MESSAGE,
     MASKED_MESSAGE,
     SHARE_MESSAGE,
     UNMASK_MESSAGE,
@@ -33,6 +34,7 @@ STAGE_MESSAGES = {
     "before key advertisement": ADVERTISE_MESSAGE,
     "after advertising, before sharing": SHARE_MESSAGE,
     "after sharing, before the masked input": MASKED_MESSAGE,
+    "after the masked input, during the consistency check": CONSISTENCY_MESSAGE,
     "after the masked input, during unmasking": UNMASK_MESSAGE,
 }
 
@@ -44,7 +46,13 @@ def test_sum_without_dropouts_is_bit_exact(tmp_path: Path, monkeypatch: pytest.M
 
     assert state.total is not None, replies.failures
     np.testing.assert_array_equal(state.total, h.expected_sum(h.names))
-    assert [s["outcome"] for s in state.stages] == ["completed"] * 4
+    assert [(s["stage"], s["outcome"]) for s in state.stages] == [
+        ("advertise_keys", "completed"),
+        ("share_keys", "completed"),
+        ("collect_masked_inputs", "completed"),
+        ("check_consistency", "completed"),
+        ("unmask", "completed"),
+    ]
 
 
 @pytest.mark.parametrize("stage", list(STAGE_MESSAGES))
@@ -58,10 +66,10 @@ def test_dropouts_up_to_n_minus_t_at_each_stage_give_the_survivors_exact_sum(
     state, replies = h.run()
 
     assert state.total is not None, replies.failures
-    # Dropping during unmasking still counts their masked inputs: they are in the sum.
+    # Dropping after the masked input still counts it: it is in the sum.
     summed = (
         h.names
-        if STAGE_MESSAGES[stage] == UNMASK_MESSAGE
+        if STAGE_MESSAGES[stage] in (CONSISTENCY_MESSAGE, UNMASK_MESSAGE)
         else [n for n in h.names if n not in dropped]
     )
     assert sorted(state.masked) == sorted(summed)
@@ -174,7 +182,11 @@ def test_site_refuses_to_unmask_twice(tmp_path: Path, monkeypatch: pytest.Monkey
 
     with pytest.raises(site_protocol.SecAggRefusedError, match="already answered"):
         site_protocol.unmask(
-            session, survivors={"site-0", "site-1"}, dropped={"site-2"}, min_cohort=1
+            session,
+            survivors={"site-0", "site-1"},
+            dropped={"site-2"},
+            signers={"site-0", "site-1"},
+            min_cohort=1,
         )
     assert state.total is not None
 

@@ -51,10 +51,13 @@ def test_secagg_round_matches_plain_fedavg_within_quantization_error(
         ("advertise_keys", "completed"),
         ("share_keys", "completed"),
         ("collect_masked_inputs", "completed"),
+        ("check_consistency", "completed"),
         ("unmask", "completed"),
     ]
     updates = [e.payload for e in entries if e.kind is EntryKind.UPDATE_RECEIVED]
     assert {u["stage"] for u in updates} == {"secagg-masked"}
+    assert entries[0].payload["secure_aggregation"] == "secagg"
+    assert "no key holder" in str(entries[0].payload["secure_aggregation_trust"])
     assert all("num_examples" not in u for u in updates)
     # Chain, coordinator and site signatures, checkpoints and every site's receipt.
     assert verify_run(folder.root).problems == ()
@@ -94,6 +97,11 @@ def test_he_round_matches_plain_fedavg_within_ckks_error(
     entries = read_entries(folder.ledger_path)
     updates = [e.payload for e in entries if e.kind is EntryKind.UPDATE_RECEIVED]
     assert {u["stage"] for u in updates} == {"he-encrypted"}
+    # The shared key is stated in the signed ledger, where a report reads it.
+    started = entries[0].payload
+    assert started["secure_aggregation"] == "he"
+    trust = str(started["secure_aggregation_trust"])
+    assert "ONE secret key shared by every site" in trust and "any single site" in trust
     # Chain, coordinator and site signatures, checkpoints and every site's receipt.
     assert verify_run(folder.root).problems == ()
 

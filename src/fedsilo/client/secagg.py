@@ -3,7 +3,9 @@
 The session's secrets (X25519 private keys, self-mask seed, shares held for peers) live in
 ``context.state`` on the site and never leave it except as the shares the protocol sends,
 sealed for their recipient. Every advertisement the server relays is verified against the
-peer's pinned Ed25519 key before it is used, so the server cannot substitute keys.
+peer's pinned Ed25519 key before it is used, so the server cannot substitute keys; likewise
+every survivor's signature on the survivor set before the site unmasks, so the server cannot
+tell different sites different survivors.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from fedsilo.privacy.distributed_dp import (
     secure_generator,
 )
 from fedsilo.privacy.secagg import site as protocol
+from fedsilo.privacy.secagg.consistency import CONSISTENCY_STAGE, survivor_binding
 from fedsilo.privacy.secagg.masking import SessionId
 from fedsilo.privacy.secagg.messages import (
     ADVERTISE_STAGE,
@@ -41,6 +44,7 @@ from fedsilo.privacy.secagg.quantize import RING_DTYPE, quantize
 from fedsilo.protocol.records import DP_EVENT_KEY, TASK_KEY, RoundTask
 from fedsilo.protocol.secagg_records import (
     ADVERTISE_MESSAGE,
+    CONSISTENCY_MESSAGE,
     MASKED_MESSAGE,
     SHARE_MESSAGE,
     UNMASK_MESSAGE,
@@ -48,6 +52,8 @@ from fedsilo.protocol.secagg_records import (
     session_from_content,
     shares_from_content,
     signed_reply,
+    survivor_signatures_from_content,
+    survivors_from_content,
     unmask_from_content,
 )
 
@@ -195,24 +201,66 @@ def handle_masked_input(message: Message, context: Context, sites: SiteProvider)
     return reply
 
 
+def handle_consistency(message: Message, context: Context, sites: SiteProvider) -> Message:
+    """Stage 4: sign, once, the survivor set the server names (Bonawitz's consistency check)."""
+    site = sites.site_for(context)
+    state = load_session(context, site, message)
+    survivors = survivors_from_content(message.content)
+    state, statement = protocol.agree_survivors(state, survivors, min_cohort=_min_cohort(site))
+    _save(context, state)
+    return reply_signed(message, site, state.session, CONSISTENCY_STAGE, statement)
+
+
+def verified_signers(site: Site, message: Message, state: protocol.SiteSession) -> set[str]:
+    """The sites whose forwarded signatures on the set this site signed verify; any other
+    signature (another set, an unknown or unenrolled signer) refuses the whole request."""
+    survivors = state.signed_survivors
+    if survivors is None:
+        raise protocol.SecAggRefusedError(f"site {site.name}: has not signed a survivor set")
+    signers: set[str] = set()
+    for signer, signature in survivor_signatures_from_content(message.content).items():
+        if signer not in site.peer_keys or signer not in survivors:
+            raise protocol.SecAggRefusedError(
+                f"site {site.name}: a survivor-set signature from {signer!r}, which is not an "
+                "enrolled survivor"
+            )
+        binding = survivor_binding(state.session, signer, survivors)
+        try:
+            verify_update(site.peer_keys[signer], binding, signature)
+        except SignatureError:
+            raise protocol.SecAggRefusedError(
+                f"site {site.name}: the signature of {signer} is not over the survivor set this "
+                f"site signed ({', '.join(survivors)}): the server showed sites different sets"
+            ) from None
+        signers.add(signer)
+    return signers
+
+
 def handle_unmask(message: Message, context: Context, sites: SiteProvider) -> Message:
-    """Stage 4: reply, once, with the shares that unmask exactly the named survivors' sum."""
+    """Stage 5: reply, once, with the shares that unmask exactly the named survivors' sum,
+    if at least ``threshold`` survivors signed the same survivor set as this site."""
     site = sites.site_for(context)
     state = load_session(context, site, message)
     survivors, dropped = unmask_from_content(message.content)
+    signers = verified_signers(site, message, state)
     state, reply = protocol.unmask(
-        state, survivors=survivors, dropped=dropped, min_cohort=_min_cohort(site)
+        state,
+        survivors=survivors,
+        dropped=dropped,
+        signers=signers,
+        min_cohort=_min_cohort(site),
     )
     _save(context, state)
     return reply_signed(message, site, state.session, UNMASK_STAGE, reply.to_payload())
 
 
 def register(app: ClientApp, sites: SiteProvider) -> None:
-    """Add the four secure-aggregation handlers to ``app``."""
+    """Add the five secure-aggregation handlers to ``app``."""
     handlers: dict[str, Handler] = {
         ADVERTISE_MESSAGE: handle_advertise,
         SHARE_MESSAGE: handle_share,
         MASKED_MESSAGE: handle_masked_input,
+        CONSISTENCY_MESSAGE: handle_consistency,
         UNMASK_MESSAGE: handle_unmask,
     }
     register_handlers(app, sites, handlers)

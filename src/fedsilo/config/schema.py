@@ -255,7 +255,8 @@ class SecureAggregationSection(Section):
     """How site updates are combined without the coordinator seeing any one of them.
 
     "secagg": pairwise-masked fixed-point sums with dropout recovery (docs/secure-aggregation.md);
-    "he": CKKS homomorphic encryption under a key the sites create and the server never holds.
+    "he": CKKS homomorphic encryption under one key the sites create and all hold (the server
+    never holds it, but any one site colluding with it can decrypt every update).
     With either, sites send no example counts (updates are equally weighted) and, when
     ``privacy.site_level`` is on, add the DP noise themselves (distributed DP).
     """

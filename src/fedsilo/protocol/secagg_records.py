@@ -2,9 +2,11 @@
 
 Every request carries the session and its parameters (ConfigRecord "secagg"); the stages add:
 the cohort's signed key advertisements ("adverts"), the sealed shares relayed to one site
-("shares", with the global adapter and round task of a train message), or the sets to unmask
-("unmask"). Replies are the usual signed upload (see :func:`fedsilo.protocol.records.train_reply`
-without metrics): one uint8 payload and the site's binding for the stage.
+("shares", with the global adapter and round task of a train message), the survivor set to sign
+("survivors"), or the sets to unmask ("unmask") with the survivors' signatures on their set
+("survivor-signatures"). Replies are the usual signed upload (see
+:func:`fedsilo.protocol.records.train_reply` without metrics): one uint8 payload and the site's
+binding for the stage.
 """
 
 from __future__ import annotations
@@ -28,10 +30,13 @@ SECAGG_KEY = "secagg"
 ADVERTS_KEY = "adverts"
 SHARES_KEY = "shares"
 UNMASK_KEY = "unmask"
+SURVIVORS_KEY = "survivors"
+SURVIVOR_SIGNATURES_KEY = "survivor-signatures"
 
 ADVERTISE_MESSAGE = "query.secagg_advertise"
 SHARE_MESSAGE = "query.secagg_share"
 MASKED_MESSAGE = "train.secagg"
+CONSISTENCY_MESSAGE = "query.secagg_consistency"
 UNMASK_MESSAGE = "query.secagg_unmask"
 
 
@@ -152,6 +157,46 @@ def unmask_from_content(content: RecordDict) -> tuple[set[str], set[str]]:
     if not all(isinstance(n, str) for n in [*survivors, *dropped]):
         raise ProtocolError("the unmasking request is malformed")
     return {str(n) for n in survivors}, {str(n) for n in dropped}
+
+
+def survivors_record(survivors: list[str]) -> ConfigRecord:
+    return ConfigRecord({"survivors": sorted(survivors)})
+
+
+def survivors_from_content(content: RecordDict) -> set[str]:
+    """The survivor set U3 a consistency request asks the site to sign."""
+    record = content.config_records.get(SURVIVORS_KEY)
+    if record is None:
+        raise ProtocolError("the consistency request names no survivors")
+    survivors = record.get("survivors")
+    if not isinstance(survivors, list) or not all(isinstance(n, str) for n in survivors):
+        raise ProtocolError("the consistency request's survivors are not a list of site names")
+    if len(set(survivors)) != len(survivors):
+        raise ProtocolError("the consistency request names a survivor twice")
+    return {str(n) for n in survivors}
+
+
+def survivor_signatures_record(signatures: dict[str, bytes]) -> ConfigRecord:
+    names = sorted(signatures)
+    return ConfigRecord({"sites": names, "signatures": [signatures[n] for n in names]})
+
+
+def survivor_signatures_from_content(content: RecordDict) -> dict[str, bytes]:
+    """The survivors' signatures on the survivor set, forwarded with the unmasking request."""
+    record = content.config_records.get(SURVIVOR_SIGNATURES_KEY)
+    if record is None:
+        raise ProtocolError("the unmasking request carries no signatures on the survivor set")
+    sites, signatures = record.get("sites"), record.get("signatures")
+    if not (isinstance(sites, list) and isinstance(signatures, list)) or len(sites) != len(
+        signatures
+    ):
+        raise ProtocolError("the survivor signatures record is malformed")
+    out: dict[str, bytes] = {}
+    for site, signature in zip(sites, signatures, strict=True):
+        if not (isinstance(site, str) and isinstance(signature, bytes)) or site in out:
+            raise ProtocolError("the survivor signatures record is malformed")
+        out[site] = signature
+    return out
 
 
 def signed_reply(payload: bytes, binding: UpdateBinding, signature: bytes) -> RecordDict:

@@ -31,6 +31,7 @@ from fedsilo.evaluation.metrics import GoldMetrics
 from fedsilo.ledger import EntryKind, Ledger
 from fedsilo.model.adapters import AdapterState, export_peft_folder, set_adapter_state
 from fedsilo.model.base import resolve_base_model
+from fedsilo.privacy.trust import update_visibility
 from fedsilo.server.federation import (
     FederationPlan,
     ProgressReporter,
@@ -176,6 +177,8 @@ def _execute(grid: Grid, job: ServerJob, folder: RunFolder) -> AdapterState:
                     "base_model_hash": loaded.base_model_hash,
                     "initial_adapter_sha256": adapter_digest(loaded.adapter_template),
                     "strategy": config.strategy.name,
+                    "secure_aggregation": config.secure_aggregation.mode,
+                    "secure_aggregation_trust": update_visibility(config.secure_aggregation.mode),
                     "coordinator_fingerprint": fingerprint(coordinator_key.public_key()),
                     "sites": {name: fp for name, fp in membership.fingerprints().items()},
                     "fedsilo_version": fedsilo.__version__,

@@ -1,12 +1,14 @@
-"""A secure-aggregation round on the Grid: four named stages over one typed state.
+"""A secure-aggregation round on the Grid: five named stages over one typed state.
 
     advertise_keys        every sampled site sends signed fresh X25519 public keys   (U1)
     share_keys            the server relays U1's adverts; each site returns shares of its
                           self-mask seed and mask key, sealed for each peer          (U2)
     collect_masked_inputs each site in U2 gets its sealed shares, the global adapter and the
                           task; it trains and returns its masked, quantized update   (U3)
-    unmask                survivors U3 send self-seed shares of U3 and mask-key shares
-                          of U2 minus U3; the server rebuilds them and removes the masks
+    check_consistency     each site of U3 signs the set U3 once (Bonawitz's check)     (U4)
+    unmask                U4 get the signatures; each that verifies threshold of them on
+                          the set it signed sends self-seed shares of U3 and mask-key
+                          shares of U2 minus U3; the server rebuilds them, removes the masks
 
 Any stage that leaves fewer than ``threshold`` sites halts the attempt (:class:`StageHaltedError`):
 the round is retried from the same global adapter with fresh keys, as a plain round is. The
@@ -25,9 +27,11 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
+from fedsilo.crypto import encode_signature
 from fedsilo.ledger import EntryKind, JsonValue
 from fedsilo.model.adapters import AdapterState
 from fedsilo.model.flatten import flat_length, unflatten
+from fedsilo.privacy.secagg.consistency import CONSISTENCY_STAGE, survivor_statement
 from fedsilo.privacy.secagg.masking import SessionId
 from fedsilo.privacy.secagg.messages import (
     ADVERTISE_STAGE,
@@ -53,16 +57,21 @@ from fedsilo.protocol.records import (
 from fedsilo.protocol.secagg_records import (
     ADVERTISE_MESSAGE,
     ADVERTS_KEY,
+    CONSISTENCY_MESSAGE,
     MASKED_MESSAGE,
     SECAGG_KEY,
     SHARE_MESSAGE,
     SHARES_KEY,
+    SURVIVOR_SIGNATURES_KEY,
+    SURVIVORS_KEY,
     UNMASK_KEY,
     UNMASK_MESSAGE,
     SignedPayload,
     adverts_record,
     session_record,
     shares_record,
+    survivor_signatures_record,
+    survivors_record,
     unmask_record,
 )
 from fedsilo.server.admission import (
@@ -106,6 +115,7 @@ class SecAggState:
     keys: dict[str, Advertisement] = field(default_factory=dict)
     sealed: dict[str, dict[str, bytes]] = field(default_factory=dict)  # U2: sender -> recipient
     masked: dict[str, np.ndarray] = field(default_factory=dict)  # U3
+    survivor_signatures: dict[str, bytes] = field(default_factory=dict)  # U4: signed U3
     unmasking: dict[str, UnmaskReply] = field(default_factory=dict)
     total: np.ndarray | None = None  # the unmasked ring sum of U3's inputs
     stages: list[dict[str, JsonValue]] = field(default_factory=list)
@@ -177,8 +187,15 @@ def exchange(
     return accepted
 
 
-def require_sites(ctx: SecAggRound, state: SecAggState, stage: str, sites: list[str]) -> None:
-    """Ledger the stage's outcome; halt the attempt if fewer than ``threshold`` sites remain."""
+def require_sites(
+    ctx: SecAggRound,
+    state: SecAggState,
+    stage: str,
+    sites: list[str],
+    evidence: Mapping[str, JsonValue] | None = None,
+) -> None:
+    """Ledger the stage's outcome (with ``evidence`` fields); halt the attempt if fewer than
+    ``threshold`` sites remain."""
     threshold = state.params.threshold
     halted = len(sites) < threshold
     outcome: dict[str, JsonValue] = {
@@ -188,6 +205,7 @@ def require_sites(ctx: SecAggRound, state: SecAggState, stage: str, sites: list[
         "sites": list(sorted(sites)),
         "threshold": threshold,
         "outcome": "halted" if halted else "completed",
+        **(evidence or {}),
     }
     ctx.plan.ledger.append(EntryKind.SECURE_AGGREGATION_STAGE, outcome)
     state.stages.append(outcome)
@@ -328,13 +346,51 @@ def collect_masked_inputs(ctx: SecAggRound, state: SecAggState) -> None:
     require_sites(ctx, state, "collect_masked_inputs", list(state.masked))
 
 
+def check_consistency(ctx: SecAggRound, state: SecAggState) -> None:
+    """Stage 4: each site of U3 signs the set U3; collect the signatures (U4).
+
+    A site that signed another statement is left out. The set and every signature are
+    ledgered, so an auditor can check what each survivor agreed to.
+    """
+    survivors = sorted(state.masked)
+    statement = survivor_statement(state.session, survivors)
+    request = survivors_record(survivors)
+    contents = {
+        state.node_of[site]: session_content(state, {SURVIVORS_KEY: request}) for site in survivors
+    }
+    accepted = exchange(
+        ctx,
+        state,
+        contents,
+        message_type=CONSISTENCY_MESSAGE,
+        stage=CONSISTENCY_STAGE,
+        max_bytes=_SMALL_UPLOAD_BYTES,
+    )
+    for site, (upload, _) in accepted.items():
+        if upload.payload != statement:
+            reason = f"{CONSISTENCY_STAGE}: {site} signed a statement other than the survivor set"
+            reject(ctx.plan, ctx.replies, ctx.round_number, site, reason)
+            continue
+        state.survivor_signatures[site] = upload.signature
+    signatures: dict[str, JsonValue] = {
+        site: encode_signature(signature)
+        for site, signature in sorted(state.survivor_signatures.items())
+    }
+    evidence: dict[str, JsonValue] = {"survivors": list(survivors), "signatures": signatures}
+    require_sites(ctx, state, "check_consistency", list(state.survivor_signatures), evidence)
+
+
 def unmask(ctx: SecAggRound, state: SecAggState) -> None:
-    """Stage 4: ask U3 for the shares owed; rebuild the secrets; unmask the sum of U3."""
+    """Stage 5: forward U4's signatures on U3 and ask U4 for the shares owed; rebuild the
+    secrets; unmask the sum of U3 (the inputs of sites that did not sign are in it too)."""
     survivors = sorted(state.masked)
     dropped = sorted(set(state.sealed) - set(state.masked))
-    request = unmask_record(survivors, dropped)
+    records = {
+        UNMASK_KEY: unmask_record(survivors, dropped),
+        SURVIVOR_SIGNATURES_KEY: survivor_signatures_record(state.survivor_signatures),
+    }
     contents = {
-        state.node_of[site]: session_content(state, {UNMASK_KEY: request}) for site in survivors
+        state.node_of[site]: session_content(state, records) for site in state.survivor_signatures
     }
     accepted = exchange(
         ctx,
@@ -370,7 +426,13 @@ _NO_PARAMS = SecAggParams(
 )
 
 Stage = Callable[[SecAggRound, SecAggState], None]
-STAGES: tuple[Stage, ...] = (advertise_keys, share_keys, collect_masked_inputs, unmask)
+STAGES: tuple[Stage, ...] = (
+    advertise_keys,
+    share_keys,
+    collect_masked_inputs,
+    check_consistency,
+    unmask,
+)
 
 
 def secagg_params(plan: FederationPlan, cohort_size: int) -> SecAggParams:
@@ -407,7 +469,7 @@ def secure_sum(
     attempt: int,
     nodes: list[int],
 ) -> tuple[SecAggState, RoundReplies]:
-    """Open the round and run the four stages; ``state.total`` is None if they halted."""
+    """Open the round and run the five stages; ``state.total`` is None if they halted."""
     tasks = open_round(plan, global_state, round_number=round_number, attempt=attempt, nodes=nodes)
     membership = plan.membership
     replies = RoundReplies()

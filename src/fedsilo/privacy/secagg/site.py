@@ -1,4 +1,4 @@
-"""The site's side of the protocol: four steps over one state that never leaves the site.
+"""The site's side of the protocol: five steps over one state that never leaves the site.
 
 1. :func:`advertise`: fresh X25519 keys (one to receive shares, one for masks) and a fresh
    self-mask seed; the site signs the public halves.
@@ -8,8 +8,11 @@
 3. :func:`receive_shares` then :func:`mask`: open the shares the server relays, refuse if the
    cohort that could be summed is smaller than ``threshold`` or the site's ``min_cohort``, and
    mask the quantized input with every site that shared keys.
-4. :func:`unmask`: once, for the sets the server names: for each survivor the self-seed share,
-   for each dropout the mask-key share, never both for one site (that would unmask it).
+4. :func:`agree_survivors`: once, the statement naming the survivors U3 the server claims,
+   for the site to sign (the consistency check, :mod:`fedsilo.privacy.secagg.consistency`).
+5. :func:`unmask`: once, and only for the set the site signed, backed by ``threshold``
+   verified signatures: for each survivor the self-seed share, for each dropout the mask-key
+   share, never both for one site (that would unmask it).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from fedsilo.crypto import (
     open_sealed,
     seal,
 )
+from fedsilo.privacy.secagg.consistency import survivor_statement
 from fedsilo.privacy.secagg.masking import SessionId, mask_input
 from fedsilo.privacy.secagg.messages import (
     Advertisement,
@@ -60,6 +64,7 @@ class SiteSession:
     peers: dict[str, Advertisement] = field(default_factory=dict)  # verified advertisements
     held: dict[str, ShareBundle] = field(default_factory=dict)  # shares others gave us
     unmasked: bool = False
+    signed_survivors: tuple[str, ...] | None = None  # the one U3 this site signed
 
     def advertisement(self) -> Advertisement:
         return Advertisement(
@@ -87,6 +92,7 @@ class SiteSession:
                 "peers": {name: a.to_payload().decode() for name, a in self.peers.items()},
                 "held": {name: b.to_bytes().decode() for name, b in self.held.items()},
                 "unmasked": self.unmasked,
+                "signed_survivors": self.signed_survivors,
             }
         ).encode()
 
@@ -111,7 +117,16 @@ class SiteSession:
                 for name, text in value["held"].items()
             },
             unmasked=value["unmasked"],
+            signed_survivors=_names(value.get("signed_survivors")),
         )
+
+
+def _names(value: object) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(name, str) for name in value):
+        raise SecAggMessageError("the stored survivor set is not a list of site names")
+    return tuple(value)
 
 
 def _share_context(session: SessionId, sender: str, recipient: str) -> tuple[bytes, bytes]:
@@ -217,12 +232,50 @@ def mask(state: SiteSession, words: np.ndarray) -> np.ndarray:
     )
 
 
+def agree_survivors(
+    state: SiteSession, survivors: set[str], *, min_cohort: int
+) -> tuple[SiteSession, bytes]:
+    """Step 4: the statement "the survivors are ``survivors``", for the site to sign, once."""
+    if state.signed_survivors is not None:
+        # Two signed sets would let the server show each half of the cohort another view.
+        raise SecAggRefusedError(f"site {state.site}: already signed a survivor set")
+    if len(state.held) < 2:
+        raise SecAggRefusedError(f"site {state.site}: has not sent its masked input")
+    if state.site not in survivors or not survivors <= set(state.held):
+        raise SecAggRefusedError(
+            f"site {state.site}: the survivor set must hold this site and only sites that "
+            f"shared keys with it; unknown: {sorted(survivors - set(state.held))}"
+        )
+    _check_cohort(state, len(survivors), min_cohort=min_cohort, what="the survivor set")
+    statement = survivor_statement(state.session, survivors)
+    return replace(state, signed_survivors=tuple(sorted(survivors))), statement
+
+
 def unmask(
-    state: SiteSession, *, survivors: set[str], dropped: set[str], min_cohort: int
+    state: SiteSession,
+    *,
+    survivors: set[str],
+    dropped: set[str],
+    signers: set[str],
+    min_cohort: int,
 ) -> tuple[SiteSession, UnmaskReply]:
-    """Step 4: the shares that remove the masks of exactly ``survivors``' sum."""
+    """Step 5: the shares that remove the masks of exactly ``survivors``' sum.
+
+    ``signers``: the sites whose signatures on this session's survivor set the caller verified
+    (against their pinned identity keys, over the set this site signed).
+    """
     if state.unmasked:
         raise SecAggRefusedError(f"site {state.site}: already answered an unmasking request")
+    if state.signed_survivors is None or survivors != set(state.signed_survivors):
+        raise SecAggRefusedError(
+            f"site {state.site}: the unmasking request names survivors {sorted(survivors)}, "
+            f"not the set this site signed ({list(state.signed_survivors or ())})"
+        )
+    if not signers <= survivors or len(signers) < state.params.threshold:
+        raise SecAggRefusedError(
+            f"site {state.site}: {len(signers & survivors)} survivors signed the survivor set; "
+            f"the threshold is {state.params.threshold}"
+        )
     if survivors & dropped:
         raise SecAggRefusedError(
             f"site {state.site}: sites named both survivor and dropout: "
