@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -93,8 +93,15 @@ class TaskSection(Section):
     num_sites: int = Field(4, ge=1)
     partition: PartitionName = "by-chapter"
     alpha: float = Field(1.0, gt=0)
-    examples_per_site: int = Field(64, ge=1)
+    # Records per site, or "all" of each site's share.
+    examples_per_site: Annotated[int, Field(ge=1)] | Literal["all"] = 64
     gold_size: int = Field(48, ge=1)
+    # ICD-10 gold parts besides gold_size's unseen codes (docs/tasks.md): inclusion terms of
+    # trained codes, and closed-set ranking among this many same-chapter codes (0: neither).
+    gold_phrasings: int = Field(0, ge=0)
+    gold_ranking_candidates: int = Field(0, ge=0)
+    # ICD-10: sites also train on the inclusion terms of their codes (never gold phrasings).
+    train_on_inclusion_terms: bool = False
     chapters: tuple[str, ...] | None = None
     # task name = "files": each site's records and the gold set as files.
     sites: tuple[SiteFilesSection, ...] = ()
@@ -109,6 +116,8 @@ class TaskSection(Section):
 
     @model_validator(mode="after")
     def _files_task_complete(self) -> TaskSection:
+        if self.gold_ranking_candidates == 1:
+            raise ValueError("gold_ranking_candidates must be 0 (no ranking) or at least 2")
         if self.name == "files":
             if not self.sites:
                 raise ValueError('task "files" needs at least one [[task.sites]] entry')
