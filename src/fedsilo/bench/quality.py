@@ -157,6 +157,13 @@ def federated_configs(config: FedsiloConfig, budget: QualityBudget) -> dict[str,
     return configs
 
 
+def _local_steps(config: FedsiloConfig) -> int:
+    """The benchmark's budget is in steps (``QualityBudget.local_steps``)."""
+    if config.train.local_steps is None:
+        raise ValueError("the quality benchmark sets local work in steps, not epochs")
+    return config.train.local_steps
+
+
 def _round_seed(seed: int, round_number: int, site: int) -> int:
     return int(np.random.SeedSequence([seed, round_number, site, 0xBE]).generate_state(1)[0])
 
@@ -217,7 +224,7 @@ def _centralized(
 ) -> tuple[dict[str, Any], AdapterState]:
     config = trainer.config
     pooled = [example for site in trainer.examples for example in site]
-    steps = config.num_sites * config.train.local_steps
+    steps = config.num_sites * _local_steps(config)
     state = trainer.loaded.adapter_template
     rows = []
     for round_number in range(1, config.run.rounds + 1):
@@ -255,7 +262,7 @@ def _local(trainer: _Trainer, say: Callable[[str], None]) -> dict[str, Any]:
         state = trainer.loaded.adapter_template
         for round_number in range(1, config.run.rounds + 1):
             seed = _round_seed(config.run.seed, round_number, index + 1)
-            state = trainer.train_round(state, examples, steps=config.train.local_steps, seed=seed)
+            state = trainer.train_round(state, examples, steps=_local_steps(config), seed=seed)
         per_site[site.name] = _gold_row(trainer.evaluate(state))
         say(
             f"local {site.name}: gold {per_site[site.name]['gold_accuracy']:.3f} / "
@@ -269,7 +276,7 @@ def _local(trainer: _Trainer, say: Callable[[str], None]) -> dict[str, Any]:
         "per_site": per_site,
         "final_mean": mean,
         "final_worst": worst,
-        "optimizer_steps_per_site": config.run.rounds * config.train.local_steps,
+        "optimizer_steps_per_site": config.run.rounds * _local_steps(config),
         "bytes_up_per_site": 0,
     }
 
@@ -299,10 +306,10 @@ def _federated(
         "bytes_up_per_site_per_round": metrics[-1]["bytes_up_per_site"],
         "bytes_up_per_site": sum(m["bytes_up_per_site"] for m in metrics),
         "bytes_down_per_site": sum(m["bytes_down_per_site"] for m in metrics),
-        "optimizer_steps_per_site": config.run.rounds * config.train.local_steps,
+        "optimizer_steps_per_site": config.run.rounds * _local_steps(config),
         "examples_seen": config.run.rounds
         * config.num_sites
-        * config.train.local_steps
+        * _local_steps(config)
         * config.train.batch_size,
         "run_dir": str(run_dir),
         "wall_seconds": time.perf_counter() - begun,
