@@ -49,7 +49,7 @@ from fedsilo.data.icd10 import TaskData, default_chapters
 from fedsilo.data.icd10_edge import EdgeCaseSet, build_icd10_edge_cases
 from fedsilo.data.tasks import build_task
 from fedsilo.evaluation.edge_cases import evaluate_edge_cases
-from fedsilo.evaluation.gold import evaluate_gold
+from fedsilo.evaluation.gold import evaluate_task_gold
 from fedsilo.evaluation.metrics import GoldMetrics
 from fedsilo.model.adapters import AdapterState, set_adapter_state
 from fedsilo.server.run_folder import RunFolder
@@ -91,11 +91,15 @@ class _QuietReporter:
         self.say(f"{self.label}: {text}")
 
 
-def _gold_row(metrics: GoldMetrics) -> dict[str, float]:
+def _gold_row(metrics: GoldMetrics) -> dict[str, Any]:
+    interval = metrics.category_accuracy_ci95
     return {
         "gold_accuracy": metrics.accuracy,
         "gold_category_accuracy": metrics.category_accuracy,
         "gold_loss": metrics.loss,
+        "gold_count": metrics.count,
+        "gold_category_accuracy_ci95": None if interval is None else list(interval),
+        "gold_parts": {name: dict(figures) for name, figures in metrics.parts.items()},
     }
 
 
@@ -189,15 +193,13 @@ class _Trainer:
 
     def evaluate(self, adapter: AdapterState) -> GoldMetrics:
         set_adapter_state(self.loaded.model, adapter)
-        return evaluate_gold(
+        return evaluate_task_gold(
             self.loaded.model,
             self.loaded.tokenizer,
-            self.task.gold,
-            system_prompt=self.task.system_prompt,
+            self.task,
             max_new_tokens=self.config.evaluation.max_new_tokens,
             batch_size=self.config.evaluation.batch_size,
             max_length=self.config.train.max_length,
-            metric=self.task.metric,
         )
 
     def train_round(
@@ -297,7 +299,12 @@ def _federated(
     folder = RunFolder(run_dir)
     metrics = folder.read_metrics()
     keys = ("gold_accuracy", "gold_category_accuracy", "gold_loss", "seconds", "train_loss")
-    rows = [{"round": m["round"], **{k: m[k] for k in keys}} for m in metrics if m["round"] > 0]
+    extra = ("gold_count", "gold_category_accuracy_ci95", "gold_parts")
+    rows = [
+        {"round": m["round"], **{k: m[k] for k in keys}, **{k: m[k] for k in extra if k in m}}
+        for m in metrics
+        if m["round"] > 0
+    ]
     result = {
         "per_round": rows,
         "round0": {

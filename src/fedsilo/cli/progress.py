@@ -46,23 +46,63 @@ class ConsoleReporter:
         self.console.print(f"[yellow]{text}[/]")
 
     def summary(self, records: list[dict[str, Any]]) -> None:
-        """Before/after table of the gold metrics."""
+        """Before/after table of every gold part, each figure with its 95% interval."""
         if not records:
             return
         first, last = records[0], records[-1]
-        table = Table(title="Gold set (held out from every site)")
+        table = Table(title="Gold set (held out from every site), 95% bootstrap intervals")
+        table.add_column("part")
         table.add_column("metric")
+        table.add_column("records", justify="right")
         table.add_column(f"round {first['round']}", justify="right")
         table.add_column(f"round {last['round']}", justify="right")
-        table.add_row(
-            "exact-match accuracy",
-            _percent(first["gold_accuracy"]),
-            _percent(last["gold_accuracy"]),
-        )
-        table.add_row(
-            "category accuracy",
-            _percent(first["gold_category_accuracy"]),
-            _percent(last["gold_category_accuracy"]),
-        )
-        table.add_row("mean loss", _number(first["gold_loss"]), _number(last["gold_loss"]))
+        parts_before, parts_after = _parts(first), _parts(last)
+        for part, after in parts_after.items():
+            before = parts_before.get(part, {})
+            for key, label in PART_METRICS:
+                if key not in after:
+                    continue
+                if "candidates" in after:
+                    label = label.format(k=after["candidates"])
+                table.add_row(
+                    part,
+                    label,
+                    str(after.get("count", "-")),
+                    _with_interval(before, key),
+                    _with_interval(after, key),
+                )
+        table.add_row("", "mean loss", "", _number(first["gold_loss"]), _number(last["gold_loss"]))
         self.console.print(table)
+
+
+# The figures a part may have, in table order, with their labels ({k}: candidates offered).
+PART_METRICS: tuple[tuple[str, str], ...] = (
+    ("category_accuracy", "category accuracy"),
+    ("accuracy", "exact-match accuracy"),
+    ("top1", "top-1 of {k} candidates"),
+    ("top5", "top-5 of {k} candidates"),
+)
+
+
+def _parts(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The record's gold parts; a record from before parts existed has its headline only."""
+    parts = record.get("gold_parts")
+    if parts:
+        return dict(parts)
+    return {
+        "gold": {
+            "count": record.get("gold_count", "-"),
+            "category_accuracy": record["gold_category_accuracy"],
+            "accuracy": record["gold_accuracy"],
+        }
+    }
+
+
+def _with_interval(figures: dict[str, Any], key: str) -> str:
+    if key not in figures:
+        return "-"
+    interval = figures.get(f"{key}_ci95")
+    if not interval:
+        return _percent(figures[key])
+    low, high = interval
+    return f"{_percent(figures[key])} [{100 * low:.1f}, {100 * high:.1f}]"
