@@ -182,7 +182,8 @@ class TrainSection(Section):
     @classmethod
     def _default_local_steps(cls, data: object) -> object:
         # Neither given: 8 steps, the default from before epochs existed.
-        if isinstance(data, dict) and data.get("local_steps", data.get("local_epochs")) is None:
+        budgets = ("local_steps", "local_epochs")
+        if isinstance(data, dict) and all(data.get(name) is None for name in budgets):
             return {**data, "local_steps": 8}
         return data
 
