@@ -32,23 +32,23 @@ def _record(round_number: int, category: float, low: float, high: float) -> dict
 
 
 def test_summary_shows_each_part_with_its_interval() -> None:
-    console = Console(record=True, width=160)
+    console = Console(record=True, width=80)
 
     ConsoleReporter(console).summary([_record(0, 0.042, 0.0, 0.104), _record(3, 0.5, 0.354, 0.646)])
 
     text = console.export_text()
     assert "unseen-code" in text and "phrasing" in text and "ranking" in text
-    assert "4.2% [0.0, 10.4]" in text
-    assert "50.0% [35.4, 64.6]" in text
-    assert "top-1 of 10 candidates" in text and "25.0% [12.5, 37.5]" in text
+    assert "4.2% [0.0-10.4]" in text
+    assert "50.0% [35.4-64.6]" in text
+    assert "top-1 of 10" in text and "25.0% [12.5-37.5]" in text
     assert text.index("unseen-code") < text.index("phrasing") < text.index("ranking")
 
 
 def test_summary_of_records_without_parts_shows_the_headline() -> None:
-    console = Console(record=True, width=160)
+    console = Console(record=True, width=80)
     old = {"round": 0, "gold_accuracy": 0.0, "gold_category_accuracy": 0.25, "gold_loss": 2.0}
 
     ConsoleReporter(console).summary([old, {**old, "round": 1, "gold_category_accuracy": 0.5}])
 
     text = console.export_text()
-    assert "category accuracy" in text and "25.0%" in text and "50.0%" in text
+    assert "category" in text and "25.0%" in text and "50.0%" in text

@@ -50,10 +50,10 @@ class ConsoleReporter:
         if not records:
             return
         first, last = records[0], records[-1]
-        table = Table(title="Gold set (held out from every site), 95% bootstrap intervals")
-        table.add_column("part")
-        table.add_column("metric")
-        table.add_column("records", justify="right")
+        table = Table(title="Gold set (held out from every site), 95% intervals")
+        table.add_column("part", no_wrap=True)
+        table.add_column("metric", no_wrap=True)
+        table.add_column("n", justify="right")
         table.add_column(f"round {first['round']}", justify="right")
         table.add_column(f"round {last['round']}", justify="right")
         parts_before, parts_after = _parts(first), _parts(last)
@@ -77,10 +77,10 @@ class ConsoleReporter:
 
 # The figures a part may have, in table order, with their labels ({k}: candidates offered).
 PART_METRICS: tuple[tuple[str, str], ...] = (
-    ("category_accuracy", "category accuracy"),
-    ("accuracy", "exact-match accuracy"),
-    ("top1", "top-1 of {k} candidates"),
-    ("top5", "top-5 of {k} candidates"),
+    ("category_accuracy", "category"),
+    ("accuracy", "exact match"),
+    ("top1", "top-1 of {k}"),
+    ("top5", "top-5 of {k}"),
 )
 
 
@@ -105,4 +105,4 @@ def _with_interval(figures: dict[str, Any], key: str) -> str:
     if not interval:
         return _percent(figures[key])
     low, high = interval
-    return f"{_percent(figures[key])} [{100 * low:.1f}, {100 * high:.1f}]"
+    return f"{_percent(figures[key]).strip()} [{100 * low:.1f}-{100 * high:.1f}]"
