@@ -52,3 +52,14 @@ def test_summary_of_records_without_parts_shows_the_headline() -> None:
 
     text = console.export_text()
     assert "category" in text and "25.0%" in text and "50.0%" in text
+
+
+def test_round_line_shows_the_headline_interval() -> None:
+    console = Console(record=True, width=200)
+    record = {**_record(2, 0.5, 0.354, 0.646), "sites_ok": 4, "sites_failed": 0}
+
+    ConsoleReporter(console).round_done(
+        {**record, "train_loss": 1.0, "seconds": 3.0}, total_rounds=3
+    )
+
+    assert "category 50.0% [35.4-64.6]" in console.export_text()

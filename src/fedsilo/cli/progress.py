@@ -26,7 +26,7 @@ class ConsoleReporter:
         if record["round"] == 0:
             self.console.print(
                 f"[bold]before training[/]  gold accuracy {_percent(record['gold_accuracy'])}  "
-                f"category {_percent(record['gold_category_accuracy'])}  "
+                f"category {_headline(record)}  "
                 f"gold loss {_number(record['gold_loss'])}"
             )
             return
@@ -36,7 +36,7 @@ class ConsoleReporter:
             f"[bold]round {record['round']}/{total_rounds}[/]  sites {answered}/{asked}  "
             f"train loss {_number(record['train_loss'])}  "
             f"gold accuracy {_percent(record['gold_accuracy'])}  "
-            f"category {_percent(record['gold_category_accuracy'])}  "
+            f"category {_headline(record)}  "
             f"gold loss {_number(record['gold_loss'])}  {record['seconds']:.1f} s"
         )
         for site, reason in sorted(record.get("failures", {}).items()):
@@ -96,6 +96,15 @@ def _parts(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "accuracy": record["gold_accuracy"],
         }
     }
+
+
+def _headline(record: dict[str, Any]) -> str:
+    """The headline category accuracy, with its interval when the record has one."""
+    figures = {
+        "category_accuracy": record["gold_category_accuracy"],
+        "category_accuracy_ci95": record.get("gold_category_accuracy_ci95"),
+    }
+    return _with_interval(figures, "category_accuracy")
 
 
 def _with_interval(figures: dict[str, Any], key: str) -> str:
