@@ -12,8 +12,8 @@ from fedsilo.data.icd10 import RankingItem, TaskData
 from fedsilo.data.records import ChatRecord
 from fedsilo.evaluation import gold as gold_module
 from fedsilo.evaluation.gold import (
-    AnswerScores,
     answer_scores,
+    candidate_log_likelihoods,
     evaluate_gold,
     evaluate_task_gold,
     generate_answers,
@@ -21,7 +21,7 @@ from fedsilo.evaluation.gold import (
     ranking_part,
     reference_ranks,
 )
-from fedsilo.model import load_base_model
+from fedsilo.model import DEFAULT_TARGET_MODULES, attach_lora, load_base_model
 
 RECORDS = (
     ChatRecord("ICD-10-CM code for: Essential (primary) hypertension", "I10"),
@@ -122,11 +122,10 @@ def test_ranks_match_scoring_each_candidate_alone(tiny: tuple[torch.nn.Module, o
 
 
 def test_ties_rank_the_reference_behind(monkeypatch: pytest.MonkeyPatch) -> None:
-    def fake_scores(*args: object, **kwargs: object) -> AnswerScores:
-        likelihoods = [-1.0, -1.0, -3.0, -0.5, -2.0, -9.0]
-        return AnswerScores([0.0] * 6, likelihoods, [0] * 6, [0] * 6, [1] * 6)
+    def fake_scores(*args: object, **kwargs: object) -> list[list[float]]:
+        return [[-1.0, -1.0, -3.0], [-0.5, -2.0, -9.0]]
 
-    monkeypatch.setattr(gold_module, "answer_scores", fake_scores)
+    monkeypatch.setattr(gold_module, "candidate_log_likelihoods", fake_scores)
     items = [
         RankingItem(ChatRecord("p", "A"), ("A", "B", "C")),  # A ties with B
         RankingItem(ChatRecord("q", "F"), ("D", "E", "F")),  # F is last
@@ -135,6 +134,44 @@ def test_ties_rank_the_reference_behind(monkeypatch: pytest.MonkeyPatch) -> None
     ranks = reference_ranks(None, None, items, system_prompt=None, max_length=8, batch_size=2)  # type: ignore[arg-type]
 
     assert ranks == [2, 3]
+
+
+@pytest.mark.parametrize(("batch_size", "max_length"), [(1, 256), (3, 256), (2, 60)])
+def test_shared_prompt_scores_equal_scoring_each_pair(
+    tiny: tuple[torch.nn.Module, object], batch_size: int, max_length: int
+) -> None:
+    model, tokenizer = tiny
+    items = [
+        RankingItem(RECORDS[0], ("I10", "I11.9", "I25.10")),
+        RankingItem(RECORDS[2], ("E11.9", "E10.65", "E78.5")),
+        RankingItem(RECORDS[1], ("J45.909", "J44.9")),
+        RankingItem(RECORDS[4], ("J20.5", "J45.909", "J18.9")),
+    ]
+
+    shared = candidate_log_likelihoods(
+        model,
+        tokenizer,
+        items,
+        system_prompt="S",
+        max_length=max_length,
+        batch_size=batch_size,  # type: ignore[arg-type]
+    )
+
+    for item, scores in zip(items, shared, strict=True):
+        pairs = [ChatRecord(item.record.prompt, code) for code in item.candidates]
+        alone = answer_scores(
+            model,
+            tokenizer,
+            pairs,
+            system_prompt="S",
+            max_length=max_length,
+            batch_size=1,  # type: ignore[arg-type]
+        ).log_likelihoods
+        if max_length >= 256:  # nothing cut: exactly the per-pair scores
+            assert scores == pytest.approx(alone, abs=1e-3)
+        else:  # cut prompts: every candidate sees the same (shortest) prompt
+            assert len(scores) == len(alone)
+            assert all(score < 0 for score in scores)
 
 
 def test_ranking_part_counts_top1_and_top5() -> None:
@@ -193,3 +230,30 @@ def test_task_gold_reports_every_part(tiny: tuple[torch.nn.Module, object]) -> N
     assert metrics.parts["unseen-code"]["category_accuracy_ci95"] == list(
         metrics.category_accuracy_ci95 or ()
     )
+
+
+def test_shared_prompt_scores_hold_for_a_lora_model(tiny_model_dir: Path) -> None:
+    base, tokenizer = load_base_model(tiny_model_dir)
+    model = attach_lora(
+        base, rank=4, alpha=8.0, dropout=0.0, target_modules=DEFAULT_TARGET_MODULES, init_seed=0
+    )
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:  # B starts at zero; make the adapter matter
+                param.normal_(std=0.05, generator=torch.Generator().manual_seed(1))
+    model.train(False)
+    items = [
+        RankingItem(RECORDS[3], ("M10.9", "M1A.00X0", "E11.9")),
+        RankingItem(RECORDS[0], ("I10", "I11.9")),
+    ]
+
+    shared = candidate_log_likelihoods(
+        model, tokenizer, items, system_prompt="S", max_length=256, batch_size=2
+    )
+
+    for item, scores in zip(items, shared, strict=True):
+        pairs = [ChatRecord(item.record.prompt, code) for code in item.candidates]
+        alone = answer_scores(
+            model, tokenizer, pairs, system_prompt="S", max_length=256, batch_size=1
+        ).log_likelihoods
+        assert scores == pytest.approx(alone, abs=1e-3)

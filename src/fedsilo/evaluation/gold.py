@@ -7,7 +7,8 @@ comes with a 95% bootstrap interval over the records, and a task's gold parts (f
 unseen codes, phrasings, closed-set ranking) are scored and reported apart.
 
 Speed: prompts are batched by length (little padding), generation is greedy with the KV
-cache, and ranking scores all candidates by batched teacher forcing. The model's dtype is
+cache, and ranking scores all candidates by batched teacher forcing, each prompt run once and
+its KV cache shared by its candidates. The model's dtype is
 left as the caller set it; only the loss is taken in float32.
 """
 
@@ -204,6 +205,103 @@ def answer_losses(
     ).losses
 
 
+def _prompt_and_answers(
+    tokenizer: PreTrainedTokenizerBase,
+    item: RankingItem,
+    *,
+    system_prompt: str | None,
+    max_length: int,
+) -> tuple[list[int], list[list[int]]]:
+    """The item's prompt ids and each candidate's answer ids, cut as training cuts them.
+
+    Each (prompt, candidate) is encoded as a training example; where ``max_length`` cuts the
+    prompt, all candidates share the shortest kept prompt (the one the longest answer leaves).
+    """
+    prompts, answers = [], []
+    for candidate in item.candidates:
+        example = encode_record(
+            tokenizer,
+            ChatRecord(prompt=item.record.prompt, response=candidate),
+            system_prompt=system_prompt,
+            max_length=max_length,
+        )
+        start = next((t for t, label in enumerate(example.labels) if label != IGNORE_INDEX), None)
+        if start is None or start == 0:
+            raise ValueError(
+                f"max_length={max_length} leaves no prompt or no answer token for candidate "
+                f"{candidate!r}"
+            )
+        prompts.append(list(example.input_ids[:start]))
+        answers.append(list(example.input_ids[start:]))
+    return min(prompts, key=len), answers
+
+
+@torch.no_grad()
+def candidate_log_likelihoods(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    items: Sequence[RankingItem],
+    *,
+    system_prompt: str | None,
+    max_length: int,
+    batch_size: int,
+) -> list[list[float]]:
+    """Each candidate's teacher-forced log-likelihood as the answer to its item's prompt.
+
+    The answer is the candidate's tokens and the end of turn. Each prompt runs once (a batch of
+    ``batch_size`` prompts of similar length, left-padded, only the last position's logits
+    kept); its key-value cache is then shared by all its candidates, which are scored in one
+    batched pass. Equal, up to float rounding, to scoring every (prompt, candidate) pair alone.
+    """
+    pad_id = int(tokenizer.pad_token_id)
+    encoded = [
+        _prompt_and_answers(tokenizer, item, system_prompt=system_prompt, max_length=max_length)
+        for item in items
+    ]
+    scores: list[list[float]] = [[] for _ in items]
+    for indices in length_batches([len(prompt) for prompt, _ in encoded], batch_size):
+        batch = _left_padded([encoded[i][0] for i in indices], pad_id=pad_id)
+        prompt_mask = batch["attention_mask"]
+        prompt_out = model(
+            input_ids=batch["input_ids"],
+            attention_mask=prompt_mask,
+            position_ids=(prompt_mask.cumsum(dim=1) - 1).clamp(min=0),
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        # One row per (item, candidate); each row continues its item's cached prompt.
+        rows = [row for row, i in enumerate(indices) for _ in encoded[i][1]]
+        answers = [answer for i in indices for answer in encoded[i][1]]
+        width = max(len(answer) for answer in answers)
+        answer_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        answer_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for row, answer in enumerate(answers):
+            answer_ids[row, : len(answer)] = torch.tensor(answer, dtype=torch.long)
+            answer_mask[row, : len(answer)] = 1
+        selected = torch.tensor(rows, dtype=torch.long)
+        cache = prompt_out.cache
+        cache.batch_select_indices(selected)
+        starts = prompt_mask[selected].sum(dim=1, keepdim=True)
+        logits = model(
+            input_ids=answer_ids,
+            attention_mask=torch.cat([prompt_mask[selected], answer_mask], dim=1),
+            position_ids=starts + torch.arange(width).unsqueeze(0),
+            cache=cache,
+            use_cache=True,
+        ).logits
+        # The prompt's last position predicts answer token 0; answer position t, token t + 1.
+        predicting = torch.cat([prompt_out.logits[selected, -1:], logits[:, :-1]], dim=1)
+        log_probs = torch.log_softmax(predicting.float(), dim=-1)
+        token_scores = log_probs.gather(-1, answer_ids.unsqueeze(-1)).squeeze(-1)
+        totals = (token_scores * answer_mask).sum(dim=1).tolist()
+        position = 0
+        for i in indices:
+            count = len(encoded[i][1])
+            scores[i] = totals[position : position + count]
+            position += count
+    return scores
+
+
 def reference_ranks(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -215,30 +313,22 @@ def reference_ranks(
 ) -> list[int]:
     """Each item's reference answer's rank (1 = best) among its candidates, by likelihood.
 
-    Every candidate is scored as the answer to the item's prompt by its teacher-forced log
-    likelihood (its tokens and the end of turn), all (item, candidate) pairs in one batched
-    pass. A candidate that ties with the reference ranks ahead of it, so ties never flatter.
+    Candidates are scored by :func:`candidate_log_likelihoods`. A candidate that ties with the
+    reference ranks ahead of it, so ties never flatter.
     """
-    pairs = [
-        ChatRecord(prompt=item.record.prompt, response=candidate)
-        for item in items
-        for candidate in item.candidates
-    ]
-    scores = answer_scores(
+    scores = candidate_log_likelihoods(
         model,
         tokenizer,
-        pairs,
+        items,
         system_prompt=system_prompt,
         max_length=max_length,
         batch_size=batch_size,
-    ).log_likelihoods
+    )
     ranks = []
-    start = 0
-    for item in items:
-        own = dict(zip(item.candidates, scores[start : start + len(item.candidates)], strict=True))
-        start += len(item.candidates)
-        reference = own[item.record.response]
-        others = [score for code, score in own.items() if code != item.record.response]
+    for item, own in zip(items, scores, strict=True):
+        by_code = dict(zip(item.candidates, own, strict=True))
+        reference = by_code[item.record.response]
+        others = [score for code, score in by_code.items() if code != item.record.response]
         ranks.append(1 + sum(score >= reference for score in others))
     return ranks
 
