@@ -8,8 +8,8 @@ unseen codes, phrasings, closed-set ranking) are scored and reported apart.
 
 Speed: prompts are batched by length (little padding), generation is greedy with the KV
 cache, and ranking scores all candidates by batched teacher forcing, each prompt run once and
-its KV cache shared by its candidates. The model's dtype is
-left as the caller set it; only the loss is taken in float32.
+its KV cache shared by its candidates. The model's dtype is left as the caller set it; only
+the loss is taken in float32.
 """
 
 from __future__ import annotations
