@@ -33,7 +33,7 @@ def test_simulate_then_export_then_generate(
 
     output = capsys.readouterr().out
     assert "round 1/1" in output
-    assert "exact-match accuracy" in output
+    assert "exact match" in output
     base, _ = load_base_model(tiny_model_dir)
     PeftModel.from_pretrained(base, tmp_path / "adapter")
 

@@ -85,3 +85,27 @@ def test_inverted_range_is_refused(tmp_path: Path) -> None:
 def test_missing_policy_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(PolicyError, match="site policy file not found"):
         load_policy(tmp_path / "none.toml")
+
+
+EPOCH_POLICY = BASE + "local_epochs = [0.5, 3]\n"
+
+
+def test_task_in_epochs_within_policy_is_accepted(tmp_path: Path) -> None:
+    task = replace(TASK, local_steps=0, local_epochs=2.0)
+
+    check_task(load_policy(_policy(tmp_path, EPOCH_POLICY)), task, site="c", num_examples=160)
+
+
+def test_task_with_too_many_epochs_is_refused(tmp_path: Path) -> None:
+    task = replace(TASK, local_steps=0, local_epochs=5.0)
+
+    with pytest.raises(TaskRefusedError, match=r"local_epochs=5\.0 is outside"):
+        check_task(load_policy(_policy(tmp_path, EPOCH_POLICY)), task, site="c")
+
+
+def test_epochs_that_come_to_too_many_steps_are_refused(tmp_path: Path) -> None:
+    # 2 epochs of 400 records at batch 8 are 100 steps; the policy allows 50.
+    task = replace(TASK, local_steps=0, local_epochs=2.0)
+
+    with pytest.raises(TaskRefusedError, match="local_steps=100 is outside"):
+        check_task(load_policy(_policy(tmp_path, EPOCH_POLICY)), task, site="c", num_examples=400)

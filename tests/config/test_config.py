@@ -99,3 +99,50 @@ def test_update_cosine_clusters_are_refused_under_secure_aggregation() -> None:
 
     with pytest.raises(ConfigError, match="raw first update"):
         parse_config(settings, source="x")
+
+
+def test_local_work_defaults_to_eight_steps() -> None:
+    train = parse_config({}, source="t").train
+
+    assert (train.local_steps, train.local_epochs) == (8, None)
+    assert (train.lr_schedule, train.warmup_rounds) == ("constant", 0)
+
+
+def test_local_work_in_epochs_round_trips_through_toml(tmp_path: Path) -> None:
+    config = parse_config(
+        {
+            "train": {"local_epochs": 1.5, "lr_schedule": "cosine", "warmup_rounds": 2},
+            "task": {"examples_per_site": "all", "gold_phrasings": 10},
+        },
+        source="t",
+    )
+    path = tmp_path / "run.toml"
+    path.write_text(config_to_toml(config))
+
+    again = load_config(path)
+
+    assert again == config
+    assert (again.train.local_steps, again.train.local_epochs) == (None, 1.5)
+    assert again.task.examples_per_site == "all"
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"train": {"local_steps": 4, "local_epochs": 1.0}}, "exactly one of local_steps"),
+        ({"train": {"local_epochs": 0}}, "local_epochs"),
+        ({"train": {"lr_schedule": "linear"}}, "lr_schedule"),
+        ({"task": {"examples_per_site": "some"}}, "examples_per_site"),
+        ({"task": {"gold_ranking_candidates": 1}}, "gold_ranking_candidates"),
+        (
+            {
+                "train": {"local_epochs": 1.0},
+                "privacy": {"record_level": True, "noise_multiplier": 1.0},
+            },
+            "record_level needs train.local_steps",
+        ),
+    ],
+)
+def test_bad_training_and_gold_settings_are_refused(data: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config(data, source="t")

@@ -61,3 +61,18 @@ def test_icd10_task_is_deterministic_and_takes_the_system_prompt() -> None:
     assert first == second
     assert first.system_prompt == "S"
     assert len(first.sites) == 2
+
+
+@pytest.mark.parametrize(("name", "sites"), [("drug-review", 2), ("shakespeare", 3)])
+def test_all_keeps_every_record_of_each_site(name: str, sites: int) -> None:
+    def sizes(examples: object) -> list[int]:
+        config = parse_config(
+            {"task": {"name": name, "num_sites": sites, "examples_per_site": examples}},
+            source="t",
+        )
+        return [len(site.records) for site in build_task(config.task, seed=0).sites]
+
+    every = sizes("all")
+
+    assert every == sizes(100_000)
+    assert sum(sizes(4)) < sum(every)

@@ -110,6 +110,9 @@ def test_edge_scores_per_scoring_kind() -> None:
 
     assert (coded_score.accuracy, coded_score.category_accuracy) == (0.5, 1.0)
     assert coded_score.code_shaped_rate == 1.0
+    assert coded_score.category_accuracy_ci95 == (1.0, 1.0)
+    assert coded_score.accuracy_ci95 is not None
+    assert coded_score.accuracy_ci95[0] <= 0.5 <= coded_score.accuracy_ci95[1]
     assert (shaped_score.accuracy, shaped_score.code_shaped_rate) == (None, 0.5)
     with pytest.raises(ValueError, match="answers"):
         score_edge_answers(coded, ["E11.9"])

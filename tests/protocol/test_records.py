@@ -1,4 +1,5 @@
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -99,3 +100,24 @@ def test_site_metrics_need_positive_example_count() -> None:
 
     with pytest.raises(ProtocolError, match="num_examples"):
         SiteMetrics.from_record(record)
+
+
+def test_round_task_in_epochs_round_trips_and_turns_into_steps() -> None:
+    task = replace(_task(), local_steps=0, local_epochs=2.0, batch_size=8)
+
+    decoded = RoundTask.from_record(task.to_record())
+
+    assert decoded == task
+    assert decoded.steps_for(100) == 26
+    assert _task().steps_for(100) == 4
+
+
+@pytest.mark.parametrize(
+    ("steps", "epochs"), [(0, 0.0), (4, 1.0), (-1, 0.0), (0, math.nan), (0, -1.0)]
+)
+def test_round_task_needs_exactly_one_local_budget(steps: int, epochs: float) -> None:
+    record = _task().to_record()
+    record["local_steps"], record["local_epochs"] = steps, epochs
+
+    with pytest.raises(ProtocolError, match="exactly one of local_steps"):
+        RoundTask.from_record(record)

@@ -48,7 +48,7 @@ from fedsilo.data.icd10 import TaskData, default_chapters
 from fedsilo.data.icd10_edge import EdgeCaseSet, build_icd10_edge_cases
 from fedsilo.data.tasks import build_task
 from fedsilo.evaluation.edge_cases import evaluate_edge_cases
-from fedsilo.evaluation.gold import evaluate_gold
+from fedsilo.evaluation.gold import evaluate_task_gold
 from fedsilo.evaluation.metrics import GoldMetrics
 from fedsilo.model.adapters import AdapterState, set_adapter_state
 from fedsilo.server.run_folder import RunFolder
@@ -92,11 +92,15 @@ class _QuietReporter:
         self.say(f"{self.label}: {text}")
 
 
-def _gold_row(metrics: GoldMetrics) -> dict[str, float]:
+def _gold_row(metrics: GoldMetrics) -> dict[str, Any]:
+    interval = metrics.category_accuracy_ci95
     return {
         "gold_accuracy": metrics.accuracy,
         "gold_category_accuracy": metrics.category_accuracy,
         "gold_loss": metrics.loss,
+        "gold_count": metrics.count,
+        "gold_category_accuracy_ci95": None if interval is None else list(interval),
+        "gold_parts": {name: dict(figures) for name, figures in metrics.parts.items()},
     }
 
 
@@ -158,6 +162,13 @@ def federated_configs(config: FedsiloConfig, budget: QualityBudget) -> dict[str,
     return configs
 
 
+def _local_steps(config: FedsiloConfig) -> int:
+    """The benchmark's budget is in steps (``QualityBudget.local_steps``)."""
+    if config.train.local_steps is None:
+        raise ValueError("the quality benchmark sets local work in steps, not epochs")
+    return config.train.local_steps
+
+
 def _round_seed(seed: int, round_number: int, site: int) -> int:
     return int(np.random.SeedSequence([seed, round_number, site, 0xBE]).generate_state(1)[0])
 
@@ -184,15 +195,13 @@ class _Trainer:
     def evaluate(self, adapter: AdapterState) -> GoldMetrics:
         set_adapter_state(self.loaded.model, adapter)
         with compute_in(self.loaded.precision.precision):
-            return evaluate_gold(
+            return evaluate_task_gold(
                 self.loaded.model,
                 self.loaded.tokenizer,
-                self.task.gold,
-                system_prompt=self.task.system_prompt,
+                self.task,
                 max_new_tokens=self.config.evaluation.max_new_tokens,
                 batch_size=self.config.evaluation.batch_size,
                 max_length=self.config.train.max_length,
-                metric=self.task.metric,
             )
 
     def train_round(
@@ -219,7 +228,7 @@ def _centralized(
 ) -> tuple[dict[str, Any], AdapterState]:
     config = trainer.config
     pooled = [example for site in trainer.examples for example in site]
-    steps = config.num_sites * config.train.local_steps
+    steps = config.num_sites * _local_steps(config)
     state = trainer.loaded.adapter_template
     rows = []
     for round_number in range(1, config.run.rounds + 1):
@@ -257,7 +266,7 @@ def _local(trainer: _Trainer, say: Callable[[str], None]) -> dict[str, Any]:
         state = trainer.loaded.adapter_template
         for round_number in range(1, config.run.rounds + 1):
             seed = _round_seed(config.run.seed, round_number, index + 1)
-            state = trainer.train_round(state, examples, steps=config.train.local_steps, seed=seed)
+            state = trainer.train_round(state, examples, steps=_local_steps(config), seed=seed)
         per_site[site.name] = _gold_row(trainer.evaluate(state))
         say(
             f"local {site.name}: gold {per_site[site.name]['gold_accuracy']:.3f} / "
@@ -271,7 +280,7 @@ def _local(trainer: _Trainer, say: Callable[[str], None]) -> dict[str, Any]:
         "per_site": per_site,
         "final_mean": mean,
         "final_worst": worst,
-        "optimizer_steps_per_site": config.run.rounds * config.train.local_steps,
+        "optimizer_steps_per_site": config.run.rounds * _local_steps(config),
         "bytes_up_per_site": 0,
     }
 
@@ -292,7 +301,12 @@ def _federated(
     folder = RunFolder(run_dir)
     metrics = folder.read_metrics()
     keys = ("gold_accuracy", "gold_category_accuracy", "gold_loss", "seconds", "train_loss")
-    rows = [{"round": m["round"], **{k: m[k] for k in keys}} for m in metrics if m["round"] > 0]
+    extra = ("gold_count", "gold_category_accuracy_ci95", "gold_parts")
+    rows = [
+        {"round": m["round"], **{k: m[k] for k in keys}, **{k: m[k] for k in extra if k in m}}
+        for m in metrics
+        if m["round"] > 0
+    ]
     result = {
         "per_round": rows,
         "round0": {
@@ -301,10 +315,10 @@ def _federated(
         "bytes_up_per_site_per_round": metrics[-1]["bytes_up_per_site"],
         "bytes_up_per_site": sum(m["bytes_up_per_site"] for m in metrics),
         "bytes_down_per_site": sum(m["bytes_down_per_site"] for m in metrics),
-        "optimizer_steps_per_site": config.run.rounds * config.train.local_steps,
+        "optimizer_steps_per_site": config.run.rounds * _local_steps(config),
         "examples_seen": config.run.rounds
         * config.num_sites
-        * config.train.local_steps
+        * _local_steps(config)
         * config.train.batch_size,
         "run_dir": str(run_dir),
         "wall_seconds": time.perf_counter() - begun,

@@ -43,7 +43,7 @@ class ConsoleReporter:
         if record["round"] == 0:
             self.console.print(
                 f"[bold]before training[/]  gold accuracy {_percent(record['gold_accuracy'])}  "
-                f"category {_percent(record['gold_category_accuracy'])}  "
+                f"category {_headline(record)}  "
                 f"gold loss {_number(record['gold_loss'])}"
             )
             return
@@ -53,7 +53,7 @@ class ConsoleReporter:
             f"[bold]round {record['round']}/{total_rounds}[/]  sites {answered}/{asked}  "
             f"train loss {_number(record['train_loss'])}  "
             f"gold accuracy {_percent(record['gold_accuracy'])}  "
-            f"category {_percent(record['gold_category_accuracy'])}  "
+            f"category {_headline(record)}  "
             f"gold loss {_number(record['gold_loss'])}  {record['seconds']:.1f} s"
             f"{_training_speed(record)}"
         )
@@ -92,23 +92,72 @@ class ConsoleReporter:
             yield
 
     def summary(self, records: list[dict[str, Any]]) -> None:
-        """Before/after table of the gold metrics."""
+        """Before/after table of every gold part, each figure with its 95% interval."""
         if not records:
             return
         first, last = records[0], records[-1]
-        table = Table(title="Gold set (held out from every site)")
-        table.add_column("metric")
+        table = Table(title="Gold set (held out from every site), 95% intervals")
+        table.add_column("part", no_wrap=True)
+        table.add_column("metric", no_wrap=True)
+        table.add_column("n", justify="right")
         table.add_column(f"round {first['round']}", justify="right")
         table.add_column(f"round {last['round']}", justify="right")
-        table.add_row(
-            "exact-match accuracy",
-            _percent(first["gold_accuracy"]),
-            _percent(last["gold_accuracy"]),
-        )
-        table.add_row(
-            "category accuracy",
-            _percent(first["gold_category_accuracy"]),
-            _percent(last["gold_category_accuracy"]),
-        )
-        table.add_row("mean loss", _number(first["gold_loss"]), _number(last["gold_loss"]))
+        parts_before, parts_after = _parts(first), _parts(last)
+        for part, after in parts_after.items():
+            before = parts_before.get(part, {})
+            for key, label in PART_METRICS:
+                if key not in after:
+                    continue
+                if "candidates" in after:
+                    label = label.format(k=after["candidates"])
+                table.add_row(
+                    part,
+                    label,
+                    str(after.get("count", "-")),
+                    _with_interval(before, key),
+                    _with_interval(after, key),
+                )
+        table.add_row("", "mean loss", "", _number(first["gold_loss"]), _number(last["gold_loss"]))
         self.console.print(table)
+
+
+# The figures a part may have, in table order, with their labels ({k}: candidates offered).
+PART_METRICS: tuple[tuple[str, str], ...] = (
+    ("category_accuracy", "category"),
+    ("accuracy", "exact match"),
+    ("top1", "top-1 of {k}"),
+    ("top5", "top-5 of {k}"),
+)
+
+
+def _parts(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The record's gold parts; a record from before parts existed has its headline only."""
+    parts = record.get("gold_parts")
+    if parts:
+        return dict(parts)
+    return {
+        "gold": {
+            "count": record.get("gold_count", "-"),
+            "category_accuracy": record["gold_category_accuracy"],
+            "accuracy": record["gold_accuracy"],
+        }
+    }
+
+
+def _headline(record: dict[str, Any]) -> str:
+    """The headline category accuracy, with its interval when the record has one."""
+    figures = {
+        "category_accuracy": record["gold_category_accuracy"],
+        "category_accuracy_ci95": record.get("gold_category_accuracy_ci95"),
+    }
+    return _with_interval(figures, "category_accuracy")
+
+
+def _with_interval(figures: dict[str, Any], key: str) -> str:
+    if key not in figures:
+        return "-"
+    interval = figures.get(f"{key}_ci95")
+    if not interval:
+        return _percent(figures[key])
+    low, high = interval
+    return f"{_percent(figures[key]).strip()} [{100 * low:.1f}-{100 * high:.1f}]"

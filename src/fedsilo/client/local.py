@@ -55,7 +55,7 @@ def local_update(message: Message, context: Context, sites: SiteProvider) -> Loc
     )
     # The site's own rules come first: nothing is loaded or trained for a refused task.
     if site.policy is not None:
-        check_task(site.policy, task, site=site.name)
+        check_task(site.policy, task, site=site.name, num_examples=len(site.examples))
     if task.base_model_hash != site.base_model_hash:
         raise TaskRefusedError(
             f"site {site.name}: the round's base model {task.base_model_hash} is not the model "
@@ -100,7 +100,7 @@ def _train(
         site.model,
         site.examples,
         global_state=global_state,
-        steps=task.local_steps,
+        steps=task.steps_for(len(site.examples)),
         batch_size=task.batch_size,
         learning_rate=task.learning_rate,
         proximal_mu=task.proximal_mu,

@@ -12,7 +12,8 @@ hide in, hyperparameters outside the allowed ranges.
     [limits]
     min_cohort = 3                        # refuse rounds that sum fewer sites than this
     learning_rate = [1e-5, 1e-2]          # inclusive ranges
-    local_steps = [1, 200]
+    local_steps = [1, 200]                # also bounds the steps a local_epochs task comes to
+    local_epochs = [0.1, 10]
     batch_size = [1, 64]
     max_length = [8, 2048]
 
@@ -80,6 +81,7 @@ class LimitsSection(_Section):
     min_cohort: int = Field(1, ge=1)
     learning_rate: Range = (1e-6, 1e-1)
     local_steps: Range = (1, 1000)
+    local_epochs: Range = (0, 1000)
     batch_size: Range = (1, 256)
     max_length: Range = (8, 8192)
     lora_rank: Range = (1, 256)
@@ -88,7 +90,8 @@ class LimitsSection(_Section):
 
     @model_validator(mode="after")
     def _ranges_ordered(self) -> LimitsSection:
-        for name in ("learning_rate", "local_steps", "batch_size", "max_length", "lora_rank"):
+        ranges = ("learning_rate", "local_steps", "local_epochs", "batch_size", "max_length")
+        for name in (*ranges, "lora_rank"):
             low, high = getattr(self, name)
             if low > high:
                 raise ValueError(f"{name}: lower bound {low} exceeds upper bound {high}")
@@ -199,8 +202,14 @@ def load_policy(path: Path) -> SitePolicy:
         raise PolicyError(f"{path}: invalid site policy\n" + "\n".join(problems)) from None
 
 
-def check_task(policy: SitePolicy, task: RoundTask, *, site: str) -> None:
-    """Raise TaskRefusedError naming the first rule ``task`` breaks; return if it keeps them all."""
+def check_task(
+    policy: SitePolicy, task: RoundTask, *, site: str, num_examples: int | None = None
+) -> None:
+    """Raise TaskRefusedError naming the first rule ``task`` breaks; return if it keeps them all.
+
+    A task set in epochs is held to the ``local_epochs`` range, and, given the site's
+    ``num_examples``, the steps it comes to are held to the ``local_steps`` range.
+    """
     accept, limits = policy.accept, policy.limits
     if task.federation_id != accept.federation_id:
         raise TaskRefusedError(
@@ -217,9 +226,19 @@ def check_task(policy: SitePolicy, task: RoundTask, *, site: str) -> None:
             f"site {site}: the round sums {task.cohort_size} sites; policy requires at least "
             f"{limits.min_cohort}"
         )
-    for name in ("learning_rate", "local_steps", "batch_size", "max_length"):
+    values: dict[str, float] = {
+        "learning_rate": task.learning_rate,
+        "batch_size": task.batch_size,
+        "max_length": task.max_length,
+    }
+    if task.local_epochs > 0:
+        values["local_epochs"] = task.local_epochs
+        if num_examples is not None:
+            values["local_steps"] = task.steps_for(num_examples)
+    else:
+        values["local_steps"] = task.local_steps
+    for name, value in values.items():
         low, high = getattr(limits, name)
-        value = getattr(task, name)
         if not low <= value <= high:
             raise TaskRefusedError(
                 f"site {site}: {name}={value} is outside the policy's range [{low:g}, {high:g}]"

@@ -39,6 +39,7 @@ def record_spent(path: Path, *, run_id: str, round_number: int, event: DpEvent) 
 def plan_round_event(dp: DpTask, task: RoundTask, *, num_examples: int) -> PoissonGaussianEvent:
     """The DP-SGD event this site's round will be: its own sampling rate and noise."""
     sampling_rate = min(1.0, task.batch_size / num_examples)
+    steps = task.steps_for(num_examples)
     noise = dp.noise_multiplier
     if dp.target_epsilon > 0:
         # The run's target covers all planned rounds of this site, each with local_steps steps.
@@ -46,12 +47,10 @@ def plan_round_event(dp: DpTask, task: RoundTask, *, num_examples: int) -> Poiss
             target_epsilon=dp.target_epsilon,
             delta=dp.delta,
             sampling_rate=sampling_rate,
-            steps=task.local_steps * dp.planned_rounds,
+            steps=steps * dp.planned_rounds,
             accountant=dp.accountant,  # type: ignore[arg-type]
         )
-    return PoissonGaussianEvent(
-        noise_multiplier=noise, sampling_rate=sampling_rate, steps=task.local_steps
-    )
+    return PoissonGaussianEvent(noise_multiplier=noise, sampling_rate=sampling_rate, steps=steps)
 
 
 def check_budget(

@@ -114,7 +114,7 @@ def handle_advertise(message: Message, context: Context, sites: SiteProvider) ->
     if site.policy is not None and TASK_KEY in message.content.config_records:
         # The round's task is checked before the site joins: a refusal costs no keys.
         task = RoundTask.from_record(message.content.config_records[TASK_KEY])
-        check_task(site.policy, task, site=site.name)
+        check_task(site.policy, task, site=site.name, num_examples=len(site.examples))
     state = protocol.advertise(site=site.name, session=session, params=params)
     _save(context, state)
     return reply_signed(message, site, session, ADVERTISE_STAGE, state.advertisement().to_payload())

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -96,8 +96,15 @@ class TaskSection(Section):
     num_sites: int = Field(4, ge=1)
     partition: PartitionName = "by-chapter"
     alpha: float = Field(1.0, gt=0)
-    examples_per_site: int = Field(64, ge=1)
+    # Records per site, or "all" of each site's share.
+    examples_per_site: Annotated[int, Field(ge=1)] | Literal["all"] = 64
     gold_size: int = Field(48, ge=1)
+    # ICD-10 gold parts besides gold_size's unseen codes (docs/tasks.md): inclusion terms of
+    # trained codes, and closed-set ranking among this many same-chapter codes (0: no part).
+    gold_phrasings: int = Field(0, ge=0)
+    gold_ranking_candidates: int = Field(0, ge=0)
+    # ICD-10: sites also train on the inclusion terms of their codes (never gold phrasings).
+    train_on_inclusion_terms: bool = False
     chapters: tuple[str, ...] | None = None
     # task name = "files": each site's records and the gold set as files.
     sites: tuple[SiteFilesSection, ...] = ()
@@ -112,6 +119,8 @@ class TaskSection(Section):
 
     @model_validator(mode="after")
     def _files_task_complete(self) -> TaskSection:
+        if self.gold_ranking_candidates == 1:
+            raise ValueError("gold_ranking_candidates must be 0 (no ranking) or at least 2")
         if self.name == "files":
             if not self.sites:
                 raise ValueError('task "files" needs at least one [[task.sites]] entry')
@@ -155,15 +164,39 @@ class ClustersSection(Section):
 
 
 class TrainSection(Section):
-    """Local training at each site, per round."""
+    """Local training at each site, per round.
 
-    local_steps: int = Field(8, ge=1)
+    Local work is ``local_steps`` batches, or ``local_epochs`` passes over the site's own
+    records (each site turns them into steps for its size); give one of them. The learning
+    rate of round r follows ``lr_schedule`` over the run's rounds: "constant", or "cosine":
+    linear warmup over ``warmup_rounds`` rounds, then cosine decay towards 0.
+    """
+
+    local_steps: int | None = Field(None, ge=1)
+    local_epochs: float | None = Field(None, gt=0, le=1000)
     batch_size: int = Field(4, ge=1)
     learning_rate: float = Field(1e-3, gt=0, le=1)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_rounds: int = Field(0, ge=0)
     max_length: int = Field(96, ge=8)
     max_grad_norm: float | None = Field(1.0, gt=0)
     # Frozen base weights in bf16 and bf16 compute where that is native; adapters stay fp32.
     precision: PrecisionSetting = "auto"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_local_steps(cls, data: object) -> object:
+        # Neither given: 8 steps, the default from before epochs existed.
+        budgets = ("local_steps", "local_epochs")
+        if isinstance(data, dict) and all(data.get(name) is None for name in budgets):
+            return {**data, "local_steps": 8}
+        return data
+
+    @model_validator(mode="after")
+    def _one_local_budget(self) -> TrainSection:
+        if (self.local_steps is None) == (self.local_epochs is None):
+            raise ValueError("give exactly one of local_steps and local_epochs")
+        return self
 
 
 class StrategySection(Section):
@@ -340,6 +373,13 @@ class FedsiloConfig(Section):
             )
         if self.secure_aggregation.mode != "none" and per_round < 2:
             raise ValueError("secure aggregation needs at least 2 sites per round")
+        return self
+
+    @model_validator(mode="after")
+    def _dp_steps_known(self) -> FedsiloConfig:
+        # The coordinator checks each DP event's steps; it cannot know a site's epoch length.
+        if self.privacy.record_level and self.train.local_epochs is not None:
+            raise ValueError("privacy.record_level needs train.local_steps, not local_epochs")
         return self
 
     @model_validator(mode="after")

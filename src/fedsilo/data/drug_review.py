@@ -174,14 +174,15 @@ def assign_conditions(
 
 
 def build_drug_review_task(
-    *, num_sites: int, examples_per_site: int, gold_size: int, seed: int
+    *, num_sites: int, examples_per_site: int | None, gold_size: int, seed: int
 ) -> TaskData:
     """Each clinic's reviews and the gold set from the test split, deterministic in ``seed``.
 
     A clinic is named after its largest condition ("clinic-1-birth-control"). Each keeps
-    ``examples_per_site`` of its reviews at random (all of them, with a warning, if fewer).
+    ``examples_per_site`` of its reviews at random (all of them: None, or with a warning if it
+    has fewer).
     """
-    if examples_per_site < 1 or gold_size < 1:
+    if (examples_per_site is not None and examples_per_site < 1) or gold_size < 1:
         raise ValueError("examples_per_site and gold_size must be at least 1")
     split_rng, sample_rng, gold_rng = (
         np.random.default_rng(stream) for stream in np.random.SeedSequence(seed).spawn(3)
@@ -202,10 +203,10 @@ def build_drug_review_task(
     for number, indices in enumerate(split, start=1):
         largest = Counter(train[i].condition for i in indices).most_common(1)[0][0]
         name = f"clinic-{number}-{_slug(largest)}"
-        if len(indices) > examples_per_site:
+        if examples_per_site is not None and len(indices) > examples_per_site:
             picked = sorted(int(i) for i in sample_rng.choice(indices, examples_per_site, False))
         else:
-            if len(indices) < examples_per_site:
+            if examples_per_site is not None and len(indices) < examples_per_site:
                 log.warning(
                     "site %s has only %d reviews, fewer than examples_per_site=%d: using all",
                     name,

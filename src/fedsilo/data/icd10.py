@@ -101,14 +101,32 @@ class SiteData:
 
 
 @dataclass(frozen=True)
+class RankingItem:
+    """A closed-set question: which of ``candidates`` answers ``record.prompt``?
+
+    ``candidates`` holds the reference answer (``record.response``) and the distractors, sorted.
+    """
+
+    record: ChatRecord
+    candidates: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class TaskData:
-    """A federation's data: each site's records, and the gold set held out from all of them."""
+    """A federation's data: each site's records, and the gold set held out from all of them.
+
+    ``gold`` is the headline part (for ICD-10: unseen codes of trained categories); a task may
+    add other parts, each scored and reported on its own: ``phrasings`` (other wordings of
+    trained answers) and ``ranking`` (closed-set questions over the ``gold`` records).
+    """
 
     name: str
     system_prompt: str | None
     sites: tuple[SiteData, ...]
     gold: tuple[ChatRecord, ...]
     metric: MetricName = "code"  # how the gold set is scored (fedsilo.evaluation.gold)
+    phrasings: tuple[ChatRecord, ...] = ()
+    ranking: tuple[RankingItem, ...] = ()
 
 
 def icd10_prompt(description: str) -> str:
@@ -118,6 +136,26 @@ def icd10_prompt(description: str) -> str:
 
 def _record(code: IcdCode) -> ChatRecord:
     return ChatRecord(prompt=icd10_prompt(code.description), response=code.code)
+
+
+@functools.cache
+def _inclusion_terms() -> dict[str, tuple[str, ...]]:
+    """Billable code -> its inclusion terms (other names of the same diagnosis), if any."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"(read|open)_text is deprecated")
+        import simple_icd_10_cm as cm
+
+    terms = {}
+    for code in _all_leaf_codes():
+        found = tuple(str(term) for term in cm.get_inclusion_term(code.code))
+        if found:
+            terms[code.code] = found
+    return terms
+
+
+def inclusion_terms(code: str) -> tuple[str, ...]:
+    """The inclusion terms the ICD-10-CM tabular list gives for a billable code (none: ())."""
+    return _inclusion_terms().get(code, ())
 
 
 @functools.cache
@@ -300,21 +338,88 @@ def _sample_site(
     name: str,
     pool: Sequence[IcdCode],
     indices: Sequence[int],
-    examples_per_site: int,
+    examples_per_site: int | None,
     rng: np.random.Generator,
-) -> SiteData:
-    if len(indices) <= examples_per_site:
-        if len(indices) < examples_per_site:
+    *,
+    first_categories: set[str],
+) -> list[int]:
+    """The pool indices a site keeps: all of them (``None``), or a sample that covers categories.
+
+    The sample first takes one code of each of the site's categories (those in
+    ``first_categories`` first, then the others in random order) and fills the rest at random,
+    so a site's records span as many categories as its size allows.
+    """
+    if examples_per_site is None or len(indices) <= examples_per_site:
+        if examples_per_site is not None and len(indices) < examples_per_site:
             log.warning(
                 "site %s has only %d codes, fewer than examples_per_site=%d: using all of them",
                 name,
                 len(indices),
                 examples_per_site,
             )
-        picked = list(indices)
-    else:
-        picked = sorted(int(i) for i in rng.choice(indices, size=examples_per_site, replace=False))
-    return SiteData(name=name, records=tuple(_record(pool[i]) for i in picked))
+        return sorted(indices)
+    by_category: dict[str, list[int]] = {}
+    for index in rng.permutation(sorted(indices)):
+        by_category.setdefault(pool[int(index)].category, []).append(int(index))
+    categories = sorted(by_category)
+    order = [categories[int(i)] for i in rng.permutation(len(categories))]
+    order.sort(key=lambda category: category not in first_categories)  # stable: gold first
+    picked = [by_category[category][0] for category in order][:examples_per_site]
+    rest = sorted(set(indices) - set(picked))
+    fill = examples_per_site - len(picked)
+    picked += [rest[int(i)] for i in rng.choice(len(rest), size=fill, replace=False)]
+    return sorted(picked)
+
+
+def _draw_phrasings(
+    trained: Sequence[IcdCode],
+    size: int,
+    *,
+    taken_texts: set[str],
+    rng: np.random.Generator,
+) -> list[tuple[str, IcdCode]]:
+    """``size`` (inclusion term, code) pairs of ``trained`` codes, drawn at random.
+
+    A term qualifies only if its text is an inclusion term of one code only, no code's
+    description and none of ``taken_texts`` (what any site or the gold set uses), so its answer
+    is unique and its wording new. Fewer are returned, with a warning, when fewer qualify.
+    """
+    owners: Counter[str] = Counter(
+        term for terms in _inclusion_terms().values() for term in set(terms)
+    )
+    descriptions = {code.description for code in _all_leaf_codes()}
+    candidates = [
+        (term, code)
+        for code in trained
+        for term in inclusion_terms(code.code)
+        if owners[term] == 1 and term not in descriptions and term not in taken_texts
+    ]
+    if len(candidates) < size:
+        log.warning(
+            "only %d inclusion terms of trained codes qualify for the phrasing gold set "
+            "(asked for %d): using all of them",
+            len(candidates),
+            size,
+        )
+        size = len(candidates)
+    picks = sorted(int(i) for i in rng.choice(len(candidates), size=size, replace=False))
+    return [candidates[i] for i in picks]
+
+
+def _ranking_items(
+    gold: Sequence[IcdCode], candidates: int, rng: np.random.Generator
+) -> tuple[RankingItem, ...]:
+    """For each gold code, ``candidates - 1`` other billable codes of its chapter beside it."""
+    by_chapter: dict[str, list[str]] = {}
+    for code in _all_leaf_codes():
+        by_chapter.setdefault(code.chapter, []).append(code.code)
+    items = []
+    for code in gold:
+        others = [c for c in by_chapter[code.chapter] if c != code.code]
+        count = min(candidates - 1, len(others))
+        picks = [others[int(i)] for i in rng.choice(len(others), size=count, replace=False)]
+        items.append(RankingItem(_record(code), tuple(sorted([code.code, *picks]))))
+    return tuple(items)
 
 
 def build_icd10_task(
@@ -322,10 +427,13 @@ def build_icd10_task(
     num_sites: int,
     partition: Partition,
     alpha: float,
-    examples_per_site: int,
+    examples_per_site: int | None,
     gold_size: int,
     seed: int,
     chapters: Sequence[str] | None = None,
+    phrasing_size: int = 0,
+    ranking_candidates: int = 0,
+    inclusion_terms_in_training: bool = False,
 ) -> TaskData:
     """Every site's ICD-10-CM coding records and the held-out gold set, deterministic in ``seed``.
 
@@ -340,17 +448,32 @@ def build_icd10_task(
     3. Split: ``"by-chapter"`` gives each site whole chapters (named after their specialties,
        e.g. "cardiology"); ``"dirichlet"`` spreads each chapter over sites "hospital-1", ...
        with Dir(``alpha``) shares (``alpha`` is ignored by "by-chapter").
-    4. Sample: each site keeps ``examples_per_site`` of its codes at random (all of them, with
-       a logged warning, if it has fewer).
+    4. Sample: each site keeps all its codes (``examples_per_site`` None) or that many, first
+       one per category (gold categories first), then at random (all, with a logged warning,
+       if it has fewer). The gold set keeps the codes whose category some site trains on
+       (part a: unseen codes of trained categories); a dropped one is logged.
+    5. Phrasings (part b): ``phrasing_size`` inclusion terms of codes some site trains on,
+       whose text is unique to its code and in no site's data nor the gold set.
+    6. Ranking (part c): with ``ranking_candidates`` k >= 2, each gold record with k - 1
+       other billable codes of its chapter as distractors.
+    7. With ``inclusion_terms_in_training`` each site also trains on the inclusion terms of
+       its codes as extra records, except the phrasing gold set's and any that reads like a
+       gold description.
     """
     if partition not in SPLITTERS:
         raise ValueError(f"partition must be one of {sorted(SPLITTERS)}, got {partition!r}")
     if num_sites < 1:
         raise ValueError(f"num_sites must be at least 1, got {num_sites}")
-    if examples_per_site < 1:
+    if examples_per_site is not None and examples_per_site < 1:
         raise ValueError(f"examples_per_site must be at least 1, got {examples_per_site}")
     if gold_size < 1:
         raise ValueError(f"gold_size must be at least 1, got {gold_size}")
+    if phrasing_size < 0:
+        raise ValueError(f"phrasing_size must not be negative, got {phrasing_size}")
+    if ranking_candidates == 1 or ranking_candidates < 0:
+        raise ValueError(
+            f"ranking_candidates must be 0 (none) or at least 2, got {ranking_candidates}"
+        )
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
     chosen = tuple(chapters) if chapters is not None else default_chapters(num_sites)
@@ -361,17 +484,18 @@ def build_icd10_task(
             f"chapters {list(chosen)}"
         )
 
-    gold_rng, split_rng, sample_rng = (
-        np.random.default_rng(stream) for stream in np.random.SeedSequence(seed).spawn(3)
+    # Streams 0-2 are those of the original three steps, so adding parts moved nothing.
+    gold_rng, split_rng, sample_rng, phrasing_rng, ranking_rng = (
+        np.random.default_rng(stream) for stream in np.random.SeedSequence(seed).spawn(5)
     )
     by_chapter: dict[str, list[IcdCode]] = {chapter: [] for chapter in chosen}
     for code in _all_leaf_codes():
         if code.chapter in by_chapter:
             by_chapter[code.chapter].append(code)
 
-    gold = _draw_gold(by_chapter, gold_size, gold_rng)
-    gold_codes = {code.code for code in gold}
-    gold_descriptions = {code.description for code in gold}
+    candidates = _draw_gold(by_chapter, gold_size, gold_rng)
+    gold_codes = {code.code for code in candidates}
+    gold_descriptions = {code.description for code in candidates}
     pool = [
         code
         for chapter in chosen
@@ -380,12 +504,48 @@ def build_icd10_task(
     ]
 
     split = SPLITTERS[partition](pool, num_sites, alpha, split_rng)
-    sites = tuple(
-        _sample_site(name, pool, indices, examples_per_site, sample_rng) for name, indices in split
-    )
+    gold_categories = {code.category for code in candidates}
+    kept = [
+        (
+            name,
+            _sample_site(
+                name, pool, indices, examples_per_site, sample_rng, first_categories=gold_categories
+            ),
+        )
+        for name, indices in split
+    ]
+    trained = [pool[i] for _, picked in kept for i in picked]
+    trained_categories = {code.category for code in trained}
+    gold = [code for code in candidates if code.category in trained_categories]
+    if len(gold) < len(candidates):
+        log.warning(
+            "%d of %d gold codes dropped: no site trains on their category (sites too small)",
+            len(candidates) - len(gold),
+            len(candidates),
+        )
+
+    taken = gold_descriptions | {code.description for code in trained}
+    phrasings = _draw_phrasings(trained, phrasing_size, taken_texts=taken, rng=phrasing_rng)
+    phrasing_texts = {term for term, _ in phrasings}
+
+    sites = []
+    for name, picked in kept:
+        records = [_record(pool[i]) for i in picked]
+        if inclusion_terms_in_training:
+            records += [
+                ChatRecord(prompt=icd10_prompt(term), response=pool[i].code)
+                for i in picked
+                for term in inclusion_terms(pool[i].code)
+                if term not in phrasing_texts and term not in gold_descriptions
+            ]
+        sites.append(SiteData(name=name, records=tuple(records)))
     return TaskData(
         name=TASK_NAME,
         system_prompt=SYSTEM_PROMPT,
-        sites=sites,
+        sites=tuple(sites),
         gold=tuple(_record(code) for code in gold),
+        phrasings=tuple(
+            ChatRecord(prompt=icd10_prompt(term), response=code.code) for term, code in phrasings
+        ),
+        ranking=_ranking_items(gold, ranking_candidates, ranking_rng) if ranking_candidates else (),
     )

@@ -158,15 +158,15 @@ def _even_quotas(total: int, capacities: list[int]) -> list[int]:
 
 
 def build_shakespeare_task(
-    *, num_sites: int, examples_per_site: int, gold_size: int, seed: int
+    *, num_sites: int, examples_per_site: int | None, gold_size: int, seed: int
 ) -> TaskData:
     """``num_sites`` (play, role) sites and the gold set from their held-out tails.
 
     The roles are drawn with a generator seeded by ``seed`` from those with at least
     ``MIN_PAIRS_PER_ROLE`` pairs; each site keeps ``examples_per_site`` pairs of its training
-    pool at random (all of them if fewer).
+    pool at random (all of them if fewer, or if it is None).
     """
-    if num_sites < 1 or examples_per_site < 1 or gold_size < 1:
+    if num_sites < 1 or (examples_per_site is not None and examples_per_site < 1) or gold_size < 1:
         raise ValueError("num_sites, examples_per_site and gold_size must be at least 1")
     role_rng, sample_rng, gold_rng = (
         np.random.default_rng(stream) for stream in np.random.SeedSequence(seed).spawn(3)
@@ -196,7 +196,7 @@ def build_shakespeare_task(
 
     sites = []
     for (play, role), pool in zip(chosen, pools, strict=True):
-        if len(pool) > examples_per_site:
+        if examples_per_site is not None and len(pool) > examples_per_site:
             picks = sorted(int(i) for i in sample_rng.choice(len(pool), examples_per_site, False))
             kept = [pool[i] for i in picks]
         else:

@@ -18,15 +18,23 @@ from fedsilo.data.records import ChatRecord, DataError, load_records
 from fedsilo.data.shakespeare import build_shakespeare_task
 
 
+def _examples_per_site(task: TaskSection) -> int | None:
+    """The configured count, None for "all"."""
+    return None if task.examples_per_site == "all" else task.examples_per_site
+
+
 def _icd10(task: TaskSection, seed: int) -> TaskData:
     built = build_icd10_task(
         num_sites=task.num_sites,
         partition=task.partition,
         alpha=task.alpha,
-        examples_per_site=task.examples_per_site,
+        examples_per_site=_examples_per_site(task),
         gold_size=task.gold_size,
         seed=seed,
         chapters=task.chapters,
+        phrasing_size=task.gold_phrasings,
+        ranking_candidates=task.gold_ranking_candidates,
+        inclusion_terms_in_training=task.train_on_inclusion_terms,
     )
     return built
 
@@ -56,7 +64,7 @@ def _files(task: TaskSection, seed: int) -> TaskData:
 def _drug_review(task: TaskSection, seed: int) -> TaskData:
     return build_drug_review_task(
         num_sites=task.num_sites,
-        examples_per_site=task.examples_per_site,
+        examples_per_site=_examples_per_site(task),
         gold_size=task.gold_size,
         seed=seed,
     )
@@ -65,7 +73,7 @@ def _drug_review(task: TaskSection, seed: int) -> TaskData:
 def _shakespeare(task: TaskSection, seed: int) -> TaskData:
     return build_shakespeare_task(
         num_sites=task.num_sites,
-        examples_per_site=task.examples_per_site,
+        examples_per_site=_examples_per_site(task),
         gold_size=task.gold_size,
         seed=seed,
     )
@@ -113,6 +121,13 @@ def restrict_to_sites(data: TaskData, names: tuple[str, ...]) -> TaskData:
             if isinstance(record, ChatRecord)
         }
         gold = tuple(record for record in data.gold if chapter_of_code(record.response) in chapters)
+        data = dataclasses.replace(
+            data,
+            phrasings=tuple(r for r in data.phrasings if chapter_of_code(r.response) in chapters),
+            ranking=tuple(
+                item for item in data.ranking if chapter_of_code(item.record.response) in chapters
+            ),
+        )
     if not gold:
         raise ValueError(f"sites {list(names)} keep no gold record of their own domain")
     return dataclasses.replace(data, sites=sites, gold=gold)

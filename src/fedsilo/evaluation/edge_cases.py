@@ -9,19 +9,25 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from fedsilo.data.icd10_edge import EdgeCaseSet
+from fedsilo.evaluation.bootstrap import bootstrap_ci
 from fedsilo.evaluation.gold import generate_answers
 from fedsilo.evaluation.metrics import code_category_match, code_exact_match, looks_like_code
 
 
 @dataclass(frozen=True)
 class EdgeScore:
-    """One edge-case set's scores; accuracies are None where there is no reference answer."""
+    """One edge-case set's scores; accuracies are None where there is no reference answer.
+
+    The intervals are 95% percentile-bootstrap intervals over the set's records.
+    """
 
     kind: str
     count: int
     accuracy: float | None
     category_accuracy: float | None
     code_shaped_rate: float  # answers shaped like an ICD-10-CM code, right or wrong
+    accuracy_ci95: tuple[float, float] | None = None
+    category_accuracy_ci95: tuple[float, float] | None = None
 
 
 def score_edge_answers(case_set: EdgeCaseSet, answers: list[str]) -> EdgeScore:
@@ -37,12 +43,16 @@ def score_edge_answers(case_set: EdgeCaseSet, answers: list[str]) -> EdgeScore:
     if case_set.scoring == "code-shaped":
         return EdgeScore(case_set.kind, count, None, None, shaped)
     pairs = list(zip(answers, (r.response for r in case_set.records), strict=True))
+    exact = [float(code_exact_match(a, r)) for a, r in pairs]
+    category = [float(code_category_match(a, r)) for a, r in pairs]
     return EdgeScore(
         kind=case_set.kind,
         count=count,
-        accuracy=sum(code_exact_match(a, r) for a, r in pairs) / count,
-        category_accuracy=sum(code_category_match(a, r) for a, r in pairs) / count,
+        accuracy=sum(exact) / count,
+        category_accuracy=sum(category) / count,
         code_shaped_rate=shaped,
+        accuracy_ci95=bootstrap_ci(exact),
+        category_accuracy_ci95=bootstrap_ci(category),
     )
 
 

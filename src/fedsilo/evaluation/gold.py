@@ -2,11 +2,19 @@
 
 The gold set is held out from every site. Each answer is generated greedily from the same chat
 prompt a site trains on; the loss is the mean, over examples, of the per-token cross-entropy
-on the reference answer (teacher forcing), so it is comparable across rounds.
+on the reference answer (teacher forcing), so it is comparable across rounds. Every figure
+comes with a 95% bootstrap interval over the records, and a task's gold parts (for ICD-10:
+unseen codes, phrasings, closed-set ranking) are scored and reported apart.
+
+Speed: prompts are batched by length (little padding), generation is greedy with the KV
+cache, and ranking scores all candidates by batched teacher forcing, each prompt run once and
+its KV cache shared by its candidates. The model's dtype is left as the caller set it; only
+the loss is taken in float32.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import cast
@@ -17,9 +25,16 @@ from transformers import PreTrainedTokenizerBase
 from fedsilo.config.schema import MetricName
 from fedsilo.data.batching import collate
 from fedsilo.data.encode import IGNORE_INDEX, encode_prompt, encode_record
+from fedsilo.data.icd10 import RankingItem, TaskData
 from fedsilo.data.records import ChatRecord
+from fedsilo.evaluation.bootstrap import bootstrap_ci
 from fedsilo.evaluation.metrics import (
     GoldMetrics,
+    PartMetrics,
+    code_category_match,
+    code_exact_match,
+    sentiment_adjacent,
+    sentiment_match,
     summarize,
     summarize_next_token,
     summarize_sentiment,
@@ -36,6 +51,17 @@ def _left_padded(prompts: Sequence[Sequence[int]], *, pad_id: int) -> dict[str, 
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
+def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length (shortest first), so padding is small.
+
+    Every index appears once; callers put each result back at its index.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    order = sorted(range(len(lengths)), key=lambda index: (lengths[index], index))
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
 @torch.no_grad()
 def generate_answers(
     model: torch.nn.Module,
@@ -47,42 +73,63 @@ def generate_answers(
     batch_size: int,
     max_prompt_length: int,
 ) -> list[str]:
-    """Greedy answers to ``prompts`` (chat template applied), decoded without special tokens."""
+    """Greedy answers to ``prompts`` (chat template applied), decoded without special tokens.
+
+    Prompts are batched by length and decoded with the KV cache; answers come back in the
+    order of ``prompts``.
+    """
     pad_id = int(tokenizer.pad_token_id)
     # A transformers or peft causal LM; both forward `generate` to the base model.
     generate = cast(Callable[..., torch.Tensor], model.generate)
-    answers: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        encoded = [
-            encode_prompt(tokenizer, prompt, system_prompt=system_prompt)[-max_prompt_length:]
-            for prompt in chunk
-        ]
-        batch = _left_padded(encoded, pad_id=pad_id)
+    encoded = [
+        encode_prompt(tokenizer, prompt, system_prompt=system_prompt)[-max_prompt_length:]
+        for prompt in prompts
+    ]
+    answers = [""] * len(prompts)
+    for indices in length_batches([len(ids) for ids in encoded], batch_size):
+        batch = _left_padded([encoded[i] for i in indices], pad_id=pad_id)
         output = generate(
             **batch,
             max_new_tokens=max_new_tokens,
             do_sample=False,
+            use_cache=True,
             pad_token_id=pad_id,
             eos_token_id=tokenizer.eos_token_id,
         )
         new_tokens = output[:, batch["input_ids"].shape[1] :]
-        answers.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+        for index, answer in zip(
+            indices, tokenizer.batch_decode(new_tokens, skip_special_tokens=True), strict=True
+        ):
+            answers[index] = answer
     return answers
 
 
 @dataclass(frozen=True)
 class AnswerScores:
-    """Teacher-forced scores of the reference answers: per example loss, pooled token hits."""
+    """Teacher-forced scores of the reference answers, one entry per record.
+
+    ``losses`` is each record's mean per-token cross-entropy, ``log_likelihoods`` its summed
+    log-probability of the whole answer, ``top1``/``top5`` how many of its ``tokens`` answer
+    tokens were the model's first or among its first five guesses.
+    """
 
     losses: list[float]
-    top1_hits: int
-    top5_hits: int
-    tokens: int
+    log_likelihoods: list[float]
+    top1: list[int]
+    top5: list[int]
+    tokens: list[int]
+
+    @property
+    def top1_hits(self) -> int:
+        return sum(self.top1)
+
+    @property
+    def top5_hits(self) -> int:
+        return sum(self.top5)
 
 
-def token_hits(logits: torch.Tensor, targets: torch.Tensor, *, k: int) -> int:
-    """How many scored targets (not IGNORE_INDEX) are among the top-``k`` logits at their place.
+def row_hits(logits: torch.Tensor, targets: torch.Tensor, *, k: int) -> torch.Tensor:
+    """Per row, how many scored targets (not IGNORE_INDEX) are among the top-``k`` logits.
 
     ``logits`` is (batch, positions, vocab) and ``targets`` (batch, positions), already aligned
     (``logits[:, t]`` predicts ``targets[:, t]``).
@@ -90,7 +137,12 @@ def token_hits(logits: torch.Tensor, targets: torch.Tensor, *, k: int) -> int:
     scored = targets != IGNORE_INDEX
     top = logits.topk(min(k, logits.shape[-1]), dim=-1).indices
     hit = (top == targets.unsqueeze(-1)).any(dim=-1) & scored
-    return int(hit.sum())
+    return hit.sum(dim=1)
+
+
+def token_hits(logits: torch.Tensor, targets: torch.Tensor, *, k: int) -> int:
+    """How many scored targets in the whole batch are among the top-``k`` logits."""
+    return int(row_hits(logits, targets, k=k).sum())
 
 
 @torch.no_grad()
@@ -103,31 +155,34 @@ def answer_scores(
     max_length: int,
     batch_size: int,
 ) -> AnswerScores:
-    """Per-example mean cross-entropy of the reference answer, and its top-1/top-5 hits."""
+    """Teacher-forced scores of each record's reference answer (batched by length)."""
     pad_id = int(tokenizer.pad_token_id)
-    losses: list[float] = []
-    top1 = top5 = tokens = 0
-    for start in range(0, len(records), batch_size):
-        examples = [
-            encode_record(tokenizer, record, system_prompt=system_prompt, max_length=max_length)
-            for record in records[start : start + batch_size]
-        ]
-        batch = collate(examples, pad_id=pad_id)
+    examples = [
+        encode_record(tokenizer, record, system_prompt=system_prompt, max_length=max_length)
+        for record in records
+    ]
+    count = len(examples)
+    losses, likelihoods = [0.0] * count, [0.0] * count
+    top1, top5, tokens = [0] * count, [0] * count, [0] * count
+    for indices in length_batches([len(e.input_ids) for e in examples], batch_size):
+        batch = collate([examples[i] for i in indices], pad_id=pad_id)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        # Position t predicts token t + 1.
+        # Position t predicts token t + 1. The loss is taken in float32 whatever the model's
+        # precision; the model itself is left as it is.
+        logits = logits[:, :-1]
         targets = batch["labels"][:, 1:]
         token_loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].transpose(1, 2).float(),
-            targets,
-            ignore_index=IGNORE_INDEX,
-            reduction="none",
+            logits.transpose(1, 2).float(), targets, ignore_index=IGNORE_INDEX, reduction="none"
         )
-        counted = (targets != IGNORE_INDEX).sum(dim=1).clamp(min=1)
-        losses.extend((token_loss.sum(dim=1) / counted).tolist())
-        top1 += token_hits(logits[:, :-1], targets, k=1)
-        top5 += token_hits(logits[:, :-1], targets, k=5)
-        tokens += int((targets != IGNORE_INDEX).sum())
-    return AnswerScores(losses, top1, top5, tokens)
+        counted = (targets != IGNORE_INDEX).sum(dim=1)
+        summed = token_loss.sum(dim=1)
+        hits1, hits5 = row_hits(logits, targets, k=1), row_hits(logits, targets, k=5)
+        for row, index in enumerate(indices):
+            losses[index] = float(summed[row] / counted[row].clamp(min=1))
+            likelihoods[index] = -float(summed[row])
+            top1[index], top5[index] = int(hits1[row]), int(hits5[row])
+            tokens[index] = int(counted[row])
+    return AnswerScores(losses, likelihoods, top1, top5, tokens)
 
 
 def answer_losses(
@@ -150,6 +205,134 @@ def answer_losses(
     ).losses
 
 
+def _prompt_and_answers(
+    tokenizer: PreTrainedTokenizerBase,
+    item: RankingItem,
+    *,
+    system_prompt: str | None,
+    max_length: int,
+) -> tuple[list[int], list[list[int]]]:
+    """The item's prompt ids and each candidate's answer ids, cut as training cuts them.
+
+    Each (prompt, candidate) is encoded as a training example; where ``max_length`` cuts the
+    prompt, all candidates share the shortest kept prompt (the one the longest answer leaves).
+    """
+    prompts, answers = [], []
+    for candidate in item.candidates:
+        example = encode_record(
+            tokenizer,
+            ChatRecord(prompt=item.record.prompt, response=candidate),
+            system_prompt=system_prompt,
+            max_length=max_length,
+        )
+        start = next((t for t, label in enumerate(example.labels) if label != IGNORE_INDEX), None)
+        if start is None or start == 0:
+            raise ValueError(
+                f"max_length={max_length} leaves no prompt or no answer token for candidate "
+                f"{candidate!r}"
+            )
+        prompts.append(list(example.input_ids[:start]))
+        answers.append(list(example.input_ids[start:]))
+    return min(prompts, key=len), answers
+
+
+@torch.no_grad()
+def candidate_log_likelihoods(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    items: Sequence[RankingItem],
+    *,
+    system_prompt: str | None,
+    max_length: int,
+    batch_size: int,
+) -> list[list[float]]:
+    """Each candidate's teacher-forced log-likelihood as the answer to its item's prompt.
+
+    The answer is the candidate's tokens and the end of turn. Each prompt runs once (a batch of
+    ``batch_size`` prompts of similar length, left-padded, only the last position's logits
+    kept); its key-value cache is then shared by all its candidates, which are scored in one
+    batched pass. Equal, up to float rounding, to scoring every (prompt, candidate) pair alone.
+    """
+    pad_id = int(tokenizer.pad_token_id)
+    encoded = [
+        _prompt_and_answers(tokenizer, item, system_prompt=system_prompt, max_length=max_length)
+        for item in items
+    ]
+    scores: list[list[float]] = [[] for _ in items]
+    for indices in length_batches([len(prompt) for prompt, _ in encoded], batch_size):
+        batch = _left_padded([encoded[i][0] for i in indices], pad_id=pad_id)
+        prompt_mask = batch["attention_mask"]
+        prompt_out = model(
+            input_ids=batch["input_ids"],
+            attention_mask=prompt_mask,
+            position_ids=(prompt_mask.cumsum(dim=1) - 1).clamp(min=0),
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        # One row per (item, candidate); each row continues its item's cached prompt.
+        rows = [row for row, i in enumerate(indices) for _ in encoded[i][1]]
+        answers = [answer for i in indices for answer in encoded[i][1]]
+        width = max(len(answer) for answer in answers)
+        answer_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        answer_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for row, answer in enumerate(answers):
+            answer_ids[row, : len(answer)] = torch.tensor(answer, dtype=torch.long)
+            answer_mask[row, : len(answer)] = 1
+        selected = torch.tensor(rows, dtype=torch.long)
+        cache = prompt_out.cache
+        cache.batch_select_indices(selected)
+        starts = prompt_mask[selected].sum(dim=1, keepdim=True)
+        logits = model(
+            input_ids=answer_ids,
+            attention_mask=torch.cat([prompt_mask[selected], answer_mask], dim=1),
+            position_ids=starts + torch.arange(width).unsqueeze(0),
+            cache=cache,
+            use_cache=True,
+        ).logits
+        # The prompt's last position predicts answer token 0; answer position t, token t + 1.
+        predicting = torch.cat([prompt_out.logits[selected, -1:], logits[:, :-1]], dim=1)
+        log_probs = torch.log_softmax(predicting.float(), dim=-1)
+        token_scores = log_probs.gather(-1, answer_ids.unsqueeze(-1)).squeeze(-1)
+        totals = (token_scores * answer_mask).sum(dim=1).tolist()
+        position = 0
+        for i in indices:
+            count = len(encoded[i][1])
+            scores[i] = totals[position : position + count]
+            position += count
+    return scores
+
+
+def reference_ranks(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    items: Sequence[RankingItem],
+    *,
+    system_prompt: str | None,
+    max_length: int,
+    batch_size: int,
+) -> list[int]:
+    """Each item's reference answer's rank (1 = best) among its candidates, by likelihood.
+
+    Candidates are scored by :func:`candidate_log_likelihoods`. A candidate that ties with the
+    reference ranks ahead of it, so ties never flatter.
+    """
+    scores = candidate_log_likelihoods(
+        model,
+        tokenizer,
+        items,
+        system_prompt=system_prompt,
+        max_length=max_length,
+        batch_size=batch_size,
+    )
+    ranks = []
+    for item, own in zip(items, scores, strict=True):
+        by_code = dict(zip(item.candidates, own, strict=True))
+        reference = by_code[item.record.response]
+        others = [score for code, score in by_code.items() if code != item.record.response]
+        ranks.append(1 + sum(score >= reference for score in others))
+    return ranks
+
+
 def evaluate_gold(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -161,38 +344,17 @@ def evaluate_gold(
     max_length: int,
     metric: MetricName = "code",
 ) -> GoldMetrics:
-    """Score ``gold`` with ``metric``; every metric also reports the mean answer loss.
+    """Score ``gold`` with ``metric``, with 95% bootstrap intervals; also the mean answer loss.
 
     - ``"code"``: greedy answers; ICD-10-CM exact match and 3-character category match.
     - ``"sentiment"``: greedy answers; rating-class match and adjacent-class match.
     - ``"next-token"``: no generation; teacher-forced top-1 and top-5 next-token accuracy over
-      every token of the reference answers.
+      every token of the reference answers (the intervals resample records, tokens pooled).
     """
     was_training = model.training
     model.train(False)
     try:
-        if metric == "next-token":
-            scores = answer_scores(
-                model,
-                tokenizer,
-                gold,
-                system_prompt=system_prompt,
-                max_length=max_length,
-                batch_size=batch_size,
-            )
-            return summarize_next_token(
-                scores.top1_hits, scores.top5_hits, scores.tokens, scores.losses
-            )
-        answers = generate_answers(
-            model,
-            tokenizer,
-            [record.prompt for record in gold],
-            system_prompt=system_prompt,
-            max_new_tokens=max_new_tokens,
-            batch_size=batch_size,
-            max_prompt_length=max_length,
-        )
-        losses = answer_losses(
+        scores = answer_scores(
             model,
             tokenizer,
             gold,
@@ -200,7 +362,115 @@ def evaluate_gold(
             max_length=max_length,
             batch_size=batch_size,
         )
+        if metric == "next-token":
+            summary = summarize_next_token(
+                scores.top1_hits, scores.top5_hits, sum(scores.tokens), scores.losses
+            )
+            rates = [
+                [hits / max(tokens, 1) for hits, tokens in zip(column, scores.tokens, strict=True)]
+                for column in (scores.top1, scores.top5)
+            ]
+            weights: list[float] | None = [float(tokens) for tokens in scores.tokens]
+        else:
+            answers = generate_answers(
+                model,
+                tokenizer,
+                [record.prompt for record in gold],
+                system_prompt=system_prompt,
+                max_new_tokens=max_new_tokens,
+                batch_size=batch_size,
+                max_prompt_length=max_length,
+            )
+            references = [record.response for record in gold]
+            summarize_answers, exact, close = ANSWER_METRICS[metric]
+            summary = summarize_answers(answers, references, scores.losses)
+            pairs = list(zip(answers, references, strict=True))
+            rates = [[float(match(a, r)) for a, r in pairs] for match in (exact, close)]
+            weights = None
     finally:
         model.train(was_training)
-    summary = summarize_sentiment if metric == "sentiment" else summarize
-    return summary(answers, [record.response for record in gold], losses)
+    return dataclasses.replace(
+        summary,
+        accuracy_ci95=bootstrap_ci(rates[0], weights=weights),
+        category_accuracy_ci95=bootstrap_ci(rates[1], weights=weights),
+    )
+
+
+# For the metrics that generate: the summary, the exact match and the lenient match.
+ANSWER_METRICS: dict[
+    str,
+    tuple[
+        Callable[[Sequence[str], Sequence[str], Sequence[float]], GoldMetrics],
+        Callable[[str, str], bool],
+        Callable[[str, str], bool],
+    ],
+] = {
+    "code": (summarize, code_exact_match, code_category_match),
+    "sentiment": (summarize_sentiment, sentiment_match, sentiment_adjacent),
+}
+
+# The name of a task's headline gold part in ``GoldMetrics.parts``.
+HEADLINE_PART: dict[str, str] = {"icd10": "unseen-code"}
+PHRASING_PART = "phrasing"
+RANKING_PART = "ranking"
+
+
+def ranking_part(ranks: Sequence[int], *, candidates: int) -> PartMetrics:
+    """Top-1 and top-5 rates of the reference among ``candidates``, with 95% intervals."""
+    figures: PartMetrics = {"count": len(ranks), "candidates": candidates}
+    for k in (1, 5):
+        hits = [float(rank <= k) for rank in ranks]
+        figures[f"top{k}"] = sum(hits) / len(hits)
+        figures[f"top{k}_ci95"] = list(bootstrap_ci(hits))
+    return figures
+
+
+def evaluate_task_gold(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    task: TaskData,
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    max_length: int,
+) -> GoldMetrics:
+    """Every gold part of ``task``: the headline's figures, with all parts in ``parts``.
+
+    The headline (``task.gold``, for ICD-10 unseen codes of trained categories) gives the
+    top-level figures; ``task.phrasings`` is scored the same way and ``task.ranking`` by the
+    rank of the reference among its candidates (top-1, top-5). Each is reported on its own.
+    """
+
+    def score(records: Sequence[ChatRecord]) -> GoldMetrics:
+        return evaluate_gold(
+            model,
+            tokenizer,
+            records,
+            system_prompt=task.system_prompt,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            max_length=max_length,
+            metric=task.metric,
+        )
+
+    headline = score(task.gold)
+    parts = {HEADLINE_PART.get(task.name, "gold"): headline.part()}
+    if task.phrasings:
+        parts[PHRASING_PART] = score(task.phrasings).part()
+    if task.ranking:
+        was_training = model.training
+        model.train(False)
+        try:
+            ranks = reference_ranks(
+                model,
+                tokenizer,
+                task.ranking,
+                system_prompt=task.system_prompt,
+                max_length=max_length,
+                batch_size=batch_size,
+            )
+        finally:
+            model.train(was_training)
+        candidates = max(len(item.candidates) for item in task.ranking)
+        parts[RANKING_PART] = ranking_part(ranks, candidates=candidates)
+    return dataclasses.replace(headline, parts=parts)

@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 import re
 import string
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 # ASCII punctuation plus the typographic quotes a chat model may wrap an answer in.
 _OUTER_PUNCTUATION = string.punctuation + "\u2018\u2019\u201c\u201d\u00ab\u00bb"
@@ -56,18 +56,42 @@ def code_category_match(prediction: str, reference: str) -> bool:
     return predicted[:CATEGORY_LENGTH] == expected[:CATEGORY_LENGTH]
 
 
+PartMetrics = dict[str, float | int | list[float]]
+"""One gold part's figures by name, e.g. {"count": 200, "category_accuracy": 0.41,
+"category_accuracy_ci95": [0.34, 0.48]}."""
+
+
 @dataclass(frozen=True)
 class GoldMetrics:
     """Scores of one model on the gold set.
 
     ``accuracy`` and ``category_accuracy`` are fractions in [0, 1] of ``count`` examples;
-    ``loss`` is the mean over examples of each example's reference-answer loss.
+    ``loss`` is the mean over examples of each example's reference-answer loss. The intervals
+    are 95% percentile-bootstrap intervals over the records (None where not computed), and
+    ``parts`` holds every gold part's figures, the headline part included, by part name.
     """
 
     accuracy: float
     category_accuracy: float
     loss: float
     count: int
+    accuracy_ci95: tuple[float, float] | None = None
+    category_accuracy_ci95: tuple[float, float] | None = None
+    parts: Mapping[str, PartMetrics] = field(default_factory=dict)
+
+    def part(self) -> PartMetrics:
+        """These figures as one part of the gold standard."""
+        figures: PartMetrics = {
+            "count": self.count,
+            "accuracy": self.accuracy,
+            "category_accuracy": self.category_accuracy,
+            "loss": self.loss,
+        }
+        if self.accuracy_ci95 is not None:
+            figures["accuracy_ci95"] = list(self.accuracy_ci95)
+        if self.category_accuracy_ci95 is not None:
+            figures["category_accuracy_ci95"] = list(self.category_accuracy_ci95)
+        return figures
 
 
 def summarize(

@@ -27,6 +27,7 @@ from fedsilo.crypto import (
 )
 from fedsilo.model.adapters import AdapterState, adapter_from_bytes
 from fedsilo.model.base import ModelError
+from fedsilo.protocol.schedule import local_steps_for
 
 GLOBAL_KEY = "global"
 TASK_KEY = "task"
@@ -58,13 +59,23 @@ class RoundTask:
     round: int
     cohort_size: int  # sites asked to train in this round (their updates are summed)
     base_model_hash: str
-    local_steps: int
+    local_steps: int  # 0 when the budget is local_epochs
     batch_size: int
-    learning_rate: float
+    learning_rate: float  # this round's, from the run's schedule
     max_length: int
     max_grad_norm: float  # 0 means no clipping
     proximal_mu: float
     seed: int
+    local_epochs: float = 0.0  # passes over the site's records; 0 when the budget is steps
+
+    def steps_for(self, num_examples: int) -> int:
+        """The optimizer steps this task asks of a site holding ``num_examples`` records."""
+        return local_steps_for(
+            local_steps=self.local_steps,
+            local_epochs=self.local_epochs,
+            batch_size=self.batch_size,
+            num_examples=num_examples,
+        )
 
     def to_record(self) -> ConfigRecord:
         return ConfigRecord(dict(asdict(self)))
@@ -85,6 +96,13 @@ class RoundTask:
                     f"round task field {name!r} must be {kind.__name__}, got {type(value).__name__}"
                 )
             kwargs[name] = value
+        steps, epochs = kwargs["local_steps"], kwargs["local_epochs"]
+        assert isinstance(steps, int) and isinstance(epochs, float)
+        if not math.isfinite(epochs) or steps < 0 or epochs < 0 or (steps > 0) == (epochs > 0):
+            raise ProtocolError(
+                f"round task must set exactly one of local_steps ({steps}) and local_epochs "
+                f"({epochs}), the other 0"
+            )
         return cls(**kwargs)  # type: ignore[arg-type]
 
 
@@ -103,6 +121,7 @@ _FIELD_KINDS: dict[str, type] = {
     "max_grad_norm": float,
     "proximal_mu": float,
     "seed": int,
+    "local_epochs": float,
 }
 
 

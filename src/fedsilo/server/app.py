@@ -26,7 +26,7 @@ from fedsilo.config import (
 )
 from fedsilo.crypto import fingerprint, read_private_key
 from fedsilo.data.tasks import build_task
-from fedsilo.evaluation.gold import evaluate_gold
+from fedsilo.evaluation.gold import evaluate_task_gold
 from fedsilo.evaluation.metrics import GoldMetrics
 from fedsilo.ledger import EntryKind, Ledger
 from fedsilo.model.adapters import AdapterState, export_peft_folder, set_adapter_state
@@ -152,15 +152,13 @@ def _execute(grid: Grid, job: ServerJob, folder: RunFolder) -> AdapterState:
     def evaluate(adapter: AdapterState) -> GoldMetrics:
         set_adapter_state(loaded.model, adapter)
         with compute_in(loaded.precision.precision):
-            return evaluate_gold(
+            return evaluate_task_gold(
                 loaded.model,
                 loaded.tokenizer,
-                task.gold,
-                system_prompt=task.system_prompt,
+                task,
                 max_new_tokens=config.evaluation.max_new_tokens,
                 batch_size=config.evaluation.batch_size,
                 max_length=config.train.max_length,
-                metric=task.metric,
             )
 
     membership = job.membership

@@ -241,11 +241,15 @@ def _privacy_fields(plan: FederationPlan) -> dict[str, Any]:
 
 
 def _gold_fields(metrics: GoldMetrics) -> dict[str, Any]:
+    """The headline gold figures (ICD-10: unseen codes of trained categories), every part's."""
+    interval = metrics.category_accuracy_ci95
     return {
         "gold_accuracy": metrics.accuracy,
         "gold_category_accuracy": metrics.category_accuracy,
         "gold_loss": metrics.loss,
         "gold_count": metrics.count,
+        "gold_category_accuracy_ci95": None if interval is None else list(interval),
+        "gold_parts": {name: dict(figures) for name, figures in metrics.parts.items()},
     }
 
 

@@ -23,6 +23,7 @@ from fedsilo.evaluation.metrics import GoldMetrics
 from fedsilo.ledger import Entry, EntryKind, JsonValue, Ledger
 from fedsilo.model.adapters import AdapterState, adapter_to_bytes
 from fedsilo.protocol.records import TRAIN_STAGE, DpTask, RoundTask, SiteMetrics
+from fedsilo.protocol.schedule import round_learning_rate
 from fedsilo.server.admission import DpRequirement
 from fedsilo.server.membership import Membership
 from fedsilo.server.run_folder import RunFolder
@@ -116,6 +117,9 @@ def dp_requirement(config: FedsiloConfig) -> DpRequirement | None:
     privacy = config.privacy
     if not privacy.record_level:
         return None
+    if config.train.local_steps is None:
+        # Enforced by FedsiloConfig: the coordinator checks each DP event's steps.
+        raise ValueError("record-level DP needs train.local_steps, not local_epochs")
     return DpRequirement(
         steps=config.train.local_steps, min_noise_multiplier=privacy.noise_multiplier or 0.0
     )
@@ -141,9 +145,16 @@ def round_task(plan: FederationPlan, round_number: int, node: int, cohort_size: 
         round=round_number,
         cohort_size=cohort_size,
         base_model_hash=plan.base_model_hash,
-        local_steps=train.local_steps,
+        local_steps=train.local_steps or 0,
+        local_epochs=train.local_epochs or 0.0,
         batch_size=train.batch_size,
-        learning_rate=train.learning_rate,
+        learning_rate=round_learning_rate(
+            train.learning_rate,
+            round_number=round_number,
+            rounds=config.run.rounds,
+            schedule=train.lr_schedule,
+            warmup_rounds=train.warmup_rounds,
+        ),
         max_length=train.max_length,
         max_grad_norm=train.max_grad_norm or 0.0,
         proximal_mu=plan.strategy.site_settings().proximal_mu,

@@ -50,6 +50,7 @@ from fedsilo.data.tasks import build_task
 from fedsilo.ledger import EntryKind, JsonValue, Ledger, read_entries
 from fedsilo.model.adapters import AdapterState, adapter_from_bytes, save_adapter
 from fedsilo.model.base import base_model_hash, resolve_base_model
+from fedsilo.protocol.schedule import local_steps_for, round_learning_rate
 from fedsilo.server.clustering import agglomerate, cluster_names, cosine_similarities
 from fedsilo.server.federation import ProgressReporter, adapter_digest
 from fedsilo.server.membership import Membership, save_membership
@@ -180,9 +181,20 @@ def probe_updates(config: FedsiloConfig, paths: ClusteredPaths) -> dict[str, Ada
             loaded.model,
             examples,
             global_state=loaded.adapter_template,
-            steps=config.train.local_steps,
+            steps=local_steps_for(
+                local_steps=config.train.local_steps or 0,
+                local_epochs=config.train.local_epochs or 0.0,
+                batch_size=config.train.batch_size,
+                num_examples=len(examples),
+            ),
             batch_size=config.train.batch_size,
-            learning_rate=config.train.learning_rate,
+            learning_rate=round_learning_rate(
+                config.train.learning_rate,
+                round_number=1,
+                rounds=config.run.rounds,
+                schedule=config.train.lr_schedule,
+                warmup_rounds=config.train.warmup_rounds,
+            ),
             proximal_mu=0.0,
             max_grad_norm=config.train.max_grad_norm,
             pad_id=int(loaded.tokenizer.pad_token_id),
