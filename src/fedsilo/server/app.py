@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import flwr
+import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
@@ -88,6 +89,7 @@ def _run_info(
         "base_model_hash": base_hash,
         "fedsilo_version": fedsilo.__version__,
         "flwr_version": flwr.__version__,
+        "torch_version": torch.__version__,
         "python": platform.python_version(),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
