@@ -21,6 +21,7 @@ from fedsilo.config import ConfigError, FedsiloConfig, load_config
 from fedsilo.crypto import sha256_hex
 from fedsilo.ledger import Entry, EntryKind, LedgerError, VerifyReport
 from fedsilo.ledger.store import parse_row, read_stored_ledger
+from fedsilo.model.base import base_model_name
 from fedsilo.privacy.accounting import AccountantName, compute_epsilon
 from fedsilo.privacy.events import DpEvent, event_from_json
 from fedsilo.report import (
@@ -207,7 +208,8 @@ def _cumulative(
     return tuple(points)
 
 
-def _privacy(entries: Sequence[Entry], config: FedsiloConfig | None) -> Privacy:
+def privacy_of(entries: Sequence[Entry], config: FedsiloConfig | None) -> Privacy:
+    """The run's DP settings and each site's epsilon after each round, from the ledger."""
     secure = config.secure_aggregation.mode if config is not None else _NOT_RECORDED
     if config is None or not (config.privacy.record_level or config.privacy.site_level):
         return Privacy(mode="none", accountant=None, delta=None, secure_aggregation=secure)
@@ -380,7 +382,8 @@ def _facts(
         run_id, federation = membership.run_id, membership.federation_id
     except (OSError, ValueError, KeyError):
         run_id, federation = _text(start.get("run_id")), _text(start.get("federation_id"))
-    base_name = info.get("base_model") or (config.model.base if config else None)
+    base_spec = info.get("base_model") or (config.model.base if config else None)
+    base_name = base_model_name(str(base_spec)) if base_spec else None
     ended = (
         finished.created_at
         if finished
@@ -442,7 +445,7 @@ def build_report_data(run_dir: Path, report: VerifyReport, *, key_source: KeySou
         config = None
     started = _first(entries, EntryKind.RUN_STARTED)
     updates = _update_rows(entries, replacements)
-    privacy = _privacy(entries, config)
+    privacy = privacy_of(entries, config)
     try:
         fingerprints = dict(load_membership(folder.membership_path).fingerprints())
     except (OSError, ValueError, KeyError):
