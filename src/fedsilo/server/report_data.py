@@ -130,7 +130,7 @@ def _outcome(
     reason = one_line(str(reason_text), replacements=replacements) if reason_text else None
     failed_round = _last(entries, EntryKind.ROUND_FAILED)
     if (
-        status != "failed"
+        status in ("completed", "unknown")
         and failed_round is not None
         and _last(entries, EntryKind.RUN_FINISHED) is None
     ):
