@@ -61,3 +61,24 @@ def test_icd10_task_is_deterministic_and_takes_the_system_prompt() -> None:
     assert first == second
     assert first.system_prompt == "S"
     assert len(first.sites) == 2
+
+
+def test_files_task_scores_whole_answers_by_default(tmp_path: Path) -> None:
+    config = _files_config(tmp_path, [{"prompt": "q", "response": "Theft; Laptop"}])
+
+    assert build_task(config.task, seed=0).metric == "exact"
+
+
+def test_code_metric_on_a_files_task_needs_icd10_gold_answers(tmp_path: Path) -> None:
+    config = _files_config(tmp_path, [{"prompt": "q", "response": "Theft; Laptop"}])
+    coded = config.model_copy(update={"task": config.task.model_copy(update={"metric": "code"})})
+
+    with pytest.raises(DataError, match=r"gold\.jsonl: record 1: .*ICD-10-CM codes"):
+        build_task(coded.task, seed=0)
+
+
+def test_code_metric_on_a_files_task_with_code_answers_is_kept(tmp_path: Path) -> None:
+    config = _files_config(tmp_path, [{"prompt": "q", "response": "E11.9"}])
+    coded = config.model_copy(update={"task": config.task.model_copy(update={"metric": "code"})})
+
+    assert build_task(coded.task, seed=0).metric == "code"

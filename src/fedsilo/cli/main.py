@@ -31,11 +31,14 @@ def _demo_config(rounds: int | None) -> FedsiloConfig:
 
 def _run(config: FedsiloConfig, *, out: Path, resume: bool) -> int:
     from fedsilo.cli.progress import ConsoleReporter
+    from fedsilo.data.tasks import task_metric
+    from fedsilo.evaluation.metrics import METRIC_SCORES
     from fedsilo.model.base import DEFAULT_BASE_MODEL, cache_root, is_default_model_cached
     from fedsilo.server.run_folder import RunFolder
     from fedsilo.simulation.engines import SimulationRequest, simulate
 
-    reporter = ConsoleReporter()
+    metric = task_metric(config.task)
+    reporter = ConsoleReporter(metric=metric)
     if config.model.base == DEFAULT_BASE_MODEL and not is_default_model_cached():
         reporter.console.print(
             "first use of the embedded SmolLM2-135M-Instruct: converting its GGUF file to a "
@@ -46,6 +49,7 @@ def _run(config: FedsiloConfig, *, out: Path, resume: bool) -> int:
         f"strategy {config.strategy.name}, engine {config.run.engine}, base model "
         f"{config.model.base} -> {out}"
     )
+    reporter.console.print(f"gold-set metric: {metric} ({METRIC_SCORES[metric][0]})")
     simulate(SimulationRequest(config=config, run_dir=out, resume=resume, reporter=reporter))
     if config.clusters.method != "none":
         for expert in sorted((out / "experts").iterdir()):

@@ -18,12 +18,7 @@ from fedsilo.config.schema import MetricName
 from fedsilo.data.batching import collate
 from fedsilo.data.encode import IGNORE_INDEX, encode_prompt, encode_record
 from fedsilo.data.records import ChatRecord
-from fedsilo.evaluation.metrics import (
-    GoldMetrics,
-    summarize,
-    summarize_next_token,
-    summarize_sentiment,
-)
+from fedsilo.evaluation.metrics import TEXT_SUMMARIES, GoldMetrics, summarize_next_token
 
 
 def _left_padded(prompts: Sequence[Sequence[int]], *, pad_id: int) -> dict[str, torch.Tensor]:
@@ -165,6 +160,8 @@ def evaluate_gold(
 
     - ``"code"``: greedy answers; ICD-10-CM exact match and 3-character category match.
     - ``"sentiment"``: greedy answers; rating-class match and adjacent-class match.
+    - ``"exact"``, ``"label"``, ``"similarity"``: greedy free-text answers, see
+      :data:`fedsilo.evaluation.metrics.METRIC_SCORES`.
     - ``"next-token"``: no generation; teacher-forced top-1 and top-5 next-token accuracy over
       every token of the reference answers.
     """
@@ -202,5 +199,4 @@ def evaluate_gold(
         )
     finally:
         model.train(was_training)
-    summary = summarize_sentiment if metric == "sentiment" else summarize
-    return summary(answers, [record.response for record in gold], losses)
+    return TEXT_SUMMARIES[metric](answers, [record.response for record in gold], losses)

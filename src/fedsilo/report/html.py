@@ -100,7 +100,7 @@ def _charts(data: ReportData) -> dict[str, Markup]:
         )
         charts["accuracy"] = Markup(
             line_chart(
-                _accuracy_series(data.metric, rounds),
+                _accuracy_series(data.metric, data.secondary, rounds),
                 title=f"Gold-set accuracy over rounds ({data.metric})",
                 x_label="round",
                 y_label="accuracy (fraction)",
@@ -112,11 +112,11 @@ def _charts(data: ReportData) -> dict[str, Markup]:
 
 
 def _accuracy_series(
-    metric: str, rounds: tuple[RoundRow, ...]
+    metric: str, secondary: str, rounds: tuple[RoundRow, ...]
 ) -> dict[str, list[tuple[float, float]]]:
     return {
         f"accuracy ({metric})": [(float(r.round), r.gold_accuracy) for r in rounds],
-        "category accuracy": [(float(r.round), r.gold_category_accuracy) for r in rounds],
+        secondary: [(float(r.round), r.gold_category_accuracy) for r in rounds],
     }
 
 

@@ -186,6 +186,7 @@ class ReportData:
     updates: tuple[UpdateRow, ...]
     metric: str
     metric_note: str
+    secondary: str = "category accuracy"  # what gold_category_accuracy holds under the metric
     notes: tuple[str, ...] = ()
 
     @property

@@ -19,6 +19,7 @@ from typing import Any
 from fedsilo.client.policy import PolicyError, load_policy
 from fedsilo.config import ConfigError, FedsiloConfig, load_config
 from fedsilo.crypto import sha256_hex
+from fedsilo.evaluation.metrics import METRIC_SCORES, SECONDARY_LABELS
 from fedsilo.ledger import Entry, EntryKind, LedgerError, VerifyReport
 from fedsilo.ledger.store import parse_row, read_stored_ledger
 from fedsilo.model.base import base_model_name
@@ -41,23 +42,13 @@ from fedsilo.server.run_folder import RunFolder
 
 _NODE_LABEL = re.compile(r"^node-(\d+)(?: \((.+)\))?$")
 _NOT_RECORDED = "not recorded"
-# The metric each task scores with when its config names none (fedsilo.data.tasks).
-DEFAULT_METRICS: Mapping[str, str] = {
+# Runs from before run.json recorded the metric scored a task with these when the config named
+# none; "files" then fell back to "code" (first word only), which is why it is named here.
+LEGACY_DEFAULT_METRICS: Mapping[str, str] = {
     "icd10": "code",
-    "files": "exact",
+    "files": "code",
     "drug-review": "sentiment",
     "shakespeare": "next-token",
-}
-METRIC_MEANINGS: Mapping[str, str] = {
-    "code": "the first word of the answer as an ICD-10-CM code (dot ignored); category "
-    "accuracy compares its 3-character category",
-    "exact": "the whole answer, normalized (case, surrounding space and punctuation ignored), "
-    "must equal the gold answer",
-    "label": "the answer must name the gold answer among the answers the gold set holds",
-    "similarity": "character-level similarity of the answer to the gold answer (difflib ratio)",
-    "sentiment": "the answer must name the gold rating class; category accuracy allows the "
-    "adjacent class",
-    "next-token": "teacher-forced next-token accuracy (top-1; category column: top-5)",
 }
 
 
@@ -325,7 +316,14 @@ def metric_name(config: FedsiloConfig | None, info: Mapping[str, Any]) -> str:
         return recorded
     if config is None:
         return "unknown"
-    return config.task.metric or DEFAULT_METRICS.get(config.task.name, "unknown")
+    return config.task.metric or LEGACY_DEFAULT_METRICS.get(config.task.name, "unknown")
+
+
+def _meaning(metric: str) -> str:
+    if metric not in METRIC_SCORES:
+        return "an unknown metric"
+    accuracy, secondary = METRIC_SCORES[metric]
+    return f"accuracy: {accuracy}; {SECONDARY_LABELS[metric]}: {secondary}"
 
 
 def _kind(started: Entry | None) -> str:
@@ -483,8 +481,9 @@ def build_report_data(run_dir: Path, report: VerifyReport, *, key_source: KeySou
         rounds=rounds,
         updates=updates,
         metric=metric,
+        secondary=SECONDARY_LABELS.get(metric, "secondary score"),
         metric_note=(
-            f"{METRIC_MEANINGS.get(metric, 'see docs/tasks.md')}. Accuracy and loss are the "
+            f"{_meaning(metric)}. Accuracy and loss are the "
             "coordinator's evaluation on the gold set (metrics.jsonl), not signed in the "
             "ledger; the aggregate each was measured on is (its sha256 is shown)."
         ),
