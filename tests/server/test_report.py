@@ -15,6 +15,7 @@ from fedsilo.cli.main import main
 from fedsilo.config import FedsiloConfig
 from fedsilo.crypto import generate_private_key, write_public_key
 from fedsilo.data.tasks import build_task
+from fedsilo.ledger import EntryKind, read_entries
 from fedsilo.server.federation import FederationError
 from fedsilo.simulation.inprocess_grid import FIRST_NODE_ID
 
@@ -80,6 +81,7 @@ def test_dp_run_reports_epsilon_per_site_equal_to_the_privacy_command(
     for site, epsilon in printed.items():
         assert re.search(rf"{re.escape(site)} {epsilon}\b", text), (site, epsilon)
     assert "rdp" in text and "1e-05" in text
+    assert "Metric: code" in text and "Accuracy (code)" in text and "Gold n" in text
     assert re.search(rf"{re.escape(thrifty)} \S+ 2 sha256:[0-9a-f]{{64}}", text)  # min cohort
 
 
@@ -96,6 +98,9 @@ def test_refusal_is_attributed_to_the_signed_site_in_one_line(
     assert re.search(rf"2 {re.escape(thrifty)} \(recorded as node-\d+\) rejected", text)
     assert "over the policy's budget of 4.5" in text
     assert "Traceback" not in html
+    # The ledger itself holds the one-line reason; the traceback stays in the coordinator's log.
+    rejected = [e for e in read_entries(run / "ledger.db") if e.kind is EntryKind.UPDATE_REJECTED]
+    assert rejected and all("\n" not in str(e.payload["reason"]) for e in rejected)
     assert str(Path.home()) not in html and "/site-packages/" not in html
     assert str(tmp_path) not in html
 
@@ -116,8 +121,6 @@ def test_pinned_key_report_passes_and_folder_key_report_warns(
 
 
 def test_every_hash_is_shown_whole(dp_run_with_refusal: tuple[Path, str], tmp_path: Path) -> None:
-    from fedsilo.ledger import EntryKind, read_entries
-
     run, _ = dp_run_with_refusal
     entries = read_entries(run / "ledger.db")
 
