@@ -34,7 +34,6 @@ def test_simulate_then_export_then_generate(
     output = capsys.readouterr().out
     assert "round 1/1" in output
     assert "gold-set metric: code" in output
-    assert "accuracy (code)" in output
     assert "gold accuracy" in output and "(code, n=6)" in output
     base, _ = load_base_model(tiny_model_dir)
     PeftModel.from_pretrained(base, tmp_path / "adapter")

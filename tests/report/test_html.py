@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from markupsafe import escape
 
-from fedsilo.report import ReportData, render_report, write_report
+from fedsilo.report import PartRow, ReportData, render_report, write_report
 from tests.report.conftest import ADAPTER_HASHES, HOSTILE_SITE, REJECTION_REASON, make_report_data
 
 _SVG = re.compile(r"<svg\b.*?</svg>", re.DOTALL)
@@ -203,3 +203,27 @@ def test_bidi_override_in_a_site_name_is_neutralised() -> None:
 
     assert "\u202e" not in page
     assert "st-mary\ufffdgnp.exe" in page
+
+
+def test_gold_parts_and_category_interval_are_shown_when_present() -> None:
+    data = make_report_data()
+    last = dataclasses.replace(data.rounds[-1], category_ci95=(0.5, 0.75))
+    data = dataclasses.replace(
+        data,
+        rounds=(*data.rounds[:-1], last),
+        gold_parts=(PartRow("phrasings", "accuracy", 0.4, (0.25, 0.55), 20),),
+    )
+
+    page = render_report(data)
+
+    assert "[50.0%, 75.0%]" in page
+    assert "<td>phrasings</td><td>accuracy</td>" in page and "25.0% &ndash; 55.0%" in page
+
+
+def test_round_missing_from_the_ledger_is_marked_unverified() -> None:
+    data = make_report_data()
+    stray = dataclasses.replace(data.rounds[-1], adapter_sha256=None)
+
+    page = render_report(dataclasses.replace(data, rounds=(*data.rounds[:-1], stray)))
+
+    assert page.count("not in the ledger: metrics unverified") == 1

@@ -59,19 +59,17 @@ class ConsoleReporter:
         if not records:
             return
         first, last = records[0], records[-1]
-        count = last.get("gold_count")
-        held_out = f"{count} examples held out" if count is not None else "held out"
-        table = Table(title=f"Gold set ({held_out} from every site), metric {self.metric}")
+        table = Table(title="Gold set (held out from every site)")
         table.add_column("metric")
         table.add_column(f"round {first['round']}", justify="right")
         table.add_column(f"round {last['round']}", justify="right")
         table.add_row(
-            f"accuracy ({self.metric})",
+            "exact-match accuracy",
             _percent(first["gold_accuracy"]),
             _percent(last["gold_accuracy"]),
         )
         table.add_row(
-            self._secondary,
+            "category accuracy",
             _percent(first["gold_category_accuracy"]),
             _percent(last["gold_category_accuracy"]),
         )

@@ -10,6 +10,7 @@ from fedsilo.report.html import render_report, write_report
 from fedsilo.report.model import (
     Fact,
     Outcome,
+    PartRow,
     Privacy,
     ReportData,
     RoundRow,
@@ -24,6 +25,7 @@ from fedsilo.report.svg import line_chart
 __all__ = [
     "Fact",
     "Outcome",
+    "PartRow",
     "PdfError",
     "Privacy",
     "ReportData",

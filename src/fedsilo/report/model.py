@@ -146,6 +146,17 @@ class RoundRow:
 
 
 @dataclass(frozen=True)
+class PartRow:
+    """One figure of one gold-set part after the last round (``metrics.jsonl`` gold_parts)."""
+
+    part: str
+    figure: str
+    value: float
+    ci95: tuple[float, float] | None
+    count: int | None
+
+
+@dataclass(frozen=True)
 class Privacy:
     """What bounds what the released adapter reveals about each site's records.
 
@@ -187,6 +198,7 @@ class ReportData:
     metric: str
     metric_note: str
     secondary: str = "category accuracy"  # what gold_category_accuracy holds under the metric
+    gold_parts: tuple[PartRow, ...] = ()
     notes: tuple[str, ...] = ()
 
     @property

@@ -9,6 +9,7 @@ is skipped here (verification reports it), so a tampered ledger still gets a rep
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections import defaultdict
@@ -28,6 +29,7 @@ from fedsilo.privacy.events import DpEvent, event_from_json
 from fedsilo.report import (
     Fact,
     Outcome,
+    PartRow,
     Privacy,
     ReportData,
     RoundRow,
@@ -309,6 +311,38 @@ def _round_rows(folder: RunFolder, entries: Sequence[Entry]) -> tuple[RoundRow, 
     return tuple(rows)
 
 
+_PART_FIGURES = ("accuracy", "category_accuracy", "top1", "top5")
+
+
+def _gold_parts(folder: RunFolder) -> tuple[PartRow, ...]:
+    """The last round's gold parts, where metrics.jsonl has them (figures as recorded)."""
+    try:
+        records = folder.read_metrics()
+    except (OSError, ValueError):
+        return ()
+    parts = records[-1].get("gold_parts") if records else None
+    if not isinstance(parts, dict):
+        return ()
+    rows: list[PartRow] = []
+    for part, figures in sorted(parts.items()):
+        if not isinstance(figures, dict):
+            continue
+        count = figures.get("count")
+        for figure in _PART_FIGURES:
+            value = figures.get(figure)
+            if isinstance(value, int | float) and math.isfinite(value):
+                rows.append(
+                    PartRow(
+                        part=str(part),
+                        figure=figure.replace("_", " "),
+                        value=float(value),
+                        ci95=_float_pair(figures.get(f"{figure}_ci95")),
+                        count=count if isinstance(count, int) else None,
+                    )
+                )
+    return tuple(rows)
+
+
 def metric_name(config: FedsiloConfig | None, info: Mapping[str, Any]) -> str:
     """The metric the run's accuracies were scored with, as recorded or by the task's default."""
     recorded = info.get("metric")
@@ -487,5 +521,6 @@ def build_report_data(run_dir: Path, report: VerifyReport, *, key_source: KeySou
             "coordinator's evaluation on the gold set (metrics.jsonl), not signed in the "
             "ledger; the aggregate each was measured on is (its sha256 is shown)."
         ),
+        gold_parts=_gold_parts(folder),
         notes=_notes(entries),
     )
