@@ -21,7 +21,7 @@ def _number(value: Any) -> str:
 class ConsoleReporter:
     """Prints one line per round: sites answered, train loss, gold metrics, time."""
 
-    def __init__(self, console: Console | None = None, *, metric: str = "code") -> None:
+    def __init__(self, console: Console | None = None, *, metric: str) -> None:
         self.console = console or Console(highlight=False)
         self.metric = metric  # named beside every accuracy: what it counts is the metric's
         self._secondary = SECONDARY_LABELS.get(metric, "secondary")
