@@ -34,6 +34,8 @@ def test_simulate_then_export_then_generate(
     output = capsys.readouterr().out
     assert "round 1/1" in output
     assert "exact match" in output
+    assert "gold-set metric: code" in output
+    assert "gold accuracy" in output and "(code, n=6)" in output
     base, _ = load_base_model(tiny_model_dir)
     PeftModel.from_pretrained(base, tmp_path / "adapter")
 
@@ -118,7 +120,7 @@ def test_the_console_shows_training_progress_in_its_bar_not_the_log(
     from fedsilo.training.loop import StepProgress
     from fedsilo.training.progress import report_progress
 
-    reporter = ConsoleReporter(Console(file=StringIO(), force_terminal=False))
+    reporter = ConsoleReporter(Console(file=StringIO(), force_terminal=False), metric="code")
     step = StepProgress(1, 4, 120, 1.0, 2.5)
 
     with caplog.at_level("INFO", logger="fedsilo.training"):

@@ -34,7 +34,9 @@ def _record(round_number: int, category: float, low: float, high: float) -> dict
 def test_summary_shows_each_part_with_its_interval() -> None:
     console = Console(record=True, width=80)
 
-    ConsoleReporter(console).summary([_record(0, 0.042, 0.0, 0.104), _record(3, 0.5, 0.354, 0.646)])
+    ConsoleReporter(console, metric="code").summary(
+        [_record(0, 0.042, 0.0, 0.104), _record(3, 0.5, 0.354, 0.646)]
+    )
 
     text = console.export_text()
     assert "unseen-code" in text and "phrasing" in text and "ranking" in text
@@ -48,7 +50,9 @@ def test_summary_of_records_without_parts_shows_the_headline() -> None:
     console = Console(record=True, width=80)
     old = {"round": 0, "gold_accuracy": 0.0, "gold_category_accuracy": 0.25, "gold_loss": 2.0}
 
-    ConsoleReporter(console).summary([old, {**old, "round": 1, "gold_category_accuracy": 0.5}])
+    ConsoleReporter(console, metric="code").summary(
+        [old, {**old, "round": 1, "gold_category_accuracy": 0.5}]
+    )
 
     text = console.export_text()
     assert "category" in text and "25.0%" in text and "50.0%" in text
@@ -58,7 +62,7 @@ def test_round_line_shows_the_headline_interval() -> None:
     console = Console(record=True, width=200)
     record = {**_record(2, 0.5, 0.354, 0.646), "sites_ok": 4, "sites_failed": 0}
 
-    ConsoleReporter(console).round_done(
+    ConsoleReporter(console, metric="code").round_done(
         {**record, "train_loss": 1.0, "seconds": 3.0}, total_rounds=3
     )
 

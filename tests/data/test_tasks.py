@@ -76,3 +76,24 @@ def test_all_keeps_every_record_of_each_site(name: str, sites: int) -> None:
 
     assert every == sizes(100_000)
     assert sum(sizes(4)) < sum(every)
+
+
+def test_files_task_scores_whole_answers_by_default(tmp_path: Path) -> None:
+    config = _files_config(tmp_path, [{"prompt": "q", "response": "Theft; Laptop"}])
+
+    assert build_task(config.task, seed=0).metric == "exact"
+
+
+def test_code_metric_on_a_files_task_needs_icd10_gold_answers(tmp_path: Path) -> None:
+    config = _files_config(tmp_path, [{"prompt": "q", "response": "Theft; Laptop"}])
+    coded = config.model_copy(update={"task": config.task.model_copy(update={"metric": "code"})})
+
+    with pytest.raises(DataError, match=r"gold\.jsonl: record 1: .*ICD-10-CM codes"):
+        build_task(coded.task, seed=0)
+
+
+def test_code_metric_on_a_files_task_with_code_answers_is_kept(tmp_path: Path) -> None:
+    config = _files_config(tmp_path, [{"prompt": "q", "response": "E11.9"}])
+    coded = config.model_copy(update={"task": config.task.model_copy(update={"metric": "code"})})
+
+    assert build_task(coded.task, seed=0).metric == "code"

@@ -122,3 +122,15 @@ def test_student_starts_as_base_model(
         "target_modules": ["down_proj", "o_proj", "q_proj", "v_proj"],
     }
     assert torch.get_num_threads() == 1
+
+
+def test_distillation_gets_a_compliance_report(distilled: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report.html"
+
+    assert main(["audit", "report", str(distilled), "--out", str(out)]) == 0
+
+    page = out.read_text(encoding="utf-8")
+    assert "<dd>distillation</dd>" in page
+    assert 'class="banner pass"' in page
+    for expert in read_entries(distilled / "ledger.db")[1].payload["experts"]:  # type: ignore[union-attr]
+        assert f"distilled from expert {expert}: adapter" in page

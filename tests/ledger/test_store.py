@@ -281,3 +281,35 @@ def test_reading_a_row_with_unknown_kind_names_its_seq(tmp_path: Path) -> None:
 
     with pytest.raises(LedgerError, match="seq 2: unknown kind 'bribe_paid'"):
         read_entries(tmp_path / "ledger.db")
+
+
+def _folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
+def test_reading_a_closed_ledger_changes_nothing_in_its_folder(tmp_path: Path) -> None:
+    record_run(tmp_path / "ledger.db")
+    before = _folder_bytes(tmp_path)
+
+    read_entries(tmp_path / "ledger.db")
+    verify_ledger(
+        tmp_path / "ledger.db",
+        coordinator_key=COORDINATOR_KEY.public_key(),
+        site_keys=SITE_KEYS,
+    )
+    read_coordinator_key_text(tmp_path / "ledger.db")
+
+    assert _folder_bytes(tmp_path) == before  # no -wal or -shm, no byte changed
+
+
+def test_reading_a_live_ledger_sees_its_log_and_changes_nothing(tmp_path: Path) -> None:
+    with open_ledger(tmp_path / "ledger.db") as ledger:
+        written = [
+            ledger.append(EntryKind.RUN_STARTED, {}),
+            ledger.append(EntryKind.ROUND_OPENED, {}),
+        ]
+        assert (tmp_path / "ledger.db-wal").stat().st_size > 0  # the entries are in the log
+        before = _folder_bytes(tmp_path)
+
+        assert read_entries(tmp_path / "ledger.db") == written
+        assert _folder_bytes(tmp_path) == before

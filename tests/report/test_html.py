@@ -1,53 +1,55 @@
-import html
+import dataclasses
 import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+from markupsafe import escape
 
-from fedsilo.report import ReportData, render_report, write_report
+from fedsilo.report import PartRow, ReportData, render_report, write_report
 from tests.report.conftest import ADAPTER_HASHES, HOSTILE_SITE, REJECTION_REASON, make_report_data
 
 _SVG = re.compile(r"<svg\b.*?</svg>", re.DOTALL)
+
+
+def _escaped(text: str) -> str:
+    """``text`` as the report's template escapes it."""
+    return str(escape(text))
 
 
 def test_every_site_and_fingerprint_appears(report_data: ReportData) -> None:
     page = render_report(report_data)
 
     for site in report_data.sites:
-        assert html.escape(site.name) in page
-        assert html.escape(site.fingerprint) in page
+        assert _escaped(site.name) in page
+        assert _escaped(site.fingerprint) in page
 
 
 def test_every_update_digest_and_reason_appears(report_data: ReportData) -> None:
     page = render_report(report_data)
 
     for update in report_data.updates:
-        assert html.escape(update.detail) in page
-    assert html.escape(REJECTION_REASON) in page
+        assert _escaped(update.detail) in page
+    assert _escaped(REJECTION_REASON) in page
 
 
 def test_provenance_values_appear(report_data: ReportData) -> None:
     page = render_report(report_data)
 
-    for value in (
-        report_data.run_name,
-        report_data.federation_id,
-        report_data.generated_at,
-        report_data.base_model_hash,
-        report_data.config_digest,
-        report_data.coordinator_fingerprint,
-        report_data.strategy,
-        report_data.privacy_summary,
-    ):
-        assert html.escape(value) in page
+    for value in (report_data.run_name, report_data.generated_at):
+        assert _escaped(value) in page
+    for fact in report_data.facts:
+        assert f"<dt>{_escaped(fact.label)}</dt>" in page
+        assert _escaped(fact.value) in page
+    assert report_data.verification.coordinator_fingerprint in page
 
 
-def test_adapter_hash_is_shortened_with_full_value_in_title(report_data: ReportData) -> None:
+def test_adapter_hashes_are_shown_whole(report_data: ReportData) -> None:
     page = render_report(report_data)
 
     for digest in ADAPTER_HASHES:
-        assert f'<code title="{digest}">{digest[:12]}\u2026</code>' in page
+        assert f'<span class="hash">{digest}</span>' in page
+        assert "\u2026" not in page
 
 
 def test_passing_verification_shows_pass_banner(report_data: ReportData) -> None:
@@ -56,7 +58,7 @@ def test_passing_verification_shows_pass_banner(report_data: ReportData) -> None
     assert 'class="banner pass"' in page
     assert ">PASS<" in page
     assert ">FAIL<" not in page
-    assert html.escape(report_data.verify_summary) in page
+    assert _escaped(report_data.verification.summary) in page
 
 
 def test_failing_verification_shows_fail_banner_with_problems() -> None:
@@ -69,13 +71,13 @@ def test_failing_verification_shows_fail_banner_with_problems() -> None:
     assert ">FAIL<" in page
     assert ">PASS<" not in page
     for problem in problems:
-        assert f"<li>{html.escape(problem)}</li>" in page
+        assert f"<li>{_escaped(problem)}</li>" in page
 
 
 def test_hostile_site_name_is_escaped_and_no_script_tag_exists(report_data: ReportData) -> None:
     page = render_report(report_data)
 
-    assert html.escape(HOSTILE_SITE) in page
+    assert _escaped(HOSTILE_SITE) in page
     assert "<script" not in page.lower()
 
 
@@ -114,7 +116,7 @@ def test_every_svg_is_well_formed_xml() -> None:
 def test_without_dp_the_epsilon_chart_is_replaced_by_a_note(report_data: ReportData) -> None:
     page = render_report(report_data)
 
-    assert "No differential privacy configured: epsilon is not bounded." in page
+    assert "No differential privacy event is recorded in the ledger" in page
     assert len(_SVG.findall(page)) == 2
 
 
@@ -123,9 +125,9 @@ def test_with_dp_final_epsilon_and_delta_are_shown() -> None:
 
     page = render_report(data)
 
-    assert "epsilon is not bounded" not in page
+    assert "No differential privacy event" not in page
     assert "\u03b4 = 1e-05" in page
-    assert '<td class="num">0.875</td>' in page
+    assert '<td class="num">0.8750</td>' in page
 
 
 def test_missing_train_loss_is_a_dash_not_zero(report_data: ReportData) -> None:
@@ -138,29 +140,17 @@ def test_missing_train_loss_is_a_dash_not_zero(report_data: ReportData) -> None:
 
 
 def test_empty_run_renders_placeholders() -> None:
-    data = ReportData(
-        run_name="empty",
-        federation_id="fed",
-        generated_at="now",
-        base_model_hash="h",
-        config_digest="c",
-        coordinator_fingerprint="f",
-        strategy="fedavg",
-        privacy_summary="none",
-        verify_ok=False,
-        verify_summary="nothing recorded",
-        verify_problems=(),
+    data = dataclasses.replace(
+        make_report_data(verify_ok=False, problems=("run folder: the ledger has no entries",)),
         sites=(),
         rounds=(),
         updates=(),
-        epsilon={},
-        delta=None,
     )
 
     page = render_report(data)
 
     assert "No rounds are recorded" in page
-    assert page.count(">no data<") == 2
+    assert "No updates are recorded" in page
 
 
 def test_nan_metric_is_refused() -> None:
@@ -177,3 +167,63 @@ def test_write_report_writes_the_rendered_page(tmp_path: Path, report_data: Repo
 
     assert target.read_text(encoding="utf-8") == render_report(report_data)
     assert [p.name for p in target.parent.iterdir()] == ["report.html"]
+
+
+def test_failed_run_is_red_even_when_the_ledger_verifies() -> None:
+    page = render_report(make_report_data(status="failed"))
+
+    assert 'class="banner fail"' in page
+    assert 'class="banner pass"' not in page
+    assert "The run failed" in page
+    assert "fewer than min_sites" in page
+
+
+def test_running_run_is_never_green() -> None:
+    page = render_report(make_report_data(status="running"))
+
+    assert 'class="banner warn"' in page
+    assert 'class="banner pass"' not in page
+    assert "NOT FINISHED" in page
+
+
+def test_key_from_the_folder_is_a_visible_warning() -> None:
+    pinned = render_report(make_report_data(key_source="auditor"))
+    folder = render_report(make_report_data(key_source="folder"))
+
+    assert "pinned by the auditor" in pinned
+    assert 'class="warning"' not in pinned
+    assert 'class="warning"' in folder
+    assert "The coordinator key was taken from the run folder." in folder
+
+
+def test_bidi_override_in_a_site_name_is_neutralised() -> None:
+    data = make_report_data()
+    spoofed = dataclasses.replace(data.sites[0], name="st-mary\u202egnp.exe")
+    page = render_report(dataclasses.replace(data, sites=(spoofed, *data.sites[1:])))
+
+    assert "\u202e" not in page
+    assert "st-mary\ufffdgnp.exe" in page
+
+
+def test_gold_parts_and_category_interval_are_shown_when_present() -> None:
+    data = make_report_data()
+    last = dataclasses.replace(data.rounds[-1], category_ci95=(0.5, 0.75))
+    data = dataclasses.replace(
+        data,
+        rounds=(*data.rounds[:-1], last),
+        gold_parts=(PartRow("phrasings", "accuracy", 0.4, (0.25, 0.55), 20),),
+    )
+
+    page = render_report(data)
+
+    assert "[50.0%, 75.0%]" in page
+    assert "<td>phrasings</td><td>accuracy</td>" in page and "25.0% &ndash; 55.0%" in page
+
+
+def test_round_missing_from_the_ledger_is_marked_unverified() -> None:
+    data = make_report_data()
+    stray = dataclasses.replace(data.rounds[-1], adapter_sha256=None)
+
+    page = render_report(dataclasses.replace(data, rounds=(*data.rounds[:-1], stray)))
+
+    assert page.count("not in the ledger: metrics unverified") == 1

@@ -5,14 +5,14 @@ from tests.report.conftest import make_report_data
 
 
 def test_passing_verification_with_problems_is_refused() -> None:
-    with pytest.raises(ValueError, match="verify_problems"):
+    with pytest.raises(ValueError, match="problem"):
         make_report_data(verify_ok=True, problems=("entry 3: bad signature",))
 
 
 def test_failing_verification_may_list_problems() -> None:
     data = make_report_data(verify_ok=False, problems=("entry 3: bad signature",))
 
-    assert data.verify_problems == ("entry 3: bad signature",)
+    assert data.verification.problems == ("entry 3: bad signature",)
 
 
 def test_negative_site_count_is_refused_with_site_name() -> None:
@@ -31,6 +31,6 @@ def test_epsilon_is_a_read_only_copy() -> None:
 
     epsilon["late"] = ((1, 9.0),)
 
-    assert list(data.epsilon) == ["st-mary"]
+    assert list(data.privacy.epsilon) == ["st-mary"]
     with pytest.raises(TypeError):
-        data.epsilon["other"] = ()  # type: ignore[index]
+        data.privacy.epsilon["other"] = ()  # type: ignore[index]

@@ -130,3 +130,44 @@ def test_report_renders_as_a_non_blank_page(tmp_path: Path, report_data: ReportD
         if all(abs(c - e) <= 2 for c, e in zip(rgb, _PASS_BANNER_RGB, strict=True))
     )
     assert banner >= 10_000, f"PASS banner background covers only {banner} pixels"
+
+
+_FAIL_BANNER_RGB = (0xFD, 0xEC, 0xEA)  # .banner.fail background
+
+
+def test_failed_run_renders_a_red_banner_and_no_green_one(tmp_path: Path) -> None:
+    from tests.report.conftest import make_report_data
+
+    report = tmp_path / "report.html"
+    write_report(make_report_data(status="failed"), report)
+
+    _, _, pixels = _decode_rgb(_screenshot(report, tmp_path))
+    colours = Counter(pixels)
+
+    def covered(rgb: tuple[int, int, int]) -> int:
+        return sum(
+            n
+            for c, n in colours.items()
+            if all(abs(a - b) <= 2 for a, b in zip(c, rgb, strict=True))
+        )
+
+    assert covered(_FAIL_BANNER_RGB) >= 10_000
+    # The small "accepted" pills share the banner's green; a green banner alone covers 10,000+.
+    assert covered(_PASS_BANNER_RGB) < 6_000
+
+
+def test_pdf_is_printed_for_the_paper_archive(tmp_path: Path, report_data: ReportData) -> None:
+    from fedsilo.report import write_pdf
+
+    chromium = _chromium()
+    if chromium is None:
+        pytest.skip("chromium not installed: apt-get install chromium")
+    report = tmp_path / "report.html"
+    write_report(report_data, report)
+
+    write_pdf(report, tmp_path / "report.pdf", chromium=chromium)
+
+    pdf = (tmp_path / "report.pdf").read_bytes()
+    assert pdf.startswith(b"%PDF-")
+    assert pdf.rstrip().endswith(b"%%EOF")
+    assert pdf.count(b"/Type /Page") + pdf.count(b"/Type/Page") >= 2  # the report spans pages

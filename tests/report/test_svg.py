@@ -182,3 +182,53 @@ def test_escape_text_escapes_markup_and_quotes() -> None:
     assert escape_text("<a href=\"x\">'&'</a>") == (
         "&lt;a href=&quot;x&quot;&gt;&#x27;&amp;&#x27;&lt;/a&gt;"
     )
+
+
+def _marker_x(root: ET.Element) -> list[list[float]]:
+    """Each series' marker x positions (circles and squares), in series order."""
+    series = []
+    for group in root.iter("g"):
+        if group.get("class") != "series":
+            continue
+        xs = [float(c.get("cx", "nan")) for c in group.iter("circle")]
+        xs += [float(r.get("x", "nan")) + 3.5 for r in group.iter("rect")]
+        series.append(xs)
+    return series
+
+
+def test_coinciding_series_are_shifted_apart_so_both_show() -> None:
+    root = _chart({"accuracy": [(0, 0.0), (1, 0.0)], "category": [(0, 0.0), (1, 0.0)]})
+
+    first, second = _marker_x(root)
+
+    assert all(abs(a - b) >= 3 for a, b in zip(first, second, strict=True))
+    assert "shifted sideways" in (root.find("desc").text or "")  # type: ignore[union-attr]
+
+
+def test_distinct_series_are_not_shifted() -> None:
+    root = _chart({"a": [(0, 1.0), (1, 2.0)], "b": [(0, 3.0), (1, 4.0)]})
+
+    first, second = _marker_x(root)
+
+    assert first == second
+
+
+def test_y_axis_starts_at_zero_so_a_small_change_stays_small() -> None:
+    root = _chart({"gold loss": [(0, 2.345), (1, 2.333)]})
+
+    assert "0.0" in _texts(root) or "0" in _texts(root)
+    assert "axis cut" not in " ".join(_texts(root))
+
+
+def test_an_axis_that_does_not_reach_zero_is_marked_cut() -> None:
+    svg = line_chart(
+        {"gold loss": [(0, 2.345), (1, 2.333)]},
+        title="Loss",
+        x_label="round",
+        y_label="loss",
+        y_from_zero=False,
+    )
+    root = ET.fromstring(svg)
+
+    assert "loss (axis cut)" in _texts(root)
+    assert any(el.get("class") == "axis-cut" for el in root.iter("line"))

@@ -107,7 +107,7 @@ def test_report_renders_sites_and_verdict(finished_run: Path, tmp_path: Path) ->
     folder = RunFolder(finished_run)
     for site in folder.read_metrics()[1]["sites"]:
         assert site in html
-    assert "ledger verified" in html
+    assert 'class="banner pass"' in html and "verified" in html
     assert "http://" not in html and "https://" not in html
 
 

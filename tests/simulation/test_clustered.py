@@ -206,3 +206,15 @@ def test_distill_refuses_a_transfer_set_holding_a_site_record(
             clustered_run / "experts", transfer, tmp_path / "m", settings=DistillSettings(steps=1)
         )
     assert not (tmp_path / "m" / "ledger.db").exists()
+
+
+def test_clustered_run_gets_a_compliance_report(clustered_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report.html"
+
+    assert main(["audit", "report", str(clustered_run), "--out", str(out)]) == 0
+
+    page = out.read_text(encoding="utf-8")
+    assert "clustered run (one expert per cluster)" in page
+    assert 'class="banner pass"' in page
+    for cluster in GROUPS:
+        assert f"expert {cluster}: cluster run" in page

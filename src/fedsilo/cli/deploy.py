@@ -33,9 +33,11 @@ def cmd_certs_site(args: argparse.Namespace) -> int:
 
 def cmd_coordinator_start(args: argparse.Namespace) -> int:
     from fedsilo.cli.progress import ConsoleReporter
+    from fedsilo.config import load_config
+    from fedsilo.data.tasks import task_metric
     from fedsilo.deploy.coordinator import run_coordinator
 
-    reporter = ConsoleReporter()
+    reporter = ConsoleReporter(metric=task_metric(load_config(args.config).task))
 
     def say(text: str) -> None:
         reporter.console.print(text, markup=False, soft_wrap=True)

@@ -31,11 +31,14 @@ def _demo_config(rounds: int | None) -> FedsiloConfig:
 
 def _run(config: FedsiloConfig, *, out: Path, resume: bool) -> int:
     from fedsilo.cli.progress import ConsoleReporter
+    from fedsilo.data.tasks import task_metric
+    from fedsilo.evaluation.metrics import METRIC_SCORES
     from fedsilo.model.base import DEFAULT_BASE_MODEL, cache_root, is_default_model_cached
     from fedsilo.server.run_folder import RunFolder
     from fedsilo.simulation.engines import SimulationRequest, simulate
 
-    reporter = ConsoleReporter()
+    metric = task_metric(config.task)
+    reporter = ConsoleReporter(metric=metric)
     if config.model.base == DEFAULT_BASE_MODEL and not is_default_model_cached():
         reporter.console.print(
             "first use of the embedded SmolLM2-135M-Instruct: converting its GGUF file to a "
@@ -46,6 +49,7 @@ def _run(config: FedsiloConfig, *, out: Path, resume: bool) -> int:
         f"strategy {config.strategy.name}, engine {config.run.engine}, base model "
         f"{config.model.base} -> {out}"
     )
+    reporter.console.print(f"gold-set metric: {metric} ({METRIC_SCORES[metric][0]})")
     with reporter.training_progress():
         simulate(SimulationRequest(config=config, run_dir=out, resume=resume, reporter=reporter))
     if config.clusters.method != "none":
@@ -124,12 +128,27 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_report(args: argparse.Namespace) -> int:
-    from fedsilo.report import write_report
-    from fedsilo.server.audit import build_report_data, describe, verify_run
+    from fedsilo.report import write_pdf, write_report
+    from fedsilo.report.model import KeySource
+    from fedsilo.server.audit import describe, verify_run
+    from fedsilo.server.report_data import build_report_data
 
     report = verify_run(args.run, coordinator_key=_trusted_key(args))
-    write_report(build_report_data(args.run, report), args.out)
+    key_source: KeySource = "folder" if args.coordinator_key is None else "auditor"
+    data = build_report_data(args.run, report, key_source=key_source)
+    write_report(data, args.out)
     print(f"wrote {args.out}; {describe(report)}")
+    if args.pdf:
+        pdf = args.out.with_suffix(".pdf")
+        write_pdf(args.out, pdf)
+        print(f"wrote {pdf}")
+    if key_source == "folder":
+        print("warning: checked against the coordinator key in the run folder, not a pinned one")
+    if data.outcome.status != "completed":
+        print(
+            f"run outcome: {data.outcome.status}"
+            + (f" ({data.outcome.reason})" if data.outcome.reason else "")
+        )
     return 0 if report.ok else 1
 
 
@@ -397,6 +416,9 @@ def _parser() -> argparse.ArgumentParser:
         )
         if name == "report":
             command.add_argument("--out", type=Path, required=True)
+            command.add_argument(
+                "--pdf", action="store_true", help="also print it to OUT.pdf (headless Chromium)"
+            )
         command.set_defaults(handler=handler)
     _add_bench(commands)
     add_deploy_commands(commands)

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
 from rich.table import Table
 
+from fedsilo.evaluation.metrics import SECONDARY_LABELS
 from fedsilo.training.loop import StepProgress
 from fedsilo.training.progress import progress_to
 
@@ -36,14 +37,21 @@ def _training_speed(record: dict[str, Any]) -> str:
 class ConsoleReporter:
     """Prints one line per round: sites answered, train loss, gold metrics, time."""
 
-    def __init__(self, console: Console | None = None) -> None:
+    def __init__(self, console: Console | None = None, *, metric: str) -> None:
         self.console = console or Console(highlight=False)
+        self.metric = metric  # named beside every accuracy: what it counts is the metric's
+        self._secondary = SECONDARY_LABELS.get(metric, "secondary")
+
+    def _accuracy(self, record: dict[str, Any]) -> str:
+        count = record.get("gold_count")
+        of = f", n={count}" if count is not None else ""
+        return f"gold accuracy {_percent(record['gold_accuracy'])} ({self.metric}{of})"
 
     def round_done(self, record: dict[str, Any], *, total_rounds: int) -> None:
         if record["round"] == 0:
             self.console.print(
-                f"[bold]before training[/]  gold accuracy {_percent(record['gold_accuracy'])}  "
-                f"category {_headline(record)}  "
+                f"[bold]before training[/]  {self._accuracy(record)}  "
+                f"{self._secondary} {_headline(record)}  "
                 f"gold loss {_number(record['gold_loss'])}"
             )
             return
@@ -52,8 +60,8 @@ class ConsoleReporter:
         self.console.print(
             f"[bold]round {record['round']}/{total_rounds}[/]  sites {answered}/{asked}  "
             f"train loss {_number(record['train_loss'])}  "
-            f"gold accuracy {_percent(record['gold_accuracy'])}  "
-            f"category {_headline(record)}  "
+            f"{self._accuracy(record)}  "
+            f"{self._secondary} {_headline(record)}  "
             f"gold loss {_number(record['gold_loss'])}  {record['seconds']:.1f} s"
             f"{_training_speed(record)}"
         )

@@ -29,7 +29,7 @@ PartitionName = Literal["by-chapter", "dirichlet"]
 TaskName = Literal["icd10", "drug-review", "shakespeare", "files"]
 # How the gold set is scored (docs/benchmarks.md): "code" ICD-10-CM exact match and category,
 # "sentiment" rating class and adjacent class, "next-token" teacher-forced top-1 and top-5.
-MetricName = Literal["code", "sentiment", "next-token"]
+MetricName = Literal["code", "sentiment", "next-token", "exact", "label", "similarity"]
 ClusterMethod = Literal["none", "groups", "site", "update-cosine"]
 SecureAggregationMode = Literal["none", "secagg", "he"]
 # Compute precision of training and evaluation: "auto" takes bf16 where the CPU multiplies
@@ -110,8 +110,10 @@ class TaskSection(Section):
     sites: tuple[SiteFilesSection, ...] = ()
     gold_path: Path | None = None
     system_prompt: str | None = None
-    # None: the task's own metric (icd10 and files: "code", drug-review: "sentiment",
-    # shakespeare: "next-token").
+    # None: the task's own metric (icd10: "code", files: "exact" (the whole normalized answer),
+    # drug-review: "sentiment", shakespeare: "next-token"). "label": classification over the
+    # gold answers; "similarity": character similarity; "code" only where the gold answers
+    # are ICD-10-CM codes (checked when the task is built).
     metric: MetricName | None = None
     # Keep only these sites of the task (a cluster's federation, see [clusters]); with the
     # ICD-10 task the gold set keeps only the chapters these sites hold.

@@ -16,6 +16,7 @@ from fedsilo.data.drug_review import build_drug_review_task
 from fedsilo.data.icd10 import SiteData, TaskData, build_icd10_task, chapter_of_code
 from fedsilo.data.records import ChatRecord, DataError, load_records
 from fedsilo.data.shakespeare import build_shakespeare_task
+from fedsilo.evaluation.metrics import is_icd10_answer
 
 
 def _examples_per_site(task: TaskSection) -> int | None:
@@ -58,6 +59,9 @@ def _files(task: TaskSection, seed: int) -> TaskData:
         system_prompt=task.system_prompt,
         sites=sites,
         gold=tuple(gold),
+        # Whole-answer match: "code" reads only the first word, so short answers that share
+        # it ("Theft; Laptop", "Theft; Paper") would all count as right.
+        metric="exact",
     )
 
 
@@ -100,9 +104,37 @@ def build_task(task: TaskSection, *, seed: int) -> TaskData:
         built = dataclasses.replace(built, system_prompt=task.system_prompt)
     if task.metric is not None:
         built = dataclasses.replace(built, metric=task.metric)
+    if built.metric == "code" and task.name == "files":
+        _check_code_answers(built.gold, source=str(task.gold_path))
     if task.only_sites:
         built = restrict_to_sites(built, task.only_sites)
     return built
+
+
+def _check_code_answers(gold: tuple[ChatRecord, ...], *, source: str) -> None:
+    """Metric "code" compares the first word as an ICD-10-CM code: only for gold answers that
+    are such codes, or it scores answers that merely start alike as right."""
+    for position, record in enumerate(gold, start=1):
+        if not is_icd10_answer(record.response):
+            raise DataError(
+                f'{source}: record {position}: task.metric = "code" needs gold answers that '
+                f'are ICD-10-CM codes, got {record.response[:60]!r}; use "exact", "label" '
+                'or "similarity" for other answers'
+            )
+
+
+def task_metric(task: TaskSection) -> str:
+    """The metric a task's gold set is scored with: the configured one or the task's own."""
+    return task.metric or DEFAULT_METRICS[task.name]
+
+
+DEFAULT_METRICS: dict[str, str] = {
+    "icd10": "code",
+    "files": "exact",
+    "drug-review": "sentiment",
+    "shakespeare": "next-token",
+}
+"""Each task's own metric, when its config names none."""
 
 
 def restrict_to_sites(data: TaskData, names: tuple[str, ...]) -> TaskData:

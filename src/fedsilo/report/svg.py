@@ -45,7 +45,7 @@ _MIN_HEIGHT = 160
 # Characters that are not allowed in XML 1.0 (or are C1 controls, which HTML also rejects), and
 # the bidirectional embedding/override/isolate controls, which could make an untrusted name
 # display as something else. They are shown as U+FFFD so the reader sees that something is odd.
-_UNSAFE_CHARS = re.compile(
+UNSAFE_CHARS = re.compile(
     "[^\t\n\r\x20-\x7e\xa0-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]|[\u202a-\u202e\u2066-\u2069]"
 )
 
@@ -56,7 +56,7 @@ def escape_text(text: str) -> str:
     Markup characters and quotes are escaped; characters that are invalid in XML, control
     characters and bidirectional overrides are replaced by U+FFFD.
     """
-    return html.escape(_UNSAFE_CHARS.sub("\ufffd", text), quote=True)
+    return html.escape(UNSAFE_CHARS.sub("\ufffd", text), quote=True)
 
 
 @dataclass(frozen=True)
@@ -191,6 +191,27 @@ def _no_data(title: str, width: int, height: int) -> str:
     return "".join(parts)
 
 
+_DODGE_PIXELS = 4.0
+
+
+def _dodge_offsets(points: Mapping[str, Sequence[tuple[float, float]]]) -> dict[str, float]:
+    """A sideways pixel shift per series, non-zero only when some series share a point.
+
+    Shifting every series (centred on zero) keeps the order of the legend left to right.
+    """
+    seen: set[tuple[float, float]] = set()
+    coincide = False
+    for series_points in points.values():
+        own = set(series_points)
+        coincide = coincide or bool(own & seen)
+        seen |= own
+    names = list(points)
+    if not coincide:
+        return dict.fromkeys(names, 0.0)
+    middle = (len(names) - 1) / 2
+    return {name: (index - middle) * _DODGE_PIXELS for index, name in enumerate(names)}
+
+
 def _describe(points: Mapping[str, Sequence[tuple[float, float]]]) -> str:
     lines = []
     for name, series_points in points.items():
@@ -213,6 +234,7 @@ def line_chart(
     y_label: str,
     y_min: float | None = None,
     y_max: float | None = None,
+    y_from_zero: bool = True,
     width: int = 640,
     height: int = 300,
 ) -> str:
@@ -223,6 +245,12 @@ def line_chart(
     include any point outside them, so no point is ever clipped. When every x is a whole number
     (rounds), x ticks are whole numbers. A chart without any point shows a "no data"
     placeholder. The chart grows taller when the legend needs more room than ``height``.
+
+    The y axis starts at zero (for data that is not negative) unless ``y_from_zero`` is False;
+    then an axis that does not reach zero is drawn with a break mark and "axis cut" in its
+    label, so a small change is never stretched over the whole height unannounced. Where
+    points of different series coincide, each series' markers are shifted sideways by a few
+    pixels (said in the chart's description), so no series hides under another.
 
     Raises:
         ValueError: a non-finite x or y (the message names the series and the point), ``y_min``
@@ -247,8 +275,13 @@ def line_chart(
     plot_height = height - _MARGIN_TOP - _MARGIN_BOTTOM
     plot_bottom = plot_top + plot_height
     xs = [x for x, _ in all_points]
+    ys = [y for _, y in all_points]
     x_axis = _axis(xs, lo_fixed=None, hi_fixed=None, integer=all(x.is_integer() for x in xs))
-    y_axis = _axis([y for _, y in all_points], lo_fixed=y_min, hi_fixed=y_max, integer=False)
+    if y_min is None and y_from_zero and min(ys) >= 0:
+        y_min = 0.0
+    y_axis = _axis(ys, lo_fixed=y_min, hi_fixed=y_max, integer=False)
+    cut = y_axis.lo > 0 or y_axis.hi < 0
+    dodge = _dodge_offsets(points)
 
     def px(x: float) -> float:
         return x_axis.scale(x, plot_left, plot_width)
@@ -256,7 +289,12 @@ def line_chart(
     def py(y: float) -> float:
         return plot_top + plot_height - y_axis.scale(y, 0.0, plot_height)
 
-    parts = _open_svg(width, height, title, _describe(points))
+    description = _describe(points)
+    if any(dodge.values()):
+        description += " Coinciding points are shifted sideways a few pixels per series."
+    if cut:
+        description += " The y axis does not start at zero."
+    parts = _open_svg(width, height, title, description)
     for tick in y_axis.ticks:
         y = py(tick)
         parts.append(
@@ -283,8 +321,17 @@ def line_chart(
     )
     parts.append(
         f'<text transform="translate(16 {_num(plot_top + plot_height / 2)}) rotate(-90)" '
-        f'text-anchor="middle" fill="#222222">{escape_text(y_label)}</text>'
+        f'text-anchor="middle" fill="#222222">'
+        f"{escape_text(y_label + (' (axis cut)' if cut else ''))}</text>"
     )
+    if cut:
+        # Two short slanted strokes across the y axis: the conventional "broken axis" mark.
+        for dy in (0, 5):
+            y = plot_bottom - 12 - dy
+            parts.append(
+                f'<line class="axis-cut" x1="{plot_left - 5}" y1="{y + 3}" '
+                f'x2="{plot_left + 5}" y2="{y - 3}" stroke="#333333" stroke-width="1.5"/>'
+            )
 
     legend_x = plot_left + plot_width + 16
     for index, (name, series_points) in enumerate(points.items()):
@@ -293,14 +340,15 @@ def line_chart(
         shape = _MARKERS[index % len(_MARKERS)]
         dash_attr = f' stroke-dasharray="{dash}"' if dash else ""
         safe_name = escape_text(name)
+        shift = dodge[name]
         parts.append(f'<g class="series"><title>{safe_name}</title>')
         if len(series_points) > 1:
-            joined = " ".join(f"{_num(px(x))},{_num(py(y))}" for x, y in series_points)
+            joined = " ".join(f"{_num(px(x) + shift)},{_num(py(y))}" for x, y in series_points)
             parts.append(
                 f'<polyline points="{joined}" fill="none" stroke="{colour}" stroke-width="2"'
                 f"{dash_attr}/>"
             )
-        parts.extend(_marker(shape, px(x), py(y), colour) for x, y in series_points)
+        parts.extend(_marker(shape, px(x) + shift, py(y), colour) for x, y in series_points)
         parts.append("</g>")
 
         row_y = plot_top + 8 + index * _LEGEND_ROW

@@ -25,6 +25,7 @@ from fedsilo.config import (
     save_config,
 )
 from fedsilo.crypto import fingerprint, read_private_key
+from fedsilo.data.icd10 import TaskData
 from fedsilo.data.tasks import build_task
 from fedsilo.evaluation.gold import evaluate_task_gold
 from fedsilo.evaluation.metrics import GoldMetrics
@@ -83,11 +84,13 @@ def _run_info(
     config: FedsiloConfig,
     base_hash: str,
     base_folder: Path,
-    system_prompt: str | None,
+    task: TaskData,
     precision: PrecisionChoice,
 ) -> dict[str, Any]:
     return {
-        "system_prompt": system_prompt,
+        "system_prompt": task.system_prompt,
+        "metric": task.metric,
+        "gold_count": len(task.gold),
         "run_name": config.run.name,
         "config_digest": config_digest(config),
         "base_model": config.model.base,
@@ -144,9 +147,7 @@ def _execute(grid: Grid, job: ServerJob, folder: RunFolder) -> AdapterState:
     if not (job.resume and folder.run_info_path.exists()):
         folder.write_json(
             folder.run_info_path,
-            _run_info(
-                config, loaded.base_model_hash, base_folder, task.system_prompt, loaded.precision
-            ),
+            _run_info(config, loaded.base_model_hash, base_folder, task, loaded.precision),
         )
 
     def evaluate(adapter: AdapterState) -> GoldMetrics:

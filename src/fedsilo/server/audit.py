@@ -10,7 +10,6 @@ the last ``round_aggregated`` entry of every later round, the final adapter in
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,12 +19,10 @@ from fedsilo.crypto import (
     SignatureError,
     UpdateBinding,
     decode_signature,
-    fingerprint,
     sha256_hex,
     verify_receipt,
 )
 from fedsilo.ledger import Entry, EntryKind, ExtraCheck, VerifyProblem, VerifyReport, verify_ledger
-from fedsilo.report import ReportData, RoundRow, SiteRow, UpdateRow
 from fedsilo.server.lineage import lineage_matches_ledger
 from fedsilo.server.membership import load_membership
 from fedsilo.server.run_folder import RunFolder
@@ -183,90 +180,4 @@ def describe(report: VerifyReport) -> str:
     reason = first.reason if first else "unknown problem"
     return (
         f"ledger FAILED verification: {len(report.problems)} problem(s); first at {where}: {reason}"
-    )
-
-
-def _update_rows(entries: Sequence[Entry]) -> tuple[UpdateRow, ...]:
-    rows: list[UpdateRow] = []
-    for entry in entries:
-        payload = entry.payload
-        if entry.kind is EntryKind.UPDATE_RECEIVED:
-            size = payload.get("payload_bytes")
-            rows.append(
-                UpdateRow(
-                    round=int(str(payload["round"])),
-                    site=str(payload["site_id"]),
-                    accepted=True,
-                    detail=f"sha256 {payload['payload_sha256']}",
-                    size_bytes=size if isinstance(size, int) else None,
-                )
-            )
-        elif entry.kind is EntryKind.UPDATE_REJECTED:
-            rows.append(
-                UpdateRow(
-                    round=int(str(payload["round"])),
-                    site=str(payload["sender"]),
-                    accepted=False,
-                    detail=str(payload["reason"]),
-                    size_bytes=None,
-                )
-            )
-    return tuple(rows)
-
-
-def build_report_data(run_dir: Path, report: VerifyReport) -> ReportData:
-    """Everything the HTML compliance report shows, read from the run folder and its ledger."""
-    from fedsilo.ledger import read_entries
-
-    folder = RunFolder(run_dir)
-    membership = load_membership(folder.membership_path)
-    entries = read_entries(folder.ledger_path)
-    info = folder.read_json(folder.run_info_path)
-    updates = _update_rows(entries)
-    recorded = _recorded_adapters(entries)
-    sites = tuple(
-        SiteRow(
-            name=name,
-            fingerprint=key_fingerprint,
-            accepted=sum(1 for u in updates if u.site == name and u.accepted),
-            rejected=sum(1 for u in updates if u.site == name and not u.accepted),
-        )
-        for name, key_fingerprint in sorted(membership.fingerprints().items())
-    )
-    rounds = tuple(
-        RoundRow(
-            round=int(m["round"]),
-            sites_ok=int(m["sites_ok"]),
-            sites_failed=int(m["sites_failed"]),
-            train_loss=m["train_loss"],
-            gold_accuracy=float(m["gold_accuracy"]),
-            gold_category_accuracy=float(m["gold_category_accuracy"]),
-            gold_loss=float(m["gold_loss"]),
-            adapter_sha256=recorded.get(int(m["round"]), (0, "not in ledger"))[1],
-        )
-        for m in folder.read_metrics()
-    )
-    started = next((e for e in entries if e.kind is EntryKind.RUN_STARTED), None)
-    return ReportData(
-        run_name=str(info.get("run_name", folder.root.name)),
-        federation_id=membership.federation_id,
-        generated_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        base_model_hash=str(info.get("base_model_hash")),
-        config_digest=str(info.get("config_digest")),
-        coordinator_fingerprint=fingerprint(membership.coordinator_key()),
-        strategy=str(started.payload.get("strategy")) if started else "unknown",
-        privacy_summary=(
-            "no differential privacy configured: updates are not noised, so no epsilon bounds "
-            "what a site's records reveal; raw records never leave a site"
-        ),
-        verify_ok=report.ok,
-        verify_summary=describe(report),
-        verify_problems=tuple(
-            f"entry {p.seq}: {p.reason}" if p.seq is not None else p.reason for p in report.problems
-        ),
-        sites=sites,
-        rounds=rounds,
-        updates=updates,
-        epsilon={},
-        delta=None,
     )

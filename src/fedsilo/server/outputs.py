@@ -10,6 +10,7 @@ from fedsilo.config import load_config
 from fedsilo.evaluation.gold import generate_answers
 from fedsilo.model.adapters import AdapterState, export_peft_folder, set_adapter_state
 from fedsilo.model.base import resolve_base_model
+from fedsilo.server.model_card import write_export_provenance
 from fedsilo.server.run_folder import RunFolder
 from fedsilo.storage import atomic_folder
 
@@ -24,8 +25,10 @@ def _latest_adapter(folder: RunFolder) -> tuple[AdapterState, int]:
 def export_run(run_dir: Path, out: Path) -> str:
     """Write the run's adapter to ``out`` as a PEFT folder; returns where it came from.
 
-    A completed run's final/ folder is copied as is; for an unfinished run the latest
-    checkpoint is exported (which needs the base model, to write the PEFT config).
+    A completed run's final/ folder is copied; for an unfinished run the latest checkpoint
+    is exported (which needs the base model, to write the PEFT config). Either way the folder
+    names the base model by its published name (not a local path) in adapter_config.json and
+    gets a model card, README.md, with the run's provenance.
     """
     folder = RunFolder(run_dir)
     if not folder.root.is_dir():
@@ -34,13 +37,19 @@ def export_run(run_dir: Path, out: Path) -> str:
         with atomic_folder(out) as tmp:
             for item in folder.final_dir.iterdir():
                 shutil.copy2(item, tmp / item.name)
+            write_export_provenance(folder.root, tmp, source="the final adapter")
         return str(folder.final_dir)
     config = load_config(folder.config_path)
     adapter, last = _latest_adapter(folder)
     loaded = load_model_with_adapter(config)
     set_adapter_state(loaded.model, adapter)
     base_path = str(resolve_base_model(config.model.base))
-    export_peft_folder(loaded.model, adapter, out, base_model_path=base_path)
+    with atomic_folder(out) as tmp:
+        export_peft_folder(loaded.model, adapter, tmp / "adapter", base_model_path=base_path)
+        for item in (tmp / "adapter").iterdir():
+            item.rename(tmp / item.name)
+        (tmp / "adapter").rmdir()
+        write_export_provenance(folder.root, tmp, source=f"the checkpoint of round {last}")
     return str(folder.checkpoint_dir(last))
 
 

@@ -24,6 +24,7 @@ from fedsilo.ledger import Entry, EntryKind, JsonValue, Ledger
 from fedsilo.model.adapters import AdapterState, adapter_to_bytes
 from fedsilo.protocol.records import TRAIN_STAGE, DpTask, RoundTask, SiteMetrics
 from fedsilo.protocol.schedule import round_learning_rate
+from fedsilo.report.reader_text import one_line
 from fedsilo.server.admission import DpRequirement
 from fedsilo.server.membership import Membership
 from fedsilo.server.run_folder import RunFolder
@@ -193,12 +194,17 @@ def open_round(
 def reject(
     plan: FederationPlan, result: RoundReplies, round_number: int, sender: str, reason: str
 ) -> None:
-    """Ledger and report a reply (or a missing one) that is not used."""
+    """Ledger and report a reply (or a missing one) that is not used.
+
+    The ledger and the run's metrics get the reason as one line without traceback or local
+    paths (they are read by auditors); the full text stays in the coordinator's log.
+    """
+    short = one_line(reason)
     plan.ledger.append(
-        EntryKind.UPDATE_REJECTED, {"round": round_number, "sender": sender, "reason": reason}
+        EntryKind.UPDATE_REJECTED, {"round": round_number, "sender": sender, "reason": short}
     )
-    result.failures[sender] = reason
-    log.warning("round %d: %s rejected: %s", round_number, sender, reason.splitlines()[0])
+    result.failures[sender] = short
+    log.warning("round %d: %s rejected: %s", round_number, sender, reason)
 
 
 def rejected_sender(plan: FederationPlan, node: int, reply: Message, sender: str) -> str:

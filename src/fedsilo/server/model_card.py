@@ -1,0 +1,149 @@
+"""The model card (``README.md``, Hugging Face format) written with an exported adapter.
+
+It carries the adapter's provenance as the run's ledger and run folder record it: base model
+name and hash, task, sites, rounds, strategy, precision, the metric and its gold count, DP mode
+and final epsilon per site (recomputed from the ledger's DP events), secure-aggregation mode
+and the ledger head hash, with which an auditor can match the card to the evidence.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fedsilo.config import ConfigError, FedsiloConfig, load_config
+from fedsilo.ledger import EntryKind
+from fedsilo.model.base import base_model_name
+from fedsilo.server.report_data import metric_name, privacy_of, readable_entries
+from fedsilo.server.run_folder import RunFolder
+from fedsilo.storage import write_text_atomic
+
+CARD_NAME = "README.md"
+ADAPTER_CONFIG = "adapter_config.json"
+_NOT_RECORDED = "not recorded"
+
+
+def _yaml_string(text: str) -> str:
+    # JSON strings are valid YAML scalars: quotes and escapes are handled for us.
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _load(folder: RunFolder) -> tuple[FedsiloConfig | None, dict[str, object]]:
+    try:
+        config: FedsiloConfig | None = load_config(folder.config_path)
+    except (OSError, ConfigError, ValueError):
+        config = None
+    try:
+        info = folder.read_json(folder.run_info_path)
+    except (OSError, ValueError):
+        info = {}
+    return config, info
+
+
+def model_card(run_dir: Path, *, source: str) -> str:
+    """The card's Markdown for the adapter exported from ``run_dir`` (``source``: which one)."""
+    folder = RunFolder(run_dir)
+    config, info = _load(folder)
+    entries = readable_entries(folder.ledger_path) if folder.ledger_path.exists() else []
+    started = next((e for e in entries if e.kind is EntryKind.RUN_STARTED), None)
+    start = started.payload if started else {}
+    spec = str(info.get("base_model") or (config.model.base if config else ""))
+    base_name = base_model_name(spec) if spec else _NOT_RECORDED
+    aggregated = [e for e in entries if e.kind is EntryKind.ROUND_AGGREGATED]
+    privacy = privacy_of(entries, config)
+    metric = metric_name(config, info)
+    metrics = folder.read_metrics() if folder.metrics_path.exists() else []
+    last = metrics[-1] if metrics else {}
+    enrolled = start.get("sites")
+    sites = sorted(str(name) for name in enrolled) if isinstance(enrolled, dict) else []
+    finals = privacy.final_epsilon
+    lines = [
+        "---",
+        "library_name: peft",
+        f"base_model: {_yaml_string(base_name)}",
+        "tags:",
+        "- fedsilo",
+        "- federated-learning",
+        "- lora",
+        "---",
+        "",
+        f"# {info.get('run_name') or folder.root.name}: a federated LoRA adapter",
+        "",
+        "Trained with fedsilo across data silos: each site trained on its own records and only "
+        "adapter updates left it. Every update, aggregate and DP event is in the run's signed "
+        "ledger; check it with `fedsilo audit verify RUN --coordinator-key FILE`.",
+        "",
+        "## Provenance",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| Base model | {base_name} |",
+        f"| Base model hash | `{start.get('base_model_hash') or info.get('base_model_hash')}` |",
+        f"| Task | {config.task.name if config else _NOT_RECORDED} |",
+        f"| Sites | {', '.join(sites) if sites else _NOT_RECORDED} |",
+        f"| Rounds aggregated | {len({e.payload.get('round') for e in aggregated})} |",
+        f"| Strategy | {start.get('strategy') or _NOT_RECORDED} |",
+        f"| Precision | {info.get('precision') or _NOT_RECORDED} |",
+        f"| Differential privacy | {privacy.mode} |",
+        f"| Secure aggregation | {privacy.secure_aggregation} |",
+        f"| Run id | `{start.get('run_id') or _NOT_RECORDED}` |",
+        f"| Ledger head hash | `{entries[-1].entry_hash if entries else _NOT_RECORDED}` |",
+        f"| Exported from | {source} |",
+        "",
+    ]
+    if finals or privacy.site_level_epsilon:
+        lines += [
+            f"## Privacy (\u03b4 = {privacy.delta:g}, {privacy.accountant} accountant)",
+            "",
+            "Recomputed from the DP events in the ledger (`fedsilo privacy RUN` prints the same).",
+            "",
+            "| Site | Final \u03b5 |",
+            "|---|---|",
+            *(f"| {site} | {epsilon:.4f} |" for site, epsilon in sorted(finals.items())),
+        ]
+        if privacy.site_level_epsilon:
+            lines.append(f"| site-level (any one site) | {privacy.site_level_epsilon[-1][1]:.4f} |")
+        lines.append("")
+    if "gold_accuracy" in last:
+        count = last.get("gold_count")
+        lines += [
+            "## Evaluation",
+            "",
+            f"Gold-set accuracy after round {last.get('round')}: "
+            f"{float(last['gold_accuracy']) * 100:.1f}% (metric `{metric}`, "
+            f"{count if count is not None else 'an unrecorded number of'} gold examples); "
+            f"mean answer loss {float(last['gold_loss']):.4f}.",
+            "",
+        ]
+    local = info.get("base_model_path")
+    lines += [
+        "## How to load",
+        "",
+        "```python",
+        "from peft import PeftModel",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f"base = AutoModelForCausalLM.from_pretrained({base_name!r})",
+        f"tokenizer = AutoTokenizer.from_pretrained({base_name!r})",
+        'model = PeftModel.from_pretrained(base, "PATH/TO/THIS/FOLDER")',
+        "```",
+        "",
+        "Check that the base model's weights hash to the base model hash above "
+        "(fedsilo's `base_model_hash`) before trusting the adapter's behaviour.",
+    ]
+    if local:
+        lines += ["", f"On the coordinator the base model was read from `{local}`."]
+    return "\n".join(lines) + "\n"
+
+
+def write_export_provenance(run_dir: Path, out_dir: Path, *, source: str) -> None:
+    """Name the base model in ``out_dir``'s adapter_config.json and write the model card."""
+    folder = RunFolder(run_dir)
+    config, info = _load(folder)
+    spec = str(info.get("base_model") or (config.model.base if config else ""))
+    config_path = Path(out_dir) / ADAPTER_CONFIG
+    settings = json.loads(config_path.read_text(encoding="utf-8"))
+    if spec:
+        settings["base_model_name_or_path"] = base_model_name(spec)
+    write_text_atomic(config_path, json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(Path(out_dir) / CARD_NAME, model_card(run_dir, source=source))

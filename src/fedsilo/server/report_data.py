@@ -1,0 +1,526 @@
+"""The compliance report's content, read from a run folder and its ledger after verification.
+
+Everything the report states comes from the ledger (what the coordinator signed: sites,
+updates, rejections, aggregates, DP events) or from named files of the run folder
+(``status.json``, ``run.json``, ``metrics.jsonl``, ``config.toml``); values the ledger does not
+cover are marked so in the report. The ledger is read row by row and a row that cannot be read
+is skipped here (verification reports it), so a tampered ledger still gets a report.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from fedsilo.client.policy import PolicyError, load_policy
+from fedsilo.config import ConfigError, FedsiloConfig, load_config
+from fedsilo.crypto import sha256_hex
+from fedsilo.evaluation.metrics import METRIC_SCORES, SECONDARY_LABELS
+from fedsilo.ledger import Entry, EntryKind, LedgerError, VerifyReport
+from fedsilo.ledger.store import parse_row, read_stored_ledger
+from fedsilo.model.base import base_model_name
+from fedsilo.privacy.accounting import AccountantName, compute_epsilon
+from fedsilo.privacy.events import DpEvent, event_from_json
+from fedsilo.report import (
+    Fact,
+    Outcome,
+    PartRow,
+    Privacy,
+    ReportData,
+    RoundRow,
+    SiteRow,
+    UpdateRow,
+    Verification,
+    one_line,
+)
+from fedsilo.report.model import KeySource, RunStatus
+from fedsilo.server.membership import load_membership
+from fedsilo.server.run_folder import RunFolder
+
+_NODE_LABEL = re.compile(r"^node-(\d+)(?: \((.+)\))?$")
+_NOT_RECORDED = "not recorded"
+# Runs from before run.json recorded the metric scored a task with these when the config named
+# none; "files" then fell back to "code" (first word only), which is why it is named here.
+LEGACY_DEFAULT_METRICS: Mapping[str, str] = {
+    "icd10": "code",
+    "files": "code",
+    "drug-review": "sentiment",
+    "shakespeare": "next-token",
+}
+
+
+def readable_entries(ledger_path: Path) -> list[Entry]:
+    """Every entry of the ledger that can be parsed, in seq order; malformed rows are skipped.
+
+    Raises LedgerError only when the file is missing or not a ledger at all.
+    """
+    entries: list[Entry] = []
+    for row in read_stored_ledger(ledger_path).rows:
+        try:
+            entries.append(parse_row(row))
+        except LedgerError:
+            continue  # reported by verification as a problem at its seq
+    return entries
+
+
+def _first(entries: Sequence[Entry], kind: EntryKind) -> Entry | None:
+    return next((e for e in entries if e.kind is kind), None)
+
+
+def _last(entries: Sequence[Entry], kind: EntryKind) -> Entry | None:
+    return next((e for e in reversed(entries) if e.kind is kind), None)
+
+
+def _text(value: object, default: str = _NOT_RECORDED) -> str:
+    return default if value is None or value == "" else str(value)
+
+
+def _verification(
+    report: VerifyReport, key_source: KeySource, replacements: dict[str, str]
+) -> Verification:
+    def line(seq: int | None, reason: str) -> str:
+        where = f"entry {seq}" if seq is not None else "run folder"
+        return f"{where}: {one_line(reason, replacements=replacements)}"
+
+    problems = tuple(line(p.seq, p.reason) for p in report.problems)
+    first = report.first_problem
+    if report.ok:
+        summary = (
+            f"{report.entries} entries: chain, coordinator signatures, site signatures, "
+            "checkpoints and receipts all hold"
+        )
+    else:
+        summary = f"{len(problems)} problem(s) in {report.entries} entries"
+    return Verification(
+        ok=report.ok,
+        summary=summary,
+        problems=problems,
+        first_broken=None if first is None else line(first.seq, first.reason),
+        key_source=key_source,
+        coordinator_fingerprint=report.coordinator_fingerprint,
+        entries=report.entries,
+    )
+
+
+def _outcome(
+    folder: RunFolder,
+    entries: Sequence[Entry],
+    planned: int | None,
+    replacements: dict[str, str],
+) -> Outcome:
+    try:
+        status_file = folder.read_json(folder.status_path)
+    except (OSError, ValueError):
+        status_file = {}
+    raw = status_file.get("status")
+    status: RunStatus = raw if raw in ("completed", "failed", "running") else "unknown"
+    reason_text = status_file.get("reason")
+    reason = one_line(str(reason_text), replacements=replacements) if reason_text else None
+    failed_round = _last(entries, EntryKind.ROUND_FAILED)
+    if (
+        status in ("completed", "unknown")
+        and failed_round is not None
+        and _last(entries, EntryKind.RUN_FINISHED) is None
+    ):
+        status = "failed"
+        reason = (
+            f"round {failed_round.payload.get('round')} failed (ledger entry {failed_round.seq})"
+        )
+    if status == "completed" and _last(entries, EntryKind.RUN_FINISHED) is None:
+        # status.json is not signed; the ledger has the last word on whether the run finished.
+        status = "unknown"
+        reason = "status.json says completed, but the ledger has no run_finished entry"
+    done = {e.payload.get("round") for e in entries if e.kind is EntryKind.ROUND_AGGREGATED}
+    return Outcome(status=status, reason=reason, rounds_done=len(done), rounds_planned=planned)
+
+
+def _node_sites(entries: Sequence[Entry]) -> dict[int, str]:
+    """Flower node -> the site that signed updates from it, per the ledger."""
+    sites: dict[int, str] = {}
+    for entry in entries:
+        node = entry.payload.get("node")
+        site = entry.payload.get("site_id")
+        if entry.kind is EntryKind.UPDATE_RECEIVED and isinstance(node, int):
+            sites[node] = str(site)
+    return sites
+
+
+def _update_rows(entries: Sequence[Entry], replacements: dict[str, str]) -> tuple[UpdateRow, ...]:
+    node_sites = _node_sites(entries)
+    rows: list[UpdateRow] = []
+    for entry in entries:
+        payload = entry.payload
+        round_number = payload.get("round")
+        if not isinstance(round_number, int):
+            continue
+        if entry.kind is EntryKind.UPDATE_RECEIVED:
+            size = payload.get("payload_bytes")
+            rows.append(
+                UpdateRow(
+                    round=round_number,
+                    site=str(payload.get("site_id")),
+                    accepted=True,
+                    detail=f"sha256 {payload.get('payload_sha256')}",
+                    size_bytes=size if isinstance(size, int) and size >= 0 else None,
+                )
+            )
+        elif entry.kind is EntryKind.UPDATE_REJECTED:
+            sender = str(payload.get("sender"))
+            site, node = sender, None
+            label = _NODE_LABEL.match(sender)
+            if label is not None:
+                known = node_sites.get(int(label.group(1)))
+                if known is not None:
+                    site, node = known, f"node-{label.group(1)}"
+            rows.append(
+                UpdateRow(
+                    round=round_number,
+                    site=site,
+                    accepted=False,
+                    detail=one_line(str(payload.get("reason")), replacements=replacements),
+                    size_bytes=None,
+                    node=node,
+                )
+            )
+    return tuple(rows)
+
+
+def _cumulative(
+    events: Sequence[tuple[int, DpEvent]], *, delta: float, accountant: AccountantName
+) -> tuple[tuple[int, float], ...]:
+    """Epsilon after each round, composing every event up to and including that round."""
+    points: list[tuple[int, float]] = []
+    for round_number in sorted({r for r, _ in events}):
+        upto = [event for r, event in events if r <= round_number]
+        points.append((round_number, compute_epsilon(upto, delta=delta, accountant=accountant)))
+    return tuple(points)
+
+
+def privacy_of(entries: Sequence[Entry], config: FedsiloConfig | None) -> Privacy:
+    """The run's DP settings and each site's epsilon after each round, from the ledger."""
+    secure = config.secure_aggregation.mode if config is not None else _NOT_RECORDED
+    if config is None or not (config.privacy.record_level or config.privacy.site_level):
+        return Privacy(mode="none", accountant=None, delta=None, secure_aggregation=secure)
+    settings = config.privacy
+    modes = []
+    if settings.record_level:
+        modes.append("record-level (DP-SGD at every site)")
+    if settings.site_level:
+        modes.append(
+            "distributed site-level (each site noises its update before secure aggregation)"
+            if secure != "none"
+            else "site-level (the coordinator clips and noises each round's aggregate)"
+        )
+    per_site: dict[str, list[tuple[int, DpEvent]]] = defaultdict(list)
+    site_level: list[tuple[int, DpEvent]] = []
+    for entry in entries:
+        round_number = entry.payload.get("round")
+        if not isinstance(round_number, int):
+            continue
+        if entry.kind is EntryKind.UPDATE_RECEIVED:
+            raw = entry.payload.get("dp_event")
+            if isinstance(raw, dict):
+                per_site[str(entry.payload.get("site_id"))].append(
+                    (round_number, event_from_json(raw))
+                )
+        elif entry.kind is EntryKind.ROUND_AGGREGATED:
+            raw = entry.payload.get("site_dp_event")
+            if isinstance(raw, dict):
+                site_level.append((round_number, event_from_json(raw)))
+    delta, accountant = settings.delta, settings.accountant
+    return Privacy(
+        mode="; ".join(modes),
+        accountant=accountant,
+        delta=delta,
+        secure_aggregation=secure,
+        epsilon={
+            site: _cumulative(events, delta=delta, accountant=accountant)
+            for site, events in sorted(per_site.items())
+        },
+        site_level_epsilon=_cumulative(site_level, delta=delta, accountant=accountant),
+    )
+
+
+def _policy(config: FedsiloConfig | None, site: str) -> tuple[str | None, int | None]:
+    """The site's policy file digest and min_cohort, where the coordinator holds the file."""
+    if config is None or config.run.site_policies is None:
+        return None, None
+    path = config.run.site_policies / f"{site}.toml"
+    try:
+        digest = "sha256:" + sha256_hex(path.read_bytes())
+        return digest, load_policy(path).limits.min_cohort
+    except (OSError, PolicyError, ValueError):
+        return None, None
+
+
+def _float_pair(value: object) -> tuple[float, float] | None:
+    if isinstance(value, list | tuple) and len(value) == 2:
+        low, high = value
+        if isinstance(low, int | float) and isinstance(high, int | float):
+            return float(low), float(high)
+    return None
+
+
+def _round_rows(folder: RunFolder, entries: Sequence[Entry]) -> tuple[RoundRow, ...]:
+    aggregated = {
+        e.payload.get("round"): e for e in entries if e.kind is EntryKind.ROUND_AGGREGATED
+    }
+    started = _first(entries, EntryKind.RUN_STARTED)
+    rows: list[RoundRow] = []
+    try:
+        records = folder.read_metrics()
+    except (OSError, ValueError):
+        records = []
+    for record in records:
+        if not all(k in record for k in ("round", "gold_accuracy", "gold_loss")):
+            continue
+        round_number = int(record["round"])
+        entry = aggregated.get(round_number)
+        if entry is not None:
+            digest: str | None = str(entry.payload.get("adapter_sha256"))
+            sites = entry.payload.get("sites")
+            summed = tuple(str(s) for s in sites) if isinstance(sites, list) else ()
+            examples = entry.payload.get("examples")
+        elif round_number == 0 and started is not None:
+            digest, summed, examples = str(started.payload.get("initial_adapter_sha256")), (), None
+        else:
+            digest, summed, examples = None, (), None
+        count = record.get("gold_count")
+        train_loss = record.get("train_loss")
+        rows.append(
+            RoundRow(
+                round=round_number,
+                sites_ok=int(record.get("sites_ok", 0)),
+                sites_failed=int(record.get("sites_failed", 0)),
+                summed_sites=summed,
+                examples=examples if isinstance(examples, int) else None,
+                train_loss=float(train_loss) if isinstance(train_loss, int | float) else None,
+                gold_accuracy=float(record["gold_accuracy"]),
+                gold_category_accuracy=float(record.get("gold_category_accuracy", 0.0)),
+                gold_loss=float(record["gold_loss"]),
+                gold_count=count if isinstance(count, int) else None,
+                adapter_sha256=digest,
+                category_ci95=_float_pair(record.get("gold_category_accuracy_ci95")),
+            )
+        )
+    return tuple(rows)
+
+
+_PART_FIGURES = ("accuracy", "category_accuracy", "top1", "top5")
+
+
+def _gold_parts(folder: RunFolder) -> tuple[PartRow, ...]:
+    """The last round's gold parts, where metrics.jsonl has them (figures as recorded)."""
+    try:
+        records = folder.read_metrics()
+    except (OSError, ValueError):
+        return ()
+    parts = records[-1].get("gold_parts") if records else None
+    if not isinstance(parts, dict):
+        return ()
+    rows: list[PartRow] = []
+    for part, figures in sorted(parts.items()):
+        if not isinstance(figures, dict):
+            continue
+        count = figures.get("count")
+        for figure in _PART_FIGURES:
+            value = figures.get(figure)
+            if isinstance(value, int | float) and math.isfinite(value):
+                rows.append(
+                    PartRow(
+                        part=str(part),
+                        figure=figure.replace("_", " "),
+                        value=float(value),
+                        ci95=_float_pair(figures.get(f"{figure}_ci95")),
+                        count=count if isinstance(count, int) else None,
+                    )
+                )
+    return tuple(rows)
+
+
+def metric_name(config: FedsiloConfig | None, info: Mapping[str, Any]) -> str:
+    """The metric the run's accuracies were scored with, as recorded or by the task's default."""
+    recorded = info.get("metric")
+    if isinstance(recorded, str):
+        return recorded
+    if config is None:
+        return "unknown"
+    return config.task.metric or LEGACY_DEFAULT_METRICS.get(config.task.name, "unknown")
+
+
+def _meaning(metric: str) -> str:
+    if metric not in METRIC_SCORES:
+        return "an unknown metric"
+    accuracy, secondary = METRIC_SCORES[metric]
+    return f"accuracy: {accuracy}; {SECONDARY_LABELS[metric]}: {secondary}"
+
+
+def _kind(started: Entry | None) -> str:
+    kind = started.payload.get("kind") if started else None
+    return {
+        "clustered": "clustered run (one expert per cluster)",
+        "distillation": "distillation",
+    }.get(str(kind), "federated run")
+
+
+def _notes(entries: Sequence[Entry]) -> tuple[str, ...]:
+    notes: list[str] = []
+    for entry in entries:
+        payload = entry.payload
+        if entry.kind is EntryKind.CLUSTERS_ASSIGNED:
+            clusters = payload.get("clusters")
+            if isinstance(clusters, dict):
+                for name, sites in sorted(clusters.items()):
+                    notes.append(f"cluster {name} ({payload.get('method')}): sites {sites}")
+        elif entry.kind is EntryKind.EXPERT_FINISHED:
+            notes.append(
+                f"expert {payload.get('cluster')}: cluster run {payload.get('run_id')}, "
+                f"ledger head {payload.get('ledger_head_hash')}, adapter "
+                f"{payload.get('adapter_sha256')}; its own report: fedsilo audit report "
+                f"RUN/clusters/{payload.get('cluster')}"
+            )
+        elif entry.kind is EntryKind.DISTILL_SOURCES:
+            experts = payload.get("experts")
+            if isinstance(experts, dict):
+                for name, source in sorted(experts.items()):
+                    if isinstance(source, dict):
+                        notes.append(
+                            f"distilled from expert {name}: adapter "
+                            f"{source.get('adapter_sha256')}, sites {source.get('sites')}"
+                        )
+            transfer = payload.get("transfer")
+            if isinstance(transfer, dict):
+                notes.append(f"transfer set sha256 {transfer.get('sha256')}")
+    return tuple(notes)
+
+
+def _facts(
+    folder: RunFolder,
+    entries: Sequence[Entry],
+    info: Mapping[str, Any],
+    config: FedsiloConfig | None,
+    metric: str,
+) -> tuple[Fact, ...]:
+    started = _first(entries, EntryKind.RUN_STARTED)
+    finished = _last(entries, EntryKind.RUN_FINISHED)
+    start = started.payload if started else {}
+    try:
+        membership = load_membership(folder.membership_path)
+        run_id, federation = membership.run_id, membership.federation_id
+    except (OSError, ValueError, KeyError):
+        run_id, federation = _text(start.get("run_id")), _text(start.get("federation_id"))
+    base_spec = info.get("base_model") or (config.model.base if config else None)
+    base_name = base_model_name(str(base_spec)) if base_spec else None
+    ended = (
+        finished.created_at
+        if finished
+        else (f"not finished (last ledger entry {entries[-1].created_at})" if entries else None)
+    )
+    facts = [
+        Fact("Run id", run_id, True),
+        Fact("Federation id", federation, True),
+        Fact("Started", _text(started.created_at if started else None)),
+        Fact("Ended", _text(ended)),
+        Fact("Task", _text(config.task.name if config else None)),
+        Fact("Base model", _text(base_name)),
+        Fact(
+            "Base model hash",
+            _text(start.get("base_model_hash") or info.get("base_model_hash")),
+            True,
+        ),
+        Fact("Strategy", _text(start.get("strategy"))),
+        Fact("Precision", _text(info.get("precision"))),
+        Fact("Metric", metric),
+        Fact(
+            "Configuration digest",
+            _text(start.get("config_digest") or info.get("config_digest")),
+            True,
+        ),
+        Fact("fedsilo version", _text(info.get("fedsilo_version") or start.get("fedsilo_version"))),
+        Fact("flwr version", _text(info.get("flwr_version"))),
+        Fact("torch version", _text(info.get("torch_version"))),
+        Fact("Ledger head hash", _text(entries[-1].entry_hash if entries else None), True),
+        Fact(
+            "Final adapter sha256",
+            _text(
+                (finished.payload.get("final_adapter_sha256") if finished else None),
+                "none: the run did not finish",
+            ),
+            True,
+        ),
+    ]
+    return tuple(facts)
+
+
+def build_report_data(run_dir: Path, report: VerifyReport, *, key_source: KeySource) -> ReportData:
+    """Everything the compliance report shows, from the run folder and its ledger.
+
+    ``report`` is the verification of the same folder; ``key_source`` says whether its
+    coordinator key was pinned by the auditor or taken from the folder. Raises LedgerError
+    only when the ledger cannot be read at all.
+    """
+    folder = RunFolder(run_dir)
+    replacements = {str(folder.root.resolve()): "RUN", str(folder.root): "RUN"}
+    entries = readable_entries(folder.ledger_path)
+    try:
+        info = folder.read_json(folder.run_info_path)
+    except (OSError, ValueError):
+        info = {}
+    try:
+        config: FedsiloConfig | None = load_config(folder.config_path)
+    except (OSError, ConfigError, ValueError):
+        config = None
+    started = _first(entries, EntryKind.RUN_STARTED)
+    updates = _update_rows(entries, replacements)
+    privacy = privacy_of(entries, config)
+    try:
+        fingerprints = dict(load_membership(folder.membership_path).fingerprints())
+    except (OSError, ValueError, KeyError):
+        sites_field = started.payload.get("sites") if started else None
+        fingerprints = (
+            {str(k): str(v) for k, v in sites_field.items()}
+            if isinstance(sites_field, dict)
+            else {}
+        )
+    sites = []
+    for name, key_fingerprint in sorted(fingerprints.items()):
+        digest, min_cohort = _policy(config, name)
+        sites.append(
+            SiteRow(
+                name=name,
+                fingerprint=key_fingerprint,
+                accepted=sum(1 for u in updates if u.site == name and u.accepted),
+                rejected=sum(1 for u in updates if u.site == name and not u.accepted),
+                min_cohort=min_cohort,
+                policy_digest=digest,
+            )
+        )
+    rounds = _round_rows(folder, entries)
+    metric = metric_name(config, info)
+    run_name = info.get("run_name") or (started.payload.get("run_name") if started else None)
+    return ReportData(
+        run_name=_text(run_name, folder.root.name),
+        run_kind=_kind(started),
+        generated_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        verification=_verification(report, key_source, replacements),
+        outcome=_outcome(folder, entries, config.run.rounds if config else None, replacements),
+        facts=_facts(folder, entries, info, config, metric),
+        privacy=privacy,
+        sites=tuple(sites),
+        rounds=rounds,
+        updates=updates,
+        metric=metric,
+        secondary=SECONDARY_LABELS.get(metric, "secondary score"),
+        metric_note=(
+            f"{_meaning(metric)}. Accuracy and loss are the "
+            "coordinator's evaluation on the gold set (metrics.jsonl), not signed in the "
+            "ledger; the aggregate each was measured on is (its sha256 is shown)."
+        ),
+        gold_parts=_gold_parts(folder),
+        notes=_notes(entries),
+    )

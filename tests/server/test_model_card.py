@@ -1,0 +1,59 @@
+"""`fedsilo export` carries the run's provenance: a model card and a named base model."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from fedsilo.cli.main import main
+from fedsilo.config import FedsiloConfig
+from fedsilo.ledger import read_entries
+from fedsilo.model.base import DEFAULT_BASE_MODEL, base_model_name
+from fedsilo.server.privacy_report import site_epsilons
+
+from ..simulation.conftest import run_with_grid
+
+
+def test_the_embedded_default_is_named_by_its_hub_id() -> None:
+    assert base_model_name(DEFAULT_BASE_MODEL) == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert base_model_name("/home/me/models/my-llama") == "my-llama"
+
+
+def test_export_writes_a_model_card_with_the_runs_provenance(
+    make_config: Callable[..., FedsiloConfig], tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    config = make_config(
+        run={"rounds": 1},
+        privacy={"record_level": True, "noise_multiplier": 1.0, "delta": 1e-5},
+    )
+    run = tmp_path / "run"
+    run_with_grid(config, run)
+    out = tmp_path / "exported"
+
+    assert main(["export", str(run), "--out", str(out)]) == 0
+
+    adapter_config = json.loads((out / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == tiny_model_dir.name
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: peft\n")
+    assert f'base_model: "{tiny_model_dir.name}"' in card
+    entries = read_entries(run / "ledger.db")
+    run_info = json.loads((run / "run.json").read_text())
+    for value in (
+        run_info["base_model_hash"],
+        entries[-1].entry_hash,
+        "| Task | icd10 |",
+        "| Strategy | fedavg |",
+        "| Secure aggregation | none |",
+        "| Precision | fp32 |",
+        "record-level",
+        "PeftModel.from_pretrained",
+        "metric `code`, 6 gold examples",
+    ):
+        assert value in card, value
+    for site, epsilon in site_epsilons(entries, delta=1e-5, accountant="rdp").items():
+        assert f"| {site} | {epsilon:.4f} |" in card
+    # The local path of the base model is in the card, not in the adapter's config.
+    assert str(tiny_model_dir) in card
+    assert str(tiny_model_dir) not in json.dumps(adapter_config)

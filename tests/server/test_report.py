@@ -1,0 +1,206 @@
+"""The compliance report of real (tiny) runs: verdicts, outcome, privacy, refusals, evidence."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import sqlite3
+from collections.abc import Callable
+from html import unescape
+from pathlib import Path
+
+import pytest
+
+from fedsilo.cli.main import main
+from fedsilo.config import FedsiloConfig
+from fedsilo.crypto import generate_private_key, write_public_key
+from fedsilo.data.tasks import build_task
+from fedsilo.ledger import EntryKind, read_entries
+from fedsilo.server.federation import FederationError
+from fedsilo.simulation.inprocess_grid import FIRST_NODE_ID
+
+from ..simulation.conftest import run_with_grid
+
+
+def _report(run: Path, out: Path, *extra: str) -> tuple[int, str]:
+    code = main(["audit", "report", str(run), "--out", str(out), *extra])
+    return code, out.read_text(encoding="utf-8")
+
+
+def _pinned_key(run: Path) -> str:
+    # The coordinator key as an auditor would hold it: a copy of the public key file.
+    return str(run / "coordinator" / "coordinator.pub")
+
+
+def _visible_text(page: str) -> str:
+    body = page.split("<body>", 1)[-1]
+    return re.sub(r"\s+", " ", unescape(re.sub(r"<[^>]+>", " ", body)))
+
+
+@pytest.fixture
+def dp_run_with_refusal(
+    make_config: Callable[..., FedsiloConfig], tmp_path: Path
+) -> tuple[Path, str]:
+    """Record-level DP over 2 rounds; one site's budget lets it join round 1 and refuse round 2."""
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    config = make_config(
+        run={"rounds": 2, "site_policies": str(policies)},
+        privacy={"record_level": True, "noise_multiplier": 1.0, "delta": 1e-5},
+    )
+    thrifty = build_task(config.task, seed=config.run.seed).sites[0].name
+    (policies / f"{thrifty}.toml").write_text(
+        '[accept]\nfederation_id = "fedsilo-simulation"\n[limits]\nmin_cohort = 2\n'
+        "[privacy]\nmax_epsilon = 4.5\ndelta = 1e-5\n"
+    )
+    run_with_grid(config, tmp_path / "run")
+    return tmp_path / "run", thrifty
+
+
+def test_dp_run_reports_epsilon_per_site_equal_to_the_privacy_command(
+    dp_run_with_refusal: tuple[Path, str],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    run, thrifty = dp_run_with_refusal
+    main(["privacy", str(run)])
+    printed = {
+        line.split()[0]: line.split()[2]
+        for line in capsys.readouterr().out.splitlines()
+        if line.endswith(("yes", "NO"))
+    }
+
+    code, html = _report(run, tmp_path / "report.html", "--coordinator-key", _pinned_key(run))
+
+    assert code == 0
+    text = _visible_text(html)
+    assert "No differential privacy" not in text
+    assert "record-level (DP-SGD at every site)" in text
+    assert "Privacy loss \u03b5 per site after each round" in html  # the epsilon chart
+    assert len(printed) == 3
+    for site, epsilon in printed.items():
+        assert re.search(rf"{re.escape(site)} {epsilon}\b", text), (site, epsilon)
+    assert "rdp" in text and "1e-05" in text
+    assert "Metric: code" in text and "Accuracy (code)" in text and "Gold n" in text
+    assert re.search(rf"{re.escape(thrifty)} \S+ 2 sha256:[0-9a-f]{{64}}", text)  # min cohort
+
+
+def test_refusal_is_attributed_to_the_signed_site_in_one_line(
+    dp_run_with_refusal: tuple[Path, str], tmp_path: Path
+) -> None:
+    run, thrifty = dp_run_with_refusal
+
+    _, html = _report(run, tmp_path / "report.html", "--coordinator-key", _pinned_key(run))
+
+    text = _visible_text(html)
+    # The site's row counts its refusal; the refusal row names it (recorded under its node).
+    assert re.search(rf"{re.escape(thrifty)} \S+ 1 1\b", text)
+    assert re.search(rf"2 {re.escape(thrifty)} \(recorded as node-\d+\) rejected", text)
+    assert "over the policy's budget of 4.5" in text
+    assert "Traceback" not in html
+    # The ledger itself holds the one-line reason; the traceback stays in the coordinator's log.
+    rejected = [e for e in read_entries(run / "ledger.db") if e.kind is EntryKind.UPDATE_REJECTED]
+    assert rejected and all("\n" not in str(e.payload["reason"]) for e in rejected)
+    assert str(Path.home()) not in html and "/site-packages/" not in html
+    assert str(tmp_path) not in html
+
+
+def test_pinned_key_report_passes_and_folder_key_report_warns(
+    dp_run_with_refusal: tuple[Path, str], tmp_path: Path
+) -> None:
+    run, _ = dp_run_with_refusal
+
+    pinned_code, pinned = _report(run, tmp_path / "a.html", "--coordinator-key", _pinned_key(run))
+    folder_code, folder = _report(run, tmp_path / "b.html")
+
+    assert (pinned_code, folder_code) == (0, 0)
+    assert 'class="banner pass"' in pinned and 'class="banner pass"' in folder
+    assert "pinned by the auditor" in pinned and "taken from the run folder" not in pinned
+    assert "The coordinator key was taken from the run folder." in folder
+    assert 'class="warning"' in folder
+
+
+def test_every_hash_is_shown_whole(dp_run_with_refusal: tuple[Path, str], tmp_path: Path) -> None:
+    run, _ = dp_run_with_refusal
+    entries = read_entries(run / "ledger.db")
+
+    _, html = _report(run, tmp_path / "report.html")
+
+    aggregates = [
+        e.payload["adapter_sha256"] for e in entries if e.kind is EntryKind.ROUND_AGGREGATED
+    ]
+    final = next(e for e in entries if e.kind is EntryKind.RUN_FINISHED)
+    for digest in [*aggregates, final.payload["final_adapter_sha256"], entries[-1].entry_hash]:
+        assert f">{digest}<" in html
+    for label in ("Run id", "Started", "Ended", "torch version", "flwr version", "Base model"):
+        assert f"<dt>{label}</dt>" in html
+
+
+def test_failed_run_is_reported_failed_without_a_pass_banner(
+    make_config: Callable[..., FedsiloConfig], tmp_path: Path
+) -> None:
+    config = make_config(run={"rounds": 2}, strategy={"min_sites": 3, "max_round_attempts": 1})
+    with pytest.raises(FederationError):
+        run_with_grid(config, tmp_path / "run", unreachable=[FIRST_NODE_ID + 2])
+
+    code, html = _report(tmp_path / "run", tmp_path / "report.html")
+
+    assert code == 0  # the ledger verifies: the run failed, the evidence did not
+    assert 'class="banner pass"' not in html
+    assert 'class="banner fail"' in html
+    text = _visible_text(html)
+    assert "The run failed" in text and "min_sites=3" in text
+    assert "Traceback" not in html
+
+
+def test_tampered_ledger_gets_a_fail_report_naming_the_first_broken_entry(
+    dp_run_with_refusal: tuple[Path, str], tmp_path: Path
+) -> None:
+    run, _ = dp_run_with_refusal
+    with sqlite3.connect(run / "ledger.db") as db:
+        # Equivalent JSON, but not canonical: still tampering.
+        seq = db.execute("SELECT min(seq) FROM entries WHERE kind = 'update_received'").fetchone()[
+            0
+        ]
+        db.execute("UPDATE entries SET payload = ' ' || payload WHERE seq = ?", (seq,))
+
+    code, html = _report(run, tmp_path / "report.html", "--coordinator-key", _pinned_key(run))
+
+    assert code == 1
+    assert 'class="banner fail"' in html and 'class="banner pass"' not in html
+    assert f"first broken at entry {seq}:" in _visible_text(html)
+
+
+def test_wrong_pinned_key_gets_a_fail_report(
+    dp_run_with_refusal: tuple[Path, str], tmp_path: Path
+) -> None:
+    run, _ = dp_run_with_refusal
+    other = tmp_path / "other.pub"
+    write_public_key(generate_private_key().public_key(), other)
+
+    code, html = _report(run, tmp_path / "report.html", "--coordinator-key", str(other))
+
+    assert code == 1
+    assert 'class="banner fail"' in html
+    assert "Ledger verification failed" in _visible_text(html)
+
+
+def _tree_digest(root: Path) -> dict[str, str]:
+    return {
+        str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(root.rglob("*"))
+        if path.is_file()
+    }
+
+
+def test_verify_and_report_leave_the_evidence_folder_byte_identical(
+    dp_run_with_refusal: tuple[Path, str], tmp_path: Path
+) -> None:
+    run, _ = dp_run_with_refusal
+    before = _tree_digest(run)
+
+    assert main(["audit", "verify", str(run)]) == 0
+    _report(run, tmp_path / "report.html")
+
+    assert _tree_digest(run) == before
+    assert not (run / "ledger.db-wal").exists() and not (run / "ledger.db-shm").exists()
