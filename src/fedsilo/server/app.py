@@ -30,6 +30,7 @@ from fedsilo.evaluation.metrics import GoldMetrics
 from fedsilo.ledger import EntryKind, Ledger
 from fedsilo.model.adapters import AdapterState, export_peft_folder, set_adapter_state
 from fedsilo.model.base import resolve_base_model
+from fedsilo.server.audit import describe, verify_run
 from fedsilo.server.federation import (
     FederationPlan,
     ProgressReporter,
@@ -37,7 +38,7 @@ from fedsilo.server.federation import (
     run_federation,
 )
 from fedsilo.server.membership import Membership
-from fedsilo.server.run_folder import RunFolder
+from fedsilo.server.run_folder import RunFolder, final_file_digests
 from fedsilo.server.site_dp import SiteLevelDp
 from fedsilo.server.strategies import Strategy, build_strategy
 
@@ -76,6 +77,31 @@ def check_resume_config(saved: FedsiloConfig, requested: FedsiloConfig, *, sourc
         )
 
 
+def require_resumable(run_dir: Path) -> None:
+    """Refuse to resume a run whose ledger is missing or does not verify.
+
+    A resumed run extends the ledger's chain; without the history (a deleted ledger.db) it
+    would start a new chain over the old checkpoints, and on a tampered one it would sign
+    after the tampering. Checked before anything is written to the folder.
+    """
+    folder = RunFolder(run_dir)
+    if not folder.ledger_path.is_file():
+        raise ConfigError(
+            f"{folder.ledger_path}: not found; cannot resume {folder.root} without its ledger "
+            "(nothing was written)"
+        )
+    if not folder.membership_path.is_file():
+        raise ConfigError(
+            f"{folder.membership_path}: not found; cannot resume {folder.root} without the "
+            "run's pinned keys"
+        )
+    report = verify_run(folder.root)
+    if not report.ok:
+        raise ConfigError(
+            f"{folder.ledger_path}: cannot resume, the ledger does not verify: {describe(report)}"
+        )
+
+
 def _run_info(
     config: FedsiloConfig, base_hash: str, base_folder: Path, system_prompt: str | None
 ) -> dict[str, Any]:
@@ -98,6 +124,7 @@ def execute(grid: Grid, job: ServerJob) -> AdapterState:
     folder = RunFolder(job.run_dir)
     config = job.config
     if job.resume:
+        require_resumable(folder.root)
         check_resume_config(load_config(folder.config_path), config, source=folder.config_path)
     elif folder.latest_checkpoint_round() is not None or folder.ledger_path.exists():
         raise FileExistsError(
@@ -194,7 +221,11 @@ def _execute(grid: Grid, job: ServerJob, folder: RunFolder) -> AdapterState:
         )
         ledger.append(
             EntryKind.RUN_FINISHED,
-            {"rounds": config.run.rounds, "final_adapter_sha256": adapter_digest(final)},
+            {
+                "rounds": config.run.rounds,
+                "final_adapter_sha256": adapter_digest(final),
+                "final_files": final_file_digests(folder.final_dir),
+            },
         )
     return final
 
