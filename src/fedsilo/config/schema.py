@@ -7,9 +7,8 @@ a refusal.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -32,6 +31,11 @@ TaskName = Literal["icd10", "drug-review", "shakespeare", "files"]
 MetricName = Literal["code", "sentiment", "next-token"]
 ClusterMethod = Literal["none", "groups", "site", "update-cosine"]
 SecureAggregationMode = Literal["none", "secagg", "he"]
+# Names that become file or folder names (run folders, RUN/sites/NAME, NAME.key, NAME.toml):
+# a letter or digit first, so never "." or "..", and no separator.
+SafeName = Annotated[
+    str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+]
 
 
 class Section(BaseModel):
@@ -43,7 +47,7 @@ class Section(BaseModel):
 class RunSection(Section):
     """What to run and how the process behaves."""
 
-    name: str = "fedsilo-run"
+    name: SafeName = "fedsilo-run"
     seed: int = 0
     rounds: int = Field(3, ge=1)
     # On a small machine a multi-threaded torch process slows down sharply as soon as
@@ -82,7 +86,7 @@ class LoraSection(Section):
 class SiteFilesSection(Section):
     """One site's records on disk (used by task name = "files")."""
 
-    name: str = Field(min_length=1)
+    name: SafeName
     path: Path
 
 
@@ -105,7 +109,7 @@ class TaskSection(Section):
     metric: MetricName | None = None
     # Keep only these sites of the task (a cluster's federation, see [clusters]); with the
     # ICD-10 task the gold set keeps only the chapters these sites hold.
-    only_sites: tuple[str, ...] = ()
+    only_sites: tuple[SafeName, ...] = ()
 
     @model_validator(mode="after")
     def _files_task_complete(self) -> TaskSection:
@@ -130,7 +134,7 @@ class ClustersSection(Section):
     """
 
     method: ClusterMethod = "none"
-    groups: dict[str, tuple[str, ...]] = Field(default_factory=dict)
+    groups: dict[SafeName, tuple[SafeName, ...]] = Field(default_factory=dict)
     count: int = Field(2, ge=1)
 
     @model_validator(mode="after")
@@ -140,8 +144,6 @@ class ClustersSection(Section):
         if self.method != "groups" and self.groups:
             raise ValueError(f'groups are only read with method "groups", not {self.method!r}')
         for name, sites in self.groups.items():
-            if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", name):
-                raise ValueError(f"cluster name {name!r}: use letters, digits, '.', '_', '-'")
             if not sites:
                 raise ValueError(f"cluster {name!r} lists no sites")
         listed = [site for sites in self.groups.values() for site in sites]
@@ -189,7 +191,7 @@ class EvaluationSection(Section):
 class EnrolledSiteSection(Section):
     """A site admitted to the federation, pinned by its public key."""
 
-    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
+    name: SafeName
     public_key: str = Field(pattern=r"^ed25519:")  # as written by `fedsilo keys init`
     # Deployment: the site's SuperNode authentication key (NAME.node.pub from
     # `fedsilo certs site`); the coordinator registers it with its SuperLink.
