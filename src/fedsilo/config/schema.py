@@ -54,9 +54,12 @@ class RunSection(Section):
     # anything else runs; one thread per simulated site is the fast, predictable choice.
     torch_threads: int = Field(1, ge=1)
     engine: EngineName = "inprocess"
-    # Simulation: a folder with one policy file per site (NAME.toml); a site without one
-    # accepts every task. In a deployment each site keeps its policy on its own machine.
+    # Simulation: a folder with one policy file per site (NAME.toml). A site without its file
+    # refuses to train, unless require_site_policies = false says the run is a simulation
+    # without policies (then such a site accepts every task). In a deployment each site keeps
+    # its policy on its own machine and cannot start without it.
     site_policies: Path | None = None
+    require_site_policies: bool = True
 
 
 class ModelSection(Section):

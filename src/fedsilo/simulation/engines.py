@@ -23,7 +23,7 @@ from fedsilo.server.federation import FederationError, ProgressReporter
 from fedsilo.server.run_folder import RunFolder
 from fedsilo.simulation.enrollment import enroll_simulated_federation
 from fedsilo.simulation.inprocess_grid import InProcessGrid
-from fedsilo.simulation.sites import SimulatedSites
+from fedsilo.simulation.sites import SimulatedSites, policy_path
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,8 @@ def prepare_job(request: SimulationRequest) -> ServerJob:
         # Before enrollment, which would create keys in a folder that holds no run.
         require_resumable(request.run_dir)
     site_names = [site.name for site in build_task(config.task, seed=config.run.seed).sites]
+    for name in site_names:
+        policy_path(config, name)  # every site refuses without its policy: stop before keys
     membership = enroll_simulated_federation(
         request.run_dir, federation=config.federation, site_names=site_names
     )
