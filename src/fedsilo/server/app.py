@@ -24,6 +24,8 @@ from fedsilo.config import (
     save_config,
 )
 from fedsilo.crypto import fingerprint, read_private_key
+from fedsilo.data.hygiene import DataHygiene, check_data_hygiene
+from fedsilo.data.icd10 import TaskData
 from fedsilo.data.tasks import build_task
 from fedsilo.evaluation.gold import evaluate_gold
 from fedsilo.evaluation.metrics import GoldMetrics
@@ -102,6 +104,22 @@ def require_resumable(run_dir: Path) -> None:
         )
 
 
+def _data_hygiene(
+    config: FedsiloConfig, task: TaskData, reporter: ProgressReporter
+) -> DataHygiene | None:
+    """A simulation's data hygiene findings, each a warning (None in a deployment, where the
+    coordinator never sees the sites' records)."""
+    if config.deployment is not None:
+        return None
+    hygiene = check_data_hygiene(task, config.task)
+    for line in hygiene.warnings():
+        log.warning(line)
+        reporter.notice(line)
+    if hygiene.count:
+        reporter.notice(f"data hygiene: {hygiene.count} finding(s), recorded in run.json")
+    return hygiene
+
+
 def _run_info(
     config: FedsiloConfig, base_hash: str, base_folder: Path, system_prompt: str | None
 ) -> dict[str, Any]:
@@ -156,11 +174,12 @@ def _execute(grid: Grid, job: ServerJob, folder: RunFolder) -> AdapterState:
                 f"{config.model.base} now hashes to {loaded.base_model_hash}"
             )
     task = build_task(config.task, seed=config.run.seed)
+    hygiene = _data_hygiene(config, task, job.reporter)
     if not (job.resume and folder.run_info_path.exists()):
-        folder.write_json(
-            folder.run_info_path,
-            _run_info(config, loaded.base_model_hash, base_folder, task.system_prompt),
-        )
+        info = _run_info(config, loaded.base_model_hash, base_folder, task.system_prompt)
+        if hygiene is not None:
+            info["data_hygiene"] = hygiene.to_json()
+        folder.write_json(folder.run_info_path, info)
 
     def evaluate(adapter: AdapterState) -> GoldMetrics:
         set_adapter_state(loaded.model, adapter)
