@@ -288,3 +288,18 @@ def test_resume_of_a_missing_folder_writes_nothing(
 
     assert main(["simulate", str(config), "--resume", str(missing)]) == 2
     assert not missing.exists()
+
+
+def test_ledgers_without_final_files_still_bind_the_final_weights(finished_run: Path) -> None:
+    from fedsilo.server.folder_checks import final_tensor_problems
+
+    folder = RunFolder(finished_run)
+    finished = read_entries(finished_run / "ledger.db")[-1]
+    digest = finished.payload["final_adapter_sha256"]
+    assert final_tensor_problems(folder, finished.seq, digest) == []
+    weights = folder.final_dir / "adapter_model.safetensors"
+    save_file({k: v * 2 for k, v in load_file(str(weights)).items()}, str(weights))
+
+    [problem] = final_tensor_problems(folder, finished.seq, digest)
+
+    assert "does not hold the final adapter" in problem.reason

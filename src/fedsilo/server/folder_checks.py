@@ -124,8 +124,8 @@ def _final_problems(folder: RunFolder, entries: Sequence[Entry]) -> list[VerifyP
     try:
         if isinstance(recorded, dict):
             problems += _final_files_problems(folder, finished.seq, recorded)
-        else:
-            problems += _final_tensor_problems(folder, finished.seq, final_digest)
+        elif "final_peft_sha256" not in payload:  # a distillation's is checked by lineage
+            problems += final_tensor_problems(folder, finished.seq, final_digest)
     except UnsafeFileError as error:
         problems.append(VerifyProblem(finished.seq, f"final adapter: {error}"))
     return problems
@@ -158,7 +158,7 @@ def _final_files_problems(
     return problems
 
 
-def _final_tensor_problems(folder: RunFolder, seq: int, digest: object) -> list[VerifyProblem]:
+def final_tensor_problems(folder: RunFolder, seq: int, digest: object) -> list[VerifyProblem]:
     # Ledgers from before final_files was recorded: the weights' tensors still have to be the
     # final adapter (FFA-LoRA's frozen A is not in the adapter state, so compare its keys only).
     path = folder.final_dir / PEFT_FILES[1]
