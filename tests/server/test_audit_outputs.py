@@ -303,3 +303,26 @@ def test_ledgers_without_final_files_still_bind_the_final_weights(finished_run: 
     [problem] = final_tensor_problems(folder, finished.seq, digest)
 
     assert "does not hold the final adapter" in problem.reason
+
+
+def test_completed_run_resumed_for_more_rounds_and_stopped_still_verifies_and_resumes(
+    make_config: Callable[..., FedsiloConfig],
+    finished_run: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    original = RunFolder.append_metrics
+
+    def stop_after_round_three(self: RunFolder, record: dict[str, object]) -> None:
+        if record["round"] == 3:
+            raise RuntimeError("stopped after round 3's checkpoint")
+        original(self, record)
+
+    monkeypatch.setattr(RunFolder, "append_metrics", stop_after_round_three)
+    with pytest.raises(RuntimeError, match="stopped after round 3"):
+        run_with_grid(make_config(run={"rounds": 4}), finished_run, resume=True)
+    monkeypatch.setattr(RunFolder, "append_metrics", original)
+
+    report = verify_run(finished_run)
+    assert report.ok, report.problems
+    run_with_grid(make_config(run={"rounds": 4}), finished_run, resume=True)
+    assert verify_run(finished_run).ok

@@ -108,7 +108,10 @@ def checkpoints_match_ledger(folder: RunFolder) -> ExtraCheck:
                 )
             )
         last_round = folder.latest_checkpoint_round()
-        if finished and last_round is not None:
+        resumed_since = finished and any(
+            e.kind is EntryKind.ROUND_AGGREGATED and e.seq > finished[-1].seq for e in entries
+        )
+        if finished and last_round is not None and not resumed_since:
             path = folder.checkpoint_dir(last_round) / "adapter.safetensors"
             digest = str(finished[-1].payload.get("final_adapter_sha256"))
             if _hash_or_none(path) != digest:

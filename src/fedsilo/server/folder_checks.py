@@ -110,7 +110,8 @@ def _final_problems(folder: RunFolder, entries: Sequence[Entry]) -> list[VerifyP
         return []  # a final/ without run_finished is reported by checkpoints_match_ledger
     problems: list[VerifyProblem] = []
     payload = finished.payload
-    aggregated = _last(entries, EntryKind.ROUND_AGGREGATED)
+    # The aggregate the run finished with; a resumed run may have aggregated more since.
+    aggregated = _last([e for e in entries if e.seq < finished.seq], EntryKind.ROUND_AGGREGATED)
     final_digest = payload.get("final_adapter_sha256")
     if aggregated is not None and aggregated.payload.get("adapter_sha256") != final_digest:
         problems.append(
