@@ -326,3 +326,37 @@ def test_completed_run_resumed_for_more_rounds_and_stopped_still_verifies_and_re
     assert report.ok, report.problems
     run_with_grid(make_config(run={"rounds": 4}), finished_run, resume=True)
     assert verify_run(finished_run).ok
+
+
+@pytest.mark.parametrize("crash_at", ["before the entry", "after the entry"])
+def test_a_crash_while_finishing_leaves_a_run_that_verifies_and_resumes(
+    make_config: Callable[..., FedsiloConfig],
+    finished_run: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    crash_at: str,
+) -> None:
+    import fedsilo.server.app as server_app
+
+    original_append = Ledger.append
+    original_replace = server_app.os.replace
+
+    def append(self: Ledger, kind: EntryKind, payload: dict[str, object]) -> object:
+        if kind is EntryKind.RUN_FINISHED and crash_at == "before the entry":
+            raise RuntimeError("power cut")
+        return original_append(self, kind, payload)  # type: ignore[arg-type]
+
+    def replace(source: Path, target: Path) -> None:
+        if Path(target).name == "final" and crash_at == "after the entry":
+            raise RuntimeError("power cut")
+        original_replace(source, target)
+
+    monkeypatch.setattr(Ledger, "append", append)
+    monkeypatch.setattr(server_app.os, "replace", replace)
+    with pytest.raises(RuntimeError, match="power cut"):
+        run_with_grid(make_config(run={"rounds": 3}), finished_run, resume=True)
+    monkeypatch.undo()
+
+    report = verify_run(finished_run)
+    assert report.ok, report.problems
+    run_with_grid(make_config(run={"rounds": 3}), finished_run, resume=True)
+    assert verify_run(finished_run).ok

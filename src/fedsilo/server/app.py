@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import platform
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +14,7 @@ from typing import Any
 import flwr
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
+from peft import PeftModel
 
 import fedsilo
 from fedsilo.client.site import load_model_with_adapter
@@ -43,6 +46,7 @@ from fedsilo.server.membership import Membership
 from fedsilo.server.run_folder import RunFolder, final_file_digests
 from fedsilo.server.site_dp import SiteLevelDp
 from fedsilo.server.strategies import Strategy, build_strategy
+from fedsilo.storage.atomic import fsync_folder
 
 log = logging.getLogger(__name__)
 
@@ -235,18 +239,39 @@ def _execute(grid: Grid, job: ServerJob, folder: RunFolder) -> AdapterState:
         )
         final = run_federation(grid, plan, resume=job.resume)
         set_adapter_state(loaded.model, final)
-        export_peft_folder(
-            loaded.model, final, folder.final_dir, base_model_path=str(base_folder), replace=True
-        )
-        ledger.append(
-            EntryKind.RUN_FINISHED,
-            {
-                "rounds": config.run.rounds,
-                "final_adapter_sha256": adapter_digest(final),
-                "final_files": final_file_digests(folder.final_dir),
-            },
-        )
+        _publish_final(ledger, folder, loaded.model, final, base_folder, config.run.rounds)
     return final
+
+
+def _publish_final(
+    ledger: Ledger,
+    folder: RunFolder,
+    model: PeftModel,
+    final: AdapterState,
+    base_folder: Path,
+    rounds: int,
+) -> None:
+    """Write final/ and its run_finished entry so that a crash at any point leaves a folder
+    that verifies: the new final/ is built aside, an earlier one (a resumed run's) is moved
+    out, the entry recording the new files is appended, and only then is final/ put in place.
+    """
+    staging = folder.root / ".final.staging"
+    export_peft_folder(model, final, staging, base_model_path=str(base_folder), replace=True)
+    if folder.final_dir.exists():
+        retired = folder.root / ".final.retired"
+        shutil.rmtree(retired, ignore_errors=True)
+        os.replace(folder.final_dir, retired)
+        shutil.rmtree(retired)
+    ledger.append(
+        EntryKind.RUN_FINISHED,
+        {
+            "rounds": rounds,
+            "final_adapter_sha256": adapter_digest(final),
+            "final_files": final_file_digests(staging),
+        },
+    )
+    os.replace(staging, folder.final_dir)
+    fsync_folder(folder.root)
 
 
 def _strategy(config: FedsiloConfig) -> Strategy:
