@@ -60,7 +60,8 @@ def _simulate(config_path: Path, out: Path) -> list[float]:
     config = load_config(config_path)
     # The same run as a simulation: no deployment, and each simulated site gets its own key.
     federation = config.federation.model_copy(update={"sites": ()})
-    config = config.model_copy(update={"deployment": None, "federation": federation})
+    run = config.run.model_copy(update={"require_site_policies": False})
+    config = config.model_copy(update={"deployment": None, "federation": federation, "run": run})
     simulate(SimulationRequest(config=config, run_dir=out, resume=False, reporter=_Quiet()))
     return _round_seconds(out)
 

@@ -40,7 +40,13 @@ CLUSTERS = {
 }
 
 BASE_CONFIG: dict[str, Any] = {
-    "run": {"name": "bench-distill", "seed": 0, "rounds": 3, "torch_threads": 1},
+    "run": {
+        "name": "bench-distill",
+        "seed": 0,
+        "rounds": 3,
+        "torch_threads": 1,
+        "require_site_policies": False,
+    },
     "model": {"base": "smollm2-135m-instruct"},
     "lora": {"rank": 8, "alpha": 16.0},
     "task": {

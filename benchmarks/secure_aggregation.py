@@ -303,7 +303,7 @@ def _with_training(workdir: Path) -> dict[str, Any]:
     for mode in ("none", "secagg", "none", "secagg"):
         config = parse_config(
             {
-                "run": {"name": "bench", "rounds": 1},
+                "run": {"name": "bench", "rounds": 1, "require_site_policies": False},
                 "model": {"base": str(model)},
                 "lora": {"rank": 4, "alpha": 8.0},
                 "task": {"name": "icd10", "num_sites": 3, "examples_per_site": 8, "gold_size": 6},

@@ -39,7 +39,13 @@ def make_config(tiny_model_dir: Path) -> Callable[..., FedsiloConfig]:
 
     def build(**overrides: dict[str, Any]) -> FedsiloConfig:
         base: dict[str, Any] = {
-            "run": {"name": "test", "seed": 0, "rounds": 2, "torch_threads": 1},
+            "run": {
+                "name": "test",
+                "seed": 0,
+                "rounds": 2,
+                "torch_threads": 1,
+                "require_site_policies": False,
+            },
             "model": {"base": str(tiny_model_dir)},
             "lora": {"rank": 4, "alpha": 8.0},
             "task": {

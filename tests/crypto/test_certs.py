@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from fedsilo.cli.main import main
-from fedsilo.crypto import KeyFileError
+from fedsilo.crypto import KeyFileError, private_key_is_encrypted
 from fedsilo.crypto.certs import (
     create_ca,
     init_coordinator_tls,
@@ -145,8 +145,14 @@ def test_cli_certs_init_and_site(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
     assert main(["certs", "init", "--out", str(coordinator), "--san", "coord.example.org"]) == 0
     ca = coordinator / "ca.pem"
-    assert main(["certs", "site", "--name", "st-mary", "--out", str(site), "--ca", str(ca)]) == 0
+    command = ["certs", "site", "--name", "st-mary", "--out", str(site), "--ca", str(ca)]
+    assert main(command) == 2  # the signing key is encrypted by default: no passphrase, no key
+    assert not (site / "st-mary.key").exists()
+    secret = tmp_path / "passphrase"
+    secret.write_text("st-mary's long passphrase\n")
+    assert main([*command, "--passphrase-file", str(secret)]) == 0
 
+    assert private_key_is_encrypted(site / "st-mary.key")
     _verify(coordinator / "coordinator.pem", site / "ca.pem", "coord.example.org")
     names = sorted(p.name for p in site.iterdir())
     assert names == [

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
 import re
 from collections.abc import Iterator
@@ -11,6 +12,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedsilo.crypto import (
+    PASSPHRASE_ENV,
     KeyFileError,
     PrivateKey,
     fingerprint,
@@ -19,6 +21,7 @@ from fedsilo.crypto import (
     parse_public_key,
     private_key_from_seed,
     public_key_text,
+    read_passphrase,
     read_private_key,
     read_public_key,
     write_private_key,
@@ -101,7 +104,9 @@ def test_passphrase_encrypts_the_file(key: PrivateKey, tmp_path: Path) -> None:
 
     write_private_key(key, path, passphrase=PASSPHRASE)
 
-    assert path.read_bytes().startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----\n")
+    text = path.read_bytes()
+    assert text.startswith(b"-----BEGIN FEDSILO SCRYPT PRIVATE KEY-----\n")
+    assert raw(key) not in text and raw(key) not in base64.decodebytes(text.splitlines()[1])
 
 
 def test_wrong_passphrase_is_refused(key: PrivateKey, tmp_path: Path) -> None:
@@ -133,7 +138,7 @@ def test_passphrase_for_unencrypted_key_is_refused(key: PrivateKey, tmp_path: Pa
 def test_empty_passphrase_is_refused(key: PrivateKey, tmp_path: Path) -> None:
     path = tmp_path / "site.key"
 
-    with pytest.raises(KeyFileError, match="empty passphrase"):
+    with pytest.raises(KeyFileError, match="has 0 bytes; at least 12"):
         write_private_key(key, path, passphrase=b"")
 
     assert not path.exists()
@@ -345,3 +350,94 @@ def test_init_site_keys_accepts_every_allowed_character(tmp_path: Path) -> None:
     private_path, _ = init_site_keys(site, tmp_path, passphrase=None)
 
     assert private_path.name == f"{site}.key"
+
+
+def test_short_passphrase_is_refused(key: PrivateKey, tmp_path: Path) -> None:
+    path = tmp_path / "site.key"
+
+    with pytest.raises(KeyFileError, match="has 1 bytes; at least 12"):
+        write_private_key(key, path, passphrase=b"x")
+
+    assert not path.exists()
+
+
+def test_passphrase_key_uses_scrypt_with_a_real_work_factor(
+    key: PrivateKey, tmp_path: Path
+) -> None:
+    path = tmp_path / "site.key"
+    write_private_key(key, path, passphrase=PASSPHRASE)
+
+    body = b"".join(path.read_bytes().splitlines()[1:-1])
+    fields = json.loads(base64.b64decode(body))
+
+    assert fields["kdf"] == "scrypt"
+    assert fields["n"] >= 2**17 and fields["r"] == 8
+
+
+def test_crafted_work_factor_is_refused_before_deriving(key: PrivateKey, tmp_path: Path) -> None:
+    path = tmp_path / "site.key"
+    write_private_key(key, path, passphrase=PASSPHRASE)
+    lines = path.read_bytes().splitlines()
+    fields = json.loads(base64.b64decode(b"".join(lines[1:-1])))
+    fields["n"] = 2**40  # would ask scrypt for 128 TiB
+    forged = base64.encodebytes(json.dumps(fields).encode())
+    path.chmod(0o600)
+    path.write_bytes(lines[0] + b"\n" + forged + lines[-1] + b"\n")
+
+    with pytest.raises(KeyFileError, match="unsupported key encryption parameters"):
+        read_private_key(path, passphrase=PASSPHRASE)
+
+
+def test_key_encrypted_by_earlier_versions_still_loads(key: PrivateKey, tmp_path: Path) -> None:
+    path = tmp_path / "old.key"
+    pem = key.private_bytes(
+        encoding=serialization.Encoding.PEM,
+        format=serialization.PrivateFormat.PKCS8,
+        encryption_algorithm=serialization.BestAvailableEncryption(PASSPHRASE),
+    )
+    path.write_bytes(pem)
+    path.chmod(0o600)
+
+    assert raw(read_private_key(path, passphrase=PASSPHRASE)) == raw(key)
+
+
+def test_passphrase_from_file_or_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    file = tmp_path / "passphrase"
+    file.write_bytes(PASSPHRASE + b"\n")
+    monkeypatch.delenv(PASSPHRASE_ENV, raising=False)
+
+    assert read_passphrase(file, source="site") == PASSPHRASE
+    assert read_passphrase(None, source="site") is None
+    monkeypatch.setenv(PASSPHRASE_ENV, "short")
+    with pytest.raises(KeyFileError, match=PASSPHRASE_ENV):
+        read_passphrase(None, source="site")
+
+
+def test_deployed_site_key_decrypts_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedsilo.deploy.site_model import read_site_key
+
+    key = generate_private_key()
+    write_private_key(key, tmp_path / "st-mary.key", passphrase=PASSPHRASE)
+    monkeypatch.delenv(PASSPHRASE_ENV, raising=False)
+    with pytest.raises(KeyFileError, match=PASSPHRASE_ENV):
+        read_site_key(tmp_path / "st-mary.key", passphrase_file=None)
+
+    monkeypatch.setenv(PASSPHRASE_ENV, PASSPHRASE.decode())
+
+    assert raw(read_site_key(tmp_path / "st-mary.key", passphrase_file=None)) == raw(key)
+
+
+def test_deployed_site_key_decrypts_with_the_policy_passphrase_file(tmp_path: Path) -> None:
+    from fedsilo.deploy.site_model import read_site_key
+
+    key = generate_private_key()
+    write_private_key(key, tmp_path / "st-mary.key", passphrase=PASSPHRASE)
+    (tmp_path / "passphrase").write_bytes(PASSPHRASE + b"\n")
+
+    loaded = read_site_key(tmp_path / "st-mary.key", passphrase_file=tmp_path / "passphrase")
+
+    assert raw(loaded) == raw(key)

@@ -151,6 +151,15 @@ def wait_for(
     raise AssertionError(f"timed out after {timeout:g} s waiting for {what}\n{logs}")
 
 
+def write_passphrase(site_dir: Path) -> Path:
+    """The site's key passphrase file (the policy's [site] passphrase_file), mode 0600."""
+    site_dir.mkdir(parents=True, exist_ok=True)
+    path = site_dir / "passphrase"
+    path.write_text(f"passphrase of {site_dir.name}\n")
+    path.chmod(0o600)
+    return path
+
+
 def write_site_policy(
     site_dir: Path, name: str, *, listen_port: int, extra: dict[str, Any] | None = None
 ) -> Path:
@@ -162,6 +171,7 @@ def write_site_policy(
             "data": "records.jsonl",
             "base_model": "MODEL",
             "keys_dir": "keys",
+            "passphrase_file": "passphrase",
             "state_dir": "state",
         },
         "connect": {
@@ -208,7 +218,9 @@ def build_deployment(
         site_dir = root / name
         keys = site_dir / "keys"
         ca = coordinator / "certs" / "ca.pem"
-        assert main(["certs", "site", "--name", name, "--out", str(keys), "--ca", str(ca)]) == 0
+        secret = write_passphrase(site_dir)
+        command = ["certs", "site", "--name", name, "--out", str(keys), "--ca", str(ca)]
+        assert main([*command, "--passphrase-file", str(secret)]) == 0
         signing_pub = coordinator / "certs" / "coordinator-signing.pub"
         (keys / "coordinator-signing.pub").write_bytes(signing_pub.read_bytes())
         request = tomllib.loads((keys / f"{name}.enroll.toml").read_text())

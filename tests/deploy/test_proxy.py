@@ -35,7 +35,7 @@ from fedsilo.deploy.coordinator import CoordinatorService
 from fedsilo.deploy.nginx import ProxySettings, nginx_binary, start_proxy
 from fedsilo.deploy.processes import Children, free_port, wait_for_port
 
-from .harness import SITES, Deployment, wait_for, write_site_policy
+from .harness import SITES, Deployment, wait_for, write_passphrase, write_site_policy
 
 try:
     nginx_binary()
@@ -140,7 +140,9 @@ def _site_with_material(deployment: Deployment, name: str, *, ca: Path, address:
     """A site folder with its own keys (not enrolled) and a policy pointing at ``address``."""
     site_dir = deployment.root / name
     keys = site_dir / "keys"
-    assert main(["certs", "site", "--name", name, "--out", str(keys), "--ca", str(ca)]) == 0
+    secret = write_passphrase(site_dir)
+    command = ["certs", "site", "--name", name, "--out", str(keys), "--ca", str(ca)]
+    assert main([*command, "--passphrase-file", str(secret)]) == 0
     signing = deployment.root / "coordinator" / "certs" / "coordinator-signing.pub"
     (keys / "coordinator-signing.pub").write_bytes(signing.read_bytes())
     (site_dir / "records.jsonl").write_text('{"prompt": "Fever", "response": "R50.9"}\n')

@@ -1,12 +1,18 @@
 """A site refuses a round its own policy forbids; the round goes on without it."""
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
+from fedsilo.cli.main import main
+from fedsilo.client.policy import PolicyError
 from fedsilo.config import FedsiloConfig
 from fedsilo.data.tasks import build_task
 from fedsilo.ledger import EntryKind, read_entries
 from fedsilo.server.run_folder import RunFolder
+from fedsilo.simulation.sites import policy_path
 
 from .conftest import run_with_grid
 
@@ -36,3 +42,43 @@ def test_site_refuses_a_cohort_smaller_than_its_policy_allows(
         if e.kind is EntryKind.UPDATE_REJECTED
     ]
     assert len(rejected) == 1
+
+
+def test_site_without_its_policy_file_refuses_and_names_the_file(
+    make_config: Callable[..., FedsiloConfig], tmp_path: Path
+) -> None:
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    config = make_config(
+        run={"rounds": 1, "site_policies": str(policies), "require_site_policies": True}
+    )
+    sites = [site.name for site in build_task(config.task, seed=config.run.seed).sites]
+    for name in sites[1:]:
+        (policies / f"{name}.toml").write_text('[accept]\nfederation_id = "fedsilo-simulation"\n')
+    # Misnamed: the site's file is not where the site looks for it.
+    (policies / f"{sites[0]}.policy.toml").write_text('[accept]\nfederation_id = "x"\n')
+
+    with pytest.raises(PolicyError, match=re.escape(str(policies / f"{sites[0]}.toml"))):
+        run_with_grid(config, tmp_path / "run")
+
+    assert not (tmp_path / "run" / "sites").exists()  # refused before any key was made
+    assert policy_path(config, sites[1]) == policies / f"{sites[1]}.toml"
+
+
+def test_run_without_policies_must_say_so(tmp_path: Path, tiny_model_dir: Path) -> None:
+    config = tmp_path / "run.toml"
+    config.write_text(f'[model]\nbase = "{tiny_model_dir}"\n[task]\nnum_sites = 2\n')
+
+    assert main(["simulate", str(config), "--out", str(tmp_path / "run")]) == 2
+
+    assert not (tmp_path / "run" / "ledger.db").exists()
+
+
+def test_policy_error_explains_the_simulation_flag(
+    make_config: Callable[..., FedsiloConfig],
+) -> None:
+    config = make_config(run={"require_site_policies": True})
+
+    with pytest.raises(PolicyError, match=r"run\.require_site_policies = false"):
+        policy_path(config, "st-mary")
+    assert policy_path(make_config(), "st-mary") is None  # the tests' explicit simulation flag

@@ -122,6 +122,7 @@ def base_config(request: QualityRequest) -> FedsiloConfig:
                 "name": f"quality-{request.task}",
                 "seed": budget.seed,
                 "rounds": budget.rounds,
+                "require_site_policies": False,
             },
             "model": {"base": request.model},
             "lora": {"rank": budget.lora_rank, "alpha": 2.0 * budget.lora_rank},

@@ -23,9 +23,20 @@ def cmd_certs_init(args: argparse.Namespace) -> int:
 
 
 def cmd_certs_site(args: argparse.Namespace) -> int:
+    from fedsilo.config import ConfigError
+    from fedsilo.crypto import PASSPHRASE_ENV, read_passphrase
     from fedsilo.deploy.material import init_site_material
 
-    material = init_site_material(args.name, args.out, ca_cert=args.ca)
+    passphrase = read_passphrase(args.passphrase_file, source=f"site {args.name}")
+    if passphrase is None and not args.unencrypted:
+        raise ConfigError(
+            f"site {args.name}: the signing key is encrypted by default; give "
+            f"--passphrase-file FILE or set {PASSPHRASE_ENV} (at least 12 bytes), or pass "
+            "--unencrypted to rely on the file mode alone"
+        )
+    if passphrase is not None and args.unencrypted:
+        raise ConfigError("--unencrypted and a passphrase were both given; choose one")
+    material = init_site_material(args.name, args.out, ca_cert=args.ca, passphrase=passphrase)
     for line in material.describe():
         print(line)
     return 0
@@ -79,6 +90,14 @@ def add_deploy_commands(commands: Any) -> None:
     site.add_argument("--name", required=True, help="the site's name in the federation")
     site.add_argument("--out", type=Path, required=True, help="folder for the site's material")
     site.add_argument("--ca", type=Path, help="the federation's ca.pem, copied into --out")
+    site.add_argument(
+        "--passphrase-file",
+        type=Path,
+        help="encrypt the signing key with this file's content (default: $FEDSILO_KEY_PASSPHRASE)",
+    )
+    site.add_argument(
+        "--unencrypted", action="store_true", help="write the signing key without a passphrase"
+    )
     site.set_defaults(handler=cmd_certs_site)
 
     coordinator = commands.add_parser(

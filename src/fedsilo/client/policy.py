@@ -29,6 +29,7 @@ are, where the coordinator is, and which app bundles it accepts:
     data = "records.jsonl"                # JSONL, CSV or Parquet (text, or prompt/response)
     base_model = "smollm2-135m-instruct"  # or a local Hugging Face folder
     keys_dir = "keys"                     # NAME.key and NAME.node.key from `fedsilo certs site`
+    passphrase_file = "keys/passphrase"   # optional; else $FEDSILO_KEY_PASSPHRASE decrypts NAME.key
     state_dir = "state"                   # receipts, privacy spending, logs
 
     [connect]
@@ -113,6 +114,8 @@ class SiteSection(_Section):
     base_model: str = "smollm2-135m-instruct"
     system_prompt: str | None = None
     keys_dir: Path = Path(".")
+    # The signing key's passphrase (a 0600 file); without it $FEDSILO_KEY_PASSPHRASE is read.
+    passphrase_file: Path | None = None
     state_dir: Path = Path("state")
     torch_threads: int = Field(1, ge=1)
     # The site's own choice of compute precision on its hardware (the coordinator's
@@ -168,6 +171,9 @@ def resolve_policy_paths(policy: SitePolicy, *, base: Path) -> SitePolicy:
             update={
                 "data": base / site.data,
                 "keys_dir": base / site.keys_dir,
+                "passphrase_file": None
+                if site.passphrase_file is None
+                else base / site.passphrase_file,
                 "state_dir": base / site.state_dir,
                 "base_model": base_model,
             }

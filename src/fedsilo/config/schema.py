@@ -7,7 +7,6 @@ a refusal.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -35,6 +34,11 @@ SecureAggregationMode = Literal["none", "secagg", "he"]
 # Compute precision of training and evaluation: "auto" takes bf16 where the CPU multiplies
 # bf16 matrices natively and measurably faster than fp32 (docs/benchmarks.md), fp32 elsewhere.
 PrecisionSetting = Literal["auto", "bf16", "fp32"]
+# Names that become file or folder names (run folders, RUN/sites/NAME, NAME.key, NAME.toml):
+# a letter or digit first, so never "." or "..", and no separator.
+SafeName = Annotated[
+    str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+]
 
 
 class Section(BaseModel):
@@ -46,16 +50,19 @@ class Section(BaseModel):
 class RunSection(Section):
     """What to run and how the process behaves."""
 
-    name: str = "fedsilo-run"
+    name: SafeName = "fedsilo-run"
     seed: int = 0
     rounds: int = Field(3, ge=1)
     # On a small machine a multi-threaded torch process slows down sharply as soon as
     # anything else runs; one thread per simulated site is the fast, predictable choice.
     torch_threads: int = Field(1, ge=1)
     engine: EngineName = "inprocess"
-    # Simulation: a folder with one policy file per site (NAME.toml); a site without one
-    # accepts every task. In a deployment each site keeps its policy on its own machine.
+    # Simulation: a folder with one policy file per site (NAME.toml). A site without its file
+    # refuses to train, unless require_site_policies = false says the run is a simulation
+    # without policies (then such a site accepts every task). In a deployment each site keeps
+    # its policy on its own machine and cannot start without it.
     site_policies: Path | None = None
+    require_site_policies: bool = True
 
 
 class ModelSection(Section):
@@ -85,7 +92,7 @@ class LoraSection(Section):
 class SiteFilesSection(Section):
     """One site's records on disk (used by task name = "files")."""
 
-    name: str = Field(min_length=1)
+    name: SafeName
     path: Path
 
 
@@ -117,7 +124,7 @@ class TaskSection(Section):
     metric: MetricName | None = None
     # Keep only these sites of the task (a cluster's federation, see [clusters]); with the
     # ICD-10 task the gold set keeps only the chapters these sites hold.
-    only_sites: tuple[str, ...] = ()
+    only_sites: tuple[SafeName, ...] = ()
 
     @model_validator(mode="after")
     def _files_task_complete(self) -> TaskSection:
@@ -144,7 +151,7 @@ class ClustersSection(Section):
     """
 
     method: ClusterMethod = "none"
-    groups: dict[str, tuple[str, ...]] = Field(default_factory=dict)
+    groups: dict[SafeName, tuple[SafeName, ...]] = Field(default_factory=dict)
     count: int = Field(2, ge=1)
 
     @model_validator(mode="after")
@@ -154,8 +161,6 @@ class ClustersSection(Section):
         if self.method != "groups" and self.groups:
             raise ValueError(f'groups are only read with method "groups", not {self.method!r}')
         for name, sites in self.groups.items():
-            if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", name):
-                raise ValueError(f"cluster name {name!r}: use letters, digits, '.', '_', '-'")
             if not sites:
                 raise ValueError(f"cluster {name!r} lists no sites")
         listed = [site for sites in self.groups.values() for site in sites]
@@ -229,7 +234,7 @@ class EvaluationSection(Section):
 class EnrolledSiteSection(Section):
     """A site admitted to the federation, pinned by its public key."""
 
-    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
+    name: SafeName
     public_key: str = Field(pattern=r"^ed25519:")  # as written by `fedsilo keys init`
     # Deployment: the site's SuperNode authentication key (NAME.node.pub from
     # `fedsilo certs site`); the coordinator registers it with its SuperLink.

@@ -17,6 +17,8 @@ from fedsilo.crypto.agreement import (
     seal,
 )
 from fedsilo.crypto.keys import (
+    MIN_PASSPHRASE_BYTES,
+    PASSPHRASE_ENV,
     PUBLIC_KEY_PREFIX,
     KeyFileError,
     PrivateKey,
@@ -26,7 +28,9 @@ from fedsilo.crypto.keys import (
     init_site_keys,
     parse_public_key,
     private_key_from_seed,
+    private_key_is_encrypted,
     public_key_text,
+    read_passphrase,
     read_private_key,
     read_public_key,
     write_private_key,
@@ -54,6 +58,8 @@ from fedsilo.crypto.signing import (
 
 __all__ = [
     "DOMAIN",
+    "MIN_PASSPHRASE_BYTES",
+    "PASSPHRASE_ENV",
     "PUBLIC_KEY_PREFIX",
     "RECEIPT_PURPOSE",
     "SIGNATURE_BYTES",
@@ -81,7 +87,9 @@ __all__ = [
     "open_sealed",
     "parse_public_key",
     "private_key_from_seed",
+    "private_key_is_encrypted",
     "public_key_text",
+    "read_passphrase",
     "read_private_key",
     "read_public_key",
     "seal",

@@ -19,7 +19,13 @@ from pathlib import Path
 
 import tomli_w
 
-from fedsilo.crypto import fingerprint, init_site_keys, public_key_text, read_public_key
+from fedsilo.crypto import (
+    fingerprint,
+    init_site_keys,
+    private_key_is_encrypted,
+    public_key_text,
+    read_public_key,
+)
 from fedsilo.crypto.certs import (
     CoordinatorTls,
     certificate_fingerprint,
@@ -78,7 +84,8 @@ class SiteMaterial:
         node = parse_node_public_key(self.node_public.read_text(), source=str(self.node_public))
         lines = [
             f"site {self.name}",
-            f"signing key:        {self.signing_key} (mode 0600)",
+            f"signing key:        {self.signing_key} (mode 0600"
+            f"{', passphrase-encrypted' if private_key_is_encrypted(self.signing_key) else ''})",
             f"signing public key: {self.signing_public}  "
             f"{fingerprint(read_public_key(self.signing_public))}",
             f"node key:           {self.node_key} (mode 0600, for flower-supernode)",
@@ -90,10 +97,16 @@ class SiteMaterial:
         return lines
 
 
-def init_site_material(name: str, out_dir: Path, *, ca_cert: Path | None) -> SiteMaterial:
-    """Create a site's identity and node keys and its enrollment request in ``out_dir``."""
+def init_site_material(
+    name: str, out_dir: Path, *, ca_cert: Path | None, passphrase: bytes | None
+) -> SiteMaterial:
+    """Create a site's identity and node keys and its enrollment request in ``out_dir``.
+
+    The signing key is encrypted with ``passphrase`` (scrypt); None writes it unencrypted,
+    which the caller must have been asked for explicitly.
+    """
     out_dir = Path(out_dir)
-    signing_key, signing_public = init_site_keys(name, out_dir, passphrase=None)
+    signing_key, signing_public = init_site_keys(name, out_dir, passphrase=passphrase)
     node_key, node_public = init_node_keys(name, out_dir)
     entry = {
         "federation": {

@@ -18,7 +18,14 @@ from transformers import PreTrainedModel
 
 from fedsilo.client.policy import SitePolicy, SiteSection
 from fedsilo.client.site import Site
-from fedsilo.crypto import PrivateKey, PublicKey, read_private_key, read_public_key
+from fedsilo.crypto import (
+    PrivateKey,
+    PublicKey,
+    private_key_is_encrypted,
+    read_passphrase,
+    read_private_key,
+    read_public_key,
+)
 from fedsilo.data.encode import Example, encode_records
 from fedsilo.data.records import Record, load_records
 from fedsilo.model.adapters import attach_lora, get_adapter_state
@@ -39,13 +46,27 @@ class SiteIdentity:
     peer_keys: Mapping[str, PublicKey] = field(default_factory=dict)
 
 
+def read_site_key(path: Path, *, passphrase_file: Path | None) -> PrivateKey:
+    """The site's signing key: decrypted with the passphrase in ``passphrase_file`` when the
+    policy names one, else (for an encrypted key) with the one in $FEDSILO_KEY_PASSPHRASE."""
+    if passphrase_file is not None:
+        passphrase = read_passphrase(passphrase_file, source=str(path))
+    elif private_key_is_encrypted(path):
+        passphrase = read_passphrase(None, source=str(path))
+    else:
+        passphrase = None
+    return read_private_key(path, passphrase=passphrase)
+
+
 def load_identity(policy: SitePolicy) -> SiteIdentity:
     """Read the keys a policy's [site] and [connect] sections name."""
     assert policy.site is not None and policy.connect is not None
     keys = policy.site.keys_dir
     peers = policy.connect.peers
     return SiteIdentity(
-        signing_key=read_private_key(keys / f"{policy.site.name}.key", passphrase=None),
+        signing_key=read_site_key(
+            keys / f"{policy.site.name}.key", passphrase_file=policy.site.passphrase_file
+        ),
         coordinator_key=read_public_key(policy.connect.coordinator_key),
         peer_keys={}
         if peers is None

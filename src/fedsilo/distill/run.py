@@ -52,7 +52,7 @@ from fedsilo.model.adapters import (
 from fedsilo.model.base import ModelError, base_model_hash, load_base_model, resolve_base_model
 from fedsilo.server.federation import adapter_digest
 from fedsilo.server.membership import Membership, load_membership, save_membership
-from fedsilo.server.run_folder import RunFolder
+from fedsilo.server.run_folder import RunFolder, final_file_digests
 from fedsilo.storage import write_bytes_atomic
 
 log = logging.getLogger(__name__)
@@ -387,6 +387,7 @@ def _distill(
                 "final_peft_sha256": sha256_hex(
                     (folder.final_dir / "adapter_model.safetensors").read_bytes()
                 ),
+                "final_files": final_file_digests(folder.final_dir),
                 "kl_before": kl_before,
                 "kl_after": kl_after,
                 "routed": _plain(routed),

@@ -69,6 +69,8 @@ class EntryKind(StrEnum):
 
     RUN_STARTED = "run_started"
     RUN_RESUMED = "run_resumed"
+    # Round 0: the gold metrics of the initial adapter (their digest binds metrics.jsonl).
+    BASELINE_EVALUATED = "baseline_evaluated"
     ROUND_OPENED = "round_opened"
     TASK_SENT = "task_sent"
     UPDATE_RECEIVED = "update_received"

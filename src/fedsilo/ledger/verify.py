@@ -12,7 +12,9 @@ itself) and knows each site's public key. Per entry, in this order:
    site is known, and its signature verifies.
 
 Every problem is collected, not just the first; then caller-supplied extra checks run (the
-server adds one that compares aggregate digests with the checkpoints on disk).
+server adds one that compares aggregate digests with the checkpoints on disk). Extra checks see
+only the entries that passed every check above: what they read on disk is named by entries the
+pinned key vouches for, never by an entry anyone could have written.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ class VerifyProblem:
 
 
 ExtraCheck = Callable[[Sequence[Entry]], list[VerifyProblem]]
-"""A further check over all entries, returning its problems (empty when it passes)."""
+"""A further check over the verified entries, returning its problems (empty when it passes)."""
 
 
 @dataclass(frozen=True)
@@ -191,6 +193,12 @@ def _chain_problems(
     return problems
 
 
+def _verified(entries: Sequence[Entry], problems: list[VerifyProblem]) -> list[Entry]:
+    """The entries with no problem of their own (extra checks read files only for these)."""
+    flawed = {problem.seq for problem in problems}
+    return [entry for entry in entries if entry.seq not in flawed]
+
+
 def verify_entries(
     entries: Sequence[Entry],
     *,
@@ -206,8 +214,9 @@ def verify_entries(
     problems = _chain_problems(entries, coordinator_key, site_keys)
     if not entries:
         problems.append(VerifyProblem(None, "the ledger has no entries"))
+    verified = _verified(entries, problems)
     for check in extra_checks:
-        problems.extend(check(entries))
+        problems.extend(check(verified))
     return VerifyReport(
         entries=len(entries),
         problems=_ordered(problems),
@@ -249,8 +258,9 @@ def verify_ledger(
     if not stored.rows:
         problems.append(VerifyProblem(None, "the ledger has no entries"))
     problems.extend(_chain_problems(entries, coordinator_key, site_keys))
+    verified = _verified(entries, problems)
     for check in extra_checks:
-        problems.extend(check(entries))
+        problems.extend(check(verified))
     return VerifyReport(
         entries=len(stored.rows),
         problems=_ordered(problems),

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import platform
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +15,7 @@ import flwr
 import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
+from peft import PeftModel
 
 import fedsilo
 from fedsilo.client.site import load_model_with_adapter
@@ -25,6 +28,7 @@ from fedsilo.config import (
     save_config,
 )
 from fedsilo.crypto import fingerprint, read_private_key
+from fedsilo.data.hygiene import DataHygiene, check_data_hygiene
 from fedsilo.data.icd10 import TaskData
 from fedsilo.data.tasks import build_task
 from fedsilo.evaluation.gold import evaluate_task_gold
@@ -33,6 +37,7 @@ from fedsilo.ledger import EntryKind, Ledger
 from fedsilo.model.adapters import AdapterState, export_peft_folder, set_adapter_state
 from fedsilo.model.base import resolve_base_model
 from fedsilo.privacy.trust import update_visibility
+from fedsilo.server.audit import describe, verify_run
 from fedsilo.server.federation import (
     FederationPlan,
     ProgressReporter,
@@ -40,9 +45,10 @@ from fedsilo.server.federation import (
     run_federation,
 )
 from fedsilo.server.membership import Membership
-from fedsilo.server.run_folder import RunFolder
+from fedsilo.server.run_folder import RunFolder, final_file_digests
 from fedsilo.server.site_dp import SiteLevelDp
 from fedsilo.server.strategies import Strategy, build_strategy
+from fedsilo.storage.atomic import fsync_folder
 from fedsilo.training.precision import PrecisionChoice, compute_in
 
 log = logging.getLogger(__name__)
@@ -80,6 +86,47 @@ def check_resume_config(saved: FedsiloConfig, requested: FedsiloConfig, *, sourc
         )
 
 
+def require_resumable(run_dir: Path) -> None:
+    """Refuse to resume a run whose ledger is missing or does not verify.
+
+    A resumed run extends the ledger's chain; without the history (a deleted ledger.db) it
+    would start a new chain over the old checkpoints, and on a tampered one it would sign
+    after the tampering. Checked before anything is written to the folder.
+    """
+    folder = RunFolder(run_dir)
+    if not folder.ledger_path.is_file():
+        raise ConfigError(
+            f"{folder.ledger_path}: not found; cannot resume {folder.root} without its ledger "
+            "(nothing was written)"
+        )
+    if not folder.membership_path.is_file():
+        raise ConfigError(
+            f"{folder.membership_path}: not found; cannot resume {folder.root} without the "
+            "run's pinned keys"
+        )
+    report = verify_run(folder.root)
+    if not report.ok:
+        raise ConfigError(
+            f"{folder.ledger_path}: cannot resume, the ledger does not verify: {describe(report)}"
+        )
+
+
+def _data_hygiene(
+    config: FedsiloConfig, task: TaskData, reporter: ProgressReporter
+) -> DataHygiene | None:
+    """A simulation's data hygiene findings, each a warning (None in a deployment, where the
+    coordinator never sees the sites' records)."""
+    if config.deployment is not None:
+        return None
+    hygiene = check_data_hygiene(task, config.task)
+    for line in hygiene.warnings():
+        log.warning(line)
+        reporter.notice(line)
+    if hygiene.count:
+        reporter.notice(f"data hygiene: {hygiene.count} finding(s), recorded in run.json")
+    return hygiene
+
+
 def _run_info(
     config: FedsiloConfig,
     base_hash: str,
@@ -113,6 +160,7 @@ def execute(grid: Grid, job: ServerJob) -> AdapterState:
     folder = RunFolder(job.run_dir)
     config = job.config
     if job.resume:
+        require_resumable(folder.root)
         check_resume_config(load_config(folder.config_path), config, source=folder.config_path)
     elif folder.latest_checkpoint_round() is not None or folder.ledger_path.exists():
         raise FileExistsError(
@@ -144,11 +192,12 @@ def _execute(grid: Grid, job: ServerJob, folder: RunFolder) -> AdapterState:
                 f"{config.model.base} now hashes to {loaded.base_model_hash}"
             )
     task = build_task(config.task, seed=config.run.seed)
+    hygiene = _data_hygiene(config, task, job.reporter)
     if not (job.resume and folder.run_info_path.exists()):
-        folder.write_json(
-            folder.run_info_path,
-            _run_info(config, loaded.base_model_hash, base_folder, task, loaded.precision),
-        )
+        info = _run_info(config, loaded.base_model_hash, base_folder, task, loaded.precision)
+        if hygiene is not None:
+            info["data_hygiene"] = hygiene.to_json()
+        folder.write_json(folder.run_info_path, info)
 
     def evaluate(adapter: AdapterState) -> GoldMetrics:
         set_adapter_state(loaded.model, adapter)
@@ -206,14 +255,39 @@ def _execute(grid: Grid, job: ServerJob, folder: RunFolder) -> AdapterState:
         )
         final = run_federation(grid, plan, resume=job.resume)
         set_adapter_state(loaded.model, final)
-        export_peft_folder(
-            loaded.model, final, folder.final_dir, base_model_path=str(base_folder), replace=True
-        )
-        ledger.append(
-            EntryKind.RUN_FINISHED,
-            {"rounds": config.run.rounds, "final_adapter_sha256": adapter_digest(final)},
-        )
+        _publish_final(ledger, folder, loaded.model, final, base_folder, config.run.rounds)
     return final
+
+
+def _publish_final(
+    ledger: Ledger,
+    folder: RunFolder,
+    model: PeftModel,
+    final: AdapterState,
+    base_folder: Path,
+    rounds: int,
+) -> None:
+    """Write final/ and its run_finished entry so that a crash at any point leaves a folder
+    that verifies: the new final/ is built aside, an earlier one (a resumed run's) is moved
+    out, the entry recording the new files is appended, and only then is final/ put in place.
+    """
+    staging = folder.root / ".final.staging"
+    export_peft_folder(model, final, staging, base_model_path=str(base_folder), replace=True)
+    if folder.final_dir.exists():
+        retired = folder.root / ".final.retired"
+        shutil.rmtree(retired, ignore_errors=True)
+        os.replace(folder.final_dir, retired)
+        shutil.rmtree(retired)
+    ledger.append(
+        EntryKind.RUN_FINISHED,
+        {
+            "rounds": rounds,
+            "final_adapter_sha256": adapter_digest(final),
+            "final_files": final_file_digests(staging),
+        },
+    )
+    os.replace(staging, folder.final_dir)
+    fsync_folder(folder.root)
 
 
 def _strategy(config: FedsiloConfig) -> Strategy:

@@ -19,13 +19,31 @@ from fedsilo.crypto import (
     SignatureError,
     UpdateBinding,
     decode_signature,
-    sha256_hex,
+    fingerprint,
     verify_receipt,
 )
-from fedsilo.ledger import Entry, EntryKind, ExtraCheck, VerifyProblem, VerifyReport, verify_ledger
+from fedsilo.ledger import (
+    UPDATE_BINDING_FIELDS,
+    Entry,
+    EntryKind,
+    ExtraCheck,
+    VerifyProblem,
+    VerifyReport,
+    verify_ledger,
+)
+from fedsilo.server.folder_checks import (
+    UnsafeFileError,
+    hash_file,
+    outputs_match_ledger,
+    read_bounded,
+)
 from fedsilo.server.lineage import lineage_matches_ledger
 from fedsilo.server.membership import load_membership
 from fedsilo.server.run_folder import RunFolder
+
+MAX_RECEIPT_BYTES = 64 * 1024
+MAX_NESTING = 8
+"""Deepest chain of runs naming runs (distillation -> clustered run -> cluster) verified."""
 
 
 def _recorded_adapters(entries: Sequence[Entry]) -> dict[int, tuple[int, str]]:
@@ -39,6 +57,13 @@ def _recorded_adapters(entries: Sequence[Entry]) -> dict[int, tuple[int, str]]:
             if isinstance(round_number, int):
                 recorded[round_number] = (entry.seq, str(entry.payload.get("adapter_sha256")))
     return recorded
+
+
+def _hash_or_none(path: Path) -> str | None:
+    try:
+        return hash_file(path)
+    except UnsafeFileError:
+        return None
 
 
 def checkpoints_match_ledger(folder: RunFolder) -> ExtraCheck:
@@ -55,7 +80,11 @@ def checkpoints_match_ledger(folder: RunFolder) -> ExtraCheck:
                 )
                 continue
             seq, digest = recorded[round_number]
-            actual = sha256_hex(path.read_bytes())
+            try:
+                actual = hash_file(path)
+            except UnsafeFileError as error:
+                problems.append(VerifyProblem(seq, f"round {round_number}: {error}"))
+                continue
             if actual != digest:
                 problems.append(
                     VerifyProblem(
@@ -76,10 +105,13 @@ def checkpoints_match_ledger(folder: RunFolder) -> ExtraCheck:
                 )
             )
         last_round = folder.latest_checkpoint_round()
-        if finished and last_round is not None:
+        resumed_since = finished and any(
+            e.kind is EntryKind.ROUND_AGGREGATED and e.seq > finished[-1].seq for e in entries
+        )
+        if finished and last_round is not None and not resumed_since:
             path = folder.checkpoint_dir(last_round) / "adapter.safetensors"
             digest = str(finished[-1].payload.get("final_adapter_sha256"))
-            if sha256_hex(path.read_bytes()) != digest:
+            if _hash_or_none(path) != digest:
                 problems.append(
                     VerifyProblem(
                         finished[-1].seq,
@@ -106,7 +138,7 @@ def receipts_match_ledger(receipt_files: Sequence[Path], coordinator_key: Public
             try:
                 receipt, signature = _read_receipt(path)
                 verify_receipt(coordinator_key, receipt, signature)
-            except (ValueError, KeyError, TypeError, SignatureError) as error:
+            except (ValueError, KeyError, TypeError, SignatureError, UnsafeFileError) as error:
                 problems.append(VerifyProblem(None, f"receipt {path} is not valid: {error}"))
                 continue
             entry = by_seq.get(receipt.ledger_seq)
@@ -118,13 +150,31 @@ def receipts_match_ledger(receipt_files: Sequence[Path], coordinator_key: Public
                         f"with hash {receipt.entry_hash}, which the ledger does not hold",
                     )
                 )
+            elif _recorded_binding(entry) != receipt.binding.fields():
+                # A receipt re-pointed at another entry: the update it acknowledges (site,
+                # round, payload hash) must be the one that entry records.
+                problems.append(
+                    VerifyProblem(
+                        receipt.ledger_seq,
+                        f"receipt {path} acknowledges the update {receipt.binding.fields()}, "
+                        f"but ledger entry {entry.seq} ({entry.kind}) records "
+                        f"{_recorded_binding(entry) or 'no update'}",
+                    )
+                )
         return problems
 
     return check
 
 
+def _recorded_binding(entry: Entry) -> dict[str, object]:
+    """The update binding an update_received entry records (empty for other kinds)."""
+    if entry.kind is not EntryKind.UPDATE_RECEIVED:
+        return {}
+    return {name: entry.payload.get(name) for name in UPDATE_BINDING_FIELDS}
+
+
 def _read_receipt(path: Path) -> tuple[Receipt, bytes]:
-    data = json.loads(path.read_text(encoding="utf-8"))
+    data = json.loads(read_bounded(path, limit=MAX_RECEIPT_BYTES).decode("utf-8"))
     receipt = Receipt(
         binding=UpdateBinding(**data["binding"]),
         ledger_seq=int(data["ledger_seq"]),
@@ -138,12 +188,14 @@ def verify_run(
     *,
     coordinator_key: PublicKey | None = None,
     receipt_files: Sequence[Path] | None = None,
+    _visiting: tuple[Path, ...] = (),
 ) -> VerifyReport:
     """Verify a run folder's ledger offline, with the checkpoints and the sites' receipts.
 
     ``coordinator_key`` is the key the auditor trusts, obtained out of band; without it the
     key pinned in RUN/federation.json is used (which only proves the ledger is consistent
-    with the folder it came in, not who wrote it).
+    with the folder it came in, not who wrote it). ``_visiting`` holds the runs whose
+    verification asked for this one (a run naming itself, directly or not, is a problem).
     """
     folder = RunFolder(run_dir)
     membership = load_membership(folder.membership_path)
@@ -151,21 +203,35 @@ def verify_run(
     if receipt_files is None:
         # In simulation each site's storage is RUN/sites/NAME/, receipts included.
         receipt_files = sorted(folder.root.glob("sites/*/receipts/*.json"))
+    visiting = (*_visiting, folder.root.resolve())
+
+    def verify_nested(nested_dir: Path, key: PublicKey) -> VerifyReport:
+        # A cluster's run or a distillation's source run, under the key the auditor trusts.
+        if Path(nested_dir).resolve() in visiting or len(visiting) >= MAX_NESTING:
+            return VerifyReport(
+                entries=0,
+                problems=(
+                    VerifyProblem(
+                        None,
+                        f"{nested_dir} refers back to a run that names it, or nests more than "
+                        f"{MAX_NESTING} runs deep; not followed",
+                    ),
+                ),
+                coordinator_fingerprint=fingerprint(key),
+            )
+        return verify_run(nested_dir, coordinator_key=key, _visiting=visiting)
+
     return verify_ledger(
         folder.ledger_path,
         coordinator_key=trusted,
         site_keys=membership.site_keys(),
         extra_checks=(
             checkpoints_match_ledger(folder),
+            outputs_match_ledger(folder),
             receipts_match_ledger(receipt_files, trusted),
-            lineage_matches_ledger(folder, trusted, _verify_nested),
+            lineage_matches_ledger(folder, trusted, verify_nested),
         ),
     )
-
-
-def _verify_nested(run_dir: Path, coordinator_key: PublicKey) -> VerifyReport:
-    # A cluster's run or a distillation's source run, under the key the auditor trusts.
-    return verify_run(run_dir, coordinator_key=coordinator_key)
 
 
 def describe(report: VerifyReport) -> str:

@@ -53,7 +53,7 @@ from fedsilo.server.rounds import (
     rejected_sender,
     stream_replies,
 )
-from fedsilo.server.run_folder import Checkpoint
+from fedsilo.server.run_folder import Checkpoint, record_digest
 from fedsilo.server.secagg_round import collect_secure_round
 from fedsilo.server.strategies import SiteUpdate
 
@@ -371,6 +371,8 @@ def run_federation(grid: Grid, plan: FederationPlan, *, resume: bool) -> Adapter
                 "examples": record["examples"],
                 "strategy": strategy.name,
                 "site_dp_event": _site_dp_event(config),
+                # Binds metrics.jsonl and round.json: an edited gold accuracy fails the audit.
+                "metrics_sha256": record_digest(record),
             },
         )
         folder.save_checkpoint(
@@ -419,6 +421,9 @@ def _starting_point(plan: FederationPlan, *, resume: bool) -> tuple[int, Adapter
         **_gold_fields(gold),
         "seconds": time.perf_counter() - started,
     }
+    plan.ledger.append(
+        EntryKind.BASELINE_EVALUATED, {"round": 0, "metrics_sha256": record_digest(record)}
+    )
     folder.save_checkpoint(Checkpoint(0, plan.initial_adapter, plan.strategy.state_dict(), record))
     folder.write_metrics([record])
     plan.reporter.round_done(record, total_rounds=plan.config.run.rounds)

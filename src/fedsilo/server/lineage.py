@@ -21,16 +21,18 @@ checks (extra checks of ``fedsilo audit verify``) hold each name to the bytes on
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from fedsilo.config import load_config
-from fedsilo.crypto import PublicKey, public_key_text, sha256_hex
+from fedsilo.crypto import PublicKey, public_key_text
 from fedsilo.ledger import Entry, EntryKind, ExtraCheck, VerifyProblem, VerifyReport, read_entries
-from fedsilo.model.adapters import adapter_from_bytes, load_adapter
+from fedsilo.model.adapters import adapter_from_bytes
 from fedsilo.model.base import ModelError
 from fedsilo.server.clustering import agglomerate, cosine_similarities
 from fedsilo.server.federation import adapter_digest
+from fedsilo.server.folder_checks import UnsafeFileError, contained, hash_file, read_bounded
 from fedsilo.server.membership import load_membership
 from fedsilo.server.run_folder import RunFolder
 
@@ -38,22 +40,19 @@ PEFT_WEIGHTS = "adapter_model.safetensors"
 EXPERT_INFO = "expert.json"
 # Recomputed cosines may differ from the recorded ones in the last bits on other hardware.
 COSINE_TOLERANCE = 1e-9
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 RunVerifier = Callable[[Path, PublicKey], VerifyReport]
 """Verifies a whole run folder under a given coordinator key (fedsilo.server.audit.verify_run)."""
 
 
-def _hash_file(path: Path) -> str | None:
-    try:
-        return sha256_hex(path.read_bytes())
-    except OSError:
-        return None
-
-
 def _file_problem(seq: int, what: str, path: Path, recorded: object) -> list[VerifyProblem]:
-    actual = _hash_file(path)
-    if actual is None:
+    if not path.exists():
         return [VerifyProblem(seq, f"{what}: {path} is missing; the ledger records {recorded}")]
+    try:
+        actual = hash_file(path)
+    except UnsafeFileError as error:
+        return [VerifyProblem(seq, f"{what}: {error}")]
     if actual != recorded:
         return [
             VerifyProblem(
@@ -138,11 +137,14 @@ def _cluster_problems(folder: RunFolder, entry: Entry) -> list[VerifyProblem]:
         )
     probes = {}
     for site, digest in sorted(digests.items()):
-        path = folder.root / "probe" / f"{site}.safetensors"
-        found = _file_problem(entry.seq, f"probe update of {site}", path, digest)
+        try:
+            path = contained(folder.root, f"probe/{site}.safetensors", field="probe_sha256")
+            found = _file_problem(entry.seq, f"probe update of {site}", path, digest)
+            if not found:
+                probes[site] = adapter_from_bytes(read_bounded(path))
+        except (UnsafeFileError, ModelError) as error:
+            found = [VerifyProblem(entry.seq, f"probe update of {site}: {error}")]
         problems += found
-        if not found:
-            probes[site] = load_adapter(path)
     if problems:
         return problems
     recomputed = cosine_similarities(probes)
@@ -162,8 +164,11 @@ def _expert_problems(
 ) -> list[VerifyProblem]:
     payload = entry.payload
     name = str(payload.get("cluster"))
-    run_dir = folder.root / str(payload.get("run_folder"))
-    expert_dir = folder.root / str(payload.get("expert_folder"))
+    try:
+        run_dir = contained(folder.root, payload.get("run_folder"), field="run_folder")
+        expert_dir = contained(folder.root, payload.get("expert_folder"), field="expert_folder")
+    except UnsafeFileError as error:
+        return [VerifyProblem(entry.seq, f"cluster {name}: {error}")]
     label = f"cluster {name} ({run_dir})"
     if not RunFolder(run_dir).ledger_path.exists():
         return [VerifyProblem(entry.seq, f"{label}: its run folder or ledger is missing")]
@@ -188,8 +193,8 @@ def _expert_problems(
     )
     if not problems:
         try:
-            tensors = adapter_from_bytes((expert_dir / PEFT_WEIGHTS).read_bytes())
-        except ModelError as error:
+            tensors = adapter_from_bytes(read_bounded(expert_dir / PEFT_WEIGHTS))
+        except (ModelError, UnsafeFileError) as error:
             return [VerifyProblem(entry.seq, f"expert {name}: {error}")]
         if adapter_digest(tensors) != payload.get("adapter_sha256"):
             problems.append(
@@ -216,6 +221,13 @@ def _unrecorded_folders(folder: RunFolder, entries: Sequence[Entry]) -> list[Ver
     return problems
 
 
+def _external_folder(value: object) -> Path | None:
+    """An absolute folder named by a verified distill_sources entry, or None."""
+    if not isinstance(value, str) or not Path(value).is_absolute() or not Path(value).is_dir():
+        return None
+    return Path(value)
+
+
 def _sources_problems(
     folder: RunFolder, entry: Entry, trusted: PublicKey, verify: RunVerifier
 ) -> list[VerifyProblem]:
@@ -223,22 +235,39 @@ def _sources_problems(
     problems: list[VerifyProblem] = []
     transfer = payload.get("transfer")
     if isinstance(transfer, dict):
-        problems += _file_problem(
-            entry.seq,
-            "transfer set",
-            folder.root / str(transfer.get("file")),
-            transfer.get("sha256"),
-        )
-    experts_dir = Path(str(payload.get("experts_dir")))
+        try:
+            path = contained(folder.root, transfer.get("file"), field="transfer.file")
+        except UnsafeFileError as error:
+            problems.append(VerifyProblem(entry.seq, f"transfer set: {error}"))
+        else:
+            problems += _file_problem(entry.seq, "transfer set", path, transfer.get("sha256"))
+    # The experts and their clustered run live outside the distillation's folder, so the
+    # ledger names them by absolute path: followed only because the entry's signature
+    # verified, only to folders, only by safe names, and every file read has a size limit.
+    experts_dir = _external_folder(payload.get("experts_dir"))
     experts = payload.get("experts")
     for name, recorded in sorted(experts.items()) if isinstance(experts, dict) else []:
         digest = recorded.get("peft_sha256") if isinstance(recorded, dict) else None
+        if experts_dir is None or not SAFE_NAME.fullmatch(name):
+            problems.append(
+                VerifyProblem(
+                    entry.seq,
+                    f"expert {name!r} in {payload.get('experts_dir')!r} "
+                    "is not a safe name in a folder; not read",
+                )
+            )
+            continue
         problems += _file_problem(
             entry.seq, f"expert {name}", experts_dir / name / PEFT_WEIGHTS, digest
         )
     source = payload.get("source_run")
     if isinstance(source, dict):
-        run_dir = Path(str(source.get("folder")))
+        run_dir = _external_folder(source.get("folder"))
+        if run_dir is None:
+            return [
+                *problems,
+                VerifyProblem(entry.seq, f"source run {source.get('folder')!r} is not a folder"),
+            ]
         label = f"source run {run_dir}"
         if not RunFolder(run_dir).membership_path.exists():
             return [*problems, VerifyProblem(entry.seq, f"{label}: the run folder is missing")]

@@ -10,6 +10,7 @@ from fedsilo.config import load_config
 from fedsilo.evaluation.gold import generate_answers
 from fedsilo.model.adapters import AdapterState, export_peft_folder, set_adapter_state
 from fedsilo.model.base import resolve_base_model
+from fedsilo.server.audit import describe, verify_run
 from fedsilo.server.model_card import write_export_provenance
 from fedsilo.server.run_folder import RunFolder
 from fedsilo.storage import atomic_folder
@@ -22,17 +23,33 @@ def _latest_adapter(folder: RunFolder) -> tuple[AdapterState, int]:
     return folder.load_checkpoint(last).adapter, last
 
 
+class ExportRefusedError(ValueError):
+    """The run's adapter is not the one its ledger vouches for; nothing is exported."""
+
+
+def _require_verified(folder: RunFolder) -> None:
+    report = verify_run(folder.root)
+    if not report.ok:
+        raise ExportRefusedError(
+            f"{folder.root}: refusing to export an adapter the run's ledger does not vouch "
+            f"for; {describe(report)} (see `fedsilo audit verify {folder.root}`)"
+        )
+
+
 def export_run(run_dir: Path, out: Path) -> str:
     """Write the run's adapter to ``out`` as a PEFT folder; returns where it came from.
 
-    A completed run's final/ folder is copied; for an unfinished run the latest checkpoint
-    is exported (which needs the base model, to write the PEFT config). Either way the folder
-    names the base model by its published name (not a local path) in adapter_config.json and
-    gets a model card, README.md, with the run's provenance.
+    The run must pass `fedsilo audit verify` (under the coordinator key pinned in the run
+    folder), else ExportRefusedError. A completed run's final/ folder is copied; for an
+    unfinished run the latest checkpoint is exported (which needs the base model, to write
+    the PEFT config). Either way the folder names the base model by its published name (not
+    a local path) in adapter_config.json and gets a model card, README.md, with the run's
+    provenance.
     """
     folder = RunFolder(run_dir)
     if not folder.root.is_dir():
         raise FileNotFoundError(f"{folder.root}: no such run folder")
+    _require_verified(folder)
     if (folder.final_dir / "adapter_config.json").exists():
         with atomic_folder(out) as tmp:
             for item in folder.final_dir.iterdir():

@@ -17,8 +17,10 @@ checkpoints after a crash between the two writes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from fedsilo.ledger import JsonValue
 from fedsilo.model.adapters import AdapterState, load_adapter, save_adapter
 from fedsilo.storage import atomic_folder, write_text_atomic
 
@@ -40,6 +43,26 @@ class Checkpoint:
     adapter: AdapterState
     server_state: dict[str, torch.Tensor]
     record: dict[str, Any]  # the round's metrics line
+
+
+def record_digest(record: Mapping[str, Any]) -> str:
+    """sha256 hex of a round's metrics record, as the ledger records it (``metrics_sha256``).
+
+    The text hashed is ``json.dumps(record, sort_keys=True, separators=(",", ":"),
+    ensure_ascii=True)``, which a record read back from metrics.jsonl or round.json
+    reproduces exactly.
+    """
+    text = json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def final_file_digests(final_dir: Path) -> dict[str, JsonValue]:
+    """File name -> sha256 hex of every file in final/, as ``run_finished`` records it
+    (``final_files``): the audit and `fedsilo export` hold final/ to exactly these files."""
+    return {
+        item.name: hashlib.sha256(item.read_bytes()).hexdigest()
+        for item in sorted(Path(final_dir).iterdir())
+    }
 
 
 class RunFolder:

@@ -144,7 +144,12 @@ def prepare(experiment: CanaryExperiment, work: Path, privacy: dict[str, Any]) -
     _write_jsonl(work / "gold.jsonl", [r for r in task.gold if isinstance(r, ChatRecord)])
     return parse_config(
         {
-            "run": {"name": "canary-attack", "rounds": experiment.rounds, "torch_threads": 1},
+            "run": {
+                "name": "canary-attack",
+                "rounds": experiment.rounds,
+                "torch_threads": 1,
+                "require_site_policies": False,
+            },
             "model": {"base": experiment.base_model},
             "task": {
                 "name": "files",

@@ -18,12 +18,12 @@ from flwr.app import Context, RecordDict
 from fedsilo.client.app import build_client_app
 from fedsilo.config import FedsiloConfig
 from fedsilo.data.tasks import build_task
-from fedsilo.server.app import ServerJob, build_server_app
+from fedsilo.server.app import ServerJob, build_server_app, require_resumable
 from fedsilo.server.federation import FederationError, ProgressReporter
 from fedsilo.server.run_folder import RunFolder
 from fedsilo.simulation.enrollment import enroll_simulated_federation
 from fedsilo.simulation.inprocess_grid import InProcessGrid
-from fedsilo.simulation.sites import SimulatedSites
+from fedsilo.simulation.sites import SimulatedSites, policy_path
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,12 @@ class SimulationRequest:
 def prepare_job(request: SimulationRequest) -> ServerJob:
     """Enroll the simulated sites' keys (created once, reused on resume) and build the job."""
     config = request.config
+    if request.resume:
+        # Before enrollment, which would create keys in a folder that holds no run.
+        require_resumable(request.run_dir)
     site_names = [site.name for site in build_task(config.task, seed=config.run.seed).sites]
+    for name in site_names:
+        policy_path(config, name)  # every site refuses without its policy: stop before keys
     membership = enroll_simulated_federation(
         request.run_dir, federation=config.federation, site_names=site_names
     )

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from flwr.app import Context
 
-from fedsilo.client.policy import SitePolicy, load_policy
+from fedsilo.client.policy import PolicyError, SitePolicy, load_policy
 from fedsilo.client.site import LoadedModel, Site, load_model_with_adapter
 from fedsilo.config import FedsiloConfig
 from fedsilo.crypto import read_private_key
@@ -86,7 +86,30 @@ class SimulatedSites:
         )
 
     def _policy(self, site: str) -> SitePolicy | None:
-        folder = self.config.run.site_policies
-        if folder is None or not (folder / f"{site}.toml").exists():
+        path = policy_path(self.config, site)
+        if path is None:
             return None
-        return load_policy(folder / f"{site}.toml")
+        return load_policy(path)
+
+
+def policy_path(config: FedsiloConfig, site: str) -> Path | None:
+    """The policy file a simulated site trains under; None only for a run that is explicitly
+    a simulation without policies (``run.require_site_policies = false``).
+
+    Raises PolicyError naming the file it looked for when the site has none: a missing or
+    misnamed policy file must not quietly mean "no rules".
+    """
+    folder = config.run.site_policies
+    path = None if folder is None else folder / f"{site}.toml"
+    if path is not None and path.is_file():
+        return path
+    if not config.run.require_site_policies:
+        return None
+    looked_for = (
+        f"{path}" if path is not None else f"{site}.toml (run.site_policies names no folder)"
+    )
+    raise PolicyError(
+        f"site {site}: no policy file at {looked_for}; the site refuses to train without its "
+        "policy. Add the file, or set run.require_site_policies = false for a simulation "
+        "without policies"
+    )

@@ -1,0 +1,363 @@
+"""The audit covers what a run hands out: final/, the run's end, receipts, metrics, lineage."""
+
+import json
+import shutil
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from fedsilo.cli.main import main
+from fedsilo.config import FedsiloConfig
+from fedsilo.crypto import (
+    Receipt,
+    UpdateBinding,
+    encode_signature,
+    generate_private_key,
+    read_private_key,
+    sign_receipt,
+)
+from fedsilo.ledger import EntryKind, Ledger, read_entries
+from fedsilo.ledger.entries import sign_entry_hash
+from fedsilo.server.audit import verify_run
+from fedsilo.server.folder_checks import UnsafeFileError, contained, hash_file
+from fedsilo.server.run_folder import RunFolder
+
+from ..simulation.conftest import run_with_grid
+
+
+@pytest.fixture
+def finished_run(make_config: Callable[..., FedsiloConfig], tmp_path: Path) -> Path:
+    run_dir = tmp_path / "run"
+    run_with_grid(make_config(run={"rounds": 2}), run_dir)
+    return run_dir
+
+
+def _reasons(run_dir: Path, **kwargs: object) -> str:
+    report = verify_run(run_dir, **kwargs)  # type: ignore[arg-type]
+    assert not report.ok
+    return " | ".join(problem.reason for problem in report.problems)
+
+
+def _cut_from(run_dir: Path, first_seq: int) -> None:
+    with sqlite3.connect(run_dir / "ledger.db") as db:
+        db.execute("DELETE FROM entries WHERE seq >= ?", (first_seq,))
+
+
+def _round_two_opened(run_dir: Path) -> int:
+    return next(
+        entry.seq
+        for entry in read_entries(run_dir / "ledger.db")
+        if entry.kind is EntryKind.ROUND_OPENED and entry.payload.get("round") == 2
+    )
+
+
+def test_completed_run_verifies_with_final_files_recorded(finished_run: Path) -> None:
+    finished = read_entries(finished_run / "ledger.db")[-1]
+
+    assert verify_run(finished_run).ok
+    assert sorted(finished.payload["final_files"]) == [  # type: ignore[arg-type]
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+
+
+def test_replaced_final_adapter_fails_verify_and_export(
+    finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    weights = finished_run / "final" / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    save_file({name: tensor * 2 for name, tensor in tensors.items()}, str(weights))
+    out = tmp_path / "exported"
+
+    assert main(["audit", "verify", str(finished_run)]) == 1
+    assert main(["export", str(finished_run), "--out", str(out)]) == 2
+
+    err = capsys.readouterr().err
+    assert "refusing to export" in err
+    assert "adapter_model.safetensors" in err
+    assert not out.exists()
+
+
+def test_edited_adapter_config_fails(finished_run: Path) -> None:
+    config = finished_run / "final" / "adapter_config.json"
+    settings = json.loads(config.read_text())
+    settings["lora_alpha"] = 1000
+    config.write_text(json.dumps(settings))
+
+    assert "adapter_config.json hashes to" in _reasons(finished_run)
+
+
+def test_verified_run_exports(finished_run: Path, tmp_path: Path) -> None:
+    assert main(["export", str(finished_run), "--out", str(tmp_path / "out")]) == 0
+
+    assert (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+def test_last_entry_cut_with_final_folder_fails(finished_run: Path) -> None:
+    last = read_entries(finished_run / "ledger.db")[-1]
+    assert last.kind is EntryKind.RUN_FINISHED
+    _cut_from(finished_run, last.seq)
+    shutil.rmtree(finished_run / "final")
+
+    assert "says the run completed" in _reasons(finished_run)
+
+
+def _cut_round_two_with_its_files(run_dir: Path) -> None:
+    _cut_from(run_dir, _round_two_opened(run_dir))
+    folder = RunFolder(run_dir)
+    shutil.rmtree(folder.final_dir)
+    shutil.rmtree(folder.checkpoint_dir(2))
+    folder.write_metrics(folder.read_metrics()[:2])
+    for receipt in run_dir.glob("sites/*/receipts/round-2-*.json"):
+        receipt.unlink()
+
+
+def test_last_round_cut_with_its_receipts_and_files_fails(finished_run: Path) -> None:
+    _cut_round_two_with_its_files(finished_run)
+
+    assert "says the run completed" in _reasons(finished_run)
+
+
+def test_receipts_repointed_at_earlier_entries_fail_under_the_trusted_key(
+    finished_run: Path,
+) -> None:
+    receipts = sorted(finished_run.glob("sites/*/receipts/round-2-*.json"))
+    originals = {path: json.loads(path.read_text()) for path in receipts}
+    _cut_round_two_with_its_files(finished_run)
+    (finished_run / "status.json").write_text('{"status": "failed"}')
+    key = read_private_key(finished_run / "coordinator" / "coordinator.key", passphrase=None)
+    entries = read_entries(finished_run / "ledger.db")
+    for path, data in originals.items():
+        # A coordinator holding its key re-signs each round-2 receipt for the site's round-1
+        # entry: seq and entry hash exist in the ledger, the signature verifies.
+        binding = UpdateBinding(**data["binding"])
+        target = next(
+            e
+            for e in entries
+            if e.kind is EntryKind.UPDATE_RECEIVED and e.payload["site_id"] == binding.site_id
+        )
+        receipt = Receipt(binding, ledger_seq=target.seq, entry_hash=target.entry_hash)
+        record = {
+            "binding": data["binding"],
+            "ledger_seq": target.seq,
+            "entry_hash": target.entry_hash,
+            "signature": encode_signature(sign_receipt(key, receipt)),
+        }
+        path.write_text(json.dumps(record))
+    trusted = finished_run / "coordinator" / "coordinator.pub"
+
+    assert main(["audit", "verify", str(finished_run), "--coordinator-key", str(trusted)]) == 1
+    assert "acknowledges the update" in _reasons(finished_run)
+
+
+@pytest.mark.parametrize("where", ["metrics.jsonl", "round.json"])
+def test_edited_gold_accuracy_fails(finished_run: Path, where: str) -> None:
+    folder = RunFolder(finished_run)
+    if where == "metrics.jsonl":
+        records = folder.read_metrics()
+        records[2]["gold_accuracy"] = 0.99
+        folder.write_metrics(records)
+    else:
+        path = folder.checkpoint_dir(1) / "round.json"
+        record = json.loads(path.read_text())
+        record["gold_accuracy"] = 0.99
+        path.write_text(json.dumps(record))
+
+    assert "metrics are not the ones the ledger records" in _reasons(finished_run)
+
+
+def test_report_marks_metrics_the_ledger_does_not_record(finished_run: Path) -> None:
+    from fedsilo.server.report_data import build_report_data
+
+    folder = RunFolder(finished_run)
+    folder.write_metrics([*folder.read_metrics(), {**folder.read_metrics()[-1], "round": 7}])
+    report = verify_run(finished_run)
+
+    data = build_report_data(finished_run, report, key_source="folder")
+
+    unrecorded = [row.round for row in data.rounds if row.adapter_sha256 is None]
+    assert unrecorded == [7]
+
+
+def _append(run_dir: Path, kind: EntryKind, payload: dict[str, object]) -> int:
+    key = read_private_key(run_dir / "coordinator" / "coordinator.key", passphrase=None)
+    with Ledger.open(run_dir / "ledger.db", coordinator_key=key) as ledger:
+        return ledger.append(kind, payload).seq  # type: ignore[arg-type]
+
+
+def _resign_with_another_key(run_dir: Path, seq: int) -> None:
+    other = generate_private_key()
+    with sqlite3.connect(run_dir / "ledger.db") as db:
+        query = "SELECT entry_hash FROM entries WHERE seq = ?"
+        (entry_hash,) = db.execute(query, (seq,)).fetchone()
+        signature = encode_signature(sign_entry_hash(other, seq=seq, entry_hash=entry_hash))
+        db.execute("UPDATE entries SET signature = ? WHERE seq = ?", (signature, seq))
+
+
+def test_lineage_reads_nothing_an_unverified_entry_names(
+    finished_run: Path, tmp_path: Path
+) -> None:
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(b"secret")
+    seq = _append(
+        finished_run,
+        EntryKind.DISTILL_SOURCES,
+        {"transfer": {"file": str(outside), "sha256": "0" * 64}, "experts": {}},
+    )
+    _resign_with_another_key(finished_run, seq)
+
+    reasons = _reasons(finished_run)
+
+    assert "coordinator signature does not verify" in reasons
+    assert str(outside) not in reasons  # neither read nor hashed
+
+
+def test_lineage_refuses_absolute_and_escaping_paths(finished_run: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(b"secret")
+    _append(
+        finished_run,
+        EntryKind.DISTILL_SOURCES,
+        {"transfer": {"file": str(outside), "sha256": "0" * 64}, "experts": {}},
+    )
+    _append(
+        finished_run,
+        EntryKind.DISTILL_SOURCES,
+        {"transfer": {"file": "../outside.bin", "sha256": "0" * 64}, "experts": {}},
+    )
+
+    reasons = _reasons(finished_run)
+
+    assert "is the absolute path" in reasons
+    assert "leaves the run folder" in reasons
+    assert "hashes to" not in reasons
+
+
+def test_lineage_self_reference_is_a_problem_not_a_recursion(finished_run: Path) -> None:
+    _append(
+        finished_run,
+        EntryKind.DISTILL_SOURCES,
+        {
+            "experts": {},
+            "source_run": {
+                "folder": str(finished_run.resolve()),
+                "ledger_head_hash": "0" * 64,
+                "ledger_entries": 1,
+            },
+        },
+    )
+
+    assert "refers back to a run that names it" in _reasons(finished_run)
+
+
+def test_audit_hashes_only_regular_files_inside_the_folder(tmp_path: Path) -> None:
+    with pytest.raises(UnsafeFileError, match="not a regular file"):
+        hash_file(Path("/dev/zero"))
+    (tmp_path / "link").symlink_to("/dev/zero")
+    with pytest.raises(UnsafeFileError, match="leaves the run folder"):
+        contained(tmp_path, "link", field="transfer.file")
+
+
+def test_resume_refuses_a_folder_without_its_ledger(
+    make_config: Callable[..., FedsiloConfig], finished_run: Path
+) -> None:
+    (finished_run / "ledger.db").unlink()
+
+    with pytest.raises(ValueError, match=r"ledger\.db: not found"):
+        run_with_grid(make_config(run={"rounds": 3}), finished_run, resume=True)
+
+
+def test_resume_refuses_a_ledger_that_does_not_verify(
+    make_config: Callable[..., FedsiloConfig], finished_run: Path
+) -> None:
+    with sqlite3.connect(finished_run / "ledger.db") as db:
+        db.execute("DELETE FROM entries WHERE seq = 3")
+
+    with pytest.raises(ValueError, match="the ledger does not verify"):
+        run_with_grid(make_config(run={"rounds": 3}), finished_run, resume=True)
+
+
+def test_resume_of_a_missing_folder_writes_nothing(
+    tmp_path: Path, make_config: Callable[..., FedsiloConfig]
+) -> None:
+    config = tmp_path / "run.toml"
+    config.write_text(f'[model]\nbase = "{make_config().model.base}"\n')
+    missing = tmp_path / "nowhere"
+
+    assert main(["simulate", str(config), "--resume", str(missing)]) == 2
+    assert not missing.exists()
+
+
+def test_ledgers_without_final_files_still_bind_the_final_weights(finished_run: Path) -> None:
+    from fedsilo.server.folder_checks import final_tensor_problems
+
+    folder = RunFolder(finished_run)
+    finished = read_entries(finished_run / "ledger.db")[-1]
+    digest = finished.payload["final_adapter_sha256"]
+    assert final_tensor_problems(folder, finished.seq, digest) == []
+    weights = folder.final_dir / "adapter_model.safetensors"
+    save_file({k: v * 2 for k, v in load_file(str(weights)).items()}, str(weights))
+
+    [problem] = final_tensor_problems(folder, finished.seq, digest)
+
+    assert "does not hold the final adapter" in problem.reason
+
+
+def test_completed_run_resumed_for_more_rounds_and_stopped_still_verifies_and_resumes(
+    make_config: Callable[..., FedsiloConfig],
+    finished_run: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    original = RunFolder.append_metrics
+
+    def stop_after_round_three(self: RunFolder, record: dict[str, object]) -> None:
+        if record["round"] == 3:
+            raise RuntimeError("stopped after round 3's checkpoint")
+        original(self, record)
+
+    monkeypatch.setattr(RunFolder, "append_metrics", stop_after_round_three)
+    with pytest.raises(RuntimeError, match="stopped after round 3"):
+        run_with_grid(make_config(run={"rounds": 4}), finished_run, resume=True)
+    monkeypatch.setattr(RunFolder, "append_metrics", original)
+
+    report = verify_run(finished_run)
+    assert report.ok, report.problems
+    run_with_grid(make_config(run={"rounds": 4}), finished_run, resume=True)
+    assert verify_run(finished_run).ok
+
+
+@pytest.mark.parametrize("crash_at", ["before the entry", "after the entry"])
+def test_a_crash_while_finishing_leaves_a_run_that_verifies_and_resumes(
+    make_config: Callable[..., FedsiloConfig],
+    finished_run: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    crash_at: str,
+) -> None:
+    import fedsilo.server.app as server_app
+
+    original_append = Ledger.append
+    original_replace = server_app.os.replace
+
+    def append(self: Ledger, kind: EntryKind, payload: dict[str, object]) -> object:
+        if kind is EntryKind.RUN_FINISHED and crash_at == "before the entry":
+            raise RuntimeError("power cut")
+        return original_append(self, kind, payload)  # type: ignore[arg-type]
+
+    def replace(source: Path, target: Path) -> None:
+        if Path(target).name == "final" and crash_at == "after the entry":
+            raise RuntimeError("power cut")
+        original_replace(source, target)
+
+    monkeypatch.setattr(Ledger, "append", append)
+    monkeypatch.setattr(server_app.os, "replace", replace)
+    with pytest.raises(RuntimeError, match="power cut"):
+        run_with_grid(make_config(run={"rounds": 3}), finished_run, resume=True)
+    monkeypatch.undo()
+
+    report = verify_run(finished_run)
+    assert report.ok, report.problems
+    run_with_grid(make_config(run={"rounds": 3}), finished_run, resume=True)
+    assert verify_run(finished_run).ok
