@@ -37,7 +37,8 @@ SecureAggregationMode = Literal["none", "secagg", "he"]
 class Section(BaseModel):
     """Base of every section: frozen, no unknown keys."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # No float setting may be inf or NaN (pydantic would accept "inf" and "nan").
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class RunSection(Section):
@@ -45,10 +46,10 @@ class RunSection(Section):
 
     name: str = "fedsilo-run"
     seed: int = 0
-    rounds: int = Field(3, ge=1)
+    rounds: int = Field(3, ge=1, le=100_000)
     # On a small machine a multi-threaded torch process slows down sharply as soon as
     # anything else runs; one thread per simulated site is the fast, predictable choice.
-    torch_threads: int = Field(1, ge=1)
+    torch_threads: int = Field(1, ge=1, le=1024)
     engine: EngineName = "inprocess"
     # Simulation: a folder with one policy file per site (NAME.toml); a site without one
     # accepts every task. In a deployment each site keeps its policy on its own machine.
@@ -90,11 +91,11 @@ class TaskSection(Section):
     """Which data each site trains on, and the held-out gold set."""
 
     name: TaskName = "icd10"
-    num_sites: int = Field(4, ge=1)
+    num_sites: int = Field(4, ge=1, le=10_000)
     partition: PartitionName = "by-chapter"
     alpha: float = Field(1.0, gt=0)
-    examples_per_site: int = Field(64, ge=1)
-    gold_size: int = Field(48, ge=1)
+    examples_per_site: int = Field(64, ge=1, le=10_000_000)
+    gold_size: int = Field(48, ge=1, le=1_000_000)
     chapters: tuple[str, ...] | None = None
     # task name = "files": each site's records and the gold set as files.
     sites: tuple[SiteFilesSection, ...] = ()
@@ -154,10 +155,10 @@ class ClustersSection(Section):
 class TrainSection(Section):
     """Local training at each site, per round."""
 
-    local_steps: int = Field(8, ge=1)
-    batch_size: int = Field(4, ge=1)
+    local_steps: int = Field(8, ge=1, le=1_000_000)
+    batch_size: int = Field(4, ge=1, le=65_536)
     learning_rate: float = Field(1e-3, gt=0, le=1)
-    max_length: int = Field(96, ge=8)
+    max_length: int = Field(96, ge=8, le=1 << 20)
     max_grad_norm: float | None = Field(1.0, gt=0)
 
 
@@ -176,7 +177,7 @@ class StrategySection(Section):
     min_sites: int = Field(2, ge=1)
     sites_per_round: int | None = Field(None, ge=1)
     round_timeout_s: float = Field(1800.0, gt=0)
-    max_round_attempts: int = Field(2, ge=1)
+    max_round_attempts: int = Field(2, ge=1, le=1000)
 
 
 class EvaluationSection(Section):
@@ -202,6 +203,9 @@ class FederationSection(Section):
     id: str = Field("fedsilo-simulation", min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
     # An update larger than this is rejected before it is parsed.
     max_update_bytes: int = Field(256 * 1024 * 1024, ge=1)
+    # A plain round weighs each update by the example count its site reports; a site claiming
+    # more than this is rejected, so no site can buy more weight than this many examples.
+    max_site_examples: int = Field(1_000_000, ge=1, le=2**53)
     # Pinned site keys. Empty in a plain simulation: fedsilo then creates a key pair per site
     # in the run folder. When given, every site of the task must be listed.
     sites: tuple[EnrolledSiteSection, ...] = ()
