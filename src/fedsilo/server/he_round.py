@@ -142,7 +142,7 @@ def key_ceremony(ctx: SecAggRound, state: HeState) -> None:
             ):
                 raise ckks.HeError("the sealed keys do not match the cohort")
             ckks.load_context(public, what="the dealer's public context", secret=False)
-        except (ckks.HeError, ValueError, KeyError, TypeError) as error:
+        except (ckks.HeError, ValueError, KeyError, TypeError, RecursionError) as error:
             reject(ctx.plan, ctx.replies, ctx.round_number, dealer, f"{KEYS_STAGE}: {error}")
             continue
         state.dealer, state.public_context = dealer, public
@@ -171,15 +171,21 @@ def encrypted_inputs(ctx: SecAggRound, state: HeState) -> None:
     selected = _selected_length(ctx, state)
     chunks_expected = math.ceil(selected / (state.poly_modulus_degree // 2))
     plain_bytes = 4 * (state.length - selected)
+    context = ckks.load_context(state.public_context, what="public context", secret=False)
     for site, (upload, reply) in accepted.items():
+        what = f"encrypted update from {site}"
         try:
-            plain, *chunks = ckks.unframe(upload.payload, what=f"encrypted update from {site}")
+            plain, *chunks = ckks.unframe(upload.payload, what=what)
             if len(plain) != plain_bytes or len(chunks) != chunks_expected:
                 raise UpdateRejectedError(
                     site,
                     f"encrypted update from {site} has {len(chunks)} ciphertexts and "
                     f"{len(plain)} plain bytes; expected {chunks_expected} and {plain_bytes}",
                 )
+            # Each site's ciphertexts are checked alone, so a bad one rejects its site only.
+            ckks.check_vector(context, chunks, length=selected, what=what)
+            if not np.isfinite(np.frombuffer(plain, dtype="<f4")).all():
+                raise UpdateRejectedError(site, f"{what}: plain tensors hold NaN or infinity")
             dp_event = check_dp_event(reply.content, dp_requirement(ctx.plan.config), site)
         except ckks.HeError as error:
             reject(ctx.plan, ctx.replies, ctx.round_number, site, f"{ENCRYPTED_STAGE}: {error}")
@@ -231,7 +237,11 @@ def decrypt_sum(ctx: SecAggRound, state: HeState) -> None:
         if len(payload) != 8 * length:
             reject(ctx.plan, ctx.replies, ctx.round_number, site, "decrypted sum of wrong length")
             continue
-        state.decrypted = np.frombuffer(payload, dtype="<f8").copy()
+        decrypted = np.frombuffer(payload, dtype="<f8").copy()
+        if not np.isfinite(decrypted).all():
+            reject(ctx.plan, ctx.replies, ctx.round_number, site, "decrypted sum is not finite")
+            continue
+        state.decrypted = decrypted
         break
     require_sites(ctx, state, "decrypt_sum", contributors if state.decrypted is not None else [])
 

@@ -71,6 +71,7 @@ from fedsilo.server.admission import (
     UpdateRejectedError,
     admit_signed,
     check_dp_event,
+    unexpected_failure,
 )
 from fedsilo.server.rounds import (
     FederationPlan,
@@ -166,6 +167,11 @@ def exchange(
         except UpdateRejectedError as rejection:
             sender = rejected_sender(ctx.plan, node, reply, rejection.sender)
             reject(ctx.plan, ctx.replies, ctx.round_number, sender, f"{stage}: {rejection.reason}")
+            continue
+        except Exception as error:  # never one site's reply ends the round
+            label = ctx.plan.node_label(node)
+            reason = unexpected_failure(error, what=f"the {stage} reply of {label}")
+            reject(ctx.plan, ctx.replies, ctx.round_number, label, reason)
             continue
         ctx.plan.node_sites[node] = site
         accepted[site] = (upload, reply)
@@ -395,6 +401,20 @@ def run_stages(
             stage(ctx, state)
     except StageHaltedError as halt:
         ctx.replies.failures["secure-aggregation"] = str(halt)
+    except Exception as error:  # a defect of ours: halt this attempt cleanly, ledgered
+        reason = unexpected_failure(error, what=f"secure aggregation stage {stage.__name__}")
+        outcome: dict[str, JsonValue] = {
+            "round": state.session.round,
+            "attempt": state.session.attempt,
+            "stage": stage.__name__,
+            "sites": [],
+            "threshold": state.params.threshold,
+            "outcome": "halted",
+            "reason": reason,
+        }
+        ctx.plan.ledger.append(EntryKind.SECURE_AGGREGATION_STAGE, outcome)
+        state.stages.append(outcome)
+        ctx.replies.failures["secure-aggregation"] = reason
     ctx.replies.stages = state.stages
 
 

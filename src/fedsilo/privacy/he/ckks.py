@@ -94,16 +94,47 @@ def _ciphertexts(context: Any, chunks: Sequence[bytes], what: str) -> list[Any]:
     return out
 
 
+def chunk_sizes(context: Any, length: int) -> list[int]:
+    """Values in each ciphertext of an encrypted vector of ``length`` values."""
+    size = slots(context)
+    return [min(size, length - start) for start in range(0, length, size)]
+
+
+def check_vector(context: Any, chunks: Sequence[bytes], *, length: int, what: str) -> None:
+    """Raise HeError unless ``chunks`` parse under ``context`` as the layout :func:`encrypt`
+    gives a vector of ``length`` values: the right number of ciphertexts, each of its size.
+
+    Run on each site's upload before it is summed, so that one site's ciphertexts in another
+    order, of other sizes or under other parameters are that site's rejection, not a failed sum.
+    """
+    sizes = chunk_sizes(context, length)
+    if len(chunks) != len(sizes):
+        raise HeError(f"{what}: {len(chunks)} ciphertexts, expected {len(sizes)}")
+    for index, (vector, size) in enumerate(
+        zip(_ciphertexts(context, chunks, what), sizes, strict=True)
+    ):
+        if vector.size() != size:
+            raise HeError(
+                f"{what}: ciphertext {index} holds {vector.size()} values, expected {size}"
+            )
+
+
 def add_all(context: Any, contributions: Sequence[Sequence[bytes]], *, what: str) -> list[bytes]:
     """The chunk-wise homomorphic sum of several encrypted vectors of equal layout."""
     if not contributions:
         raise HeError(f"{what}: nothing to add")
     total = _ciphertexts(context, contributions[0], what)
-    for other in contributions[1:]:
+    for number, other in enumerate(contributions[1:], start=1):
         if len(other) != len(total):
             raise HeError(f"{what}: {len(other)} ciphertexts, expected {len(total)}")
         for index, ciphertext in enumerate(_ciphertexts(context, other, what)):
-            total[index] = total[index] + ciphertext
+            try:
+                total[index] = total[index] + ciphertext
+            except Exception as error:  # TenSEAL raises ValueError or RuntimeError
+                raise HeError(
+                    f"{what}: ciphertext {index} of contribution {number} cannot be added "
+                    f"({type(error).__name__}: {error})"
+                ) from None
     return [bytes(c.serialize()) for c in total]
 
 
