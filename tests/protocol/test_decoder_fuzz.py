@@ -514,10 +514,10 @@ def fuzz(decoder: Decoder, examples: int) -> None:
 
 @pytest.mark.parametrize("decoder", DECODERS, ids=lambda d: d.name)
 def test_decoder_raises_only_its_typed_error(decoder: Decoder) -> None:
-    fuzz(decoder, 40)
+    fuzz(decoder, 60)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("decoder", DECODERS, ids=lambda d: d.name)
 def test_decoder_raises_only_its_typed_error_on_many_inputs(decoder: Decoder) -> None:
-    fuzz(decoder, 1500)
+    fuzz(decoder, 1000)

@@ -13,6 +13,7 @@ import io
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from tokenize import TokenError
 
 import numpy as np
 import torch
@@ -522,7 +523,8 @@ def decode_array(array: Array, *, dtype: str, max_values: int, what: str) -> np.
         if read_header is None:
             raise ValueError("unsupported .npy version")
         shape, fortran_order, found = read_header(stream, max_header_size=NPY_HEADER_MAX)
-    except (ValueError, TypeError, SyntaxError, OverflowError, MemoryError) as error:
+    # numpy parses the header with ast and, for old headers, tokenize: each has its own errors.
+    except (ValueError, TypeError, SyntaxError, OverflowError, TokenError) as error:
         raise ProtocolError(f"{what}: not a numpy array ({error})") from None
     wanted = np.dtype(dtype).newbyteorder("<")
     if found != wanted:
