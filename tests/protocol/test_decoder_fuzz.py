@@ -9,6 +9,7 @@ The normal suite runs a few dozen inputs per decoder; ``-m slow`` runs many more
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
 import json
@@ -25,6 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save as save_safetensors
 
+from fedsilo.crypto import SignatureError, decode_signature
 from fedsilo.privacy.events import event_from_json
 from fedsilo.privacy.he import ckks
 from fedsilo.privacy.secagg.masking import SessionId
@@ -37,6 +39,7 @@ from fedsilo.privacy.secagg.messages import (
     decode_sealed_map,
     encode_sealed_map,
 )
+from fedsilo.privacy.secagg.shamir import ShamirError, Share
 from fedsilo.privacy.secagg.site import SiteSession, advertise
 from fedsilo.protocol.he_records import DecryptRequest, EncryptRequest, keygen_from_content
 from fedsilo.protocol.records import (
@@ -466,6 +469,21 @@ DECODERS = [
         ),
         event_from_json,
         ValueError,
+    ),
+    Decoder(
+        "decode_signature",
+        st.one_of(
+            st.text(max_size=100),
+            st.binary(min_size=60, max_size=68).map(lambda raw: base64.b64encode(raw).decode()),
+        ),
+        decode_signature,
+        SignatureError,
+    ),
+    Decoder(
+        "Share.from_bytes",
+        st.tuples(st.integers(), st.binary(max_size=40)),
+        lambda point: Share.from_bytes(*point),
+        ShamirError,
     ),
     Decoder(
         "ckks.unframe",

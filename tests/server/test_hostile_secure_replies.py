@@ -150,3 +150,29 @@ def test_he_site_sending_its_ciphertexts_reversed_is_rejected_alone(
     rejections = _rejections(h)
     assert list(rejections) == ["site-1"]
     assert "ciphertext 0 holds 652 values, expected 2048" in rejections["site-1"]
+
+
+def test_an_unanticipated_failure_in_a_stage_halts_the_attempt_cleanly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedsilo.server import secagg_round
+
+    def broken(payload: bytes, *, site: str, recipients: set[str]) -> dict[str, bytes]:
+        raise MemoryError("cannot allocate")
+
+    h = make_harness(tmp_path, monkeypatch, num_sites=3)
+    monkeypatch.setattr(secagg_round, "decode_sealed_map", broken)
+
+    state, replies = h.run()
+
+    assert state.total is None
+    reason = (
+        "secure aggregation stage share_keys could not be processed: MemoryError: cannot allocate"
+    )
+    assert replies.failures == {"secure-aggregation": reason}
+    [halted] = [
+        entry.payload
+        for entry in read_entries(h.plan.ledger.path)
+        if entry.kind is EntryKind.SECURE_AGGREGATION_STAGE and entry.payload["outcome"] == "halted"
+    ]
+    assert halted["stage"] == "share_keys" and halted["reason"] == reason

@@ -191,3 +191,49 @@ def test_misbehaving_reply_is_a_ledgered_rejection(outcome: RunOutcome, index: i
     assert site in sender if misbehaviour.named_by_site else sender.startswith("node-")
     assert "\n" not in reason and len(reason) < 400
     assert outcome.round_one["failures"][sender] == reason
+
+
+def test_an_unanticipated_failure_rejects_only_that_reply(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The last line of defence: an error no check foresaw is that reply's rejection."""
+    from fedsilo.server import federation
+
+    admit = federation.admit_update
+    first: list[int] = []
+
+    def admit_or_fail(reply: Message, **kwargs: Any) -> Any:
+        if not first or first[0] == reply.metadata.src_node_id:
+            first.append(reply.metadata.src_node_id)
+            raise RecursionError("maximum recursion depth exceeded")
+        return admit(reply, **kwargs)
+
+    monkeypatch.setattr(federation, "admit_update", admit_or_fail)
+    config = parse_config(
+        {
+            "run": {"rounds": 1},
+            "model": {"base": str(tiny_model_dir)},
+            "lora": {"rank": 4, "alpha": 8.0},
+            "task": {"num_sites": 3, "examples_per_site": 4, "gold_size": 4},
+            "train": {"local_steps": 1, "batch_size": 2, "max_length": 64},
+            "evaluation": {"max_new_tokens": 2},
+        },
+        source="test config",
+    )
+
+    run_with_grid(config, tmp_path / "run")
+
+    [_, round_one] = RunFolder(tmp_path / "run").read_metrics()
+    assert round_one["sites_ok"] == 2
+    [(sender, reason)] = round_one["failures"].items()
+    assert sender == f"node-{first[0]}"
+    assert reason == (
+        f"the reply of node-{first[0]} could not be processed: "
+        "RecursionError: maximum recursion depth exceeded"
+    )
+    ledgered = [
+        entry.payload["reason"]
+        for entry in read_entries(tmp_path / "run" / "ledger.db")
+        if entry.kind is EntryKind.UPDATE_REJECTED
+    ]
+    assert ledgered == [reason]
