@@ -268,9 +268,24 @@ def public_context() -> Any:
 
 def test_reversed_ciphertexts_are_an_he_error(public_context: Any) -> None:
     chunks = ckks.encrypt(public_context, np.arange(3000, dtype=np.float64))
+    reference = ckks.encrypted_zeros(public_context, 3000)
 
     with pytest.raises(ckks.HeError, match="ciphertext 0 holds 952 values, expected 2048"):
-        ckks.check_vector(public_context, chunks[::-1], length=3000, what="upload")
+        ckks.check_vector(public_context, chunks[::-1], reference=reference, what="upload")
     with pytest.raises(ckks.HeError, match="cannot be added"):
         ckks.add_all(public_context, [chunks, chunks[::-1]], what="sum")
-    ckks.check_vector(public_context, chunks, length=3000, what="upload")
+    ckks.check_vector(public_context, chunks, reference=reference, what="upload")
+
+
+def test_ciphertexts_at_another_scale_are_an_he_error(public_context: Any) -> None:
+    other = ckks.load_context(ckks.new_secret_context(4096), what="site's own", secret=True)
+    other.global_scale = 2.0**30
+    chunks = ckks.encrypt(other, np.arange(100, dtype=np.float64))
+
+    with pytest.raises(ckks.HeError, match=r"ciphertext 0 cannot be added.*scale mismatch"):
+        ckks.check_vector(
+            public_context,
+            chunks,
+            reference=ckks.encrypted_zeros(public_context, 100),
+            what="upload",
+        )

@@ -129,15 +129,29 @@ def _reversed_ciphertexts(payload: bytes) -> bytes:
     return ckks.frame([plain, *chunks[::-1]])
 
 
-def test_he_site_sending_its_ciphertexts_reversed_is_rejected_alone(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def _other_scale(payload: bytes) -> bytes:
+    """The site's values encrypted under its own context at scale 2^30 (the round's is 2^40)."""
+    plain, *_ = ckks.unframe(payload, what="test")
+    own = ckks.load_context(ckks.new_secret_context(4096), what="own", secret=True)
+    own.global_scale = 2.0**30
+    return ckks.frame([plain, *ckks.encrypt(own, np.zeros(2700))])
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (_reversed_ciphertexts, "ciphertext 0 holds 652 values, expected 2048"),
+        (_other_scale, "ciphertext 0 cannot be added (ValueError: scale mismatch)"),
+    ],
+    ids=["reversed order", "another scale"],
+)
+def test_he_site_sending_unaddable_ciphertexts_is_rejected_alone(
+    payload: Callable[[bytes], bytes], reason: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(secagg_harness, "TEMPLATE", BIG_TEMPLATE)
     secure = {"mode": "he", "he_poly_modulus_degree": 4096}
     h = make_harness(tmp_path, monkeypatch, num_sites=4, threshold=3, secure=secure)
-    tamper_replies(
-        h, monkeypatch, site="site-1", message_type=ENCRYPTED_MESSAGE, payload=_reversed_ciphertexts
-    )
+    tamper_replies(h, monkeypatch, site="site-1", message_type=ENCRYPTED_MESSAGE, payload=payload)
 
     replies = collect_he_round(
         h.grid, h.plan, BIG_TEMPLATE, round_number=1, attempt=1, nodes=h.nodes
@@ -149,7 +163,7 @@ def test_he_site_sending_its_ciphertexts_reversed_is_rejected_alone(
     np.testing.assert_allclose(flatten(replies.updates.mean()), expected, rtol=0, atol=1e-4)
     rejections = _rejections(h)
     assert list(rejections) == ["site-1"]
-    assert "ciphertext 0 holds 652 values, expected 2048" in rejections["site-1"]
+    assert reason in rejections["site-1"]
 
 
 def test_an_unanticipated_failure_in_a_stage_halts_the_attempt_cleanly(

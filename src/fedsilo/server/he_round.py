@@ -172,6 +172,7 @@ def encrypted_inputs(ctx: SecAggRound, state: HeState) -> None:
     chunks_expected = math.ceil(selected / (state.poly_modulus_degree // 2))
     plain_bytes = 4 * (state.length - selected)
     context = ckks.load_context(state.public_context, what="public context", secret=False)
+    reference = ckks.encrypted_zeros(context, selected)
     for site, (upload, reply) in accepted.items():
         what = f"encrypted update from {site}"
         try:
@@ -183,7 +184,7 @@ def encrypted_inputs(ctx: SecAggRound, state: HeState) -> None:
                     f"{len(plain)} plain bytes; expected {chunks_expected} and {plain_bytes}",
                 )
             # Each site's ciphertexts are checked alone, so a bad one rejects its site only.
-            ckks.check_vector(context, chunks, length=selected, what=what)
+            ckks.check_vector(context, chunks, reference=reference, what=what)
             if not np.isfinite(np.frombuffer(plain, dtype="<f4")).all():
                 raise UpdateRejectedError(site, f"{what}: plain tensors hold NaN or infinity")
             dp_event = check_dp_event(reply.content, dp_requirement(ctx.plan.config), site)

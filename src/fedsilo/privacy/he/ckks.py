@@ -100,23 +100,36 @@ def chunk_sizes(context: Any, length: int) -> list[int]:
     return [min(size, length - start) for start in range(0, length, size)]
 
 
-def check_vector(context: Any, chunks: Sequence[bytes], *, length: int, what: str) -> None:
-    """Raise HeError unless ``chunks`` parse under ``context`` as the layout :func:`encrypt`
-    gives a vector of ``length`` values: the right number of ciphertexts, each of its size.
+def encrypted_zeros(context: Any, length: int) -> list[Any]:
+    """Ciphertexts of ``length`` zeros under ``context`` (public is enough): the reference
+    :func:`check_vector` adds each upload to, as the sum will."""
+    return [ts.ckks_vector(context, [0.0] * size) for size in chunk_sizes(context, length)]
+
+
+def check_vector(
+    context: Any, chunks: Sequence[bytes], *, reference: Sequence[Any], what: str
+) -> None:
+    """Raise HeError unless ``chunks`` parse under ``context`` in ``reference``'s layout (the
+    same number of ciphertexts, each of the same size) and each adds to its reference chunk.
 
     Run on each site's upload before it is summed, so that one site's ciphertexts in another
-    order, of other sizes or under other parameters are that site's rejection, not a failed sum.
+    order, of other sizes, scales or parameters are that site's rejection, not a failed sum.
     """
-    sizes = chunk_sizes(context, length)
-    if len(chunks) != len(sizes):
-        raise HeError(f"{what}: {len(chunks)} ciphertexts, expected {len(sizes)}")
-    for index, (vector, size) in enumerate(
-        zip(_ciphertexts(context, chunks, what), sizes, strict=True)
-    ):
-        if vector.size() != size:
+    if len(chunks) != len(reference):
+        raise HeError(f"{what}: {len(chunks)} ciphertexts, expected {len(reference)}")
+    vectors = _ciphertexts(context, chunks, what)
+    for index, (vector, expected) in enumerate(zip(vectors, reference, strict=True)):
+        if vector.size() != expected.size():
             raise HeError(
-                f"{what}: ciphertext {index} holds {vector.size()} values, expected {size}"
+                f"{what}: ciphertext {index} holds {vector.size()} values, "
+                f"expected {expected.size()}"
             )
+        try:
+            expected + vector
+        except Exception as error:  # TenSEAL raises ValueError or RuntimeError
+            raise HeError(
+                f"{what}: ciphertext {index} cannot be added ({type(error).__name__}: {error})"
+            ) from None
 
 
 def add_all(context: Any, contributions: Sequence[Sequence[bytes]], *, what: str) -> list[bytes]:
