@@ -4,6 +4,7 @@ finite and in range, JSON neither deep nor huge, ciphertexts in the layout the s
 from __future__ import annotations
 
 import io
+import json
 import math
 from collections.abc import Callable
 from typing import Any
@@ -14,12 +15,15 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedsilo.privacy.he import ckks
+from fedsilo.privacy.secagg.masking import SessionId
 from fedsilo.privacy.secagg.messages import (
     Advertisement,
     SecAggMessageError,
+    SecAggParams,
     ShareBundle,
     UnmaskReply,
 )
+from fedsilo.privacy.secagg.site import SiteSession, advertise
 from fedsilo.protocol.he_records import keygen_from_content, keygen_record
 from fedsilo.protocol.records import (
     PAYLOAD_ARRAY,
@@ -289,3 +293,16 @@ def test_ciphertexts_at_another_scale_are_an_he_error(public_context: Any) -> No
             reference=ckks.encrypted_zeros(public_context, 100),
             what="upload",
         )
+
+
+def test_stored_session_with_a_short_key_is_a_secagg_message_error() -> None:
+    params = SecAggParams(
+        threshold=2, cohort_size=3, clip=1.0, dp_clip_norm=0.0, dp_noise_multiplier=0.0
+    )
+    session = advertise(site=SITE, session=SessionId("fed", "run", 1, 1), params=params)
+    stored = json.loads(session.to_bytes())
+    stored["share_key"] = "00" * 3
+
+    with pytest.raises(SecAggMessageError, match="32 bytes of hex"):
+        SiteSession.from_bytes(json.dumps(stored).encode())
+    assert SiteSession.from_bytes(session.to_bytes()) == session

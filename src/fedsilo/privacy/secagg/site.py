@@ -117,6 +117,9 @@ class SiteSession:
             and type(value["unmasked"]) is bool
         ):
             raise TypeError("mistyped session, site or unmasked field")
+        secret_fields = [value[name] for name in ("share_key", "mask_key", "self_seed")]
+        if not all(isinstance(text, str) and len(text) == 64 for text in secret_fields):
+            raise TypeError("the keys and the seed must each be 32 bytes of hex")
         session = SessionId(federation_id, run_id, round_number, attempt)
         site = value["site"]
         return cls(
