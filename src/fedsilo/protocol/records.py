@@ -4,7 +4,9 @@ Down (server -> site): the global adapter (ArrayRecord "global") and the round t
 (ConfigRecord "task"). Up (site -> server): the adapter delta as the exact safetensors bytes the
 site signed (ArrayRecord "update", one uint8 array, so Flower can chunk it), aggregate numbers
 (MetricRecord "metrics") and the site's signed binding (ConfigRecord "site"). Arrays travel as
-numpy buffers that Flower decodes with ``allow_pickle=False``; nothing here is ever unpickled.
+numpy buffers, read by :func:`decode_array` (bounded, header parsed strictly, never ``np.load``);
+nothing here is ever unpickled. Every decoder raises :class:`ProtocolError` and nothing else, and
+bounds every number it returns (``tests/protocol/test_decoder_fuzz.py``).
 """
 
 from __future__ import annotations
