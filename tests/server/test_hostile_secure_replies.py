@@ -166,27 +166,50 @@ def test_he_site_sending_unaddable_ciphertexts_is_rejected_alone(
     assert reason in rejections["site-1"]
 
 
+def test_an_unanticipated_decoding_failure_rejects_only_that_site(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedsilo.server import secagg_round
+
+    decode = secagg_round.decode_sealed_map
+
+    def fails_for_site_0(payload: bytes, *, site: str, recipients: set[str]) -> dict[str, bytes]:
+        if site == "site-0":
+            raise MemoryError("cannot allocate")
+        return decode(payload, site=site, recipients=recipients)
+
+    h = make_harness(tmp_path, monkeypatch, num_sites=4, threshold=3)
+    monkeypatch.setattr(secagg_round, "decode_sealed_map", fails_for_site_0)
+
+    state, replies = h.run()
+
+    assert state.total is not None, replies.failures
+    np.testing.assert_array_equal(state.total, h.expected_sum(h.names[1:]))
+    assert _rejections(h) == {
+        "site-0": "the secagg-share payload of site-0 could not be processed: "
+        "MemoryError: cannot allocate"
+    }
+
+
 def test_an_unanticipated_failure_in_a_stage_halts_the_attempt_cleanly(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from fedsilo.server import secagg_round
 
-    def broken(payload: bytes, *, site: str, recipients: set[str]) -> dict[str, bytes]:
+    def broken(**kwargs: object) -> np.ndarray:
         raise MemoryError("cannot allocate")
 
     h = make_harness(tmp_path, monkeypatch, num_sites=3)
-    monkeypatch.setattr(secagg_round, "decode_sealed_map", broken)
+    monkeypatch.setattr(secagg_round, "recover_sum", broken)
 
     state, replies = h.run()
 
     assert state.total is None
-    reason = (
-        "secure aggregation stage share_keys could not be processed: MemoryError: cannot allocate"
-    )
+    reason = "secure aggregation stage unmask could not be processed: MemoryError: cannot allocate"
     assert replies.failures == {"secure-aggregation": reason}
     [halted] = [
         entry.payload
         for entry in read_entries(h.plan.ledger.path)
         if entry.kind is EntryKind.SECURE_AGGREGATION_STAGE and entry.payload["outcome"] == "halted"
     ]
-    assert halted["stage"] == "share_keys" and halted["reason"] == reason
+    assert halted["stage"] == "unmask" and halted["reason"] == reason

@@ -43,7 +43,7 @@ from fedsilo.protocol.he_records import (
     keygen_record,
 )
 from fedsilo.protocol.secagg_records import ADVERTS_KEY, adverts_record
-from fedsilo.server.admission import UpdateRejectedError, check_dp_event
+from fedsilo.server.admission import UpdateRejectedError, check_dp_event, unexpected_failure
 from fedsilo.server.rounds import (
     FederationPlan,
     RoundReplies,
@@ -145,6 +145,10 @@ def key_ceremony(ctx: SecAggRound, state: HeState) -> None:
         except (ckks.HeError, ValueError, KeyError, TypeError, RecursionError) as error:
             reject(ctx.plan, ctx.replies, ctx.round_number, dealer, f"{KEYS_STAGE}: {error}")
             continue
+        except Exception as error:  # unforeseen: still only this dealer's rejection
+            reason = unexpected_failure(error, what=f"the {KEYS_STAGE} payload of {dealer}")
+            reject(ctx.plan, ctx.replies, ctx.round_number, dealer, reason)
+            continue
         state.dealer, state.public_context = dealer, public
         state.sealed_keys = dict(zip(recipients, sealed, strict=True))
         break
@@ -199,6 +203,10 @@ def encrypted_inputs(ctx: SecAggRound, state: HeState) -> None:
                 site,
                 f"{ENCRYPTED_STAGE}: {rejection.reason}",
             )
+            continue
+        except Exception as error:  # unforeseen: still only this site's rejection
+            reason = unexpected_failure(error, what=f"the {ENCRYPTED_STAGE} payload of {site}")
+            reject(ctx.plan, ctx.replies, ctx.round_number, site, reason)
             continue
         accept_input(ctx, upload, dp_event)
         state.encrypted[site] = chunks

@@ -236,6 +236,10 @@ def advertise_keys(ctx: SecAggRound, state: SecAggState) -> None:
         except SecAggMessageError as error:
             reject(ctx.plan, ctx.replies, ctx.round_number, site, f"{ADVERTISE_STAGE}: {error}")
             continue
+        except Exception as error:  # unforeseen by the decoder: still this site's rejection
+            reason = unexpected_failure(error, what=f"the {ADVERTISE_STAGE} payload of {site}")
+            reject(ctx.plan, ctx.replies, ctx.round_number, site, reason)
+            continue
         state.adverts[site] = SignedPayload(site, upload.payload, upload.signature)
     require_sites(ctx, state, "advertise_keys", list(state.adverts))
 
@@ -261,6 +265,9 @@ def share_keys(ctx: SecAggRound, state: SecAggState) -> None:
             state.sealed[site] = decode_sealed_map(upload.payload, site=site, recipients=peers)
         except SecAggMessageError as error:
             reject(ctx.plan, ctx.replies, ctx.round_number, site, f"{SHARE_STAGE}: {error}")
+        except Exception as error:  # unforeseen by the decoder: still this site's rejection
+            reason = unexpected_failure(error, what=f"the {SHARE_STAGE} payload of {site}")
+            reject(ctx.plan, ctx.replies, ctx.round_number, site, reason)
     require_sites(ctx, state, "share_keys", list(state.sealed))
 
 
@@ -357,6 +364,9 @@ def unmask(ctx: SecAggRound, state: SecAggState) -> None:
             )
         except SecAggMessageError as error:
             reject(ctx.plan, ctx.replies, ctx.round_number, site, f"{UNMASK_STAGE}: {error}")
+        except Exception as error:  # unforeseen by the decoder: still this site's rejection
+            reason = unexpected_failure(error, what=f"the {UNMASK_STAGE} payload of {site}")
+            reject(ctx.plan, ctx.replies, ctx.round_number, site, reason)
     require_sites(ctx, state, "unmask", list(state.unmasking))
     try:
         state.total = recover_sum(
