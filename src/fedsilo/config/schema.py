@@ -44,7 +44,8 @@ SafeName = Annotated[
 class Section(BaseModel):
     """Base of every section: frozen, no unknown keys."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # No float setting may be inf or NaN (pydantic would accept "inf" and "nan").
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class RunSection(Section):
@@ -52,10 +53,10 @@ class RunSection(Section):
 
     name: SafeName = "fedsilo-run"
     seed: int = 0
-    rounds: int = Field(3, ge=1)
+    rounds: int = Field(3, ge=1, le=100_000)
     # On a small machine a multi-threaded torch process slows down sharply as soon as
     # anything else runs; one thread per simulated site is the fast, predictable choice.
-    torch_threads: int = Field(1, ge=1)
+    torch_threads: int = Field(1, ge=1, le=1024)
     engine: EngineName = "inprocess"
     # Simulation: a folder with one policy file per site (NAME.toml). A site without its file
     # refuses to train, unless require_site_policies = false says the run is a simulation
@@ -100,16 +101,16 @@ class TaskSection(Section):
     """Which data each site trains on, and the held-out gold set."""
 
     name: TaskName = "icd10"
-    num_sites: int = Field(4, ge=1)
+    num_sites: int = Field(4, ge=1, le=10_000)
     partition: PartitionName = "by-chapter"
     alpha: float = Field(1.0, gt=0)
     # Records per site, or "all" of each site's share.
-    examples_per_site: Annotated[int, Field(ge=1)] | Literal["all"] = 64
-    gold_size: int = Field(48, ge=1)
+    examples_per_site: Annotated[int, Field(ge=1, le=10_000_000)] | Literal["all"] = 64
+    gold_size: int = Field(48, ge=1, le=1_000_000)
     # ICD-10 gold parts besides gold_size's unseen codes (docs/tasks.md): inclusion terms of
     # trained codes, and closed-set ranking among this many same-chapter codes (0: no part).
-    gold_phrasings: int = Field(0, ge=0)
-    gold_ranking_candidates: int = Field(0, ge=0)
+    gold_phrasings: int = Field(0, ge=0, le=1_000_000)
+    gold_ranking_candidates: int = Field(0, ge=0, le=10_000)
     # ICD-10: sites also train on the inclusion terms of their codes (never gold phrasings).
     train_on_inclusion_terms: bool = False
     chapters: tuple[str, ...] | None = None
@@ -179,13 +180,13 @@ class TrainSection(Section):
     linear warmup over ``warmup_rounds`` rounds, then cosine decay towards 0.
     """
 
-    local_steps: int | None = Field(None, ge=1)
+    local_steps: int | None = Field(None, ge=1, le=1_000_000)
     local_epochs: float | None = Field(None, gt=0, le=1000)
-    batch_size: int = Field(4, ge=1)
+    batch_size: int = Field(4, ge=1, le=65_536)
     learning_rate: float = Field(1e-3, gt=0, le=1)
     lr_schedule: Literal["constant", "cosine"] = "constant"
-    warmup_rounds: int = Field(0, ge=0)
-    max_length: int = Field(96, ge=8)
+    warmup_rounds: int = Field(0, ge=0, le=1_000_000)
+    max_length: int = Field(96, ge=8, le=1 << 20)
     max_grad_norm: float | None = Field(1.0, gt=0)
     # Frozen base weights in bf16 and bf16 compute where that is native; adapters stay fp32.
     precision: PrecisionSetting = "auto"
@@ -221,7 +222,7 @@ class StrategySection(Section):
     min_sites: int = Field(2, ge=1)
     sites_per_round: int | None = Field(None, ge=1)
     round_timeout_s: float = Field(1800.0, gt=0)
-    max_round_attempts: int = Field(2, ge=1)
+    max_round_attempts: int = Field(2, ge=1, le=1000)
 
 
 class EvaluationSection(Section):
@@ -247,6 +248,9 @@ class FederationSection(Section):
     id: str = Field("fedsilo-simulation", min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
     # An update larger than this is rejected before it is parsed.
     max_update_bytes: int = Field(256 * 1024 * 1024, ge=1)
+    # A plain round weighs each update by the example count its site reports; a site claiming
+    # more than this is rejected, so no site can buy more weight than this many examples.
+    max_site_examples: int = Field(1_000_000, ge=1, le=2**53)
     # Pinned site keys. Empty in a plain simulation: fedsilo then creates a key pair per site
     # in the run folder. When given, every site of the task must be listed.
     sites: tuple[EnrolledSiteSection, ...] = ()

@@ -71,9 +71,16 @@ def keygen_record(poly_modulus_degree: int) -> ConfigRecord:
     return ConfigRecord({"poly_modulus_degree": poly_modulus_degree})
 
 
+POLY_MODULUS_DEGREES = (4096, 8192, 16384)
+MAX_VALUES = 1 << 34  # adapter values in one decryption request: far beyond any LoRA adapter
+
+
 def keygen_from_content(content: RecordDict) -> int:
     what = "the key ceremony request"
-    return _int(_record(content, what), "poly_modulus_degree", what)
+    degree = _int(_record(content, what), "poly_modulus_degree", what)
+    if degree not in POLY_MODULUS_DEGREES:
+        raise ProtocolError(f"{what}: poly_modulus_degree must be one of {POLY_MODULUS_DEGREES}")
+    return degree
 
 
 @dataclass(frozen=True)
@@ -128,8 +135,7 @@ class DecryptRequest:
     def from_content(cls, content: RecordDict) -> DecryptRequest:
         what = "the decryption request"
         record = _record(content, what)
-        return cls(
-            _strings(record, "contributors", what),
-            _blobs(record, "chunks", what),
-            _int(record, "length", what),
-        )
+        length = _int(record, "length", what)
+        if not 1 <= length <= MAX_VALUES:
+            raise ProtocolError(f"{what}: length must be in [1, {MAX_VALUES}], got {length}")
+        return cls(_strings(record, "contributors", what), _blobs(record, "chunks", what), length)

@@ -4,18 +4,24 @@ Down (server -> site): the global adapter (ArrayRecord "global") and the round t
 (ConfigRecord "task"). Up (site -> server): the adapter delta as the exact safetensors bytes the
 site signed (ArrayRecord "update", one uint8 array, so Flower can chunk it), aggregate numbers
 (MetricRecord "metrics") and the site's signed binding (ConfigRecord "site"). Arrays travel as
-numpy buffers that Flower decodes with ``allow_pickle=False``; nothing here is ever unpickled.
+numpy buffers, read by :func:`decode_array` (bounded, header parsed strictly, never ``np.load``);
+nothing here is ever unpickled. Every decoder raises :class:`ProtocolError` and nothing else, and
+bounds every number it returns (``tests/protocol/test_decoder_fuzz.py``).
 """
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from tokenize import TokenError
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, ConfigRecordValues, MetricRecord, RecordDict
+from flwr.common.constant import SType
+from numpy.lib import format as npy_format
 
 from fedsilo.config import LoraSection
 from fedsilo.crypto import (
@@ -46,6 +52,15 @@ RECEIPT_MESSAGE = "query.receipt"
 
 class ProtocolError(ValueError):
     """A message that does not have the expected shape; names the record and field."""
+
+
+# Bounds on what a peer may declare, checked before a value is used. A count of examples or
+# tokens above 2**53 cannot even be weighted exactly in float64; no site holds that many.
+MAX_COUNT = 2**53
+MAX_SEED = 2**64
+MAX_SECONDS = 1e9  # ~31 years of local training
+MAX_LOSS = 1e6  # a cross-entropy far beyond any model's: a larger one is a lie or a blow-up
+MAX_LENGTH_TOKENS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -103,7 +118,39 @@ class RoundTask:
                 f"round task must set exactly one of local_steps ({steps}) and local_epochs "
                 f"({epochs}), the other 0"
             )
-        return cls(**kwargs)  # type: ignore[arg-type]
+        task = cls(**kwargs)  # type: ignore[arg-type]
+        task._check_ranges()
+        return task
+
+    def _check_ranges(self) -> None:
+        positive = {
+            "round": self.round,
+            "cohort_size": self.cohort_size,
+            "batch_size": self.batch_size,
+        }
+        for name, count in positive.items():
+            _check_int(count, name, low=1, high=MAX_COUNT, what="round task")
+        # One of the two is 0 (checked above): the other sets the local work.
+        _check_int(self.local_steps, "local_steps", low=0, high=MAX_COUNT, what="round task")
+        _check_float(self.local_epochs, "local_epochs", low=0.0, high=1000.0, what="round task")
+        _check_int(self.max_length, "max_length", low=1, high=MAX_LENGTH_TOKENS, what="round task")
+        _check_int(self.seed, "seed", low=0, high=MAX_SEED - 1, what="round task")
+        _check_float(self.learning_rate, "learning_rate", low=0.0, high=1.0, what="round task")
+        _check_float(self.max_grad_norm, "max_grad_norm", low=0.0, what="round task")
+        _check_float(self.proximal_mu, "proximal_mu", low=0.0, what="round task")
+        if self.learning_rate <= 0:
+            raise ProtocolError("round task field 'learning_rate' must be > 0")
+
+
+def _check_int(value: int, name: str, *, low: int, high: int, what: str) -> None:
+    if not low <= value <= high:
+        raise ProtocolError(f"{what} field {name!r} must be in [{low}, {high}], got {value}")
+
+
+def _check_float(value: float, name: str, *, low: float, high: float = math.inf, what: str) -> None:
+    """Refuse NaN, infinity and values outside [low, high]."""
+    if not (math.isfinite(value) and low <= value <= high):
+        raise ProtocolError(f"{what} field {name!r} must be finite and in [{low}, {high}]")
 
 
 _FIELD_KINDS: dict[str, type] = {
@@ -157,7 +204,8 @@ class SiteMetrics:
         return MetricRecord(values)
 
     @classmethod
-    def from_record(cls, record: MetricRecord) -> SiteMetrics:
+    def from_record(cls, record: MetricRecord, *, max_examples: int = MAX_COUNT) -> SiteMetrics:
+        """Decode and bound a site's numbers; ``max_examples`` caps the count it may claim."""
         try:
             num_examples = record["num_examples"]
             train_loss = record.get("train_loss")
@@ -165,26 +213,38 @@ class SiteMetrics:
             seconds = record["seconds"]
         except KeyError as error:
             raise ProtocolError(f"site metrics are missing {error.args[0]!r}") from None
-        if not isinstance(num_examples, int) or num_examples <= 0:
+        what = "site metrics"
+        if not isinstance(num_examples, int) or isinstance(num_examples, bool):
             raise ProtocolError(f"num_examples must be a positive integer, got {num_examples!r}")
-        if train_loss is not None and (
-            not isinstance(train_loss, float | int) or not math.isfinite(train_loss)
-        ):
-            raise ProtocolError(f"train_loss must be a finite number, got {train_loss!r}")
-        if not isinstance(tokens, int) or not isinstance(seconds, float | int):
-            raise ProtocolError("tokens must be an integer and seconds a number")
+        if not 1 <= num_examples <= max_examples:
+            raise ProtocolError(
+                f"num_examples must be between 1 and the federation's maximum of "
+                f"{max_examples}, got {num_examples}"
+            )
+        if not isinstance(tokens, int) or isinstance(tokens, bool):
+            raise ProtocolError("tokens must be an integer")
+        _check_int(tokens, "tokens", low=0, high=MAX_COUNT, what=what)
+        if isinstance(seconds, bool) or not isinstance(seconds, float | int):
+            raise ProtocolError("seconds must be a number")
+        _check_float(float(seconds), "seconds", low=0.0, high=MAX_SECONDS, what=what)
+        if train_loss is not None:
+            if isinstance(train_loss, bool) or not isinstance(train_loss, float | int):
+                raise ProtocolError(f"train_loss must be a finite number, got {train_loss!r}")
+            if not math.isfinite(train_loss):
+                raise ProtocolError(f"train_loss must be a finite number, got {train_loss!r}")
+            _check_float(float(train_loss), "train_loss", low=0.0, high=MAX_LOSS, what=what)
         bits = record.get("precision_bits")
         precision = None
         if bits is not None:
             by_bits = {value: name for name, value in _PRECISION_BITS.items()}
-            if not isinstance(bits, int) or bits not in by_bits:
+            if isinstance(bits, bool) or not isinstance(bits, int) or bits not in by_bits:
                 raise ProtocolError(f"precision_bits must be 16 or 32, got {bits!r}")
             precision = by_bits[bits]
         padding = record.get("padding_share")
-        if padding is not None and (
-            not isinstance(padding, float | int) or not 0.0 <= padding <= 1.0
-        ):
-            raise ProtocolError(f"padding_share must be a number in [0, 1], got {padding!r}")
+        if padding is not None:
+            if isinstance(padding, bool) or not isinstance(padding, float | int):
+                raise ProtocolError(f"padding_share must be a number, got {padding!r}")
+            _check_float(float(padding), "padding_share", low=0.0, high=1.0, what=what)
         loss = None if train_loss is None else float(train_loss)
         share = None if padding is None else float(padding)
         return cls(num_examples, loss, tokens, float(seconds), precision, share)
@@ -219,7 +279,18 @@ class DpTask:
             for name, kind in kinds.items()
             if (v := record.get(name)) is not None
         }
-        return cls(**_typed_fields(values, kinds, what="the round's DP settings"))  # type: ignore[arg-type]
+        what = "the round's DP settings"
+        task = cls(**_typed_fields(values, kinds, what=what))  # type: ignore[arg-type]
+        _check_float(task.noise_multiplier, "noise_multiplier", low=0.0, high=1e6, what=what)
+        _check_float(task.target_epsilon, "target_epsilon", low=0.0, high=1e6, what=what)
+        _check_float(task.max_grad_norm, "max_grad_norm", low=0.0, high=1e6, what=what)
+        _check_float(task.delta, "delta", low=0.0, high=1.0, what=what)
+        _check_int(task.planned_rounds, "planned_rounds", low=1, high=MAX_COUNT, what=what)
+        if task.max_grad_norm <= 0 or not 0 < task.delta < 1:
+            raise ProtocolError(f"{what}: max_grad_norm must be > 0 and delta in (0, 1)")
+        if (task.noise_multiplier > 0) == (task.target_epsilon > 0):
+            raise ProtocolError(f"{what}: give exactly one of noise_multiplier, target_epsilon")
+        return task
 
 
 @dataclass(frozen=True)
@@ -263,11 +334,16 @@ class LoraSpec:
             or not all(isinstance(t, str) for t in targets)
         ):
             raise ProtocolError("the round's LoRA spec needs target_modules as a list of names")
-        rank = int(fields["rank"])
-        if rank < 1:
-            raise ProtocolError(f"the round's LoRA rank must be positive, got {rank}")
-        names = tuple(str(t) for t in targets)
-        return cls(rank, float(fields["alpha"]), float(fields["dropout"]), names)
+        what = "the round's LoRA spec"
+        rank, alpha, dropout = int(fields["rank"]), float(fields["alpha"]), float(fields["dropout"])
+        _check_int(rank, "rank", low=1, high=4096, what=what)
+        _check_float(alpha, "alpha", low=0.0, high=1e6, what=what)
+        _check_float(dropout, "dropout", low=0.0, high=1.0, what=what)
+        if alpha <= 0 or dropout >= 1:
+            raise ProtocolError(f"{what}: alpha must be > 0 and dropout below 1")
+        if len(targets) > 1024 or any(not 0 < len(str(t)) <= 256 for t in targets):
+            raise ProtocolError(f"{what}: target_modules must be at most 1024 short names")
+        return cls(rank, alpha, dropout, tuple(str(t) for t in targets))
 
 
 def adapter_to_record(state: AdapterState) -> ArrayRecord:
@@ -304,15 +380,27 @@ def check_adapter_layout(state: AdapterState, *, like: AdapterState, what: str) 
 def adapter_from_record(record: ArrayRecord, *, like: AdapterState, what: str) -> AdapterState:
     """Decode and validate an adapter against the expected names, shapes and dtype.
 
-    Everything is checked before anything is returned, so a malformed adapter is rejected
-    whole, never half-applied.
+    Each array's bytes are bounded by the size its tensor in ``like`` has before they are
+    read, and everything is checked before anything is returned, so a malformed adapter is
+    rejected whole, never half-applied.
     """
+    names = list(record.keys())
+    if sorted(names) != sorted(like):
+        missing = sorted(set(like) - set(names))[:3]
+        unexpected = sorted(set(names) - set(like))[:3]
+        raise ProtocolError(
+            f"{what}: tensor names differ from the global adapter "
+            f"(missing {missing}, unexpected {unexpected})"
+        )
     state: AdapterState = {}
-    for name in record:
-        array = record[name].numpy()
-        if str(array.dtype) != "float32":
+    for name in names:
+        expected = tuple(like[name].shape)
+        array = decode_array(
+            record[name], dtype="float32", max_values=math.prod(expected), what=f"{what}: {name!r}"
+        )
+        if array.shape != expected:
             raise ProtocolError(
-                f"{what}: tensor {name!r} has dtype {array.dtype}, expected float32"
+                f"{what}: tensor {name!r} has shape {array.shape}, expected {expected}"
             )
         state[name] = torch.from_numpy(array.copy())
     check_adapter_layout(state, like=like, what=what)
@@ -427,18 +515,82 @@ def payload_to_record(payload: bytes) -> ArrayRecord:
 
 
 def payload_from_record(record: ArrayRecord, *, max_bytes: int, what: str) -> bytes:
-    """The exact bytes a site sent, refusing anything but one 1-D uint8 array of bounded size."""
+    """The exact bytes a site sent, refusing anything but one 1-D uint8 array of bounded size.
+
+    The bound applies to the bytes that arrived, not to the shape the record declares.
+    """
     if list(record.keys()) != [PAYLOAD_ARRAY]:
         raise ProtocolError(f"{what}: expected one array {PAYLOAD_ARRAY!r}, got {list(record)[:3]}")
-    array = record[PAYLOAD_ARRAY]
-    if array.dtype != "uint8":
-        raise ProtocolError(f"{what}: payload dtype is {array.dtype}, expected uint8")
-    if len(array.shape) != 1:
+    array = decode_array(record[PAYLOAD_ARRAY], dtype="uint8", max_values=max_bytes, what=what)
+    if array.ndim != 1:
         raise ProtocolError(f"{what}: payload shape is {array.shape}, expected one dimension")
-    size = array.shape[0]
-    if size > max_bytes:
-        raise ProtocolError(f"{what}: payload of {size} bytes exceeds the maximum of {max_bytes}")
-    return bytes(array.numpy().tobytes())
+    return array.tobytes()
+
+
+def check_array_size(array: Array, *, dtype: str, max_values: int, what: str) -> None:
+    """Refuse an array whose bytes could not hold at most ``max_values`` of ``dtype``.
+
+    This looks at the length of the bytes that arrived and nothing else, so it is the first
+    check any array from a peer passes, before anything in it is read.
+    """
+    data = getattr(array, "data", None)
+    if not isinstance(data, bytes):
+        raise ProtocolError(f"{what}: the array carries no bytes")
+    limit = NPY_HEADER_MAX + max_values * np.dtype(dtype).itemsize
+    if len(data) > limit:
+        raise ProtocolError(
+            f"{what}: payload of {len(data)} bytes exceeds the maximum of "
+            f"{max_values * np.dtype(dtype).itemsize}"
+        )
+
+
+# numpy writes a 128-byte header for these arrays; a longer one is refused before it is read.
+NPY_HEADER_MAX = 4096
+_NPY_HEADERS = {
+    (1, 0): npy_format.read_array_header_1_0,
+    (2, 0): npy_format.read_array_header_2_0,
+}
+
+
+def decode_array(array: Array, *, dtype: str, max_values: int, what: str) -> np.ndarray:
+    """A Flower array's values, trusting nothing it declares (read-only view of its bytes).
+
+    The bytes are bounded first; then the numpy header is parsed (never unpickled), its dtype
+    must be exactly ``dtype`` (little-endian), its element count must match the bytes that
+    follow it, and the dtype and shape the record declares must agree with what is inside.
+    """
+    check_array_size(array, dtype=dtype, max_values=max_values, what=what)
+    if array.stype != SType.NUMPY:
+        raise ProtocolError(f"{what}: serialization {array.stype!r} is not {SType.NUMPY!r}")
+    data = array.data
+    stream = io.BytesIO(data)
+    try:
+        read_header = _NPY_HEADERS.get(npy_format.read_magic(stream))
+        if read_header is None:
+            raise ValueError("unsupported .npy version")
+        shape, fortran_order, found = read_header(stream, max_header_size=NPY_HEADER_MAX)
+    # numpy parses the header with ast and, for old headers, tokenize: each has its own errors.
+    except (ValueError, TypeError, SyntaxError, OverflowError, TokenError) as error:
+        raise ProtocolError(f"{what}: not a numpy array ({error})") from None
+    wanted = np.dtype(dtype).newbyteorder("<")
+    if found != wanted:
+        raise ProtocolError(f"{what}: has dtype {found}, expected {dtype}")
+    if any(size < 0 for size in shape):
+        raise ProtocolError(f"{what}: negative dimension in shape {shape}")
+    count = math.prod(shape)
+    held = len(data) - stream.tell()
+    if count > max_values or count * wanted.itemsize != held:
+        raise ProtocolError(
+            f"{what}: header declares shape {tuple(shape)} ({count} values of {dtype}, at most "
+            f"{max_values}), the array holds {held} bytes"
+        )
+    if str(array.dtype) != str(found) or tuple(array.shape) != tuple(shape):
+        raise ProtocolError(
+            f"{what}: the record declares {array.dtype} {tuple(array.shape)}, the array is "
+            f"{found} {tuple(shape)}"
+        )
+    flat = np.frombuffer(data, dtype=wanted, count=count, offset=stream.tell())
+    return flat.reshape(shape, order="F" if fortran_order else "C")
 
 
 def train_reply(

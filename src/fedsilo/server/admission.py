@@ -2,14 +2,20 @@
 
 The checks run cheapest-first and the payload is parsed last, after its size is bounded and its
 signature verified, so a forged or oversized upload costs the coordinator a hash at most:
-a site error; an unknown or unpinned site; a binding for another federation, run, round or
-stage (a replay); a second update from the same site in a round; a payload that is not one
-bounded uint8 buffer; a digest that differs from the signed one; a bad signature; tensor names,
-shapes or dtypes that do not fit the global adapter, or NaN/inf; malformed metrics.
+a site error; an update whose bytes (as they arrived, whatever shape they declare) exceed the
+limit; an unknown or unpinned site; a binding for another federation, run, round or stage (a
+replay); a second update from the same site in a round; a bad signature over the binding (which
+holds the payload's digest); a payload that is not one bounded uint8 buffer; a digest that
+differs from the signed one; tensor names, shapes or dtypes that do not fit the global adapter,
+or NaN/inf; malformed metrics, or more examples than ``federation.max_site_examples``.
+
+Any other failure while one site's reply is handled is a defect of ours, not of the round: the
+collectors turn it into a rejection of that site (:func:`unexpected_failure`) and go on.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
@@ -27,8 +33,11 @@ from fedsilo.protocol.records import (
     SiteMetrics,
     adapter_from_payload,
     binding_from_record,
+    check_array_size,
     payload_from_record,
 )
+
+log = logging.getLogger(__name__)
 
 
 class UpdateRejectedError(Exception):
@@ -38,6 +47,13 @@ class UpdateRejectedError(Exception):
         super().__init__(f"{sender}: {reason}")
         self.sender = sender
         self.reason = reason
+
+
+def unexpected_failure(error: Exception, *, what: str) -> str:
+    """The one-line rejection reason for an error no check anticipated (logged in full)."""
+    log.error("%s could not be processed", what, exc_info=error)
+    lines = str(error).strip().splitlines() or [""]
+    return f"{what} could not be processed: {type(error).__name__}: {lines[0][:200]}"
 
 
 @dataclass(frozen=True)
@@ -87,7 +103,12 @@ def admit_signed(
     if reply.has_error():
         raise UpdateRejectedError(sender, f"site error: {reply.error.reason}")
     content = reply.content
+    if UPDATE_KEY not in content.array_records:
+        raise UpdateRejectedError(sender, "the reply carries no update")
+    record = content.array_records[UPDATE_KEY]
     try:
+        for name in record:
+            check_array_size(record[name], dtype="uint8", max_values=max_bytes, what="update")
         binding, signature = binding_from_record(content.config_records[SITE_KEY])
     except KeyError:
         raise UpdateRejectedError(sender, "the update is unsigned") from None
@@ -102,19 +123,15 @@ def admit_signed(
             site, f"duplicate: an update from {site} was already accepted in round {binding.round}"
         )
     try:
-        payload = payload_from_record(
-            content.array_records[UPDATE_KEY], max_bytes=max_bytes, what=f"update from {site}"
-        )
-    except KeyError:
-        raise UpdateRejectedError(site, "the reply carries no update") from None
+        verify_update(site_keys[site], binding, signature)
+    except SignatureError as error:
+        raise UpdateRejectedError(site, f"bad signature: {error}") from None
+    try:
+        payload = payload_from_record(record, max_bytes=max_bytes, what=f"update from {site}")
     except ProtocolError as error:
         raise UpdateRejectedError(site, str(error)) from None
     if sha256_hex(payload) != binding.payload_sha256:
         raise UpdateRejectedError(site, "the payload's sha256 differs from the signed digest")
-    try:
-        verify_update(site_keys[site], binding, signature)
-    except SignatureError as error:
-        raise UpdateRejectedError(site, f"bad signature: {error}") from None
     return SignedUpload(node, binding, signature, payload)
 
 
@@ -126,6 +143,7 @@ def admit_update(
     admitted_sites: Collection[str],
     like: AdapterState,
     max_bytes: int,
+    max_examples: int,
     dp_required: DpRequirement | None = None,
 ) -> AdmittedUpdate:
     """Check one reply completely; raise UpdateRejectedError naming the sender and the reason."""
@@ -139,7 +157,9 @@ def admit_update(
     site, content = upload.binding.site_id, reply.content
     try:
         delta = adapter_from_payload(upload.payload, like=like, what=f"update from {site}")
-        metrics = SiteMetrics.from_record(content.metric_records[METRICS_KEY])
+        metrics = SiteMetrics.from_record(
+            content.metric_records[METRICS_KEY], max_examples=max_examples
+        )
     except KeyError:
         raise UpdateRejectedError(site, "the reply carries no metrics") from None
     except ProtocolError as error:

@@ -12,6 +12,7 @@ aggregated round is checkpointed before it is reported.
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -36,7 +37,12 @@ from fedsilo.protocol.records import (
     receipt_to_record,
     train_instruction,
 )
-from fedsilo.server.admission import ExpectedBinding, UpdateRejectedError, admit_update
+from fedsilo.server.admission import (
+    ExpectedBinding,
+    UpdateRejectedError,
+    admit_update,
+    unexpected_failure,
+)
 from fedsilo.server.he_round import collect_he_round
 from fedsilo.server.privacy_report import site_epsilons, site_level_epsilon
 from fedsilo.server.rounds import (
@@ -147,6 +153,8 @@ def collect_round(
     answered: set[int] = set()
     for node, reply in stream_replies(grid, messages, timeout=config.strategy.round_timeout_s):
         answered.add(node)
+        # A reply is admitted and folded into the sum whole, or rejected and ledgered with its
+        # reason; whatever fails while one reply is handled, the round goes on with the others.
         try:
             admitted = admit_update(
                 reply,
@@ -155,11 +163,18 @@ def collect_round(
                 admitted_sites=result.metrics.keys(),
                 like=global_state,
                 max_bytes=config.federation.max_update_bytes,
+                max_examples=config.federation.max_site_examples,
                 dp_required=dp_requirement(config),
             )
+            site = admitted.binding.site_id
+            result.updates.add(SiteUpdate(site, admitted.delta, admitted.metrics.num_examples))
         except UpdateRejectedError as rejection:
             sender = rejected_sender(plan, node, reply, rejection.sender)
             reject(plan, result, round_number, sender, rejection.reason)
+            continue
+        except Exception as error:
+            reason = unexpected_failure(error, what=f"the reply of {plan.node_label(node)}")
+            reject(plan, result, round_number, plan.node_label(node), reason)
             continue
         accept(
             plan,
@@ -171,9 +186,7 @@ def collect_round(
             dp_event=admitted.dp_event,
             num_examples=admitted.metrics.num_examples,
         )
-        site = admitted.binding.site_id
         plan.node_sites[admitted.node] = site
-        result.updates.add(SiteUpdate(site, admitted.delta, admitted.metrics.num_examples))
         result.metrics[site] = admitted.metrics
     for node in nodes:
         if node not in answered:
@@ -360,6 +373,7 @@ def run_federation(grid: Grid, plan: FederationPlan, *, resume: bool) -> Adapter
             **_privacy_fields(plan),
             "seconds": time.perf_counter() - started,
         }
+        record = _finite_record(record, plan.reporter, round_number)
         # Ledger first: a crash before the checkpoint lands leaves an entry that a resumed run
         # supersedes, never a checkpoint the ledger does not account for.
         plan.ledger.append(
@@ -382,6 +396,29 @@ def run_federation(grid: Grid, plan: FederationPlan, *, resume: bool) -> Adapter
         send_receipts(grid, plan, replies, round_number)
         plan.reporter.round_done(record, total_rounds=config.run.rounds)
     return global_state
+
+
+def _finite_record(
+    record: dict[str, Any], reporter: ProgressReporter, round_number: int
+) -> dict[str, Any]:
+    """``record`` with every NaN or infinite number (a diverged loss, an unbounded epsilon)
+    replaced by null, and a notice naming them: metrics.jsonl and round.json stay JSON."""
+    dropped: list[str] = []
+
+    def clean(value: Any, path: str) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            dropped.append(path)
+            return None
+        if isinstance(value, dict):
+            return {key: clean(item, f"{path}.{key}") for key, item in value.items()}
+        if isinstance(value, list):
+            return [clean(item, f"{path}[{i}]") for i, item in enumerate(value)]
+        return value
+
+    cleaned = {key: clean(value, key) for key, value in record.items()}
+    if dropped:
+        reporter.notice(f"round {round_number}: not finite, recorded as null: {dropped}")
+    return cleaned
 
 
 def _describe(failures: dict[str, str]) -> str:
@@ -421,6 +458,7 @@ def _starting_point(plan: FederationPlan, *, resume: bool) -> tuple[int, Adapter
         **_gold_fields(gold),
         "seconds": time.perf_counter() - started,
     }
+    record = _finite_record(record, plan.reporter, 0)
     plan.ledger.append(
         EntryKind.BASELINE_EVALUATED, {"round": 0, "metrics_sha256": record_digest(record)}
     )

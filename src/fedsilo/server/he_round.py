@@ -43,7 +43,7 @@ from fedsilo.protocol.he_records import (
     keygen_record,
 )
 from fedsilo.protocol.secagg_records import ADVERTS_KEY, adverts_record
-from fedsilo.server.admission import UpdateRejectedError, check_dp_event
+from fedsilo.server.admission import UpdateRejectedError, check_dp_event, unexpected_failure
 from fedsilo.server.rounds import (
     FederationPlan,
     RoundReplies,
@@ -142,8 +142,12 @@ def key_ceremony(ctx: SecAggRound, state: HeState) -> None:
             ):
                 raise ckks.HeError("the sealed keys do not match the cohort")
             ckks.load_context(public, what="the dealer's public context", secret=False)
-        except (ckks.HeError, ValueError, KeyError, TypeError) as error:
+        except (ckks.HeError, ValueError, KeyError, TypeError, RecursionError) as error:
             reject(ctx.plan, ctx.replies, ctx.round_number, dealer, f"{KEYS_STAGE}: {error}")
+            continue
+        except Exception as error:  # unforeseen: still only this dealer's rejection
+            reason = unexpected_failure(error, what=f"the {KEYS_STAGE} payload of {dealer}")
+            reject(ctx.plan, ctx.replies, ctx.round_number, dealer, reason)
             continue
         state.dealer, state.public_context = dealer, public
         state.sealed_keys = dict(zip(recipients, sealed, strict=True))
@@ -171,15 +175,22 @@ def encrypted_inputs(ctx: SecAggRound, state: HeState) -> None:
     selected = _selected_length(ctx, state)
     chunks_expected = math.ceil(selected / (state.poly_modulus_degree // 2))
     plain_bytes = 4 * (state.length - selected)
+    context = ckks.load_context(state.public_context, what="public context", secret=False)
+    reference = ckks.encrypted_zeros(context, selected)
     for site, (upload, reply) in accepted.items():
+        what = f"encrypted update from {site}"
         try:
-            plain, *chunks = ckks.unframe(upload.payload, what=f"encrypted update from {site}")
+            plain, *chunks = ckks.unframe(upload.payload, what=what)
             if len(plain) != plain_bytes or len(chunks) != chunks_expected:
                 raise UpdateRejectedError(
                     site,
                     f"encrypted update from {site} has {len(chunks)} ciphertexts and "
                     f"{len(plain)} plain bytes; expected {chunks_expected} and {plain_bytes}",
                 )
+            # Each site's ciphertexts are checked alone, so a bad one rejects its site only.
+            ckks.check_vector(context, chunks, reference=reference, what=what)
+            if not np.isfinite(np.frombuffer(plain, dtype="<f4")).all():
+                raise UpdateRejectedError(site, f"{what}: plain tensors hold NaN or infinity")
             dp_event = check_dp_event(reply.content, dp_requirement(ctx.plan.config), site)
         except ckks.HeError as error:
             reject(ctx.plan, ctx.replies, ctx.round_number, site, f"{ENCRYPTED_STAGE}: {error}")
@@ -192,6 +203,10 @@ def encrypted_inputs(ctx: SecAggRound, state: HeState) -> None:
                 site,
                 f"{ENCRYPTED_STAGE}: {rejection.reason}",
             )
+            continue
+        except Exception as error:  # unforeseen: still only this site's rejection
+            reason = unexpected_failure(error, what=f"the {ENCRYPTED_STAGE} payload of {site}")
+            reject(ctx.plan, ctx.replies, ctx.round_number, site, reason)
             continue
         accept_input(ctx, upload, dp_event)
         state.encrypted[site] = chunks
@@ -231,7 +246,11 @@ def decrypt_sum(ctx: SecAggRound, state: HeState) -> None:
         if len(payload) != 8 * length:
             reject(ctx.plan, ctx.replies, ctx.round_number, site, "decrypted sum of wrong length")
             continue
-        state.decrypted = np.frombuffer(payload, dtype="<f8").copy()
+        decrypted = np.frombuffer(payload, dtype="<f8").copy()
+        if not np.isfinite(decrypted).all():
+            reject(ctx.plan, ctx.replies, ctx.round_number, site, "decrypted sum is not finite")
+            continue
+        state.decrypted = decrypted
         break
     require_sites(ctx, state, "decrypt_sum", contributors if state.decrypted is not None else [])
 

@@ -130,7 +130,8 @@ class RunFolder:
                 str(folder / "server_state.safetensors"),
             )
             (folder / "round.json").write_text(
-                json.dumps(checkpoint.record, indent=2, sort_keys=True), encoding="utf-8"
+                json.dumps(checkpoint.record, indent=2, sort_keys=True, allow_nan=False),
+                encoding="utf-8",
             )
 
     def load_checkpoint(self, round_number: int) -> Checkpoint:
@@ -156,14 +157,17 @@ class RunFolder:
 
     def write_metrics(self, records: list[dict[str, Any]]) -> None:
         """Replace metrics.jsonl as a whole (it is small), so it is never half-written."""
-        text = "".join(json.dumps(record, sort_keys=True) + "\n" for record in records)
+        # allow_nan=False: "NaN" and "Infinity" are not JSON; a reader would choke on them.
+        text = "".join(
+            json.dumps(record, sort_keys=True, allow_nan=False) + "\n" for record in records
+        )
         write_text_atomic(self.metrics_path, text)
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         self.write_metrics([*self.read_metrics(), record])
 
     def write_json(self, path: Path, data: dict[str, Any]) -> None:
-        write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+        write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
     def read_json(self, path: Path) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))

@@ -80,6 +80,7 @@ from fedsilo.server.admission import (
     UpdateRejectedError,
     admit_signed,
     check_dp_event,
+    unexpected_failure,
 )
 from fedsilo.server.rounds import (
     FederationPlan,
@@ -177,6 +178,11 @@ def exchange(
             sender = rejected_sender(ctx.plan, node, reply, rejection.sender)
             reject(ctx.plan, ctx.replies, ctx.round_number, sender, f"{stage}: {rejection.reason}")
             continue
+        except Exception as error:  # never one site's reply ends the round
+            label = ctx.plan.node_label(node)
+            reason = unexpected_failure(error, what=f"the {stage} reply of {label}")
+            reject(ctx.plan, ctx.replies, ctx.round_number, label, reason)
+            continue
         ctx.plan.node_sites[node] = site
         accepted[site] = (upload, reply)
         ctx.replies.bytes_up[site] = ctx.replies.bytes_up.get(site, 0) + len(upload.payload)
@@ -248,6 +254,10 @@ def advertise_keys(ctx: SecAggRound, state: SecAggState) -> None:
         except SecAggMessageError as error:
             reject(ctx.plan, ctx.replies, ctx.round_number, site, f"{ADVERTISE_STAGE}: {error}")
             continue
+        except Exception as error:  # unforeseen by the decoder: still this site's rejection
+            reason = unexpected_failure(error, what=f"the {ADVERTISE_STAGE} payload of {site}")
+            reject(ctx.plan, ctx.replies, ctx.round_number, site, reason)
+            continue
         state.adverts[site] = SignedPayload(site, upload.payload, upload.signature)
     require_sites(ctx, state, "advertise_keys", list(state.adverts))
 
@@ -273,6 +283,9 @@ def share_keys(ctx: SecAggRound, state: SecAggState) -> None:
             state.sealed[site] = decode_sealed_map(upload.payload, site=site, recipients=peers)
         except SecAggMessageError as error:
             reject(ctx.plan, ctx.replies, ctx.round_number, site, f"{SHARE_STAGE}: {error}")
+        except Exception as error:  # unforeseen by the decoder: still this site's rejection
+            reason = unexpected_failure(error, what=f"the {SHARE_STAGE} payload of {site}")
+            reject(ctx.plan, ctx.replies, ctx.round_number, site, reason)
     require_sites(ctx, state, "share_keys", list(state.sealed))
 
 
@@ -407,6 +420,9 @@ def unmask(ctx: SecAggRound, state: SecAggState) -> None:
             )
         except SecAggMessageError as error:
             reject(ctx.plan, ctx.replies, ctx.round_number, site, f"{UNMASK_STAGE}: {error}")
+        except Exception as error:  # unforeseen by the decoder: still this site's rejection
+            reason = unexpected_failure(error, what=f"the {UNMASK_STAGE} payload of {site}")
+            reject(ctx.plan, ctx.replies, ctx.round_number, site, reason)
     require_sites(ctx, state, "unmask", list(state.unmasking))
     try:
         state.total = recover_sum(
@@ -457,6 +473,20 @@ def run_stages(
             stage(ctx, state)
     except StageHaltedError as halt:
         ctx.replies.failures["secure-aggregation"] = str(halt)
+    except Exception as error:  # a defect of ours: halt this attempt cleanly, ledgered
+        reason = unexpected_failure(error, what=f"secure aggregation stage {stage.__name__}")
+        outcome: dict[str, JsonValue] = {
+            "round": state.session.round,
+            "attempt": state.session.attempt,
+            "stage": stage.__name__,
+            "sites": [],
+            "threshold": state.params.threshold,
+            "outcome": "halted",
+            "reason": reason,
+        }
+        ctx.plan.ledger.append(EntryKind.SECURE_AGGREGATION_STAGE, outcome)
+        state.stages.append(outcome)
+        ctx.replies.failures["secure-aggregation"] = reason
     ctx.replies.stages = state.stages
 
 

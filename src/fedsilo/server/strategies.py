@@ -10,6 +10,7 @@ replies arrived in, beyond the final cast.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -59,16 +60,19 @@ class UpdateSum:
         return update.delta, float(update.num_examples)
 
     def add(self, update: SiteUpdate) -> None:
-        """Fold ``update`` into the sum."""
+        """Fold ``update`` into the sum, whole or not at all (ValueError naming the site)."""
         delta, weight = self.weigh(update)
-        if not self._sum:
-            self._sum = {
-                name: torch.zeros_like(t, dtype=torch.float64) for name, t in delta.items()
-            }
-        elif delta.keys() != self._sum.keys():
+        if not (math.isfinite(weight) and weight > 0):
+            raise ValueError(f"update from {update.site} has weight {weight}")
+        if self._sum and delta.keys() != self._sum.keys():
             raise ValueError(f"update from {update.site} has other tensors than the round's sum")
-        for name, tensor in delta.items():
-            self._sum[name] += tensor.to(torch.float64) * weight
+        weighted = {name: tensor.to(torch.float64) * weight for name, tensor in delta.items()}
+        if not all(bool(torch.isfinite(t).all()) for t in weighted.values()):
+            raise ValueError(f"update from {update.site} is not finite once weighted")
+        if not self._sum:
+            self._sum = {name: torch.zeros_like(t) for name, t in weighted.items()}
+        for name, tensor in weighted.items():
+            self._sum[name] += tensor
         self.weight += weight
         self.sites.append(update.site)
         self.examples += update.num_examples

@@ -94,16 +94,60 @@ def _ciphertexts(context: Any, chunks: Sequence[bytes], what: str) -> list[Any]:
     return out
 
 
+def chunk_sizes(context: Any, length: int) -> list[int]:
+    """Values in each ciphertext of an encrypted vector of ``length`` values."""
+    size = slots(context)
+    return [min(size, length - start) for start in range(0, length, size)]
+
+
+def encrypted_zeros(context: Any, length: int) -> list[Any]:
+    """Ciphertexts of ``length`` zeros under ``context`` (public is enough): the reference
+    :func:`check_vector` adds each upload to, as the sum will."""
+    return [ts.ckks_vector(context, [0.0] * size) for size in chunk_sizes(context, length)]
+
+
+def check_vector(
+    context: Any, chunks: Sequence[bytes], *, reference: Sequence[Any], what: str
+) -> None:
+    """Raise HeError unless ``chunks`` parse under ``context`` in ``reference``'s layout (the
+    same number of ciphertexts, each of the same size) and each adds to its reference chunk.
+
+    Run on each site's upload before it is summed, so that one site's ciphertexts in another
+    order, of other sizes, scales or parameters are that site's rejection, not a failed sum.
+    """
+    if len(chunks) != len(reference):
+        raise HeError(f"{what}: {len(chunks)} ciphertexts, expected {len(reference)}")
+    vectors = _ciphertexts(context, chunks, what)
+    for index, (vector, expected) in enumerate(zip(vectors, reference, strict=True)):
+        if vector.size() != expected.size():
+            raise HeError(
+                f"{what}: ciphertext {index} holds {vector.size()} values, "
+                f"expected {expected.size()}"
+            )
+        try:
+            expected + vector
+        except Exception as error:  # TenSEAL raises ValueError or RuntimeError
+            raise HeError(
+                f"{what}: ciphertext {index} cannot be added ({type(error).__name__}: {error})"
+            ) from None
+
+
 def add_all(context: Any, contributions: Sequence[Sequence[bytes]], *, what: str) -> list[bytes]:
     """The chunk-wise homomorphic sum of several encrypted vectors of equal layout."""
     if not contributions:
         raise HeError(f"{what}: nothing to add")
     total = _ciphertexts(context, contributions[0], what)
-    for other in contributions[1:]:
+    for number, other in enumerate(contributions[1:], start=1):
         if len(other) != len(total):
             raise HeError(f"{what}: {len(other)} ciphertexts, expected {len(total)}")
         for index, ciphertext in enumerate(_ciphertexts(context, other, what)):
-            total[index] = total[index] + ciphertext
+            try:
+                total[index] = total[index] + ciphertext
+            except Exception as error:  # TenSEAL raises ValueError or RuntimeError
+                raise HeError(
+                    f"{what}: ciphertext {index} of contribution {number} cannot be added "
+                    f"({type(error).__name__}: {error})"
+                ) from None
     return [bytes(c.serialize()) for c in total]
 
 

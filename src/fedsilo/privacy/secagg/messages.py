@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -51,6 +52,8 @@ class SecAggParams:
                 f"secure aggregation needs 2 <= threshold <= cohort size, got threshold "
                 f"{self.threshold} for {self.cohort_size} sites"
             )
+        if self.cohort_size > MAX_SHARE_X:
+            raise SecAggMessageError(f"a cohort of {self.cohort_size} sites is too large")
         if 2 * self.threshold <= self.cohort_size:
             raise SecAggMessageError(
                 f"threshold {self.threshold} is not a majority of {self.cohort_size} sites"
@@ -110,10 +113,34 @@ def canonical_json(value: Any) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
+# Bounds on what a payload may hold before any of it is used: integers of at most this many
+# digits (share x-coordinates are small; Python refuses beyond 4,300 digits with a ValueError),
+# and share x-coordinates at most this large.
+_MAX_INT_DIGITS = 20
+MAX_SHARE_X = 2**16
+_HEX = re.compile(r"[0-9a-f]*")
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > _MAX_INT_DIGITS:
+        raise SecAggMessageError(f"an integer of {len(text)} digits")
+    return int(text)
+
+
+def _no_constant(text: str) -> object:
+    raise SecAggMessageError(f"{text} is not a number")
+
+
 def _parse_object(payload: bytes, keys: set[str], what: str) -> dict[str, Any]:
     try:
-        value = json.loads(payload.decode("ascii"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        value = json.loads(
+            payload.decode("ascii"), parse_int=_bounded_int, parse_constant=_no_constant
+        )
+    except SecAggMessageError as error:
+        raise SecAggMessageError(f"{what}: not canonical JSON ({error})") from None
+    except RecursionError:
+        raise SecAggMessageError(f"{what}: JSON nested too deeply") from None
+    except ValueError as error:  # also UnicodeDecodeError and JSONDecodeError
         raise SecAggMessageError(f"{what}: not canonical JSON ({error})") from None
     if not isinstance(value, dict) or set(value) != keys:
         raise SecAggMessageError(f"{what}: expected exactly the fields {sorted(keys)}")
@@ -123,12 +150,15 @@ def _parse_object(payload: bytes, keys: set[str], what: str) -> dict[str, Any]:
 
 
 def _hex(value: object, length: int, what: str) -> bytes:
-    if not isinstance(value, str) or len(value) != length:
-        raise SecAggMessageError(f"{what}: expected {length} hex digits")
-    try:
-        return bytes.fromhex(value)
-    except ValueError:
-        raise SecAggMessageError(f"{what}: not hex") from None
+    if not isinstance(value, str) or len(value) != length or not _HEX.fullmatch(value):
+        raise SecAggMessageError(f"{what}: expected {length} lowercase hex digits")
+    return bytes.fromhex(value)
+
+
+def _share_x(value: object, what: str) -> int:
+    if type(value) is not int or not 1 <= value <= MAX_SHARE_X:
+        raise SecAggMessageError(f"{what}: a share's x must be an integer in [1, {MAX_SHARE_X}]")
+    return value
 
 
 @dataclass(frozen=True)
@@ -205,13 +235,10 @@ class ShareBundle:
             raise SecAggMessageError(
                 f"{what}: addressed from {value['sender']!r} to {value['recipient']!r}"
             )
-        x = value["x"]
-        if isinstance(x, bool) or not isinstance(x, int) or x < 1:
-            raise SecAggMessageError(f"{what}: x must be a positive integer")
         return cls(
             sender=sender,
             recipient=recipient,
-            x=x,
+            x=_share_x(value["x"], what),
             self_seed_share=_hex(value["self_seed_share"], SHARE_HEX, what),
             mask_key_share=_hex(value["mask_key_share"], SHARE_HEX, what),
         )
@@ -227,12 +254,9 @@ def decode_sealed_map(payload: bytes, *, site: str, recipients: set[str]) -> dic
     value = _parse_object(payload, recipients, what) if recipients else {}
     out: dict[str, bytes] = {}
     for name, text in value.items():
-        if not isinstance(text, str):
-            raise SecAggMessageError(f"{what}: entry for {name} is not hex text")
-        try:
-            out[name] = bytes.fromhex(text)
-        except ValueError:
-            raise SecAggMessageError(f"{what}: entry for {name} is not hex") from None
+        if not isinstance(text, str) or len(text) % 2 or not _HEX.fullmatch(text):
+            raise SecAggMessageError(f"{what}: entry for {name} is not lowercase hex")
+        out[name] = bytes.fromhex(text)
     return out
 
 
@@ -269,9 +293,9 @@ class UnmaskReply:
                 raise SecAggMessageError(f"{what}: {kind} must cover exactly {sorted(names)}")
             out: dict[str, tuple[int, bytes]] = {}
             for name, item in raw.items():
-                if not (isinstance(item, list) and len(item) == 2 and type(item[0]) is int):
+                if not (isinstance(item, list) and len(item) == 2):
                     raise SecAggMessageError(f"{what}: {kind} entry for {name} is malformed")
-                out[name] = (item[0], _hex(item[1], SHARE_HEX, what))
+                out[name] = (_share_x(item[0], what), _hex(item[1], SHARE_HEX, what))
             return out
 
         return cls(

@@ -22,6 +22,7 @@ import json
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 
@@ -98,8 +99,34 @@ class SiteSession:
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> SiteSession:
-        value = json.loads(raw)
-        session = SessionId(*value["session"])
+        """The session :meth:`to_bytes` stored; SecAggMessageError for anything else."""
+        try:
+            return cls._from_json(json.loads(raw))
+        except RecursionError:
+            raise SecAggMessageError("the stored session is nested too deeply") from None
+        except (ValueError, TypeError, KeyError, AttributeError) as error:
+            if isinstance(error, SecAggMessageError):
+                raise
+            raise SecAggMessageError(
+                f"the stored session does not parse ({type(error).__name__}: {error})"
+            ) from None
+
+    @classmethod
+    def _from_json(cls, value: dict[str, Any]) -> SiteSession:
+        federation_id, run_id, round_number, attempt = value["session"]
+        if not (
+            isinstance(federation_id, str)
+            and isinstance(run_id, str)
+            and type(round_number) is int
+            and type(attempt) is int
+            and isinstance(value["site"], str)
+            and type(value["unmasked"]) is bool
+        ):
+            raise TypeError("mistyped session, site or unmasked field")
+        secret_fields = [value[name] for name in ("share_key", "mask_key", "self_seed")]
+        if not all(isinstance(text, str) and len(text) == 64 for text in secret_fields):
+            raise TypeError("the keys and the seed must each be 32 bytes of hex")
+        session = SessionId(federation_id, run_id, round_number, attempt)
         site = value["site"]
         return cls(
             site=site,
