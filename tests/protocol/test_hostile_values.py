@@ -125,6 +125,7 @@ def _task(**changes: Any) -> ConfigRecord:
         "cohort_size": 3,
         "base_model_hash": "sha256:00",
         "local_steps": 2,
+        "local_epochs": 0.0,
         "batch_size": 2,
         "learning_rate": 0.01,
         "max_length": 64,

@@ -123,7 +123,13 @@ class RunOutcome:
 def outcome(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> RunOutcome:
     config = parse_config(
         {
-            "run": {"name": "hostile", "seed": 0, "rounds": 1, "torch_threads": 1},
+            "run": {
+                "name": "hostile",
+                "seed": 0,
+                "rounds": 1,
+                "torch_threads": 1,
+                "require_site_policies": False,
+            },
             "model": {"base": str(tiny_model_dir)},
             "lora": {"rank": 4, "alpha": 8.0},
             "task": {
@@ -211,7 +217,7 @@ def test_an_unanticipated_failure_rejects_only_that_reply(
     monkeypatch.setattr(federation, "admit_update", admit_or_fail)
     config = parse_config(
         {
-            "run": {"rounds": 1},
+            "run": {"rounds": 1, "require_site_policies": False},
             "model": {"base": str(tiny_model_dir)},
             "lora": {"rank": 4, "alpha": 8.0},
             "task": {"num_sites": 3, "examples_per_site": 4, "gold_size": 4},
