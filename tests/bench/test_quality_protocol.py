@@ -279,3 +279,28 @@ def test_bench_quality_runs_each_seed_and_writes_the_summary(
     assert main([*common, "--resume"]) == 0
     with pytest.raises(SystemExit, match="examples-per-site"):
         main([*common, "--examples-per-site", "some"])
+
+
+def test_bench_quality_sweep_then_runs_with_the_choice(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedsilo.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    results = tmp_path / "quality.json"
+    args = ["bench", "quality", "--task", "icd10-by-specialty", "--model", str(tiny_model_dir)]
+    args += ["--sites", "2", "--rounds", "1", "--local-steps", "1", "--batch-size", "2"]
+    args += ["--examples-per-site", "6", "--gold-size", "4", "--lora-rank", "2"]
+    args += ["--algorithms", "centralized,local", "--sweep-algorithms", "centralized"]
+    args += ["--no-edge-cases", "--results", str(results), "--out", str(tmp_path / "runs")]
+    args += ["--sweep", "--lr-grid", "0.0001", "0.05", "--validation-share", "0.34"]
+
+    assert main(args) == 0
+
+    sweep = json.loads((tmp_path / "quality-sweep.json").read_text())
+    assert set(sweep["points"]) == {"centralized"}
+    data = json.loads(results.read_text())
+    chosen = sweep["chosen"]["learning_rates"]["centralized"]
+    assert data["hyperparameters"]["chosen_by"] == "validation sweep"
+    assert data["algorithms"]["centralized"]["learning_rate"] == chosen
+    assert data["algorithms"]["local"]["learning_rate"] == QualityBudget().learning_rate

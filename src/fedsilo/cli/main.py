@@ -285,6 +285,7 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
         return recorded or Path("runs") / stamp / leaf
 
     hyperparameters = None
+    swept = tuple(args.sweep_algorithms.split(",")) if args.sweep_algorithms else algorithms
     if args.sweep:
         sweep_path = base.with_name(f"{base.stem}-sweep{base.suffix}")
         sweep = run_sweep(
@@ -295,12 +296,12 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
                     out_dir=out_dir(sweep_path, "sweep-runs"),
                     results_path=sweep_path,
                     budget=budget,
-                    algorithms=algorithms,
+                    algorithms=swept,
                     resume=args.resume,
                     say=say,
                 ),
                 learning_rates=tuple(args.lr_grid or (budget.learning_rate,)),
-                proximal_mus=budget.proximal_mus if "fedprox" in algorithms else (),
+                proximal_mus=budget.proximal_mus if "fedprox" in swept else (),
             )
         )
         budget = chosen_budget(budget, sweep)
@@ -415,6 +416,11 @@ def _add_bench(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "then run the seeds with the choice",
     )
     quality.add_argument("--lr-grid", type=float, nargs="+", help="learning rates the sweep tries")
+    quality.add_argument(
+        "--sweep-algorithms",
+        help="comma-separated algorithms the sweep tunes (default: --algorithms); the others "
+        "train at --learning-rate",
+    )
     quality.add_argument(
         "--examples-per-site",
         default=str(defaults.examples_per_site),
