@@ -304,3 +304,22 @@ def test_bench_quality_sweep_then_runs_with_the_choice(
     assert data["hyperparameters"]["chosen_by"] == "validation sweep"
     assert data["algorithms"]["centralized"]["learning_rate"] == chosen
     assert data["algorithms"]["local"]["learning_rate"] == QualityBudget().learning_rate
+
+
+def test_report_shows_the_summary_over_seeds_and_draws_mean_curves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import quality_report
+
+    monkeypatch.setattr(quality_report, "RESULTS", tmp_path)
+    monkeypatch.setattr(quality_report, "IMAGES", tmp_path / "img")
+    per_seed = {s: _fake(s, "icd10", 0.5, [0.2, 0.4 + 0.1 * s], (0.2, 0.1)) for s in (0, 1)}
+    summary = {"tasks": {"icd10-by-specialty": summarize_seeds(per_seed)}}
+    (tmp_path / "quality-summary.json").write_text(json.dumps(summary))
+
+    text = "\n".join(quality_report.seed_summary_section())
+
+    assert "| fedavg | 0, 1 | 45.0% |" in text
+    assert "| local-worst | 0, 1 | 10.0% |" in text
+    assert (tmp_path / "img" / "quality-icd10-by-specialty-curves-over-seeds.svg").exists()
