@@ -305,6 +305,14 @@ def test_bench_quality_sweep_then_runs_with_the_choice(
     assert data["algorithms"]["centralized"]["learning_rate"] == chosen
     assert data["algorithms"]["local"]["learning_rate"] == QualityBudget().learning_rate
 
+    # Resuming keeps the sweep's points and the measured algorithms.
+    import fedsilo.bench.sweep as sweep_module
+
+    monkeypatch.setattr(sweep_module, "_centralized_states", lambda *a, **k: pytest.fail("again"))
+    monkeypatch.setattr(quality, "_centralized", lambda *a, **k: pytest.fail("re-measured"))
+    assert main([*args, "--resume"]) == 0
+    assert json.loads((tmp_path / "quality-sweep.json").read_text())["points"] == sweep["points"]
+
 
 def test_report_shows_the_summary_over_seeds_and_draws_mean_curves(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
