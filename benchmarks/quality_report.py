@@ -336,13 +336,17 @@ def _alpha_chart(loaded: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def _family_cell(data: dict[str, Any], family: str, key: str) -> str:
-    """``key`` of the family's final adapter (FedProx: its best mu by gold loss)."""
+    """``key`` of the family's final adapter (FedProx: the mu chosen on validation, else the
+    first mu run, never one picked by its gold score)."""
     algorithms = data["algorithms"]
     names = [n for n in algorithms if n == family or n.startswith(f"{family}-mu")]
     if not names:
         return "not run"
-    best = min(names, key=lambda n: _final(algorithms[n])["gold_loss"])
-    suffix = f" (mu {best.removeprefix('fedprox-mu')})" if family == "fedprox" else ""
+    chosen_mu = (data.get("hyperparameters") or {}).get("chosen", {}).get("proximal_mu")
+    chosen = f"fedprox-mu{chosen_mu:g}" if chosen_mu is not None else None
+    best = chosen if chosen in names else names[0]
+    tuned = "" if chosen in names else ", not tuned"
+    suffix = f" (mu {best.removeprefix('fedprox-mu')}{tuned})" if family == "fedprox" else ""
     if key == "gold_accuracy":
         return _pct(_final(algorithms[best])["gold_accuracy"]) + suffix
     if family == "centralized":
@@ -453,7 +457,8 @@ def _summary(loaded: dict[str, dict[str, Any]]) -> list[str]:
     return [
         "### Summary",
         "",
-        "Final gold accuracy (local: the mean of the sites; FedProx: its best mu by gold loss):",
+        "Final gold accuracy (local: the mean of the sites; FedProx: the mu chosen on the "
+        "validation split, else the first of its grid):",
         "",
         *accuracy,
         "",
