@@ -252,7 +252,7 @@ def test_bench_quality_runs_each_seed_and_writes_the_summary(
     from fedsilo.cli.main import main
 
     monkeypatch.chdir(tmp_path)
-    results = tmp_path / "quality.json"
+    results = tmp_path / "quality-icd10-alpha1-many-steps.json"
     common = ["bench", "quality", "--task", "icd10-alpha1", "--model", str(tiny_model_dir)]
     common += ["--sites", "2", "--rounds", "1", "--local-epochs", "0.5", "--batch-size", "2"]
     common += ["--examples-per-site", "4", "--gold-size", "4", "--lora-rank", "2"]
@@ -262,11 +262,11 @@ def test_bench_quality_runs_each_seed_and_writes_the_summary(
     assert main(common) == 0
 
     first = json.loads(results.read_text())
-    second = json.loads((tmp_path / "quality-seed1.json").read_text())
+    second = json.loads((tmp_path / "quality-icd10-alpha1-many-steps-seed1.json").read_text())
     assert (first["budget"]["seed"], second["budget"]["seed"]) == (0, 1)
     assert first["train"]["local_epochs"] == 0.5
     summary = json.loads((tmp_path / "benchmarks/results/quality-summary.json").read_text())
-    entry = summary["tasks"]["icd10-alpha1"]
+    entry = summary["tasks"]["icd10-alpha1-many-steps"]
     assert set(entry["algorithms"]) == {"centralized", "local-mean", "local-worst"}
     assert entry["algorithms"]["centralized"]["seeds"] == [0, 1]
     assert entry["algorithms"]["centralized"]["values"] == [

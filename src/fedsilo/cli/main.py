@@ -307,6 +307,9 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
         budget = chosen_budget(budget, sweep)
         hyperparameters = hyperparameters_record(sweep, sweep_path)
     written: list[Path] = []
+    # The summary's entry: the results file's name (the task's, unless --results names another
+    # setting of it, such as a many-local-steps run).
+    label = base.stem.removeprefix("quality-")
     for seed in seeds:
         results = seed_results_path(base, seed) if args.seeds else base
         run_quality_benchmark(
@@ -325,10 +328,10 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
         )
         written.append(results)
         others = [p for p in seed_results_files(base) if p not in written]
-        summary = update_summary(args.summary, args.task, [*written, *others])
-        skipped = summary["tasks"][args.task]["skipped_files"]
+        summary = update_summary(args.summary, label, [*written, *others])
+        skipped = summary["tasks"][label]["skipped_files"]
         print(
-            f"wrote {args.summary} ({args.task}: seeds "
+            f"wrote {args.summary} ({label}: seeds "
             f"{[int(s) for s in sorted({*seeds[: len(written)]})]} measured now"
             + (f"; left out files of another budget: {skipped})" if skipped else ")"),
             flush=True,
@@ -406,7 +409,8 @@ def _add_bench(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--summary",
         type=Path,
         default=Path("benchmarks") / "results" / "quality-summary.json",
-        help="the per-task summary over seeds (mean, 95%% t-interval, ratio to centralized)",
+        help="the summary over seeds (mean, 95%% t-interval, ratio to centralized), one entry "
+        "per results file name (quality-T.json: T)",
     )
     quality.add_argument(
         "--sweep",
