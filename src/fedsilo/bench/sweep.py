@@ -125,7 +125,10 @@ def run_sweep(request: SweepRequest) -> dict[str, Any]:
     started = time.perf_counter()
     initial = trainer.loaded.adapter_template
     sizes = {s.name: len(e) for s, e in zip(task.sites, trainer.examples, strict=True)}
-    say(f"sweep {quality.task}: {len(task.validation)} validation records, grid {identity}")
+    say(
+        f"sweep {quality.task}: {len(task.validation)} validation records, learning rates "
+        f"{list(request.learning_rates)}, mu {list(request.proximal_mus)}"
+    )
 
     def write(chosen: dict[str, Any], *, complete: bool) -> dict[str, Any]:
         result = {
