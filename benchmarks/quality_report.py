@@ -197,6 +197,19 @@ def _seed_flag(data: dict[str, Any]) -> str:
     return f" --seed {seed}" if seed else ""
 
 
+def _local_work(train: dict[str, Any]) -> str:
+    """'N local steps' or 'E local epochs', and the schedule when it is not constant."""
+    work = (
+        f"{train['local_steps']} local steps"
+        if train.get("local_steps")
+        else f"{train['local_epochs']:g} local epochs"
+    )
+    schedule = train.get("lr_schedule", "constant")
+    if schedule != "constant":
+        work += f" ({schedule} learning rate, {train.get('warmup_rounds', 0)} warmup rounds)"
+    return work
+
+
 def _task_section(name: str, data: dict[str, Any]) -> list[str]:
     budget, train = data["budget"], data["train"]
     settings = data["task_settings"]
@@ -231,7 +244,7 @@ def _task_section(name: str, data: dict[str, Any]) -> list[str]:
         "",
         f"`fedsilo bench quality --task {data['task']} --model {data['model']}{_seed_flag(data)}` "
         f"with {budget['num_sites']} "
-        f"sites ({split}), {budget['rounds']} rounds of {train['local_steps']} local steps of "
+        f"sites ({split}), {budget['rounds']} rounds of {_local_work(train)} of "
         f"{train['batch_size']} examples (learning rate {train['learning_rate']:g}, max length "
         f"{train['max_length']}), {budget['examples_per_site']} examples per site, LoRA rank "
         f"{data['lora']['rank']}{_algorithm_note(data)}. Gold set: {data['gold_count']} "
@@ -323,13 +336,17 @@ def _alpha_chart(loaded: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def _family_cell(data: dict[str, Any], family: str, key: str) -> str:
-    """``key`` of the family's final adapter (FedProx: its best mu by gold loss)."""
+    """``key`` of the family's final adapter (FedProx: the mu chosen on validation, else the
+    first mu run, never one picked by its gold score)."""
     algorithms = data["algorithms"]
     names = [n for n in algorithms if n == family or n.startswith(f"{family}-mu")]
     if not names:
         return "not run"
-    best = min(names, key=lambda n: _final(algorithms[n])["gold_loss"])
-    suffix = f" (mu {best.removeprefix('fedprox-mu')})" if family == "fedprox" else ""
+    chosen_mu = (data.get("hyperparameters") or {}).get("chosen", {}).get("proximal_mu")
+    chosen = f"fedprox-mu{chosen_mu:g}" if chosen_mu is not None else None
+    best = chosen if chosen in names else names[0]
+    tuned = "" if chosen in names else ", not tuned"
+    suffix = f" (mu {best.removeprefix('fedprox-mu')}{tuned})" if family == "fedprox" else ""
     if key == "gold_accuracy":
         return _pct(_final(algorithms[best])["gold_accuracy"]) + suffix
     if family == "centralized":
@@ -440,7 +457,8 @@ def _summary(loaded: dict[str, dict[str, Any]]) -> list[str]:
     return [
         "### Summary",
         "",
-        "Final gold accuracy (local: the mean of the sites; FedProx: its best mu by gold loss):",
+        "Final gold accuracy (local: the mean of the sites; FedProx: the mu chosen on the "
+        "validation split, else the first of its grid):",
         "",
         *accuracy,
         "",
@@ -458,13 +476,17 @@ def _summary(loaded: dict[str, dict[str, Any]]) -> list[str]:
 def quality_sections() -> list[str]:
     """The `fedsilo bench quality` section: one subsection per results file, then the alpha plot."""
     lines = ["## Federated vs centralized vs local-only (`fedsilo bench quality`)", ""]
-    files = sorted(RESULTS.glob("quality-*.json"))
+    files = sorted(
+        path
+        for path in RESULTS.glob("quality-*.json")
+        if path.name != "quality-summary.json" and not path.stem.endswith("-sweep")
+    )
     if not files:
         return [*lines, "Not measured yet: run `fedsilo bench quality --task T`.", ""]
     # A task's runs with other seeds (quality-T-seedN.json) follow the task's own.
     files.sort(key=lambda path: path.stem.partition("-seed"))
     loaded = {path.stem.removeprefix("quality-"): json.loads(path.read_text()) for path in files}
-    steps = "/".join(str(n) for n in sorted({d["train"]["local_steps"] for d in loaded.values()}))
+    steps = "/".join(sorted({_local_work(d["train"]) for d in loaded.values()}))
     lines += [
         "Every algorithm gets the same budget: centralized trains on all sites' examples pooled "
         "(rounds x sites x local steps optimizer steps, so the same examples and steps as the "
@@ -476,7 +498,7 @@ def quality_sections() -> list[str]:
         "converged results. A first `icd10-alpha0.1` attempt at learning rate 0.005 was "
         "stopped when its centralized baseline diverged in round 3 (gold loss 2.12 -> 8.53); "
         "the runs below use 0.002. FedProx corrects the drift of many local steps; at "
-        f"{steps} steps per round its proximal term has little to act on (its gradient is zero "
+        f"{steps} per round its proximal term has little to act on (its gradient is zero "
         "at a round's first step), so this budget cannot show what it is for.",
         "",
     ]
@@ -487,9 +509,64 @@ def quality_sections() -> list[str]:
             "",
         ]
     lines += _summary(loaded)
+    lines += seed_summary_section()
     for name, data in loaded.items():
         lines += _task_section(name, data)
     lines += _alpha_chart(loaded)
+    return lines
+
+
+def _interval(entry: dict[str, Any]) -> str:
+    interval = entry.get("ci95")
+    return "-" if interval is None else f"[{_pct(interval[0])}, {_pct(interval[1])}]"
+
+
+def seed_summary_section() -> list[str]:
+    """Mean and 95% interval over seeds per task and algorithm, with mean learning curves,
+    from benchmarks/results/quality-summary.json (written by `fedsilo bench quality --seeds`)."""
+    path = RESULTS / "quality-summary.json"
+    if not path.exists():
+        return []
+    summary = json.loads(path.read_text())
+    lines = ["### Over seeds (`benchmarks/results/quality-summary.json`)", ""]
+    for task, entry in summary.get("tasks", {}).items():
+        algorithms = entry["algorithms"]
+        names = sorted(
+            algorithms, key=lambda n: _sort_key(n.removesuffix("-mean").removesuffix("-worst"))
+        )
+        lines += [
+            f"`{task}`: {entry['headline']} ({entry['headline_meaning']}); {entry['interval']}.",
+            "",
+            "| algorithm | seeds | mean | 95% interval | ratio to centralized |",
+            "|---|---|---:|---:|---:|",
+        ]
+        for name in names:
+            row = algorithms[name]
+            lines.append(
+                f"| {name} | {', '.join(str(s) for s in row['seeds'])} | {_pct(row['mean'])} | "
+                f"{_interval(row)} | {_pct(row['ratio_to_centralized'])} |"
+            )
+        curves = {
+            name: [(float(r), float(v)) for r, v in algorithms[name]["curve_mean"]]
+            for name in names
+            if algorithms[name].get("curve_mean")
+        }
+        if curves:
+            image = _write_svg(
+                f"quality-{task}-curves-over-seeds.svg",
+                line_chart(
+                    curves,
+                    title=f"{task}: {entry['headline']} by round (mean over seeds)",
+                    x_label="round",
+                    y_label=entry["headline"],
+                    y_min=0.0,
+                    y_max=1.0,
+                ),
+            )
+            lines += ["", f"![learning curves of {task}]({image})"]
+        if entry.get("skipped_files"):
+            lines += ["", "Left out (another budget): " + ", ".join(entry["skipped_files"])]
+        lines.append("")
     return lines
 
 

@@ -3,30 +3,33 @@
 ``run_quality_benchmark`` trains the same LoRA adapter on the same examples in every way the
 issue asks for, and scores each on the task's gold set after every round:
 
-- ``centralized``: all sites' examples pooled in one place; ``rounds`` rounds of
-  ``num_sites * local_steps`` steps, so it sees exactly the examples and takes exactly the
-  optimizer steps that the whole federation does.
-- ``local``: every site alone, ``rounds`` rounds of ``local_steps`` steps on its own examples
-  (the budget each site spends in the federation); scored after the last round only, to save
-  compute, and reported as the mean and the worst site.
+- ``centralized``: all sites' examples pooled in one place; ``rounds`` rounds of as many
+  steps as all sites together take in a round (``num_sites * local_steps``, or the sum of the
+  sites' steps when local work is set in epochs), so it sees exactly the examples and takes
+  exactly the optimizer steps that the whole federation does.
+- ``local``: every site alone, ``rounds`` rounds of the steps it takes in the federation, on
+  its own examples; scored after the last round only, to save compute, and reported as the
+  mean and the worst site.
 - ``fedavg``, ``fedprox-mu<mu>`` (one per mu of the grid), ``fedadam``, ``ffa-lora`` (FedAvg
   with A frozen): the real federation (ServerApp, ClientApp, signatures, ledger) simulated
   in-process, each in its own run folder.
 
-Centralized and local-only use the same training loop the sites use (``train_plain``) and
-the same gold evaluation as the server. Every configuration starts from the same seeded
+Centralized and local-only use the same training loop the sites use (``train_plain``), the
+same per-round learning rate (``round_learning_rate``, as the server sends it) and the same
+gold evaluation as the server. Every configuration starts from the same seeded
 adapter. The ICD-10 tasks also score each final adapter on the edge-case sets.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import platform
 import resource
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +54,7 @@ from fedsilo.evaluation.edge_cases import evaluate_edge_cases
 from fedsilo.evaluation.gold import evaluate_task_gold
 from fedsilo.evaluation.metrics import GoldMetrics
 from fedsilo.model.adapters import AdapterState, set_adapter_state
+from fedsilo.protocol.schedule import local_steps_for, round_learning_rate
 from fedsilo.server.run_folder import RunFolder
 from fedsilo.simulation.engines import SimulationRequest, simulate
 from fedsilo.storage import write_text_atomic
@@ -73,6 +77,8 @@ class QualityRequest:
     edge_cases: bool = True
     resume: bool = False  # keep the algorithms results_path already holds, run the rest
     say: Callable[[str], None] = print
+    # How the budget's learning rates and mu were chosen (a sweep's grid and choice), if so.
+    hyperparameters: Mapping[str, Any] | None = None
 
 
 class _QuietReporter:
@@ -115,6 +121,18 @@ def base_config(request: QualityRequest) -> FedsiloConfig:
         num_sites=budget.num_sites,
         examples_per_site=budget.examples_per_site,
         gold_size=budget.gold_size,
+        validation_share=budget.validation_share,
+    )
+    if task["name"] == "icd10":
+        task.update(
+            gold_phrasings=budget.gold_phrasings,
+            gold_ranking_candidates=budget.gold_ranking_candidates,
+            train_on_inclusion_terms=budget.train_on_inclusion_terms,
+        )
+    local_work = (
+        {"local_epochs": budget.local_epochs}
+        if budget.local_epochs is not None
+        else {"local_steps": budget.local_steps}
     )
     return parse_config(
         {
@@ -128,9 +146,11 @@ def base_config(request: QualityRequest) -> FedsiloConfig:
             "lora": {"rank": budget.lora_rank, "alpha": 2.0 * budget.lora_rank},
             "task": task,
             "train": {
-                "local_steps": budget.local_steps,
+                **local_work,
                 "batch_size": budget.batch_size,
                 "learning_rate": budget.learning_rate,
+                "lr_schedule": budget.lr_schedule,
+                "warmup_rounds": budget.warmup_rounds,
                 "max_length": budget.max_length or length,
             },
             "strategy": {
@@ -147,27 +167,49 @@ def base_config(request: QualityRequest) -> FedsiloConfig:
 def federated_configs(config: FedsiloConfig, budget: QualityBudget) -> dict[str, FedsiloConfig]:
     """One config per federated algorithm: the FedProx grid expands to one run per mu."""
 
-    def variant(strategy: dict[str, Any], lora: dict[str, Any] | None = None) -> FedsiloConfig:
+    def variant(
+        name: str, strategy: dict[str, Any], lora: dict[str, Any] | None = None
+    ) -> FedsiloConfig:
         return config.model_copy(
             update={
                 "strategy": config.strategy.model_copy(update=strategy),
                 "lora": config.lora.model_copy(update=lora or {}),
+                "train": config.train.model_copy(
+                    update={"learning_rate": budget.learning_rate_for(name)}
+                ),
             }
         )
 
-    configs = {"fedavg": variant({"name": "fedavg"})}
+    configs = {"fedavg": variant("fedavg", {"name": "fedavg"})}
     for mu in budget.proximal_mus:
-        configs[f"fedprox-mu{mu:g}"] = variant({"name": "fedprox", "proximal_mu": mu})
-    configs["fedadam"] = variant({"name": "fedadam"})
-    configs["ffa-lora"] = variant({"name": "fedavg"}, {"ffa": True})
+        configs[f"fedprox-mu{mu:g}"] = variant("fedprox", {"name": "fedprox", "proximal_mu": mu})
+    configs["fedadam"] = variant("fedadam", {"name": "fedadam"})
+    configs["ffa-lora"] = variant("ffa-lora", {"name": "fedavg"}, {"ffa": True})
     return configs
 
 
-def _local_steps(config: FedsiloConfig) -> int:
-    """The benchmark's budget is in steps (``QualityBudget.local_steps``)."""
-    if config.train.local_steps is None:
-        raise ValueError("the quality benchmark sets local work in steps, not epochs")
-    return config.train.local_steps
+def site_steps(config: FedsiloConfig, num_examples: int) -> int:
+    """Optimizer steps a site with ``num_examples`` examples takes in one round (as the site
+    itself computes them from the round task)."""
+    train = config.train
+    return local_steps_for(
+        local_steps=train.local_steps or 0,
+        local_epochs=train.local_epochs or 0.0,
+        batch_size=train.batch_size,
+        num_examples=num_examples,
+    )
+
+
+def learning_rate_of_round(config: FedsiloConfig, round_number: int) -> float:
+    """Round ``round_number``'s learning rate: the one the server sends the sites."""
+    train = config.train
+    return round_learning_rate(
+        train.learning_rate,
+        round_number=round_number,
+        rounds=config.run.rounds,
+        schedule=train.lr_schedule,
+        warmup_rounds=train.warmup_rounds,
+    )
 
 
 def _round_seed(seed: int, round_number: int, site: int) -> int:
@@ -194,19 +236,43 @@ class _Trainer:
         ]
 
     def evaluate(self, adapter: AdapterState) -> GoldMetrics:
+        return self._score(adapter, self.task)
+
+    def evaluate_validation(self, adapter: AdapterState) -> dict[str, float]:
+        """The adapter on the sites' held-out validation records (never on a gold set)."""
+        if not self.task.validation:
+            raise ValueError("no validation split: set validation_share above 0")
+        held_out = dataclasses.replace(
+            self.task, gold=self.task.validation, phrasings=(), ranking=()
+        )
+        metrics = self._score(adapter, held_out)
+        return {
+            "validation_loss": metrics.loss,
+            "validation_accuracy": metrics.accuracy,
+            "validation_category_accuracy": metrics.category_accuracy,
+            "validation_count": metrics.count,
+        }
+
+    def _score(self, adapter: AdapterState, task: TaskData) -> GoldMetrics:
         set_adapter_state(self.loaded.model, adapter)
         with compute_in(self.loaded.precision.precision):
             return evaluate_task_gold(
                 self.loaded.model,
                 self.loaded.tokenizer,
-                self.task,
+                task,
                 max_new_tokens=self.config.evaluation.max_new_tokens,
                 batch_size=self.config.evaluation.batch_size,
                 max_length=self.config.train.max_length,
             )
 
     def train_round(
-        self, state: AdapterState, examples: Sequence[Example], *, steps: int, seed: int
+        self,
+        state: AdapterState,
+        examples: Sequence[Example],
+        *,
+        steps: int,
+        learning_rate: float,
+        seed: int,
     ) -> AdapterState:
         train = self.config.train
         result = train_plain(
@@ -215,7 +281,7 @@ class _Trainer:
             global_state=state,
             steps=steps,
             batch_size=train.batch_size,
-            learning_rate=train.learning_rate,
+            learning_rate=learning_rate,
             proximal_mu=0.0,
             max_grad_norm=train.max_grad_norm,
             pad_id=int(self.loaded.tokenizer.pad_token_id),
@@ -224,32 +290,59 @@ class _Trainer:
         return {name: state[name] + result.delta[name] for name in state}
 
 
+def _with_learning_rate(config: FedsiloConfig, learning_rate: float) -> FedsiloConfig:
+    return config.model_copy(
+        update={"train": config.train.model_copy(update={"learning_rate": learning_rate})}
+    )
+
+
+def _centralized_states(
+    trainer: _Trainer, *, learning_rate: float
+) -> Iterator[tuple[int, float, int, AdapterState]]:
+    """Round by round: (round, its learning rate, steps per round, the adapter after it)."""
+    config = _with_learning_rate(trainer.config, learning_rate)
+    pooled = [example for site in trainer.examples for example in site]
+    # The optimizer steps all sites together take in a round.
+    steps = sum(site_steps(config, len(site)) for site in trainer.examples)
+    state = trainer.loaded.adapter_template
+    for round_number in range(1, config.run.rounds + 1):
+        rate = learning_rate_of_round(config, round_number)
+        state = trainer.train_round(
+            state,
+            pooled,
+            steps=steps,
+            learning_rate=rate,
+            seed=_round_seed(config.run.seed, round_number, 0),
+        )
+        yield round_number, rate, steps, state
+
+
 def _centralized(
-    trainer: _Trainer, say: Callable[[str], None]
+    trainer: _Trainer, say: Callable[[str], None], *, learning_rate: float
 ) -> tuple[dict[str, Any], AdapterState]:
     config = trainer.config
-    pooled = [example for site in trainer.examples for example in site]
-    steps = config.num_sites * _local_steps(config)
-    state = trainer.loaded.adapter_template
     rows = []
-    for round_number in range(1, config.run.rounds + 1):
-        started = time.perf_counter()
-        state = trainer.train_round(
-            state, pooled, steps=steps, seed=_round_seed(config.run.seed, round_number, 0)
-        )
-        row = {"round": round_number, **_gold_row(trainer.evaluate(state))}
+    state, steps = trainer.loaded.adapter_template, 0
+    started = time.perf_counter()
+    for round_number, rate, round_steps, state in _centralized_states(
+        trainer, learning_rate=learning_rate
+    ):
+        steps = round_steps
+        row = {"round": round_number, "learning_rate": rate, **_gold_row(trainer.evaluate(state))}
         row["seconds"] = time.perf_counter() - started
         rows.append(row)
         say(
             f"centralized: round {round_number} gold {row['gold_accuracy']:.3f} / "
             f"{row['gold_category_accuracy']:.3f} loss {row['gold_loss']:.3f}"
         )
+        started = time.perf_counter()
     record_bytes = [
         sum(len(json.dumps(asdict(r)).encode()) for r in site.records)
         for site in trainer.task.sites
     ]
     result = {
         "per_round": rows,
+        "learning_rate": learning_rate,
         "optimizer_steps": steps * config.run.rounds,
         "examples_seen": steps * config.run.rounds * config.train.batch_size,
         "bytes_up_per_site": 0,
@@ -258,20 +351,38 @@ def _centralized(
     return result, state
 
 
-def _local(trainer: _Trainer, say: Callable[[str], None]) -> dict[str, Any]:
-    config = trainer.config
-    per_site: dict[str, dict[str, float]] = {}
+def _local_states(
+    trainer: _Trainer, *, learning_rate: float
+) -> Iterator[tuple[str, AdapterState, int]]:
+    """Each site trained alone for the rounds and steps it spends in the federation."""
+    config = _with_learning_rate(trainer.config, learning_rate)
     for index, (site, examples) in enumerate(
         zip(trainer.task.sites, trainer.examples, strict=True)
     ):
         state = trainer.loaded.adapter_template
+        steps = site_steps(config, len(examples))
         for round_number in range(1, config.run.rounds + 1):
-            seed = _round_seed(config.run.seed, round_number, index + 1)
-            state = trainer.train_round(state, examples, steps=_local_steps(config), seed=seed)
-        per_site[site.name] = _gold_row(trainer.evaluate(state))
+            state = trainer.train_round(
+                state,
+                examples,
+                steps=steps,
+                learning_rate=learning_rate_of_round(config, round_number),
+                seed=_round_seed(config.run.seed, round_number, index + 1),
+            )
+        yield site.name, state, steps * config.run.rounds
+
+
+def _local(
+    trainer: _Trainer, say: Callable[[str], None], *, learning_rate: float
+) -> dict[str, Any]:
+    per_site: dict[str, dict[str, float]] = {}
+    steps_per_site: dict[str, int] = {}
+    for name, state, steps in _local_states(trainer, learning_rate=learning_rate):
+        per_site[name] = _gold_row(trainer.evaluate(state))
+        steps_per_site[name] = steps
         say(
-            f"local {site.name}: gold {per_site[site.name]['gold_accuracy']:.3f} / "
-            f"{per_site[site.name]['gold_category_accuracy']:.3f}"
+            f"local {name}: gold {per_site[name]['gold_accuracy']:.3f} / "
+            f"{per_site[name]['gold_category_accuracy']:.3f}"
         )
     keys = ("gold_accuracy", "gold_category_accuracy")
     mean = {k: float(np.mean([row[k] for row in per_site.values()])) for k in (*keys, "gold_loss")}
@@ -281,13 +392,26 @@ def _local(trainer: _Trainer, say: Callable[[str], None]) -> dict[str, Any]:
         "per_site": per_site,
         "final_mean": mean,
         "final_worst": worst,
-        "optimizer_steps_per_site": config.run.rounds * _local_steps(config),
+        "learning_rate": learning_rate,
+        "optimizer_steps_per_site": _one_or_all(steps_per_site),
         "bytes_up_per_site": 0,
     }
 
 
+def _one_or_all(per_site: dict[str, int]) -> int | dict[str, int]:
+    """One number when every site has the same, else the number per site."""
+    values = set(per_site.values())
+    return values.pop() if len(values) == 1 else per_site
+
+
 def _federated(
-    name: str, config: FedsiloConfig, run_dir: Path, say: Callable[[str], None], *, resume: bool
+    name: str,
+    config: FedsiloConfig,
+    run_dir: Path,
+    say: Callable[[str], None],
+    *,
+    resume: bool,
+    site_sizes: Mapping[str, int],
 ) -> tuple[dict[str, Any], AdapterState]:
     """One simulated federation; with ``resume``, a run folder left by a stopped run goes on."""
     started = run_dir.exists() and any(run_dir.iterdir())
@@ -304,23 +428,29 @@ def _federated(
     keys = ("gold_accuracy", "gold_category_accuracy", "gold_loss", "seconds", "train_loss")
     extra = ("gold_count", "gold_category_accuracy_ci95", "gold_parts")
     rows = [
-        {"round": m["round"], **{k: m[k] for k in keys}, **{k: m[k] for k in extra if k in m}}
+        {
+            "round": m["round"],
+            "learning_rate": learning_rate_of_round(config, m["round"]),
+            **{k: m[k] for k in keys},
+            **{k: m[k] for k in extra if k in m},
+        }
         for m in metrics
         if m["round"] > 0
     ]
+    steps = {site: site_steps(config, size) for site, size in site_sizes.items()}
     result = {
         "per_round": rows,
+        "learning_rate": config.train.learning_rate,
         "round0": {
             k: metrics[0][k] for k in ("gold_accuracy", "gold_category_accuracy", "gold_loss")
         },
         "bytes_up_per_site_per_round": metrics[-1]["bytes_up_per_site"],
         "bytes_up_per_site": sum(m["bytes_up_per_site"] for m in metrics),
         "bytes_down_per_site": sum(m["bytes_down_per_site"] for m in metrics),
-        "optimizer_steps_per_site": config.run.rounds * _local_steps(config),
-        "examples_seen": config.run.rounds
-        * config.num_sites
-        * _local_steps(config)
-        * config.train.batch_size,
+        "optimizer_steps_per_site": _one_or_all(
+            {site: config.run.rounds * n for site, n in steps.items()}
+        ),
+        "examples_seen": config.run.rounds * sum(steps.values()) * config.train.batch_size,
         "run_dir": str(run_dir),
         "wall_seconds": time.perf_counter() - begun,
     }
@@ -489,11 +619,13 @@ def run_quality_benchmark(request: QualityRequest) -> dict[str, Any]:
             "metric": task.metric,
             "metric_meaning": METRIC_MEANING[task.metric],
             "sites": {site.name: len(site.records) for site in task.sites},
+            "validation_count": len(task.validation),
             "gold_count": len(task.gold),
             "round0": round0,
             "algorithms": algorithms,
             "goals": summarize_goals(algorithms, round0),
             "edge_cases": edge,
+            "hyperparameters": dict(request.hyperparameters or {"chosen_by": "given"}),
             "complete": complete,
             "out_dir": str(request.out_dir),
             "wall_seconds": earlier_seconds + time.perf_counter() - started,
@@ -514,16 +646,23 @@ def run_quality_benchmark(request: QualityRequest) -> dict[str, Any]:
             edge[name] = _edge_scores(trainer, cases, adapter, name, say)
         write(complete=False)
 
+    budget = request.budget
     if "centralized" in request.algorithms and "centralized" not in algorithms:
-        done("centralized", *_centralized(trainer, say))
+        rate = budget.learning_rate_for("centralized")
+        done("centralized", *_centralized(trainer, say, learning_rate=rate))
     if "local" in request.algorithms and "local" not in algorithms:
-        done("local", _local(trainer, say), None)
+        rate = budget.learning_rate_for("local")
+        done("local", _local(trainer, say, learning_rate=rate), None)
+    sizes = {
+        site.name: len(examples)
+        for site, examples in zip(task.sites, trainer.examples, strict=True)
+    }
     for name, variant in federated_configs(config, request.budget).items():
         family = "fedprox" if name.startswith("fedprox") else name
         if family not in request.algorithms or name in algorithms:
             continue
         result, adapter = _federated(
-            name, variant, request.out_dir / name, say, resume=request.resume
+            name, variant, request.out_dir / name, say, resume=request.resume, site_sizes=sizes
         )
         # FFA-LoRA's state holds B only; A is the shared seeded init the template holds.
         done(name, result, {**initial, **adapter})

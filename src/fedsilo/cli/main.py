@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -10,7 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from fedsilo.cli.deploy import add_deploy_commands
 from fedsilo.config import ConfigError, FedsiloConfig, load_config, parse_config
@@ -243,38 +244,112 @@ def cmd_distill(args: argparse.Namespace) -> int:
 def cmd_bench_quality(args: argparse.Namespace) -> int:
     from fedsilo.bench.quality import QualityRequest, run_quality_benchmark
     from fedsilo.bench.settings import ALL_ALGORITHMS, QualityBudget
+    from fedsilo.bench.summary import seed_results_files, seed_results_path, update_summary
+    from fedsilo.bench.sweep import (
+        SweepRequest,
+        chosen_budget,
+        hyperparameters_record,
+        run_sweep,
+    )
 
     defaults = QualityBudget()
+    seeds: list[int] = args.seeds or [args.seed]
     budget = QualityBudget(
         num_sites=args.sites,
         rounds=args.rounds,
         local_steps=args.local_steps,
+        local_epochs=args.local_epochs,
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
-        examples_per_site=args.examples_per_site,
+        lr_schedule=args.lr_schedule,
+        warmup_rounds=args.warmup_rounds,
+        examples_per_site=_examples_per_site(args.examples_per_site),
         gold_size=args.gold_size,
+        gold_phrasings=args.gold_phrasings,
+        gold_ranking_candidates=args.gold_ranking_candidates,
+        train_on_inclusion_terms=args.train_on_inclusion_terms,
+        validation_share=args.validation_share,
         lora_rank=args.lora_rank,
         proximal_mus=tuple(args.mu) if args.mu else defaults.proximal_mus,
-        seed=args.seed,
+        seed=seeds[0],
     )
     algorithms = tuple(args.algorithms.split(",")) if args.algorithms else ALL_ALGORITHMS
-    results = args.results or Path("benchmarks") / "results" / f"quality-{args.task}.json"
-    out = args.out or (_recorded_out_dir(results) if args.resume else None)
-    out = out or Path("runs") / time.strftime(f"quality-{args.task}-%Y%m%d-%H%M%S")
-    run_quality_benchmark(
-        QualityRequest(
-            task=args.task,
-            model=args.model,
-            out_dir=out,
-            results_path=results,
-            budget=budget,
-            algorithms=algorithms,
-            edge_cases=not args.no_edge_cases,
-            resume=args.resume,
-            say=lambda line: print(line, flush=True),
+    base = args.results or Path("benchmarks") / "results" / f"quality-{args.task}.json"
+    stamp = time.strftime(f"quality-{args.task}-%Y%m%d-%H%M%S")
+    say = lambda line: print(line, flush=True)  # noqa: E731
+
+    def out_dir(results: Path, leaf: str) -> Path:
+        if args.out:
+            return Path(args.out) / leaf if leaf else Path(args.out)
+        recorded = _recorded_out_dir(results) if args.resume else None
+        return recorded or Path("runs") / stamp / leaf
+
+    hyperparameters = None
+    swept = tuple(args.sweep_algorithms.split(",")) if args.sweep_algorithms else algorithms
+    if args.sweep:
+        sweep_path = base.with_name(f"{base.stem}-sweep{base.suffix}")
+        sweep = run_sweep(
+            SweepRequest(
+                quality=QualityRequest(
+                    task=args.task,
+                    model=args.model,
+                    out_dir=out_dir(sweep_path, "sweep-runs"),
+                    results_path=sweep_path,
+                    budget=budget,
+                    algorithms=swept,
+                    resume=args.resume,
+                    say=say,
+                ),
+                learning_rates=tuple(args.lr_grid or (budget.learning_rate,)),
+                proximal_mus=budget.proximal_mus if "fedprox" in swept else (),
+            )
         )
-    )
+        budget = chosen_budget(budget, sweep)
+        hyperparameters = hyperparameters_record(sweep, sweep_path)
+    written: list[Path] = []
+    # The summary's entry: the results file's name (the task's, unless --results names another
+    # setting of it, such as a many-local-steps run).
+    label = base.stem.removeprefix("quality-")
+    for seed in seeds:
+        results = seed_results_path(base, seed) if args.seeds else base
+        run_quality_benchmark(
+            QualityRequest(
+                task=args.task,
+                model=args.model,
+                out_dir=out_dir(results, f"seed{seed}" if args.seeds else ""),
+                results_path=results,
+                budget=dataclasses.replace(budget, seed=seed),
+                algorithms=algorithms,
+                edge_cases=not args.no_edge_cases,
+                resume=args.resume,
+                say=say,
+                hyperparameters=hyperparameters,
+            )
+        )
+        written.append(results)
+        others = [p for p in seed_results_files(base) if p not in written]
+        summary = update_summary(args.summary, label, [*written, *others])
+        skipped = summary["tasks"][label]["skipped_files"]
+        print(
+            f"wrote {args.summary} ({label}: seeds "
+            f"{[int(s) for s in sorted({*seeds[: len(written)]})]} measured now"
+            + (f"; left out files of another budget: {skipped})" if skipped else ")"),
+            flush=True,
+        )
     return 0
+
+
+def _examples_per_site(value: str) -> int | Literal["all"]:
+    if value == "all":
+        return "all"
+    problem = f"--examples-per-site: a positive number or 'all', got {value!r}"
+    try:
+        count = int(value)
+    except ValueError:
+        raise SystemExit(problem) from None
+    if count < 1:
+        raise SystemExit(problem)
+    return count
 
 
 def _recorded_out_dir(results: Path) -> Path | None:
@@ -307,14 +382,70 @@ def _add_bench(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="comma-separated subset of centralized,local,fedavg,fedprox,"
         "fedadam,ffa-lora (default: all)",
     )
-    quality.add_argument("--mu", type=float, action="append", help="FedProx mu (repeatable)")
+    quality.add_argument(
+        "--mu",
+        type=float,
+        nargs="+",
+        action="extend",
+        help=f"FedProx mu grid (default {' '.join(f'{m:g}' for m in defaults.proximal_mus)}; "
+        "with --sweep the benchmark runs the mu the sweep chose)",
+    )
     quality.add_argument("--no-edge-cases", action="store_true", help="skip the ICD-10 edge cases")
     quality.add_argument(
         "--resume",
         action="store_true",
         help="keep the algorithms the results file already holds (same task, model and budget) "
         "and run the rest; a federation that stopped midway goes on from its last checkpoint "
-        "(default --out: the folder the results file names)",
+        "(default --out: the folder the results file names); with --sweep, also the sweep",
+    )
+    quality.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        help="run (or, with --resume, go on with) each seed: results quality-T.json for seed 0 "
+        "and quality-T-seedS.json for the others, runs under --out/seedS",
+    )
+    quality.add_argument(
+        "--summary",
+        type=Path,
+        default=Path("benchmarks") / "results" / "quality-summary.json",
+        help="the summary over seeds (mean, 95%% t-interval, ratio to centralized), one entry "
+        "per results file name (quality-T.json: T)",
+    )
+    quality.add_argument(
+        "--sweep",
+        action="store_true",
+        help="first choose each algorithm's learning rate from --lr-grid (and FedProx's mu from "
+        "--mu) by loss on the validation split (first seed; results in quality-T-sweep.json), "
+        "then run the seeds with the choice",
+    )
+    quality.add_argument("--lr-grid", type=float, nargs="+", help="learning rates the sweep tries")
+    quality.add_argument(
+        "--sweep-algorithms",
+        help="comma-separated algorithms the sweep tunes (default: --algorithms); the others "
+        "train at --learning-rate",
+    )
+    quality.add_argument(
+        "--examples-per-site",
+        default=str(defaults.examples_per_site),
+        help="records per site, or 'all' of each site's share "
+        f"(default {defaults.examples_per_site})",
+    )
+    quality.add_argument(
+        "--local-epochs",
+        type=float,
+        help="local work per round in passes over each site's records (instead of --local-steps)",
+    )
+    quality.add_argument(
+        "--lr-schedule",
+        choices=("constant", "cosine"),
+        default=defaults.lr_schedule,
+        help="learning rate across rounds, the same for every algorithm (default constant)",
+    )
+    quality.add_argument(
+        "--train-on-inclusion-terms",
+        action="store_true",
+        help="ICD-10: sites also train on their codes' inclusion terms (never gold phrasings)",
     )
     for flag, field_name, kind in (
         ("sites", "num_sites", int),
@@ -322,8 +453,11 @@ def _add_bench(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         ("local-steps", "local_steps", int),
         ("batch-size", "batch_size", int),
         ("learning-rate", "learning_rate", float),
-        ("examples-per-site", "examples_per_site", int),
+        ("warmup-rounds", "warmup_rounds", int),
         ("gold-size", "gold_size", int),
+        ("gold-phrasings", "gold_phrasings", int),
+        ("gold-ranking-candidates", "gold_ranking_candidates", int),
+        ("validation-share", "validation_share", float),
         ("lora-rank", "lora_rank", int),
         ("seed", "seed", int),
     ):

@@ -113,6 +113,9 @@ class TaskSection(Section):
     gold_ranking_candidates: int = Field(0, ge=0, le=10_000)
     # ICD-10: sites also train on the inclusion terms of their codes (never gold phrasings).
     train_on_inclusion_terms: bool = False
+    # Share of each site's records held out as a validation split (never trained on; for
+    # choosing hyperparameters without looking at the gold set). 0: none.
+    validation_share: float = Field(0.0, ge=0.0, le=0.5)
     chapters: tuple[str, ...] | None = None
     # task name = "files": each site's records and the gold set as files.
     sites: tuple[SiteFilesSection, ...] = ()

@@ -127,6 +127,8 @@ class TaskData:
     metric: MetricName = "code"  # how the gold set is scored (fedsilo.evaluation.gold)
     phrasings: tuple[ChatRecord, ...] = ()
     ranking: tuple[RankingItem, ...] = ()
+    # Records held out of the sites' own data for choosing hyperparameters (never trained on).
+    validation: tuple[ChatRecord, ...] = ()
 
 
 def icd10_prompt(description: str) -> str:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+import numpy as np
+
 from fedsilo.config import TaskSection
 from fedsilo.data.drug_review import build_drug_review_task
 from fedsilo.data.icd10 import SiteData, TaskData, build_icd10_task, chapter_of_code
@@ -108,7 +110,40 @@ def build_task(task: TaskSection, *, seed: int) -> TaskData:
         _check_code_answers(built.gold, source=str(task.gold_path))
     if task.only_sites:
         built = restrict_to_sites(built, task.only_sites)
+    if task.validation_share > 0:
+        built = hold_out_validation(built, share=task.validation_share, seed=seed)
     return built
+
+
+def hold_out_validation(data: TaskData, *, share: float, seed: int) -> TaskData:
+    """``data`` with ``share`` of each site's question-answer records moved to ``validation``.
+
+    Each site with at least two such records gives ``round(share * n)`` of them (at least one,
+    never all), drawn by ``seed`` and the site's position, so every build with the same settings
+    holds out the same records. A training record equal to a held-out one is dropped too, so the
+    split is disjoint from what the sites train on; the gold set is disjoint from the sites'
+    data already, so from the split as well.
+    """
+    sites: list[SiteData] = []
+    validation: list[ChatRecord] = []
+    for index, site in enumerate(data.sites):
+        chats = [i for i, record in enumerate(site.records) if isinstance(record, ChatRecord)]
+        if len(chats) < 2:
+            sites.append(site)
+            continue
+        count = min(len(chats) - 1, max(1, round(share * len(chats))))
+        generator = np.random.default_rng(np.random.SeedSequence([seed, index, 0x5A11D]))
+        chosen = sorted(int(i) for i in generator.choice(chats, size=count, replace=False))
+        held = [site.records[i] for i in chosen]
+        held_set = set(held)
+        kept = tuple(record for record in site.records if record not in held_set)
+        if not kept:
+            raise ValueError(
+                f"site {site.name}: task.validation_share leaves no record to train on"
+            )
+        sites.append(dataclasses.replace(site, records=kept))
+        validation += [record for record in held if isinstance(record, ChatRecord)]
+    return dataclasses.replace(data, sites=tuple(sites), validation=tuple(validation))
 
 
 def _check_code_answers(gold: tuple[ChatRecord, ...], *, source: str) -> None:

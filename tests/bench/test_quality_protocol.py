@@ -1,0 +1,333 @@
+"""The converged-budget protocol of the quality benchmark, on the tiny model: the schedule and
+local epochs applied alike everywhere, the validation split, the sweep, seeds and summary."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import fedsilo.bench.quality as quality
+from fedsilo.bench.quality import QualityRequest, run_quality_benchmark
+from fedsilo.bench.settings import QualityBudget
+from fedsilo.bench.summary import (
+    summarize_seeds,
+    t_interval,
+    t_quantile_975,
+    update_summary,
+)
+from fedsilo.bench.sweep import SweepRequest, chosen_budget, hyperparameters_record, run_sweep
+from fedsilo.config import TaskSection
+from fedsilo.data.tasks import build_task
+from fedsilo.ledger.entries import EntryKind
+from fedsilo.ledger.store import read_entries
+from fedsilo.protocol.schedule import round_learning_rate
+
+SMALL = QualityBudget(
+    num_sites=2, rounds=1, local_steps=1, batch_size=2, examples_per_site=4, gold_size=4,
+    lora_rank=2, proximal_mus=(0.1,), edge_cases_per_kind=2,
+)  # fmt: skip
+
+
+def _request(model: Path, out: Path, budget: QualityBudget, **changes: Any) -> QualityRequest:
+    fields: dict[str, Any] = {
+        "task": "icd10-alpha1",
+        "model": str(model),
+        "out_dir": out / "runs",
+        "results_path": out / "quality.json",
+        "budget": budget,
+        "algorithms": ("centralized", "local", "fedavg"),
+        "edge_cases": False,
+        "say": lambda _line: None,
+    }
+    fields.update(changes)
+    return QualityRequest(**fields)
+
+
+def test_schedule_and_epochs_are_applied_alike_to_centralized_local_and_federated(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    budget = dataclasses.replace(
+        SMALL, rounds=3, local_epochs=1.0, examples_per_site=5, lr_schedule="cosine",
+        warmup_rounds=1, learning_rate=0.004,
+    )  # fmt: skip
+    calls: list[tuple[int, float]] = []
+    real = quality.train_plain
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        calls.append((kwargs["steps"], kwargs["learning_rate"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(quality, "train_plain", recording)
+    results = run_quality_benchmark(_request(tiny_model_dir, tmp_path, budget))
+
+    expected = [
+        round_learning_rate(0.004, round_number=r, rounds=3, schedule="cosine", warmup_rounds=1)
+        for r in (1, 2, 3)
+    ]
+    assert expected[0] < expected[1] > expected[2]  # warmup then decay, not constant
+    sent = [
+        entry.payload["task"]
+        for entry in read_entries(tmp_path / "runs" / "fedavg" / "ledger.db")
+        if entry.kind is EntryKind.TASK_SENT
+    ]
+    by_round: dict[int, set[float]] = {}
+    for task in sent:
+        by_round.setdefault(task["round"], set()).add(task["learning_rate"])
+        assert (task["local_steps"], task["local_epochs"]) == (0, 1.0)
+    assert [by_round[r] for r in (1, 2, 3)] == [{rate} for rate in expected]
+
+    # Each site takes ceil(examples / batch) steps per epoch; centralized takes their sum.
+    site_steps = [-(-n // 2) for n in results["sites"].values()]
+    centralized_calls, local_calls = calls[:3], calls[3:]
+    assert centralized_calls == [(sum(site_steps), rate) for rate in expected]
+    assert local_calls == [(steps, rate) for steps in site_steps for rate in expected]
+    algorithms = results["algorithms"]
+    assert [row["learning_rate"] for row in algorithms["centralized"]["per_round"]] == expected
+    assert [row["learning_rate"] for row in algorithms["fedavg"]["per_round"]] == expected
+    assert algorithms["centralized"]["examples_seen"] == algorithms["fedavg"]["examples_seen"]
+
+
+def _sites_of(section: TaskSection, seed: int) -> list[set[Any]]:
+    return [set(site.records) for site in build_task(section, seed=seed).sites]
+
+
+def test_validation_split_is_drawn_from_the_sites_disjoint_from_training_and_gold() -> None:
+    section = TaskSection(
+        name="icd10", num_sites=3, examples_per_site=20, gold_size=12, gold_phrasings=8,
+        train_on_inclusion_terms=True, validation_share=0.25,
+    )  # fmt: skip
+    task = build_task(section, seed=3)
+    whole = _sites_of(section.model_copy(update={"validation_share": 0.0}), seed=3)
+
+    validation = set(task.validation)
+    assert len(validation) == len(task.validation) >= 3
+    trained = set().union(*(set(site.records) for site in task.sites))
+    assert validation.isdisjoint(trained)
+    gold_prompts = {r.prompt for r in (*task.gold, *task.phrasings)}
+    assert gold_prompts.isdisjoint(r.prompt for r in validation)
+    # Drawn from the sites' own records: together they are what each site had.
+    for site, records in zip(task.sites, whole, strict=True):
+        held = records - set(site.records)
+        assert held and held <= validation
+        assert set(site.records) | held == records
+    assert build_task(section, seed=3).validation == task.validation  # deterministic
+    assert build_task(section, seed=4).validation != task.validation
+    assert build_task(section.model_copy(update={"validation_share": 0.0}), seed=3).validation == ()
+
+
+def _fake(seed: int, task: str, central: float, fedavg: list[float], local: tuple) -> dict:
+    key = "gold_category_accuracy" if task == "icd10" else "gold_accuracy"
+    rows = [{"round": r + 1, key: v} for r, v in enumerate(fedavg)]
+    central_rows = [{"round": 1, key: central / 2}, {"round": 2, key: central}]
+    return {
+        "task": f"{task}-x",
+        "model": "m",
+        "budget": {"seed": seed, "rounds": len(fedavg)},
+        "task_settings": {"name": task},
+        "metric_meaning": {key: "meaning"},
+        "algorithms": {
+            "centralized": {"per_round": central_rows},
+            "fedavg": {"per_round": rows},
+            "local": {"final_mean": {key: local[0]}, "final_worst": {key: local[1]}},
+        },
+    }  # fmt: skip
+
+
+def test_summary_over_seeds_gives_mean_t_interval_and_ratio() -> None:
+    per_seed = {
+        0: _fake(0, "icd10", 0.50, [0.2, 0.40], (0.20, 0.10)),
+        1: _fake(1, "icd10", 0.60, [0.3, 0.45], (0.25, 0.05)),
+        2: _fake(2, "icd10", 0.70, [0.4, 0.65], (0.30, 0.00)),
+    }
+
+    summary = summarize_seeds(per_seed)
+
+    assert summary["headline"] == "gold_category_accuracy"
+    fedavg = summary["algorithms"]["fedavg"]
+    assert fedavg["seeds"] == [0, 1, 2]
+    assert fedavg["values"] == [0.40, 0.45, 0.65]
+    assert fedavg["mean"] == pytest.approx(0.5)
+    half = 4.303 * 0.13228756555322952 / 3**0.5  # t(0.975, 2) * sd / sqrt(3)
+    assert fedavg["ci95"] == pytest.approx([0.5 - half, 0.5 + half])
+    assert fedavg["ratio_to_centralized"] == pytest.approx(0.5 / 0.6)
+    assert fedavg["curve_mean"] == [[1, pytest.approx(0.3)], [2, pytest.approx(0.5)]]
+    assert summary["algorithms"]["centralized"]["ratio_to_centralized"] == pytest.approx(1.0)
+    assert summary["algorithms"]["local-mean"]["mean"] == pytest.approx(0.25)
+    assert summary["algorithms"]["local-worst"]["values"] == [0.10, 0.05, 0.00]
+    assert "local" not in summary["algorithms"]
+    # Another task's headline is its accuracy; one seed has no interval.
+    other = summarize_seeds({5: _fake(5, "drug-review", 0.8, [0.4], (0.1, 0.0))})
+    assert other["headline"] == "gold_accuracy"
+    assert other["algorithms"]["fedavg"]["ci95"] is None
+    assert other["algorithms"]["fedavg"]["ratio_to_centralized"] == pytest.approx(0.5)
+
+
+def test_t_quantiles_match_the_t_distribution() -> None:
+    stats = pytest.importorskip("scipy.stats")
+    for df in (1, 2, 4, 9, 30):
+        assert t_quantile_975(df) == pytest.approx(stats.t.ppf(0.975, df), abs=1e-3)
+    assert t_interval([0.3]) is None
+    assert t_interval([0.2, 0.2, 0.2]) == [pytest.approx(0.2), pytest.approx(0.2)]
+
+
+def test_summary_file_keeps_other_tasks_and_leaves_out_other_budgets(tmp_path: Path) -> None:
+    paths = []
+    for seed, central in ((0, 0.5), (1, 0.7)):
+        path = tmp_path / f"q-seed{seed}.json"
+        path.write_text(json.dumps(_fake(seed, "icd10", central, [0.3], (0.1, 0.0))))
+        paths.append(path)
+    stale = _fake(2, "icd10", 0.9, [0.9], (0.1, 0.0))
+    stale["budget"]["rounds"] = 7
+    (tmp_path / "stale.json").write_text(json.dumps(stale))
+    summary_path = tmp_path / "summary.json"
+    summary_path.write_text(json.dumps({"benchmark": "quality-summary", "tasks": {"x": {}}}))
+
+    summary = update_summary(summary_path, "t", [*paths, tmp_path / "stale.json"])
+
+    assert json.loads(summary_path.read_text()) == summary
+    assert set(summary["tasks"]) == {"x", "t"}
+    entry = summary["tasks"]["t"]
+    assert entry["algorithms"]["centralized"]["seeds"] == [0, 1]
+    assert entry["algorithms"]["centralized"]["mean"] == pytest.approx(0.6)
+    assert entry["skipped_files"] == [str(tmp_path / "stale.json")]
+
+
+def test_sweep_chooses_on_validation_never_gold_and_the_benchmark_records_it(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    budget = dataclasses.replace(SMALL, examples_per_site=6, validation_share=0.34)
+    request = _request(
+        tiny_model_dir, tmp_path, budget, algorithms=("centralized", "local", "fedavg", "fedprox"),
+        results_path=tmp_path / "sweep.json",
+    )  # fmt: skip
+
+    def no_gold(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the sweep scored a gold set")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(quality._Trainer, "evaluate", no_gold)
+        sweep = run_sweep(SweepRequest(request, (1e-4, 0.05), proximal_mus=(0.01, 1.0)))
+
+    assert sweep["complete"] is True
+    assert sweep["learning_rate_grid"] == [1e-4, 0.05]
+    assert sweep["mu_grid"] == [0.01, 1.0]
+    assert sweep["validation_count"] == 2 * 2  # round(0.34 * 6) of each site's 6 records
+    chosen = sweep["chosen"]
+    for name in ("centralized", "local", "fedavg"):
+        points = sweep["points"][name]
+        assert set(points) == {"0.0001", "0.05"}
+        best = min(points, key=lambda k: points[k]["validation_loss"])
+        assert chosen["learning_rates"][name] == float(best)
+    assert chosen["learning_rates"]["fedprox"] == chosen["learning_rates"]["fedavg"]
+    mus = sweep["fedprox_points"]
+    assert chosen["proximal_mu"] == float(min(mus, key=lambda k: mus[k]["validation_loss"]))
+
+    tuned = chosen_budget(budget, sweep)
+    results = run_quality_benchmark(
+        _request(
+            tiny_model_dir, tmp_path, tuned, algorithms=("centralized",),
+            results_path=tmp_path / "quality.json",
+            hyperparameters=hyperparameters_record(sweep, tmp_path / "sweep.json"),
+        )
+    )  # fmt: skip
+
+    assert (
+        results["algorithms"]["centralized"]["learning_rate"]
+        == (chosen["learning_rates"]["centralized"])
+    )
+    assert results["hyperparameters"]["chosen"] == chosen
+    assert results["hyperparameters"]["learning_rate_grid"] == [1e-4, 0.05]
+    assert results["validation_count"] == 4
+    with pytest.raises(ValueError, match="validation split"):
+        run_sweep(SweepRequest(_request(tiny_model_dir, tmp_path, SMALL), (1e-3,), ()))
+
+
+def test_bench_quality_runs_each_seed_and_writes_the_summary(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedsilo.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    results = tmp_path / "quality-icd10-alpha1-many-steps.json"
+    common = ["bench", "quality", "--task", "icd10-alpha1", "--model", str(tiny_model_dir)]
+    common += ["--sites", "2", "--rounds", "1", "--local-epochs", "0.5", "--batch-size", "2"]
+    common += ["--examples-per-site", "4", "--gold-size", "4", "--lora-rank", "2"]
+    common += ["--algorithms", "centralized,local", "--no-edge-cases", "--results", str(results)]
+    common += ["--out", str(tmp_path / "runs"), "--seeds", "0", "1"]
+
+    assert main(common) == 0
+
+    first = json.loads(results.read_text())
+    second = json.loads((tmp_path / "quality-icd10-alpha1-many-steps-seed1.json").read_text())
+    assert (first["budget"]["seed"], second["budget"]["seed"]) == (0, 1)
+    assert first["train"]["local_epochs"] == 0.5
+    summary = json.loads((tmp_path / "benchmarks/results/quality-summary.json").read_text())
+    entry = summary["tasks"]["icd10-alpha1-many-steps"]
+    assert set(entry["algorithms"]) == {"centralized", "local-mean", "local-worst"}
+    assert entry["algorithms"]["centralized"]["seeds"] == [0, 1]
+    assert entry["algorithms"]["centralized"]["values"] == [
+        data["algorithms"]["centralized"]["per_round"][-1]["gold_category_accuracy"]
+        for data in (first, second)
+    ]
+
+    # Resuming measures nothing again.
+    monkeypatch.setattr(quality, "_centralized", lambda *a, **k: pytest.fail("re-measured"))
+    assert main([*common, "--resume"]) == 0
+    with pytest.raises(SystemExit, match="examples-per-site"):
+        main([*common, "--examples-per-site", "some"])
+
+
+def test_bench_quality_sweep_then_runs_with_the_choice(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedsilo.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    results = tmp_path / "quality.json"
+    args = ["bench", "quality", "--task", "icd10-by-specialty", "--model", str(tiny_model_dir)]
+    args += ["--sites", "2", "--rounds", "1", "--local-steps", "1", "--batch-size", "2"]
+    args += ["--examples-per-site", "6", "--gold-size", "4", "--lora-rank", "2"]
+    args += ["--algorithms", "centralized,local", "--sweep-algorithms", "centralized"]
+    args += ["--no-edge-cases", "--results", str(results), "--out", str(tmp_path / "runs")]
+    args += ["--sweep", "--lr-grid", "0.0001", "0.05", "--validation-share", "0.34"]
+
+    assert main(args) == 0
+
+    sweep = json.loads((tmp_path / "quality-sweep.json").read_text())
+    assert set(sweep["points"]) == {"centralized"}
+    data = json.loads(results.read_text())
+    chosen = sweep["chosen"]["learning_rates"]["centralized"]
+    assert data["hyperparameters"]["chosen_by"] == "validation sweep"
+    assert data["algorithms"]["centralized"]["learning_rate"] == chosen
+    assert data["algorithms"]["local"]["learning_rate"] == QualityBudget().learning_rate
+
+    # Resuming keeps the sweep's points and the measured algorithms.
+    import fedsilo.bench.sweep as sweep_module
+
+    monkeypatch.setattr(sweep_module, "_centralized_states", lambda *a, **k: pytest.fail("again"))
+    monkeypatch.setattr(quality, "_centralized", lambda *a, **k: pytest.fail("re-measured"))
+    assert main([*args, "--resume"]) == 0
+    assert json.loads((tmp_path / "quality-sweep.json").read_text())["points"] == sweep["points"]
+
+
+def test_report_shows_the_summary_over_seeds_and_draws_mean_curves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import quality_report
+
+    monkeypatch.setattr(quality_report, "RESULTS", tmp_path)
+    monkeypatch.setattr(quality_report, "IMAGES", tmp_path / "img")
+    per_seed = {s: _fake(s, "icd10", 0.5, [0.2, 0.4 + 0.1 * s], (0.2, 0.1)) for s in (0, 1)}
+    summary = {"tasks": {"icd10-by-specialty": summarize_seeds(per_seed)}}
+    (tmp_path / "quality-summary.json").write_text(json.dumps(summary))
+
+    text = "\n".join(quality_report.seed_summary_section())
+
+    assert "| fedavg | 0, 1 | 45.0% |" in text
+    assert "| local-worst | 0, 1 | 10.0% |" in text
+    assert (tmp_path / "img" / "quality-icd10-by-specialty-curves-over-seeds.svg").exists()
