@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# README command 1 as a newcomer meets it: a fresh clone, the install, the model's one-time
+# conversion and `fedsilo demo`, timed together. Writes benchmarks/results/demo.json here.
+#     bash benchmarks/demo_clean_clone.sh
+set -euo pipefail
+source_repo=$(cd "$(dirname "$0")/.." && pwd)
+work=$(mktemp -d)
+git clone -q "$source_repo" "$work/fedsilo"
+cd "$work/fedsilo"
+export FEDSILO_CACHE="$work/cache"  # an empty cache: the conversion is part of the wait
+started=$(date +%s.%N)
+bash scripts/setup.sh
+installed=$(date +%s.%N)
+install_seconds=$(python3 -c "print($installed - $started)")
+.venv/bin/python benchmarks/demo_quality.py --out-run "$work/run" \
+    --out "$source_repo/benchmarks/results/demo.json" --install-seconds "$install_seconds"
+echo "clean clone in $work"
