@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
-from fedsilo.data.encode import IGNORE_INDEX
 from fedsilo.data.icd10_edge import EdgeCaseSet
 from fedsilo.data.records import ChatRecord
 from fedsilo.evaluation.edge_cases import score_edge_answers
-from fedsilo.evaluation.gold import token_hits
 from fedsilo.evaluation.metrics import (
     looks_like_code,
     normalize_label,
@@ -65,16 +62,6 @@ def test_summarize_sentiment_counts_each_kind() -> None:
 def test_summarize_sentiment_refuses_misaligned_input() -> None:
     with pytest.raises(ValueError, match="same length"):
         summarize_sentiment(["positive"], ["positive", "neutral"], [1.0, 1.0])
-
-
-def test_token_hits_top1_and_top5_skip_ignored_positions() -> None:
-    # vocab of 6; row 0 predicts token 2 best, then 1; target 1 is second best.
-    logits = torch.tensor([[[0.0, 5.0, 9.0, 1.0, 2.0, 3.0], [9.0, 0.0, 0.0, 0.0, 0.0, 0.0]]])
-    targets = torch.tensor([[1, IGNORE_INDEX]])
-
-    assert token_hits(logits, targets, k=1) == 0
-    assert token_hits(logits, targets, k=2) == 1
-    assert token_hits(logits, targets, k=5) == 1
 
 
 def test_summarize_next_token_pools_over_tokens() -> None:

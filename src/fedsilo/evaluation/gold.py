@@ -35,6 +35,7 @@ from fedsilo.evaluation.metrics import (
     PartMetrics,
     summarize_next_token,
 )
+from fedsilo.training.loss import decoder_and_head
 
 
 def _left_padded(prompts: Sequence[Sequence[int]], *, pad_id: int) -> dict[str, torch.Tensor]:
@@ -124,23 +125,6 @@ class AnswerScores:
         return sum(self.top5)
 
 
-def row_hits(logits: torch.Tensor, targets: torch.Tensor, *, k: int) -> torch.Tensor:
-    """Per row, how many scored targets (not IGNORE_INDEX) are among the top-``k`` logits.
-
-    ``logits`` is (batch, positions, vocab) and ``targets`` (batch, positions), already aligned
-    (``logits[:, t]`` predicts ``targets[:, t]``).
-    """
-    scored = targets != IGNORE_INDEX
-    top = logits.topk(min(k, logits.shape[-1]), dim=-1).indices
-    hit = (top == targets.unsqueeze(-1)).any(dim=-1) & scored
-    return hit.sum(dim=1)
-
-
-def token_hits(logits: torch.Tensor, targets: torch.Tensor, *, k: int) -> int:
-    """How many scored targets in the whole batch are among the top-``k`` logits."""
-    return int(row_hits(logits, targets, k=k).sum())
-
-
 @torch.no_grad()
 def answer_scores(
     model: torch.nn.Module,
@@ -160,19 +144,26 @@ def answer_scores(
     count = len(examples)
     losses, likelihoods = [0.0] * count, [0.0] * count
     top1, top5, tokens = [0] * count, [0] * count, [0] * count
+    decoder, head = decoder_and_head(model)
     for indices in length_batches([len(e.input_ids) for e in examples], batch_size):
         batch = collate([examples[i] for i in indices], pad_id=pad_id)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        # Position t predicts token t + 1. The loss is taken in float32 whatever the model's
-        # precision; the model itself is left as it is.
-        logits = logits[:, :-1]
+        hidden = decoder(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).last_hidden_state
+        # Position t predicts token t + 1; only answer positions are scored, so the LM head
+        # runs on those alone. The loss is taken in float32 whatever the model's precision.
         targets = batch["labels"][:, 1:]
-        token_loss = torch.nn.functional.cross_entropy(
-            logits.transpose(1, 2).float(), targets, ignore_index=IGNORE_INDEX, reduction="none"
-        )
-        counted = (targets != IGNORE_INDEX).sum(dim=1)
-        summed = token_loss.sum(dim=1)
-        hits1, hits5 = row_hits(logits, targets, k=1), row_hits(logits, targets, k=5)
+        scored = targets != IGNORE_INDEX
+        logits = head(hidden[:, :-1][scored]).float()
+        wanted = targets[scored]
+        rows = scored.nonzero()[:, 0]
+        token_loss = torch.nn.functional.cross_entropy(logits, wanted, reduction="none")
+        best = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+        width = len(indices)
+        summed = torch.zeros(width).index_add(0, rows, token_loss)
+        counted = torch.bincount(rows, minlength=width)
+        hits1 = torch.bincount(rows[best[:, 0] == wanted], minlength=width)
+        hits5 = torch.bincount(rows[(best == wanted[:, None]).any(dim=-1)], minlength=width)
         for row, index in enumerate(indices):
             losses[index] = float(summed[row] / counted[row].clamp(min=1))
             likelihoods[index] = -float(summed[row])
