@@ -7,6 +7,8 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
 
 from fedsilo.protocol.records import (
+    NO_POLICY,
+    PolicyDeclaration,
     ProtocolError,
     RoundTask,
     SiteMetrics,
@@ -121,3 +123,34 @@ def test_round_task_needs_exactly_one_local_budget(steps: int, epochs: float) ->
 
     with pytest.raises(ProtocolError, match="exactly one of local_steps"):
         RoundTask.from_record(record)
+
+
+def test_policy_declaration_round_trips_with_and_without_a_policy() -> None:
+    declared = PolicyDeclaration(policy_sha256="ab" * 32, min_cohort=3)
+    absent = PolicyDeclaration(policy_sha256=None, min_cohort=1)
+
+    assert PolicyDeclaration.from_record(declared.to_record()) == declared
+    assert dict(absent.to_record()) == {"policy_sha256": NO_POLICY, "min_cohort": 1}
+    assert PolicyDeclaration.from_record(absent.to_record()) == absent
+
+
+@pytest.mark.parametrize(
+    ("values", "complaint"),
+    [
+        ({"policy_sha256": "ab" * 31, "min_cohort": 2}, "64 lowercase hex"),
+        ({"policy_sha256": "AB" * 32, "min_cohort": 2}, "64 lowercase hex"),
+        ({"policy_sha256": "sha256:" + "ab" * 32, "min_cohort": 2}, "64 lowercase hex"),
+        ({"policy_sha256": "ab" * 32, "min_cohort": 0}, "min_cohort"),
+        ({"policy_sha256": "ab" * 32, "min_cohort": 10**7}, "min_cohort"),
+        ({"policy_sha256": "ab" * 32, "min_cohort": True}, "min_cohort"),
+        ({"policy_sha256": "ab" * 32, "min_cohort": 2.0}, "min_cohort"),
+        ({"policy_sha256": 7, "min_cohort": 2}, "policy_sha256"),
+        ({"min_cohort": 2}, "exactly policy_sha256 and min_cohort"),
+        ({"policy_sha256": "ab" * 32, "min_cohort": 2, "note": "x"}, "exactly"),
+    ],
+)
+def test_policy_declaration_refuses_malformed_values(
+    values: dict[str, object], complaint: str
+) -> None:
+    with pytest.raises(ProtocolError, match=complaint):
+        PolicyDeclaration.from_record(ConfigRecord(values))  # type: ignore[arg-type]

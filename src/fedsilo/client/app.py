@@ -31,7 +31,9 @@ def handle_train(message: Message, context: Context, sites: SiteProvider) -> Mes
         stage=task.stage,
         payload=payload,
     )
-    reply = train_reply(payload, update.metrics, binding, signature, dp_event=update.dp_event)
+    reply = train_reply(
+        payload, update.metrics, binding, signature, update.policy, dp_event=update.dp_event
+    )
     return Message(reply, reply_to=message)
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from flwr.app import Context, Message
 
-from fedsilo.client.policy import TaskRefusedError, check_task
+from fedsilo.client.policy import TaskRefusedError, check_task, declare_policy
 from fedsilo.client.privacy_budget import (
     check_budget,
     plan_round_event,
@@ -24,6 +24,7 @@ from fedsilo.protocol.records import (
     GLOBAL_KEY,
     TASK_KEY,
     DpTask,
+    PolicyDeclaration,
     RoundTask,
     SiteMetrics,
     adapter_from_record,
@@ -41,6 +42,7 @@ class LocalUpdate:
     delta: AdapterState
     metrics: SiteMetrics
     dp_event: dict[str, str | int | float] | None
+    policy: PolicyDeclaration  # the policy it trained under, declared with the update
 
 
 def local_update(message: Message, context: Context, sites: SiteProvider) -> LocalUpdate:
@@ -75,7 +77,7 @@ def local_update(message: Message, context: Context, sites: SiteProvider) -> Loc
     else:
         delta, metrics = _train(site, task, global_state)
     dp_event = event_to_json(event) if event is not None else None
-    return LocalUpdate(site, task, delta, metrics, dp_event)
+    return LocalUpdate(site, task, delta, metrics, dp_event, declare_policy(site.policy))
 
 
 def sign_payload(

@@ -7,7 +7,8 @@ limit; an unknown or unpinned site; a binding for another federation, run, round
 replay); a second update from the same site in a round; a bad signature over the binding (which
 holds the payload's digest); a payload that is not one bounded uint8 buffer; a digest that
 differs from the signed one; tensor names, shapes or dtypes that do not fit the global adapter,
-or NaN/inf; malformed metrics, or more examples than ``federation.max_site_examples``.
+or NaN/inf; malformed metrics, or more examples than ``federation.max_site_examples``; a missing
+or malformed declaration of the site's policy (digest and minimum cohort).
 
 Any other failure while one site's reply is handled is a defect of ours, not of the round: the
 collectors turn it into a rejection of that site (:func:`unexpected_failure`) and go on.
@@ -27,8 +28,10 @@ from fedsilo.privacy.events import PoissonGaussianEvent, event_from_json, event_
 from fedsilo.protocol.records import (
     DP_EVENT_KEY,
     METRICS_KEY,
+    POLICY_KEY,
     SITE_KEY,
     UPDATE_KEY,
+    PolicyDeclaration,
     ProtocolError,
     SiteMetrics,
     adapter_from_payload,
@@ -77,6 +80,7 @@ class AdmittedUpdate:
     delta: AdapterState
     metrics: SiteMetrics
     dp_event: dict[str, str | int | float] | None  # the site's DP event, as ledgered
+    policy: PolicyDeclaration  # the policy the site declares it trained under, as ledgered
 
 
 @dataclass(frozen=True)
@@ -173,7 +177,18 @@ def admit_update(
         delta,
         metrics,
         dp_event,
+        check_policy_declaration(content, site),
     )
+
+
+def check_policy_declaration(content: RecordDict, site: str) -> PolicyDeclaration:
+    """The policy digest and minimum cohort the site declares with its update (required)."""
+    if POLICY_KEY not in content.config_records:
+        raise UpdateRejectedError(site, "the update declares no site policy (digest, min_cohort)")
+    try:
+        return PolicyDeclaration.from_record(content.config_records[POLICY_KEY])
+    except ProtocolError as error:
+        raise UpdateRejectedError(site, str(error)) from None
 
 
 @dataclass(frozen=True)
