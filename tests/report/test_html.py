@@ -141,9 +141,30 @@ def test_privacy_has_one_row_per_site_with_its_mode_and_epsilon_after_each_round
 
     text = _text(render_report(data))
 
-    assert "st-mary record-level DP-SGD rdp 1e-05 round 1: 0.5000; round 2: 0.8750 0.8750" in text
-    assert "county-general none \u2014 \u2014 \u2014 \u2014" in text
+    row = "st-mary record-level DP-SGD rdp 1e-05 round 1: 0.5000; round 2: 0.8750 0.8750 \u2014"
+    assert row in text
+    assert "county-general none \u2014 \u2014 \u2014 \u2014 \u2014" in text
     assert "&lt;script&gt;alert(1)&lt;/script&gt; no update accepted" in text
+
+
+def test_a_site_under_site_level_dp_shows_the_site_level_epsilon_in_its_row() -> None:
+    data = make_report_data()
+    privacy = dataclasses.replace(
+        data.privacy,
+        mode="site-level",
+        accountant="rdp",
+        delta=1e-5,
+        site_level_epsilon=((1, 0.25), (2, 0.375)),
+        site_modes={"st-mary": "site-level (the coordinator clips and noises)"},
+    )
+
+    text = _text(render_report(dataclasses.replace(data, privacy=privacy)))
+
+    row = (
+        "st-mary site-level (the coordinator clips and noises) rdp 1e-05 "
+        "site-level: round 1: 0.2500; round 2: 0.3750 \u2014 0.3750"
+    )
+    assert row in text
 
 
 def test_each_declared_policy_of_a_site_is_shown_with_its_rounds() -> None:
