@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fedsilo.client.policy import SitePolicy, policy_digest
-from fedsilo.ledger import EntryKind, read_entries
+from fedsilo.ledger import read_entries
 from fedsilo.model.flatten import flatten
 from fedsilo.privacy.he import ckks
 from fedsilo.protocol.he_records import DECRYPT_MESSAGE, ENCRYPTED_MESSAGE, KEYGEN_MESSAGE
@@ -174,10 +174,11 @@ def test_each_encrypted_input_is_ledgered_with_the_policy_its_site_declared(
     replies = _round(h)
 
     assert replies.contributors == h.names
+    ledgered = [e.payload for e in read_entries(tmp_path / "ledger.sqlite")]
     declared = {
-        e.payload["site_id"]: e.payload["site_policy"]
-        for e in read_entries(tmp_path / "ledger.sqlite")
-        if e.kind is EntryKind.UPDATE_RECEIVED
+        str(p["site_id"]): {k: v for k, v in p["site_policy"].items() if k != "signature"}
+        for p in ledgered
+        if "site_policy" in p
     }
     assert declared == {
         "site-0": {"policy_sha256": "none", "min_cohort": 1},

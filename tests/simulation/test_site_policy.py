@@ -5,7 +5,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from flwr.app import Context, Message
+from flwr.app import ConfigRecord, Context, Message
 
 from fedsilo.cli.main import main
 from fedsilo.client.policy import PolicyError, declare_policy, load_policy, policy_digest
@@ -133,29 +133,46 @@ def test_every_accepted_update_ledgers_the_policy_its_site_declared(
         for e in read_entries(tmp_path / "run" / "ledger.db")
         if e.kind is EntryKind.UPDATE_RECEIVED
     }
-    assert declared == {
-        first: {
-            "policy_sha256": policy_digest(load_policy(policies / f"{first}.toml")),
-            "min_cohort": 2,
-        },
-        second: {
-            "policy_sha256": policy_digest(load_policy(policies / f"{second}.toml")),
-            "min_cohort": 3,
-        },
-        third: {"policy_sha256": "none", "min_cohort": 1},
+    assert {site: (d["policy_sha256"], d["min_cohort"]) for site, d in declared.items()} == {
+        first: (policy_digest(load_policy(policies / f"{first}.toml")), 2),
+        second: (policy_digest(load_policy(policies / f"{second}.toml")), 3),
+        third: ("none", 1),
     }
+    # Each declaration carries its site's signature, which verification checks.
+    assert all(set(d) == {"policy_sha256", "min_cohort", "signature"} for d in declared.values())
+    assert main(["audit", "verify", str(tmp_path / "run")]) == 0
 
 
-def test_an_update_without_its_policy_declaration_is_rejected(
-    make_config: Callable[..., FedsiloConfig], tmp_path: Path
+def _drop_declaration(reply: Message) -> None:
+    del reply.content.config_records[POLICY_KEY]
+
+
+def _raise_declared_cohort(reply: Message) -> None:
+    # What a coordinator would need to claim a stricter cohort than the site declared.
+    record = reply.content.config_records[POLICY_KEY]
+    reply.content.config_records[POLICY_KEY] = ConfigRecord({**record, "min_cohort": 5})
+
+
+@pytest.mark.parametrize(
+    ("tamper", "reason"),
+    [
+        (_drop_declaration, "declares no site policy"),
+        (_raise_declared_cohort, "bad signature on the policy declaration"),
+    ],
+)
+def test_an_update_without_its_signed_policy_declaration_is_rejected(
+    tamper: Callable[[Message], None],
+    reason: str,
+    make_config: Callable[..., FedsiloConfig],
+    tmp_path: Path,
 ) -> None:
     def undeclared(reply: Message, context: Context, sites: SimulatedSites) -> Message:
-        del reply.content.config_records[POLICY_KEY]
+        tamper(reply)
         return reply
 
     run_with_grid(make_config(run={"rounds": 1}), tmp_path / "run", misbehaving(undeclared))
 
     [_, round_one] = RunFolder(tmp_path / "run").read_metrics()
     assert round_one["sites_ok"] == 2
-    [reason] = round_one["failures"].values()
-    assert "declares no site policy" in reason
+    [failure] = round_one["failures"].values()
+    assert reason in failure

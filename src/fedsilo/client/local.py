@@ -15,7 +15,7 @@ from fedsilo.client.privacy_budget import (
     record_spent,
 )
 from fedsilo.client.site import Site, SiteProvider
-from fedsilo.crypto import UpdateBinding, sha256_hex, sign_update
+from fedsilo.crypto import UpdateBinding, sha256_hex, sign_policy_declaration, sign_update
 from fedsilo.model.adapters import AdapterState
 from fedsilo.privacy.dp_sgd import train_local_dp
 from fedsilo.privacy.events import PoissonGaussianEvent, event_to_json
@@ -26,6 +26,7 @@ from fedsilo.protocol.records import (
     DpTask,
     PolicyDeclaration,
     RoundTask,
+    SignedPolicy,
     SiteMetrics,
     adapter_from_record,
 )
@@ -93,6 +94,12 @@ def sign_payload(
         payload_sha256=sha256_hex(payload),
     )
     return binding, sign_update(site.signing_key, binding)
+
+
+def sign_policy(site: Site, binding: UpdateBinding, policy: PolicyDeclaration) -> SignedPolicy:
+    """The site's declaration of the policy it trained under, signed with the update's binding."""
+    signature = sign_policy_declaration(site.signing_key, binding, policy.fields())
+    return SignedPolicy(policy, signature)
 
 
 def _train(

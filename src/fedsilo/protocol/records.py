@@ -4,10 +4,10 @@ Down (server -> site): the global adapter (ArrayRecord "global") and the round t
 (ConfigRecord "task"). Up (site -> server): the adapter delta as the exact safetensors bytes the
 site signed (ArrayRecord "update", one uint8 array, so Flower can chunk it), aggregate numbers
 (MetricRecord "metrics"), the site's signed binding (ConfigRecord "site") and the policy it
-trained under (ConfigRecord "policy", :class:`PolicyDeclaration`). Arrays travel as
-numpy buffers, read by :func:`decode_array` (bounded, header parsed strictly, never ``np.load``);
-nothing here is ever unpickled. Every decoder raises :class:`ProtocolError` and nothing else, and
-bounds every number it returns (``tests/protocol/test_decoder_fuzz.py``).
+trained under, signed with the update's binding (ConfigRecord "policy", :class:`SignedPolicy`).
+Arrays travel as numpy buffers, read by :func:`decode_array` (bounded, header parsed strictly,
+never ``np.load``); nothing here is ever unpickled. Every decoder raises :class:`ProtocolError`
+and nothing else, and bounds every number it returns (``tests/protocol/test_decoder_fuzz.py``).
 """
 
 from __future__ import annotations
@@ -262,7 +262,8 @@ class PolicyDeclaration:
     (:func:`fedsilo.client.policy.policy_digest`), None for a site without one (sent as
     ``"none"``); ``min_cohort`` is the smallest cohort the site accepts (1 without a policy).
     Neither depends on the site's records, so a site under differential privacy may release
-    them. The coordinator ledgers the declaration in the update's ``update_received`` entry.
+    them. The site signs the declaration together with the update's binding
+    (:class:`SignedPolicy`); the coordinator ledgers both in the ``update_received`` entry.
     """
 
     policy_sha256: str | None
@@ -285,12 +286,9 @@ class PolicyDeclaration:
             "min_cohort": self.min_cohort,
         }
 
-    def to_record(self) -> ConfigRecord:
-        return ConfigRecord(dict(self.fields()))
-
     @classmethod
     def from_fields(cls, values: Mapping[str, object]) -> PolicyDeclaration:
-        """Decode and bound a declaration (a reply's record or a ledger entry's field)."""
+        """Decode and bound a declaration's two fields (from a reply or a ledger entry)."""
         what = "the site's policy declaration"
         if set(values) != {"policy_sha256", "min_cohort"}:
             raise ProtocolError(
@@ -300,9 +298,28 @@ class PolicyDeclaration:
         digest = str(fields["policy_sha256"])
         return cls(None if digest == NO_POLICY else digest, int(fields["min_cohort"]))
 
+
+@dataclass(frozen=True)
+class SignedPolicy:
+    """A site's policy declaration with its signature over it and the update's binding
+    (:func:`fedsilo.crypto.sign_policy_declaration`): it travels as ConfigRecord "policy" and
+    is ledgered, as :meth:`ledger_fields`, in the update's ``update_received`` entry."""
+
+    declaration: PolicyDeclaration
+    signature: bytes
+
+    def ledger_fields(self) -> dict[str, str | int]:
+        return {**self.declaration.fields(), "signature": encode_signature(self.signature)}
+
+    def to_record(self) -> ConfigRecord:
+        return ConfigRecord(dict(self.ledger_fields()))
+
     @classmethod
-    def from_record(cls, record: ConfigRecord) -> PolicyDeclaration:
-        return cls.from_fields(dict(record))
+    def from_record(cls, record: ConfigRecord) -> SignedPolicy:
+        """The declaration and signature a site claims (the signature not yet verified)."""
+        what = "the site's policy declaration"
+        values = {name: value for name, value in record.items() if name != "signature"}
+        return cls(PolicyDeclaration.from_fields(values), _signature_field(record, what=what))
 
 
 @dataclass(frozen=True)
@@ -653,7 +670,7 @@ def train_reply(
     metrics: SiteMetrics,
     binding: UpdateBinding,
     signature: bytes,
-    policy: PolicyDeclaration,
+    policy: SignedPolicy,
     dp_event: Mapping[str, str | int | float] | None = None,
 ) -> RecordDict:
     """The content of a site's reply to a train message (with its DP event when private)."""

@@ -22,7 +22,14 @@ from dataclasses import dataclass
 
 from flwr.app import Message, RecordDict
 
-from fedsilo.crypto import PublicKey, SignatureError, UpdateBinding, sha256_hex, verify_update
+from fedsilo.crypto import (
+    PublicKey,
+    SignatureError,
+    UpdateBinding,
+    sha256_hex,
+    verify_policy_declaration,
+    verify_update,
+)
 from fedsilo.model.adapters import AdapterState
 from fedsilo.privacy.events import PoissonGaussianEvent, event_from_json, event_to_json
 from fedsilo.protocol.records import (
@@ -31,8 +38,8 @@ from fedsilo.protocol.records import (
     POLICY_KEY,
     SITE_KEY,
     UPDATE_KEY,
-    PolicyDeclaration,
     ProtocolError,
+    SignedPolicy,
     SiteMetrics,
     adapter_from_payload,
     binding_from_record,
@@ -80,7 +87,7 @@ class AdmittedUpdate:
     delta: AdapterState
     metrics: SiteMetrics
     dp_event: dict[str, str | int | float] | None  # the site's DP event, as ledgered
-    policy: PolicyDeclaration  # the policy the site declares it trained under, as ledgered
+    policy: SignedPolicy  # the policy the site declares it trained under, as ledgered
 
 
 @dataclass(frozen=True)
@@ -177,18 +184,28 @@ def admit_update(
         delta,
         metrics,
         dp_event,
-        check_policy_declaration(content, site),
+        check_policy_declaration(content, site_keys[site], upload.binding),
     )
 
 
-def check_policy_declaration(content: RecordDict, site: str) -> PolicyDeclaration:
-    """The policy digest and minimum cohort the site declares with its update (required)."""
+def check_policy_declaration(
+    content: RecordDict, key: PublicKey, binding: UpdateBinding
+) -> SignedPolicy:
+    """The policy digest and minimum cohort the site declares with its update (required),
+    signed by the site together with the update's (already verified) ``binding``."""
+    site = binding.site_id
     if POLICY_KEY not in content.config_records:
         raise UpdateRejectedError(site, "the update declares no site policy (digest, min_cohort)")
     try:
-        return PolicyDeclaration.from_record(content.config_records[POLICY_KEY])
+        policy = SignedPolicy.from_record(content.config_records[POLICY_KEY])
     except ProtocolError as error:
         raise UpdateRejectedError(site, str(error)) from None
+    try:
+        verify_policy_declaration(key, binding, policy.declaration.fields(), policy.signature)
+    except SignatureError as error:
+        reason = f"bad signature on the policy declaration: {error}"
+        raise UpdateRejectedError(site, reason) from None
+    return policy
 
 
 @dataclass(frozen=True)

@@ -182,6 +182,7 @@ def encrypted_inputs(ctx: SecAggRound, state: HeState) -> None:
     plain_bytes = 4 * (state.length - selected)
     context = ckks.load_context(state.public_context, what="public context", secret=False)
     reference = ckks.encrypted_zeros(context, selected)
+    site_keys = ctx.plan.membership.site_keys()
     for site, (upload, reply) in accepted.items():
         what = f"encrypted update from {site}"
         try:
@@ -197,7 +198,7 @@ def encrypted_inputs(ctx: SecAggRound, state: HeState) -> None:
             if not np.isfinite(np.frombuffer(plain, dtype="<f4")).all():
                 raise UpdateRejectedError(site, f"{what}: plain tensors hold NaN or infinity")
             dp_event = check_dp_event(reply.content, dp_requirement(ctx.plan.config), site)
-            policy = check_policy_declaration(reply.content, site)
+            policy = check_policy_declaration(reply.content, site_keys[site], upload.binding)
         except ckks.HeError as error:
             reject(ctx.plan, ctx.replies, ctx.round_number, site, f"{ENCRYPTED_STAGE}: {error}")
             continue

@@ -26,8 +26,8 @@ from fedsilo.model.adapters import AdapterState, adapter_to_bytes
 from fedsilo.protocol.records import (
     TRAIN_STAGE,
     DpTask,
-    PolicyDeclaration,
     RoundTask,
+    SignedPolicy,
     SiteMetrics,
 )
 from fedsilo.protocol.schedule import round_learning_rate
@@ -234,7 +234,7 @@ def accept(
     signature: bytes,
     payload_bytes: int,
     dp_event: Mapping[str, str | int | float] | None,
-    policy: PolicyDeclaration,
+    policy: SignedPolicy,
     num_examples: int | None = None,
 ) -> Entry:
     """Ledger an accepted upload, with the policy its site declared, and keep it for its receipt.
@@ -247,7 +247,7 @@ def accept(
         "node": node,
         "payload_bytes": payload_bytes,
         "dp_event": None if dp_event is None else dict(dp_event),
-        SITE_POLICY_FIELD: dict(policy.fields()),
+        SITE_POLICY_FIELD: dict(policy.ledger_fields()),
     }
     if num_examples is not None:
         fields["num_examples"] = num_examples

@@ -50,8 +50,8 @@ from fedsilo.protocol.records import (
     LORA_KEY,
     TASK_KEY,
     LoraSpec,
-    PolicyDeclaration,
     RoundTask,
+    SignedPolicy,
     adapter_to_record,
     train_instruction,
 )
@@ -314,7 +314,7 @@ def accept_input(
     ctx: SecAggRound,
     upload: SignedUpload,
     dp_event: Mapping[str, str | int | float] | None,
-    policy: PolicyDeclaration,
+    policy: SignedPolicy,
 ) -> None:
     """Ledger an input-stage upload that passed its checks: it goes into the secure sum."""
     accept(
@@ -346,6 +346,7 @@ def collect_masked_inputs(ctx: SecAggRound, state: SecAggState) -> None:
         max_bytes=ctx.plan.config.federation.max_update_bytes,
     )
     expected_bytes = 4 * state.length
+    site_keys = ctx.plan.membership.site_keys()
     for site, (upload, reply) in accepted.items():
         try:
             if len(upload.payload) != expected_bytes:
@@ -355,7 +356,7 @@ def collect_masked_inputs(ctx: SecAggRound, state: SecAggState) -> None:
                     f"{expected_bytes} ({state.length} uint32 words, one per adapter value)",
                 )
             dp_event = check_dp_event(reply.content, dp_requirement(ctx.plan.config), site)
-            policy = check_policy_declaration(reply.content, site)
+            policy = check_policy_declaration(reply.content, site_keys[site], upload.binding)
         except UpdateRejectedError as rejection:
             reject(
                 ctx.plan, ctx.replies, ctx.round_number, site, f"{MASKED_STAGE}: {rejection.reason}"
