@@ -7,8 +7,8 @@ limit; an unknown or unpinned site; a binding for another federation, run, round
 replay); a second update from the same site in a round; a bad signature over the binding (which
 holds the payload's digest); a payload that is not one bounded uint8 buffer; a digest that
 differs from the signed one; tensor names, shapes or dtypes that do not fit the global adapter,
-or NaN/inf; malformed metrics, or more examples than ``federation.max_site_examples``; a missing
-or malformed declaration of the site's policy (digest and minimum cohort).
+or NaN/inf; malformed metrics, or more examples than ``federation.max_site_examples``; a missing,
+malformed or wrongly signed declaration of the site's policy (digest and minimum cohort).
 
 Any other failure while one site's reply is handled is a defect of ours, not of the round: the
 collectors turn it into a rejection of that site (:func:`unexpected_failure`) and go on.
