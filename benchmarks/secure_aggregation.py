@@ -44,6 +44,7 @@ from fedsilo.client import he as client_he
 from fedsilo.client import secagg as client_secagg
 from fedsilo.client.app import build_client_app
 from fedsilo.client.local import LocalUpdate
+from fedsilo.client.policy import declare_policy
 from fedsilo.client.site import Site
 from fedsilo.config import parse_config
 from fedsilo.crypto import generate_private_key, public_key_text
@@ -174,7 +175,7 @@ def _ours(
         site = provider.site_for(context)
         task = RoundTask.from_record(message.content.config_records[TASK_KEY])
         metrics = SiteMetrics(num_examples=10, train_loss=None, tokens=0, seconds=0.0)
-        return LocalUpdate(site, task, deltas[site.name], metrics, None)
+        return LocalUpdate(site, task, deltas[site.name], metrics, None, declare_policy(None))
 
     ledger = Ledger.open(workdir / f"{mode}-{sites}-{params}.db", coordinator_key=coordinator)
     ledger.append(EntryKind.RUN_STARTED, {"benchmark": mode})

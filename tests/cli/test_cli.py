@@ -33,7 +33,7 @@ def test_simulate_then_export_then_generate(
 
     output = capsys.readouterr().out
     assert "round 1/1" in output
-    assert "exact match" in output
+    assert "accuracy (code)" in output and "category (code)" in output
     assert "gold-set metric: code" in output
     assert "gold accuracy" in output and "(code, n=6)" in output
     base, _ = load_base_model(tiny_model_dir)

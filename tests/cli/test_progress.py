@@ -67,3 +67,15 @@ def test_round_line_shows_the_headline_interval() -> None:
     )
 
     assert "category 50.0% [35.4-64.6]" in console.export_text()
+
+
+def test_summary_names_the_metric_beside_each_accuracy() -> None:
+    console = Console(record=True, width=120)
+    record = {"round": 0, "gold_accuracy": 0.25, "gold_category_accuracy": 0.5, "gold_loss": 2.0}
+
+    ConsoleReporter(console, metric="exact").summary([record, {**record, "round": 2}])
+
+    text = console.export_text()
+    assert "metric exact" in text
+    assert "accuracy (exact)" in text and "mean similarity (exact)" in text
+    assert "exact match" not in text and "category" not in text

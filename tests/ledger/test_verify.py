@@ -4,7 +4,13 @@ from pathlib import Path
 
 import pytest
 
-from fedsilo.crypto import encode_signature, fingerprint, public_key_text
+from fedsilo.crypto import (
+    UpdateBinding,
+    encode_signature,
+    fingerprint,
+    public_key_text,
+    sign_policy_declaration,
+)
 from fedsilo.ledger import (
     Entry,
     EntryKind,
@@ -23,6 +29,7 @@ from tests.ledger import (
     COORDINATOR_KEY,
     OTHER_KEY,
     SITE_ID,
+    SITE_KEY,
     SITE_KEYS,
     UPDATE_SEQ,
     execute_sql,
@@ -190,6 +197,33 @@ def test_update_with_bad_site_signature_is_caught(tmp_path: Path) -> None:
 
     assert problem_seqs(report) == [UPDATE_SEQ]
     assert f"site {SITE_ID!r} signature" in report.problems[0].reason
+
+
+def _with_policy(claimed_cohort: int) -> dict[str, JsonValue]:
+    """An update payload whose site signed a declaration of min_cohort 3; the entry claims
+    ``claimed_cohort``."""
+    update = update_payload()
+    binding = UpdateBinding(**{k: update[k] for k in UpdateBinding.__dataclass_fields__})  # type: ignore[arg-type]
+    signed = {"policy_sha256": "ef" * 32, "min_cohort": 3}
+    signature = encode_signature(sign_policy_declaration(SITE_KEY, binding, signed))
+    claimed = {**signed, "min_cohort": claimed_cohort, "signature": signature}
+    return {**update, "site_policy": claimed}
+
+
+def test_policy_declaration_the_site_signed_verifies(tmp_path: Path) -> None:
+    record_run(tmp_path / "ledger.db", update=_with_policy(3))
+
+    assert audit(tmp_path / "ledger.db").ok
+
+
+def test_policy_declaration_the_site_did_not_sign_is_caught(tmp_path: Path) -> None:
+    # The coordinator ledgers (and signs) a stricter cohort than the site declared.
+    record_run(tmp_path / "ledger.db", update=_with_policy(5))
+
+    report = audit(tmp_path / "ledger.db")
+
+    assert problem_seqs(report) == [UPDATE_SEQ]
+    assert f"site {SITE_ID!r} policy declaration signature is invalid" in report.problems[0].reason
 
 
 def test_update_from_unknown_site_is_caught(ledger_path: Path) -> None:

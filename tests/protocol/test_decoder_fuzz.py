@@ -47,6 +47,7 @@ from fedsilo.protocol.records import (
     LoraSpec,
     ProtocolError,
     RoundTask,
+    SignedPolicy,
     SiteMetrics,
     adapter_from_payload,
     adapter_from_record,
@@ -398,6 +399,12 @@ DECODERS = [
         ProtocolError,
     ),
     Decoder("binding_from_record", config_records(BINDING), binding_from_record, ProtocolError),
+    Decoder(
+        "SignedPolicy.from_record",
+        config_records({"policy_sha256": "ab" * 32, "min_cohort": 2, "signature": "A" * 86 + "=="}),
+        SignedPolicy.from_record,
+        ProtocolError,
+    ),
     Decoder(
         "receipt_from_record",
         content("receipt", {**BINDING, "ledger_seq": 3, "entry_hash": "ab"}),

@@ -6,9 +6,13 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
 
+from fedsilo.crypto import encode_signature
 from fedsilo.protocol.records import (
+    NO_POLICY,
+    PolicyDeclaration,
     ProtocolError,
     RoundTask,
+    SignedPolicy,
     SiteMetrics,
     adapter_from_record,
     adapter_to_record,
@@ -121,3 +125,43 @@ def test_round_task_needs_exactly_one_local_budget(steps: int, epochs: float) ->
 
     with pytest.raises(ProtocolError, match="exactly one of local_steps"):
         RoundTask.from_record(record)
+
+
+def test_signed_policy_round_trips_with_and_without_a_policy() -> None:
+    declared = SignedPolicy(PolicyDeclaration(policy_sha256="ab" * 32, min_cohort=3), b"s" * 64)
+    absent = SignedPolicy(PolicyDeclaration(policy_sha256=None, min_cohort=1), b"t" * 64)
+
+    assert SignedPolicy.from_record(declared.to_record()) == declared
+    assert {k: v for k, v in absent.to_record().items() if k != "signature"} == {
+        "policy_sha256": NO_POLICY,
+        "min_cohort": 1,
+    }
+    assert SignedPolicy.from_record(absent.to_record()) == absent
+
+
+@pytest.mark.parametrize(
+    ("values", "complaint"),
+    [
+        ({"policy_sha256": "ab" * 31, "min_cohort": 2}, "64 lowercase hex"),
+        ({"policy_sha256": "AB" * 32, "min_cohort": 2}, "64 lowercase hex"),
+        ({"policy_sha256": "sha256:" + "ab" * 32, "min_cohort": 2}, "64 lowercase hex"),
+        ({"policy_sha256": "ab" * 32, "min_cohort": 0}, "min_cohort"),
+        ({"policy_sha256": "ab" * 32, "min_cohort": 10**7}, "min_cohort"),
+        ({"policy_sha256": "ab" * 32, "min_cohort": True}, "min_cohort"),
+        ({"policy_sha256": "ab" * 32, "min_cohort": 2.0}, "min_cohort"),
+        ({"policy_sha256": 7, "min_cohort": 2}, "policy_sha256"),
+        ({"min_cohort": 2}, "exactly policy_sha256 and min_cohort"),
+        ({"policy_sha256": "ab" * 32, "min_cohort": 2, "note": "x"}, "exactly"),
+    ],
+)
+def test_policy_declaration_refuses_malformed_values(
+    values: dict[str, object], complaint: str
+) -> None:
+    signature = encode_signature(b"s" * 64)
+    with pytest.raises(ProtocolError, match=complaint):
+        SignedPolicy.from_record(ConfigRecord({**values, "signature": signature}))  # type: ignore[dict-item]
+
+
+def test_policy_declaration_without_a_signature_is_refused() -> None:
+    with pytest.raises(ProtocolError, match="carries no signature"):
+        SignedPolicy.from_record(ConfigRecord({"policy_sha256": "ab" * 32, "min_cohort": 2}))

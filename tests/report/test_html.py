@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from markupsafe import escape
 
-from fedsilo.report import PartRow, ReportData, render_report, write_report
+from fedsilo.report import DeclaredPolicy, PartRow, ReportData, render_report, write_report
 from tests.report.conftest import ADAPTER_HASHES, HOSTILE_SITE, REJECTION_REASON, make_report_data
 
 _SVG = re.compile(r"<svg\b.*?</svg>", re.DOTALL)
@@ -128,6 +128,64 @@ def test_with_dp_final_epsilon_and_delta_are_shown() -> None:
     assert "No differential privacy event" not in page
     assert "\u03b4 = 1e-05" in page
     assert '<td class="num">0.8750</td>' in page
+
+
+def _text(page: str) -> str:
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", page))
+
+
+def test_privacy_has_one_row_per_site_with_its_mode_and_epsilon_after_each_round() -> None:
+    data = make_report_data(epsilon={"st-mary": ((1, 0.5), (2, 0.875))}, delta=1e-5)
+    modes = {"st-mary": "record-level DP-SGD", "county-general": "none"}
+    data = dataclasses.replace(data, privacy=dataclasses.replace(data.privacy, site_modes=modes))
+
+    text = _text(render_report(data))
+
+    row = "st-mary record-level DP-SGD rdp 1e-05 round 1: 0.5000; round 2: 0.8750 0.8750 \u2014"
+    assert row in text
+    assert "county-general none \u2014 \u2014 \u2014 \u2014 \u2014" in text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; no update accepted" in text
+
+
+def test_a_site_under_site_level_dp_shows_the_site_level_epsilon_in_its_row() -> None:
+    data = make_report_data()
+    privacy = dataclasses.replace(
+        data.privacy,
+        mode="site-level",
+        accountant="rdp",
+        delta=1e-5,
+        site_level_epsilon=((1, 0.25), (2, 0.375)),
+        site_modes={"st-mary": "site-level (the coordinator clips and noises)"},
+    )
+
+    text = _text(render_report(dataclasses.replace(data, privacy=privacy)))
+
+    row = (
+        "st-mary site-level (the coordinator clips and noises) rdp 1e-05 "
+        "site-level: round 1: 0.2500; round 2: 0.3750 \u2014 0.3750"
+    )
+    assert row in text
+
+
+def test_each_declared_policy_of_a_site_is_shown_with_its_rounds() -> None:
+    data = make_report_data()
+    old, new = "1f" * 32, "2e" * 32
+    changed = dataclasses.replace(
+        data.sites[0],
+        policies=(DeclaredPolicy(old, 2, (1, 2)), DeclaredPolicy(new, 3, (3,))),
+    )
+    without = dataclasses.replace(
+        data.sites[1], policies=(DeclaredPolicy(None, 1, (1, 2)),), undeclared=1
+    )
+
+    text = _text(
+        render_report(dataclasses.replace(data, sites=(changed, without, *data.sites[2:])))
+    )
+
+    assert f"st-mary {old} 2 1, 2 " in text and f"st-mary {new} 3 3 " in text
+    assert "county-general none: the site trains without a policy 1 1, 2 " in text
+    assert "county-general not declared in 1 accepted update(s)" in text
+    assert "no update accepted: nothing declared" in text  # the hostile site declared nothing
 
 
 def test_missing_train_loss_is_a_dash_not_zero(report_data: ReportData) -> None:

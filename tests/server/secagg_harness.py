@@ -21,7 +21,7 @@ from fedsilo.client import he as client_he
 from fedsilo.client import secagg as client_secagg
 from fedsilo.client.app import build_client_app
 from fedsilo.client.local import LocalUpdate
-from fedsilo.client.policy import SitePolicy
+from fedsilo.client.policy import SitePolicy, declare_policy
 from fedsilo.client.site import Site
 from fedsilo.config import FedsiloConfig, parse_config
 from fedsilo.crypto import PrivateKey, generate_private_key, public_key_text
@@ -175,7 +175,9 @@ def make_harness(
     def fixed_update(message: Message, context: Context, provider: Any) -> LocalUpdate:
         site = provider.site_for(context)
         task = RoundTask.from_record(message.content.config_records[TASK_KEY])
-        return LocalUpdate(site, task, fixed.deltas[site.name], SiteMetrics.withheld(), None)
+        delta = fixed.deltas[site.name]
+        declared = declare_policy(site.policy)
+        return LocalUpdate(site, task, delta, SiteMetrics.withheld(), None, declared)
 
     monkeypatch.setattr(client_secagg, "local_update", fixed_update)
     monkeypatch.setattr(client_he, "local_update", fixed_update)

@@ -5,7 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedsilo.client.policy import SitePolicy
+from fedsilo.client.policy import SitePolicy, policy_digest
+from fedsilo.ledger import read_entries
 from fedsilo.model.flatten import flatten
 from fedsilo.privacy.he import ckks
 from fedsilo.protocol.he_records import DECRYPT_MESSAGE, ENCRYPTED_MESSAGE, KEYGEN_MESSAGE
@@ -160,3 +161,27 @@ def test_distributed_dp_noise_is_added_by_the_sites(
     # Threshold 2: each site adds std 10/sqrt(2); the sum of 3 has std 10*sqrt(3/2); mean /3.
     expected = 10.0 * np.sqrt(3 / 2) / 3
     assert 0.5 * expected < float(noise.std()) < 1.6 * expected
+
+
+def test_each_encrypted_input_is_ledgered_with_the_policy_its_site_declared(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    policy = SitePolicy.model_validate(
+        {"accept": {"federation_id": "fed"}, "limits": {"min_cohort": 2}}
+    )
+    h = _he(tmp_path, monkeypatch, num_sites=3, policies={"site-2": policy})
+
+    replies = _round(h)
+
+    assert replies.contributors == h.names
+    ledgered = [e.payload for e in read_entries(tmp_path / "ledger.sqlite")]
+    declared = {
+        str(p["site_id"]): {k: v for k, v in p["site_policy"].items() if k != "signature"}
+        for p in ledgered
+        if "site_policy" in p
+    }
+    assert declared == {
+        "site-0": {"policy_sha256": "none", "min_cohort": 1},
+        "site-1": {"policy_sha256": "none", "min_cohort": 1},
+        "site-2": {"policy_sha256": policy_digest(policy), "min_cohort": 2},
+    }

@@ -53,7 +53,7 @@ def test_export_writes_a_model_card_with_the_runs_provenance(
     ):
         assert value in card, value
     for site, epsilon in site_epsilons(entries, delta=1e-5, accountant="rdp").items():
-        assert f"| {site} | {epsilon:.4f} |" in card
+        assert f"| {site} | record-level DP-SGD | {epsilon:.4f} |" in card
     # The local path of the base model is in the card, not in the adapter's config.
     assert str(tiny_model_dir) in card
     assert str(tiny_model_dir) not in json.dumps(adapter_config)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import shutil
 import sqlite3
 from collections.abc import Callable
 from html import unescape
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from fedsilo.cli.main import main
+from fedsilo.client.policy import load_policy, policy_digest
 from fedsilo.config import FedsiloConfig
 from fedsilo.crypto import generate_private_key, write_public_key
 from fedsilo.data.tasks import build_task
@@ -79,10 +81,32 @@ def test_dp_run_reports_epsilon_per_site_equal_to_the_privacy_command(
     assert "Privacy loss \u03b5 per site after each round" in html  # the epsilon chart
     assert len(printed) == 3
     for site, epsilon in printed.items():
-        assert re.search(rf"{re.escape(site)} {epsilon}\b", text), (site, epsilon)
-    assert "rdp" in text and "1e-05" in text
+        # One row per site: its DP mode, accountant, delta, epsilon after each round, final.
+        rounds = "round 1: [0-9.]+" if site == thrifty else "round 1: [0-9.]+; round 2: [0-9.]+"
+        row = rf"{re.escape(site)} record-level DP-SGD rdp 1e-05 {rounds} {epsilon}\b"
+        assert re.search(row, text), (site, epsilon)
     assert "Metric: code" in text and "Accuracy (code)" in text and "Gold n" in text
-    assert re.search(rf"{re.escape(thrifty)} \S+ 2 sha256:[0-9a-f]{{64}}", text)  # min cohort
+
+
+def test_policies_shown_are_the_ones_sites_declared_in_the_ledger(
+    dp_run_with_refusal: tuple[Path, str], tmp_path: Path
+) -> None:
+    run, thrifty = dp_run_with_refusal
+    policies = run.parent / "policies"
+    digest = policy_digest(load_policy(policies / f"{thrifty}.toml"))
+    updates = [e for e in read_entries(run / "ledger.db") if e.kind is EntryKind.UPDATE_RECEIVED]
+    others = sorted({str(e.payload["site_id"]) for e in updates} - {thrifty})
+    assert len(others) == 2
+    # The report reads the sites' declarations from the ledger, not files at report time.
+    shutil.rmtree(policies)
+
+    _, html = _report(run, tmp_path / "report.html", "--coordinator-key", _pinned_key(run))
+
+    text = _visible_text(html)
+    assert f"{thrifty} {digest} 2 1 " in text  # declared with its one accepted update
+    for site in others:
+        assert f"{site} none: the site trains without a policy 1 1, 2 " in text
+    assert "not available" not in text
 
 
 def test_refusal_is_attributed_to_the_signed_site_in_one_line(

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flwr.app import Message
 
-from fedsilo.client.policy import SitePolicy
+from fedsilo.client.policy import SitePolicy, policy_digest
 from fedsilo.crypto import agreement_public_bytes, generate_agreement_key
 from fedsilo.ledger import EntryKind, read_entries
 from fedsilo.model.flatten import flatten
@@ -308,3 +308,27 @@ def test_shares_reach_the_server_only_sealed(
             for point in points:
                 assert point.encode() not in opened
                 assert bytes.fromhex(point) not in opened
+
+
+def test_each_masked_input_is_ledgered_with_the_policy_its_site_declared(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    policy = SitePolicy.model_validate(
+        {"accept": {"federation_id": "fed"}, "limits": {"min_cohort": 2}}
+    )
+    h = make_harness(tmp_path, monkeypatch, num_sites=3, threshold=2, policies={"site-0": policy})
+
+    state, _ = h.run()
+
+    assert state.total is not None
+    ledgered = [e.payload for e in read_entries(tmp_path / "ledger.sqlite")]
+    declared = {
+        str(p["site_id"]): {k: v for k, v in p["site_policy"].items() if k != "signature"}
+        for p in ledgered
+        if "site_policy" in p
+    }
+    assert declared == {
+        "site-0": {"policy_sha256": policy_digest(policy), "min_cohort": 2},
+        "site-1": {"policy_sha256": "none", "min_cohort": 1},
+        "site-2": {"policy_sha256": "none", "min_cohort": 1},
+    }

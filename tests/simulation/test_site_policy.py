@@ -5,16 +5,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from flwr.app import ConfigRecord, Context, Message
 
 from fedsilo.cli.main import main
-from fedsilo.client.policy import PolicyError
+from fedsilo.client.policy import PolicyError, declare_policy, load_policy, policy_digest
 from fedsilo.config import FedsiloConfig
 from fedsilo.data.tasks import build_task
 from fedsilo.ledger import EntryKind, read_entries
+from fedsilo.protocol.records import POLICY_KEY, PolicyDeclaration
 from fedsilo.server.run_folder import RunFolder
-from fedsilo.simulation.sites import policy_path
+from fedsilo.simulation.sites import SimulatedSites, policy_path
 
 from .conftest import run_with_grid
+from .test_hostile_updates import misbehaving
 
 
 def test_site_refuses_a_cohort_smaller_than_its_policy_allows(
@@ -82,3 +85,94 @@ def test_policy_error_explains_the_simulation_flag(
     with pytest.raises(PolicyError, match=r"run\.require_site_policies = false"):
         policy_path(config, "st-mary")
     assert policy_path(make_config(), "st-mary") is None  # the tests' explicit simulation flag
+
+
+def test_policy_digest_covers_the_rules_not_the_files_spelling(tmp_path: Path) -> None:
+    rules = '[accept]\nfederation_id = "f"\n[limits]\nmin_cohort = 2\n'
+    spelled_otherwise = (
+        "# the same rules, reordered, with a default written out\n"
+        '[limits]\nbatch_size = [1, 256]\nmin_cohort = 2\n\n[accept]\nfederation_id = "f"\n'
+    )
+    deployed = rules + '[site]\nname = "st-mary"\ndata = "/srv/st-mary/records.jsonl"\n'
+    stricter = rules.replace("min_cohort = 2", "min_cohort = 3")
+    digests = {}
+    for name, text in [
+        ("rules", rules),
+        ("spelled", spelled_otherwise),
+        ("deployed", deployed),
+        ("stricter", stricter),
+    ]:
+        (tmp_path / f"{name}.toml").write_text(text)
+        digests[name] = policy_digest(load_policy(tmp_path / f"{name}.toml"))
+
+    assert re.fullmatch(r"[0-9a-f]{64}", digests["rules"])
+    assert digests["rules"] == digests["spelled"] == digests["deployed"]
+    assert digests["stricter"] != digests["rules"]
+    assert declare_policy(load_policy(tmp_path / "stricter.toml")) == PolicyDeclaration(
+        digests["stricter"], 3
+    )
+    assert declare_policy(None) == PolicyDeclaration(policy_sha256=None, min_cohort=1)
+
+
+def test_every_accepted_update_ledgers_the_policy_its_site_declared(
+    make_config: Callable[..., FedsiloConfig], tmp_path: Path
+) -> None:
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    config = make_config(run={"rounds": 1, "site_policies": str(policies)})
+    first, second, third = [s.name for s in build_task(config.task, seed=config.run.seed).sites]
+    for name, min_cohort in [(first, 2), (second, 3)]:
+        (policies / f"{name}.toml").write_text(
+            f'[accept]\nfederation_id = "fedsilo-simulation"\n[limits]\nmin_cohort = {min_cohort}\n'
+        )
+
+    run_with_grid(config, tmp_path / "run")
+
+    declared = {
+        e.payload["site_id"]: e.payload["site_policy"]
+        for e in read_entries(tmp_path / "run" / "ledger.db")
+        if e.kind is EntryKind.UPDATE_RECEIVED
+    }
+    assert {site: (d["policy_sha256"], d["min_cohort"]) for site, d in declared.items()} == {
+        first: (policy_digest(load_policy(policies / f"{first}.toml")), 2),
+        second: (policy_digest(load_policy(policies / f"{second}.toml")), 3),
+        third: ("none", 1),
+    }
+    # Each declaration carries its site's signature, which verification checks.
+    assert all(set(d) == {"policy_sha256", "min_cohort", "signature"} for d in declared.values())
+    assert main(["audit", "verify", str(tmp_path / "run")]) == 0
+
+
+def _drop_declaration(reply: Message) -> None:
+    del reply.content.config_records[POLICY_KEY]
+
+
+def _raise_declared_cohort(reply: Message) -> None:
+    # What a coordinator would need to claim a stricter cohort than the site declared.
+    record = reply.content.config_records[POLICY_KEY]
+    reply.content.config_records[POLICY_KEY] = ConfigRecord({**record, "min_cohort": 5})
+
+
+@pytest.mark.parametrize(
+    ("tamper", "reason"),
+    [
+        (_drop_declaration, "declares no site policy"),
+        (_raise_declared_cohort, "bad signature on the policy declaration"),
+    ],
+)
+def test_an_update_without_its_signed_policy_declaration_is_rejected(
+    tamper: Callable[[Message], None],
+    reason: str,
+    make_config: Callable[..., FedsiloConfig],
+    tmp_path: Path,
+) -> None:
+    def undeclared(reply: Message, context: Context, sites: SimulatedSites) -> Message:
+        tamper(reply)
+        return reply
+
+    run_with_grid(make_config(run={"rounds": 1}), tmp_path / "run", misbehaving(undeclared))
+
+    [_, round_one] = RunFolder(tmp_path / "run").read_metrics()
+    assert round_one["sites_ok"] == 2
+    [failure] = round_one["failures"].values()
+    assert reason in failure

@@ -100,11 +100,14 @@ class ConsoleReporter:
             yield
 
     def summary(self, records: list[dict[str, Any]]) -> None:
-        """Before/after table of every gold part, each figure with its 95% interval."""
+        """Before/after table of every gold part, each figure with its 95% interval and each
+        accuracy with the metric that scored it."""
         if not records:
             return
         first, last = records[0], records[-1]
-        table = Table(title="Gold set (held out from every site), 95% intervals")
+        table = Table(
+            title=f"Gold set (held out from every site), metric {self.metric}, 95% intervals"
+        )
         table.add_column("part", no_wrap=True)
         table.add_column("metric", no_wrap=True)
         table.add_column("n", justify="right")
@@ -116,8 +119,11 @@ class ConsoleReporter:
             for key, label in PART_METRICS:
                 if key not in after:
                     continue
-                if "candidates" in after:
-                    label = label.format(k=after["candidates"])
+                label = label.format(
+                    k=after.get("candidates", "?"),
+                    metric=self.metric,
+                    secondary=self._secondary,
+                )
                 table.add_row(
                     part,
                     label,
@@ -129,10 +135,11 @@ class ConsoleReporter:
         self.console.print(table)
 
 
-# The figures a part may have, in table order, with their labels ({k}: candidates offered).
+# The figures a part may have, in table order, with their labels: the two accuracies carry the
+# run's metric (what they count is the metric's, as on the round lines); {k}: candidates offered.
 PART_METRICS: tuple[tuple[str, str], ...] = (
-    ("category_accuracy", "category"),
-    ("accuracy", "exact match"),
+    ("category_accuracy", "{secondary} ({metric})"),
+    ("accuracy", "accuracy ({metric})"),
     ("top1", "top-1 of {k}"),
     ("top5", "top-5 of {k}"),
 )

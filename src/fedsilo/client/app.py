@@ -9,7 +9,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedsilo.client import he, secagg
-from fedsilo.client.local import local_update, sign_payload
+from fedsilo.client.local import local_update, sign_payload, sign_policy
 from fedsilo.client.site import SiteProvider
 from fedsilo.crypto import encode_signature, verify_receipt
 from fedsilo.model.adapters import adapter_to_bytes
@@ -31,7 +31,8 @@ def handle_train(message: Message, context: Context, sites: SiteProvider) -> Mes
         stage=task.stage,
         payload=payload,
     )
-    reply = train_reply(payload, update.metrics, binding, signature, dp_event=update.dp_event)
+    policy = sign_policy(update.site, binding, update.policy)
+    reply = train_reply(payload, update.metrics, binding, signature, policy, update.dp_event)
     return Message(reply, reply_to=message)
 
 

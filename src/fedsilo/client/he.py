@@ -167,7 +167,7 @@ def handle_encrypted_input(message: Message, context: Context, sites: SiteProvid
     plain = flatten(noised, lambda name: not select(name)).astype("<f4")
     chunks = ckks.encrypt(ckks.load_context(secret, what="CKKS key", secret=True), encrypted)
     payload = ckks.frame([plain.tobytes(), *chunks])
-    reply = reply_signed(message, site, state.session, ENCRYPTED_STAGE, payload)
+    reply = reply_signed(message, site, state.session, ENCRYPTED_STAGE, payload, update.policy)
     if update.dp_event is not None:
         reply.content[DP_EVENT_KEY] = ConfigRecord(dict(update.dp_event))
     return reply

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from flwr.app import Context, Message
 
-from fedsilo.client.policy import TaskRefusedError, check_task
+from fedsilo.client.policy import TaskRefusedError, check_task, declare_policy
 from fedsilo.client.privacy_budget import (
     check_budget,
     plan_round_event,
@@ -15,7 +15,7 @@ from fedsilo.client.privacy_budget import (
     record_spent,
 )
 from fedsilo.client.site import Site, SiteProvider
-from fedsilo.crypto import UpdateBinding, sha256_hex, sign_update
+from fedsilo.crypto import UpdateBinding, sha256_hex, sign_policy_declaration, sign_update
 from fedsilo.model.adapters import AdapterState
 from fedsilo.privacy.dp_sgd import train_local_dp
 from fedsilo.privacy.events import PoissonGaussianEvent, event_to_json
@@ -24,7 +24,9 @@ from fedsilo.protocol.records import (
     GLOBAL_KEY,
     TASK_KEY,
     DpTask,
+    PolicyDeclaration,
     RoundTask,
+    SignedPolicy,
     SiteMetrics,
     adapter_from_record,
 )
@@ -41,6 +43,7 @@ class LocalUpdate:
     delta: AdapterState
     metrics: SiteMetrics
     dp_event: dict[str, str | int | float] | None
+    policy: PolicyDeclaration  # the policy it trained under, declared with the update
 
 
 def local_update(message: Message, context: Context, sites: SiteProvider) -> LocalUpdate:
@@ -75,7 +78,7 @@ def local_update(message: Message, context: Context, sites: SiteProvider) -> Loc
     else:
         delta, metrics = _train(site, task, global_state)
     dp_event = event_to_json(event) if event is not None else None
-    return LocalUpdate(site, task, delta, metrics, dp_event)
+    return LocalUpdate(site, task, delta, metrics, dp_event, declare_policy(site.policy))
 
 
 def sign_payload(
@@ -91,6 +94,12 @@ def sign_payload(
         payload_sha256=sha256_hex(payload),
     )
     return binding, sign_update(site.signing_key, binding)
+
+
+def sign_policy(site: Site, binding: UpdateBinding, policy: PolicyDeclaration) -> SignedPolicy:
+    """The site's declaration of the policy it trained under, signed with the update's binding."""
+    signature = sign_policy_declaration(site.signing_key, binding, policy.fields())
+    return SignedPolicy(policy, signature)
 
 
 def _train(

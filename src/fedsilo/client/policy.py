@@ -51,7 +51,9 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fedsilo.config.schema import PrecisionSetting
-from fedsilo.protocol.records import LoraSpec, RoundTask
+from fedsilo.crypto import sha256_hex
+from fedsilo.ledger.entries import payload_json
+from fedsilo.protocol.records import MAX_MIN_COHORT, LoraSpec, PolicyDeclaration, RoundTask
 
 
 class PolicyError(ValueError):
@@ -79,7 +81,7 @@ Range = tuple[float, float]
 class LimitsSection(_Section):
     """Inclusive ranges the round task's hyperparameters must fall in."""
 
-    min_cohort: int = Field(1, ge=1)
+    min_cohort: int = Field(1, ge=1, le=MAX_MIN_COHORT)
     learning_rate: Range = (1e-6, 1e-1)
     local_steps: Range = (1, 1000)
     local_epochs: Range = (0, 1000)
@@ -157,6 +159,30 @@ class SitePolicy(_Section):
     site: SiteSection | None = None
     connect: ConnectSection | None = None
     code: CodeSection = CodeSection()
+
+
+# The sections that say what a site accepts; [site] and [connect] say where its files and its
+# coordinator are (paths resolved on each machine), so they are left out of its digest.
+_RULE_SECTIONS = ("accept", "limits", "privacy", "code")
+
+
+def policy_digest(policy: SitePolicy) -> str:
+    """The sha256 (hex) of the policy's rules in canonical form.
+
+    The validated [accept], [limits], [privacy] and [code] sections, every default filled in,
+    are written as canonical JSON (the ledger's recipe, :func:`payload_json`), so two files that
+    state the same rules (in another order, with other comments, or leaving a default out)
+    have the same digest, and any change to a rule changes it.
+    """
+    rules = policy.model_dump(mode="json", include=set(_RULE_SECTIONS))
+    return sha256_hex(payload_json(rules).encode("ascii"))
+
+
+def declare_policy(policy: SitePolicy | None) -> PolicyDeclaration:
+    """What a site declares with each update about the policy it trained under."""
+    if policy is None:
+        return PolicyDeclaration(policy_sha256=None, min_cohort=1)
+    return PolicyDeclaration(policy_digest(policy), policy.limits.min_cohort)
 
 
 def resolve_policy_paths(policy: SitePolicy, *, base: Path) -> SitePolicy:

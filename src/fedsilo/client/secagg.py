@@ -16,7 +16,13 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from fedsilo.client.local import SingleSite, local_update, sign_payload
+from fedsilo.client.local import (
+    LocalUpdate,
+    SingleSite,
+    local_update,
+    sign_payload,
+    sign_policy,
+)
 from fedsilo.client.policy import TaskRefusedError, check_task
 from fedsilo.client.site import Site, SiteProvider
 from fedsilo.crypto import SignatureError, verify_update
@@ -41,7 +47,13 @@ from fedsilo.privacy.secagg.messages import (
     encode_sealed_map,
 )
 from fedsilo.privacy.secagg.quantize import RING_DTYPE, quantize
-from fedsilo.protocol.records import DP_EVENT_KEY, TASK_KEY, RoundTask
+from fedsilo.protocol.records import (
+    DP_EVENT_KEY,
+    POLICY_KEY,
+    TASK_KEY,
+    PolicyDeclaration,
+    RoundTask,
+)
 from fedsilo.protocol.secagg_records import (
     ADVERTISE_MESSAGE,
     CONSISTENCY_MESSAGE,
@@ -65,8 +77,14 @@ def _min_cohort(site: Site) -> int:
 
 
 def reply_signed(
-    message: Message, site: Site, session: SessionId, stage: str, payload: bytes
+    message: Message,
+    site: Site,
+    session: SessionId,
+    stage: str,
+    payload: bytes,
+    policy: PolicyDeclaration | None = None,
 ) -> Message:
+    """The signed reply with ``payload``; an input stage also declares the site's ``policy``."""
     binding, signature = sign_payload(
         site,
         federation_id=session.federation_id,
@@ -75,7 +93,10 @@ def reply_signed(
         stage=stage,
         payload=payload,
     )
-    return Message(signed_reply(payload, binding, signature), reply_to=message)
+    content = signed_reply(payload, binding, signature)
+    if policy is not None:
+        content[POLICY_KEY] = sign_policy(site, binding, policy).to_record()
+    return Message(content, reply_to=message)
 
 
 def _save(context: Context, state: protocol.SiteSession) -> None:
@@ -159,7 +180,7 @@ def handle_share(message: Message, context: Context, sites: SiteProvider) -> Mes
 
 def _quantized_update(
     site: Site, params: SecAggParams, message: Message, context: Context
-) -> tuple[np.ndarray, dict[str, str | int | float] | None]:
+) -> tuple[np.ndarray, LocalUpdate]:
     update = local_update(message, context, SingleSite(site))
     vector = flatten(update.delta)
     q = params.quantization()
@@ -174,7 +195,7 @@ def _quantized_update(
         )
         noise = rounded_gaussian(len(words), std=std * q.scale, generator=secure_generator())
         words = words + noise.astype(RING_DTYPE)  # wraps modulo 2^32
-    return words, update.dp_event
+    return words, update
 
 
 def handle_masked_input(message: Message, context: Context, sites: SiteProvider) -> Message:
@@ -192,12 +213,12 @@ def handle_masked_input(message: Message, context: Context, sites: SiteProvider)
         state, shares_from_content(message.content), min_cohort=_min_cohort(site)
     )
     _save(context, state)
-    words, dp_event = _quantized_update(site, state.params, message, context)
+    words, update = _quantized_update(site, state.params, message, context)
     masked = protocol.mask(state, words)
     payload = masked.astype("<u4").tobytes()
-    reply = reply_signed(message, site, state.session, MASKED_STAGE, payload)
-    if dp_event is not None:
-        reply.content[DP_EVENT_KEY] = ConfigRecord(dict(dp_event))
+    reply = reply_signed(message, site, state.session, MASKED_STAGE, payload, update.policy)
+    if update.dp_event is not None:
+        reply.content[DP_EVENT_KEY] = ConfigRecord(dict(update.dp_event))
     return reply
 
 

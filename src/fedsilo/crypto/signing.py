@@ -25,6 +25,7 @@ DOMAIN = b"fedsilo/v1\n"
 SIGNATURE_BYTES = 64
 UPDATE_PURPOSE = "update"
 RECEIPT_PURPOSE = "receipt"
+POLICY_PURPOSE = "policy-declaration"
 
 _PURPOSE = re.compile(r"[a-z0-9-]+")
 
@@ -149,6 +150,36 @@ def sign_update(key: PrivateKey, binding: UpdateBinding) -> bytes:
 def verify_update(key: PublicKey, binding: UpdateBinding, signature: bytes) -> None:
     """Raise :class:`SignatureError` unless ``signature`` is ``key``'s signature of ``binding``."""
     verify(key, UPDATE_PURPOSE, binding.fields(), signature)
+
+
+def policy_declaration_fields(
+    binding: UpdateBinding, declared: Mapping[str, str | int]
+) -> dict[str, str | int]:
+    """What a site's signature on its policy declaration covers: the update's binding (so the
+    declaration belongs to that one update) and the declared fields."""
+    fields = binding.fields()
+    overlap = sorted(set(fields) & set(declared))
+    if overlap:
+        raise ValueError(f"a policy declaration may not redefine the binding's fields {overlap}")
+    return {**fields, **declared}
+
+
+def sign_policy_declaration(
+    key: PrivateKey, binding: UpdateBinding, declared: Mapping[str, str | int]
+) -> bytes:
+    """A site's signature on the policy it declares with the update ``binding`` names."""
+    return sign(key, POLICY_PURPOSE, policy_declaration_fields(binding, declared))
+
+
+def verify_policy_declaration(
+    key: PublicKey,
+    binding: UpdateBinding,
+    declared: Mapping[str, str | int],
+    signature: bytes,
+) -> None:
+    """Raise :class:`SignatureError` unless ``signature`` is ``key``'s signature of the
+    declaration ``declared`` made with the update ``binding`` names."""
+    verify(key, POLICY_PURPOSE, policy_declaration_fields(binding, declared), signature)
 
 
 def sign_receipt(key: PrivateKey, receipt: Receipt) -> bytes:

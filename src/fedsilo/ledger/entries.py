@@ -61,6 +61,12 @@ UPDATE_BINDING_FIELDS: tuple[str, ...] = (
 SITE_SIGNATURE_FIELD = "site_signature"
 """Payload field of an ``update_received`` entry with the site's base64 signature."""
 
+SITE_POLICY_FIELD = "site_policy"
+"""Payload field of an ``update_received`` entry with the policy the site declared it trained
+under: ``{"policy_sha256": <64 hex digits, or "none">, "min_cohort": <int>, "signature":
+<base64>}``, the signature being the site's (purpose ``policy-declaration``) over the entry's
+update binding and those two fields."""
+
 _TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z$")
 
 

@@ -9,7 +9,9 @@ itself) and knows each site's public key. Per entry, in this order:
 4. the coordinator's signature over ``(entry_hash, seq)`` verifies under the pinned key;
 5. the first entry is ``run_started``;
 6. an ``update_received`` entry carries the site's update binding and ``site_signature``, the
-   site is known, and its signature verifies.
+   site is known, and its signature verifies; its ``site_policy`` (the policy the site declared,
+   absent from ledgers older than the declaration) carries the site's valid signature over the
+   declaration and the same binding.
 
 Every problem is collected, not just the first; then caller-supplied extra checks run (the
 server adds one that compares aggregate digests with the checkpoints on disk). Extra checks see
@@ -30,10 +32,12 @@ from fedsilo.crypto import (
     decode_signature,
     fingerprint,
     public_key_text,
+    verify_policy_declaration,
     verify_update,
 )
 from fedsilo.ledger.entries import (
     GENESIS_HASH,
+    SITE_POLICY_FIELD,
     SITE_SIGNATURE_FIELD,
     UPDATE_BINDING_FIELDS,
     Entry,
@@ -135,7 +139,40 @@ def _update_problems(entry: Entry, site_keys: Mapping[str, PublicKey]) -> list[V
                 entry.seq, f"site {binding.site_id!r} signature on the update is invalid: {error}"
             )
         ]
-    return []
+    problem = _policy_problem(entry.payload.get(SITE_POLICY_FIELD), site_key, binding)
+    return [] if problem is None else [VerifyProblem(entry.seq, problem)]
+
+
+def _policy_problem(declared: object, site_key: PublicKey, binding: UpdateBinding) -> str | None:
+    """Why an entry's ``site_policy`` is not the site's signed declaration (None: it is, or the
+    entry predates declarations and has none)."""
+    if declared is None:
+        return None
+    what = f"site {binding.site_id!r} policy declaration"
+    if not isinstance(declared, dict) or set(declared) != {
+        "policy_sha256",
+        "min_cohort",
+        "signature",
+    }:
+        return f"{what} must hold exactly policy_sha256, min_cohort and signature"
+    digest, cohort, signature = (
+        declared["policy_sha256"],
+        declared["min_cohort"],
+        declared["signature"],
+    )
+    if (
+        not isinstance(digest, str)
+        or isinstance(cohort, bool)
+        or not isinstance(cohort, int)
+        or not isinstance(signature, str)
+    ):
+        return f"{what} fields of the wrong type"
+    fields: dict[str, str | int] = {"policy_sha256": digest, "min_cohort": cohort}
+    try:
+        verify_policy_declaration(site_key, binding, fields, decode_signature(signature))
+    except SignatureError as error:
+        return f"{what} signature is invalid: {error}"
+    return None
 
 
 def _entry_problems(

@@ -3,10 +3,11 @@
 Down (server -> site): the global adapter (ArrayRecord "global") and the round task
 (ConfigRecord "task"). Up (site -> server): the adapter delta as the exact safetensors bytes the
 site signed (ArrayRecord "update", one uint8 array, so Flower can chunk it), aggregate numbers
-(MetricRecord "metrics") and the site's signed binding (ConfigRecord "site"). Arrays travel as
-numpy buffers, read by :func:`decode_array` (bounded, header parsed strictly, never ``np.load``);
-nothing here is ever unpickled. Every decoder raises :class:`ProtocolError` and nothing else, and
-bounds every number it returns (``tests/protocol/test_decoder_fuzz.py``).
+(MetricRecord "metrics"), the site's signed binding (ConfigRecord "site") and the policy it
+trained under, signed with the update's binding (ConfigRecord "policy", :class:`SignedPolicy`).
+Arrays travel as numpy buffers, read by :func:`decode_array` (bounded, header parsed strictly,
+never ``np.load``); nothing here is ever unpickled. Every decoder raises :class:`ProtocolError`
+and nothing else, and bounds every number it returns (``tests/protocol/test_decoder_fuzz.py``).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ DP_KEY = "dp"
 LORA_KEY = "lora"
 DP_EVENT_KEY = "dp_event"
 SITE_KEY = "site"
+POLICY_KEY = "policy"
 RECEIPT_KEY = "receipt"
 PAYLOAD_ARRAY = "safetensors"
 TRAIN_STAGE = "train"
@@ -61,6 +63,8 @@ MAX_SEED = 2**64
 MAX_SECONDS = 1e9  # ~31 years of local training
 MAX_LOSS = 1e6  # a cross-entropy far beyond any model's: a larger one is a lie or a blow-up
 MAX_LENGTH_TOKENS = 1 << 20
+MAX_MIN_COHORT = 1_000_000  # far more sites than any federation has
+NO_POLICY = "none"  # a site's declared policy digest when it trains without a policy
 
 
 @dataclass(frozen=True)
@@ -248,6 +252,74 @@ class SiteMetrics:
         loss = None if train_loss is None else float(train_loss)
         share = None if padding is None else float(padding)
         return cls(num_examples, loss, tokens, float(seconds), precision, share)
+
+
+@dataclass(frozen=True)
+class PolicyDeclaration:
+    """The policy a site trained an update under, as it declares with every update it sends.
+
+    ``policy_sha256`` is the sha256 (64 lowercase hex digits) of the site's canonical policy
+    (:func:`fedsilo.client.policy.policy_digest`), None for a site without one (sent as
+    ``"none"``); ``min_cohort`` is the smallest cohort the site accepts (1 without a policy).
+    Neither depends on the site's records, so a site under differential privacy may release
+    them. The site signs the declaration together with the update's binding
+    (:class:`SignedPolicy`); the coordinator ledgers both in the ``update_received`` entry.
+    """
+
+    policy_sha256: str | None
+    min_cohort: int
+
+    def __post_init__(self) -> None:
+        what = "the site's policy declaration"
+        digest = self.policy_sha256
+        if digest is not None and (len(digest) != 64 or digest.strip("0123456789abcdef")):
+            raise ProtocolError(
+                f"{what}: policy_sha256 must be 64 lowercase hex digits or {NO_POLICY!r}, "
+                f"got {digest[:80]!r}"
+            )
+        _check_int(self.min_cohort, "min_cohort", low=1, high=MAX_MIN_COHORT, what=what)
+
+    def fields(self) -> dict[str, str | int]:
+        """The declaration as sent and as ledgered (the absent policy as ``"none"``)."""
+        return {
+            "policy_sha256": NO_POLICY if self.policy_sha256 is None else self.policy_sha256,
+            "min_cohort": self.min_cohort,
+        }
+
+    @classmethod
+    def from_fields(cls, values: Mapping[str, object]) -> PolicyDeclaration:
+        """Decode and bound a declaration's two fields (from a reply or a ledger entry)."""
+        what = "the site's policy declaration"
+        if set(values) != {"policy_sha256", "min_cohort"}:
+            raise ProtocolError(
+                f"{what} must hold exactly policy_sha256 and min_cohort, got {sorted(values)[:4]}"
+            )
+        fields = _typed_fields(values, {"policy_sha256": str, "min_cohort": int}, what=what)
+        digest = str(fields["policy_sha256"])
+        return cls(None if digest == NO_POLICY else digest, int(fields["min_cohort"]))
+
+
+@dataclass(frozen=True)
+class SignedPolicy:
+    """A site's policy declaration with its signature over it and the update's binding
+    (:func:`fedsilo.crypto.sign_policy_declaration`): it travels as ConfigRecord "policy" and
+    is ledgered, as :meth:`ledger_fields`, in the update's ``update_received`` entry."""
+
+    declaration: PolicyDeclaration
+    signature: bytes
+
+    def ledger_fields(self) -> dict[str, str | int]:
+        return {**self.declaration.fields(), "signature": encode_signature(self.signature)}
+
+    def to_record(self) -> ConfigRecord:
+        return ConfigRecord(dict(self.ledger_fields()))
+
+    @classmethod
+    def from_record(cls, record: ConfigRecord) -> SignedPolicy:
+        """The declaration and signature a site claims (the signature not yet verified)."""
+        what = "the site's policy declaration"
+        values = {name: value for name, value in record.items() if name != "signature"}
+        return cls(PolicyDeclaration.from_fields(values), _signature_field(record, what=what))
 
 
 @dataclass(frozen=True)
@@ -598,6 +670,7 @@ def train_reply(
     metrics: SiteMetrics,
     binding: UpdateBinding,
     signature: bytes,
+    policy: SignedPolicy,
     dp_event: Mapping[str, str | int | float] | None = None,
 ) -> RecordDict:
     """The content of a site's reply to a train message (with its DP event when private)."""
@@ -606,6 +679,7 @@ def train_reply(
             UPDATE_KEY: payload_to_record(payload),
             METRICS_KEY: metrics.to_record(),
             SITE_KEY: binding_to_record(binding, signature),
+            POLICY_KEY: policy.to_record(),
         }
     )
     if dp_event is not None:

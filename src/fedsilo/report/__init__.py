@@ -8,6 +8,7 @@ headless Chromium.
 
 from fedsilo.report.html import render_report, write_report
 from fedsilo.report.model import (
+    DeclaredPolicy,
     Fact,
     Outcome,
     PartRow,
@@ -23,6 +24,7 @@ from fedsilo.report.reader_text import one_line
 from fedsilo.report.svg import line_chart
 
 __all__ = [
+    "DeclaredPolicy",
     "Fact",
     "Outcome",
     "PartRow",

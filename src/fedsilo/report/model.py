@@ -69,21 +69,38 @@ class Fact:
 
 
 @dataclass(frozen=True)
+class DeclaredPolicy:
+    """A policy a site declared with its accepted updates, as the ledger records it.
+
+    ``policy_sha256`` is the digest of the site's canonical policy, None where the site declared
+    that it trains without one; ``rounds`` are the rounds of the updates it came with.
+    """
+
+    policy_sha256: str | None
+    min_cohort: int
+    rounds: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class SiteRow:
-    """One site: its key fingerprint, its update counts and its policy as far as known."""
+    """One site: its key fingerprint, its update counts and the policies it declared.
+
+    ``undeclared`` counts its accepted updates whose ledger entry holds no readable policy
+    declaration (ledgers written before sites declared one).
+    """
 
     name: str
     fingerprint: str
     accepted: int
     rejected: int
-    min_cohort: int | None = None
-    policy_digest: str | None = None
+    policies: tuple[DeclaredPolicy, ...] = ()
+    undeclared: int = 0
 
     def __post_init__(self) -> None:
-        if self.accepted < 0 or self.rejected < 0:
+        if self.accepted < 0 or self.rejected < 0 or self.undeclared < 0:
             raise ValueError(
-                f"site {self.name!r}: accepted ({self.accepted}) and rejected ({self.rejected}) "
-                "update counts must not be negative"
+                f"site {self.name!r}: accepted ({self.accepted}), rejected ({self.rejected}) "
+                f"and undeclared ({self.undeclared}) update counts must not be negative"
             )
 
 
@@ -162,7 +179,9 @@ class Privacy:
 
     ``mode`` is a reader-facing name ("none", "record-level DP-SGD", "site-level DP", ...).
     ``epsilon`` maps each site to ``((round, epsilon after that round), ...)`` recomputed from
-    the ledger's DP events; ``site_level_epsilon`` likewise for site-level DP.
+    the ledger's DP events; ``site_level_epsilon`` likewise for site-level DP. ``site_modes``
+    names, per site, the DP its ledgered updates show it ran under (its DP events, and the
+    site-level events of the rounds that summed it).
     """
 
     mode: str
@@ -171,9 +190,11 @@ class Privacy:
     secure_aggregation: str
     epsilon: Mapping[str, tuple[tuple[int, float], ...]] = field(default_factory=dict)
     site_level_epsilon: tuple[tuple[int, float], ...] = ()
+    site_modes: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "epsilon", MappingProxyType(dict(self.epsilon)))
+        object.__setattr__(self, "site_modes", MappingProxyType(dict(self.site_modes)))
 
     @property
     def final_epsilon(self) -> dict[str, float]:

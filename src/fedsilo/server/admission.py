@@ -7,7 +7,8 @@ limit; an unknown or unpinned site; a binding for another federation, run, round
 replay); a second update from the same site in a round; a bad signature over the binding (which
 holds the payload's digest); a payload that is not one bounded uint8 buffer; a digest that
 differs from the signed one; tensor names, shapes or dtypes that do not fit the global adapter,
-or NaN/inf; malformed metrics, or more examples than ``federation.max_site_examples``.
+or NaN/inf; malformed metrics, or more examples than ``federation.max_site_examples``; a missing,
+malformed or wrongly signed declaration of the site's policy (digest and minimum cohort).
 
 Any other failure while one site's reply is handled is a defect of ours, not of the round: the
 collectors turn it into a rejection of that site (:func:`unexpected_failure`) and go on.
@@ -21,15 +22,24 @@ from dataclasses import dataclass
 
 from flwr.app import Message, RecordDict
 
-from fedsilo.crypto import PublicKey, SignatureError, UpdateBinding, sha256_hex, verify_update
+from fedsilo.crypto import (
+    PublicKey,
+    SignatureError,
+    UpdateBinding,
+    sha256_hex,
+    verify_policy_declaration,
+    verify_update,
+)
 from fedsilo.model.adapters import AdapterState
 from fedsilo.privacy.events import PoissonGaussianEvent, event_from_json, event_to_json
 from fedsilo.protocol.records import (
     DP_EVENT_KEY,
     METRICS_KEY,
+    POLICY_KEY,
     SITE_KEY,
     UPDATE_KEY,
     ProtocolError,
+    SignedPolicy,
     SiteMetrics,
     adapter_from_payload,
     binding_from_record,
@@ -77,6 +87,7 @@ class AdmittedUpdate:
     delta: AdapterState
     metrics: SiteMetrics
     dp_event: dict[str, str | int | float] | None  # the site's DP event, as ledgered
+    policy: SignedPolicy  # the policy the site declares it trained under, as ledgered
 
 
 @dataclass(frozen=True)
@@ -173,7 +184,28 @@ def admit_update(
         delta,
         metrics,
         dp_event,
+        check_policy_declaration(content, site_keys[site], upload.binding),
     )
+
+
+def check_policy_declaration(
+    content: RecordDict, key: PublicKey, binding: UpdateBinding
+) -> SignedPolicy:
+    """The policy digest and minimum cohort the site declares with its update (required),
+    signed by the site together with the update's (already verified) ``binding``."""
+    site = binding.site_id
+    if POLICY_KEY not in content.config_records:
+        raise UpdateRejectedError(site, "the update declares no site policy (digest, min_cohort)")
+    try:
+        policy = SignedPolicy.from_record(content.config_records[POLICY_KEY])
+    except ProtocolError as error:
+        raise UpdateRejectedError(site, str(error)) from None
+    try:
+        verify_policy_declaration(key, binding, policy.declaration.fields(), policy.signature)
+    except SignatureError as error:
+        reason = f"bad signature on the policy declaration: {error}"
+        raise UpdateRejectedError(site, reason) from None
+    return policy
 
 
 @dataclass(frozen=True)

@@ -184,6 +184,7 @@ def collect_round(
             signature=admitted.signature,
             payload_bytes=admitted.payload_size,
             dp_event=admitted.dp_event,
+            policy=admitted.policy,
             num_examples=admitted.metrics.num_examples,
         )
         plan.node_sites[admitted.node] = site

@@ -43,7 +43,12 @@ from fedsilo.protocol.he_records import (
     keygen_record,
 )
 from fedsilo.protocol.secagg_records import ADVERTS_KEY, adverts_record
-from fedsilo.server.admission import UpdateRejectedError, check_dp_event, unexpected_failure
+from fedsilo.server.admission import (
+    UpdateRejectedError,
+    check_dp_event,
+    check_policy_declaration,
+    unexpected_failure,
+)
 from fedsilo.server.rounds import (
     FederationPlan,
     RoundReplies,
@@ -177,6 +182,7 @@ def encrypted_inputs(ctx: SecAggRound, state: HeState) -> None:
     plain_bytes = 4 * (state.length - selected)
     context = ckks.load_context(state.public_context, what="public context", secret=False)
     reference = ckks.encrypted_zeros(context, selected)
+    site_keys = ctx.plan.membership.site_keys()
     for site, (upload, reply) in accepted.items():
         what = f"encrypted update from {site}"
         try:
@@ -192,6 +198,7 @@ def encrypted_inputs(ctx: SecAggRound, state: HeState) -> None:
             if not np.isfinite(np.frombuffer(plain, dtype="<f4")).all():
                 raise UpdateRejectedError(site, f"{what}: plain tensors hold NaN or infinity")
             dp_event = check_dp_event(reply.content, dp_requirement(ctx.plan.config), site)
+            policy = check_policy_declaration(reply.content, site_keys[site], upload.binding)
         except ckks.HeError as error:
             reject(ctx.plan, ctx.replies, ctx.round_number, site, f"{ENCRYPTED_STAGE}: {error}")
             continue
@@ -208,7 +215,7 @@ def encrypted_inputs(ctx: SecAggRound, state: HeState) -> None:
             reason = unexpected_failure(error, what=f"the {ENCRYPTED_STAGE} payload of {site}")
             reject(ctx.plan, ctx.replies, ctx.round_number, site, reason)
             continue
-        accept_input(ctx, upload, dp_event)
+        accept_input(ctx, upload, dp_event, policy)
         state.encrypted[site] = chunks
         state.plain[site] = np.frombuffer(plain, dtype="<f4").astype(np.float64)
     require_sites(ctx, state, "encrypted_inputs", list(state.encrypted))

@@ -97,12 +97,18 @@ def model_card(run_dir: Path, *, source: str) -> str:
             "",
             "Recomputed from the DP events in the ledger (`fedsilo privacy RUN` prints the same).",
             "",
-            "| Site | Final \u03b5 |",
-            "|---|---|",
-            *(f"| {site} | {epsilon:.4f} |" for site, epsilon in sorted(finals.items())),
+            "| Site | DP mode | Final \u03b5 |",
+            "|---|---|---|",
+            *(
+                f"| {site} | {privacy.site_modes.get(site, _NOT_RECORDED)} | {epsilon:.4f} |"
+                for site, epsilon in sorted(finals.items())
+            ),
         ]
         if privacy.site_level_epsilon:
-            lines.append(f"| site-level (any one site) | {privacy.site_level_epsilon[-1][1]:.4f} |")
+            lines.append(
+                "| any one site | site-level (of the aggregate) | "
+                f"{privacy.site_level_epsilon[-1][1]:.4f} |"
+            )
         lines.append("")
     if "gold_accuracy" in last:
         count = last.get("gold_count")

@@ -1,10 +1,11 @@
 """The compliance report's content, read from a run folder and its ledger after verification.
 
 Everything the report states comes from the ledger (what the coordinator signed: sites,
-updates, rejections, aggregates, DP events) or from named files of the run folder
-(``status.json``, ``run.json``, ``metrics.jsonl``, ``config.toml``); values the ledger does not
-cover are marked so in the report. The ledger is read row by row and a row that cannot be read
-is skipped here (verification reports it), so a tampered ledger still gets a report.
+updates, rejections, aggregates, DP events, the policies the sites declared) or from named
+files of the run folder (``status.json``, ``run.json``, ``metrics.jsonl``, ``config.toml``);
+values the ledger does not cover are marked so in the report. The ledger is read row by row
+and a row that cannot be read is skipped here (verification reports it), so a tampered ledger
+still gets a report.
 """
 
 from __future__ import annotations
@@ -17,16 +18,17 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fedsilo.client.policy import PolicyError, load_policy
 from fedsilo.config import ConfigError, FedsiloConfig, load_config
-from fedsilo.crypto import sha256_hex
 from fedsilo.evaluation.metrics import METRIC_SCORES, SECONDARY_LABELS
 from fedsilo.ledger import Entry, EntryKind, LedgerError, VerifyReport
+from fedsilo.ledger.entries import SITE_POLICY_FIELD
 from fedsilo.ledger.store import parse_row, read_stored_ledger
 from fedsilo.model.base import base_model_name
 from fedsilo.privacy.accounting import AccountantName, compute_epsilon
 from fedsilo.privacy.events import DpEvent, event_from_json
+from fedsilo.protocol.records import PolicyDeclaration, ProtocolError
 from fedsilo.report import (
+    DeclaredPolicy,
     Fact,
     Outcome,
     PartRow,
@@ -201,37 +203,59 @@ def _cumulative(
     return tuple(points)
 
 
+def _site_level_label(secure: str) -> str:
+    return (
+        "distributed site-level (each site noises its update before secure aggregation)"
+        if secure != "none"
+        else "site-level (the coordinator clips and noises each round's aggregate)"
+    )
+
+
 def privacy_of(entries: Sequence[Entry], config: FedsiloConfig | None) -> Privacy:
-    """The run's DP settings and each site's epsilon after each round, from the ledger."""
+    """The run's DP settings and each site's DP mode and epsilon after each round, from the
+    ledger (the accountant and delta are the run configuration's)."""
     secure = config.secure_aggregation.mode if config is not None else _NOT_RECORDED
-    if config is None or not (config.privacy.record_level or config.privacy.site_level):
-        return Privacy(mode="none", accountant=None, delta=None, secure_aggregation=secure)
-    settings = config.privacy
-    modes = []
-    if settings.record_level:
-        modes.append("record-level (DP-SGD at every site)")
-    if settings.site_level:
-        modes.append(
-            "distributed site-level (each site noises its update before secure aggregation)"
-            if secure != "none"
-            else "site-level (the coordinator clips and noises each round's aggregate)"
-        )
     per_site: dict[str, list[tuple[int, DpEvent]]] = defaultdict(list)
     site_level: list[tuple[int, DpEvent]] = []
+    accepted: set[str] = set()
+    summed_under_site_level: set[str] = set()
     for entry in entries:
         round_number = entry.payload.get("round")
         if not isinstance(round_number, int):
             continue
         if entry.kind is EntryKind.UPDATE_RECEIVED:
+            site = str(entry.payload.get("site_id"))
+            accepted.add(site)
             raw = entry.payload.get("dp_event")
             if isinstance(raw, dict):
-                per_site[str(entry.payload.get("site_id"))].append(
-                    (round_number, event_from_json(raw))
-                )
+                per_site[site].append((round_number, event_from_json(raw)))
         elif entry.kind is EntryKind.ROUND_AGGREGATED:
             raw = entry.payload.get("site_dp_event")
             if isinstance(raw, dict):
                 site_level.append((round_number, event_from_json(raw)))
+                summed = entry.payload.get("sites")
+                if isinstance(summed, list):
+                    summed_under_site_level.update(str(s) for s in summed)
+    site_modes = {}
+    for site in sorted(accepted):
+        modes = ["record-level DP-SGD"] if site in per_site else []
+        if site in summed_under_site_level:
+            modes.append(_site_level_label(secure))
+        site_modes[site] = "; ".join(modes) or "none"
+    if config is None or not (config.privacy.record_level or config.privacy.site_level):
+        return Privacy(
+            mode="none",
+            accountant=None,
+            delta=None,
+            secure_aggregation=secure,
+            site_modes=site_modes,
+        )
+    settings = config.privacy
+    modes = []
+    if settings.record_level:
+        modes.append("record-level (DP-SGD at every site)")
+    if settings.site_level:
+        modes.append(_site_level_label(secure))
     delta, accountant = settings.delta, settings.accountant
     return Privacy(
         mode="; ".join(modes),
@@ -243,19 +267,44 @@ def privacy_of(entries: Sequence[Entry], config: FedsiloConfig | None) -> Privac
             for site, events in sorted(per_site.items())
         },
         site_level_epsilon=_cumulative(site_level, delta=delta, accountant=accountant),
+        site_modes=site_modes,
     )
 
 
-def _policy(config: FedsiloConfig | None, site: str) -> tuple[str | None, int | None]:
-    """The site's policy file digest and min_cohort, where the coordinator holds the file."""
-    if config is None or config.run.site_policies is None:
-        return None, None
-    path = config.run.site_policies / f"{site}.toml"
-    try:
-        digest = "sha256:" + sha256_hex(path.read_bytes())
-        return digest, load_policy(path).limits.min_cohort
-    except (OSError, PolicyError, ValueError):
-        return None, None
+def declared_policies(
+    entries: Sequence[Entry],
+) -> dict[str, tuple[tuple[DeclaredPolicy, ...], int]]:
+    """Per site, the policies its accepted updates declared (in order of first use, with the
+    rounds of each) and how many of its updates declared none readable."""
+    rounds: dict[str, dict[tuple[str | None, int], list[int]]] = defaultdict(dict)
+    undeclared: dict[str, int] = defaultdict(int)
+    for entry in entries:
+        round_number = entry.payload.get("round")
+        if entry.kind is not EntryKind.UPDATE_RECEIVED or not isinstance(round_number, int):
+            continue
+        site = str(entry.payload.get("site_id"))
+        raw = entry.payload.get(SITE_POLICY_FIELD)
+        try:
+            if not isinstance(raw, dict):
+                raise ProtocolError("no declaration")
+            # Its signature is checked by verification; the report shows what was declared.
+            values = {name: value for name, value in raw.items() if name != "signature"}
+            declared = PolicyDeclaration.from_fields(values)
+        except ProtocolError:
+            undeclared[site] += 1
+            continue
+        key = (declared.policy_sha256, declared.min_cohort)
+        rounds[site].setdefault(key, []).append(round_number)
+    return {
+        site: (
+            tuple(
+                DeclaredPolicy(digest, min_cohort, tuple(sorted(set(seen))))
+                for (digest, min_cohort), seen in rounds.get(site, {}).items()
+            ),
+            undeclared.get(site, 0),
+        )
+        for site in sorted(set(rounds) | set(undeclared))
+    }
 
 
 def _float_pair(value: object) -> tuple[float, float] | None:
@@ -487,17 +536,18 @@ def build_report_data(run_dir: Path, report: VerifyReport, *, key_source: KeySou
             if isinstance(sites_field, dict)
             else {}
         )
+    policies = declared_policies(entries)
     sites = []
     for name, key_fingerprint in sorted(fingerprints.items()):
-        digest, min_cohort = _policy(config, name)
+        declared, undeclared = policies.get(name, ((), 0))
         sites.append(
             SiteRow(
                 name=name,
                 fingerprint=key_fingerprint,
                 accepted=sum(1 for u in updates if u.site == name and u.accepted),
                 rejected=sum(1 for u in updates if u.site == name and not u.accepted),
-                min_cohort=min_cohort,
-                policy_digest=digest,
+                policies=declared,
+                undeclared=undeclared,
             )
         )
     rounds = _round_rows(folder, entries)

@@ -21,8 +21,15 @@ from fedsilo.config import FedsiloConfig
 from fedsilo.crypto import PrivateKey, UpdateBinding, encode_signature, sha256_hex
 from fedsilo.evaluation.metrics import GoldMetrics
 from fedsilo.ledger import Entry, EntryKind, JsonValue, Ledger
+from fedsilo.ledger.entries import SITE_POLICY_FIELD
 from fedsilo.model.adapters import AdapterState, adapter_to_bytes
-from fedsilo.protocol.records import TRAIN_STAGE, DpTask, RoundTask, SiteMetrics
+from fedsilo.protocol.records import (
+    TRAIN_STAGE,
+    DpTask,
+    RoundTask,
+    SignedPolicy,
+    SiteMetrics,
+)
 from fedsilo.protocol.schedule import round_learning_rate
 from fedsilo.report.reader_text import one_line
 from fedsilo.server.admission import DpRequirement
@@ -227,9 +234,10 @@ def accept(
     signature: bytes,
     payload_bytes: int,
     dp_event: Mapping[str, str | int | float] | None,
+    policy: SignedPolicy,
     num_examples: int | None = None,
 ) -> Entry:
-    """Ledger an accepted upload and keep it for its receipt.
+    """Ledger an accepted upload, with the policy its site declared, and keep it for its receipt.
 
     The entry is durable before the upload can influence anything.
     """
@@ -239,6 +247,7 @@ def accept(
         "node": node,
         "payload_bytes": payload_bytes,
         "dp_event": None if dp_event is None else dict(dp_event),
+        SITE_POLICY_FIELD: dict(policy.ledger_fields()),
     }
     if num_examples is not None:
         fields["num_examples"] = num_examples

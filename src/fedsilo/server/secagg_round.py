@@ -51,6 +51,7 @@ from fedsilo.protocol.records import (
     TASK_KEY,
     LoraSpec,
     RoundTask,
+    SignedPolicy,
     adapter_to_record,
     train_instruction,
 )
@@ -80,6 +81,7 @@ from fedsilo.server.admission import (
     UpdateRejectedError,
     admit_signed,
     check_dp_event,
+    check_policy_declaration,
     unexpected_failure,
 )
 from fedsilo.server.rounds import (
@@ -309,7 +311,10 @@ def train_contents(
 
 
 def accept_input(
-    ctx: SecAggRound, upload: SignedUpload, dp_event: Mapping[str, str | int | float] | None
+    ctx: SecAggRound,
+    upload: SignedUpload,
+    dp_event: Mapping[str, str | int | float] | None,
+    policy: SignedPolicy,
 ) -> None:
     """Ledger an input-stage upload that passed its checks: it goes into the secure sum."""
     accept(
@@ -320,6 +325,7 @@ def accept_input(
         signature=upload.signature,
         payload_bytes=len(upload.payload),
         dp_event=dp_event,
+        policy=policy,
     )
 
 
@@ -340,6 +346,7 @@ def collect_masked_inputs(ctx: SecAggRound, state: SecAggState) -> None:
         max_bytes=ctx.plan.config.federation.max_update_bytes,
     )
     expected_bytes = 4 * state.length
+    site_keys = ctx.plan.membership.site_keys()
     for site, (upload, reply) in accepted.items():
         try:
             if len(upload.payload) != expected_bytes:
@@ -349,12 +356,13 @@ def collect_masked_inputs(ctx: SecAggRound, state: SecAggState) -> None:
                     f"{expected_bytes} ({state.length} uint32 words, one per adapter value)",
                 )
             dp_event = check_dp_event(reply.content, dp_requirement(ctx.plan.config), site)
+            policy = check_policy_declaration(reply.content, site_keys[site], upload.binding)
         except UpdateRejectedError as rejection:
             reject(
                 ctx.plan, ctx.replies, ctx.round_number, site, f"{MASKED_STAGE}: {rejection.reason}"
             )
             continue
-        accept_input(ctx, upload, dp_event)
+        accept_input(ctx, upload, dp_event, policy)
         state.masked[site] = np.frombuffer(upload.payload, dtype="<u4").astype(RING_DTYPE)
     require_sites(ctx, state, "collect_masked_inputs", list(state.masked))
 
