@@ -189,7 +189,7 @@ def main() -> None:
                 r
                 for r in (
                     _load("privacy-attacks-tiny.json"),
-                    _load("privacy-attacks-smollm2-135m-instruct.json"),
+                    _load("privacy-attacks-smollm2.json"),
                 )
                 if r is not None
             ]

@@ -107,10 +107,77 @@ def _utility_plot(result: dict[str, Any]) -> None:
     UTILITY_PLOT.write_text(chart + "\n", encoding="utf-8")
 
 
+def _interval(ci95: list[float] | None) -> str:
+    return "-" if ci95 is None else f"{_pct(ci95[0])} to {_pct(ci95[1])}"
+
+
+def _rows_plot(rows: list[dict[str, Any]]) -> None:
+    from fedsilo.report.svg import line_chart
+
+    private = sorted((r for r in rows if r["epsilon"] is not None), key=lambda r: r["epsilon"])
+    series: dict[str, list[tuple[float, float]]] = {
+        "record-level DP-SGD": [(float(r["epsilon"]), r["accuracy"]) for r in private]
+    }
+    for row in rows:
+        if row["epsilon"] is None and private:
+            ends = (float(private[0]["epsilon"]), float(private[-1]["epsilon"]))
+            series["no DP"] = [(x, row["accuracy"]) for x in ends]
+    chart = line_chart(
+        series,
+        title="Headline accuracy against record-level epsilon",
+        x_label="epsilon (whole run, per site)",
+        y_label="category accuracy, unseen codes",
+        y_min=0.0,
+        y_max=1.0,
+        width=820,
+    )
+    UTILITY_PLOT.parent.mkdir(parents=True, exist_ok=True)
+    UTILITY_PLOT.write_text(chart + "\n", encoding="utf-8")
+
+
+def _rows_section(result: dict[str, Any]) -> list[str]:
+    """The table of benchmarks/privacy_utility.py's rows (one per record-level epsilon)."""
+    recipe = result["recipe"]
+    lines = [
+        "`python benchmarks/privacy_utility.py --resume`: "
+        f"`{result['model']}`, {result['num_sites']} hospitals by specialty (ICD-10-CM "
+        f"chapters {', '.join(result['chapters'])}), {result['records_per_site']} records each; "
+        f"{recipe['rounds']} rounds of {recipe['local_epochs']:g} local epochs, expected batch "
+        f"{recipe['expected_batch_size']} (Poisson sampling), learning rate "
+        f"{recipe['learning_rate']:g}, clip {recipe['max_grad_norm']:g}, "
+        f"{'FFA-LoRA' if recipe['ffa'] else 'LoRA'} rank {recipe['lora_rank']}. Headline: "
+        f"{result['headline']}. Goals: epsilon 8 keeps >= 90% and epsilon 3 >= 75% of the "
+        "non-private accuracy.",
+        "",
+        "| setting | epsilon | delta | accuracy | 95% CI | share of non-private | minutes |",
+        "|---|---:|---:|---:|---|---:|---:|",
+    ]
+    for row in result["rows"]:
+        share = row.get("share_of_non_private")
+        lines.append(
+            f"| {row['setting']} | {'inf' if row['epsilon'] is None else row['epsilon']} | "
+            f"{'-' if row['delta'] is None else row['delta']} | {_pct(row['accuracy'])} | "
+            f"{_interval(row['ci95'])} | {'-' if share is None else _pct(share)} | "
+            f"{row['seconds'] / 60:.1f} |"
+        )
+    _rows_plot(result["rows"])
+    return [
+        *lines,
+        "",
+        f"![accuracy against epsilon](img/{UTILITY_PLOT.name})",
+        "",
+        f"Measured on {result['machine']['cpus']} CPU cores, one torch thread; source: "
+        "`benchmarks/results/privacy-utility.json`.",
+        "",
+    ]
+
+
 def utility_section(result: dict[str, Any] | None) -> list[str]:
     lines = ["## Privacy and utility", ""]
     if result is None:
         return [*lines, "Not measured yet: run `python benchmarks/privacy_utility.py`.", ""]
+    if "rows" in result:
+        return [*lines, *_rows_section(result)]
     task, train = result["task"], result["train"]
     rows = result["settings"]
     lines += [
