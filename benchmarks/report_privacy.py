@@ -236,3 +236,67 @@ def _utility_goal(no_dp: dict[str, Any], eps8: dict[str, Any]) -> str:
         f"{_pct(accuracy)} exact match on codes it never saw in this budget, so the ratio is "
         "undefined, and the gold loss carries the comparison."
     )
+
+
+COMPLIANCE_PAGE = DOCS / "privacy-for-compliance.md"
+_COMPLIANCE_MARKERS = ("<!-- compliance-table -->", "<!-- end-compliance-table -->")
+_NOT_MEASURED = "not measured yet"
+
+
+def compliance_table(utility: dict[str, Any] | None, attacks: dict[str, Any] | None) -> list[str]:
+    """The compliance page's tables: measured figures only, "not measured yet" elsewhere."""
+    rows = {row["setting"]: row for row in (utility or {}).get("rows", [])}
+    lines = [
+        "| record-level epsilon (delta) | headline accuracy (95% CI) | "
+        "share of non-private accuracy |",
+        "|---|---|---|",
+    ]
+    for epsilon in (1, 3, 8):
+        row = rows.get(f"eps{epsilon}")
+        if row is None:
+            lines.append(f"| {epsilon} | {_NOT_MEASURED} | {_NOT_MEASURED} |")
+            continue
+        share = row.get("share_of_non_private")
+        lines.append(
+            f"| {epsilon} ({row['delta']:g}) | {_pct(row['accuracy'])} "
+            f"({_interval(row['ci95'])}) | {_NOT_MEASURED if share is None else _pct(share)} |"
+        )
+    plain = rows.get("no_dp")
+    accuracy = (
+        _NOT_MEASURED
+        if plain is None
+        else f"{_pct(plain['accuracy'])} ({_interval(plain['ci95'])})"
+    )
+    lines += [f"| none (no DP) | {accuracy} | - |", ""]
+    no_dp, dp = (attacks or {}).get("no_dp"), (attacks or {}).get("dp")
+
+    def cell(summary: dict[str, Any] | None, key: str) -> str:
+        if summary is None or summary.get(key) is None:
+            return _NOT_MEASURED
+        value = summary[key]
+        return f"{value:.2g}" if key == "p_value" else f"{value:.3f}"
+
+    dp_label = "with record-level DP"
+    if dp is not None and dp.get("epsilon") is not None:
+        dp_label += f" (epsilon {dp['epsilon']:.2f})"
+    lines += [
+        f"| attack on SmolLM2 | without DP | {dp_label} |",
+        "|---|---|---|",
+        "| planted canaries exposed (p-value; below 1e-4 = exposed, above 1e-3 = hidden) | "
+        f"{cell(no_dp, 'p_value')} | {cell(dp, 'p_value')} |",
+        "| membership inference AUC (0.5 = no signal) | "
+        f"{cell(no_dp, 'membership_auc')} | {cell(dp, 'membership_auc')} |",
+    ]
+    return lines
+
+
+def fill_compliance_page(
+    utility: dict[str, Any] | None, attacks: dict[str, Any] | None, page: Path = COMPLIANCE_PAGE
+) -> None:
+    """Rewrite the tables between the page's markers from the results."""
+    text = page.read_text(encoding="utf-8")
+    start, end = _COMPLIANCE_MARKERS
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    table = "\n".join(compliance_table(utility, attacks))
+    page.write_text(f"{head}{start}\n{table}\n{end}{tail}", encoding="utf-8")

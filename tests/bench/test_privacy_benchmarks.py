@@ -127,3 +127,44 @@ def test_dp_sweep_smoke_picks_the_lowest_validation_loss_for_the_utility_run(
     assert sweep["best"] == min(sweep["points"], key=lambda p: p["validation_loss"])
     assert utility["recipe"]["max_grad_norm"] == sweep["best"]["clip"]
     assert utility["hyperparameters_from"].startswith("dp-sweep.json")
+
+
+def test_the_compliance_page_shows_not_measured_until_the_benchmarks_ran(tmp_path: Path) -> None:
+    report = _script("report_privacy")
+    page = tmp_path / "page.md"
+    committed = report.COMPLIANCE_PAGE.read_text()
+    page.write_text(committed)
+
+    report.fill_compliance_page(None, None, page)
+
+    assert page.read_text() == committed
+    assert committed.count("not measured yet") == 11  # every cell of both tables
+
+
+def test_the_compliance_page_shows_measured_rows(tmp_path: Path) -> None:
+    report = _script("report_privacy")
+    page = tmp_path / "page.md"
+    page.write_text(report.COMPLIANCE_PAGE.read_text())
+    utility = {
+        "rows": [
+            {
+                "setting": "eps8",
+                "delta": 1e-5,
+                "accuracy": 0.5,
+                "ci95": [0.4, 0.6],
+                "share_of_non_private": 0.9,
+            }
+        ]
+    }
+    attacks = {
+        "no_dp": {"p_value": 1e-6, "membership_auc": 0.81},
+        "dp": {"p_value": 0.4, "membership_auc": 0.52, "epsilon": 7.99},
+    }
+
+    report.fill_compliance_page(utility, attacks, page)
+
+    text = page.read_text()
+    assert "| 8 (1e-05) | 50.0% (40.0% to 60.0%) | 90.0% |" in text
+    assert "| 3 | not measured yet | not measured yet |" in text
+    assert "| 1e-06 | 0.4 |" in text and "| 0.810 | 0.520 |" in text
+    assert "with record-level DP (epsilon 7.99)" in text
