@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import tempfile
 import time
 from dataclasses import replace
@@ -35,10 +33,10 @@ from fedsilo.bench.dp_recipe import (
     DpRecipe,
     Federation,
     run_federation,
+    save_row,
     smoke_setup,
     validation_config,
 )
-from fedsilo.storage import write_text_atomic
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -133,28 +131,27 @@ def main(argv: list[str] | None = None) -> None:
             started = time.perf_counter()
             metrics = run_federation(config, runs / name / "run", resume=args.resume)
             final = metrics[-1]
-            points.append(
-                {
-                    "clip": clip,
-                    "learning_rate": rate,
-                    "validation_loss": final["gold_loss"],
-                    "validation_loss_per_round": [m["gold_loss"] for m in metrics],
-                    "validation_category_accuracy": final["gold_category_accuracy"],
-                    "validation_count": final["gold_count"],
-                    "spent_epsilon": final.get("epsilon"),
-                    "seconds": time.perf_counter() - started,
-                    "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                }
-            )
-            result = {
-                **header,
-                "points": points,
-                "best": best_point(points),
-                "threads": 1,
-                "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+            point = {
+                "clip": clip,
+                "learning_rate": rate,
+                "validation_loss": final["gold_loss"],
+                "validation_loss_per_round": [m["gold_loss"] for m in metrics],
+                "validation_category_accuracy": final["gold_category_accuracy"],
+                "validation_count": final["gold_count"],
+                "spent_epsilon": final.get("epsilon"),
+                "seconds": time.perf_counter() - started,
+                "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }
-            out.parent.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(out, json.dumps(result, indent=2) + "\n")
+            points = save_row(
+                out,
+                header,
+                point,
+                rows_key="points",
+                same=lambda old, new: (
+                    (old["clip"], old["learning_rate"]) == (new["clip"], new["learning_rate"])
+                ),
+                summary=lambda points: {"best": best_point(points)},
+            )
             print(name, json.dumps({"validation_loss": final["gold_loss"]}))
     print(f"wrote {out}; best: {best_point(points)}")
 

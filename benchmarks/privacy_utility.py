@@ -10,9 +10,10 @@ expected batches, local work in epochs, the target epsilon split over the rounds
 accountant); ``inf`` is the same federation without DP. Each row holds the headline of the
 quality benchmark: category accuracy on ICD-10 gold part a (unseen codes of trained
 categories) with its 95% bootstrap interval, and the share of the non-private accuracy it
-keeps. Writes benchmarks/results/privacy-utility.json after every setting; ``--resume`` keeps
-the rows already measured with the same federation and recipe and continues an interrupted
-setting from its last checkpoint. One torch thread.
+keeps. Writes benchmarks/results/privacy-utility.json after every setting, keeping the rows of
+other settings measured for the same federation and recipe (processes measuring different
+``--epsilons`` may share one file). ``--resume`` also skips the settings already there and
+continues an interrupted setting from its last checkpoint. One torch thread.
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import tempfile
 import time
 from dataclasses import replace
@@ -34,11 +33,11 @@ from fedsilo.bench.dp_recipe import (
     DpRecipe,
     Federation,
     run_federation,
+    save_row,
     smoke_setup,
     utility_config,
 )
 from fedsilo.evaluation.gold import HEADLINE_PART
-from fedsilo.storage import write_text_atomic
 
 RESULTS = Path(__file__).parent / "results"
 HEADLINE = HEADLINE_PART["icd10"]
@@ -176,15 +175,16 @@ def main(argv: list[str] | None = None) -> None:
         started = time.perf_counter()
         metrics = run_federation(config, runs / name, resume=args.resume)
         row = _row(epsilon, metrics, time.perf_counter() - started)
-        rows = [r for r in rows if r["setting"] != name] + [row]
-        result = {
-            **header,
-            "rows": _with_shares(rows),
-            "threads": 1,
-            "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        }
-        out.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out, json.dumps(result, indent=2) + "\n")
+        # Settings may run in parallel processes (--epsilons 1,3 and --epsilons 8,inf into one
+        # --out): the file is merged under a lock, each process keeping the others' rows.
+        rows = save_row(
+            out,
+            header,
+            row,
+            rows_key="rows",
+            same=lambda old, new: bool(old["setting"] == new["setting"]),
+            summary=lambda rows: {"rows": _with_shares(rows)},
+        )
         print(name, json.dumps({"accuracy": row["accuracy"], "ci95": row["ci95"]}))
     print(f"wrote {out}")
 

@@ -9,7 +9,13 @@ from types import ModuleType
 
 import pytest
 
-from fedsilo.bench.dp_recipe import DpRecipe, Federation, utility_config, validation_config
+from fedsilo.bench.dp_recipe import (
+    DpRecipe,
+    Federation,
+    save_row,
+    utility_config,
+    validation_config,
+)
 from fedsilo.data.icd10 import build_icd10_task
 from fedsilo.data.records import ChatRecord, load_records
 
@@ -168,3 +174,26 @@ def test_the_compliance_page_shows_measured_rows(tmp_path: Path) -> None:
     assert "| 3 | not measured yet | not measured yet |" in text
     assert "| 1e-06 | 0.4 |" in text and "| 0.810 | 0.520 |" in text
     assert "with record-level DP (epsilon 7.99)" in text
+
+
+def test_results_from_separate_processes_are_merged_not_overwritten(tmp_path: Path) -> None:
+    out = tmp_path / "results" / "utility.json"
+    header = {"model": "m", "records_per_site": 2000}
+
+    def same(old: dict[str, object], new: dict[str, object]) -> bool:
+        return old["setting"] == new["setting"]
+
+    save_row(out, header, {"setting": "eps8", "accuracy": 0.1}, rows_key="rows", same=same)
+    save_row(out, header, {"setting": "no_dp", "accuracy": 0.3}, rows_key="rows", same=same)
+    save_row(out, header, {"setting": "eps8", "accuracy": 0.2}, rows_key="rows", same=same)
+    merged = json.loads(out.read_text())
+    save_row(
+        out, {**header, "records_per_site": 96}, {"setting": "eps1"}, rows_key="rows", same=same
+    )
+    other = json.loads(out.read_text())
+
+    assert merged["rows"] == [
+        {"setting": "no_dp", "accuracy": 0.3},
+        {"setting": "eps8", "accuracy": 0.2},
+    ]
+    assert other["rows"] == [{"setting": "eps1"}]  # another federation's rows are not mixed in

@@ -19,9 +19,13 @@ Two federations are built from it, both on the ICD-10 task with whole specialtie
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
+import os
+import platform
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +37,7 @@ from fedsilo.model.tiny import write_tiny_llama
 from fedsilo.server.progress import LogReporter
 from fedsilo.server.run_folder import RunFolder
 from fedsilo.simulation.engines import SimulationRequest, simulate
+from fedsilo.storage import write_text_atomic
 
 # Four of the five ICD-10-CM chapters with at least 2,000 billable codes (the fifth, 20, is
 # external causes): orthopedics (13), obstetrics (15), ophthalmology (7), trauma surgery (19).
@@ -218,3 +223,43 @@ def run_federation(config: FedsiloConfig, run_dir: Path, *, resume: bool) -> lis
     )
     simulate(request)
     return RunFolder(run_dir).read_metrics()
+
+
+def save_row(
+    out: Path,
+    header: dict[str, Any],
+    row: dict[str, Any],
+    *,
+    rows_key: str,
+    same: Callable[[dict[str, Any], dict[str, Any]], bool],
+    summary: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """Add ``row`` to the results file ``out`` (replacing a row ``same`` as it); all its rows.
+
+    ``summary`` adds fields computed from all the rows (for instance the best one).
+
+    Several processes may measure different settings into one file: the file is re-read and
+    rewritten (atomically) under a lock on its folder, so no process drops another's rows.
+    Rows of a file written for another ``header`` (another federation or recipe) are dropped.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    folder = os.open(out.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        rows: list[dict[str, Any]] = []
+        if out.is_file():
+            previous = json.loads(out.read_text(encoding="utf-8"))
+            if all(previous.get(key) == value for key, value in header.items()):
+                rows = [old for old in previous.get(rows_key, []) if not same(old, row)]
+        rows.append(row)
+        result = {
+            **header,
+            rows_key: rows,
+            **(summary(rows) if summary else {}),
+            "threads": 1,
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        }
+        write_text_atomic(out, json.dumps(result, indent=2) + "\n")
+        return rows
+    finally:
+        os.close(folder)
