@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 import time
 from dataclasses import replace
@@ -153,6 +154,8 @@ def main(argv: list[str] | None = None) -> None:
                 summary=lambda points: {"best": best_point(points)},
             )
             print(name, json.dumps({"validation_loss": final["gold_loss"]}))
+    if args.smoke:  # the smoke run's federations are not kept, only its results
+        shutil.rmtree(runs, ignore_errors=True)
     print(f"wrote {out}; best: {best_point(points)}")
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import tempfile
 import time
 from dataclasses import replace
@@ -186,6 +187,8 @@ def main(argv: list[str] | None = None) -> None:
             summary=lambda rows: {"rows": _with_shares(rows)},
         )
         print(name, json.dumps({"accuracy": row["accuracy"], "ci95": row["ci95"]}))
+    if args.smoke:  # the smoke run's federations are not kept, only its results
+        shutil.rmtree(runs, ignore_errors=True)
     print(f"wrote {out}")
 
 
