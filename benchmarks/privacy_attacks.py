@@ -2,6 +2,7 @@
 
     python benchmarks/privacy_attacks.py --model tiny        # CI-sized, a few minutes on 2 cores
     python benchmarks/privacy_attacks.py --model smollm2-135m-instruct --rounds 2 --steps 12
+    python benchmarks/privacy_attacks.py --smoke --out /tmp/attacks.json   # seconds, tiny model
 
 Secret canaries (random MRNs in a clinical-note template) are planted several times in one
 site's records; the federation trains with and without record-level DP-SGD (the same task,
@@ -9,7 +10,10 @@ rounds and steps); then the final model ranks each planted canary's secret among
 candidates (exposure, Carlini et al. 2019) next to canaries that were never planted, and a
 loss-threshold attack tries to tell that site's records from held-out ones (AUC). The p-value
 of each group is the chance that secrets the model never saw reach that total exposure
-(`fedsilo.simulation.canary_experiment`). Writes benchmarks/results/privacy-attacks-MODEL.json.
+(`fedsilo.simulation.canary_experiment`). Writes benchmarks/results/privacy-attacks-NAME.json
+(NAME: ``smollm2`` for any SmolLM2, else the model folder's name) with the full outcomes under
+``results`` and the headline figures as ``no_dp`` (``p_value``, ``membership_auc``) and ``dp``
+(the same and ``epsilon``, the largest spent by any site) objects.
 """
 
 from __future__ import annotations
@@ -33,7 +37,22 @@ from fedsilo.storage import write_text_atomic
 RESULTS = Path(__file__).parent / "results"
 
 
-def main() -> None:
+def _summary(outcome: dict[str, Any], *, private: bool) -> dict[str, Any]:
+    """The headline of one setting: the planted canaries' p-value and the membership AUC."""
+    summary = {"p_value": outcome["planted_p_value"], "membership_auc": outcome["membership_auc"]}
+    if private:
+        spent = outcome["epsilon"] or {}
+        summary["epsilon"] = max(spent.values()) if spent else None
+        summary["delta"] = outcome["delta"]
+    return summary
+
+
+def _results_name(model: str) -> str:
+    name = Path(model).name
+    return "smollm2" if name.lower().startswith("smollm2") else name
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     defaults = CanaryExperiment(base_model="")
     parser.add_argument("--model", default="tiny")
@@ -47,8 +66,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=defaults.repeats)
     parser.add_argument("--candidates", type=int, default=defaults.candidates)
     parser.add_argument("--target-epsilon", type=float, default=8.0)
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help="tiny model, seconds: checks the run")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    if args.smoke:
+        args.model, args.sites, args.rounds, args.steps = "tiny", 2, 1, 2
+        args.examples, args.canaries, args.repeats, args.candidates = 8, 1, 2, 20
 
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -83,11 +107,16 @@ def main() -> None:
             shown = ("planted_mean", "never_inserted_mean", "planted_p_value", "membership_auc")
             print(name, json.dumps({k: results[name][k] for k in shown}))
 
-    out = RESULTS / f"privacy-attacks-{Path(args.model).name}.json"
+    default = RESULTS / f"privacy-attacks-{_results_name(args.model)}.json"
+    out = args.out or (
+        Path(tempfile.gettempdir()) / "privacy-attacks-smoke.json" if args.smoke else default
+    )
     payload = {
         "benchmark": "privacy-attacks",
         "model": args.model,
-        "settings": vars(args),
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "no_dp": _summary(results["no_dp"], private=False),
+        "dp": _summary(results["record_dp"], private=True),
         "results": results,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

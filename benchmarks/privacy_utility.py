@@ -1,145 +1,195 @@
-"""What privacy costs in accuracy: the demo federation at several privacy settings.
+"""What record-level DP costs in accuracy, at a site's real size.
 
-    python benchmarks/privacy_utility.py [--rounds 2] [--local-steps 8] [--settings no_dp,eps8,...]
+    python benchmarks/privacy_utility.py [--resume] [--records-per-site 2000] [--sites 4]
+        [--epsilons 1,3,8,inf] [--model smollm2-135m-instruct]
+    python benchmarks/privacy_utility.py --smoke --out /tmp/privacy-utility.json   # tiny model
 
-Runs the embedded default federation (SmolLM2-135M-Instruct, 4 hospitals by specialty,
-ICD-10-CM coding) once per privacy setting, with everything else equal. The default training
-budget is smaller than the demo's (2 rounds of 8 local steps) so that five runs fit on two cores.
-Settings: no DP; record-level DP-SGD at a target epsilon of 1, 3 and 8 for the whole run (each
-site calibrates its own noise); and site-level DP at the coordinator (clipped updates, noise on
-the sum). Each finished setting is written to benchmarks/results/privacy-utility.json at once,
-and a rerun skips the settings already there (``--force`` reruns them), so an interrupted
-benchmark loses at most one setting; settings may run in parallel processes.
+The ICD-10 federation of ``fedsilo.bench.dp_recipe`` (4 specialty hospitals of 2,000 records
+each by default) trains once per record-level epsilon with the DP recipe (Poisson-sampled
+expected batches, local work in epochs, the target epsilon split over the rounds by each site's
+accountant); ``inf`` is the same federation without DP. Each row holds the headline of the
+quality benchmark: category accuracy on ICD-10 gold part a (unseen codes of trained
+categories) with its 95% bootstrap interval, and the share of the non-private accuracy it
+keeps. Writes benchmarks/results/privacy-utility.json after every setting, keeping the rows of
+other settings measured for the same federation and recipe (processes measuring different
+``--epsilons`` may share one file). ``--resume`` also skips the settings already there and
+continues an interrupted setting from its last checkpoint. One torch thread.
 """
 
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
-import os
-import platform
+import math
 import shutil
+import tempfile
 import time
-import tomllib
-from importlib import resources
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fedsilo.config import FedsiloConfig, parse_config
-from fedsilo.server.progress import LogReporter
-from fedsilo.server.run_folder import RunFolder
-from fedsilo.simulation.engines import SimulationRequest, simulate
-from fedsilo.storage import write_text_atomic
+from fedsilo.bench.dp_recipe import (
+    DpRecipe,
+    Federation,
+    run_federation,
+    save_row,
+    smoke_setup,
+    utility_config,
+)
+from fedsilo.evaluation.gold import HEADLINE_PART
 
 RESULTS = Path(__file__).parent / "results"
-OUT = RESULTS / "privacy-utility.json"
-
-RECORD_DP = {"record_level": True, "max_grad_norm": 1.0, "delta": 1e-5}
-SETTINGS: dict[str, dict[str, Any]] = {
-    "no_dp": {},
-    "eps8": {**RECORD_DP, "target_epsilon": 8.0},
-    "eps3": {**RECORD_DP, "target_epsilon": 3.0},
-    "eps1": {**RECORD_DP, "target_epsilon": 1.0},
-    "site_level": {"site_level": True, "site_clip_norm": 1.0, "site_noise_multiplier": 1.0},
-}
-METRIC_KEYS = ("gold_accuracy", "gold_category_accuracy", "gold_loss")
+HEADLINE = HEADLINE_PART["icd10"]
 
 
-def _config(
-    privacy: dict[str, Any], *, rounds: int, local_steps: int, threads: int
-) -> FedsiloConfig:
-    text = resources.files("fedsilo.configs").joinpath("demo.toml").read_text(encoding="utf-8")
-    data = tomllib.loads(text)
-    data["run"].update({"rounds": rounds, "torch_threads": threads, "name": "privacy-utility"})
-    data["train"]["local_steps"] = local_steps
-    data["privacy"] = privacy
-    return parse_config(data, source="privacy utility benchmark")
+def _setting(epsilon: float) -> str:
+    return "no_dp" if math.isinf(epsilon) else f"eps{epsilon:g}"
 
 
-def _run(name: str, config: FedsiloConfig, run_dir: Path) -> dict[str, Any]:
-    shutil.rmtree(run_dir, ignore_errors=True)
-    started = time.perf_counter()
-    simulate(
-        SimulationRequest(config=config, run_dir=run_dir, resume=False, reporter=LogReporter())
-    )
-    metrics = RunFolder(run_dir).read_metrics()
+def _row(epsilon: float, metrics: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
     final = metrics[-1]
+    part = final["gold_parts"][HEADLINE]
+    private = not math.isinf(epsilon)
     return {
-        "setting": name,
-        "privacy": config.privacy.model_dump(mode="json"),
-        "train": config.train.model_dump(mode="json"),
-        "final": {key: final[key] for key in METRIC_KEYS},
-        "epsilon": final.get("epsilon"),
-        "site_level_epsilon": final.get("site_level_epsilon"),
-        "delta": final.get("delta"),
-        "per_round": [{"round": m["round"], **{k: m[k] for k in METRIC_KEYS}} for m in metrics],
-        "gold_count": final["gold_count"],
-        "seconds": time.perf_counter() - started,
+        "setting": _setting(epsilon),
+        # JSON has no infinity: null is "no DP" (epsilon infinite), as is a null delta.
+        "epsilon": epsilon if private else None,
+        "delta": final.get("delta") if private else None,
+        "accuracy": part["category_accuracy"],
+        "ci95": part.get("category_accuracy_ci95"),
+        "exact_code_accuracy": part["accuracy"],
+        "gold_count": part["count"],
+        "gold_loss": final["gold_loss"],
+        "spent_epsilon": final.get("epsilon"),
+        "rounds": final["round"],
+        "seconds": seconds,
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
 
-def _load() -> dict[str, Any]:
-    return json.loads(OUT.read_text()) if OUT.exists() else {}
+def _with_shares(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each row with the share of the non-private accuracy it keeps (when that is measured)."""
+    base = next((row["accuracy"] for row in rows if row["setting"] == "no_dp"), None)
+    return [
+        {**row, "share_of_non_private": row["accuracy"] / base if base else None} for row in rows
+    ]
 
 
-def main() -> None:
+def _swept(path: Path, args: argparse.Namespace) -> tuple[float, float, str]:
+    """The clip and learning rate of the sweep's best point, after checking it fits this run."""
+    sweep = json.loads(path.read_text(encoding="utf-8"))
+    best = sweep.get("best")
+    if not isinstance(best, dict):
+        raise SystemExit(f"{path}: no measured point to take hyperparameters from")
+    wanted = {"model": args.model, "records_per_site": args.records_per_site}
+    if not args.smoke and any(sweep.get(key) != value for key, value in wanted.items()):
+        found = {key: sweep.get(key) for key in wanted}
+        raise SystemExit(f"{path}: the sweep ran {found}, this benchmark runs {wanted}")
+    clip, rate = float(best["clip"]), float(best["learning_rate"])
+    return clip, rate, f"{path.name}: lowest validation loss at epsilon {sweep['epsilon']:g}"
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--local-steps", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--settings", default=",".join(SETTINGS))
-    parser.add_argument("--runs", type=Path, default=Path("runs") / "privacy-utility")
-    parser.add_argument("--force", action="store_true")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    names = [name.strip() for name in args.settings.split(",") if name.strip()]
-    unknown = sorted(set(names) - set(SETTINGS))
-    if unknown:
-        raise SystemExit(f"unknown settings {unknown}; choose from {sorted(SETTINGS)}")
-
-    for name in names:
-        result = _load()
-        done = result.get("settings", {})
-        same = name in done and done[name]["train"]["local_steps"] == args.local_steps
-        if same and not args.force and done[name]["per_round"][-1]["round"] == args.rounds:
-            print(f"{name}: already measured, skipped (use --force to rerun)")
-            continue
-        config = _config(
-            SETTINGS[name], rounds=args.rounds, local_steps=args.local_steps, threads=args.threads
-        )
-        row = _run(name, config, args.runs / name)
-        print(name, json.dumps({"final": row["final"], "epsilon": row["epsilon"]}))
-        # Settings may run in parallel processes: merge under a lock on the results folder,
-        # so no process overwrites another's row.
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        folder = os.open(RESULTS, os.O_RDONLY)
-        try:
-            fcntl.flock(folder, fcntl.LOCK_EX)
-            _save(name, row, config, args)
-        finally:
-            os.close(folder)
-    print(f"wrote {OUT}")
-
-
-def _save(name: str, row: dict[str, Any], config: FedsiloConfig, args: argparse.Namespace) -> None:
-    result = _load()
-    result.update(
-        {
-            "benchmark": "privacy-utility",
-            "model": config.model.base,
-            "task": config.task.model_dump(mode="json"),
-            "train": config.train.model_dump(mode="json"),
-            "rounds": args.rounds,
-            "threads": args.threads,
-            "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        }
+    defaults, recipe_defaults = Federation(model="smollm2-135m-instruct"), DpRecipe()
+    parser.add_argument("--model", default=defaults.model)
+    parser.add_argument("--sites", type=int, default=defaults.num_sites)
+    parser.add_argument("--records-per-site", type=int, default=defaults.records_per_site)
+    parser.add_argument("--gold-size", type=int, default=defaults.gold_size)
+    parser.add_argument("--epsilons", default="1,3,8,inf")
+    parser.add_argument("--rounds", type=int, default=recipe_defaults.rounds)
+    parser.add_argument("--local-epochs", type=float, default=recipe_defaults.local_epochs)
+    parser.add_argument("--batch-size", type=int, default=recipe_defaults.expected_batch_size)
+    parser.add_argument("--learning-rate", type=float, default=recipe_defaults.learning_rate)
+    parser.add_argument("--clip", type=float, default=recipe_defaults.max_grad_norm)
+    parser.add_argument("--ffa", action="store_true", help="FFA-LoRA (A frozen) instead of LoRA")
+    parser.add_argument(
+        "--from-sweep",
+        type=Path,
+        default=None,
+        help="take --clip and --learning-rate from the best point of this dp_sweep.py result",
     )
-    result.setdefault("settings", {})[name] = row
-    write_text_atomic(OUT, json.dumps(result, indent=2) + "\n")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--runs", type=Path, default=Path("runs") / "privacy-utility")
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--smoke", action="store_true", help="tiny model, 2 small sites, 1 round")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    epsilons = [float(text) for text in args.epsilons.split(",") if text.strip()]
+    if any(not epsilon > 0 for epsilon in epsilons):
+        raise SystemExit(f"--epsilons must be positive (or inf), got {args.epsilons}")
+
+    chosen_by = "command line (not chosen by a sweep)"
+    if args.from_sweep is not None:
+        args.clip, args.learning_rate, chosen_by = _swept(args.from_sweep, args)
+    scratch = Path(tempfile.mkdtemp(prefix="fedsilo-privacy-utility-"))
+    if args.smoke:
+        federation, recipe = smoke_setup(scratch)
+        if args.from_sweep is not None:
+            recipe = replace(recipe, max_grad_norm=args.clip, learning_rate=args.learning_rate)
+        out = args.out or scratch / "privacy-utility.json"
+        runs = scratch / "runs"
+    else:
+        federation = Federation(
+            model=args.model,
+            num_sites=args.sites,
+            records_per_site=args.records_per_site,
+            gold_size=args.gold_size,
+        )
+        recipe = DpRecipe(
+            expected_batch_size=args.batch_size,
+            local_epochs=args.local_epochs,
+            rounds=args.rounds,
+            learning_rate=args.learning_rate,
+            max_grad_norm=args.clip,
+            ffa=args.ffa,
+        )
+        out, runs = args.out or RESULTS / "privacy-utility.json", args.runs
+    header = {
+        "benchmark": "privacy-utility",
+        "model": args.model if not args.smoke else "tiny",
+        "records_per_site": federation.records_per_site,
+        "num_sites": federation.num_sites,
+        "chapters": list(federation.chapters),
+        "gold_size": federation.gold_size,
+        "recipe": recipe.to_json(),
+        "headline": f"category accuracy on ICD-10 gold part a ({HEADLINE}), 95% bootstrap CI",
+        "hyperparameters_from": chosen_by,
+    }
+    rows: list[dict[str, Any]] = []
+    if args.resume and out.is_file():
+        previous = json.loads(out.read_text(encoding="utf-8"))
+        if all(previous.get(key) == value for key, value in header.items()):
+            rows = list(previous["rows"])
+        else:
+            print(f"{out}: another federation or recipe; its rows are not reused")
+    for epsilon in epsilons:
+        name = _setting(epsilon)
+        if any(row["setting"] == name for row in rows):
+            print(f"{name}: already measured, kept")
+            continue
+        config = utility_config(
+            federation, recipe, epsilon=None if math.isinf(epsilon) else epsilon
+        )
+        started = time.perf_counter()
+        metrics = run_federation(config, runs / name, resume=args.resume)
+        row = _row(epsilon, metrics, time.perf_counter() - started)
+        # Settings may run in parallel processes (--epsilons 1,3 and --epsilons 8,inf into one
+        # --out): the file is merged under a lock, each process keeping the others' rows.
+        rows = save_row(
+            out,
+            header,
+            row,
+            rows_key="rows",
+            same=lambda old, new: bool(old["setting"] == new["setting"]),
+            summary=lambda rows: {"rows": _with_shares(rows)},
+        )
+        print(name, json.dumps({"accuracy": row["accuracy"], "ci95": row["ci95"]}))
+    if args.smoke:  # the smoke run's federations are not kept, only its results
+        shutil.rmtree(runs, ignore_errors=True)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from typing import Any
 from quality_report import quality_sections, scale_section
 from report_deployment import deployment_section
 from report_distill import distill_section
-from report_privacy import attack_section, utility_section
+from report_privacy import attack_section, fill_compliance_page, utility_section
 from report_secagg import secagg_section
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -240,7 +240,7 @@ def main() -> None:
                 r
                 for r in (
                     _load("privacy-attacks-tiny.json"),
-                    _load("privacy-attacks-smollm2-135m-instruct.json"),
+                    _load("privacy-attacks-smollm2.json"),
                 )
                 if r is not None
             ]
@@ -257,6 +257,7 @@ def main() -> None:
     PAGE.parent.mkdir(parents=True, exist_ok=True)
     PAGE.write_text("\n".join(lines))
     print(f"wrote {PAGE}")
+    fill_compliance_page(_load("privacy-utility.json"), _load("privacy-attacks-smollm2.json"))
 
 
 if __name__ == "__main__":

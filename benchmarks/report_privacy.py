@@ -107,10 +107,77 @@ def _utility_plot(result: dict[str, Any]) -> None:
     UTILITY_PLOT.write_text(chart + "\n", encoding="utf-8")
 
 
+def _interval(ci95: list[float] | None) -> str:
+    return "-" if ci95 is None else f"{_pct(ci95[0])} to {_pct(ci95[1])}"
+
+
+def _rows_plot(rows: list[dict[str, Any]]) -> None:
+    from fedsilo.report.svg import line_chart
+
+    private = sorted((r for r in rows if r["epsilon"] is not None), key=lambda r: r["epsilon"])
+    series: dict[str, list[tuple[float, float]]] = {
+        "record-level DP-SGD": [(float(r["epsilon"]), r["accuracy"]) for r in private]
+    }
+    for row in rows:
+        if row["epsilon"] is None and private:
+            ends = (float(private[0]["epsilon"]), float(private[-1]["epsilon"]))
+            series["no DP"] = [(x, row["accuracy"]) for x in ends]
+    chart = line_chart(
+        series,
+        title="Headline accuracy against record-level epsilon",
+        x_label="epsilon (whole run, per site)",
+        y_label="category accuracy, unseen codes",
+        y_min=0.0,
+        y_max=1.0,
+        width=820,
+    )
+    UTILITY_PLOT.parent.mkdir(parents=True, exist_ok=True)
+    UTILITY_PLOT.write_text(chart + "\n", encoding="utf-8")
+
+
+def _rows_section(result: dict[str, Any]) -> list[str]:
+    """The table of benchmarks/privacy_utility.py's rows (one per record-level epsilon)."""
+    recipe = result["recipe"]
+    lines = [
+        "`python benchmarks/privacy_utility.py --resume`: "
+        f"`{result['model']}`, {result['num_sites']} hospitals by specialty (ICD-10-CM "
+        f"chapters {', '.join(result['chapters'])}), {result['records_per_site']} records each; "
+        f"{recipe['rounds']} rounds of {recipe['local_epochs']:g} local epochs, expected batch "
+        f"{recipe['expected_batch_size']} (Poisson sampling), learning rate "
+        f"{recipe['learning_rate']:g}, clip {recipe['max_grad_norm']:g}, "
+        f"{'FFA-LoRA' if recipe['ffa'] else 'LoRA'} rank {recipe['lora_rank']}. Headline: "
+        f"{result['headline']}. Goals: epsilon 8 keeps >= 90% and epsilon 3 >= 75% of the "
+        "non-private accuracy.",
+        "",
+        "| setting | epsilon | delta | accuracy | 95% CI | share of non-private | minutes |",
+        "|---|---:|---:|---:|---|---:|---:|",
+    ]
+    for row in result["rows"]:
+        share = row.get("share_of_non_private")
+        lines.append(
+            f"| {row['setting']} | {'inf' if row['epsilon'] is None else row['epsilon']} | "
+            f"{'-' if row['delta'] is None else row['delta']} | {_pct(row['accuracy'])} | "
+            f"{_interval(row['ci95'])} | {'-' if share is None else _pct(share)} | "
+            f"{row['seconds'] / 60:.1f} |"
+        )
+    _rows_plot(result["rows"])
+    return [
+        *lines,
+        "",
+        f"![accuracy against epsilon](img/{UTILITY_PLOT.name})",
+        "",
+        f"Measured on {result['machine']['cpus']} CPU cores, one torch thread; source: "
+        "`benchmarks/results/privacy-utility.json`.",
+        "",
+    ]
+
+
 def utility_section(result: dict[str, Any] | None) -> list[str]:
     lines = ["## Privacy and utility", ""]
     if result is None:
         return [*lines, "Not measured yet: run `python benchmarks/privacy_utility.py`.", ""]
+    if "rows" in result:
+        return [*lines, *_rows_section(result)]
     task, train = result["task"], result["train"]
     rows = result["settings"]
     lines += [
@@ -169,3 +236,67 @@ def _utility_goal(no_dp: dict[str, Any], eps8: dict[str, Any]) -> str:
         f"{_pct(accuracy)} exact match on codes it never saw in this budget, so the ratio is "
         "undefined, and the gold loss carries the comparison."
     )
+
+
+COMPLIANCE_PAGE = DOCS / "privacy-for-compliance.md"
+_COMPLIANCE_MARKERS = ("<!-- compliance-table -->", "<!-- end-compliance-table -->")
+_NOT_MEASURED = "not measured yet"
+
+
+def compliance_table(utility: dict[str, Any] | None, attacks: dict[str, Any] | None) -> list[str]:
+    """The compliance page's tables: measured figures only, "not measured yet" elsewhere."""
+    rows = {row["setting"]: row for row in (utility or {}).get("rows", [])}
+    lines = [
+        "| record-level epsilon (delta) | headline accuracy (95% CI) | "
+        "share of non-private accuracy |",
+        "|---|---|---|",
+    ]
+    for epsilon in (1, 3, 8):
+        row = rows.get(f"eps{epsilon}")
+        if row is None:
+            lines.append(f"| {epsilon} | {_NOT_MEASURED} | {_NOT_MEASURED} |")
+            continue
+        share = row.get("share_of_non_private")
+        lines.append(
+            f"| {epsilon} ({row['delta']:g}) | {_pct(row['accuracy'])} "
+            f"({_interval(row['ci95'])}) | {_NOT_MEASURED if share is None else _pct(share)} |"
+        )
+    plain = rows.get("no_dp")
+    accuracy = (
+        _NOT_MEASURED
+        if plain is None
+        else f"{_pct(plain['accuracy'])} ({_interval(plain['ci95'])})"
+    )
+    lines += [f"| none (no DP) | {accuracy} | - |", ""]
+    no_dp, dp = (attacks or {}).get("no_dp"), (attacks or {}).get("dp")
+
+    def cell(summary: dict[str, Any] | None, key: str) -> str:
+        if summary is None or summary.get(key) is None:
+            return _NOT_MEASURED
+        value = summary[key]
+        return f"{value:.2g}" if key == "p_value" else f"{value:.3f}"
+
+    dp_label = "with record-level DP"
+    if dp is not None and dp.get("epsilon") is not None:
+        dp_label += f" (epsilon {dp['epsilon']:.2f})"
+    lines += [
+        f"| attack on SmolLM2 | without DP | {dp_label} |",
+        "|---|---|---|",
+        "| planted canaries exposed (p-value; below 1e-4 = exposed, above 1e-3 = hidden) | "
+        f"{cell(no_dp, 'p_value')} | {cell(dp, 'p_value')} |",
+        "| membership inference AUC (0.5 = no signal) | "
+        f"{cell(no_dp, 'membership_auc')} | {cell(dp, 'membership_auc')} |",
+    ]
+    return lines
+
+
+def fill_compliance_page(
+    utility: dict[str, Any] | None, attacks: dict[str, Any] | None, page: Path = COMPLIANCE_PAGE
+) -> None:
+    """Rewrite the tables between the page's markers from the results."""
+    text = page.read_text(encoding="utf-8")
+    start, end = _COMPLIANCE_MARKERS
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    table = "\n".join(compliance_table(utility, attacks))
+    page.write_text(f"{head}{start}\n{table}\n{end}{tail}", encoding="utf-8")

@@ -134,15 +134,20 @@ def test_local_work_in_epochs_round_trips_through_toml(tmp_path: Path) -> None:
         ({"train": {"lr_schedule": "linear"}}, "lr_schedule"),
         ({"task": {"examples_per_site": "some"}}, "examples_per_site"),
         ({"task": {"gold_ranking_candidates": 1}}, "gold_ranking_candidates"),
-        (
-            {
-                "train": {"local_epochs": 1.0},
-                "privacy": {"record_level": True, "noise_multiplier": 1.0},
-            },
-            "record_level needs train.local_steps",
-        ),
     ],
 )
 def test_bad_training_and_gold_settings_are_refused(data: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_config(data, source="t")
+
+
+def test_record_level_dp_accepts_local_work_in_epochs() -> None:
+    config = parse_config(
+        {
+            "train": {"local_epochs": 2.0, "batch_size": 512},
+            "privacy": {"record_level": True, "target_epsilon": 8.0},
+        },
+        source="t",
+    )
+
+    assert (config.train.local_epochs, config.train.batch_size) == (2.0, 512)

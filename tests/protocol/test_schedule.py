@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from fedsilo.protocol.schedule import local_steps_for, round_learning_rate
+from fedsilo.protocol.schedule import local_steps_for, private_local_steps, round_learning_rate
 
 
 def test_steps_are_taken_as_given() -> None:
@@ -79,3 +81,42 @@ def test_cosine_without_warmup_starts_at_the_base_rate() -> None:
 def test_round_outside_the_run_is_refused() -> None:
     with pytest.raises(ValueError, match="outside"):
         round_learning_rate(0.1, round_number=4, rounds=3, schedule="cosine", warmup_rounds=0)
+
+
+@given(
+    examples=st.integers(min_value=1, max_value=10_000_000),
+    batch_size=st.integers(min_value=1, max_value=65_536),
+    epochs=st.floats(min_value=0.01, max_value=50.0),
+)
+def test_private_steps_from_the_declared_rate_are_the_steps_the_site_trains(
+    examples: int, batch_size: int, epochs: float
+) -> None:
+    # What a private site computes (client/privacy_budget.py) and declares in its DP event.
+    sampling_rate = min(1.0, batch_size / examples)
+    site_steps = local_steps_for(
+        local_steps=0, local_epochs=epochs, batch_size=batch_size, num_examples=examples
+    )
+
+    coordinator_steps = private_local_steps(
+        local_steps=0, local_epochs=epochs, batch_size=batch_size, sampling_rate=sampling_rate
+    )
+
+    assert coordinator_steps == site_steps
+
+
+def test_private_steps_in_steps_ignore_the_rate() -> None:
+    assert private_local_steps(local_steps=5, local_epochs=0, batch_size=8, sampling_rate=0.01) == 5
+
+
+def test_private_epochs_at_a_thousand_records_per_batch_of_hundred() -> None:
+    # 2,000 records, expected batch 256: q = 0.128, 8 batches per epoch.
+    assert (
+        private_local_steps(local_steps=0, local_epochs=3.0, batch_size=256, sampling_rate=0.128)
+        == 24
+    )
+
+
+@pytest.mark.parametrize("rate", [0.0, -0.5, 1.5, math.nan, math.inf, 5e-324])
+def test_private_steps_refuse_an_impossible_rate(rate: float) -> None:
+    with pytest.raises(ValueError, match="sampling_rate"):
+        private_local_steps(local_steps=0, local_epochs=1.0, batch_size=8, sampling_rate=rate)

@@ -94,3 +94,57 @@ def test_site_at_its_budget_refuses_and_the_round_goes_on(
     [reason] = round_two["failures"].values()
     assert "over the policy's budget of 4.5" in reason
     assert round_two["epsilon"][thrifty] <= 4.5
+
+
+def test_local_work_in_epochs_is_ledgered_as_the_steps_the_site_trained(
+    make_config: Callable[..., FedsiloConfig], tmp_path: Path
+) -> None:
+    # 8 records per site, expected batch 3: q = 0.375, 3 batches per epoch, 1.5 epochs -> 5.
+    config = make_config(
+        run={"rounds": 2},
+        train={"local_steps": None, "local_epochs": 1.5, "batch_size": 3},
+        privacy={
+            "record_level": True,
+            "max_grad_norm": 1.0,
+            "delta": 1e-5,
+            "noise_multiplier": 1.2,
+        },
+    )
+
+    run_with_grid(config, tmp_path / "run")
+
+    received = [
+        e
+        for e in read_entries(tmp_path / "run" / "ledger.db")
+        if e.kind is EntryKind.UPDATE_RECEIVED
+    ]
+    assert len(received) == 6  # 3 sites, 2 rounds: none rejected
+    assert {
+        (e.payload["dp_event"]["sampling_rate"], e.payload["dp_event"]["steps"]) for e in received
+    } == {(0.375, 5)}
+    accountant = dp_accounting.rdp.RdpAccountant()
+    event = dp_accounting.PoissonSampledDpEvent(0.375, dp_accounting.GaussianDpEvent(1.2))
+    accountant.compose(dp_accounting.SelfComposedDpEvent(event, 10))
+    expected = accountant.get_epsilon(1e-5)
+    final = RunFolder(tmp_path / "run").read_metrics()[-1]
+    assert all(abs(eps - expected) < 1e-9 * expected for eps in final["epsilon"].values())
+
+
+def test_ffa_lora_trains_under_record_level_dp_and_sends_only_b(
+    make_config: Callable[..., FedsiloConfig], tmp_path: Path
+) -> None:
+    config = make_config(
+        lora={"rank": 4, "alpha": 8.0, "ffa": True},
+        privacy={"record_level": True, "max_grad_norm": 1.0, "delta": 1e-5, "target_epsilon": 8.0},
+    )
+
+    run_with_grid(config, tmp_path / "run")
+
+    folder = RunFolder(tmp_path / "run")
+    final = folder.read_metrics()[-1]
+    assert final["sites_ok"] == 3
+    assert all(0 < eps <= 8.0 for eps in final["epsilon"].values())
+    adapter = folder.load_checkpoint(2).adapter
+    assert adapter and all(".lora_B." in name for name in adapter)
+    # B starts at zero: a DP round that trained B has moved it.
+    assert any(float(tensor.abs().sum()) > 0 for tensor in adapter.values())

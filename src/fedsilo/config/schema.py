@@ -390,13 +390,6 @@ class FedsiloConfig(Section):
         return self
 
     @model_validator(mode="after")
-    def _dp_steps_known(self) -> FedsiloConfig:
-        # The coordinator checks each DP event's steps; it cannot know a site's epoch length.
-        if self.privacy.record_level and self.train.local_epochs is not None:
-            raise ValueError("privacy.record_level needs train.local_steps, not local_epochs")
-        return self
-
-    @model_validator(mode="after")
     def _no_raw_updates_under_secure_aggregation(self) -> FedsiloConfig:
         if self.secure_aggregation.mode != "none" and self.clusters.method == "update-cosine":
             raise ValueError(

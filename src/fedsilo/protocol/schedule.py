@@ -40,6 +40,41 @@ def local_steps_for(
     return max(1, math.ceil(local_epochs * batches_per_epoch))
 
 
+def private_local_steps(
+    *, local_steps: int, local_epochs: float, batch_size: int, sampling_rate: float
+) -> int:
+    """The steps a record-level DP round must declare, from the sampling rate it declares.
+
+    A private site samples each record with ``q = min(1, batch_size / records)`` and trains
+    :func:`local_steps_for` steps for its ``records``. Its DP event carries ``q`` (ledgered
+    with the update), and ``q`` determines the record count exactly: ``round(batch_size / q)``
+    when ``q < 1`` (a float64 quotient is within ``records * 2**-52`` of it), and at ``q = 1``
+    every size up to ``batch_size`` gives one batch per epoch. So the coordinator computes the
+    very step count the site trained and accounted, with nothing released beyond the event.
+
+    Raises:
+        ValueError: ``sampling_rate`` not in (0, 1] or implying more than 2**53 records, or the
+            budget is invalid (see :func:`local_steps_for`).
+    """
+    if local_steps > 0:
+        return local_steps_for(
+            local_steps=local_steps, local_epochs=local_epochs, batch_size=1, num_examples=1
+        )
+    if not (math.isfinite(sampling_rate) and 0.0 < sampling_rate <= 1.0):
+        raise ValueError(f"sampling_rate must be in (0, 1], got {sampling_rate}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    records = batch_size / sampling_rate
+    if not records <= 2.0**53:
+        raise ValueError(f"sampling_rate {sampling_rate} implies more than 2**53 records")
+    return local_steps_for(
+        local_steps=0,
+        local_epochs=local_epochs,
+        batch_size=batch_size,
+        num_examples=batch_size if sampling_rate >= 1.0 else round(records),
+    )
+
+
 def round_learning_rate(
     base: float, *, round_number: int, rounds: int, schedule: LrSchedule, warmup_rounds: int
 ) -> float:

@@ -46,6 +46,7 @@ from fedsilo.protocol.records import (
     check_array_size,
     payload_from_record,
 )
+from fedsilo.protocol.schedule import private_local_steps
 
 log = logging.getLogger(__name__)
 
@@ -210,10 +211,26 @@ def check_policy_declaration(
 
 @dataclass(frozen=True)
 class DpRequirement:
-    """What a record-level DP update must declare: its steps, and at least this much noise."""
+    """What a record-level DP update must declare: the round's steps, at least this much noise.
 
-    steps: int
+    Local work is ``local_steps`` steps, or ``local_epochs`` passes over the site's records
+    (the other is 0, as in the round task); in epochs, the steps follow from the sampling rate
+    the site declares (:func:`fedsilo.protocol.schedule.private_local_steps`).
+    """
+
+    local_steps: int
+    local_epochs: float
+    batch_size: int
     min_noise_multiplier: float  # 0 when each site calibrates its own noise to a target
+
+    def steps_for(self, event: PoissonGaussianEvent) -> int:
+        """The steps ``event`` must declare, given the sampling rate it declares."""
+        return private_local_steps(
+            local_steps=self.local_steps,
+            local_epochs=self.local_epochs,
+            batch_size=self.batch_size,
+            sampling_rate=event.sampling_rate,
+        )
 
 
 def check_dp_event(
@@ -231,9 +248,13 @@ def check_dp_event(
         raise UpdateRejectedError(site, f"malformed DP event: {error}") from None
     if not isinstance(event, PoissonGaussianEvent):
         raise UpdateRejectedError(site, f"DP event {type(event).__name__} is not DP-SGD")
-    if event.steps != required.steps:
+    try:
+        steps = required.steps_for(event)
+    except ValueError as error:
+        raise UpdateRejectedError(site, f"DP event: {error}") from None
+    if event.steps != steps:
         raise UpdateRejectedError(
-            site, f"DP event declares {event.steps} steps; the round asked for {required.steps}"
+            site, f"DP event declares {event.steps} steps; the round asked for {steps}"
         )
     if event.noise_multiplier <= 0 or event.noise_multiplier < required.min_noise_multiplier:
         raise UpdateRejectedError(

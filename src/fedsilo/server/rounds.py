@@ -125,11 +125,11 @@ def dp_requirement(config: FedsiloConfig) -> DpRequirement | None:
     privacy = config.privacy
     if not privacy.record_level:
         return None
-    if config.train.local_steps is None:
-        # Enforced by FedsiloConfig: the coordinator checks each DP event's steps.
-        raise ValueError("record-level DP needs train.local_steps, not local_epochs")
     return DpRequirement(
-        steps=config.train.local_steps, min_noise_multiplier=privacy.noise_multiplier or 0.0
+        local_steps=config.train.local_steps or 0,
+        local_epochs=config.train.local_epochs or 0.0,
+        batch_size=config.train.batch_size,
+        min_noise_multiplier=privacy.noise_multiplier or 0.0,
     )
 
 

@@ -1,0 +1,265 @@
+"""The record-level DP recipe at a site's real size, and the federations its benchmarks run.
+
+The recipe follows the published ones that keep most of the non-private utility (Li et al.
+ICLR 2022; Yu et al. ICLR 2022): large expected batches drawn by Poisson sampling (memory
+stays bounded: per-example gradients are taken in micro-batches), local work counted in epochs
+over the site's own records, and the run's target epsilon split over its rounds by the
+accountant (each site calibrates one noise multiplier for all its planned rounds). The noise on
+each averaged gradient is ``noise_multiplier * max_grad_norm / expected_batch_size``, so a
+large expected batch is what makes DP affordable.
+
+Two federations are built from it, both on the ICD-10 task with whole specialties per site:
+
+- :func:`utility_config`: the sites' records and the held-out gold set (headline part a,
+  unseen codes of trained categories), for the privacy/utility table;
+- :func:`validation_config`: each site's own records split into training and validation, the
+  validation records of all sites pooled as the run's evaluation set. Hyperparameters are
+  chosen on it; the gold set is never looked at.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+import platform
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from fedsilo.config import FedsiloConfig, parse_config
+from fedsilo.data.icd10 import build_icd10_task
+from fedsilo.data.records import ChatRecord
+from fedsilo.model.tiny import write_tiny_llama
+from fedsilo.server.progress import LogReporter
+from fedsilo.server.run_folder import RunFolder
+from fedsilo.simulation.engines import SimulationRequest, simulate
+from fedsilo.storage import write_text_atomic
+
+# Four of the five ICD-10-CM chapters with at least 2,000 billable codes (the fifth, 20, is
+# external causes): orthopedics (13), obstetrics (15), ophthalmology (7), trauma surgery (19).
+# The demo's four chapters hold 310 to 6,619 codes, too few for 2,000 records at every site.
+LARGE_CHAPTERS: tuple[str, ...] = ("13", "15", "7", "19")
+DEFAULT_RECORDS_PER_SITE = 2000
+
+
+@dataclass(frozen=True)
+class DpRecipe:
+    """How each site trains under record-level DP (and, with ``epsilon`` None, without it).
+
+    ``expected_batch_size`` is Poisson sampling's expected batch (``q = B / records``);
+    ``local_epochs`` is each round's local work in passes over the site's records;
+    ``learning_rate`` and ``max_grad_norm`` are what the sweep (benchmarks/dp_sweep.py) chooses.
+    """
+
+    expected_batch_size: int = 256
+    local_epochs: float = 1.0
+    rounds: int = 2
+    learning_rate: float = 2e-3
+    max_grad_norm: float = 1.0
+    delta: float = 1e-5
+    lora_rank: int = 8
+    ffa: bool = False
+    max_length: int = 96
+
+    def privacy(self, epsilon: float | None) -> dict[str, Any]:
+        """The ``[privacy]`` section: record-level DP at ``epsilon`` for the run, or none."""
+        if epsilon is None or math.isinf(epsilon):
+            return {}
+        return {
+            "record_level": True,
+            "target_epsilon": epsilon,
+            "max_grad_norm": self.max_grad_norm,
+            "delta": self.delta,
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Federation:
+    """Who trains on what: the model, the sites and their size, the chapters."""
+
+    model: str
+    num_sites: int = 4
+    records_per_site: int = DEFAULT_RECORDS_PER_SITE
+    gold_size: int = 200
+    chapters: tuple[str, ...] = LARGE_CHAPTERS
+    seed: int = 0
+    threads: int = 1
+
+
+def _config(
+    federation: Federation, recipe: DpRecipe, epsilon: float | None, task: dict[str, Any]
+) -> FedsiloConfig:
+    return parse_config(
+        {
+            "run": {
+                "name": "dp-recipe",
+                "seed": federation.seed,
+                "rounds": recipe.rounds,
+                "torch_threads": federation.threads,
+                "require_site_policies": False,
+            },
+            "model": {"base": federation.model},
+            "lora": {
+                "rank": recipe.lora_rank,
+                "alpha": 2.0 * recipe.lora_rank,
+                "ffa": recipe.ffa,
+            },
+            "task": task,
+            "train": {
+                "local_epochs": recipe.local_epochs,
+                "batch_size": recipe.expected_batch_size,
+                "learning_rate": recipe.learning_rate,
+                "max_length": recipe.max_length,
+                "max_grad_norm": recipe.max_grad_norm,
+            },
+            "strategy": {"name": "fedavg", "min_sites": federation.num_sites},
+            "evaluation": {"max_new_tokens": 8},
+            "privacy": recipe.privacy(epsilon),
+        },
+        source="DP recipe",
+    )
+
+
+def utility_config(
+    federation: Federation, recipe: DpRecipe, *, epsilon: float | None
+) -> FedsiloConfig:
+    """The ICD-10 federation scored on its gold set, at record-level ``epsilon`` (None: no DP)."""
+    task = {
+        "name": "icd10",
+        "num_sites": federation.num_sites,
+        "partition": "by-chapter",
+        "chapters": list(federation.chapters),
+        "examples_per_site": federation.records_per_site,
+        "gold_size": federation.gold_size,
+    }
+    return _config(federation, recipe, epsilon, task)
+
+
+def _write_jsonl(path: Path, records: list[ChatRecord]) -> Path:
+    lines = [json.dumps({"prompt": r.prompt, "response": r.response}) for r in records]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def validation_config(
+    federation: Federation,
+    recipe: DpRecipe,
+    *,
+    epsilon: float | None,
+    validation_share: float,
+    work: Path,
+) -> FedsiloConfig:
+    """A federation on each site's training split, evaluated on the sites' validation splits.
+
+    Each site draws ``records_per_site`` records of its own specialty, keeps the last
+    ``validation_share`` of them for validation and trains on the rest; the pooled validation
+    records are the run's evaluation set (its "gold" loss is the validation loss). The
+    ICD-10 gold set is built (so its codes stay out of every site, as in the utility run) but
+    never written or scored. Files are written to ``work``.
+
+    Raises:
+        ValueError: ``validation_share`` not in (0, 1), or a split left empty.
+    """
+    if not 0.0 < validation_share < 1.0:
+        raise ValueError(f"validation_share must be in (0, 1), got {validation_share}")
+    task = build_icd10_task(
+        num_sites=federation.num_sites,
+        partition="by-chapter",
+        alpha=1.0,
+        examples_per_site=federation.records_per_site,
+        gold_size=federation.gold_size,
+        seed=federation.seed,
+        chapters=federation.chapters,
+    )
+    work.mkdir(parents=True, exist_ok=True)
+    sites, validation = [], []
+    for site in task.sites:
+        records = [r for r in site.records if isinstance(r, ChatRecord)]
+        held = max(1, round(len(records) * validation_share))
+        if held >= len(records):
+            raise ValueError(f"site {site.name}: {len(records)} records leave no training split")
+        validation += records[-held:]
+        path = _write_jsonl(work / f"{site.name}.jsonl", records[:-held])
+        sites.append({"name": site.name, "path": str(path)})
+    files_task = {
+        "name": "files",
+        "sites": sites,
+        "gold_path": str(_write_jsonl(work / "validation.jsonl", validation)),
+        "system_prompt": task.system_prompt,
+        "metric": "code",
+    }
+    return _config(federation, recipe, epsilon, files_task)
+
+
+def smoke_setup(work: Path) -> tuple[Federation, DpRecipe]:
+    """A federation and recipe small enough to check a benchmark end to end in seconds.
+
+    The tiny random-init Llama (written to ``work``), 2 sites of 12 records, one round.
+    """
+    model = write_tiny_llama(work / "tiny-llama", seed=0)
+    federation = Federation(model=str(model), num_sites=2, records_per_site=12, gold_size=6)
+    recipe = DpRecipe(expected_batch_size=4, local_epochs=0.5, rounds=1, learning_rate=1e-2)
+    return federation, recipe
+
+
+def run_federation(config: FedsiloConfig, run_dir: Path, *, resume: bool) -> list[dict[str, Any]]:
+    """Simulate ``config`` in ``run_dir`` (continuing its rounds with ``resume``); its metrics.
+
+    Without ``resume``, or when ``run_dir`` holds no resumable run, the folder is cleared and
+    the run starts afresh.
+    """
+    resumable = resume and RunFolder(run_dir).ledger_path.is_file()
+    if not resumable:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    request = SimulationRequest(
+        config=config, run_dir=run_dir, resume=resumable, reporter=LogReporter()
+    )
+    simulate(request)
+    return RunFolder(run_dir).read_metrics()
+
+
+def save_row(
+    out: Path,
+    header: dict[str, Any],
+    row: dict[str, Any],
+    *,
+    rows_key: str,
+    same: Callable[[dict[str, Any], dict[str, Any]], bool],
+    summary: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """Add ``row`` to the results file ``out`` (replacing a row ``same`` as it); all its rows.
+
+    ``summary`` adds fields computed from all the rows (for instance the best one).
+
+    Several processes may measure different settings into one file: the file is re-read and
+    rewritten (atomically) under a lock on its folder, so no process drops another's rows.
+    Rows of a file written for another ``header`` (another federation or recipe) are dropped.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    folder = os.open(out.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        rows: list[dict[str, Any]] = []
+        if out.is_file():
+            previous = json.loads(out.read_text(encoding="utf-8"))
+            if all(previous.get(key) == value for key, value in header.items()):
+                rows = [old for old in previous.get(rows_key, []) if not same(old, row)]
+        rows.append(row)
+        result = {
+            **header,
+            rows_key: rows,
+            **(summary(rows) if summary else {}),
+            "threads": 1,
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        }
+        write_text_atomic(out, json.dumps(result, indent=2) + "\n")
+        return rows
+    finally:
+        os.close(folder)

@@ -1,0 +1,199 @@
+"""The DP recipe's federations and the privacy benchmarks' smoke runs on the tiny model."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from fedsilo.bench.dp_recipe import (
+    DpRecipe,
+    Federation,
+    save_row,
+    utility_config,
+    validation_config,
+)
+from fedsilo.data.icd10 import build_icd10_task
+from fedsilo.data.records import ChatRecord, load_records
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _script(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _pairs(path: Path) -> set[tuple[str, str]]:
+    return {(r.prompt, r.response) for r in load_records(path) if isinstance(r, ChatRecord)}
+
+
+def test_the_validation_split_holds_site_records_never_trained_on_and_never_gold(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    federation = Federation(
+        model=str(tiny_model_dir), num_sites=2, records_per_site=20, gold_size=6
+    )
+
+    config = validation_config(
+        federation, DpRecipe(), epsilon=8.0, validation_share=0.2, work=tmp_path
+    )
+
+    validation = _pairs(config.task.gold_path or tmp_path / "missing")
+    trained = set().union(*(_pairs(site.path) for site in config.task.sites))
+    gold = build_icd10_task(
+        num_sites=2,
+        partition="by-chapter",
+        alpha=1.0,
+        examples_per_site=20,
+        gold_size=6,
+        seed=0,
+        chapters=federation.chapters,
+    ).gold
+    assert len(validation) == 8 and len(trained) == 32  # 4 + 16 of each site's 20
+    assert not validation & trained
+    assert not validation & {(r.prompt, r.response) for r in gold if isinstance(r, ChatRecord)}
+
+
+def test_the_utility_federation_uses_epochs_large_batches_and_the_run_target(
+    tiny_model_dir: Path,
+) -> None:
+    federation = Federation(model=str(tiny_model_dir), records_per_site=2000)
+    recipe = DpRecipe(expected_batch_size=512, local_epochs=2.0, rounds=3)
+
+    private = utility_config(federation, recipe, epsilon=3.0)
+    plain = utility_config(federation, recipe, epsilon=None)
+
+    assert (private.train.local_epochs, private.train.local_steps) == (2.0, None)
+    assert private.train.batch_size == 512 and private.run.rounds == 3
+    assert private.privacy.record_level and private.privacy.target_epsilon == 3.0
+    assert private.task.examples_per_site == 2000
+    assert not plain.privacy.record_level
+    assert plain.train == private.train
+
+
+@pytest.mark.slow
+def test_privacy_utility_smoke_writes_the_contract_and_resumes(tmp_path: Path) -> None:
+    out = tmp_path / "privacy-utility.json"
+    script = _script("privacy_utility")
+
+    script.main(["--smoke", "--epsilons", "8,inf", "--out", str(out)])
+    first = json.loads(out.read_text())
+    script.main(["--smoke", "--epsilons", "3,8,inf", "--out", str(out), "--resume"])
+    second = json.loads(out.read_text())
+
+    assert {"model", "records_per_site", "rows"} <= set(first)
+    assert [row["setting"] for row in first["rows"]] == ["eps8", "no_dp"]
+    for row in first["rows"]:
+        assert {"setting", "epsilon", "delta", "accuracy", "ci95"} <= set(row)
+        low, high = row["ci95"]
+        assert 0.0 <= low <= row["accuracy"] <= high <= 1.0
+    eps8, no_dp = first["rows"]
+    assert (eps8["epsilon"], eps8["delta"]) == (8.0, 1e-5)
+    assert all(0 < spent <= 8.0 for spent in eps8["spent_epsilon"].values())
+    assert (no_dp["epsilon"], no_dp["delta"]) == (None, None)
+    # Resumed: the measured rows are kept as they were, only epsilon 3 is new.
+    assert [row["setting"] for row in second["rows"]] == ["eps8", "no_dp", "eps3"]
+    assert second["rows"][0]["measured_at"] == eps8["measured_at"]
+
+
+@pytest.mark.slow
+def test_privacy_attacks_smoke_writes_no_dp_and_dp(tmp_path: Path) -> None:
+    out = tmp_path / "attacks.json"
+
+    _script("privacy_attacks").main(["--smoke", "--out", str(out)])
+
+    result = json.loads(out.read_text())
+    assert {"p_value", "membership_auc"} <= set(result["no_dp"])
+    assert {"p_value", "membership_auc", "epsilon"} <= set(result["dp"])
+    assert 0 < result["dp"]["epsilon"] <= 8.0
+    assert 0.0 <= result["no_dp"]["membership_auc"] <= 1.0
+
+
+@pytest.mark.slow
+def test_dp_sweep_smoke_picks_the_lowest_validation_loss_for_the_utility_run(
+    tmp_path: Path,
+) -> None:
+    sweep_out, utility_out = tmp_path / "dp-sweep.json", tmp_path / "utility.json"
+
+    _script("dp_sweep").main(["--smoke", "--out", str(sweep_out)])
+    sweep = json.loads(sweep_out.read_text())
+    _script("privacy_utility").main(
+        ["--smoke", "--epsilons", "8", "--from-sweep", str(sweep_out), "--out", str(utility_out)]
+    )
+    utility = json.loads(utility_out.read_text())
+
+    assert [(p["clip"], p["learning_rate"]) for p in sweep["points"]] == [(0.1, 0.01), (1.0, 0.01)]
+    assert sweep["best"] == min(sweep["points"], key=lambda p: p["validation_loss"])
+    assert utility["recipe"]["max_grad_norm"] == sweep["best"]["clip"]
+    assert utility["hyperparameters_from"].startswith("dp-sweep.json")
+
+
+def test_the_compliance_page_shows_not_measured_until_the_benchmarks_ran(tmp_path: Path) -> None:
+    report = _script("report_privacy")
+    page = tmp_path / "page.md"
+    committed = report.COMPLIANCE_PAGE.read_text()
+    page.write_text(committed)
+
+    report.fill_compliance_page(None, None, page)
+
+    assert page.read_text() == committed
+    assert committed.count("not measured yet") == 11  # every cell of both tables
+
+
+def test_the_compliance_page_shows_measured_rows(tmp_path: Path) -> None:
+    report = _script("report_privacy")
+    page = tmp_path / "page.md"
+    page.write_text(report.COMPLIANCE_PAGE.read_text())
+    utility = {
+        "rows": [
+            {
+                "setting": "eps8",
+                "delta": 1e-5,
+                "accuracy": 0.5,
+                "ci95": [0.4, 0.6],
+                "share_of_non_private": 0.9,
+            }
+        ]
+    }
+    attacks = {
+        "no_dp": {"p_value": 1e-6, "membership_auc": 0.81},
+        "dp": {"p_value": 0.4, "membership_auc": 0.52, "epsilon": 7.99},
+    }
+
+    report.fill_compliance_page(utility, attacks, page)
+
+    text = page.read_text()
+    assert "| 8 (1e-05) | 50.0% (40.0% to 60.0%) | 90.0% |" in text
+    assert "| 3 | not measured yet | not measured yet |" in text
+    assert "| 1e-06 | 0.4 |" in text and "| 0.810 | 0.520 |" in text
+    assert "with record-level DP (epsilon 7.99)" in text
+
+
+def test_results_from_separate_processes_are_merged_not_overwritten(tmp_path: Path) -> None:
+    out = tmp_path / "results" / "utility.json"
+    header = {"model": "m", "records_per_site": 2000}
+
+    def same(old: dict[str, object], new: dict[str, object]) -> bool:
+        return old["setting"] == new["setting"]
+
+    save_row(out, header, {"setting": "eps8", "accuracy": 0.1}, rows_key="rows", same=same)
+    save_row(out, header, {"setting": "no_dp", "accuracy": 0.3}, rows_key="rows", same=same)
+    save_row(out, header, {"setting": "eps8", "accuracy": 0.2}, rows_key="rows", same=same)
+    merged = json.loads(out.read_text())
+    save_row(
+        out, {**header, "records_per_site": 96}, {"setting": "eps1"}, rows_key="rows", same=same
+    )
+    other = json.loads(out.read_text())
+
+    assert merged["rows"] == [
+        {"setting": "no_dp", "accuracy": 0.3},
+        {"setting": "eps8", "accuracy": 0.2},
+    ]
+    assert other["rows"] == [{"setting": "eps1"}]  # another federation's rows are not mixed in

@@ -1,0 +1,53 @@
+"""The coordinator's check of a site's record-level DP event, in steps and in epochs."""
+
+from __future__ import annotations
+
+import pytest
+from flwr.app import ConfigRecord, RecordDict
+
+from fedsilo.privacy.events import PoissonGaussianEvent, event_to_json
+from fedsilo.protocol.records import DP_EVENT_KEY
+from fedsilo.server.admission import DpRequirement, UpdateRejectedError, check_dp_event
+
+
+def _reply(event: dict[str, str | int | float]) -> RecordDict:
+    content = RecordDict()
+    content.config_records[DP_EVENT_KEY] = ConfigRecord(dict(event))
+    return content
+
+
+def _event(noise: float, rate: float, steps: int) -> RecordDict:
+    return _reply(event_to_json(PoissonGaussianEvent(noise, rate, steps)))
+
+
+EPOCHS = DpRequirement(local_steps=0, local_epochs=2.0, batch_size=256, min_noise_multiplier=0.0)
+
+
+def test_an_epoch_round_accepts_the_steps_of_the_declared_size() -> None:
+    # 2,000 records at expected batch 256: q = 0.128, 8 batches per epoch, 2 epochs.
+    event = check_dp_event(_event(1.2, 256 / 2000, 16), EPOCHS, "site-a")
+
+    assert event is not None and event["steps"] == 16
+
+
+def test_an_epoch_round_refuses_steps_that_do_not_match_the_declared_size() -> None:
+    with pytest.raises(UpdateRejectedError, match="declares 12 steps; the round asked for 16"):
+        check_dp_event(_event(1.2, 256 / 2000, 12), EPOCHS, "site-a")
+
+
+def test_a_step_round_still_asks_for_its_steps() -> None:
+    required = DpRequirement(
+        local_steps=5, local_epochs=0.0, batch_size=8, min_noise_multiplier=1.0
+    )
+
+    with pytest.raises(UpdateRejectedError, match="declares 6 steps; the round asked for 5"):
+        check_dp_event(_event(1.2, 0.5, 6), required, "site-a")
+
+
+def test_a_rate_implying_an_absurd_size_is_rejected_not_raised() -> None:
+    content = _reply(
+        {"type": "poisson_gaussian", "noise_multiplier": 1.0, "sampling_rate": 1e-300, "steps": 1}
+    )
+
+    with pytest.raises(UpdateRejectedError, match="DP event: sampling_rate"):
+        check_dp_event(content, EPOCHS, "site-a")
