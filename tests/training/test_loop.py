@@ -1,7 +1,6 @@
 from collections.abc import Callable
 from typing import Any
 
-import pytest
 import torch
 
 from fedsilo.client.site import load_model_with_adapter
@@ -13,21 +12,10 @@ from fedsilo.training.loop import (
     PlainGradient,
     StepProgress,
     micro_batches,
-    proximal_term,
     train_plain,
 )
 from fedsilo.training.precision import hold_base_weights_in
 from fedsilo.training.progress import progress_lines, progress_to, site_progress
-
-
-def test_proximal_term_matches_hand_computation() -> None:
-    params = [torch.tensor([1.0, 2.0]), torch.tensor([[3.0]])]
-    anchors = [torch.tensor([0.0, 0.0]), torch.tensor([[1.0]])]
-
-    value = proximal_term(params, anchors, mu=0.1)
-
-    # 0.5 * 0.1 * (1 + 4 + 4)
-    assert value.item() == pytest.approx(0.45)
 
 
 def _train(config: FedsiloConfig, *, mu: float) -> tuple[dict[str, torch.Tensor], int]:

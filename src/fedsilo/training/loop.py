@@ -170,16 +170,6 @@ class PlainGradient:
         return StepOutcome(loss=loss_sum / targets, tokens=tokens, positions=positions)
 
 
-def proximal_term(
-    params: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor], *, mu: float
-) -> torch.Tensor:
-    """FedProx's (mu / 2) * ||w - w_global||^2 over the trainable adapter tensors."""
-    total = torch.zeros((), dtype=torch.float32)
-    for param, anchor in zip(params, anchors, strict=True):
-        total = total + torch.sum((param - anchor) ** 2)
-    return 0.5 * mu * total
-
-
 def train_local(
     model: PeftModel,
     examples: Sequence[Example],
