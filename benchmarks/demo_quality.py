@@ -58,6 +58,7 @@ def main() -> None:
         "train_tokens_per_s",
         "padding_share",
         "precision",
+        "gold_parts",
         "seconds",
     )
     trained = metrics[1:]

@@ -156,7 +156,11 @@ def _demo_section(result: dict[str, Any] | None) -> list[str]:
             f"{row['seconds']:.0f} |"
         )
     install = result.get("install_seconds")
+    parts_before = _demo_parts(result["before"].get("gold_parts"))
+    parts_after = _demo_parts(result["after"].get("gold_parts"))
     lines += [
+        "",
+        f"Other gold parts, before: {parts_before}; after: {parts_after}.",
         "",
         f"Goal: category accuracy >= 50% after training; measured "
         f"{_pct(result['after']['gold_category_accuracy'])}"
