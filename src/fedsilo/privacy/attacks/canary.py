@@ -38,9 +38,8 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from fedsilo.data.encode import encode_record
 from fedsilo.data.records import ChatRecord, Record
-from fedsilo.evaluation.gold import answer_losses
+from fedsilo.evaluation.gold import answer_scores
 
 CANARY_PROMPT = "Write the clinical note."
 """The prompt of every canary record; the note itself is the response."""
@@ -170,27 +169,20 @@ def sequence_log_likelihood(
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if not records:
         return []
-    examples = [
-        encode_record(tokenizer, record, system_prompt=system_prompt, max_length=2**62)
-        for record in records
-    ]
     was_training = model.training
     model.train(False)
     try:
-        # answer_losses gives the mean over answer tokens; times their count, the total.
-        mean_losses = answer_losses(
+        scores = answer_scores(
             model,
             tokenizer,
             records,
             system_prompt=system_prompt,
-            max_length=max(len(example.input_ids) for example in examples),
+            max_length=2**62,  # no truncation
             batch_size=batch_size,
         )
     finally:
         model.train(was_training)
-    return [
-        -loss * example.num_targets for loss, example in zip(mean_losses, examples, strict=True)
-    ]
+    return scores.log_likelihoods
 
 
 def exposure_from_log_likelihoods(
