@@ -9,7 +9,6 @@ layout and PNG compression settings, which a file-size threshold would not be.
 
 from __future__ import annotations
 
-import shutil
 import struct
 import subprocess
 import zlib
@@ -19,16 +18,11 @@ from pathlib import Path
 import pytest
 
 from fedsilo.report import ReportData, write_report
+from fedsilo.report.pdf import HEADLESS_FLAGS, find_chromium
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PASS_BANNER_RGB = (0xE6, 0xF4, 0xEA)  # .banner.pass background in the report's CSS
 _WIDTH, _HEIGHT = 1280, 2000
-
-
-def _chromium() -> str | None:
-    if Path("/usr/bin/chromium").exists():
-        return "/usr/bin/chromium"
-    return shutil.which("chromium")
 
 
 def _unfilter(kind: int, line: bytearray, prev: bytearray, bpp: int) -> bytearray:
@@ -86,21 +80,14 @@ def _decode_rgb(data: bytes) -> tuple[int, int, list[tuple[int, int, int]]]:
 
 
 def _screenshot(html_path: Path, tmp_path: Path) -> bytes:
-    chromium = _chromium()
+    chromium = find_chromium()
     if chromium is None:
         pytest.skip("chromium not installed: apt-get install chromium")
     shot = tmp_path / "shot.png"
     subprocess.run(
         [
             chromium,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
+            *HEADLESS_FLAGS,
             f"--user-data-dir={tmp_path / 'profile'}",
             f"--screenshot={shot}",
             f"--window-size={_WIDTH},{_HEIGHT}",
@@ -159,7 +146,7 @@ def test_failed_run_renders_a_red_banner_and_no_green_one(tmp_path: Path) -> Non
 def test_pdf_is_printed_for_the_paper_archive(tmp_path: Path, report_data: ReportData) -> None:
     from fedsilo.report import write_pdf
 
-    chromium = _chromium()
+    chromium = find_chromium()
     if chromium is None:
         pytest.skip("chromium not installed: apt-get install chromium")
     report = tmp_path / "report.html"

@@ -21,6 +21,20 @@ class PdfError(RuntimeError):
     """Chromium is missing or did not produce a PDF."""
 
 
+# Headless, no sandbox (root in containers), and none of the background connections a closed
+# network would refuse at every start.
+HEADLESS_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+)
+
+
 def find_chromium() -> str | None:
     """The headless Chromium to print with: Debian's /usr/bin/chromium first, else on PATH."""
     for candidate in CHROMIUM_PATHS:
@@ -38,14 +52,7 @@ def write_pdf(html_path: Path, pdf_path: Path, *, chromium: str | None = None) -
         out = Path(scratch) / "report.pdf"
         command = [
             browser,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
+            *HEADLESS_FLAGS,
             "--no-pdf-header-footer",
             f"--user-data-dir={Path(scratch) / 'profile'}",
             f"--print-to-pdf={out}",
