@@ -54,7 +54,8 @@ def _throughput_section(result: dict[str, Any] | None) -> list[str]:
         "4 FLOPs per weight per position a matrix is applied to (forward and activation "
         "gradient): the decoder's 106.2M matrix weights at every position, padding included, and "
         "the LM head's 28.3M at every position for full logits or only at labelled positions "
-        "(fedsilo: the timed tokens times the dataset's share of labelled tokens). The GEMM peak is a 512x576 by 576x1536 product in the loop's precision, "
+        "(fedsilo: the timed tokens times the dataset's share of labelled tokens). "
+        "The GEMM peak is a 512x576 by 576x1536 product in the loop's precision, "
         "measured in the same process. `eval loss`: mean answer loss of 64 held-out examples "
         "after training (equal training quality shows as equal eval loss).",
         "",

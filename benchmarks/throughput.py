@@ -22,8 +22,8 @@ no weight gradient), with ``P_body`` the decoder's matrix parameters applied to 
 position, padding included, and ``P_head`` the LM head's, applied to every position (full
 logits) or only to labelled positions (fedsilo; counted as the timed tokens times the
 dataset's share of labelled tokens, since the loop reports tokens, not targets). Attention
-scores and the LoRA matrices are not counted (under 3% here). ``eval_loss`` is the mean answer loss on 64 held-out examples
-after training: loops that trained equally well have equal eval losses.
+scores and the LoRA matrices are not counted (under 3% here). ``eval_loss`` is the mean
+answer loss on 64 held-out examples after training: loops that trained equally well have equal eval losses.
 
     python benchmarks/throughput.py [--steps 12] [--threads 1 2]
 
