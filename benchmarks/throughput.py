@@ -23,7 +23,8 @@ position, padding included, and ``P_head`` the LM head's, applied to every posit
 logits) or only to labelled positions (fedsilo; counted as the timed tokens times the
 dataset's share of labelled tokens, since the loop reports tokens, not targets). Attention
 scores and the LoRA matrices are not counted (under 3% here). ``eval_loss`` is the mean
-answer loss on 64 held-out examples after training: loops that trained equally well have equal eval losses.
+answer loss on 64 held-out examples after training: loops that trained equally well have
+equal eval losses.
 
     python benchmarks/throughput.py [--steps 12] [--threads 1 2]
 
