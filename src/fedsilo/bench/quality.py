@@ -88,10 +88,15 @@ class _QuietReporter:
         self.label, self.say = label, say
 
     def round_done(self, record: dict[str, Any], *, total_rounds: int) -> None:
+        gold = (
+            f" gold {record['gold_accuracy']:.3f} / {record['gold_category_accuracy']:.3f} "
+            f"loss {record['gold_loss']:.3f}"
+            if "gold_accuracy" in record
+            else ""  # not scored after this round
+        )
         self.say(
-            f"{self.label}: round {record['round']}/{total_rounds} gold "
-            f"{record['gold_accuracy']:.3f} / {record['gold_category_accuracy']:.3f} "
-            f"loss {record['gold_loss']:.3f} ({record['seconds']:.0f} s)"
+            f"{self.label}: round {record['round']}/{total_rounds}{gold} "
+            f"({record['seconds']:.0f} s)"
         )
 
     def notice(self, text: str) -> None:

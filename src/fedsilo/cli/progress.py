@@ -57,12 +57,16 @@ class ConsoleReporter:
             return
         answered = record["sites_ok"]
         asked = answered + record["sites_failed"]
+        gold = (
+            f"{self._accuracy(record)}  {self._secondary} {_headline(record)}  "
+            f"gold loss {_number(record['gold_loss'])}  "
+            if "gold_accuracy" in record
+            else ""  # not scored after this round ([evaluation] every_rounds)
+        )
         self.console.print(
             f"[bold]round {record['round']}/{total_rounds}[/]  sites {answered}/{asked}  "
             f"train loss {_number(record['train_loss'])}  "
-            f"{self._accuracy(record)}  "
-            f"{self._secondary} {_headline(record)}  "
-            f"gold loss {_number(record['gold_loss'])}  {record['seconds']:.1f} s"
+            f"{gold}{record['seconds']:.1f} s"
             f"{_training_speed(record)}"
         )
         for site, reason in sorted(record.get("failures", {}).items()):

@@ -233,6 +233,10 @@ class EvaluationSection(Section):
 
     max_new_tokens: int = Field(10, ge=1)
     batch_size: int = Field(16, ge=1)
+    # The gold set is scored before training, after every ``every_rounds``-th round and after
+    # the last one. Scoring costs about as much as a short round of training; runs of many
+    # short rounds score less often and record no gold figures for the rounds in between.
+    every_rounds: int = Field(1, ge=1, le=1_000_000)
 
 
 class EnrolledSiteSection(Section):

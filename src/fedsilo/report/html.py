@@ -91,7 +91,9 @@ def _charts(data: ReportData) -> dict[str, Markup]:
                     "train loss": [
                         (float(r.round), r.train_loss) for r in rounds if r.train_loss is not None
                     ],
-                    "gold loss": [(float(r.round), r.gold_loss) for r in rounds],
+                    "gold loss": [
+                        (float(r.round), r.gold_loss) for r in rounds if r.gold_loss is not None
+                    ],
                 },
                 title="Loss over rounds",
                 x_label="round",
@@ -115,8 +117,14 @@ def _accuracy_series(
     metric: str, secondary: str, rounds: tuple[RoundRow, ...]
 ) -> dict[str, list[tuple[float, float]]]:
     return {
-        f"accuracy ({metric})": [(float(r.round), r.gold_accuracy) for r in rounds],
-        secondary: [(float(r.round), r.gold_category_accuracy) for r in rounds],
+        f"accuracy ({metric})": [
+            (float(r.round), r.gold_accuracy) for r in rounds if r.gold_accuracy is not None
+        ],
+        secondary: [
+            (float(r.round), r.gold_category_accuracy)
+            for r in rounds
+            if r.gold_category_accuracy is not None
+        ],
     }
 
 

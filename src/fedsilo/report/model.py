@@ -146,9 +146,10 @@ class RoundRow:
     summed_sites: tuple[str, ...]
     examples: int | None
     train_loss: float | None
-    gold_accuracy: float
-    gold_category_accuracy: float
-    gold_loss: float
+    # None on a round after which the gold set was not scored ([evaluation] every_rounds).
+    gold_accuracy: float | None
+    gold_category_accuracy: float | None
+    gold_loss: float | None
     gold_count: int | None
     adapter_sha256: str | None
     category_ci95: tuple[float, float] | None = None
@@ -156,7 +157,7 @@ class RoundRow:
     def __post_init__(self) -> None:
         for name in ("gold_accuracy", "gold_category_accuracy", "gold_loss"):
             value = getattr(self, name)
-            if not math.isfinite(value):
+            if value is not None and not math.isfinite(value):
                 raise ValueError(f"round {self.round}: {name} is not finite ({value!r})")
         if self.train_loss is not None and not math.isfinite(self.train_loss):
             raise ValueError(f"round {self.round}: train_loss is not finite ({self.train_loss!r})")

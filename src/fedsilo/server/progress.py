@@ -13,13 +13,13 @@ class LogReporter:
 
     def round_done(self, record: dict[str, Any], *, total_rounds: int) -> None:
         log.info(
-            "round %d/%d: %d sites ok, %d failed, train loss %s, gold accuracy %.3f",
+            "round %d/%d: %d sites ok, %d failed, train loss %s, gold accuracy %s",
             record["round"],
             total_rounds,
             record["sites_ok"],
             record["sites_failed"],
             record["train_loss"],
-            record["gold_accuracy"],
+            record.get("gold_accuracy", "not scored"),
         )
 
     def notice(self, text: str) -> None:

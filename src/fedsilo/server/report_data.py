@@ -326,7 +326,7 @@ def _round_rows(folder: RunFolder, entries: Sequence[Entry]) -> tuple[RoundRow, 
     except (OSError, ValueError):
         records = []
     for record in records:
-        if not all(k in record for k in ("round", "gold_accuracy", "gold_loss")):
+        if "round" not in record:
             continue
         round_number = int(record["round"])
         entry = aggregated.get(round_number)
@@ -349,15 +349,20 @@ def _round_rows(folder: RunFolder, entries: Sequence[Entry]) -> tuple[RoundRow, 
                 summed_sites=summed,
                 examples=examples if isinstance(examples, int) else None,
                 train_loss=float(train_loss) if isinstance(train_loss, int | float) else None,
-                gold_accuracy=float(record["gold_accuracy"]),
-                gold_category_accuracy=float(record.get("gold_category_accuracy", 0.0)),
-                gold_loss=float(record["gold_loss"]),
+                gold_accuracy=_optional_float(record.get("gold_accuracy")),
+                gold_category_accuracy=_optional_float(record.get("gold_category_accuracy")),
+                gold_loss=_optional_float(record.get("gold_loss")),
                 gold_count=count if isinstance(count, int) else None,
                 adapter_sha256=digest,
                 category_ci95=_float_pair(record.get("gold_category_accuracy_ci95")),
             )
         )
     return tuple(rows)
+
+
+def _optional_float(value: object) -> float | None:
+    """A gold figure, or None for a round after which the gold set was not scored."""
+    return float(value) if isinstance(value, int | float) else None
 
 
 _PART_FIGURES = ("accuracy", "category_accuracy", "top1", "top5")
