@@ -27,7 +27,9 @@ def _load(name: str) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _pct(value: float) -> str:
+def _pct(value: float | None) -> str:
+    if value is None:
+        return "-"  # not measured (a demo round after which the gold set was not scored)
     return f"{100 * value:.2f}%" if value < 0.01 else f"{100 * value:.1f}%"
 
 
@@ -148,10 +150,11 @@ def _demo_section(result: dict[str, Any] | None) -> list[str]:
     for row in result["per_round"]:
         train_loss = "-" if row["train_loss"] is None else f"{row['train_loss']:.3f}"
         speed = row.get("train_tokens_per_s")
+        gold_loss = "-" if row.get("gold_loss") is None else f"{row['gold_loss']:.3f}"
         lines.append(
-            f"| {row['round']} | {train_loss} | {_pct(row['gold_category_accuracy'])}"
+            f"| {row['round']} | {train_loss} | {_pct(row.get('gold_category_accuracy'))}"
             f"{_interval(row.get('gold_category_accuracy_ci95'))} | "
-            f"{_pct(row['gold_accuracy'])} | {row['gold_loss']:.3f} | "
+            f"{_pct(row.get('gold_accuracy'))} | {gold_loss} | "
             f"{_demo_parts(row.get('gold_parts'))} | {row.get('tokens') or 0:,} | "
             f"{row.get('train_seconds') or 0:.0f} | {'-' if not speed else f'{speed:.0f}'} | "
             f"{row['seconds']:.0f} |"
@@ -174,6 +177,13 @@ def _demo_section(result: dict[str, Any] | None) -> list[str]:
                 f"{result['evaluation_seconds']:.0f} s, "
                 f"{_pct(result['evaluation_share_of_round'])} of a mean training round "
                 f"({result['mean_round_seconds']:.0f} s). Goal: under 10%."
+                + (
+                    f" The demo scores it {result['gold_scorings']} times (before training "
+                    f"and after rounds where [evaluation] every_rounds says): "
+                    f"{_pct(result['evaluation_share_of_wall'])} of the demo's wall time."
+                    if "gold_scorings" in result
+                    else ""
+                )
             ]
             if "evaluation_seconds" in result
             else []
