@@ -299,6 +299,7 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
                     algorithms=swept,
                     resume=args.resume,
                     say=say,
+                    device=args.device,
                 ),
                 learning_rates=tuple(args.lr_grid or (budget.learning_rate,)),
                 proximal_mus=budget.proximal_mus if "fedprox" in swept else (),
@@ -324,6 +325,7 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
                 resume=args.resume,
                 say=say,
                 hyperparameters=hyperparameters,
+                device=args.device,
             )
         )
         written.append(results)
@@ -391,6 +393,12 @@ def _add_bench(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "with --sweep the benchmark runs the mu the sweep chose)",
     )
     quality.add_argument("--no-edge-cases", action="store_true", help="skip the ICD-10 edge cases")
+    quality.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where every algorithm trains and is scored (train.device; default cpu)",
+    )
     quality.add_argument(
         "--resume",
         action="store_true",
