@@ -14,6 +14,7 @@ import torch
 from fedsilo.bench.quality import QualityRequest, _identity, base_config
 from fedsilo.client.site import LoadedModel, load_model_with_adapter
 from fedsilo.config import ConfigError, FedsiloConfig
+from fedsilo.config.schema import EvaluationSection
 from fedsilo.data.encode import Example, encode_records
 from fedsilo.data.records import ChatRecord
 from fedsilo.data.tasks import build_task
@@ -264,6 +265,8 @@ def test_the_quality_benchmark_trains_on_the_requested_device_under_the_same_ide
 
     on_gpu, on_cpu = base_config(request("cuda")), base_config(request("cpu"))
     assert (on_gpu.train.device, on_cpu.train.device) == ("cuda", "cpu")
+    assert on_gpu.evaluation.batch_size == 128
+    assert on_cpu.evaluation.batch_size == EvaluationSection().batch_size
     # A results file measured on one device can be resumed on the other.
     assert _identity(request("cuda"), on_gpu, "h") == _identity(request("cpu"), on_cpu, "h")
 

@@ -59,7 +59,7 @@ from fedsilo.protocol.schedule import local_steps_for, round_learning_rate
 from fedsilo.server.run_folder import RunFolder
 from fedsilo.simulation.engines import SimulationRequest, simulate
 from fedsilo.storage import write_text_atomic
-from fedsilo.training.device import model_device
+from fedsilo.training.device import GPU_EVAL_BATCH, model_device
 from fedsilo.training.loop import train_plain
 from fedsilo.training.precision import compute_in
 
@@ -164,7 +164,11 @@ def base_config(request: QualityRequest) -> FedsiloConfig:
                 "min_sites": budget.num_sites,
                 "server_learning_rate": budget.server_learning_rate,
             },
-            "evaluation": {"max_new_tokens": budget.max_new_tokens or new_tokens},
+            "evaluation": {
+                "max_new_tokens": budget.max_new_tokens or new_tokens,
+                # A GPU scores the whole gold set in a few large batches; CPU: the default.
+                **({"batch_size": GPU_EVAL_BATCH} if request.device == "cuda" else {}),
+            },
         },
         source=f"quality benchmark {request.task}",
     )

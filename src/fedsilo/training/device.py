@@ -28,6 +28,8 @@ CPU_PLAIN_MICRO_BATCH = 4
 # DP-SGD holds this many examples' per-example gradients at once (bounds memory).
 CPU_DP_MICRO_BATCH = 8
 GPU_DP_MICRO_BATCH = 64
+# Gold records scored or generated per batch by the quality benchmark on a GPU.
+GPU_EVAL_BATCH = 128
 
 
 class DeviceError(ValueError):
