@@ -102,7 +102,7 @@ launch_task() {
         done
         for seed in "${seeds[@]:1}"; do
           timeout $((deadline - $(date +%s))) "$PY" -m fedsilo.cli.main bench quality "${mine[@]}" \
-            --resume --seeds "$seed" >"$dir/seed$seed.log" 2>&1 &
+            --resume --sweep-seed "${seeds[0]}" --seeds "$seed" >"$dir/seed$seed.log" 2>&1 &
         done
         wait
       ) &
@@ -124,7 +124,9 @@ collect() {  # merge what has finished and copy it to $OUT (at most 8 files come
       --summary "$WORK/results/quality-gpu-summary.json" >"$WORK/$task/merge.log" 2>&1 || true
   done
   [[ -f $WORK/results/quality-gpu-summary.json ]] && cp "$WORK/results/quality-gpu-summary.json" "$OUT/"
-  tar -czf "$OUT/results-gpu.tar.gz.tmp" -C "$WORK" --exclude='runs' . 2>/dev/null \
+  # Results, logs, and each run's per-round metrics (not its adapters, checkpoints or ledger).
+  (cd "$WORK" && find . \( -name '*.json' -o -name '*.jsonl' -o -name '*.log' \) -size -4M -print0 \
+    | tar -czf "$OUT/results-gpu.tar.gz.tmp" --null -T - 2>/dev/null) \
     && mv "$OUT/results-gpu.tar.gz.tmp" "$OUT/results-gpu.tar.gz"
 }
 
@@ -141,7 +143,7 @@ for task in $TASKS; do
     collect
     echo "  +$(($(date +%s) - START))s: $(grep -h 'round [0-9]*/' "$WORK/$task"/parts/*/seed*.log 2>/dev/null | wc -l) rounds done; $(nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader 2>/dev/null)"
   done
-  wait
+  # No bare `wait` here: it would also wait for the log's tee, which never ends.
   collect
   grep -h "Error\|Traceback" "$WORK/$task"/parts/*/seed*.log | sort | uniq -c | head
   cat "$WORK/$task/merge.log"

@@ -44,12 +44,13 @@ def merge_seed(parts: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     edge: dict[str, Any] = {}
     rates: dict[str, float] = {}
     hyper: dict[str, Any] = {}
-    budget = {k: v for k, v in first["budget"].items() if k not in CHOSEN}
+    reference = {k: v for k, v in first["budget"].items() if k not in CHOSEN}
+    budget = dict(reference)
     for owner, data in parts:
         for key in SAME:
             if data.get(key) != first.get(key):
                 raise ValueError(f"{owner}: field {key!r} differs from {parts[0][0]}'s")
-        if {k: v for k, v in data["budget"].items() if k not in CHOSEN} != budget:
+        if {k: v for k, v in data["budget"].items() if k not in CHOSEN} != reference:
             raise ValueError(f"{owner}: budget differs from {parts[0][0]}'s")
         for name, result in data["algorithms"].items():
             if _family(name) != owner:

@@ -288,6 +288,7 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
     swept = tuple(args.sweep_algorithms.split(",")) if args.sweep_algorithms else algorithms
     if args.sweep:
         sweep_path = base.with_name(f"{base.stem}-sweep{base.suffix}")
+        sweep_seed = seeds[0] if args.sweep_seed is None else args.sweep_seed
         sweep = run_sweep(
             SweepRequest(
                 quality=QualityRequest(
@@ -295,7 +296,7 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
                     model=args.model,
                     out_dir=out_dir(sweep_path, "sweep-runs"),
                     results_path=sweep_path,
-                    budget=budget,
+                    budget=dataclasses.replace(budget, seed=sweep_seed),
                     algorithms=swept,
                     resume=args.resume,
                     say=say,
@@ -428,6 +429,12 @@ def _add_bench(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "then run the seeds with the choice",
     )
     quality.add_argument("--lr-grid", type=float, nargs="+", help="learning rates the sweep tries")
+    quality.add_argument(
+        "--sweep-seed",
+        type=int,
+        help="the seed the sweep runs on (default: the first of --seeds); with --resume, "
+        "lets each seed run in its own process on one finished sweep",
+    )
     quality.add_argument(
         "--sweep-algorithms",
         help="comma-separated algorithms the sweep tunes (default: --algorithms); the others "
