@@ -16,11 +16,11 @@ grep -qxF '/.gpu/' "$EXCLUDE" 2>/dev/null || echo '/.gpu/' >>"$EXCLUDE"
 mkdir -p "$OUT/wheels"
 
 # What the benchmark imports and a GPU machine may lack or hold in another version. Left out on
-# purpose: torch and what it brings (sympy, mpmath, networkx, jinja2's MarkupSafe is small and
-# shipped), numpy, scipy, grpcio, protobuf (large, ABI-stable, present where torch is);
+# purpose: torch and what it brings (sympy, mpmath, networkx; jinja2 and MarkupSafe are small and
+# shipped), numpy and scipy (large, present where torch is);
 # pyarrow (only Parquet task files need it); hf-xet, uv, ray (downloads / CLI / other engine).
 PACKAGES=(
-  flwr grpcio-health-checking iterators pycryptodome cryptography cffi pycparser
+  flwr grpcio grpcio-health-checking protobuf iterators pycryptodome cryptography cffi pycparser
   typer click shellingham rich markdown-it-py mdurl pygments tomli tomli_w pyyaml
   httpx httpcore anyio h11 idna certifi truststore charset-normalizer requests urllib3
   dp-accounting absl-py attrs dm-tree opacus opt_einsum simple_icd_10_cm tenseal

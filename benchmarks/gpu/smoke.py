@@ -34,11 +34,24 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument(
+        "--shape",
+        choices=("tiny", "smollm2"),
+        default="tiny",
+        help="smollm2: random weights in SmolLM2-135M's decoder shape (576 wide, 30 layers, "
+        "MLP 1536; byte vocabulary), to time steps as the real model takes them",
+    )
+    parser.add_argument("--steps", type=int, default=10, help="timed steps of each kind")
+    parser.add_argument("--gold-size", type=int, default=32)
+    parser.add_argument("--tag", default="", help="added to the report's file name")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    folder = args.out / "tiny-llama"
+    folder = args.out / f"{args.shape}-llama"
+    shape = {"hidden_size": 128, "num_layers": 4, "intermediate_size": 256}
+    if args.shape == "smollm2":
+        shape = {"hidden_size": 576, "num_layers": 30, "num_heads": 9, "intermediate_size": 1536}
     if not folder.exists():
-        write_tiny_llama(folder, hidden_size=128, num_layers=4, intermediate_size=256)
+        write_tiny_llama(folder, **shape)
     config = parse_config(
         {
             "run": {"name": "smoke", "seed": 0, "rounds": 1, "require_site_policies": False},
@@ -48,9 +61,9 @@ def main() -> int:
                 "name": "icd10",
                 "num_sites": 2,
                 "examples_per_site": 64,
-                "gold_size": 32,
-                "gold_phrasings": 16,
-                "gold_ranking_candidates": 5,
+                "gold_size": args.gold_size,
+                "gold_phrasings": args.gold_size,
+                "gold_ranking_candidates": 10,
             },
             "train": {"local_steps": 4, "batch_size": 16, "device": args.device},
         },
@@ -117,10 +130,10 @@ def main() -> int:
         if device.type == "cuda":
             torch.cuda.synchronize()
         begun = time.perf_counter()
-        loss = run(10)
+        loss = run(args.steps)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        seconds = (time.perf_counter() - begun) / 10
+        seconds = (time.perf_counter() - begun) / args.steps
         report[f"{label}_loss"] = loss
         report[f"{label}_seconds_per_step"] = seconds
         print(f"{label}: loss {loss:.4f}, {seconds * 1000:.1f} ms per step of 16", flush=True)
@@ -148,7 +161,10 @@ def main() -> int:
     if device.type == "cuda":
         report["max_memory_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
     report["problems"] = problems
-    (args.out / "smoke.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    report["shape"] = args.shape
+    (args.out / f"smoke-{args.shape}{args.tag}.json").write_text(
+        json.dumps(report, indent=2, default=str) + "\n"
+    )
     for problem in problems:
         print(f"SMOKE FAILED: {problem}", file=sys.stderr)
     print("smoke ok" if not problems else "smoke FAILED", flush=True)
