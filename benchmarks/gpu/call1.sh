@@ -16,6 +16,7 @@ PY=${PY:-python3}
 TIMING_STEPS=${TIMING_STEPS:-10}
 TIMING_PROCESSES=${TIMING_PROCESSES:-6}
 TIMING_GOLD=${TIMING_GOLD:-200}
+TIMING_SHAPE=${TIMING_SHAPE:-smollm2}  # tiny: a quick dry run
 
 step "unpack and install wheels"
 [[ -f .gpu/wheels.tar.xz && -f .gpu/gguf-a ]] || fail "carry .gpu/wheels.tar.xz and .gpu/gguf-a"
@@ -90,22 +91,22 @@ cp /tmp/gpu/tiny-bench/quality-gpu-tiny.json "$OUT/quality-gpu-tiny.json"
 
 # Step times of SmolLM2-135M's decoder shape (random weights): what sizes call 2's budget.
 step "timing: SmolLM2-shaped model, one process, then $TIMING_PROCESSES at once"
-timeout 180 "$PY" benchmarks/gpu/smoke.py --device "$DEVICE" --shape smollm2 \
+timeout 180 "$PY" benchmarks/gpu/smoke.py --device "$DEVICE" --shape "$TIMING_SHAPE" \
   --steps "$TIMING_STEPS" --gold-size "$TIMING_GOLD" --out /tmp/gpu/shape || echo "(timing failed; not fatal)"
 pids=()
 for i in $(seq "$TIMING_PROCESSES"); do
-  timeout 240 "$PY" benchmarks/gpu/smoke.py --device "$DEVICE" --shape smollm2 \
-    --steps "$TIMING_STEPS" --gold-size "$TIMING_GOLD" --out /tmp/gpu/shape --tag "-parallel$i" \
+  timeout 240 "$PY" benchmarks/gpu/smoke.py --device "$DEVICE" --shape "$TIMING_SHAPE" \
+    --steps "$TIMING_STEPS" --gold-size "$TIMING_GOLD" --out /tmp/gpu/shape --tag="-parallel$i" \
     >"/tmp/gpu/shape/parallel$i.log" 2>&1 &
   pids+=($!)
 done
 for pid in "${pids[@]}"; do wait "$pid"; done
 grep -h "ms per step\|gold:" /tmp/gpu/shape/parallel*.log
-"$PY" - "$OUT/timing-gpu.json" /tmp/gpu/shape/smoke-smollm2*.json <<'PY' || true
+"$PY" - "$OUT/timing-gpu.json" /tmp/gpu/shape/smoke-*.json <<'PY' || true
 import json, sys
 reports = {path.rsplit("/", 1)[-1]: json.load(open(path)) for path in sys.argv[2:]}
 json.dump(reports, open(sys.argv[1], "w"), indent=2)
-alone = reports.get("smoke-smollm2.json", {})
+alone = next((r for name, r in reports.items() if "parallel" not in name), {})
 together = [r for name, r in reports.items() if "parallel" in name]
 if alone and together:
     for kind in ("plain", "dp-sgd"):
@@ -113,6 +114,6 @@ if alone and together:
         many = sum(r[f"{kind}_seconds_per_step"] for r in together) / len(together)
         print(f"{kind}: {one * 1000:.0f} ms per step alone, {many * 1000:.0f} ms each with "
               f"{len(together)} processes: {len(together) * one / many:.1f}x the throughput")
-    print(f"gold (200 + 200 + 200 x 10): {alone['gold_seconds']:.1f} s alone")
+    print(f"gold (headline, phrasings, ranking x 10): {alone['gold_seconds']:.1f} s alone")
 PY
 echo; echo "CALL1 OK in ${SECONDS}s; /tmp/site and /tmp/gpu/gguf-a stay while the machine is warm"
