@@ -109,6 +109,30 @@ def test_bench_quality_resume_goes_on_in_the_folder_its_results_name(
     assert not (tmp_path / "runs").exists()
 
 
+def test_bench_quality_runs_a_later_seed_alone_on_the_first_seeds_finished_sweep(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    results = tmp_path / "quality.json"
+    common = ["bench", "quality", "--task", "icd10-alpha1", "--model", str(tiny_model_dir)]
+    common += ["--sites", "2", "--rounds", "1", "--local-steps", "1", "--batch-size", "2"]
+    common += ["--examples-per-site", "8", "--gold-size", "4", "--lora-rank", "2"]
+    common += ["--algorithms", "centralized", "--no-edge-cases", "--results", str(results)]
+    common += ["--out", str(tmp_path / "bench"), "--validation-share", "0.25"]
+    common += ["--sweep", "--lr-grid", "0.01", "0.02"]
+    assert main([*common, "--seeds", "0"]) == 0
+    sweep = json.loads((tmp_path / "quality-sweep.json").read_text())
+
+    # Seed 1 alone would sweep on seed 1: a different sweep than the finished one.
+    assert main([*common, "--resume", "--seeds", "1"]) != 0
+    assert main([*common, "--resume", "--sweep-seed", "0", "--seeds", "1"]) == 0
+
+    seed1 = json.loads((tmp_path / "quality-seed1.json").read_text())
+    assert seed1["budget"]["seed"] == 1
+    assert seed1["hyperparameters"]["chosen"] == sweep["chosen"]
+    assert json.loads((tmp_path / "quality-sweep.json").read_text())["points"] == sweep["points"]
+
+
 def test_the_console_shows_training_progress_in_its_bar_not_the_log(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -324,3 +326,16 @@ def test_parquet_without_record_columns_names_the_columns(tmp_path: Path) -> Non
         DataError, match=r"site\.parquet: row index 0: missing field 'text'.*columns are: question"
     ):
         load_records(path)
+
+
+def test_pyarrow_is_loaded_only_to_read_parquet() -> None:
+    # A training run on JSONL or built-in tasks does not need pyarrow installed.
+    code = (
+        "import sys; import fedsilo.data.records, fedsilo.bench.quality, fedsilo.server.app; "
+        "print('pyarrow' in sys.modules)"
+    )
+    imported = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()[-1]
+
+    assert imported == "False"

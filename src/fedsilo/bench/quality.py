@@ -46,6 +46,7 @@ from fedsilo.bench.settings import (
 )
 from fedsilo.client.site import LoadedModel, load_model_with_adapter
 from fedsilo.config import FedsiloConfig, parse_config
+from fedsilo.config.schema import DeviceSetting
 from fedsilo.data.encode import Example, encode_records
 from fedsilo.data.icd10 import TaskData, default_chapters
 from fedsilo.data.icd10_edge import EdgeCaseSet, build_icd10_edge_cases
@@ -58,6 +59,7 @@ from fedsilo.protocol.schedule import local_steps_for, round_learning_rate
 from fedsilo.server.run_folder import RunFolder
 from fedsilo.simulation.engines import SimulationRequest, simulate
 from fedsilo.storage import write_text_atomic
+from fedsilo.training.device import GPU_EVAL_BATCH, model_device
 from fedsilo.training.loop import train_plain
 from fedsilo.training.precision import compute_in
 
@@ -79,6 +81,9 @@ class QualityRequest:
     say: Callable[[str], None] = print
     # How the budget's learning rates and mu were chosen (a sweep's grid and choice), if so.
     hyperparameters: Mapping[str, Any] | None = None
+    # Where every algorithm trains and is scored (train.device). Not part of the budget: the
+    # same budget measures the same thing on either device (a GPU is not bit-reproducible).
+    device: DeviceSetting = "cpu"
 
 
 class _QuietReporter:
@@ -157,13 +162,18 @@ def base_config(request: QualityRequest) -> FedsiloConfig:
                 "lr_schedule": budget.lr_schedule,
                 "warmup_rounds": budget.warmup_rounds,
                 "max_length": budget.max_length or length,
+                "device": request.device,
             },
             "strategy": {
                 "name": "fedavg",
                 "min_sites": budget.num_sites,
                 "server_learning_rate": budget.server_learning_rate,
             },
-            "evaluation": {"max_new_tokens": budget.max_new_tokens or new_tokens},
+            "evaluation": {
+                "max_new_tokens": budget.max_new_tokens or new_tokens,
+                # A GPU scores the whole gold set in a few large batches; CPU: the default.
+                **({"batch_size": GPU_EVAL_BATCH} if request.device == "cuda" else {}),
+            },
         },
         source=f"quality benchmark {request.task}",
     )
@@ -260,7 +270,7 @@ class _Trainer:
 
     def _score(self, adapter: AdapterState, task: TaskData) -> GoldMetrics:
         set_adapter_state(self.loaded.model, adapter)
-        with compute_in(self.loaded.precision.precision):
+        with compute_in(self.loaded.precision.precision, model_device(self.loaded.model)):
             return evaluate_task_gold(
                 self.loaded.model,
                 self.loaded.tokenizer,
@@ -518,7 +528,8 @@ def _identity(
         "model": request.model,
         "base_model_hash": base_model_hash,
         "budget": json.loads(json.dumps(asdict(request.budget))),
-        "train": config.train.model_dump(mode="json"),
+        # The device is recorded apart (``machine``): a run may resume on another one.
+        "train": config.train.model_dump(mode="json", exclude={"device"}),
         "lora": config.lora.model_dump(mode="json"),
     }
 
@@ -567,6 +578,13 @@ def _edge_scores(
         )
     )
     return {kind: asdict(score) for kind, score in scores.items()}
+
+
+def _device_name(device: DeviceSetting) -> str:
+    """What the results file says the benchmark computed on."""
+    if device == "cuda" and torch.cuda.is_available():
+        return f"cuda: {torch.cuda.get_device_name(0)}"
+    return device
 
 
 def run_quality_benchmark(request: QualityRequest) -> dict[str, Any]:
@@ -636,6 +654,7 @@ def run_quality_benchmark(request: QualityRequest) -> dict[str, Any]:
             "wall_seconds": earlier_seconds + time.perf_counter() - started,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "machine": {
+                "device": _device_name(request.device),
                 "cpus": os.cpu_count(),
                 "platform": platform.platform(),
                 "torch_threads": 1,

@@ -288,6 +288,7 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
     swept = tuple(args.sweep_algorithms.split(",")) if args.sweep_algorithms else algorithms
     if args.sweep:
         sweep_path = base.with_name(f"{base.stem}-sweep{base.suffix}")
+        sweep_seed = seeds[0] if args.sweep_seed is None else args.sweep_seed
         sweep = run_sweep(
             SweepRequest(
                 quality=QualityRequest(
@@ -295,10 +296,11 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
                     model=args.model,
                     out_dir=out_dir(sweep_path, "sweep-runs"),
                     results_path=sweep_path,
-                    budget=budget,
+                    budget=dataclasses.replace(budget, seed=sweep_seed),
                     algorithms=swept,
                     resume=args.resume,
                     say=say,
+                    device=args.device,
                 ),
                 learning_rates=tuple(args.lr_grid or (budget.learning_rate,)),
                 proximal_mus=budget.proximal_mus if "fedprox" in swept else (),
@@ -324,6 +326,7 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
                 resume=args.resume,
                 say=say,
                 hyperparameters=hyperparameters,
+                device=args.device,
             )
         )
         written.append(results)
@@ -392,6 +395,12 @@ def _add_bench(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     quality.add_argument("--no-edge-cases", action="store_true", help="skip the ICD-10 edge cases")
     quality.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where every algorithm trains and is scored (train.device; default cpu)",
+    )
+    quality.add_argument(
         "--resume",
         action="store_true",
         help="keep the algorithms the results file already holds (same task, model and budget) "
@@ -420,6 +429,12 @@ def _add_bench(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "then run the seeds with the choice",
     )
     quality.add_argument("--lr-grid", type=float, nargs="+", help="learning rates the sweep tries")
+    quality.add_argument(
+        "--sweep-seed",
+        type=int,
+        help="the seed the sweep runs on (default: the first of --seeds); with --resume, "
+        "lets each seed run in its own process on one finished sweep",
+    )
     quality.add_argument(
         "--sweep-algorithms",
         help="comma-separated algorithms the sweep tunes (default: --algorithms); the others "

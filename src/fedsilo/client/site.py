@@ -22,6 +22,7 @@ from fedsilo.crypto import PrivateKey, PublicKey
 from fedsilo.data.encode import Example
 from fedsilo.model.adapters import AdapterState, attach_lora, get_adapter_state
 from fedsilo.model.base import base_model_hash, load_base_model, resolve_base_model
+from fedsilo.training.device import resolve_device
 from fedsilo.training.precision import PrecisionChoice, hold_base_weights_in, machine_precision
 
 
@@ -63,8 +64,15 @@ class LoadedModel:
 
 
 def load_model_with_adapter(config: FedsiloConfig) -> LoadedModel:
-    """Resolve, hash and load the base model, attach the run's LoRA adapter, and hold the
-    frozen base weights in the precision ``train.precision`` resolves to on this machine."""
+    """Resolve, hash and load the base model, attach the run's LoRA adapter, hold the frozen
+    base weights in the precision ``train.precision`` resolves to on this machine, and place
+    the model on ``train.device``.
+
+    The adapter is initialised on the CPU before the move, so its seeded start (the template)
+    is the same on every device. A ``"cuda"`` device without CUDA is refused (DeviceError)
+    before anything is loaded.
+    """
+    device = resolve_device(config.train.device)
     folder = resolve_base_model(config.model.base)
     digest = base_model_hash(folder)
     base, tokenizer = load_base_model(folder)
@@ -78,6 +86,7 @@ def load_model_with_adapter(config: FedsiloConfig) -> LoadedModel:
         init_seed=config.run.seed,
         freeze_a=lora.ffa,
     )
-    choice = machine_precision(config.train.precision)
+    choice = machine_precision(config.train.precision, config.train.device)
     hold_base_weights_in(model, choice.precision)
+    model.to(device)
     return LoadedModel(model, tokenizer, digest, get_adapter_state(model), choice)

@@ -34,6 +34,7 @@ SecureAggregationMode = Literal["none", "secagg", "he"]
 # Compute precision of training and evaluation: "auto" takes bf16 where the CPU multiplies
 # bf16 matrices natively and measurably faster than fp32 (docs/benchmarks.md), fp32 elsewhere.
 PrecisionSetting = Literal["auto", "bf16", "fp32"]
+DeviceSetting = Literal["cpu", "cuda"]
 # Names that become file or folder names (run folders, RUN/sites/NAME, NAME.key, NAME.toml):
 # a letter or digit first, so never "." or "..", and no separator.
 SafeName = Annotated[
@@ -193,6 +194,9 @@ class TrainSection(Section):
     max_grad_norm: float | None = Field(1.0, gt=0)
     # Frozen base weights in bf16 and bf16 compute where that is native; adapters stay fp32.
     precision: PrecisionSetting = "auto"
+    # Where training and evaluation run: "cuda" (the first GPU) must exist where the model is
+    # loaded (fedsilo.training.device); what sites send and the server aggregates is CPU fp32.
+    device: DeviceSetting = "cpu"
 
     @model_validator(mode="before")
     @classmethod

@@ -21,9 +21,6 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 log = logging.getLogger(__name__)
 
 TEXT_FIELD = "text"
@@ -161,6 +158,10 @@ def _csv_record(path: Path, header: list[str], cells: list[str], *, where: str) 
 
 
 def _read_parquet(path: Path, stats: _ReadStats) -> Iterator[_RawRecord]:
+    # Imported here: pyarrow is large, and only a Parquet file needs it.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     try:
         parquet = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as error:

@@ -35,6 +35,7 @@ from fedsilo.evaluation.metrics import (
     PartMetrics,
     summarize_next_token,
 )
+from fedsilo.training.device import model_device, on_device
 from fedsilo.training.loss import decoder_and_head
 
 
@@ -83,8 +84,9 @@ def generate_answers(
         for prompt in prompts
     ]
     answers = [""] * len(prompts)
+    device = model_device(model)
     for indices in length_batches([len(ids) for ids in encoded], batch_size):
-        batch = _left_padded([encoded[i] for i in indices], pad_id=pad_id)
+        batch = on_device(_left_padded([encoded[i] for i in indices], pad_id=pad_id), device)
         output = generate(
             **batch,
             max_new_tokens=max_new_tokens,
@@ -93,7 +95,7 @@ def generate_answers(
             pad_token_id=pad_id,
             eos_token_id=tokenizer.eos_token_id,
         )
-        new_tokens = output[:, batch["input_ids"].shape[1] :]
+        new_tokens = output[:, batch["input_ids"].shape[1] :].cpu()
         for index, answer in zip(
             indices, tokenizer.batch_decode(new_tokens, skip_special_tokens=True), strict=True
         ):
@@ -145,8 +147,9 @@ def answer_scores(
     losses, likelihoods = [0.0] * count, [0.0] * count
     top1, top5, tokens = [0] * count, [0] * count, [0] * count
     decoder, head = decoder_and_head(model)
+    device = model_device(model)
     for indices in length_batches([len(e.input_ids) for e in examples], batch_size):
-        batch = collate([examples[i] for i in indices], pad_id=pad_id)
+        batch = on_device(collate([examples[i] for i in indices], pad_id=pad_id), device)
         hidden = decoder(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
         ).last_hidden_state
@@ -160,10 +163,11 @@ def answer_scores(
         token_loss = torch.nn.functional.cross_entropy(logits, wanted, reduction="none")
         best = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
         width = len(indices)
-        summed = torch.zeros(width).index_add(0, rows, token_loss)
-        counted = torch.bincount(rows, minlength=width)
-        hits1 = torch.bincount(rows[best[:, 0] == wanted], minlength=width)
-        hits5 = torch.bincount(rows[(best == wanted[:, None]).any(dim=-1)], minlength=width)
+        # Per-row figures come back to the CPU once per batch, not once per value.
+        summed = torch.zeros(width, device=device).index_add(0, rows, token_loss).cpu()
+        counted = torch.bincount(rows, minlength=width).cpu()
+        hits1 = torch.bincount(rows[best[:, 0] == wanted], minlength=width).cpu()
+        hits5 = torch.bincount(rows[(best == wanted[:, None]).any(dim=-1)], minlength=width).cpu()
         for row, index in enumerate(indices):
             losses[index] = float(summed[row] / counted[row].clamp(min=1))
             likelihoods[index] = -float(summed[row])
@@ -246,8 +250,9 @@ def candidate_log_likelihoods(
         for item in items
     ]
     scores: list[list[float]] = [[] for _ in items]
+    device = model_device(model)
     for indices in length_batches([len(prompt) for prompt, _ in encoded], batch_size):
-        batch = _left_padded([encoded[i][0] for i in indices], pad_id=pad_id)
+        batch = on_device(_left_padded([encoded[i][0] for i in indices], pad_id=pad_id), device)
         prompt_mask = batch["attention_mask"]
         prompt_out = model(
             input_ids=batch["input_ids"],
@@ -265,14 +270,15 @@ def candidate_log_likelihoods(
         for row, answer in enumerate(answers):
             answer_ids[row, : len(answer)] = torch.tensor(answer, dtype=torch.long)
             answer_mask[row, : len(answer)] = 1
-        selected = torch.tensor(rows, dtype=torch.long)
+        answer_ids, answer_mask = answer_ids.to(device), answer_mask.to(device)
+        selected = torch.tensor(rows, dtype=torch.long, device=device)
         cache = prompt_out.cache
         cache.batch_select_indices(selected)
         starts = prompt_mask[selected].sum(dim=1, keepdim=True)
         logits = model(
             input_ids=answer_ids,
             attention_mask=torch.cat([prompt_mask[selected], answer_mask], dim=1),
-            position_ids=starts + torch.arange(width).unsqueeze(0),
+            position_ids=starts + torch.arange(width, device=device).unsqueeze(0),
             cache=cache,
             use_cache=True,
         ).logits

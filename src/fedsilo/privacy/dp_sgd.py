@@ -54,6 +54,7 @@ from torch import nn
 from fedsilo.data.batching import collate
 from fedsilo.data.encode import Example
 from fedsilo.model.adapters import AdapterState
+from fedsilo.training.device import CPU_DP_MICRO_BATCH, dp_micro_batch_size, model_device
 from fedsilo.training.loop import (
     LocalTrainingResult,
     OptimizerName,
@@ -67,8 +68,9 @@ from fedsilo.training.precision import Precision, compute_in
 
 # Attributes that Opacus's hooks leave on modules after a backward pass.
 _MODULE_LEFTOVERS = ("activations", "max_batch_len")
-# Examples whose per-example gradients are held at once: bounds memory for large batches.
-DEFAULT_MICRO_BATCH_SIZE = 8
+# Examples whose per-example gradients are held at once on the CPU: bounds memory for large
+# batches (a GPU holds more, fedsilo.training.device).
+DEFAULT_MICRO_BATCH_SIZE = CPU_DP_MICRO_BATCH
 
 
 @dataclass(frozen=True)
@@ -171,7 +173,7 @@ def train_local_dp(
     pad_id: int,
     seed: int,
     optimizer: OptimizerName = "adamw",
-    micro_batch_size: int = DEFAULT_MICRO_BATCH_SIZE,
+    micro_batch_size: int | None = None,
     on_step: Callable[[StepProgress], None] | None = None,
 ) -> DpTrainingResult:
     """Train the adapter from ``global_state`` with DP-SGD for ``steps`` steps; return the update.
@@ -188,8 +190,11 @@ def train_local_dp(
     the Opacus hooks and their attributes are removed (also on error) and the training mode is
     restored. ``train_loss`` is the mean over non-empty steps of the batch's mean per-example
     loss, NaN if every step drew an empty batch. Arguments are validated first (ValueError
-    naming the argument).
+    naming the argument). ``micro_batch_size`` defaults to the model's device's
+    (:func:`fedsilo.training.device.dp_micro_batch_size`).
     """
+    if micro_batch_size is None:
+        micro_batch_size = dp_micro_batch_size(model_device(model))
     _validate(
         examples,
         steps=steps,
@@ -291,7 +296,7 @@ def clipped_per_example_gradients(
     there; callers overwrite it.
     """
     batch = collate(batch_examples, pad_id=pad_id)
-    with compute_in(precision):
+    with compute_in(precision, model_device(model)):
         per_example_losses = labelled_token_losses(model, batch).per_example_mean()
     # Opacus's hooks assume the loss is a sum over examples: each grad_sample row is then
     # the gradient of that example's own loss.
@@ -329,19 +334,15 @@ def _set_private_gradients(
     """Set each ``param.grad`` to the noisy mean of the clipped gradients.
 
     The noise is drawn for every parameter at every step, empty batch or not, so the
-    generator's stream (and the run) depends only on the seed and the shapes.
+    generator's stream (and the run) depends only on the seed and the shapes. It is drawn on
+    the CPU (where the generator is) on every device, then moved to the parameter's.
     """
     with torch.no_grad():
         for param, total in zip(params, sums, strict=True):
             noise = torch.normal(
-                0.0,
-                noise_std,
-                size=param.shape,
-                generator=generator,
-                device=param.device,
-                dtype=param.dtype,
+                0.0, noise_std, size=param.shape, generator=generator, dtype=param.dtype
             )
-            param.grad = (total + noise) / expected_batch_size
+            param.grad = (total + noise.to(param.device)) / expected_batch_size
 
 
 def _take_grad_sample(param: nn.Parameter) -> torch.Tensor:

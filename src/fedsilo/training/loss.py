@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from fedsilo.data.encode import IGNORE_INDEX
+from fedsilo.training.device import model_device, on_device
 
 
 @dataclass(frozen=True)
@@ -58,8 +59,10 @@ def labelled_token_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> T
 
     Position ``t`` predicts the label at ``t + 1``; a label of :data:`IGNORE_INDEX` (prompt,
     padding) is not a target. The loss is computed from fp32 logits whatever the precision.
+    The batch is moved to the model's device.
     """
     decoder, head = decoder_and_head(model)
+    batch = on_device(batch, model_device(model))
     hidden = decoder(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
     ).last_hidden_state

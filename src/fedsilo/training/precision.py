@@ -5,6 +5,9 @@ multiply (AVX512-BF16 or AMX), runs the matrix products several times faster tha
 CPU without it torch emulates bf16 and is slower than fp32, so ``"auto"`` looks at the CPU
 flags *and* times one second of both precisions before choosing; it never assumes.
 
+On a CUDA GPU (``train.device = "cuda"``) ``"auto"`` is bf16 wherever torch reports the GPU
+supports it (every GPU since Ampere runs bf16 on its tensor cores); no probe runs.
+
 Only the frozen base weights are held in bf16. LoRA parameters, their gradients, the optimizer
 state and everything a site sends stay fp32, so aggregation, secure aggregation (bit-exact
 fixed-point sums) and the wire format are the same in both precisions. Under bf16 the forward
@@ -25,7 +28,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from fedsilo.config.schema import PrecisionSetting
+from fedsilo.config.schema import DeviceSetting, PrecisionSetting
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +52,10 @@ class PrecisionChoice:
 
     precision: Precision
     setting: PrecisionSetting
-    native_bf16: bool  # the CPU reports a native bf16 matrix-multiply flag
+    native_bf16: bool  # the CPU reports a native bf16 matrix-multiply flag (GPU: supports bf16)
     fp32_gflops: float | None  # probe figures (None when no probe ran)
     bf16_gflops: float | None
+    device: DeviceSetting = "cpu"  # where it computes
 
     def describe(self) -> str:
         """One line for the log: what was chosen and why."""
@@ -62,7 +66,8 @@ class PrecisionChoice:
                 f"GFLOP/s ({self.bf16_gflops / self.fp32_gflops:.2f}x)"
             )
         native = "native bf16" if self.native_bf16 else "no native bf16"
-        return f"precision {self.precision} (setting {self.setting!r}, {native}{figures})"
+        where = "" if self.device == "cpu" else f" on {self.device}"
+        return f"precision {self.precision}{where} (setting {self.setting!r}, {native}{figures})"
 
     def as_record(self) -> dict[str, str | float | bool | None]:
         """The choice as JSON-ready values (run.json, the ledger's run-start entry)."""
@@ -72,6 +77,7 @@ class PrecisionChoice:
             "native_bf16": self.native_bf16,
             "probe_fp32_gflops": self.fp32_gflops,
             "probe_bf16_gflops": self.bf16_gflops,
+            "device": self.device,
         }
 
 
@@ -128,6 +134,8 @@ def resolve_precision(
     *,
     flags: frozenset[str] | None = None,
     probe: Probe | None = None,
+    device: DeviceSetting = "cpu",
+    gpu_bf16: bool | None = None,
 ) -> PrecisionChoice:
     """Turn a configured setting into the precision this machine trains in.
 
@@ -136,7 +144,13 @@ def resolve_precision(
     ``"auto"`` chooses bf16 when the CPU reports native bf16 and the probe measures at least
     :data:`MIN_BF16_SPEEDUP` over fp32; fp32 otherwise. ``flags`` default to this CPU's and
     ``probe`` to :func:`probe_speeds` (tests pass their own).
+
+    On ``device = "cuda"`` the CPU is not looked at: ``"auto"`` and ``"bf16"`` mean bf16 when
+    the GPU supports it (``gpu_bf16``, default ``torch.cuda.is_bf16_supported()``); ``"auto"``
+    falls back to fp32 and ``"bf16"`` is refused on a GPU without it.
     """
+    if device == "cuda":
+        return _resolve_on_gpu(setting, gpu_bf16)
     native = has_native_bf16(cpu_flags() if flags is None else flags)
     if setting == "fp32":
         return PrecisionChoice("fp32", setting, native, None, None)
@@ -155,10 +169,22 @@ def resolve_precision(
     return PrecisionChoice("bf16" if fast else "fp32", setting, native, fp32_gflops, bf16_gflops)
 
 
+def _resolve_on_gpu(setting: PrecisionSetting, gpu_bf16: bool | None) -> PrecisionChoice:
+    supported = torch.cuda.is_bf16_supported() if gpu_bf16 is None else gpu_bf16
+    if setting == "fp32" or (setting == "auto" and not supported):
+        return PrecisionChoice("fp32", setting, supported, None, None, "cuda")
+    if not supported:
+        raise PrecisionError(
+            "train.precision = 'bf16' needs a GPU that supports bf16; this one does not. "
+            "Use 'auto' or 'fp32'."
+        )
+    return PrecisionChoice("bf16", setting, supported, None, None, "cuda")
+
+
 @cache
-def machine_precision(setting: PrecisionSetting) -> PrecisionChoice:
-    """:func:`resolve_precision` once per process and setting, logged once with its figures."""
-    choice = resolve_precision(setting)
+def machine_precision(setting: PrecisionSetting, device: DeviceSetting = "cpu") -> PrecisionChoice:
+    """:func:`resolve_precision` once per process, setting and device, logged once."""
+    choice = resolve_precision(setting, device=device)
     log.info("%s", choice.describe())
     return choice
 
@@ -197,10 +223,11 @@ def base_weights_precision(model: nn.Module) -> Precision:
 
 
 @contextmanager
-def compute_in(precision: Precision) -> Iterator[None]:
-    """Run the enclosed forward passes in ``precision`` (autocast for bf16, nothing for fp32)."""
+def compute_in(precision: Precision, device: torch.device | None = None) -> Iterator[None]:
+    """Run the enclosed forward passes in ``precision`` (autocast for bf16, nothing for fp32)
+    on ``device`` (the model's; default the CPU)."""
     if precision == "fp32":
         yield
         return
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu" if device is None else device.type, dtype=torch.bfloat16):
         yield
