@@ -58,6 +58,7 @@ timeout 240 "$PY" benchmarks/gpu/smoke.py --device "$DEVICE" --out /tmp/gpu/smok
   || fail "smoke (training, DP-SGD or gold scoring on CUDA)"
 cp /tmp/gpu/smoke/smoke-tiny.json "$OUT/smoke-gpu.json"
 
+if [[ -z ${SKIP_TINY_BENCH:-} ]]; then
 step "smoke: tiny quality benchmark (sweep, all algorithms, in-process federation) on $DEVICE"
 rm -rf /tmp/gpu/tiny-bench
 timeout 300 "$PY" -m fedsilo.cli.main bench quality --task icd10-by-specialty \
@@ -88,6 +89,7 @@ for name, result in data["algorithms"].items():
 print("tiny benchmark ok in", round(data["wall_seconds"]), "s")
 PY
 cp /tmp/gpu/tiny-bench/quality-gpu-tiny.json "$OUT/quality-gpu-tiny.json"
+fi
 
 # Step times of SmolLM2-135M's decoder shape (random weights): what sizes call 2's budget.
 step "timing: SmolLM2-shaped model, one process, then $TIMING_PROCESSES at once"
