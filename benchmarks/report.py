@@ -131,6 +131,38 @@ def _demo_parts(parts: dict[str, Any] | None) -> str:
     return "; ".join(shown) or "-"
 
 
+def _demo_shape_section(result: dict[str, Any] | None) -> list[str]:
+    """The validation-split runs that chose the demo's rounds and local work."""
+    if result is None:
+        return []
+    lines = [
+        "### How the demo's federation was shaped",
+        "",
+        f"`python benchmarks/demo_shape.py` ({result['what']}):",
+        "",
+        "| training | rounds | local work per round | learning rate | optimizer steps "
+        "| validation category accuracy | validation loss |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in result["rows"]:
+        training = (
+            "centralized (pooled records)"
+            if row["mode"] == "centralized"
+            else (
+                f"FedAdam (server rate {row['server_learning_rate']:g})"
+                if row["strategy"] == "fedadam"
+                else "FedAvg"
+            )
+        )
+        lines.append(
+            f"| {training} | {row['rounds']} | {row['local_epochs']:g} epoch | "
+            f"{row['learning_rate']:g} | {row['optimizer_steps']} | "
+            f"{_pct(row['validation_category_accuracy'])} of {row['validation_count']} | "
+            f"{row['validation_loss']:.3f} |"
+        )
+    return [*lines, "", f"Choice: {result['choice']}.", ""]
+
+
 def _demo_section(result: dict[str, Any] | None) -> list[str]:
     lines = ["## `fedsilo demo`: gold set before and after", ""]
     if result is None:
@@ -249,6 +281,7 @@ def main() -> None:
         "",
         *_throughput_section(_load("throughput.json")),
         *_demo_section(_load("demo.json")),
+        *_demo_shape_section(_load("demo-shape.json")),
         *_audit_section(_load("audit_overhead.json")),
         *attack_section(
             [

@@ -331,3 +331,19 @@ def test_report_shows_the_summary_over_seeds_and_draws_mean_curves(
     assert "| fedavg | 0, 1 | 45.0% |" in text
     assert "| local-worst | 0, 1 | 10.0% |" in text
     assert (tmp_path / "img" / "quality-icd10-by-specialty-curves-over-seeds.svg").exists()
+
+
+def test_gold_every_rounds_scores_the_same_rounds_for_centralized_and_federated(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    budget = dataclasses.replace(SMALL, rounds=3, gold_every_rounds=2)
+    results = run_quality_benchmark(
+        _request(tiny_model_dir, tmp_path, budget, algorithms=("centralized", "fedavg"))
+    )
+
+    for name in ("centralized", "fedavg"):
+        rounds = [row["round"] for row in results["algorithms"][name]["per_round"]]
+        assert rounds == [2, 3], name
+    federated = json.loads(json.dumps(results["algorithms"]["fedavg"]))
+    metrics = Path(federated["run_dir"], "metrics.jsonl").read_text().splitlines()
+    assert ["gold_accuracy" in json.loads(line) for line in metrics] == [True, False, True, True]

@@ -171,6 +171,7 @@ def base_config(request: QualityRequest) -> FedsiloConfig:
             },
             "evaluation": {
                 "max_new_tokens": budget.max_new_tokens or new_tokens,
+                "every_rounds": budget.gold_every_rounds,
                 # A GPU scores the whole gold set in a few large batches; CPU: the default.
                 **({"batch_size": GPU_EVAL_BATCH} if request.device == "cuda" else {}),
             },
@@ -343,6 +344,9 @@ def _centralized(
         trainer, learning_rate=learning_rate
     ):
         steps = round_steps
+        every = config.evaluation.every_rounds
+        if round_number % every and round_number != config.run.rounds:
+            continue  # not a learning-curve point (the federated runs score the same rounds)
         row = {"round": round_number, "learning_rate": rate, **_gold_row(trainer.evaluate(state))}
         row["seconds"] = time.perf_counter() - started
         rows.append(row)
@@ -450,7 +454,7 @@ def _federated(
             **{k: m[k] for k in extra if k in m},
         }
         for m in metrics
-        if m["round"] > 0
+        if m["round"] > 0 and "gold_accuracy" in m  # rounds after which gold was scored
     ]
     steps = {site: site_steps(config, size) for site, size in site_sizes.items()}
     result = {

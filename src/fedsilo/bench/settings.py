@@ -73,6 +73,9 @@ class QualityBudget:
     validation_share: float = 0.0
     gold_phrasings: int = 0  # ICD-10 gold part b (inclusion terms of trained codes)
     gold_ranking_candidates: int = 0  # ICD-10 gold part c (closed-set ranking among k)
+    # Learning-curve points: the gold set is scored after every N-th round and the last one
+    # (scoring costs about a short round; converged budgets have tens of rounds).
+    gold_every_rounds: int = 1
     train_on_inclusion_terms: bool = False
     # (algorithm, base learning rate) pairs that replace ``learning_rate`` for that algorithm.
     learning_rates: tuple[tuple[str, float], ...] = ()

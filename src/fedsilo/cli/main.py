@@ -269,6 +269,7 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
         gold_ranking_candidates=args.gold_ranking_candidates,
         train_on_inclusion_terms=args.train_on_inclusion_terms,
         validation_share=args.validation_share,
+        gold_every_rounds=args.gold_every_rounds,
         lora_rank=args.lora_rank,
         proximal_mus=tuple(args.mu) if args.mu else defaults.proximal_mus,
         seed=seeds[0],
@@ -473,6 +474,7 @@ def _add_bench(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         ("gold-phrasings", "gold_phrasings", int),
         ("gold-ranking-candidates", "gold_ranking_candidates", int),
         ("validation-share", "validation_share", float),
+        ("gold-every-rounds", "gold_every_rounds", int),
         ("lora-rank", "lora_rank", int),
         ("seed", "seed", int),
     ):
@@ -490,7 +492,7 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="4 hospitals learn ICD-10-CM coding on SmolLM2")
     demo.add_argument("--out", type=Path, help="run folder (default: runs/demo-TIMESTAMP)")
-    demo.add_argument("--rounds", type=int, help="number of rounds (default: 3)")
+    demo.add_argument("--rounds", type=int, help="number of rounds (default: 20)")
     demo.set_defaults(handler=cmd_demo)
 
     simulate = commands.add_parser("simulate", help="run a federation from a TOML config")
