@@ -34,6 +34,9 @@ def main() -> None:
     parser.add_argument("--mode", choices=("fedavg", "centralized"), default="fedavg")
     parser.add_argument("--strategy", choices=("fedavg", "fedadam"), default="fedavg")
     parser.add_argument("--server-lr", type=float, default=0.01, help="FedAdam's rate")
+    parser.add_argument(
+        "--server-step", type=float, default=1.0, help="FedAvg: global += step * mean delta"
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--local-epochs", type=float, default=0.5)
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -85,7 +88,9 @@ def main() -> None:
                 )
                 delta = {name: trained[name] - state[name] for name in trained}
                 updates.add(SiteUpdate(site=str(index), delta=delta, num_examples=len(examples)))
-            state = strategy.aggregate(state, updates)
+            aggregated = strategy.aggregate(state, updates)
+            step = args.server_step
+            state = {name: state[name] + step * (aggregated[name] - state[name]) for name in state}
         print(f"round {round_number} lr {rate:.2e} steps {steps_total}", flush=True)
     train_seconds = time.perf_counter() - started
     result = {

@@ -154,6 +154,8 @@ def _demo_shape_section(result: dict[str, Any] | None) -> list[str]:
                 else "FedAvg"
             )
         )
+        if row.get("server_step") not in (None, 1.0):
+            training += f", server step {row['server_step']:g}"
         lines.append(
             f"| {training} | {row['rounds']} | {row['local_epochs']:g} epoch | "
             f"{row['learning_rate']:g} | {row['optimizer_steps']} | "
