@@ -81,6 +81,23 @@ def test_replaced_final_adapter_fails_verify_and_export(
     assert not out.exists()
 
 
+def test_generate_refuses_a_run_whose_checkpoint_was_replaced(
+    finished_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    prompt = ["generate", str(finished_run), "--prompt", "ICD-10-CM code for: x"]
+    assert main(prompt) == 0
+    capsys.readouterr()
+    folder = RunFolder(finished_run)
+    last = folder.checkpoint_dir(2)
+    weights = next(p for p in last.iterdir() if p.name.endswith(".safetensors"))
+    tensors = load_file(str(weights))
+    save_file({name: tensor * 2 for name, tensor in tensors.items()}, str(weights))
+
+    assert main(prompt) == 2
+    err = capsys.readouterr().err
+    assert "refusing to answer from an adapter the run's ledger does not vouch for" in err
+
+
 def test_edited_adapter_config_fails(finished_run: Path) -> None:
     config = finished_run / "final" / "adapter_config.json"
     settings = json.loads(config.read_text())

@@ -23,15 +23,21 @@ def _latest_adapter(folder: RunFolder) -> tuple[AdapterState, int]:
     return folder.load_checkpoint(last).adapter, last
 
 
-class ExportRefusedError(ValueError):
+class UnverifiedRunError(ValueError):
+    """The run's adapter is not the one its ledger vouches for; it is not used."""
+
+
+class ExportRefusedError(UnverifiedRunError):
     """The run's adapter is not the one its ledger vouches for; nothing is exported."""
 
 
-def _require_verified(folder: RunFolder) -> None:
+def _require_verified(
+    folder: RunFolder, *, use: str, error: type[UnverifiedRunError] = UnverifiedRunError
+) -> None:
     report = verify_run(folder.root)
     if not report.ok:
-        raise ExportRefusedError(
-            f"{folder.root}: refusing to export an adapter the run's ledger does not vouch "
+        raise error(
+            f"{folder.root}: refusing to {use} an adapter the run's ledger does not vouch "
             f"for; {describe(report)} (see `fedsilo audit verify {folder.root}`)"
         )
 
@@ -49,7 +55,7 @@ def export_run(run_dir: Path, out: Path) -> str:
     folder = RunFolder(run_dir)
     if not folder.root.is_dir():
         raise FileNotFoundError(f"{folder.root}: no such run folder")
-    _require_verified(folder)
+    _require_verified(folder, use="export", error=ExportRefusedError)
     if (folder.final_dir / "adapter_config.json").exists():
         with atomic_folder(out) as tmp:
             for item in folder.final_dir.iterdir():
@@ -71,8 +77,14 @@ def export_run(run_dir: Path, out: Path) -> str:
 
 
 def generate_from_run(run_dir: Path, prompt: str, *, max_new_tokens: int) -> str:
-    """Greedy answer of the run's federated model (final adapter, else latest checkpoint)."""
+    """Greedy answer of the run's federated model (its latest checkpoint, which a completed
+    run's final/ equals). The run must pass `fedsilo audit verify` first, as for export: an
+    answer from an adapter the ledger does not vouch for would be an answer from an unknown
+    model (UnverifiedRunError)."""
     folder = RunFolder(run_dir)
+    if not folder.root.is_dir():
+        raise FileNotFoundError(f"{folder.root}: no such run folder")
+    _require_verified(folder, use="answer from")
     config = load_config(folder.config_path)
     info = folder.read_json(folder.run_info_path)
     loaded = load_model_with_adapter(config)
