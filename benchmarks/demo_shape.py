@@ -31,7 +31,7 @@ DEMO = Path(__file__).parents[1] / "src" / "fedsilo" / "configs" / "demo.toml"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--mode", choices=("fedavg", "centralized"), default="fedavg")
+    parser.add_argument("--mode", choices=("fedavg", "centralized", "local"), default="fedavg")
     parser.add_argument("--strategy", choices=("fedavg", "fedadam"), default="fedavg")
     parser.add_argument("--server-lr", type=float, default=0.01, help="FedAdam's rate")
     parser.add_argument(
@@ -65,10 +65,22 @@ def main() -> None:
     trainer = _Trainer(config, build_task(config.task, seed=config.run.seed))
     state = trainer.loaded.adapter_template
     sizes = [len(examples) for examples in trainer.examples]
+    alone = [state] * len(sizes)  # local-only: each site's own adapter
     started, steps_total = time.perf_counter(), 0
     for round_number in range(1, args.rounds + 1):
         rate = learning_rate_of_round(config, round_number)
-        if args.mode == "centralized":
+        if args.mode == "local":
+            for index, examples in enumerate(trainer.examples):
+                steps = site_steps(config, len(examples))
+                steps_total += steps
+                alone[index] = trainer.train_round(
+                    alone[index],
+                    examples,
+                    steps=steps,
+                    learning_rate=rate,
+                    seed=_round_seed(0, round_number, index),
+                )
+        elif args.mode == "centralized":
             pooled = [example for site in trainer.examples for example in site]
             steps = sum(site_steps(config, size) for size in sizes)
             seed = _round_seed(0, round_number, 0)
@@ -99,8 +111,19 @@ def main() -> None:
         "optimizer_steps": steps_total,
         "examples_seen": steps_total * args.batch,
         "records": sizes,
-        **trainer.evaluate_validation(state),
     }
+    if args.mode == "local":
+        # Each site's adapter on the pooled validation records: the mean and the worst site.
+        per_site = [trainer.evaluate_validation(adapter) for adapter in alone]
+        result["per_site"] = per_site
+        for key in ("validation_loss", "validation_accuracy", "validation_category_accuracy"):
+            result[key] = sum(site[key] for site in per_site) / len(per_site)
+        result["worst_validation_category_accuracy"] = min(
+            site["validation_category_accuracy"] for site in per_site
+        )
+        result["validation_count"] = per_site[0]["validation_count"]
+    else:
+        result.update(trainer.evaluate_validation(state))
     args.out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     print(json.dumps(result))
 
