@@ -156,6 +156,11 @@ def _demo_shape_section(result: dict[str, Any] | None) -> list[str]:
         )
         if row.get("server_step") not in (None, 1.0):
             training += f", server step {row['server_step']:g}"
+        if row["mode"] == "local":
+            worst = row["worst_validation_category_accuracy"]
+            training = f"local only (mean of the sites; worst site {_pct(worst)})"
+        if row.get("batch_size", 16) != 16:
+            training += f", batches of {row['batch_size']}"
         lines.append(
             f"| {training} | {row['rounds']} | {row['local_epochs']:g} epoch | "
             f"{row['learning_rate']:g} | {row['optimizer_steps']} | "
