@@ -21,7 +21,13 @@ from pathlib import Path
 
 import torch
 
-from fedsilo.bench.quality import _round_seed, _Trainer, learning_rate_of_round, site_steps
+from fedsilo.bench.quality import (
+    _centralized_states,
+    _round_seed,
+    _Trainer,
+    learning_rate_of_round,
+    site_steps,
+)
 from fedsilo.config import FedsiloConfig
 from fedsilo.data.tasks import build_task
 from fedsilo.server.strategies import SiteUpdate, build_strategy
@@ -67,43 +73,49 @@ def main() -> None:
     sizes = [len(examples) for examples in trainer.examples]
     alone = [state] * len(sizes)  # local-only: each site's own adapter
     started, steps_total = time.perf_counter(), 0
-    for round_number in range(1, args.rounds + 1):
-        rate = learning_rate_of_round(config, round_number)
-        if args.mode == "local":
-            for index, examples in enumerate(trainer.examples):
-                steps = site_steps(config, len(examples))
-                steps_total += steps
-                alone[index] = trainer.train_round(
-                    alone[index],
-                    examples,
-                    steps=steps,
-                    learning_rate=rate,
-                    seed=_round_seed(0, round_number, index),
-                )
-        elif args.mode == "centralized":
-            pooled = [example for site in trainer.examples for example in site]
-            steps = sum(site_steps(config, size) for size in sizes)
-            seed = _round_seed(0, round_number, 0)
-            state = trainer.train_round(state, pooled, steps=steps, learning_rate=rate, seed=seed)
+    if args.mode == "centralized":
+        # The quality benchmark's centralized training: the sites' steps over the pooled records.
+        for round_number, rate, steps, adapter in _centralized_states(
+            trainer, learning_rate=args.lr
+        ):
+            state = adapter
             steps_total += steps
-        else:
-            updates = strategy.new_sum()
-            for index, examples in enumerate(trainer.examples):
-                steps = site_steps(config, len(examples))
-                steps_total += steps
-                trained = trainer.train_round(
-                    state,
-                    examples,
-                    steps=steps,
-                    learning_rate=rate,
-                    seed=_round_seed(0, round_number, index),
-                )
-                delta = {name: trained[name] - state[name] for name in trained}
-                updates.add(SiteUpdate(site=str(index), delta=delta, num_examples=len(examples)))
-            aggregated = strategy.aggregate(state, updates)
-            step = args.server_step
-            state = {name: state[name] + step * (aggregated[name] - state[name]) for name in state}
-        print(f"round {round_number} lr {rate:.2e} steps {steps_total}", flush=True)
+            print(f"round {round_number} lr {rate:.2e} steps {steps_total}", flush=True)
+    else:
+        for round_number in range(1, args.rounds + 1):
+            rate = learning_rate_of_round(config, round_number)
+            if args.mode == "local":
+                for index, examples in enumerate(trainer.examples):
+                    steps = site_steps(config, len(examples))
+                    steps_total += steps
+                    alone[index] = trainer.train_round(
+                        alone[index],
+                        examples,
+                        steps=steps,
+                        learning_rate=rate,
+                        seed=_round_seed(0, round_number, index),
+                    )
+            else:
+                updates = strategy.new_sum()
+                for index, examples in enumerate(trainer.examples):
+                    steps = site_steps(config, len(examples))
+                    steps_total += steps
+                    trained = trainer.train_round(
+                        state,
+                        examples,
+                        steps=steps,
+                        learning_rate=rate,
+                        seed=_round_seed(0, round_number, index),
+                    )
+                    delta = {name: trained[name] - state[name] for name in trained}
+                    update = SiteUpdate(site=str(index), delta=delta, num_examples=len(examples))
+                    updates.add(update)
+                aggregated = strategy.aggregate(state, updates)
+                step = args.server_step
+                state = {
+                    name: state[name] + step * (aggregated[name] - state[name]) for name in state
+                }
+            print(f"round {round_number} lr {rate:.2e} steps {steps_total}", flush=True)
     train_seconds = time.perf_counter() - started
     result = {
         "args": {**vars(args), "out": str(args.out)},

@@ -344,8 +344,7 @@ def _centralized(
         trainer, learning_rate=learning_rate
     ):
         steps = round_steps
-        every = config.evaluation.every_rounds
-        if round_number % every and round_number != config.run.rounds:
+        if not config.scores_gold_after(round_number):
             continue  # not a learning-curve point (the federated runs score the same rounds)
         row = {"round": round_number, "learning_rate": rate, **_gold_row(trainer.evaluate(state))}
         row["seconds"] = time.perf_counter() - started

@@ -414,6 +414,12 @@ class FedsiloConfig(Section):
         threshold = self.secure_aggregation.threshold or per_round // 2 + 1
         return max(threshold, self.strategy.min_sites)
 
+    def scores_gold_after(self, round_number: int) -> bool:
+        """Whether the gold set is scored after ``round_number``: every
+        ``evaluation.every_rounds``-th round and the last one (round 0, the base model, always)."""
+        every = self.evaluation.every_rounds
+        return round_number % every == 0 or round_number == self.run.rounds
+
     @property
     def num_sites(self) -> int:
         """Number of sites in the federation."""

@@ -254,13 +254,6 @@ def _privacy_fields(plan: FederationPlan) -> dict[str, Any]:
     return fields
 
 
-def _scores_gold(config: FedsiloConfig, round_number: int) -> bool:
-    """Whether the gold set is scored after ``round_number``: every ``every_rounds``-th and
-    the last round (round 0, the baseline, is always scored)."""
-    every = config.evaluation.every_rounds
-    return round_number % every == 0 or round_number == config.run.rounds
-
-
 def _gold_fields(metrics: GoldMetrics) -> dict[str, Any]:
     """The headline gold figures (ICD-10: unseen codes of trained categories), every part's."""
     interval = metrics.category_accuracy_ci95
@@ -361,7 +354,7 @@ def run_federation(grid: Grid, plan: FederationPlan, *, resume: bool) -> Adapter
             )
 
         global_state = strategy.aggregate(global_state, replies.updates)
-        gold = plan.evaluate(global_state) if _scores_gold(config, round_number) else None
+        gold = plan.evaluate(global_state) if config.scores_gold_after(round_number) else None
         record = {
             "round": round_number,
             "attempts": attempt,

@@ -340,7 +340,6 @@ def _round_rows(folder: RunFolder, entries: Sequence[Entry]) -> tuple[RoundRow, 
         else:
             digest, summed, examples = None, (), None
         count = record.get("gold_count")
-        train_loss = record.get("train_loss")
         rows.append(
             RoundRow(
                 round=round_number,
@@ -348,7 +347,7 @@ def _round_rows(folder: RunFolder, entries: Sequence[Entry]) -> tuple[RoundRow, 
                 sites_failed=int(record.get("sites_failed", 0)),
                 summed_sites=summed,
                 examples=examples if isinstance(examples, int) else None,
-                train_loss=float(train_loss) if isinstance(train_loss, int | float) else None,
+                train_loss=_optional_float(record.get("train_loss")),
                 gold_accuracy=_optional_float(record.get("gold_accuracy")),
                 gold_category_accuracy=_optional_float(record.get("gold_category_accuracy")),
                 gold_loss=_optional_float(record.get("gold_loss")),
@@ -361,7 +360,8 @@ def _round_rows(folder: RunFolder, entries: Sequence[Entry]) -> tuple[RoundRow, 
 
 
 def _optional_float(value: object) -> float | None:
-    """A gold figure, or None for a round after which the gold set was not scored."""
+    """A recorded figure, or None where the round has none (no training at round 0, no gold
+    scoring after a round between ``every_rounds``)."""
     return float(value) if isinstance(value, int | float) else None
 
 
