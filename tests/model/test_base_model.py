@@ -210,3 +210,21 @@ def test_failed_conversion_leaves_no_cache_entry(
 
     models = tmp_path / "cache" / "models"
     assert [p.name for p in models.iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_the_lm_head_gets_a_contiguous_input_when_only_the_last_position_is_kept(
+    tiny_model_dir: Path,
+) -> None:
+    model, _ = load_base_model(tiny_model_dir)
+    seen: list[bool] = []
+    head = model.get_output_embeddings()
+    head.register_forward_pre_hook(lambda _module, args: seen.append(args[0].is_contiguous()))
+    input_ids = torch.randint(0, 100, (3, 7))
+
+    with torch.no_grad():
+        kept = model(input_ids=input_ids, logits_to_keep=1).logits
+        full = model(input_ids=input_ids).logits
+
+    # A strided (batch, 1, hidden) view makes torch copy the whole head weight once per row.
+    assert seen == [True, True]
+    torch.testing.assert_close(kept, full[:, -1:])

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dp_accounting
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedsilo.privacy.accounting import UnsupportedEventError, compute_epsilon
-from fedsilo.privacy.calibration import calibrate_noise_multiplier
+from fedsilo.privacy.calibration import (
+    calibrate_noise_multiplier,
+    calibrate_site_noise_multiplier,
+)
 from fedsilo.privacy.events import PoissonGaussianEvent, SampledSitesGaussianEvent
 
 TOLERANCE = 0.01
@@ -121,3 +125,51 @@ def test_invalid_argument_is_rejected(override: dict[str, float], name: str) -> 
 
     with pytest.raises(ValueError, match=name):
         calibrate_noise_multiplier(**arguments)  # type: ignore[arg-type]
+
+
+def _site_level_reference(noise: float, sites_per_round: int, num_sites: int, rounds: int) -> float:
+    """Epsilon at delta 1e-5 from dp-accounting directly, as events.py documents the mechanism."""
+    relation = dp_accounting.NeighboringRelation
+    if sites_per_round == num_sites:
+        event: dp_accounting.DpEvent = dp_accounting.GaussianDpEvent(noise)
+        accountant = dp_accounting.rdp.RdpAccountant(
+            neighboring_relation=relation.ADD_OR_REMOVE_ONE
+        )
+    else:
+        event = dp_accounting.SampledWithoutReplacementDpEvent(
+            num_sites, sites_per_round, dp_accounting.GaussianDpEvent(noise / 2)
+        )
+        accountant = dp_accounting.rdp.RdpAccountant(neighboring_relation=relation.REPLACE_ONE)
+    accountant.compose(dp_accounting.SelfComposedDpEvent(event, rounds))
+    return float(accountant.get_epsilon(1e-5))
+
+
+@pytest.mark.parametrize(
+    ("sites_per_round", "num_sites", "rounds", "target"),
+    [(10, 10, 20, 8.0), (10, 100, 20, 3.0), (100, 1000, 20, 1.0), (30, 1000, 200, 8.0)],
+)
+def test_site_level_calibration_meets_the_target_by_dp_accounting_and_is_minimal(
+    sites_per_round: int, num_sites: int, rounds: int, target: float
+) -> None:
+    noise = calibrate_site_noise_multiplier(
+        target_epsilon=target,
+        delta=1e-5,
+        sites_per_round=sites_per_round,
+        num_sites=num_sites,
+        rounds=rounds,
+        tolerance=TOLERANCE,
+    )
+
+    assert _site_level_reference(noise, sites_per_round, num_sites, rounds) <= target
+    assert _site_level_reference(noise - TOLERANCE, sites_per_round, num_sites, rounds) > target
+
+
+def test_site_level_calibration_names_what_cannot_be_met() -> None:
+    with pytest.raises(ValueError, match="20 round"):
+        calibrate_site_noise_multiplier(
+            target_epsilon=0.1, delta=1e-5, sites_per_round=4, num_sites=4, rounds=20, max_noise=2.0
+        )
+    with pytest.raises(ValueError, match="sites_per_round"):
+        calibrate_site_noise_multiplier(
+            target_epsilon=8.0, delta=1e-5, sites_per_round=5, num_sites=4, rounds=20
+        )

@@ -13,7 +13,10 @@ from fedsilo.privacy.accounting import (
     compute_epsilon,
     epsilon_per_round,
 )
-from fedsilo.privacy.calibration import calibrate_noise_multiplier
+from fedsilo.privacy.calibration import (
+    calibrate_noise_multiplier,
+    calibrate_site_noise_multiplier,
+)
 from fedsilo.privacy.events import (
     DpEvent,
     PoissonGaussianEvent,
@@ -32,6 +35,7 @@ __all__ = [
     "SpendingRecord",
     "UnsupportedEventError",
     "calibrate_noise_multiplier",
+    "calibrate_site_noise_multiplier",
     "compute_epsilon",
     "epsilon_per_round",
     "event_from_json",

@@ -1,18 +1,20 @@
-"""Choosing a noise multiplier for a round from a privacy budget.
+"""Choosing a noise multiplier from a privacy budget.
 
-:func:`calibrate_noise_multiplier` searches for the smallest noise multiplier whose round, added
-to what a site has already spent, stays within a target epsilon. Every candidate is judged by
-:func:`~fedsilo.privacy.accounting.compute_epsilon` itself, on the same history that will be
-accounted afterwards, so the answer never overshoots the target as the accountant computes it.
+:func:`calibrate_noise_multiplier` searches for the smallest noise multiplier whose record-level
+round, added to what a site has already spent, stays within a target epsilon;
+:func:`calibrate_site_noise_multiplier` does the same for site-level DP over a whole run. Every
+candidate is judged by :func:`~fedsilo.privacy.accounting.compute_epsilon` itself, on the same
+history that will be accounted afterwards, so the answer never overshoots the target as the
+accountant computes it.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from fedsilo.privacy.accounting import AccountantName, compute_epsilon
-from fedsilo.privacy.events import DpEvent, PoissonGaussianEvent
+from fedsilo.privacy.events import DpEvent, PoissonGaussianEvent, SampledSitesGaussianEvent
 
 
 def _positive(name: str, value: float) -> float:
@@ -66,17 +68,74 @@ def calibrate_noise_multiplier(
         event = PoissonGaussianEvent(noise, sampling_rate, steps)
         return compute_epsilon((*history, event), delta=delta, accountant=accountant)
 
+    return _smallest_noise(
+        epsilon_at,
+        target=target,
+        tolerance=step,
+        ceiling=ceiling,
+        context=f"at delta={delta} with {len(history)} prior event(s)",
+    )
+
+
+def calibrate_site_noise_multiplier(
+    *,
+    target_epsilon: float,
+    delta: float,
+    sites_per_round: int,
+    num_sites: int,
+    rounds: int,
+    accountant: AccountantName = "rdp",
+    tolerance: float = 0.01,
+    max_noise: float = 1000.0,
+) -> float:
+    """The smallest ``[privacy] site_noise_multiplier`` (to within ``tolerance``) that keeps a
+    run of ``rounds`` site-level rounds, ``sites_per_round`` of ``num_sites`` sites each, within
+    ``target_epsilon`` at ``delta`` (:class:`~fedsilo.privacy.events.SampledSitesGaussianEvent`).
+
+    Raises:
+        ValueError: an argument out of range (as :func:`calibrate_noise_multiplier`, and the
+            fields of the event), or even ``max_noise`` exceeds the target.
+    """
+    target = _positive("target_epsilon", target_epsilon)
+    step = _positive("tolerance", tolerance)
+    ceiling = _positive("max_noise", max_noise)
+    SampledSitesGaussianEvent(ceiling, sites_per_round, num_sites, rounds)
+
+    def epsilon_at(noise: float) -> float:
+        event = SampledSitesGaussianEvent(noise, sites_per_round, num_sites, rounds)
+        return compute_epsilon([event], delta=delta, accountant=accountant)
+
+    return _smallest_noise(
+        epsilon_at,
+        target=target,
+        tolerance=step,
+        ceiling=ceiling,
+        context=f"at delta={delta} for {rounds} round(s) of {sites_per_round} of {num_sites} sites",
+    )
+
+
+def _smallest_noise(
+    epsilon_at: Callable[[float], float],
+    *,
+    target: float,
+    tolerance: float,
+    ceiling: float,
+    context: str,
+) -> float:
+    """Doubling from ``min(1, ceiling)`` until ``epsilon_at`` meets ``target``, then bisection
+    to within ``tolerance``; the passing end is returned (epsilon assumed not to increase
+    with the noise)."""
     failing, passing = 0.0, min(1.0, ceiling)
     epsilon = epsilon_at(passing)
     while epsilon > target:
         if passing >= ceiling:
             raise ValueError(
                 f"even noise_multiplier={ceiling} (max_noise) gives epsilon={epsilon:.6g} > "
-                f"target_epsilon={target} at delta={delta} with {len(history)} prior event(s)"
+                f"target_epsilon={target} {context}"
             )
         failing, passing = passing, min(2.0 * passing, ceiling)
         epsilon = epsilon_at(passing)
-    while passing - failing > step:
+    while passing - failing > tolerance:
         middle = (failing + passing) / 2.0
         if not failing < middle < passing:
             break  # a tolerance below float resolution: no narrower bracket exists
