@@ -116,7 +116,7 @@ def load_base_model(folder: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerB
         if tokenizer.eos_token is None:
             raise ModelError(f"tokenizer in {folder} has neither a pad token nor an eos token")
         tokenizer.pad_token = tokenizer.eos_token
-    head = model.get_output_embeddings()
+    head = model.get_output_embeddings()  # type: ignore[no-untyped-call]
     if isinstance(head, torch.nn.Module):
         head.register_forward_pre_hook(_contiguous_input)
     model.train(False)
