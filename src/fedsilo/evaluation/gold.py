@@ -250,17 +250,19 @@ def candidate_log_likelihoods(
         for item in items
     ]
     scores: list[list[float]] = [[] for _ in items]
+    decoder, head = decoder_and_head(model)
     device = model_device(model)
     for indices in length_batches([len(prompt) for prompt, _ in encoded], batch_size):
         batch = on_device(_left_padded([encoded[i][0] for i in indices], pad_id=pad_id), device)
         prompt_mask = batch["attention_mask"]
-        prompt_out = model(
+        prompt_out = decoder(
             input_ids=batch["input_ids"],
             attention_mask=prompt_mask,
             position_ids=(prompt_mask.cumsum(dim=1) - 1).clamp(min=0),
             use_cache=True,
-            logits_to_keep=1,
         )
+        # Each prompt's last position predicts its candidates' first token.
+        first = torch.log_softmax(head(prompt_out.last_hidden_state[:, -1]).float(), dim=-1)
         # One row per (item, candidate); each row continues its item's cached prompt.
         rows = [row for row, i in enumerate(indices) for _ in encoded[i][1]]
         answers = [answer for i in indices for answer in encoded[i][1]]
@@ -275,24 +277,46 @@ def candidate_log_likelihoods(
         cache = prompt_out.cache
         cache.batch_select_indices(selected)
         starts = prompt_mask[selected].sum(dim=1, keepdim=True)
-        logits = model(
+        hidden = decoder(
             input_ids=answer_ids,
             attention_mask=torch.cat([prompt_mask[selected], answer_mask], dim=1),
             position_ids=starts + torch.arange(width, device=device).unsqueeze(0),
             cache=cache,
             use_cache=True,
-        ).logits
-        # The prompt's last position predicts answer token 0; answer position t, token t + 1.
-        predicting = torch.cat([prompt_out.logits[selected, -1:], logits[:, :-1]], dim=1)
-        log_probs = torch.log_softmax(predicting.float(), dim=-1)
-        token_scores = log_probs.gather(-1, answer_ids.unsqueeze(-1)).squeeze(-1)
-        totals = (token_scores * answer_mask).sum(dim=1).tolist()
+        ).last_hidden_state
+        totals = first[selected, answer_ids[:, 0]]
+        # Answer position t predicts token t + 1: only positions followed by a real token are
+        # projected onto the vocabulary (padding never reaches the head).
+        follows = answer_mask[:, 1:].bool()
+        if bool(follows.any()):
+            owner = follows.nonzero()[:, 0]
+            targets = answer_ids[:, 1:][follows]
+            token_scores = _target_log_probs(head, hidden[:, :-1][follows], targets)
+            totals = totals.index_add(0, owner, token_scores)
         position = 0
+        per_row = totals.tolist()
         for i in indices:
             count = len(encoded[i][1])
-            scores[i] = totals[position : position + count]
+            scores[i] = per_row[position : position + count]
             position += count
     return scores
+
+
+def _target_log_probs(
+    head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, *, chunk: int = 256
+) -> torch.Tensor:
+    """log p(target) for each row of ``hidden``, in float32, a chunk of rows at a time.
+
+    Chunks keep the float32 logits small enough to stay in cache between the projection and
+    the log-sum-exp; no full log-softmax is written.
+    """
+    parts = []
+    for begin in range(0, hidden.shape[0], chunk):
+        logits = head(hidden[begin : begin + chunk]).float()
+        wanted = targets[begin : begin + chunk]
+        chosen = logits.gather(-1, wanted.unsqueeze(-1)).squeeze(-1)
+        parts.append(chosen - torch.logsumexp(logits, dim=-1))
+    return torch.cat(parts)
 
 
 def reference_ranks(
