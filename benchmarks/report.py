@@ -16,6 +16,7 @@ from report_deployment import deployment_section
 from report_distill import distill_section
 from report_privacy import attack_section, fill_compliance_page, utility_section
 from report_secagg import secagg_section
+from report_site_dp import fill_compliance_site_table, site_dp_section
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -301,6 +302,7 @@ def main() -> None:
             ]
         ),
         *utility_section(_load("privacy-utility.json")),
+        *site_dp_section(_load("site-level-dp.json")),
         *distill_section(_load("distill.json")),
         *secagg_section(_load("secure-aggregation.json")),
         *quality_sections(),
@@ -313,6 +315,7 @@ def main() -> None:
     PAGE.write_text("\n".join(lines))
     print(f"wrote {PAGE}")
     fill_compliance_page(_load("privacy-utility.json"), _load("privacy-attacks-smollm2.json"))
+    fill_compliance_site_table(_load("site-level-dp.json"))
 
 
 if __name__ == "__main__":
