@@ -14,14 +14,17 @@ from fedsilo.crypto import (
     SignatureError,
     UpdateBinding,
     canonical_bytes,
+    claims_sha256,
     decode_signature,
     encode_signature,
     private_key_from_seed,
     sha256_hex,
     sign,
+    sign_claims,
     sign_receipt,
     sign_update,
     verify,
+    verify_claims,
     verify_receipt,
     verify_update,
 )
@@ -111,6 +114,30 @@ def test_update_signature_is_not_a_receipt_signature() -> None:
 
     with pytest.raises(SignatureError, match="signature does not match"):
         verify_receipt(SITE_KEY.public_key(), RECEIPT, signature)
+
+
+CLAIMS = claims_sha256(metrics={"num_examples": 8}, dp_event=None)
+
+
+def test_claims_signature_verifies_only_for_its_digest_and_binding() -> None:
+    signature = sign_claims(SITE_KEY, BINDING, CLAIMS)
+    other_claims = claims_sha256(metrics={"num_examples": 9}, dp_event=None)
+    other_round = dataclasses.replace(BINDING, round=4)
+
+    verify_claims(SITE_KEY.public_key(), BINDING, CLAIMS, signature)
+    with pytest.raises(SignatureError):
+        verify_claims(SITE_KEY.public_key(), BINDING, other_claims, signature)
+    with pytest.raises(SignatureError):
+        verify_claims(SITE_KEY.public_key(), other_round, CLAIMS, signature)
+
+
+def test_update_signature_is_not_a_claims_signature() -> None:
+    # The claims carry the binding's fields plus one: no other signature may stand for them.
+    fields = {**BINDING.fields(), "claims_sha256": CLAIMS}
+    signature = sign(SITE_KEY, "update", fields)
+
+    with pytest.raises(SignatureError, match="signature does not match"):
+        verify_claims(SITE_KEY.public_key(), BINDING, CLAIMS, signature)
 
 
 def test_receipt_signature_verifies() -> None:

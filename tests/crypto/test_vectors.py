@@ -6,18 +6,25 @@ Python, independent of OpenSSL) and with coreutils/openssl on the literal bytes 
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 
 from fedsilo.crypto import (
+    CLAIMS_PURPOSE,
     UpdateBinding,
     canonical_bytes,
+    claims_sha256,
     fingerprint,
     private_key_from_seed,
     public_key_text,
     sha256_hex,
+    sign_claims,
     sign_update,
+    verify_claims,
     verify_update,
 )
+from fedsilo.crypto.signing import claims_fields
 
 # RFC 8032 section 7.1, Ed25519 TEST 1, TEST 2 and TEST 3: (secret key, public key, message,
 # signature), hex as printed in the RFC.
@@ -159,3 +166,78 @@ def test_verify_update_accepts_known_answer() -> None:
     public = private_key_from_seed(KAT_SEED).public_key()
 
     verify_update(public, KAT_BINDING, KAT_UPDATE_SIGNATURE)
+
+
+# A site's claims: metrics as SiteMetrics.claim_fields writes them and a DP-SGD event as
+# event_to_json writes it. KAT_CLAIMS_JSON is the recipe's text, written out by hand (keys
+# sorted at every level, no whitespace, 1e-05 as Python writes that float); its digest is
+# `printf '%s' '<the text>' | sha256sum` (coreutils) and `openssl dgst -sha256`.
+KAT_METRICS: dict[str, object] = {
+    "num_examples": 8,
+    "train_loss": 2.5,
+    "tokens": 300,
+    "seconds": 1e-05,
+    "precision": "fp32",
+    "padding_share": 0.125,
+}
+KAT_DP_EVENT: dict[str, object] = {
+    "type": "poisson_gaussian",
+    "noise_multiplier": 1.5,
+    "sampling_rate": 0.25,
+    "steps": 2,
+}
+KAT_CLAIMS_JSON = (
+    b'{"dp_event":{"noise_multiplier":1.5,"sampling_rate":0.25,"steps":2,'
+    b'"type":"poisson_gaussian"},"metrics":{"num_examples":8,"padding_share":0.125,'
+    b'"precision":"fp32","seconds":1e-05,"tokens":300,"train_loss":2.5}}'
+)
+KAT_CLAIMS_SHA256 = "fe16c2dcbc0ebb7ad28092b3f9215297d6f5a8149085ac285e56665e46a2e3a0"
+# sha256sum of the 32 bytes {"dp_event":null,"metrics":null}: an update that claims nothing.
+KAT_NO_CLAIMS_SHA256 = "564ce47ca9520042b2dcd5afd316195781d5b04fec07821bae08e62d2c86709a"
+# The claims signature's message: the update binding's fields plus claims_sha256, purpose
+# "update-claims", under the same b"fedsilo/v1\n" domain as every fedsilo signature.
+KAT_CLAIMS_MESSAGE = (
+    b'fedsilo/v1\nupdate-claims\n{"claims_sha256":'
+    b'"fe16c2dcbc0ebb7ad28092b3f9215297d6f5a8149085ac285e56665e46a2e3a0",'
+    b'"federation_id":"fed-1","payload_sha256":'
+    b'"ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad",'
+    b'"round":3,"run_id":"run-7","site_id":"st-mary","stage":"train"}'
+)
+# Ed25519 of KAT_CLAIMS_MESSAGE under KAT_SEED, from the RFC 8032 section 6 reference code
+# (the same code reproduces RFC 8032 TEST 2 and KAT_UPDATE_SIGNATURE above).
+KAT_CLAIMS_SIGNATURE = bytes.fromhex(
+    "bc64a4eb66bc0628b41351a63896e264bbf31dcb3a7c3a39c423bcd8ae139783"
+    "c67e3e76944353f211c7e49c45d668a3a782fa702c49e377f3439717e84adb04"
+)
+
+
+def test_claims_text_hashes_to_its_known_digest() -> None:
+    assert hashlib.sha256(KAT_CLAIMS_JSON).hexdigest() == KAT_CLAIMS_SHA256
+
+
+def test_claims_sha256_known_answer() -> None:
+    assert claims_sha256(metrics=KAT_METRICS, dp_event=KAT_DP_EVENT) == KAT_CLAIMS_SHA256
+
+
+def test_claims_sha256_of_no_claims_known_answer() -> None:
+    assert hashlib.sha256(b'{"dp_event":null,"metrics":null}').hexdigest() == KAT_NO_CLAIMS_SHA256
+    assert claims_sha256(metrics=None, dp_event=None) == KAT_NO_CLAIMS_SHA256
+
+
+def test_claims_message_canonical_bytes_known_answer() -> None:
+    fields = claims_fields(KAT_BINDING, KAT_CLAIMS_SHA256)
+
+    assert canonical_bytes(CLAIMS_PURPOSE, fields) == KAT_CLAIMS_MESSAGE
+
+
+def test_sign_claims_known_answer() -> None:
+    signature = sign_claims(private_key_from_seed(KAT_SEED), KAT_BINDING, KAT_CLAIMS_SHA256)
+
+    assert signature == raw_ed25519_sign(KAT_SEED, KAT_CLAIMS_MESSAGE)
+    assert signature == KAT_CLAIMS_SIGNATURE
+
+
+def test_verify_claims_accepts_known_answer() -> None:
+    public = private_key_from_seed(KAT_SEED).public_key()
+
+    verify_claims(public, KAT_BINDING, KAT_CLAIMS_SHA256, KAT_CLAIMS_SIGNATURE)

@@ -26,6 +26,7 @@ SIGNATURE_BYTES = 64
 UPDATE_PURPOSE = "update"
 RECEIPT_PURPOSE = "receipt"
 POLICY_PURPOSE = "policy-declaration"
+CLAIMS_PURPOSE = "update-claims"
 
 _PURPOSE = re.compile(r"[a-z0-9-]+")
 
@@ -180,6 +181,60 @@ def verify_policy_declaration(
     """Raise :class:`SignatureError` unless ``signature`` is ``key``'s signature of the
     declaration ``declared`` made with the update ``binding`` names."""
     verify(key, POLICY_PURPOSE, policy_declaration_fields(binding, declared), signature)
+
+
+def claims_sha256(
+    *, metrics: Mapping[str, object] | None, dp_event: Mapping[str, object] | None
+) -> str:
+    r"""The digest of what a site claims about one update: its metrics and its DP event.
+
+    Recipe (what an auditor recomputes from an ``update_received`` ledger entry, whose
+    ``site_metrics`` and ``dp_event`` fields hold exactly these two objects)::
+
+        sha256_hex(json.dumps({"dp_event": dp_event, "metrics": metrics},
+                              sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                              allow_nan=False).encode("ascii"))
+
+    i.e. one JSON object with the two keys ``"dp_event"`` and ``"metrics"``, each the object
+    as sent and ledgered or ``null`` when the update carries none (no DP event without
+    record-level DP; no metrics under secure aggregation or HE), keys sorted by code point at
+    every level, no whitespace, non-ASCII as ``\uXXXX``, integers in plain decimal and floats
+    as Python writes them (the shortest text that reads back to the same double, always with a
+    ``.`` or an exponent: ``0.0``, ``1e-05``), no NaN or infinity. The metrics object is
+    :meth:`fedsilo.protocol.records.SiteMetrics.claim_fields`, the DP event that of
+    :func:`fedsilo.privacy.events.event_to_json`. For example, with no metrics and no DP
+    event the hashed text is the 32 bytes ``{"dp_event":null,"metrics":null}``.
+
+    Raises ``ValueError`` for NaN or infinity and ``TypeError`` for a value JSON cannot hold.
+    """
+    text = json.dumps(
+        {"dp_event": None if dp_event is None else dict(dp_event), "metrics": metrics},
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=True,
+        allow_nan=False,
+    )
+    return sha256_hex(text.encode("ascii"))
+
+
+def claims_fields(binding: UpdateBinding, claims_digest: str) -> dict[str, str | int]:
+    """What a site's signature on its claims covers: the update's binding (so the claims belong
+    to that one update) and ``claims_sha256`` (:func:`claims_sha256`)."""
+    return {**binding.fields(), "claims_sha256": claims_digest}
+
+
+def sign_claims(key: PrivateKey, binding: UpdateBinding, claims_digest: str) -> bytes:
+    """A site's signature (purpose ``"update-claims"``) on the digest of the metrics and DP event
+    it sends with the update ``binding`` names."""
+    return sign(key, CLAIMS_PURPOSE, claims_fields(binding, claims_digest))
+
+
+def verify_claims(
+    key: PublicKey, binding: UpdateBinding, claims_digest: str, signature: bytes
+) -> None:
+    """Raise :class:`SignatureError` unless ``signature`` is ``key``'s signature of the claims
+    digest ``claims_digest`` made with the update ``binding`` names."""
+    verify(key, CLAIMS_PURPOSE, claims_fields(binding, claims_digest), signature)
 
 
 def sign_receipt(key: PrivateKey, receipt: Receipt) -> bytes:
