@@ -12,8 +12,10 @@ from fedsilo.crypto import (
     PrivateKey,
     PublicKey,
     UpdateBinding,
+    claims_sha256,
     encode_signature,
     private_key_from_seed,
+    sign_claims,
     sign_update,
 )
 from fedsilo.ledger import EntryKind, JsonValue, Ledger
@@ -36,7 +38,8 @@ def fixed_clock() -> Callable[[], str]:
 def update_payload(
     *, site_key: PrivateKey = SITE_KEY, site_id: str = SITE_ID
 ) -> dict[str, JsonValue]:
-    """An update_received payload whose binding ``site_key`` signed."""
+    """An update_received payload whose binding and claims (metrics, no DP event) ``site_key``
+    signed."""
     binding = UpdateBinding(
         federation_id="fed-1",
         run_id="run-1",
@@ -46,7 +49,27 @@ def update_payload(
         payload_sha256="ab" * 32,
     )
     signature = encode_signature(sign_update(site_key, binding))
-    return {**binding.fields(), "site_signature": signature, "examples": 64}
+    metrics: dict[str, JsonValue] = {
+        "num_examples": 64,
+        "train_loss": 1.25,
+        "tokens": 4096,
+        "seconds": 2.5,
+        "precision": "fp32",
+        "padding_share": None,
+    }
+    digest = claims_sha256(metrics=metrics, dp_event=None)
+    claims: dict[str, JsonValue] = {
+        "claims_sha256": digest,
+        "signature": encode_signature(sign_claims(site_key, binding, digest)),
+    }
+    return {
+        **binding.fields(),
+        "site_signature": signature,
+        "num_examples": 64,
+        "dp_event": None,
+        "site_metrics": metrics,
+        "site_claims": claims,
+    }
 
 
 def record_run(

@@ -47,6 +47,7 @@ from fedsilo.protocol.records import (
     LoraSpec,
     ProtocolError,
     RoundTask,
+    SignedClaims,
     SignedPolicy,
     SiteMetrics,
     adapter_from_payload,
@@ -403,6 +404,12 @@ DECODERS = [
         "SignedPolicy.from_record",
         config_records({"policy_sha256": "ab" * 32, "min_cohort": 2, "signature": "A" * 86 + "=="}),
         SignedPolicy.from_record,
+        ProtocolError,
+    ),
+    Decoder(
+        "SignedClaims.from_record",
+        config_records({"claims_sha256": "cd" * 32, "signature": "A" * 86 + "=="}),
+        SignedClaims.from_record,
         ProtocolError,
     ),
     Decoder(

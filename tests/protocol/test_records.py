@@ -12,6 +12,7 @@ from fedsilo.protocol.records import (
     PolicyDeclaration,
     ProtocolError,
     RoundTask,
+    SignedClaims,
     SignedPolicy,
     SiteMetrics,
     adapter_from_record,
@@ -165,3 +166,44 @@ def test_policy_declaration_refuses_malformed_values(
 def test_policy_declaration_without_a_signature_is_refused() -> None:
     with pytest.raises(ProtocolError, match="carries no signature"):
         SignedPolicy.from_record(ConfigRecord({"policy_sha256": "ab" * 32, "min_cohort": 2}))
+
+
+@pytest.mark.parametrize(
+    "metrics",
+    [
+        SiteMetrics(8, 2.5, 300, 1e-05, "fp32", 0.125),
+        SiteMetrics(8, None, 300, 3, "bf16", None),  # seconds as an int, as a site might hold it
+        SiteMetrics.withheld(precision="fp32"),
+    ],
+)
+def test_metrics_decoded_by_the_coordinator_have_the_claim_fields_the_site_signed(
+    metrics: SiteMetrics,
+) -> None:
+    received = SiteMetrics.from_record(metrics.to_record())
+
+    assert received.claim_fields() == metrics.claim_fields()
+    assert [type(v) for v in received.claim_fields().values()] == [
+        type(v) for v in metrics.claim_fields().values()
+    ]
+
+
+def test_signed_claims_round_trip() -> None:
+    claims = SignedClaims("cd" * 32, b"s" * 64)
+
+    assert SignedClaims.from_record(claims.to_record()) == claims
+
+
+@pytest.mark.parametrize(
+    ("values", "complaint"),
+    [
+        ({"claims_sha256": "cd" * 31}, "64 lowercase hex"),
+        ({"claims_sha256": "CD" * 32}, "64 lowercase hex"),
+        ({"claims_sha256": 7}, "64 lowercase hex"),
+        ({}, "exactly claims_sha256 and signature"),
+        ({"claims_sha256": "cd" * 32, "num_examples": 8}, "exactly"),
+    ],
+)
+def test_signed_claims_refuse_malformed_values(values: dict[str, object], complaint: str) -> None:
+    signature = encode_signature(b"s" * 64)
+    with pytest.raises(ProtocolError, match=complaint):
+        SignedClaims.from_record(ConfigRecord({**values, "signature": signature}))  # type: ignore[dict-item]

@@ -9,7 +9,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedsilo.client import he, secagg
-from fedsilo.client.local import local_update, sign_payload, sign_policy
+from fedsilo.client.local import local_update, sign_payload, sign_policy, sign_site_claims
 from fedsilo.client.site import SiteProvider
 from fedsilo.crypto import encode_signature, verify_receipt
 from fedsilo.model.adapters import adapter_to_bytes
@@ -32,7 +32,12 @@ def handle_train(message: Message, context: Context, sites: SiteProvider) -> Mes
         payload=payload,
     )
     policy = sign_policy(update.site, binding, update.policy)
-    reply = train_reply(payload, update.metrics, binding, signature, policy, update.dp_event)
+    claims = sign_site_claims(
+        update.site, binding, metrics=update.metrics, dp_event=update.dp_event
+    )
+    reply = train_reply(
+        payload, update.metrics, binding, signature, policy, claims, update.dp_event
+    )
     return Message(reply, reply_to=message)
 
 

@@ -57,7 +57,7 @@ from fedsilo.protocol.he_records import (
     EncryptRequest,
     keygen_from_content,
 )
-from fedsilo.protocol.records import DP_EVENT_KEY, TASK_KEY, RoundTask
+from fedsilo.protocol.records import TASK_KEY, RoundTask
 
 HE_STATE_KEY = "he-session"
 
@@ -167,10 +167,7 @@ def handle_encrypted_input(message: Message, context: Context, sites: SiteProvid
     plain = flatten(noised, lambda name: not select(name)).astype("<f4")
     chunks = ckks.encrypt(ckks.load_context(secret, what="CKKS key", secret=True), encrypted)
     payload = ckks.frame([plain.tobytes(), *chunks])
-    reply = reply_signed(message, site, state.session, ENCRYPTED_STAGE, payload, update.policy)
-    if update.dp_event is not None:
-        reply.content[DP_EVENT_KEY] = ConfigRecord(dict(update.dp_event))
-    return reply
+    return reply_signed(message, site, state.session, ENCRYPTED_STAGE, payload, update)
 
 
 def handle_decrypt(message: Message, context: Context, sites: SiteProvider) -> Message:

@@ -15,7 +15,14 @@ from fedsilo.client.privacy_budget import (
     record_spent,
 )
 from fedsilo.client.site import Site, SiteProvider
-from fedsilo.crypto import UpdateBinding, sha256_hex, sign_policy_declaration, sign_update
+from fedsilo.crypto import (
+    UpdateBinding,
+    claims_sha256,
+    sha256_hex,
+    sign_claims,
+    sign_policy_declaration,
+    sign_update,
+)
 from fedsilo.model.adapters import AdapterState
 from fedsilo.privacy.dp_sgd import train_local_dp
 from fedsilo.privacy.events import PoissonGaussianEvent, event_to_json
@@ -26,6 +33,7 @@ from fedsilo.protocol.records import (
     DpTask,
     PolicyDeclaration,
     RoundTask,
+    SignedClaims,
     SignedPolicy,
     SiteMetrics,
     adapter_from_record,
@@ -100,6 +108,21 @@ def sign_policy(site: Site, binding: UpdateBinding, policy: PolicyDeclaration) -
     """The site's declaration of the policy it trained under, signed with the update's binding."""
     signature = sign_policy_declaration(site.signing_key, binding, policy.fields())
     return SignedPolicy(policy, signature)
+
+
+def sign_site_claims(
+    site: Site,
+    binding: UpdateBinding,
+    *,
+    metrics: SiteMetrics | None,
+    dp_event: dict[str, str | int | float] | None,
+) -> SignedClaims:
+    """The site's signature on what it claims with the update ``binding`` names: the metrics
+    that weight it (None where none are sent) and the DP event it is accounted by."""
+    digest = claims_sha256(
+        metrics=None if metrics is None else metrics.claim_fields(), dp_event=dp_event
+    )
+    return SignedClaims(digest, sign_claims(site.signing_key, binding, digest))
 
 
 def _train(

@@ -22,6 +22,7 @@ from fedsilo.client.local import (
     local_update,
     sign_payload,
     sign_policy,
+    sign_site_claims,
 )
 from fedsilo.client.policy import TaskRefusedError, check_task
 from fedsilo.client.site import Site, SiteProvider
@@ -48,10 +49,10 @@ from fedsilo.privacy.secagg.messages import (
 )
 from fedsilo.privacy.secagg.quantize import RING_DTYPE, quantize
 from fedsilo.protocol.records import (
+    CLAIMS_KEY,
     DP_EVENT_KEY,
     POLICY_KEY,
     TASK_KEY,
-    PolicyDeclaration,
     RoundTask,
 )
 from fedsilo.protocol.secagg_records import (
@@ -82,9 +83,10 @@ def reply_signed(
     session: SessionId,
     stage: str,
     payload: bytes,
-    policy: PolicyDeclaration | None = None,
+    update: LocalUpdate | None = None,
 ) -> Message:
-    """The signed reply with ``payload``; an input stage also declares the site's ``policy``."""
+    """The signed reply with ``payload``; an input stage (``update`` given) also declares the
+    policy the site trained under and signs its claims: its DP event (no metrics are sent)."""
     binding, signature = sign_payload(
         site,
         federation_id=session.federation_id,
@@ -94,8 +96,12 @@ def reply_signed(
         payload=payload,
     )
     content = signed_reply(payload, binding, signature)
-    if policy is not None:
-        content[POLICY_KEY] = sign_policy(site, binding, policy).to_record()
+    if update is not None:
+        content[POLICY_KEY] = sign_policy(site, binding, update.policy).to_record()
+        claims = sign_site_claims(site, binding, metrics=None, dp_event=update.dp_event)
+        content[CLAIMS_KEY] = claims.to_record()
+        if update.dp_event is not None:
+            content[DP_EVENT_KEY] = ConfigRecord(dict(update.dp_event))
     return Message(content, reply_to=message)
 
 
@@ -216,10 +222,7 @@ def handle_masked_input(message: Message, context: Context, sites: SiteProvider)
     words, update = _quantized_update(site, state.params, message, context)
     masked = protocol.mask(state, words)
     payload = masked.astype("<u4").tobytes()
-    reply = reply_signed(message, site, state.session, MASKED_STAGE, payload, update.policy)
-    if update.dp_event is not None:
-        reply.content[DP_EVENT_KEY] = ConfigRecord(dict(update.dp_event))
-    return reply
+    return reply_signed(message, site, state.session, MASKED_STAGE, payload, update)
 
 
 def handle_consistency(message: Message, context: Context, sites: SiteProvider) -> Message:

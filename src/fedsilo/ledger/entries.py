@@ -67,6 +67,18 @@ under: ``{"policy_sha256": <64 hex digits, or "none">, "min_cohort": <int>, "sig
 <base64>}``, the signature being the site's (purpose ``policy-declaration``) over the entry's
 update binding and those two fields."""
 
+SITE_METRICS_FIELD = "site_metrics"
+"""Payload field of an ``update_received`` entry with the metrics the site sent with the update
+(:meth:`fedsilo.protocol.records.SiteMetrics.claim_fields`), or null where none are sent (secure
+aggregation, HE)."""
+
+SITE_CLAIMS_FIELD = "site_claims"
+"""Payload field of an ``update_received`` entry with the site's signature on its claims:
+``{"claims_sha256": <64 hex digits>, "signature": <base64>}``, the signature being the site's
+(purpose ``update-claims``) over the entry's update binding and ``claims_sha256``, which is
+:func:`fedsilo.crypto.claims_sha256` of the entry's ``site_metrics`` and ``dp_event``. Entries
+written before sites signed their claims (update entry format 1) lack it; format 2 has it."""
+
 _TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z$")
 
 

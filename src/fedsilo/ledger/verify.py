@@ -11,7 +11,12 @@ itself) and knows each site's public key. Per entry, in this order:
 6. an ``update_received`` entry carries the site's update binding and ``site_signature``, the
    site is known, and its signature verifies; its ``site_policy`` (the policy the site declared,
    absent from ledgers older than the declaration) carries the site's valid signature over the
-   declaration and the same binding.
+   declaration and the same binding; its ``site_claims`` carries the site's valid signature
+   over the same binding and ``claims_sha256``, and that digest recomputes from the entry's
+   ``site_metrics`` and ``dp_event`` (so the metrics that weighted the update and the DP event
+   its privacy is accounted by are what the site signed; a ``num_examples`` beside them must
+   equal the signed one). An entry without ``site_claims`` (update entry format 1, written
+   before sites signed their claims) is a problem: its numbers rest on nobody's signature.
 
 Every problem is collected, not just the first; then caller-supplied extra checks run (the
 server adds one that compares aggregate digests with the checkpoints on disk). Extra checks see
@@ -29,14 +34,18 @@ from fedsilo.crypto import (
     PublicKey,
     SignatureError,
     UpdateBinding,
+    claims_sha256,
     decode_signature,
     fingerprint,
     public_key_text,
+    verify_claims,
     verify_policy_declaration,
     verify_update,
 )
 from fedsilo.ledger.entries import (
     GENESIS_HASH,
+    SITE_CLAIMS_FIELD,
+    SITE_METRICS_FIELD,
     SITE_POLICY_FIELD,
     SITE_SIGNATURE_FIELD,
     UPDATE_BINDING_FIELDS,
@@ -139,8 +148,54 @@ def _update_problems(entry: Entry, site_keys: Mapping[str, PublicKey]) -> list[V
                 entry.seq, f"site {binding.site_id!r} signature on the update is invalid: {error}"
             )
         ]
-    problem = _policy_problem(entry.payload.get(SITE_POLICY_FIELD), site_key, binding)
-    return [] if problem is None else [VerifyProblem(entry.seq, problem)]
+    problems = [
+        _policy_problem(entry.payload.get(SITE_POLICY_FIELD), site_key, binding),
+        _claims_problem(entry.payload, site_key, binding),
+    ]
+    return [VerifyProblem(entry.seq, problem) for problem in problems if problem is not None]
+
+
+def _claims_problem(
+    payload: Mapping[str, object], site_key: PublicKey, binding: UpdateBinding
+) -> str | None:
+    """Why an entry's ``site_metrics`` and ``dp_event`` are not what the site signed (None:
+    they are)."""
+    site = binding.site_id
+    claims = payload.get(SITE_CLAIMS_FIELD)
+    if claims is None:
+        return (
+            f"update from site {site!r} is in update entry format 1 (no {SITE_CLAIMS_FIELD}: "
+            "written before sites signed their metrics and DP event); this verifier needs "
+            "format 2, so the entry's metrics and DP event cannot be checked against the "
+            "site's signature"
+        )
+    what = f"site {site!r} signed claims"
+    if not isinstance(claims, dict) or set(claims) != {"claims_sha256", "signature"}:
+        return f"{what} must hold exactly claims_sha256 and signature"
+    digest, signature = claims["claims_sha256"], claims["signature"]
+    if not isinstance(digest, str) or not isinstance(signature, str):
+        return f"{what} fields of the wrong type"
+    try:
+        verify_claims(site_key, binding, digest, decode_signature(signature))
+    except SignatureError as error:
+        return f"{what} signature is invalid: {error}"
+    metrics, dp_event = payload.get(SITE_METRICS_FIELD), payload.get("dp_event")
+    if not isinstance(metrics, dict | None) or not isinstance(dp_event, dict | None):
+        return f"site {site!r}: {SITE_METRICS_FIELD} and dp_event must each be an object or null"
+    try:
+        recomputed = claims_sha256(metrics=metrics, dp_event=dp_event)
+    except (TypeError, ValueError) as error:
+        return f"site {site!r}: {SITE_METRICS_FIELD} or dp_event cannot be encoded: {error}"
+    if recomputed != digest:
+        return (
+            f"site {site!r}: the ledgered {SITE_METRICS_FIELD} and dp_event are not the ones the "
+            f"site signed (claims sha256 {recomputed}, signed {digest}); edited after receipt"
+        )
+    if "num_examples" in payload and (
+        metrics is None or payload["num_examples"] != metrics.get("num_examples")
+    ):
+        return f"site {site!r}: num_examples is not the count in the site's signed metrics"
+    return None
 
 
 def _policy_problem(declared: object, site_key: PublicKey, binding: UpdateBinding) -> str | None:

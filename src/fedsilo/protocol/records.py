@@ -3,8 +3,10 @@
 Down (server -> site): the global adapter (ArrayRecord "global") and the round task
 (ConfigRecord "task"). Up (site -> server): the adapter delta as the exact safetensors bytes the
 site signed (ArrayRecord "update", one uint8 array, so Flower can chunk it), aggregate numbers
-(MetricRecord "metrics"), the site's signed binding (ConfigRecord "site") and the policy it
-trained under, signed with the update's binding (ConfigRecord "policy", :class:`SignedPolicy`).
+(MetricRecord "metrics"), the site's signed binding (ConfigRecord "site"), the policy it
+trained under, signed with the update's binding (ConfigRecord "policy", :class:`SignedPolicy`),
+and the site's signature on the digest of its metrics and DP event (ConfigRecord "claims",
+:class:`SignedClaims`).
 Arrays travel as numpy buffers, read by :func:`decode_array` (bounded, header parsed strictly,
 never ``np.load``); nothing here is ever unpickled. Every decoder raises :class:`ProtocolError`
 and nothing else, and bounds every number it returns (``tests/protocol/test_decoder_fuzz.py``).
@@ -45,6 +47,7 @@ LORA_KEY = "lora"
 DP_EVENT_KEY = "dp_event"
 SITE_KEY = "site"
 POLICY_KEY = "policy"
+CLAIMS_KEY = "claims"
 RECEIPT_KEY = "receipt"
 PAYLOAD_ARRAY = "safetensors"
 TRAIN_STAGE = "train"
@@ -207,6 +210,19 @@ class SiteMetrics:
             values["precision_bits"] = _PRECISION_BITS[values.pop("precision")]
         return MetricRecord(values)
 
+    def claim_fields(self) -> dict[str, str | int | float | None]:
+        """The metrics as the site signs them (:func:`fedsilo.crypto.claims_sha256`) and the
+        ledger keeps them: every field by name, an absent one as None, the counts as integers
+        and ``train_loss``, ``seconds`` and ``padding_share`` as floats."""
+        return {
+            "num_examples": int(self.num_examples),
+            "train_loss": None if self.train_loss is None else float(self.train_loss),
+            "tokens": int(self.tokens),
+            "seconds": float(self.seconds),
+            "precision": self.precision,
+            "padding_share": None if self.padding_share is None else float(self.padding_share),
+        }
+
     @classmethod
     def from_record(cls, record: MetricRecord, *, max_examples: int = MAX_COUNT) -> SiteMetrics:
         """Decode and bound a site's numbers; ``max_examples`` caps the count it may claim."""
@@ -320,6 +336,36 @@ class SignedPolicy:
         what = "the site's policy declaration"
         values = {name: value for name, value in record.items() if name != "signature"}
         return cls(PolicyDeclaration.from_fields(values), _signature_field(record, what=what))
+
+
+@dataclass(frozen=True)
+class SignedClaims:
+    """The digest of what a site claims with an update, its metrics and DP event
+    (:func:`fedsilo.crypto.claims_sha256`), and the site's signature over it and the update's
+    binding (:func:`fedsilo.crypto.sign_claims`): it travels as ConfigRecord "claims" and is
+    ledgered, as :meth:`ledger_fields`, in the update's ``update_received`` entry."""
+
+    claims_sha256: str
+    signature: bytes
+
+    def ledger_fields(self) -> dict[str, str | int]:
+        return {"claims_sha256": self.claims_sha256, "signature": encode_signature(self.signature)}
+
+    def to_record(self) -> ConfigRecord:
+        return ConfigRecord(dict(self.ledger_fields()))
+
+    @classmethod
+    def from_record(cls, record: ConfigRecord) -> SignedClaims:
+        """The digest and signature a site claims (the signature not yet verified)."""
+        what = "the site's signed claims"
+        if set(record) != {"claims_sha256", "signature"}:
+            raise ProtocolError(
+                f"{what} must hold exactly claims_sha256 and signature, got {sorted(record)[:4]}"
+            )
+        digest = record["claims_sha256"]
+        if not isinstance(digest, str) or len(digest) != 64 or digest.strip("0123456789abcdef"):
+            raise ProtocolError(f"{what}: claims_sha256 must be 64 lowercase hex digits")
+        return cls(digest, _signature_field(record, what=what))
 
 
 @dataclass(frozen=True)
@@ -671,6 +717,7 @@ def train_reply(
     binding: UpdateBinding,
     signature: bytes,
     policy: SignedPolicy,
+    claims: SignedClaims,
     dp_event: Mapping[str, str | int | float] | None = None,
 ) -> RecordDict:
     """The content of a site's reply to a train message (with its DP event when private)."""
@@ -680,6 +727,7 @@ def train_reply(
             METRICS_KEY: metrics.to_record(),
             SITE_KEY: binding_to_record(binding, signature),
             POLICY_KEY: policy.to_record(),
+            CLAIMS_KEY: claims.to_record(),
         }
     )
     if dp_event is not None:

@@ -8,7 +8,10 @@ replay); a second update from the same site in a round; a bad signature over the
 holds the payload's digest); a payload that is not one bounded uint8 buffer; a digest that
 differs from the signed one; tensor names, shapes or dtypes that do not fit the global adapter,
 or NaN/inf; malformed metrics, or more examples than ``federation.max_site_examples``; a missing,
-malformed or wrongly signed declaration of the site's policy (digest and minimum cohort).
+malformed or wrongly signed declaration of the site's policy (digest and minimum cohort); signed
+claims that are missing, malformed, wrongly signed, or whose digest is not that of the metrics
+and DP event received (so the numbers that weight an update and account its privacy are the
+site's signed word, not anything a relay or the coordinator could change).
 
 Any other failure while one site's reply is handled is a defect of ours, not of the round: the
 collectors turn it into a rejection of that site (:func:`unexpected_failure`) and go on.
@@ -26,19 +29,23 @@ from fedsilo.crypto import (
     PublicKey,
     SignatureError,
     UpdateBinding,
+    claims_sha256,
     sha256_hex,
+    verify_claims,
     verify_policy_declaration,
     verify_update,
 )
 from fedsilo.model.adapters import AdapterState
 from fedsilo.privacy.events import PoissonGaussianEvent, event_from_json, event_to_json
 from fedsilo.protocol.records import (
+    CLAIMS_KEY,
     DP_EVENT_KEY,
     METRICS_KEY,
     POLICY_KEY,
     SITE_KEY,
     UPDATE_KEY,
     ProtocolError,
+    SignedClaims,
     SignedPolicy,
     SiteMetrics,
     adapter_from_payload,
@@ -89,6 +96,7 @@ class AdmittedUpdate:
     metrics: SiteMetrics
     dp_event: dict[str, str | int | float] | None  # the site's DP event, as ledgered
     policy: SignedPolicy  # the policy the site declares it trained under, as ledgered
+    claims: SignedClaims  # the site's signature on its metrics and DP event, as ledgered
 
 
 @dataclass(frozen=True)
@@ -177,6 +185,10 @@ def admit_update(
     except ProtocolError as error:
         raise UpdateRejectedError(site, str(error)) from None
     dp_event = check_dp_event(content, dp_required, site)
+    policy = check_policy_declaration(content, site_keys[site], upload.binding)
+    claims = check_claims(
+        content, site_keys[site], upload.binding, metrics=metrics, dp_event=dp_event
+    )
     return AdmittedUpdate(
         upload.node,
         upload.binding,
@@ -185,7 +197,8 @@ def admit_update(
         delta,
         metrics,
         dp_event,
-        check_policy_declaration(content, site_keys[site], upload.binding),
+        policy,
+        claims,
     )
 
 
@@ -207,6 +220,43 @@ def check_policy_declaration(
         reason = f"bad signature on the policy declaration: {error}"
         raise UpdateRejectedError(site, reason) from None
     return policy
+
+
+def check_claims(
+    content: RecordDict,
+    key: PublicKey,
+    binding: UpdateBinding,
+    *,
+    metrics: SiteMetrics | None,
+    dp_event: Mapping[str, str | int | float] | None,
+) -> SignedClaims:
+    """The site's signature on the metrics and DP event decoded from its reply (required), over
+    their digest (:func:`fedsilo.crypto.claims_sha256`) and the (already verified) ``binding``.
+
+    The digest is recomputed from what was decoded, exactly as it is ledgered, so numbers
+    changed on the way, or a DP event added, dropped or edited, do not match the site's word.
+    """
+    site = binding.site_id
+    if CLAIMS_KEY not in content.config_records:
+        raise UpdateRejectedError(site, "the update carries no signed claims (metrics, DP event)")
+    try:
+        claims = SignedClaims.from_record(content.config_records[CLAIMS_KEY])
+    except ProtocolError as error:
+        raise UpdateRejectedError(site, str(error)) from None
+    try:
+        verify_claims(key, binding, claims.claims_sha256, claims.signature)
+    except SignatureError as error:
+        raise UpdateRejectedError(site, f"bad signature on the claims: {error}") from None
+    received = claims_sha256(
+        metrics=None if metrics is None else metrics.claim_fields(), dp_event=dp_event
+    )
+    if received != claims.claims_sha256:
+        raise UpdateRejectedError(
+            site,
+            f"the metrics and DP event received are not the ones {site} signed (claims sha256 "
+            f"{received[:16]}..., signed {claims.claims_sha256[:16]}...)",
+        )
+    return claims
 
 
 @dataclass(frozen=True)

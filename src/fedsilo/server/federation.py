@@ -185,7 +185,8 @@ def collect_round(
             payload_bytes=admitted.payload_size,
             dp_event=admitted.dp_event,
             policy=admitted.policy,
-            num_examples=admitted.metrics.num_examples,
+            claims=admitted.claims,
+            metrics=admitted.metrics,
         )
         plan.node_sites[admitted.node] = site
         result.metrics[site] = admitted.metrics

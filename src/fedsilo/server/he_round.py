@@ -45,6 +45,7 @@ from fedsilo.protocol.he_records import (
 from fedsilo.protocol.secagg_records import ADVERTS_KEY, adverts_record
 from fedsilo.server.admission import (
     UpdateRejectedError,
+    check_claims,
     check_dp_event,
     check_policy_declaration,
     unexpected_failure,
@@ -199,6 +200,9 @@ def encrypted_inputs(ctx: SecAggRound, state: HeState) -> None:
                 raise UpdateRejectedError(site, f"{what}: plain tensors hold NaN or infinity")
             dp_event = check_dp_event(reply.content, dp_requirement(ctx.plan.config), site)
             policy = check_policy_declaration(reply.content, site_keys[site], upload.binding)
+            claims = check_claims(
+                reply.content, site_keys[site], upload.binding, metrics=None, dp_event=dp_event
+            )
         except ckks.HeError as error:
             reject(ctx.plan, ctx.replies, ctx.round_number, site, f"{ENCRYPTED_STAGE}: {error}")
             continue
@@ -215,7 +219,7 @@ def encrypted_inputs(ctx: SecAggRound, state: HeState) -> None:
             reason = unexpected_failure(error, what=f"the {ENCRYPTED_STAGE} payload of {site}")
             reject(ctx.plan, ctx.replies, ctx.round_number, site, reason)
             continue
-        accept_input(ctx, upload, dp_event, policy)
+        accept_input(ctx, upload, dp_event, policy, claims)
         state.encrypted[site] = chunks
         state.plain[site] = np.frombuffer(plain, dtype="<f4").astype(np.float64)
     require_sites(ctx, state, "encrypted_inputs", list(state.encrypted))

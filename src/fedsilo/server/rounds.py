@@ -21,12 +21,13 @@ from fedsilo.config import FedsiloConfig
 from fedsilo.crypto import PrivateKey, UpdateBinding, encode_signature, sha256_hex
 from fedsilo.evaluation.metrics import GoldMetrics
 from fedsilo.ledger import Entry, EntryKind, JsonValue, Ledger
-from fedsilo.ledger.entries import SITE_POLICY_FIELD
+from fedsilo.ledger.entries import SITE_CLAIMS_FIELD, SITE_METRICS_FIELD, SITE_POLICY_FIELD
 from fedsilo.model.adapters import AdapterState, adapter_to_bytes
 from fedsilo.protocol.records import (
     TRAIN_STAGE,
     DpTask,
     RoundTask,
+    SignedClaims,
     SignedPolicy,
     SiteMetrics,
 )
@@ -235,9 +236,11 @@ def accept(
     payload_bytes: int,
     dp_event: Mapping[str, str | int | float] | None,
     policy: SignedPolicy,
-    num_examples: int | None = None,
+    claims: SignedClaims,
+    metrics: SiteMetrics | None = None,
 ) -> Entry:
-    """Ledger an accepted upload, with the policy its site declared, and keep it for its receipt.
+    """Ledger an accepted upload, with the policy its site declared and its signed claims (its
+    metrics, when it sends any, and its DP event), and keep it for its receipt.
 
     The entry is durable before the upload can influence anything.
     """
@@ -248,9 +251,11 @@ def accept(
         "payload_bytes": payload_bytes,
         "dp_event": None if dp_event is None else dict(dp_event),
         SITE_POLICY_FIELD: dict(policy.ledger_fields()),
+        SITE_METRICS_FIELD: None if metrics is None else dict(metrics.claim_fields()),
+        SITE_CLAIMS_FIELD: dict(claims.ledger_fields()),
     }
-    if num_examples is not None:
-        fields["num_examples"] = num_examples
+    if metrics is not None:
+        fields["num_examples"] = metrics.num_examples
     entry = plan.ledger.append(EntryKind.UPDATE_RECEIVED, fields)
     result.ledgered.append((node, binding, entry))
     return entry

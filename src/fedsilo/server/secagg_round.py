@@ -51,6 +51,7 @@ from fedsilo.protocol.records import (
     TASK_KEY,
     LoraSpec,
     RoundTask,
+    SignedClaims,
     SignedPolicy,
     adapter_to_record,
     train_instruction,
@@ -80,6 +81,7 @@ from fedsilo.server.admission import (
     SignedUpload,
     UpdateRejectedError,
     admit_signed,
+    check_claims,
     check_dp_event,
     check_policy_declaration,
     unexpected_failure,
@@ -315,6 +317,7 @@ def accept_input(
     upload: SignedUpload,
     dp_event: Mapping[str, str | int | float] | None,
     policy: SignedPolicy,
+    claims: SignedClaims,
 ) -> None:
     """Ledger an input-stage upload that passed its checks: it goes into the secure sum."""
     accept(
@@ -326,6 +329,7 @@ def accept_input(
         payload_bytes=len(upload.payload),
         dp_event=dp_event,
         policy=policy,
+        claims=claims,
     )
 
 
@@ -357,12 +361,15 @@ def collect_masked_inputs(ctx: SecAggRound, state: SecAggState) -> None:
                 )
             dp_event = check_dp_event(reply.content, dp_requirement(ctx.plan.config), site)
             policy = check_policy_declaration(reply.content, site_keys[site], upload.binding)
+            claims = check_claims(
+                reply.content, site_keys[site], upload.binding, metrics=None, dp_event=dp_event
+            )
         except UpdateRejectedError as rejection:
             reject(
                 ctx.plan, ctx.replies, ctx.round_number, site, f"{MASKED_STAGE}: {rejection.reason}"
             )
             continue
-        accept_input(ctx, upload, dp_event, policy)
+        accept_input(ctx, upload, dp_event, policy, claims)
         state.masked[site] = np.frombuffer(upload.payload, dtype="<u4").astype(RING_DTYPE)
     require_sites(ctx, state, "collect_masked_inputs", list(state.masked))
 
