@@ -24,10 +24,12 @@ def _share(row: dict[str, Any]) -> str:
 
 
 def _setting(row: dict[str, Any]) -> str:
-    secure = " under secure aggregation (distributed DP)" if "secagg" in row["setting"] else ""
+    secure = "secagg" in row["setting"]
     if row["epsilon"] is None:
-        return f"no DP{secure}"
-    return f"epsilon {row['epsilon']:g}{secure}"
+        return "no DP, under secure aggregation" if secure else "no DP"
+    if secure:
+        return f"epsilon {row['epsilon']:g}, distributed DP under secure aggregation"
+    return f"epsilon {row['epsilon']:g}, central"
 
 
 def site_dp_table(result: dict[str, Any]) -> list[str]:
