@@ -1,7 +1,8 @@
 """Proof by attack: canary exposure and membership inference after federated training.
 
     python benchmarks/privacy_attacks.py --model tiny        # CI-sized, a few minutes on 2 cores
-    python benchmarks/privacy_attacks.py --model smollm2-135m-instruct --rounds 2 --steps 12
+    python benchmarks/privacy_attacks.py --model smollm2-135m-instruct --examples 64 \
+        --learning-rate 0.002   # the demo's rate; about 75 minutes on one thread
     python benchmarks/privacy_attacks.py --smoke --out /tmp/attacks.json   # seconds, tiny model
 
 Secret canaries (random MRNs in a clinical-note template) are planted several times in one
@@ -19,6 +20,7 @@ of each group is the chance that secrets the model never saw reach that total ex
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import platform
@@ -66,6 +68,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=defaults.repeats)
     parser.add_argument("--candidates", type=int, default=defaults.candidates)
     parser.add_argument("--target-epsilon", type=float, default=8.0)
+    parser.add_argument(
+        "--settings",
+        default="no_dp,record_dp",
+        help="the settings this process trains; processes training others for the same "
+        "settings share the results file (one setting per core halves the wall time)",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny model, seconds: checks the run")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -99,7 +107,13 @@ def main(argv: list[str] | None = None) -> None:
                 "delta": 1e-5,
             },
         }
+        chosen = [name.strip() for name in args.settings.split(",") if name.strip()]
+        unknown = sorted(set(chosen) - set(settings))
+        if unknown or not chosen:
+            raise SystemExit(f"--settings: choose from {sorted(settings)}, got {args.settings}")
         for name, privacy in settings.items():
+            if name not in chosen:
+                continue
             outcome = run_canary_experiment(
                 experiment, work / name, privacy=privacy, reporter=LogReporter()
             )
@@ -111,17 +125,31 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out or (
         Path(tempfile.gettempdir()) / "privacy-attacks-smoke.json" if args.smoke else default
     )
-    payload = {
+    header = {
         "benchmark": "privacy-attacks",
         "model": args.model,
-        "settings": {k: v for k, v in vars(args).items() if k != "out"},
-        "no_dp": _summary(results["no_dp"], private=False),
-        "dp": _summary(results["record_dp"], private=True),
-        "results": results,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "settings")},
     }
-    write_text_atomic(out, json.dumps(payload, indent=2) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    folder = os.open(out.parent, os.O_RDONLY)
+    try:
+        # Another process may have measured the other setting for the same run settings.
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        if out.is_file():
+            previous = json.loads(out.read_text(encoding="utf-8"))
+            if all(previous.get(key) == value for key, value in header.items()):
+                results = {**previous.get("results", {}), **results}
+        payload = {
+            **header,
+            "no_dp": _summary(results["no_dp"], private=False) if "no_dp" in results else None,
+            "dp": _summary(results["record_dp"], private=True) if "record_dp" in results else None,
+            "results": results,
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        write_text_atomic(out, json.dumps(payload, indent=2) + "\n")
+    finally:
+        os.close(folder)
     print(f"wrote {out}")
 
 

@@ -112,9 +112,11 @@ def _canaries(experiment: CanaryExperiment) -> tuple[list[Canary], list[Canary]]
 def prepare(experiment: CanaryExperiment, work: Path, privacy: dict[str, Any]) -> FedsiloConfig:
     """Write the sites' files (canaries planted in the first), held-out records, gold; the config.
 
-    Each site draws twice its share of records and trains on the first half; the first site's
-    second half is the membership attack's non-members, from the same specialty as its members,
-    so the attack measures membership and not a change of topic.
+    Each site draws twice its share of records, shuffles them and trains on the first half; the
+    first site's second half is the membership attack's non-members. The task lists a site's
+    records in code order (a site of two specialties holds one chapter, then the other), so
+    without the shuffle the halves would be different chapters and the attack would measure a
+    change of topic, not membership; shuffled, both halves are draws from the same records.
     """
     size = experiment.examples_per_site
     task = build_icd10_task(
@@ -131,6 +133,7 @@ def prepare(experiment: CanaryExperiment, work: Path, privacy: dict[str, Any]) -
     sites = []
     for index, site in enumerate(task.sites):
         drawn: list[ChatRecord] = [r for r in site.records if isinstance(r, ChatRecord)]
+        drawn = [drawn[i] for i in rng.permutation(len(drawn))]
         records = drawn[:size]
         if index == 0:
             _write_jsonl(work / "held-out.jsonl", drawn[size:])
