@@ -294,9 +294,14 @@ def fill_compliance_page(
     utility: dict[str, Any] | None, attacks: dict[str, Any] | None, page: Path = COMPLIANCE_PAGE
 ) -> None:
     """Rewrite the tables between the page's markers from the results."""
+    replace_between(page, _COMPLIANCE_MARKERS, compliance_table(utility, attacks))
+
+
+def replace_between(page: Path, markers: tuple[str, str], lines: list[str]) -> None:
+    """Replace what stands between the page's two marker lines by ``lines``."""
     text = page.read_text(encoding="utf-8")
-    start, end = _COMPLIANCE_MARKERS
+    start, end = markers
     head, rest = text.split(start, 1)
     _, tail = rest.split(end, 1)
-    table = "\n".join(compliance_table(utility, attacks))
-    page.write_text(f"{head}{start}\n{table}\n{end}{tail}", encoding="utf-8")
+    body = "\n".join(lines)
+    page.write_text(f"{head}{start}\n{body}\n{end}{tail}", encoding="utf-8")

@@ -6,6 +6,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from report_privacy import replace_between
+
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 COMPLIANCE_PAGE = DOCS / "privacy-for-compliance.md"
 _MARKERS = ("<!-- site-level-table -->", "<!-- end-site-level-table -->")
@@ -95,15 +97,9 @@ def site_dp_section(result: dict[str, Any] | None) -> list[str]:
 
 def fill_compliance_site_table(result: dict[str, Any] | None, page: Path = COMPLIANCE_PAGE) -> None:
     """Rewrite the compliance page's site-level table (between its markers) from the results."""
-    text = page.read_text(encoding="utf-8")
-    start, end = _MARKERS
-    if start not in text:
-        return
-    head, rest = text.split(start, 1)
-    _, tail = rest.split(end, 1)
     table = (
         site_dp_table(result)
         if result is not None
         else ["Not measured yet: run `python benchmarks/site_level_dp.py`."]
     )
-    page.write_text(f"{head}{start}\n" + "\n".join(table) + f"\n{end}{tail}", encoding="utf-8")
+    replace_between(page, _MARKERS, table)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import tomllib
 from pathlib import Path
@@ -14,20 +13,12 @@ import pytest
 from fedsilo.config.load import parse_config
 from fedsilo.data.tasks import build_task
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-
-
-def _script(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from . import benchmark_script
 
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    return _script("distill_quality")
+    return benchmark_script("distill_quality")
 
 
 def test_federation_follows_the_demo_with_the_benchmarks_overrides(bench: ModuleType) -> None:
@@ -128,12 +119,12 @@ def test_smoke_run_scores_every_model_on_every_domain(
         assert set(scores["all"]["parts"]) == {"unseen-code", "phrasing", "ranking"}
         assert scores["all"]["count"] == sum(scores[d]["count"] for d in bench.CLUSTERS)
     assert set(result["goal"]) == set(bench.CLUSTERS)
-    section = "\n".join(_script("report_distill").distill_section(result))
+    section = "\n".join(benchmark_script("report_distill").distill_section(result))
     assert "category accuracy on unseen codes (a)" in section
     assert "| **master (distilled)** |" in section
 
 
 def test_report_asks_to_rerun_a_result_from_the_old_gold() -> None:
     old = {"measured_at": "2026-12-01T07:07:29Z", "goal_retained": 0.95, "scores": {}}
-    section = "\n".join(_script("report_distill").distill_section(old))
+    section = "\n".join(benchmark_script("report_distill").distill_section(old))
     assert "predates the ICD-10 gold standard" in section

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
@@ -19,15 +17,7 @@ from fedsilo.bench.dp_recipe import (
 from fedsilo.data.icd10 import build_icd10_task
 from fedsilo.data.records import ChatRecord, load_records
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-
-
-def _script(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from . import benchmark_script
 
 
 def _pairs(path: Path) -> set[tuple[str, str]]:
@@ -81,7 +71,7 @@ def test_the_utility_federation_uses_epochs_large_batches_and_the_run_target(
 @pytest.mark.slow
 def test_privacy_utility_smoke_writes_the_contract_and_resumes(tmp_path: Path) -> None:
     out = tmp_path / "privacy-utility.json"
-    script = _script("privacy_utility")
+    script = benchmark_script("privacy_utility")
 
     script.main(["--smoke", "--epsilons", "8,inf", "--out", str(out)])
     first = json.loads(out.read_text())
@@ -107,7 +97,7 @@ def test_privacy_utility_smoke_writes_the_contract_and_resumes(tmp_path: Path) -
 def test_privacy_attacks_smoke_writes_no_dp_and_dp(tmp_path: Path) -> None:
     out = tmp_path / "attacks.json"
 
-    _script("privacy_attacks").main(["--smoke", "--out", str(out)])
+    benchmark_script("privacy_attacks").main(["--smoke", "--out", str(out)])
 
     result = json.loads(out.read_text())
     assert {"p_value", "membership_auc"} <= set(result["no_dp"])
@@ -122,9 +112,9 @@ def test_dp_sweep_smoke_picks_the_lowest_validation_loss_for_the_utility_run(
 ) -> None:
     sweep_out, utility_out = tmp_path / "dp-sweep.json", tmp_path / "utility.json"
 
-    _script("dp_sweep").main(["--smoke", "--out", str(sweep_out)])
+    benchmark_script("dp_sweep").main(["--smoke", "--out", str(sweep_out)])
     sweep = json.loads(sweep_out.read_text())
-    _script("privacy_utility").main(
+    benchmark_script("privacy_utility").main(
         ["--smoke", "--epsilons", "8", "--from-sweep", str(sweep_out), "--out", str(utility_out)]
     )
     utility = json.loads(utility_out.read_text())
@@ -136,7 +126,7 @@ def test_dp_sweep_smoke_picks_the_lowest_validation_loss_for_the_utility_run(
 
 
 def test_the_compliance_page_shows_not_measured_until_the_benchmarks_ran(tmp_path: Path) -> None:
-    report = _script("report_privacy")
+    report = benchmark_script("report_privacy")
     page = tmp_path / "page.md"
     committed = report.COMPLIANCE_PAGE.read_text()
     page.write_text(committed)
@@ -148,7 +138,7 @@ def test_the_compliance_page_shows_not_measured_until_the_benchmarks_ran(tmp_pat
 
 
 def test_the_compliance_page_shows_measured_rows(tmp_path: Path) -> None:
-    report = _script("report_privacy")
+    report = benchmark_script("report_privacy")
     page = tmp_path / "page.md"
     page.write_text(report.COMPLIANCE_PAGE.read_text())
     utility = {
