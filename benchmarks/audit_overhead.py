@@ -4,9 +4,10 @@
 
 Per round it times what the audit trail adds to a round, with the same functions the
 federation uses:
-  site side, per update: safetensors encoding, sha256 and the Ed25519 signature;
+  site side, per update: safetensors encoding, sha256, the Ed25519 signature on the update
+  and the second one on its claims (the digest of its metrics and DP event);
   coordinator side: round_opened and one task_sent entry per site, then per update the digest
-  check, the signature check and the update_received entry, the round_aggregated entry (with
+  check, both signature checks and the update_received entry, the round_aggregated entry (with
   the new adapter's digest) and one signed receipt per site.
 Sites work in parallel in a real federation, so the round's audit cost is one site's signing
 plus all of the coordinator's work. It is compared with round times measured by
@@ -30,10 +31,14 @@ from fedsilo.crypto import (
     PrivateKey,
     Receipt,
     UpdateBinding,
+    claims_sha256,
+    encode_signature,
     generate_private_key,
     sha256_hex,
+    sign_claims,
     sign_receipt,
     sign_update,
+    verify_claims,
     verify_update,
 )
 from fedsilo.ledger import EntryKind, Ledger
@@ -73,20 +78,35 @@ def one_round(
             "bench", "run", round_number, "train", f"site-{index}", sha256_hex(payload)
         )
         signature = sign_update(key, binding)
+        metrics = {"num_examples": 64, "train_loss": 1.25, "tokens": 4096, "seconds": 60.0}
+        digest = claims_sha256(metrics=metrics, dp_event=None)
+        claims_signature = sign_claims(key, binding, digest)
         site_seconds.append(time.perf_counter() - started)
-        uploads.append((key, payload, binding, signature))
+        uploads.append((key, payload, binding, signature, metrics, claims_signature))
 
     started = time.perf_counter()
     ledger.append(EntryKind.ROUND_OPENED, {"round": round_number, "nodes": list(range(len(sites)))})
     for index in range(len(sites)):
         ledger.append(EntryKind.TASK_SENT, {"round": round_number, "node": index})
     entries = []
-    for key, payload, binding, signature in uploads:
+    for key, payload, binding, signature, metrics, claims_signature in uploads:
         assert sha256_hex(payload) == binding.payload_sha256
         verify_update(key.public_key(), binding, signature)
+        digest = claims_sha256(metrics=metrics, dp_event=None)
+        verify_claims(key.public_key(), binding, digest, claims_signature)
         entry = ledger.append(
             EntryKind.UPDATE_RECEIVED,
-            {**binding.fields(), "site_signature": signature.hex(), "payload_bytes": len(payload)},
+            {
+                **binding.fields(),
+                "site_signature": encode_signature(signature),
+                "payload_bytes": len(payload),
+                "site_metrics": metrics,
+                "dp_event": None,
+                "site_claims": {
+                    "claims_sha256": digest,
+                    "signature": encode_signature(claims_signature),
+                },
+            },
         )
         entries.append((binding, entry))
     new_global = make_adapter(params, seed=-1 - round_number)
@@ -145,7 +165,7 @@ def main() -> None:
         round_s = statistics.median(r["seconds"] for r in rounds)
         per_site_s = statistics.median(r["seconds"] / r["sites_ok"] for r in rounds)
         result["reference"] = {
-            "source": "benchmarks/results/demo.json (SmolLM2-135M, rank-8 LoRA, 2 cores)",
+            "source": "benchmarks/results/demo.json (the demo: SmolLM2-135M, 2 cores)",
             "demo_round_s": round_s,
             "demo_round_s_per_site": per_site_s,
             "fraction_of_demo_round": per_round / round_s,

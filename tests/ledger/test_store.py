@@ -186,6 +186,20 @@ def test_update_entry_without_binding_fields_is_refused(tmp_path: Path) -> None:
             ledger.append(EntryKind.UPDATE_RECEIVED, payload)
 
 
+@pytest.mark.parametrize("field", ["site_claims", "site_metrics", "dp_event"])
+def test_update_entry_without_its_signed_claims_is_refused(tmp_path: Path, field: str) -> None:
+    payload = update_payload()
+    del payload[field]
+    with open_ledger(tmp_path / "ledger.db") as ledger:
+        ledger.append(EntryKind.RUN_STARTED, {})
+
+        with pytest.raises(ValueError, match=f"lacks the fields {field}"):
+            ledger.append(EntryKind.UPDATE_RECEIVED, payload)
+        head = ledger.head()
+
+    assert head is not None and head.seq == 1
+
+
 def test_non_finite_payload_is_refused_and_not_written(tmp_path: Path) -> None:
     with open_ledger(tmp_path / "ledger.db") as ledger:
         ledger.append(EntryKind.RUN_STARTED, {})

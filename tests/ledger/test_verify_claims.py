@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from fedsilo.crypto import UpdateBinding, claims_sha256, encode_signature, sign_claims
-from fedsilo.ledger import JsonValue, verify_ledger
+from fedsilo.ledger import UPDATE_BINDING_FIELDS, JsonValue, verify_ledger
 from tests.ledger import COORDINATOR_KEY, SITE_ID, SITE_KEY, SITE_KEYS, UPDATE_SEQ, record_run
 from tests.ledger import update_payload as honest_update
 
@@ -120,8 +120,14 @@ def test_claims_signed_by_another_key_are_caught(tmp_path: Path) -> None:
     assert reason.startswith(f"site {SITE_ID!r} signed claims signature is invalid")
 
 
-def test_entry_without_signed_claims_names_its_format(tmp_path: Path) -> None:
+def test_entry_without_signed_claims_names_its_format(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # As written before sites signed their claims: binding, signature, DP event, no claims.
+    # Today's store refuses to write such an entry, so the older writer's check stands in.
+    monkeypatch.setattr(
+        "fedsilo.ledger.store.UPDATE_ENTRY_FIELDS", (*UPDATE_BINDING_FIELDS, "site_signature")
+    )
     update = private_update()
     del update["site_claims"], update["site_metrics"]
     record_run(tmp_path / "ledger.db", update=update)

@@ -1,5 +1,6 @@
 """Record-level DP-SGD in a federation: events ledgered, epsilon per site, budgets enforced."""
 
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
@@ -57,6 +58,30 @@ def test_privacy_command_recomputes_what_was_reported(
 
     output = capsys.readouterr().out
     assert output.count(" yes") == 3
+    assert "ledger verified" in output
+
+
+def test_privacy_command_refuses_a_ledger_that_does_not_verify(
+    make_config: Callable[..., FedsiloConfig],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Somebody with write access to the ledger file claims more noise than the sites used, which
+    # would make the recomputed epsilon smaller than what was spent.
+    run_with_grid(_dp_config(make_config, noise_multiplier=1.0), tmp_path / "run")
+    with sqlite3.connect(tmp_path / "run" / "ledger.db") as connection:
+        changed = connection.execute(
+            "UPDATE entries SET payload = replace(payload, '\"noise_multiplier\":1.0', "
+            "'\"noise_multiplier\":4.0') WHERE kind = ?",
+            (EntryKind.UPDATE_RECEIVED.value,),
+        ).rowcount
+    assert changed > 0
+
+    assert main(["privacy", str(tmp_path / "run")]) == 1
+
+    output = capsys.readouterr().out
+    assert "epsilon not recomputed, the ledger does not verify" in output
+    assert "epsilon per site" not in output
 
 
 def test_target_epsilon_is_never_overshot(

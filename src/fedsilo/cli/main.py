@@ -156,6 +156,7 @@ def cmd_audit_report(args: argparse.Namespace) -> int:
 def cmd_privacy(args: argparse.Namespace) -> int:
     from fedsilo.config import load_config
     from fedsilo.ledger import read_entries
+    from fedsilo.server.audit import describe, verify_run
     from fedsilo.server.privacy_report import site_epsilons, site_events, site_level_epsilon
     from fedsilo.server.run_folder import RunFolder
 
@@ -164,6 +165,21 @@ def cmd_privacy(args: argparse.Namespace) -> int:
     if not (privacy.record_level or privacy.site_level):
         print(f"{folder.root}: no differential privacy configured; no epsilon bounds this run")
         return 1
+    # The DP events are the sites' signed claims and the site-level events the coordinator's:
+    # an epsilon composed from entries that fail verification would state a guarantee nobody
+    # can stand behind, so it is not computed at all.
+    report = verify_run(args.run, coordinator_key=_trusted_key(args))
+    if not report.ok:
+        print(describe(report))
+        for problem in report.problems:
+            where = f"entry {problem.seq}" if problem.seq is not None else "run folder"
+            print(f"  {where}: {problem.reason}")
+        print(f"{folder.root}: epsilon not recomputed, the ledger does not verify")
+        return 1
+    if args.coordinator_key is None:
+        print("ledger verified against the coordinator key pinned in the run folder")
+    else:
+        print(f"ledger verified against {args.coordinator_key}")
     entries = read_entries(folder.ledger_path)
     all_match = True
     if privacy.site_level:
@@ -514,6 +530,11 @@ def _parser() -> argparse.ArgumentParser:
 
     privacy = commands.add_parser("privacy", help="recompute each site's epsilon from the ledger")
     privacy.add_argument("run", type=Path)
+    privacy.add_argument(
+        "--coordinator-key",
+        type=Path,
+        help="verify the ledger against this coordinator public key (default: the run's)",
+    )
     privacy.set_defaults(handler=cmd_privacy)
 
     transfer = commands.add_parser(

@@ -40,6 +40,8 @@ from fedsilo.crypto import (
 )
 from fedsilo.ledger.entries import (
     GENESIS_HASH,
+    SITE_CLAIMS_FIELD,
+    SITE_METRICS_FIELD,
     SITE_SIGNATURE_FIELD,
     UPDATE_BINDING_FIELDS,
     Entry,
@@ -213,12 +215,22 @@ def read_coordinator_key_text(path: Path) -> str:
         return _read_meta(connection, path)[_KEY_META]
 
 
+UPDATE_ENTRY_FIELDS = (
+    *UPDATE_BINDING_FIELDS,
+    SITE_SIGNATURE_FIELD,
+    SITE_METRICS_FIELD,
+    "dp_event",
+    SITE_CLAIMS_FIELD,
+)
+"""What an ``update_received`` entry (format 2) must hold to be verifiable: the binding, the
+site's signature on it, and the metrics and DP event (null where none) with the site's
+signature on them."""
+
+
 def _check_payload(kind: EntryKind, payload: Mapping[str, JsonValue]) -> None:
     """Refuse an update entry that could never verify, before it is written."""
     if kind is EntryKind.UPDATE_RECEIVED:
-        missing = [
-            name for name in (*UPDATE_BINDING_FIELDS, SITE_SIGNATURE_FIELD) if name not in payload
-        ]
+        missing = [name for name in UPDATE_ENTRY_FIELDS if name not in payload]
         if missing:
             raise ValueError(f"{kind} payload lacks the fields {', '.join(missing)}")
 
