@@ -41,7 +41,7 @@ from fedsilo.crypto import (
     verify_claims,
     verify_update,
 )
-from fedsilo.ledger import EntryKind, Ledger
+from fedsilo.ledger import EntryKind, JsonValue, Ledger
 from fedsilo.model.adapters import adapter_to_bytes
 from fedsilo.server.federation import adapter_digest
 
@@ -78,7 +78,12 @@ def one_round(
             "bench", "run", round_number, "train", f"site-{index}", sha256_hex(payload)
         )
         signature = sign_update(key, binding)
-        metrics = {"num_examples": 64, "train_loss": 1.25, "tokens": 4096, "seconds": 60.0}
+        metrics: dict[str, JsonValue] = {
+            "num_examples": 64,
+            "train_loss": 1.25,
+            "tokens": 4096,
+            "seconds": 60.0,
+        }
         digest = claims_sha256(metrics=metrics, dp_event=None)
         claims_signature = sign_claims(key, binding, digest)
         site_seconds.append(time.perf_counter() - started)

@@ -87,8 +87,12 @@ def _deploy(root: Path, model: Path | str, rounds: int, train: dict[str, Any]) -
         for name in SITES:
             started = time.monotonic()
             sites.append(deployment.start_site(name))
+
+            def joined(name: str = name) -> bool:
+                return f"site {name} joined" in coordinator.log()
+
             wait_for(
-                lambda name=name: f"site {name} joined" in coordinator.log(),
+                joined,
                 timeout=300,
                 what=f"{name} to join",
                 watch=[coordinator, *sites],

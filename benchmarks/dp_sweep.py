@@ -1,16 +1,19 @@
-"""Choose the DP recipe's clip norm and learning rate on the sites' own validation data.
+"""Choose the DP recipe's expected batch, clip norm and learning rate on the sites' own data.
 
-    python benchmarks/dp_sweep.py [--resume] [--epsilon 8] [--clips 0.1,1,10]
-        [--learning-rates 5e-4,2e-3,5e-3] [--records-per-site 2000]
+    python benchmarks/dp_sweep.py [--resume] [--epsilon 8] [--batch-sizes 256]
+        [--clips 0.1,1,10] [--learning-rates 5e-4,2e-3,5e-3] [--records-per-site 2000]
     python benchmarks/dp_sweep.py --smoke --out /tmp/dp-sweep.json    # tiny model, seconds
 
-Every (clip, learning rate) of the grid trains the federation of ``fedsilo.bench.dp_recipe``
-with record-level DP at one fixed target epsilon for the whole run. Each site holds out the
-last ``--validation-share`` of its own records; the pooled held-out records are the only
-evaluation set, and the chosen pair is the one with the lowest validation loss (mean
-answer-token cross-entropy). The ICD-10 gold set is never scored here, so choosing on it
-cannot flatter the privacy/utility table. Writes benchmarks/results/dp-sweep.json after every
-grid point (``--resume`` keeps the points already measured with the same settings).
+Every (expected batch, clip, learning rate) of the grid trains the federation of
+``fedsilo.bench.dp_recipe`` with record-level DP at one fixed target epsilon for the whole run.
+Each site holds out the last ``--validation-share`` of its own records; the pooled held-out
+records are the only evaluation set, and the chosen point is the one with the lowest
+validation loss (mean answer-token cross-entropy). The ICD-10 gold set is never scored here,
+so choosing on it cannot flatter the privacy/utility table. Local work is counted in epochs,
+so the expected batch sets the number of steps as well as the noise on each of them
+(``z * C / batch``, z calibrated to the same epsilon for every point): a large batch is quiet
+but takes few steps. Writes benchmarks/results/dp-sweep.json after every grid point
+(``--resume`` keeps the points already measured with the same settings).
 
 The sweep's own runs are not private with respect to the validation records' choice of
 hyperparameters (the selection itself is not accounted); the published recipes do the same
@@ -20,6 +23,7 @@ and report it, and so do we.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shutil
 import tempfile
@@ -49,6 +53,17 @@ def _floats(text: str, name: str) -> list[float]:
     return values
 
 
+def _whole(text: str, name: str) -> list[int]:
+    values = _floats(text, name)
+    if any(value != int(value) for value in values):
+        raise SystemExit(f"{name} must be whole numbers, got {text}")
+    return [int(value) for value in values]
+
+
+def _key(point: dict[str, Any]) -> tuple[int, float, float]:
+    return (int(point["expected_batch_size"]), float(point["clip"]), float(point["learning_rate"]))
+
+
 def best_point(points: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The grid point with the lowest validation loss (the first of equals), None if none."""
     return min(points, key=lambda point: point["validation_loss"], default=None)
@@ -62,11 +77,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--records-per-site", type=int, default=defaults.records_per_site)
     parser.add_argument("--validation-share", type=float, default=0.05)
     parser.add_argument("--epsilon", type=float, default=8.0)
+    parser.add_argument("--batch-sizes", default=str(recipe_defaults.expected_batch_size))
     parser.add_argument("--clips", default="0.1,1,10")
     parser.add_argument("--learning-rates", default="5e-4,2e-3,5e-3")
     parser.add_argument("--rounds", type=int, default=recipe_defaults.rounds)
     parser.add_argument("--local-epochs", type=float, default=recipe_defaults.local_epochs)
-    parser.add_argument("--batch-size", type=int, default=recipe_defaults.expected_batch_size)
     parser.add_argument("--ffa", action="store_true", help="FFA-LoRA (A frozen) instead of LoRA")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--runs", type=Path, default=Path("runs") / "dp-sweep")
@@ -76,6 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     clips = _floats(args.clips, "--clips")
     rates = _floats(args.learning_rates, "--learning-rates")
+    batches = _whole(args.batch_sizes, "--batch-sizes")
     if not args.epsilon > 0:
         raise SystemExit(f"--epsilon must be positive, got {args.epsilon}")
 
@@ -83,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.smoke:
         federation, recipe = smoke_setup(scratch)
         federation = replace(federation, records_per_site=16)
-        clips, rates = [0.1, 1.0], [1e-2]
+        clips, rates, batches = [0.1, 1.0], [1e-2], [recipe.expected_batch_size]
         out, runs, model = args.out or scratch / "dp-sweep.json", scratch / "runs", "tiny"
         validation_share = 0.25
     else:
@@ -91,7 +107,6 @@ def main(argv: list[str] | None = None) -> None:
             model=args.model, num_sites=args.sites, records_per_site=args.records_per_site
         )
         recipe = DpRecipe(
-            expected_batch_size=args.batch_size,
             local_epochs=args.local_epochs,
             rounds=args.rounds,
             ffa=args.ffa,
@@ -106,7 +121,9 @@ def main(argv: list[str] | None = None) -> None:
         "validation_share": validation_share,
         "epsilon": args.epsilon,
         "recipe": {
-            k: v for k, v in recipe.to_json().items() if k not in ("learning_rate", "max_grad_norm")
+            k: v
+            for k, v in recipe.to_json().items()
+            if k not in ("expected_batch_size", "learning_rate", "max_grad_norm")
         },
         "selection": "lowest validation loss on the sites' held-out records (never the gold set)",
     }
@@ -115,45 +132,45 @@ def main(argv: list[str] | None = None) -> None:
         previous = json.loads(out.read_text(encoding="utf-8"))
         if all(previous.get(key) == value for key, value in header.items()):
             points = list(previous["points"])
-    for clip in clips:
-        for rate in rates:
-            if any(p["clip"] == clip and p["learning_rate"] == rate for p in points):
-                print(f"clip {clip:g}, learning rate {rate:g}: already measured, kept")
-                continue
-            point_recipe = replace(recipe, max_grad_norm=clip, learning_rate=rate)
-            name = f"clip{clip:g}-lr{rate:g}"
-            config = validation_config(
-                federation,
-                point_recipe,
-                epsilon=args.epsilon,
-                validation_share=validation_share,
-                work=runs / name / "data",
-            )
-            started = time.perf_counter()
-            metrics = run_federation(config, runs / name / "run", resume=args.resume)
-            final = metrics[-1]
-            point = {
-                "clip": clip,
-                "learning_rate": rate,
-                "validation_loss": final["gold_loss"],
-                "validation_loss_per_round": [m["gold_loss"] for m in metrics],
-                "validation_category_accuracy": final["gold_category_accuracy"],
-                "validation_count": final["gold_count"],
-                "spent_epsilon": final.get("epsilon"),
-                "seconds": time.perf_counter() - started,
-                "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            }
-            points = save_row(
-                out,
-                header,
-                point,
-                rows_key="points",
-                same=lambda old, new: (
-                    (old["clip"], old["learning_rate"]) == (new["clip"], new["learning_rate"])
-                ),
-                summary=lambda points: {"best": best_point(points)},
-            )
-            print(name, json.dumps({"validation_loss": final["gold_loss"]}))
+    for batch, clip, rate in itertools.product(batches, clips, rates):
+        if any(_key(p) == (batch, clip, rate) for p in points):
+            print(f"batch {batch}, clip {clip:g}, learning rate {rate:g}: already measured, kept")
+            continue
+        point_recipe = replace(
+            recipe, expected_batch_size=batch, max_grad_norm=clip, learning_rate=rate
+        )
+        name = f"batch{batch}-clip{clip:g}-lr{rate:g}"
+        config = validation_config(
+            federation,
+            point_recipe,
+            epsilon=args.epsilon,
+            validation_share=validation_share,
+            work=runs / name / "data",
+        )
+        started = time.perf_counter()
+        metrics = run_federation(config, runs / name / "run", resume=args.resume)
+        final = metrics[-1]
+        point = {
+            "expected_batch_size": batch,
+            "clip": clip,
+            "learning_rate": rate,
+            "validation_loss": final["gold_loss"],
+            "validation_loss_per_round": [m["gold_loss"] for m in metrics],
+            "validation_category_accuracy": final["gold_category_accuracy"],
+            "validation_count": final["gold_count"],
+            "spent_epsilon": final.get("epsilon"),
+            "seconds": time.perf_counter() - started,
+            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        points = save_row(
+            out,
+            header,
+            point,
+            rows_key="points",
+            same=lambda old, new: _key(old) == _key(new),
+            summary=lambda points: {"best": best_point(points)},
+        )
+        print(name, json.dumps({"validation_loss": final["gold_loss"]}))
     if args.smoke:  # the smoke run's federations are not kept, only its results
         shutil.rmtree(runs, ignore_errors=True)
     print(f"wrote {out}; best: {best_point(points)}")

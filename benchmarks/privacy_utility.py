@@ -77,8 +77,9 @@ def _with_shares(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
-def _swept(path: Path, args: argparse.Namespace) -> tuple[float, float, str]:
-    """The clip and learning rate of the sweep's best point, after checking it fits this run."""
+def _swept(path: Path, args: argparse.Namespace) -> tuple[int, float, float, str]:
+    """The expected batch, clip and learning rate of the sweep's best point, after checking
+    it fits this run."""
     sweep = json.loads(path.read_text(encoding="utf-8"))
     best = sweep.get("best")
     if not isinstance(best, dict):
@@ -87,8 +88,12 @@ def _swept(path: Path, args: argparse.Namespace) -> tuple[float, float, str]:
     if not args.smoke and any(sweep.get(key) != value for key, value in wanted.items()):
         found = {key: sweep.get(key) for key in wanted}
         raise SystemExit(f"{path}: the sweep ran {found}, this benchmark runs {wanted}")
-    clip, rate = float(best["clip"]), float(best["learning_rate"])
-    return clip, rate, f"{path.name}: lowest validation loss at epsilon {sweep['epsilon']:g}"
+    batch, clip, rate = (
+        int(best["expected_batch_size"]),
+        float(best["clip"]),
+        float(best["learning_rate"]),
+    )
+    return batch, clip, rate, f"{path.name}: lowest validation loss at epsilon {sweep['epsilon']:g}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -109,7 +114,8 @@ def main(argv: list[str] | None = None) -> None:
         "--from-sweep",
         type=Path,
         default=None,
-        help="take --clip and --learning-rate from the best point of this dp_sweep.py result",
+        help="take --batch-size, --clip and --learning-rate from the best point of this "
+        "dp_sweep.py result",
     )
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--runs", type=Path, default=Path("runs") / "privacy-utility")
@@ -123,12 +129,17 @@ def main(argv: list[str] | None = None) -> None:
 
     chosen_by = "command line (not chosen by a sweep)"
     if args.from_sweep is not None:
-        args.clip, args.learning_rate, chosen_by = _swept(args.from_sweep, args)
+        args.batch_size, args.clip, args.learning_rate, chosen_by = _swept(args.from_sweep, args)
     scratch = Path(tempfile.mkdtemp(prefix="fedsilo-privacy-utility-"))
     if args.smoke:
         federation, recipe = smoke_setup(scratch)
         if args.from_sweep is not None:
-            recipe = replace(recipe, max_grad_norm=args.clip, learning_rate=args.learning_rate)
+            recipe = replace(
+                recipe,
+                expected_batch_size=args.batch_size,
+                max_grad_norm=args.clip,
+                learning_rate=args.learning_rate,
+            )
         out = args.out or scratch / "privacy-utility.json"
         runs = scratch / "runs"
     else:

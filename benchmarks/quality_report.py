@@ -344,7 +344,7 @@ def _family_cell(data: dict[str, Any], family: str, key: str) -> str:
         return "not run"
     chosen_mu = (data.get("hyperparameters") or {}).get("chosen", {}).get("proximal_mu")
     chosen = f"fedprox-mu{chosen_mu:g}" if chosen_mu is not None else None
-    best = chosen if chosen in names else names[0]
+    best: str = chosen if chosen is not None and chosen in names else names[0]
     tuned = "" if chosen in names else ", not tuned"
     suffix = f" (mu {best.removeprefix('fedprox-mu')}{tuned})" if family == "fedprox" else ""
     if key == "gold_accuracy":

@@ -22,7 +22,7 @@ def _verdict(ok: bool) -> str:
 
 
 def _spread(training: dict[str, Any]) -> float:
-    return max((max(v) - min(v)) / min(v) for v in (training["none"], training["secagg"]))
+    return float(max((max(v) - min(v)) / min(v) for v in (training["none"], training["secagg"])))
 
 
 def secagg_section(result: dict[str, Any] | None) -> list[str]:

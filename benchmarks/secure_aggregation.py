@@ -43,7 +43,7 @@ from fedsilo.client import app as client_app
 from fedsilo.client import he as client_he
 from fedsilo.client import secagg as client_secagg
 from fedsilo.client.app import build_client_app
-from fedsilo.client.local import LocalUpdate
+from fedsilo.client.local import LocalUpdate, local_update
 from fedsilo.client.policy import declare_policy
 from fedsilo.client.site import Site
 from fedsilo.config import parse_config
@@ -61,7 +61,7 @@ from fedsilo.server.strategies import build_strategy
 from fedsilo.simulation.inprocess_grid import FIRST_NODE_ID, InProcessGrid
 
 RESULTS = Path(__file__).resolve().parent / "results" / "secure-aggregation.json"
-REAL_LOCAL_UPDATE = client_secagg.local_update
+REAL_LOCAL_UPDATE = local_update
 
 
 def record_bytes(content: RecordDict) -> int:
@@ -156,9 +156,10 @@ def _ours(
     site_objects = [
         Site(
             name=n,
-            model=None,
-            tokenizer=None,
-            examples=(),  # type: ignore[arg-type]
+            # The benchmark's sites send fixed updates: no model, tokenizer or records.
+            model=None,  # type: ignore[arg-type]
+            tokenizer=None,  # type: ignore[arg-type]
+            examples=(),
             base_model_hash="sha256:" + "0" * 64,
             adapter_template=template,
             signing_key=keys[n],
@@ -185,10 +186,10 @@ def _ours(
         base_model_hash="sha256:" + "0" * 64,
         initial_adapter=template,
         strategy=build_strategy(config.strategy),
-        evaluate=None,
-        reporter=None,
+        evaluate=None,  # type: ignore[arg-type]
+        reporter=None,  # type: ignore[arg-type]
         membership=membership,
-        ledger=ledger,  # type: ignore[arg-type]
+        ledger=ledger,
         coordinator_key=coordinator,
     )
     grid = MeasuringGrid(build_client_app(FixedSites(site_objects)), num_nodes=sites)

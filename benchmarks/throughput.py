@@ -185,7 +185,7 @@ def _hf_trainer(setup: dict[str, Any], steps: int) -> dict[str, Any]:
         seen["batches"] += 1
         return batch
 
-    class Timer(TrainerCallback):  # type: ignore[misc]
+    class Timer(TrainerCallback):
         def on_step_end(self, *args: Any, **kwargs: Any) -> None:
             clock.step()
 

@@ -14,6 +14,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -89,7 +90,7 @@ def main() -> int:
         source="smoke",
     )
     pad_id = int(loaded.tokenizer.pad_token_id)
-    for label, run in (
+    loops: tuple[tuple[str, Callable[[int], float]], ...] = (
         (
             "plain",
             lambda steps: (
@@ -125,7 +126,8 @@ def main() -> int:
                 ).result.train_loss
             ),
         ),
-    ):
+    )
+    for label, run in loops:
         run(2)  # warm-up: kernels are chosen and memory allocated on the first steps
         if device.type == "cuda":
             torch.cuda.synchronize()

@@ -122,6 +122,7 @@ def test_dp_sweep_smoke_picks_the_lowest_validation_loss_for_the_utility_run(
     assert [(p["clip"], p["learning_rate"]) for p in sweep["points"]] == [(0.1, 0.01), (1.0, 0.01)]
     assert sweep["best"] == min(sweep["points"], key=lambda p: p["validation_loss"])
     assert utility["recipe"]["max_grad_norm"] == sweep["best"]["clip"]
+    assert utility["recipe"]["expected_batch_size"] == sweep["best"]["expected_batch_size"]
     assert utility["hyperparameters_from"].startswith("dp-sweep.json")
 
 
