@@ -225,7 +225,7 @@ def _flower(
     rng = np.random.default_rng(0)
     updates = [(rng.random(params, dtype=np.float32) - 0.5) * 0.01 for _ in range(sites)]
 
-    class Fixed(NumPyClient):  # type: ignore[misc]
+    class Fixed(NumPyClient):
         def __init__(self, index: int) -> None:
             self.index = index
 
