@@ -39,6 +39,7 @@ from fedsilo.bench.dp_recipe import (
     utility_config,
 )
 from fedsilo.evaluation.gold import HEADLINE_PART
+from fedsilo.server.run_folder import RunFolder
 
 RESULTS = Path(__file__).parent / "results"
 HEADLINE = HEADLINE_PART["icd10"]
@@ -48,7 +49,9 @@ def _setting(epsilon: float) -> str:
     return "no_dp" if math.isinf(epsilon) else f"eps{epsilon:g}"
 
 
-def _row(epsilon: float, metrics: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+def _row(
+    epsilon: float, metrics: list[dict[str, Any]], seconds: float, measured_at: str
+) -> dict[str, Any]:
     final = metrics[-1]
     part = final["gold_parts"][HEADLINE]
     private = not math.isinf(epsilon)
@@ -64,8 +67,11 @@ def _row(epsilon: float, metrics: list[dict[str, Any]], seconds: float) -> dict[
         "gold_loss": final["gold_loss"],
         "spent_epsilon": final.get("epsilon"),
         "rounds": final["round"],
+        # Round 0 is the base model before any training: the floor every setting starts from.
+        "accuracy_per_round": [m["gold_parts"][HEADLINE]["category_accuracy"] for m in metrics],
+        "gold_loss_per_round": [m["gold_loss"] for m in metrics],
         "seconds": seconds,
-        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "measured_at": measured_at,
     }
 
 
@@ -75,6 +81,14 @@ def _with_shares(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [
         {**row, "share_of_non_private": row["accuracy"] / base if base else None} for row in rows
     ]
+
+
+def _same(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    return bool(old["setting"] == new["setting"])
+
+
+def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"rows": _with_shares(rows)}
 
 
 def _swept(path: Path, args: argparse.Namespace) -> tuple[int, float, float, str]:
@@ -178,25 +192,26 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{out}: another federation or recipe; its rows are not reused")
     for epsilon in epsilons:
         name = _setting(epsilon)
-        if any(row["setting"] == name for row in rows):
+        kept = next((row for row in rows if row["setting"] == name), None)
+        if kept is not None:
             print(f"{name}: already measured, kept")
+            finished = RunFolder(runs / name).read_metrics() if (runs / name).is_dir() else []
+            if finished and finished[-1]["round"] == kept["rounds"]:
+                # The row is a function of its run's metrics: rebuilt, so fields added to
+                # the row since the run was measured are filled from the same run.
+                row = _row(epsilon, finished, kept["seconds"], kept["measured_at"])
+                rows = save_row(out, header, row, rows_key="rows", same=_same, summary=_summary)
             continue
         config = utility_config(
             federation, recipe, epsilon=None if math.isinf(epsilon) else epsilon
         )
         started = time.perf_counter()
         metrics = run_federation(config, runs / name, resume=args.resume)
-        row = _row(epsilon, metrics, time.perf_counter() - started)
+        measured_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        row = _row(epsilon, metrics, time.perf_counter() - started, measured_at)
         # Settings may run in parallel processes (--epsilons 1,3 and --epsilons 8,inf into one
         # --out): the file is merged under a lock, each process keeping the others' rows.
-        rows = save_row(
-            out,
-            header,
-            row,
-            rows_key="rows",
-            same=lambda old, new: bool(old["setting"] == new["setting"]),
-            summary=lambda rows: {"rows": _with_shares(rows)},
-        )
+        rows = save_row(out, header, row, rows_key="rows", same=_same, summary=_summary)
         print(name, json.dumps({"accuracy": row["accuracy"], "ci95": row["ci95"]}))
     if args.smoke:  # the smoke run's federations are not kept, only its results
         shutil.rmtree(runs, ignore_errors=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -149,20 +150,34 @@ def _rows_section(result: dict[str, Any]) -> list[str]:
         f"{result['headline']}. Goals: epsilon 8 keeps >= 90% and epsilon 3 >= 75% of the "
         "non-private accuracy.",
         "",
-        "| setting | epsilon | delta | accuracy | 95% CI | share of non-private | minutes |",
-        "|---|---:|---:|---:|---|---:|---:|",
+        "| setting | epsilon | delta | accuracy | 95% CI | exact code | gold loss "
+        "| share of non-private | minutes |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|",
     ]
-    for row in result["rows"]:
+    # No DP first, then from the weakest guarantee to the strongest.
+    rows = sorted(
+        result["rows"], key=lambda r: -math.inf if r["epsilon"] is None else -r["epsilon"]
+    )
+    untrained = next((r for r in rows if r.get("accuracy_per_round")), None)
+    if untrained is not None:
+        lines.append(
+            f"| base model, before training | - | - | {_pct(untrained['accuracy_per_round'][0])} "
+            f"| | | {untrained['gold_loss_per_round'][0]:.3f} | | |"
+        )
+    for row in rows:
         share = row.get("share_of_non_private")
         lines.append(
             f"| {row['setting']} | {'inf' if row['epsilon'] is None else row['epsilon']} | "
             f"{'-' if row['delta'] is None else row['delta']} | {_pct(row['accuracy'])} | "
-            f"{_interval(row['ci95'])} | {'-' if share is None else _pct(share)} | "
+            f"{_interval(row['ci95'])} | {_pct(row['exact_code_accuracy'])} | "
+            f"{row['gold_loss']:.3f} | {'-' if share is None else _pct(share)} | "
             f"{row['seconds'] / 60:.1f} |"
         )
     _rows_plot(result["rows"])
     return [
         *lines,
+        "",
+        rows_goal(rows),
         "",
         f"![accuracy against epsilon](img/{UTILITY_PLOT.name})",
         "",
@@ -170,6 +185,49 @@ def _rows_section(result: dict[str, Any]) -> list[str]:
         "`benchmarks/results/privacy-utility.json`.",
         "",
     ]
+
+
+def learned(no_dp: dict[str, Any]) -> bool:
+    """Whether the non-private federation measurably learned (its interval excludes zero)."""
+    ci95 = no_dp.get("ci95")
+    return ci95 is not None and float(ci95[0]) > 0
+
+
+UNREADABLE_SHARE = "not a measurement (the no-DP interval includes 0)"
+
+GOALS = {"eps8": 0.90, "eps3": 0.75}
+"""Share of the non-private headline accuracy each setting must keep (issue goals)."""
+
+
+def rows_goal(rows: list[dict[str, Any]]) -> str:
+    """The goals read from the rows, or why they cannot be read.
+
+    A share of the non-private accuracy only means something when the non-private federation
+    measurably learned: when its interval reaches 0, the ratio divides one noisy count by
+    another and is not reported as a reading of the goal.
+    """
+    by_setting = {row["setting"]: row for row in rows}
+    base = by_setting.get("no_dp")
+    if base is None:
+        return "The goals cannot be read yet: the non-private setting is not measured."
+    if not learned(base):
+        return (
+            f"**The goals cannot be read from this run**: without DP the federation reaches "
+            f"{_pct(base['accuracy'])} ({_interval(base.get('ci95'))}) on the headline, an "
+            "interval that includes zero, so a share of it is not a measurement. This recipe "
+            "under-trains without DP; the recipe must first be chosen so that the non-private "
+            "federation learns (benchmarks/dp_sweep.py, on validation data)."
+        )
+    readings = []
+    for setting, goal in GOALS.items():
+        row = by_setting.get(setting)
+        if row is None:
+            readings.append(f"{setting}: not measured")
+            continue
+        share = row["accuracy"] / base["accuracy"]
+        verdict = "met" if share >= goal else "**not met**"
+        readings.append(f"{setting} keeps {_pct(share)} (goal {_pct(goal)}): {verdict}")
+    return "Goals: " + "; ".join(readings) + "."
 
 
 def utility_section(result: dict[str, Any] | None) -> list[str]:
@@ -246,6 +304,7 @@ _NOT_MEASURED = "not measured yet"
 def compliance_table(utility: dict[str, Any] | None, attacks: dict[str, Any] | None) -> list[str]:
     """The compliance page's tables: measured figures only, "not measured yet" elsewhere."""
     rows = {row["setting"]: row for row in (utility or {}).get("rows", [])}
+    readable = "no_dp" not in rows or learned(rows["no_dp"])
     lines = [
         "| record-level epsilon (delta) | headline accuracy (95% CI) | "
         "share of non-private accuracy |",
@@ -257,9 +316,10 @@ def compliance_table(utility: dict[str, Any] | None, attacks: dict[str, Any] | N
             lines.append(f"| {epsilon} | {_NOT_MEASURED} | {_NOT_MEASURED} |")
             continue
         share = row.get("share_of_non_private")
+        shown = _NOT_MEASURED if share is None else _pct(share)
         lines.append(
             f"| {epsilon} ({row['delta']:g}) | {_pct(row['accuracy'])} "
-            f"({_interval(row['ci95'])}) | {_NOT_MEASURED if share is None else _pct(share)} |"
+            f"({_interval(row['ci95'])}) | {shown if readable else UNREADABLE_SHARE} |"
         )
     plain = rows.get("no_dp")
     accuracy = (

@@ -171,6 +171,22 @@ def test_the_compliance_page_shows_measured_rows(tmp_path: Path) -> None:
     assert "with record-level DP (epsilon 7.99)" in text
 
 
+def test_goals_are_read_only_when_the_non_private_federation_learned() -> None:
+    report = benchmark_script("report_privacy")
+    untrained = {"setting": "no_dp", "accuracy": 0.015, "ci95": [0.0, 0.035]}
+    trained = {"setting": "no_dp", "accuracy": 0.40, "ci95": [0.33, 0.47]}
+    eps8 = {"setting": "eps8", "accuracy": 0.38, "ci95": [0.31, 0.45]}
+    eps3 = {"setting": "eps3", "accuracy": 0.20, "ci95": [0.15, 0.26]}
+
+    assert report.rows_goal([untrained, eps8]).startswith("**The goals cannot be read")
+    assert report.rows_goal([trained, eps8, eps3]) == (
+        "Goals: eps8 keeps 95.0% (goal 90.0%): met; eps3 keeps 50.0% (goal 75.0%): **not met**."
+    )
+    shares = [{**eps8, "delta": 1e-5, "share_of_non_private": 25.3}, untrained]
+    table = "\n".join(report.compliance_table({"rows": shares}, None))
+    assert "| 8 (1e-05) | 38.0% (31.0% to 45.0%) | not a measurement" in table
+
+
 def test_results_from_separate_processes_are_merged_not_overwritten(tmp_path: Path) -> None:
     out = tmp_path / "results" / "utility.json"
     header = {"model": "m", "records_per_site": 2000}
