@@ -185,6 +185,7 @@ def test_goals_are_read_only_when_the_non_private_federation_learned() -> None:
     shares = [{**eps8, "delta": 1e-5, "share_of_non_private": 25.3}, untrained]
     table = "\n".join(report.compliance_table({"rows": shares}, None))
     assert "| 8 (1e-05) | 38.0% (31.0% to 45.0%) | not a measurement" in table
+    assert "These rows do not yet say what DP costs" in table
 
 
 def test_results_from_separate_processes_are_merged_not_overwritten(tmp_path: Path) -> None:
