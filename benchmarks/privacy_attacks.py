@@ -20,7 +20,6 @@ of each group is the chance that secrets the model never saw reach that total ex
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import platform
@@ -31,10 +30,10 @@ from typing import Any
 
 import torch
 
+from fedsilo.bench.dp_recipe import merge_results
 from fedsilo.model.tiny import write_tiny_llama
 from fedsilo.server.progress import LogReporter
 from fedsilo.simulation.canary_experiment import CanaryExperiment, run_canary_experiment
-from fedsilo.storage import write_text_atomic
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -130,26 +129,19 @@ def main(argv: list[str] | None = None) -> None:
         "model": args.model,
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "settings")},
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    folder = os.open(out.parent, os.O_RDONLY)
-    try:
+
+    def with_ours(previous: dict[str, Any] | None) -> dict[str, Any]:
         # Another process may have measured the other setting for the same run settings.
-        fcntl.flock(folder, fcntl.LOCK_EX)
-        if out.is_file():
-            previous = json.loads(out.read_text(encoding="utf-8"))
-            if all(previous.get(key) == value for key, value in header.items()):
-                results = {**previous.get("results", {}), **results}
-        payload = {
-            **header,
-            "no_dp": _summary(results["no_dp"], private=False) if "no_dp" in results else None,
-            "dp": _summary(results["record_dp"], private=True) if "record_dp" in results else None,
-            "results": results,
+        merged = {**(previous or {}).get("results", {}), **results}
+        return {
+            "no_dp": _summary(merged["no_dp"], private=False) if "no_dp" in merged else None,
+            "dp": _summary(merged["record_dp"], private=True) if "record_dp" in merged else None,
+            "results": merged,
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        write_text_atomic(out, json.dumps(payload, indent=2) + "\n")
-    finally:
-        os.close(folder)
+
+    merge_results(out, header, with_ours)
     print(f"wrote {out}")
 
 

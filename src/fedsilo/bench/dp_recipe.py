@@ -225,6 +225,34 @@ def run_federation(config: FedsiloConfig, run_dir: Path, *, resume: bool) -> lis
     return RunFolder(run_dir).read_metrics()
 
 
+def merge_results(
+    out: Path,
+    header: dict[str, Any],
+    build: Callable[[dict[str, Any] | None], dict[str, Any]],
+) -> dict[str, Any]:
+    """Rewrite the results file ``out`` as ``header`` plus ``build(previous)``; what was written.
+
+    ``previous`` is the file's content when it was written for the same ``header`` (None when
+    there is no file or it holds another federation's results), so ``build`` can keep what
+    other processes measured. Several processes may measure into one file: it is re-read and
+    rewritten (atomically) under a lock on its folder, so no process drops another's results.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    folder = os.open(out.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        previous = None
+        if out.is_file():
+            stored = json.loads(out.read_text(encoding="utf-8"))
+            if all(stored.get(key) == value for key, value in header.items()):
+                previous = stored
+        result = {**header, **build(previous)}
+        write_text_atomic(out, json.dumps(result, indent=2) + "\n")
+        return result
+    finally:
+        os.close(folder)
+
+
 def save_row(
     out: Path,
     header: dict[str, Any],
@@ -236,30 +264,21 @@ def save_row(
 ) -> list[dict[str, Any]]:
     """Add ``row`` to the results file ``out`` (replacing a row ``same`` as it); all its rows.
 
-    ``summary`` adds fields computed from all the rows (for instance the best one).
-
-    Several processes may measure different settings into one file: the file is re-read and
-    rewritten (atomically) under a lock on its folder, so no process drops another's rows.
-    Rows of a file written for another ``header`` (another federation or recipe) are dropped.
+    ``summary`` adds fields computed from all the rows (for instance the best one). Rows of a
+    file written for another ``header`` (another federation or recipe) are dropped; rows other
+    processes wrote for the same one are kept (:func:`merge_results`).
     """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    folder = os.open(out.parent, os.O_RDONLY)
-    try:
-        fcntl.flock(folder, fcntl.LOCK_EX)
-        rows: list[dict[str, Any]] = []
-        if out.is_file():
-            previous = json.loads(out.read_text(encoding="utf-8"))
-            if all(previous.get(key) == value for key, value in header.items()):
-                rows = [old for old in previous.get(rows_key, []) if not same(old, row)]
+    rows: list[dict[str, Any]] = []
+
+    def with_row(previous: dict[str, Any] | None) -> dict[str, Any]:
+        rows[:] = [old for old in (previous or {}).get(rows_key, []) if not same(old, row)]
         rows.append(row)
-        result = {
-            **header,
+        return {
             rows_key: rows,
             **(summary(rows) if summary else {}),
             "threads": 1,
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         }
-        write_text_atomic(out, json.dumps(result, indent=2) + "\n")
-        return rows
-    finally:
-        os.close(folder)
+
+    merge_results(out, header, with_row)
+    return rows
