@@ -18,6 +18,7 @@ from fedsilo.config import ConfigError, FedsiloConfig, load_config, parse_config
 
 if TYPE_CHECKING:
     from fedsilo.crypto import PublicKey
+    from fedsilo.ledger import VerifyReport
 
 
 def _demo_config(rounds: int | None) -> FedsiloConfig:
@@ -112,8 +113,17 @@ def _trusted_key(args: argparse.Namespace) -> PublicKey | None:
     return read_public_key(args.coordinator_key) if args.coordinator_key else None
 
 
+def _print_verification(report: VerifyReport) -> None:
+    from fedsilo.server.audit import describe
+
+    print(describe(report))
+    for problem in report.problems:
+        where = f"entry {problem.seq}" if problem.seq is not None else "run folder"
+        print(f"  {where}: {problem.reason}")
+
+
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from fedsilo.server.audit import describe, verify_run
+    from fedsilo.server.audit import verify_run
 
     if args.coordinator_key is None:
         print(
@@ -121,10 +131,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
             "--coordinator-key FILE to check against a key you obtained yourself"
         )
     report = verify_run(args.run, coordinator_key=_trusted_key(args))
-    print(describe(report))
-    for problem in report.problems:
-        where = f"entry {problem.seq}" if problem.seq is not None else "run folder"
-        print(f"  {where}: {problem.reason}")
+    _print_verification(report)
     return 0 if report.ok else 1
 
 
@@ -156,7 +163,7 @@ def cmd_audit_report(args: argparse.Namespace) -> int:
 def cmd_privacy(args: argparse.Namespace) -> int:
     from fedsilo.config import load_config
     from fedsilo.ledger import read_entries
-    from fedsilo.server.audit import describe, verify_run
+    from fedsilo.server.audit import verify_run
     from fedsilo.server.privacy_report import site_epsilons, site_events, site_level_epsilon
     from fedsilo.server.run_folder import RunFolder
 
@@ -170,10 +177,7 @@ def cmd_privacy(args: argparse.Namespace) -> int:
     # can stand behind, so it is not computed at all.
     report = verify_run(args.run, coordinator_key=_trusted_key(args))
     if not report.ok:
-        print(describe(report))
-        for problem in report.problems:
-            where = f"entry {problem.seq}" if problem.seq is not None else "run folder"
-            print(f"  {where}: {problem.reason}")
+        _print_verification(report)
         print(f"{folder.root}: epsilon not recomputed, the ledger does not verify")
         return 1
     if args.coordinator_key is None:
