@@ -72,7 +72,8 @@ def test_privacy_command_refuses_a_ledger_that_does_not_verify(
     with sqlite3.connect(tmp_path / "run" / "ledger.db") as connection:
         changed = connection.execute(
             "UPDATE entries SET payload = replace(payload, '\"noise_multiplier\":1.0', "
-            "'\"noise_multiplier\":4.0') WHERE kind = ?",
+            "'\"noise_multiplier\":4.0') WHERE kind = ? "
+            "AND payload LIKE '%\"noise_multiplier\":1.0%'",
             (EntryKind.UPDATE_RECEIVED.value,),
         ).rowcount
     assert changed > 0
