@@ -43,6 +43,12 @@ def main() -> None:
     parser.add_argument(
         "--server-step", type=float, default=1.0, help="FedAvg: global += step * mean delta"
     )
+    parser.add_argument(
+        "--server-momentum",
+        type=float,
+        default=0.0,
+        help="FedAvg: Nesterov momentum on the mean delta (with --server-step as its rate)",
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--local-epochs", type=float, default=0.5)
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -72,6 +78,7 @@ def main() -> None:
     state = trainer.loaded.adapter_template
     sizes = [len(examples) for examples in trainer.examples]
     alone = [state] * len(sizes)  # local-only: each site's own adapter
+    velocity = {name: torch.zeros_like(value) for name, value in state.items()}
     started, steps_total = time.perf_counter(), 0
     if args.mode == "centralized":
         # The quality benchmark's centralized training: the sites' steps over the pooled records.
@@ -111,10 +118,14 @@ def main() -> None:
                     update = SiteUpdate(site=str(index), delta=delta, num_examples=len(examples))
                     updates.add(update)
                 aggregated = strategy.aggregate(state, updates)
-                step = args.server_step
-                state = {
-                    name: state[name] + step * (aggregated[name] - state[name]) for name in state
-                }
+                step, momentum = args.server_step, args.server_momentum
+                moved = {}
+                for name in state:
+                    mean_delta = aggregated[name] - state[name]
+                    velocity[name] = momentum * velocity[name] + mean_delta
+                    # Nesterov: the step looks ahead along the updated velocity.
+                    moved[name] = state[name] + step * (mean_delta + momentum * velocity[name])
+                state = moved
             print(f"round {round_number} lr {rate:.2e} steps {steps_total}", flush=True)
     train_seconds = time.perf_counter() - started
     result = {

@@ -114,6 +114,43 @@ def test_fedadam_state_round_trips_for_resume() -> None:
     assert torch.equal(next_original["w"], next_restored["w"])
 
 
+def test_fedavg_momentum_matches_hand_computed_nesterov_steps() -> None:
+    fedavgm = FedAvg(server_momentum=0.5)
+    state = {"w": torch.tensor([0.0])}
+
+    state = _aggregate(fedavgm, state, [_update("a", [2.0], 1), _update("b", [2.0], 3)])
+    # v = 2; w = 0 + 2 + 0.5 * 2
+    assert state["w"].item() == pytest.approx(3.0)
+
+    state = _aggregate(fedavgm, state, [_update("a", [-1.0], 1)])
+    # v = 0.5 * 2 - 1 = 0; w = 3 - 1 + 0
+    assert state["w"].item() == pytest.approx(2.0)
+
+    state = _aggregate(fedavgm, state, [_update("a", [1.0], 1)])
+    # v = 0 + 1 = 1; w = 2 + 1 + 0.5
+    assert state["w"].item() == pytest.approx(3.5)
+
+
+def test_fedavg_momentum_state_round_trips_for_resume() -> None:
+    fedavgm = FedProx(proximal_mu=0.1, server_momentum=0.7)
+    state = _aggregate(fedavgm, {"w": torch.tensor([0.0])}, [_update("a", [2.0], 1)])
+    restored = FedProx(proximal_mu=0.1, server_momentum=0.7)
+    restored.load_state_dict(fedavgm.state_dict())
+
+    next_original = _aggregate(fedavgm, state, [_update("a", [1.0], 1)])
+    next_restored = _aggregate(restored, state, [_update("a", [1.0], 1)])
+
+    assert torch.equal(next_original["w"], next_restored["w"])
+    # A plain FedAvg would silently drop the velocity: it refuses the state instead.
+    with pytest.raises(ValueError, match="without momentum"):
+        FedAvg().load_state_dict(fedavgm.state_dict())
+
+
+def test_server_momentum_is_refused_for_fedadam() -> None:
+    with pytest.raises(ValueError, match="server_momentum applies to fedavg and fedprox"):
+        StrategySection(name="fedadam", server_momentum=0.5)
+
+
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
 def test_every_strategy_moves_towards_a_consistent_update(name: str) -> None:
     strategy = build_strategy(StrategySection(name=name))  # type: ignore[arg-type]

@@ -96,10 +96,12 @@ def test_too_few_sites_stops_after_retries_and_keeps_checkpoints(
     assert "min_sites" in status["reason"]
 
 
+@pytest.mark.parametrize("strategy", [{}, {"server_momentum": 0.5}], ids=["fedavg", "momentum"])
 def test_resume_after_failed_round_matches_an_uninterrupted_run(
-    make_config: Callable[..., FedsiloConfig], tmp_path: Path
+    make_config: Callable[..., FedsiloConfig], tmp_path: Path, strategy: dict[str, float]
 ) -> None:
-    config = make_config(run={"rounds": 2})
+    # With momentum, round 2 needs the velocity of round 1 from the checkpoint.
+    config = make_config(run={"rounds": 2}, strategy=strategy)
     with pytest.raises(FederationError):
         run_with_grid(config, tmp_path / "interrupted", crashing({0, 1}, rounds={2}))
 

@@ -220,6 +220,9 @@ class StrategySection(Section):
     name: StrategyName = "fedavg"
     # FedProx: weight of the proximal term (mu / 2) * ||w - w_global||^2 in each site's loss.
     proximal_mu: float = Field(0.01, ge=0)
+    # FedAvg and FedProx: Nesterov momentum on the mean delta across rounds (0: none). FedAdam
+    # has its own (beta_1).
+    server_momentum: float = Field(0.0, ge=0, lt=1)
     # FedAdam (Reddi et al. 2021, "Adaptive Federated Optimization").
     server_learning_rate: float = Field(0.01, gt=0)
     beta_1: float = Field(0.9, ge=0, lt=1)
@@ -230,6 +233,15 @@ class StrategySection(Section):
     sites_per_round: int | None = Field(None, ge=1)
     round_timeout_s: float = Field(1800.0, gt=0)
     max_round_attempts: int = Field(2, ge=1, le=1000)
+
+    @model_validator(mode="after")
+    def _momentum_for_averaging(self) -> StrategySection:
+        if self.server_momentum > 0 and self.name not in ("fedavg", "fedprox"):
+            raise ValueError(
+                f"server_momentum applies to fedavg and fedprox; {self.name} keeps its own "
+                "server optimizer state (beta_1)"
+            )
+        return self
 
 
 class EvaluationSection(Section):
