@@ -56,6 +56,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=0)
     parser.add_argument("--schedule", default="cosine")
     parser.add_argument("--val-share", type=float, default=0.1)
+    parser.add_argument(
+        "--examples-per-site", type=int, default=None, help="default: the demo config's"
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -71,6 +74,8 @@ def main() -> None:
         lr_schedule=args.schedule,
     )
     raw["task"]["validation_share"] = args.val_share
+    if args.examples_per_site is not None:
+        raw["task"]["examples_per_site"] = args.examples_per_site
     raw["strategy"] = {"name": args.strategy, "server_learning_rate": args.server_lr}
     config = FedsiloConfig.model_validate(raw)
     strategy = build_strategy(config.strategy)

@@ -50,7 +50,13 @@ def run_with_grid(
         SimulationRequest(config=config, run_dir=run_dir, resume=resume, reporter=reporter)
     )
     sites = SimulatedSites(config, run_dir=run_dir, membership=job.membership)
-    grid = grid_class(make_app(sites), num_nodes=config.num_sites, unreachable=unreachable)
-    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
-    build_server_app(job)(grid, context)
+    with grid_class(
+        make_app(sites),
+        num_nodes=config.num_sites,
+        unreachable=unreachable,
+        lanes=config.run.concurrent_sites,
+        lane_threads=config.run.site_threads,
+    ) as grid:
+        context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+        build_server_app(job)(grid, context)
     return reporter

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -77,7 +78,11 @@ class ConsoleReporter:
 
     @contextmanager
     def training_progress(self) -> Iterator[None]:
-        """A live bar for the site that is training: its name, step of steps, tokens/s."""
+        """A live bar per site while it trains: its name, step of steps, tokens/s.
+
+        Sites that train side by side (run.concurrent_sites) report from their own threads:
+        each has its bar, removed when its round's last step is done.
+        """
         bar = Progress(
             TextColumn("  site {task.fields[site]} training"),
             BarColumn(),
@@ -87,18 +92,21 @@ class ConsoleReporter:
             transient=True,
         )
         current: dict[str, TaskID] = {}
+        lock = threading.Lock()
 
         def show(site: str, progress: StepProgress) -> None:
-            if site not in current or progress.step == 1:
-                for task in current.values():
-                    bar.remove_task(task)
-                current.clear()
-                current[site] = bar.add_task("", total=progress.steps, site=site, rate="")
-            bar.update(
-                current[site],
-                completed=progress.step,
-                rate=f"{progress.tokens_per_second:,.0f} tokens/s",
-            )
+            with lock:
+                if progress.step == 1 and site in current:  # a stale bar from a failed round
+                    bar.remove_task(current.pop(site))
+                if site not in current:
+                    current[site] = bar.add_task("", total=progress.steps, site=site, rate="")
+                bar.update(
+                    current[site],
+                    completed=progress.step,
+                    rate=f"{progress.tokens_per_second:,.0f} tokens/s",
+                )
+                if progress.step >= progress.steps:
+                    bar.remove_task(current.pop(site))
 
         with bar, progress_to(show):
             yield

@@ -59,12 +59,36 @@ class RunSection(Section):
     # anything else runs; one thread per simulated site is the fast, predictable choice.
     torch_threads: int = Field(1, ge=1, le=1024)
     engine: EngineName = "inprocess"
+    # In-process engine: how many simulated sites train at once, each in a thread of its own
+    # with its own copy of the model and torch_threads // concurrent_sites torch threads (the
+    # server's evaluation keeps torch_threads). Two one-thread sites on two cores train faster
+    # than one two-thread site; each copy of the model costs its memory.
+    concurrent_sites: int = Field(1, ge=1, le=64)
     # Simulation: a folder with one policy file per site (NAME.toml). A site without its file
     # refuses to train, unless require_site_policies = false says the run is a simulation
     # without policies (then such a site accepts every task). In a deployment each site keeps
     # its policy on its own machine and cannot start without it.
     site_policies: Path | None = None
     require_site_policies: bool = True
+
+    @model_validator(mode="after")
+    def _concurrency_in_process(self) -> RunSection:
+        if self.concurrent_sites > 1 and self.engine != "inprocess":
+            raise ValueError(
+                f"concurrent_sites = {self.concurrent_sites} applies to the inprocess engine; "
+                f"the {self.engine} engine runs sites by its own resources"
+            )
+        if self.concurrent_sites > self.torch_threads:
+            raise ValueError(
+                f"concurrent_sites = {self.concurrent_sites} needs at least as many "
+                f"torch_threads (got {self.torch_threads}): each site trains on one or more"
+            )
+        return self
+
+    @property
+    def site_threads(self) -> int:
+        """Torch threads of each simulated site while it trains."""
+        return self.torch_threads // self.concurrent_sites
 
 
 class ModelSection(Section):

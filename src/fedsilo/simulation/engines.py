@@ -1,8 +1,8 @@
 """Run a whole federation on one machine, with the in-process grid or Flower's Ray engine.
 
-Both run the same ServerApp and ClientApp. "inprocess" delivers messages synchronously in this
-process (fast, small: tests and the demo); "ray" uses Flower's simulation engine, one actor per
-concurrently training site.
+Both run the same ServerApp and ClientApp. "inprocess" delivers messages in this process
+(fast, small: tests and the demo; ``run.concurrent_sites`` sites train at a time); "ray" uses
+Flower's simulation engine, one actor per concurrently training site.
 """
 
 from __future__ import annotations
@@ -62,10 +62,18 @@ def _sites(job: ServerJob) -> SimulatedSites:
 
 
 def run_inprocess(job: ServerJob) -> None:
-    """All sites in this process, one after the other."""
-    grid = InProcessGrid(build_client_app(_sites(job)), num_nodes=job.config.num_sites)
-    server_context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
-    build_server_app(job)(grid, server_context)
+    """All sites in this process: ``run.concurrent_sites`` at a time, each in its own thread."""
+    run = job.config.run
+    with InProcessGrid(
+        build_client_app(_sites(job)),
+        num_nodes=job.config.num_sites,
+        lanes=run.concurrent_sites,
+        lane_threads=run.site_threads,
+    ) as grid:
+        server_context = Context(
+            run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}
+        )
+        build_server_app(job)(grid, server_context)
 
 
 def run_ray(job: ServerJob) -> None:

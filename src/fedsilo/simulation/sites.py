@@ -7,6 +7,7 @@ RUN/sites/NAME/, standing in for that site's own machine.
 from __future__ import annotations
 
 import logging
+import threading
 from functools import cached_property
 from pathlib import Path
 
@@ -27,19 +28,39 @@ log = logging.getLogger(__name__)
 
 
 class SimulatedSites:
-    """Finds and prepares the site a simulated node stands for (model loaded once per process)."""
+    """Finds and prepares the site a simulated node stands for.
+
+    The model is loaded once per process and per lane of ``run.concurrent_sites``: site i
+    trains on copy i mod concurrent_sites, so sites that train at the same time (in the lanes
+    of fedsilo.simulation.inprocess_grid) never share a model.
+    """
 
     def __init__(self, config: FedsiloConfig, *, run_dir: Path, membership: Membership) -> None:
         self.config = config
         self.run_dir = Path(run_dir)
         self.membership = membership
         self._sites: dict[int, Site] = {}
+        self._models: dict[int, LoadedModel] = {}
+        self._preparing = threading.Lock()  # lanes ask for their first sites at the same time
 
-    @cached_property
-    def _loaded(self) -> LoadedModel:
-        # Each simulated site process (a Ray actor) keeps to its own thread budget.
-        torch.set_num_threads(self.config.run.torch_threads)
-        return load_model_with_adapter(self.config)
+    def __getstate__(self) -> dict[str, object]:
+        # Flower's Ray engine ships the client app to its actors by value; a lock does not
+        # travel, and each actor makes its own.
+        state = dict(self.__dict__)
+        del state["_preparing"]
+        return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self._preparing = threading.Lock()
+
+    def _loaded(self, index: int) -> LoadedModel:
+        lane = index % self.config.run.concurrent_sites
+        if lane not in self._models:
+            # Each simulated site process (a Ray actor) or lane keeps to its thread budget.
+            torch.set_num_threads(self.config.run.site_threads)
+            self._models[lane] = load_model_with_adapter(self.config)
+        return self._models[lane]
 
     @cached_property
     def _task(self) -> TaskData:
@@ -52,13 +73,14 @@ class SimulatedSites:
                 f"node {context.node_id}: node_config partition-id={index!r} does not name one of "
                 f"the {len(self._task.sites)} sites of this task"
             )
-        if index not in self._sites:
-            self._sites[index] = self._prepare(index)
-        return self._sites[index]
+        with self._preparing:
+            if index not in self._sites:
+                self._sites[index] = self._prepare(index)
+            return self._sites[index]
 
     def _prepare(self, index: int) -> Site:
         data = self._task.sites[index]
-        loaded = self._loaded
+        loaded = self._loaded(index)
         examples = encode_records(
             loaded.tokenizer,
             data.records,
