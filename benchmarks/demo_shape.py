@@ -51,6 +51,9 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--local-epochs", type=float, default=0.5)
+    parser.add_argument(
+        "--local-steps", type=int, default=None, help="steps per site and round (not epochs)"
+    )
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=0)
@@ -67,12 +70,15 @@ def main() -> None:
     raw["run"]["rounds"] = args.rounds
     raw["train"].pop("local_steps", None)
     raw["train"].update(
-        local_epochs=args.local_epochs,
         learning_rate=args.lr,
         batch_size=args.batch,
         warmup_rounds=args.warmup,
         lr_schedule=args.schedule,
     )
+    if args.local_steps is not None:
+        raw["train"]["local_steps"] = args.local_steps
+    else:
+        raw["train"]["local_epochs"] = args.local_epochs
     raw["task"]["validation_share"] = args.val_share
     if args.examples_per_site is not None:
         raw["task"]["examples_per_site"] = args.examples_per_site

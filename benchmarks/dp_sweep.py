@@ -3,16 +3,18 @@
     python benchmarks/dp_sweep.py [--resume] [--epsilon 8] [--batch-sizes 256]
         [--clips 0.1,1,10] [--learning-rates 5e-4,2e-3,5e-3] [--records-per-site 2000]
     python benchmarks/dp_sweep.py --smoke --out /tmp/dp-sweep.json    # tiny model, seconds
+    python benchmarks/dp_sweep.py --epsilon inf --out benchmarks/results/dp-sweep-no-dp.json ...
 
 Every (expected batch, clip, learning rate) of the grid trains the federation of
-``fedsilo.bench.dp_recipe`` with record-level DP at one fixed target epsilon for the whole run.
-Each site holds out the last ``--validation-share`` of its own records; the pooled held-out
-records are the only evaluation set, and the chosen point is the one with the lowest
-validation loss (mean answer-token cross-entropy). The ICD-10 gold set is never scored here,
-so choosing on it cannot flatter the privacy/utility table. Local work is counted in epochs,
-so the expected batch sets the number of steps as well as the noise on each of them
-(``z * C / batch``, z calibrated to the same epsilon for every point): a large batch is quiet
-but takes few steps. Writes benchmarks/results/dp-sweep.json after every grid point
+``fedsilo.bench.dp_recipe`` with record-level DP at one fixed target epsilon for the whole run
+(``--epsilon inf``: the same points without DP, the reference a point's privacy cost is read
+against). Each site holds out the last ``--validation-share`` of its own records; the pooled
+held-out records are the only evaluation set, and the chosen point is the one with the lowest
+validation loss (mean answer-token cross-entropy). The ICD-10 gold set is never scored here, so
+choosing on it cannot flatter the privacy/utility table. Local work is counted in epochs, so
+the expected batch sets the number of steps as well as the noise on each of them (``z * C /
+batch``, z calibrated to the same epsilon for every point): a large batch is quiet but takes
+few steps. Writes benchmarks/results/dp-sweep.json after every grid point
 (``--resume`` keeps the points already measured with the same settings).
 
 The sweep's own runs are not private with respect to the validation records' choice of
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import shutil
 import tempfile
 import time
@@ -119,7 +122,8 @@ def main(argv: list[str] | None = None) -> None:
         "records_per_site": federation.records_per_site,
         "num_sites": federation.num_sites,
         "validation_share": validation_share,
-        "epsilon": args.epsilon,
+        # None: the no-DP reference at the same points (--epsilon inf).
+        "epsilon": None if math.isinf(args.epsilon) else args.epsilon,
         "recipe": {
             k: v
             for k, v in recipe.to_json().items()

@@ -162,8 +162,19 @@ def _demo_shape_section(result: dict[str, Any] | None) -> list[str]:
             training = f"local only (mean of the sites; worst site {_pct(worst)})"
         if row.get("batch_size", 16) != 16:
             training += f", batches of {row['batch_size']}"
+        if row.get("server_momentum"):
+            training += f", server momentum {row['server_momentum']:g}"
+        if row.get("examples_per_site"):
+            training += f", {row['examples_per_site']} codes per site"
+        if row.get("note"):
+            training += f" ({row['note']})"
+        local_work = (
+            f"{row['local_steps']} steps"
+            if row.get("local_steps")
+            else f"{row['local_epochs']:g} epoch"
+        )
         lines.append(
-            f"| {training} | {row['rounds']} | {row['local_epochs']:g} epoch | "
+            f"| {training} | {row['rounds']} | {local_work} | "
             f"{row['learning_rate']:g} | {row['optimizer_steps']} | "
             f"{_pct(row['validation_category_accuracy'])} of {row['validation_count']} | "
             f"{row['validation_loss']:.3f} |"
