@@ -92,7 +92,7 @@ GOAL = 0.95
 def federation_config(*, model: str | None = None, smoke: bool = False) -> dict[str, Any]:
     """The demo's config with the benchmark's overrides (a smoke run shrinks the budget)."""
     data: dict[str, Any] = tomllib.loads(DEMO.read_text(encoding="utf-8"))
-    data["run"].update(name="bench-distill", torch_threads=1)
+    data["run"].update(name="bench-distill", torch_threads=1, concurrent_sites=1)
     data["strategy"]["min_sites"] = 2
     if smoke:
         for section, values in SMOKE_CONFIG.items():

@@ -291,6 +291,33 @@ def _audit_section(result: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+def _concurrent_sites_section(result: dict[str, Any] | None) -> list[str]:
+    """Sites in turn with two threads against side by side with one each (run.concurrent_sites)."""
+    if result is None:
+        return []
+    medians = result["median_tokens_per_s"]
+    return [
+        "## Simulated sites in turn or side by side",
+        "",
+        f"`python benchmarks/concurrent_sites.py` ({result['what']}; {result['model']}, "
+        f"{result['precision']}, {result['steps_per_site']} steps per site, median of "
+        f"{result['repeats']}):",
+        "",
+        "| how the in-process engine trains two sites | tokens/s |",
+        "|---|---:|",
+        "| in turn, 2 torch threads (`concurrent_sites = 1`) | "
+        f"{medians['in_turn_2_threads']:.0f} |",
+        "| side by side, 1 torch thread each (`concurrent_sites = 2`) | "
+        f"{medians['side_by_side_2x1_thread']:.0f} |",
+        "",
+        f"Side by side trains {result['speedup_side_by_side']:.2f}x as fast, at the memory of "
+        "one more copy of the model. Measured "
+        f"{result['measured_on']} on {result['machine']['cpus']} CPU cores; source: "
+        "`benchmarks/results/concurrent-sites.json`.",
+        "",
+    ]
+
+
 def main() -> None:
     lines = [
         "# Benchmarks",
@@ -301,6 +328,7 @@ def main() -> None:
         *_throughput_section(_load("throughput.json")),
         *_demo_section(_load("demo.json")),
         *_demo_shape_section(_load("demo-shape.json")),
+        *_concurrent_sites_section(_load("concurrent-sites.json")),
         *_audit_section(_load("audit_overhead.json")),
         *attack_section(
             [
