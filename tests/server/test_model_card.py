@@ -57,3 +57,15 @@ def test_export_writes_a_model_card_with_the_runs_provenance(
     # The local path of the base model is in the card, not in the adapter's config.
     assert str(tiny_model_dir) in card
     assert str(tiny_model_dir) not in json.dumps(adapter_config)
+
+
+def test_the_card_names_server_momentum_when_the_run_had_it() -> None:
+    from fedsilo.server.model_card import _strategy
+
+    assert (
+        _strategy({"strategy": "fedavg", "server_momentum": 0.7}) == "fedavg, server momentum 0.7"
+    )
+    assert _strategy({"strategy": "fedavg", "server_momentum": 0.0}) == "fedavg"
+    # Ledgers from before the field existed.
+    assert _strategy({"strategy": "fedprox"}) == "fedprox"
+    assert _strategy({}) == "not recorded"

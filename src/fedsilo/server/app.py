@@ -226,6 +226,7 @@ def _execute(grid: Grid, job: ServerJob, folder: RunFolder) -> AdapterState:
                     "base_model_hash": loaded.base_model_hash,
                     "initial_adapter_sha256": adapter_digest(loaded.adapter_template),
                     "strategy": config.strategy.name,
+                    "server_momentum": config.strategy.server_momentum,
                     "secure_aggregation": config.secure_aggregation.mode,
                     "secure_aggregation_trust": update_visibility(config.secure_aggregation.mode),
                     "coordinator_fingerprint": fingerprint(coordinator_key.public_key()),

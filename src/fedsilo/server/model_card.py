@@ -9,6 +9,7 @@ and the ledger head hash, with which an auditor can match the card to the eviden
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 from fedsilo.config import ConfigError, FedsiloConfig, load_config
@@ -82,7 +83,7 @@ def model_card(run_dir: Path, *, source: str) -> str:
         f"| Task | {config.task.name if config else _NOT_RECORDED} |",
         f"| Sites | {', '.join(sites) if sites else _NOT_RECORDED} |",
         f"| Rounds aggregated | {len({e.payload.get('round') for e in aggregated})} |",
-        f"| Strategy | {start.get('strategy') or _NOT_RECORDED} |",
+        f"| Strategy | {_strategy(start)} |",
         f"| Precision | {info.get('precision') or _NOT_RECORDED} |",
         f"| Differential privacy | {privacy.mode} |",
         f"| Secure aggregation | {privacy.secure_aggregation} |",
@@ -153,3 +154,14 @@ def write_export_provenance(run_dir: Path, out_dir: Path, *, source: str) -> Non
         settings["base_model_name_or_path"] = base_model_name(spec)
     write_text_atomic(config_path, json.dumps(settings, indent=2, sort_keys=True) + "\n")
     write_text_atomic(Path(out_dir) / CARD_NAME, model_card(run_dir, source=source))
+
+
+def _strategy(start: Mapping[str, object]) -> str:
+    """The strategy the run-start entry names, with its server momentum when it had one."""
+    name = start.get("strategy")
+    if not name:
+        return _NOT_RECORDED
+    momentum = start.get("server_momentum")
+    if isinstance(momentum, int | float) and momentum > 0:
+        return f"{name}, server momentum {momentum:g}"
+    return str(name)
