@@ -8,6 +8,7 @@ Every number in the page comes from a results file written by a benchmark script
 from __future__ import annotations
 
 import json
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -211,6 +212,14 @@ def _demo_section(result: dict[str, Any] | None) -> list[str]:
             f"{row['seconds']:.0f} |"
         )
     install = result.get("install_seconds")
+    concurrent = tomllib.loads(result["config"])["run"].get("concurrent_sites", 1)
+    if concurrent > 1:
+        lines += [
+            "",
+            f"{concurrent} sites train at a time: training s is the sum of the sites' training "
+            "times and tokens/s each site's own rate, so a round's wall time (seconds) is "
+            "shorter than its training s.",
+        ]
     parts_before = _demo_parts(result["before"].get("gold_parts"))
     parts_after = _demo_parts(result["after"].get("gold_parts"))
     lines += [
