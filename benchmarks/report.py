@@ -187,11 +187,16 @@ def _demo_section(result: dict[str, Any] | None) -> list[str]:
     lines = ["## `fedsilo demo`: gold set before and after", ""]
     if result is None:
         return [*lines, "Not measured yet: run `bash benchmarks/demo_clean_clone.sh`.", ""]
+    demo_config = tomllib.loads(result["config"])
+    momentum = demo_config["strategy"].get("server_momentum", 0.0)
     lines += [
         "`bash benchmarks/demo_clean_clone.sh` runs README command 1 on a fresh clone (install, "
         "the model's one-time conversion, `fedsilo demo`) and `benchmarks/demo_quality.py` "
-        f"reads the run's metrics: SmolLM2-135M-Instruct, 4 hospitals by specialty, "
-        f"{result['rounds']} rounds of FedAvg. Headline: category accuracy on "
+        f"reads the run's metrics: SmolLM2-135M-Instruct, 4 hospitals by specialty "
+        f"({demo_config['task']['examples_per_site']} codes each at most, with their inclusion "
+        f"terms), {result['rounds']} rounds of FedAvg"
+        f"{f' with server momentum {momentum:g}' if momentum else ''}. Headline: category "
+        "accuracy on "
         f"{result['gold_count']} codes no site trained on whose category a site trains on "
         "(95% bootstrap interval); exact code beside it; the other gold parts after them.",
         "",
@@ -212,7 +217,7 @@ def _demo_section(result: dict[str, Any] | None) -> list[str]:
             f"{row['seconds']:.0f} |"
         )
     install = result.get("install_seconds")
-    concurrent = tomllib.loads(result["config"])["run"].get("concurrent_sites", 1)
+    concurrent = demo_config["run"].get("concurrent_sites", 1)
     if concurrent > 1:
         lines += [
             "",
