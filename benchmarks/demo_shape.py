@@ -47,7 +47,7 @@ def main() -> None:
         "--server-momentum",
         type=float,
         default=0.0,
-        help="FedAvg: Nesterov momentum on the mean delta (with --server-step as its rate)",
+        help="FedAvg's server_momentum (the demo config's is not inherited: give it here)",
     )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--local-epochs", type=float, default=0.5)
@@ -82,14 +82,17 @@ def main() -> None:
     raw["task"]["validation_share"] = args.val_share
     if args.examples_per_site is not None:
         raw["task"]["examples_per_site"] = args.examples_per_site
-    raw["strategy"] = {"name": args.strategy, "server_learning_rate": args.server_lr}
+    raw["strategy"] = {
+        "name": args.strategy,
+        "server_learning_rate": args.server_lr,
+        "server_momentum": args.server_momentum,
+    }
     config = FedsiloConfig.model_validate(raw)
     strategy = build_strategy(config.strategy)
     trainer = _Trainer(config, build_task(config.task, seed=config.run.seed))
     state = trainer.loaded.adapter_template
     sizes = [len(examples) for examples in trainer.examples]
     alone = [state] * len(sizes)  # local-only: each site's own adapter
-    velocity = {name: torch.zeros_like(value) for name, value in state.items()}
     started, steps_total = time.perf_counter(), 0
     if args.mode == "centralized":
         # The quality benchmark's centralized training: the sites' steps over the pooled records.
@@ -129,14 +132,11 @@ def main() -> None:
                     update = SiteUpdate(site=str(index), delta=delta, num_examples=len(examples))
                     updates.add(update)
                 aggregated = strategy.aggregate(state, updates)
-                step, momentum = args.server_step, args.server_momentum
-                moved = {}
-                for name in state:
-                    mean_delta = aggregated[name] - state[name]
-                    velocity[name] = momentum * velocity[name] + mean_delta
-                    # Nesterov: the step looks ahead along the updated velocity.
-                    moved[name] = state[name] + step * (mean_delta + momentum * velocity[name])
-                state = moved
+                # The strategy's own move (with its momentum), scaled by the server step.
+                step = args.server_step
+                state = {
+                    name: state[name] + step * (aggregated[name] - state[name]) for name in state
+                }
             print(f"round {round_number} lr {rate:.2e} steps {steps_total}", flush=True)
     train_seconds = time.perf_counter() - started
     result = {

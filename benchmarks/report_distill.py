@@ -51,6 +51,8 @@ def _setup(result: Mapping[str, Any]) -> str:
         " with their inclusion terms" if task.get("train_on_inclusion_terms") else ""
     )
     best = result.get("best_expert_router")
+    momentum = federation["strategy"].get("server_momentum", 0.0)
+    strategy = f"FedAvg with server momentum {momentum:g}" if momentum else "FedAvg"
     return (
         f"`python benchmarks/distill_quality.py` on `{result['model']}`: the demo's 4 ICD-10-CM "
         f"hospitals (one specialty each, {records}) in 2 clusters, "
@@ -58,7 +60,7 @@ def _setup(result: Mapping[str, Any]) -> str:
             f"**{name}** ({' + '.join(sites)})" for name, sites in result["clusters"].items()
         )
         + "; each cluster trains an expert in its own federation with the demo's shape "
-        f"(src/fedsilo/configs/demo.toml): {federation['run']['rounds']} rounds of FedAvg, "
+        f"(src/fedsilo/configs/demo.toml): {federation['run']['rounds']} rounds of {strategy}, "
         f"{train['local_steps']} local steps of {train['batch_size']} examples, learning rate "
         f"{train['learning_rate']} ({train.get('lr_schedule', 'constant')}, "
         f"{train.get('warmup_rounds', 0)} warmup round(s)), LoRA rank {lora['rank']} (alpha "
