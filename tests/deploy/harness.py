@@ -134,7 +134,12 @@ class Deployment:
 
 
 def wait_for(
-    condition: Callable[[], bool], *, timeout: float, what: str, watch: list[Started]
+    condition: Callable[[], bool],
+    *,
+    timeout: float,
+    what: str,
+    watch: list[Started],
+    poll_s: float = 0.25,
 ) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -146,7 +151,7 @@ def wait_for(
                     f"{started.name} exited ({started.process.returncode}) while waiting for "
                     f"{what}:\n{started.log()[-4000:]}"
                 )
-        time.sleep(0.25)
+        time.sleep(poll_s)
     logs = "\n".join(f"--- {s.name}\n{s.log()[-3000:]}" for s in watch)
     raise AssertionError(f"timed out after {timeout:g} s waiting for {what}\n{logs}")
 

@@ -38,6 +38,15 @@ def _supernode_pid(site: Started) -> int:
     return int(found[-1])
 
 
+def _supernode_log_shows(supernode_log: Path, *, round_number: int, step: str) -> bool:
+    """Whether the SuperNode's log shows ``step`` (e.g. "Receiving: train message") in that
+    round, completed (Flower's next line says "... successfully")."""
+    pattern = rf"ROUND {round_number}\][^\n]*\n[^\n]*{step}[^\n]*\n[^\n]*successfully"
+    if not supernode_log.exists():  # the site has not started its SuperNode yet
+        return False
+    return re.search(pattern, supernode_log.read_text(errors="replace")) is not None
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -62,15 +71,35 @@ def test_three_sites_survive_a_supernode_killed_mid_round(deployment: Deployment
     sites = {name: deployment.start_site(name) for name in SITES}
     watch = [coordinator, *sites.values()]
     victim = sites["gamma"]
-    # Round 2 is under way once gamma has taken its round-2 task: kill its SuperNode then.
+    supernode_log = deployment.root / "gamma/state/supernode.log"
+    # Tiny-model training answers a task within a second, faster than a test can react to the
+    # task arriving. So freeze gamma's site process (its worker and SuperNode supervisor) once
+    # its last round-1 reply (the receipt query's) has reached the coordinator, let its
+    # SuperNode take the round-2 task, and kill the SuperNode while it holds the task: the
+    # round is then certainly under way and gamma's part of it unanswerable.
     wait_for(
-        lambda: "task train (group 2)" in victim.log(),
+        lambda: _supernode_log_shows(
+            supernode_log, round_number=1, step="Sending: query.receipt message"
+        ),
         timeout=240,
-        what="gamma to receive its round-2 task",
+        what="gamma's round-1 receipt to be sent",
         watch=watch,
+        poll_s=0.02,
     )
-    killed = _supernode_pid(victim)
-    os.kill(killed, signal.SIGKILL)
+    os.kill(victim.process.pid, signal.SIGSTOP)
+    try:
+        wait_for(
+            lambda: _supernode_log_shows(
+                supernode_log, round_number=2, step="Receiving: train message"
+            ),
+            timeout=120,
+            what="gamma's SuperNode to take its round-2 task",
+            watch=watch,
+        )
+        killed = _supernode_pid(victim)
+        os.kill(killed, signal.SIGKILL)
+    finally:
+        os.kill(victim.process.pid, signal.SIGCONT)
 
     assert coordinator.process.wait(timeout=300) == 0, coordinator.log()
     metrics = deployment.metrics()
