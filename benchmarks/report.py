@@ -61,11 +61,13 @@ def _throughput_section(result: dict[str, Any] | None) -> list[str]:
         "(fedsilo: the timed tokens times the dataset's share of labelled tokens). "
         "The GEMM peak is a 512x576 by 576x1536 product in the loop's precision, "
         "measured in the same process. `eval loss`: mean answer loss of 64 held-out examples "
-        "after training (equal training quality shows as equal eval loss).",
+        "after training (equal training quality shows as equal eval loss). `attention`: the "
+        "kernel the loop ran (the others' loops run Hugging Face's default, `sdpa`; fedsilo "
+        "loads `eager` on the CPU, faster at these lengths).",
         "",
-        "| loop | threads | tokens/s | vs bare fp32 | padding | GFLOP/s | share of GEMM peak "
-        "| eval loss | peak memory (MB) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| loop | threads | attention | tokens/s | vs bare fp32 | padding | GFLOP/s "
+        "| share of GEMM peak | eval loss | peak memory (MB) |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     rows = result["rows"]
     for row in rows:
@@ -75,7 +77,8 @@ def _throughput_section(result: dict[str, Any] | None) -> list[str]:
         ratio = f"{row['tokens_per_s'] / bare['tokens_per_s']:.2f}x" if bare else "-"
         lines.append(
             f"| {_LOOP_NAMES.get(row['loop'], row['loop'])} | {row['threads']} | "
-            f"{row['tokens_per_s']:.0f} | {ratio} | {_pct(row['padding_share'])} | "
+            f"{row.get('attention', 'sdpa')} | {row['tokens_per_s']:.0f} | {ratio} | "
+            f"{_pct(row['padding_share'])} | "
             f"{row['achieved_gflops']:.0f} | {_pct(row['share_of_peak'])} "
             f"(of {row['gemm_peak_gflops']:.0f}) | {row['eval_loss']:.3f} | "
             f"{row['peak_rss_training_mb']:.0f} |"

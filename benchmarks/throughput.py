@@ -26,6 +26,10 @@ scores and the LoRA matrices are not counted (under 3% here). ``eval_loss`` is t
 answer loss on 64 held-out examples after training: loops that trained equally well have
 equal eval losses.
 
+The bare loops and the ``Trainer`` run the attention kernel Hugging Face picks by default
+(``sdpa``); fedsilo's loops run the one fedsilo loads on the CPU (``eager``, see
+:data:`fedsilo.model.base.CPU_ATTENTION`). Each row records its ``attention``.
+
     python benchmarks/throughput.py [--steps 12] [--threads 1 2]
 
 Writes benchmarks/results/throughput.json.
@@ -67,7 +71,7 @@ def _rss_mb() -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / 1e6
 
 
-def _setup(precision: str) -> dict[str, Any]:
+def _setup(precision: str, attention: str) -> dict[str, Any]:
     from fedsilo.client.site import load_model_with_adapter
     from fedsilo.config import parse_config
     from fedsilo.data.encode import encode_records
@@ -82,6 +86,7 @@ def _setup(precision: str) -> dict[str, Any]:
         source="benchmark",
     )
     loaded = load_model_with_adapter(config)
+    loaded.model.get_base_model().set_attn_implementation(attention)
     task = build_task(config.task, seed=0)
     records = [record for site in task.sites for record in site.records]
     examples = encode_records(
@@ -277,7 +282,10 @@ def run_one(loop: str, threads: int, steps: int) -> dict[str, Any]:
         "fedsilo-plain": auto,
         "fedsilo-dp": auto,
     }[loop]
-    setup = _setup(precision)
+    from fedsilo.model.base import CPU_ATTENTION
+
+    attention = CPU_ATTENTION if loop.startswith("fedsilo") else "sdpa"
+    setup = _setup(precision, attention)
     compute = "bf16" if loop in ("bare-bf16", "hf-trainer-bf16") else precision
     peak = matmul_gflops(torch.bfloat16 if compute == "bf16" else torch.float32, seconds=1.0)
     if loop.startswith("bare"):
@@ -294,6 +302,7 @@ def run_one(loop: str, threads: int, steps: int) -> dict[str, Any]:
         "loop": loop,
         "threads": threads,
         "precision": compute,
+        "attention": attention,
         "steps_timed": steps - WARMUP_STEPS,
         "seconds": seconds,
         "tokens": measured["tokens"],

@@ -133,6 +133,24 @@ def test_load_gives_an_fp32_eval_model_with_a_pad_token(tiny_model_dir: Path) ->
     assert model.config.vocab_size == len(tokenizer)
 
 
+def test_cpu_attention_kernel_gives_the_fused_kernels_logits(tiny_model_dir: Path) -> None:
+    # The CPU default is the plain matmul-softmax, chosen for speed; it must compute the same
+    # function as the fused kernel, left padding included.
+    eager, tokenizer = load_base_model(tiny_model_dir)
+    fused, _ = load_base_model(tiny_model_dir, attention="sdpa")
+    assert eager.config._attn_implementation == "eager"
+    assert fused.config._attn_implementation == "sdpa"
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(3, len(tokenizer), (3, 12), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :5] = 0  # a left-padded row
+    with torch.no_grad():
+        expected = fused(input_ids=input_ids, attention_mask=attention_mask).logits
+        got = eager(input_ids=input_ids, attention_mask=attention_mask).logits
+    kept = attention_mask.bool()
+    torch.testing.assert_close(got[kept], expected[kept], rtol=1e-5, atol=1e-5)
+
+
 def test_load_rejects_a_folder_without_weights(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{}")
 

@@ -21,7 +21,12 @@ from fedsilo.config import FedsiloConfig
 from fedsilo.crypto import PrivateKey, PublicKey
 from fedsilo.data.encode import Example
 from fedsilo.model.adapters import AdapterState, attach_lora, get_adapter_state
-from fedsilo.model.base import base_model_hash, load_base_model, resolve_base_model
+from fedsilo.model.base import (
+    CPU_ATTENTION,
+    base_model_hash,
+    load_base_model,
+    resolve_base_model,
+)
 from fedsilo.training.device import resolve_device
 from fedsilo.training.precision import PrecisionChoice, hold_base_weights_in, machine_precision
 
@@ -75,7 +80,9 @@ def load_model_with_adapter(config: FedsiloConfig) -> LoadedModel:
     device = resolve_device(config.train.device)
     folder = resolve_base_model(config.model.base)
     digest = base_model_hash(folder)
-    base, tokenizer = load_base_model(folder)
+    base, tokenizer = load_base_model(
+        folder, attention=CPU_ATTENTION if device.type == "cpu" else "sdpa"
+    )
     lora = config.lora
     model = attach_lora(
         base,
