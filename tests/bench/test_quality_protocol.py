@@ -347,3 +347,14 @@ def test_gold_every_rounds_scores_the_same_rounds_for_centralized_and_federated(
     federated = json.loads(json.dumps(results["algorithms"]["fedavg"]))
     metrics = Path(federated["run_dir"], "metrics.jsonl").read_text().splitlines()
     assert ["gold_accuracy" in json.loads(line) for line in metrics] == [True, False, True, True]
+
+
+def test_server_momentum_reaches_every_fedavg_family_run_but_not_fedadam(tmp_path: Path) -> None:
+    budget = dataclasses.replace(SMALL, server_momentum=0.7)
+    config = quality.base_config(_request(tmp_path, tmp_path, budget))
+    momenta = {
+        name: variant.strategy.server_momentum
+        for name, variant in quality.federated_configs(config, budget).items()
+    }
+    # FedAdam refuses server momentum (it has its own first moment).
+    assert momenta == {"fedavg": 0.7, "fedprox-mu0.1": 0.7, "fedadam": 0.0, "ffa-lora": 0.7}

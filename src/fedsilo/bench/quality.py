@@ -168,6 +168,7 @@ def base_config(request: QualityRequest) -> FedsiloConfig:
                 "name": "fedavg",
                 "min_sites": budget.num_sites,
                 "server_learning_rate": budget.server_learning_rate,
+                "server_momentum": budget.server_momentum,
             },
             "evaluation": {
                 "max_new_tokens": budget.max_new_tokens or new_tokens,
@@ -199,7 +200,7 @@ def federated_configs(config: FedsiloConfig, budget: QualityBudget) -> dict[str,
     configs = {"fedavg": variant("fedavg", {"name": "fedavg"})}
     for mu in budget.proximal_mus:
         configs[f"fedprox-mu{mu:g}"] = variant("fedprox", {"name": "fedprox", "proximal_mu": mu})
-    configs["fedadam"] = variant("fedadam", {"name": "fedadam"})
+    configs["fedadam"] = variant("fedadam", {"name": "fedadam", "server_momentum": 0.0})
     configs["ffa-lora"] = variant("ffa-lora", {"name": "fedavg"}, {"ffa": True})
     return configs
 

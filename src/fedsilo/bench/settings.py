@@ -63,6 +63,9 @@ class QualityBudget:
     lora_rank: int = 8
     proximal_mus: tuple[float, ...] = (0.01, 0.1)
     server_learning_rate: float = 0.01
+    # FedAvg's Nesterov server momentum (strategy.server_momentum), also for FedProx and
+    # FFA-LoRA; FedAdam has its own first moment and runs without it.
+    server_momentum: float = 0.0
     seed: int = 0
     edge_cases_per_kind: int = 12
     max_length: int | None = None  # None: the task family's default

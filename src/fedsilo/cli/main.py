@@ -281,6 +281,7 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
         local_epochs=args.local_epochs,
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
+        server_momentum=args.server_momentum,
         lr_schedule=args.lr_schedule,
         warmup_rounds=args.warmup_rounds,
         examples_per_site=_examples_per_site(args.examples_per_site),
@@ -489,6 +490,7 @@ def _add_bench(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         ("local-steps", "local_steps", int),
         ("batch-size", "batch_size", int),
         ("learning-rate", "learning_rate", float),
+        ("server-momentum", "server_momentum", float),
         ("warmup-rounds", "warmup_rounds", int),
         ("gold-size", "gold_size", int),
         ("gold-phrasings", "gold_phrasings", int),
@@ -512,7 +514,7 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="4 hospitals learn ICD-10-CM coding on SmolLM2")
     demo.add_argument("--out", type=Path, help="run folder (default: runs/demo-TIMESTAMP)")
-    demo.add_argument("--rounds", type=int, help="number of rounds (default: 20)")
+    demo.add_argument("--rounds", type=int, help="number of rounds (default: the demo's 28)")
     demo.set_defaults(handler=cmd_demo)
 
     simulate = commands.add_parser("simulate", help="run a federation from a TOML config")
