@@ -86,7 +86,8 @@ def _setup(precision: str, attention: str) -> dict[str, Any]:
         source="benchmark",
     )
     loaded = load_model_with_adapter(config)
-    loaded.model.get_base_model().set_attn_implementation(attention)
+    peft_model: Any = loaded.model  # a PeftModel; its base model holds the attention kernel
+    peft_model.get_base_model().set_attn_implementation(attention)
     task = build_task(config.task, seed=0)
     records = [record for site in task.sites for record in site.records]
     examples = encode_records(
