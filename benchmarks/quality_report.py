@@ -181,6 +181,11 @@ def _algorithm_note(data: dict[str, Any]) -> str:
     if any(name.startswith("fedprox") for name in ran):
         mus = sorted(float(name.removeprefix("fedprox-mu")) for name in ran if "fedprox" in name)
         notes.append(f"FedProx mu in {mus}")
+    if budget.get("server_momentum"):
+        notes.append(
+            f"server momentum {budget['server_momentum']:g} (Nesterov) for FedAvg, FedProx and "
+            "FFA-LoRA"
+        )
     if "fedadam" in ran:
         notes.append(f"FedAdam server learning rate {budget['server_learning_rate']:g}")
     families = {"fedprox" if n.startswith("fedprox") else n for n in ran}

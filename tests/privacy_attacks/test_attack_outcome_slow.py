@@ -24,7 +24,11 @@ def experiment(tmp_path_factory: pytest.TempPathFactory) -> CanaryExperiment:
     from fedsilo.model.tiny import write_tiny_llama
 
     base = write_tiny_llama(tmp_path_factory.mktemp("attack-model") / "tiny", seed=0)
-    return CanaryExperiment(base_model=str(base))
+    # 4 rounds, not the default 3: at 3 the second canary's memorisation without DP hung on
+    # float rounding (exposure 9.97 with the fused attention kernel, 4.11 with the plain one,
+    # combined p 1.5e-5 against 6.2e-4). At 4 both canaries reach exposure 9-10 with either
+    # kernel (p 1.5e-5 and 2.8e-5), and DP at epsilon 8 still hides them (p 0.26).
+    return CanaryExperiment(base_model=str(base), rounds=4)
 
 
 def test_without_dp_planted_canaries_are_memorised(
