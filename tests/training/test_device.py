@@ -27,6 +27,7 @@ from fedsilo.training import loop as loop_module
 from fedsilo.training import loss as loss_module
 from fedsilo.training.device import (
     DeviceError,
+    attention_kernel,
     dp_micro_batch_size,
     model_device,
     plain_micro_batch_size,
@@ -94,6 +95,16 @@ def test_a_gpu_takes_whole_batches_and_larger_dp_micro_batches() -> None:
     assert dp_micro_batch_size(cpu) == 8
     assert plain_micro_batch_size(CUDA, 16) == 16
     assert dp_micro_batch_size(CUDA) == 64
+
+
+def test_the_cpu_loads_the_plain_attention_kernel_and_a_gpu_the_fused_one(
+    tiny_model_dir: Path,
+) -> None:
+    assert attention_kernel(torch.device("cpu")) == "eager"
+    assert attention_kernel(CUDA) == "sdpa"
+    config = FedsiloConfig.model_validate({"model": {"base": str(tiny_model_dir)}})
+    loaded = load_model_with_adapter(config)
+    assert loaded.model.get_base_model().config._attn_implementation == "eager"
 
 
 def test_auto_precision_on_cuda_is_bf16_where_supported_without_a_cpu_probe() -> None:

@@ -21,13 +21,8 @@ from fedsilo.config import FedsiloConfig
 from fedsilo.crypto import PrivateKey, PublicKey
 from fedsilo.data.encode import Example
 from fedsilo.model.adapters import AdapterState, attach_lora, get_adapter_state
-from fedsilo.model.base import (
-    CPU_ATTENTION,
-    base_model_hash,
-    load_base_model,
-    resolve_base_model,
-)
-from fedsilo.training.device import resolve_device
+from fedsilo.model.base import base_model_hash, load_base_model, resolve_base_model
+from fedsilo.training.device import attention_kernel, resolve_device
 from fedsilo.training.precision import PrecisionChoice, hold_base_weights_in, machine_precision
 
 
@@ -80,9 +75,7 @@ def load_model_with_adapter(config: FedsiloConfig) -> LoadedModel:
     device = resolve_device(config.train.device)
     folder = resolve_base_model(config.model.base)
     digest = base_model_hash(folder)
-    base, tokenizer = load_base_model(
-        folder, attention=CPU_ATTENTION if device.type == "cpu" else "sdpa"
-    )
+    base, tokenizer = load_base_model(folder, attention=attention_kernel(device))
     lora = config.lora
     model = attach_lora(
         base,

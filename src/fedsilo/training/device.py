@@ -6,10 +6,11 @@ and the gold evaluation move each batch to wherever the model's parameters are. 
 (what a site sends, what the server aggregates, checkpoints) are CPU fp32 on every device
 (:func:`fedsilo.model.adapters.get_adapter_state`).
 
-Only two things differ on a GPU, both because a GPU is bound by kernel launches at small sizes:
-the number of examples per forward pass (:func:`plain_micro_batch_size`,
-:func:`dp_micro_batch_size`) and the bf16 choice (:mod:`fedsilo.training.precision`). Runs on
-a GPU are not bit-reproducible; CPU runs are.
+Three things differ on a GPU: the number of examples per forward pass
+(:func:`plain_micro_batch_size`, :func:`dp_micro_batch_size`) and the bf16 choice
+(:mod:`fedsilo.training.precision`), both because a GPU is bound by kernel launches at small
+sizes, and the attention kernel (:func:`attention_kernel`). Runs on a GPU are not
+bit-reproducible; CPU runs are.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from fedsilo.config.schema import DeviceSetting
+from fedsilo.model.base import CPU_ATTENTION, AttentionKernel
 
 # Plain training on the CPU: a random batch sorted by length and cut into pieces of this size
 # pads each piece only to its own longest example (about 3% padding on ICD-10 batches of 16,
@@ -77,3 +79,10 @@ def plain_micro_batch_size(device: torch.device, batch_size: int) -> int:
 def dp_micro_batch_size(device: torch.device) -> int:
     """Examples whose per-example gradients DP-SGD holds at once on ``device``."""
     return CPU_DP_MICRO_BATCH if device.type == "cpu" else GPU_DP_MICRO_BATCH
+
+
+def attention_kernel(device: torch.device) -> AttentionKernel:
+    """The attention kernel a model computing on ``device`` is loaded with: the plain one on
+    the CPU (faster at fedsilo's sequence lengths, see :data:`fedsilo.model.base.CPU_ATTENTION`),
+    the fused one on a GPU."""
+    return CPU_ATTENTION if device.type == "cpu" else "sdpa"
