@@ -40,8 +40,10 @@ import torch
 from fedsilo.bench.dp_recipe import (
     DpRecipe,
     Federation,
+    add_schedule_arguments,
     run_federation,
     save_row,
+    schedule_from,
     smoke_setup,
     validation_config,
 )
@@ -86,6 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=recipe_defaults.rounds)
     parser.add_argument("--local-epochs", type=float, default=recipe_defaults.local_epochs)
     parser.add_argument("--ffa", action="store_true", help="FFA-LoRA (A frozen) instead of LoRA")
+    add_schedule_arguments(parser)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--runs", type=Path, default=Path("runs") / "dp-sweep")
     parser.add_argument("--resume", action="store_true")
@@ -109,10 +112,13 @@ def main(argv: list[str] | None = None) -> None:
         federation = Federation(
             model=args.model, num_sites=args.sites, records_per_site=args.records_per_site
         )
-        recipe = DpRecipe(
-            local_epochs=args.local_epochs,
-            rounds=args.rounds,
-            ffa=args.ffa,
+        recipe = schedule_from(
+            args,
+            DpRecipe(
+                local_epochs=args.local_epochs,
+                rounds=args.rounds,
+                ffa=args.ffa,
+            ),
         )
         out, runs, model = args.out or RESULTS / "dp-sweep.json", args.runs, args.model
         validation_share = args.validation_share
@@ -159,7 +165,8 @@ def main(argv: list[str] | None = None) -> None:
             "clip": clip,
             "learning_rate": rate,
             "validation_loss": final["gold_loss"],
-            "validation_loss_per_round": [m["gold_loss"] for m in metrics],
+            "scored_rounds": [m["round"] for m in metrics if "gold_loss" in m],
+            "validation_loss_per_round": [m["gold_loss"] for m in metrics if "gold_loss" in m],
             "validation_category_accuracy": final["gold_category_accuracy"],
             "validation_count": final["gold_count"],
             "spent_epsilon": final.get("epsilon"),

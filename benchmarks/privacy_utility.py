@@ -33,8 +33,10 @@ import torch
 from fedsilo.bench.dp_recipe import (
     DpRecipe,
     Federation,
+    add_schedule_arguments,
     run_federation,
     save_row,
+    schedule_from,
     smoke_setup,
     utility_config,
 )
@@ -54,6 +56,8 @@ def _row(
 ) -> dict[str, Any]:
     final = metrics[-1]
     part = final["gold_parts"][HEADLINE]
+    # Gold is scored every eval_every_rounds rounds (round 0 and the last always).
+    scored = [m for m in metrics if "gold_parts" in m]
     private = not math.isinf(epsilon)
     return {
         "setting": _setting(epsilon),
@@ -68,8 +72,9 @@ def _row(
         "spent_epsilon": final.get("epsilon"),
         "rounds": final["round"],
         # Round 0 is the base model before any training: the floor every setting starts from.
-        "accuracy_per_round": [m["gold_parts"][HEADLINE]["category_accuracy"] for m in metrics],
-        "gold_loss_per_round": [m["gold_loss"] for m in metrics],
+        "scored_rounds": [m["round"] for m in scored],
+        "accuracy_per_round": [m["gold_parts"][HEADLINE]["category_accuracy"] for m in scored],
+        "gold_loss_per_round": [m["gold_loss"] for m in scored],
         "seconds": seconds,
         "measured_at": measured_at,
     }
@@ -124,6 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--learning-rate", type=float, default=recipe_defaults.learning_rate)
     parser.add_argument("--clip", type=float, default=recipe_defaults.max_grad_norm)
     parser.add_argument("--ffa", action="store_true", help="FFA-LoRA (A frozen) instead of LoRA")
+    add_schedule_arguments(parser)
     parser.add_argument(
         "--from-sweep",
         type=Path,
@@ -163,13 +169,16 @@ def main(argv: list[str] | None = None) -> None:
             records_per_site=args.records_per_site,
             gold_size=args.gold_size,
         )
-        recipe = DpRecipe(
-            expected_batch_size=args.batch_size,
-            local_epochs=args.local_epochs,
-            rounds=args.rounds,
-            learning_rate=args.learning_rate,
-            max_grad_norm=args.clip,
-            ffa=args.ffa,
+        recipe = schedule_from(
+            args,
+            DpRecipe(
+                expected_batch_size=args.batch_size,
+                local_epochs=args.local_epochs,
+                rounds=args.rounds,
+                learning_rate=args.learning_rate,
+                max_grad_norm=args.clip,
+                ffa=args.ffa,
+            ),
         )
         out, runs = args.out or RESULTS / "privacy-utility.json", args.runs
     header = {

@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from fedsilo.bench.settings import TASK_PRESETS
+from fedsilo.bench.settings import TASK_PRESETS, headline_metric
 from fedsilo.report.svg import line_chart
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,6 +21,8 @@ IMAGES = ROOT / "docs" / "img"
 ORDER = ("centralized", "local", "fedavg", "fedprox", "fedadam", "ffa-lora")
 ALPHA_TASKS = {"icd10-alpha0.1": 0.1, "icd10-alpha1": 1.0, "icd10-alpha10": 10.0}
 GOAL_RATIO = 0.97
+# Federated must beat the mean local-only site by this much (accuracy, as a fraction).
+LOCAL_MARGIN = 0.15
 
 
 def _pct(value: float | None) -> str:
@@ -131,30 +133,34 @@ def _edge_table(data: dict[str, Any]) -> list[str]:
 
 
 def _goal_lines(data: dict[str, Any]) -> list[str]:
-    goals = data["goals"]
+    """Each federated algorithm against the goals, led by the task's headline metric (ICD-10:
+    category accuracy on unseen codes), with the other accuracy and the loss beside it."""
+    headline = headline_metric(data["task_settings"]["name"])
+    other = "gold_accuracy" if headline == "gold_category_accuracy" else "gold_category_accuracy"
+    meaning = data["metric_meaning"]
     lines = []
-    for name in sorted(goals, key=_sort_key):
-        row = goals[name]
-        ratio = row.get("gold_accuracy_vs_centralized")
+    for name in sorted(data["goals"], key=_sort_key):
+        row = data["goals"][name]
+        ratio = row.get(f"{headline}_vs_centralized")
         ratio_text = (
             "undefined (centralized scored 0%)"
             if ratio is None
             else f"{_pct(ratio)} ({'meets' if ratio >= GOAL_RATIO else 'misses'} the 97% goal)"
         )
-        above = row.get("gold_accuracy_minus_local_mean")
+        above = row.get(f"{headline}_minus_local_mean")
         loss_gap = row.get("gold_loss_minus_local_mean")
         local_text = (
             ""
             if above is None
-            else f"; accuracy {100 * above:+.1f} points and gold loss {loss_gap:+.3f} vs the "
-            "local-only mean"
+            else f"; {100 * above:+.1f} points ({'meets' if above >= LOCAL_MARGIN else 'misses'}"
+            f" the +15 goal) and gold loss {loss_gap:+.3f} vs the local-only mean"
         )
-        category = row.get("gold_category_accuracy_vs_centralized")
+        second = row.get(f"{other}_vs_centralized")
         share = row.get("gold_loss_reduction_vs_centralized")
         lines.append(
-            f"- {name}: accuracy vs centralized {ratio_text}; category accuracy vs centralized "
-            f"{_pct(category) if category is not None else 'undefined'}; "
-            f"{_pct(share)} of centralized's gold-loss reduction{local_text}."
+            f"- {name}: {meaning[headline]} vs centralized {ratio_text}{local_text}; "
+            f"{meaning[other]} vs centralized {_pct(second) if second is not None else 'undefined'}"
+            f"; {_pct(share)} of centralized's gold-loss reduction."
         )
     algorithms = data["algorithms"]
     if "fedavg" in algorithms:
@@ -367,18 +373,20 @@ def _goal_summary(loaded: dict[str, dict[str, Any]]) -> list[str]:
     """The issue's three goals, read off every task that ran them (FedAvg unless named)."""
     ratios, above = [], []
     for name, data in loaded.items():
+        key = f"{headline_metric(data['task_settings']['name'])}_vs_centralized"
         fedavg = data["goals"].get("fedavg", {})
-        ratio = fedavg.get("gold_accuracy_vs_centralized")
+        ratio = fedavg.get(key)
         best = max(
             (
-                (row["gold_accuracy_vs_centralized"], algorithm)
+                (row[key], algorithm)
                 for algorithm, row in data["goals"].items()
-                if row.get("gold_accuracy_vs_centralized") is not None
+                if row.get(key) is not None
             ),
             default=None,
         )
+        sites = f"{data['task_settings']['num_sites']} sites"
         if ratio is not None and best is not None:
-            ratios.append(f"`{name}` {_pct(ratio)} (best {best[1]} {_pct(best[0])})")
+            ratios.append(f"`{name}` ({sites}) {_pct(ratio)} (best {best[1]} {_pct(best[0])})")
         elif "gold_loss_reduction_vs_centralized" in fedavg:
             ratios.append(
                 f"`{name}` undefined, centralized scored 0% (loss: "
@@ -387,9 +395,12 @@ def _goal_summary(loaded: dict[str, dict[str, Any]]) -> list[str]:
         gap = fedavg.get("gold_loss_minus_local_mean")
         if gap is not None:
             above.append(f"`{name}` {gap:+.3f}")
-    lines = ["Against the issue's goals (FedAvg unless named; 8 non-IID sites):", ""]
+    lines = ["Against the issue's goals (FedAvg unless named; the goals ask for 8 sites):", ""]
     if ratios:
-        lines.append("- >= 97% of centralized gold accuracy: " + "; ".join(ratios) + ".")
+        lines.append(
+            "- >= 97% of centralized on the headline (ICD-10: category accuracy on unseen "
+            "codes; the others: gold accuracy): " + "; ".join(ratios) + "."
+        )
     if above:
         lines.append(
             "- above local-only (FedAvg's gold loss minus the local-only mean; negative is "

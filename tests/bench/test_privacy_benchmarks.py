@@ -68,6 +68,29 @@ def test_the_utility_federation_uses_epochs_large_batches_and_the_run_target(
     assert plain.train == private.train
 
 
+def test_the_recipe_shape_across_rounds_reaches_both_federations(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    federation = Federation(model=str(tiny_model_dir), num_sites=2, records_per_site=20)
+    recipe = DpRecipe(
+        rounds=28,
+        lr_schedule="cosine",
+        warmup_rounds=2,
+        server_momentum=0.7,
+        eval_every_rounds=7,
+        lora_rank=16,
+    )
+
+    for config in (
+        utility_config(federation, recipe, epsilon=8.0),
+        validation_config(federation, recipe, epsilon=8.0, validation_share=0.2, work=tmp_path),
+    ):
+        assert (config.train.lr_schedule, config.train.warmup_rounds) == ("cosine", 2)
+        assert config.strategy.server_momentum == 0.7
+        assert config.evaluation.every_rounds == 7
+        assert config.lora.rank == 16
+
+
 @pytest.mark.slow
 def test_privacy_utility_smoke_writes_the_contract_and_resumes(tmp_path: Path) -> None:
     out = tmp_path / "privacy-utility.json"

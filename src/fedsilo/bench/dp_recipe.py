@@ -19,6 +19,7 @@ Two federations are built from it, both on the ICD-10 task with whole specialtie
 
 from __future__ import annotations
 
+import argparse
 import fcntl
 import json
 import math
@@ -26,7 +27,7 @@ import os
 import platform
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from fedsilo.config import FedsiloConfig, parse_config
 from fedsilo.data.icd10 import build_icd10_task
 from fedsilo.data.records import ChatRecord
 from fedsilo.model.tiny import write_tiny_llama
+from fedsilo.protocol.schedule import LrSchedule
 from fedsilo.server.progress import LogReporter
 from fedsilo.server.run_folder import RunFolder
 from fedsilo.simulation.engines import SimulationRequest, simulate
@@ -53,6 +55,10 @@ class DpRecipe:
     ``expected_batch_size`` is Poisson sampling's expected batch (``q = B / records``);
     ``local_epochs`` is each round's local work in passes over the site's records;
     ``learning_rate`` and ``max_grad_norm`` are what the sweep (benchmarks/dp_sweep.py) chooses.
+    ``lr_schedule``, ``warmup_rounds`` and ``server_momentum`` shape training across rounds as
+    in ``[train]`` and ``[strategy]``: with specialty sites, many short rounds with momentum
+    learn where a few long ones average divergent specialists into nothing. Gold (or
+    validation) is scored every ``eval_every_rounds`` rounds and after the last.
     """
 
     expected_batch_size: int = 256
@@ -64,6 +70,10 @@ class DpRecipe:
     lora_rank: int = 8
     ffa: bool = False
     max_length: int = 96
+    lr_schedule: LrSchedule = "constant"
+    warmup_rounds: int = 0
+    server_momentum: float = 0.0
+    eval_every_rounds: int = 1
 
     def privacy(self, epsilon: float | None) -> dict[str, Any]:
         """The ``[privacy]`` section: record-level DP at ``epsilon`` for the run, or none."""
@@ -93,6 +103,35 @@ class Federation:
     threads: int = 1
 
 
+def add_schedule_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command-line flags of the recipe's shape across rounds (see :class:`DpRecipe`)."""
+    defaults = DpRecipe()
+    parser.add_argument("--lora-rank", type=int, default=defaults.lora_rank)
+    parser.add_argument(
+        "--lr-schedule", choices=("constant", "cosine"), default=defaults.lr_schedule
+    )
+    parser.add_argument("--warmup-rounds", type=int, default=defaults.warmup_rounds)
+    parser.add_argument("--server-momentum", type=float, default=defaults.server_momentum)
+    parser.add_argument(
+        "--eval-every-rounds",
+        type=int,
+        default=defaults.eval_every_rounds,
+        help="score the evaluation set before training, every N rounds and after the last",
+    )
+
+
+def schedule_from(args: argparse.Namespace, recipe: DpRecipe) -> DpRecipe:
+    """``recipe`` with the flags of :func:`add_schedule_arguments` applied."""
+    return replace(
+        recipe,
+        lora_rank=args.lora_rank,
+        lr_schedule=args.lr_schedule,
+        warmup_rounds=args.warmup_rounds,
+        server_momentum=args.server_momentum,
+        eval_every_rounds=args.eval_every_rounds,
+    )
+
+
 def _config(
     federation: Federation, recipe: DpRecipe, epsilon: float | None, task: dict[str, Any]
 ) -> FedsiloConfig:
@@ -116,11 +155,17 @@ def _config(
                 "local_epochs": recipe.local_epochs,
                 "batch_size": recipe.expected_batch_size,
                 "learning_rate": recipe.learning_rate,
+                "lr_schedule": recipe.lr_schedule,
+                "warmup_rounds": recipe.warmup_rounds,
                 "max_length": recipe.max_length,
                 "max_grad_norm": recipe.max_grad_norm,
             },
-            "strategy": {"name": "fedavg", "min_sites": federation.num_sites},
-            "evaluation": {"max_new_tokens": 8},
+            "strategy": {
+                "name": "fedavg",
+                "min_sites": federation.num_sites,
+                "server_momentum": recipe.server_momentum,
+            },
+            "evaluation": {"max_new_tokens": 8, "every_rounds": recipe.eval_every_rounds},
             "privacy": recipe.privacy(epsilon),
         },
         source="DP recipe",
