@@ -20,6 +20,7 @@ from fedsilo.evaluation.gold import (
     length_batches,
     ranking_part,
     reference_ranks,
+    scores_and_answers,
 )
 from fedsilo.model import DEFAULT_TARGET_MODULES, attach_lora, load_base_model
 
@@ -94,6 +95,41 @@ def test_scores_do_not_depend_on_batching_or_order(tiny: tuple[torch.nn.Module, 
     assert many.tokens[::-1] == one.tokens
     for loss, likelihood, tokens in zip(one.losses, one.log_likelihoods, one.tokens, strict=True):
         assert likelihood == pytest.approx(-loss * tokens, rel=1e-5)
+
+
+# At max_length 60 the short "Gout" record fits whole (one prefill) while the long prompts and
+# the long answer are cut (scored and answered the separate way): both paths in one call.
+@pytest.mark.parametrize(("batch_size", "max_length"), [(1, 256), (3, 256), (2, 60)])
+def test_one_prefill_gives_the_separate_scores_and_answers(
+    tiny: tuple[torch.nn.Module, object], batch_size: int, max_length: int
+) -> None:
+    model, tokenizer = tiny
+    records = [*RECORDS, ChatRecord("ICD-10-CM code for: Gout", "M10.9 M10.9 M10.9 M10.9")]
+    settings = {"system_prompt": "S", "batch_size": batch_size}
+
+    scores, answers = scores_and_answers(
+        model,
+        tokenizer,  # type: ignore[arg-type]
+        records,
+        max_new_tokens=6,
+        max_length=max_length,
+        **settings,  # type: ignore[arg-type]
+    )
+
+    alone = answer_scores(model, tokenizer, records, max_length=max_length, **settings)  # type: ignore[arg-type]
+    generated = generate_answers(
+        model,
+        tokenizer,  # type: ignore[arg-type]
+        [record.prompt for record in records],
+        max_new_tokens=6,
+        max_prompt_length=max_length,
+        **settings,  # type: ignore[arg-type]
+    )
+    assert answers == generated
+    assert any(answers)
+    assert scores.losses == pytest.approx(alone.losses, abs=1e-4)
+    assert scores.log_likelihoods == pytest.approx(alone.log_likelihoods, abs=1e-3)
+    assert (scores.top1, scores.top5, scores.tokens) == (alone.top1, alone.top5, alone.tokens)
 
 
 def test_ranks_match_scoring_each_candidate_alone(tiny: tuple[torch.nn.Module, object]) -> None:
