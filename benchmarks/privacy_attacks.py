@@ -40,7 +40,12 @@ RESULTS = Path(__file__).parent / "results"
 
 def _summary(outcome: dict[str, Any], *, private: bool) -> dict[str, Any]:
     """The headline of one setting: the planted canaries' p-value and the membership AUC."""
-    summary = {"p_value": outcome["planted_p_value"], "membership_auc": outcome["membership_auc"]}
+    summary = {
+        "p_value": outcome["planted_p_value"],
+        "membership_auc": outcome["membership_auc"],
+        # Absent from results measured before the interval was recorded.
+        "membership_auc_ci95": outcome.get("membership_auc_ci95"),
+    }
     if private:
         spent = outcome["epsilon"] or {}
         summary["epsilon"] = max(spent.values()) if spent else None

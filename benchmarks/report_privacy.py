@@ -52,7 +52,7 @@ def attack_section(results: list[dict[str, Any]]) -> list[str]:
             lines.append(
                 f"| {label} | {eps_text} | {planted} | {_p(row.get('planted_p_value'))} | "
                 f"{never} | {_p(row.get('never_inserted_p_value'))} | "
-                f"{row['membership_auc']:.3f} |"
+                f"{row['membership_auc']:.3f}{_auc_interval(row)} |"
             )
         lines += [
             "",
@@ -360,7 +360,10 @@ def compliance_table(utility: dict[str, Any] | None, attacks: dict[str, Any] | N
         if summary is None or summary.get(key) is None:
             return _NOT_MEASURED
         value = summary[key]
-        return f"{value:.2g}" if key == "p_value" else f"{value:.3f}"
+        if key == "p_value":
+            return f"{value:.2g}"
+        interval = summary.get(f"{key}_ci95")
+        return f"{value:.3f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
 
     dp_label = "with record-level DP"
     if dp is not None and dp.get("epsilon") is not None:
@@ -374,6 +377,15 @@ def compliance_table(utility: dict[str, Any] | None, attacks: dict[str, Any] | N
         f"{cell(no_dp, 'membership_auc')} | {cell(dp, 'membership_auc')} |",
     ]
     return lines
+
+
+def _auc_interval(row: dict[str, Any]) -> str:
+    interval = row.get("membership_auc_ci95")
+    if not interval:
+        return " (no interval: measured before intervals were recorded)"
+    return f" [{interval[0]:.3f}, {interval[1]:.3f}] on {row['membership_records']} + " + (
+        f"{row['membership_records']} records"
+    )
 
 
 def fill_compliance_page(

@@ -9,7 +9,11 @@ from fedsilo.client.site import load_model_with_adapter
 from fedsilo.config import FedsiloConfig
 from fedsilo.data.encode import encode_records
 from fedsilo.data.records import ChatRecord
-from fedsilo.privacy.attacks.membership import loss_threshold_auc, membership_auc
+from fedsilo.privacy.attacks.membership import (
+    loss_threshold_auc,
+    loss_threshold_auc_ci,
+    membership_auc,
+)
 from fedsilo.training.loop import train_plain
 
 
@@ -46,6 +50,26 @@ def test_auc_equals_the_pairwise_count(members: list[int], nonmembers: list[int]
     auc = loss_threshold_auc([float(m) for m in members], [float(n) for n in nonmembers])
 
     assert auc == pytest.approx(wins / (len(members) * len(nonmembers)), abs=1e-12)
+
+
+def test_the_interval_holds_the_auc_and_narrows_with_more_records() -> None:
+    rng = np.random.default_rng(0)
+
+    def interval(count: int) -> tuple[float, float, float]:
+        members = rng.normal(0.0, 1.0, count).tolist()  # a small real signal
+        nonmembers = rng.normal(0.3, 1.0, count).tolist()
+        low, high = loss_threshold_auc_ci(members, nonmembers)
+        return low, loss_threshold_auc(members, nonmembers), high
+
+    few, many = interval(32), interval(2000)
+
+    assert few[0] <= few[1] <= few[2] and many[0] <= many[1] <= many[2]
+    assert many[2] - many[0] < 0.1 < few[2] - few[0]
+    # Seeded: the same losses give the same interval.
+    assert loss_threshold_auc_ci([1.0, 2.0, 3.0], [2.5, 4.0]) == loss_threshold_auc_ci(
+        [1.0, 2.0, 3.0], [2.5, 4.0]
+    )
+    assert loss_threshold_auc_ci([1.0, 1.0], [1.0]) == (0.5, 0.5)
 
 
 @pytest.mark.parametrize(

@@ -34,8 +34,10 @@ from fedsilo.privacy.attacks import (
     Canary,
     exposure,
     exposure_p_value,
+    loss_threshold_auc,
+    loss_threshold_auc_ci,
     make_canaries,
-    membership_auc,
+    membership_losses,
     plant,
 )
 from fedsilo.server.federation import ProgressReporter
@@ -70,6 +72,8 @@ class AttackOutcome:
     never_inserted_p_value: float
     max_exposure: float
     membership_auc: float
+    membership_auc_ci95: tuple[float, float]
+    membership_records: int  # members, and as many non-members
     epsilon: dict[str, float] | None
     delta: float | None
     gold_loss: float
@@ -85,6 +89,8 @@ class AttackOutcome:
             "never_inserted_p_value": self.never_inserted_p_value,
             "max_exposure": self.max_exposure,
             "membership_auc": self.membership_auc,
+            "membership_auc_ci95": list(self.membership_auc_ci95),
+            "membership_records": self.membership_records,
             "epsilon": self.epsilon,
             "delta": self.delta,
             "gold_loss": self.gold_loss,
@@ -204,7 +210,7 @@ def attack(config: FedsiloConfig, run_dir: Path, experiment: CanaryExperiment) -
     members = [r for r in _read_chat_records(site_file) if r.prompt != CANARY_PROMPT]
     held_out = _read_chat_records(site_file.parent / "held-out.jsonl")
     planted_exposure, never_exposure = exposures(planted), exposures(never)
-    auc = membership_auc(
+    member_losses, nonmember_losses = membership_losses(
         loaded.model,
         loaded.tokenizer,
         members[: len(held_out)],
@@ -220,7 +226,9 @@ def attack(config: FedsiloConfig, run_dir: Path, experiment: CanaryExperiment) -
         planted_p_value=exposure_p_value(planted_exposure),
         never_inserted_p_value=exposure_p_value(never_exposure),
         max_exposure=float(np.log2(experiment.candidates + 1)),
-        membership_auc=auc,
+        membership_auc=loss_threshold_auc(member_losses, nonmember_losses),
+        membership_auc_ci95=loss_threshold_auc_ci(member_losses, nonmember_losses),
+        membership_records=len(nonmember_losses),
         epsilon=final.get("epsilon"),
         delta=final.get("delta"),
         gold_loss=float(final["gold_loss"]),

@@ -18,7 +18,12 @@ from fedsilo.privacy.attacks.canary import (
     plant,
     sequence_log_likelihood,
 )
-from fedsilo.privacy.attacks.membership import loss_threshold_auc, membership_auc
+from fedsilo.privacy.attacks.membership import (
+    loss_threshold_auc,
+    loss_threshold_auc_ci,
+    membership_auc,
+    membership_losses,
+)
 
 __all__ = [
     "CANARY_PROMPT",
@@ -31,8 +36,10 @@ __all__ = [
     "exposure_p_value",
     "exposure_with",
     "loss_threshold_auc",
+    "loss_threshold_auc_ci",
     "make_canaries",
     "membership_auc",
+    "membership_losses",
     "plant",
     "sequence_log_likelihood",
 ]
