@@ -139,17 +139,36 @@ def _rows_plot(rows: list[dict[str, Any]]) -> None:
 def _rows_section(result: dict[str, Any]) -> list[str]:
     """The table of benchmarks/privacy_utility.py's rows (one per record-level epsilon)."""
     recipe = result["recipe"]
+    # The steps a site of this size trains per round (fedsilo.protocol.schedule).
+    steps = max(
+        1,
+        math.ceil(
+            recipe["local_epochs"]
+            * math.ceil(result["records_per_site"] / recipe["expected_batch_size"])
+        ),
+    )
+    schedule = (
+        f"{recipe['lr_schedule']} learning rate {recipe['learning_rate']:g}"
+        + (f" after {recipe['warmup_rounds']} warmup rounds" if recipe.get("warmup_rounds") else "")
+        + (
+            f", server momentum {recipe['server_momentum']:g}"
+            if recipe.get("server_momentum")
+            else ""
+        )
+        if "lr_schedule" in recipe
+        else f"constant learning rate {recipe['learning_rate']:g}"
+    )
     lines = [
         "`python benchmarks/privacy_utility.py --resume`: "
         f"`{result['model']}`, {result['num_sites']} hospitals by specialty (ICD-10-CM "
         f"chapters {', '.join(result['chapters'])}), {result['records_per_site']} records each; "
         f"{recipe['rounds']} rounds of {recipe['local_epochs']:g} local "
-        f"epoch{'' if recipe['local_epochs'] == 1 else 's'} each, expected batch "
-        f"{recipe['expected_batch_size']} (Poisson sampling), learning rate "
-        f"{recipe['learning_rate']:g}, clip {recipe['max_grad_norm']:g}, "
-        f"{'FFA-LoRA' if recipe['ffa'] else 'LoRA'} rank {recipe['lora_rank']}. Headline: "
-        f"{result['headline']}. Goals: epsilon 8 keeps >= 90% and epsilon 3 >= 75% of the "
-        "non-private accuracy.",
+        f"epoch{'' if recipe['local_epochs'] == 1 else 's'} each ({steps} steps), expected "
+        f"batch {recipe['expected_batch_size']} (Poisson sampling), {schedule}, clip "
+        f"{recipe['max_grad_norm']:g}, {'FFA-LoRA' if recipe['ffa'] else 'LoRA'} rank "
+        f"{recipe['lora_rank']}. Hyperparameters from: {result['hyperparameters_from']}. "
+        f"Headline: {result['headline']}. Goals: epsilon 8 keeps >= 90% and epsilon 3 >= 75% "
+        "of the non-private accuracy.",
         "",
         "| setting | epsilon | delta | accuracy | 95% CI | exact code | gold loss "
         "| share of non-private | minutes |",
