@@ -61,6 +61,30 @@ def test_privacy_command_recomputes_what_was_reported(
     assert "ledger verified" in output
 
 
+def test_privacy_command_checks_a_running_run_against_its_last_reported_round(
+    make_config: Callable[..., FedsiloConfig],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # As a run looks while round 2 is under way: round 2's updates are ledgered, its metrics
+    # line is not written yet.
+    run_with_grid(_dp_config(make_config, noise_multiplier=1.0), tmp_path / "run")
+    folder = RunFolder(tmp_path / "run")
+    lines = folder.metrics_path.read_text().splitlines()
+    folder.metrics_path.write_text("\n".join(lines[:-1]) + "\n")
+    folder.write_json(folder.status_path, {"status": "running"})
+    received = [e for e in read_entries(folder.ledger_path) if e.kind is EntryKind.UPDATE_RECEIVED]
+    round_one = [e for e in received if e.payload["round"] == 1]
+
+    assert main(["privacy", str(tmp_path / "run")]) == 0
+
+    output = capsys.readouterr().out
+    assert "through round 1, the last reported" in output
+    assert output.count(" yes") == len(round_one) == 3
+    assert "(run status: running) the ledger holds more updates" in output
+    assert output.count("(+1)") == 3
+
+
 def test_privacy_command_refuses_a_ledger_that_does_not_verify(
     make_config: Callable[..., FedsiloConfig],
     tmp_path: Path,

@@ -19,6 +19,7 @@ from fedsilo.config import ConfigError, FedsiloConfig, load_config, parse_config
 if TYPE_CHECKING:
     from fedsilo.crypto import PublicKey
     from fedsilo.ledger import VerifyReport
+    from fedsilo.server.run_folder import RunFolder
 
 
 def _demo_config(rounds: int | None) -> FedsiloConfig:
@@ -160,11 +161,25 @@ def cmd_audit_report(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _run_status(folder: RunFolder) -> str:
+    """The run's status.json state ("running", "completed", "failed"), or "unknown"."""
+    try:
+        status = folder.read_json(folder.status_path).get("status")
+    except (OSError, ValueError):
+        return "unknown"
+    return status if status in ("completed", "failed", "running") else "unknown"
+
+
 def cmd_privacy(args: argparse.Namespace) -> int:
     from fedsilo.config import load_config
     from fedsilo.ledger import read_entries
     from fedsilo.server.audit import verify_run
-    from fedsilo.server.privacy_report import site_epsilons, site_events, site_level_epsilon
+    from fedsilo.server.privacy_report import (
+        entries_through_round,
+        site_epsilons,
+        site_events,
+        site_level_epsilon,
+    )
     from fedsilo.server.run_folder import RunFolder
 
     folder = RunFolder(args.run)
@@ -198,13 +213,17 @@ def cmd_privacy(args: argparse.Namespace) -> int:
         )
     if not privacy.record_level:
         return 0 if all_match else 1
-    events = site_events(entries)
-    recomputed = site_epsilons(entries, delta=privacy.delta, accountant=privacy.accountant)
-    with_epsilon = [m["epsilon"] for m in folder.read_metrics() if "epsilon" in m]
-    reported: dict[str, float] = with_epsilon[-1] if with_epsilon else {}
+    with_epsilon = [(m["round"], m["epsilon"]) for m in folder.read_metrics() if "epsilon" in m]
+    last_round, reported = with_epsilon[-1] if with_epsilon else (None, {})
+    # The reported figures are checked against the ledger as it stood when they were written;
+    # updates ledgered since (a round under way, or one the run never finished) come after.
+    covered = entries if last_round is None else entries_through_round(entries, last_round)
+    events = site_events(covered)
+    recomputed = site_epsilons(covered, delta=privacy.delta, accountant=privacy.accountant)
     print(
         f"epsilon per site at delta={privacy.delta:g} ({privacy.accountant} accountant), "
         "recomputed from the DP events in the ledger"
+        + ("" if last_round is None else f" through round {last_round}, the last reported")
     )
     print(f"{'site':<32} {'events':>6} {'epsilon':>10} {'reported':>10}  match")
     for site, epsilon in recomputed.items():
@@ -214,6 +233,19 @@ def cmd_privacy(args: argparse.Namespace) -> int:
         shown = "-" if stated is None else f"{stated:.4f}"
         verdict = "yes" if match else "NO"
         print(f"{site:<32} {len(events[site]):>6} {epsilon:>10.4f} {shown:>10}  {verdict}")
+    if len(covered) < len(entries):
+        status = _run_status(folder)
+        print(
+            f"after round {last_round} (run status: {status}) the ledger holds more updates, "
+            "in no reported figure yet; epsilon spent with them:"
+        )
+        later_events = site_events(entries)
+        for site, epsilon in site_epsilons(
+            entries, delta=privacy.delta, accountant=privacy.accountant
+        ).items():
+            extra = len(later_events[site]) - len(events.get(site, []))
+            if extra:
+                print(f"{site:<32} {len(later_events[site]):>6} {epsilon:>10.4f}  (+{extra})")
     return 0 if all_match else 1
 
 

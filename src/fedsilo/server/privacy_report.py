@@ -27,6 +27,19 @@ def site_events(entries: Sequence[Entry]) -> dict[str, list[DpEvent]]:
     return dict(events)
 
 
+def entries_through_round(entries: Sequence[Entry], last_round: int) -> list[Entry]:
+    """The ledger as it stood when round ``last_round``'s figures were written.
+
+    Every entry before the first one of a later round: a run that is still going (or stopped
+    in a round it did not finish) has ledgered updates that no reported figure includes yet.
+    """
+    for position, entry in enumerate(entries):
+        number = entry.payload.get("round")
+        if isinstance(number, int) and number > last_round:
+            return list(entries[:position])
+    return list(entries)
+
+
 def site_epsilons(
     entries: Sequence[Entry], *, delta: float, accountant: AccountantName
 ) -> dict[str, float]:
