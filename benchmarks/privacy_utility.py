@@ -10,10 +10,13 @@ expected batches, local work in epochs, the target epsilon split over the rounds
 accountant); ``inf`` is the same federation without DP. Each row holds the headline of the
 quality benchmark: category accuracy on ICD-10 gold part a (unseen codes of trained
 categories) with its 95% bootstrap interval, and the share of the non-private accuracy it
-keeps. Writes benchmarks/results/privacy-utility.json after every setting, keeping the rows of
-other settings measured for the same federation and recipe (processes measuring different
-``--epsilons`` may share one file). ``--resume`` also skips the settings already there and
-continues an interrupted setting from its last checkpoint. One torch thread.
+keeps. Each row carries its own recipe and where its hyperparameters came from: DP and no DP
+are each trained with the recipe chosen for them, and a setting re-measured with a new recipe
+is a new row beside the old one (the goals read the latest row of each setting). Writes
+benchmarks/results/privacy-utility.json after every setting, keeping the rows other processes
+measured for the same federation (processes measuring different ``--epsilons`` may share one
+file). ``--resume`` also skips the (setting, recipe) rows already there and continues an
+interrupted setting from its last checkpoint. One torch thread.
 """
 
 from __future__ import annotations
@@ -52,7 +55,12 @@ def _setting(epsilon: float) -> str:
 
 
 def _row(
-    epsilon: float, metrics: list[dict[str, Any]], seconds: float, measured_at: str
+    epsilon: float,
+    metrics: list[dict[str, Any]],
+    seconds: float,
+    measured_at: str,
+    recipe: dict[str, Any],
+    chosen_by: str,
 ) -> dict[str, Any]:
     final = metrics[-1]
     part = final["gold_parts"][HEADLINE]
@@ -75,21 +83,28 @@ def _row(
         "scored_rounds": [m["round"] for m in scored],
         "accuracy_per_round": [m["gold_parts"][HEADLINE]["category_accuracy"] for m in scored],
         "gold_loss_per_round": [m["gold_loss"] for m in scored],
+        "recipe": recipe,
+        "hyperparameters_from": chosen_by,
         "seconds": seconds,
         "measured_at": measured_at,
     }
 
 
 def _with_shares(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each row with the share of the non-private accuracy it keeps (when that is measured)."""
-    base = next((row["accuracy"] for row in rows if row["setting"] == "no_dp"), None)
+    """Each row with the share of the latest non-private accuracy it keeps (when measured)."""
+    plain = sorted((row for row in rows if row["setting"] == "no_dp"), key=_measured_at)
+    base = plain[-1]["accuracy"] if plain else None
     return [
         {**row, "share_of_non_private": row["accuracy"] / base if base else None} for row in rows
     ]
 
 
+def _measured_at(row: dict[str, Any]) -> str:
+    return str(row["measured_at"])
+
+
 def _same(old: dict[str, Any], new: dict[str, Any]) -> bool:
-    return bool(old["setting"] == new["setting"])
+    return bool(old["setting"] == new["setting"] and old.get("recipe") == new["recipe"])
 
 
 def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -113,6 +128,20 @@ def _swept(path: Path, args: argparse.Namespace) -> tuple[int, float, float, str
         float(best["learning_rate"]),
     )
     return batch, clip, rate, f"{path.name}: lowest validation loss at epsilon {sweep['epsilon']:g}"
+
+
+def _check_same_recipe(sweep: Path | None, swept: dict[str, Any], running: dict[str, Any]) -> None:
+    """Refuse hyperparameters chosen for another recipe (rounds, epochs, adapter, schedule)."""
+    differing = {
+        key: (value, running[key])
+        for key, value in swept.items()
+        if key in running and value != running[key]
+    }
+    if differing:
+        shown = ", ".join(
+            f"{key} {there!r} there, {here!r} here" for key, (there, here) in differing.items()
+        )
+        raise SystemExit(f"{sweep}: its points were measured with another recipe: {shown}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -148,8 +177,10 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--epsilons must be positive (or inf), got {args.epsilons}")
 
     chosen_by = "command line (not chosen by a sweep)"
+    sweep_recipe: dict[str, Any] = {}
     if args.from_sweep is not None:
         args.batch_size, args.clip, args.learning_rate, chosen_by = _swept(args.from_sweep, args)
+        sweep_recipe = json.loads(args.from_sweep.read_text(encoding="utf-8"))["recipe"]
     scratch = Path(tempfile.mkdtemp(prefix="fedsilo-privacy-utility-"))
     if args.smoke:
         federation, recipe = smoke_setup(scratch)
@@ -181,6 +212,7 @@ def main(argv: list[str] | None = None) -> None:
             ),
         )
         out, runs = args.out or RESULTS / "privacy-utility.json", args.runs
+        _check_same_recipe(args.from_sweep, sweep_recipe, recipe.to_json())
     header = {
         "benchmark": "privacy-utility",
         "model": args.model if not args.smoke else "tiny",
@@ -188,9 +220,7 @@ def main(argv: list[str] | None = None) -> None:
         "num_sites": federation.num_sites,
         "chapters": list(federation.chapters),
         "gold_size": federation.gold_size,
-        "recipe": recipe.to_json(),
         "headline": f"category accuracy on ICD-10 gold part a ({HEADLINE}), 95% bootstrap CI",
-        "hyperparameters_from": chosen_by,
     }
     rows: list[dict[str, Any]] = []
     if args.resume and out.is_file():
@@ -198,17 +228,27 @@ def main(argv: list[str] | None = None) -> None:
         if all(previous.get(key) == value for key, value in header.items()):
             rows = list(previous["rows"])
         else:
-            print(f"{out}: another federation or recipe; its rows are not reused")
+            print(f"{out}: another federation; its rows are not reused")
     for epsilon in epsilons:
         name = _setting(epsilon)
-        kept = next((row for row in rows if row["setting"] == name), None)
+        kept = next(
+            (r for r in rows if r["setting"] == name and r.get("recipe") == recipe.to_json()),
+            None,
+        )
         if kept is not None:
             print(f"{name}: already measured, kept")
             finished = RunFolder(runs / name).read_metrics() if (runs / name).is_dir() else []
             if finished and finished[-1]["round"] == kept["rounds"]:
                 # The row is a function of its run's metrics: rebuilt, so fields added to
                 # the row since the run was measured are filled from the same run.
-                row = _row(epsilon, finished, kept["seconds"], kept["measured_at"])
+                row = _row(
+                    epsilon,
+                    finished,
+                    kept["seconds"],
+                    kept["measured_at"],
+                    recipe.to_json(),
+                    kept["hyperparameters_from"],
+                )
                 rows = save_row(out, header, row, rows_key="rows", same=_same, summary=_summary)
             continue
         config = utility_config(
@@ -217,7 +257,14 @@ def main(argv: list[str] | None = None) -> None:
         started = time.perf_counter()
         metrics = run_federation(config, runs / name, resume=args.resume)
         measured_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        row = _row(epsilon, metrics, time.perf_counter() - started, measured_at)
+        row = _row(
+            epsilon,
+            metrics,
+            time.perf_counter() - started,
+            measured_at,
+            recipe.to_json(),
+            chosen_by,
+        )
         # Settings may run in parallel processes (--epsilons 1,3 and --epsilons 8,inf into one
         # --out): the file is merged under a lock, each process keeping the others' rows.
         rows = save_row(out, header, row, rows_key="rows", same=_same, summary=_summary)

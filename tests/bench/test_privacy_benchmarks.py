@@ -144,9 +144,19 @@ def test_dp_sweep_smoke_picks_the_lowest_validation_loss_for_the_utility_run(
 
     assert [(p["clip"], p["learning_rate"]) for p in sweep["points"]] == [(0.1, 0.01), (1.0, 0.01)]
     assert sweep["best"] == min(sweep["points"], key=lambda p: p["validation_loss"])
-    assert utility["recipe"]["max_grad_norm"] == sweep["best"]["clip"]
-    assert utility["recipe"]["expected_batch_size"] == sweep["best"]["expected_batch_size"]
-    assert utility["hyperparameters_from"].startswith("dp-sweep.json")
+    (row,) = utility["rows"]
+    assert row["recipe"]["max_grad_norm"] == sweep["best"]["clip"]
+    assert row["recipe"]["expected_batch_size"] == sweep["best"]["expected_batch_size"]
+    assert row["hyperparameters_from"].startswith("dp-sweep.json")
+
+
+def test_hyperparameters_swept_for_another_recipe_are_refused(tmp_path: Path) -> None:
+    script = benchmark_script("privacy_utility")
+    swept = {"rounds": 2, "local_epochs": 1.0, "lora_targets": ["q_proj", "v_proj"]}
+
+    script._check_same_recipe(tmp_path / "s.json", swept, dict(swept))
+    with pytest.raises(SystemExit, match="rounds 2 there, 28 here"):
+        script._check_same_recipe(tmp_path / "s.json", swept, {**swept, "rounds": 28})
 
 
 def test_the_compliance_page_shows_not_measured_until_the_benchmarks_ran(tmp_path: Path) -> None:
@@ -205,6 +215,10 @@ def test_goals_are_read_only_when_the_non_private_federation_learned() -> None:
     assert report.rows_goal([trained, eps8, eps3]) == (
         "Goals: eps8 keeps 95.0% (goal 90.0%): met; eps3 keeps 50.0% (goal 75.0%): **not met**."
     )
+    # A setting measured again with another recipe: the goal is read on its latest row.
+    first = {**eps8, "accuracy": 0.01, "measured_at": "2026-12-05T11:04:42Z"}
+    again = {**eps8, "measured_at": "2026-12-05T14:00:00Z"}
+    assert report.rows_goal([trained, again, first]).startswith("Goals: eps8 keeps 95.0%")
     shares = [{**eps8, "delta": 1e-5, "share_of_non_private": 25.3}, untrained]
     table = "\n".join(report.compliance_table({"rows": shares}, None))
     assert "| 8 (1e-05) | 38.0% (31.0% to 45.0%) | not a measurement" in table

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsilo.config import FedsiloConfig, parse_config
+from fedsilo.config.schema import DEFAULT_TARGET_MODULES
 from fedsilo.data.icd10 import build_icd10_task
 from fedsilo.data.records import ChatRecord
 from fedsilo.model.tiny import write_tiny_llama
@@ -68,6 +69,9 @@ class DpRecipe:
     max_grad_norm: float = 1.0
     delta: float = 1e-5
     lora_rank: int = 8
+    # The linear layers LoRA adapts. The noise on each step grows with the square root of the
+    # number of trained parameters; DP-LoRA (Yu et al. ICLR 2022) adapts q and v only.
+    lora_targets: tuple[str, ...] = DEFAULT_TARGET_MODULES
     ffa: bool = False
     max_length: int = 96
     lr_schedule: LrSchedule = "constant"
@@ -87,7 +91,8 @@ class DpRecipe:
         }
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """The recipe as it reads back from a results file (lists, not tuples)."""
+        return {**asdict(self), "lora_targets": list(self.lora_targets)}
 
 
 @dataclass(frozen=True)
@@ -108,6 +113,11 @@ def add_schedule_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = DpRecipe()
     parser.add_argument("--lora-rank", type=int, default=defaults.lora_rank)
     parser.add_argument(
+        "--lora-targets",
+        default=",".join(defaults.lora_targets),
+        help="comma-separated linear layers LoRA adapts (default: all of them)",
+    )
+    parser.add_argument(
         "--lr-schedule", choices=("constant", "cosine"), default=defaults.lr_schedule
     )
     parser.add_argument("--warmup-rounds", type=int, default=defaults.warmup_rounds)
@@ -125,6 +135,7 @@ def schedule_from(args: argparse.Namespace, recipe: DpRecipe) -> DpRecipe:
     return replace(
         recipe,
         lora_rank=args.lora_rank,
+        lora_targets=tuple(name.strip() for name in args.lora_targets.split(",") if name.strip()),
         lr_schedule=args.lr_schedule,
         warmup_rounds=args.warmup_rounds,
         server_momentum=args.server_momentum,
@@ -148,6 +159,7 @@ def _config(
             "lora": {
                 "rank": recipe.lora_rank,
                 "alpha": 2.0 * recipe.lora_rank,
+                "target_modules": list(recipe.lora_targets),
                 "ffa": recipe.ffa,
             },
             "task": task,
