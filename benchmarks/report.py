@@ -15,7 +15,7 @@ from typing import Any
 from quality_report import quality_sections, scale_section
 from report_deployment import deployment_section
 from report_distill import distill_section
-from report_privacy import attack_section, fill_compliance_page, utility_section
+from report_privacy import attack_section, fill_compliance_page, sweep_section, utility_section
 from report_secagg import secagg_section
 from report_site_dp import fill_compliance_site_table, site_dp_section
 
@@ -404,6 +404,9 @@ def main() -> None:
                 )
                 if r is not None
             ]
+        ),
+        *sweep_section(
+            {path.name: json.loads(path.read_text()) for path in RESULTS.glob("dp-sweep*.json")}
         ),
         *utility_section(_load("privacy-utility.json")),
         *site_dp_section(_load("site-level-dp.json")),

@@ -136,6 +136,84 @@ def _rows_plot(rows: list[dict[str, Any]]) -> None:
     UTILITY_PLOT.write_text(chart + "\n", encoding="utf-8")
 
 
+def sweep_section(sweeps: dict[str, dict[str, Any]]) -> list[str]:
+    """The DP sweeps' points (benchmarks/dp_sweep.py), one table over all sweep files.
+
+    ``sweeps`` maps each results file's name to its content. Points of files with the same
+    schedule and epsilon are comparable; the one with the lowest validation loss among them
+    is marked, since that is what the privacy/utility run takes (``--from-sweep`` its file).
+    """
+    lines = ["## Choosing the DP recipe on validation data", ""]
+    if not sweeps:
+        return [*lines, "Not measured yet: run `python benchmarks/dp_sweep.py`.", ""]
+    lines += [
+        "`python benchmarks/dp_sweep.py`: every point trains the ICD-10 federation with "
+        "record-level DP at one target epsilon for the whole run and is scored on a validation "
+        "split of the sites' own records (the gold set is never scored here). Validation loss "
+        "is the mean answer-token cross-entropy after the last round; **bold**: the lowest "
+        "among the points of the same schedule and epsilon.",
+        "",
+        "| file | sites x records | epsilon | schedule | adapter | batch | steps/round | clip "
+        "| learning rate | validation loss by round | validation category | minutes |",
+        "|---|---|---:|---|---|---:|---:|---:|---:|---|---:|---:|",
+    ]
+
+    def schedule(result: dict[str, Any]) -> str:
+        recipe = result["recipe"]
+        epochs = recipe["local_epochs"]
+        shape = f"{recipe['rounds']} rounds x {epochs:g} epoch{'' if epochs == 1 else 's'}"
+        if recipe.get("lr_schedule", "constant") != "constant":
+            shape += f", {recipe['lr_schedule']}"
+        if recipe.get("server_momentum"):
+            shape += f", momentum {recipe['server_momentum']:g}"
+        return shape
+
+    best: dict[tuple[str, Any], float] = {}
+    for result in sweeps.values():
+        group = (schedule(result), result["epsilon"])
+        for point in result["points"]:
+            best[group] = min(best.get(group, math.inf), point["validation_loss"])
+    for name, result in sorted(sweeps.items()):
+        recipe = result["recipe"]
+        targets = recipe.get("lora_targets")
+        adapter = f"{'FFA-LoRA' if recipe['ffa'] else 'LoRA'} r{recipe['lora_rank']}" + (
+            "" if targets is None or len(targets) == 7 else f" on {', '.join(targets)}"
+        )
+        trained = result["records_per_site"] - round(
+            result["records_per_site"] * result["validation_share"]
+        )
+        for point in sorted(
+            result["points"], key=lambda p: (p["expected_batch_size"], p["learning_rate"])
+        ):
+            steps = max(
+                1,
+                math.ceil(
+                    recipe["local_epochs"] * math.ceil(trained / point["expected_batch_size"])
+                ),
+            )
+            losses = " / ".join(f"{loss:.3f}" for loss in point["validation_loss_per_round"][1:])
+            loss = point["validation_loss"]
+            if loss == best[(schedule(result), result["epsilon"])]:
+                losses = f"**{losses}**"
+            epsilon = "inf" if result["epsilon"] is None else f"{result['epsilon']:g}"
+            lines.append(
+                f"| `{name}` | {result['num_sites']} x {result['records_per_site']} | {epsilon} "
+                f"| {schedule(result)} | {adapter} | {point['expected_batch_size']} | {steps} "
+                f"| {point['clip']:g} | {point['learning_rate']:g} | {losses} "
+                f"| {_pct(point['validation_category_accuracy'])} "
+                f"| {point['seconds'] / 60:.1f} |"
+            )
+    return [
+        *lines,
+        "",
+        "One site of 2,000 records from all four chapters stands in for the four-site "
+        "federation: the same records per site, sampling rate and steps, so the same noise "
+        "per step. The choice of hyperparameters on the validation records is itself not "
+        "accounted, as in the published recipes. Source: `benchmarks/results/dp-sweep*.json`.",
+        "",
+    ]
+
+
 def latest_per_setting(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """The most recently measured row of each setting: the one the goals are read on."""
     return {

@@ -246,3 +246,38 @@ def test_results_from_separate_processes_are_merged_not_overwritten(tmp_path: Pa
         {"setting": "eps8", "accuracy": 0.2},
     ]
     assert other["rows"] == [{"setting": "eps1"}]  # another federation's rows are not mixed in
+
+
+def test_the_sweep_table_marks_the_lowest_validation_loss_of_each_schedule() -> None:
+    report = benchmark_script("report_privacy")
+
+    def sweep(ffa: bool, losses: list[float], rounds: int = 28) -> dict[str, object]:
+        recipe = {"rounds": rounds, "local_epochs": 0.0625, "lora_rank": 16, "ffa": ffa}
+        points = [
+            {
+                "expected_batch_size": 32,
+                "clip": 1.0,
+                "learning_rate": rate,
+                "validation_loss": loss,
+                "validation_loss_per_round": [4.7, loss],
+                "validation_category_accuracy": 0.0,
+                "seconds": 60.0,
+            }
+            for rate, loss in zip((2e-3, 5e-3), losses, strict=False)
+        ]
+        common = {"records_per_site": 2000, "validation_share": 0.05, "num_sites": 1}
+        return {**common, "epsilon": 8.0, "recipe": recipe, "points": points}
+
+    table = "\n".join(
+        report.sweep_section(
+            {
+                "lora.json": sweep(False, [1.95, 2.05]),
+                "ffa.json": sweep(True, [2.16]),
+                "old.json": sweep(False, [2.30], rounds=2),
+            }
+        )
+    )
+
+    assert table.count("| **") == 2  # one lowest point per schedule: 28 rounds and 2 rounds
+    assert "| **1.950** |" in table and "| **2.300** |" in table
+    assert "| 2.160 |" in table and "| 2.050 |" in table
