@@ -481,6 +481,20 @@ def compliance_table(utility: dict[str, Any] | None, attacks: dict[str, Any] | N
         else f"{_pct(plain['accuracy'])} ({_interval(plain['ci95'])})"
     )
     lines += [f"| none (no DP) | {accuracy} | - |", ""]
+    eps8 = rows.get("eps8")
+    if readable and plain is not None and eps8 is not None:
+        share = eps8["accuracy"] / plain["accuracy"]
+        verdict = (
+            "the goal of 90% is met"
+            if share >= GOALS["eps8"]
+            else "the goal of 90% is not met: at these sites' size and training budget the "
+            "guarantee holds, but the model it leaves does not do the job the non-private one does"
+        )
+        lines += [
+            f"At record-level epsilon 8 the model keeps {_pct(share)} of the accuracy that "
+            f"training without DP reaches; {verdict}.",
+            "",
+        ]
     if not readable:
         lines += [
             "These rows do not yet say what DP costs: in the run measured, training without DP "

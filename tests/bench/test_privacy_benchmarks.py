@@ -223,6 +223,11 @@ def test_goals_are_read_only_when_the_non_private_federation_learned() -> None:
     table = "\n".join(report.compliance_table({"rows": shares}, None))
     assert "| 8 (1e-05) | 38.0% (31.0% to 45.0%) | not a measurement" in table
     assert "These rows do not yet say what DP costs" in table
+    assert "keeps" not in table
+    rows = [{**eps8, "delta": 1e-5, "share_of_non_private": 0.95}, trained]
+    readable = "\n".join(report.compliance_table({"rows": rows}, None))
+    assert "epsilon 8 the model keeps 95.0% of the accuracy" in readable
+    assert "the goal of 90% is met." in readable
 
 
 def test_results_from_separate_processes_are_merged_not_overwritten(tmp_path: Path) -> None:
