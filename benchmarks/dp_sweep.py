@@ -40,11 +40,13 @@ import torch
 from fedsilo.bench.dp_recipe import (
     DpRecipe,
     Federation,
+    ResultsFileConflictError,
     add_schedule_arguments,
     run_federation,
     save_row,
     schedule_from,
     smoke_setup,
+    stored_results,
     validation_config,
 )
 
@@ -138,10 +140,12 @@ def main(argv: list[str] | None = None) -> None:
         "selection": "lowest validation loss on the sites' held-out records (never the gold set)",
     }
     points: list[dict[str, Any]] = []
-    if args.resume and out.is_file():
-        previous = json.loads(out.read_text(encoding="utf-8"))
-        if all(previous.get(key) == value for key, value in header.items()):
-            points = list(previous["points"])
+    try:
+        previous = stored_results(out, header)
+    except ResultsFileConflictError as error:
+        raise SystemExit(str(error)) from error
+    if args.resume and previous is not None:
+        points = list(previous["points"])
     for batch, clip, rate in itertools.product(batches, clips, rates):
         if any(_key(p) == (batch, clip, rate) for p in points):
             print(f"batch {batch}, clip {clip:g}, learning rate {rate:g}: already measured, kept")

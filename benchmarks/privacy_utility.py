@@ -10,9 +10,10 @@ expected batches, local work in epochs, the target epsilon split over the rounds
 accountant); ``inf`` is the same federation without DP. Each row holds the headline of the
 quality benchmark: category accuracy on ICD-10 gold part a (unseen codes of trained
 categories) with its 95% bootstrap interval, and the share of the non-private accuracy it
-keeps. Each row carries its own recipe and where its hyperparameters came from: DP and no DP
-are each trained with the recipe chosen for them, and a setting re-measured with a new recipe
-is a new row beside the old one (the goals read the latest row of each setting). Writes
+keeps (against the latest no-DP row). Each row carries the recipe it trained with, where its
+hyperparameters came from and its run folder under ``--runs`` (named by setting and recipe); a
+setting re-measured with a new recipe is a new row beside the old one (the goals read the
+latest row of each setting). Writes
 benchmarks/results/privacy-utility.json after every setting, keeping the rows other processes
 measured for the same federation (processes measuring different ``--epsilons`` may share one
 file). ``--resume`` also skips the (setting, recipe) rows already there and continues an
@@ -22,6 +23,7 @@ interrupted setting from its last checkpoint. One torch thread.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import shutil
@@ -36,13 +38,17 @@ import torch
 from fedsilo.bench.dp_recipe import (
     DpRecipe,
     Federation,
+    ResultsFileConflictError,
     add_schedule_arguments,
+    merge_results,
     run_federation,
     save_row,
     schedule_from,
     smoke_setup,
+    stored_results,
     utility_config,
 )
+from fedsilo.config.schema import DEFAULT_TARGET_MODULES
 from fedsilo.evaluation.gold import HEADLINE_PART
 from fedsilo.server.run_folder import RunFolder
 
@@ -85,6 +91,7 @@ def _row(
         "gold_loss_per_round": [m["gold_loss"] for m in scored],
         "recipe": recipe,
         "hyperparameters_from": chosen_by,
+        "run": _run_name(_setting(epsilon), recipe),
         "seconds": seconds,
         "measured_at": measured_at,
     }
@@ -130,18 +137,70 @@ def _swept(path: Path, args: argparse.Namespace) -> tuple[int, float, float, str
     return batch, clip, rate, f"{path.name}: lowest validation loss at epsilon {sweep['epsilon']:g}"
 
 
+# What a sweep file written before these recipe fields existed trained with.
+_SWEPT_BEFORE_THE_FIELD = {
+    "lr_schedule": "constant",
+    "warmup_rounds": 0,
+    "server_momentum": 0.0,
+    "lora_targets": list(DEFAULT_TARGET_MODULES),
+}
+# Fields that do not change what is trained: how often the evaluation set is scored.
+_NOT_TRAINING = ("eval_every_rounds",)
+
+
 def _check_same_recipe(sweep: Path | None, swept: dict[str, Any], running: dict[str, Any]) -> None:
     """Refuse hyperparameters chosen for another recipe (rounds, epochs, adapter, schedule)."""
+
+    def comparable(key: str, value: Any) -> Any:
+        return sorted(value) if key == "lora_targets" else value
+
+    measured = {**_SWEPT_BEFORE_THE_FIELD, **swept}
     differing = {
         key: (value, running[key])
-        for key, value in swept.items()
-        if key in running and value != running[key]
+        for key, value in measured.items()
+        if key in running
+        and key not in _NOT_TRAINING
+        and comparable(key, value) != comparable(key, running[key])
     }
     if differing:
         shown = ", ".join(
             f"{key} {there!r} there, {here!r} here" for key, (there, here) in differing.items()
         )
         raise SystemExit(f"{sweep}: its points were measured with another recipe: {shown}")
+
+
+def _run_name(setting: str, recipe: dict[str, Any]) -> str:
+    """The run folder of a (setting, recipe) row: another recipe never resumes this run."""
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
+    return f"{setting}-{digest[:8]}"
+
+
+def _migrate_old_format(out: Path, header: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows of ``out`` (none if absent), each with its recipe.
+
+    Files written before rows carried their recipe hold one ``recipe`` and
+    ``hyperparameters_from`` for all rows at the top level: they are moved into the rows (and
+    the file rewritten), so that new rows with their own recipes can stand beside them.
+    """
+    try:
+        stored = stored_results(out, header)
+    except ResultsFileConflictError as error:
+        raise SystemExit(str(error)) from error
+    if stored is None:
+        return []
+    if "recipe" not in stored:
+        return list(stored["rows"])
+
+    def moved(previous: dict[str, Any] | None) -> dict[str, Any]:
+        content = dict(previous or stored)
+        recipe = content.pop("recipe")
+        chosen_by = content.pop("hyperparameters_from", "not recorded")
+        content["rows"] = [
+            {"recipe": recipe, "hyperparameters_from": chosen_by, **row} for row in content["rows"]
+        ]
+        return content
+
+    return list(merge_results(out, header, moved)["rows"])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -212,7 +271,7 @@ def main(argv: list[str] | None = None) -> None:
             ),
         )
         out, runs = args.out or RESULTS / "privacy-utility.json", args.runs
-        _check_same_recipe(args.from_sweep, sweep_recipe, recipe.to_json())
+    _check_same_recipe(args.from_sweep, sweep_recipe, recipe.to_json())
     header = {
         "benchmark": "privacy-utility",
         "model": args.model if not args.smoke else "tiny",
@@ -222,22 +281,18 @@ def main(argv: list[str] | None = None) -> None:
         "gold_size": federation.gold_size,
         "headline": f"category accuracy on ICD-10 gold part a ({HEADLINE}), 95% bootstrap CI",
     }
-    rows: list[dict[str, Any]] = []
-    if args.resume and out.is_file():
-        previous = json.loads(out.read_text(encoding="utf-8"))
-        if all(previous.get(key) == value for key, value in header.items()):
-            rows = list(previous["rows"])
-        else:
-            print(f"{out}: another federation; its rows are not reused")
+    stored_rows = _migrate_old_format(out, header)
+    rows = stored_rows if args.resume else []
     for epsilon in epsilons:
         name = _setting(epsilon)
+        run_dir = runs / _run_name(name, recipe.to_json())
         kept = next(
             (r for r in rows if r["setting"] == name and r.get("recipe") == recipe.to_json()),
             None,
         )
         if kept is not None:
             print(f"{name}: already measured, kept")
-            finished = RunFolder(runs / name).read_metrics() if (runs / name).is_dir() else []
+            finished = RunFolder(run_dir).read_metrics() if run_dir.is_dir() else []
             if finished and finished[-1]["round"] == kept["rounds"]:
                 # The row is a function of its run's metrics: rebuilt, so fields added to
                 # the row since the run was measured are filled from the same run.
@@ -255,7 +310,7 @@ def main(argv: list[str] | None = None) -> None:
             federation, recipe, epsilon=None if math.isinf(epsilon) else epsilon
         )
         started = time.perf_counter()
-        metrics = run_federation(config, runs / name, resume=args.resume)
+        metrics = run_federation(config, run_dir, resume=args.resume)
         measured_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         row = _row(
             epsilon,

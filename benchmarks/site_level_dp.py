@@ -46,7 +46,12 @@ from typing import Any
 import torch
 from scipy import stats
 
-from fedsilo.bench.dp_recipe import run_federation, save_row
+from fedsilo.bench.dp_recipe import (
+    ResultsFileConflictError,
+    run_federation,
+    save_row,
+    stored_results,
+)
 from fedsilo.client.site import load_model_with_adapter
 from fedsilo.config import FedsiloConfig, parse_config
 from fedsilo.data.encode import encode_records
@@ -297,10 +302,12 @@ def main(argv: list[str] | None = None) -> None:
         "clip_rule": f"median first-round update norm of {CLIP_PROBE_SITES} sites without DP",
     }
     done: list[dict[str, Any]] = []
-    if args.resume and out.is_file():
-        previous = json.loads(out.read_text(encoding="utf-8"))
-        if all(previous.get(key) == value for key, value in header.items()):
-            done = previous.get("runs", [])
+    try:
+        previous = stored_results(out, header)
+    except ResultsFileConflictError as error:
+        raise SystemExit(str(error)) from error
+    if args.resume and previous is not None:
+        done = previous.get("runs", [])
 
     def key(run: dict[str, Any]) -> tuple[Any, ...]:
         return run["sites"], run["sites_per_round"], run["setting"], run["seed"]

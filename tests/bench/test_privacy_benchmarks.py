@@ -10,6 +10,7 @@ import pytest
 from fedsilo.bench.dp_recipe import (
     DpRecipe,
     Federation,
+    ResultsFileConflictError,
     save_row,
     utility_config,
     validation_config,
@@ -79,6 +80,7 @@ def test_the_recipe_shape_across_rounds_reaches_both_federations(
         server_momentum=0.7,
         eval_every_rounds=7,
         lora_rank=16,
+        lora_targets=("q_proj", "v_proj"),
     )
 
     for config in (
@@ -89,6 +91,7 @@ def test_the_recipe_shape_across_rounds_reaches_both_federations(
         assert config.strategy.server_momentum == 0.7
         assert config.evaluation.every_rounds == 7
         assert config.lora.rank == 16
+        assert config.lora.target_modules == ("q_proj", "v_proj")
 
 
 @pytest.mark.slow
@@ -157,6 +160,15 @@ def test_hyperparameters_swept_for_another_recipe_are_refused(tmp_path: Path) ->
     script._check_same_recipe(tmp_path / "s.json", swept, dict(swept))
     with pytest.raises(SystemExit, match="rounds 2 there, 28 here"):
         script._check_same_recipe(tmp_path / "s.json", swept, {**swept, "rounds": 28})
+    # A sweep file from before the schedule fields existed trained at a constant rate.
+    with pytest.raises(SystemExit, match="lr_schedule 'constant' there, 'cosine' here"):
+        script._check_same_recipe(tmp_path / "s.json", swept, {**swept, "lr_schedule": "cosine"})
+    # The order of the adapted layers and how often validation is scored change nothing.
+    script._check_same_recipe(
+        tmp_path / "s.json",
+        {**swept, "eval_every_rounds": 1},
+        {**swept, "lora_targets": ["v_proj", "q_proj"], "eval_every_rounds": 7},
+    )
 
 
 def test_the_compliance_page_shows_not_measured_until_the_benchmarks_ran(tmp_path: Path) -> None:
@@ -241,16 +253,37 @@ def test_results_from_separate_processes_are_merged_not_overwritten(tmp_path: Pa
     save_row(out, header, {"setting": "no_dp", "accuracy": 0.3}, rows_key="rows", same=same)
     save_row(out, header, {"setting": "eps8", "accuracy": 0.2}, rows_key="rows", same=same)
     merged = json.loads(out.read_text())
-    save_row(
-        out, {**header, "records_per_site": 96}, {"setting": "eps1"}, rows_key="rows", same=same
-    )
-    other = json.loads(out.read_text())
+    with pytest.raises(ResultsFileConflictError, match="records_per_site: 2000 there, 96 here"):
+        save_row(
+            out, {**header, "records_per_site": 96}, {"setting": "eps1"}, rows_key="rows", same=same
+        )
 
     assert merged["rows"] == [
         {"setting": "no_dp", "accuracy": 0.3},
         {"setting": "eps8", "accuracy": 0.2},
     ]
-    assert other["rows"] == [{"setting": "eps1"}]  # another federation's rows are not mixed in
+    assert json.loads(out.read_text()) == merged  # another federation's file is not replaced
+
+
+def test_a_results_file_from_before_rows_had_recipes_keeps_its_rows(tmp_path: Path) -> None:
+    script = benchmark_script("privacy_utility")
+    out = tmp_path / "utility.json"
+    header = {"benchmark": "privacy-utility", "records_per_site": 2000}
+    recipe = {"rounds": 2, "lora_rank": 8}
+    old_rows = [{"setting": "no_dp", "accuracy": 0.3}, {"setting": "eps8", "accuracy": 0.1}]
+    out.write_text(
+        json.dumps({**header, "recipe": recipe, "hyperparameters_from": "cli", "rows": old_rows})
+    )
+
+    rows = script._migrate_old_format(out, header)
+
+    stored = json.loads(out.read_text())
+    assert "recipe" not in stored and stored["rows"] == rows
+    assert [(r["setting"], r["recipe"], r["hyperparameters_from"]) for r in rows] == [
+        ("no_dp", recipe, "cli"),
+        ("eps8", recipe, "cli"),
+    ]
+    assert script._migrate_old_format(out, header) == rows  # once moved, read as it is
 
 
 def test_the_sweep_table_marks_the_lowest_validation_loss_of_each_schedule() -> None:
@@ -264,6 +297,7 @@ def test_the_sweep_table_marks_the_lowest_validation_loss_of_each_schedule() -> 
                 "clip": 1.0,
                 "learning_rate": rate,
                 "validation_loss": loss,
+                "scored_rounds": [0, rounds],
                 "validation_loss_per_round": [4.7, loss],
                 "validation_category_accuracy": 0.0,
                 "seconds": 60.0,
@@ -284,5 +318,5 @@ def test_the_sweep_table_marks_the_lowest_validation_loss_of_each_schedule() -> 
     )
 
     assert table.count("| **") == 2  # one lowest point per schedule: 28 rounds and 2 rounds
-    assert "| **1.950** |" in table and "| **2.300** |" in table
-    assert "| 2.160 |" in table and "| 2.050 |" in table
+    assert "| **28: 1.950** |" in table and "| **2: 2.300** |" in table
+    assert "| 28: 2.160 |" in table and "| 28: 2.050 |" in table

@@ -296,6 +296,33 @@ def run_federation(config: FedsiloConfig, run_dir: Path, *, resume: bool) -> lis
     return RunFolder(run_dir).read_metrics()
 
 
+class ResultsFileConflictError(ValueError):
+    """A results file holds another federation's or recipe's results: it is not overwritten."""
+
+
+def stored_results(out: Path, header: dict[str, Any]) -> dict[str, Any] | None:
+    """The results file ``out`` if it was written for ``header``; None if there is none.
+
+    Raises:
+        ResultsFileConflictError: the file holds results measured with another header (another
+            federation, recipe or settings), which a new measurement must not replace.
+    """
+    if not out.is_file():
+        return None
+    stored: dict[str, Any] = json.loads(out.read_text(encoding="utf-8"))
+    differing = {key: (stored.get(key), value) for key, value in header.items()}
+    differing = {key: pair for key, pair in differing.items() if pair[0] != pair[1]}
+    if differing:
+        shown = "; ".join(
+            f"{key}: {there!r} there, {here!r} here" for key, (there, here) in differing.items()
+        )
+        raise ResultsFileConflictError(
+            f"{out} holds results measured with other settings ({shown}); it is kept as it "
+            "is: pass another --out, or remove the file to measure afresh"
+        )
+    return stored
+
+
 def merge_results(
     out: Path,
     header: dict[str, Any],
@@ -303,21 +330,19 @@ def merge_results(
 ) -> dict[str, Any]:
     """Rewrite the results file ``out`` as ``header`` plus ``build(previous)``; what was written.
 
-    ``previous`` is the file's content when it was written for the same ``header`` (None when
-    there is no file or it holds another federation's results), so ``build`` can keep what
-    other processes measured. Several processes may measure into one file: it is re-read and
-    rewritten (atomically) under a lock on its folder, so no process drops another's results.
+    ``previous`` is the file's content (None when there is no file), so ``build`` can keep
+    what other processes measured. Several processes may measure into one file: it is re-read
+    and rewritten (atomically) under a lock on its folder, so no process drops another's
+    results.
+
+    Raises:
+        ResultsFileConflictError: ``out`` holds results of another header (:func:`stored_results`).
     """
     out.parent.mkdir(parents=True, exist_ok=True)
     folder = os.open(out.parent, os.O_RDONLY)
     try:
         fcntl.flock(folder, fcntl.LOCK_EX)
-        previous = None
-        if out.is_file():
-            stored = json.loads(out.read_text(encoding="utf-8"))
-            if all(stored.get(key) == value for key, value in header.items()):
-                previous = stored
-        result = {**header, **build(previous)}
+        result = {**header, **build(stored_results(out, header))}
         write_text_atomic(out, json.dumps(result, indent=2) + "\n")
         return result
     finally:
@@ -335,9 +360,9 @@ def save_row(
 ) -> list[dict[str, Any]]:
     """Add ``row`` to the results file ``out`` (replacing a row ``same`` as it); all its rows.
 
-    ``summary`` adds fields computed from all the rows (for instance the best one). Rows of a
-    file written for another ``header`` (another federation or recipe) are dropped; rows other
-    processes wrote for the same one are kept (:func:`merge_results`).
+    ``summary`` adds fields computed from all the rows (for instance the best one). Rows other
+    processes wrote for the same ``header`` are kept; a file written for another header is
+    refused, not overwritten (:func:`merge_results`).
     """
     rows: list[dict[str, Any]] = []
 
