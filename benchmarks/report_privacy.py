@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsilo.config.schema import DEFAULT_TARGET_MODULES
+from fedsilo.protocol.schedule import local_steps_for
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
@@ -189,11 +190,11 @@ def sweep_section(sweeps: dict[str, dict[str, Any]]) -> list[str]:
         for point in sorted(
             result["points"], key=lambda p: (p["expected_batch_size"], p["learning_rate"])
         ):
-            steps = max(
-                1,
-                math.ceil(
-                    recipe["local_epochs"] * math.ceil(trained / point["expected_batch_size"])
-                ),
+            steps = local_steps_for(
+                local_steps=0,
+                local_epochs=recipe["local_epochs"],
+                batch_size=point["expected_batch_size"],
+                num_examples=trained,
             )
             scored = point.get("scored_rounds") or range(len(point["validation_loss_per_round"]))
             losses = ", ".join(
@@ -234,12 +235,11 @@ def latest_per_setting(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 def _recipe_text(recipe: dict[str, Any], records_per_site: int) -> str:
     """One sentence stating what a row's sites trained with."""
-    # The steps a site of this size trains per round (fedsilo.protocol.schedule).
-    steps = max(
-        1,
-        math.ceil(
-            recipe["local_epochs"] * math.ceil(records_per_site / recipe["expected_batch_size"])
-        ),
+    steps = local_steps_for(
+        local_steps=0,
+        local_epochs=recipe["local_epochs"],
+        batch_size=recipe["expected_batch_size"],
+        num_examples=records_per_site,
     )
     schedule = (
         f"{recipe['lr_schedule']} learning rate {recipe['learning_rate']:g}"

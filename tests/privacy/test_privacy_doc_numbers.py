@@ -19,6 +19,9 @@ DOCS = Path(__file__).resolve().parents[2] / "docs"
     [
         (2000, 32, 112, 8.0, 0.555, "z = 0.555, noise 0.017 · C"),
         (2000, 128, 28, 8.0, 0.672, "z = 0.672, noise 0.005 · C"),
+        (2000, 32, 112, 3.0, 0.80, "at epsilon 3: z = 0.80 and"),
+        (2000, 128, 28, 3.0, 1.05, "z = 0.80 and 1.05"),
+        (20000, 32, 112, 8.0, 0.40, "still 0.40 with 20,000"),
     ],
 )
 def test_record_level_noise_in_the_recipe_section(
@@ -30,26 +33,8 @@ def test_record_level_noise_in_the_recipe_section(
 
     assert z == pytest.approx(noise, abs=0.01)
     assert quoted in (DOCS / "privacy.md").read_text()
-    assert f"{z / batch:.3f} · C" in quoted
-
-
-@pytest.mark.parametrize(
-    ("records", "batch", "steps", "epsilon", "noise", "quoted"),
-    [
-        (2000, 32, 112, 3.0, 0.80, "at epsilon 3: z = 0.80 and"),
-        (2000, 128, 28, 3.0, 1.05, "z = 0.80 and 1.05"),
-        (20000, 32, 112, 8.0, 0.40, "still 0.40 with 20,000"),
-    ],
-)
-def test_noise_multipliers_quoted_beside_the_recipe(
-    records: int, batch: int, steps: int, epsilon: float, noise: float, quoted: str
-) -> None:
-    z = calibrate_noise_multiplier(
-        target_epsilon=epsilon, delta=1e-5, sampling_rate=batch / records, steps=steps
-    )
-
-    assert z == pytest.approx(noise, abs=0.01)
-    assert quoted in (DOCS / "privacy.md").read_text()
+    if "noise" in quoted:  # the noise on each averaged gradient, z * C / batch, as quoted
+        assert f"noise {z / batch:.3f} · C" in quoted
 
 
 def test_site_level_noise_for_epsilon_8_over_10_rounds_is_about_2() -> None:
