@@ -4,6 +4,14 @@
     python benchmarks/privacy_attacks.py --model smollm2-135m-instruct --examples 64 \
         --learning-rate 0.002   # the demo's rate; about 75 minutes on one thread
     python benchmarks/privacy_attacks.py --smoke --out /tmp/attacks.json   # seconds, tiny model
+    python benchmarks/privacy_attacks.py --model smollm2-135m-instruct --recipe --resume \
+        --settings no_dp   # and record_dp in a second process: the real budget, ~90 min each
+
+With ``--recipe`` the federation is the privacy/utility table's (``fedsilo.bench.dp_recipe``: 4
+specialty hospitals of 2,000 records, the DP recipe's Poisson batches, rounds and schedule), so
+the attacks run at the budget whose accuracy that table reports; run folders are kept under
+``--runs`` and ``--resume`` continues an interrupted one. Without it, the smaller experiment of
+``CanaryExperiment`` (fixed batches, a few long rounds) trains.
 
 Secret canaries (random MRNs in a clinical-note template) are planted several times in one
 site's records; the federation trains with and without record-level DP-SGD (the same task,
@@ -25,15 +33,30 @@ import os
 import platform
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fedsilo.bench.dp_recipe import merge_results
+from fedsilo.bench.dp_recipe import (
+    DEFAULT_RECORDS_PER_SITE,
+    SMOKE_RECIPE,
+    DpRecipe,
+    Federation,
+    attack_config,
+    merge_results,
+    run_federation,
+    stored_results,
+)
 from fedsilo.model.tiny import write_tiny_llama
 from fedsilo.server.progress import LogReporter
-from fedsilo.simulation.canary_experiment import CanaryExperiment, run_canary_experiment
+from fedsilo.simulation.canary_experiment import (
+    AttackOutcome,
+    CanaryExperiment,
+    attack,
+    run_canary_experiment,
+)
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -58,11 +81,63 @@ def _results_name(model: str) -> str:
     return "smollm2" if name.lower().startswith("smollm2") else name
 
 
+def _recipe_outcome(
+    federation: Federation,
+    recipe: DpRecipe,
+    experiment: CanaryExperiment,
+    *,
+    epsilon: float | None,
+    held_out: int,
+    work: Path,
+    resume: bool,
+) -> AttackOutcome:
+    """Train the DP recipe's federation with the canaries planted; attack its final adapter."""
+    started = time.perf_counter()
+    config = attack_config(
+        federation, recipe, experiment, epsilon=epsilon, held_out=held_out, work=work / "data"
+    )
+    run_federation(config, work / "run", resume=resume)
+    outcome = attack(config, work / "run", experiment)
+    return AttackOutcome(**{**outcome.__dict__, "seconds": time.perf_counter() - started})
+
+
+SETTINGS = ("no_dp", "record_dp")
+
+
+def _privacy(target_epsilon: float) -> dict[str, Any]:
+    """The ``[privacy]`` section of the record-level DP setting without ``--recipe``."""
+    return {
+        "record_level": True,
+        "target_epsilon": target_epsilon,
+        "max_grad_norm": 1.0,
+        "delta": 1e-5,
+    }
+
+
+def _header(args: argparse.Namespace, recipe: DpRecipe | None) -> dict[str, Any]:
+    """What identifies a measurement: a results file of another header is not overwritten."""
+    # Where the runs are kept and whether they resume do not change what is measured; with
+    # the recipe, its own rounds, batches and rate replace the smaller experiment's.
+    unmeasured = {"out", "settings", "runs", "resume", "recipe"}
+    if recipe is not None:
+        unmeasured |= {"rounds", "steps", "batch_size", "learning_rate", "examples"}
+    else:
+        unmeasured |= {"records_per_site", "held_out"}
+    header: dict[str, Any] = {
+        "benchmark": "privacy-attacks",
+        "model": args.model,
+        "settings": {k: v for k, v in vars(args).items() if k not in unmeasured},
+    }
+    if recipe is not None:
+        header["recipe"] = recipe.to_json()
+    return header
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     defaults = CanaryExperiment(base_model="")
     parser.add_argument("--model", default="tiny")
-    parser.add_argument("--sites", type=int, default=defaults.num_sites)
+    parser.add_argument("--sites", type=int, default=None, help="default: 4 with --recipe, else 2")
     parser.add_argument("--rounds", type=int, default=defaults.rounds)
     parser.add_argument("--steps", type=int, default=defaults.local_steps)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
@@ -78,6 +153,28 @@ def main(argv: list[str] | None = None) -> None:
         help="the settings this process trains; processes training others for the same "
         "settings share the results file (one setting per core halves the wall time)",
     )
+    parser.add_argument(
+        "--recipe",
+        action="store_true",
+        help="train the privacy/utility federation with the DP recipe (the real budget)",
+    )
+    parser.add_argument("--records-per-site", type=int, default=DEFAULT_RECORDS_PER_SITE)
+    parser.add_argument(
+        "--held-out",
+        type=int,
+        default=500,
+        help="with --recipe: the first site's records held out as the membership non-members "
+        "(as many of its training records are the members)",
+    )
+    parser.add_argument(
+        "--runs",
+        type=Path,
+        default=Path("runs/privacy-attacks"),
+        help="with --recipe: the settings' run folders, kept for --resume",
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="with --recipe: continue interrupted run folders"
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny model, seconds: checks the run")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -85,6 +182,27 @@ def main(argv: list[str] | None = None) -> None:
     if args.smoke:
         args.model, args.sites, args.rounds, args.steps = "tiny", 2, 1, 2
         args.examples, args.canaries, args.repeats, args.candidates = 8, 1, 2, 20
+        args.records_per_site, args.held_out = 12, 6
+
+    chosen = [name.strip() for name in args.settings.split(",") if name.strip()]
+    unknown = sorted(set(chosen) - set(SETTINGS))
+    if unknown or not chosen:
+        raise SystemExit(f"--settings: choose from {sorted(SETTINGS)}, got {args.settings}")
+    if args.sites is None:
+        args.sites = Federation(model="").num_sites if args.recipe else defaults.num_sites
+    recipe: DpRecipe | None = None
+    if args.recipe:
+        recipe = SMOKE_RECIPE if args.smoke else DpRecipe()
+        # Gold only before training and after the last round: the attack reads the final
+        # model, and each scoring of the gold set costs minutes of the run.
+        recipe = replace(recipe, eval_every_rounds=recipe.rounds)
+    default = RESULTS / f"privacy-attacks-{_results_name(args.model)}.json"
+    out = args.out or (
+        Path(tempfile.gettempdir()) / "privacy-attacks-smoke.json" if args.smoke else default
+    )
+    header = _header(args, recipe)
+    # Refuse a results file of other settings now, not after hours of training.
+    stored_results(out, header)
 
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -102,38 +220,34 @@ def main(argv: list[str] | None = None) -> None:
             repeats=args.repeats,
             candidates=args.candidates,
         )
-        settings: dict[str, dict[str, Any]] = {
-            "no_dp": {},
-            "record_dp": {
-                "record_level": True,
-                "target_epsilon": args.target_epsilon,
-                "max_grad_norm": 1.0,
-                "delta": 1e-5,
-            },
-        }
-        chosen = [name.strip() for name in args.settings.split(",") if name.strip()]
-        unknown = sorted(set(chosen) - set(settings))
-        if unknown or not chosen:
-            raise SystemExit(f"--settings: choose from {sorted(settings)}, got {args.settings}")
-        for name, privacy in settings.items():
+        federation = Federation(
+            model=base, num_sites=args.sites, records_per_site=args.records_per_site
+        )
+        runs = work / "runs" if args.smoke else args.runs
+        for name in SETTINGS:
             if name not in chosen:
                 continue
-            outcome = run_canary_experiment(
-                experiment, work / name, privacy=privacy, reporter=LogReporter()
-            )
+            private = name == "record_dp"
+            if recipe is not None:
+                outcome = _recipe_outcome(
+                    federation,
+                    recipe,
+                    experiment,
+                    epsilon=args.target_epsilon if private else None,
+                    held_out=args.held_out,
+                    work=runs / name,
+                    resume=args.resume,
+                )
+            else:
+                outcome = run_canary_experiment(
+                    experiment,
+                    work / name,
+                    privacy=_privacy(args.target_epsilon) if private else {},
+                    reporter=LogReporter(),
+                )
             results[name] = outcome.to_json()
             shown = ("planted_mean", "never_inserted_mean", "planted_p_value", "membership_auc")
             print(name, json.dumps({k: results[name][k] for k in shown}))
-
-    default = RESULTS / f"privacy-attacks-{_results_name(args.model)}.json"
-    out = args.out or (
-        Path(tempfile.gettempdir()) / "privacy-attacks-smoke.json" if args.smoke else default
-    )
-    header = {
-        "benchmark": "privacy-attacks",
-        "model": args.model,
-        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "settings")},
-    }
 
     def with_ours(previous: dict[str, Any] | None) -> dict[str, Any]:
         # Another process may have measured the other setting for the same run settings.

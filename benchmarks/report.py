@@ -396,14 +396,15 @@ def main() -> None:
         *_concurrent_sites_section(_load("concurrent-sites.json")),
         *_audit_section(_load("audit_overhead.json")),
         *attack_section(
-            [
-                r
-                for r in (
-                    _load("privacy-attacks-tiny.json"),
-                    _load("privacy-attacks-smollm2.json"),
+            {
+                name: result
+                for name in (
+                    "privacy-attacks-tiny.json",
+                    "privacy-attacks-smollm2-64-records.json",
+                    "privacy-attacks-smollm2.json",
                 )
-                if r is not None
-            ]
+                if (result := _load(name)) is not None
+            }
         ),
         *sweep_section(
             {path.name: json.loads(path.read_text()) for path in RESULTS.glob("dp-sweep*.json")}

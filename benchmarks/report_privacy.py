@@ -16,7 +16,8 @@ def _pct(value: float) -> str:
     return f"{100 * value:.2f}%" if value < 0.01 else f"{100 * value:.1f}%"
 
 
-def attack_section(results: list[dict[str, Any]]) -> list[str]:
+def attack_section(results: dict[str, dict[str, Any]]) -> list[str]:
+    """The attack tables, one per results file (by file name)."""
     lines = ["## Privacy attacks: canary exposure and membership inference", ""]
     if not results:
         return [*lines, "Not measured yet: run `python benchmarks/privacy_attacks.py`.", ""]
@@ -31,21 +32,24 @@ def attack_section(results: list[dict[str, Any]]) -> list[str]:
         "never-planted ones.",
         "",
     ]
-    for result in results:
+    for name, result in results.items():
         settings = result["settings"]
+        measured = result["results"]
+        max_exposure = next(iter(measured.values()))["max_exposure"]
         lines += [
-            f"**`{settings['model']}`**: {settings.get('sites', 3)} sites, "
-            f"{settings['rounds']} rounds of {settings['steps']} local "
-            f"steps, {settings['canaries']} canaries planted {settings['repeats']} times each, "
-            f"{settings['candidates']} candidates (maximum exposure "
-            f"{result['results']['no_dp']['max_exposure']:.2f} bits).",
+            f"**`{settings['model']}`**: {_attack_training(result)}; "
+            f"{settings['canaries']} canaries planted {settings['repeats']} times each, "
+            f"{settings['candidates']} candidates (maximum exposure {max_exposure:.2f} bits).",
             "",
             "| training | epsilon per site | planted exposure (bits) | p-value | "
             "never-planted exposure | p-value | membership AUC |",
             "|---|---|---|---:|---|---:|---:|",
         ]
-        for name, label in (("no_dp", "no DP"), ("record_dp", "record-level DP-SGD")):
-            row = result["results"][name]
+        for setting, label in (("no_dp", "no DP"), ("record_dp", "record-level DP-SGD")):
+            row = measured.get(setting)
+            if row is None:
+                lines.append(f"| {label} | not measured yet | | | | | |")
+                continue
             epsilon = row["epsilon"]
             eps_text = (
                 "unbounded" if not epsilon else ", ".join(f"{v:.2f}" for v in epsilon.values())
@@ -60,10 +64,35 @@ def attack_section(results: list[dict[str, Any]]) -> list[str]:
         lines += [
             "",
             f"Measured {result['measured_at']} on {result['machine']['cpus']} CPU cores; "
-            f"source: `benchmarks/results/privacy-attacks-{Path(settings['model']).name}.json`.",
+            f"source: `benchmarks/results/{name}`.",
             "",
         ]
     return lines
+
+
+def _attack_training(result: dict[str, Any]) -> str:
+    """How the attacked federation trained, in words."""
+    settings, recipe = result["settings"], result.get("recipe")
+    sites = settings.get("sites", 3)
+    if recipe is None:
+        return (
+            f"{sites} sites of {settings['examples']} records, {settings['rounds']} rounds of "
+            f"{settings['steps']} local steps of {settings['batch_size']}"
+        )
+    steps = local_steps_for(
+        local_steps=0,
+        local_epochs=recipe["local_epochs"],
+        batch_size=recipe["expected_batch_size"],
+        num_examples=settings["records_per_site"],
+    )
+    return (
+        f"the DP recipe of the privacy/utility table: {sites} sites of "
+        f"{settings['records_per_site']:,} records, {recipe['rounds']} rounds of {steps} "
+        f"Poisson-sampled steps of expected batch {recipe['expected_batch_size']}, "
+        f"{recipe['lr_schedule']} learning rate {recipe['learning_rate']:g}, LoRA rank "
+        f"{recipe['lora_rank']}; membership: {settings['held_out']} of the first site's "
+        "training records against as many of its records held out"
+    )
 
 
 def _p(value: float | None) -> str:
@@ -550,6 +579,8 @@ def compliance_table(utility: dict[str, Any] | None, attacks: dict[str, Any] | N
         "| membership inference AUC (0.5 = no signal) | "
         f"{cell(no_dp, 'membership_auc')} | {cell(dp, 'membership_auc')} |",
     ]
+    if attacks is not None:
+        lines += ["", f"The attacked federation: {_attack_training(attacks)}."]
     return lines
 
 

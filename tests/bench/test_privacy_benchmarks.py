@@ -120,12 +120,14 @@ def test_privacy_utility_smoke_writes_the_contract_and_resumes(tmp_path: Path) -
 
 
 @pytest.mark.slow
-def test_privacy_attacks_smoke_writes_no_dp_and_dp(tmp_path: Path) -> None:
+@pytest.mark.parametrize("budget", [[], ["--recipe"]], ids=["experiment", "recipe"])
+def test_privacy_attacks_smoke_writes_no_dp_and_dp(tmp_path: Path, budget: list[str]) -> None:
     out = tmp_path / "attacks.json"
 
-    benchmark_script("privacy_attacks").main(["--smoke", "--out", str(out)])
+    benchmark_script("privacy_attacks").main(["--smoke", "--out", str(out), *budget])
 
     result = json.loads(out.read_text())
+    assert ("recipe" in result) == bool(budget)
     assert {"p_value", "membership_auc"} <= set(result["no_dp"])
     assert {"p_value", "membership_auc", "epsilon"} <= set(result["dp"])
     assert 0 < result["dp"]["epsilon"] <= 8.0
@@ -203,6 +205,15 @@ def test_the_compliance_page_shows_measured_rows(tmp_path: Path) -> None:
         ]
     }
     attacks = {
+        "settings": {
+            "sites": 4,
+            "records_per_site": 2000,
+            "held_out": 500,
+            "canaries": 2,
+            "repeats": 16,
+            "candidates": 1000,
+        },
+        "recipe": DpRecipe().to_json(),
         "no_dp": {"p_value": 1e-6, "membership_auc": 0.81},
         "dp": {"p_value": 0.4, "membership_auc": 0.52, "epsilon": 7.99},
     }
@@ -214,6 +225,7 @@ def test_the_compliance_page_shows_measured_rows(tmp_path: Path) -> None:
     assert "| 3 | not measured yet | not measured yet |" in text
     assert "| 1e-06 | 0.4 |" in text and "| 0.810 | 0.520 |" in text
     assert "with record-level DP (epsilon 7.99)" in text
+    assert "4 sites of 2,000 records, 28 rounds of 4 Poisson-sampled steps of expected" in text
 
 
 def test_goals_are_read_only_when_the_non_private_federation_learned() -> None:

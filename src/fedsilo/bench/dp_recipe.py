@@ -8,10 +8,12 @@ accountant (each site calibrates one noise multiplier for all its planned rounds
 each averaged gradient is ``noise_multiplier * max_grad_norm / expected_batch_size``, so a
 large expected batch is what makes DP affordable.
 
-Two federations are built from it, both on the ICD-10 task with whole specialties per site:
+Three federations are built from it, all on the ICD-10 task with whole specialties per site:
 
 - :func:`utility_config`: the sites' records and the held-out gold set (headline part a,
   unseen codes of trained categories), for the privacy/utility table;
+- :func:`attack_config`: the same sites with canaries planted in the first and records of the
+  first site held out, for the canary and membership attacks on the trained model;
 - :func:`validation_config`: each site's own records split into training and validation, the
   validation records of all sites pooled as the run's evaluation set. Hyperparameters are
   chosen on it; the gold set is never looked at.
@@ -39,6 +41,7 @@ from fedsilo.model.tiny import write_tiny_llama
 from fedsilo.protocol.schedule import LrSchedule
 from fedsilo.server.progress import LogReporter
 from fedsilo.server.run_folder import RunFolder
+from fedsilo.simulation.canary_experiment import CanaryExperiment, write_attack_sites
 from fedsilo.simulation.engines import SimulationRequest, simulate
 from fedsilo.storage import write_text_atomic
 
@@ -259,6 +262,58 @@ def validation_config(
     return _config(federation, recipe, epsilon, files_task)
 
 
+def attack_config(
+    federation: Federation,
+    recipe: DpRecipe,
+    experiment: CanaryExperiment,
+    *,
+    epsilon: float | None,
+    held_out: int,
+    work: Path,
+) -> FedsiloConfig:
+    """The federation of :func:`utility_config` with the attacks' canaries and non-members.
+
+    Each site draws ``records_per_site + held_out`` records of its specialty and trains on
+    ``records_per_site`` of them; the first site's records also hold ``experiment``'s planted
+    canaries and its next ``held_out`` records are the membership attack's non-members
+    (:func:`fedsilo.simulation.canary_experiment.write_attack_sites`). Scored on the gold set.
+    """
+    task = build_icd10_task(
+        num_sites=federation.num_sites,
+        partition="by-chapter",
+        alpha=1.0,
+        examples_per_site=federation.records_per_site + held_out,
+        gold_size=federation.gold_size,
+        seed=federation.seed,
+        chapters=federation.chapters,
+    )
+    sites = write_attack_sites(
+        task, experiment, work, records_per_site=federation.records_per_site, held_out=held_out
+    )
+    files_task = {
+        "name": "files",
+        "sites": sites,
+        "gold_path": str(work / "gold.jsonl"),
+        "system_prompt": task.system_prompt,
+        "metric": "code",
+    }
+    return _config(federation, recipe, epsilon, files_task)
+
+
+# A recipe small enough to check a benchmark end to end in seconds (one short round).
+SMOKE_RECIPE = DpRecipe(
+    expected_batch_size=4,
+    local_epochs=0.5,
+    rounds=1,
+    learning_rate=1e-2,
+    lora_rank=8,
+    lr_schedule="constant",
+    warmup_rounds=0,
+    server_momentum=0.0,
+    eval_every_rounds=1,
+)
+
+
 def smoke_setup(work: Path) -> tuple[Federation, DpRecipe]:
     """A federation and recipe small enough to check a benchmark end to end in seconds.
 
@@ -266,18 +321,7 @@ def smoke_setup(work: Path) -> tuple[Federation, DpRecipe]:
     """
     model = write_tiny_llama(work / "tiny-llama", seed=0)
     federation = Federation(model=str(model), num_sites=2, records_per_site=12, gold_size=6)
-    recipe = DpRecipe(
-        expected_batch_size=4,
-        local_epochs=0.5,
-        rounds=1,
-        learning_rate=1e-2,
-        lora_rank=8,
-        lr_schedule="constant",
-        warmup_rounds=0,
-        server_momentum=0.0,
-        eval_every_rounds=1,
-    )
-    return federation, recipe
+    return federation, SMOKE_RECIPE
 
 
 def run_federation(config: FedsiloConfig, run_dir: Path, *, resume: bool) -> list[dict[str, Any]]:

@@ -26,7 +26,7 @@ import numpy as np
 
 from fedsilo.client.site import load_model_with_adapter
 from fedsilo.config import FedsiloConfig, parse_config
-from fedsilo.data.icd10 import build_icd10_task
+from fedsilo.data.icd10 import TaskData, build_icd10_task
 from fedsilo.data.records import ChatRecord, load_records
 from fedsilo.model.adapters import set_adapter_state
 from fedsilo.privacy.attacks import (
@@ -115,14 +115,58 @@ def _canaries(experiment: CanaryExperiment) -> tuple[list[Canary], list[Canary]]
     return canaries[: experiment.canaries], canaries[experiment.canaries :]
 
 
+def write_attack_sites(
+    task: TaskData,
+    experiment: CanaryExperiment,
+    work: Path,
+    *,
+    records_per_site: int,
+    held_out: int,
+) -> list[dict[str, str]]:
+    """Write each site's training file to ``work`` (canaries planted in the first); their entries.
+
+    Each site's records are shuffled and the first ``records_per_site`` are its training data;
+    the next ``held_out`` of the first site are the membership attack's non-members
+    (``held-out.jsonl``). The task lists a site's records in code order (a site of two
+    specialties holds one chapter, then the other), so without the shuffle the halves would be
+    different chapters and the attack would measure a change of topic, not membership;
+    shuffled, members and non-members are draws from the same records.
+
+    Raises:
+        ValueError: the first site holds fewer than ``records_per_site + held_out`` records.
+    """
+    planted, _never = _canaries(experiment)
+    rng = np.random.default_rng(experiment.seed + 1)
+    work.mkdir(parents=True, exist_ok=True)
+    sites = []
+    for index, site in enumerate(task.sites):
+        drawn: list[ChatRecord] = [r for r in site.records if isinstance(r, ChatRecord)]
+        drawn = [drawn[i] for i in rng.permutation(len(drawn))]
+        records = drawn[:records_per_site]
+        if index == 0:
+            non_members = drawn[records_per_site : records_per_site + held_out]
+            if len(non_members) < held_out:
+                raise ValueError(
+                    f"site {site.name}: {len(drawn)} records, fewer than {records_per_site} "
+                    f"to train on and {held_out} held out for the membership attack"
+                )
+            _write_jsonl(work / "held-out.jsonl", non_members)
+            records = [
+                r
+                for r in plant(records, planted, repeats=experiment.repeats, rng=rng)
+                if isinstance(r, ChatRecord)
+            ]
+        path = _write_jsonl(work / f"{site.name}.jsonl", records)
+        sites.append({"name": site.name, "path": str(path)})
+    _write_jsonl(work / "gold.jsonl", [r for r in task.gold if isinstance(r, ChatRecord)])
+    return sites
+
+
 def prepare(experiment: CanaryExperiment, work: Path, privacy: dict[str, Any]) -> FedsiloConfig:
     """Write the sites' files (canaries planted in the first), held-out records, gold; the config.
 
-    Each site draws twice its share of records, shuffles them and trains on the first half; the
-    first site's second half is the membership attack's non-members. The task lists a site's
-    records in code order (a site of two specialties holds one chapter, then the other), so
-    without the shuffle the halves would be different chapters and the attack would measure a
-    change of topic, not membership; shuffled, both halves are draws from the same records.
+    Each site draws twice its share of records and trains on half of them; the first site's
+    other half are the membership attack's non-members (:func:`write_attack_sites`).
     """
     size = experiment.examples_per_site
     task = build_icd10_task(
@@ -133,24 +177,7 @@ def prepare(experiment: CanaryExperiment, work: Path, privacy: dict[str, Any]) -
         gold_size=experiment.examples_per_site,
         seed=experiment.seed,
     )
-    planted, _never = _canaries(experiment)
-    rng = np.random.default_rng(experiment.seed + 1)
-    work.mkdir(parents=True, exist_ok=True)
-    sites = []
-    for index, site in enumerate(task.sites):
-        drawn: list[ChatRecord] = [r for r in site.records if isinstance(r, ChatRecord)]
-        drawn = [drawn[i] for i in rng.permutation(len(drawn))]
-        records = drawn[:size]
-        if index == 0:
-            _write_jsonl(work / "held-out.jsonl", drawn[size:])
-            records = [
-                r
-                for r in plant(records, planted, repeats=experiment.repeats, rng=rng)
-                if isinstance(r, ChatRecord)
-            ]
-        path = _write_jsonl(work / f"{site.name}.jsonl", records)
-        sites.append({"name": site.name, "path": str(path)})
-    _write_jsonl(work / "gold.jsonl", [r for r in task.gold if isinstance(r, ChatRecord)])
+    sites = write_attack_sites(task, experiment, work, records_per_site=size, held_out=size)
     return parse_config(
         {
             "run": {
