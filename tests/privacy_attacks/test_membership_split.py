@@ -67,6 +67,4 @@ def test_the_recipe_attack_refuses_a_first_site_too_small_to_hold_records_out(
     experiment = CanaryExperiment(base_model=str(tiny_model_dir))
 
     with pytest.raises(ValueError, match=r"ophthalmology: .* 500 held out"):
-        attack_config(
-            federation, DpRecipe(), experiment, epsilon=None, held_out=500, work=tmp_path
-        )
+        attack_config(federation, DpRecipe(), experiment, epsilon=None, held_out=500, work=tmp_path)
