@@ -206,6 +206,25 @@ def utility_config(
     return _config(federation, recipe, epsilon, task)
 
 
+def _files_config(
+    federation: Federation,
+    recipe: DpRecipe,
+    epsilon: float | None,
+    sites: list[dict[str, str]],
+    gold: Path,
+    system_prompt: str | None,
+) -> FedsiloConfig:
+    """The recipe's federation on site files written to disk, scored on ``gold``."""
+    task = {
+        "name": "files",
+        "sites": sites,
+        "gold_path": str(gold),
+        "system_prompt": system_prompt,
+        "metric": "code",
+    }
+    return _config(federation, recipe, epsilon, task)
+
+
 def _write_jsonl(path: Path, records: list[ChatRecord]) -> Path:
     lines = [json.dumps({"prompt": r.prompt, "response": r.response}) for r in records]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -252,14 +271,8 @@ def validation_config(
         validation += records[-held:]
         path = _write_jsonl(work / f"{site.name}.jsonl", records[:-held])
         sites.append({"name": site.name, "path": str(path)})
-    files_task = {
-        "name": "files",
-        "sites": sites,
-        "gold_path": str(_write_jsonl(work / "validation.jsonl", validation)),
-        "system_prompt": task.system_prompt,
-        "metric": "code",
-    }
-    return _config(federation, recipe, epsilon, files_task)
+    gold = _write_jsonl(work / "validation.jsonl", validation)
+    return _files_config(federation, recipe, epsilon, sites, gold, task.system_prompt)
 
 
 def attack_config(
@@ -290,14 +303,9 @@ def attack_config(
     sites = write_attack_sites(
         task, experiment, work, records_per_site=federation.records_per_site, held_out=held_out
     )
-    files_task = {
-        "name": "files",
-        "sites": sites,
-        "gold_path": str(work / "gold.jsonl"),
-        "system_prompt": task.system_prompt,
-        "metric": "code",
-    }
-    return _config(federation, recipe, epsilon, files_task)
+    return _files_config(
+        federation, recipe, epsilon, sites, work / "gold.jsonl", task.system_prompt
+    )
 
 
 # A recipe small enough to check a benchmark end to end in seconds (one short round).
