@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fedsilo.privacy.accounting import compute_epsilon
+from fedsilo.privacy.accounting import AccountantName, compute_epsilon
 from fedsilo.privacy.calibration import calibrate_noise_multiplier
 from fedsilo.privacy.events import SampledSitesGaussianEvent
 
@@ -15,20 +15,33 @@ DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
 @pytest.mark.parametrize(
-    ("records", "batch", "steps", "epsilon", "noise", "quoted"),
+    ("records", "batch", "steps", "epsilon", "accountant", "noise", "quoted"),
     [
-        (2000, 32, 112, 8.0, 0.555, "z = 0.555, noise 0.017 · C"),
-        (2000, 128, 28, 8.0, 0.672, "z = 0.672, noise 0.005 · C"),
-        (2000, 32, 112, 3.0, 0.80, "at epsilon 3: z = 0.80 and"),
-        (2000, 128, 28, 3.0, 1.05, "z = 0.80 and 1.05"),
-        (20000, 32, 112, 8.0, 0.40, "still 0.40 with 20,000"),
+        (2000, 32, 112, 8.0, "rdp", 0.555, "z = 0.555, noise 0.017 · C"),
+        (2000, 128, 28, 8.0, "rdp", 0.672, "z = 0.672, noise 0.005 · C"),
+        (2000, 32, 112, 3.0, "rdp", 0.80, "at epsilon 3: z = 0.80 and"),
+        (2000, 128, 28, 3.0, "rdp", 1.05, "z = 0.80 and 1.05"),
+        (20000, 32, 112, 8.0, "rdp", 0.40, "still 0.40 with 20,000"),
+        (2000, 32, 112, 8.0, "pld", 0.523, "to z = 0.523 at"),
+        (2000, 32, 112, 3.0, "pld", 0.734, "(z = 0.734 against 0.797 at"),
+        (2000, 32, 112, 3.0, "rdp", 0.797, "against 0.797 at"),
     ],
 )
 def test_record_level_noise_in_the_recipe_section(
-    records: int, batch: int, steps: int, epsilon: float, noise: float, quoted: str
+    records: int,
+    batch: int,
+    steps: int,
+    epsilon: float,
+    accountant: AccountantName,
+    noise: float,
+    quoted: str,
 ) -> None:
     z = calibrate_noise_multiplier(
-        target_epsilon=epsilon, delta=1e-5, sampling_rate=batch / records, steps=steps
+        target_epsilon=epsilon,
+        delta=1e-5,
+        sampling_rate=batch / records,
+        steps=steps,
+        accountant=accountant,
     )
 
     assert z == pytest.approx(noise, abs=0.01)
