@@ -42,13 +42,13 @@ def attack_section(results: dict[str, dict[str, Any]]) -> list[str]:
             f"{settings['candidates']} candidates (maximum exposure {max_exposure:.2f} bits).",
             "",
             "| training | epsilon per site | planted exposure (bits) | p-value | "
-            "never-planted exposure | p-value | membership AUC |",
-            "|---|---|---|---:|---|---:|---:|",
+            "never-planted exposure | p-value | membership AUC | gold loss, category accuracy |",
+            "|---|---|---|---:|---|---:|---:|---|",
         ]
         for setting, label in (("no_dp", "no DP"), ("record_dp", "record-level DP-SGD")):
             row = measured.get(setting)
             if row is None:
-                lines.append(f"| {label} | not measured yet | | | | | |")
+                lines.append(f"| {label} | not measured yet | | | | | | |")
                 continue
             epsilon = row["epsilon"]
             eps_text = (
@@ -59,7 +59,7 @@ def attack_section(results: dict[str, dict[str, Any]]) -> list[str]:
             lines.append(
                 f"| {label} | {eps_text} | {planted} | {_p(row.get('planted_p_value'))} | "
                 f"{never} | {_p(row.get('never_inserted_p_value'))} | "
-                f"{row['membership_auc']:.3f}{_auc_interval(row)} |"
+                f"{row['membership_auc']:.3f}{_auc_interval(row)} | {_attacked_model(row)} |"
             )
         lines += [
             "",
@@ -68,6 +68,17 @@ def attack_section(results: dict[str, dict[str, Any]]) -> list[str]:
             "",
         ]
     return lines
+
+
+def _attacked_model(row: dict[str, Any]) -> str:
+    """The attacked model's gold loss and, where recorded, category accuracy on gold."""
+    text = f"{row['gold_loss']:.3f}"
+    accuracy = row.get("gold_category_accuracy")
+    if accuracy is None:
+        return text
+    interval = row.get("gold_category_accuracy_ci95")
+    text += f", {accuracy:.1%}"
+    return text + (f" [{interval[0]:.1%}, {interval[1]:.1%}]" if interval else "")
 
 
 def _attack_training(result: dict[str, Any]) -> str:

@@ -77,6 +77,9 @@ class AttackOutcome:
     epsilon: dict[str, float] | None
     delta: float | None
     gold_loss: float
+    # What the attacked model can do: category accuracy on the gold set and its interval.
+    gold_category_accuracy: float | None
+    gold_category_accuracy_ci95: list[float] | None
     seconds: float
 
     def to_json(self) -> dict[str, Any]:
@@ -94,6 +97,8 @@ class AttackOutcome:
             "epsilon": self.epsilon,
             "delta": self.delta,
             "gold_loss": self.gold_loss,
+            "gold_category_accuracy": self.gold_category_accuracy,
+            "gold_category_accuracy_ci95": self.gold_category_accuracy_ci95,
             "seconds": self.seconds,
         }
 
@@ -259,6 +264,8 @@ def attack(config: FedsiloConfig, run_dir: Path, experiment: CanaryExperiment) -
         epsilon=final.get("epsilon"),
         delta=final.get("delta"),
         gold_loss=float(final["gold_loss"]),
+        gold_category_accuracy=final.get("gold_category_accuracy"),
+        gold_category_accuracy_ci95=final.get("gold_category_accuracy_ci95"),
         seconds=time.perf_counter() - started,
     )
 
