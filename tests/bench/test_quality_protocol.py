@@ -174,6 +174,19 @@ def test_t_quantiles_match_the_t_distribution() -> None:
     assert t_interval([0.2, 0.2, 0.2]) == [pytest.approx(0.2), pytest.approx(0.2)]
 
 
+def test_an_accuracy_interval_is_cut_to_the_range_an_accuracy_can_take() -> None:
+    # Worst local sites of three seeds: the t-interval's lower end falls below zero.
+    unbounded = t_interval([0.075, 0.005, 0.045])
+    assert unbounded is not None and unbounded[0] < 0.0 < unbounded[1] < 1.0
+
+    cut = t_interval([0.075, 0.005, 0.045], bounds=(0.0, 1.0))
+    assert cut == [0.0, pytest.approx(unbounded[1])]
+    assert t_interval([0.99, 0.95, 1.0], bounds=(0.0, 1.0)) == [
+        pytest.approx(0.9143, abs=1e-4),
+        1.0,
+    ]
+
+
 def test_summary_file_keeps_other_tasks_and_leaves_out_other_budgets(tmp_path: Path) -> None:
     paths = []
     for seed, central in ((0, 0.5), (1, 0.7)):

@@ -20,8 +20,8 @@ from fedsilo.bench.settings import headline_metric
 from fedsilo.storage import write_text_atomic
 
 INTERVAL = (
-    "95% Student t-interval over the seeds' values: mean +- t(0.975, n-1) * sd / sqrt(n) "
-    "(null with one seed)"
+    "95% Student t-interval over the seeds' values: mean +- t(0.975, n-1) * sd / sqrt(n), "
+    "cut to the range [0, 1] an accuracy can take (null with one seed)"
 )
 
 
@@ -40,14 +40,18 @@ def t_quantile_975(df: int) -> float:
     return _T975[min(df, len(_T975)) - 1]
 
 
-def t_interval(values: Sequence[float]) -> list[float] | None:
-    """The 95% t-interval of the mean of ``values`` (None for fewer than two values)."""
+def t_interval(
+    values: Sequence[float], *, bounds: tuple[float, float] = (-math.inf, math.inf)
+) -> list[float] | None:
+    """The 95% t-interval of the mean of ``values`` (None for fewer than two values), cut to
+    ``bounds``, the range the values can take (an accuracy's interval never goes below 0)."""
     if len(values) < 2:
         return None
     mean = sum(values) / len(values)
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
     half = t_quantile_975(len(values) - 1) * sd / math.sqrt(len(values))
-    return [mean - half, mean + half]
+    low, high = bounds
+    return [max(low, mean - half), min(high, mean + half)]
 
 
 def _final(result: Mapping[str, Any], key: str) -> dict[str, float]:
@@ -83,7 +87,7 @@ def summarize_seeds(per_seed: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]
             "seeds": seeds,
             "values": series,
             "mean": sum(series) / len(series),
-            "ci95": t_interval(series),
+            "ci95": t_interval(series, bounds=(0.0, 1.0)),
             "ratio_to_centralized": ratio,
         }
         if name in curves:
