@@ -7,11 +7,14 @@
     python benchmarks/privacy_attacks.py --model smollm2-135m-instruct --recipe --resume \
         --settings no_dp   # and record_dp in a second process: the real budget, ~90 min each
 
-With ``--recipe`` the federation is the privacy/utility table's (``fedsilo.bench.dp_recipe``: 4
-specialty hospitals of 2,000 records, the DP recipe's Poisson batches, rounds and schedule), so
-the attacks run at the budget whose accuracy that table reports; run folders are kept under
-``--runs`` and ``--resume`` continues an interrupted one. Without it, the smaller experiment of
-``CanaryExperiment`` (fixed batches, a few long rounds) trains.
+With ``--recipe`` the federation trains the privacy/utility table's recipe
+(``fedsilo.bench.dp_recipe``: 4 specialty hospitals of 2,000 records, its batches, rounds and
+schedule, the same gold codes; each site's records are its own random draw of its specialty),
+so the attacks run at the budget whose accuracy that table reports. Run folders are kept under
+``--runs``, in a folder named by the measured settings, and ``--resume`` continues an
+interrupted one (its ``seconds`` then count this process's part only). Without ``--recipe``,
+the smaller experiment of ``CanaryExperiment`` (fixed batches, a few long rounds) trains.
+Options of the other budget are refused.
 
 Secret canaries (random MRNs in a clinical-note template) are planted several times in one
 site's records; the federation trains with and without record-level DP-SGD (the same task,
@@ -28,6 +31,7 @@ of each group is the chance that secrets the model never saw reach that total ex
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -119,10 +123,7 @@ def _header(args: argparse.Namespace, recipe: DpRecipe | None) -> dict[str, Any]
     # Where the runs are kept and whether they resume do not change what is measured; with
     # the recipe, its own rounds, batches and rate replace the smaller experiment's.
     unmeasured = {"out", "settings", "runs", "resume", "recipe"}
-    if recipe is not None:
-        unmeasured |= {"rounds", "steps", "batch_size", "learning_rate", "examples"}
-    else:
-        unmeasured |= {"records_per_site", "held_out"}
+    unmeasured |= set(_EXPERIMENT_ONLY) if recipe is not None else set(_RECIPE_ONLY)
     header: dict[str, Any] = {
         "benchmark": "privacy-attacks",
         "model": args.model,
@@ -131,6 +132,29 @@ def _header(args: argparse.Namespace, recipe: DpRecipe | None) -> dict[str, Any]
     if recipe is not None:
         header["recipe"] = recipe.to_json()
     return header
+
+
+def _digest(header: dict[str, Any]) -> str:
+    """A short name for a header: the first 12 hex digits of its canonical JSON's SHA-256."""
+    canonical = json.dumps(header, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+# Options of one budget only; given with the other, they would be silently ignored.
+_EXPERIMENT_ONLY = ("rounds", "steps", "batch_size", "learning_rate", "examples")
+_RECIPE_ONLY = ("records_per_site", "held_out", "runs", "resume")
+
+
+def _refuse_options_that_do_not_apply(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> None:
+    """Exit naming the options set that the chosen budget (``--recipe`` or not) ignores."""
+    ignored = _EXPERIMENT_ONLY if args.recipe else _RECIPE_ONLY
+    changed = [name for name in ignored if getattr(args, name) != parser.get_default(name)]
+    if changed:
+        flags = ", ".join("--" + name.replace("_", "-") for name in changed)
+        budget = "with --recipe" if args.recipe else "without --recipe"
+        parser.error(f"{flags}: not used {budget}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -179,6 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    _refuse_options_that_do_not_apply(parser, args)
     if args.smoke:
         args.model, args.sites, args.rounds, args.steps = "tiny", 2, 1, 2
         args.examples, args.canaries, args.repeats, args.candidates = 8, 1, 2, 20
@@ -197,9 +222,8 @@ def main(argv: list[str] | None = None) -> None:
         # model, and each scoring of the gold set costs minutes of the run.
         recipe = replace(recipe, eval_every_rounds=recipe.rounds)
     default = RESULTS / f"privacy-attacks-{_results_name(args.model)}.json"
-    out = args.out or (
-        Path(tempfile.gettempdir()) / "privacy-attacks-smoke.json" if args.smoke else default
-    )
+    smoke_name = "privacy-attacks-smoke" + ("-recipe" if args.recipe else "") + ".json"
+    out = args.out or (Path(tempfile.gettempdir()) / smoke_name if args.smoke else default)
     header = _header(args, recipe)
     # Refuse a results file of other settings now, not after hours of training.
     stored_results(out, header)
@@ -207,7 +231,12 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        base = str(write_tiny_llama(work / "tiny")) if args.model == "tiny" else args.model
+        # Run folders are named by what is measured: a run of other settings never resumes
+        # another's checkpoints on its own (rewritten) data files.
+        runs = work / "runs" if args.smoke else args.runs / _digest(header)
+        # With --recipe the tiny model is kept beside the runs, so that a run can resume.
+        tiny_home = runs if args.recipe else work
+        base = str(write_tiny_llama(tiny_home / "tiny")) if args.model == "tiny" else args.model
         experiment = CanaryExperiment(
             base_model=base,
             num_sites=args.sites,
@@ -223,7 +252,6 @@ def main(argv: list[str] | None = None) -> None:
         federation = Federation(
             model=base, num_sites=args.sites, records_per_site=args.records_per_site
         )
-        runs = work / "runs" if args.smoke else args.runs
         for name in SETTINGS:
             if name not in chosen:
                 continue

@@ -99,7 +99,8 @@ def _attack_training(result: dict[str, Any]) -> str:
     return (
         f"the DP recipe of the privacy/utility table: {sites} sites of "
         f"{settings['records_per_site']:,} records, {recipe['rounds']} rounds of {steps} "
-        f"Poisson-sampled steps of expected batch {recipe['expected_batch_size']}, "
+        f"steps of batch {recipe['expected_batch_size']} (Poisson-sampled, of that expected "
+        "size, under DP), "
         f"{recipe['lr_schedule']} learning rate {recipe['learning_rate']:g}, LoRA rank "
         f"{recipe['lora_rank']}; membership: {settings['held_out']} of the first site's "
         "training records against as many of its records held out"

@@ -134,6 +134,85 @@ def test_privacy_attacks_smoke_writes_no_dp_and_dp(tmp_path: Path, budget: list[
     assert 0.0 <= result["no_dp"]["membership_auc"] <= 1.0
 
 
+def test_privacy_attacks_refuses_a_results_file_of_other_settings_before_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    script = benchmark_script("privacy_attacks")
+    out = tmp_path / "attacks.json"
+    out.write_text(json.dumps({"benchmark": "privacy-attacks", "model": "tiny", "settings": {}}))
+
+    def must_not_train(*args: object, **kwargs: object) -> None:
+        raise AssertionError("trained before the results file was checked")
+
+    monkeypatch.setattr(script, "_recipe_outcome", must_not_train)
+    with pytest.raises(ResultsFileConflictError, match="other settings"):
+        script.main(["--smoke", "--recipe", "--out", str(out)])
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["--recipe", "--rounds", "5"], "--rounds: not used with --recipe"),
+        (["--held-out", "100", "--resume"], "--held-out, --resume: not used without --recipe"),
+    ],
+)
+def test_privacy_attacks_refuses_options_of_the_other_budget(
+    argv: list[str], named: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        benchmark_script("privacy_attacks").main(argv)
+
+    assert named in capsys.readouterr().err
+
+
+def test_recipe_attack_runs_are_kept_apart_by_what_they_measure() -> None:
+    script = benchmark_script("privacy_attacks")
+    header = {"benchmark": "privacy-attacks", "settings": {"held_out": 500}}
+
+    assert script._digest(header) == script._digest(dict(reversed(header.items())))
+    assert script._digest(header) != script._digest({**header, "settings": {"held_out": 400}})
+
+
+def test_the_attack_table_says_which_federation_was_attacked_and_what_is_missing() -> None:
+    report = benchmark_script("report_privacy")
+    row = {
+        "epsilon": {"site-a": 7.99},
+        "planted_exposure": [1.2],
+        "never_inserted_exposure": [0.8],
+        "planted_p_value": 0.4,
+        "never_inserted_p_value": 0.6,
+        "max_exposure": 9.97,
+        "membership_auc": 0.51,
+        "membership_auc_ci95": [0.47, 0.55],
+        "membership_records": 500,
+        "gold_loss": 1.75,
+        "gold_category_accuracy": 0.015,
+        "gold_category_accuracy_ci95": [0.0, 0.035],
+    }
+    result = {
+        "settings": {
+            "model": "smollm2-135m-instruct",
+            "sites": 4,
+            "records_per_site": 2000,
+            "held_out": 500,
+            "canaries": 2,
+            "repeats": 16,
+            "candidates": 1000,
+        },
+        "recipe": DpRecipe().to_json(),
+        "results": {"record_dp": row},
+        "measured_at": "2026-12-05T16:00:00Z",
+        "machine": {"cpus": 2},
+    }
+
+    text = "\n".join(report.attack_section({"privacy-attacks-smollm2.json": result}))
+
+    assert "4 sites of 2,000 records, 28 rounds of 4 steps of batch 32" in text
+    assert "| no DP | not measured yet |" in text
+    assert "| 0.510 [0.470, 0.550] on 500 + 500 records | 1.750, 1.5% [0.0%, 3.5%] |" in text
+    assert "source: `benchmarks/results/privacy-attacks-smollm2.json`" in text
+
+
 @pytest.mark.slow
 def test_dp_sweep_smoke_picks_the_lowest_validation_loss_for_the_utility_run(
     tmp_path: Path,
@@ -225,7 +304,7 @@ def test_the_compliance_page_shows_measured_rows(tmp_path: Path) -> None:
     assert "| 3 | not measured yet | not measured yet |" in text
     assert "| 1e-06 | 0.4 |" in text and "| 0.810 | 0.520 |" in text
     assert "with record-level DP (epsilon 7.99)" in text
-    assert "4 sites of 2,000 records, 28 rounds of 4 Poisson-sampled steps of expected" in text
+    assert "4 sites of 2,000 records, 28 rounds of 4 steps of batch 32 (Poisson-sampled" in text
 
 
 def test_goals_are_read_only_when_the_non_private_federation_learned() -> None:

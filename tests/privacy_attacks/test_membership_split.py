@@ -68,3 +68,13 @@ def test_the_recipe_attack_refuses_a_first_site_too_small_to_hold_records_out(
 
     with pytest.raises(ValueError, match=r"ophthalmology: .* 500 held out"):
         attack_config(federation, DpRecipe(), experiment, epsilon=None, held_out=500, work=tmp_path)
+
+
+def test_the_recipe_attack_refuses_more_non_members_than_members(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    federation = Federation(model=str(tiny_model_dir), num_sites=2, records_per_site=40)
+    experiment = CanaryExperiment(base_model=str(tiny_model_dir))
+
+    with pytest.raises(ValueError, match=r"held_out must be between 1 and records_per_site \(40\)"):
+        attack_config(federation, DpRecipe(), experiment, epsilon=None, held_out=41, work=tmp_path)

@@ -284,13 +284,26 @@ def attack_config(
     held_out: int,
     work: Path,
 ) -> FedsiloConfig:
-    """The federation of :func:`utility_config` with the attacks' canaries and non-members.
+    """The sites, recipe and gold codes of :func:`utility_config`, with the attacks' canaries
+    and non-members.
 
-    Each site draws ``records_per_site + held_out`` records of its specialty and trains on
-    ``records_per_site`` of them; the first site's records also hold ``experiment``'s planted
-    canaries and its next ``held_out`` records are the membership attack's non-members
-    (:func:`fedsilo.simulation.canary_experiment.write_attack_sites`). Scored on the gold set.
+    Each site draws ``records_per_site + held_out`` records of its specialty and trains on a
+    random ``records_per_site`` of them (so not the same records as :func:`utility_config`);
+    the first site's records also hold ``experiment``'s planted canaries and its next
+    ``held_out`` records are the membership attack's non-members
+    (:func:`fedsilo.simulation.canary_experiment.write_attack_sites`). Scored on the gold set,
+    whose trained categories are judged on the larger draw: a gold code may rarely have a
+    category whose drawn codes all fell outside the trained records.
+
+    Raises:
+        ValueError: ``held_out`` exceeds ``records_per_site`` (the attack compares as many
+            members as non-members).
     """
+    if not 0 < held_out <= federation.records_per_site:
+        raise ValueError(
+            f"held_out must be between 1 and records_per_site ({federation.records_per_site}), "
+            f"got {held_out}"
+        )
     task = build_icd10_task(
         num_sites=federation.num_sites,
         partition="by-chapter",

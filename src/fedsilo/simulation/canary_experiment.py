@@ -197,6 +197,7 @@ def prepare(experiment: CanaryExperiment, work: Path, privacy: dict[str, Any]) -
                 "sites": sites,
                 "gold_path": str(work / "gold.jsonl"),
                 "system_prompt": task.system_prompt,
+                "metric": "code",
             },
             "train": {
                 "local_steps": experiment.local_steps,
