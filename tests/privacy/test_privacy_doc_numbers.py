@@ -39,7 +39,7 @@ def _calibrated(records: int, batch: int, steps: int, epsilon: float, accountant
         (2000, 32, 112, 3.0, "rdp", "0.797", "against 0.797 at"),
     ],
 )
-def test_record_level_noise_in_the_recipe_section(
+def test_noise_multipliers_quoted_in_the_recipe_section(
     records: int,
     batch: int,
     steps: int,
@@ -56,6 +56,24 @@ def test_record_level_noise_in_the_recipe_section(
     assert quoted in (DOCS / "privacy.md").read_text()
     if "noise" in quoted:  # the noise on each averaged gradient, z * C / batch, as quoted
         assert f"noise {z / batch:.3f} · C" in quoted
+
+
+@pytest.mark.parametrize(
+    ("records", "batch", "steps", "noise", "quoted"),
+    [
+        (2000, 128, 112, "0.0065", "noise 0.0065 · C at batch 128 over 112"),
+        (2000, 1000, 56, "0.0026", "0.0026 · C at batch 1,000 over 56 steps (28 epochs)"),
+        (20000, 1000, 200, "0.0008", "reaches 0.0008 · C in 10 epochs at batch 1,000"),
+        (20000, 2000, 100, "0.0005", "and 0.0005 · C at batch 2,000"),
+    ],
+)
+def test_noise_per_step_quoted_against_site_size_and_compute(
+    records: int, batch: int, steps: int, noise: str, quoted: str
+) -> None:
+    z = _calibrated(records, batch, steps, 8.0, "rdp")
+
+    assert f"{z / batch:.4f}" == noise
+    assert quoted in (DOCS / "privacy.md").read_text()
 
 
 def test_the_pld_accountant_saving_quoted_in_the_recipe_section() -> None:
