@@ -107,6 +107,10 @@ def _recipe_outcome(
 
 SETTINGS = ("no_dp", "record_dp")
 
+# Options of one budget only; given with the other, they would be silently ignored.
+_EXPERIMENT_ONLY = ("rounds", "steps", "batch_size", "learning_rate", "examples")
+_RECIPE_ONLY = ("records_per_site", "held_out", "runs", "resume")
+
 
 def _privacy(target_epsilon: float) -> dict[str, Any]:
     """The ``[privacy]`` section of the record-level DP setting without ``--recipe``."""
@@ -138,11 +142,6 @@ def _digest(header: dict[str, Any]) -> str:
     """A short name for a header: the first 12 hex digits of its canonical JSON's SHA-256."""
     canonical = json.dumps(header, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:12]
-
-
-# Options of one budget only; given with the other, they would be silently ignored.
-_EXPERIMENT_ONLY = ("rounds", "steps", "batch_size", "learning_rate", "examples")
-_RECIPE_ONLY = ("records_per_site", "held_out", "runs", "resume")
 
 
 def _refuse_options_that_do_not_apply(

@@ -90,12 +90,7 @@ def _attack_training(result: dict[str, Any]) -> str:
             f"{sites} sites of {settings['examples']} records, {settings['rounds']} rounds of "
             f"{settings['steps']} local steps of {settings['batch_size']}"
         )
-    steps = local_steps_for(
-        local_steps=0,
-        local_epochs=recipe["local_epochs"],
-        batch_size=recipe["expected_batch_size"],
-        num_examples=settings["records_per_site"],
-    )
+    steps = _steps_per_round(recipe, settings["records_per_site"])
     return (
         f"the DP recipe of the privacy/utility table: {sites} sites of "
         f"{settings['records_per_site']:,} records, {recipe['rounds']} rounds of {steps} "
@@ -104,6 +99,16 @@ def _attack_training(result: dict[str, Any]) -> str:
         f"{recipe['lr_schedule']} learning rate {recipe['learning_rate']:g}, LoRA rank "
         f"{recipe['lora_rank']}; membership: {settings['held_out']} of the first site's "
         "training records against as many of its records held out"
+    )
+
+
+def _steps_per_round(recipe: dict[str, Any], records: int, *, batch: int | None = None) -> int:
+    """A site's steps per round under ``recipe`` (its expected batch unless ``batch`` is given)."""
+    return local_steps_for(
+        local_steps=0,
+        local_epochs=recipe["local_epochs"],
+        batch_size=recipe["expected_batch_size"] if batch is None else batch,
+        num_examples=records,
     )
 
 
@@ -231,12 +236,7 @@ def sweep_section(sweeps: dict[str, dict[str, Any]]) -> list[str]:
         for point in sorted(
             result["points"], key=lambda p: (p["expected_batch_size"], p["learning_rate"])
         ):
-            steps = local_steps_for(
-                local_steps=0,
-                local_epochs=recipe["local_epochs"],
-                batch_size=point["expected_batch_size"],
-                num_examples=trained,
-            )
+            steps = _steps_per_round(recipe, trained, batch=point["expected_batch_size"])
             scored = point.get("scored_rounds") or range(len(point["validation_loss_per_round"]))
             losses = ", ".join(
                 f"{round_}: {loss:.3f}"
@@ -276,12 +276,7 @@ def latest_per_setting(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 def _recipe_text(recipe: dict[str, Any], records_per_site: int) -> str:
     """One sentence stating what a row's sites trained with."""
-    steps = local_steps_for(
-        local_steps=0,
-        local_epochs=recipe["local_epochs"],
-        batch_size=recipe["expected_batch_size"],
-        num_examples=records_per_site,
-    )
+    steps = _steps_per_round(recipe, records_per_site)
     schedule = (
         f"{recipe['lr_schedule']} learning rate {recipe['learning_rate']:g}"
         + (f" after {recipe['warmup_rounds']} warmup rounds" if recipe.get("warmup_rounds") else "")

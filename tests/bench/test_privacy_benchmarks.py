@@ -20,6 +20,16 @@ from fedsilo.data.records import ChatRecord, load_records
 
 from . import benchmark_script
 
+# The settings of a recipe attack run as privacy_attacks.py --recipe records them.
+RECIPE_ATTACK_SETTINGS = {
+    "sites": 4,
+    "records_per_site": 2000,
+    "held_out": 500,
+    "canaries": 2,
+    "repeats": 16,
+    "candidates": 1000,
+}
+
 
 def _pairs(path: Path) -> set[tuple[str, str]]:
     return {(r.prompt, r.response) for r in load_records(path) if isinstance(r, ChatRecord)}
@@ -190,15 +200,7 @@ def test_the_attack_table_says_which_federation_was_attacked_and_what_is_missing
         "gold_category_accuracy_ci95": [0.0, 0.035],
     }
     result = {
-        "settings": {
-            "model": "smollm2-135m-instruct",
-            "sites": 4,
-            "records_per_site": 2000,
-            "held_out": 500,
-            "canaries": 2,
-            "repeats": 16,
-            "candidates": 1000,
-        },
+        "settings": {"model": "smollm2-135m-instruct", **RECIPE_ATTACK_SETTINGS},
         "recipe": DpRecipe().to_json(),
         "results": {"record_dp": row},
         "measured_at": "2026-12-05T16:00:00Z",
@@ -284,14 +286,7 @@ def test_the_compliance_page_shows_measured_rows(tmp_path: Path) -> None:
         ]
     }
     attacks = {
-        "settings": {
-            "sites": 4,
-            "records_per_site": 2000,
-            "held_out": 500,
-            "canaries": 2,
-            "repeats": 16,
-            "candidates": 1000,
-        },
+        "settings": RECIPE_ATTACK_SETTINGS,
         "recipe": DpRecipe().to_json(),
         "no_dp": {"p_value": 1e-6, "membership_auc": 0.81},
         "dp": {"p_value": 0.4, "membership_auc": 0.52, "epsilon": 7.99},
