@@ -224,7 +224,7 @@ def test_a_coordinator_telling_every_site_a_site_dropped_learns_only_the_others_
         masked={n: state.masked[n] for n in others},
         replies=state.unmasking,
         dropped={TARGET},
-    )
+    ).total
     np.testing.assert_array_equal(others_sum, h.expected_sum(others))
     # Asking again, now for the target's seed, is refused by every site.
     context = h.grid.contexts[h.node("site-0")]

@@ -8,7 +8,8 @@
     check_consistency     each site of U3 signs the set U3 once (Bonawitz's check)     (U4)
     unmask                U4 get the signatures; each that verifies threshold of them on
                           the set it signed sends self-seed shares of U3 and mask-key
-                          shares of U2 minus U3; the server rebuilds them, removes the masks
+                          shares of U2 minus U3; the server rebuilds them (wrong shares
+                          are found and their holders rejected), removes the masks
 
 Any stage that leaves fewer than ``threshold`` sites halts the attempt (:class:`StageHaltedError`):
 the round is retried from the same global adapter with fresh keys, as a plain round is. The
@@ -440,7 +441,7 @@ def unmask(ctx: SecAggRound, state: SecAggState) -> None:
             reject(ctx.plan, ctx.replies, ctx.round_number, site, reason)
     require_sites(ctx, state, "unmask", list(state.unmasking))
     try:
-        state.total = recover_sum(
+        recovery = recover_sum(
             session=state.session,
             threshold=state.params.threshold,
             adverts=state.keys,
@@ -450,6 +451,14 @@ def unmask(ctx: SecAggRound, state: SecAggState) -> None:
         )
     except RecoveryError as error:
         raise StageHaltedError(f"secure aggregation could not unmask the sum: {error}") from None
+    for holder, owners in sorted(recovery.wrong_shares.items()):
+        reason = (
+            f"{UNMASK_STAGE}: its shares of the secrets of {', '.join(owners)} are not on the "
+            "polynomials the other holders' shares agree on (sent wrong, or dealt it wrong by "
+            "their owner); the sum was unmasked without them"
+        )
+        reject(ctx.plan, ctx.replies, ctx.round_number, holder, reason)
+    state.total = recovery.total
 
 
 _NO_PARAMS = SecAggParams(

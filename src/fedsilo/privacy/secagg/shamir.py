@@ -62,6 +62,20 @@ def _evaluate(coefficients: Sequence[int], x: int) -> int:
     return value
 
 
+def interpolate(shares: Sequence[Share], x: int) -> int:
+    """The value at ``x`` of the polynomial of degree ``len(shares) - 1`` through ``shares``
+    (whose x-coordinates must be distinct)."""
+    value = 0
+    for i, share_i in enumerate(shares):
+        numerator, denominator = 1, 1
+        for j, share_j in enumerate(shares):
+            if i != j:
+                numerator = numerator * (x - share_j.x) % PRIME
+                denominator = denominator * (share_i.x - share_j.x) % PRIME
+        value = (value + share_i.y * numerator * pow(denominator, -1, PRIME)) % PRIME
+    return value
+
+
 def combine(shares: Sequence[Share], *, threshold: int) -> bytes:
     """The secret behind ``shares`` (the first ``threshold`` distinct points are used)."""
     points: dict[int, int] = {}
@@ -71,15 +85,8 @@ def combine(shares: Sequence[Share], *, threshold: int) -> bytes:
         points[share.x] = share.y
     if len(points) < threshold:
         raise ShamirError(f"{len(points)} distinct shares, {threshold} are needed")
-    chosen = sorted(points.items())[:threshold]
-    secret = 0
-    for i, (x_i, y_i) in enumerate(chosen):
-        numerator, denominator = 1, 1
-        for j, (x_j, _) in enumerate(chosen):
-            if i != j:
-                numerator = numerator * (-x_j) % PRIME
-                denominator = denominator * (x_i - x_j) % PRIME
-        secret = (secret + y_i * numerator * pow(denominator, -1, PRIME)) % PRIME
+    chosen = [Share(x, y) for x, y in sorted(points.items())[:threshold]]
+    secret = interpolate(chosen, 0)
     if secret >= 2 ** (8 * SECRET_BYTES):
         raise ShamirError("the shares do not belong to one 32-byte secret")
     return secret.to_bytes(SECRET_BYTES, "big")

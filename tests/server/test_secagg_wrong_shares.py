@@ -1,0 +1,231 @@
+"""A site that sends wrong unmasking shares cannot stop secure aggregation or change its sum.
+
+An enrolled site signs (with its own key) unmasking replies whose shares are altered; the
+server rebuilds every secret from the shares that fit its owner's commitment, names the liar
+in the ledger, and the sum is exact to the bit. Only when fewer than ``threshold`` honest
+shares are left does the attempt halt, and then without a sum.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedsilo.privacy.secagg import recovery
+from fedsilo.privacy.secagg.messages import MASKED_STAGE
+from fedsilo.privacy.secagg.recovery import RecoveryError, _rebuild
+from fedsilo.privacy.secagg.shamir import PRIME, SHARE_BYTES, Share, combine, split
+from fedsilo.protocol.secagg_records import MASKED_MESSAGE, UNMASK_MESSAGE
+
+from .secagg_harness import make_harness
+from .test_hostile_secure_replies import _rejections, tamper_replies
+
+
+def _shifted(hex_y: str, by: int = 1) -> str:
+    """Another point: y + by in the field."""
+    return ((int(hex_y, 16) + by) % PRIME).to_bytes(SHARE_BYTES, "big").hex()
+
+
+def _moved(share: list[object], by: int) -> list[object]:
+    return [share[0], _shifted(str(share[1]), by)]
+
+
+def _alter(
+    kind: str, owners: Callable[[str], bool], change: Callable[[list[object]], list[object]]
+) -> Callable[[bytes], bytes]:
+    """An unmasking payload with ``change`` applied to the ``kind`` shares of chosen owners."""
+
+    def altered(honest: bytes) -> bytes:
+        value = json.loads(honest)
+        for owner, share in value[kind].items():
+            if owners(owner):
+                value[kind][owner] = change(share)
+        return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+
+    return altered
+
+
+def _wrong_y(share: list[object]) -> list[object]:
+    return [share[0], _shifted(str(share[1]))]
+
+
+def _every(_: str) -> bool:
+    return True
+
+
+def test_a_wrong_self_seed_share_is_caught_and_the_sum_is_exact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = make_harness(tmp_path, monkeypatch, num_sites=4, threshold=3)
+    # site-0's share comes first in every rebuild: without the search the sum could not open.
+    lie = _alter("self_seed_shares", lambda owner: owner == "site-2", _wrong_y)
+    tamper_replies(h, monkeypatch, site="site-0", message_type=UNMASK_MESSAGE, payload=lie)
+
+    state, replies = h.run()
+
+    assert state.total is not None, replies.failures
+    np.testing.assert_array_equal(state.total, h.expected_sum(h.names))
+    rejections = _rejections(h)
+    assert list(rejections) == ["site-0"]
+    assert "secrets of site-2 are not on the polynomials" in rejections["site-0"]
+
+
+def test_a_site_lying_about_every_share_is_named_for_each_owner(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = make_harness(tmp_path, monkeypatch, num_sites=4, threshold=3)
+    lie = _alter("self_seed_shares", _every, _wrong_y)
+    tamper_replies(h, monkeypatch, site="site-1", message_type=UNMASK_MESSAGE, payload=lie)
+
+    state, _ = h.run()
+
+    assert state.total is not None
+    np.testing.assert_array_equal(state.total, h.expected_sum(h.names))
+    reason = _rejections(h)["site-1"]
+    assert "site-0, site-1, site-2, site-3" in reason
+
+
+def test_a_share_claiming_another_holders_x_is_caught(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = make_harness(tmp_path, monkeypatch, num_sites=4, threshold=3)
+    # site-3 holds x = 4; it claims x = 1 (site-0's) with a made-up y.
+    lie = _alter("self_seed_shares", _every, lambda share: [1, _shifted(str(share[1]))])
+    tamper_replies(h, monkeypatch, site="site-3", message_type=UNMASK_MESSAGE, payload=lie)
+
+    state, _ = h.run()
+
+    assert state.total is not None
+    np.testing.assert_array_equal(state.total, h.expected_sum(h.names))
+    assert list(_rejections(h)) == ["site-3"]
+
+
+def test_a_wrong_mask_key_share_of_a_dropout_is_caught(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = make_harness(tmp_path, monkeypatch, num_sites=5, threshold=3)
+    h.grid.drop_from[MASKED_MESSAGE] = {h.node("site-4")}  # shared keys, sent no input
+    lie = _alter("mask_key_shares", _every, _wrong_y)
+    tamper_replies(h, monkeypatch, site="site-0", message_type=UNMASK_MESSAGE, payload=lie)
+
+    state, _ = h.run()
+
+    assert state.total is not None
+    np.testing.assert_array_equal(state.total, h.expected_sum(h.names[:4]))
+    rejections = _rejections(h)
+    assert "secrets of site-4 are not on" in rejections["site-0"]
+    assert MASKED_STAGE in rejections["node-1004 (site-4)"]  # the dropout, ledgered as before
+
+
+def test_two_liars_among_five_are_both_caught(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = make_harness(tmp_path, monkeypatch, num_sites=5, threshold=3)
+    for liar, shift in (("site-0", 1), ("site-3", 2)):  # uncoordinated: see below
+        lie = _alter("self_seed_shares", _every, lambda share, by=shift: _moved(share, by))
+        tamper_replies(h, monkeypatch, site=liar, message_type=UNMASK_MESSAGE, payload=lie)
+
+    state, _ = h.run()
+
+    assert state.total is not None
+    np.testing.assert_array_equal(state.total, h.expected_sum(h.names))
+    assert sorted(_rejections(h)) == ["site-0", "site-3"]
+
+
+def test_too_few_honest_shares_halt_the_attempt_without_a_sum(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = make_harness(tmp_path, monkeypatch, num_sites=4, threshold=3)
+    # Shifts that differ between the liars: two liars shifting by the same amount would lie on
+    # a polynomial through zero and rebuild the right secret with one honest share.
+    for liar, shift in (("site-0", 1), ("site-1", 2)):
+        lie = _alter("self_seed_shares", _every, lambda share, by=shift: _moved(share, by))
+        tamper_replies(h, monkeypatch, site=liar, message_type=UNMASK_MESSAGE, payload=lie)
+
+    state, replies = h.run()
+
+    assert state.total is None
+    failure = replies.failures["secure-aggregation"]
+    assert "could not unmask the sum: no 3 of the 4 shares of the self-mask seed of site-0" in (
+        failure
+    )
+
+
+SEED = bytes(range(32))
+
+
+def _fits_seed(secret: bytes) -> bool:
+    return hashlib.sha256(secret).digest() == hashlib.sha256(SEED).digest()
+
+
+def _points(secret: bytes, *, threshold: int, count: int) -> dict[str, tuple[int, bytes]]:
+    shares = split(secret, threshold=threshold, count=count)
+    return {f"h{share.x:02d}": (share.x, share.to_bytes()) for share in shares}
+
+
+def _x_of(count: int) -> dict[str, int]:
+    return {f"h{x:02d}": x for x in range(1, count + 1)}
+
+
+def test_shares_dealt_for_another_secret_name_their_owner() -> None:
+    # The owner committed to SEED but dealt shares of another secret: no subset fits.
+    points = _points(bytes(32), threshold=3, count=5)
+    with pytest.raises(RecoveryError, match="owner dealt shares that are not on one polynomial"):
+        _rebuild(
+            "owner",
+            "self-mask seed",
+            points,
+            x_of=_x_of(5),
+            threshold=3,
+            fits=_fits_seed,
+            suspects=set(),
+        )
+
+
+def test_the_search_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(recovery, "MAX_SUBSETS", 50)
+    points = _points(bytes(32), threshold=6, count=11)  # C(11, 6) = 462 subsets
+    with pytest.raises(RecoveryError, match="none of 50 subsets of 6 of its 11 shares"):
+        _rebuild(
+            "owner",
+            "self-mask seed",
+            points,
+            x_of=_x_of(11),
+            threshold=6,
+            fits=_fits_seed,
+            suspects=set(),
+        )
+
+
+def test_a_caught_holder_is_left_out_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    points = _points(SEED, threshold=3, count=5)
+    x, y = points["h01"]
+    points["h01"] = (x, bytes.fromhex(_shifted(y.hex())))
+    calls = []
+
+    def counted(shares: list[Share], *, threshold: int) -> bytes:
+        calls.append(tuple(share.x for share in shares))
+        return combine(shares, threshold=threshold)
+
+    monkeypatch.setattr(recovery, "combine", counted)
+    found = [
+        _rebuild(
+            "owner",
+            "self-mask seed",
+            points,
+            x_of=_x_of(5),
+            threshold=3,
+            fits=_fits_seed,
+            suspects=suspects,
+        )
+        for suspects in (set(), {"h01"})
+    ]
+
+    assert found == [(SEED, ["h01"]), (SEED, ["h01"])]
+    # Unknown, the liar costs one failed rebuild; once caught, none.
+    assert calls == [(1, 2, 3), (2, 3, 4), (2, 3, 4)]
