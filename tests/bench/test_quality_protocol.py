@@ -371,3 +371,38 @@ def test_server_momentum_reaches_every_fedavg_family_run_but_not_fedadam(tmp_pat
     }
     # FedAdam refuses server momentum (it has its own first moment).
     assert momenta == {"fedavg": 0.7, "fedprox-mu0.1": 0.7, "fedadam": 0.0, "ffa-lora": 0.7}
+
+
+def test_report_summary_reads_each_task_on_its_headline_with_its_budget(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import quality_report
+
+    def final(exact: float, category: float) -> dict[str, Any]:
+        last = {"gold_accuracy": exact, "gold_category_accuracy": category, "gold_loss": 1.0}
+        return {"per_round": [{"round": 28, **last}]}
+
+    data = {
+        "task": "icd10-by-specialty",
+        "task_settings": {"name": "icd10", "num_sites": 4, "examples_per_site": 600},
+        "metric": "code",
+        "metric_meaning": {"gold_accuracy": "exact", "gold_category_accuracy": "category"},
+        "budget": {"rounds": 28, "batch_size": 8},
+        "train": {"local_steps": 4},
+        "gold_count": 200,
+        "round0": {"gold_loss": 4.6},
+        "algorithms": {
+            "centralized": final(0.05, 0.53),
+            "local": {"final_mean": {"gold_accuracy": 0.0, "gold_category_accuracy": 0.12,
+                                     "gold_loss": 2.0}},
+            "fedavg": final(0.015, 0.555),
+        },
+        "goals": {"fedavg": {"gold_category_accuracy_vs_centralized": 0.555 / 0.53}},
+    }  # fmt: skip
+
+    text = "\n".join(quality_report._summary({"icd10-by-specialty": data}))
+
+    # The row reads category accuracy on gold part a (the headline), never exact match.
+    row = "| `icd10-by-specialty` | category | 4 sites, 28 x 4 steps x 8, 600/site, gold 200 |"
+    assert f"{row} 53.0% | 12.0% | 55.5% | not run | not run | not run |" in text
