@@ -86,6 +86,16 @@ def _throughput_goals(rows: list[dict[str, Any]]) -> list[str]:
     return lines[:-1]
 
 
+def _memory_parts(row: dict[str, Any]) -> str:
+    """Peak training memory split into the runtime before the model loads, the model and the
+    encoded data, and what training adds; '-' for rows measured before the split existed."""
+    if "rss_after_load_mb" not in row:
+        return "-"
+    runtime, loaded = row["rss_before_load_mb"], row["rss_after_load_mb"]
+    training = row["peak_rss_training_mb"] - loaded
+    return f"{runtime:.0f} / {loaded - runtime:.0f} / {training:.0f}"
+
+
 def _throughput_section(result: dict[str, Any] | None) -> list[str]:
     lines = ["## Local-training throughput", ""]
     if result is None or "rows" not in result:
@@ -104,11 +114,17 @@ def _throughput_section(result: dict[str, Any] | None) -> list[str]:
         "measured in the same process. `eval loss`: mean answer loss of 64 held-out examples "
         "after training (equal training quality shows as equal eval loss). `attention`: the "
         "kernel the loop ran (the others' loops run Hugging Face's default, `sdpa`; fedsilo "
-        "loads `eager` on the CPU, faster at these lengths).",
+        "loads `eager` on the CPU, faster at these lengths). Peak memory is the process's "
+        "resident set during training, split into the runtime before the model loads "
+        "(Python, torch, transformers, peft), the loaded model and encoded data, and what "
+        "training adds; fp32 weights stay memory-mapped from the safetensors file and count "
+        "as resident only once training touches them, so for fp32 loops most of the model "
+        "shows under training (bf16 weights are a converted copy, resident at load).",
         "",
         "| loop | threads | attention | tokens/s | vs bare fp32 | padding | GFLOP/s "
-        "| share of GEMM peak | eval loss | peak memory (MB) |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| share of GEMM peak | eval loss | peak memory (MB) | of which runtime / model "
+        "and data / training (MB) |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     rows = result["rows"]
     for row in rows:
@@ -122,7 +138,7 @@ def _throughput_section(result: dict[str, Any] | None) -> list[str]:
             f"{_pct(row['padding_share'])} | "
             f"{row['achieved_gflops']:.0f} | {_pct(row['share_of_peak'])} "
             f"(of {row['gemm_peak_gflops']:.0f}) | {row['eval_loss']:.3f} | "
-            f"{row['peak_rss_training_mb']:.0f} |"
+            f"{row['peak_rss_training_mb']:.0f} | {_memory_parts(row)} |"
         )
     lines += ["", *_throughput_goals(rows)]
     lines += [

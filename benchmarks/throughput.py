@@ -286,7 +286,11 @@ def run_one(loop: str, threads: int, steps: int) -> dict[str, Any]:
     from fedsilo.model.base import CPU_ATTENTION
 
     attention = CPU_ATTENTION if loop.startswith("fedsilo") else "sdpa"
+    # Where a site's memory goes: the runtime (torch, transformers, peft imported), then the
+    # model and the encoded data, then what training adds on top.
+    rss_before_load = _rss_mb()
     setup = _setup(precision, attention)
+    rss_after_load = _rss_mb()
     compute = "bf16" if loop in ("bare-bf16", "hf-trainer-bf16") else precision
     peak = matmul_gflops(torch.bfloat16 if compute == "bf16" else torch.float32, seconds=1.0)
     if loop.startswith("bare"):
@@ -314,6 +318,8 @@ def run_one(loop: str, threads: int, steps: int) -> dict[str, Any]:
         "gemm_peak_gflops": peak,
         "share_of_peak": flops / seconds / 1e9 / peak,
         "eval_loss": _eval_loss(setup["loaded"], setup["held_out"], compute),
+        "rss_before_load_mb": rss_before_load,
+        "rss_after_load_mb": rss_after_load,
         "peak_rss_training_mb": clock.peak_rss_mb,
         "peak_rss_process_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3,
         "param_counts": {"body": body, "head": head},
