@@ -1,9 +1,10 @@
-"""A site that sends wrong unmasking shares cannot stop secure aggregation or change its sum.
+"""A wrong unmasking share cannot stop secure aggregation or change its sum.
 
-An enrolled site signs (with its own key) unmasking replies whose shares are altered; the
-server rebuilds every secret from the shares that fit its owner's commitment, names the liar
-in the ledger, and the sum is exact to the bit. Only when fewer than ``threshold`` honest
-shares are left does the attempt halt, and then without a sum.
+An enrolled site signs (with its own key) unmasking replies whose shares are altered, or deals
+a peer a share off its polynomial; the server rebuilds every secret from shares that fit its
+owner's commitment, ledgers which shares were off (holder and owner: it cannot tell who lied),
+and the sum is exact to the bit. Only when fewer than ``threshold`` right shares are left does
+the attempt halt, and then without a sum.
 """
 
 from __future__ import annotations
@@ -12,17 +13,19 @@ import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
+from fedsilo.ledger import EntryKind, read_entries
 from fedsilo.privacy.secagg import recovery
-from fedsilo.privacy.secagg.messages import MASKED_STAGE
+from fedsilo.privacy.secagg import site as site_protocol
 from fedsilo.privacy.secagg.recovery import RecoveryError, _rebuild
 from fedsilo.privacy.secagg.shamir import PRIME, SHARE_BYTES, Share, combine, split
 from fedsilo.protocol.secagg_records import MASKED_MESSAGE, UNMASK_MESSAGE
 
-from .secagg_harness import make_harness
+from .secagg_harness import Harness, make_harness
 from .test_hostile_secure_replies import _rejections, tamper_replies
 
 
@@ -58,7 +61,16 @@ def _every(_: str) -> bool:
     return True
 
 
-def test_a_wrong_self_seed_share_is_caught_and_the_sum_is_exact(
+def _unmask_entry(h: Harness) -> dict[str, Any]:
+    [entry] = [
+        entry.payload
+        for entry in read_entries(h.plan.ledger.path)
+        if entry.kind is EntryKind.SECURE_AGGREGATION_STAGE and entry.payload["stage"] == "unmask"
+    ]
+    return dict(entry)
+
+
+def test_a_wrong_self_seed_share_is_left_out_and_the_sum_is_exact(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     h = make_harness(tmp_path, monkeypatch, num_sites=4, threshold=3)
@@ -70,9 +82,11 @@ def test_a_wrong_self_seed_share_is_caught_and_the_sum_is_exact(
 
     assert state.total is not None, replies.failures
     np.testing.assert_array_equal(state.total, h.expected_sum(h.names))
-    rejections = _rejections(h)
-    assert list(rejections) == ["site-0"]
-    assert "secrets of site-2 are not on the polynomials" in rejections["site-0"]
+    entry = _unmask_entry(h)
+    assert entry["outcome"] == "completed"
+    assert entry["off_polynomial"] == {"site-2": ["site-0"]}
+    # The server cannot tell a lying holder from a bad dealer: it rejects neither.
+    assert _rejections(h) == {}
 
 
 def test_a_site_lying_about_every_share_is_named_for_each_owner(
@@ -86,11 +100,10 @@ def test_a_site_lying_about_every_share_is_named_for_each_owner(
 
     assert state.total is not None
     np.testing.assert_array_equal(state.total, h.expected_sum(h.names))
-    reason = _rejections(h)["site-1"]
-    assert "site-0, site-1, site-2, site-3" in reason
+    assert _unmask_entry(h)["off_polynomial"] == {name: ["site-1"] for name in h.names}
 
 
-def test_a_share_claiming_another_holders_x_is_caught(
+def test_a_share_claiming_another_holders_x_is_left_out(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     h = make_harness(tmp_path, monkeypatch, num_sites=4, threshold=3)
@@ -102,10 +115,10 @@ def test_a_share_claiming_another_holders_x_is_caught(
 
     assert state.total is not None
     np.testing.assert_array_equal(state.total, h.expected_sum(h.names))
-    assert list(_rejections(h)) == ["site-3"]
+    assert _unmask_entry(h)["off_polynomial"] == {name: ["site-3"] for name in h.names}
 
 
-def test_a_wrong_mask_key_share_of_a_dropout_is_caught(
+def test_a_wrong_mask_key_share_of_a_dropout_is_left_out(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     h = make_harness(tmp_path, monkeypatch, num_sites=5, threshold=3)
@@ -117,12 +130,43 @@ def test_a_wrong_mask_key_share_of_a_dropout_is_caught(
 
     assert state.total is not None
     np.testing.assert_array_equal(state.total, h.expected_sum(h.names[:4]))
-    rejections = _rejections(h)
-    assert "secrets of site-4 are not on" in rejections["site-0"]
-    assert MASKED_STAGE in rejections["node-1004 (site-4)"]  # the dropout, ledgered as before
+    assert _unmask_entry(h)["off_polynomial"] == {"site-4": ["site-0"]}
+    assert list(_rejections(h)) == ["node-1004 (site-4)"]  # the dropout, ledgered as before
 
 
-def test_two_liars_among_five_are_both_caught(
+def test_a_bad_share_dealt_to_one_holder_is_left_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """site-2 deals site-0 a share of its seed that is off its polynomial: the holder is
+    honest, so the evidence names both and the server rejects neither."""
+    h = make_harness(tmp_path, monkeypatch, num_sites=4, threshold=3)
+    dealing = {"site": "", "corrupted": False}
+    share_keys, honest_split = site_protocol.share_keys, site_protocol.split
+
+    def dealt(state: site_protocol.SiteSession, cohort: Any) -> Any:
+        dealing["site"] = state.site
+        return share_keys(state, cohort)
+
+    def bad_split(secret: bytes, *, threshold: int, count: int) -> list[Share]:
+        shares = honest_split(secret, threshold=threshold, count=count)
+        if dealing["site"] == "site-2" and not dealing["corrupted"]:  # its seed's sharing
+            dealing["corrupted"] = True
+            shares[0] = Share(shares[0].x, (shares[0].y + 1) % PRIME)  # site-0's point
+        return shares
+
+    monkeypatch.setattr(site_protocol, "share_keys", dealt)
+    monkeypatch.setattr(site_protocol, "split", bad_split)
+
+    state, _ = h.run()
+
+    assert dealing["corrupted"]
+    assert state.total is not None
+    np.testing.assert_array_equal(state.total, h.expected_sum(h.names))
+    assert _unmask_entry(h)["off_polynomial"] == {"site-2": ["site-0"]}
+    assert _rejections(h) == {}
+
+
+def test_two_liars_among_five_are_both_named(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     h = make_harness(tmp_path, monkeypatch, num_sites=5, threshold=3)
@@ -134,10 +178,11 @@ def test_two_liars_among_five_are_both_caught(
 
     assert state.total is not None
     np.testing.assert_array_equal(state.total, h.expected_sum(h.names))
-    assert sorted(_rejections(h)) == ["site-0", "site-3"]
+    off = _unmask_entry(h)["off_polynomial"]
+    assert off == {name: ["site-0", "site-3"] for name in h.names}
 
 
-def test_too_few_honest_shares_halt_the_attempt_without_a_sum(
+def test_too_few_right_shares_halt_the_attempt_without_a_sum(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     h = make_harness(tmp_path, monkeypatch, num_sites=4, threshold=3)
@@ -154,6 +199,31 @@ def test_too_few_honest_shares_halt_the_attempt_without_a_sum(
     assert "could not unmask the sum: no 3 of the 4 shares of the self-mask seed of site-0" in (
         failure
     )
+    entry = _unmask_entry(h)
+    assert (entry["outcome"], entry["reason"]) == ("halted", failure)
+
+
+def test_shares_found_off_before_a_halt_are_ledgered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = make_harness(tmp_path, monkeypatch, num_sites=4, threshold=3)
+    # site-3 lies about site-0's seed alone (left out, the rebuild goes on); site-1 and site-2
+    # then both lie about site-1's seed, which leaves too few right shares.
+    alone = _alter("self_seed_shares", lambda owner: owner == "site-0", _wrong_y)
+    tamper_replies(h, monkeypatch, site="site-3", message_type=UNMASK_MESSAGE, payload=alone)
+    for liar, shift in (("site-1", 1), ("site-2", 2)):
+        lie = _alter(
+            "self_seed_shares", lambda owner: owner == "site-1", lambda sh, by=shift: _moved(sh, by)
+        )
+        tamper_replies(h, monkeypatch, site=liar, message_type=UNMASK_MESSAGE, payload=lie)
+
+    state, _ = h.run()
+
+    assert state.total is None
+    entry = _unmask_entry(h)
+    assert entry["outcome"] == "halted"
+    assert "self-mask seed of site-1" in entry["reason"]
+    assert entry["off_polynomial"] == {"site-0": ["site-3"]}
 
 
 SEED = bytes(range(32))

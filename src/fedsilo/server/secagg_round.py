@@ -8,8 +8,8 @@
     check_consistency     each site of U3 signs the set U3 once (Bonawitz's check)     (U4)
     unmask                U4 get the signatures; each that verifies threshold of them on
                           the set it signed sends self-seed shares of U3 and mask-key
-                          shares of U2 minus U3; the server rebuilds them (wrong shares
-                          are found and their holders rejected), removes the masks
+                          shares of U2 minus U3; the server rebuilds them (shares off
+                          their polynomial are left out and ledgered), removes the masks
 
 Any stage that leaves fewer than ``threshold`` sites halts the attempt (:class:`StageHaltedError`):
 the round is retried from the same global adapter with fresh keys, as a plain round is. The
@@ -20,9 +20,10 @@ ledgered, and each masked input as an ``update_received`` entry with the site's 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
@@ -99,6 +100,8 @@ from fedsilo.server.rounds import (
     send_and_attribute,
 )
 from fedsilo.server.strategies import SiteUpdate
+
+log = logging.getLogger(__name__)
 
 AGGREGATE_SITE = "secure-aggregate"
 _SMALL_UPLOAD_BYTES = 4 * 1024 * 1024  # keys, sealed shares, unmasking shares
@@ -208,23 +211,47 @@ def require_sites(
     """Ledger the stage's outcome (with ``evidence`` fields); halt the attempt if fewer than
     ``threshold`` sites remain."""
     threshold = state.params.threshold
-    halted = len(sites) < threshold
+    if len(sites) < threshold:
+        reason = (
+            f"secure aggregation stopped at {stage}: {len(sites)} sites left, the threshold "
+            f"is {threshold}"
+        )
+        halt_stage(ctx, state, stage, sites, reason, evidence)
+    _ledger_stage(ctx, state, stage, sites, {**(evidence or {}), "outcome": "completed"})
+
+
+def halt_stage(
+    ctx: SecAggRound,
+    state: SecAggState,
+    stage: str,
+    sites: list[str],
+    reason: str,
+    evidence: Mapping[str, JsonValue] | None = None,
+) -> NoReturn:
+    """Ledger that ``stage`` halted the attempt, and why; end the attempt."""
+    _ledger_stage(
+        ctx, state, stage, sites, {**(evidence or {}), "outcome": "halted", "reason": reason}
+    )
+    raise StageHaltedError(reason)
+
+
+def _ledger_stage(
+    ctx: SecAggRound,
+    state: SecAggState,
+    stage: str,
+    sites: list[str],
+    fields: Mapping[str, JsonValue],
+) -> None:
     outcome: dict[str, JsonValue] = {
         "round": state.session.round,
         "attempt": state.session.attempt,
         "stage": stage,
         "sites": list(sorted(sites)),
-        "threshold": threshold,
-        "outcome": "halted" if halted else "completed",
-        **(evidence or {}),
+        "threshold": state.params.threshold,
+        **fields,
     }
     ctx.plan.ledger.append(EntryKind.SECURE_AGGREGATION_STAGE, outcome)
     state.stages.append(outcome)
-    if halted:
-        raise StageHaltedError(
-            f"secure aggregation stopped at {stage}: {len(sites)} sites left, the threshold "
-            f"is {threshold}"
-        )
 
 
 def session_content(
@@ -439,7 +466,9 @@ def unmask(ctx: SecAggRound, state: SecAggState) -> None:
         except Exception as error:  # unforeseen by the decoder: still this site's rejection
             reason = unexpected_failure(error, what=f"the {UNMASK_STAGE} payload of {site}")
             reject(ctx.plan, ctx.replies, ctx.round_number, site, reason)
-    require_sites(ctx, state, "unmask", list(state.unmasking))
+    sites = list(state.unmasking)
+    if len(sites) < state.params.threshold:
+        require_sites(ctx, state, "unmask", sites)
     try:
         recovery = recover_sum(
             session=state.session,
@@ -450,15 +479,29 @@ def unmask(ctx: SecAggRound, state: SecAggState) -> None:
             dropped=set(dropped),
         )
     except RecoveryError as error:
-        raise StageHaltedError(f"secure aggregation could not unmask the sum: {error}") from None
-    for holder, owners in sorted(recovery.wrong_shares.items()):
-        reason = (
-            f"{UNMASK_STAGE}: its shares of the secrets of {', '.join(owners)} are not on the "
-            "polynomials the other holders' shares agree on (sent wrong, or dealt it wrong by "
-            "their owner); the sum was unmasked without them"
-        )
-        reject(ctx.plan, ctx.replies, ctx.round_number, holder, reason)
+        reason = f"secure aggregation could not unmask the sum: {error}"
+        evidence = _off_polynomial_evidence(error.off_polynomial)
+        halt_stage(ctx, state, "unmask", sites, reason, evidence)
+    require_sites(ctx, state, "unmask", sites, _off_polynomial_evidence(recovery.off_polynomial))
     state.total = recovery.total
+
+
+def _off_polynomial_evidence(off: Mapping[str, list[str]]) -> dict[str, JsonValue]:
+    """The unmasking's shares that did not fit their secret, for the ledger: per owner, the
+    holders whose share was off the polynomial (sent wrong, or dealt wrong by the owner: the
+    server cannot tell which, so it names both and rejects neither)."""
+    if not off:
+        return {}
+    for owner, holders in sorted(off.items()):
+        log.warning(
+            "secure aggregation: shares of %s held by %s are off the polynomial the other "
+            "shares and its commitment fit (sent wrong by the holder or dealt wrong by %s); "
+            "the sum was unmasked without them",
+            owner,
+            ", ".join(holders),
+            owner,
+        )
+    return {"off_polynomial": {owner: list(holders) for owner, holders in sorted(off.items())}}
 
 
 _NO_PARAMS = SecAggParams(

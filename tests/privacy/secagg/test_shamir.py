@@ -7,7 +7,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedsilo.privacy.secagg.shamir import PRIME, ShamirError, Share, combine, split
+from fedsilo.privacy.secagg.shamir import (
+    PRIME,
+    ShamirError,
+    Share,
+    combine,
+    evaluate,
+    polynomial_through,
+    secret_bytes,
+    split,
+)
 
 
 @settings(max_examples=30, deadline=None)
@@ -70,3 +79,31 @@ def test_share_bytes_round_trip_and_range_check() -> None:
         Share.from_bytes(0, share.to_bytes())
     with pytest.raises(ShamirError):
         Share.from_bytes(1, b"\x00" * 65)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    secret=st.binary(min_size=32, max_size=32),
+    count=st.integers(1, 9),
+    data=st.data(),
+)
+def test_the_polynomial_through_any_threshold_shares_passes_through_all(
+    secret: bytes, count: int, data: st.DataObject
+) -> None:
+    threshold = data.draw(st.integers(1, count))
+    shares = split(secret, threshold=threshold, count=count)
+    subset = data.draw(st.permutations(shares)).copy()[:threshold]
+
+    coefficients = polynomial_through(subset)
+
+    assert len(coefficients) == threshold
+    assert secret_bytes(coefficients[0]) == secret
+    assert [evaluate(coefficients, share.x) for share in shares] == [s.y for s in shares]
+
+
+def test_a_share_off_the_polynomial_is_seen() -> None:
+    shares = split(bytes(32), threshold=3, count=5)
+    coefficients = polynomial_through(shares[:3])
+    off = Share(shares[4].x, (shares[4].y + 1) % PRIME)
+
+    assert evaluate(coefficients, off.x) != off.y

@@ -3,14 +3,19 @@
 For each survivor the self-mask seed is rebuilt from ``threshold`` shares and checked against
 the commitment in its advertisement; for each site that dropped after the key share, its mask
 key is rebuilt and checked against its advertised public key. Those checks also make the
-rebuild robust: a holder that sends a wrong share cannot stop it. When the first ``threshold``
-shares do not rebuild the committed secret, other subsets of ``threshold`` shares are tried,
-leaving out the holders already caught first, until one does; the polynomial that subset
-defines then shows which shares do not fit, and their holders are named. A wrong subset cannot
-pass the check (it would need a SHA-256 preimage or an X25519 key for a given public key). The
-rebuild fails loudly, naming the site, only when no subset fits: the owner dealt shares that
-are not on one polynomial, or more than ``len(replies) - threshold`` holders lied; never a
-wrong sum.
+rebuild robust: a wrong share cannot stop it. When the first ``threshold`` shares do not
+rebuild the committed secret, other subsets of ``threshold`` shares are tried, leaving out
+first the holders whose shares were off before, until one does; the polynomial that subset
+defines then shows which shares are off it. A wrong subset cannot pass the check (it would need
+a SHA-256 preimage or an X25519 key for a given public key), so the sum is exact whenever it is
+returned.
+
+A share off the polynomial was either sent wrong by its holder or dealt wrong by the secret's
+owner: the server cannot tell which, so both are reported, never a verdict. One wrong share
+never lies on a polynomial with the right secret; two or more wrong shares made to fit together
+can make honest shares look off it, though never change the sum. The rebuild fails loudly,
+naming the owner, only when no subset fits (fewer than ``threshold`` right shares arrived) or
+the search bound is reached.
 """
 
 from __future__ import annotations
@@ -26,31 +31,46 @@ from fedsilo.crypto import agreement_key_from_bytes, agreement_public_bytes
 from fedsilo.privacy.secagg.masking import SessionId, unmask_sum
 from fedsilo.privacy.secagg.messages import Advertisement, UnmaskReply
 from fedsilo.privacy.secagg.quantize import ring_sum
-from fedsilo.privacy.secagg.shamir import ShamirError, Share, combine, interpolate
+from fedsilo.privacy.secagg.shamir import (
+    ShamirError,
+    Share,
+    combine,
+    evaluate,
+    polynomial_through,
+)
 
 # Subsets of shares tried for one secret before giving up: bounds the work that many wrong
-# shares can cause (one liar among n holders costs at most n + 1 tries, and none after the
-# first secret once it is caught).
+# shares can cause. With L wrong shares among the first ``threshold`` of n, at most
+# sum_{e <= L} C(threshold + e, e) subsets are tried: threshold + 2 for one, and none after the
+# first secret for a holder already found off.
 MAX_SUBSETS = 4096
+
+# owner -> holders whose share of the owner's secret is off the polynomial the others fit.
+OffPolynomial = dict[str, list[str]]
 
 
 class RecoveryError(RuntimeError):
-    """The sum cannot be unmasked (too few or inconsistent shares); names the site."""
+    """The sum cannot be unmasked (too few right shares); names the owner.
+
+    ``off_polynomial``: the shares found off their polynomial before the failure.
+    """
+
+    def __init__(self, message: str, off_polynomial: OffPolynomial | None = None) -> None:
+        super().__init__(message)
+        self.off_polynomial: OffPolynomial = dict(off_polynomial or {})
 
 
 @dataclass(frozen=True)
 class Recovery:
-    """The exact ring sum of the survivors' inputs, and who sent shares that did not fit.
+    """The exact ring sum of the survivors' inputs, and the shares that did not fit.
 
-    ``wrong_shares`` maps a holder to the sites whose secret it sent a share of that is not on
-    the polynomial the other holders' shares agree on (its own lie, or a bad share its owner
-    dealt it: the server cannot tell which). One wrong share never lies on a polynomial with
-    the right secret, so a single liar is named exactly; two or more liars who coordinate their
-    shares can make an honest holder's share look wrong, though never change the sum.
+    ``off_polynomial`` maps a site to the holders whose share of its secret is not on the
+    polynomial that ``threshold`` other shares and the site's commitment agree on: sent wrong
+    by the holder or dealt wrong by the site.
     """
 
     total: np.ndarray
-    wrong_shares: dict[str, list[str]] = field(default_factory=dict)
+    off_polynomial: OffPolynomial = field(default_factory=dict)
 
 
 def _rebuild(
@@ -66,8 +86,8 @@ def _rebuild(
     """``owner``'s secret from the holders' ``points``, and the holders whose point is wrong.
 
     ``x_of``: the x every holder's share must have (its 1-based place in the dealt cohort);
-    ``fits``: the check against the owner's commitment; ``suspects``: holders caught before,
-    left out first.
+    ``fits``: the check against the owner's commitment; ``suspects``: holders whose shares
+    were off before, left out first.
     """
     shares: dict[str, Share] = {}
     wrong: list[str] = []
@@ -87,8 +107,11 @@ def _rebuild(
         )
     tried: set[tuple[str, ...]] = set()
     for left_out_count in range(spare + 1):
-        for left_out in combinations(order, left_out_count):
-            chosen = tuple(holder for holder in order if holder not in left_out)[:threshold]
+        # Leaving out e of the first threshold + e shares reaches every subset that leaving
+        # out e of all of them does (the rest only pick the same first threshold again).
+        window = order[: threshold + left_out_count]
+        for left_out in combinations(window, left_out_count):
+            chosen = tuple(holder for holder in window if holder not in left_out)
             if chosen in tried:
                 continue
             if len(tried) >= MAX_SUBSETS:
@@ -97,16 +120,18 @@ def _rebuild(
                     f"{threshold} of its {len(order)} shares fits its commitment"
                 )
             tried.add(chosen)
-            polynomial = [shares[holder] for holder in chosen]
+            subset = [shares[holder] for holder in chosen]
             try:
-                secret = combine(polynomial, threshold=threshold)
+                secret = combine(subset, threshold=threshold)
             except ShamirError:
                 continue
             if fits(secret):
+                # Once per secret: the polynomial, to check every other share in O(threshold).
+                coefficients = polynomial_through(subset)
                 wrong += [
                     holder
                     for holder, share in shares.items()
-                    if interpolate(polynomial, share.x) != share.y
+                    if evaluate(coefficients, share.x) != share.y
                 ]
                 return secret, sorted(wrong)
     raise RecoveryError(
@@ -141,7 +166,7 @@ def recover_sum(
     if len(replies) < threshold:
         raise RecoveryError(f"{len(replies)} sites sent unmasking shares; {threshold} are needed")
     x_of = {name: place for place, name in enumerate(sorted(adverts), start=1)}
-    caught: dict[str, list[str]] = {}
+    off: OffPolynomial = {}
 
     def rebuild(
         owner: str,
@@ -149,11 +174,15 @@ def recover_sum(
         points: Mapping[str, tuple[int, bytes]],
         fits: Callable[[bytes], bool],
     ) -> bytes:
-        secret, wrong = _rebuild(
-            owner, what, points, x_of=x_of, threshold=threshold, fits=fits, suspects=set(caught)
-        )
-        for holder in wrong:
-            caught.setdefault(holder, []).append(owner)
+        suspects = {holder for holders in off.values() for holder in holders}
+        try:
+            secret, wrong = _rebuild(
+                owner, what, points, x_of=x_of, threshold=threshold, fits=fits, suspects=suspects
+            )
+        except RecoveryError as error:
+            raise RecoveryError(str(error), off) from None
+        if wrong:
+            off[owner] = wrong
         return secret
 
     seeds: dict[str, bytes] = {}
@@ -172,4 +201,4 @@ def recover_sum(
         dropped_keys=keys,
         survivor_publics={site: adverts[site].mask_public for site in masked},
     )
-    return Recovery(total, caught)
+    return Recovery(total, off)

@@ -52,28 +52,43 @@ def split(secret: bytes, *, threshold: int, count: int) -> list[Share]:
         raise ValueError(f"need 1 <= threshold <= count, got threshold={threshold}, count={count}")
     coefficients = [int.from_bytes(secret, "big")]
     coefficients += [secrets.randbelow(PRIME) for _ in range(threshold - 1)]
-    return [Share(x, _evaluate(coefficients, x)) for x in range(1, count + 1)]
+    return [Share(x, evaluate(coefficients, x)) for x in range(1, count + 1)]
 
 
-def _evaluate(coefficients: Sequence[int], x: int) -> int:
+def evaluate(coefficients: Sequence[int], x: int) -> int:
+    """The polynomial with ``coefficients`` (constant term first) at ``x``, in the field."""
     value = 0
     for coefficient in reversed(coefficients):  # Horner's rule
         value = (value * x + coefficient) % PRIME
     return value
 
 
-def interpolate(shares: Sequence[Share], x: int) -> int:
-    """The value at ``x`` of the polynomial of degree ``len(shares) - 1`` through ``shares``
-    (whose x-coordinates must be distinct)."""
-    value = 0
-    for i, share_i in enumerate(shares):
-        numerator, denominator = 1, 1
-        for j, share_j in enumerate(shares):
-            if i != j:
-                numerator = numerator * (x - share_j.x) % PRIME
-                denominator = denominator * (share_i.x - share_j.x) % PRIME
-        value = (value + share_i.y * numerator * pow(denominator, -1, PRIME)) % PRIME
-    return value
+def polynomial_through(shares: Sequence[Share]) -> list[int]:
+    """The coefficients (constant term first) of the polynomial of degree ``len(shares) - 1``
+    through ``shares``, whose x-coordinates must be distinct.
+
+    O(t^2) field products and t inversions for t shares, so checking n further shares against
+    it (:func:`evaluate`) costs O(n t) more, not a Lagrange interpolation each.
+    """
+    # prod_j (X - x_j), lowest degree first.
+    master = [1]
+    for share in shares:
+        shifted = [0, *master]
+        for degree, coefficient in enumerate(master):
+            shifted[degree] = (shifted[degree] - share.x * coefficient) % PRIME
+        master = shifted
+    coefficients = [0] * len(shares)
+    for share in shares:
+        # prod_{j != i} (X - x_j) = master / (X - x_i), by synthetic division.
+        quotient = [0] * len(shares)
+        carry = 0
+        for degree in range(len(shares), 0, -1):
+            carry = (master[degree] + carry * share.x) % PRIME
+            quotient[degree - 1] = carry
+        scale = share.y * pow(evaluate(quotient, share.x), -1, PRIME) % PRIME
+        for degree, coefficient in enumerate(quotient):
+            coefficients[degree] = (coefficients[degree] + scale * coefficient) % PRIME
+    return coefficients
 
 
 def combine(shares: Sequence[Share], *, threshold: int) -> bytes:
@@ -85,8 +100,20 @@ def combine(shares: Sequence[Share], *, threshold: int) -> bytes:
         points[share.x] = share.y
     if len(points) < threshold:
         raise ShamirError(f"{len(points)} distinct shares, {threshold} are needed")
-    chosen = [Share(x, y) for x, y in sorted(points.items())[:threshold]]
-    secret = interpolate(chosen, 0)
+    chosen = sorted(points.items())[:threshold]
+    secret = 0
+    for i, (x_i, y_i) in enumerate(chosen):
+        numerator, denominator = 1, 1
+        for j, (x_j, _) in enumerate(chosen):
+            if i != j:
+                numerator = numerator * (-x_j) % PRIME
+                denominator = denominator * (x_i - x_j) % PRIME
+        secret = (secret + y_i * numerator * pow(denominator, -1, PRIME)) % PRIME
+    return secret_bytes(secret)
+
+
+def secret_bytes(secret: int) -> bytes:
+    """A rebuilt constant term as the 32-byte secret; ShamirError if it cannot be one."""
     if secret >= 2 ** (8 * SECRET_BYTES):
         raise ShamirError("the shares do not belong to one 32-byte secret")
     return secret.to_bytes(SECRET_BYTES, "big")
