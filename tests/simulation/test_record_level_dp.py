@@ -41,6 +41,9 @@ def test_private_run_reports_epsilon_that_dp_accounting_confirms(
     expected = accountant.get_epsilon(1e-5)
     assert all(abs(eps - expected) < 1e-9 * expected for eps in final["epsilon"].values())
     assert final["train_loss"] is None  # sites release nothing but the private update
+    # Withheld, so unknown: never a 0 that reads as a round without training.
+    fields = ("tokens", "train_seconds", "train_tokens_per_s", "padding_share")
+    assert {field: final[field] for field in fields} == dict.fromkeys(fields)
     entries = read_entries(tmp_path / "run" / "ledger.db")
     received = [e for e in entries if e.kind is EntryKind.UPDATE_RECEIVED]
     assert all(isinstance(e.payload["dp_event"], dict) for e in received)

@@ -273,21 +273,24 @@ def _adapter_bytes(adapter: AdapterState) -> int:
 
 
 def _training_speed(replies: RoundReplies) -> dict[str, Any]:
-    """The round's local-training time and speed, its padding and precision, as reported.
+    """The round's tokens, local-training time and speed, padding and precision, as reported.
 
-    Sites under DP report no time or tokens; their rounds show 0 seconds and no speed.
-    ``precision`` is the sites' common precision, "mixed" when they differ.
+    Sites under DP withhold their tokens and time (they send 0 for both: a site that trained
+    processed tokens): the sums are over the sites that reported, and null when none did, never
+    a 0 that reads as no training. ``precision`` is the sites' common precision, "mixed" when
+    they differ.
     """
-    metrics = list(replies.metrics.values())
-    seconds = sum(m.seconds for m in metrics)
-    tokens = sum(m.tokens for m in metrics)
-    precisions = sorted({m.precision for m in metrics if m.precision is not None})
-    padded = [(m.padding_share, m.tokens) for m in metrics if m.padding_share is not None]
+    reported = [m for m in replies.metrics.values() if m.tokens > 0]
+    seconds = sum(m.seconds for m in reported) if reported else None
+    tokens = sum(m.tokens for m in reported) if reported else None
+    precisions = sorted({m.precision for m in replies.metrics.values() if m.precision})
+    padded = [(m.padding_share, m.tokens) for m in reported if m.padding_share is not None]
     positions = sum(tokens_ / (1.0 - share) for share, tokens_ in padded if share < 1.0)
     padded_tokens = sum(tokens_ for _, tokens_ in padded)
     return {
+        "tokens": tokens,
         "train_seconds": seconds,
-        "train_tokens_per_s": tokens / seconds if seconds > 0 else None,
+        "train_tokens_per_s": tokens / seconds if tokens and seconds else None,
         "padding_share": 1.0 - padded_tokens / positions if positions > 0 else None,
         "precision": precisions[0] if len(precisions) == 1 else ("mixed" if precisions else None),
     }
@@ -365,7 +368,6 @@ def run_federation(grid: Grid, plan: FederationPlan, *, resume: bool) -> Adapter
             "failures": replies.failures,
             "train_loss": _weighted_train_loss(replies),
             "examples": replies.updates.examples,
-            "tokens": sum(m.tokens for m in replies.metrics.values()),
             **_training_speed(replies),
             "bytes_down_per_site": _adapter_bytes(global_state),
             "bytes_up_per_site": _bytes_up_per_site(replies, global_state),
