@@ -89,6 +89,29 @@ def test_a_wrong_self_seed_share_is_left_out_and_the_sum_is_exact(
     assert _rejections(h) == {}
 
 
+def test_the_audit_report_notes_the_shares_left_out_and_a_halt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedsilo.server.report_data import _notes
+
+    h = make_harness(tmp_path, monkeypatch, num_sites=4, threshold=3)
+    lie = _alter("self_seed_shares", lambda owner: owner == "site-2", _wrong_y)
+    tamper_replies(h, monkeypatch, site="site-0", message_type=UNMASK_MESSAGE, payload=lie)
+    h.run()
+    h.grid.drop_from[UNMASK_MESSAGE] = {h.node("site-1"), h.node("site-3")}
+    h.run(attempt=2)
+
+    notes = _notes(read_entries(h.plan.ledger.path))
+
+    assert notes == (
+        "round 1 attempt 1: the unmasking left out the shares of site-2's secret held by "
+        "site-0: off the polynomial its commitment fits (sent wrong by the holder, or dealt "
+        "wrong by site-2); the sum did not use them",
+        "round 1 attempt 2: secure aggregation halted at unmask: secure aggregation stopped at "
+        "unmask: 2 sites left, the threshold is 3",
+    )
+
+
 def test_a_site_lying_about_every_share_is_named_for_each_owner(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -450,7 +450,31 @@ def _notes(entries: Sequence[Entry]) -> tuple[str, ...]:
             transfer = payload.get("transfer")
             if isinstance(transfer, dict):
                 notes.append(f"transfer set sha256 {transfer.get('sha256')}")
+        elif entry.kind is EntryKind.SECURE_AGGREGATION_STAGE:
+            notes += _secure_stage_notes(payload)
     return tuple(notes)
+
+
+def _secure_stage_notes(payload: Mapping[str, Any]) -> list[str]:
+    """What an auditor should see of a secure-aggregation stage: shares left out of the
+    unmasking, and an attempt that halted (and why)."""
+    where = f"round {payload.get('round')} attempt {payload.get('attempt')}"
+    notes = []
+    off = payload.get("off_polynomial")
+    if isinstance(off, dict):
+        for owner, holders in sorted(off.items()):
+            held = ", ".join(str(h) for h in holders) if isinstance(holders, list) else holders
+            notes.append(
+                f"{where}: the unmasking left out the shares of {owner}'s secret held by {held}: "
+                f"off the polynomial its commitment fits (sent wrong by the holder, or dealt "
+                f"wrong by {owner}); the sum did not use them"
+            )
+    if payload.get("outcome") == "halted":
+        notes.append(
+            f"{where}: secure aggregation halted at {payload.get('stage')}: "
+            f"{_text(payload.get('reason'))}"
+        )
+    return notes
 
 
 def _facts(
