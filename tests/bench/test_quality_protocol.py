@@ -406,3 +406,41 @@ def test_report_summary_reads_each_task_on_its_headline_with_its_budget(
     # The row reads category accuracy on gold part a (the headline), never exact match.
     row = "| `icd10-by-specialty` | category | 4 sites, 28 x 4 steps x 8, 600/site, gold 200 |"
     assert f"{row} 53.0% | 12.0% | 55.5% | not run | not run | not run |" in text
+
+
+def test_report_reads_a_run_without_centralized_against_the_same_steps_split_otherwise(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import quality_report
+
+    def run(rounds: int, steps: int, finals: dict[str, float]) -> dict[str, Any]:
+        return {
+            "task": "icd10-by-specialty",
+            "model": "m",
+            "task_settings": {"name": "icd10"},
+            "budget": {"seed": 0, "num_sites": 4, "examples_per_site": 600, "batch_size": 8,
+                       "rounds": rounds},
+            "train": {"local_steps": steps},
+            "gold_count": 200,
+            "algorithms": {
+                name: {"per_round": [{"round": rounds, "gold_accuracy": 0.0,
+                                      "gold_category_accuracy": value, "gold_loss": 1.0}]}
+                for name, value in finals.items()
+            },
+        }  # fmt: skip
+
+    short = run(28, 4, {"centralized": 0.5, "fedavg": 0.55})
+    long = run(7, 16, {"fedavg": 0.4, "fedprox-mu1": 0.45})
+    other_seed = {**short, "budget": {**short["budget"], "seed": 1}}
+    loaded = {"a-seed1": other_seed, "a": short, "a-16": long}
+
+    lines = quality_report._same_work_lines("a-16", long, loaded)
+
+    assert lines[0] == (
+        "The same seed, sites and records for the same 112 optimizer steps per site, split into "
+        "28 rounds of 4 local steps (`a`): centralized 50.0%, fedavg 55.0%. Here, in 7 rounds "
+        "of 16 local steps: fedavg 40.0% (80.0% of that centralized); fedprox-mu1 45.0% (90.0% "
+        "of that centralized)."
+    )
+    assert quality_report._same_work_lines("a", short, loaded) == []
