@@ -496,7 +496,7 @@ def _off_polynomial_evidence(off: Mapping[str, list[str]]) -> dict[str, JsonValu
         log.warning(
             "secure aggregation: shares of %s held by %s are off the polynomial the other "
             "shares and its commitment fit (sent wrong by the holder or dealt wrong by %s); "
-            "the sum was unmasked without them",
+            "the rebuild left them out",
             owner,
             ", ".join(holders),
             owner,
