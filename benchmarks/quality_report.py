@@ -250,8 +250,8 @@ def _local_steps(data: dict[str, Any]) -> int:
 
 
 def _steps_per_site(data: dict[str, Any]) -> int | None:
-    steps = data["train"].get("local_steps")
-    return None if not steps else int(data["budget"]["rounds"]) * int(steps)
+    steps = _local_steps(data)
+    return None if not steps else int(data["budget"]["rounds"]) * steps
 
 
 def _same_work_lines(name: str, data: dict[str, Any], loaded: dict[str, Any]) -> list[str]:

@@ -112,33 +112,30 @@ def test_the_audit_report_notes_the_shares_left_out_and_a_halt(
     )
 
 
+@pytest.mark.parametrize(
+    ("liar", "change"),
+    [
+        ("site-1", _wrong_y),
+        # site-3 holds x = 4; it claims x = 1 (site-0's) with a made-up y.
+        ("site-3", lambda share: [1, _shifted(str(share[1]))]),
+    ],
+    ids=["wrong y for every owner", "another holder's x"],
+)
 def test_a_site_lying_about_every_share_is_named_for_each_owner(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    liar: str,
+    change: Callable[[list[object]], list[object]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     h = make_harness(tmp_path, monkeypatch, num_sites=4, threshold=3)
-    lie = _alter("self_seed_shares", _every, _wrong_y)
-    tamper_replies(h, monkeypatch, site="site-1", message_type=UNMASK_MESSAGE, payload=lie)
+    lie = _alter("self_seed_shares", _every, change)
+    tamper_replies(h, monkeypatch, site=liar, message_type=UNMASK_MESSAGE, payload=lie)
 
     state, _ = h.run()
 
     assert state.total is not None
     np.testing.assert_array_equal(state.total, h.expected_sum(h.names))
-    assert _unmask_entry(h)["off_polynomial"] == {name: ["site-1"] for name in h.names}
-
-
-def test_a_share_claiming_another_holders_x_is_left_out(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    h = make_harness(tmp_path, monkeypatch, num_sites=4, threshold=3)
-    # site-3 holds x = 4; it claims x = 1 (site-0's) with a made-up y.
-    lie = _alter("self_seed_shares", _every, lambda share: [1, _shifted(str(share[1]))])
-    tamper_replies(h, monkeypatch, site="site-3", message_type=UNMASK_MESSAGE, payload=lie)
-
-    state, _ = h.run()
-
-    assert state.total is not None
-    np.testing.assert_array_equal(state.total, h.expected_sum(h.names))
-    assert _unmask_entry(h)["off_polynomial"] == {name: ["site-3"] for name in h.names}
+    assert _unmask_entry(h)["off_polynomial"] == {name: [liar] for name in h.names}
 
 
 def test_a_wrong_mask_key_share_of_a_dropout_is_left_out(
@@ -261,38 +258,34 @@ def _points(secret: bytes, *, threshold: int, count: int) -> dict[str, tuple[int
     return {f"h{share.x:02d}": (share.x, share.to_bytes()) for share in shares}
 
 
-def _x_of(count: int) -> dict[str, int]:
-    return {f"h{x:02d}": x for x in range(1, count + 1)}
+def _seed_rebuild(
+    points: dict[str, tuple[int, bytes]], *, threshold: int, suspects: frozenset[str] = frozenset()
+) -> tuple[bytes, list[str]]:
+    """SEED's owner's rebuild from ``points`` held by h01, h02, ... at x = 1, 2, ..."""
+    x_of = {f"h{x:02d}": x for x in range(1, len(points) + 1)}
+    return _rebuild(
+        "owner",
+        "self-mask seed",
+        points,
+        x_of=x_of,
+        threshold=threshold,
+        fits=_fits_seed,
+        suspects=set(suspects),
+    )
 
 
 def test_shares_dealt_for_another_secret_name_their_owner() -> None:
     # The owner committed to SEED but dealt shares of another secret: no subset fits.
     points = _points(bytes(32), threshold=3, count=5)
     with pytest.raises(RecoveryError, match="owner dealt shares that are not on one polynomial"):
-        _rebuild(
-            "owner",
-            "self-mask seed",
-            points,
-            x_of=_x_of(5),
-            threshold=3,
-            fits=_fits_seed,
-            suspects=set(),
-        )
+        _seed_rebuild(points, threshold=3)
 
 
 def test_the_search_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(recovery, "MAX_SUBSETS", 50)
     points = _points(bytes(32), threshold=6, count=11)  # C(11, 6) = 462 subsets
     with pytest.raises(RecoveryError, match="none of 50 subsets of 6 of its 11 shares"):
-        _rebuild(
-            "owner",
-            "self-mask seed",
-            points,
-            x_of=_x_of(11),
-            threshold=6,
-            fits=_fits_seed,
-            suspects=set(),
-        )
+        _seed_rebuild(points, threshold=6)
 
 
 def test_a_caught_holder_is_left_out_first(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -307,16 +300,8 @@ def test_a_caught_holder_is_left_out_first(monkeypatch: pytest.MonkeyPatch) -> N
 
     monkeypatch.setattr(recovery, "combine", counted)
     found = [
-        _rebuild(
-            "owner",
-            "self-mask seed",
-            points,
-            x_of=_x_of(5),
-            threshold=3,
-            fits=_fits_seed,
-            suspects=suspects,
-        )
-        for suspects in (set(), {"h01"})
+        _seed_rebuild(points, threshold=3, suspects=suspects)
+        for suspects in (frozenset(), frozenset({"h01"}))
     ]
 
     assert found == [(SEED, ["h01"]), (SEED, ["h01"])]
