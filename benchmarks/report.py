@@ -15,7 +15,13 @@ from typing import Any
 from quality_report import quality_sections, scale_section
 from report_deployment import deployment_section
 from report_distill import distill_section
-from report_privacy import attack_section, fill_compliance_page, sweep_section, utility_section
+from report_privacy import (
+    attack_section,
+    fill_compliance_page,
+    signal_section,
+    sweep_section,
+    utility_section,
+)
 from report_secagg import secagg_section
 from report_site_dp import fill_compliance_site_table, site_dp_section
 
@@ -426,6 +432,7 @@ def main() -> None:
             {path.name: json.loads(path.read_text()) for path in RESULTS.glob("dp-sweep*.json")}
         ),
         *utility_section(_load("privacy-utility.json")),
+        *signal_section(_load("dp-signal.json")),
         *site_dp_section(_load("site-level-dp.json")),
         *distill_section(_load("distill.json")),
         *secagg_section(_load("secure-aggregation.json")),

@@ -615,3 +615,57 @@ def replace_between(page: Path, markers: tuple[str, str], lines: list[str]) -> N
     _, tail = rest.split(end, 1)
     body = "\n".join(lines)
     page.write_text(f"{head}{start}\n{body}\n{end}{tail}", encoding="utf-8")
+
+
+def signal_section(result: dict[str, Any] | None) -> list[str]:
+    """Signal against noise in one DP-SGD step of the recipe (benchmarks/dp_signal.py)."""
+    lines = ["## Why record-level DP costs so much here: signal and noise in one step", ""]
+    if result is None:
+        return [*lines, "Not measured yet: run `python benchmarks/dp_signal.py`.", ""]
+    recipe = result["recipe"]
+    batch, clip = recipe["expected_batch_size"], recipe["max_grad_norm"]
+    lines += [
+        "`python benchmarks/dp_signal.py`: the adapter's per-example gradients on "
+        f"{result['points'][0]['records']} records of site `{result['site']}` of the privacy/"
+        f"utility federation (`{result['model']}`, {result['trained_parameters']:,} trained "
+        f"parameters, {result['precision']}), at the untrained adapter and at DP runs' last "
+        f"checkpoints. The signal of one step is the norm of the mean clipped gradient (clip "
+        f"{clip:g}; at most {clip:g}, reached only if every example's gradient points the same "
+        f"way); the noise on that mean is z x {clip:g} / {batch} per coordinate, "
+        "z x C x sqrt(d) / B in norm, with the noise multiplier z each site calibrates for the "
+        f"recipe ({result['noise'][0]['steps']} steps at sampling rate "
+        f"{batch}/{result['records_per_site']}).",
+        "",
+        "| point | mean loss | per-example gradient norm, median [p10, p90] | clipped | "
+        "mean clipped gradient (signal) |",
+        "|---|---:|---|---:|---:|",
+    ]
+    for point in result["points"]:
+        norms = point["per_example_norm"]
+        lines.append(
+            f"| {point['point']} | {point['mean_loss']:.3f} | {norms['median']:.2f} "
+            f"[{norms['p10']:.2f}, {norms['p90']:.2f}] | {_pct(point['share_clipped'])} | "
+            f"{point['mean_clipped_gradient_norm']:.3f} |"
+        )
+    lines += [
+        "",
+        "| epsilon | noise multiplier z | noise per coordinate | noise norm | "
+        + " | ".join(f"signal / noise, {p['point']}" for p in result["points"])
+        + " |",
+        "|---:|---:|---:|---:|" + "---:|" * len(result["points"]),
+    ]
+    ratios = {(r["point"], r["epsilon"]): r["signal_to_noise"] for r in result["signal_to_noise"]}
+    for row in result["noise"]:
+        cells = " | ".join(f"{ratios[(p['point'], row['epsilon'])]:.4f}" for p in result["points"])
+        lines.append(
+            f"| {row['epsilon']:g} | {row['noise_multiplier']:.3f} | "
+            f"{row['noise_per_coordinate']:.4f} | {row['noise_norm']:.1f} | {cells} |"
+        )
+    lines += [
+        "",
+        f"Averaging {result['num_sites']} sites' updates divides the noise norm by "
+        f"sqrt({result['num_sites']}) at most. Measured {result['measured_at']} in "
+        f"{result['seconds'] / 60:.1f} min; source: `benchmarks/results/dp-signal.json`.",
+        "",
+    ]
+    return lines
