@@ -10,8 +10,8 @@ federation uses:
   check, both signature checks and the update_received entry, the round_aggregated entry (with
   the new adapter's digest) and one signed receipt per site.
 Sites work in parallel in a real federation, so the round's audit cost is one site's signing
-plus all of the coordinator's work. It is compared with round times measured by
-benchmarks/demo_quality.py (results/demo.json) when present. Writes results/audit_overhead.json.
+plus all of the coordinator's work. benchmarks/report.py compares it with the demo's round time
+(results/demo.json) when it writes the page. Writes results/audit_overhead.json.
 """
 
 from __future__ import annotations
@@ -164,25 +164,11 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    demo = RESULTS / "demo.json"
-    if demo.exists():
-        rounds = [r for r in json.loads(demo.read_text())["per_round"] if r["round"] > 0]
-        round_s = statistics.median(r["seconds"] for r in rounds)
-        per_site_s = statistics.median(r["seconds"] / r["sites_ok"] for r in rounds)
-        result["reference"] = {
-            "source": "benchmarks/results/demo.json (the demo: SmolLM2-135M, 2 cores)",
-            "demo_round_s": round_s,
-            "demo_round_s_per_site": per_site_s,
-            "fraction_of_demo_round": per_round / round_s,
-            "fraction_of_one_site_training": per_round / per_site_s,
-        }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(
         json.dumps({k: result[k] for k in ("median_audit_s_per_round", "ledger_entries_per_round")})
     )
-    if "reference" in result:
-        print(json.dumps(result["reference"]))
 
 
 if __name__ == "__main__":
