@@ -49,9 +49,21 @@ def test_export_writes_a_model_card_with_the_runs_provenance(
         "| Precision | fp32 |",
         "record-level",
         "PeftModel.from_pretrained",
-        "metric `code`, 6 gold examples",
     ):
         assert value in card, value
+    # Both gold scores, each with what it measures, and the interval where one is recorded:
+    # exact-code accuracy alone would understate an ICD-10 model judged on its category.
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "(6 examples; metric `code`, accuracy: exact ICD-10-CM code" in card
+    assert f"| accuracy | {last['gold_accuracy'] * 100:.1f}% | |" in card
+    low, high = last["gold_category_accuracy_ci95"]
+    assert (
+        f"| category | {last['gold_category_accuracy'] * 100:.1f}% | "
+        f"[{low * 100:.1f}%, {high * 100:.1f}%] |"
+    ) in card
+    assert last["gold_parts"]
+    for part, figures in last["gold_parts"].items():
+        assert f"| {part} | category accuracy | {figures['category_accuracy'] * 100:.1f}% |" in card
     for site, epsilon in site_epsilons(entries, delta=1e-5, accountant="rdp").items():
         assert f"| {site} | record-level DP-SGD | {epsilon:.4f} |" in card
     # The local path of the base model is in the card, not in the adapter's config.

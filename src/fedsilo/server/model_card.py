@@ -11,11 +11,20 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from fedsilo.config import ConfigError, FedsiloConfig, load_config
+from fedsilo.evaluation.metrics import SECONDARY_LABELS
 from fedsilo.ledger import EntryKind
 from fedsilo.model.base import base_model_name
-from fedsilo.server.report_data import metric_name, privacy_of, readable_entries
+from fedsilo.report.model import PartRow
+from fedsilo.server.report_data import (
+    gold_parts_of,
+    metric_meaning,
+    metric_name,
+    privacy_of,
+    readable_entries,
+)
 from fedsilo.server.run_folder import RunFolder
 from fedsilo.storage import write_text_atomic
 
@@ -111,17 +120,7 @@ def model_card(run_dir: Path, *, source: str) -> str:
                 f"{privacy.site_level_epsilon[-1][1]:.4f} |"
             )
         lines.append("")
-    if "gold_accuracy" in last:
-        count = last.get("gold_count")
-        lines += [
-            "## Evaluation",
-            "",
-            f"Gold-set accuracy after round {last.get('round')}: "
-            f"{float(last['gold_accuracy']) * 100:.1f}% (metric `{metric}`, "
-            f"{count if count is not None else 'an unrecorded number of'} gold examples); "
-            f"mean answer loss {float(last['gold_loss']):.4f}.",
-            "",
-        ]
+    lines += _evaluation(last, metric, gold_parts_of(folder))
     local = info.get("base_model_path")
     lines += [
         "## How to load",
@@ -165,3 +164,52 @@ def _strategy(start: Mapping[str, object]) -> str:
     if isinstance(momentum, int | float) and momentum > 0:
         return f"{name}, server momentum {momentum:g}"
     return str(name)
+
+
+def _percent(value: object) -> str:
+    return f"{float(value) * 100:.1f}%" if isinstance(value, int | float) else _NOT_RECORDED
+
+
+def _interval(pair: object) -> str:
+    if isinstance(pair, list | tuple) and len(pair) == 2:
+        return f"[{_percent(pair[0])}, {_percent(pair[1])}]"
+    return ""
+
+
+def _evaluation(last: Mapping[str, Any], metric: str, parts: tuple[PartRow, ...]) -> list[str]:
+    """The gold-set figures of the last round: both scores with what they measure, the
+    interval where recorded, and each gold part (for ICD-10 the headline is the category
+    accuracy on unseen codes, which the exact-code accuracy alone would understate)."""
+    if "gold_accuracy" not in last:
+        return []
+    count = last.get("gold_count")
+    secondary = SECONDARY_LABELS.get(metric, "secondary score")
+    lines = [
+        "## Evaluation",
+        "",
+        f"Held-out gold set after round {last.get('round')} "
+        f"({count if count is not None else 'an unrecorded number of'} examples; metric "
+        f"`{metric}`, {metric_meaning(metric)}):",
+        "",
+        "| Figure | Value | 95% interval |",
+        "|---|---|---|",
+        f"| accuracy | {_percent(last['gold_accuracy'])} | |",
+        f"| {secondary} | {_percent(last.get('gold_category_accuracy'))} | "
+        f"{_interval(last.get('gold_category_accuracy_ci95'))} |",
+        f"| mean answer loss | {float(last['gold_loss']):.4f} | |",
+        "",
+    ]
+    if parts:
+        lines += [
+            "Gold-set parts, each scored and reported on its own:",
+            "",
+            "| Part | Figure | Value | 95% interval | Examples |",
+            "|---|---|---|---|---|",
+            *(
+                f"| {row.part} | {row.figure} | {_percent(row.value)} | "
+                f"{_interval(row.ci95)} | {row.count if row.count is not None else ''} |"
+                for row in parts
+            ),
+            "",
+        ]
+    return lines

@@ -368,7 +368,7 @@ def _optional_float(value: object) -> float | None:
 _PART_FIGURES = ("accuracy", "category_accuracy", "top1", "top5")
 
 
-def _gold_parts(folder: RunFolder) -> tuple[PartRow, ...]:
+def gold_parts_of(folder: RunFolder) -> tuple[PartRow, ...]:
     """The last round's gold parts, where metrics.jsonl has them (figures as recorded)."""
     try:
         records = folder.read_metrics()
@@ -407,7 +407,8 @@ def metric_name(config: FedsiloConfig | None, info: Mapping[str, Any]) -> str:
     return config.task.metric or LEGACY_DEFAULT_METRICS.get(config.task.name, "unknown")
 
 
-def _meaning(metric: str) -> str:
+def metric_meaning(metric: str) -> str:
+    """What the accuracy and the secondary score measure under ``metric``, in one line."""
     if metric not in METRIC_SCORES:
         return "an unknown metric"
     accuracy, secondary = METRIC_SCORES[metric]
@@ -596,10 +597,10 @@ def build_report_data(run_dir: Path, report: VerifyReport, *, key_source: KeySou
         metric=metric,
         secondary=SECONDARY_LABELS.get(metric, "secondary score"),
         metric_note=(
-            f"{_meaning(metric)}. Accuracy and loss are the "
+            f"{metric_meaning(metric)}. Accuracy and loss are the "
             "coordinator's evaluation on the gold set (metrics.jsonl), not signed in the "
             "ledger; the aggregate each was measured on is (its sha256 is shown)."
         ),
-        gold_parts=_gold_parts(folder),
+        gold_parts=gold_parts_of(folder),
         notes=_notes(entries),
     )
