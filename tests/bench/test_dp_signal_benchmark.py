@@ -70,9 +70,9 @@ def test_smoke_run_writes_the_noise_each_site_calibrates(tmp_path: Path) -> None
     recipe = SMOKE_RECIPE
     assert result["recipe"] == recipe.to_json()
     steps = result["noise"][0]["steps"]
-    assert steps == recipe.rounds * math.ceil(
-        recipe.local_epochs * result["records_per_site"] / recipe.expected_batch_size
-    )
+    # docs/tasks.md: a site trains ceil(local_epochs * ceil(records / batch)) steps a round.
+    batches_per_epoch = math.ceil(result["records_per_site"] / recipe.expected_batch_size)
+    assert steps == recipe.rounds * math.ceil(recipe.local_epochs * batches_per_epoch)
     for row in result["noise"]:
         expected = calibrate_noise_multiplier(
             target_epsilon=row["epsilon"],
