@@ -444,3 +444,39 @@ def test_report_reads_a_run_without_centralized_against_the_same_steps_split_oth
         "of that centralized)."
     )
     assert quality_report._same_work_lines("a", short, loaded) == []
+
+
+def test_sweep_chooses_fedadams_server_rate_at_fedavgs_rate(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    budget = dataclasses.replace(SMALL, examples_per_site=6, validation_share=0.34)
+    request = _request(
+        tiny_model_dir, tmp_path, budget, algorithms=("fedavg", "fedadam"),
+        results_path=tmp_path / "sweep.json",
+    )  # fmt: skip
+
+    sweep = run_sweep(SweepRequest(request, (1e-4, 0.05), (), server_learning_rates=(1e-4, 0.1)))
+
+    assert sweep["server_lr_grid"] == [1e-4, 0.1]
+    # FedAdam's site rate is not swept: it trains at FedAvg's choice, its server rate swept.
+    assert set(sweep["points"]) == {"fedavg"}
+    chosen = sweep["chosen"]
+    assert chosen["learning_rates"]["fedadam"] == chosen["learning_rates"]["fedavg"]
+    servers = sweep["fedadam_server_points"]
+    assert set(servers) == {"0.0001", "0.1"}
+    assert servers["0.0001"] != servers["0.1"]  # the server rate reached the strategy
+    best = min(servers, key=lambda k: servers[k]["validation_loss"])
+    assert chosen["server_learning_rate"] == float(best)
+    tuned = chosen_budget(budget, sweep)
+    assert tuned.server_learning_rate == float(best)
+    assert hyperparameters_record(sweep, tmp_path / "sweep.json")["server_lr_grid"] == [1e-4, 0.1]
+    # Resuming the finished sweep trains nothing more and chooses the same.
+    again = run_sweep(
+        SweepRequest(
+            dataclasses.replace(request, resume=True),
+            (1e-4, 0.05),
+            (),
+            server_learning_rates=(1e-4, 0.1),
+        )
+    )
+    assert again["chosen"] == chosen and again["fedadam_server_points"] == servers

@@ -200,7 +200,14 @@ def federated_configs(config: FedsiloConfig, budget: QualityBudget) -> dict[str,
     configs = {"fedavg": variant("fedavg", {"name": "fedavg"})}
     for mu in budget.proximal_mus:
         configs[f"fedprox-mu{mu:g}"] = variant("fedprox", {"name": "fedprox", "proximal_mu": mu})
-    configs["fedadam"] = variant("fedadam", {"name": "fedadam", "server_momentum": 0.0})
+    configs["fedadam"] = variant(
+        "fedadam",
+        {
+            "name": "fedadam",
+            "server_momentum": 0.0,
+            "server_learning_rate": budget.server_learning_rate,
+        },
+    )
     configs["ffa-lora"] = variant("ffa-lora", {"name": "fedavg"}, {"ffa": True})
     return configs
 

@@ -1,4 +1,4 @@
-"""Choose the quality benchmark's learning rates and FedProx mu on a validation split.
+"""Choose the quality benchmark's learning rates, FedProx mu and FedAdam's server rate.
 
 Hyperparameters are never chosen on a gold set. The sweep holds out ``validation_share`` of
 each site's own records (``fedsilo.data.tasks.hold_out_validation``: deterministic by seed,
@@ -7,8 +7,10 @@ learning rate of the grid with the benchmark's budget on the first seed, and sco
 final adapter on the validation records only. Per algorithm the rate with the lowest
 validation loss wins (ties: the higher validation accuracy, then the smaller rate); FedProx
 then tries each mu of its grid at FedAvg's chosen rate and keeps the mu with the lowest
-validation loss. Local-only is scored as the mean over sites of each site's adapter on the
-pooled validation records. The grid, every point and the choice go into the sweep's results
+validation loss, and FedAdam, given a grid of server learning rates, tries each at FedAvg's
+chosen rate the same way (its server step, not the sites' rate, is what FedAdam adds).
+Local-only is scored as the mean over sites of each site's adapter on the pooled validation
+records. The grid, every point and the choice go into the sweep's results
 file, and into each benchmark results file measured with the choice (``hyperparameters``).
 """
 
@@ -43,8 +45,8 @@ from fedsilo.storage import write_text_atomic
 
 SELECTION = (
     "lowest validation loss of the final adapter on the sites' held-out validation records "
-    "(ties: higher validation accuracy, then the smaller value); FedProx's mu at FedAvg's "
-    "chosen learning rate"
+    "(ties: higher validation accuracy, then the smaller value); FedProx's mu and FedAdam's "
+    "server learning rate at FedAvg's chosen learning rate"
 )
 
 
@@ -55,6 +57,9 @@ class SweepRequest:
     quality: QualityRequest  # results_path: where the sweep's own results go
     learning_rates: tuple[float, ...]
     proximal_mus: tuple[float, ...]
+    # FedAdam's server learning rates; empty: FedAdam's client rate is swept like the others'
+    # at the budget's server rate.
+    server_learning_rates: tuple[float, ...] = ()
 
 
 def _best(points: Mapping[str, Mapping[str, float]]) -> str:
@@ -75,10 +80,12 @@ def chosen_budget(budget: QualityBudget, sweep: Mapping[str, Any]) -> QualityBud
         raise ValueError("the sweep has not finished: run it again with --resume")
     chosen = sweep["chosen"]
     mu = chosen.get("proximal_mu")
+    server = chosen.get("server_learning_rate")
     return dataclasses.replace(
         budget,
         learning_rates=tuple(sorted((k, float(v)) for k, v in chosen["learning_rates"].items())),
         proximal_mus=budget.proximal_mus if mu is None else (float(mu),),
+        server_learning_rate=budget.server_learning_rate if server is None else float(server),
     )
 
 
@@ -90,6 +97,7 @@ def hyperparameters_record(sweep: Mapping[str, Any], sweep_path: Path) -> dict[s
         "selection": sweep["selection"],
         "learning_rate_grid": sweep["learning_rate_grid"],
         "mu_grid": sweep["mu_grid"],
+        "server_lr_grid": sweep.get("server_lr_grid", []),
         "chosen": sweep["chosen"],
         "validation_count": sweep["validation_count"],
     }
@@ -110,6 +118,8 @@ def run_sweep(request: SweepRequest) -> dict[str, Any]:
     identity = _identity(quality, config, trainer.loaded.base_model_hash)
     identity["learning_rate_grid"] = list(request.learning_rates)
     identity["mu_grid"] = list(request.proximal_mus)
+    if request.server_learning_rates:  # absent otherwise, so older sweep files still resume
+        identity["server_lr_grid"] = list(request.server_learning_rates)
     path = quality.results_path
     previous: dict[str, Any] = {}
     if quality.resume and path.exists():
@@ -122,6 +132,7 @@ def run_sweep(request: SweepRequest) -> dict[str, Any]:
                 )
     points: dict[str, dict[str, dict[str, float]]] = previous.get("points", {})
     mu_points: dict[str, dict[str, float]] = previous.get("fedprox_points", {})
+    server_points: dict[str, dict[str, float]] = previous.get("fedadam_server_points", {})
     started = time.perf_counter()
     initial = trainer.loaded.adapter_template
     sizes = {s.name: len(e) for s, e in zip(task.sites, trainer.examples, strict=True)}
@@ -139,6 +150,7 @@ def run_sweep(request: SweepRequest) -> dict[str, Any]:
             "validation_count": len(task.validation),
             "points": points,
             "fedprox_points": mu_points,
+            "fedadam_server_points": server_points,
             "chosen": chosen,
             "complete": complete,
             "out_dir": str(quality.out_dir),
@@ -149,15 +161,21 @@ def run_sweep(request: SweepRequest) -> dict[str, Any]:
         write_text_atomic(path, json.dumps(result, indent=2) + "\n")
         return result
 
-    def federated(name: str, lr: float, mu: float | None = None) -> AdapterState:
+    def federated(
+        name: str, lr: float, mu: float | None = None, server_lr: float | None = None
+    ) -> AdapterState:
         budget = dataclasses.replace(
             quality.budget,
             learning_rates=((name, lr),),
             proximal_mus=quality.budget.proximal_mus if mu is None else (mu,),
+            server_learning_rate=(
+                quality.budget.server_learning_rate if server_lr is None else server_lr
+            ),
         )
         key = name if mu is None else f"fedprox-mu{mu:g}"
         variant = federated_configs(config, budget)[key]
-        run_dir = quality.out_dir / "sweep" / f"{key}-lr{lr:g}"
+        server = "" if server_lr is None else f"-server{server_lr:g}"
+        run_dir = quality.out_dir / "sweep" / f"{key}-lr{lr:g}{server}"
         _, adapter = _federated(key, variant, run_dir, say, resume=quality.resume, site_sizes=sizes)
         return {**initial, **adapter}  # FFA-LoRA's state holds B only
 
@@ -175,7 +193,9 @@ def run_sweep(request: SweepRequest) -> dict[str, Any]:
 
     chosen: dict[str, Any] = {"learning_rates": {}, "proximal_mu": None}
     families = [a for a in ("centralized", "local", *FEDERATED) if a in quality.algorithms]
-    for name in (f for f in families if f != "fedprox"):
+    server_swept = "fedadam" in families and bool(request.server_learning_rates)
+    at_fedavg_rate = {"fedprox", *(("fedadam",) if server_swept else ())}
+    for name in (f for f in families if f not in at_fedavg_rate):
         for lr in request.learning_rates:
             if f"{lr:g}" in points.get(name, {}):
                 continue
@@ -193,6 +213,16 @@ def run_sweep(request: SweepRequest) -> dict[str, Any]:
                 write(chosen, complete=False)
         chosen["learning_rates"]["fedprox"] = lr
         chosen["proximal_mu"] = float(_best(mu_points))
+    if server_swept:
+        lr = chosen["learning_rates"].get("fedavg", quality.budget.learning_rate)
+        for server_lr in request.server_learning_rates:
+            if f"{server_lr:g}" not in server_points:
+                score = trainer.evaluate_validation(federated("fedadam", lr, server_lr=server_lr))
+                server_points[f"{server_lr:g}"] = score
+                say(f"sweep fedadam server lr {server_lr:g}: {score['validation_loss']:.4f}")
+                write(chosen, complete=False)
+        chosen["learning_rates"]["fedadam"] = lr
+        chosen["server_learning_rate"] = float(_best(server_points))
     result = write(chosen, complete=True)
     say(f"sweep chose {chosen}; wrote {path}")
     return result

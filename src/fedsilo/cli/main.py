@@ -359,6 +359,9 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
                 ),
                 learning_rates=tuple(args.lr_grid or (budget.learning_rate,)),
                 proximal_mus=budget.proximal_mus if "fedprox" in swept else (),
+                server_learning_rates=tuple(args.server_lr_grid or ())
+                if "fedadam" in swept
+                else (),
             )
         )
         budget = chosen_budget(budget, sweep)
@@ -484,6 +487,13 @@ def _add_bench(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "then run the seeds with the choice",
     )
     quality.add_argument("--lr-grid", type=float, nargs="+", help="learning rates the sweep tries")
+    quality.add_argument(
+        "--server-lr-grid",
+        type=float,
+        nargs="+",
+        help="FedAdam server learning rates the sweep tries, at FedAvg's chosen learning rate "
+        "(without it, FedAdam's site learning rate is swept at --server-learning-rate)",
+    )
     quality.add_argument(
         "--sweep-seed",
         type=int,
