@@ -2,6 +2,7 @@
 
     python benchmarks/dp_signal.py [--records 256] [--epsilons 1,3,8]
         [--checkpoint eps3=runs/privacy-utility-v2/eps3/checkpoints/round-28/adapter.safetensors]
+        [--batch-size 128] [--lora-rank 2] [--lora-targets q_proj,v_proj] [--out FILE]
     python benchmarks/dp_signal.py --smoke --out /tmp/dp-signal.json   # tiny model, seconds
 
 For the DP recipe's federation (``fedsilo.bench.dp_recipe``: its sites, LoRA shape, expected
@@ -39,7 +40,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedsilo.bench.dp_recipe import DpRecipe, Federation, smoke_setup, utility_config
+from fedsilo.bench.dp_recipe import (
+    DpRecipe,
+    Federation,
+    add_schedule_arguments,
+    schedule_from,
+    smoke_setup,
+    utility_config,
+)
 from fedsilo.client.site import LoadedModel, load_model_with_adapter
 from fedsilo.data.encode import Example, encode_records
 from fedsilo.data.tasks import build_task
@@ -159,6 +167,13 @@ def main(argv: list[str] | None = None) -> None:
         metavar="NAME=PATH",
         help="an adapter.safetensors of a run with the recipe's LoRA shape (repeatable)",
     )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=DpRecipe().expected_batch_size,
+        help="the recipe's expected batch (another recipe than the measured one: give --out)",
+    )
+    add_schedule_arguments(parser)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument(
         "--smoke", action="store_true", help="tiny model, 2 small sites (give --out)"
@@ -178,7 +193,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.smoke:
         federation, recipe = smoke_setup(Path(tempfile.mkdtemp(prefix="fedsilo-dp-signal-")))
     else:
-        federation, recipe = Federation(model=args.model), DpRecipe()
+        recipe = schedule_from(args, DpRecipe(expected_batch_size=args.batch_size))
+        federation = Federation(model=args.model)
     started = time.perf_counter()
     config = utility_config(federation, recipe, epsilon=None)
     loaded = load_model_with_adapter(config)

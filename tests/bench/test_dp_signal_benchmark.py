@@ -93,3 +93,17 @@ def test_smoke_run_writes_the_noise_each_site_calibrates(tmp_path: Path) -> None
     assert 0 < signal <= recipe.max_grad_norm
     for ratio, row in zip(result["signal_to_noise"], result["noise"], strict=True):
         assert ratio["signal_to_noise"] == pytest.approx(signal / row["noise_norm"])
+
+
+def test_default_flags_measure_the_privacy_utility_recipe_and_flags_change_it() -> None:
+    import argparse
+
+    from fedsilo.bench.dp_recipe import DpRecipe, add_schedule_arguments, schedule_from
+
+    parser = argparse.ArgumentParser()
+    add_schedule_arguments(parser)
+    assert schedule_from(parser.parse_args([]), DpRecipe(expected_batch_size=32)) == DpRecipe()
+    changed = schedule_from(
+        parser.parse_args(["--lora-rank", "2", "--lora-targets", "q_proj,v_proj"]), DpRecipe()
+    )
+    assert (changed.lora_rank, changed.lora_targets) == (2, ("q_proj", "v_proj"))
