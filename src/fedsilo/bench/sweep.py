@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -194,8 +194,8 @@ def run_sweep(request: SweepRequest) -> dict[str, Any]:
     chosen: dict[str, Any] = {"learning_rates": {}, "proximal_mu": None}
     families = [a for a in ("centralized", "local", *FEDERATED) if a in quality.algorithms]
     server_swept = "fedadam" in families and bool(request.server_learning_rates)
-    at_fedavg_rate = {"fedprox", *(("fedadam",) if server_swept else ())}
-    for name in (f for f in families if f not in at_fedavg_rate):
+    after_fedavg = {"fedprox", *(("fedadam",) if server_swept else ())}
+    for name in (f for f in families if f not in after_fedavg):
         for lr in request.learning_rates:
             if f"{lr:g}" in points.get(name, {}):
                 continue
@@ -204,25 +204,34 @@ def run_sweep(request: SweepRequest) -> dict[str, Any]:
             say(f"sweep {name} lr {lr:g}: validation loss {score['validation_loss']:.4f}")
             write(chosen, complete=False)
         chosen["learning_rates"][name] = float(_best(points[name]))
+
+    def at_fedavg_rate(
+        name: str,
+        label: str,
+        grid: tuple[float, ...],
+        scores: dict[str, dict[str, float]],
+        train: Callable[[float, float], AdapterState],
+    ) -> float:
+        """``name`` trains at FedAvg's chosen rate; the value of ``grid`` it does best with."""
+        lr = chosen["learning_rates"].get("fedavg", quality.budget.learning_rate)
+        for value in grid:
+            if f"{value:g}" not in scores:
+                scores[f"{value:g}"] = trainer.evaluate_validation(train(lr, value))
+                say(f"sweep {label} {value:g}: {scores[f'{value:g}']['validation_loss']:.4f}")
+                write(chosen, complete=False)
+        chosen["learning_rates"][name] = lr
+        return float(_best(scores))
+
     if "fedprox" in families and request.proximal_mus:
-        lr = chosen["learning_rates"].get("fedavg", quality.budget.learning_rate)
-        for mu in request.proximal_mus:
-            if f"{mu:g}" not in mu_points:
-                mu_points[f"{mu:g}"] = trainer.evaluate_validation(federated("fedprox", lr, mu))
-                say(f"sweep fedprox mu {mu:g}: {mu_points[f'{mu:g}']['validation_loss']:.4f}")
-                write(chosen, complete=False)
-        chosen["learning_rates"]["fedprox"] = lr
-        chosen["proximal_mu"] = float(_best(mu_points))
+        chosen["proximal_mu"] = at_fedavg_rate(
+            "fedprox", "fedprox mu", request.proximal_mus, mu_points,
+            lambda lr, mu: federated("fedprox", lr, mu),
+        )  # fmt: skip
     if server_swept:
-        lr = chosen["learning_rates"].get("fedavg", quality.budget.learning_rate)
-        for server_lr in request.server_learning_rates:
-            if f"{server_lr:g}" not in server_points:
-                score = trainer.evaluate_validation(federated("fedadam", lr, server_lr=server_lr))
-                server_points[f"{server_lr:g}"] = score
-                say(f"sweep fedadam server lr {server_lr:g}: {score['validation_loss']:.4f}")
-                write(chosen, complete=False)
-        chosen["learning_rates"]["fedadam"] = lr
-        chosen["server_learning_rate"] = float(_best(server_points))
+        chosen["server_learning_rate"] = at_fedavg_rate(
+            "fedadam", "fedadam server lr", request.server_learning_rates, server_points,
+            lambda lr, server_lr: federated("fedadam", lr, server_lr=server_lr),
+        )  # fmt: skip
     result = write(chosen, complete=True)
     say(f"sweep chose {chosen}; wrote {path}")
     return result
