@@ -58,6 +58,7 @@ from fedsilo.privacy.dp_sgd import (
     clip_per_example,
     clipped_per_example_gradients,
     per_example_gradient_hooks,
+    per_example_norms,
 )
 from fedsilo.protocol.schedule import local_steps_for
 from fedsilo.storage import write_text_atomic
@@ -89,8 +90,7 @@ def gradient_point(
                 max_grad_norm=math.inf,
                 precision=loaded.precision.precision,
             )
-            squared = torch.stack([grad.flatten(start_dim=1).pow(2).sum(dim=1) for grad in raw])
-            norms += squared.sum(dim=0).sqrt().tolist()
+            norms += per_example_norms(raw).tolist()
             losses += piece_losses.tolist()
             for total, grad in zip(raw_sum, raw, strict=True):
                 total += grad.sum(dim=0)

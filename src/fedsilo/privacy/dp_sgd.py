@@ -311,15 +311,19 @@ def clipped_per_example_gradients(
     return clip_per_example(grads, max_grad_norm=max_grad_norm), per_example_losses.detach()
 
 
+def per_example_norms(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Each example's gradient norm over all tensors of ``grads`` together (row ``i`` of each)."""
+    squared = torch.stack([grad.flatten(start_dim=1).pow(2).sum(dim=1) for grad in grads])
+    return squared.sum(dim=0).sqrt()
+
+
 def clip_per_example(grads: Sequence[torch.Tensor], *, max_grad_norm: float) -> list[torch.Tensor]:
     """Scale each example's gradient (row ``i`` of every tensor in ``grads``) to norm <= bound.
 
     The norm is over all tensors together. The factor is ``min(1, C / (norm + 1e-6))`` (as
     in Opacus): gradients already within the bound are left unchanged, never scaled up.
     """
-    squared = torch.stack([grad.flatten(start_dim=1).pow(2).sum(dim=1) for grad in grads])
-    norms = squared.sum(dim=0).sqrt()
-    factors = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+    factors = (max_grad_norm / (per_example_norms(grads) + 1e-6)).clamp(max=1.0)
     return [grad * factors.view(-1, *([1] * (grad.dim() - 1))) for grad in grads]
 
 
