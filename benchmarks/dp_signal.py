@@ -190,10 +190,12 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"--checkpoint takes NAME=PATH, got {text!r}")
         checkpoints.append((name, Path(path)))
 
+    recipe = schedule_from(args, DpRecipe(expected_batch_size=args.batch_size))
     if args.smoke:
+        if recipe != DpRecipe():
+            raise SystemExit("--smoke measures its own tiny recipe: leave out the recipe flags")
         federation, recipe = smoke_setup(Path(tempfile.mkdtemp(prefix="fedsilo-dp-signal-")))
     else:
-        recipe = schedule_from(args, DpRecipe(expected_batch_size=args.batch_size))
         federation = Federation(model=args.model)
     started = time.perf_counter()
     config = utility_config(federation, recipe, epsilon=None)

@@ -107,3 +107,10 @@ def test_default_flags_measure_the_privacy_utility_recipe_and_flags_change_it() 
         parser.parse_args(["--lora-rank", "2", "--lora-targets", "q_proj,v_proj"]), DpRecipe()
     )
     assert (changed.lora_rank, changed.lora_targets) == (2, ("q_proj", "v_proj"))
+
+
+def test_smoke_refuses_recipe_flags_it_would_ignore(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="leave out the recipe flags"):
+        benchmark_script("dp_signal").main(
+            ["--smoke", "--lora-rank", "2", "--out", str(tmp_path / "x.json")]
+        )
