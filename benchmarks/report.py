@@ -446,7 +446,9 @@ def main() -> None:
             {path.name: json.loads(path.read_text()) for path in RESULTS.glob("dp-sweep*.json")}
         ),
         *utility_section(_load("privacy-utility.json")),
-        *signal_section(_load("dp-signal.json")),
+        *signal_section(
+            {path.name: json.loads(path.read_text()) for path in RESULTS.glob("dp-signal*.json")}
+        ),
         *site_dp_section(_load("site-level-dp.json")),
         *distill_section(_load("distill.json")),
         *secagg_section(_load("secure-aggregation.json")),

@@ -292,7 +292,8 @@ def _recipe_text(recipe: dict[str, Any], records_per_site: int) -> str:
     adapted = "" if targets is None else f" on {', '.join(targets)}"
     return (
         f"{recipe['rounds']} rounds of {recipe['local_epochs']:g} local "
-        f"epoch{'' if recipe['local_epochs'] == 1 else 's'} each ({steps} steps), expected "
+        f"epoch{'' if recipe['local_epochs'] == 1 else 's'} each "
+        f"({steps} step{'' if steps == 1 else 's'}), expected "
         f"batch {recipe['expected_batch_size']} (Poisson sampling), {schedule}, clip "
         f"{recipe['max_grad_norm']:g}, {'FFA-LoRA' if recipe['ffa'] else 'LoRA'} rank "
         f"{recipe['lora_rank']}{adapted}"
@@ -617,14 +618,28 @@ def replace_between(page: Path, markers: tuple[str, str], lines: list[str]) -> N
     page.write_text(f"{head}{start}\n{body}\n{end}{tail}", encoding="utf-8")
 
 
-def signal_section(result: dict[str, Any] | None) -> list[str]:
-    """Signal against noise in one DP-SGD step of the recipe (benchmarks/dp_signal.py)."""
+def signal_section(results: dict[str, dict[str, Any]]) -> list[str]:
+    """Signal against noise in one DP-SGD step, one table pair per dp_signal.py results file."""
     lines = ["## Why record-level DP costs so much here: signal and noise in one step", ""]
-    if result is None:
+    if not results:
         return [*lines, "Not measured yet: run `python benchmarks/dp_signal.py`.", ""]
+    for name, result in sorted(results.items()):
+        lines += _signal_tables(name, result)
+    return lines
+
+
+def _adapter(recipe: dict[str, Any]) -> str:
+    targets = recipe.get("lora_targets") or []
+    kind = "FFA-LoRA" if recipe.get("ffa") else "LoRA"
+    return f"{kind} rank {recipe['lora_rank']} on {', '.join(targets) or 'all linear layers'}"
+
+
+def _signal_tables(name: str, result: dict[str, Any]) -> list[str]:
     recipe = result["recipe"]
     batch, clip = recipe["expected_batch_size"], recipe["max_grad_norm"]
-    lines += [
+    lines = [
+        f"### `{name}`: {_adapter(recipe)}, expected batch {batch}",
+        "",
         "`python benchmarks/dp_signal.py`: the adapter's per-example gradients on "
         f"{result['points'][0]['records']} records of site `{result['site']}` of the privacy/"
         f"utility federation (`{result['model']}`, {result['trained_parameters']:,} trained "
@@ -665,7 +680,7 @@ def signal_section(result: dict[str, Any] | None) -> list[str]:
         "",
         f"Averaging {result['num_sites']} sites' updates divides the noise norm by "
         f"sqrt({result['num_sites']}) at most. Measured {result['measured_at']} in "
-        f"{result['seconds'] / 60:.1f} min; source: `benchmarks/results/dp-signal.json`.",
+        f"{result['seconds'] / 60:.1f} min; source: `benchmarks/results/{name}`.",
         "",
     ]
     return lines
