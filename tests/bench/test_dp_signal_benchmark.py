@@ -94,6 +94,17 @@ def test_smoke_run_writes_the_noise_each_site_calibrates(tmp_path: Path) -> None
     for ratio, row in zip(result["signal_to_noise"], result["noise"], strict=True):
         assert ratio["signal_to_noise"] == pytest.approx(signal / row["noise_norm"])
 
+    # The benchmark page shows every results file, each under its adapter and with its source.
+    other = {**result, "recipe": {**result["recipe"], "lora_rank": 1, "lora_targets": ["q_proj"]}}
+    page = "\n".join(
+        benchmark_script("report_privacy").signal_section(
+            {"dp-signal.json": result, "dp-signal-r1.json": other}
+        )
+    )
+    assert "### `dp-signal-r1.json`: LoRA rank 1 on q_proj, expected batch" in page
+    assert "source: `benchmarks/results/dp-signal-r1.json`" in page
+    assert "source: `benchmarks/results/dp-signal.json`" in page
+
 
 def test_default_flags_measure_the_privacy_utility_recipe_and_flags_change_it() -> None:
     import argparse
