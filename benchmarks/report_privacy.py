@@ -288,16 +288,20 @@ def _recipe_text(recipe: dict[str, Any], records_per_site: int) -> str:
         if "lr_schedule" in recipe
         else f"constant learning rate {recipe['learning_rate']:g}"
     )
-    targets = recipe.get("lora_targets")
-    adapted = "" if targets is None else f" on {', '.join(targets)}"
     return (
         f"{recipe['rounds']} rounds of {recipe['local_epochs']:g} local "
         f"epoch{'' if recipe['local_epochs'] == 1 else 's'} each "
         f"({steps} step{'' if steps == 1 else 's'}), expected "
         f"batch {recipe['expected_batch_size']} (Poisson sampling), {schedule}, clip "
-        f"{recipe['max_grad_norm']:g}, {'FFA-LoRA' if recipe['ffa'] else 'LoRA'} rank "
-        f"{recipe['lora_rank']}{adapted}"
+        f"{recipe['max_grad_norm']:g}, {_adapter(recipe)}"
     )
+
+
+def _adapter(recipe: dict[str, Any]) -> str:
+    """The trained adapter: kind, rank and, where the recipe records them, the adapted layers."""
+    targets = recipe.get("lora_targets")
+    adapted = "" if targets is None else f" on {', '.join(targets)}"
+    return f"{'FFA-LoRA' if recipe['ffa'] else 'LoRA'} rank {recipe['lora_rank']}{adapted}"
 
 
 def _recipes(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -626,12 +630,6 @@ def signal_section(results: dict[str, dict[str, Any]]) -> list[str]:
     for name, result in sorted(results.items()):
         lines += _signal_tables(name, result)
     return lines
-
-
-def _adapter(recipe: dict[str, Any]) -> str:
-    targets = recipe.get("lora_targets") or []
-    kind = "FFA-LoRA" if recipe.get("ffa") else "LoRA"
-    return f"{kind} rank {recipe['lora_rank']} on {', '.join(targets) or 'all linear layers'}"
 
 
 def _signal_tables(name: str, result: dict[str, Any]) -> list[str]:
