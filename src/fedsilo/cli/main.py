@@ -400,6 +400,28 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_merge(args: argparse.Namespace) -> int:
+    from fedsilo.bench.merge import MergeError, merge_quality_results
+    from fedsilo.bench.summary import seed_results_files, update_summary
+
+    try:
+        merged = merge_quality_results(args.into, args.sources)
+    except MergeError as error:
+        print(f"fedsilo bench merge: {error}", file=sys.stderr)
+        return 2
+    # The summary's entry is named after the seed-0 file of INTO's seed family.
+    stem, _, seed = args.into.stem.rpartition("-seed")
+    base = args.into.with_name(f"{stem}{args.into.suffix}") if seed.isdigit() else args.into
+    label = base.stem.removeprefix("quality-")
+    update_summary(args.summary, label, seed_results_files(base))
+    print(
+        f"wrote {args.into}: algorithms {sorted(merged['algorithms'])}"
+        f"{'' if merged['complete'] else ' (some parts incomplete)'}; summary {args.summary}"
+        f" ({label})"
+    )
+    return 0
+
+
 def _examples_per_site(value: str) -> int | Literal["all"]:
     if value == "all":
         return "all"
@@ -547,6 +569,23 @@ def _add_bench(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default = getattr(defaults, field_name)
         quality.add_argument(f"--{flag}", type=kind, default=default, help=f"default {default}")
     quality.set_defaults(handler=cmd_bench_quality)
+    merge = bench.add_parser(
+        "merge",
+        help="fold quality results files that measured parts of one benchmark into one",
+        description="Add the algorithms of each SOURCE results file to INTO, after checking that "
+        "all measured the same benchmark (task, model, budget, data, gold set); then recompute "
+        "INTO's goals and its entry of the summary. Lets two processes, one per core, measure "
+        "different algorithms of one benchmark, each writing its own --results.",
+    )
+    merge.add_argument("into", type=Path, help="the results file that receives the algorithms")
+    merge.add_argument("sources", type=Path, nargs="+", help="results files to add to it")
+    merge.add_argument(
+        "--summary",
+        type=Path,
+        default=Path("benchmarks") / "results" / "quality-summary.json",
+        help="the summary over seeds whose entry for INTO is recomputed",
+    )
+    merge.set_defaults(handler=cmd_bench_merge)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -1,0 +1,193 @@
+"""Folding results files that two processes measured for one quality benchmark into one."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fedsilo.bench.merge import MergeError, merge_quality_results
+from fedsilo.cli.main import main
+
+
+def _row(round_number: int, category: float, loss: float) -> dict[str, Any]:
+    return {
+        "round": round_number,
+        "gold_accuracy": category / 2,
+        "gold_category_accuracy": category,
+        "gold_loss": loss,
+    }
+
+
+def _part(algorithms: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    """A results file of the shape run_quality_benchmark writes, holding ``algorithms``."""
+    data: dict[str, Any] = {
+        "benchmark": "quality",
+        "task": "icd10-by-specialty",
+        "model": "smollm2-135m-instruct",
+        "base_model_hash": "ab" * 32,
+        "budget": {"num_sites": 8, "rounds": 2, "seed": 0},
+        "train": {"precision": "auto"},
+        "lora": {"rank": 16},
+        "task_settings": {"name": "icd10", "num_sites": 8},
+        "metric": "code",
+        "metric_meaning": {
+            "gold_accuracy": "exact code",
+            "gold_category_accuracy": "same 3-character category",
+        },
+        "sites": {"neurology": 600},
+        "validation_count": 0,
+        "gold_count": 200,
+        "round0": {"gold_accuracy": 0.0, "gold_category_accuracy": 0.0, "gold_loss": 4.62},
+        "algorithms": algorithms,
+        "goals": {},
+        "edge_cases": {},
+        "hyperparameters": {"chosen_by": "given"},
+        "complete": True,
+        "out_dir": "runs/part",
+        "wall_seconds": 100.0,
+        "peak_rss_mb": 1000.0,
+        "machine": {"device": "cpu", "cpus": 2},
+        "measured_at": "2026-12-06T04:00:00Z",
+    }
+    data.update(fields)
+    return data
+
+
+CENTRALIZED = {"per_round": [_row(1, 0.25, 2.0), _row(2, 0.5, 1.0)]}
+FEDAVG = {"per_round": [_row(1, 0.1, 3.0), _row(2, 0.4, 1.5)]}
+
+
+def _write(path: Path, data: dict[str, Any]) -> Path:
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_merge_unions_the_algorithms_and_recomputes_the_goals(tmp_path: Path) -> None:
+    into = _write(tmp_path / "quality-x.json", _part({"fedavg": FEDAVG}, goals={"fedavg": {}}))
+    other = _write(
+        tmp_path / "central.json",
+        _part(
+            {"centralized": CENTRALIZED},
+            out_dir="runs/central",
+            wall_seconds=250.0,
+            peak_rss_mb=1500.0,
+            measured_at="2026-12-06T05:00:00Z",
+        ),
+    )
+
+    merged = merge_quality_results(into, [other])
+
+    assert json.loads(into.read_text()) == merged
+    assert set(merged["algorithms"]) == {"fedavg", "centralized"}
+    goals = merged["goals"]["fedavg"]
+    assert goals["gold_category_accuracy_vs_centralized"] == pytest.approx(0.4 / 0.5)
+    # (4.62 - 1.5) of centralized's (4.62 - 1.0)
+    assert goals["gold_loss_reduction_vs_centralized"] == pytest.approx(3.12 / 3.62)
+    assert merged["wall_seconds"] == pytest.approx(350.0)
+    assert merged["peak_rss_mb"] == 1500.0
+    assert merged["measured_at"] == "2026-12-06T05:00:00Z"
+    assert merged["out_dir"] == "runs/part"  # the target's run folder: where --resume goes on
+    assert [(p["results"], p["algorithms"], p["out_dir"]) for p in merged["merged_from"]] == [
+        (str(into), ["fedavg"], "runs/part"),
+        (str(other), ["centralized"], "runs/central"),
+    ]
+    assert merged["complete"] is True
+
+
+def test_an_incomplete_part_leaves_the_merge_incomplete(tmp_path: Path) -> None:
+    into = _write(tmp_path / "a.json", _part({"fedavg": FEDAVG}))
+    other = _write(tmp_path / "b.json", _part({"centralized": CENTRALIZED}, complete=False))
+
+    assert merge_quality_results(into, [other])["complete"] is False
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("budget", {"num_sites": 8, "rounds": 3, "seed": 0}),
+        ("base_model_hash", "cd" * 32),
+        ("gold_count", 100),
+        ("lora", {"rank": 8}),
+    ],
+)
+def test_a_part_of_another_benchmark_is_refused_naming_file_and_field(
+    tmp_path: Path, field: str, value: Any
+) -> None:
+    into = _write(tmp_path / "a.json", _part({"fedavg": FEDAVG}))
+    before = into.read_bytes()
+    other = _write(tmp_path / "b.json", _part({"centralized": CENTRALIZED}, **{field: value}))
+
+    with pytest.raises(MergeError, match=rf"b\.json: field '{field}' differs"):
+        merge_quality_results(into, [other])
+    assert into.read_bytes() == before
+
+
+def test_a_different_untrained_score_is_refused(tmp_path: Path) -> None:
+    into = _write(tmp_path / "a.json", _part({"fedavg": FEDAVG}))
+    round0 = {"gold_accuracy": 0.0, "gold_category_accuracy": 0.0, "gold_loss": 4.7}
+    other = _write(tmp_path / "b.json", _part({"centralized": CENTRALIZED}, round0=round0))
+
+    with pytest.raises(MergeError, match="round0"):
+        merge_quality_results(into, [other])
+
+
+def test_the_untrained_score_may_differ_in_the_last_bits(tmp_path: Path) -> None:
+    into = _write(tmp_path / "a.json", _part({"fedavg": FEDAVG}))
+    round0 = {"gold_accuracy": 0.0, "gold_category_accuracy": 0.0, "gold_loss": 4.62 + 1e-12}
+    other = _write(tmp_path / "b.json", _part({"centralized": CENTRALIZED}, round0=round0))
+
+    assert "centralized" in merge_quality_results(into, [other])["algorithms"]
+
+
+def test_an_algorithm_measured_twice_is_refused_naming_both_files(tmp_path: Path) -> None:
+    into = _write(tmp_path / "a.json", _part({"fedavg": FEDAVG}))
+    other_fedavg = copy.deepcopy(FEDAVG)
+    other_fedavg["per_round"][-1]["gold_category_accuracy"] = 0.45
+    other = _write(tmp_path / "b.json", _part({"fedavg": other_fedavg}))
+
+    twice = r"b\.json: algorithm 'fedavg' is also measured in .*a\.json"
+    with pytest.raises(MergeError, match=twice):
+        merge_quality_results(into, [other])
+
+
+def test_merging_the_target_into_itself_or_nothing_is_refused(tmp_path: Path) -> None:
+    into = _write(tmp_path / "a.json", _part({"fedavg": FEDAVG}))
+
+    with pytest.raises(MergeError, match="nothing to merge"):
+        merge_quality_results(into, [])
+    with pytest.raises(MergeError, match="target itself"):
+        merge_quality_results(into, [into])
+
+
+def test_the_command_merges_and_updates_the_summary_entry(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    into = _write(tmp_path / "quality-x-seed1.json", _part({"fedavg": FEDAVG}))
+    other = _write(tmp_path / "central.json", _part({"centralized": CENTRALIZED}))
+    summary = tmp_path / "summary.json"
+
+    assert main(["bench", "merge", str(into), str(other), "--summary", str(summary)]) == 0
+
+    entry = json.loads(summary.read_text())["tasks"]["x"]
+    assert entry["results_files"] == [str(into)]
+    assert set(entry["algorithms"]) == {"fedavg", "centralized"}
+    assert "algorithms ['centralized', 'fedavg']" in capsys.readouterr().out
+
+
+def test_the_command_reports_a_refused_merge_and_changes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    into = _write(tmp_path / "a.json", _part({"fedavg": FEDAVG}))
+    before = into.read_bytes()
+    other = _write(tmp_path / "b.json", _part({"fedavg": FEDAVG}))
+    summary = tmp_path / "summary.json"
+
+    assert main(["bench", "merge", str(into), str(other), "--summary", str(summary)]) == 2
+
+    assert "algorithm 'fedavg' is also measured" in capsys.readouterr().err
+    assert into.read_bytes() == before
+    assert not summary.exists()
