@@ -1,7 +1,9 @@
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 import torch
+from peft.tuners.lora.layer import LoraLayer
 
 from fedsilo.client.site import load_model_with_adapter
 from fedsilo.config import FedsiloConfig
@@ -137,6 +139,32 @@ def test_bf16_training_sends_fp32_deltas_and_keeps_adapters_fp32(
         for name, param in loaded.model.named_parameters()
         if "lora_" in name
     )
+
+
+def test_bf16_lora_layers_read_their_input_uncast_with_the_same_gradients(
+    make_config: Callable[..., FedsiloConfig],
+) -> None:
+    loaded, examples, pad_id = _setup(make_config())
+    hold_base_weights_in(loaded.model, "bf16")
+    params = [p for p in loaded.model.parameters() if p.requires_grad]
+    method = PlainGradient(batch_size=8, micro_batch_size=3)
+
+    def gradients(*, attached: bool) -> list[torch.Tensor]:
+        loaded.model.zero_grad(set_to_none=True)
+        with method.attached(loaded.model) if attached else nullcontext():
+            method.set_gradients(
+                loaded.model, examples, params=params, pad_id=pad_id, precision="bf16"
+            )
+        return [p.grad.detach().clone() for p in params]
+
+    layers = [m for m in loaded.model.modules() if isinstance(m, LoraLayer)]
+    with method.attached(loaded.model):
+        assert layers and not any(layer.cast_input_dtype_enabled for layer in layers)
+    assert all(layer.cast_input_dtype_enabled for layer in layers)  # restored after the steps
+    # peft's cast to fp32 and autocast's cast back are exact for bf16 values: the gradients
+    # without them are the same to the bit.
+    for uncast, cast in zip(gradients(attached=True), gradients(attached=False), strict=True):
+        assert torch.equal(uncast, cast)
 
 
 def test_progress_is_reported_after_every_step(make_config: Callable[..., FedsiloConfig]) -> None:

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import numpy as np
 import torch
 from peft import PeftModel
+from peft.helpers import disable_input_dtype_casting
 from torch import nn
 
 from fedsilo.data.batching import collate, count_positions, count_tokens, iterate_batches
@@ -139,8 +140,14 @@ class PlainGradient:
         )
 
     def attached(self, model: nn.Module) -> AbstractContextManager[None]:
-        del model
-        return nullcontext()
+        # peft copies each LoRA layer's input to the adapter's dtype (fp32) before lora_A, and
+        # bf16 autocast copies it straight back: two copies of every adapted activation per
+        # forward, plus a third saved for backward, for the same values (a bf16 value is exact
+        # in fp32). Without the cast lora_A reads the bf16 input the base layer saved already:
+        # the same forward and gradients to the bit (tests/training/test_loop.py), less time
+        # copying and less memory held for backward. In fp32 there is nothing to cast. DP-SGD
+        # keeps the cast: its per-example hooks read lora_A's input.
+        return disable_input_dtype_casting(model)
 
     def set_gradients(
         self,
