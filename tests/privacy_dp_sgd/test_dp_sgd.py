@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from peft import PeftModel
+from peft.tuners.lora.layer import LoraLayer
 from torch import nn
 
 from fedsilo.client.site import load_model_with_adapter
@@ -27,7 +29,8 @@ from fedsilo.privacy.dp_sgd import (
     poisson_batches,
     train_local_dp,
 )
-from fedsilo.training.loop import train_plain
+from fedsilo.training import loop
+from fedsilo.training.loop import StepProgress, train_plain
 from fedsilo.training.precision import hold_base_weights_in
 
 OPACUS_PARAM_ATTRS = ("grad_sample", "_forward_counter", "_current_grad_sample", "_norm_sample")
@@ -434,3 +437,26 @@ def test_micro_batches_do_not_change_the_update(setup: Setup) -> None:
     pieces = _run(setup, micro_batch_size=1, noise_multiplier=0.5)
 
     torch.testing.assert_close(_flat(whole.result.delta), _flat(pieces.result.delta))
+
+
+def test_bf16_per_example_gradients_are_the_same_without_peft_input_casts(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The loop lets LoRA layers read their bf16 input uncast; Opacus casts the activations it
+    # keeps to the gradients' bf16 anyway, so the private update must not change at all.
+    hold_base_weights_in(setup.model, "bf16")
+    layers = [m for m in setup.model.modules() if isinstance(m, LoraLayer)]
+    casting: list[bool] = []  # whether any LoRA layer cast its input, seen at each step
+
+    def seen(_progress: StepProgress) -> None:
+        casting.append(any(layer.cast_input_dtype_enabled for layer in layers))
+
+    uncast = _run(setup, on_step=seen)
+    assert layers and casting == [False] * 3
+    monkeypatch.setattr(loop, "disable_input_dtype_casting", lambda _model: nullcontext())
+    cast = _run(setup, on_step=seen)
+    assert casting == [False] * 3 + [True] * 3
+
+    assert uncast.result.delta.keys() == cast.result.delta.keys()
+    assert all(torch.equal(uncast.result.delta[k], cast.result.delta[k]) for k in cast.result.delta)
+    assert uncast.result.train_loss == cast.result.train_loss

@@ -2,6 +2,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any
 
+import pytest
 import torch
 from peft.tuners.lora.layer import LoraLayer
 
@@ -9,7 +10,8 @@ from fedsilo.client.site import load_model_with_adapter
 from fedsilo.config import FedsiloConfig
 from fedsilo.data.encode import Example, encode_records
 from fedsilo.data.records import ChatRecord
-from fedsilo.model.adapters import get_adapter_state
+from fedsilo.model.adapters import get_adapter_state, set_adapter_state
+from fedsilo.training import loop
 from fedsilo.training.loop import (
     PlainGradient,
     StepProgress,
@@ -141,30 +143,42 @@ def test_bf16_training_sends_fp32_deltas_and_keeps_adapters_fp32(
     )
 
 
-def test_bf16_lora_layers_read_their_input_uncast_with_the_same_gradients(
-    make_config: Callable[..., FedsiloConfig],
+def test_bf16_lora_layers_read_their_input_uncast_with_the_same_training(
+    make_config: Callable[..., FedsiloConfig], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     loaded, examples, pad_id = _setup(make_config())
     hold_base_weights_in(loaded.model, "bf16")
-    params = [p for p in loaded.model.parameters() if p.requires_grad]
-    method = PlainGradient(batch_size=8, micro_batch_size=3)
-
-    def gradients(*, attached: bool) -> list[torch.Tensor]:
-        loaded.model.zero_grad(set_to_none=True)
-        with method.attached(loaded.model) if attached else nullcontext():
-            method.set_gradients(
-                loaded.model, examples, params=params, pad_id=pad_id, precision="bf16"
-            )
-        return [p.grad.detach().clone() for p in params]
-
     layers = [m for m in loaded.model.modules() if isinstance(m, LoraLayer)]
-    with method.attached(loaded.model):
-        assert layers and not any(layer.cast_input_dtype_enabled for layer in layers)
-    assert all(layer.cast_input_dtype_enabled for layer in layers)  # restored after the steps
-    # peft's cast to fp32 and autocast's cast back are exact for bf16 values: the gradients
-    # without them are the same to the bit.
-    for uncast, cast in zip(gradients(attached=True), gradients(attached=False), strict=True):
-        assert torch.equal(uncast, cast)
+    casting: list[bool] = []  # whether any LoRA layer cast its input, seen at each step
+
+    def train() -> dict[str, torch.Tensor]:
+        return train_plain(
+            loaded.model,
+            examples,
+            global_state=get_adapter_state(loaded.model),
+            steps=3,
+            batch_size=4,
+            learning_rate=0.01,
+            proximal_mu=0.1,
+            max_grad_norm=1.0,
+            pad_id=pad_id,
+            seed=0,
+            on_step=lambda _: casting.append(any(m.cast_input_dtype_enabled for m in layers)),
+        ).delta
+
+    start = get_adapter_state(loaded.model)
+    uncast = train()
+    assert layers and casting == [False] * 3
+    assert all(layer.cast_input_dtype_enabled for layer in layers)  # restored after the round
+    set_adapter_state(loaded.model, start)
+    monkeypatch.setattr(loop, "disable_input_dtype_casting", lambda _model: nullcontext())
+    casting.clear()
+    cast = train()
+    assert casting == [True] * 3
+    # peft's cast to fp32 and autocast's cast back are exact for bf16 values: training
+    # without them gives the same update to the bit.
+    assert uncast.keys() == cast.keys()
+    assert all(torch.equal(uncast[name], cast[name]) for name in uncast)
 
 
 def test_progress_is_reported_after_every_step(make_config: Callable[..., FedsiloConfig]) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -140,14 +140,8 @@ class PlainGradient:
         )
 
     def attached(self, model: nn.Module) -> AbstractContextManager[None]:
-        # peft copies each LoRA layer's input to the adapter's dtype (fp32) before lora_A, and
-        # bf16 autocast copies it straight back: two copies of every adapted activation per
-        # forward, plus a third saved for backward, for the same values (a bf16 value is exact
-        # in fp32). Without the cast lora_A reads the bf16 input the base layer saved already:
-        # the same forward and gradients to the bit (tests/training/test_loop.py), less time
-        # copying and less memory held for backward. In fp32 there is nothing to cast. DP-SGD
-        # keeps the cast: its per-example hooks read lora_A's input.
-        return disable_input_dtype_casting(model)
+        del model
+        return nullcontext()
 
     def set_gradients(
         self,
@@ -220,7 +214,14 @@ def train_local(
     tokens = positions = 0
     was_training = model.training
     try:
-        with method.attached(model):
+        # peft copies each LoRA layer's input to the adapter's dtype (fp32) before lora_A, and
+        # bf16 autocast copies it straight back: two copies of every adapted activation per
+        # forward, and one more held for backward, for the same values (bf16 values are exact
+        # in fp32; Opacus casts the activations it keeps to the gradients' bf16 as well).
+        # Without the cast lora_A reads the bf16 input the base layer holds already: the same
+        # gradients to the bit (tests/training/test_loop.py, tests/privacy_dp_sgd/), less
+        # copying and less memory. In fp32 there is nothing to cast.
+        with disable_input_dtype_casting(model), method.attached(model):
             model.train()
             batches = method.batches(examples, steps=steps, generator=generator)
             for step, batch in enumerate(batches, start=1):
