@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
 import torch
+from peft.tuners.lora.layer import LoraLayer
 
 from fedsilo.data.encode import encode_prompt
 from fedsilo.data.icd10 import RankingItem, TaskData
@@ -23,6 +25,8 @@ from fedsilo.evaluation.gold import (
     scores_and_answers,
 )
 from fedsilo.model import DEFAULT_TARGET_MODULES, attach_lora, load_base_model
+from fedsilo.training import precision as precision_module
+from fedsilo.training.precision import forward_in, hold_base_weights_in
 
 RECORDS = (
     ChatRecord("ICD-10-CM code for: Essential (primary) hypertension", "I10"),
@@ -293,3 +297,52 @@ def test_shared_prompt_scores_hold_for_a_lora_model(tiny_model_dir: Path) -> Non
             model, tokenizer, pairs, system_prompt="S", max_length=256, batch_size=1
         ).log_likelihoods
         assert scores == pytest.approx(alone, abs=1e-3)
+
+
+def test_bf16_scores_are_the_same_without_peft_input_casts(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base, tokenizer = load_base_model(tiny_model_dir)
+    model = attach_lora(
+        base, rank=4, alpha=8.0, dropout=0.0, target_modules=DEFAULT_TARGET_MODULES, init_seed=0
+    )
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:  # B starts at zero; make the adapter matter
+                param.normal_(std=0.05, generator=torch.Generator().manual_seed(1))
+    hold_base_weights_in(model, "bf16")
+    model.train(False)
+    task = TaskData(
+        name="icd10",
+        system_prompt="S",
+        sites=(),
+        gold=RECORDS[:3],
+        phrasings=RECORDS[3:],
+        ranking=tuple(RankingItem(r, tuple(sorted({r.response, "A00.0"}))) for r in RECORDS[:3]),
+    )
+    casting: list[bool] = []  # whether a LoRA layer was to cast its input, at each forward
+    for layer in [m for m in model.modules() if isinstance(m, LoraLayer)]:
+        layer.register_forward_pre_hook(
+            lambda module, _args: casting.append(module.cast_input_dtype_enabled)
+        )
+
+    def score() -> object:
+        with forward_in(model, "bf16"):
+            return evaluate_task_gold(
+                model,
+                tokenizer,  # type: ignore[arg-type]
+                task,
+                max_new_tokens=3,
+                batch_size=2,
+                max_length=96,
+            )
+
+    uncast = score()
+    assert casting and not any(casting)
+    casting.clear()
+    keep_casts = lambda *_args, **_kwargs: nullcontext()  # noqa: E731
+    monkeypatch.setattr(precision_module, "disable_input_dtype_casting", keep_casts)
+    cast = score()
+
+    assert casting and all(casting)
+    assert uncast == cast

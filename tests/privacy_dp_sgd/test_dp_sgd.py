@@ -29,8 +29,8 @@ from fedsilo.privacy.dp_sgd import (
     poisson_batches,
     train_local_dp,
 )
-from fedsilo.training import loop
-from fedsilo.training.loop import StepProgress, train_plain
+from fedsilo.training import precision as precision_module
+from fedsilo.training.loop import train_plain
 from fedsilo.training.precision import hold_base_weights_in
 
 OPACUS_PARAM_ATTRS = ("grad_sample", "_forward_counter", "_current_grad_sample", "_norm_sample")
@@ -442,20 +442,23 @@ def test_micro_batches_do_not_change_the_update(setup: Setup) -> None:
 def test_bf16_per_example_gradients_are_the_same_without_peft_input_casts(
     setup: Setup, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The loop lets LoRA layers read their bf16 input uncast; Opacus casts the activations it
-    # keeps to the gradients' bf16 anyway, so the private update must not change at all.
+    # LoRA layers read their bf16 input uncast; Opacus casts the activations it keeps to the
+    # gradients' bf16 anyway, so the private update must not change at all.
     hold_base_weights_in(setup.model, "bf16")
     layers = [m for m in setup.model.modules() if isinstance(m, LoraLayer)]
-    casting: list[bool] = []  # whether any LoRA layer cast its input, seen at each step
+    casting: list[bool] = []  # whether a LoRA layer was to cast its input, at each forward
+    for layer in layers:
+        layer.register_forward_pre_hook(
+            lambda module, _args: casting.append(module.cast_input_dtype_enabled)
+        )
 
-    def seen(_progress: StepProgress) -> None:
-        casting.append(any(layer.cast_input_dtype_enabled for layer in layers))
-
-    uncast = _run(setup, on_step=seen)
-    assert layers and casting == [False] * 3
-    monkeypatch.setattr(loop, "disable_input_dtype_casting", lambda _model: nullcontext())
-    cast = _run(setup, on_step=seen)
-    assert casting == [False] * 3 + [True] * 3
+    uncast = _run(setup)
+    assert layers and casting and not any(casting)
+    keep_casts = lambda *_args, **_kwargs: nullcontext()  # noqa: E731
+    monkeypatch.setattr(precision_module, "disable_input_dtype_casting", keep_casts)
+    casting.clear()
+    cast = _run(setup)
+    assert casting and all(casting)
 
     assert uncast.result.delta.keys() == cast.result.delta.keys()
     assert all(torch.equal(uncast.result.delta[k], cast.result.delta[k]) for k in cast.result.delta)

@@ -59,9 +59,9 @@ from fedsilo.protocol.schedule import local_steps_for, round_learning_rate
 from fedsilo.server.run_folder import RunFolder
 from fedsilo.simulation.engines import SimulationRequest, simulate
 from fedsilo.storage import write_text_atomic
-from fedsilo.training.device import GPU_EVAL_BATCH, model_device
+from fedsilo.training.device import GPU_EVAL_BATCH
 from fedsilo.training.loop import train_plain
-from fedsilo.training.precision import compute_in
+from fedsilo.training.precision import forward_in
 
 log = logging.getLogger(__name__)
 
@@ -279,7 +279,7 @@ class _Trainer:
 
     def _score(self, adapter: AdapterState, task: TaskData) -> GoldMetrics:
         set_adapter_state(self.loaded.model, adapter)
-        with compute_in(self.loaded.precision.precision, model_device(self.loaded.model)):
+        with forward_in(self.loaded.model, self.loaded.precision.precision):
             return evaluate_task_gold(
                 self.loaded.model,
                 self.loaded.tokenizer,

@@ -64,7 +64,7 @@ from fedsilo.training.loop import (
     train_local,
 )
 from fedsilo.training.loss import labelled_token_losses
-from fedsilo.training.precision import Precision, compute_in
+from fedsilo.training.precision import Precision, forward_in
 
 # Attributes that Opacus's hooks leave on modules after a backward pass.
 _MODULE_LEFTOVERS = ("activations", "max_batch_len")
@@ -296,7 +296,7 @@ def clipped_per_example_gradients(
     there; callers overwrite it.
     """
     batch = collate(batch_examples, pad_id=pad_id)
-    with compute_in(precision, model_device(model)):
+    with forward_in(model, precision):
         per_example_losses = labelled_token_losses(model, batch).per_example_mean()
     # Opacus's hooks assume the loss is a sum over examples: each grad_sample row is then
     # the gradient of that example's own loss.

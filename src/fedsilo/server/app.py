@@ -49,8 +49,7 @@ from fedsilo.server.run_folder import RunFolder, final_file_digests
 from fedsilo.server.site_dp import SiteLevelDp
 from fedsilo.server.strategies import Strategy, build_strategy
 from fedsilo.storage.atomic import fsync_folder
-from fedsilo.training.device import model_device
-from fedsilo.training.precision import PrecisionChoice, compute_in
+from fedsilo.training.precision import PrecisionChoice, forward_in
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +201,7 @@ def _execute(grid: Grid, job: ServerJob, folder: RunFolder) -> AdapterState:
 
     def evaluate(adapter: AdapterState) -> GoldMetrics:
         set_adapter_state(loaded.model, adapter)
-        with compute_in(loaded.precision.precision, model_device(loaded.model)):
+        with forward_in(loaded.model, loaded.precision.precision):
             return evaluate_task_gold(
                 loaded.model,
                 loaded.tokenizer,

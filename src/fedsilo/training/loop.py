@@ -24,7 +24,6 @@ from typing import Literal, Protocol
 import numpy as np
 import torch
 from peft import PeftModel
-from peft.helpers import disable_input_dtype_casting
 from torch import nn
 
 from fedsilo.data.batching import collate, count_positions, count_tokens, iterate_batches
@@ -32,7 +31,7 @@ from fedsilo.data.encode import Example
 from fedsilo.model.adapters import AdapterState, get_adapter_state, set_adapter_state
 from fedsilo.training.device import CPU_PLAIN_MICRO_BATCH, model_device, plain_micro_batch_size
 from fedsilo.training.loss import labelled_token_losses
-from fedsilo.training.precision import Precision, base_weights_precision, compute_in
+from fedsilo.training.precision import Precision, base_weights_precision, forward_in
 
 OptimizerName = Literal["adamw", "sgd"]
 """The optimizer that turns a step's gradient into an update."""
@@ -161,7 +160,7 @@ class PlainGradient:
             tensors = collate(piece, pad_id=pad_id)
             tokens += count_tokens(tensors)
             positions += count_positions(tensors)
-            with compute_in(precision, model_device(model)):
+            with forward_in(model, precision):
                 token_losses = labelled_token_losses(model, tensors)
             piece_sum = token_losses.losses.sum()
             torch.autograd.backward(piece_sum / targets)
@@ -214,14 +213,7 @@ def train_local(
     tokens = positions = 0
     was_training = model.training
     try:
-        # peft copies each LoRA layer's input to the adapter's dtype (fp32) before lora_A, and
-        # bf16 autocast copies it straight back: two copies of every adapted activation per
-        # forward, and one more held for backward, for the same values (bf16 values are exact
-        # in fp32; Opacus casts the activations it keeps to the gradients' bf16 as well).
-        # Without the cast lora_A reads the bf16 input the base layer holds already: the same
-        # gradients to the bit (tests/training/test_loop.py, tests/privacy_dp_sgd/), less
-        # copying and less memory. In fp32 there is nothing to cast.
-        with disable_input_dtype_casting(model), method.attached(model):
+        with method.attached(model):
             model.train()
             batches = method.batches(examples, steps=steps, generator=generator)
             for step, batch in enumerate(batches, start=1):

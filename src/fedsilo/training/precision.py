@@ -26,9 +26,11 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from peft.helpers import disable_input_dtype_casting
 from torch import nn
 
 from fedsilo.config.schema import DeviceSetting, PrecisionSetting
+from fedsilo.training.device import model_device
 
 log = logging.getLogger(__name__)
 
@@ -230,4 +232,23 @@ def compute_in(precision: Precision, device: torch.device | None = None) -> Iter
         yield
         return
     with torch.autocast("cpu" if device is None else device.type, dtype=torch.bfloat16):
+        yield
+
+
+@contextmanager
+def forward_in(model: nn.Module, precision: Precision) -> Iterator[None]:
+    """Run the enclosed forward passes of ``model`` in ``precision`` on the model's device.
+
+    As :func:`compute_in`, and in bf16 the LoRA layers also read their input as it comes:
+    peft would copy each adapted activation to the adapter's fp32 and autocast would copy it
+    straight back, two copies per layer per forward plus one held for backward, for the same
+    values (a bf16 value is exact in fp32). Training and scoring give the same results to the
+    bit with and without the copies (tests/training/test_loop.py, tests/privacy_dp_sgd/,
+    tests/evaluation/). Only under autocast: without it an uncast bf16 input would meet
+    the fp32 adapter weights.
+    """
+    with (
+        compute_in(precision, model_device(model)),
+        disable_input_dtype_casting(model, active=precision == "bf16"),
+    ):
         yield
