@@ -209,6 +209,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default=defaults.model)
     parser.add_argument("--sites", type=int, default=defaults.num_sites)
     parser.add_argument("--records-per-site", type=int, default=defaults.records_per_site)
+    parser.add_argument(
+        "--chapters",
+        default=",".join(defaults.chapters),
+        help="comma-separated ICD-10-CM chapters, one specialty per site (default "
+        f"{','.join(defaults.chapters)}); a chapter needs records-per-site + gold codes",
+    )
     parser.add_argument("--gold-size", type=int, default=defaults.gold_size)
     parser.add_argument("--epsilons", default="1,3,8,inf")
     parser.add_argument("--rounds", type=int, default=recipe_defaults.rounds)
@@ -253,11 +259,18 @@ def main(argv: list[str] | None = None) -> None:
         out = args.out or scratch / "privacy-utility.json"
         runs = scratch / "runs"
     else:
+        chapters = tuple(text.strip() for text in args.chapters.split(",") if text.strip())
+        if len(chapters) < args.sites:
+            raise SystemExit(
+                f"--chapters names {len(chapters)} chapter(s) for {args.sites} sites: "
+                "give at least one per site"
+            )
         federation = Federation(
             model=args.model,
             num_sites=args.sites,
             records_per_site=args.records_per_site,
             gold_size=args.gold_size,
+            chapters=chapters[: args.sites],
         )
         recipe = schedule_from(
             args,
