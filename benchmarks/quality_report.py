@@ -362,11 +362,20 @@ def _task_section(
         f"![gold loss by round]({loss})",
         "",
         *_edge_table(data),
-        f"Measured {data['measured_at']} in {data['wall_seconds'] / 60:.0f} min on "
-        f"{data['machine']['cpus']} shared CPU cores (1 torch thread); source: "
-        f"`benchmarks/results/quality-{name}.json`.",
+        f"Measured {data['measured_at']} in {data['wall_seconds'] / 60:.0f} min"
+        f"{_parts_text(data)} on {data['machine']['cpus']} shared CPU cores (1 torch thread); "
+        f"source: `benchmarks/results/quality-{name}.json`.",
         "",
     ]
+
+
+def _parts_text(data: dict[str, Any]) -> str:
+    """How a results file folded from parallel processes (`fedsilo bench merge`) was measured."""
+    parts = data.get("merged_from") or []
+    if len(parts) < 2:
+        return ""
+    each = "; ".join(", ".join(part["algorithms"]) for part in parts)
+    return f" of compute in {len(parts)} processes run side by side ({each})"
 
 
 def _alpha_chart(loaded: dict[str, dict[str, Any]]) -> list[str]:
