@@ -163,6 +163,9 @@ def test_a_stopped_benchmark_keeps_what_it_measured_and_resumes(
     def no_centralized(*args: object, **kwargs: object) -> None:
         raise AssertionError("centralized was measured already")
 
+    # As if another process had measured a part (fedsilo bench merge): a resume keeps the record.
+    parts = [{"results": "other.json", "algorithms": ["centralized"]}]
+    (tmp_path / "quality.json").write_text(json.dumps({**partial, "merged_from": parts}))
     monkeypatch.setattr(quality, "_federated", real_federated)
     monkeypatch.setattr(quality, "_centralized", no_centralized)
     resumed = run_quality_benchmark(_small_request(tiny_model_dir, tmp_path, resume=True))
@@ -172,6 +175,7 @@ def test_a_stopped_benchmark_keeps_what_it_measured_and_resumes(
     assert [r["round"] for r in resumed["algorithms"]["fedavg"]["per_round"]] == [1]
     assert set(resumed["edge_cases"]) == {"sizes", "centralized", "fedavg"}
     assert set(resumed["goals"]) == {"fedavg"}
+    assert resumed["merged_from"] == parts
 
 
 def test_a_federation_stopped_midway_goes_on_from_its_checkpoint(

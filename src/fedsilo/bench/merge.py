@@ -137,7 +137,9 @@ def merge_quality_results(into: Path, sources: Sequence[Path]) -> dict[str, Any]
         merged["peak_rss_mb"] = max(
             float(merged.get("peak_rss_mb", 0.0)), float(data.get("peak_rss_mb", 0.0))
         )
-        merged["measured_at"] = max(str(merged.get("measured_at", "")), str(data["measured_at"]))
+        merged["measured_at"] = max(
+            str(merged.get("measured_at", "")), str(data.get("measured_at", ""))
+        )
         parts.append(_part(path, data))
     merged["algorithms"] = algorithms
     merged["edge_cases"] = edge

@@ -672,6 +672,8 @@ def run_quality_benchmark(request: QualityRequest) -> dict[str, Any]:
             },
             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
+        if "merged_from" in previous:  # parts other processes measured (fedsilo bench merge)
+            result["merged_from"] = previous["merged_from"]
         write_text_atomic(request.results_path, json.dumps(result, indent=2) + "\n")
         return result
 
