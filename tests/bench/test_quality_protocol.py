@@ -14,7 +14,11 @@ import fedsilo.bench.quality as quality
 from fedsilo.bench.quality import QualityRequest, run_quality_benchmark
 from fedsilo.bench.settings import QualityBudget
 from fedsilo.bench.summary import (
+    seed_family_base,
+    seed_results_files,
+    seed_results_path,
     summarize_seeds,
+    summary_label,
     t_interval,
     t_quantile_975,
     update_summary,
@@ -480,3 +484,22 @@ def test_sweep_chooses_fedadams_server_rate_at_fedavgs_rate(
         )
     )
     assert again["chosen"] == chosen and again["fedadam_server_points"] == servers
+
+
+def test_seed_files_are_found_in_seed_order_and_named_back_to_their_family(
+    tmp_path: Path,
+) -> None:
+    base = tmp_path / "quality-t-8-sites.json"
+    for seed in (0, 10, 2):
+        seed_results_path(base, seed).write_text("{}")
+    (tmp_path / "quality-t-8-sites-seedx.json").write_text("{}")  # not a seed file
+
+    files = seed_results_files(base)
+
+    assert [p.name for p in files] == [
+        "quality-t-8-sites.json",
+        "quality-t-8-sites-seed2.json",
+        "quality-t-8-sites-seed10.json",
+    ]
+    assert {seed_family_base(p) for p in files} == {base}
+    assert summary_label(base) == "t-8-sites"

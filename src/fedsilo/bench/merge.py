@@ -15,18 +15,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fedsilo.bench.quality import summarize_goals
+from fedsilo.bench.quality import IDENTITY_FIELDS, summarize_goals
 from fedsilo.storage import write_text_atomic
 
-# Fields that say which benchmark a results file measured: all must be equal to merge.
+# Fields that say which benchmark a results file measured: all must be equal to merge. Beyond
+# what a resumed run checks, the data and gold set that follow from them, and how the
+# hyperparameters were chosen.
 SAME_BENCHMARK_FIELDS = (
     "benchmark",
-    "task",
-    "model",
-    "base_model_hash",
-    "budget",
-    "train",
-    "lora",
+    *IDENTITY_FIELDS,
     "task_settings",
     "metric",
     "sites",

@@ -530,19 +530,25 @@ class ResumeError(ValueError):
     """A results file that a resumed benchmark cannot build on; says which field differs."""
 
 
+# The fields of a results file that say what was measured (``_identity``): a resumed run adds
+# only to a file that matches them all, and so does ``fedsilo bench merge``.
+IDENTITY_FIELDS = ("task", "model", "base_model_hash", "budget", "train", "lora")
+
+
 def _identity(
     request: QualityRequest, config: FedsiloConfig, base_model_hash: str
 ) -> dict[str, Any]:
     """What a results file must match for a resumed run to add to it."""
-    return {
-        "task": request.task,
-        "model": request.model,
-        "base_model_hash": base_model_hash,
-        "budget": json.loads(json.dumps(asdict(request.budget))),
+    values = (
+        request.task,
+        request.model,
+        base_model_hash,
+        json.loads(json.dumps(asdict(request.budget))),
         # The device is recorded apart (``machine``): a run may resume on another one.
-        "train": config.train.model_dump(mode="json", exclude={"device"}),
-        "lora": config.lora.model_dump(mode="json"),
-    }
+        config.train.model_dump(mode="json", exclude={"device"}),
+        config.lora.model_dump(mode="json"),
+    )
+    return dict(zip(IDENTITY_FIELDS, values, strict=True))
 
 
 def _previous(request: QualityRequest, identity: dict[str, Any]) -> dict[str, Any]:

@@ -150,9 +150,26 @@ def update_summary(summary_path: Path, task: str, results_paths: Sequence[Path])
     return summary
 
 
+def _seed_suffix(path: Path) -> tuple[str, int | None]:
+    """(the stem without ``-seed<s>``, s) for a seed file; (the stem, None) for any other."""
+    stem, _, seed = path.stem.rpartition("-seed")
+    return (stem, int(seed)) if stem and seed.isdigit() else (path.stem, None)
+
+
+def seed_family_base(path: Path) -> Path:
+    """The seed-0 file of ``path``'s seeds: ``path`` without its ``-seed<s>``, if it has one."""
+    stem, _ = _seed_suffix(path)
+    return path.with_name(f"{stem}{path.suffix}")
+
+
+def summary_label(base: Path) -> str:
+    """The summary entry a seed-0 results file ``quality-T.json`` is listed under: ``T``."""
+    return base.stem.removeprefix("quality-")
+
+
 def seed_results_files(base: Path) -> list[Path]:
     """``base`` and its ``-seed<s>`` siblings that exist, seed 0 first."""
     found = [base] if base.exists() else []
     siblings = base.parent.glob(f"{base.stem}-seed*{base.suffix}")
-    numbered = [p for p in siblings if p.stem.rpartition("-seed")[2].isdigit()]
-    return found + sorted(numbered, key=lambda p: int(p.stem.rpartition("-seed")[2]))
+    numbered = sorted((seed, p) for p in siblings if (seed := _seed_suffix(p)[1]) is not None)
+    return found + [p for _, p in numbered]

@@ -296,7 +296,12 @@ def cmd_distill(args: argparse.Namespace) -> int:
 def cmd_bench_quality(args: argparse.Namespace) -> int:
     from fedsilo.bench.quality import QualityRequest, run_quality_benchmark
     from fedsilo.bench.settings import ALL_ALGORITHMS, QualityBudget
-    from fedsilo.bench.summary import seed_results_files, seed_results_path, update_summary
+    from fedsilo.bench.summary import (
+        seed_results_files,
+        seed_results_path,
+        summary_label,
+        update_summary,
+    )
     from fedsilo.bench.sweep import (
         SweepRequest,
         chosen_budget,
@@ -369,7 +374,7 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
     written: list[Path] = []
     # The summary's entry: the results file's name (the task's, unless --results names another
     # setting of it, such as a many-local-steps run).
-    label = base.stem.removeprefix("quality-")
+    label = summary_label(base)
     for seed in seeds:
         results = seed_results_path(base, seed) if args.seeds else base
         run_quality_benchmark(
@@ -402,7 +407,12 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
 
 def cmd_bench_merge(args: argparse.Namespace) -> int:
     from fedsilo.bench.merge import MergeError, merge_quality_results
-    from fedsilo.bench.summary import seed_results_files, update_summary
+    from fedsilo.bench.summary import (
+        seed_family_base,
+        seed_results_files,
+        summary_label,
+        update_summary,
+    )
 
     try:
         merged = merge_quality_results(args.into, args.sources)
@@ -410,9 +420,8 @@ def cmd_bench_merge(args: argparse.Namespace) -> int:
         print(f"fedsilo bench merge: {error}", file=sys.stderr)
         return 2
     # The summary's entry is named after the seed-0 file of INTO's seed family.
-    stem, _, seed = args.into.stem.rpartition("-seed")
-    base = args.into.with_name(f"{stem}{args.into.suffix}") if seed.isdigit() else args.into
-    label = base.stem.removeprefix("quality-")
+    base = seed_family_base(args.into)
+    label = summary_label(base)
     update_summary(args.summary, label, seed_results_files(base))
     print(
         f"wrote {args.into}: algorithms {sorted(merged['algorithms'])}"
