@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
-from peft.tuners.lora.layer import LoraLayer
 
 from fedsilo.data.encode import encode_prompt
 from fedsilo.data.icd10 import RankingItem, TaskData
@@ -25,8 +24,9 @@ from fedsilo.evaluation.gold import (
     scores_and_answers,
 )
 from fedsilo.model import DEFAULT_TARGET_MODULES, attach_lora, load_base_model
-from fedsilo.training import precision as precision_module
 from fedsilo.training.precision import forward_in, hold_base_weights_in
+
+from ..lora_casts import keep_lora_input_casts, record_lora_input_casts
 
 RECORDS = (
     ChatRecord("ICD-10-CM code for: Essential (primary) hypertension", "I10"),
@@ -242,9 +242,9 @@ def test_gold_metrics_carry_intervals(tiny: tuple[torch.nn.Module, object]) -> N
     assert low <= metrics.category_accuracy <= high
 
 
-def test_task_gold_reports_every_part(tiny: tuple[torch.nn.Module, object]) -> None:
-    model, tokenizer = tiny
-    task = TaskData(
+def _three_part_task() -> TaskData:
+    """An ICD-10 task with every gold part: unseen codes, phrasings, ranking."""
+    return TaskData(
         name="icd10",
         system_prompt="S",
         sites=(),
@@ -252,6 +252,24 @@ def test_task_gold_reports_every_part(tiny: tuple[torch.nn.Module, object]) -> N
         phrasings=RECORDS[3:],
         ranking=tuple(RankingItem(r, tuple(sorted({r.response, "A00.0"}))) for r in RECORDS[:3]),
     )
+
+
+def _lora_model(tiny_model_dir: Path) -> tuple[torch.nn.Module, Any]:
+    """The tiny model with a LoRA adapter whose B is not zero, so the adapter matters."""
+    base, tokenizer = load_base_model(tiny_model_dir)
+    model = attach_lora(
+        base, rank=4, alpha=8.0, dropout=0.0, target_modules=DEFAULT_TARGET_MODULES, init_seed=0
+    )
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.normal_(std=0.05, generator=torch.Generator().manual_seed(1))
+    return model, tokenizer
+
+
+def test_task_gold_reports_every_part(tiny: tuple[torch.nn.Module, object]) -> None:
+    model, tokenizer = tiny
+    task = _three_part_task()
 
     metrics = evaluate_task_gold(
         model,
@@ -273,14 +291,7 @@ def test_task_gold_reports_every_part(tiny: tuple[torch.nn.Module, object]) -> N
 
 
 def test_shared_prompt_scores_hold_for_a_lora_model(tiny_model_dir: Path) -> None:
-    base, tokenizer = load_base_model(tiny_model_dir)
-    model = attach_lora(
-        base, rank=4, alpha=8.0, dropout=0.0, target_modules=DEFAULT_TARGET_MODULES, init_seed=0
-    )
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:  # B starts at zero; make the adapter matter
-                param.normal_(std=0.05, generator=torch.Generator().manual_seed(1))
+    model, tokenizer = _lora_model(tiny_model_dir)
     model.train(False)
     items = [
         RankingItem(RECORDS[3], ("M10.9", "M1A.00X0", "E11.9")),
@@ -302,29 +313,11 @@ def test_shared_prompt_scores_hold_for_a_lora_model(tiny_model_dir: Path) -> Non
 def test_bf16_scores_are_the_same_without_peft_input_casts(
     tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    base, tokenizer = load_base_model(tiny_model_dir)
-    model = attach_lora(
-        base, rank=4, alpha=8.0, dropout=0.0, target_modules=DEFAULT_TARGET_MODULES, init_seed=0
-    )
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:  # B starts at zero; make the adapter matter
-                param.normal_(std=0.05, generator=torch.Generator().manual_seed(1))
+    model, tokenizer = _lora_model(tiny_model_dir)
     hold_base_weights_in(model, "bf16")
     model.train(False)
-    task = TaskData(
-        name="icd10",
-        system_prompt="S",
-        sites=(),
-        gold=RECORDS[:3],
-        phrasings=RECORDS[3:],
-        ranking=tuple(RankingItem(r, tuple(sorted({r.response, "A00.0"}))) for r in RECORDS[:3]),
-    )
-    casting: list[bool] = []  # whether a LoRA layer was to cast its input, at each forward
-    for layer in [m for m in model.modules() if isinstance(m, LoraLayer)]:
-        layer.register_forward_pre_hook(
-            lambda module, _args: casting.append(module.cast_input_dtype_enabled)
-        )
+    task = _three_part_task()
+    casting = record_lora_input_casts(model)
 
     def score() -> object:
         with forward_in(model, "bf16"):
@@ -340,8 +333,7 @@ def test_bf16_scores_are_the_same_without_peft_input_casts(
     uncast = score()
     assert casting and not any(casting)
     casting.clear()
-    keep_casts = lambda *_args, **_kwargs: nullcontext()  # noqa: E731
-    monkeypatch.setattr(precision_module, "disable_input_dtype_casting", keep_casts)
+    keep_lora_input_casts(monkeypatch)
     cast = score()
 
     assert casting and all(casting)

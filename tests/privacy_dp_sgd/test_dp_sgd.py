@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 from peft import PeftModel
-from peft.tuners.lora.layer import LoraLayer
 from torch import nn
 
 from fedsilo.client.site import load_model_with_adapter
@@ -29,9 +27,10 @@ from fedsilo.privacy.dp_sgd import (
     poisson_batches,
     train_local_dp,
 )
-from fedsilo.training import precision as precision_module
 from fedsilo.training.loop import train_plain
 from fedsilo.training.precision import hold_base_weights_in
+
+from ..lora_casts import keep_lora_input_casts, record_lora_input_casts
 
 OPACUS_PARAM_ATTRS = ("grad_sample", "_forward_counter", "_current_grad_sample", "_norm_sample")
 
@@ -445,17 +444,11 @@ def test_bf16_per_example_gradients_are_the_same_without_peft_input_casts(
     # LoRA layers read their bf16 input uncast; Opacus casts the activations it keeps to the
     # gradients' bf16 anyway, so the private update must not change at all.
     hold_base_weights_in(setup.model, "bf16")
-    layers = [m for m in setup.model.modules() if isinstance(m, LoraLayer)]
-    casting: list[bool] = []  # whether a LoRA layer was to cast its input, at each forward
-    for layer in layers:
-        layer.register_forward_pre_hook(
-            lambda module, _args: casting.append(module.cast_input_dtype_enabled)
-        )
+    casting = record_lora_input_casts(setup.model)
 
     uncast = _run(setup)
-    assert layers and casting and not any(casting)
-    keep_casts = lambda *_args, **_kwargs: nullcontext()  # noqa: E731
-    monkeypatch.setattr(precision_module, "disable_input_dtype_casting", keep_casts)
+    assert casting and not any(casting)
+    keep_lora_input_casts(monkeypatch)
     casting.clear()
     cast = _run(setup)
     assert casting and all(casting)

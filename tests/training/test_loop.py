@@ -1,5 +1,4 @@
 from collections.abc import Callable
-from contextlib import nullcontext
 from typing import Any
 
 import pytest
@@ -11,8 +10,8 @@ from fedsilo.config import FedsiloConfig
 from fedsilo.data.encode import Example, encode_records
 from fedsilo.data.records import ChatRecord
 from fedsilo.model.adapters import get_adapter_state, set_adapter_state
-from fedsilo.training import precision as precision_module
 from fedsilo.training.loop import (
+    LocalTrainingResult,
     PlainGradient,
     StepProgress,
     micro_batches,
@@ -20,6 +19,8 @@ from fedsilo.training.loop import (
 )
 from fedsilo.training.precision import hold_base_weights_in
 from fedsilo.training.progress import progress_lines, progress_to, site_progress
+
+from ..lora_casts import keep_lora_input_casts, record_lora_input_casts
 
 
 def _train(config: FedsiloConfig, *, mu: float) -> tuple[dict[str, torch.Tensor], int]:
@@ -113,13 +114,9 @@ def test_micro_batches_give_the_whole_batch_gradient(
         torch.testing.assert_close(left, right, rtol=1e-4, atol=1e-7)
 
 
-def test_bf16_training_sends_fp32_deltas_and_keeps_adapters_fp32(
-    make_config: Callable[..., FedsiloConfig],
-) -> None:
-    loaded, examples, pad_id = _setup(make_config())
-    hold_base_weights_in(loaded.model, "bf16")
-
-    result = train_plain(
+def _three_steps(loaded: Any, examples: list[Example], pad_id: int) -> LocalTrainingResult:
+    """Three FedProx steps from the model's current adapter."""
+    return train_plain(
         loaded.model,
         examples,
         global_state=get_adapter_state(loaded.model),
@@ -131,6 +128,15 @@ def test_bf16_training_sends_fp32_deltas_and_keeps_adapters_fp32(
         pad_id=pad_id,
         seed=0,
     )
+
+
+def test_bf16_training_sends_fp32_deltas_and_keeps_adapters_fp32(
+    make_config: Callable[..., FedsiloConfig],
+) -> None:
+    loaded, examples, pad_id = _setup(make_config())
+    hold_base_weights_in(loaded.model, "bf16")
+
+    result = _three_steps(loaded, examples, pad_id)
 
     assert result.precision == "bf16"
     assert all(delta.dtype == torch.float32 for delta in result.delta.values())
@@ -148,36 +154,17 @@ def test_bf16_lora_layers_read_their_input_uncast_with_the_same_training(
 ) -> None:
     loaded, examples, pad_id = _setup(make_config())
     hold_base_weights_in(loaded.model, "bf16")
-    layers = [m for m in loaded.model.modules() if isinstance(m, LoraLayer)]
-    casting: list[bool] = []  # whether a LoRA layer was to cast its input, at each forward
-    for layer in layers:
-        layer.register_forward_pre_hook(
-            lambda module, _args: casting.append(module.cast_input_dtype_enabled)
-        )
-
-    def train() -> dict[str, torch.Tensor]:
-        return train_plain(
-            loaded.model,
-            examples,
-            global_state=get_adapter_state(loaded.model),
-            steps=3,
-            batch_size=4,
-            learning_rate=0.01,
-            proximal_mu=0.1,
-            max_grad_norm=1.0,
-            pad_id=pad_id,
-            seed=0,
-        ).delta
+    casting = record_lora_input_casts(loaded.model)
 
     start = get_adapter_state(loaded.model)
-    uncast = train()
-    assert layers and casting and not any(casting)
+    uncast = _three_steps(loaded, examples, pad_id).delta
+    assert casting and not any(casting)
+    layers = [m for m in loaded.model.modules() if isinstance(m, LoraLayer)]
     assert all(layer.cast_input_dtype_enabled for layer in layers)  # restored after
     set_adapter_state(loaded.model, start)
-    keep_casts = lambda *_args, **_kwargs: nullcontext()  # noqa: E731
-    monkeypatch.setattr(precision_module, "disable_input_dtype_casting", keep_casts)
+    keep_lora_input_casts(monkeypatch)
     casting.clear()
-    cast = train()
+    cast = _three_steps(loaded, examples, pad_id).delta
     assert casting and all(casting)
     # peft's cast to fp32 and autocast's cast back are exact for bf16 values: training
     # without them gives the same update to the bit.
