@@ -254,6 +254,14 @@ def test_hyperparameters_swept_for_another_recipe_are_refused(tmp_path: Path) ->
     )
 
 
+def test_privacy_utility_refuses_fewer_chapters_than_sites(tmp_path: Path) -> None:
+    script = benchmark_script("privacy_utility")
+
+    with pytest.raises(SystemExit, match="names 2 chapter\\(s\\) for 3 sites"):
+        script.main(["--sites", "3", "--chapters", "19,20", "--out", str(tmp_path / "u.json")])
+    assert not (tmp_path / "u.json").exists()
+
+
 def test_the_compliance_page_shows_not_measured_until_the_benchmarks_ran(tmp_path: Path) -> None:
     report = benchmark_script("report_privacy")
     page = tmp_path / "page.md"
