@@ -503,3 +503,32 @@ def test_seed_files_are_found_in_seed_order_and_named_back_to_their_family(
     ]
     assert {seed_family_base(p) for p in files} == {base}
     assert summary_label(base) == "t-8-sites"
+
+
+def test_alpha_chart_plots_every_dirichlet_file_by_its_alpha_whatever_its_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import quality_report
+
+    monkeypatch.setattr(quality_report, "IMAGES", tmp_path / "img")
+
+    def dirichlet(alpha: float, share: float) -> dict[str, Any]:
+        return {
+            "task_settings": {"name": "icd10", "partition": "dirichlet", "alpha": alpha},
+            "goals": {"fedavg": {"gold_loss_reduction_vs_centralized": share}},
+            "algorithms": {"fedavg": {"per_round": [{"gold_loss": 2.0}, {"gold_loss": 2.25}]}},
+        }
+
+    loaded = {
+        "icd10-alpha1-8-sites": dirichlet(1.0, 0.9),
+        "icd10-alpha0.1-8-sites": dirichlet(0.1, 0.6),
+        "icd10-by-specialty": {"task_settings": {"name": "icd10", "partition": "by-chapter"}},
+    }
+
+    text = "\n".join(quality_report._alpha_chart(loaded))
+
+    assert "rose by up to 0.250" in text
+    svg = (tmp_path / "img" / "quality-ratio-vs-alpha.svg").read_text()
+    assert "fedavg" in svg
+    assert quality_report._alpha_chart({"icd10-by-specialty": loaded["icd10-by-specialty"]}) == []
