@@ -6,7 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
+from fedsilo.bench.pooled_checkpoint import CheckpointMismatchError
 from fedsilo.bench.quality import (
     QualityRequest,
     ResumeError,
@@ -14,6 +16,7 @@ from fedsilo.bench.quality import (
     summarize_goals,
 )
 from fedsilo.bench.settings import QualityBudget
+from fedsilo.model.adapters import load_adapter
 
 
 @pytest.fixture(scope="module")
@@ -197,6 +200,78 @@ def test_a_federation_stopped_midway_goes_on_from_its_checkpoint(
     )
     with pytest.raises(FileExistsError, match="--resume"):
         run_quality_benchmark(_small_request(tiny_model_dir, tmp_path, algorithms=("fedavg",)))
+
+
+def _three_rounds() -> QualityBudget:
+    return QualityBudget(num_sites=2, rounds=3, local_steps=1, batch_size=2,
+                         examples_per_site=4, gold_size=4, lora_rank=2)  # fmt: skip
+
+
+def test_a_centralized_baseline_stopped_midway_goes_on_from_its_last_round(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fedsilo.bench.quality as quality
+
+    central = {"algorithms": ("centralized",), "budget": _three_rounds(), "edge_cases": False}
+    whole = run_quality_benchmark(_small_request(tiny_model_dir, tmp_path / "whole", **central))
+    real_round = quality._Trainer.train_round
+    rounds_trained: list[int] = []
+
+    def stop_in_round_three(self: object, *args: object, **kwargs: object) -> object:
+        rounds_trained.append(1)
+        if len(rounds_trained) == 3:
+            raise RuntimeError("power cut")
+        return real_round(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(quality._Trainer, "train_round", stop_in_round_three)
+    with pytest.raises(RuntimeError, match="power cut"):
+        run_quality_benchmark(_small_request(tiny_model_dir, tmp_path / "cut", **central))
+    monkeypatch.setattr(quality._Trainer, "train_round", real_round)
+    with pytest.raises(FileExistsError, match="--resume"):
+        run_quality_benchmark(_small_request(tiny_model_dir, tmp_path / "cut", **central))
+
+    calls: list[int] = []
+
+    def counted(self: object, *args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return real_round(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(quality._Trainer, "train_round", counted)
+    resumed = run_quality_benchmark(
+        _small_request(tiny_model_dir, tmp_path / "cut", resume=True, **central)
+    )
+
+    assert len(calls) == 1  # round 3 only
+    assert resumed["algorithms"]["centralized"]["resumed_after_round"] == 2
+
+    def curve(result: dict) -> list[dict]:
+        rows = result["algorithms"]["centralized"]["per_round"]
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+    assert [row["round"] for row in curve(resumed)] == [1, 2, 3]
+    assert curve(resumed) == curve(whole)
+    adapters = [
+        load_adapter(folder / "runs" / "centralized" / "adapter-round-3.safetensors")
+        for folder in (tmp_path / "whole", tmp_path / "cut")
+    ]
+    assert adapters[0].keys() == adapters[1].keys()
+    assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
+
+
+def test_a_centralized_checkpoint_of_another_budget_is_refused_naming_the_field(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    run_quality_benchmark(
+        _small_request(tiny_model_dir, tmp_path, algorithms=("centralized",), edge_cases=False)
+    )
+
+    other = _small_request(
+        tiny_model_dir, tmp_path, algorithms=("centralized",), edge_cases=False,
+        budget=_three_rounds(), results_path=tmp_path / "other.json", resume=True,
+    )  # fmt: skip
+
+    with pytest.raises(CheckpointMismatchError, match=r"progress\.json: field 'budget' differs"):
+        run_quality_benchmark(other)
 
 
 def test_resume_refuses_results_of_another_budget_naming_the_field(

@@ -37,6 +37,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedsilo.bench.pooled_checkpoint import (
+    PooledCheckpoint,
+    has_pooled_checkpoint,
+    load_pooled_checkpoint,
+    save_pooled_checkpoint,
+)
 from fedsilo.bench.settings import (
     ALL_ALGORITHMS,
     LENGTHS,
@@ -321,15 +327,17 @@ def _with_learning_rate(config: FedsiloConfig, learning_rate: float) -> FedsiloC
 
 
 def _centralized_states(
-    trainer: _Trainer, *, learning_rate: float
+    trainer: _Trainer, *, learning_rate: float, after: PooledCheckpoint | None = None
 ) -> Iterator[tuple[int, float, int, AdapterState]]:
-    """Round by round: (round, its learning rate, steps per round, the adapter after it)."""
+    """Round by round: (round, its learning rate, steps per round, the adapter after it),
+    from the round after ``after`` (a checkpoint) or from the first."""
     config = _with_learning_rate(trainer.config, learning_rate)
     pooled = [example for site in trainer.examples for example in site]
     # The optimizer steps all sites together take in a round.
     steps = sum(site_steps(config, len(site)) for site in trainer.examples)
-    state = trainer.loaded.adapter_template
-    for round_number in range(1, config.run.rounds + 1):
+    state = trainer.loaded.adapter_template if after is None else after.adapter
+    first = 1 if after is None else after.round + 1
+    for round_number in range(first, config.run.rounds + 1):
         rate = learning_rate_of_round(config, round_number)
         state = trainer.train_round(
             state,
@@ -342,26 +350,47 @@ def _centralized_states(
 
 
 def _centralized(
-    trainer: _Trainer, say: Callable[[str], None], *, learning_rate: float
+    trainer: _Trainer,
+    say: Callable[[str], None],
+    *,
+    learning_rate: float,
+    out_dir: Path,
+    identity: dict[str, Any],
+    resume: bool,
 ) -> tuple[dict[str, Any], AdapterState]:
+    """The pooled baseline, checkpointed after every round under ``out_dir``; with
+    ``resume``, a checkpoint of the same benchmark is continued from the round after it."""
     config = trainer.config
-    rows = []
-    state, steps = trainer.loaded.adapter_template, 0
-    started = time.perf_counter()
-    for round_number, rate, round_steps, state in _centralized_states(
-        trainer, learning_rate=learning_rate
-    ):
-        steps = round_steps
-        if not config.scores_gold_after(round_number):
-            continue  # not a learning-curve point (the federated runs score the same rounds)
-        row = {"round": round_number, "learning_rate": rate, **_gold_row(trainer.evaluate(state))}
-        row["seconds"] = time.perf_counter() - started
-        rows.append(row)
-        say(
-            f"centralized: round {round_number} gold {row['gold_accuracy']:.3f} / "
-            f"{row['gold_category_accuracy']:.3f} loss {row['gold_loss']:.3f}"
+    if has_pooled_checkpoint(out_dir) and not resume:
+        raise FileExistsError(
+            f"{out_dir} already holds a centralized checkpoint: choose another --out or --resume"
         )
-        started = time.perf_counter()
+    after = load_pooled_checkpoint(out_dir, identity) if resume else None
+    rows = [] if after is None else list(after.rows)
+    spent = 0.0 if after is None else after.seconds
+    if after is not None:
+        say(f"centralized: resuming after round {after.round} of {config.run.rounds}")
+    state = trainer.loaded.adapter_template if after is None else after.adapter
+    steps = sum(site_steps(config, len(site)) for site in trainer.examples)
+    started = begun = time.perf_counter()
+    for round_number, rate, _, state in _centralized_states(
+        trainer, learning_rate=learning_rate, after=after
+    ):
+        if config.scores_gold_after(round_number):
+            # A learning-curve point (the federated runs score the same rounds).
+            row = {"round": round_number, "learning_rate": rate}
+            row.update(_gold_row(trainer.evaluate(state)))
+            row["seconds"] = time.perf_counter() - started
+            rows.append(row)
+            say(
+                f"centralized: round {round_number} gold {row['gold_accuracy']:.3f} / "
+                f"{row['gold_category_accuracy']:.3f} loss {row['gold_loss']:.3f}"
+            )
+            started = time.perf_counter()
+        seconds = spent + time.perf_counter() - begun
+        save_pooled_checkpoint(
+            out_dir, identity, PooledCheckpoint(round_number, rows, seconds, state)
+        )
     record_bytes = [
         sum(len(json.dumps(asdict(r)).encode()) for r in site.records)
         for site in trainer.task.sites
@@ -373,7 +402,11 @@ def _centralized(
         "examples_seen": steps * config.run.rounds * config.train.batch_size,
         "bytes_up_per_site": 0,
         "raw_record_bytes_moved_per_site": max(record_bytes),
+        "wall_seconds": spent + time.perf_counter() - begun,
     }
+    if after is not None:
+        # The first row scored after the resume counts only this process's part of its time.
+        result["resumed_after_round"] = after.round
     return result, state
 
 
@@ -692,7 +725,17 @@ def run_quality_benchmark(request: QualityRequest) -> dict[str, Any]:
     budget = request.budget
     if "centralized" in request.algorithms and "centralized" not in algorithms:
         rate = budget.learning_rate_for("centralized")
-        done("centralized", *_centralized(trainer, say, learning_rate=rate))
+        done(
+            "centralized",
+            *_centralized(
+                trainer,
+                say,
+                learning_rate=rate,
+                out_dir=request.out_dir,
+                identity=identity,
+                resume=request.resume,
+            ),
+        )
     if "local" in request.algorithms and "local" not in algorithms:
         rate = budget.learning_rate_for("local")
         done("local", _local(trainer, say, learning_rate=rate), None)
