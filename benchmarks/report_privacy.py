@@ -81,8 +81,9 @@ def _attacked_model(row: dict[str, Any]) -> str:
     return text + (f" [{interval[0]:.1%}, {interval[1]:.1%}]" if interval else "")
 
 
-def _attack_training(result: dict[str, Any]) -> str:
-    """How the attacked federation trained, in words."""
+def _attack_training(result: dict[str, Any], reference: dict[str, Any] | None = None) -> str:
+    """How the attacked federation trained, in words; with ``reference`` (the recipe the
+    accuracy rows beside it were trained with), whether it is that recipe."""
     settings, recipe = result["settings"], result.get("recipe")
     sites = settings.get("sites", 3)
     if recipe is None:
@@ -91,14 +92,20 @@ def _attack_training(result: dict[str, Any]) -> str:
             f"{settings['steps']} local steps of {settings['batch_size']}"
         )
     steps = _steps_per_round(recipe, settings["records_per_site"])
+    same = ""
+    if reference is not None:
+        same = (
+            " (the recipe of the accuracy rows above)"
+            if training_recipe(recipe) == training_recipe(reference)
+            else " (not the recipe of the accuracy rows above)"
+        )
     return (
-        f"the DP recipe of the privacy/utility table: {sites} sites of "
-        f"{settings['records_per_site']:,} records, {recipe['rounds']} rounds of {steps} "
-        f"steps of batch {recipe['expected_batch_size']} (Poisson-sampled, of that expected "
-        "size, under DP), "
-        f"{recipe['lr_schedule']} learning rate {recipe['learning_rate']:g}, LoRA rank "
-        f"{recipe['lora_rank']}; membership: {settings['held_out']} of the first site's "
-        "training records against as many of its records held out"
+        f"{sites} sites of {settings['records_per_site']:,} records, {recipe['rounds']} rounds "
+        f"of {steps} steps of batch {recipe['expected_batch_size']} (Poisson-sampled, of that "
+        f"expected size, under DP), {recipe['lr_schedule']} learning rate "
+        f"{recipe['learning_rate']:g}, {_adapter(recipe)}{same}; membership: "
+        f"{settings['held_out']} of the first site's training records against as many of its "
+        "records held out"
     )
 
 
@@ -268,10 +275,38 @@ def sweep_section(sweeps: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def latest_per_setting(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """The most recently measured row of each setting: the one the goals are read on."""
+    """The most recently measured row of each setting."""
     return {
         row["setting"]: row for row in sorted(rows, key=lambda r: str(r.get("measured_at", "")))
     }
+
+
+# Recipe fields that change what is scored, not what is trained.
+_EVALUATION_ONLY = frozenset({"eval_every_rounds"})
+
+
+def training_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
+    """``recipe`` without its evaluation-only fields: what two trainings must share to compare."""
+    return {key: value for key, value in recipe.items() if key not in _EVALUATION_ONLY}
+
+
+def reference_recipe(rows: list[dict[str, Any]], result: dict[str, Any]) -> dict[str, Any] | None:
+    """The recipe of the latest row without DP: the one every share of it must be trained with."""
+    base = latest_per_setting(rows).get("no_dp")
+    return None if base is None else training_recipe(_row_recipe(base, result))
+
+
+def comparable_per_setting(
+    rows: list[dict[str, Any]], result: dict[str, Any] | None = None
+) -> dict[str, dict[str, Any]]:
+    """The row each goal is read on: per setting, the latest row trained with the recipe of
+    the latest row without DP (the latest of any recipe while no row without DP exists). A
+    share of the non-private accuracy compares two trainings of one recipe, never two."""
+    reference = reference_recipe(rows, result or {})
+    if reference is None:
+        return latest_per_setting(rows)
+    same = [r for r in rows if training_recipe(_row_recipe(r, result or {})) == reference]
+    return latest_per_setting(same)
 
 
 def _recipe_text(recipe: dict[str, Any], records_per_site: int) -> str:
@@ -338,7 +373,8 @@ def _rows_section(result: dict[str, Any]) -> list[str]:
         f"`{result['model']}`, {result['num_sites']} hospitals by specialty (ICD-10-CM "
         f"chapters {', '.join(result['chapters'])}), {result['records_per_site']} records each. "
         f"Headline: {result['headline']}. Goals: epsilon 8 keeps >= 90% and epsilon 3 >= 75% "
-        "of the non-private accuracy, read on the latest row of each setting.",
+        "of the non-private accuracy, read on the latest row of each setting trained with the "
+        "recipe of the latest row without DP.",
         "",
         *(
             f"- Recipe {number}: {_recipe_text(recipe, result['records_per_site'])}. "
@@ -361,8 +397,11 @@ def _rows_section(result: dict[str, Any]) -> list[str]:
             f"| {_pct(untrained['accuracy_per_round'][0])} "
             f"| | | {untrained['gold_loss_per_round'][0]:.3f} | | |"
         )
+    reference = reference_recipe(result["rows"], result)
     for row in rows:
         share = row.get("share_of_non_private")
+        if reference is not None and training_recipe(_row_recipe(row, result)) != reference:
+            share = None  # a share of another recipe's accuracy is no measurement
         lines.append(
             f"| {row['setting']} | {recipe_number(row)} | "
             f"{'inf' if row['epsilon'] is None else row['epsilon']} | "
@@ -371,11 +410,11 @@ def _rows_section(result: dict[str, Any]) -> list[str]:
             f"{row['gold_loss']:.3f} | {'-' if share is None else _pct(share)} | "
             f"{row['seconds'] / 60:.1f} |"
         )
-    _rows_plot(list(latest_per_setting(result["rows"]).values()))
+    _rows_plot(list(comparable_per_setting(result["rows"], result).values()))
     return [
         *lines,
         "",
-        rows_goal(rows),
+        rows_goal(rows, result),
         "",
         f"![accuracy against epsilon](img/{UTILITY_PLOT.name})",
         "",
@@ -414,14 +453,14 @@ def _loss_reading(by_setting: dict[str, dict[str, Any]]) -> str:
     )
 
 
-def rows_goal(rows: list[dict[str, Any]]) -> str:
+def rows_goal(rows: list[dict[str, Any]], result: dict[str, Any] | None = None) -> str:
     """The goals read from the rows, or why they cannot be read.
 
     A share of the non-private accuracy only means something when the non-private federation
     measurably learned: when its interval reaches 0, the ratio divides one noisy count by
     another and is not reported as a reading of the goal.
     """
-    by_setting = latest_per_setting(rows)
+    by_setting = comparable_per_setting(rows, result)
     base = by_setting.get("no_dp")
     if base is None:
         return "The goals cannot be read yet: the non-private setting is not measured."
@@ -519,7 +558,9 @@ _NOT_MEASURED = "not measured yet"
 
 def compliance_table(utility: dict[str, Any] | None, attacks: dict[str, Any] | None) -> list[str]:
     """The compliance page's tables: measured figures only, "not measured yet" elsewhere."""
-    rows = latest_per_setting((utility or {}).get("rows", []))
+    all_rows = (utility or {}).get("rows", [])
+    rows = comparable_per_setting(all_rows, utility)
+    reference = reference_recipe(all_rows, utility or {})
     readable = "no_dp" not in rows or learned(rows["no_dp"])
     lines = [
         "| record-level epsilon (delta) | headline accuracy (95% CI) | "
@@ -531,7 +572,13 @@ def compliance_table(utility: dict[str, Any] | None, attacks: dict[str, Any] | N
         if row is None:
             lines.append(f"| {epsilon} | {_NOT_MEASURED} | {_NOT_MEASURED} |")
             continue
-        share = row.get("share_of_non_private")
+        plain = rows.get("no_dp")
+        # Read against the row without DP of the same recipe, as the goals are.
+        share = (
+            row["accuracy"] / plain["accuracy"]
+            if plain is not None and plain["accuracy"] > 0
+            else row.get("share_of_non_private")
+        )
         shown = _NOT_MEASURED if share is None else _pct(share)
         lines.append(
             f"| {epsilon} ({row['delta']:g}) | {_pct(row['accuracy'])} "
@@ -554,12 +601,41 @@ def compliance_table(utility: dict[str, Any] | None, attacks: dict[str, Any] | N
                 ": at these sites' size and training budget the guarantee holds, but the model "
                 "it leaves is far less accurate than the one trained without it"
             )
-        same = _row_recipe(eps8, utility or {}) == _row_recipe(plain, utility or {})
         lines += [
             f"At record-level epsilon 8 the model keeps {_pct(share)} of the accuracy that "
             f"training without DP reaches ({_pct(eps8['accuracy'])}, "
-            f"{_interval(eps8['ci95'])}, against {_pct(plain['accuracy'])}); {verdict}."
-            + ("" if same else " The two rows were trained with different recipes."),
+            f"{_interval(eps8['ci95'])}, against {_pct(plain['accuracy'])}, the same "
+            f"recipe); {verdict}.",
+            "",
+        ]
+    others = [
+        row
+        for row in all_rows
+        if reference is not None and training_recipe(_row_recipe(row, utility or {})) != reference
+    ]
+    if others:
+        lines += [
+            "Also measured, with other recipes (not comparable with the row without DP, which "
+            "was trained with another):",
+            "",
+            *(
+                f"- {_setting_words(row)}: {_pct(row['accuracy'])} "
+                f"({_interval(row['ci95'])}) with {_adapter(recipe)}, expected batch "
+                f"{recipe['expected_batch_size']}, learning rate {recipe['learning_rate']:g}"
+                for row in others
+                for recipe in [_row_recipe(row, utility or {})]
+            ),
+            "",
+        ]
+    listed = [*rows.values(), *others]
+    collapsed = sorted({int(row["gold_count"]) for row in listed if _collapsed_at_zero(row)})
+    if collapsed:
+        lines += [
+            "An interval of 0.00% to 0.00% means that no gold record was answered right: the "
+            "bootstrap over the records then has nothing to vary, and understates the "
+            "uncertainty. The exact (Clopper-Pearson) 95% interval for 0 right of "
+            + " or ".join(f"{n} is 0% to {_pct(1 - 0.025 ** (1 / n))}" for n in collapsed)
+            + ".",
             "",
         ]
     if not readable:
@@ -592,8 +668,17 @@ def compliance_table(utility: dict[str, Any] | None, attacks: dict[str, Any] | N
         f"{cell(no_dp, 'membership_auc')} | {cell(dp, 'membership_auc')} |",
     ]
     if attacks is not None:
-        lines += ["", f"The attacked federation: {_attack_training(attacks)}."]
+        lines += ["", f"The attacked federation: {_attack_training(attacks, reference)}."]
     return lines
+
+
+def _collapsed_at_zero(row: dict[str, Any]) -> bool:
+    """Whether a row scored no gold record right, so its bootstrap interval is one point."""
+    return row["accuracy"] == 0 and "gold_count" in row
+
+
+def _setting_words(row: dict[str, Any]) -> str:
+    return "no DP" if row["epsilon"] is None else f"epsilon {row['epsilon']:g}"
 
 
 def _auc_interval(row: dict[str, Any]) -> str:

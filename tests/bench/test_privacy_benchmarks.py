@@ -336,6 +336,53 @@ def test_goals_are_read_only_when_the_non_private_federation_learned() -> None:
     assert "the goal of 90% is met." in readable
 
 
+def test_goals_and_the_compliance_table_compare_rows_of_one_recipe_only() -> None:
+    report = benchmark_script("report_privacy")
+    wide = {**DpRecipe().to_json(), "eval_every_rounds": 7}
+    narrow = {**wide, "lora_rank": 1, "expected_batch_size": 128, "learning_rate": 0.005}
+    plain = {
+        "setting": "no_dp",
+        "epsilon": None,
+        "delta": None,
+        "accuracy": 0.78,
+        "ci95": [0.72, 0.83],
+        "recipe": wide,
+        "measured_at": "2026-12-05T10:00:00Z",
+    }
+    same = {
+        "setting": "eps8",
+        "epsilon": 8.0,
+        "delta": 1e-5,
+        "accuracy": 0.015,
+        "ci95": [0.0, 0.035],
+        "recipe": wide,
+        "measured_at": "2026-12-05T11:00:00Z",
+    }
+    # Measured later, with another recipe: it must not be read against the row without DP.
+    later = {**same, "accuracy": 0.0, "ci95": [0.0, 0.0], "recipe": narrow,
+             "measured_at": "2026-12-06T00:00:00Z"}  # fmt: skip
+    rows = [plain, same, later]
+    attacks = {
+        "settings": RECIPE_ATTACK_SETTINGS,
+        "recipe": {**wide, "eval_every_rounds": 28},  # scored less often, trained alike
+        "no_dp": {"p_value": 1e-5, "membership_auc": 0.57},
+        "dp": {"p_value": 0.49, "membership_auc": 0.49, "epsilon": 7.92},
+    }
+
+    assert report.rows_goal(rows).startswith("Goals: eps8 keeps 1.9% (goal 90.0%)")
+    table = "\n".join(report.compliance_table({"rows": rows}, attacks))
+    assert "| 8 (1e-05) | 1.5% (0.00% to 3.5%) | 1.9% |" in table
+    assert "keeps 1.9% of the accuracy" in table
+    assert "- epsilon 8: 0.00% (0.00% to 0.00%) with LoRA rank 1" in table
+    assert "0 right of" not in table  # no row of the compared recipe scored zero
+    zero = {**same, "setting": "eps3", "epsilon": 3.0, "accuracy": 0.0, "gold_count": 200}
+    caveat = "\n".join(report.compliance_table({"rows": [*rows, zero]}, None))
+    assert "The exact (Clopper-Pearson) 95% interval for 0 right of 200 is 0% to 1.8%." in caveat
+    assert "(the recipe of the accuracy rows above)" in table
+    other = "\n".join(report.compliance_table({"rows": rows}, {**attacks, "recipe": narrow}))
+    assert "(not the recipe of the accuracy rows above)" in other
+
+
 def test_results_from_separate_processes_are_merged_not_overwritten(tmp_path: Path) -> None:
     out = tmp_path / "results" / "utility.json"
     header = {"model": "m", "records_per_site": 2000}
