@@ -3,6 +3,9 @@
 import pytest
 
 from fedsilo.evaluation.metrics import (
+    METRIC_SCORES,
+    RECORD_SCORES,
+    RIGHT_OR_WRONG,
     normalize_answer,
     predicted_label,
     summarize,
@@ -47,3 +50,19 @@ def test_similarity_is_one_only_for_identical_answers() -> None:
 
     assert same.accuracy == 1.0 and same.category_accuracy == 1.0
     assert 0.0 <= other.accuracy < 0.2 and other.category_accuracy == 0.0
+
+
+@pytest.mark.parametrize("metric", sorted(RECORD_SCORES))
+def test_right_or_wrong_says_which_record_scores_are_zero_or_one(metric: str) -> None:
+    # Partly right answers: a fractional score shows wherever a metric has one.
+    answers = [*ANSWERS, "E11.9", "E11.65", "5", "4"]
+    references = [*GOLD, "E11.9", "E11.9", "5", "5"]
+
+    scores = RECORD_SCORES[metric](answers, references)
+
+    for binary, values in zip(RIGHT_OR_WRONG[metric], scores, strict=True):
+        assert set(values) <= {0.0, 1.0} if binary else any(0 < v < 1 for v in values)
+
+
+def test_right_or_wrong_covers_every_metric() -> None:
+    assert set(RIGHT_OR_WRONG) == set(METRIC_SCORES)

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from fedsilo.evaluation.bootstrap import bootstrap_ci
+from fedsilo.evaluation.bootstrap import bootstrap_ci, exact_bounds_at_zero
 
 
 def test_interval_brackets_the_mean_and_matches_the_binomial_width() -> None:
@@ -30,6 +30,27 @@ def test_same_seed_same_interval_other_seed_other_draw() -> None:
 def test_unanimous_records_give_a_point() -> None:
     assert bootstrap_ci([1.0] * 10) == (1.0, 1.0)
     assert bootstrap_ci([0.0]) == (0.0, 0.0)
+
+
+def test_exact_bounds_at_zero_of_200_known_answer() -> None:
+    # scipy.stats.beta.ppf(0.95, 1, 200) and beta.ppf(0.975, 1, 200): the one-sided bound and
+    # the Clopper-Pearson upper end for 0 successes in 200.
+    one_sided, clopper_pearson = exact_bounds_at_zero(200)
+
+    assert one_sided == pytest.approx(0.014867039231272054, rel=1e-12)
+    assert clopper_pearson == pytest.approx(0.01827534035513624, rel=1e-12)
+
+
+def test_exact_bounds_are_where_no_success_has_the_missing_probability() -> None:
+    one_sided, two_sided = exact_bounds_at_zero(37, level=0.9)
+
+    assert (1 - one_sided) ** 37 == pytest.approx(0.1)
+    assert (1 - two_sided) ** 37 == pytest.approx(0.05)
+
+
+def test_exact_bounds_refuse_an_empty_set() -> None:
+    with pytest.raises(ValueError, match="count"):
+        exact_bounds_at_zero(0)
 
 
 def test_weights_pool_the_records() -> None:

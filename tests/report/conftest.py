@@ -41,11 +41,26 @@ def make_report_data(
         SiteRow(name=HOSTILE_SITE, fingerprint="SHA256:hostile-fp-0bad", accepted=1, rejected=1),
     )
     rounds = (
-        RoundRow(0, 0, 0, (), None, None, 0.125, 0.25, 3.5, 8, ADAPTER_HASHES[0]),
         RoundRow(
-            1, 3, 0, ("st-mary", "county-general"), 24, 2.75, 0.25, 0.5, 2.9, 8, ADAPTER_HASHES[1]
+            0, 0, 0, (), None, None, 0.125, 0.25, 3.5, 8, ADAPTER_HASHES[0], metrics_ledgered=True
         ),
-        RoundRow(2, 2, 1, ("st-mary",), 16, 2.1, 0.375, 0.625, 2.4, 8, "2c" * 32),
+        RoundRow(
+            1,
+            3,
+            0,
+            ("st-mary", "county-general"),
+            24,
+            2.75,
+            0.25,
+            0.5,
+            2.9,
+            8,
+            ADAPTER_HASHES[1],
+            metrics_ledgered=True,
+        ),
+        RoundRow(
+            2, 2, 1, ("st-mary",), 16, 2.1, 0.375, 0.625, 2.4, 8, "2c" * 32, metrics_ledgered=True
+        ),
     )
     updates = (
         UpdateRow(1, "st-mary", True, "sha256:payload-stmary-r1", 40_960),

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 from markupsafe import escape
 
-from fedsilo.report import DeclaredPolicy, PartRow, ReportData, render_report, write_report
+from fedsilo.report import DeclaredPolicy, Fact, PartRow, ReportData, render_report, write_report
+from fedsilo.report.model import Execution
 from tests.report.conftest import ADAPTER_HASHES, HOSTILE_SITE, REJECTION_REASON, make_report_data
 
 _SVG = re.compile(r"<svg\b.*?</svg>", re.DOTALL)
@@ -285,3 +286,108 @@ def test_round_missing_from_the_ledger_is_marked_unverified() -> None:
     page = render_report(dataclasses.replace(data, rounds=(*data.rounds[:-1], stray)))
 
     assert page.count("not in the ledger: metrics unverified") == 1
+
+
+def test_withheld_example_count_is_said_withheld_never_a_number() -> None:
+    data = make_report_data()
+    private = dataclasses.replace(
+        data.rounds[1], examples=None, examples_withheld="withheld (record-level DP)"
+    )
+    data = dataclasses.replace(
+        data, rounds=(data.rounds[0], private, data.rounds[2]), examples_note="Placeholder: 1."
+    )
+
+    text = _text(render_report(data))
+
+    assert "1 st-mary, county-general withheld (record-level DP) 2.7500" in text
+    assert "Placeholder: 1." in text
+
+
+def test_example_count_cannot_be_both_shown_and_withheld() -> None:
+    with pytest.raises(ValueError, match="exclude each other"):
+        dataclasses.replace(make_report_data().rounds[1], examples_withheld="withheld (DP)")
+
+
+_SIMULATION = Execution(
+    "simulation",
+    "fedsilo's in-process engine on one machine",
+    ("All 3 sites ran inside the coordinator's own process.",),
+)
+
+
+def test_a_simulation_is_said_so_before_anything_else_and_claims_no_record_separation() -> None:
+    page = render_report(dataclasses.replace(make_report_data(), execution=_SIMULATION))
+
+    text = _text(page)
+    said = text.index("This run was a simulation on one machine, not a deployment")
+    assert said < text.index("Ledger verification") < text.index("Privacy")
+    assert _escaped("All 3 sites ran inside the coordinator's own process.") in text
+    assert "Raw records never leave a site" not in text
+
+
+def test_only_a_deployment_keeps_the_raw_records_claim() -> None:
+    deployed = Execution("deployment", "deployment: SuperLink and SuperNodes")
+
+    page = render_report(dataclasses.replace(make_report_data(), execution=deployed))
+
+    assert "Raw records never leave a site" in page
+    assert 'class="caveat"' not in page
+
+
+def test_ranking_figures_show_their_candidates_and_what_chance_gives() -> None:
+    parts = (
+        PartRow("ranking", "top1", 0.785, (0.725, 0.845), 200, candidates=10, chance=0.1),
+        PartRow("ranking", "top5", 0.995, (0.985, 1.0), 200, candidates=10, chance=0.5),
+        PartRow("unseen-code", "accuracy", 0.12, (0.075, 0.165), 200),
+    )
+
+    text = _text(render_report(dataclasses.replace(make_report_data(), gold_parts=parts)))
+
+    assert "ranking top1 among 10 candidates 78.5% 72.5% &ndash; 84.5% 200 10.0%" in text
+    assert "ranking top5 among 10 candidates 99.5%" in text and "200 50.0%" in text
+    assert "unseen-code accuracy 12.0% 7.5% &ndash; 16.5% 200 \u2014" in text
+    assert "ranking at random gives 1/10 and 5/10" in text
+
+
+def test_point_intervals_are_marked_and_explained_only_where_they_occur() -> None:
+    data = make_report_data()
+    point = dataclasses.replace(data.rounds[0], category_ci95=(0.0, 0.0))
+    spread = dataclasses.replace(data.rounds[1], category_ci95=(0.25, 0.75))
+    with_point = dataclasses.replace(
+        data,
+        rounds=(point, spread, data.rounds[2]),
+        interval_note="Intervals are 95% percentile-bootstrap intervals.",
+        interval_caveats=("category after round 0: 0 of 8 records right",),
+    )
+    without = dataclasses.replace(
+        data,
+        rounds=(spread, *data.rounds[1:]),
+        interval_note="Intervals are 95% percentile-bootstrap intervals.",
+    )
+
+    marked, plain = render_report(with_point), render_report(without)
+
+    assert marked.count("&dagger;") == 2  # the marked cell and the caveat's heading
+    assert "[0.0%, 0.0%]&dagger;" in marked and "[25.0%, 75.0%]&dagger;" not in marked
+    assert "category after round 0: 0 of 8 records right" in marked
+    assert "&dagger;" not in plain and "understate" not in plain
+    assert "Intervals are 95% percentile-bootstrap intervals." in plain
+
+
+def test_a_round_whose_metrics_the_ledger_does_not_bind_is_marked() -> None:
+    data = make_report_data()
+    unbound = dataclasses.replace(data.rounds[2], metrics_ledgered=False)
+
+    page = render_report(dataclasses.replace(data, rounds=(*data.rounds[:2], unbound)))
+
+    assert page.count("metrics not in the ledger: unverified") == 1
+
+
+def test_a_fact_note_says_what_the_value_is_of() -> None:
+    fact = Fact("final/adapter_model.safetensors sha256", "88" * 32, True, "hash of the file")
+
+    page = render_report(dataclasses.replace(make_report_data(), facts=(fact,)))
+
+    assert (
+        f'<span class="hash">{"88" * 32}</span> <span class="subtitle">(hash of the file)' in page
+    )

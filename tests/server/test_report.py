@@ -17,8 +17,10 @@ from fedsilo.client.policy import load_policy, policy_digest
 from fedsilo.config import FedsiloConfig
 from fedsilo.crypto import generate_private_key, write_public_key
 from fedsilo.data.tasks import build_task
+from fedsilo.evaluation.bootstrap import exact_bounds_at_zero
 from fedsilo.ledger import EntryKind, read_entries
 from fedsilo.server.federation import FederationError
+from fedsilo.server.run_folder import RunFolder
 from fedsilo.simulation.inprocess_grid import FIRST_NODE_ID
 
 from ..simulation.conftest import run_with_grid
@@ -228,3 +230,161 @@ def test_verify_and_report_leave_the_evidence_folder_byte_identical(
 
     assert _tree_digest(run) == before
     assert not (run / "ledger.db-wal").exists() and not (run / "ledger.db-shm").exists()
+
+
+@pytest.fixture
+def plain_run(make_config: Callable[..., FedsiloConfig], tmp_path: Path) -> Path:
+    """No DP, no secure aggregation, FedAvg with server momentum, two rounds, in-process."""
+    config = make_config(run={"rounds": 2}, strategy={"server_momentum": 0.5})
+    run_with_grid(config, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def _aggregated(run: Path) -> list[dict[str, object]]:
+    return [
+        e.payload for e in read_entries(run / "ledger.db") if e.kind is EntryKind.ROUND_AGGREGATED
+    ]
+
+
+def _summed(payload: dict[str, object]) -> str:
+    sites = payload["sites"]
+    assert isinstance(sites, list)
+    return ", ".join(str(site) for site in sites)
+
+
+def test_dp_run_says_example_counts_are_withheld_never_the_placeholder_sum(
+    dp_run_with_refusal: tuple[Path, str], tmp_path: Path
+) -> None:
+    run, _ = dp_run_with_refusal
+
+    _, html = _report(run, tmp_path / "report.html")
+
+    text = _visible_text(html)
+    for payload in _aggregated(run):
+        # The ledger's total is one placeholder per site, not a count of examples.
+        assert payload["examples"] == len(payload["sites"])  # type: ignore[arg-type]
+        row = rf"{payload['round']} {re.escape(_summed(payload))}(?: \(\d+ failed\))? "
+        assert re.search(row + r"withheld \(record-level DP\) ", text)
+        assert not re.search(row + rf"{payload['examples']} ", text)
+    assert "sends a placeholder count of 1 with each update" in text
+
+
+def test_plain_run_shows_the_training_set_sizes_the_sites_signed(
+    plain_run: Path, tmp_path: Path
+) -> None:
+    updates = [
+        e.payload
+        for e in read_entries(plain_run / "ledger.db")
+        if e.kind is EntryKind.UPDATE_RECEIVED
+    ]
+
+    _, html = _report(plain_run, tmp_path / "report.html")
+
+    text = _visible_text(html)
+    for payload in _aggregated(plain_run):
+        signed = sum(
+            int(u["num_examples"])  # type: ignore[call-overload]
+            for u in updates
+            if u["round"] == payload["round"]
+        )
+        assert f"{payload['round']} {_summed(payload)} {signed} " in text
+    assert "withheld" not in text
+    assert "The coordinator weighed each update by its site's count" in text
+
+
+def test_secure_aggregation_run_shows_no_example_count(
+    make_config: Callable[..., FedsiloConfig], tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    run_with_grid(make_config(run={"rounds": 1}, secure_aggregation={"mode": "secagg"}), run)
+    (payload,) = _aggregated(run)
+    sent = [
+        e.payload
+        for e in read_entries(run / "ledger.db")
+        if e.kind is EntryKind.UPDATE_RECEIVED and e.payload.get("round") == 1
+    ]
+    # No site sends a count; the ledger's total is the number of sites summed.
+    assert sent and all("num_examples" not in u for u in sent)
+    assert payload["examples"] == len(payload["sites"])  # type: ignore[arg-type]
+
+    _, html = _report(run, tmp_path / "report.html")
+
+    text = _visible_text(html)
+    assert f"1 {_summed(payload)} withheld (secure aggregation) " in text
+    assert "Under secure aggregation the sites send no example count" in text
+
+
+def test_gold_figures_are_said_to_be_the_coordinators_bound_by_its_signed_ledger(
+    plain_run: Path, tmp_path: Path
+) -> None:
+    _, html = _report(plain_run, tmp_path / "report.html")
+
+    text = _visible_text(html)
+    assert "not signed in the ledger" not in text
+    assert "hashed into that round's coordinator-signed ledger entry" in text
+    assert "fedsilo audit verify checks metrics.jsonl and every checkpoint's round.json" in text
+    assert "The sites do not sign them" in text
+    assert "without the gold set and the base model" in text
+    assert "metrics not in the ledger" not in text
+
+
+def test_a_simulated_run_says_so_at_the_top_and_never_claims_records_stayed_at_sites(
+    plain_run: Path, tmp_path: Path
+) -> None:
+    _, html = _report(plain_run, tmp_path / "report.html")
+
+    text = _visible_text(html)
+    assert "Kind federated run, simulated on one machine, not a deployment" in text
+    said = text.index("This run was a simulation on one machine, not a deployment")
+    assert said < text.index("Ledger verification")
+    assert "All 3 sites ran inside the coordinator's own process" in text
+    assert "The private signing keys of all 3 sites are in the run folder" in text
+    assert "not that separate parties took part" in text
+    assert "Raw records never leave a site" not in text  # no DP: the note once claimed it
+
+
+def test_final_adapter_is_named_by_the_file_hash_the_ledger_records(
+    plain_run: Path, tmp_path: Path
+) -> None:
+    finished = read_entries(plain_run / "ledger.db")[-1]
+    weights = hashlib.sha256((plain_run / "final" / "adapter_model.safetensors").read_bytes())
+
+    _, html = _report(plain_run, tmp_path / "report.html")
+
+    assert finished.payload["final_files"]["adapter_model.safetensors"] == weights.hexdigest()  # type: ignore[call-overload,index]
+    assert (
+        f'<dt>final/adapter_model.safetensors sha256</dt><dd><span class="hash">'
+        f"{weights.hexdigest()}</span>"
+    ) in html
+    assert (
+        f'<dt>Checkpoint adapter sha256 (round 2)</dt><dd><span class="hash">'
+        f"{finished.payload['final_adapter_sha256']}</span>"
+    ) in html
+    assert "Final adapter sha256" not in html
+
+
+def test_strategy_shows_the_server_momentum_the_ledger_records(
+    plain_run: Path, tmp_path: Path
+) -> None:
+    _, html = _report(plain_run, tmp_path / "report.html")
+
+    assert "<dt>Strategy</dt><dd>fedavg, server momentum 0.5 " in html
+
+
+def test_gold_intervals_and_precision_say_what_they_are(plain_run: Path, tmp_path: Path) -> None:
+    records = RunFolder(plain_run).read_metrics()
+    collapsed = [r["round"] for r in records if r["gold_category_accuracy_ci95"] == [0.0, 0.0]]
+    assert collapsed  # the tiny model gets no gold record right
+    one_sided, clopper_pearson = exact_bounds_at_zero(records[0]["gold_count"])
+
+    _, html = _report(plain_run, tmp_path / "report.html")
+
+    text = _visible_text(html)
+    assert "Intervals are 95% percentile-bootstrap intervals" in text
+    rounds = ", ".join(str(r) for r in collapsed)
+    plural = "s" if len(collapsed) > 1 else ""
+    assert f"the rounds table's category after round{plural} {rounds}" in text
+    assert f"the exact one-sided 95% upper bound is {one_sided:.2%}" in text
+    assert f"Clopper-Pearson interval is 0% to {clopper_pearson:.2%}" in text
+    assert "<dt>Precision</dt><dd>fp32 " in html
+    assert "every weight in fp32 during local training at every simulated site" in text

