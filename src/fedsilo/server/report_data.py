@@ -23,16 +23,12 @@ from fedsilo.evaluation.metrics import METRIC_SCORES, SECONDARY_LABELS
 from fedsilo.ledger import Entry, EntryKind, LedgerError, VerifyReport
 from fedsilo.ledger.entries import SITE_POLICY_FIELD
 from fedsilo.ledger.store import parse_row, read_stored_ledger
-from fedsilo.model.base import describe_base_model
-from fedsilo.privacy.accounting import AccountantName, compute_epsilon
-from fedsilo.privacy.events import DpEvent, event_from_json
 from fedsilo.protocol.records import PolicyDeclaration, ProtocolError
 from fedsilo.report import (
     DeclaredPolicy,
     Fact,
     Outcome,
     PartRow,
-    Privacy,
     ReportData,
     RoundRow,
     SiteRow,
@@ -51,8 +47,9 @@ from fedsilo.server.report_figures import (
     ranking_chance,
     round_examples,
 )
+from fedsilo.server.report_privacy import privacy_of
 from fedsilo.server.report_provenance import (
-    config_bound,
+    base_model_of,
     execution_of,
     final_adapter_facts,
     precision_fact,
@@ -84,6 +81,20 @@ def readable_entries(ledger_path: Path) -> list[Entry]:
         except LedgerError:
             continue  # reported by verification as a problem at its seq
     return entries
+
+
+def run_files(folder: RunFolder) -> tuple[FedsiloConfig | None, dict[str, Any]]:
+    """The run's config.toml and run.json, each None or empty where it cannot be read (the
+    reader then says what is not recorded)."""
+    try:
+        config: FedsiloConfig | None = load_config(folder.config_path)
+    except (OSError, ConfigError, ValueError):
+        config = None
+    try:
+        info = folder.read_json(folder.run_info_path)
+    except (OSError, ValueError):
+        info = {}
+    return config, info
 
 
 def _first(entries: Sequence[Entry], kind: EntryKind) -> Entry | None:
@@ -206,85 +217,6 @@ def _update_rows(entries: Sequence[Entry], replacements: dict[str, str]) -> tupl
                 )
             )
     return tuple(rows)
-
-
-def _cumulative(
-    events: Sequence[tuple[int, DpEvent]], *, delta: float, accountant: AccountantName
-) -> tuple[tuple[int, float], ...]:
-    """Epsilon after each round, composing every event up to and including that round."""
-    points: list[tuple[int, float]] = []
-    for round_number in sorted({r for r, _ in events}):
-        upto = [event for r, event in events if r <= round_number]
-        points.append((round_number, compute_epsilon(upto, delta=delta, accountant=accountant)))
-    return tuple(points)
-
-
-def _site_level_label(secure: str) -> str:
-    return (
-        "distributed site-level (each site noises its update before secure aggregation)"
-        if secure != "none"
-        else "site-level (the coordinator clips and noises each round's aggregate)"
-    )
-
-
-def privacy_of(entries: Sequence[Entry], config: FedsiloConfig | None) -> Privacy:
-    """The run's DP settings and each site's DP mode and epsilon after each round, from the
-    ledger (the accountant and delta are the run configuration's)."""
-    secure = config.secure_aggregation.mode if config is not None else _NOT_RECORDED
-    per_site: dict[str, list[tuple[int, DpEvent]]] = defaultdict(list)
-    site_level: list[tuple[int, DpEvent]] = []
-    accepted: set[str] = set()
-    summed_under_site_level: set[str] = set()
-    for entry in entries:
-        round_number = entry.payload.get("round")
-        if not isinstance(round_number, int):
-            continue
-        if entry.kind is EntryKind.UPDATE_RECEIVED:
-            site = str(entry.payload.get("site_id"))
-            accepted.add(site)
-            raw = entry.payload.get("dp_event")
-            if isinstance(raw, dict):
-                per_site[site].append((round_number, event_from_json(raw)))
-        elif entry.kind is EntryKind.ROUND_AGGREGATED:
-            raw = entry.payload.get("site_dp_event")
-            if isinstance(raw, dict):
-                site_level.append((round_number, event_from_json(raw)))
-                summed = entry.payload.get("sites")
-                if isinstance(summed, list):
-                    summed_under_site_level.update(str(s) for s in summed)
-    site_modes = {}
-    for site in sorted(accepted):
-        modes = ["record-level DP-SGD"] if site in per_site else []
-        if site in summed_under_site_level:
-            modes.append(_site_level_label(secure))
-        site_modes[site] = "; ".join(modes) or "none"
-    if config is None or not (config.privacy.record_level or config.privacy.site_level):
-        return Privacy(
-            mode="none",
-            accountant=None,
-            delta=None,
-            secure_aggregation=secure,
-            site_modes=site_modes,
-        )
-    settings = config.privacy
-    modes = []
-    if settings.record_level:
-        modes.append("record-level (DP-SGD at every site)")
-    if settings.site_level:
-        modes.append(_site_level_label(secure))
-    delta, accountant = settings.delta, settings.accountant
-    return Privacy(
-        mode="; ".join(modes),
-        accountant=accountant,
-        delta=delta,
-        secure_aggregation=secure,
-        epsilon={
-            site: _cumulative(events, delta=delta, accountant=accountant)
-            for site, events in sorted(per_site.items())
-        },
-        site_level_epsilon=_cumulative(site_level, delta=delta, accountant=accountant),
-        site_modes=site_modes,
-    )
 
 
 def declared_policies(
@@ -528,20 +460,7 @@ def _facts(
         run_id, federation = membership.run_id, membership.federation_id
     except (OSError, ValueError, KeyError):
         run_id, federation = _text(start.get("run_id")), _text(start.get("federation_id"))
-    base_spec = info.get("base_model") or (config.model.base if config else None)
-    base_folder = info.get("base_model_path")
-    base_hash = start.get("base_model_hash") or info.get("base_model_hash")
-    # What the weights are, not only a name: the embedded default's name alone would invite
-    # reading it as the Hub model it derives from, whose weights differ.
-    base_name = (
-        describe_base_model(
-            str(base_spec),
-            folder=Path(base_folder) if isinstance(base_folder, str) and base_folder else None,
-            expected_hash=str(base_hash) if base_hash else None,
-        ).sentence()
-        if base_spec
-        else None
-    )
+    base = base_model_of(info, start, config)
     ended = (
         finished.created_at
         if finished
@@ -553,13 +472,13 @@ def _facts(
         Fact("Started", _text(started.created_at if started else None)),
         Fact("Ended", _text(ended)),
         Fact("Task", _text(config.task.name if config else None)),
-        Fact("Base model", _text(base_name)),
+        Fact("Base model", _text(base.sentence() if base else None)),
         Fact(
             "Base model hash",
             _text(start.get("base_model_hash") or info.get("base_model_hash")),
             True,
         ),
-        strategy_fact(entries, config, bound=config_bound(config, entries)),
+        strategy_fact(entries, config),
         precision_fact(info, entries, execution),
         Fact("Metric", metric),
         Fact(
@@ -586,14 +505,7 @@ def build_report_data(run_dir: Path, report: VerifyReport, *, key_source: KeySou
     folder = RunFolder(run_dir)
     replacements = {str(folder.root.resolve()): "RUN", str(folder.root): "RUN"}
     entries = readable_entries(folder.ledger_path)
-    try:
-        info = folder.read_json(folder.run_info_path)
-    except (OSError, ValueError):
-        info = {}
-    try:
-        config: FedsiloConfig | None = load_config(folder.config_path)
-    except (OSError, ConfigError, ValueError):
-        config = None
+    config, info = run_files(folder)
     started = _first(entries, EntryKind.RUN_STARTED)
     updates = _update_rows(entries, replacements)
     privacy = privacy_of(entries, config)

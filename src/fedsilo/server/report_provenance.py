@@ -1,8 +1,9 @@
-"""What the compliance report states about how a run was executed and what it released.
+"""What the compliance report and the model card state about how a run was executed.
 
-Simulation or deployment, the strategy with its server-side settings, the compute precision
-and the final adapter's files, each from the ledger where it records them, else from
-``config.toml`` only when that file matches the configuration digest the ledger records.
+Simulation or deployment, the base model, the strategy with its server-side settings, the
+compute precision and the final adapter's files, each from the ledger where it records them,
+else from ``config.toml`` only when that file matches the configuration digest the ledger
+records.
 """
 
 from __future__ import annotations
@@ -10,15 +11,17 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fedsilo.config import FedsiloConfig, config_digest
 from fedsilo.ledger import Entry, EntryKind
 from fedsilo.ledger.entries import SITE_METRICS_FIELD
+from fedsilo.model.base import BaseModelStatement, describe_base_model
 from fedsilo.report.model import UNKNOWN_EXECUTION, Execution, Fact
 from fedsilo.server.run_folder import RunFolder
 from fedsilo.simulation.enrollment import COORDINATOR, site_folder
 
+RunSetting = Literal["deployment", "simulation", "unknown"]
 _NOT_RECORDED = "not recorded"
 _NO_METRICS = "none (no site metrics are sent under secure aggregation)"
 _ENGINES: Mapping[str, tuple[str, str]] = {
@@ -37,15 +40,44 @@ _ENGINES: Mapping[str, tuple[str, str]] = {
 }
 
 
-def config_bound(config: FedsiloConfig | None, entries: Sequence[Entry]) -> bool:
-    """Whether ``config`` is the configuration the ledger's last run start (or resume) names
-    by digest: only then does what ``config.toml`` says count as recorded."""
+def recorded_config(config: FedsiloConfig | None, entries: Sequence[Entry]) -> FedsiloConfig | None:
+    """``config`` if it is the configuration the ledger's last run start (or resume) names by
+    digest, else None: a config.toml edited after the run says nothing about the run."""
     digests = [
         e.payload.get("config_digest")
         for e in entries
         if e.kind in (EntryKind.RUN_STARTED, EntryKind.RUN_RESUMED)
     ]
-    return config is not None and bool(digests) and digests[-1] == config_digest(config)
+    if config is None or not digests or digests[-1] != config_digest(config):
+        return None
+    return config
+
+
+def run_setting(config: FedsiloConfig | None, entries: Sequence[Entry]) -> RunSetting:
+    """Whether the sites ran apart (a ``[deployment]`` section) or on one machine, as a
+    config.toml that the ledger's configuration digest covers says."""
+    recorded = recorded_config(config, entries)
+    if recorded is None:
+        return "unknown"
+    return "deployment" if recorded.deployment is not None else "simulation"
+
+
+def base_model_of(
+    info: Mapping[str, object], start: Mapping[str, object], config: FedsiloConfig | None
+) -> BaseModelStatement | None:
+    """The base model as run.json (``info``), the run-start entry (``start``) and config.toml
+    name it, None where none does. What the weights are, not only a name: the embedded
+    default's name alone would invite reading it as the Hub model it derives from."""
+    spec = str(info.get("base_model") or (config.model.base if config else ""))
+    if not spec:
+        return None
+    folder = info.get("base_model_path")
+    recorded = start.get("base_model_hash") or info.get("base_model_hash")
+    return describe_base_model(
+        spec,
+        folder=Path(folder) if isinstance(folder, str) and folder else None,
+        expected_hash=str(recorded) if recorded else None,
+    )
 
 
 def _held_keys(folder: RunFolder, config: FedsiloConfig, sites: Sequence[str]) -> list[Path]:
@@ -142,7 +174,8 @@ def execution_of(
     if config is None:
         return UNKNOWN_EXECUTION
     held = _held_keys(folder, config, sites)
-    if not config_bound(config, entries):
+    setting = run_setting(config, entries)
+    if setting == "unknown":
         return Execution(
             "unknown",
             "not established: config.toml does not match the configuration digest the ledger "
@@ -152,7 +185,7 @@ def execution_of(
                 *([_key_caveat(folder, config, sites, held, simulated=False)] if held else []),
             ),
         )
-    if config.deployment is not None:
+    if setting == "deployment":
         return Execution(
             "deployment",
             "deployment: the coordinator ran Flower's SuperLink and each site its own "
@@ -192,10 +225,10 @@ def _number(value: object) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
-def strategy_fact(entries: Sequence[Entry], config: FedsiloConfig | None, *, bound: bool) -> Fact:
+def strategy_fact(entries: Sequence[Entry], config: FedsiloConfig | None) -> Fact:
     """The strategy with its server-side settings as the ledger records them (FedAdam's,
-    which the ledger records only by the configuration digest, from a ``config.toml`` it
-    covers; ``bound``)."""
+    which the ledger records only by the configuration digest, from ``config`` where that
+    digest covers it)."""
     start = next((e.payload for e in entries if e.kind is EntryKind.RUN_STARTED), {})
     name = start.get("strategy")
     if not isinstance(name, str) or not name:
@@ -215,8 +248,9 @@ def strategy_fact(entries: Sequence[Entry], config: FedsiloConfig | None, *, bou
         settings.append(f"proximal mu {mu:g}" if mu is not None else "proximal mu not recorded")
         sources.append("the tasks sent to the sites")
     if name == "fedadam":
-        if bound and config is not None and config.strategy.name == "fedadam":
-            server = config.strategy
+        recorded = recorded_config(config, entries)
+        if recorded is not None and recorded.strategy.name == "fedadam":
+            server = recorded.strategy
             settings.append(
                 f"server learning rate {server.server_learning_rate:g}, beta_1 "
                 f"{server.beta_1:g}, beta_2 {server.beta_2:g}, tau {server.tau:g}"

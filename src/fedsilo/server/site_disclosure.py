@@ -14,13 +14,11 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
-from fedsilo.config import FedsiloConfig, config_digest
+from fedsilo.config import FedsiloConfig
 from fedsilo.config.schema import SecureAggregationMode
 from fedsilo.ledger import Entry, EntryKind
-
-RunSetting = Literal["deployment", "simulation", "unknown"]
+from fedsilo.server.report_provenance import recorded_config, run_setting
 
 
 @dataclass(frozen=True)
@@ -31,28 +29,6 @@ class Disclosure:
     record_level: bool  # DP-SGD at the site: DP event sent, metrics withheld
     site_level: bool  # noise on the sum: added by the coordinator, or by the sites before masking
     he_tensors: tuple[str, ...] = ()  # under "he": the tensors encrypted (empty: all)
-
-
-def recorded_config(config: FedsiloConfig | None, entries: Sequence[Entry]) -> FedsiloConfig | None:
-    """``config`` if it is the configuration the ledger's last run start (or resume) names by
-    digest, else None: a config.toml edited after the run says nothing about the run."""
-    digests = [
-        e.payload.get("config_digest")
-        for e in entries
-        if e.kind in (EntryKind.RUN_STARTED, EntryKind.RUN_RESUMED)
-    ]
-    if config is None or not digests or digests[-1] != config_digest(config):
-        return None
-    return config
-
-
-def run_setting(config: FedsiloConfig | None, entries: Sequence[Entry]) -> RunSetting:
-    """Whether the sites ran apart (a ``[deployment]`` section) or on one machine, as a
-    config.toml that the ledger's configuration digest covers says."""
-    recorded = recorded_config(config, entries)
-    if recorded is None:
-        return "unknown"
-    return "deployment" if recorded.deployment is not None else "simulation"
 
 
 def disclosure_of(
