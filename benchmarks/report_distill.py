@@ -59,8 +59,9 @@ def _setup(result: Mapping[str, Any]) -> str:
         + ", ".join(
             f"**{name}** ({' + '.join(sites)})" for name, sites in result["clusters"].items()
         )
-        + "; each cluster trains an expert in its own federation with the demo's shape "
-        f"(src/fedsilo/configs/demo.toml): {federation['run']['rounds']} rounds of {strategy}, "
+        + "; each cluster trains an expert in its own federation with the demo's shape as "
+        "src/fedsilo/configs/demo.toml set it when this file was measured (the results record "
+        f"it): {federation['run']['rounds']} rounds of {strategy}, "
         f"{train['local_steps']} local steps of {train['batch_size']} examples, learning rate "
         f"{train['learning_rate']} ({train.get('lr_schedule', 'constant')}, "
         f"{train.get('warmup_rounds', 0)} warmup round(s)), LoRA rank {lora['rank']} (alpha "
