@@ -381,8 +381,11 @@ def test_the_card_says_what_the_precision_applies_to(plain_run: Path, tmp_path: 
 
     card = (out / "README.md").read_text()
     assert "| Precision | fp32 |" not in card
-    assert "frozen base weights held in fp32 during local training" in card
-    assert "the exported adapter_model.safetensors are fp32" in card
+    assert (
+        "every weight in fp32 during local training at every simulated site and the "
+        "coordinator's gold evaluation; the sites reported fp32 with all"
+    ) in card
+    assert "the exported adapter_model.safetensors is fp32" in card
     tensors = load_file(out / "adapter_model.safetensors")
     assert {tensor.dtype for tensor in tensors.values()} == {torch.float32}
 
@@ -487,13 +490,3 @@ def test_a_zero_width_interval_is_said_not_to_mean_certainty() -> None:
     caveat = "it does not mean the model's true rate is exactly that value"
     assert caveat in "\n".join(_evaluation(last, "code", (), None))
     assert caveat not in "\n".join(_evaluation(widened, "code", (), None))
-
-
-def test_without_site_metrics_the_card_claims_no_training_precision() -> None:
-    from fedsilo.server.model_card import _precision
-
-    stated = _precision({"precision": "bf16"}, [])
-
-    assert "during local training" not in stated
-    assert "the sites reported no precision" in stated
-    assert "held in bf16 during the coordinator's gold evaluation" in stated

@@ -167,10 +167,9 @@ def _update(seq: int, metrics: dict[str, Any] | None) -> Entry:
 
 
 def test_bf16_is_said_to_be_the_frozen_base_weights_with_fp32_adapters_and_updates() -> None:
-    simulation = Execution("simulation", "one machine")
     entries = [_started(), _update(2, {"precision": "bf16"}), _update(3, {"precision": "bf16"})]
 
-    fact = precision_fact({"precision": "bf16"}, entries, simulation)
+    fact = precision_fact({"precision": "bf16"}, entries, simulated=True)
 
     assert fact.value == "bf16"
     assert fact.note is not None
@@ -181,11 +180,19 @@ def test_bf16_is_said_to_be_the_frozen_base_weights_with_fp32_adapters_and_updat
     assert "the sites reported bf16 with all 2 accepted updates" in fact.note
 
 
+def test_outside_a_simulation_without_site_reports_no_training_precision_is_claimed() -> None:
+    note = precision_fact({"precision": "bf16"}, [_started()], simulated=False).note
+
+    assert note is not None
+    assert "during local training" not in note
+    assert "held in bf16 during the coordinator's gold evaluation" in note
+    assert "no accepted update records a site's precision" in note
+
+
 def test_precision_says_which_updates_carried_none() -> None:
-    deployment = Execution("deployment", "SuperLink")
     entries = [_started(), _update(2, {"precision": "fp32"}), _update(3, None)]
 
-    note = precision_fact({"precision": "fp32"}, entries, deployment).note
+    note = precision_fact({"precision": "fp32"}, entries, simulated=False).note
 
     assert note is not None
     assert "each deployed site chooses its own" in note

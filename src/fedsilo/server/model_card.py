@@ -35,6 +35,7 @@ from fedsilo.server.report_privacy import privacy_of
 from fedsilo.server.report_provenance import (
     RunSetting,
     base_model_of,
+    precision_fact,
     run_setting,
     strategy_fact,
 )
@@ -86,6 +87,7 @@ def model_card(run_dir: Path, exported: Path, *, checkpoint_round: int | None = 
     files = _exported_files(folder, entries, Path(exported), checkpoint_round)
     setting = run_setting(config, entries)
     strategy = strategy_fact(entries, config)
+    precision = precision_fact(info, entries, simulated=setting == "simulation")
     lines = [
         "---",
         "library_name: peft",
@@ -112,7 +114,8 @@ def model_card(run_dir: Path, exported: Path, *, checkpoint_round: int | None = 
         f"| Sites | {', '.join(sites) if sites else _NOT_RECORDED} |",
         f"| Rounds aggregated | {len({e.payload.get('round') for e in aggregated})} |",
         f"| Strategy | {strategy.value}{f' ({strategy.note})' if strategy.note else ''} |",
-        f"| Precision | {_precision(info, entries)} |",
+        f"| Precision | {precision.value} ({precision.note}; the exported {ADAPTER_WEIGHTS} "
+        "is fp32) |",
         f"| Differential privacy | {privacy.mode} |",
         f"| Secure aggregation | {privacy.secure_aggregation} |",
         f"| Adapter file | `{ADAPTER_WEIGHTS}` in this folder, sha256 `{files.weights_sha256}` |",
@@ -204,44 +207,6 @@ def _base_model_rows(base: BaseModelStatement | None) -> list[str]:
             f"{base.origin_difference} |"
         )
     return rows
-
-
-def _precision(info: Mapping[str, object], entries: Sequence[Entry]) -> str:
-    """In what precision the frozen base weights were held, where each precision is recorded,
-    and what is fp32 whatever the precision."""
-    by_site: dict[str, set[str]] = {}
-    for entry in entries:
-        metrics = entry.payload.get("site_metrics")
-        if entry.kind is EntryKind.UPDATE_RECEIVED and isinstance(metrics, dict):
-            reported = metrics.get("precision")
-            if isinstance(reported, str):
-                by_site.setdefault(str(entry.payload.get("site_id")), set()).add(reported)
-    evaluation = (
-        f"in {info.get('precision') or _NOT_RECORDED} during the coordinator's gold evaluation"
-    )
-    used = sorted(set().union(*by_site.values())) if by_site else []
-    if len(used) == 1:
-        held = (
-            f"frozen base weights held in {used[0]} during local training (as the sites "
-            f"reported with their updates) and {evaluation}"
-        )
-    elif used:
-        reported = "; ".join(
-            f"{site} {'/'.join(sorted(values))}" for site, values in sorted(by_site.items())
-        )
-        held = (
-            "frozen base weights held during local training in the precision each site "
-            f"reported with its updates ({reported}) and {evaluation}"
-        )
-    else:
-        held = (
-            f"frozen base weights held {evaluation}; the sites reported no precision for "
-            "local training (no metrics are sent under secure aggregation)"
-        )
-    return (
-        f"{held}; the LoRA adapter and its optimizer state, the updates sent and the exported "
-        f"{ADAPTER_WEIGHTS} are fp32"
-    )
 
 
 def _audit_trail() -> list[str]:

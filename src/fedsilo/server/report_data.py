@@ -479,7 +479,7 @@ def _facts(
             True,
         ),
         strategy_fact(entries, config),
-        precision_fact(info, entries, execution),
+        precision_fact(info, entries, simulated=execution.kind == "simulation"),
         Fact("Metric", metric),
         Fact(
             "Configuration digest",

@@ -80,7 +80,7 @@ def base_model_of(
     )
 
 
-def _held_keys(folder: RunFolder, config: FedsiloConfig, sites: Sequence[str]) -> list[Path]:
+def held_site_keys(folder: RunFolder, config: FedsiloConfig, sites: Sequence[str]) -> list[Path]:
     """The site private keys in the run folder, relative to it: where a simulation keeps them
     (RUN/sites/NAME/, a clustered run's RUN/keys/) or where its config pins them."""
     root = folder.root.resolve()
@@ -173,7 +173,7 @@ def execution_of(
         )
     if config is None:
         return UNKNOWN_EXECUTION
-    held = _held_keys(folder, config, sites)
+    held = held_site_keys(folder, config, sites)
     setting = run_setting(config, entries)
     if setting == "unknown":
         return Execution(
@@ -277,16 +277,20 @@ def strategy_fact(entries: Sequence[Entry], config: FedsiloConfig | None) -> Fac
     return Fact("Strategy", ", ".join([name, *settings]), note=note)
 
 
-def precision_fact(info: Mapping[str, Any], entries: Sequence[Entry], execution: Execution) -> Fact:
-    """The compute precision: what it is the precision of, and what the sites reported."""
+def precision_fact(info: Mapping[str, Any], entries: Sequence[Entry], *, simulated: bool) -> Fact:
+    """The compute precision: what it is the precision of, and what the sites reported.
+
+    ``simulated``: every site trained in the coordinator's process, so the run's setting was
+    theirs too; otherwise each site chose its own and only its reports say which."""
     start = next((e.payload for e in entries if e.kind is EntryKind.RUN_STARTED), {})
     precision = info.get("precision") or start.get("precision")
     if not isinstance(precision, str):
         return Fact("Precision", _NOT_RECORDED)
     where = (
         "local training at every simulated site and the coordinator's gold evaluation"
-        if execution.kind == "simulation"
-        else "the coordinator's gold evaluation (each deployed site chooses its own, below)"
+        if simulated
+        else "the coordinator's gold evaluation (each deployed site chooses its own, as it "
+        "reports with its updates)"
     )
     if precision == "bf16":
         note = (

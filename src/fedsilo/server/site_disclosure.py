@@ -18,7 +18,8 @@ from pathlib import Path
 from fedsilo.config import FedsiloConfig
 from fedsilo.config.schema import SecureAggregationMode
 from fedsilo.ledger import Entry, EntryKind
-from fedsilo.server.report_provenance import recorded_config, run_setting
+from fedsilo.server.report_provenance import held_site_keys, recorded_config, run_setting
+from fedsilo.server.run_folder import RunFolder
 
 
 @dataclass(frozen=True)
@@ -157,7 +158,10 @@ _SIGNED = (
 
 
 def _setting_lead(
-    config: FedsiloConfig | None, entries: Sequence[Entry], run_dir: Path | None
+    config: FedsiloConfig | None,
+    entries: Sequence[Entry],
+    run_dir: Path | None,
+    sites: Sequence[str],
 ) -> str:
     setting = run_setting(config, entries)
     if setting == "deployment":
@@ -169,7 +173,7 @@ def _setting_lead(
         )
     if setting == "simulation" and config is not None:
         keys = (
-            sorted(str(key.relative_to(run_dir)) for key in run_dir.glob("sites/*/*.key"))
+            sorted(str(key) for key in held_site_keys(RunFolder(run_dir), config, sites))
             if run_dir is not None
             else []
         )
@@ -191,6 +195,11 @@ def _setting_lead(
         "established: config.toml cannot be read or does not match the configuration digest "
         "the ledger records. Through the protocol, each site sent the coordinator:"
     )
+
+
+def _enrolled(start: Mapping[str, object]) -> list[str]:
+    sites = start.get("sites")
+    return sorted(str(name) for name in sites) if isinstance(sites, dict) else []
 
 
 def what_left_the_sites(
@@ -227,7 +236,7 @@ def what_left_the_sites(
     ]
     lines = [
         *heading,
-        _setting_lead(config, entries, run_dir),
+        _setting_lead(config, entries, run_dir, _enrolled(start)),
         "",
         *(f"- {bullet}" for bullet in bullets),
         "",
