@@ -258,6 +258,49 @@ def test_a_centralized_baseline_stopped_midway_goes_on_from_its_last_round(
     assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
 
 
+def test_a_local_only_baseline_stopped_midway_keeps_its_finished_sites(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fedsilo.bench.quality as quality
+
+    local = {"algorithms": ("local",), "edge_cases": False}
+    whole = run_quality_benchmark(_small_request(tiny_model_dir, tmp_path / "whole", **local))
+    real_round = quality._Trainer.train_round
+    rounds_trained: list[int] = []
+
+    def stop_at_the_second_site(self: object, *args: object, **kwargs: object) -> object:
+        rounds_trained.append(1)  # one round of one step per site in this budget
+        if len(rounds_trained) == 2:
+            raise RuntimeError("power cut")
+        return real_round(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(quality._Trainer, "train_round", stop_at_the_second_site)
+    with pytest.raises(RuntimeError, match="power cut"):
+        run_quality_benchmark(_small_request(tiny_model_dir, tmp_path / "cut", **local))
+    monkeypatch.setattr(quality._Trainer, "train_round", real_round)
+    with pytest.raises(FileExistsError, match="--resume"):
+        run_quality_benchmark(_small_request(tiny_model_dir, tmp_path / "cut", **local))
+    calls: list[int] = []
+
+    def counted(self: object, *args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return real_round(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(quality._Trainer, "train_round", counted)
+    resumed = run_quality_benchmark(
+        _small_request(tiny_model_dir, tmp_path / "cut", resume=True, **local)
+    )
+
+    assert len(calls) == 1  # the second site only
+    assert resumed["algorithms"]["local"] == whole["algorithms"]["local"]
+    other = _small_request(
+        tiny_model_dir, tmp_path / "cut", budget=_three_rounds(), resume=True,
+        results_path=tmp_path / "other.json", **local,
+    )  # fmt: skip
+    with pytest.raises(CheckpointMismatchError, match=r"local/progress\.json: field 'budget'"):
+        run_quality_benchmark(other)
+
+
 def test_a_centralized_checkpoint_of_another_budget_is_refused_naming_the_field(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:

@@ -17,15 +17,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedsilo.bench.resume_identity import CheckpointMismatchError, check_identity
 from fedsilo.model.adapters import AdapterState, load_adapter, save_adapter
 from fedsilo.storage.atomic import write_text_atomic
 
+__all__ = [
+    "CheckpointMismatchError",
+    "PooledCheckpoint",
+    "has_pooled_checkpoint",
+    "load_pooled_checkpoint",
+    "save_pooled_checkpoint",
+]
+
 FOLDER = "centralized"
 PROGRESS = "progress.json"
-
-
-class CheckpointMismatchError(ValueError):
-    """A centralized checkpoint left by another benchmark; says which field differs."""
 
 
 @dataclass(frozen=True)
@@ -83,13 +88,7 @@ def load_pooled_checkpoint(out_dir: Path, identity: dict[str, Any]) -> PooledChe
         adapter_name = str(progress["adapter"])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
         raise CheckpointMismatchError(f"{path}: not a centralized checkpoint ({error})") from None
-    # Compared as JSON, as written: tuples and lists alike.
-    for key, value in json.loads(json.dumps(identity)).items():
-        if stored.get(key) != value:
-            raise CheckpointMismatchError(
-                f"{path}: field {key!r} differs from this run ({stored.get(key)!r} there, "
-                f"{value!r} here); resume with the same settings or choose another --out"
-            )
+    check_identity(path, stored, identity)
     if adapter_name != _adapter_name(round_number):
         raise CheckpointMismatchError(
             f"{path}: names adapter {adapter_name!r} for round {round_number}"

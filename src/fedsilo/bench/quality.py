@@ -29,7 +29,7 @@ import os
 import platform
 import resource
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedsilo.bench.local_progress import (
+    LocalSiteResult,
+    has_local_progress,
+    load_local_progress,
+    save_local_progress,
+)
 from fedsilo.bench.pooled_checkpoint import (
     PooledCheckpoint,
     has_pooled_checkpoint,
@@ -411,13 +417,16 @@ def _centralized(
 
 
 def _local_states(
-    trainer: _Trainer, *, learning_rate: float
+    trainer: _Trainer, *, learning_rate: float, skip: Collection[str] = ()
 ) -> Iterator[tuple[str, AdapterState, int]]:
-    """Each site trained alone for the rounds and steps it spends in the federation."""
+    """Each site (but those in ``skip``) trained alone for the rounds and steps it spends in
+    the federation."""
     config = _with_learning_rate(trainer.config, learning_rate)
     for index, (site, examples) in enumerate(
         zip(trainer.task.sites, trainer.examples, strict=True)
     ):
+        if site.name in skip:
+            continue
         state = trainer.loaded.adapter_template
         steps = site_steps(config, len(examples))
         for round_number in range(1, config.run.rounds + 1):
@@ -432,17 +441,33 @@ def _local_states(
 
 
 def _local(
-    trainer: _Trainer, say: Callable[[str], None], *, learning_rate: float
+    trainer: _Trainer,
+    say: Callable[[str], None],
+    *,
+    learning_rate: float,
+    out_dir: Path,
+    identity: dict[str, Any],
+    resume: bool,
 ) -> dict[str, Any]:
-    per_site: dict[str, dict[str, float]] = {}
-    steps_per_site: dict[str, int] = {}
-    for name, state, steps in _local_states(trainer, learning_rate=learning_rate):
-        per_site[name] = _gold_row(trainer.evaluate(state))
-        steps_per_site[name] = steps
-        say(
-            f"local {name}: gold {per_site[name]['gold_accuracy']:.3f} / "
-            f"{per_site[name]['gold_category_accuracy']:.3f}"
+    """Every site trained alone and scored; each finished site is recorded under ``out_dir``,
+    and with ``resume`` the sites recorded there by a run of the same benchmark are kept."""
+    if has_local_progress(out_dir) and not resume:
+        raise FileExistsError(
+            f"{out_dir} already holds local-only progress: choose another --out or --resume"
         )
+    finished = load_local_progress(out_dir, identity) if resume else {}
+    if finished:
+        say(f"local: resuming with {len(finished)} site(s) done: {', '.join(sorted(finished))}")
+    for name, state, steps in _local_states(trainer, learning_rate=learning_rate, skip=finished):
+        finished[name] = LocalSiteResult(_gold_row(trainer.evaluate(state)), steps)
+        save_local_progress(out_dir, identity, finished)
+        say(
+            f"local {name}: gold {finished[name].gold['gold_accuracy']:.3f} / "
+            f"{finished[name].gold['gold_category_accuracy']:.3f}"
+        )
+    order = [site.name for site in trainer.task.sites]
+    per_site = {name: finished[name].gold for name in order}
+    steps_per_site = {name: finished[name].steps for name in order}
     keys = ("gold_accuracy", "gold_category_accuracy")
     mean = {k: float(np.mean([row[k] for row in per_site.values()])) for k in (*keys, "gold_loss")}
     worst = {k: min(row[k] for row in per_site.values()) for k in keys}
@@ -738,7 +763,15 @@ def run_quality_benchmark(request: QualityRequest) -> dict[str, Any]:
         )
     if "local" in request.algorithms and "local" not in algorithms:
         rate = budget.learning_rate_for("local")
-        done("local", _local(trainer, say, learning_rate=rate), None)
+        local = _local(
+            trainer,
+            say,
+            learning_rate=rate,
+            out_dir=request.out_dir,
+            identity=identity,
+            resume=request.resume,
+        )
+        done("local", local, None)
     sizes = {
         site.name: len(examples)
         for site, examples in zip(task.sites, trainer.examples, strict=True)
