@@ -496,3 +496,23 @@ def test_one_colluding_site_breaks_a_majority_threshold_of_five_but_not_a_thresh
             )
     plain = quantize(flatten(h.sites.deltas[TARGET]), secagg_quantization(h)).astype(RING_DTYPE)
     np.testing.assert_array_equal(peeled, plain)
+
+
+def test_a_site_refuses_to_share_keys_with_more_sites_than_the_round_announced() -> None:
+    # A coordinator announces 3 sites at threshold 2 (a majority of 3) and relays 5
+    # advertisements: with shares at 5 holders, {v, a} and {b, c} could each sign a different
+    # survivor set, one group revealing v's self-mask seed and the other its mask key.
+    names = ["a", "b", "c", "d", "v"]
+    session = SessionId("fed", "run-1", 1, 1)
+    announced = SecAggParams(
+        threshold=2, cohort_size=3, clip=1.0, dp_clip_norm=0.0, dp_noise_multiplier=0.0
+    )
+    states = {n: site_protocol.advertise(site=n, session=session, params=announced) for n in names}
+    cohort = {n: s.advertisement() for n, s in states.items()}
+
+    with pytest.raises(site_protocol.SecAggRefusedError, match="cohort size 3 and threshold 2"):
+        site_protocol.share_keys(states["v"], cohort)
+    # The announced three share keys as before.
+    three = {n: cohort[n] for n in ("a", "b", "v")}
+    _, sealed = site_protocol.share_keys(states["v"], three)
+    assert sorted(sealed) == ["a", "b"]

@@ -187,6 +187,16 @@ def share_keys(
         raise SecAggRefusedError(
             f"site {state.site}: {len(cohort)} sites advertised keys, the threshold is {threshold}"
         )
+    # Shares go to every site whose keys are relayed, so the threshold must be a majority of
+    # those sites, not of the cohort size the coordinator announced: with t of 2t or more
+    # holders, two disjoint groups of t could each be told a different survivor set and each
+    # sign it, one revealing this site's self-mask seed and the other its mask key.
+    if len(cohort) > state.params.cohort_size or 2 * threshold <= len(cohort):
+        raise SecAggRefusedError(
+            f"site {state.site}: {len(cohort)} sites advertised keys for a round announced "
+            f"with cohort size {state.params.cohort_size} and threshold {threshold}; the "
+            "threshold must be a majority of the sites that receive shares"
+        )
     names = sorted(cohort)
     seed_shares = split(state.self_seed, threshold=threshold, count=len(names))
     key_shares = split(state.mask_key, threshold=threshold, count=len(names))
