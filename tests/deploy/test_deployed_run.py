@@ -126,7 +126,9 @@ def test_three_sites_survive_a_supernode_killed_mid_round(deployment: Deployment
         supernode = _supernode_pid(site)
         assert deployment.stop(site) == 0  # SIGTERM: a clean stop
         assert not _alive(supernode)  # and its SuperNode is gone with it
-    receipts = sorted(p.name for p in (deployment.root / "gamma/state/receipts").iterdir())
+    runs = list((deployment.root / "gamma/state/receipts").iterdir())  # one folder per run
+    assert len(runs) == 1
+    receipts = sorted(p.name for p in runs[0].iterdir())
     assert receipts == ["round-1-train.json", "round-3-train.json"]
 
 

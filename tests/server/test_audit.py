@@ -143,7 +143,7 @@ def test_ledger_cut_short_is_detected(finished_run: Path) -> None:
 
 
 def test_receipt_not_signed_by_the_coordinator_is_reported(finished_run: Path) -> None:
-    receipt = sorted(finished_run.glob("sites/*/receipts/*.json"))[0]
+    receipt = sorted(finished_run.glob("sites/*/receipts/*/*.json"))[0]
     receipt.write_text(receipt.read_text().replace('"ledger_seq": ', '"ledger_seq": 1'))
 
     report = verify_run(finished_run)

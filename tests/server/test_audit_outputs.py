@@ -128,7 +128,7 @@ def _cut_round_two_with_its_files(run_dir: Path) -> None:
     shutil.rmtree(folder.final_dir)
     shutil.rmtree(folder.checkpoint_dir(2))
     folder.write_metrics(folder.read_metrics()[:2])
-    for receipt in run_dir.glob("sites/*/receipts/round-2-*.json"):
+    for receipt in run_dir.glob("sites/*/receipts/*/round-2-*.json"):
         receipt.unlink()
 
 
@@ -141,7 +141,7 @@ def test_last_round_cut_with_its_receipts_and_files_fails(finished_run: Path) ->
 def test_receipts_repointed_at_earlier_entries_fail_under_the_trusted_key(
     finished_run: Path,
 ) -> None:
-    receipts = sorted(finished_run.glob("sites/*/receipts/round-2-*.json"))
+    receipts = sorted(finished_run.glob("sites/*/receipts/*/round-2-*.json"))
     originals = {path: json.loads(path.read_text()) for path in receipts}
     _cut_round_two_with_its_files(finished_run)
     (finished_run / "status.json").write_text('{"status": "failed"}')

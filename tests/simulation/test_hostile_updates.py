@@ -289,6 +289,6 @@ def test_every_accepted_site_keeps_a_verified_receipt(
 ) -> None:
     run_with_grid(make_config(run={"rounds": 2}), tmp_path / "run")
 
-    receipts = sorted(p.name for p in (tmp_path / "run" / "sites").glob("*/receipts/*.json"))
+    receipts = sorted(p.name for p in (tmp_path / "run" / "sites").glob("*/receipts/*/*.json"))
     assert len(receipts) == 6
     assert np.unique([p.split("-")[1] for p in receipts]).tolist() == ["1", "2"]

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict
+from pathlib import Path
 
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedsilo.client import he, secagg
 from fedsilo.client.local import local_update, sign_payload, sign_policy, sign_site_claims
-from fedsilo.client.site import SiteProvider
-from fedsilo.crypto import encode_signature, verify_receipt
+from fedsilo.client.site import Site, SiteProvider
+from fedsilo.crypto import Receipt, UpdateBinding, encode_signature, verify_receipt
 from fedsilo.model.adapters import adapter_to_bytes
 from fedsilo.protocol.records import receipt_from_record, train_reply
 from fedsilo.storage import write_text_atomic
@@ -45,15 +47,45 @@ def handle_receipt(message: Message, context: Context, sites: SiteProvider) -> M
     """Verify the coordinator's receipt for one of this site's updates and keep it."""
     site = sites.site_for(context)
     receipt, signature = receipt_from_record(message.content)
+    keep_receipt(site, receipt, signature)
+    return Message(RecordDict(), reply_to=message)
+
+
+def keep_receipt(site: Site, receipt: Receipt, signature: bytes) -> Path:
+    """Verify ``receipt`` as issued to ``site`` by its coordinator and store it; return where.
+
+    Receipts are the site's evidence against a ledger rewritten later: one is never replaced
+    by another (the same receipt delivered twice is kept once)."""
     if receipt.binding.site_id != site.name:
         raise ValueError(
             f"site {site.name}: refusing a receipt issued to {receipt.binding.site_id!r}"
         )
     verify_receipt(site.coordinator_key, receipt, signature)
+    path = receipt_path(site.receipts_dir, receipt.binding)
     record = {**asdict(receipt), "signature": encode_signature(signature)}
-    path = site.receipts_dir / f"round-{receipt.binding.round}-{receipt.binding.stage}.json"
-    write_text_atomic(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
-    return Message(RecordDict(), reply_to=message)
+    text = json.dumps(record, indent=2, sort_keys=True) + "\n"
+    if path.exists() and path.read_text(encoding="utf-8") != text:
+        raise ValueError(f"site {site.name}: {path} already holds another receipt; kept it")
+    write_text_atomic(path, text)
+    return path
+
+
+# The names a receipt's run id and stage may have: they become a folder and a file name.
+_RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+_STAGE = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
+
+
+def receipt_path(receipts_dir: Path, binding: UpdateBinding) -> Path:
+    """Where a site keeps the receipt for ``binding``: one folder per run (a deployed site's
+    storage outlives its runs), one file per round and stage. The coordinator chose the run
+    id and stage, so both must be plain names; anything else is refused, naming the field."""
+    if not _RUN_ID.fullmatch(binding.run_id):
+        raise ValueError(f"receipt: run_id {binding.run_id[:80]!r} is not a plain name")
+    if not _STAGE.fullmatch(binding.stage):
+        raise ValueError(f"receipt: stage {binding.stage[:80]!r} is not a plain name")
+    if binding.round < 0:
+        raise ValueError(f"receipt: round {binding.round} is negative")
+    return receipts_dir / binding.run_id / f"round-{binding.round}-{binding.stage}.json"
 
 
 def build_client_app(sites: SiteProvider) -> ClientApp:

@@ -202,7 +202,13 @@ def verify_run(
     trusted = coordinator_key or membership.coordinator_key()
     if receipt_files is None:
         # In simulation each site's storage is RUN/sites/NAME/, receipts included.
-        receipt_files = sorted(folder.root.glob("sites/*/receipts/*.json"))
+        # (RUN_ID/round-N-STAGE.json; older run folders hold the files without the run folder)
+        receipt_files = sorted(
+            [
+                *folder.root.glob("sites/*/receipts/*.json"),
+                *folder.root.glob("sites/*/receipts/*/*.json"),
+            ]
+        )
     visiting = (*_visiting, folder.root.resolve())
 
     def verify_nested(nested_dir: Path, key: PublicKey) -> VerifyReport:

@@ -1,0 +1,83 @@
+"""A site keeps the coordinator's receipts for its updates: where, and what it refuses."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from fedsilo.client.app import keep_receipt, receipt_path
+from fedsilo.crypto import (
+    Receipt,
+    UpdateBinding,
+    private_key_from_seed,
+    sha256_hex,
+    sign_receipt,
+)
+from fedsilo.protocol.records import receipt_from_record, receipt_to_record
+
+COORDINATOR_KEY = private_key_from_seed(bytes(range(32)))
+BINDING = UpdateBinding(
+    federation_id="fed",
+    run_id="0123abcd",
+    round=2,
+    site_id="alpha",
+    stage="train",
+    payload_sha256=sha256_hex(b"update"),
+)
+
+
+def _deliver(receipts_dir: Path, binding: UpdateBinding, *, seq: int = 7) -> None:
+    """A receipt signed by the coordinator, as it arrives (through the message record)."""
+    receipt = Receipt(binding=binding, ledger_seq=seq, entry_hash=sha256_hex(b"entry %d" % seq))
+    arrived = receipt_from_record(
+        receipt_to_record(receipt, sign_receipt(COORDINATOR_KEY, receipt))
+    )
+    # Only the site's name, coordinator key and receipts folder are used.
+    site: Any = SimpleNamespace(
+        name="alpha", coordinator_key=COORDINATOR_KEY.public_key(), receipts_dir=receipts_dir
+    )
+    keep_receipt(site, *arrived)
+
+
+def test_receipts_of_each_run_are_kept_apart(tmp_path: Path) -> None:
+    _deliver(tmp_path, BINDING)
+    _deliver(tmp_path, dataclasses.replace(BINDING, run_id="4567ef"))
+
+    kept = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.json"))
+    assert kept == ["0123abcd/round-2-train.json", "4567ef/round-2-train.json"]
+    assert json.loads((tmp_path / kept[0]).read_text())["ledger_seq"] == 7
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("stage", "x/../../privacy-spent"),
+        ("stage", "Train"),
+        ("run_id", "../state"),
+        ("run_id", ""),
+        ("round", -1),
+    ],
+)
+def test_a_signed_receipt_naming_a_path_is_refused_and_writes_nothing(
+    tmp_path: Path, field: str, value: object
+) -> None:
+    hostile = dataclasses.replace(BINDING, **{field: value})
+    receipts = tmp_path / "state" / "receipts"
+
+    with pytest.raises(ValueError, match=f"receipt: {field}"):
+        _deliver(receipts, hostile)
+    assert not any(tmp_path.rglob("*.json"))
+
+
+def test_a_kept_receipt_is_never_replaced_by_another(tmp_path: Path) -> None:
+    _deliver(tmp_path, BINDING, seq=7)
+    _deliver(tmp_path, BINDING, seq=7)  # delivered again: the same receipt, kept
+
+    with pytest.raises(ValueError, match="already holds another receipt"):
+        _deliver(tmp_path, BINDING, seq=8)
+    assert json.loads(receipt_path(tmp_path, BINDING).read_text())["ledger_seq"] == 7
