@@ -1,9 +1,11 @@
 """HE rounds over the Grid: a key the sites make, a server that only adds, and dropouts."""
 
+import copy
 from pathlib import Path
 
 import numpy as np
 import pytest
+from flwr.app import Message
 
 from fedsilo.client.policy import SitePolicy, policy_digest
 from fedsilo.ledger import read_entries
@@ -185,3 +187,38 @@ def test_each_encrypted_input_is_ledgered_with_the_policy_its_site_declared(
         "site-1": {"policy_sha256": "none", "min_cohort": 1},
         "site-2": {"policy_sha256": policy_digest(policy), "min_cohort": 2},
     }
+
+
+def test_a_site_sends_one_encrypted_input_and_decrypts_once_per_session(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A coordinator asking a site that decrypted for another input (to have it decrypt again,
+    # one site's ciphertext this time), or the dealer for another key, is refused.
+    h = _he(tmp_path, monkeypatch, num_sites=3)
+    pushed: list[Message] = []
+    h.grid.tamper = lambda message: pushed.append(copy.deepcopy(message))
+    h.grid.drop_from[DECRYPT_MESSAGE] = {h.node("site-0")}  # site-1 decrypts the sum
+    _round(h)
+    h.grid.drop_from.clear()
+    h.grid._gone.clear()  # site-0, the dealer, answers again
+
+    def again(kind: str, name: str) -> str:
+        [sent] = [
+            m
+            for m in pushed
+            if m.metadata.message_type == kind and m.metadata.dst_node_id == h.node(name)
+        ]
+        message = Message(
+            sent.content,
+            dst_node_id=sent.metadata.dst_node_id,
+            message_type=kind,
+            group_id=sent.metadata.group_id,
+        )
+        [reply] = h.grid.send_and_receive([message])
+        assert reply.has_error()
+        return reply.error.reason
+
+    assert "already sent its encrypted input" in again(ENCRYPTED_MESSAGE, "site-1")
+    assert "already decrypted a sum" in again(DECRYPT_MESSAGE, "site-1")
+    assert "already sent its encrypted input" in again(ENCRYPTED_MESSAGE, "site-2")
+    assert "already holds a CKKS key for this session" in again(KEYGEN_MESSAGE, "site-0")

@@ -66,19 +66,39 @@ def _key_contexts(session: SessionId, dealer: str, peer: str) -> tuple[bytes, by
     return session.context("he-key", dealer, peer), session.context("he-seal", dealer, peer)
 
 
-def _save_secret(context: Context, session: SessionId, secret: bytes, *, decrypted: bool) -> None:
+def _save_secret(
+    context: Context,
+    session: SessionId,
+    secret: bytes,
+    *,
+    decrypted: bool,
+    input_sent: bool,
+) -> None:
     context.state.config_records[HE_STATE_KEY] = ConfigRecord(
-        {"session": session.key(), "secret": secret, "decrypted": decrypted}
+        {
+            "session": session.key(),
+            "secret": secret,
+            "decrypted": decrypted,
+            "input_sent": input_sent,
+        }
     )
 
 
-def _load_secret(context: Context, site: Site, session: SessionId) -> tuple[bytes, bool]:
+def _session_record(context: Context, session: SessionId) -> tuple[bytes, bool, bool] | None:
+    """(CKKS key, sum decrypted, encrypted input sent) this site holds for ``session``."""
     record = context.state.config_records.get(HE_STATE_KEY)
     if record is None or record.get("session") != session.key():
+        return None
+    secret, decrypted, sent = record.get("secret"), record.get("decrypted"), record["input_sent"]
+    assert isinstance(secret, bytes) and isinstance(decrypted, bool) and isinstance(sent, bool)
+    return secret, decrypted, sent
+
+
+def _load_secret(context: Context, site: Site, session: SessionId) -> tuple[bytes, bool, bool]:
+    held = _session_record(context, session)
+    if held is None:
         raise SecAggRefusedError(f"site {site.name}: holds no CKKS key for session {session.key()}")
-    secret, decrypted = record.get("secret"), record.get("decrypted")
-    assert isinstance(secret, bytes) and isinstance(decrypted, bool)
-    return secret, decrypted
+    return held
 
 
 def handle_keygen(message: Message, context: Context, sites: SiteProvider) -> Message:
@@ -88,6 +108,9 @@ def handle_keygen(message: Message, context: Context, sites: SiteProvider) -> Me
     cohort = verified_cohort(site, message, state.session)
     if cohort.get(site.name) != state.advertisement():
         raise SecAggRefusedError(f"site {site.name}: the cohort does not hold this site's keys")
+    if _session_record(context, state.session) is not None:
+        # A second key would reset what this site has sent and decrypted in the session.
+        raise SecAggRefusedError(f"site {site.name}: already holds a CKKS key for this session")
     secret = ckks.new_secret_context(keygen_from_content(message.content))
     share_key = agreement_key_from_bytes(state.share_key)
     recipients = sorted(name for name in cohort if name != site.name)
@@ -96,7 +119,7 @@ def handle_keygen(message: Message, context: Context, sites: SiteProvider) -> Me
         key_context, associated = _key_contexts(state.session, site.name, peer)
         key = agree(share_key, cohort[peer].share_public, context=key_context)
         sealed.append(seal(key, secret, associated=associated))
-    _save_secret(context, state.session, secret, decrypted=False)
+    _save_secret(context, state.session, secret, decrypted=False, input_sent=False)
     header = canonical_json({"recipients": recipients})
     payload = ckks.frame([header, ckks.public_part(secret), *sealed])
     return reply_signed(message, site, state.session, KEYS_STAGE, payload)
@@ -143,12 +166,16 @@ def handle_encrypted_input(message: Message, context: Context, sites: SiteProvid
         state.session.round,
     ):
         raise SecAggRefusedError(f"site {site.name}: the round task is for another session")
+    held = _session_record(context, state.session)
+    if held is not None and held[2]:
+        # One input per session, and the decrypted flag is never reset: a second input would
+        # let the server ask this site to decrypt a second "sum", one site's ciphertext say.
+        raise SecAggRefusedError(f"site {site.name}: already sent its encrypted input")
     request = EncryptRequest.from_content(message.content)
     if request.dealer.site == site.name:
-        secret, _ = _load_secret(context, site, state.session)
+        secret, _, _ = _load_secret(context, site, state.session)
     else:
         secret = _received_secret(site, state, request)
-        _save_secret(context, state.session, secret, decrypted=False)
     update = local_update(message, context, SingleSite(site))
     select = selector(request.tensors)
     params = state.params
@@ -167,6 +194,7 @@ def handle_encrypted_input(message: Message, context: Context, sites: SiteProvid
     plain = flatten(noised, lambda name: not select(name)).astype("<f4")
     chunks = ckks.encrypt(ckks.load_context(secret, what="CKKS key", secret=True), encrypted)
     payload = ckks.frame([plain.tobytes(), *chunks])
+    _save_secret(context, state.session, secret, decrypted=False, input_sent=True)
     return reply_signed(message, site, state.session, ENCRYPTED_STAGE, payload, update)
 
 
@@ -174,7 +202,7 @@ def handle_decrypt(message: Message, context: Context, sites: SiteProvider) -> M
     """Decrypt the sum, once per session, if it sums enough enrolled sites."""
     site = sites.site_for(context)
     state = load_session(context, site, message)
-    secret, decrypted = _load_secret(context, site, state.session)
+    secret, decrypted, sent = _load_secret(context, site, state.session)
     if decrypted:
         raise SecAggRefusedError(f"site {site.name}: already decrypted a sum in this session")
     request = DecryptRequest.from_content(message.content)
@@ -192,7 +220,7 @@ def handle_decrypt(message: Message, context: Context, sites: SiteProvider) -> M
         )
     key = ckks.load_context(secret, what="CKKS key", secret=True)
     values = ckks.decrypt(key, request.chunks, length=request.length, what="the summed input")
-    _save_secret(context, state.session, secret, decrypted=True)
+    _save_secret(context, state.session, secret, decrypted=True, input_sent=sent)
     payload = np.asarray(values, dtype="<f8").tobytes()
     return reply_signed(message, site, state.session, DECRYPTED_STAGE, payload)
 
