@@ -109,3 +109,40 @@ def test_epochs_that_come_to_too_many_steps_are_refused(tmp_path: Path) -> None:
 
     with pytest.raises(TaskRefusedError, match="local_steps=100 is outside"):
         check_task(load_policy(_policy(tmp_path, EPOCH_POLICY)), task, site="c", num_examples=400)
+
+
+@pytest.mark.parametrize(
+    ("required", "allowed"),
+    [("any", {"clear", "secagg", "he"}), ("secagg", {"secagg"}), ("he", {"he"})],
+)
+def test_a_policy_says_how_the_sites_update_may_leave(required: str, allowed: set[str]) -> None:
+    from fedsilo.client.policy import SitePolicy, check_channel
+
+    policy = SitePolicy.model_validate(
+        {"accept": {"federation_id": "fed", "aggregation": required}}
+    )
+    for channel in ("clear", "secagg", "he"):
+        if channel in allowed:
+            check_channel(policy, channel, site="st-mary")  # type: ignore[arg-type]
+        else:
+            with pytest.raises(TaskRefusedError, match=f"accepts only aggregation = '{required}'"):
+                check_channel(policy, channel, site="st-mary")  # type: ignore[arg-type]
+
+
+def test_an_unknown_aggregation_requirement_is_refused_naming_the_field(tmp_path: Path) -> None:
+    path = _policy(tmp_path, '[accept]\nfederation_id = "fed"\naggregation = "masked"\n')
+
+    with pytest.raises(PolicyError, match=r"accept\.aggregation"):
+        load_policy(path)
+
+
+def test_a_policy_at_the_default_aggregation_keeps_the_digest_it_had_before_the_rule() -> None:
+    from fedsilo.client.policy import SitePolicy, policy_digest
+
+    rules = {"accept": {"federation_id": "fed"}, "limits": {"min_cohort": 3}}
+    # Known answer: the digest of these rules before `aggregation` existed.
+    before = "392ac054f338c66abd21e13cfd4822b82f1761282232b6f7935873047d71e736"
+
+    assert policy_digest(SitePolicy.model_validate(rules)) == before
+    stricter = {**rules, "accept": {"federation_id": "fed", "aggregation": "he"}}
+    assert policy_digest(SitePolicy.model_validate(stricter)) != before

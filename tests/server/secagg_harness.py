@@ -17,11 +17,9 @@ import pytest
 import torch
 from flwr.app import Context, Message
 
-from fedsilo.client import he as client_he
-from fedsilo.client import secagg as client_secagg
+from fedsilo.client import local as client_local
 from fedsilo.client.app import build_client_app
-from fedsilo.client.local import LocalUpdate
-from fedsilo.client.policy import SitePolicy, declare_policy
+from fedsilo.client.policy import SitePolicy
 from fedsilo.client.site import Site
 from fedsilo.config import FedsiloConfig, parse_config
 from fedsilo.crypto import PrivateKey, generate_private_key, public_key_text
@@ -29,7 +27,7 @@ from fedsilo.ledger import EntryKind, Ledger
 from fedsilo.model.adapters import AdapterState
 from fedsilo.model.flatten import flatten
 from fedsilo.privacy.secagg.quantize import quantize, ring_sum
-from fedsilo.protocol.records import TASK_KEY, RoundTask, SiteMetrics
+from fedsilo.protocol.records import RoundTask, SiteMetrics
 from fedsilo.server.membership import Membership
 from fedsilo.server.rounds import FederationPlan, RoundReplies
 from fedsilo.server.run_folder import RunFolder
@@ -172,15 +170,13 @@ def make_harness(
     ]
     fixed = FixedSites(sites, {name: _delta(i) for i, name in enumerate(names)})
 
-    def fixed_update(message: Message, context: Context, provider: Any) -> LocalUpdate:
-        site = provider.site_for(context)
-        task = RoundTask.from_record(message.content.config_records[TASK_KEY])
-        delta = fixed.deltas[site.name]
-        declared = declare_policy(site.policy)
-        return LocalUpdate(site, task, delta, SiteMetrics.withheld(), None, declared)
+    def fixed_training(
+        site: Site, task: RoundTask, global_state: AdapterState
+    ) -> tuple[AdapterState, SiteMetrics]:
+        # The site's real checks (policy, task, global adapter) run around it.
+        return fixed.deltas[site.name], SiteMetrics.withheld()
 
-    monkeypatch.setattr(client_secagg, "local_update", fixed_update)
-    monkeypatch.setattr(client_he, "local_update", fixed_update)
+    monkeypatch.setattr(client_local, "_train", fixed_training)
     ledger = Ledger.open(tmp_path / "ledger.sqlite", coordinator_key=coordinator)
     ledger.append(EntryKind.RUN_STARTED, {"federation_id": "fed", "run_id": "run-1"})
     plan = FederationPlan(

@@ -222,3 +222,38 @@ def test_a_site_sends_one_encrypted_input_and_decrypts_once_per_session(
     assert "already decrypted a sum" in again(DECRYPT_MESSAGE, "site-1")
     assert "already sent its encrypted input" in again(ENCRYPTED_MESSAGE, "site-2")
     assert "already holds a CKKS key for this session" in again(KEYGEN_MESSAGE, "site-0")
+
+
+def _requiring(aggregation: str) -> SitePolicy:
+    return SitePolicy.model_validate(
+        {"accept": {"federation_id": "fed", "aggregation": aggregation}}
+    )
+
+
+def test_a_site_whose_policy_requires_he_takes_part_only_with_nothing_trained_in_the_clear(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    policies = {"site-2": _requiring("he")}
+    whole = _round(_he(tmp_path / "all", monkeypatch, num_sites=3, policies=policies))
+    partial = _he(
+        tmp_path / "some", monkeypatch, num_sites=3, policies=policies,
+        secure={"he_tensors": ["lora_B"]},
+    )  # fmt: skip
+
+    replies = _round(partial)
+
+    assert whole.contributors == ["site-0", "site-1", "site-2"]
+    assert replies.contributors == ["site-0", "site-1"]
+    [reason] = [r for r in replies.failures.values() if "in the clear" in r]
+    assert "send 1 trained tensor(s) in the clear (e.g. a.lora_A)" in reason
+
+
+def test_a_site_whose_policy_requires_secagg_refuses_an_he_round(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = _he(tmp_path, monkeypatch, num_sites=3, policies={"site-1": _requiring("secagg")})
+
+    replies = _round(h)
+
+    assert replies.contributors == ["site-0", "site-2"]
+    assert any("accepts only aggregation = 'secagg'" in r for r in replies.failures.values())

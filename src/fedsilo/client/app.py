@@ -21,7 +21,7 @@ from fedsilo.storage import write_text_atomic
 
 def handle_train(message: Message, context: Context, sites: SiteProvider) -> Message:
     """Check the round task, train locally from the global adapter, reply with the signed delta."""
-    update = local_update(message, context, sites)
+    update = local_update(message, context, sites, channel="clear")
     # The site signs the exact bytes it sends, bound to this federation, run, round and stage.
     payload = adapter_to_bytes(update.delta)
     task = update.task

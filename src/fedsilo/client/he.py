@@ -176,8 +176,10 @@ def handle_encrypted_input(message: Message, context: Context, sites: SiteProvid
         secret, _, _ = _load_secret(context, site, state.session)
     else:
         secret = _received_secret(site, state, request)
-    update = local_update(message, context, SingleSite(site))
     select = selector(request.tensors)
+    update = local_update(
+        message, context, SingleSite(site), channel="he", in_clear=lambda name: not select(name)
+    )
     params = state.params
     if params.distributed_dp:
         std = noise_share_std(

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from flwr.app import Context, Message
 
-from fedsilo.client.policy import TaskRefusedError, check_task, declare_policy
+from fedsilo.client.policy import (
+    TaskRefusedError,
+    UpdateChannel,
+    check_channel,
+    check_nothing_in_clear,
+    check_task,
+    declare_policy,
+)
 from fedsilo.client.privacy_budget import (
     check_budget,
     plan_round_event,
@@ -54,8 +62,19 @@ class LocalUpdate:
     policy: PolicyDeclaration  # the policy it trained under, declared with the update
 
 
-def local_update(message: Message, context: Context, sites: SiteProvider) -> LocalUpdate:
-    """Check the round task against the site's rules, then train from the global adapter."""
+def local_update(
+    message: Message,
+    context: Context,
+    sites: SiteProvider,
+    *,
+    channel: UpdateChannel,
+    in_clear: Callable[[str], bool] = lambda _name: False,
+) -> LocalUpdate:
+    """Check the round task against the site's rules, then train from the global adapter.
+
+    ``channel`` is how the update will leave the site; under HE ``in_clear`` says which of its
+    tensors the round sends unencrypted. Both are checked against the site's policy: before
+    training, and (for tensors in the clear) before a DP event is recorded as spent."""
     site = sites.site_for(context)
     content = message.content
     task = RoundTask.from_record(content.config_records[TASK_KEY])
@@ -66,6 +85,7 @@ def local_update(message: Message, context: Context, sites: SiteProvider) -> Loc
     )
     # The site's own rules come first: nothing is loaded or trained for a refused task.
     if site.policy is not None:
+        check_channel(site.policy, channel, site=site.name)
         check_task(site.policy, task, site=site.name, num_examples=len(site.examples))
     if task.base_model_hash != site.base_model_hash:
         raise TaskRefusedError(
@@ -81,10 +101,13 @@ def local_update(message: Message, context: Context, sites: SiteProvider) -> Loc
     )
     if dp is not None and event is not None:
         delta, metrics = _train_private(site, task, dp, event, global_state)
-        # Released is spent: the event is on the site's record before the update leaves.
-        record_spent(site.spent_path, run_id=task.run_id, round_number=task.round, event=event)
     else:
         delta, metrics = _train(site, task, global_state)
+    if site.policy is not None and channel == "he":
+        check_nothing_in_clear(site.policy, delta, in_clear, site=site.name)
+    if event is not None:
+        # Released is spent: the event is on the site's record before the update leaves.
+        record_spent(site.spent_path, run_id=task.run_id, round_number=task.round, event=event)
     dp_event = event_to_json(event) if event is not None else None
     return LocalUpdate(site, task, delta, metrics, dp_event, declare_policy(site.policy))
 

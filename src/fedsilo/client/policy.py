@@ -8,6 +8,7 @@ hide in, hyperparameters outside the allowed ranges.
     [accept]
     federation_id = "cardio-pilot"
     base_model_hash = "sha256:..."        # optional; when set, any other base model is refused
+    aggregation = "secagg"                # optional: "any" (default), "secagg" or "he"
 
     [limits]
     min_cohort = 3                        # refuse rounds that sum fewer sites than this
@@ -46,8 +47,11 @@ Relative paths are resolved from the policy file's folder.
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fedsilo.config.schema import PrecisionSetting
@@ -68,11 +72,21 @@ class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+UpdateChannel = Literal["clear", "secagg", "he"]
+"""How a site's update leaves it: in the clear, masked (secure aggregation) or encrypted (HE)."""
+
+
 class AcceptSection(_Section):
-    """Which federation and base model this site works with."""
+    """Which federation and base model this site works with, and how its updates may leave.
+
+    ``aggregation``: "any" accepts every mode the coordinator runs; "secagg" or "he" make the
+    site refuse to train for any other, so a coordinator cannot downgrade a run to updates in
+    the clear (under "he", a tensor the round leaves in the clear must be unchanged by
+    training, as FFA-LoRA's frozen A)."""
 
     federation_id: str = Field(min_length=1)
     base_model_hash: str | None = Field(None, pattern=r"^sha256:[0-9a-f]{64}$")
+    aggregation: Literal["any", "secagg", "he"] = "any"
 
 
 Range = tuple[float, float]
@@ -175,6 +189,10 @@ def policy_digest(policy: SitePolicy) -> str:
     have the same digest, and any change to a rule changes it.
     """
     rules = policy.model_dump(mode="json", include=set(_RULE_SECTIONS))
+    if policy.accept.aggregation == "any":
+        # A rule added later, at its default, is left out: a policy written before it existed
+        # keeps the digest its runs' ledgers record.
+        del rules["accept"]["aggregation"]
     return sha256_hex(payload_json(rules).encode("ascii"))
 
 
@@ -293,4 +311,35 @@ def check_bundle(policy: SitePolicy, bundle_sha256: str, *, site: str) -> None:
         raise TaskRefusedError(
             f"site {site}: the run was submitted with app bundle {bundle_sha256}, which this "
             f"site's policy does not allow ([code] bundles = {list(allowed)})"
+        )
+
+
+def check_channel(policy: SitePolicy, channel: UpdateChannel, *, site: str) -> None:
+    """Raise TaskRefusedError if the policy does not let an update leave through ``channel``."""
+    wanted = policy.accept.aggregation
+    if wanted != "any" and channel != wanted:
+        said = {"clear": "in the clear", "secagg": "under secure aggregation", "he": "under HE"}
+        raise TaskRefusedError(
+            f"site {site}: the round asks for this site's update {said[channel]}; the policy "
+            f"accepts only aggregation = {wanted!r}"
+        )
+
+
+def check_nothing_in_clear(
+    policy: SitePolicy,
+    delta: Mapping[str, torch.Tensor],
+    in_clear: Callable[[str], bool],
+    *,
+    site: str,
+) -> None:
+    """Under a policy that requires HE, refuse an update a tensor of which training changed
+    and the round would send in the clear (its ``he_tensors`` leave that tensor out)."""
+    if policy.accept.aggregation == "any":
+        return
+    changed = sorted(n for n, t in delta.items() if in_clear(n) and bool(torch.any(t != 0)))
+    if changed:
+        raise TaskRefusedError(
+            f"site {site}: the round would send {len(changed)} trained tensor(s) in the clear "
+            f"(e.g. {changed[0]}); the policy accepts only aggregation = "
+            f"{policy.accept.aggregation!r}"
         )

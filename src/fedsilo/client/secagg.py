@@ -187,7 +187,7 @@ def handle_share(message: Message, context: Context, sites: SiteProvider) -> Mes
 def _quantized_update(
     site: Site, params: SecAggParams, message: Message, context: Context
 ) -> tuple[np.ndarray, LocalUpdate]:
-    update = local_update(message, context, SingleSite(site))
+    update = local_update(message, context, SingleSite(site), channel="secagg")
     vector = flatten(update.delta)
     q = params.quantization()
     if params.distributed_dp:
