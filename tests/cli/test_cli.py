@@ -134,6 +134,25 @@ def test_bench_quality_runs_a_later_seed_alone_on_the_first_seeds_finished_sweep
     assert json.loads((tmp_path / "quality-sweep.json").read_text())["points"] == sweep["points"]
 
 
+def test_a_later_seed_run_alone_joins_its_seed_zero_files_summary_entry(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    summary = tmp_path / "summary.json"
+    common = ["bench", "quality", "--task", "icd10-alpha1", "--model", str(tiny_model_dir)]
+    common += ["--sites", "2", "--rounds", "1", "--local-steps", "1", "--batch-size", "2"]
+    common += ["--examples-per-site", "4", "--gold-size", "4", "--lora-rank", "2"]
+    common += ["--algorithms", "centralized", "--no-edge-cases", "--summary", str(summary)]
+    assert main([*common, "--results", str(tmp_path / "quality-x.json"), "--seed", "0"]) == 0
+    seed1 = ["--results", str(tmp_path / "quality-x-seed1.json"), "--seed", "1"]
+
+    assert main([*common, *seed1, "--out", str(tmp_path / "seed1")]) == 0
+
+    tasks = json.loads(summary.read_text())["tasks"]
+    assert list(tasks) == ["x"]
+    assert tasks["x"]["algorithms"]["centralized"]["seeds"] == [0, 1]
+
+
 def test_the_console_shows_training_progress_in_its_bar_not_the_log(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

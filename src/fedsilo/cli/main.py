@@ -297,6 +297,7 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
     from fedsilo.bench.quality import QualityRequest, run_quality_benchmark
     from fedsilo.bench.settings import ALL_ALGORITHMS, QualityBudget
     from fedsilo.bench.summary import (
+        seed_family_base,
         seed_results_files,
         seed_results_path,
         summary_label,
@@ -372,9 +373,11 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
         budget = chosen_budget(budget, sweep)
         hyperparameters = hyperparameters_record(sweep, sweep_path)
     written: list[Path] = []
-    # The summary's entry: the results file's name (the task's, unless --results names another
-    # setting of it, such as a many-local-steps run).
-    label = summary_label(base)
+    # The summary's entry: the name of the seed-0 file of the results file's seeds (the task's,
+    # unless --results names another setting of it, such as a many-local-steps run), so that a
+    # later seed run alone (--results quality-T-seed2.json --seed 2) joins T's entry.
+    family = seed_family_base(base)
+    label = summary_label(family)
     for seed in seeds:
         results = seed_results_path(base, seed) if args.seeds else base
         run_quality_benchmark(
@@ -393,7 +396,7 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
             )
         )
         written.append(results)
-        others = [p for p in seed_results_files(base) if p not in written]
+        others = [p for p in seed_results_files(family) if p not in written]
         summary = update_summary(args.summary, label, [*written, *others])
         skipped = summary["tasks"][label]["skipped_files"]
         print(
