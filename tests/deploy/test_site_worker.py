@@ -168,6 +168,17 @@ def test_an_oversized_message_is_refused(tmp_path: Path, tiny_model_dir: Path) -
     assert reply.has_error() and "at most 1000" in reply.error.reason
 
 
+def test_bytes_relayed_in_config_records_count_towards_the_payload_limit() -> None:
+    from flwr.app import ConfigRecord
+
+    from fedsilo.deploy.site_worker import message_bytes
+
+    relayed = ConfigRecord({"sealed": [b"x" * 4000, b"y" * 4000], "site": "st-mary", "n": 3})
+    message = Message(RecordDict({"shares": relayed}), dst_node_id=1, message_type="query")
+
+    assert message_bytes(message) == 8000 + len("st-mary") + 8
+
+
 def test_the_bundle_hash_is_stable_and_carries_no_code() -> None:
     import io
     import zipfile

@@ -52,12 +52,22 @@ class WorkerStats:
 
 
 def message_bytes(message: Message) -> int:
-    """Bytes of the arrays a message carries (what loading it costs)."""
+    """Bytes a message carries in its arrays and in its config records (relayed shares,
+    ciphertexts and advertisements travel there): what loading it costs."""
     total = 0
     for record in message.content.array_records.values():
         for array in record.values():
             total += len(array.data)
+    for config in message.content.config_records.values():
+        for value in config.values():
+            total += sum(map(_value_bytes, value if isinstance(value, list) else [value]))
     return total
+
+
+def _value_bytes(value: object) -> int:
+    if isinstance(value, str):
+        return len(value.encode("utf-8"))
+    return len(value) if isinstance(value, bytes) else 8  # numbers and flags
 
 
 class SiteWorker:
