@@ -465,7 +465,15 @@ DECODERS = [
     ),
     Decoder(
         "DecryptRequest.from_content",
-        content("he", {"contributors": [SITE, PEER], "chunks": [b"c" * 8], "length": 100}),
+        content(
+            "he",
+            {
+                "contributors": [SITE, PEER],
+                "payloads": [b"p" * 8, b"q" * 8],
+                "signatures": [b"s" * 64, b"t" * 64],
+                "length": 100,
+            },
+        ),
         DecryptRequest.from_content,
         ProtocolError,
     ),

@@ -257,3 +257,26 @@ def test_a_site_whose_policy_requires_secagg_refuses_an_he_round(
 
     assert replies.contributors == ["site-0", "site-2"]
     assert any("accepts only aggregation = 'secagg'" in r for r in replies.failures.values())
+
+
+def test_a_site_decrypts_only_inputs_their_contributors_signed_never_one_passed_off_as_a_sum(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The coordinator relays site-0's encrypted input under every contributor's name: its
+    # decryption would be site-0's update alone.
+    h = _he(tmp_path, monkeypatch, num_sites=3)
+
+    def one_input_as_all(message: Message) -> None:
+        if message.metadata.message_type != DECRYPT_MESSAGE:
+            return
+        record = message.content.config_records["he"]
+        record["payloads"] = [record["payloads"][0]] * 3  # type: ignore[index]
+        record["signatures"] = [record["signatures"][0]] * 3  # type: ignore[index]
+
+    h.grid.tamper = one_input_as_all
+
+    replies = _round(h)
+
+    assert replies.updates.count == 0
+    refusals = [r for r in replies.failures.values() if "is not signed by it" in r]
+    assert refusals and "the input relayed as site-1's is not signed by it" in refusals[0]

@@ -10,6 +10,7 @@ advertisement before it uses the key it received.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -58,6 +59,7 @@ from fedsilo.protocol.he_records import (
     keygen_from_content,
 )
 from fedsilo.protocol.records import TASK_KEY, RoundTask
+from fedsilo.protocol.secagg_records import SignedPayload
 
 HE_STATE_KEY = "he-session"
 
@@ -211,7 +213,9 @@ def handle_decrypt(message: Message, context: Context, sites: SiteProvider) -> M
     contributors = set(request.contributors)
     unknown = sorted(contributors - set(site.peer_keys))
     if unknown or len(contributors) != len(request.contributors):
-        raise SecAggRefusedError(f"site {site.name}: contributors {unknown} are not enrolled")
+        raise SecAggRefusedError(
+            f"site {site.name}: contributors {unknown} are not enrolled, or named twice"
+        )
     min_cohort = site.policy.limits.min_cohort if site.policy is not None else 1
     needed = max(state.params.threshold, min_cohort)
     if len(contributors) < needed:
@@ -221,10 +225,39 @@ def handle_decrypt(message: Message, context: Context, sites: SiteProvider) -> M
             f"min_cohort {min_cohort})"
         )
     key = ckks.load_context(secret, what="CKKS key", secret=True)
-    values = ckks.decrypt(key, request.chunks, length=request.length, what="the summed input")
+    chunks = math.ceil(request.length / ckks.slots(key))
+    summed = ckks.add_all(
+        key,
+        [_verified_input(site, state.session, signed, chunks) for signed in request.inputs],
+        what="the contributors' inputs",
+    )
+    values = ckks.decrypt(key, summed, length=request.length, what="the summed input")
     _save_secret(context, state.session, secret, decrypted=True, input_sent=sent)
     payload = np.asarray(values, dtype="<f8").tobytes()
     return reply_signed(message, site, state.session, DECRYPTED_STAGE, payload)
+
+
+def _verified_input(
+    site: Site, session: SessionId, signed: SignedPayload, chunks: int
+) -> list[bytes]:
+    """The ciphertexts of a contributor's encrypted input, if it signed them for this
+    session's encrypted-input stage (so no input can be passed off as another's or as a sum)."""
+    try:
+        verify_update(
+            site.peer_keys[signed.site], signed.binding(session, ENCRYPTED_STAGE), signed.signature
+        )
+    except SignatureError:
+        raise SecAggRefusedError(
+            f"site {site.name}: the input relayed as {signed.site}'s is not signed by it for "
+            "this session"
+        ) from None
+    _plain, *ciphertexts = ckks.unframe(signed.payload, what=f"{signed.site}'s input")
+    if len(ciphertexts) != chunks:
+        raise SecAggRefusedError(
+            f"site {site.name}: {signed.site}'s input holds {len(ciphertexts)} ciphertexts, "
+            f"expected {chunks}"
+        )
+    return ciphertexts
 
 
 def register(app: ClientApp, sites: SiteProvider) -> None:

@@ -3,8 +3,8 @@
 Besides the secure-aggregation session record ("secagg", shared with :mod:`secagg_records`):
 the key ceremony request carries the cohort's signed advertisements and the CKKS degree; the
 encrypted-input request the dealer's signed advertisement, the secret context sealed for this
-site, and the names selecting the encrypted tensors; the decryption request the contributors and
-the summed ciphertexts. Replies are signed uploads, as in every secure stage.
+site, and the names selecting the encrypted tensors; the decryption request the contributors'
+signed encrypted inputs. Replies are signed uploads, as in every secure stage.
 """
 
 from __future__ import annotations
@@ -116,17 +116,25 @@ class EncryptRequest:
 
 @dataclass(frozen=True)
 class DecryptRequest:
-    """The summed ciphertexts and who contributed to them."""
+    """The contributors' signed encrypted inputs, which the decrypting site adds itself.
 
-    contributors: tuple[str, ...]
-    chunks: tuple[bytes, ...]
-    length: int
+    Each input is the exact payload a contributor signed for this session's encrypted-input
+    stage, so the site decrypts a sum of the inputs of the sites it names, and nothing else:
+    never one site's ciphertext presented as a sum."""
+
+    inputs: tuple[SignedPayload, ...]
+    length: int  # encrypted values in each input
+
+    @property
+    def contributors(self) -> tuple[str, ...]:
+        return tuple(signed.site for signed in self.inputs)
 
     def to_record(self) -> ConfigRecord:
         return ConfigRecord(
             {
-                "contributors": list(self.contributors),
-                "chunks": list(self.chunks),
+                "contributors": [signed.site for signed in self.inputs],
+                "payloads": [signed.payload for signed in self.inputs],
+                "signatures": [signed.signature for signed in self.inputs],
                 "length": self.length,
             }
         )
@@ -138,4 +146,13 @@ class DecryptRequest:
         length = _int(record, "length", what)
         if not 1 <= length <= MAX_VALUES:
             raise ProtocolError(f"{what}: length must be in [1, {MAX_VALUES}], got {length}")
-        return cls(_strings(record, "contributors", what), _blobs(record, "chunks", what), length)
+        sites = _strings(record, "contributors", what)
+        payloads = _blobs(record, "payloads", what)
+        signatures = _blobs(record, "signatures", what)
+        if not len(sites) == len(payloads) == len(signatures):
+            raise ProtocolError(
+                f"{what}: {len(sites)} contributors, {len(payloads)} payloads and "
+                f"{len(signatures)} signatures"
+            )
+        inputs = tuple(map(SignedPayload, sites, payloads, signatures))
+        return cls(inputs, length)

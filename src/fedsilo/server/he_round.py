@@ -42,7 +42,7 @@ from fedsilo.protocol.he_records import (
     EncryptRequest,
     keygen_record,
 )
-from fedsilo.protocol.secagg_records import ADVERTS_KEY, adverts_record
+from fedsilo.protocol.secagg_records import ADVERTS_KEY, SignedPayload, adverts_record
 from fedsilo.server.admission import (
     UpdateRejectedError,
     check_claims,
@@ -84,6 +84,8 @@ class HeState(SecAggState):
     public_context: bytes = b""
     sealed_keys: dict[str, bytes] = field(default_factory=dict)  # recipient -> sealed secret
     encrypted: dict[str, list[bytes]] = field(default_factory=dict)
+    # Each accepted input as its site signed it: the decrypting site adds these itself.
+    signed_inputs: dict[str, SignedPayload] = field(default_factory=dict)
     plain: dict[str, np.ndarray] = field(default_factory=dict)
     encrypted_sum: list[bytes] = field(default_factory=list)
     plain_sum: np.ndarray | None = None
@@ -221,12 +223,14 @@ def encrypted_inputs(ctx: SecAggRound, state: HeState) -> None:
             continue
         accept_input(ctx, upload, dp_event, policy, claims)
         state.encrypted[site] = chunks
+        state.signed_inputs[site] = SignedPayload(site, upload.payload, upload.signature)
         state.plain[site] = np.frombuffer(plain, dtype="<f4").astype(np.float64)
     require_sites(ctx, state, "encrypted_inputs", list(state.encrypted))
 
 
 def add_ciphertexts(ctx: SecAggRound, state: HeState) -> None:
-    """Stage 4: the homomorphic sum, with the public context only."""
+    """Stage 4: the homomorphic sum, with the public context only (a check that the inputs
+    add; the decrypting site adds the signed inputs again itself) and the plain parts' sum."""
     context = ckks.load_context(state.public_context, what="public context", secret=False)
     sites = sorted(state.encrypted)
     try:
@@ -243,7 +247,8 @@ def decrypt_sum(ctx: SecAggRound, state: HeState) -> None:
     """Stage 5: the first contributor that answers decrypts the sum."""
     contributors = sorted(state.encrypted)
     length = _selected_length(ctx, state)
-    request = DecryptRequest(tuple(contributors), tuple(state.encrypted_sum), length).to_record()
+    inputs = tuple(state.signed_inputs[site] for site in contributors)
+    request = DecryptRequest(inputs, length).to_record()
     answers = _in_turn(
         ctx,
         state,
