@@ -151,6 +151,8 @@ def test_a_later_seed_run_alone_joins_its_seed_zero_files_summary_entry(
     tasks = json.loads(summary.read_text())["tasks"]
     assert list(tasks) == ["x"]
     assert tasks["x"]["algorithms"]["centralized"]["seeds"] == [0, 1]
+    # --seeds with one seed's file would write seed 0 over it: refused.
+    assert main([*common, "--results", str(tmp_path / "quality-x-seed1.json"), "--seeds", "0"]) == 2
 
 
 def test_the_console_shows_training_progress_in_its_bar_not_the_log(

@@ -280,3 +280,59 @@ def test_a_site_decrypts_only_inputs_their_contributors_signed_never_one_passed_
     assert replies.updates.count == 0
     refusals = [r for r in replies.failures.values() if "is not signed by it" in r]
     assert refusals and "the input relayed as site-1's is not signed by it" in refusals[0]
+
+
+def test_a_site_that_decrypted_before_sending_its_input_never_decrypts_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The dealer (site-0) gets no input request in the round; sites 1 and 2 contribute. The
+    # coordinator then asks the dealer to decrypt, to send its input, and to decrypt again.
+    h = _he(tmp_path, monkeypatch, num_sites=3)
+    pushed: list[Message] = []
+    h.grid.tamper = lambda message: pushed.append(copy.deepcopy(message))
+    dealer = h.node("site-0")
+    h.grid.drop_from[ENCRYPTED_MESSAGE] = {dealer}
+    _round(h)
+    h.grid.drop_from.clear()
+    h.grid._gone.clear()
+
+    def to_dealer(kind: str) -> Message:
+        # The dealer's own input request (captured, never delivered), or any decrypt request.
+        sent = next(
+            m
+            for m in pushed
+            if m.metadata.message_type == kind
+            and (kind != ENCRYPTED_MESSAGE or m.metadata.dst_node_id == dealer)
+        )
+        message = Message(
+            sent.content, dst_node_id=dealer, message_type=kind, group_id=sent.metadata.group_id
+        )
+        [reply] = h.grid.send_and_receive([message])
+        return reply
+
+    assert not to_dealer(DECRYPT_MESSAGE).has_error()  # a sum of sites 1 and 2, decrypted once
+    assert not to_dealer(ENCRYPTED_MESSAGE).has_error()  # its own input, not sent before
+    again = to_dealer(DECRYPT_MESSAGE)
+    assert again.has_error() and "already decrypted a sum" in again.error.reason
+
+
+def test_the_dealer_refuses_a_cohort_larger_than_the_round_announced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 5 sites, announced as 3 at threshold 2: the key would go to 5 holders, of which 2 is no
+    # majority. Every dealer in turn refuses, and the attempt halts.
+    h = _he(tmp_path, monkeypatch, num_sites=5, min_sites=2)
+
+    def announce_three(message: Message) -> None:
+        record = message.content.config_records["secagg"]
+        record["cohort_size"], record["threshold"] = 3, 2
+
+    h.grid.tamper = announce_three
+
+    replies = _round(h)
+
+    assert replies.updates.count == 0
+    assert any(
+        "5 sites advertised keys for a round announced with cohort size 3" in reason
+        for reason in replies.failures.values()
+    )

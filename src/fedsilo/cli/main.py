@@ -336,6 +336,14 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
     )
     algorithms = tuple(args.algorithms.split(",")) if args.algorithms else ALL_ALGORITHMS
     base = args.results or Path("benchmarks") / "results" / f"quality-{args.task}.json"
+    if args.seeds and seed_family_base(base) != base:
+        # Seed s would write BASE-seed<s>.json next to a file that is itself a later seed's.
+        print(
+            f"fedsilo bench quality: --results {base} names one seed's file; with --seeds give "
+            f"the seed-0 file ({seed_family_base(base)}), or run one seed with --seed",
+            file=sys.stderr,
+        )
+        return 2
     stamp = time.strftime(f"quality-{args.task}-%Y%m%d-%H%M%S")
     say = lambda line: print(line, flush=True)  # noqa: E731
 

@@ -46,7 +46,7 @@ from fedsilo.privacy.secagg.messages import (
     SecAggMessageError,
     canonical_json,
 )
-from fedsilo.privacy.secagg.site import SecAggRefusedError, SiteSession
+from fedsilo.privacy.secagg.site import SecAggRefusedError, SiteSession, check_announced_cohort
 from fedsilo.protocol.he_records import (
     DECRYPT_MESSAGE,
     DECRYPTED_STAGE,
@@ -110,6 +110,7 @@ def handle_keygen(message: Message, context: Context, sites: SiteProvider) -> Me
     cohort = verified_cohort(site, message, state.session)
     if cohort.get(site.name) != state.advertisement():
         raise SecAggRefusedError(f"site {site.name}: the cohort does not hold this site's keys")
+    check_announced_cohort(state, len(cohort))
     if _session_record(context, state.session) is not None:
         # A second key would reset what this site has sent and decrypted in the session.
         raise SecAggRefusedError(f"site {site.name}: already holds a CKKS key for this session")
@@ -198,7 +199,8 @@ def handle_encrypted_input(message: Message, context: Context, sites: SiteProvid
     plain = flatten(noised, lambda name: not select(name)).astype("<f4")
     chunks = ckks.encrypt(ckks.load_context(secret, what="CKKS key", secret=True), encrypted)
     payload = ckks.frame([plain.tobytes(), *chunks])
-    _save_secret(context, state.session, secret, decrypted=False, input_sent=True)
+    decrypted = held[1] if held is not None else False  # a decryption is never forgotten
+    _save_secret(context, state.session, secret, decrypted=decrypted, input_sent=True)
     return reply_signed(message, site, state.session, ENCRYPTED_STAGE, payload, update)
 
 

@@ -87,7 +87,6 @@ class HeState(SecAggState):
     # Each accepted input as its site signed it: the decrypting site adds these itself.
     signed_inputs: dict[str, SignedPayload] = field(default_factory=dict)
     plain: dict[str, np.ndarray] = field(default_factory=dict)
-    encrypted_sum: list[bytes] = field(default_factory=list)
     plain_sum: np.ndarray | None = None
     decrypted: np.ndarray | None = None
     tensors: tuple[str, ...] = ()
@@ -234,9 +233,7 @@ def add_ciphertexts(ctx: SecAggRound, state: HeState) -> None:
     context = ckks.load_context(state.public_context, what="public context", secret=False)
     sites = sorted(state.encrypted)
     try:
-        state.encrypted_sum = ckks.add_all(
-            context, [state.encrypted[s] for s in sites], what="the encrypted updates"
-        )
+        ckks.add_all(context, [state.encrypted[s] for s in sites], what="the encrypted updates")
     except ckks.HeError as error:
         raise StageHaltedError(f"adding the ciphertexts failed: {error}") from None
     state.plain_sum = np.sum([state.plain[s] for s in sites], axis=0)

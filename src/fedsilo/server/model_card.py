@@ -114,8 +114,8 @@ def model_card(run_dir: Path, exported: Path, *, checkpoint_round: int | None = 
         f"| Sites | {', '.join(sites) if sites else _NOT_RECORDED} |",
         f"| Rounds aggregated | {len({e.payload.get('round') for e in aggregated})} |",
         f"| Strategy | {strategy.value}{f' ({strategy.note})' if strategy.note else ''} |",
-        f"| Precision | {precision.value} ({precision.note}; the exported {ADAPTER_WEIGHTS} "
-        "is fp32) |",
+        f"| Precision | {precision.value} ({precision.note + '; ' if precision.note else ''}"
+        f"the exported {ADAPTER_WEIGHTS} is fp32) |",
         f"| Differential privacy | {privacy.mode} |",
         f"| Secure aggregation | {privacy.secure_aggregation} |",
         f"| Adapter file | `{ADAPTER_WEIGHTS}` in this folder, sha256 `{files.weights_sha256}` |",

@@ -187,16 +187,7 @@ def share_keys(
         raise SecAggRefusedError(
             f"site {state.site}: {len(cohort)} sites advertised keys, the threshold is {threshold}"
         )
-    # Shares go to every site whose keys are relayed, so the threshold must be a majority of
-    # those sites, not of the cohort size the coordinator announced: with t of 2t or more
-    # holders, two disjoint groups of t could each be told a different survivor set and each
-    # sign it, one revealing this site's self-mask seed and the other its mask key.
-    if len(cohort) > state.params.cohort_size or 2 * threshold <= len(cohort):
-        raise SecAggRefusedError(
-            f"site {state.site}: {len(cohort)} sites advertised keys for a round announced "
-            f"with cohort size {state.params.cohort_size} and threshold {threshold}; the "
-            "threshold must be a majority of the sites that receive shares"
-        )
+    check_announced_cohort(state, len(cohort))
     names = sorted(cohort)
     seed_shares = split(state.self_seed, threshold=threshold, count=len(names))
     key_shares = split(state.mask_key, threshold=threshold, count=len(names))
@@ -218,6 +209,23 @@ def share_keys(
         key = agree(share_key, cohort[name].share_public, context=key_context)
         sealed[name] = seal(key, bundle.to_bytes(), associated=associated)
     return replace(state, peers=dict(cohort), held=held), sealed
+
+
+def check_announced_cohort(state: SiteSession, advertised: int) -> None:
+    """Refuse a round whose relayed advertisements outnumber the cohort size it announced.
+
+    Shares (or an HE key) go to every site whose keys are relayed, so the threshold must be a
+    majority of those sites (``SecAggParams`` holds 2t > cohort size), not of a smaller cohort
+    the coordinator announced: with t of 2t or more holders, two disjoint groups of t could
+    each be told a different survivor set and each sign it, one revealing this site's
+    self-mask seed and the other its mask key."""
+    if advertised > state.params.cohort_size:
+        raise SecAggRefusedError(
+            f"site {state.site}: {advertised} sites advertised keys for a round announced "
+            f"with cohort size {state.params.cohort_size} and threshold "
+            f"{state.params.threshold}; the threshold must be a majority of the sites that "
+            "receive shares"
+        )
 
 
 def _check_cohort(state: SiteSession, size: int, *, min_cohort: int, what: str) -> None:
