@@ -1,7 +1,9 @@
 """HE rounds over the Grid: a key the sites make, a server that only adds, and dropouts."""
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -11,7 +13,12 @@ from fedsilo.client.policy import SitePolicy, policy_digest
 from fedsilo.ledger import read_entries
 from fedsilo.model.flatten import flatten
 from fedsilo.privacy.he import ckks
-from fedsilo.protocol.he_records import DECRYPT_MESSAGE, ENCRYPTED_MESSAGE, KEYGEN_MESSAGE
+from fedsilo.protocol.he_records import (
+    AGREE_MESSAGE,
+    DECRYPT_MESSAGE,
+    ENCRYPTED_MESSAGE,
+    KEYGEN_MESSAGE,
+)
 from fedsilo.protocol.records import UPDATE_KEY
 from fedsilo.server.he_round import collect_he_round
 from fedsilo.server.rounds import RoundReplies
@@ -49,6 +56,7 @@ def test_he_mean_matches_the_plaintext_mean(
         "key_ceremony",
         "encrypted_inputs",
         "add_ciphertexts",
+        "agree_contributors",
         "decrypt_sum",
     ]
 
@@ -282,22 +290,22 @@ def test_a_site_decrypts_only_inputs_their_contributors_signed_never_one_passed_
     assert refusals and "the input relayed as site-1's is not signed by it" in refusals[0]
 
 
-def test_a_site_that_decrypted_before_sending_its_input_never_decrypts_again(
+def test_a_site_decrypts_only_a_set_it_agreed_on_after_sending_its_input(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The dealer (site-0) gets no input request in the round; sites 1 and 2 contribute. The
-    # coordinator then asks the dealer to decrypt, to send its input, and to decrypt again.
+    # The dealer (site-0) gets no input request in the round; sites 1 and 2 contribute and
+    # agree. The coordinator then asks the dealer to decrypt, to agree, and to send its input.
     h = _he(tmp_path, monkeypatch, num_sites=3)
     pushed: list[Message] = []
     h.grid.tamper = lambda message: pushed.append(copy.deepcopy(message))
     dealer = h.node("site-0")
     h.grid.drop_from[ENCRYPTED_MESSAGE] = {dealer}
-    _round(h)
+    ok = _round(h)
     h.grid.drop_from.clear()
     h.grid._gone.clear()
 
-    def to_dealer(kind: str) -> Message:
-        # The dealer's own input request (captured, never delivered), or any decrypt request.
+    def to_dealer(kind: str) -> str:
+        # The dealer's own input request (captured, never delivered), or any other of ``kind``.
         sent = next(
             m
             for m in pushed
@@ -308,12 +316,13 @@ def test_a_site_that_decrypted_before_sending_its_input_never_decrypts_again(
             sent.content, dst_node_id=dealer, message_type=kind, group_id=sent.metadata.group_id
         )
         [reply] = h.grid.send_and_receive([message])
-        return reply
+        return reply.error.reason if reply.has_error() else ""
 
-    assert not to_dealer(DECRYPT_MESSAGE).has_error()  # a sum of sites 1 and 2, decrypted once
-    assert not to_dealer(ENCRYPTED_MESSAGE).has_error()  # its own input, not sent before
-    again = to_dealer(DECRYPT_MESSAGE)
-    assert again.has_error() and "already decrypted a sum" in again.error.reason
+    assert ok.contributors == ["site-1", "site-2"]
+    assert "not over the contributor set this site agreed on" in to_dealer(DECRYPT_MESSAGE)
+    assert "sent no encrypted input in this session" in to_dealer(AGREE_MESSAGE)
+    assert to_dealer(ENCRYPTED_MESSAGE) == ""  # its input, late
+    assert "the contributor set must hold this site" in to_dealer(AGREE_MESSAGE)
 
 
 def test_the_dealer_refuses_a_cohort_larger_than_the_round_announced(
@@ -335,4 +344,39 @@ def test_the_dealer_refuses_a_cohort_larger_than_the_round_announced(
     assert any(
         "5 sites advertised keys for a round announced with cohort size 3" in reason
         for reason in replies.failures.values()
+    )
+
+
+def test_no_site_decrypts_a_second_contributor_set_so_sums_cannot_be_differenced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # After site-0 decrypted the sum of sites 0, 1 and 2, the coordinator asks site-1 for the
+    # sum of sites 1 and 2 (their difference would be site-0's update).
+    h = _he(tmp_path, monkeypatch, num_sites=3)
+    pushed: list[Message] = []
+    h.grid.tamper = lambda message: pushed.append(copy.deepcopy(message))
+    _round(h)
+    target = h.node("site-1")
+
+    def to_site_1(kind: str, change: Callable[[Any], None]) -> str:
+        sent = next(m for m in pushed if m.metadata.message_type == kind)
+        content = copy.deepcopy(sent.content)
+        change(content.config_records["he"])
+        message = Message(content, dst_node_id=target, message_type=kind, group_id="1")
+        [reply] = h.grid.send_and_receive([message])
+        return reply.error.reason if reply.has_error() else ""
+
+    def two_of_three(record: Any) -> None:
+        record["contributors"] = ["site-1", "site-2"]
+        for field in ("payloads", "signatures"):
+            if field in record:
+                record[field] = record[field][1:]
+        record["agreed_by"] = ["site-1", "site-2"]
+        record["agreement_signatures"] = record["agreement_signatures"][1:]
+
+    assert "already agreed on a contributor set" in to_site_1(
+        AGREE_MESSAGE, lambda record: record.__setitem__("contributors", ["site-1", "site-2"])
+    )
+    assert "not over the contributor set this site agreed on" in to_site_1(
+        DECRYPT_MESSAGE, two_of_three
     )

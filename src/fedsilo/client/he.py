@@ -10,8 +10,10 @@ advertisement before it uses the key it received.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message
@@ -48,14 +50,18 @@ from fedsilo.privacy.secagg.messages import (
 )
 from fedsilo.privacy.secagg.site import SecAggRefusedError, SiteSession, check_announced_cohort
 from fedsilo.protocol.he_records import (
+    AGREE_MESSAGE,
+    AGREED_STAGE,
     DECRYPT_MESSAGE,
     DECRYPTED_STAGE,
     ENCRYPTED_MESSAGE,
     ENCRYPTED_STAGE,
     KEYGEN_MESSAGE,
     KEYS_STAGE,
+    AgreeRequest,
     DecryptRequest,
     EncryptRequest,
+    contributors_statement,
     keygen_from_content,
 )
 from fedsilo.protocol.records import TASK_KEY, RoundTask
@@ -68,36 +74,46 @@ def _key_contexts(session: SessionId, dealer: str, peer: str) -> tuple[bytes, by
     return session.context("he-key", dealer, peer), session.context("he-seal", dealer, peer)
 
 
-def _save_secret(
-    context: Context,
-    session: SessionId,
-    secret: bytes,
-    *,
-    decrypted: bool,
-    input_sent: bool,
-) -> None:
+@dataclass(frozen=True)
+class _HeSession:
+    """What a site holds and has done in one HE session (its own state, never sent)."""
+
+    secret: bytes  # the CKKS secret context
+    input_sent: bool = False
+    agreed: tuple[str, ...] | None = None  # the contributor set it signed, at most one
+    decrypted: bool = False  # a sum decrypted: at most once, never forgotten
+
+
+def _save(context: Context, session: SessionId, held: _HeSession) -> None:
     context.state.config_records[HE_STATE_KEY] = ConfigRecord(
         {
             "session": session.key(),
-            "secret": secret,
-            "decrypted": decrypted,
-            "input_sent": input_sent,
+            "secret": held.secret,
+            "input_sent": held.input_sent,
+            "agreed": [] if held.agreed is None else list(held.agreed),
+            "has_agreed": held.agreed is not None,
+            "decrypted": held.decrypted,
         }
     )
 
 
-def _session_record(context: Context, session: SessionId) -> tuple[bytes, bool, bool] | None:
-    """(CKKS key, sum decrypted, encrypted input sent) this site holds for ``session``."""
+def _held(context: Context, session: SessionId) -> _HeSession | None:
+    """This site's state for ``session`` (None before it has a key for it)."""
     record = context.state.config_records.get(HE_STATE_KEY)
     if record is None or record.get("session") != session.key():
         return None
-    secret, decrypted, sent = record.get("secret"), record.get("decrypted"), record["input_sent"]
-    assert isinstance(secret, bytes) and isinstance(decrypted, bool) and isinstance(sent, bool)
-    return secret, decrypted, sent
+    agreed = record["agreed"]
+    assert isinstance(agreed, list)
+    return _HeSession(
+        secret=bytes(record["secret"]),  # type: ignore[arg-type]
+        input_sent=bool(record["input_sent"]),
+        agreed=tuple(str(name) for name in agreed) if record["has_agreed"] else None,
+        decrypted=bool(record["decrypted"]),
+    )
 
 
-def _load_secret(context: Context, site: Site, session: SessionId) -> tuple[bytes, bool, bool]:
-    held = _session_record(context, session)
+def _load(context: Context, site: Site, session: SessionId) -> _HeSession:
+    held = _held(context, session)
     if held is None:
         raise SecAggRefusedError(f"site {site.name}: holds no CKKS key for session {session.key()}")
     return held
@@ -111,7 +127,7 @@ def handle_keygen(message: Message, context: Context, sites: SiteProvider) -> Me
     if cohort.get(site.name) != state.advertisement():
         raise SecAggRefusedError(f"site {site.name}: the cohort does not hold this site's keys")
     check_announced_cohort(state, len(cohort))
-    if _session_record(context, state.session) is not None:
+    if _held(context, state.session) is not None:
         # A second key would reset what this site has sent and decrypted in the session.
         raise SecAggRefusedError(f"site {site.name}: already holds a CKKS key for this session")
     secret = ckks.new_secret_context(keygen_from_content(message.content))
@@ -122,7 +138,7 @@ def handle_keygen(message: Message, context: Context, sites: SiteProvider) -> Me
         key_context, associated = _key_contexts(state.session, site.name, peer)
         key = agree(share_key, cohort[peer].share_public, context=key_context)
         sealed.append(seal(key, secret, associated=associated))
-    _save_secret(context, state.session, secret, decrypted=False, input_sent=False)
+    _save(context, state.session, _HeSession(secret))
     header = canonical_json({"recipients": recipients})
     payload = ckks.frame([header, ckks.public_part(secret), *sealed])
     return reply_signed(message, site, state.session, KEYS_STAGE, payload)
@@ -169,14 +185,14 @@ def handle_encrypted_input(message: Message, context: Context, sites: SiteProvid
         state.session.round,
     ):
         raise SecAggRefusedError(f"site {site.name}: the round task is for another session")
-    held = _session_record(context, state.session)
-    if held is not None and held[2]:
+    held = _held(context, state.session)
+    if held is not None and held.input_sent:
         # One input per session, and the decrypted flag is never reset: a second input would
         # let the server ask this site to decrypt a second "sum", one site's ciphertext say.
         raise SecAggRefusedError(f"site {site.name}: already sent its encrypted input")
     request = EncryptRequest.from_content(message.content)
     if request.dealer.site == site.name:
-        secret, _, _ = _load_secret(context, site, state.session)
+        secret = _load(context, site, state.session).secret
     else:
         secret = _received_secret(site, state, request)
     select = selector(request.tensors)
@@ -199,34 +215,66 @@ def handle_encrypted_input(message: Message, context: Context, sites: SiteProvid
     plain = flatten(noised, lambda name: not select(name)).astype("<f4")
     chunks = ckks.encrypt(ckks.load_context(secret, what="CKKS key", secret=True), encrypted)
     payload = ckks.frame([plain.tobytes(), *chunks])
-    decrypted = held[1] if held is not None else False  # a decryption is never forgotten
-    _save_secret(context, state.session, secret, decrypted=decrypted, input_sent=True)
+    # The dealer may have been asked to decrypt before its input: that is never forgotten.
+    _save(context, state.session, dataclasses.replace(held or _HeSession(secret), input_sent=True))
     return reply_signed(message, site, state.session, ENCRYPTED_STAGE, payload, update)
 
 
-def handle_decrypt(message: Message, context: Context, sites: SiteProvider) -> Message:
-    """Decrypt the sum, once per session, if it sums enough enrolled sites."""
+def handle_agree(message: Message, context: Context, sites: SiteProvider) -> Message:
+    """Sign the round's contributor set, once per session: the one set this site lets be
+    decrypted. Only a site that sent its input signs, and only a set that holds it."""
     site = sites.site_for(context)
     state = load_session(context, site, message)
-    secret, decrypted, sent = _load_secret(context, site, state.session)
-    if decrypted:
-        raise SecAggRefusedError(f"site {site.name}: already decrypted a sum in this session")
-    request = DecryptRequest.from_content(message.content)
-    contributors = set(request.contributors)
-    unknown = sorted(contributors - set(site.peer_keys))
-    if unknown or len(contributors) != len(request.contributors):
+    held = _load(context, site, state.session)
+    if not held.input_sent:
+        raise SecAggRefusedError(f"site {site.name}: sent no encrypted input in this session")
+    if held.agreed is not None:
+        raise SecAggRefusedError(f"site {site.name}: already agreed on a contributor set")
+    contributors = _contributors(
+        site, state, AgreeRequest.from_content(message.content).contributors
+    )
+    if site.name not in contributors:
+        raise SecAggRefusedError(f"site {site.name}: the contributor set must hold this site")
+    _save(context, state.session, dataclasses.replace(held, agreed=contributors))
+    statement = contributors_statement(contributors)
+    return reply_signed(message, site, state.session, AGREED_STAGE, statement)
+
+
+def _contributors(site: Site, state: SiteSession, names: tuple[str, ...]) -> tuple[str, ...]:
+    """``names`` sorted, if they are distinct enrolled sites, enough for this site's rules."""
+    unknown = sorted(set(names) - set(site.peer_keys))
+    if unknown or len(set(names)) != len(names):
         raise SecAggRefusedError(
             f"site {site.name}: contributors {unknown} are not enrolled, or named twice"
         )
     min_cohort = site.policy.limits.min_cohort if site.policy is not None else 1
     needed = max(state.params.threshold, min_cohort)
-    if len(contributors) < needed:
+    if len(names) < needed:
         raise TaskRefusedError(
-            f"site {site.name}: the sum holds {len(contributors)} sites; this site decrypts "
+            f"site {site.name}: the sum holds {len(names)} sites; this site decrypts "
             f"only sums of at least {needed} (threshold {state.params.threshold}, policy "
             f"min_cohort {min_cohort})"
         )
-    key = ckks.load_context(secret, what="CKKS key", secret=True)
+    return tuple(sorted(names))
+
+
+def handle_decrypt(message: Message, context: Context, sites: SiteProvider) -> Message:
+    """Decrypt the sum of the contributor set this site agreed on, once per session, if at
+    least ``threshold`` contributors signed that same set (a majority of the key holders, so
+    no second set can gather as many), adding the contributors' signed inputs itself."""
+    site = sites.site_for(context)
+    state = load_session(context, site, message)
+    held = _load(context, site, state.session)
+    if held.decrypted:
+        raise SecAggRefusedError(f"site {site.name}: already decrypted a sum in this session")
+    request = DecryptRequest.from_content(message.content)
+    contributors = _contributors(site, state, request.contributors)
+    if held.agreed != contributors:
+        raise SecAggRefusedError(
+            f"site {site.name}: the sum is not over the contributor set this site agreed on"
+        )
+    _check_agreement(site, state, contributors, request.agreement)
+    key = ckks.load_context(held.secret, what="CKKS key", secret=True)
     chunks = math.ceil(request.length / ckks.slots(key))
     summed = ckks.add_all(
         key,
@@ -234,9 +282,41 @@ def handle_decrypt(message: Message, context: Context, sites: SiteProvider) -> M
         what="the contributors' inputs",
     )
     values = ckks.decrypt(key, summed, length=request.length, what="the summed input")
-    _save_secret(context, state.session, secret, decrypted=True, input_sent=sent)
+    _save(context, state.session, dataclasses.replace(held, decrypted=True))
     payload = np.asarray(values, dtype="<f8").tobytes()
     return reply_signed(message, site, state.session, DECRYPTED_STAGE, payload)
+
+
+def _check_agreement(
+    site: Site,
+    state: SiteSession,
+    contributors: tuple[str, ...],
+    agreement: tuple[tuple[str, bytes], ...],
+) -> None:
+    """At least ``threshold`` distinct contributors signed ``contributors`` in this session."""
+    statement = contributors_statement(contributors)
+    signers = set()
+    for signer, signature in agreement:
+        if signer not in contributors or signer in signers:
+            raise SecAggRefusedError(
+                f"site {site.name}: {signer!r} is not a contributor, or signed twice"
+            )
+        try:
+            verify_update(
+                site.peer_keys[signer],
+                SignedPayload(signer, statement, signature).binding(state.session, AGREED_STAGE),
+                signature,
+            )
+        except SignatureError:
+            raise SecAggRefusedError(
+                f"site {site.name}: {signer}'s signature is not over this contributor set"
+            ) from None
+        signers.add(signer)
+    if len(signers) < state.params.threshold:
+        raise SecAggRefusedError(
+            f"site {site.name}: {len(signers)} contributors agreed on the set; the threshold "
+            f"is {state.params.threshold}"
+        )
 
 
 def _verified_input(
@@ -267,6 +347,7 @@ def register(app: ClientApp, sites: SiteProvider) -> None:
     handlers: dict[str, Handler] = {
         KEYGEN_MESSAGE: handle_keygen,
         ENCRYPTED_MESSAGE: handle_encrypted_input,
+        AGREE_MESSAGE: handle_agree,
         DECRYPT_MESSAGE: handle_decrypt,
     }
     register_handlers(app, sites, handlers)

@@ -9,6 +9,8 @@ signed encrypted inputs. Replies are signed uploads, as in every secure stage.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from flwr.app import ConfigRecord, RecordDict
@@ -20,10 +22,18 @@ HE_KEY = "he"
 KEYGEN_MESSAGE = "query.he_keygen"
 ENCRYPTED_MESSAGE = "train.he"
 DECRYPT_MESSAGE = "query.he_decrypt"
+AGREE_MESSAGE = "query.he_agree"
 
 KEYS_STAGE = "he-keys"
 ENCRYPTED_STAGE = "he-encrypted"
 DECRYPTED_STAGE = "he-decrypted"
+AGREED_STAGE = "he-agreed"
+
+
+def contributors_statement(contributors: Sequence[str]) -> bytes:
+    """What a site signs to agree on the round's contributors: the one set it will let be
+    decrypted in this session (its signature binds it to the session and stage)."""
+    return json.dumps({"contributors": sorted(contributors)}, separators=(",", ":")).encode()
 
 
 def _str(record: ConfigRecord, name: str, what: str) -> str:
@@ -115,6 +125,22 @@ class EncryptRequest:
 
 
 @dataclass(frozen=True)
+class AgreeRequest:
+    """The contributor set the server proposes for decryption (every site that sent an
+    accepted encrypted input)."""
+
+    contributors: tuple[str, ...]
+
+    def to_record(self) -> ConfigRecord:
+        return ConfigRecord({"contributors": list(self.contributors)})
+
+    @classmethod
+    def from_content(cls, content: RecordDict) -> AgreeRequest:
+        what = "the contributor agreement request"
+        return cls(_strings(_record(content, what), "contributors", what))
+
+
+@dataclass(frozen=True)
 class DecryptRequest:
     """The contributors' signed encrypted inputs, which the decrypting site adds itself.
 
@@ -124,6 +150,8 @@ class DecryptRequest:
 
     inputs: tuple[SignedPayload, ...]
     length: int  # encrypted values in each input
+    # site -> its signature over :func:`contributors_statement` of the inputs' sites
+    agreement: tuple[tuple[str, bytes], ...] = ()
 
     @property
     def contributors(self) -> tuple[str, ...]:
@@ -136,6 +164,8 @@ class DecryptRequest:
                 "payloads": [signed.payload for signed in self.inputs],
                 "signatures": [signed.signature for signed in self.inputs],
                 "length": self.length,
+                "agreed_by": [site for site, _ in self.agreement],
+                "agreement_signatures": [signature for _, signature in self.agreement],
             }
         )
 
@@ -155,4 +185,8 @@ class DecryptRequest:
                 f"{len(signatures)} signatures"
             )
         inputs = tuple(map(SignedPayload, sites, payloads, signatures))
-        return cls(inputs, length)
+        signers = _strings(record, "agreed_by", what)
+        agreement = _blobs(record, "agreement_signatures", what)
+        if len(signers) != len(agreement):
+            raise ProtocolError(f"{what}: {len(signers)} signers, {len(agreement)} signatures")
+        return cls(inputs, length, tuple(zip(signers, agreement, strict=True)))

@@ -5,8 +5,10 @@
                       and seals it for every other site; the server keeps the public part
     encrypted_inputs  each site gets its sealed key, the global adapter and the task; it trains
                       and returns its update, the selected tensors encrypted
-    add_ciphertexts   the server adds the ciphertexts (and the plain tensors, if any)
-    decrypt_sum       one contributing site decrypts the sum, if it holds enough sites
+    add_ciphertexts   the server adds the ciphertexts, a check, and the plain tensors, if any
+    agree_contributors  each contributor signs the contributor set, once per session
+    decrypt_sum       one signer adds the contributors' signed inputs and decrypts the sum, if
+                      at least ``threshold`` contributors signed that set
 
 Below ``threshold`` contributors the attempt halts and the round is retried, as in secagg.
 The server never holds the secret key; it sees ciphertexts, the plain (unselected) tensors, and
@@ -31,6 +33,8 @@ from fedsilo.privacy.he import ckks
 from fedsilo.privacy.secagg.masking import SessionId
 from fedsilo.privacy.secagg.messages import SecAggMessageError
 from fedsilo.protocol.he_records import (
+    AGREE_MESSAGE,
+    AGREED_STAGE,
     DECRYPT_MESSAGE,
     DECRYPTED_STAGE,
     ENCRYPTED_MESSAGE,
@@ -38,8 +42,10 @@ from fedsilo.protocol.he_records import (
     HE_KEY,
     KEYGEN_MESSAGE,
     KEYS_STAGE,
+    AgreeRequest,
     DecryptRequest,
     EncryptRequest,
+    contributors_statement,
     keygen_record,
 )
 from fedsilo.protocol.secagg_records import ADVERTS_KEY, SignedPayload, adverts_record
@@ -86,6 +92,7 @@ class HeState(SecAggState):
     encrypted: dict[str, list[bytes]] = field(default_factory=dict)
     # Each accepted input as its site signed it: the decrypting site adds these itself.
     signed_inputs: dict[str, SignedPayload] = field(default_factory=dict)
+    agreement: dict[str, bytes] = field(default_factory=dict)  # site -> signature over the set
     plain: dict[str, np.ndarray] = field(default_factory=dict)
     plain_sum: np.ndarray | None = None
     decrypted: np.ndarray | None = None
@@ -240,16 +247,39 @@ def add_ciphertexts(ctx: SecAggRound, state: HeState) -> None:
     require_sites(ctx, state, "add_ciphertexts", sites)
 
 
+def agree_contributors(ctx: SecAggRound, state: HeState) -> None:
+    """Stage 5: every contributor signs the contributor set, once per session; at least
+    ``threshold`` must, and only a signer decrypts."""
+    contributors = sorted(state.encrypted)
+    request = AgreeRequest(tuple(contributors)).to_record()
+    accepted = exchange(
+        ctx,
+        state,
+        {state.node_of[site]: session_content(state, {HE_KEY: request}) for site in contributors},
+        message_type=AGREE_MESSAGE,
+        stage=AGREED_STAGE,
+        max_bytes=len(contributors_statement(contributors)),
+    )
+    statement = contributors_statement(contributors)
+    for site, (upload, _reply) in accepted.items():
+        if upload.payload != statement:
+            reject(ctx.plan, ctx.replies, ctx.round_number, site, "agreed on another set")
+            continue
+        state.agreement[site] = upload.signature
+    require_sites(ctx, state, "agree_contributors", sorted(state.agreement))
+
+
 def decrypt_sum(ctx: SecAggRound, state: HeState) -> None:
-    """Stage 5: the first contributor that answers decrypts the sum."""
+    """Stage 6: the first signer that answers decrypts the sum of the agreed contributors."""
     contributors = sorted(state.encrypted)
     length = _selected_length(ctx, state)
     inputs = tuple(state.signed_inputs[site] for site in contributors)
-    request = DecryptRequest(inputs, length).to_record()
+    agreement = tuple(sorted(state.agreement.items()))
+    request = DecryptRequest(inputs, length, agreement).to_record()
     answers = _in_turn(
         ctx,
         state,
-        contributors,
+        sorted(state.agreement),
         session_content(state, {HE_KEY: request}),
         message_type=DECRYPT_MESSAGE,
         stage=DECRYPTED_STAGE,
@@ -268,7 +298,14 @@ def decrypt_sum(ctx: SecAggRound, state: HeState) -> None:
     require_sites(ctx, state, "decrypt_sum", contributors if state.decrypted is not None else [])
 
 
-HE_STAGES = (advertise_keys, key_ceremony, encrypted_inputs, add_ciphertexts, decrypt_sum)
+HE_STAGES = (
+    advertise_keys,
+    key_ceremony,
+    encrypted_inputs,
+    add_ciphertexts,
+    agree_contributors,
+    decrypt_sum,
+)
 
 
 def collect_he_round(
