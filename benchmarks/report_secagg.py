@@ -41,6 +41,17 @@ def secagg_section(result: dict[str, Any] | None) -> list[str]:
         f"site uploads in the round, mean over sites. Median of {result['repeats']} rounds after "
         "a warm-up. Measured while the machine was shared with other work: times are noisy.",
         "",
+        *(
+            []
+            if result.get("he_decryption") or not any(r["system"] == "he" for r in rows)
+            else [
+                "The HE rows were measured before the contributor agreement and the verified "
+                "decryption (the decrypting site received one summed ciphertext): they "
+                "understate today's HE round (one more message per site, and n inputs to the "
+                "decrypting site). Rerun the script to measure it.",
+                "",
+            ]
+        ),
         "| sites | params | system | wall s | parallel s | MB up per site | x fp32 adapter |",
         "|---:|---:|---|---:|---:|---:|---:|",
     ]

@@ -62,6 +62,7 @@ from fedsilo.simulation.inprocess_grid import FIRST_NODE_ID, InProcessGrid
 
 RESULTS = Path(__file__).resolve().parent / "results" / "secure-aggregation.json"
 REAL_LOCAL_UPDATE = local_update
+HE_DECRYPTION = "the contributors agree on one set; the decrypting site adds their signed inputs"
 
 
 def record_bytes(content: RecordDict) -> int:
@@ -172,7 +173,9 @@ def _ours(
         for n in names
     ]
 
-    def fixed_update(message: Message, context: Context, provider: Any) -> LocalUpdate:
+    def fixed_update(
+        message: Message, context: Context, provider: Any, **_how_it_leaves: Any
+    ) -> LocalUpdate:
         site = provider.site_for(context)
         task = RoundTask.from_record(message.content.config_records[TASK_KEY])
         metrics = SiteMetrics(num_examples=10, train_loss=None, tokens=0, seconds=0.0)
@@ -383,6 +386,9 @@ def main(argv: Iterable[str] | None = None) -> None:
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "shared": True},
         "flwr": flwr.__version__,
         "tenseal": tenseal.__version__,
+        # What the HE rows' decryption involves (earlier files lack it: one summed ciphertext
+        # was decrypted, with no contributor agreement).
+        "he_decryption": HE_DECRYPTION,
         "repeats": args.repeats,
         "rows": rows,
         "with_training": training,
