@@ -380,3 +380,36 @@ def test_no_site_decrypts_a_second_contributor_set_so_sums_cannot_be_differenced
     assert "not over the contributor set this site agreed on" in to_site_1(
         DECRYPT_MESSAGE, two_of_three
     )
+
+
+def test_a_site_told_other_parameters_than_the_dealer_cannot_open_the_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # site-2 alone is told threshold 3 (the others 2): a lower or higher threshold for one
+    # site would let the coordinator count signatures or size noise differently there.
+    h = _he(tmp_path, monkeypatch, num_sites=3)
+    site_2 = h.node("site-2")
+
+    def other_threshold_for_site_2(message: Message) -> None:
+        if message.metadata.dst_node_id == site_2:
+            message.content.config_records["secagg"]["threshold"] = 3
+
+    h.grid.tamper = other_threshold_for_site_2
+
+    replies = _round(h)
+
+    assert replies.contributors == ["site-0", "site-1"]
+    assert any("the sealed CKKS key" in reason for reason in replies.failures.values())
+
+
+def test_an_agreement_signed_in_one_attempt_is_not_one_of_another() -> None:
+    from fedsilo.protocol.he_records import contributors_statement
+
+    sites = ["site-0", "site-1"]
+
+    assert contributors_statement("fed/run/1/1", sites) != contributors_statement(
+        "fed/run/1/2", sites
+    )
+    assert contributors_statement("fed/run/1/1", sites[::-1]) == contributors_statement(
+        "fed/run/1/1", sites
+    )

@@ -70,8 +70,18 @@ from fedsilo.protocol.secagg_records import SignedPayload
 HE_STATE_KEY = "he-session"
 
 
-def _key_contexts(session: SessionId, dealer: str, peer: str) -> tuple[bytes, bytes]:
-    return session.context("he-key", dealer, peer), session.context("he-seal", dealer, peer)
+def _key_contexts(state: SiteSession, dealer: str, peer: str) -> tuple[bytes, bytes]:
+    """The key derivation context and the sealing's associated data for the dealer's copy
+    of the key for ``peer``. The associated data names the round's parameters as this site
+    was told them: a site told another threshold or cohort size than the dealer (which
+    checked them against the cohort it dealt to) cannot open its key."""
+    session = state.session
+    sealed_for = session.context("he-seal", dealer, peer) + b"\n" + _params_bytes(state)
+    return session.context("he-key", dealer, peer), sealed_for
+
+
+def _params_bytes(state: SiteSession) -> bytes:
+    return canonical_json(state.params.to_fields())
 
 
 @dataclass(frozen=True)
@@ -84,10 +94,11 @@ class _HeSession:
     decrypted: bool = False  # a sum decrypted: at most once, never forgotten
 
 
-def _save(context: Context, session: SessionId, held: _HeSession) -> None:
+def _save(context: Context, state: SiteSession, held: _HeSession) -> None:
     context.state.config_records[HE_STATE_KEY] = ConfigRecord(
         {
-            "session": session.key(),
+            "session": state.session.key(),
+            "params": _params_bytes(state),
             "secret": held.secret,
             "input_sent": held.input_sent,
             "agreed": [] if held.agreed is None else list(held.agreed),
@@ -97,11 +108,17 @@ def _save(context: Context, session: SessionId, held: _HeSession) -> None:
     )
 
 
-def _held(context: Context, session: SessionId) -> _HeSession | None:
-    """This site's state for ``session`` (None before it has a key for it)."""
+def _held(context: Context, state: SiteSession) -> _HeSession | None:
+    """This site's state for the session (None before it has a key for it), if the session
+    still has the parameters the key was made or opened under."""
     record = context.state.config_records.get(HE_STATE_KEY)
-    if record is None or record.get("session") != session.key():
+    if record is None or record.get("session") != state.session.key():
         return None
+    if record.get("params") != _params_bytes(state):
+        raise SecAggRefusedError(
+            f"site {state.site}: the round's parameters changed within session "
+            f"{state.session.key()}"
+        )
     agreed = record["agreed"]
     assert isinstance(agreed, list)
     return _HeSession(
@@ -112,10 +129,12 @@ def _held(context: Context, session: SessionId) -> _HeSession | None:
     )
 
 
-def _load(context: Context, site: Site, session: SessionId) -> _HeSession:
-    held = _held(context, session)
+def _load(context: Context, state: SiteSession) -> _HeSession:
+    held = _held(context, state)
     if held is None:
-        raise SecAggRefusedError(f"site {site.name}: holds no CKKS key for session {session.key()}")
+        raise SecAggRefusedError(
+            f"site {state.site}: holds no CKKS key for session {state.session.key()}"
+        )
     return held
 
 
@@ -127,7 +146,7 @@ def handle_keygen(message: Message, context: Context, sites: SiteProvider) -> Me
     if cohort.get(site.name) != state.advertisement():
         raise SecAggRefusedError(f"site {site.name}: the cohort does not hold this site's keys")
     check_announced_cohort(state, len(cohort))
-    if _held(context, state.session) is not None:
+    if _held(context, state) is not None:
         # A second key would reset what this site has sent and decrypted in the session.
         raise SecAggRefusedError(f"site {site.name}: already holds a CKKS key for this session")
     secret = ckks.new_secret_context(keygen_from_content(message.content))
@@ -135,10 +154,10 @@ def handle_keygen(message: Message, context: Context, sites: SiteProvider) -> Me
     recipients = sorted(name for name in cohort if name != site.name)
     sealed = []
     for peer in recipients:
-        key_context, associated = _key_contexts(state.session, site.name, peer)
+        key_context, associated = _key_contexts(state, site.name, peer)
         key = agree(share_key, cohort[peer].share_public, context=key_context)
         sealed.append(seal(key, secret, associated=associated))
-    _save(context, state.session, _HeSession(secret))
+    _save(context, state, _HeSession(secret))
     header = canonical_json({"recipients": recipients})
     payload = ckks.frame([header, ckks.public_part(secret), *sealed])
     return reply_signed(message, site, state.session, KEYS_STAGE, payload)
@@ -161,7 +180,7 @@ def _received_secret(site: Site, state: SiteSession, request: EncryptRequest) ->
         raise SecAggRefusedError(
             f"site {site.name}: the dealer's advertisement is not authentic: {error}"
         ) from None
-    key_context, associated = _key_contexts(state.session, dealer.site, site.name)
+    key_context, associated = _key_contexts(state, dealer.site, site.name)
     key = agree(agreement_key_from_bytes(state.share_key), advert.share_public, context=key_context)
     try:
         return open_sealed(key, request.sealed_secret, associated=associated)
@@ -185,14 +204,19 @@ def handle_encrypted_input(message: Message, context: Context, sites: SiteProvid
         state.session.round,
     ):
         raise SecAggRefusedError(f"site {site.name}: the round task is for another session")
-    held = _held(context, state.session)
+    held = _held(context, state)
     if held is not None and held.input_sent:
         # One input per session, and the decrypted flag is never reset: a second input would
         # let the server ask this site to decrypt a second "sum", one site's ciphertext say.
         raise SecAggRefusedError(f"site {site.name}: already sent its encrypted input")
     request = EncryptRequest.from_content(message.content)
     if request.dealer.site == site.name:
-        secret = _load(context, site, state.session).secret
+        secret = _load(context, state).secret
+    elif held is not None:
+        # This site dealt the session's key: it encrypts under no other dealer's.
+        raise SecAggRefusedError(
+            f"site {site.name}: dealt this session's key; {request.dealer.site} cannot deal too"
+        )
     else:
         secret = _received_secret(site, state, request)
     select = selector(request.tensors)
@@ -216,7 +240,7 @@ def handle_encrypted_input(message: Message, context: Context, sites: SiteProvid
     chunks = ckks.encrypt(ckks.load_context(secret, what="CKKS key", secret=True), encrypted)
     payload = ckks.frame([plain.tobytes(), *chunks])
     # The dealer may have been asked to decrypt before its input: that is never forgotten.
-    _save(context, state.session, dataclasses.replace(held or _HeSession(secret), input_sent=True))
+    _save(context, state, dataclasses.replace(held or _HeSession(secret), input_sent=True))
     return reply_signed(message, site, state.session, ENCRYPTED_STAGE, payload, update)
 
 
@@ -225,7 +249,7 @@ def handle_agree(message: Message, context: Context, sites: SiteProvider) -> Mes
     decrypted. Only a site that sent its input signs, and only a set that holds it."""
     site = sites.site_for(context)
     state = load_session(context, site, message)
-    held = _load(context, site, state.session)
+    held = _load(context, state)
     if not held.input_sent:
         raise SecAggRefusedError(f"site {site.name}: sent no encrypted input in this session")
     if held.agreed is not None:
@@ -235,8 +259,8 @@ def handle_agree(message: Message, context: Context, sites: SiteProvider) -> Mes
     )
     if site.name not in contributors:
         raise SecAggRefusedError(f"site {site.name}: the contributor set must hold this site")
-    _save(context, state.session, dataclasses.replace(held, agreed=contributors))
-    statement = contributors_statement(contributors)
+    _save(context, state, dataclasses.replace(held, agreed=contributors))
+    statement = contributors_statement(state.session.key(), contributors)
     return reply_signed(message, site, state.session, AGREED_STAGE, statement)
 
 
@@ -264,7 +288,7 @@ def handle_decrypt(message: Message, context: Context, sites: SiteProvider) -> M
     no second set can gather as many), adding the contributors' signed inputs itself."""
     site = sites.site_for(context)
     state = load_session(context, site, message)
-    held = _load(context, site, state.session)
+    held = _load(context, state)
     if held.decrypted:
         raise SecAggRefusedError(f"site {site.name}: already decrypted a sum in this session")
     request = DecryptRequest.from_content(message.content)
@@ -282,7 +306,7 @@ def handle_decrypt(message: Message, context: Context, sites: SiteProvider) -> M
         what="the contributors' inputs",
     )
     values = ckks.decrypt(key, summed, length=request.length, what="the summed input")
-    _save(context, state.session, dataclasses.replace(held, decrypted=True))
+    _save(context, state, dataclasses.replace(held, decrypted=True))
     payload = np.asarray(values, dtype="<f8").tobytes()
     return reply_signed(message, site, state.session, DECRYPTED_STAGE, payload)
 
@@ -294,7 +318,7 @@ def _check_agreement(
     agreement: tuple[tuple[str, bytes], ...],
 ) -> None:
     """At least ``threshold`` distinct contributors signed ``contributors`` in this session."""
-    statement = contributors_statement(contributors)
+    statement = contributors_statement(state.session.key(), contributors)
     signers = set()
     for signer, signature in agreement:
         if signer not in contributors or signer in signers:

@@ -30,10 +30,12 @@ DECRYPTED_STAGE = "he-decrypted"
 AGREED_STAGE = "he-agreed"
 
 
-def contributors_statement(contributors: Sequence[str]) -> bytes:
+def contributors_statement(session: str, contributors: Sequence[str]) -> bytes:
     """What a site signs to agree on the round's contributors: the one set it will let be
-    decrypted in this session (its signature binds it to the session and stage)."""
-    return json.dumps({"contributors": sorted(contributors)}, separators=(",", ":")).encode()
+    decrypted in ``session`` (its key: federation, run, round and attempt; the signature's
+    binding has no attempt, so a signature of an earlier attempt must not verify here)."""
+    statement = {"session": session, "contributors": sorted(contributors)}
+    return json.dumps(statement, separators=(",", ":")).encode()
 
 
 def _str(record: ConfigRecord, name: str, what: str) -> str:

@@ -258,9 +258,9 @@ def agree_contributors(ctx: SecAggRound, state: HeState) -> None:
         {state.node_of[site]: session_content(state, {HE_KEY: request}) for site in contributors},
         message_type=AGREE_MESSAGE,
         stage=AGREED_STAGE,
-        max_bytes=len(contributors_statement(contributors)),
+        max_bytes=len(contributors_statement(state.session.key(), contributors)),
     )
-    statement = contributors_statement(contributors)
+    statement = contributors_statement(state.session.key(), contributors)
     for site, (upload, _reply) in accepted.items():
         if upload.payload != statement:
             reject(ctx.plan, ctx.replies, ctx.round_number, site, "agreed on another set")
