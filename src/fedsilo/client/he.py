@@ -101,8 +101,8 @@ def _save(context: Context, state: SiteSession, held: _HeSession) -> None:
             "params": _params_bytes(state),
             "secret": held.secret,
             "input_sent": held.input_sent,
-            "agreed": [] if held.agreed is None else list(held.agreed),
-            "has_agreed": held.agreed is not None,
+            # Never empty once agreed: an agreed set holds this site and at least threshold.
+            "agreed": list(held.agreed or ()),
             "decrypted": held.decrypted,
         }
     )
@@ -124,7 +124,7 @@ def _held(context: Context, state: SiteSession) -> _HeSession | None:
     return _HeSession(
         secret=bytes(record["secret"]),  # type: ignore[arg-type]
         input_sent=bool(record["input_sent"]),
-        agreed=tuple(str(name) for name in agreed) if record["has_agreed"] else None,
+        agreed=tuple(str(name) for name in agreed) or None,
         decrypted=bool(record["decrypted"]),
     )
 
@@ -260,7 +260,7 @@ def handle_agree(message: Message, context: Context, sites: SiteProvider) -> Mes
     if site.name not in contributors:
         raise SecAggRefusedError(f"site {site.name}: the contributor set must hold this site")
     _save(context, state, dataclasses.replace(held, agreed=contributors))
-    statement = contributors_statement(state.session.key(), contributors)
+    statement = contributors_statement(state.session, contributors)
     return reply_signed(message, site, state.session, AGREED_STAGE, statement)
 
 
@@ -318,7 +318,7 @@ def _check_agreement(
     agreement: tuple[tuple[str, bytes], ...],
 ) -> None:
     """At least ``threshold`` distinct contributors signed ``contributors`` in this session."""
-    statement = contributors_statement(state.session.key(), contributors)
+    statement = contributors_statement(state.session, contributors)
     signers = set()
     for signer, signature in agreement:
         if signer not in contributors or signer in signers:

@@ -9,12 +9,13 @@ signed encrypted inputs. Replies are signed uploads, as in every secure stage.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from flwr.app import ConfigRecord, RecordDict
 
+from fedsilo.privacy.secagg.masking import SessionId
+from fedsilo.privacy.secagg.messages import canonical_json
 from fedsilo.protocol.records import ProtocolError
 from fedsilo.protocol.secagg_records import SignedPayload
 
@@ -30,12 +31,12 @@ DECRYPTED_STAGE = "he-decrypted"
 AGREED_STAGE = "he-agreed"
 
 
-def contributors_statement(session: str, contributors: Sequence[str]) -> bytes:
+def contributors_statement(session: SessionId, contributors: Iterable[str]) -> bytes:
     """What a site signs to agree on the round's contributors: the one set it will let be
-    decrypted in ``session`` (its key: federation, run, round and attempt; the signature's
-    binding has no attempt, so a signature of an earlier attempt must not verify here)."""
-    statement = {"session": session, "contributors": sorted(contributors)}
-    return json.dumps(statement, separators=(",", ":")).encode()
+    decrypted in ``session``. Like secagg's survivor statement, it names the session's key
+    (federation, run, round and attempt): the signature's binding has no attempt, so a
+    signature of an earlier attempt must not verify here."""
+    return canonical_json({"session": session.key(), "contributors": sorted(set(contributors))})
 
 
 def _str(record: ConfigRecord, name: str, what: str) -> str:

@@ -252,15 +252,15 @@ def agree_contributors(ctx: SecAggRound, state: HeState) -> None:
     ``threshold`` must, and only a signer decrypts."""
     contributors = sorted(state.encrypted)
     request = AgreeRequest(tuple(contributors)).to_record()
+    statement = contributors_statement(state.session, contributors)
     accepted = exchange(
         ctx,
         state,
         {state.node_of[site]: session_content(state, {HE_KEY: request}) for site in contributors},
         message_type=AGREE_MESSAGE,
         stage=AGREED_STAGE,
-        max_bytes=len(contributors_statement(state.session.key(), contributors)),
+        max_bytes=len(statement),
     )
-    statement = contributors_statement(state.session.key(), contributors)
     for site, (upload, _reply) in accepted.items():
         if upload.payload != statement:
             reject(ctx.plan, ctx.replies, ctx.round_number, site, "agreed on another set")
