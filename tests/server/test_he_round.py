@@ -41,6 +41,41 @@ def _mean(h: Harness, names: list[str]) -> np.ndarray:
     return np.mean([flatten(h.sites.deltas[n]) for n in names], axis=0)
 
 
+class _Replayer:
+    """Keeps a copy of every request the coordinator pushes, and sends one again, changed or
+    not, to a site of its choice: what a coordinator that deviates from the protocol can do."""
+
+    def __init__(self, h: Harness) -> None:
+        self.h = h
+        self.pushed: list[Message] = []
+        h.grid.tamper = lambda message: self.pushed.append(copy.deepcopy(message))
+
+    def send(
+        self,
+        kind: str,
+        to: str,
+        *,
+        sent_to: str | None = None,
+        change: Callable[[Any], None] | None = None,
+    ) -> str:
+        """The first pushed request of ``kind`` (the one pushed to ``sent_to``, if given), its
+        "he" record changed by ``change``, sent to ``to``: its refusal, "" if answered."""
+        sent = next(
+            m
+            for m in self.pushed
+            if m.metadata.message_type == kind
+            and (sent_to is None or m.metadata.dst_node_id == self.h.node(sent_to))
+        )
+        content = copy.deepcopy(sent.content)
+        if change is not None:
+            change(content.config_records["he"])
+        message = Message(
+            content, dst_node_id=self.h.node(to), message_type=kind, group_id=sent.metadata.group_id
+        )
+        [reply] = self.h.grid.send_and_receive([message])
+        return reply.error.reason if reply.has_error() else ""
+
+
 def test_he_mean_matches_the_plaintext_mean(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -203,28 +238,14 @@ def test_a_site_sends_one_encrypted_input_and_decrypts_once_per_session(
     # A coordinator asking a site that decrypted for another input (to have it decrypt again,
     # one site's ciphertext this time), or the dealer for another key, is refused.
     h = _he(tmp_path, monkeypatch, num_sites=3)
-    pushed: list[Message] = []
-    h.grid.tamper = lambda message: pushed.append(copy.deepcopy(message))
+    replay = _Replayer(h)
     h.grid.drop_from[DECRYPT_MESSAGE] = {h.node("site-0")}  # site-1 decrypts the sum
     _round(h)
     h.grid.drop_from.clear()
     h.grid._gone.clear()  # site-0, the dealer, answers again
 
     def again(kind: str, name: str) -> str:
-        [sent] = [
-            m
-            for m in pushed
-            if m.metadata.message_type == kind and m.metadata.dst_node_id == h.node(name)
-        ]
-        message = Message(
-            sent.content,
-            dst_node_id=sent.metadata.dst_node_id,
-            message_type=kind,
-            group_id=sent.metadata.group_id,
-        )
-        [reply] = h.grid.send_and_receive([message])
-        assert reply.has_error()
-        return reply.error.reason
+        return replay.send(kind, name, sent_to=name)
 
     assert "already sent its encrypted input" in again(ENCRYPTED_MESSAGE, "site-1")
     assert "already decrypted a sum" in again(DECRYPT_MESSAGE, "site-1")
@@ -296,27 +317,15 @@ def test_a_site_decrypts_only_a_set_it_agreed_on_after_sending_its_input(
     # The dealer (site-0) gets no input request in the round; sites 1 and 2 contribute and
     # agree. The coordinator then asks the dealer to decrypt, to agree, and to send its input.
     h = _he(tmp_path, monkeypatch, num_sites=3)
-    pushed: list[Message] = []
-    h.grid.tamper = lambda message: pushed.append(copy.deepcopy(message))
-    dealer = h.node("site-0")
-    h.grid.drop_from[ENCRYPTED_MESSAGE] = {dealer}
+    replay = _Replayer(h)
+    h.grid.drop_from[ENCRYPTED_MESSAGE] = {h.node("site-0")}
     ok = _round(h)
     h.grid.drop_from.clear()
     h.grid._gone.clear()
 
     def to_dealer(kind: str) -> str:
         # The dealer's own input request (captured, never delivered), or any other of ``kind``.
-        sent = next(
-            m
-            for m in pushed
-            if m.metadata.message_type == kind
-            and (kind != ENCRYPTED_MESSAGE or m.metadata.dst_node_id == dealer)
-        )
-        message = Message(
-            sent.content, dst_node_id=dealer, message_type=kind, group_id=sent.metadata.group_id
-        )
-        [reply] = h.grid.send_and_receive([message])
-        return reply.error.reason if reply.has_error() else ""
+        return replay.send(kind, "site-0", sent_to="site-0" if kind == ENCRYPTED_MESSAGE else None)
 
     assert ok.contributors == ["site-1", "site-2"]
     assert "not over the contributor set this site agreed on" in to_dealer(DECRYPT_MESSAGE)
@@ -353,18 +362,8 @@ def test_no_site_decrypts_a_second_contributor_set_so_sums_cannot_be_differenced
     # After site-0 decrypted the sum of sites 0, 1 and 2, the coordinator asks site-1 for the
     # sum of sites 1 and 2 (their difference would be site-0's update).
     h = _he(tmp_path, monkeypatch, num_sites=3)
-    pushed: list[Message] = []
-    h.grid.tamper = lambda message: pushed.append(copy.deepcopy(message))
+    replay = _Replayer(h)
     _round(h)
-    target = h.node("site-1")
-
-    def to_site_1(kind: str, change: Callable[[Any], None]) -> str:
-        sent = next(m for m in pushed if m.metadata.message_type == kind)
-        content = copy.deepcopy(sent.content)
-        change(content.config_records["he"])
-        message = Message(content, dst_node_id=target, message_type=kind, group_id="1")
-        [reply] = h.grid.send_and_receive([message])
-        return reply.error.reason if reply.has_error() else ""
 
     def two_of_three(record: Any) -> None:
         record["contributors"] = ["site-1", "site-2"]
@@ -374,11 +373,13 @@ def test_no_site_decrypts_a_second_contributor_set_so_sums_cannot_be_differenced
         record["agreed_by"] = ["site-1", "site-2"]
         record["agreement_signatures"] = record["agreement_signatures"][1:]
 
-    assert "already agreed on a contributor set" in to_site_1(
-        AGREE_MESSAGE, lambda record: record.__setitem__("contributors", ["site-1", "site-2"])
+    assert "already agreed on a contributor set" in replay.send(
+        AGREE_MESSAGE,
+        "site-1",
+        change=lambda record: record.__setitem__("contributors", ["site-1", "site-2"]),
     )
-    assert "not over the contributor set this site agreed on" in to_site_1(
-        DECRYPT_MESSAGE, two_of_three
+    assert "not over the contributor set this site agreed on" in replay.send(
+        DECRYPT_MESSAGE, "site-1", change=two_of_three
     )
 
 
@@ -403,13 +404,11 @@ def test_a_site_told_other_parameters_than_the_dealer_cannot_open_the_key(
 
 
 def test_an_agreement_signed_in_one_attempt_is_not_one_of_another() -> None:
+    from fedsilo.privacy.secagg.masking import SessionId
     from fedsilo.protocol.he_records import contributors_statement
 
     sites = ["site-0", "site-1"]
+    first, second = SessionId("fed", "run", 1, 1), SessionId("fed", "run", 1, 2)
 
-    assert contributors_statement("fed/run/1/1", sites) != contributors_statement(
-        "fed/run/1/2", sites
-    )
-    assert contributors_statement("fed/run/1/1", sites[::-1]) == contributors_statement(
-        "fed/run/1/1", sites
-    )
+    assert contributors_statement(first, sites) != contributors_statement(second, sites)
+    assert contributors_statement(first, sites[::-1]) == contributors_statement(first, sites)
