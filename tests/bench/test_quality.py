@@ -207,41 +207,46 @@ def _three_rounds() -> QualityBudget:
                          examples_per_site=4, gold_size=4, lora_rank=2)  # fmt: skip
 
 
-def test_a_centralized_baseline_stopped_midway_goes_on_from_its_last_round(
-    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _cut_and_resumed(
+    model: Path, out: Path, monkeypatch: pytest.MonkeyPatch, *, stop_at: int, **changes: object
+) -> tuple[dict, int]:
+    """Run the benchmark into ``out`` with a power cut at the ``stop_at``-th local round it
+    trains; check that a rerun without --resume is refused; resume. Returns the resumed
+    result and how many local rounds the resume trained."""
     import fedsilo.bench.quality as quality
 
-    central = {"algorithms": ("centralized",), "budget": _three_rounds(), "edge_cases": False}
-    whole = run_quality_benchmark(_small_request(tiny_model_dir, tmp_path / "whole", **central))
     real_round = quality._Trainer.train_round
-    rounds_trained: list[int] = []
+    trained: list[int] = []
+    cut_at = [stop_at]
 
-    def stop_in_round_three(self: object, *args: object, **kwargs: object) -> object:
-        rounds_trained.append(1)
-        if len(rounds_trained) == 3:
+    def counted(self: object, *args: object, **kwargs: object) -> object:
+        trained.append(1)
+        if len(trained) == cut_at[0]:
             raise RuntimeError("power cut")
         return real_round(self, *args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(quality._Trainer, "train_round", stop_in_round_three)
-    with pytest.raises(RuntimeError, match="power cut"):
-        run_quality_benchmark(_small_request(tiny_model_dir, tmp_path / "cut", **central))
-    monkeypatch.setattr(quality._Trainer, "train_round", real_round)
-    with pytest.raises(FileExistsError, match="--resume"):
-        run_quality_benchmark(_small_request(tiny_model_dir, tmp_path / "cut", **central))
-
-    calls: list[int] = []
-
-    def counted(self: object, *args: object, **kwargs: object) -> object:
-        calls.append(1)
-        return real_round(self, *args, **kwargs)  # type: ignore[arg-type]
-
     monkeypatch.setattr(quality._Trainer, "train_round", counted)
-    resumed = run_quality_benchmark(
-        _small_request(tiny_model_dir, tmp_path / "cut", resume=True, **central)
+    with pytest.raises(RuntimeError, match="power cut"):
+        run_quality_benchmark(_small_request(model, out, **changes))
+    with pytest.raises(FileExistsError, match="--resume"):
+        run_quality_benchmark(_small_request(model, out, **changes))
+    trained.clear()
+    cut_at[0] = 0
+    resumed = run_quality_benchmark(_small_request(model, out, resume=True, **changes))
+    return resumed, len(trained)
+
+
+def test_a_centralized_baseline_stopped_midway_goes_on_from_its_last_round(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    central = {"algorithms": ("centralized",), "budget": _three_rounds(), "edge_cases": False}
+    whole = run_quality_benchmark(_small_request(tiny_model_dir, tmp_path / "whole", **central))
+
+    resumed, trained = _cut_and_resumed(
+        tiny_model_dir, tmp_path / "cut", monkeypatch, stop_at=3, **central
     )
 
-    assert len(calls) == 1  # round 3 only
+    assert trained == 1  # round 3 only
     assert resumed["algorithms"]["centralized"]["resumed_after_round"] == 2
 
     def curve(result: dict) -> list[dict]:
@@ -261,37 +266,15 @@ def test_a_centralized_baseline_stopped_midway_goes_on_from_its_last_round(
 def test_a_local_only_baseline_stopped_midway_keeps_its_finished_sites(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import fedsilo.bench.quality as quality
-
     local = {"algorithms": ("local",), "edge_cases": False}
     whole = run_quality_benchmark(_small_request(tiny_model_dir, tmp_path / "whole", **local))
-    real_round = quality._Trainer.train_round
-    rounds_trained: list[int] = []
 
-    def stop_at_the_second_site(self: object, *args: object, **kwargs: object) -> object:
-        rounds_trained.append(1)  # one round of one step per site in this budget
-        if len(rounds_trained) == 2:
-            raise RuntimeError("power cut")
-        return real_round(self, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(quality._Trainer, "train_round", stop_at_the_second_site)
-    with pytest.raises(RuntimeError, match="power cut"):
-        run_quality_benchmark(_small_request(tiny_model_dir, tmp_path / "cut", **local))
-    monkeypatch.setattr(quality._Trainer, "train_round", real_round)
-    with pytest.raises(FileExistsError, match="--resume"):
-        run_quality_benchmark(_small_request(tiny_model_dir, tmp_path / "cut", **local))
-    calls: list[int] = []
-
-    def counted(self: object, *args: object, **kwargs: object) -> object:
-        calls.append(1)
-        return real_round(self, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(quality._Trainer, "train_round", counted)
-    resumed = run_quality_benchmark(
-        _small_request(tiny_model_dir, tmp_path / "cut", resume=True, **local)
+    # One round of one step per site in this budget: the second call is the second site.
+    resumed, trained = _cut_and_resumed(
+        tiny_model_dir, tmp_path / "cut", monkeypatch, stop_at=2, **local
     )
 
-    assert len(calls) == 1  # the second site only
+    assert trained == 1  # the second site only
     assert resumed["algorithms"]["local"] == whole["algorithms"]["local"]
     other = _small_request(
         tiny_model_dir, tmp_path / "cut", budget=_three_rounds(), resume=True,
