@@ -40,7 +40,7 @@ from fedsilo.server.report_provenance import (
     strategy_fact,
 )
 from fedsilo.server.run_folder import RunFolder
-from fedsilo.server.site_disclosure import what_left_the_sites
+from fedsilo.server.site_disclosure import enrolled_sites, what_left_the_sites
 from fedsilo.storage import write_text_atomic
 
 CARD_NAME = "README.md"
@@ -76,8 +76,7 @@ def model_card(run_dir: Path, exported: Path, *, checkpoint_round: int | None = 
     metric = metric_name(config, info)
     metrics = folder.read_metrics() if folder.metrics_path.exists() else []
     last = metrics[-1] if metrics else {}
-    enrolled = start.get("sites")
-    sites = sorted(str(name) for name in enrolled) if isinstance(enrolled, dict) else []
+    sites = enrolled_sites(start)
     finals = privacy.final_epsilon
     source = (
         "the final adapter"

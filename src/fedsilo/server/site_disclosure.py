@@ -197,7 +197,8 @@ def _setting_lead(
     )
 
 
-def _enrolled(start: Mapping[str, object]) -> list[str]:
+def enrolled_sites(start: Mapping[str, object]) -> list[str]:
+    """The site names the run_started entry's payload ``start`` enrolls, sorted."""
     sites = start.get("sites")
     return sorted(str(name) for name in sites) if isinstance(sites, dict) else []
 
@@ -236,7 +237,7 @@ def what_left_the_sites(
     ]
     lines = [
         *heading,
-        _setting_lead(config, entries, run_dir, _enrolled(start)),
+        _setting_lead(config, entries, run_dir, enrolled_sites(start)),
         "",
         *(f"- {bullet}" for bullet in bullets),
         "",
