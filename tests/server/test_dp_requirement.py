@@ -6,8 +6,13 @@ import pytest
 from flwr.app import ConfigRecord, RecordDict
 
 from fedsilo.privacy.events import PoissonGaussianEvent, event_to_json
-from fedsilo.protocol.records import DP_EVENT_KEY
-from fedsilo.server.admission import DpRequirement, UpdateRejectedError, check_dp_event
+from fedsilo.protocol.records import DP_EVENT_KEY, SiteMetrics
+from fedsilo.server.admission import (
+    DpRequirement,
+    UpdateRejectedError,
+    check_dp_event,
+    check_withheld_metrics,
+)
 
 
 def _reply(event: dict[str, str | int | float]) -> RecordDict:
@@ -51,3 +56,27 @@ def test_a_rate_implying_an_absurd_size_is_rejected_not_raised() -> None:
 
     with pytest.raises(UpdateRejectedError, match="DP event: sampling_rate"):
         check_dp_event(content, EPOCHS, "site-a")
+
+
+def test_a_private_site_claiming_a_large_count_is_rejected() -> None:
+    # An honest private site weighs 1; a claimed 1,000,000 would set the global adapter alone.
+    with pytest.raises(UpdateRejectedError, match="reports no counts"):
+        check_withheld_metrics(
+            SiteMetrics(num_examples=1_000_000, train_loss=None, tokens=0, seconds=0.0),
+            EPOCHS,
+            "site-a",
+        )
+
+
+def test_a_private_site_reporting_its_loss_is_rejected() -> None:
+    with pytest.raises(UpdateRejectedError, match="reports no counts"):
+        check_withheld_metrics(
+            SiteMetrics(num_examples=1, train_loss=0.5, tokens=0, seconds=0.0), EPOCHS, "site-a"
+        )
+
+
+def test_withheld_metrics_pass_and_counts_pass_without_dp() -> None:
+    check_withheld_metrics(SiteMetrics.withheld(precision="bf16"), EPOCHS, "site-a")
+    check_withheld_metrics(
+        SiteMetrics(num_examples=600, train_loss=0.5, tokens=9000, seconds=3.0), None, "site-a"
+    )

@@ -71,6 +71,14 @@ def _run_one_round(config: FedsiloConfig, run_dir: Path, tamper: Tamper) -> dict
     return dict(round_one["failures"])
 
 
+def _ledgered_senders(run_dir: Path) -> list[str]:
+    return [
+        str(entry.payload["sender"])
+        for entry in read_entries(run_dir / "ledger.db")
+        if entry.kind is EntryKind.UPDATE_REJECTED
+    ]
+
+
 def _ledgered_rejections(run_dir: Path) -> list[str]:
     return [
         str(entry.payload["reason"])
@@ -95,17 +103,21 @@ def test_update_signed_by_a_stranger_is_rejected(
 
     failures = _run_one_round(make_config(run={"rounds": 1}), tmp_path / "run", forge)
 
-    [(_sender, reason)] = failures.items()
+    [(sender, reason)] = failures.items()
     assert "bad signature" in reason
+    assert sender.startswith("node-")
     assert _ledgered_rejections(tmp_path / "run") == [reason]
 
 
 def test_site_cannot_impersonate_another_site(
     make_config: Callable[..., FedsiloConfig], tmp_path: Path
 ) -> None:
+    victims: list[str] = []
+
     def impersonate(reply: Message, context: Context, sites: SimulatedSites) -> Message:
         binding, _ = binding_from_record(reply.content.config_records[SITE_KEY])
         other = sites._task.sites[1].name
+        victims.append(other)
         claimed = replace(binding, site_id=other)
         own_key = sites.site_for(context).signing_key
         _replace(
@@ -115,8 +127,12 @@ def test_site_cannot_impersonate_another_site(
 
     failures = _run_one_round(make_config(run={"rounds": 1}), tmp_path / "run", impersonate)
 
-    [reason] = failures.values()
-    assert "bad signature" in reason
+    # The rejection is ledgered under the node that sent it, never under the claimed victim.
+    [(sender, reason)] = failures.items()
+    [victim] = set(victims)
+    assert "bad signature" in reason and repr(victim) in reason
+    assert sender.startswith("node-") and victim not in sender
+    assert _ledgered_senders(tmp_path / "run") == [sender]
 
 
 def test_unknown_site_is_rejected(
@@ -133,7 +149,9 @@ def test_unknown_site_is_rejected(
 
     failures = _run_one_round(make_config(run={"rounds": 1}), tmp_path / "run", stranger_site)
 
-    assert failures == {"mallory": "site 'mallory' is not enrolled in this federation"}
+    [(sender, reason)] = failures.items()
+    assert sender.startswith("node-")
+    assert reason == "site 'mallory' is not enrolled in this federation"
 
 
 def test_replayed_update_from_an_earlier_round_is_rejected(

@@ -134,18 +134,22 @@ def admit_signed(
         raise UpdateRejectedError(sender, "the update is unsigned") from None
     except ProtocolError as error:
         raise UpdateRejectedError(sender, str(error)) from None
+    # Until its signature verifies, the site id is only a claim: a rejection is named by the
+    # node it came from, so that no site can get its bad replies ledgered in another's name.
     site = binding.site_id
     if site not in site_keys:
-        raise UpdateRejectedError(site, f"site {site!r} is not enrolled in this federation")
+        raise UpdateRejectedError(sender, f"site {site!r} is not enrolled in this federation")
+    try:
+        verify_update(site_keys[site], binding, signature)
+    except SignatureError as error:
+        raise UpdateRejectedError(
+            sender, f"bad signature for the claimed site {site!r}: {error}"
+        ) from None
     _check_binding(binding, expected, site)
     if site in admitted_sites:
         raise UpdateRejectedError(
             site, f"duplicate: an update from {site} was already accepted in round {binding.round}"
         )
-    try:
-        verify_update(site_keys[site], binding, signature)
-    except SignatureError as error:
-        raise UpdateRejectedError(site, f"bad signature: {error}") from None
     try:
         payload = payload_from_record(record, max_bytes=max_bytes, what=f"update from {site}")
     except ProtocolError as error:
@@ -185,6 +189,7 @@ def admit_update(
     except ProtocolError as error:
         raise UpdateRejectedError(site, str(error)) from None
     dp_event = check_dp_event(content, dp_required, site)
+    check_withheld_metrics(metrics, dp_required, site)
     policy = check_policy_declaration(content, site_keys[site], upload.binding)
     claims = check_claims(
         content, site_keys[site], upload.binding, metrics=metrics, dp_event=dp_event
@@ -200,6 +205,23 @@ def admit_update(
         policy,
         claims,
     )
+
+
+def check_withheld_metrics(
+    metrics: SiteMetrics, dp_required: DpRequirement | None, site: str
+) -> None:
+    """Under record-level DP, refuse metrics other than :meth:`SiteMetrics.withheld`.
+
+    Every private site weighs 1 in the mean (docs/privacy.md): a count would be unaccounted
+    information about the site's data, and a large one would let one site set the global
+    adapter alone.
+    """
+    if dp_required is not None and metrics != SiteMetrics.withheld(precision=metrics.precision):
+        raise UpdateRejectedError(
+            site,
+            "under record-level DP a site reports no counts (num_examples 1, no loss, "
+            f"tokens 0, seconds 0); it reported {metrics.claim_fields()}",
+        )
 
 
 def check_policy_declaration(
