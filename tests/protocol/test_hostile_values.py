@@ -26,6 +26,7 @@ from fedsilo.privacy.secagg.messages import (
 from fedsilo.privacy.secagg.site import SiteSession, advertise
 from fedsilo.protocol.he_records import keygen_from_content, keygen_record
 from fedsilo.protocol.records import (
+    MAX_ADAPTER_VALUE,
     PAYLOAD_ARRAY,
     DpTask,
     LoraSpec,
@@ -33,6 +34,8 @@ from fedsilo.protocol.records import (
     RoundTask,
     SiteMetrics,
     adapter_from_record,
+    check_adapter_layout,
+    check_adapter_values,
     payload_from_record,
     payload_to_record,
 )
@@ -307,3 +310,18 @@ def test_stored_session_with_a_short_key_is_a_secagg_message_error() -> None:
     with pytest.raises(SecAggMessageError, match="32 bytes of hex"):
         SiteSession.from_bytes(json.dumps(stored).encode())
     assert SiteSession.from_bytes(session.to_bytes()) == session
+
+
+def test_update_values_beyond_any_lora_update_are_refused() -> None:
+    like = {"w": torch.zeros(3)}
+    huge = {"w": torch.tensor([0.0, 2.0 * MAX_ADAPTER_VALUE, 0.0])}
+
+    with pytest.raises(ProtocolError, match="above the bound"):
+        check_adapter_layout(huge, like=like, what="update from site-a")
+    check_adapter_layout({"w": torch.tensor([0.5, -MAX_ADAPTER_VALUE, 0.0])}, like=like, what="ok")
+
+
+def test_a_sum_is_bounded_by_its_count() -> None:
+    check_adapter_values(np.full(4, 2.5 * MAX_ADAPTER_VALUE), count=3, what="sum")
+    with pytest.raises(ProtocolError, match="above the bound"):
+        check_adapter_values(np.full(4, 3.5 * MAX_ADAPTER_VALUE), count=3, what="sum")

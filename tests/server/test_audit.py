@@ -6,6 +6,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
 from fedsilo.cli.main import main
 from fedsilo.config import FedsiloConfig
@@ -13,7 +15,7 @@ from fedsilo.crypto import generate_private_key, write_public_key
 from fedsilo.ledger import EntryKind, read_entries
 from fedsilo.server.audit import verify_run
 from fedsilo.server.federation import FederationError
-from fedsilo.server.run_folder import RunFolder
+from fedsilo.server.run_folder import RunFolder, check_server_state
 
 from ..simulation.conftest import run_with_grid
 
@@ -149,3 +151,36 @@ def test_receipt_not_signed_by_the_coordinator_is_reported(finished_run: Path) -
     report = verify_run(finished_run)
 
     assert any("is not valid" in p.reason for p in report.problems)
+
+
+def test_edited_server_state_fails_the_audit_and_the_resume(
+    make_config: Callable[..., FedsiloConfig], tmp_path: Path
+) -> None:
+    # The strategy's state (here FedAvg's server momentum) is what a resumed run applies next:
+    # the ledger binds it like the adapter, so an edit needs the coordinator's key to pass.
+    run_dir = tmp_path / "run"
+    config = make_config(run={"rounds": 2}, strategy={"server_momentum": 0.9})
+    run_with_grid(config, run_dir)
+    path = RunFolder(run_dir).checkpoint_dir(2) / "server_state.safetensors"
+    state = load_file(str(path))
+    save_file({name: torch.full_like(value, 1e3) for name, value in state.items()}, str(path))
+
+    report = verify_run(run_dir)
+
+    assert any("round 2: the ledger records server state" in p.reason for p in report.problems)
+    with pytest.raises(ValueError, match="the ledger does not verify"):
+        run_with_grid(
+            make_config(run={"rounds": 3}, strategy={"server_momentum": 0.9}), run_dir, resume=True
+        )
+
+
+def test_a_server_state_must_fit_the_adapter() -> None:
+    like = {"a.lora_A": torch.zeros(2, 3)}
+    check_server_state({"velocity.a.lora_A": torch.ones(2, 3)}, like=like, what="state")
+    for bad, reason in (
+        ({"velocity.b.lora_A": torch.ones(2, 3)}, "names no tensor"),
+        ({"m.a.lora_A": torch.ones(3, 2)}, "expected torch.float32"),
+        ({"v.a.lora_A": torch.full((2, 3), float("nan"))}, "NaN"),
+    ):
+        with pytest.raises(ValueError, match=reason):
+            check_server_state(bad, like=like, what="state")

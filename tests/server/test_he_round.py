@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import Message
 
 from fedsilo.client.policy import SitePolicy, policy_digest
@@ -412,3 +413,19 @@ def test_an_agreement_signed_in_one_attempt_is_not_one_of_another() -> None:
 
     assert contributors_statement(first, sites) != contributors_statement(second, sites)
     assert contributors_statement(first, sites[::-1]) == contributors_statement(first, sites)
+
+
+def test_an_input_too_large_for_any_update_fails_the_round_instead_of_overflowing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Encrypted inputs are bounded by nobody on arrival: the decrypted sum is checked against
+    # the contributors' count times the per-update bound before it reaches the global adapter.
+    h = _he(tmp_path, monkeypatch, num_sites=3)
+    h.sites.deltas["site-0"] = {
+        name: torch.full_like(tensor, 5e4) for name, tensor in h.sites.deltas["site-0"].items()
+    }
+
+    replies = _round(h)
+
+    assert replies.updates.count == 0
+    assert any("above the bound" in reason for reason in replies.failures.values())

@@ -469,8 +469,30 @@ def adapter_to_record(state: AdapterState) -> ArrayRecord:
     return ArrayRecord({name: tensor.to(torch.float32) for name, tensor in state.items()})
 
 
+# The largest magnitude an adapter or update value may have when it crosses a process boundary.
+# LoRA weights and their per-round changes are of order 1e-2 to 1 at any sane learning rate; a
+# bound far above that still keeps every sum, mean, momentum and FedAdam square of accepted
+# values finite in float32, so no single reply can overflow the global adapter.
+MAX_ADAPTER_VALUE = 1e4
+
+
+def check_adapter_values(values: np.ndarray | torch.Tensor, *, count: int = 1, what: str) -> None:
+    """Raise unless every value is finite and at most ``count`` x :data:`MAX_ADAPTER_VALUE` in
+    magnitude (``count``: how many updates were summed into ``values``)."""
+    array = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else values
+    if not np.isfinite(array).all():
+        raise ProtocolError(f"{what}: contains NaN or infinity")
+    largest = float(np.abs(array).max()) if array.size else 0.0
+    if largest > count * MAX_ADAPTER_VALUE:
+        raise ProtocolError(
+            f"{what}: holds a value of magnitude {largest:.3g}, above the bound "
+            f"{count * MAX_ADAPTER_VALUE:g} no LoRA update reaches (a diverged or hostile site)"
+        )
+
+
 def check_adapter_layout(state: AdapterState, *, like: AdapterState, what: str) -> None:
-    """Raise unless ``state`` has ``like``'s tensor names and shapes, fp32 and finite values."""
+    """Raise unless ``state`` has ``like``'s tensor names and shapes, fp32 values, finite and
+    within :data:`MAX_ADAPTER_VALUE`."""
     received = set(state)
     expected = set(like)
     if received != expected:
@@ -491,8 +513,7 @@ def check_adapter_layout(state: AdapterState, *, like: AdapterState, what: str) 
                 f"{what}: tensor {name!r} has shape {tuple(tensor.shape)}, "
                 f"expected {tuple(like[name].shape)}"
             )
-        if not torch.isfinite(tensor).all():
-            raise ProtocolError(f"{what}: tensor {name!r} contains NaN or infinity")
+        check_adapter_values(tensor, what=f"{what}: tensor {name!r}")
 
 
 def adapter_from_record(record: ArrayRecord, *, like: AdapterState, what: str) -> AdapterState:

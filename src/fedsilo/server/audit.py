@@ -39,7 +39,7 @@ from fedsilo.server.folder_checks import (
 )
 from fedsilo.server.lineage import lineage_matches_ledger
 from fedsilo.server.membership import load_membership
-from fedsilo.server.run_folder import RunFolder
+from fedsilo.server.run_folder import SERVER_STATE_FILE, RunFolder
 
 MAX_RECEIPT_BYTES = 64 * 1024
 MAX_NESTING = 8
@@ -66,12 +66,34 @@ def _hash_or_none(path: Path) -> str | None:
         return None
 
 
+def _server_state_problems(
+    folder: RunFolder, round_number: int, entry: Entry
+) -> list[VerifyProblem]:
+    """The round's strategy state file against the digest its ``round_aggregated`` entry
+    records (ledgers written before that digest was recorded have none to check)."""
+    digest = entry.payload.get("server_state_sha256")
+    if entry.kind is not EntryKind.ROUND_AGGREGATED or digest is None:
+        return []
+    path = folder.checkpoint_dir(round_number) / SERVER_STATE_FILE
+    actual = _hash_or_none(path)
+    if actual == digest:
+        return []
+    found = "cannot be read" if actual is None else f"hashes to {actual}"
+    return [
+        VerifyProblem(
+            entry.seq,
+            f"round {round_number}: the ledger records server state {digest}, but {path} {found}",
+        )
+    ]
+
+
 def checkpoints_match_ledger(folder: RunFolder) -> ExtraCheck:
     """An extra ledger check: checkpoints on disk are exactly the adapters the ledger recorded."""
 
     def check(entries: Sequence[Entry]) -> list[VerifyProblem]:
         problems: list[VerifyProblem] = []
         recorded = _recorded_adapters(entries)
+        entries_by_seq = {entry.seq: entry for entry in entries}
         for round_number in folder.checkpoint_rounds():
             path = folder.checkpoint_dir(round_number) / "adapter.safetensors"
             if round_number not in recorded:
@@ -93,6 +115,7 @@ def checkpoints_match_ledger(folder: RunFolder) -> ExtraCheck:
                         f"{path} hashes to {actual}",
                     )
                 )
+            problems.extend(_server_state_problems(folder, round_number, entries_by_seq[seq]))
         finished = [e for e in entries if e.kind is EntryKind.RUN_FINISHED]
         if folder.final_dir.exists() and not finished:
             # A chain cut short still verifies on its own; the final adapter on disk says

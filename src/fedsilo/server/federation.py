@@ -23,7 +23,7 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from fedsilo.config import FedsiloConfig
-from fedsilo.crypto import Receipt, sign_receipt
+from fedsilo.crypto import Receipt, sha256_hex, sign_receipt
 from fedsilo.evaluation.metrics import GoldMetrics
 from fedsilo.ledger import EntryKind, JsonValue, read_entries
 from fedsilo.model.adapters import AdapterState
@@ -59,7 +59,13 @@ from fedsilo.server.rounds import (
     rejected_sender,
     stream_replies,
 )
-from fedsilo.server.run_folder import Checkpoint, record_digest
+from fedsilo.server.run_folder import (
+    SERVER_STATE_FILE,
+    Checkpoint,
+    check_server_state,
+    record_digest,
+    server_state_bytes,
+)
 from fedsilo.server.secagg_round import collect_secure_round
 from fedsilo.server.strategies import SiteUpdate
 
@@ -380,11 +386,15 @@ def run_federation(grid: Grid, plan: FederationPlan, *, resume: bool) -> Adapter
         record = _finite_record(record, plan.reporter, round_number)
         # Ledger first: a crash before the checkpoint lands leaves an entry that a resumed run
         # supersedes, never a checkpoint the ledger does not account for.
+        server_state = strategy.state_dict()
         plan.ledger.append(
             EntryKind.ROUND_AGGREGATED,
             {
                 "round": round_number,
                 "adapter_sha256": adapter_digest(global_state),
+                # Binds the strategy's state (momentum, FedAdam moments) that a resumed run
+                # applies: an edited one fails the audit and the resume.
+                "server_state_sha256": sha256_hex(server_state_bytes(server_state)),
                 "sites": record["sites"],
                 "examples": record["examples"],
                 "strategy": strategy.name,
@@ -393,9 +403,7 @@ def run_federation(grid: Grid, plan: FederationPlan, *, resume: bool) -> Adapter
                 "metrics_sha256": record_digest(record),
             },
         )
-        folder.save_checkpoint(
-            Checkpoint(round_number, global_state, strategy.state_dict(), record)
-        )
+        folder.save_checkpoint(Checkpoint(round_number, global_state, server_state, record))
         folder.append_metrics(record)
         send_receipts(grid, plan, replies, round_number)
         plan.reporter.round_done(record, total_rounds=config.run.rounds)
@@ -437,6 +445,11 @@ def _starting_point(plan: FederationPlan, *, resume: bool) -> tuple[int, Adapter
     last = folder.latest_checkpoint_round() if resume else None
     if last is not None:
         checkpoint = folder.load_checkpoint(last)
+        check_server_state(
+            checkpoint.server_state,
+            like=checkpoint.adapter,
+            what=str(folder.checkpoint_dir(last) / SERVER_STATE_FILE),
+        )
         plan.strategy.load_state_dict(checkpoint.server_state)
         # metrics.jsonl may lag the checkpoints by one write: rebuild it from them.
         folder.write_metrics(

@@ -48,6 +48,7 @@ from fedsilo.protocol.he_records import (
     contributors_statement,
     keygen_record,
 )
+from fedsilo.protocol.records import ProtocolError, check_adapter_values
 from fedsilo.protocol.secagg_records import ADVERTS_KEY, SignedPayload, adverts_record
 from fedsilo.server.admission import (
     UpdateRejectedError,
@@ -204,8 +205,10 @@ def encrypted_inputs(ctx: SecAggRound, state: HeState) -> None:
                 )
             # Each site's ciphertexts are checked alone, so a bad one rejects its site only.
             ckks.check_vector(context, chunks, reference=reference, what=what)
-            if not np.isfinite(np.frombuffer(plain, dtype="<f4")).all():
-                raise UpdateRejectedError(site, f"{what}: plain tensors hold NaN or infinity")
+            try:
+                check_adapter_values(np.frombuffer(plain, dtype="<f4"), what=f"{what}, plain part")
+            except ProtocolError as error:
+                raise UpdateRejectedError(site, str(error)) from None
             dp_event = check_dp_event(reply.content, dp_requirement(ctx.plan.config), site)
             policy = check_policy_declaration(reply.content, site_keys[site], upload.binding)
             claims = check_claims(
@@ -290,8 +293,13 @@ def decrypt_sum(ctx: SecAggRound, state: HeState) -> None:
             reject(ctx.plan, ctx.replies, ctx.round_number, site, "decrypted sum of wrong length")
             continue
         decrypted = np.frombuffer(payload, dtype="<f8").copy()
-        if not np.isfinite(decrypted).all():
-            reject(ctx.plan, ctx.replies, ctx.round_number, site, "decrypted sum is not finite")
+        # Inputs are encrypted, so nothing bounded them on arrival: the sum of bounded inputs
+        # is bounded by their count, and a larger one (a hostile input or decryptor) would
+        # overflow the fp32 global adapter.
+        try:
+            check_adapter_values(decrypted, count=len(contributors), what="decrypted sum")
+        except ProtocolError as error:
+            reject(ctx.plan, ctx.replies, ctx.round_number, site, str(error))
             continue
         state.decrypted = decrypted
         break

@@ -26,13 +26,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
 from fedsilo.ledger import JsonValue
 from fedsilo.model.adapters import AdapterState, load_adapter, save_adapter
 from fedsilo.storage import atomic_folder, write_text_atomic
 
 _ROUND_DIR = re.compile(r"^round-(\d+)$")
+
+
+SERVER_STATE_FILE = "server_state.safetensors"
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,29 @@ class Checkpoint:
     adapter: AdapterState
     server_state: dict[str, torch.Tensor]
     record: dict[str, Any]  # the round's metrics line
+
+
+def server_state_bytes(state: Mapping[str, torch.Tensor]) -> bytes:
+    """A strategy's state as the safetensors bytes its checkpoint file holds (the same state
+    always gives the same bytes, so the ledger can record their sha256)."""
+    return save_safetensors({name: state[name].detach().contiguous() for name in sorted(state)})
+
+
+def check_server_state(state: Mapping[str, torch.Tensor], *, like: AdapterState, what: str) -> None:
+    """Raise ValueError unless every entry of a strategy's state is ``<kind>.<adapter tensor>``
+    with that tensor's shape, fp32 and finite: what a checkpoint's state must be before a
+    resumed run applies it."""
+    for key, value in state.items():
+        _, _, name = key.partition(".")
+        if name not in like:
+            raise ValueError(f"{what}: entry {key!r} names no tensor of the adapter")
+        if value.dtype != torch.float32 or tuple(value.shape) != tuple(like[name].shape):
+            raise ValueError(
+                f"{what}: entry {key!r} is {value.dtype} {tuple(value.shape)}, expected "
+                f"torch.float32 {tuple(like[name].shape)}"
+            )
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{what}: entry {key!r} holds NaN or infinite values")
 
 
 def record_digest(record: Mapping[str, Any]) -> str:
@@ -125,10 +152,7 @@ class RunFolder:
         """Write a round's checkpoint; an existing one for that round is an error."""
         with atomic_folder(self.checkpoint_dir(checkpoint.round)) as folder:
             save_adapter(checkpoint.adapter, folder / "adapter.safetensors")
-            save_file(
-                {k: v.contiguous() for k, v in checkpoint.server_state.items()},
-                str(folder / "server_state.safetensors"),
-            )
+            (folder / SERVER_STATE_FILE).write_bytes(server_state_bytes(checkpoint.server_state))
             (folder / "round.json").write_text(
                 json.dumps(checkpoint.record, indent=2, sort_keys=True, allow_nan=False),
                 encoding="utf-8",
@@ -141,7 +165,7 @@ class RunFolder:
         return Checkpoint(
             round=round_number,
             adapter=load_adapter(folder / "adapter.safetensors"),
-            server_state=load_file(str(folder / "server_state.safetensors")),
+            server_state=load_safetensors((folder / SERVER_STATE_FILE).read_bytes()),
             record=self.read_round_record(round_number),
         )
 
