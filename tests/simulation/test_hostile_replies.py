@@ -97,7 +97,7 @@ def huge_example_count(reply: Message) -> None:
 class Misbehaviour:
     tamper: Callable[[Message], None]
     reason: str  # a fragment of the rejection's reason
-    named_by_site: bool = True  # False: rejected before its signature was checked
+    named_by_site: bool = True  # False: named by its node, as no signature of the site verified
 
 
 MISBEHAVIOURS: dict[int, Misbehaviour] = {
@@ -106,7 +106,7 @@ MISBEHAVIOURS: dict[int, Misbehaviour] = {
     2: Misbehaviour(object_array, "has dtype object"),
     3: Misbehaviour(terabyte_header, "header declares shape (1099511627776,)"),
     4: Misbehaviour(understated_shape, "exceeds the maximum of 4194304", named_by_site=False),
-    5: Misbehaviour(stranger_signature, "bad signature"),
+    5: Misbehaviour(stranger_signature, "bad signature", named_by_site=False),
     6: Misbehaviour(huge_example_count, "num_examples must be between 1 and"),
 }
 HONEST = (7, 8)
