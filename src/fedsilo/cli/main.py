@@ -404,6 +404,15 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
             )
         )
         written.append(results)
+        if results.resolve().parent != args.summary.resolve().parent:
+            # A part measured elsewhere, to be folded into a results file with `bench merge`
+            # (which updates that file's entry), is not a benchmark of its own.
+            print(
+                f"{results} is not beside {args.summary}: summary left alone (fold it into a "
+                "results file with `fedsilo bench merge`)",
+                flush=True,
+            )
+            continue
         others = [p for p in seed_results_files(family) if p not in written]
         summary = update_summary(args.summary, label, [*written, *others])
         skipped = summary["tasks"][label]["skipped_files"]
