@@ -543,7 +543,8 @@ def _goal_summary(loaded: dict[str, dict[str, Any]]) -> list[str]:
             for algorithm, result in sorted(data["algorithms"].items())
             if algorithm.startswith(("fedprox", "ffa-lora"))
         ]
-        runs.append(f"`{name}` " + ", ".join(changes))
+        if changes:  # a run of FedAvg alone (and centralized) has nothing to compare
+            runs.append(f"`{name}` " + ", ".join(changes))
     if runs:
         lines.append(
             "- FedProx or FFA-LoRA better than FedAvg at alpha 0.1 (gold loss against "
