@@ -24,6 +24,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from fedsilo.model.base import ModelError
+from fedsilo.model.lora_forward import use_rank_scaled_forward
 from fedsilo.storage import atomic_folder, write_bytes_atomic
 
 AdapterState: TypeAlias = dict[str, torch.Tensor]
@@ -83,6 +84,7 @@ def attach_lora(
     if not isinstance(peft_model, PeftModel):
         raise ModelError(f"peft did not return a PeftModel for {type(model).__name__}")
     _init_lora(peft_model, init_seed)
+    use_rank_scaled_forward(peft_model)
     if freeze_a:
         for name, param in peft_model.named_parameters():
             if ".lora_A." in name:
