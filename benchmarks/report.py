@@ -112,7 +112,13 @@ def _throughput_section(result: dict[str, Any] | None) -> list[str]:
         f"projections) of `{result['model']}` on the same ICD-10 examples (about 60 tokens, about "
         f"5 of them answer), batch {result['batch_size']}, {result['steps']} steps of which the "
         f"first {result['warmup_steps']} are not timed, one process per loop and thread count. "
-        f"Native bf16 on this CPU: {'yes' if result['native_bf16'] else 'no'}. GFLOP/s counts "
+        f"Native bf16 on this CPU: {'yes' if result['native_bf16'] else 'no'}"
+        + (
+            f" ({result['cpu_model']}; {', '.join(result['bf16_flags']) or 'no bf16 units'})"
+            if "cpu_model" in result
+            else ""
+        )
+        + ". GFLOP/s counts "
         "4 FLOPs per weight per position a matrix is applied to (forward and activation "
         "gradient): the decoder's 106.2M matrix weights at every position, padding included, and "
         "the LM head's 28.3M at every position for full logits or only at labelled positions "

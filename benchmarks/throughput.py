@@ -338,7 +338,12 @@ def main() -> None:
         print(json.dumps(run_one(args.one, args.threads[0], args.steps)))
         return
 
-    from fedsilo.training.precision import cpu_flags, has_native_bf16
+    from fedsilo.training.precision import (
+        NATIVE_BF16_FLAGS,
+        cpu_flags,
+        cpu_model,
+        has_native_bf16,
+    )
 
     rows = []
     for threads in args.threads:
@@ -362,6 +367,10 @@ def main() -> None:
                 "steps": args.steps,
                 "warmup_steps": WARMUP_STEPS,
                 "native_bf16": has_native_bf16(cpu_flags()),
+                # Sessions land on different CPUs (AMX, AVX-512 BF16 or neither): ratios and
+                # shares of peak are comparable only between runs on the same one.
+                "cpu_model": cpu_model(),
+                "bf16_flags": sorted(cpu_flags() & set(NATIVE_BF16_FLAGS)),
                 "rows": rows,
                 "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
                 "torch": torch.__version__,

@@ -13,6 +13,7 @@ from fedsilo.training.precision import (
     PrecisionError,
     base_weights_precision,
     cpu_flags,
+    cpu_model,
     hold_base_weights_in,
     machine_precision,
     resolve_precision,
@@ -39,6 +40,14 @@ def test_cpu_flags_are_read_from_cpuinfo(tmp_path: Path) -> None:
 
     assert cpu_flags(cpuinfo) == frozenset({"fpu", "avx2", "avx512_bf16"})
     assert cpu_flags(tmp_path / "missing") == frozenset()
+
+
+def test_cpu_model_is_read_from_cpuinfo(tmp_path: Path) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: AMD EPYC 9R45\nflags\t\t: fpu\n")
+
+    assert cpu_model(cpuinfo) == "AMD EPYC 9R45"
+    assert cpu_model(tmp_path / "missing") == "unknown"
 
 
 def test_auto_takes_fp32_without_native_bf16_and_runs_no_probe() -> None:

@@ -96,6 +96,19 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
     return frozenset()
 
 
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model name as the kernel reports it ("unknown" where it does not)."""
+    try:
+        text = cpuinfo.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return "unknown"
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+            return value.strip()
+    return "unknown"
+
+
 def has_native_bf16(flags: frozenset[str]) -> bool:
     """Whether ``flags`` include a bf16 matrix-multiply instruction set."""
     return any(flag in flags for flag in NATIVE_BF16_FLAGS)
