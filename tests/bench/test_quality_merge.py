@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from fedsilo.bench.merge import MergeError, merge_quality_results
+from fedsilo.bench.summary import update_summary
 from fedsilo.cli.main import main
 
 
@@ -176,6 +177,20 @@ def test_the_command_merges_and_updates_the_summary_entry(
     assert entry["results_files"] == [str(into)]
     assert set(entry["algorithms"]) == {"fedavg", "centralized"}
     assert "algorithms ['centralized', 'fedavg']" in capsys.readouterr().out
+
+
+def test_the_command_drops_the_summary_entry_a_merged_part_wrote_for_itself(
+    tmp_path: Path,
+) -> None:
+    # The part's own run (`bench quality --results central.json`) wrote an entry "central".
+    into = _write(tmp_path / "quality-x.json", _part({"fedavg": FEDAVG}))
+    other = _write(tmp_path / "central.json", _part({"centralized": CENTRALIZED}))
+    summary = tmp_path / "summary.json"
+    update_summary(summary, "central", [other])
+
+    assert main(["bench", "merge", str(into), str(other), "--summary", str(summary)]) == 0
+
+    assert list(json.loads(summary.read_text())["tasks"]) == ["x"]
 
 
 def test_the_command_reports_a_refused_merge_and_changes_nothing(

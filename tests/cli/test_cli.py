@@ -153,10 +153,6 @@ def test_a_later_seed_run_alone_joins_its_seed_zero_files_summary_entry(
     assert tasks["x"]["algorithms"]["centralized"]["seeds"] == [0, 1]
     # --seeds with one seed's file would write seed 0 over it: refused.
     assert main([*common, "--results", str(tmp_path / "quality-x-seed1.json"), "--seeds", "0"]) == 2
-    # A part written outside the summary's folder (to be merged) gets no entry of its own.
-    part = ["--results", str(tmp_path / "parts" / "quality-y.json"), "--seed", "0"]
-    assert main([*common, *part, "--out", str(tmp_path / "part")]) == 0
-    assert list(json.loads(summary.read_text())["tasks"]) == ["x"]
 
 
 def test_the_console_shows_training_progress_in_its_bar_not_the_log(

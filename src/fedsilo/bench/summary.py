@@ -150,6 +150,27 @@ def update_summary(summary_path: Path, task: str, results_paths: Sequence[Path])
     return summary
 
 
+def drop_summary_entries(summary_path: Path, results_paths: Sequence[Path]) -> list[str]:
+    """Remove the summary's entries that rest only on ``results_paths`` (parts folded into
+    another results file); returns their names. A missing summary has none."""
+    if not summary_path.exists():
+        return []
+    summary = json.loads(summary_path.read_text())
+    parts = {Path(p).resolve() for p in results_paths}
+    tasks: dict[str, Any] = summary.get("tasks", {})
+    dropped = [
+        name
+        for name, entry in tasks.items()
+        if entry.get("results_files")
+        and all(Path(f).resolve() in parts for f in entry["results_files"])
+    ]
+    if dropped:
+        for name in dropped:
+            del tasks[name]
+        write_text_atomic(summary_path, json.dumps(summary, indent=2) + "\n")
+    return dropped
+
+
 def _seed_suffix(path: Path) -> tuple[str, int | None]:
     """(the stem without ``-seed<s>``, s) for a seed file; (the stem, None) for any other."""
     stem, _, seed = path.stem.rpartition("-seed")

@@ -404,15 +404,6 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
             )
         )
         written.append(results)
-        if results.resolve().parent != args.summary.resolve().parent:
-            # A part measured elsewhere, to be folded into a results file with `bench merge`
-            # (which updates that file's entry), is not a benchmark of its own.
-            print(
-                f"{results} is not beside {args.summary}: summary left alone (fold it into a "
-                "results file with `fedsilo bench merge`)",
-                flush=True,
-            )
-            continue
         others = [p for p in seed_results_files(family) if p not in written]
         summary = update_summary(args.summary, label, [*written, *others])
         skipped = summary["tasks"][label]["skipped_files"]
@@ -428,6 +419,7 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
 def cmd_bench_merge(args: argparse.Namespace) -> int:
     from fedsilo.bench.merge import MergeError, merge_quality_results
     from fedsilo.bench.summary import (
+        drop_summary_entries,
         seed_family_base,
         seed_results_files,
         summary_label,
@@ -443,10 +435,12 @@ def cmd_bench_merge(args: argparse.Namespace) -> int:
     base = seed_family_base(args.into)
     label = summary_label(base)
     update_summary(args.summary, label, seed_results_files(base))
+    # A part folded in is no longer a benchmark of its own: its run wrote an entry for it.
+    dropped = drop_summary_entries(args.summary, args.sources)
     print(
         f"wrote {args.into}: algorithms {sorted(merged['algorithms'])}"
         f"{'' if merged['complete'] else ' (some parts incomplete)'}; summary {args.summary}"
-        f" ({label})"
+        f" ({label}{f'; dropped entries of the parts: {dropped}' if dropped else ''})"
     )
     return 0
 
