@@ -43,11 +43,8 @@ def _rank_scaled_forward(self: LoraLinear, x: torch.Tensor, *args: Any, **kwargs
     return (result + self.lora_B[name](hidden)).to(result.dtype)
 
 
-def use_rank_scaled_forward(model: nn.Module) -> int:
-    """Give every peft LoRA linear layer of ``model`` the rank-scaled forward; returns how many."""
-    count = 0
+def use_rank_scaled_forward(model: nn.Module) -> None:
+    """Give every peft LoRA linear layer of ``model`` the rank-scaled forward."""
     for module in model.modules():
         if isinstance(module, LoraLinear):
             module.forward = types.MethodType(_rank_scaled_forward, module)  # type: ignore[method-assign]
-            count += 1
-    return count

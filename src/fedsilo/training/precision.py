@@ -83,30 +83,28 @@ class PrecisionChoice:
         }
 
 
-def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
-    """The CPU feature flags the kernel reports (empty where /proc/cpuinfo does not exist)."""
+def _cpuinfo_field(cpuinfo: Path, keys: tuple[str, ...]) -> str | None:
+    """The first processor's value of the first of ``keys`` in ``cpuinfo`` (None where the file
+    or the field does not exist)."""
     try:
         text = cpuinfo.read_text(encoding="utf-8", errors="replace")
     except OSError:
-        return frozenset()
+        return None
     for line in text.splitlines():
         key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            return frozenset(value.split())
-    return frozenset()
+        if key.strip() in keys:
+            return value.strip()
+    return None
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
+    """The CPU feature flags the kernel reports (empty where /proc/cpuinfo does not exist)."""
+    return frozenset((_cpuinfo_field(cpuinfo, ("flags", "Features")) or "").split())
 
 
 def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     """The CPU's model name as the kernel reports it ("unknown" where it does not)."""
-    try:
-        text = cpuinfo.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return "unknown"
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "model name":
-            return value.strip()
-    return "unknown"
+    return _cpuinfo_field(cpuinfo, ("model name",)) or "unknown"
 
 
 def has_native_bf16(flags: frozenset[str]) -> bool:
