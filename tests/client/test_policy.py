@@ -1,11 +1,18 @@
 """The site's own policy file, checked against each round task before any training."""
 
+import re
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from fedsilo.client.policy import PolicyError, TaskRefusedError, check_task, load_policy
+from fedsilo.client.policy import (
+    PolicyError,
+    SitePolicy,
+    TaskRefusedError,
+    check_task,
+    load_policy,
+)
 from fedsilo.protocol.records import RoundTask
 
 TASK = RoundTask(
@@ -107,8 +114,37 @@ def test_epochs_that_come_to_too_many_steps_are_refused(tmp_path: Path) -> None:
     # 2 epochs of 400 records at batch 8 are 100 steps; the policy allows 50.
     task = replace(TASK, local_steps=0, local_epochs=2.0)
 
-    with pytest.raises(TaskRefusedError, match="local_steps=100 is outside"):
+    with pytest.raises(TaskRefusedError, match="more local steps than the policy's maximum of 50"):
         check_task(load_policy(_policy(tmp_path, EPOCH_POLICY)), task, site="c", num_examples=400)
+
+
+@pytest.mark.parametrize(
+    ("epochs", "records", "said"),
+    [
+        (1000.0, 1234, "more local steps than the policy's maximum of 1000"),
+        (0.5, 77, "fewer local steps than the policy's minimum of 50"),
+    ],
+)
+def test_an_epoch_refusal_tells_the_coordinator_nothing_derived_from_the_record_count(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, epochs: float, records: int, said: str
+) -> None:
+    # At batch 1 the steps are the record count times the epochs: the refusal must not say it.
+    policy = load_policy(
+        _policy(
+            tmp_path,
+            '[accept]\nfederation_id = "cardio-pilot"\n[limits]\nlocal_steps = [50, 1000]\n',
+        )
+    )
+    task = replace(TASK, local_steps=0, local_epochs=epochs, batch_size=1)
+    steps = task.steps_for(records)
+
+    with caplog.at_level("INFO"), pytest.raises(TaskRefusedError) as refused:
+        check_task(policy, task, site="c", num_examples=records)
+
+    reason = str(refused.value)
+    assert said in reason and f"local_epochs={epochs:g} at batch_size=1" in reason
+    assert not re.search(rf"\b({records}|{steps})\b", reason), reason
+    assert f"comes to {steps} local steps over its {records} records" in caplog.text
 
 
 @pytest.mark.parametrize(
@@ -146,3 +182,82 @@ def test_a_policy_at_the_default_aggregation_keeps_the_digest_it_had_before_the_
     assert policy_digest(SitePolicy.model_validate(rules)) == before
     stricter = {**rules, "accept": {"federation_id": "fed", "aggregation": "he"}}
     assert policy_digest(SitePolicy.model_validate(stricter)) != before
+
+
+def _privacy(rules: str, tmp_path: Path) -> SitePolicy:
+    return load_policy(_policy(tmp_path, BASE + "\n[privacy]\n" + rules))
+
+
+@pytest.mark.parametrize("received", [0.0, 1e-300, 0.99])
+def test_a_distributed_noise_multiplier_below_the_floor_is_refused_naming_field_and_value(
+    tmp_path: Path, received: float
+) -> None:
+    from fedsilo.client.policy import check_distributed_dp
+
+    policy = _privacy("min_distributed_noise_multiplier = 1.0\n", tmp_path)
+
+    with pytest.raises(TaskRefusedError) as refused:
+        check_distributed_dp(policy, received, site="c")
+
+    assert f"noise multiplier is {received:g}" in str(refused.value)
+    assert "[privacy] min_distributed_noise_multiplier is 1" in str(refused.value)
+
+
+def test_a_noise_multiplier_at_or_above_the_floor_is_accepted(tmp_path: Path) -> None:
+    from fedsilo.client.policy import check_distributed_dp
+
+    policy = _privacy("min_distributed_noise_multiplier = 1.0\n", tmp_path)
+
+    check_distributed_dp(policy, 1.0, site="c")
+    check_distributed_dp(policy, 3.0, site="c")
+    check_distributed_dp(load_policy(_policy(tmp_path, BASE)), 0.0, site="c")  # no floor
+    check_distributed_dp(None, 0.0, site="c")
+
+
+def test_a_floor_on_distributed_noise_refuses_updates_in_the_clear(tmp_path: Path) -> None:
+    from fedsilo.client.policy import check_channel
+
+    policy = _privacy("min_distributed_noise_multiplier = 0.5\n", tmp_path)
+
+    with pytest.raises(TaskRefusedError, match=r"in the clear.*min_distributed_noise_multiplier"):
+        check_channel(policy, "clear", site="c")
+    check_channel(policy, "secagg", site="c")
+    check_channel(policy, "he", site="c")
+
+
+@pytest.mark.parametrize(
+    "rules", ["min_distributed_noise_multiplier = -1\n", "min_distributed_noise_multiplier = inf\n"]
+)
+def test_an_invalid_floor_is_refused_naming_the_field(tmp_path: Path, rules: str) -> None:
+    with pytest.raises(PolicyError, match=r"privacy\.min_distributed_noise_multiplier"):
+        _privacy(rules, tmp_path)
+
+
+def test_a_budget_needs_both_max_epsilon_and_delta(tmp_path: Path) -> None:
+    with pytest.raises(PolicyError, match=r"privacy: .*max_epsilon and delta"):
+        _privacy("max_epsilon = 8.0\n", tmp_path)
+
+
+def test_a_floor_alone_sets_no_budget(tmp_path: Path) -> None:
+    from fedsilo.client.privacy_budget import check_budget
+
+    policy = _privacy("min_distributed_noise_multiplier = 1.0\n", tmp_path)
+
+    # Without a budget a round without record-level DP is not refused for it.
+    check_budget(policy, dp=None, event=None, spent=[], site="c")
+
+
+def test_a_policy_without_the_floor_keeps_the_digest_it_had_before_the_rule() -> None:
+    from fedsilo.client.policy import SitePolicy, policy_digest
+
+    rules = {
+        "accept": {"federation_id": "fed"},
+        "limits": {"min_cohort": 3},
+        "privacy": {"max_epsilon": 8.0, "delta": 1e-5},
+    }
+    # Known answer: the digest of these rules before `min_distributed_noise_multiplier` existed.
+    before = "4151bc7d00453748984a2d618e51b0379b2e365beee8e5f5846f346a31e58bdf"
+
+    assert policy_digest(SitePolicy.model_validate(rules)) == before
+    floor = {**rules, "privacy": {**rules["privacy"], "min_distributed_noise_multiplier": 1.0}}
+    assert policy_digest(SitePolicy.model_validate(floor)) != before

@@ -7,6 +7,7 @@ model; only the Runtime API transport is left out (the end-to-end tests cover it
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedsilo.client.app import build_client_app
-from fedsilo.client.policy import PolicyError
+from fedsilo.client.policy import PolicyError, TaskRefusedError
 from fedsilo.crypto import init_site_keys
 from fedsilo.deploy.bundle import build_bundle, bundle_hash, expected_bundle_hash
 from fedsilo.deploy.site import load_site_policy
@@ -25,12 +26,16 @@ from fedsilo.deploy.site_model import DeployedSite, load_identity
 from fedsilo.deploy.site_worker import SiteWorker
 from fedsilo.model.adapters import attach_lora, get_adapter_state
 from fedsilo.model.base import base_model_hash, load_base_model
+from fedsilo.privacy.he.ckks import HeError
+from fedsilo.privacy.secagg.messages import SecAggMessageError
+from fedsilo.privacy.secagg.site import SecAggRefusedError
 from fedsilo.protocol.records import (
     PAYLOAD_ARRAY,
     TRAIN_MESSAGE,
     TRAIN_STAGE,
     UPDATE_KEY,
     LoraSpec,
+    ProtocolError,
     RoundTask,
     adapter_to_record,
     train_instruction,
@@ -203,3 +208,53 @@ def test_bundle_pins_must_be_sha256(tmp_path: Path, tiny_model_dir: Path) -> Non
 
     with pytest.raises(PolicyError, match=r"code: .*bundles: .md5:abc. is not"):
         load_site_policy(path)
+
+
+def _query_message() -> Message:
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SUPERLINK_NODE_ID, 0
+    message = Message(RecordDict(), 5, "query.receipt", group_id="1")
+    message.metadata.__dict__["_message_id"] = "m-2"
+    return message
+
+
+def _raising(error: Exception) -> Callable[..., Message]:
+    def app(**_: object) -> Message:
+        raise error
+
+    return app
+
+
+def test_an_unexpected_failure_reaches_the_coordinator_as_its_type_only(
+    tmp_path: Path, tiny_model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    worker = _worker(_policy_file(tmp_path, tiny_model_dir))
+    secret = "/data/st-mary/records.jsonl holds 1234 records"
+    worker.app = _raising(RuntimeError(secret))  # type: ignore[assignment]
+
+    with caplog.at_level("WARNING"):
+        reply = worker._answer(_query_message(), _context(), bundle_sha256=expected_bundle_hash())
+
+    assert reply.error.reason == "RuntimeError (details in the site's log)"
+    assert secret in caplog.text
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        TaskRefusedError("site alpha: the policy refuses"),
+        ProtocolError("the train message carries no round task"),
+        SecAggRefusedError("site alpha: already opened session f/r/1/1"),
+        SecAggMessageError("key advertisement of beta: not canonical JSON"),
+        HeError("ciphertext 0 cannot be added"),
+    ],
+    ids=lambda error: type(error).__name__,
+)
+def test_a_deliberate_refusal_reaches_the_coordinator_with_its_reason(
+    tmp_path: Path, tiny_model_dir: Path, error: Exception
+) -> None:
+    worker = _worker(_policy_file(tmp_path, tiny_model_dir))
+    worker.app = _raising(error)  # type: ignore[assignment]
+
+    reply = worker._answer(_query_message(), _context(), bundle_sha256=expected_bundle_hash())
+
+    assert reply.error.reason == f"{type(error).__name__}: {error}"

@@ -158,6 +158,38 @@ def test_round_task_out_of_range_is_refused(change: dict[str, Any]) -> None:
         RoundTask.from_record(_task(**change))
 
 
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"run_id": "../" * 10}, "run_id"),
+        ({"run_id": "r" * 10_000_000}, "run_id"),
+        ({"run_id": ""}, "run_id"),
+        ({"stage": "train/../x"}, "stage"),
+        ({"stage": "t" * 65}, "stage"),
+        ({"federation_id": "f" * 1_000_000}, "federation_id"),
+        ({"run_name": "n" * 1_000_000}, "run_name"),
+        ({"base_model_hash": "sha256:" + "0" * 1_000_000}, "base_model_hash"),
+    ],
+    ids=lambda value: str(value)[:24] if isinstance(value, dict) else value,
+)
+def test_round_task_strings_that_are_not_plain_or_are_huge_are_refused(
+    change: dict[str, Any], field: str
+) -> None:
+    # The run id becomes a folder of the site's receipts and an entry of its privacy record.
+    with pytest.raises(ProtocolError, match=field) as refused:
+        RoundTask.from_record(_task(**change))
+
+    assert len(str(refused.value)) < 400  # the refusal quotes at most a prefix
+
+
+def test_round_task_with_plain_names_round_trips() -> None:
+    task = RoundTask.from_record(
+        _task(run_id="0123abcd-ef_9" + "x" * 115, stage="secagg-masked", run_name="n" * 256)
+    )
+
+    assert len(task.run_id) == 128 and task.stage == "secagg-masked"
+
+
 def _dp(**changes: Any) -> ConfigRecord:
     fields: dict[str, Any] = {
         "noise_multiplier": 1.0,
@@ -182,6 +214,76 @@ def test_dp_task_out_of_range_is_refused(change: dict[str, Any]) -> None:
 
 def test_dp_task_round_trips() -> None:
     assert DpTask.from_record(_dp()).delta == 1e-5
+    assert DpTask.from_record(_dp(accountant="pld")).accountant == "pld"
+
+
+@pytest.mark.parametrize("accountant", ["", "RDP", "gdp", "x" * 1_000_000])
+def test_dp_task_with_an_unknown_accountant_is_refused(accountant: str) -> None:
+    with pytest.raises(ProtocolError, match=r"accountant .* is not one of \['rdp', 'pld'\]"):
+        DpTask.from_record(_dp(accountant=accountant))
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"clip": 1e-300}, "clip"),  # scale overflows
+        ({"clip": 1e308}, "clip"),  # scale 0
+        ({"dp_clip_norm": 0.0, "dp_noise_multiplier": 1.0}, "dp_clip_norm"),
+        ({"dp_clip_norm": 1e300, "dp_noise_multiplier": 1e300}, "noise std inf"),
+    ],
+    ids=["tiny clip", "huge clip", "noise without a clip norm", "infinite noise"],
+)
+def test_secagg_params_that_could_only_fail_after_training_are_refused(
+    change: dict[str, float], field: str
+) -> None:
+    fields = {"threshold": 2, "cohort_size": 3, "clip": 1.0, "dp_clip_norm": 0.0}
+    fields |= {"dp_noise_multiplier": 0.0, **change}
+
+    with pytest.raises(SecAggMessageError, match=field):
+        SecAggParams.from_fields(fields)
+
+
+def test_secagg_params_with_distributed_dp_plan_a_finite_quantization() -> None:
+    params = SecAggParams(
+        threshold=2, cohort_size=3, clip=1.0, dp_clip_norm=1.0, dp_noise_multiplier=1.0
+    )
+
+    assert math.isfinite(params.quantization().scale) and params.quantization().scale > 0
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"run_id": "../etc"}, "run_id"),
+        ({"run_id": "r" * 129}, "run_id"),
+        ({"federation_id": "f" * 1_000_000}, "federation_id"),
+        ({"federation_id": ""}, "federation_id"),
+        ({"attempt": -1}, "attempt"),
+        ({"round": 2**60}, "round"),
+    ],
+    ids=lambda value: str(value)[:24] if isinstance(value, dict) else value,
+)
+def test_secagg_session_with_hostile_names_or_numbers_is_refused(
+    change: dict[str, Any], field: str
+) -> None:
+    from fedsilo.protocol.secagg_records import session_from_content
+
+    record = {
+        "federation_id": "fed",
+        "run_id": "run",
+        "round": 1,
+        "attempt": 1,
+        "threshold": 2,
+        "cohort_size": 3,
+        "clip": 1.0,
+        "dp_clip_norm": 0.0,
+        "dp_noise_multiplier": 0.0,
+    }
+    session, _ = session_from_content(RecordDict({"secagg": ConfigRecord(record)}))
+    assert session.key() == "fed/run/1/1"
+
+    with pytest.raises(ProtocolError, match=field):
+        session_from_content(RecordDict({"secagg": ConfigRecord({**record, **change})}))
 
 
 def test_lora_spec_with_infinite_alpha_is_refused() -> None:

@@ -20,7 +20,8 @@ from fedsilo.protocol.he_records import (
     ENCRYPTED_MESSAGE,
     KEYGEN_MESSAGE,
 )
-from fedsilo.protocol.records import UPDATE_KEY
+from fedsilo.protocol.records import TASK_KEY, UPDATE_KEY
+from fedsilo.protocol.secagg_records import ADVERTISE_MESSAGE
 from fedsilo.server.he_round import collect_he_round
 from fedsilo.server.rounds import RoundReplies
 
@@ -429,3 +430,71 @@ def test_an_input_too_large_for_any_update_fails_the_round_instead_of_overflowin
 
     assert replies.updates.count == 0
     assert any("above the bound" in reason for reason in replies.failures.values())
+
+
+def test_an_he_site_opens_a_session_once_so_its_key_and_input_are_never_reset(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedsilo.client.he import HE_STATE_KEY
+    from fedsilo.client.secagg import STATE_KEY
+
+    h = _he(tmp_path, monkeypatch, num_sites=3)
+    replay = _Replayer(h)
+    _round(h)
+    records = h.grid.contexts[h.node("site-1")].state.config_records
+    before = (copy.deepcopy(records[STATE_KEY]), copy.deepcopy(records[HE_STATE_KEY]))
+
+    refusal = replay.send(ADVERTISE_MESSAGE, "site-1", sent_to="site-1")
+
+    assert "site-1: already opened session fed/run-1/1/1" in refusal
+    assert (records[STATE_KEY], records[HE_STATE_KEY]) == before
+
+
+def test_an_he_round_with_distributed_noise_below_a_sites_floor_is_refused_before_keys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedsilo.client.he import HE_STATE_KEY
+    from fedsilo.client.secagg import STATE_KEY
+
+    floor = SitePolicy.model_validate(
+        {"accept": {"federation_id": "fed"}, "privacy": {"min_distributed_noise_multiplier": 2.0}}
+    )
+    privacy = {"site_level": True, "site_clip_norm": 1.0, "site_noise_multiplier": 0.5}
+    h = _he(tmp_path, monkeypatch, num_sites=4, privacy=privacy, policies={"site-3": floor})
+
+    replies = _round(h)
+
+    assert replies.contributors == ["site-0", "site-1", "site-2"]
+    [reason] = [r for r in replies.failures.values() if "min_distributed" in r]
+    assert (
+        "noise multiplier is 0.5; the policy's [privacy] min_distributed_noise_multiplier is 2"
+        in (reason)
+    )
+    records = h.grid.contexts[h.node("site-3")].state.config_records
+    assert STATE_KEY not in records and HE_STATE_KEY not in records
+
+
+def test_an_encrypted_input_request_without_its_round_task_is_a_protocol_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = _he(tmp_path, monkeypatch, num_sites=3)
+    replay = _Replayer(h)
+    h.grid.drop_from[ENCRYPTED_MESSAGE] = set(h.nodes)
+    _round(h)
+    h.grid.drop_from.clear()
+    h.grid._gone.clear()
+    sent = next(
+        m
+        for m in replay.pushed
+        if m.metadata.message_type == ENCRYPTED_MESSAGE
+        and m.metadata.dst_node_id == h.node("site-1")
+    )
+    content = copy.deepcopy(sent.content)
+    del content.config_records[TASK_KEY]
+    message = Message(content, dst_node_id=h.node("site-1"), message_type=ENCRYPTED_MESSAGE)
+
+    [reply] = h.grid.send_and_receive([message])
+
+    assert reply.error.reason.startswith(
+        "ProtocolError: the encrypted-input request carries no round task (no 'task' "
+    )

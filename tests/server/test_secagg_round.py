@@ -2,8 +2,10 @@
 the threshold, refusals by sites, and a server that never holds one site's update in the clear.
 """
 
+import copy
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,18 +18,19 @@ from fedsilo.model.flatten import flatten
 from fedsilo.privacy.secagg import site as site_protocol
 from fedsilo.privacy.secagg.messages import canonical_json
 from fedsilo.privacy.secagg.quantize import dequantize, quantize, resolution
-from fedsilo.protocol.records import UPDATE_KEY
+from fedsilo.protocol.records import GLOBAL_KEY, TASK_KEY, TRAIN_MESSAGE, UPDATE_KEY
 from fedsilo.protocol.secagg_records import (
     ADVERTISE_MESSAGE,
     ADVERTS_KEY,
     CONSISTENCY_MESSAGE,
     MASKED_MESSAGE,
+    SECAGG_KEY,
     SHARE_MESSAGE,
     UNMASK_MESSAGE,
 )
 from fedsilo.server.secagg_round import collect_secure_round
 
-from .secagg_harness import TEMPLATE, make_harness, secagg_quantization
+from .secagg_harness import TEMPLATE, Harness, make_harness, secagg_quantization
 
 # Dropping a site at a stage: it stops answering from that stage's message on.
 STAGE_MESSAGES = {
@@ -332,3 +335,148 @@ def test_each_masked_input_is_ledgered_with_the_policy_its_site_declared(
         "site-1": {"policy_sha256": "none", "min_cohort": 1},
         "site-2": {"policy_sha256": "none", "min_cohort": 1},
     }
+
+
+def _pushed(h: Harness) -> list[Message]:
+    """Every request the coordinator pushes from now on, copied as sent."""
+    pushed: list[Message] = []
+    h.grid.tamper = lambda message: pushed.append(copy.deepcopy(message))
+    return pushed
+
+
+def _send_again(h: Harness, sent: Message, to: str, **session: int) -> str:
+    """``sent`` delivered again to ``to`` (its session record changed by ``session``): the
+    site's refusal, or "" if it answered."""
+    content = copy.deepcopy(sent.content)
+    for name, value in session.items():
+        content.config_records[SECAGG_KEY][name] = value
+    message = Message(
+        content,
+        dst_node_id=h.node(to),
+        message_type=sent.metadata.message_type,
+        group_id=sent.metadata.group_id,
+    )
+    [reply] = h.grid.send_and_receive([message])
+    return reply.error.reason if reply.has_error() else ""
+
+
+def _stored(h: Harness, name: str) -> bytes:
+    from fedsilo.client.secagg import STATE_KEY
+
+    raw = h.grid.contexts[h.node(name)].state.config_records[STATE_KEY]["state"]
+    assert isinstance(raw, bytes)
+    return raw
+
+
+def test_a_site_opens_a_session_once_so_it_cannot_be_made_to_unmask_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # After the round, a fresh advertisement under the same session key would reset the site:
+    # new keys and seed, nothing masked, no survivor set signed, so the server could replay
+    # the survivors' signatures of the session into a second unmasking.
+    h = make_harness(tmp_path, monkeypatch, num_sites=3, threshold=2)
+    pushed = _pushed(h)
+    state, replies = h.run()
+    [advert] = [m for m in pushed if m.metadata.message_type == ADVERTISE_MESSAGE][:1]
+    before = _stored(h, "site-1")
+
+    refusal = _send_again(h, advert, "site-1")
+
+    assert state.total is not None, replies.failures
+    assert "site-1: already opened session fed/run-1/1/1" in refusal
+    assert _stored(h, "site-1") == before
+    session = site_protocol.SiteSession.from_bytes(before)
+    assert session.unmasked and session.signed_survivors is not None
+
+
+def test_a_session_once_left_for_another_cannot_be_opened_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = make_harness(tmp_path, monkeypatch, num_sites=3, threshold=2)
+    pushed = _pushed(h)
+    h.run()
+    advert = next(m for m in pushed if m.metadata.message_type == ADVERTISE_MESSAGE)
+
+    other_attempt = _send_again(h, advert, "site-1", attempt=7)
+    after_other = _stored(h, "site-1")
+    first_again = _send_again(h, advert, "site-1")
+
+    assert other_attempt == ""  # a new attempt is a new session
+    assert "already opened session fed/run-1/1/1" in first_again
+    assert _stored(h, "site-1") == after_other
+
+
+def _floor(value: float) -> SitePolicy:
+    return SitePolicy.model_validate(
+        {
+            "accept": {"federation_id": "fed"},
+            "privacy": {"min_distributed_noise_multiplier": value},
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("privacy", "announced"),
+    [
+        ({}, "0"),
+        ({"site_level": True, "site_clip_norm": 1.0, "site_noise_multiplier": 1e-300}, "1e-300"),
+        ({"site_level": True, "site_clip_norm": 1.0, "site_noise_multiplier": 0.5}, "0.5"),
+    ],
+    ids=["no distributed DP", "1e-300", "0.5"],
+)
+def test_advertise_stage_refuses_distributed_noise_below_the_policy_floor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, privacy: dict[str, Any], announced: str
+) -> None:
+    from fedsilo.client.secagg import STATE_KEY
+
+    h = make_harness(
+        tmp_path, monkeypatch, num_sites=4, privacy=privacy, policies={"site-2": _floor(1.0)}
+    )
+
+    state, replies = h.run()
+
+    [reason] = [r for r in replies.failures.values() if "min_distributed_noise" in r]
+    assert f"noise multiplier is {announced}; the policy's [privacy] " in reason
+    assert "min_distributed_noise_multiplier is 1" in reason
+    assert "site-2" not in state.adverts
+    assert STATE_KEY not in h.grid.contexts[h.node("site-2")].state.config_records  # no keys
+    assert state.total is not None and sorted(state.adverts) == ["site-0", "site-1", "site-3"]
+
+
+def test_distributed_noise_at_the_policy_floor_is_accepted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    privacy = {"site_level": True, "site_clip_norm": 1.0, "site_noise_multiplier": 1.0}
+    h = make_harness(
+        tmp_path, monkeypatch, num_sites=3, privacy=privacy, policies={"site-2": _floor(1.0)}
+    )
+
+    state, replies = h.run()
+
+    assert sorted(state.adverts) == h.names, replies.failures
+    assert state.total is not None
+
+
+@pytest.mark.parametrize("record", [TASK_KEY, GLOBAL_KEY])
+@pytest.mark.parametrize("message_type", [TRAIN_MESSAGE, MASKED_MESSAGE])
+def test_a_train_message_without_its_task_or_global_adapter_is_a_protocol_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, message_type: str, record: str
+) -> None:
+    h = make_harness(tmp_path, monkeypatch, num_sites=3, threshold=2)
+    pushed = _pushed(h)
+    h.grid.drop_from[MASKED_MESSAGE] = set(h.nodes)  # the sites open a session, then stop
+    h.run()
+    h.grid.drop_from.clear()
+    h.grid._gone.clear()
+    masked = next(m for m in pushed if m.metadata.message_type == MASKED_MESSAGE)
+    content = copy.deepcopy(masked.content)
+    del (content.config_records if record == TASK_KEY else content.array_records)[record]
+    message = Message(
+        content, dst_node_id=masked.metadata.dst_node_id, message_type=message_type, group_id="x"
+    )
+
+    [reply] = h.grid.send_and_receive([message])
+
+    what = "round task" if record == TASK_KEY else "global adapter"
+    assert reply.error.reason.startswith("ProtocolError: the ")
+    assert f"carries no {what} (no '{record}' " in reply.error.reason

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import asdict
 from pathlib import Path
 
@@ -15,7 +14,12 @@ from fedsilo.client.local import local_update, sign_payload, sign_policy, sign_s
 from fedsilo.client.site import Site, SiteProvider
 from fedsilo.crypto import Receipt, UpdateBinding, encode_signature, verify_receipt
 from fedsilo.model.adapters import adapter_to_bytes
-from fedsilo.protocol.records import receipt_from_record, train_reply
+from fedsilo.protocol.records import (
+    RUN_ID_PATTERN,
+    STAGE_PATTERN,
+    receipt_from_record,
+    train_reply,
+)
 from fedsilo.storage import write_text_atomic
 
 
@@ -70,18 +74,13 @@ def keep_receipt(site: Site, receipt: Receipt, signature: bytes) -> Path:
     return path
 
 
-# The names a receipt's run id and stage may have: they become a folder and a file name.
-_RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
-_STAGE = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
-
-
 def receipt_path(receipts_dir: Path, binding: UpdateBinding) -> Path:
     """Where a site keeps the receipt for ``binding``: one folder per run (a deployed site's
     storage outlives its runs), one file per round and stage. The coordinator chose the run
     id and stage, so both must be plain names; anything else is refused, naming the field."""
-    if not _RUN_ID.fullmatch(binding.run_id):
+    if not RUN_ID_PATTERN.fullmatch(binding.run_id):
         raise ValueError(f"receipt: run_id {binding.run_id[:80]!r} is not a plain name")
-    if not _STAGE.fullmatch(binding.stage):
+    if not STAGE_PATTERN.fullmatch(binding.stage):
         raise ValueError(f"receipt: stage {binding.stage[:80]!r} is not a plain name")
     if binding.round < 0:
         raise ValueError(f"receipt: round {binding.round} is negative")

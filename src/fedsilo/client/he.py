@@ -64,7 +64,7 @@ from fedsilo.protocol.he_records import (
     contributors_statement,
     keygen_from_content,
 )
-from fedsilo.protocol.records import TASK_KEY, RoundTask
+from fedsilo.protocol.records import round_task_from_content
 from fedsilo.protocol.secagg_records import SignedPayload
 
 HE_STATE_KEY = "he-session"
@@ -197,7 +197,7 @@ def handle_encrypted_input(message: Message, context: Context, sites: SiteProvid
     """Train, then send the selected tensors encrypted under the ceremony's key."""
     site = sites.site_for(context)
     state = load_session(context, site, message)
-    task = RoundTask.from_record(message.content.config_records[TASK_KEY])
+    task = round_task_from_content(message.content, what="the encrypted-input request")
     if (task.federation_id, task.run_id, task.round) != (
         state.session.federation_id,
         state.session.run_id,
@@ -219,6 +219,8 @@ def handle_encrypted_input(message: Message, context: Context, sites: SiteProvid
         )
     else:
         secret = _received_secret(site, state, request)
+    # Loaded before training: a key that does not load must cost no DP spending.
+    key = ckks.load_context(secret, what="CKKS key", secret=True)
     select = selector(request.tensors)
     update = local_update(
         message, context, SingleSite(site), channel="he", in_clear=lambda name: not select(name)
@@ -237,7 +239,7 @@ def handle_encrypted_input(message: Message, context: Context, sites: SiteProvid
         noised = update.delta
     encrypted = flatten(noised, select)
     plain = flatten(noised, lambda name: not select(name)).astype("<f4")
-    chunks = ckks.encrypt(ckks.load_context(secret, what="CKKS key", secret=True), encrypted)
+    chunks = ckks.encrypt(key, encrypted)
     payload = ckks.frame([plain.tobytes(), *chunks])
     # The dealer may have been asked to decrypt before its input: that is never forgotten.
     _save(context, state, dataclasses.replace(held or _HeSession(secret), input_sent=True))

@@ -36,8 +36,6 @@ from fedsilo.privacy.dp_sgd import train_local_dp
 from fedsilo.privacy.events import PoissonGaussianEvent, event_to_json
 from fedsilo.protocol.records import (
     DP_KEY,
-    GLOBAL_KEY,
-    TASK_KEY,
     DpTask,
     PolicyDeclaration,
     RoundTask,
@@ -45,6 +43,8 @@ from fedsilo.protocol.records import (
     SignedPolicy,
     SiteMetrics,
     adapter_from_record,
+    global_record_from_content,
+    round_task_from_content,
 )
 from fedsilo.training.loop import train_plain
 from fedsilo.training.progress import site_progress
@@ -77,7 +77,8 @@ def local_update(
     training, and (for tensors in the clear) before a DP event is recorded as spent."""
     site = sites.site_for(context)
     content = message.content
-    task = RoundTask.from_record(content.config_records[TASK_KEY])
+    task = round_task_from_content(content)
+    global_record = global_record_from_content(content)
     dp = (
         DpTask.from_record(content.config_records[DP_KEY])
         if DP_KEY in content.config_records
@@ -95,7 +96,7 @@ def local_update(
     event = plan_round_event(dp, task, num_examples=len(site.examples)) if dp else None
     check_budget(site.policy, dp=dp, event=event, spent=read_spent(site.spent_path), site=site.name)
     global_state = adapter_from_record(
-        content.array_records[GLOBAL_KEY],
+        global_record,
         like=site.adapter_template,
         what=f"global adapter sent to {site.name}",
     )

@@ -18,9 +18,12 @@ hide in, hyperparameters outside the allowed ranges.
     batch_size = [1, 64]
     max_length = [8, 2048]
 
-    [privacy]                             # the site's budget (enforced once DP is configured)
-    max_epsilon = 8.0
-    delta = 1e-5
+    [privacy]
+    max_epsilon = 8.0                     # the site's record-level DP budget, at this delta:
+    delta = 1e-5                          # with it, every round must be record-level private
+    min_distributed_noise_multiplier = 1.0   # optional (default 0: no floor): refuse secure
+                                          # rounds whose distributed DP noise is below this,
+                                          # and rounds that send the update in the clear
 
 A deployed site (``fedsilo site start POLICY``) also says who it is, where its data and keys
 are, where the coordinator is, and which app bundles it accepts:
@@ -46,6 +49,7 @@ Relative paths are resolved from the policy file's folder.
 
 from __future__ import annotations
 
+import logging
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -58,6 +62,8 @@ from fedsilo.config.schema import PrecisionSetting
 from fedsilo.crypto import sha256_hex
 from fedsilo.ledger.entries import payload_json
 from fedsilo.protocol.records import MAX_MIN_COHORT, LoraSpec, PolicyDeclaration, RoundTask
+
+log = logging.getLogger(__name__)
 
 
 class PolicyError(ValueError):
@@ -116,10 +122,24 @@ class LimitsSection(_Section):
 
 
 class PrivacySection(_Section):
-    """The site's privacy budget."""
+    """The site's privacy rules: its record-level DP budget, and a floor on distributed DP.
 
-    max_epsilon: float = Field(gt=0)
-    delta: float = Field(gt=0, lt=1)
+    ``max_epsilon`` and ``delta`` (both or neither) are the budget every round's record-level
+    DP-SGD is composed against; with them the site refuses any round that is not record-level
+    private. ``min_distributed_noise_multiplier`` (0: no floor) is the smallest distributed DP
+    noise multiplier the site accepts (the coordinator chooses it, as ``site_noise_multiplier``):
+    a secure round announcing less, or none, is refused before the site makes its keys, and
+    with a floor above 0 a round that would send the update in the clear is refused as well."""
+
+    max_epsilon: float | None = Field(None, gt=0)
+    delta: float | None = Field(None, gt=0, lt=1)
+    min_distributed_noise_multiplier: float = Field(0.0, ge=0, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _budget_whole(self) -> PrivacySection:
+        if (self.max_epsilon is None) != (self.delta is None):
+            raise ValueError("max_epsilon and delta: give both (a budget) or neither")
+        return self
 
 
 class SiteSection(_Section):
@@ -189,10 +209,17 @@ def policy_digest(policy: SitePolicy) -> str:
     have the same digest, and any change to a rule changes it.
     """
     rules = policy.model_dump(mode="json", include=set(_RULE_SECTIONS))
+    # A rule added later, at its default, is left out: a policy written before it existed
+    # keeps the digest its runs' ledgers record.
     if policy.accept.aggregation == "any":
-        # A rule added later, at its default, is left out: a policy written before it existed
-        # keeps the digest its runs' ledgers record.
         del rules["accept"]["aggregation"]
+    if policy.privacy is not None:
+        privacy = {
+            name: value
+            for name, value in rules["privacy"].items()
+            if value is not None and (name, value) != ("min_distributed_noise_multiplier", 0.0)
+        }
+        rules["privacy"] = privacy or None  # an empty [privacy] states no rule
     return sha256_hex(payload_json(rules).encode("ascii"))
 
 
@@ -258,7 +285,9 @@ def check_task(
     """Raise TaskRefusedError naming the first rule ``task`` breaks; return if it keeps them all.
 
     A task set in epochs is held to the ``local_epochs`` range, and, given the site's
-    ``num_examples``, the steps it comes to are held to the ``local_steps`` range.
+    ``num_examples``, the steps it comes to are held to the ``local_steps`` range. That step
+    count depends on the site's record count, which the refusal must not tell the coordinator:
+    it names the epochs, the batch size and the policy's bound, and the count is only logged.
     """
     accept, limits = policy.accept, policy.limits
     if task.federation_id != accept.federation_id:
@@ -283,8 +312,6 @@ def check_task(
     }
     if task.local_epochs > 0:
         values["local_epochs"] = task.local_epochs
-        if num_examples is not None:
-            values["local_steps"] = task.steps_for(num_examples)
     else:
         values["local_steps"] = task.local_steps
     for name, value in values.items():
@@ -293,6 +320,48 @@ def check_task(
             raise TaskRefusedError(
                 f"site {site}: {name}={value} is outside the policy's range [{low:g}, {high:g}]"
             )
+    if task.local_epochs > 0 and num_examples is not None:
+        _check_epoch_steps(limits, task, site=site, num_examples=num_examples)
+
+
+def _check_epoch_steps(
+    limits: LimitsSection, task: RoundTask, *, site: str, num_examples: int
+) -> None:
+    steps = task.steps_for(num_examples)
+    low, high = limits.local_steps
+    if low <= steps <= high:
+        return
+    # The count stays in the site's own log: the coordinator could divide it back into records.
+    log.info(
+        "site %s: local_epochs=%g at batch_size=%d comes to %d local steps over its %d records, "
+        "outside the policy's local_steps range [%g, %g]",
+        site,
+        task.local_epochs,
+        task.batch_size,
+        steps,
+        num_examples,
+        low,
+        high,
+    )
+    bound = f"more local steps than the policy's maximum of {high:g}"
+    if steps < low:
+        bound = f"fewer local steps than the policy's minimum of {low:g}"
+    raise TaskRefusedError(
+        f"site {site}: local_epochs={task.local_epochs:g} at batch_size={task.batch_size} comes "
+        f"to {bound} (local_steps)"
+    )
+
+
+def check_distributed_dp(policy: SitePolicy | None, noise_multiplier: float, *, site: str) -> None:
+    """Raise TaskRefusedError if the round's distributed DP noise multiplier (0: none) is below
+    the policy's ``[privacy] min_distributed_noise_multiplier``."""
+    privacy = policy.privacy if policy is not None else None
+    floor = privacy.min_distributed_noise_multiplier if privacy is not None else 0.0
+    if noise_multiplier < floor:
+        raise TaskRefusedError(
+            f"site {site}: the round's distributed DP noise multiplier is {noise_multiplier:g}; "
+            f"the policy's [privacy] min_distributed_noise_multiplier is {floor:g}"
+        )
 
 
 def check_lora(policy: SitePolicy, lora: LoraSpec, *, site: str) -> None:
@@ -315,13 +384,22 @@ def check_bundle(policy: SitePolicy, bundle_sha256: str, *, site: str) -> None:
 
 
 def check_channel(policy: SitePolicy, channel: UpdateChannel, *, site: str) -> None:
-    """Raise TaskRefusedError if the policy does not let an update leave through ``channel``."""
+    """Raise TaskRefusedError if the policy does not let an update leave through ``channel``:
+    another mode than its ``aggregation``, or in the clear (where the site adds no distributed
+    DP noise) under a ``min_distributed_noise_multiplier`` above 0."""
     wanted = policy.accept.aggregation
     if wanted != "any" and channel != wanted:
         said = {"clear": "in the clear", "secagg": "under secure aggregation", "he": "under HE"}
         raise TaskRefusedError(
             f"site {site}: the round asks for this site's update {said[channel]}; the policy "
             f"accepts only aggregation = {wanted!r}"
+        )
+    floor = policy.privacy.min_distributed_noise_multiplier if policy.privacy else 0.0
+    if channel == "clear" and floor > 0:
+        raise TaskRefusedError(
+            f"site {site}: the round asks for this site's update in the clear, with no "
+            f"distributed DP noise; the policy's [privacy] min_distributed_noise_multiplier "
+            f"is {floor:g}"
         )
 
 

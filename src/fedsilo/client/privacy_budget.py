@@ -48,7 +48,7 @@ def plan_round_event(dp: DpTask, task: RoundTask, *, num_examples: int) -> Poiss
             delta=dp.delta,
             sampling_rate=sampling_rate,
             steps=steps * dp.planned_rounds,
-            accountant=dp.accountant,  # type: ignore[arg-type]
+            accountant=dp.accountant,
         )
     return PoissonGaussianEvent(noise_multiplier=noise, sampling_rate=sampling_rate, steps=steps)
 
@@ -62,21 +62,22 @@ def check_budget(
     site: str,
 ) -> None:
     """Refuse (TaskRefusedError) a round the site's budget does not allow."""
-    if policy is None or policy.privacy is None:
+    privacy = policy.privacy if policy is not None else None
+    if privacy is None or privacy.max_epsilon is None or privacy.delta is None:
         return
-    budget = policy.privacy
+    max_epsilon, delta = privacy.max_epsilon, privacy.delta
     if dp is None or event is None:
         raise TaskRefusedError(
-            f"site {site}: policy sets a privacy budget (epsilon {budget.max_epsilon:g}); "
+            f"site {site}: policy sets a privacy budget (epsilon {max_epsilon:g}); "
             "this round is not differentially private"
         )
     if event.noise_multiplier <= 0:
         raise TaskRefusedError(f"site {site}: the round adds no noise; policy sets a budget")
     accountant = dp.accountant
-    after = compute_epsilon([*spent, event], delta=budget.delta, accountant=accountant)  # type: ignore[arg-type]
-    if after > budget.max_epsilon:
-        before = compute_epsilon(list(spent), delta=budget.delta, accountant=accountant)  # type: ignore[arg-type]
+    after = compute_epsilon([*spent, event], delta=delta, accountant=accountant)
+    if after > max_epsilon:
+        before = compute_epsilon(list(spent), delta=delta, accountant=accountant)
         raise TaskRefusedError(
             f"site {site}: this round would bring epsilon from {before:.3f} to {after:.3f} at "
-            f"delta {budget.delta:g}, over the policy's budget of {budget.max_epsilon:g}"
+            f"delta {delta:g}, over the policy's budget of {max_epsilon:g}"
         )

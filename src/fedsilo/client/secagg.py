@@ -24,7 +24,7 @@ from fedsilo.client.local import (
     sign_policy,
     sign_site_claims,
 )
-from fedsilo.client.policy import TaskRefusedError, check_task
+from fedsilo.client.policy import TaskRefusedError, check_distributed_dp, check_task
 from fedsilo.client.site import Site, SiteProvider
 from fedsilo.crypto import SignatureError, verify_update
 from fedsilo.model.flatten import flatten
@@ -54,6 +54,8 @@ from fedsilo.protocol.records import (
     POLICY_KEY,
     TASK_KEY,
     RoundTask,
+    global_record_from_content,
+    round_task_from_content,
 )
 from fedsilo.protocol.secagg_records import (
     ADVERTISE_MESSAGE,
@@ -71,6 +73,8 @@ from fedsilo.protocol.secagg_records import (
 )
 
 STATE_KEY = "secagg-session"
+# Every session key this site has opened in the run (its node's Context), never forgotten.
+OPENED_KEY = "secagg-opened"
 
 
 def _min_cohort(site: Site) -> int:
@@ -124,8 +128,19 @@ def load_session(context: Context, site: Site, message: Message) -> protocol.Sit
     return state
 
 
+def _opened_sessions(context: Context) -> list[str]:
+    record = context.state.config_records.get(OPENED_KEY)
+    opened = record.get("sessions") if record is not None else None
+    return [str(key) for key in opened] if isinstance(opened, list) else []
+
+
 def handle_advertise(message: Message, context: Context, sites: SiteProvider) -> Message:
-    """Stage 1: open a session with fresh keys; reply with the signed public keys."""
+    """Stage 1: open a session with fresh keys; reply with the signed public keys.
+
+    A session is opened once: advertising again for a session key this site has opened
+    would reset what it did in it (masked, signed a survivor set, unmasked), letting the
+    server replay the other survivors' signatures of that session into a second unmasking.
+    A retried attempt is a new session (its attempt number is in the key)."""
     site = sites.site_for(context)
     session, params = session_from_content(message.content)
     if site.policy is not None and site.policy.accept.federation_id != session.federation_id:
@@ -133,16 +148,26 @@ def handle_advertise(message: Message, context: Context, sites: SiteProvider) ->
             f"site {site.name}: policy accepts federation {site.policy.accept.federation_id!r}, "
             f"not {session.federation_id!r}"
         )
+    opened = _opened_sessions(context)
+    if session.key() in opened:
+        raise protocol.SecAggRefusedError(
+            f"site {site.name}: already opened session {session.key()}; a session is opened "
+            "once (a retried attempt has its own)"
+        )
     if params.cohort_size < _min_cohort(site):
         raise TaskRefusedError(
             f"site {site.name}: the round sums {params.cohort_size} sites; policy requires at "
             f"least {_min_cohort(site)}"
         )
+    # Before any key is made; HE rounds open their session here too, and every later stage of
+    # either mode is held to these parameters (load_session).
+    check_distributed_dp(site.policy, params.dp_noise_multiplier, site=site.name)
     if site.policy is not None and TASK_KEY in message.content.config_records:
         # The round's task is checked before the site joins: a refusal costs no keys.
         task = RoundTask.from_record(message.content.config_records[TASK_KEY])
         check_task(site.policy, task, site=site.name, num_examples=len(site.examples))
     state = protocol.advertise(site=site.name, session=session, params=params)
+    context.state.config_records[OPENED_KEY] = ConfigRecord({"sessions": [*opened, session.key()]})
     _save(context, state)
     return reply_signed(message, site, session, ADVERTISE_STAGE, state.advertisement().to_payload())
 
@@ -208,7 +233,9 @@ def handle_masked_input(message: Message, context: Context, sites: SiteProvider)
     """Stage 3: open the relayed shares, check the cohort, train, reply with the masked input."""
     site = sites.site_for(context)
     state = load_session(context, site, message)
-    task = RoundTask.from_record(message.content.config_records[TASK_KEY])
+    what = "the masked-input request"
+    task = round_task_from_content(message.content, what=what)
+    global_record_from_content(message.content, what=what)  # before the session moves on
     bound = (task.federation_id, task.run_id, task.round)
     if bound != (state.session.federation_id, state.session.run_id, state.session.round):
         raise protocol.SecAggRefusedError(

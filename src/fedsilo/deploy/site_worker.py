@@ -33,6 +33,9 @@ from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, 
 from fedsilo.client.policy import TaskRefusedError, check_bundle, check_lora, check_task
 from fedsilo.deploy.bundle import bundle_hash
 from fedsilo.deploy.site_model import DeployedSite
+from fedsilo.privacy.he.ckks import HeError
+from fedsilo.privacy.secagg.messages import SecAggMessageError
+from fedsilo.privacy.secagg.site import SecAggRefusedError
 from fedsilo.protocol.records import LORA_KEY, TASK_KEY, LoraSpec, ProtocolError, RoundTask
 
 log = logging.getLogger(__name__)
@@ -68,6 +71,26 @@ def _value_bytes(value: object) -> int:
     if isinstance(value, str):
         return len(value.encode("utf-8"))
     return len(value) if isinstance(value, bytes) else 8  # numbers and flags
+
+
+# The errors fedsilo raises on purpose to refuse a request: their texts are written to be sent
+# and say what was refused and why, in terms of the request and the site's policy.
+DELIBERATE_REFUSALS: tuple[type[Exception], ...] = (
+    TaskRefusedError,
+    ProtocolError,
+    SecAggRefusedError,
+    SecAggMessageError,
+    HeError,
+)
+
+
+def reason_for_coordinator(error: Exception) -> str:
+    """What the coordinator is told of ``error``: a deliberate refusal's whole text; of any
+    other failure only its type, since its text may quote the site's data, paths or numbers
+    (the site's log has it)."""
+    if isinstance(error, DELIBERATE_REFUSALS):
+        return f"{type(error).__name__}: {error}"
+    return f"{type(error).__name__} (details in the site's log)"
 
 
 class SiteWorker:
@@ -149,7 +172,7 @@ class SiteWorker:
                 self.say(f"task {kind} answered in {time.perf_counter() - started:.2f} s")
         except Exception as error:  # report and keep serving: one bad task must not stop a site
             log.error("site %s: task failed: %s", self.site.name, error)
-            details = f"{type(error).__name__}: {error}"
+            details = reason_for_coordinator(error)
         finally:
             push_task_output(client, context, status, details)
             heartbeat.stop()
@@ -175,9 +198,9 @@ class SiteWorker:
         except Exception as error:  # refused or failed: the reason goes back as the reply
             self.stats.refused += isinstance(error, TaskRefusedError)
             log.warning("site %s: %s", name, error)
-            reason = f"{type(error).__name__}: {error}"
             if not isinstance(error, TaskRefusedError):
                 log.debug("%s", traceback.format_exc())
+            reason = reason_for_coordinator(error)
             error_reply = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason)
             return Message(error_reply, reply_to=message)
 

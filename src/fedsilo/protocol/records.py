@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from tokenize import TokenError
+from typing import get_args
 
 import numpy as np
 import torch
@@ -36,6 +38,7 @@ from fedsilo.crypto import (
 )
 from fedsilo.model.adapters import AdapterState, adapter_from_bytes
 from fedsilo.model.base import ModelError
+from fedsilo.privacy.accounting import AccountantName
 from fedsilo.protocol.schedule import local_steps_for
 
 GLOBAL_KEY = "global"
@@ -68,6 +71,14 @@ MAX_LOSS = 1e6  # a cross-entropy far beyond any model's: a larger one is a lie 
 MAX_LENGTH_TOKENS = 1 << 20
 MAX_MIN_COHORT = 1_000_000  # far more sites than any federation has
 NO_POLICY = "none"  # a site's declared policy digest when it trains without a policy
+
+# The names the coordinator chooses for a run and a stage: a site writes both into its own
+# storage (receipt folders and file names, its privacy-spent record), so both must be plain.
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,128}")
+STAGE_PATTERN = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
+# The longest federation id, run name or base model hash a round task may carry: far beyond
+# any real one ("sha256:" and 64 hex digits; names of at most 64 characters in the config).
+MAX_NAME_CHARS = 256
 
 
 @dataclass(frozen=True)
@@ -130,6 +141,11 @@ class RoundTask:
         return task
 
     def _check_ranges(self) -> None:
+        check_run_id(self.run_id, what="round task")
+        if not STAGE_PATTERN.fullmatch(self.stage):
+            raise ProtocolError(f"round task field 'stage' {self.stage[:80]!r} is not a plain name")
+        for name in ("federation_id", "run_name", "base_model_hash"):
+            _check_text(getattr(self, name), name, what="round task")
         positive = {
             "round": self.round,
             "cohort_size": self.cohort_size,
@@ -147,6 +163,22 @@ class RoundTask:
         _check_float(self.proximal_mu, "proximal_mu", low=0.0, what="round task")
         if self.learning_rate <= 0:
             raise ProtocolError("round task field 'learning_rate' must be > 0")
+
+
+def check_run_id(run_id: str, *, what: str) -> None:
+    """Raise ProtocolError unless ``run_id`` is a plain name (:data:`RUN_ID_PATTERN`)."""
+    if not RUN_ID_PATTERN.fullmatch(run_id):
+        raise ProtocolError(
+            f"{what} field 'run_id' {run_id[:80]!r} (of {len(run_id)} characters) is not a "
+            f"plain name of at most 128 letters, digits, '_' or '-'"
+        )
+
+
+def _check_text(value: str, name: str, *, what: str) -> None:
+    if not 0 < len(value) <= MAX_NAME_CHARS:
+        raise ProtocolError(
+            f"{what} field {name!r} must hold 1 to {MAX_NAME_CHARS} characters, got {len(value)}"
+        )
 
 
 def _check_int(value: int, name: str, *, low: int, high: int, what: str) -> None:
@@ -376,7 +408,7 @@ class DpTask:
     target_epsilon: float  # 0 means: use noise_multiplier
     max_grad_norm: float
     delta: float
-    accountant: str
+    accountant: AccountantName
     planned_rounds: int  # the run's rounds, over which a target epsilon is spread
 
     def to_record(self) -> ConfigRecord:
@@ -404,6 +436,11 @@ class DpTask:
         _check_float(task.max_grad_norm, "max_grad_norm", low=0.0, high=1e6, what=what)
         _check_float(task.delta, "delta", low=0.0, high=1.0, what=what)
         _check_int(task.planned_rounds, "planned_rounds", low=1, high=MAX_COUNT, what=what)
+        if task.accountant not in get_args(AccountantName):
+            raise ProtocolError(
+                f"{what}: accountant {task.accountant[:80]!r} is not one of "
+                f"{list(get_args(AccountantName))}"
+            )
         if task.max_grad_norm <= 0 or not 0 < task.delta < 1:
             raise ProtocolError(f"{what}: max_grad_norm must be > 0 and delta in (0, 1)")
         if (task.noise_multiplier > 0) == (task.target_epsilon > 0):
@@ -573,6 +610,22 @@ def train_instruction(
     if lora is not None:
         content[LORA_KEY] = lora.to_record()
     return content
+
+
+def round_task_from_content(content: RecordDict, *, what: str = "the train message") -> RoundTask:
+    """The round task a message carries (ConfigRecord "task"), decoded and bounded."""
+    if TASK_KEY not in content.config_records:
+        raise ProtocolError(f"{what} carries no round task (no {TASK_KEY!r} config record)")
+    return RoundTask.from_record(content.config_records[TASK_KEY])
+
+
+def global_record_from_content(
+    content: RecordDict, *, what: str = "the train message"
+) -> ArrayRecord:
+    """The global adapter record a message carries (ArrayRecord "global"), not yet decoded."""
+    if GLOBAL_KEY not in content.array_records:
+        raise ProtocolError(f"{what} carries no global adapter (no {GLOBAL_KEY!r} array record)")
+    return content.array_records[GLOBAL_KEY]
 
 
 _BINDING_KINDS: dict[str, type] = {

@@ -19,10 +19,13 @@ from fedsilo.crypto import UpdateBinding, sha256_hex
 from fedsilo.privacy.secagg.masking import SessionId
 from fedsilo.privacy.secagg.messages import SecAggParams
 from fedsilo.protocol.records import (
+    MAX_COUNT,
+    MAX_NAME_CHARS,
     SITE_KEY,
     UPDATE_KEY,
     ProtocolError,
     binding_to_record,
+    check_run_id,
     payload_to_record,
 )
 
@@ -70,6 +73,12 @@ def session_from_content(content: RecordDict) -> tuple[SessionId, SecAggParams]:
         int(values["round"]),
         int(values["attempt"]),
     )
+    what = "the secure-aggregation session"
+    check_run_id(session.run_id, what=what)
+    if not 0 < len(session.federation_id) <= MAX_NAME_CHARS:
+        raise ProtocolError(f"{what}: federation_id must hold 1 to {MAX_NAME_CHARS} characters")
+    if not (0 <= session.round <= MAX_COUNT and 0 <= session.attempt <= MAX_COUNT):
+        raise ProtocolError(f"{what}: round and attempt must be in [0, {MAX_COUNT}]")
     return session, SecAggParams.from_fields(dict(record))
 
 

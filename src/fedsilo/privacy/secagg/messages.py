@@ -63,6 +63,26 @@ class SecAggParams:
             raise SecAggMessageError("clip must be > 0 and every DP setting finite")
         if self.dp_noise_multiplier < 0 or self.dp_clip_norm < 0:
             raise SecAggMessageError("DP settings must be >= 0")
+        # Both are checked before a site opens a session: found wrong after local training
+        # they would fail the round with the site's DP spending already recorded.
+        if self.distributed_dp and self.dp_clip_norm <= 0:
+            raise SecAggMessageError(
+                f"dp_clip_norm must be > 0 when dp_noise_multiplier is > 0 "
+                f"(got dp_clip_norm {self.dp_clip_norm:g}, dp_noise_multiplier "
+                f"{self.dp_noise_multiplier:g})"
+            )
+        try:
+            scale = self.quantization().scale
+        except (ValueError, OverflowError) as error:
+            raise SecAggMessageError(
+                f"clip {self.clip:g} with {self.cohort_size} sites and noise std "
+                f"{self.noise_std_sum():g} has no usable quantization: {error}"
+            ) from None
+        if not (math.isfinite(scale) and scale > 0):
+            raise SecAggMessageError(
+                f"clip {self.clip:g} gives the quantization scale {scale:g}, not a finite "
+                "positive number"
+            )
 
     @property
     def distributed_dp(self) -> bool:
