@@ -63,8 +63,10 @@ def labelled_token_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> T
     """
     decoder, head = decoder_and_head(model)
     batch = on_device(batch, model_device(model))
+    # No KV cache: training never reuses one, and building it copies every layer's keys and
+    # values (models default to use_cache=True for generation).
     hidden = decoder(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
     ).last_hidden_state
     targets = batch["labels"][:, 1:]
     scored = targets != IGNORE_INDEX
