@@ -16,6 +16,7 @@ from fedsilo.crypto import (
     encode_signature,
     private_key_from_seed,
     sign_claims,
+    sign_policy_declaration,
     sign_update,
 )
 from fedsilo.ledger import EntryKind, JsonValue, Ledger
@@ -36,13 +37,18 @@ def fixed_clock() -> Callable[[], str]:
 
 
 def update_payload(
-    *, site_key: PrivateKey = SITE_KEY, site_id: str = SITE_ID
+    *,
+    site_key: PrivateKey = SITE_KEY,
+    site_id: str = SITE_ID,
+    federation_id: str = "fed-1",
+    run_id: str = "run-1",
 ) -> dict[str, JsonValue]:
-    """An update_received payload whose binding and claims (metrics, no DP event) ``site_key``
-    signed."""
+    """An update_received payload whose binding, policy declaration (none) and claims (metrics,
+    no DP event) ``site_key`` signed, for ``federation_id`` and ``run_id`` (those of
+    :func:`record_run` by default)."""
     binding = UpdateBinding(
-        federation_id="fed-1",
-        run_id="run-1",
+        federation_id=federation_id,
+        run_id=run_id,
         round=1,
         stage="train",
         site_id=site_id,
@@ -62,11 +68,17 @@ def update_payload(
         "claims_sha256": digest,
         "signature": encode_signature(sign_claims(site_key, binding, digest)),
     }
+    declared: dict[str, str | int] = {"policy_sha256": "none", "min_cohort": 1}
+    policy: dict[str, JsonValue] = {
+        **declared,
+        "signature": encode_signature(sign_policy_declaration(site_key, binding, declared)),
+    }
     return {
         **binding.fields(),
         "site_signature": signature,
         "num_examples": 64,
         "dp_event": None,
+        "site_policy": policy,
         "site_metrics": metrics,
         "site_claims": claims,
     }
@@ -80,7 +92,9 @@ def record_run(
 ) -> None:
     """Write a six-entry, one-round run to the ledger at ``path``."""
     with Ledger.open(path, coordinator_key=coordinator_key, clock=fixed_clock()) as ledger:
-        ledger.append(EntryKind.RUN_STARTED, {"run_id": "run-1", "rounds": 1})
+        ledger.append(
+            EntryKind.RUN_STARTED, {"federation_id": "fed-1", "run_id": "run-1", "rounds": 1}
+        )
         ledger.append(EntryKind.ROUND_OPENED, {"round": 1})
         ledger.append(EntryKind.TASK_SENT, {"round": 1, "site_id": SITE_ID})
         ledger.append(EntryKind.UPDATE_RECEIVED, update or update_payload())

@@ -186,7 +186,7 @@ def test_update_entry_without_binding_fields_is_refused(tmp_path: Path) -> None:
             ledger.append(EntryKind.UPDATE_RECEIVED, payload)
 
 
-@pytest.mark.parametrize("field", ["site_claims", "site_metrics", "dp_event"])
+@pytest.mark.parametrize("field", ["site_claims", "site_metrics", "dp_event", "site_policy"])
 def test_update_entry_without_its_signed_claims_is_refused(tmp_path: Path, field: str) -> None:
     payload = update_payload()
     del payload[field]

@@ -1,4 +1,6 @@
+import sqlite3
 from collections.abc import Sequence
+from contextlib import closing
 from dataclasses import replace
 from pathlib import Path
 
@@ -313,3 +315,28 @@ def test_problems_are_ordered_by_seq(ledger_path: Path) -> None:
 def test_missing_ledger_file_raises(tmp_path: Path) -> None:
     with pytest.raises(LedgerError, match="no ledger file"):
         audit(tmp_path / "ledger.db")
+
+
+@pytest.mark.parametrize("stored", ["'abc'", "NULL"])
+def test_a_row_whose_seq_is_not_an_integer_is_a_problem_naming_the_row(
+    ledger_path: Path, stored: str
+) -> None:
+    # fedsilo's table makes seq an INTEGER PRIMARY KEY; a file from elsewhere need not.
+    with closing(sqlite3.connect(ledger_path)) as connection, connection:
+        connection.executescript(
+            "ALTER TABLE entries RENAME TO old; "
+            "CREATE TABLE entries(seq, kind TEXT, created_at TEXT, payload TEXT, "
+            "prev_hash TEXT, entry_hash TEXT, signature TEXT); "
+            "INSERT INTO entries SELECT * FROM old; DROP TABLE old; "
+            f"UPDATE entries SET seq = {stored} WHERE seq = 3;"
+        )
+
+    report = audit(ledger_path)
+
+    assert not report.ok
+    first = report.first_problem
+    assert first is not None and first.seq is None
+    assert "of the entries table (in seq order): column seq is " in first.reason
+    assert "not an integer" in first.reason
+    with pytest.raises(LedgerError, match=r"column seq is .*, not an integer"):
+        read_entries(ledger_path)

@@ -136,3 +136,44 @@ def test_entry_without_signed_claims_names_its_format(
 
     assert reason.startswith(f"update from site {SITE_ID!r} is in update entry format 1")
     assert "needs format 2" in reason
+
+
+@pytest.mark.parametrize(
+    ("federation_id", "run_id"),
+    [
+        pytest.param("fed-1", "run-0", id="another run"),
+        pytest.param("fed-0", "run-1", id="another federation"),
+    ],
+)
+def test_a_genuine_update_signed_for_another_run_is_caught(
+    tmp_path: Path, federation_id: str, run_id: str
+) -> None:
+    # The site really signed it, binding, policy and claims: for another run of the federation
+    # (or another federation), whose update a coordinator chains into this ledger.
+    update = honest_update(federation_id=federation_id, run_id=run_id)
+    record_run(tmp_path / "ledger.db", update=update)
+
+    [reason] = reasons_at_update(tmp_path / "ledger.db")
+
+    assert reason.startswith(
+        f"site {SITE_ID!r} signed this update for federation {federation_id!r}, run {run_id!r}"
+    )
+    assert "run_started entry records federation 'fed-1', run 'run-1'" in reason
+
+
+def test_signed_claims_without_the_policy_declaration_are_caught(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every writer of site_claims also wrote site_policy; today's store refuses an entry
+    # without it, so the check is lifted to write the entry a tamperer would.
+    monkeypatch.setattr(
+        "fedsilo.ledger.store.UPDATE_ENTRY_FIELDS",
+        (*UPDATE_BINDING_FIELDS, "site_signature", "site_claims"),
+    )
+    update = private_update()
+    del update["site_policy"]
+    record_run(tmp_path / "ledger.db", update=update)
+
+    [reason] = reasons_at_update(tmp_path / "ledger.db")
+
+    assert reason.startswith(f"site {SITE_ID!r} policy declaration is missing (site_policy)")

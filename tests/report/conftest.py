@@ -82,6 +82,7 @@ def make_report_data(
             key_source=key_source,
             coordinator_fingerprint="SHA256:coordinator-fp-c0de",
             entries=6,
+            site_key_source=key_source,
         ),
         outcome=Outcome(
             status=status,

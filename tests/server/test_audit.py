@@ -1,9 +1,12 @@
 """Offline audit of a run folder: the ledger, its signatures and the checkpoints on disk."""
 
+import json
+import shutil
 import sqlite3
 import stat
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -11,9 +14,22 @@ from safetensors.torch import load_file, save_file
 
 from fedsilo.cli.main import main
 from fedsilo.config import FedsiloConfig
-from fedsilo.crypto import generate_private_key, write_public_key
-from fedsilo.ledger import EntryKind, read_entries
-from fedsilo.server.audit import verify_run
+from fedsilo.crypto import (
+    PrivateKey,
+    UpdateBinding,
+    claims_sha256,
+    encode_signature,
+    fingerprint,
+    generate_private_key,
+    public_key_text,
+    read_private_key,
+    sign_claims,
+    sign_policy_declaration,
+    sign_update,
+    write_public_key,
+)
+from fedsilo.ledger import UPDATE_BINDING_FIELDS, EntryKind, Ledger, read_entries
+from fedsilo.server.audit import read_site_keys, verify_run
 from fedsilo.server.federation import FederationError
 from fedsilo.server.run_folder import RunFolder, check_server_state
 
@@ -184,3 +200,141 @@ def test_a_server_state_must_fit_the_adapter() -> None:
     ):
         with pytest.raises(ValueError, match=reason):
             check_server_state(bad, like=like, what="state")
+
+
+def _site_public_keys(run: Path, into: Path) -> Path:
+    """The sites' public keys as an auditor would hold them: copies, one NAME.pub per site."""
+    into.mkdir()
+    for public in run.glob("sites/*/*.pub"):
+        shutil.copy(public, into / public.name)
+    return into
+
+
+def _membership(run: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((run / "federation.json").read_text())
+    return data
+
+
+def test_a_site_key_swapped_in_federation_json_fails(finished_run: Path) -> None:
+    membership = _membership(finished_run)
+    site = sorted(membership["sites"])[0]
+    membership["sites"][site] = public_key_text(generate_private_key().public_key())
+    (finished_run / "federation.json").write_text(json.dumps(membership))
+
+    report = verify_run(finished_run)
+
+    reasons = " | ".join(p.reason for p in report.problems)
+    assert f"site {site!r}: federation.json pins the key SHA256:" in reasons
+    assert "but the run_started entry records SHA256:" in reasons
+
+
+def test_run_and_federation_ids_of_federation_json_must_be_the_ledgers(
+    finished_run: Path,
+) -> None:
+    membership = _membership(finished_run)
+    recorded = membership["run_id"]
+    membership.update(run_id="another-run", federation_id="another-federation")
+    (finished_run / "federation.json").write_text(json.dumps(membership))
+
+    reasons = " | ".join(p.reason for p in verify_run(finished_run).problems)
+
+    assert (
+        "federation.json names run_id 'another-run', but the run_started entry records "
+        f"{recorded!r}" in reasons
+    )
+    assert "federation.json names federation_id 'another-federation'" in reasons
+
+
+def test_site_keys_pinned_by_the_auditor_verify_a_genuine_run(
+    finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    keys = _site_public_keys(finished_run, tmp_path / "site-keys")
+
+    assert main(["audit", "verify", str(finished_run), "--site-keys", str(keys)]) == 0
+
+    assert "trusting the site keys pinned in the run folder" not in capsys.readouterr().out
+
+
+def test_a_site_without_a_pinned_key_fails(finished_run: Path, tmp_path: Path) -> None:
+    keys = _site_public_keys(finished_run, tmp_path / "site-keys")
+    missing = sorted(keys.glob("*.pub"))[0]
+    missing.unlink()
+
+    report = verify_run(finished_run, site_keys=read_site_keys(keys))
+
+    reasons = " | ".join(p.reason for p in report.problems)
+    assert f"site {missing.stem!r} is enrolled in federation.json, but no key of yours" in reasons
+
+
+def _resign_update(payload: dict[str, Any], key: PrivateKey) -> None:
+    binding = UpdateBinding(**{name: payload[name] for name in UPDATE_BINDING_FIELDS})
+    payload["site_signature"] = encode_signature(sign_update(key, binding))
+    digest = claims_sha256(metrics=payload["site_metrics"], dp_event=payload["dp_event"])
+    payload["site_claims"] = {
+        "claims_sha256": digest,
+        "signature": encode_signature(sign_claims(key, binding, digest)),
+    }
+    declared = {name: payload["site_policy"][name] for name in ("policy_sha256", "min_cohort")}
+    payload["site_policy"]["signature"] = encode_signature(
+        sign_policy_declaration(key, binding, declared)
+    )
+
+
+def test_a_coordinator_that_swaps_a_site_key_everywhere_is_caught_by_pinned_site_keys(
+    finished_run: Path, tmp_path: Path
+) -> None:
+    keys = _site_public_keys(finished_run, tmp_path / "site-keys")
+    coordinator = read_private_key(
+        finished_run / "coordinator" / "coordinator.key", passphrase=None
+    )
+    membership = _membership(finished_run)
+    site = sorted(membership["sites"])[0]
+    forger = generate_private_key()
+    # The coordinator pins its own key for the site, in federation.json and run_started, and
+    # signs that site's updates (with edited metrics) and the whole chain anew.
+    membership["sites"][site] = public_key_text(forger.public_key())
+    (finished_run / "federation.json").write_text(json.dumps(membership))
+    entries = read_entries(finished_run / "ledger.db")
+    (finished_run / "ledger.db").unlink()
+    times = iter([entry.created_at for entry in entries])
+    with Ledger.open(
+        finished_run / "ledger.db", coordinator_key=coordinator, clock=lambda: next(times)
+    ) as ledger:
+        for entry in entries:
+            payload = json.loads(json.dumps(entry.payload))
+            if entry.kind is EntryKind.RUN_STARTED:
+                payload["sites"][site] = fingerprint(forger.public_key())
+            if entry.kind is EntryKind.UPDATE_RECEIVED and payload["site_id"] == site:
+                payload["site_metrics"]["num_examples"] *= 10
+                payload["num_examples"] = payload["site_metrics"]["num_examples"]
+                _resign_update(payload, forger)
+            ledger.append(entry.kind, payload)
+    for receipts in finished_run.glob("sites/*/receipts"):
+        shutil.rmtree(receipts)  # a deployment's receipts stay at the sites
+    pinned = coordinator.public_key()
+
+    # The folder's own keys cannot tell (see docs/audit.md, Limits) ...
+    assert verify_run(finished_run, coordinator_key=pinned).ok
+    # ... the sites' keys, obtained from the sites, can.
+    report = verify_run(finished_run, coordinator_key=pinned, site_keys=read_site_keys(keys))
+    reasons = " | ".join(p.reason for p in report.problems)
+    assert (
+        f"site {site!r}: federation.json pins the key {fingerprint(forger.public_key())}" in reasons
+    )
+    assert f"site {site!r} signature on the update is invalid" in reasons
+
+
+def test_verify_says_how_many_receipts_it_examined(
+    finished_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    held = sorted(finished_run.glob("sites/*/receipts/*/*.json"))
+    assert held
+    assert verify_run(finished_run).receipts == len(held)
+    for receipts in finished_run.glob("sites/*/receipts"):
+        shutil.rmtree(receipts)
+
+    report = verify_run(finished_run)
+
+    assert report.ok and report.receipts == 0
+    assert main(["audit", "verify", str(finished_run)]) == 0
+    assert "0 receipts examined (none in the run folder)" in capsys.readouterr().out

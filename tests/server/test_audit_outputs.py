@@ -378,3 +378,114 @@ def test_a_crash_while_finishing_leaves_a_run_that_verifies_and_resumes(
     assert report.ok, report.problems
     run_with_grid(make_config(run={"rounds": 3}), finished_run, resume=True)
     assert verify_run(finished_run).ok
+
+
+def _forged_last_record(folder: RunFolder, round_value: object) -> None:
+    """The last record, its round written as ``round_value`` and its accuracies raised."""
+    records = folder.read_metrics()
+    records[-1] = {**records[-1], "round": round_value, "gold_accuracy": 0.93}
+    records[-1]["gold_category_accuracy"] = 0.97
+    folder.write_metrics(records)
+
+
+@pytest.mark.parametrize("round_value", [2.0, "2"], ids=["float", "text"])
+def test_a_record_whose_round_is_not_an_integer_fails_and_is_never_shown_as_the_result(
+    finished_run: Path, tmp_path: Path, round_value: object
+) -> None:
+    from fedsilo.server.model_card import model_card
+    from fedsilo.server.report_data import build_report_data
+
+    folder = RunFolder(finished_run)
+    _forged_last_record(folder, round_value)
+
+    report = verify_run(finished_run)
+
+    reasons = " | ".join(problem.reason for problem in report.problems)
+    assert f"metrics.jsonl line 3: field 'round' is {round_value!r}, not an integer" in reasons
+    assert "holds no record of round 2, whose metrics the ledger records" in reasons
+    data = build_report_data(finished_run, report, key_source="folder")
+    assert [row.round for row in data.rounds] == [0, 1]
+    assert all(row.gold_accuracy != 0.93 for row in data.rounds)
+    card = model_card(finished_run, finished_run / "final")
+    assert "93.0%" not in card and "97.0%" not in card
+    assert "Not stated: metrics.jsonl holds no record of round 2" in card
+
+
+def test_the_report_marks_a_record_that_differs_from_the_ledger_unverified(
+    finished_run: Path,
+) -> None:
+    from fedsilo.server.report_data import build_report_data
+
+    folder = RunFolder(finished_run)
+    honest = build_report_data(finished_run, verify_run(finished_run), key_source="folder")
+    _forged_last_record(folder, 2)
+
+    report = verify_run(finished_run)
+    data = build_report_data(finished_run, report, key_source="folder")
+
+    assert not report.ok
+    assert [row.metrics_ledgered for row in honest.rounds] == [True, True, True]
+    assert [row.metrics_ledgered for row in data.rounds] == [True, True, False]
+    # The gold parts come only from the ledgered record of the last round.
+    assert honest.gold_parts and data.gold_parts == ()
+
+
+@pytest.mark.parametrize("edit", ["deleted", "reordered", "repeated"])
+def test_records_deleted_reordered_or_repeated_fail(finished_run: Path, edit: str) -> None:
+    folder = RunFolder(finished_run)
+    records = folder.read_metrics()
+    if edit == "deleted":
+        del records[1]
+    elif edit == "reordered":
+        records[1], records[2] = records[2], records[1]
+    else:
+        records.insert(2, records[1])
+    folder.write_metrics(records)
+
+    reasons = _reasons(finished_run)
+
+    if edit == "deleted":
+        assert "holds no record of round 1, whose metrics the ledger records" in reasons
+    else:
+        assert "the records are out of order or repeated" in reasons
+
+
+def test_the_last_record_of_a_finished_run_may_not_be_missing(finished_run: Path) -> None:
+    # Only a run that stopped right after ledgering its last round may lack that round's
+    # record (see test_crash_between_ledger_and_checkpoint_resumes_to_a_verifying_ledger).
+    folder = RunFolder(finished_run)
+    folder.write_metrics(folder.read_metrics()[:-1])
+
+    assert "holds no record of round 2" in _reasons(finished_run)
+
+
+@pytest.mark.parametrize(
+    ("line", "named"),
+    [
+        ("{not json", "line 4: not JSON ("),
+        ('{"round": "x"}', "line 4: field 'round' is 'x', not an integer round number"),
+        ('{"round": 5, "sites_ok": "many"}', "line 4: field 'sites_ok' is 'many', not a count"),
+        ('{"round": 5, "gold_loss": "low"}', "line 4: field 'gold_loss' is 'low', not a number"),
+        ('{"round": 5}', "line 4: round 5 is not recorded in the ledger"),
+    ],
+)
+def test_a_malformed_metrics_line_is_named_by_file_line_and_field_and_still_reported(
+    finished_run: Path, tmp_path: Path, line: str, named: str
+) -> None:
+    folder = RunFolder(finished_run)
+    with folder.metrics_path.open("a", encoding="utf-8") as handle:
+        handle.write(line + "\n")
+
+    assert f"{folder.metrics_path} {named}" in _reasons(finished_run)
+    out = tmp_path / "report.html"
+    assert main(["audit", "report", str(finished_run), "--out", str(out)]) == 1
+    assert 'class="banner fail"' in out.read_text(encoding="utf-8")
+
+
+def test_a_round_json_of_another_round_fails(finished_run: Path) -> None:
+    folder = RunFolder(finished_run)
+    (folder.checkpoint_dir(2) / "round.json").write_text(
+        (folder.checkpoint_dir(1) / "round.json").read_text()
+    )
+
+    assert "round.json: the record is of round 1, not 2" in _reasons(finished_run)

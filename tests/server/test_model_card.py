@@ -490,3 +490,36 @@ def test_a_zero_width_interval_is_said_not_to_mean_certainty() -> None:
     caveat = "it does not mean the model's true rate is exactly that value"
     assert caveat in "\n".join(_evaluation(last, "code", (), None))
     assert caveat not in "\n".join(_evaluation(widened, "code", (), None))
+
+
+@pytest.mark.parametrize("change", ["edited", "deleted"])
+def test_the_card_states_the_privacy_the_ledger_records_not_config_toml(
+    dp_run: Path, tmp_path: Path, change: str
+) -> None:
+    run = Path(shutil.copytree(dp_run, tmp_path / "run"))
+    honest = model_card(run, run / "final")
+    path = run / "config.toml"
+    if change == "edited":
+        text = path.read_text()
+        for old, new in (
+            ("delta = 1e-05", "delta = 0.001"),
+            ('accountant = "rdp"', 'accountant = "pld"'),
+            ('[secure_aggregation]\nmode = "none"', '[secure_aggregation]\nmode = "secagg"'),
+        ):
+            assert old in text, old
+            text = text.replace(old, new)
+        path.write_text(text)
+    else:
+        path.unlink()
+
+    card = model_card(run, run / "final")
+
+    assert "| Secure aggregation | none |" in card
+    assert "| Differential privacy | record-level (DP-SGD at every site) |" in card
+    assert "## Privacy (\u03b4 = 1e-05, rdp accountant)" in card
+    assert "pld" not in card and "secagg" not in card and "0.001" not in card
+    assert "| Task | not recorded |" in card and "| Task | icd10 |" in honest
+    epsilons = [line for line in card.splitlines() if "| record-level DP-SGD |" in line]
+    assert epsilons and epsilons == [
+        line for line in honest.splitlines() if "| record-level DP-SGD |" in line
+    ]

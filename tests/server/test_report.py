@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import re
 import shutil
 import sqlite3
@@ -14,12 +16,16 @@ import pytest
 
 from fedsilo.cli.main import main
 from fedsilo.client.policy import load_policy, policy_digest
-from fedsilo.config import FedsiloConfig
+from fedsilo.config import FedsiloConfig, load_config
 from fedsilo.crypto import generate_private_key, write_public_key
 from fedsilo.data.tasks import build_task
 from fedsilo.evaluation.bootstrap import exact_bounds_at_zero
-from fedsilo.ledger import EntryKind, read_entries
+from fedsilo.ledger import Entry, EntryKind, payload_json, read_entries
+from fedsilo.report import render_report
+from fedsilo.server.audit import verify_run
 from fedsilo.server.federation import FederationError
+from fedsilo.server.report_data import build_report_data
+from fedsilo.server.report_privacy import privacy_of
 from fedsilo.server.run_folder import RunFolder
 from fedsilo.simulation.inprocess_grid import FIRST_NODE_ID
 
@@ -34,6 +40,14 @@ def _report(run: Path, out: Path, *extra: str) -> tuple[int, str]:
 def _pinned_key(run: Path) -> str:
     # The coordinator key as an auditor would hold it: a copy of the public key file.
     return str(run / "coordinator" / "coordinator.pub")
+
+
+def _site_public_keys(run: Path, into: Path) -> Path:
+    """The sites' public keys as an auditor would hold them: one NAME.pub per site."""
+    into.mkdir()
+    for public in run.glob("sites/*/*.pub"):
+        shutil.copy(public, into / public.name)
+    return into
 
 
 def _visible_text(page: str) -> str:
@@ -135,14 +149,25 @@ def test_pinned_key_report_passes_and_folder_key_report_warns(
     dp_run_with_refusal: tuple[Path, str], tmp_path: Path
 ) -> None:
     run, _ = dp_run_with_refusal
+    site_keys = _site_public_keys(run, tmp_path / "site-keys")
 
-    pinned_code, pinned = _report(run, tmp_path / "a.html", "--coordinator-key", _pinned_key(run))
+    pinned_code, pinned = _report(
+        run,
+        tmp_path / "a.html",
+        "--coordinator-key",
+        _pinned_key(run),
+        "--site-keys",
+        str(site_keys),
+    )
     folder_code, folder = _report(run, tmp_path / "b.html")
 
     assert (pinned_code, folder_code) == (0, 0)
     assert 'class="banner pass"' in pinned and 'class="banner pass"' in folder
-    assert "pinned by the auditor" in pinned and "taken from the run folder" not in pinned
+    assert "pinned by the auditor (<code>--coordinator-key</code>)" in pinned
+    assert "pinned by the auditor (<code>--site-keys</code>)" in pinned
+    assert "taken from the run folder" not in pinned and 'class="warning"' not in pinned
     assert "The coordinator key was taken from the run folder." in folder
+    assert "The site keys were taken from the run folder." in folder
     assert 'class="warning"' in folder
 
 
@@ -388,3 +413,154 @@ def test_gold_intervals_and_precision_say_what_they_are(plain_run: Path, tmp_pat
     assert f"Clopper-Pearson interval is 0% to {clopper_pearson:.2%}" in text
     assert "<dt>Precision</dt><dd>fp32 " in html
     assert "every weight in fp32 during local training at every simulated site" in text
+
+
+def _epsilon_rows(text: str) -> list[str]:
+    return re.findall(r"record-level DP-SGD \S+ \S+ round 1: [^A-Z]*", text)
+
+
+def _edit_config(run: Path) -> None:
+    """config.toml as someone might edit it after the run: another delta, accountant, secure
+    aggregation mode and number of rounds (it still parses; its digest is no longer the
+    ledger's)."""
+    path = run / "config.toml"
+    text = path.read_text()
+    for old, new in (
+        ("delta = 1e-05", "delta = 0.001"),
+        ('accountant = "rdp"', 'accountant = "pld"'),
+        ('[secure_aggregation]\nmode = "none"', '[secure_aggregation]\nmode = "secagg"'),
+        ("rounds = 2\n", "rounds = 9\n"),
+    ):
+        assert old in text, old
+        text = text.replace(old, new)
+    path.write_text(text)
+
+
+@pytest.mark.parametrize("change", ["edited", "deleted"])
+def test_the_privacy_section_states_the_ledgers_settings_whatever_config_toml_says(
+    dp_run_with_refusal: tuple[Path, str],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    change: str,
+) -> None:
+    run, _ = dp_run_with_refusal
+    _, honest = _report(run, tmp_path / "honest.html", "--coordinator-key", _pinned_key(run))
+    main(["privacy", str(run)])
+    honest_privacy = capsys.readouterr().out
+    if change == "edited":
+        _edit_config(run)
+    else:
+        (run / "config.toml").unlink()
+
+    code, html = _report(run, tmp_path / "report.html", "--coordinator-key", _pinned_key(run))
+
+    assert code == 0  # config.toml is not evidence: verification does not depend on it
+    text = _visible_text(html)
+    assert "Settings read from the ledger's run_started entry" in text
+    assert "Accountant rdp \u03b4 1e-05 Secure aggregation none " in text
+    assert "secagg" not in text and "pld" not in text and "0.001" not in text
+    assert "No differential privacy event" not in text
+    assert _epsilon_rows(text) == _epsilon_rows(_visible_text(honest)) != []
+    assert "planned" not in text and "Task not recorded" in text
+    assert main(["privacy", str(run)]) == 0
+    output = capsys.readouterr().out
+    assert "DP settings from the ledger's run_started entry" in output
+    epsilons = [line for line in output.splitlines() if line.endswith(("yes", "NO"))]
+    assert epsilons == [line for line in honest_privacy.splitlines() if line.endswith("yes")]
+
+
+def _without_dp_settings(entries: list[Entry]) -> list[Entry]:
+    """The entries as a ledger from before run_started recorded the DP settings has them."""
+    started = entries[0]
+    payload = {k: v for k, v in started.payload.items() if k != "differential_privacy"}
+    return [dataclasses.replace(started, payload=payload), *entries[1:]]
+
+
+def test_dp_events_are_never_reported_absent_when_the_settings_are_not_established(
+    dp_run_with_refusal: tuple[Path, str],
+) -> None:
+    run, _ = dp_run_with_refusal
+    entries = _without_dp_settings(read_entries(run / "ledger.db"))
+    (run / "config.toml").unlink()
+    data = build_report_data(run, verify_run(run), key_source="folder")
+
+    privacy = privacy_of(entries, None)
+    text = _visible_text(render_report(dataclasses.replace(data, privacy=privacy)))
+
+    assert privacy.events_recorded and not privacy.epsilon and privacy.delta is None
+    assert privacy.mode.startswith("record-level DP-SGD, as the ledger's DP events show")
+    assert "No differential privacy event" not in text
+    assert "The ledger holds differential privacy events, but no epsilon is shown" in text
+    assert "\u03b5 is not computed: it needs the run's accountant and \u03b4" in text
+    assert "Settings read from not established" in text
+
+
+def test_a_tampered_dp_event_gets_a_fail_report_naming_it(
+    dp_run_with_refusal: tuple[Path, str], tmp_path: Path
+) -> None:
+    run, _ = dp_run_with_refusal
+    with sqlite3.connect(run / "ledger.db") as db:
+        seq, payload = db.execute(
+            "SELECT seq, payload FROM entries WHERE kind = 'update_received' ORDER BY seq"
+        ).fetchone()
+        edited = json.loads(payload)
+        edited["dp_event"]["steps"] = 0
+        db.execute("UPDATE entries SET payload = ? WHERE seq = ?", (payload_json(edited), seq))
+
+    code, html = _report(run, tmp_path / "report.html", "--coordinator-key", _pinned_key(run))
+
+    assert code == 1
+    text = _visible_text(html)
+    assert 'class="banner fail"' in html
+    assert f"entry {seq}: DP event unreadable (site " in text
+    assert "steps must be >= 1, got 0" in text
+    assert "Final \u03b5" in text  # the other events still give each site's epsilon
+
+
+def test_an_epsilon_that_cannot_be_computed_is_said_so(
+    dp_run_with_refusal: tuple[Path, str],
+) -> None:
+    run, _ = dp_run_with_refusal
+    entries = read_entries(run / "ledger.db")
+    # Round 2's last update: its site also sent a record-level event in round 1.
+    update = next(e for e in reversed(entries) if e.kind is EntryKind.UPDATE_RECEIVED)
+    site = str(update.payload["site_id"])
+    # A site-level event among a site's record-level ones: different units, no one epsilon.
+    mixed = {
+        **update.payload,
+        "dp_event": {
+            "type": "sampled_sites_gaussian",
+            "noise_multiplier": 1.0,
+            "sites_per_round": 2,
+            "num_sites": 3,
+            "rounds": 1,
+        },
+    }
+    edited = [dataclasses.replace(e, payload=mixed) if e is update else e for e in entries]
+
+    privacy = privacy_of(edited, load_config(run / "config.toml"))
+
+    assert site not in privacy.epsilon
+    assert any(
+        note.startswith(f"site {site!r}: \u03b5 not computed:") and "different units" in note
+        for note in privacy.notes
+    )
+
+
+def test_the_report_says_how_many_receipts_were_examined(
+    dp_run_with_refusal: tuple[Path, str], tmp_path: Path
+) -> None:
+    run, _ = dp_run_with_refusal
+    held = len(list(run.glob("sites/*/receipts/*/*.json")))
+    _, with_receipts = _report(run, tmp_path / "a.html")
+    for receipts in run.glob("sites/*/receipts"):
+        shutil.rmtree(receipts)
+
+    code, without = _report(run, tmp_path / "b.html")
+
+    assert held > 0 and f"Site receipts {held} examined" in _visible_text(with_receipts)
+    assert code == 0
+    text = _visible_text(without)
+    assert "checkpoints and metrics all hold; 0 receipts examined (none in the run folder)" in text
+    assert "receipts all hold" not in text
+    assert "Site receipts 0 receipts examined (none in the run folder)" in text

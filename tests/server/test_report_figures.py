@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from fedsilo.ledger import Entry, EntryKind
 from fedsilo.report.model import PartRow, RoundRow
-from fedsilo.server.report_data import gold_parts_of
-from fedsilo.server.report_figures import interval_caveats, ranking_chance, round_examples
-from fedsilo.server.run_folder import RunFolder
+from fedsilo.server.report_figures import (
+    gold_parts_of,
+    interval_caveats,
+    ranking_chance,
+    round_examples,
+)
 
 _EVENT = {"type": "poisson_gaussian", "noise_multiplier": 1.0, "sampling_rate": 0.1, "steps": 1}
 
@@ -78,14 +80,12 @@ def test_ranking_chance(figure: str, candidates: object, expected: tuple[object,
     assert ranking_chance(figure, candidates) == expected
 
 
-def test_gold_parts_carry_the_ranking_candidates_recorded_with_them(tmp_path: Path) -> None:
+def test_gold_parts_carry_the_ranking_candidates_recorded_with_them() -> None:
     ranking = {"candidates": 10, "count": 200, "top1": 0.785, "top5": 0.995}
     unseen = {"count": 200, "accuracy": 0.12, "category_accuracy": 0.6}
-    RunFolder(tmp_path).write_metrics(
-        [{"round": 1, "gold_parts": {"ranking": ranking, "unseen-code": unseen}}]
-    )
+    record = {"round": 1, "gold_parts": {"ranking": ranking, "unseen-code": unseen}}
 
-    parts = {(p.part, p.figure): p for p in gold_parts_of(RunFolder(tmp_path))}
+    parts = {(p.part, p.figure): p for p in gold_parts_of(record)}
 
     assert (parts["ranking", "top1"].candidates, parts["ranking", "top1"].chance) == (10, 0.1)
     assert (parts["ranking", "top5"].candidates, parts["ranking", "top5"].chance) == (10, 0.5)

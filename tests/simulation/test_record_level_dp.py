@@ -1,7 +1,9 @@
 """Record-level DP-SGD in a federation: events ledgered, epsilon per site, budgets enforced."""
 
+import shutil
 import sqlite3
 from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 
 import dp_accounting
@@ -69,10 +71,19 @@ def test_privacy_command_checks_a_running_run_against_its_last_reported_round(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    # As a run looks while round 2 is under way: round 2's updates are ledgered, its metrics
-    # line is not written yet.
+    # As a run looks while round 2 is under way: round 2's updates are ledgered, its aggregate
+    # (and what follows it: checkpoint, metrics line, final adapter) is not there yet.
     run_with_grid(_dp_config(make_config, noise_multiplier=1.0), tmp_path / "run")
     folder = RunFolder(tmp_path / "run")
+    aggregate = next(
+        e.seq
+        for e in read_entries(folder.ledger_path)
+        if e.kind is EntryKind.ROUND_AGGREGATED and e.payload["round"] == 2
+    )
+    with closing(sqlite3.connect(folder.ledger_path)) as connection, connection:
+        connection.execute("DELETE FROM entries WHERE seq >= ?", (aggregate,))
+    shutil.rmtree(folder.checkpoint_dir(2))
+    shutil.rmtree(folder.final_dir)
     lines = folder.metrics_path.read_text().splitlines()
     folder.metrics_path.write_text("\n".join(lines[:-1]) + "\n")
     folder.write_json(folder.status_path, {"status": "running"})

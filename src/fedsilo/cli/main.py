@@ -114,6 +114,12 @@ def _trusted_key(args: argparse.Namespace) -> PublicKey | None:
     return read_public_key(args.coordinator_key) if args.coordinator_key else None
 
 
+def _trusted_site_keys(args: argparse.Namespace) -> dict[str, PublicKey] | None:
+    from fedsilo.server.audit import read_site_keys
+
+    return read_site_keys(args.site_keys) if args.site_keys else None
+
+
 def _print_verification(report: VerifyReport) -> None:
     from fedsilo.server.audit import describe
 
@@ -131,7 +137,14 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
             "note: trusting the coordinator key pinned in the run folder; pass "
             "--coordinator-key FILE to check against a key you obtained yourself"
         )
-    report = verify_run(args.run, coordinator_key=_trusted_key(args))
+    if args.site_keys is None:
+        print(
+            "note: trusting the site keys pinned in the run folder (checked against the ledger's "
+            "run_started entry); pass --site-keys DIR to check against keys you obtained yourself"
+        )
+    report = verify_run(
+        args.run, coordinator_key=_trusted_key(args), site_keys=_trusted_site_keys(args)
+    )
     _print_verification(report)
     return 0 if report.ok else 1
 
@@ -142,9 +155,14 @@ def cmd_audit_report(args: argparse.Namespace) -> int:
     from fedsilo.server.audit import describe, verify_run
     from fedsilo.server.report_data import build_report_data
 
-    report = verify_run(args.run, coordinator_key=_trusted_key(args))
+    report = verify_run(
+        args.run, coordinator_key=_trusted_key(args), site_keys=_trusted_site_keys(args)
+    )
     key_source: KeySource = "folder" if args.coordinator_key is None else "auditor"
-    data = build_report_data(args.run, report, key_source=key_source)
+    site_key_source: KeySource = "folder" if args.site_keys is None else "auditor"
+    data = build_report_data(
+        args.run, report, key_source=key_source, site_key_source=site_key_source
+    )
     write_report(data, args.out)
     print(f"wrote {args.out}; {describe(report)}")
     if args.pdf:
@@ -171,7 +189,6 @@ def _run_status(folder: RunFolder) -> str:
 
 
 def cmd_privacy(args: argparse.Namespace) -> int:
-    from fedsilo.config import load_config
     from fedsilo.ledger import read_entries
     from fedsilo.server.audit import verify_run
     from fedsilo.server.privacy_report import (
@@ -180,17 +197,17 @@ def cmd_privacy(args: argparse.Namespace) -> int:
         site_events,
         site_level_epsilon,
     )
+    from fedsilo.server.report_data import run_files
+    from fedsilo.server.report_privacy import dp_settings
     from fedsilo.server.run_folder import RunFolder
 
     folder = RunFolder(args.run)
-    privacy = load_config(folder.config_path).privacy
-    if not (privacy.record_level or privacy.site_level):
-        print(f"{folder.root}: no differential privacy configured; no epsilon bounds this run")
-        return 1
     # The DP events are the sites' signed claims and the site-level events the coordinator's:
     # an epsilon composed from entries that fail verification would state a guarantee nobody
     # can stand behind, so it is not computed at all.
-    report = verify_run(args.run, coordinator_key=_trusted_key(args))
+    report = verify_run(
+        args.run, coordinator_key=_trusted_key(args), site_keys=_trusted_site_keys(args)
+    )
     if not report.ok:
         _print_verification(report)
         print(f"{folder.root}: epsilon not recomputed, the ledger does not verify")
@@ -200,6 +217,20 @@ def cmd_privacy(args: argparse.Namespace) -> int:
     else:
         print(f"ledger verified against {args.coordinator_key}")
     entries = read_entries(folder.ledger_path)
+    # The accountant and delta of a config.toml edited after the run would give another
+    # epsilon: only the configuration the ledger records (or its own record) is used.
+    privacy = dp_settings(run_files(folder)[0], entries)
+    if privacy is None:
+        print(
+            f"{folder.root}: the run's DP settings are not established (config.toml is missing "
+            "or is not the configuration whose digest the ledger records, and the ledger does "
+            "not record them); epsilon not recomputed"
+        )
+        return 1
+    if not (privacy.record_level or privacy.site_level):
+        print(f"{folder.root}: no differential privacy configured; no epsilon bounds this run")
+        return 1
+    print(f"DP settings from {privacy.source}")
     all_match = True
     if privacy.site_level:
         site_level = site_level_epsilon(entries, delta=privacy.delta, accountant=privacy.accountant)
@@ -647,6 +678,7 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         help="verify the ledger against this coordinator public key (default: the run's)",
     )
+    _add_site_keys_option(privacy)
     privacy.set_defaults(handler=cmd_privacy)
 
     transfer = commands.add_parser(
@@ -698,6 +730,7 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument(
             "--coordinator-key", type=Path, help="the coordinator's public key file you trust"
         )
+        _add_site_keys_option(command)
         if name == "report":
             command.add_argument("--out", type=Path, required=True)
             command.add_argument(
@@ -707,6 +740,15 @@ def _parser() -> argparse.ArgumentParser:
     _add_bench(commands)
     add_deploy_commands(commands)
     return parser
+
+
+def _add_site_keys_option(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--site-keys",
+        type=Path,
+        help="a folder of the site public keys you trust, NAME.pub per site (default: the "
+        "keys pinned in the run's federation.json)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -72,6 +72,12 @@ SITE_METRICS_FIELD = "site_metrics"
 (:meth:`fedsilo.protocol.records.SiteMetrics.claim_fields`), or null where none are sent (secure
 aggregation, HE)."""
 
+DP_SETTINGS_FIELD = "differential_privacy"
+"""Payload field of a ``run_started`` entry with the run's DP settings: ``{"record_level":
+<bool>, "site_level": <bool>, "accountant": "rdp" | "pld", "delta": <float>}``, so that the
+ledger alone states the accountant and delta every epsilon is computed with. Ledgers written
+before it was recorded lack it."""
+
 SITE_CLAIMS_FIELD = "site_claims"
 """Payload field of an ``update_received`` entry with the site's signature on its claims:
 ``{"claims_sha256": <64 hex digits>, "signature": <base64>}``, the signature being the site's

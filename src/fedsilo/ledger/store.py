@@ -42,6 +42,7 @@ from fedsilo.ledger.entries import (
     GENESIS_HASH,
     SITE_CLAIMS_FIELD,
     SITE_METRICS_FIELD,
+    SITE_POLICY_FIELD,
     SITE_SIGNATURE_FIELD,
     UPDATE_BINDING_FIELDS,
     Entry,
@@ -77,10 +78,22 @@ class LedgerError(RuntimeError):
 
 @dataclass(frozen=True)
 class StoredRow:
-    """One row of the entries table as stored, before any parsing (columns may be any type)."""
+    """One row of the entries table as stored, before any parsing (columns may be any type).
 
-    seq: int
+    ``seq`` is the column as stored: an integer in every ledger fedsilo writes, but a file from
+    an untrusted party may hold text or NULL there, so ``position`` (1-based, in seq order)
+    names the row when ``seq`` cannot.
+    """
+
+    seq: object
     values: tuple[object, ...]
+    position: int = 0
+
+    @property
+    def number(self) -> int | None:
+        """The row's seq when it is an integer, else None."""
+        seq = self.seq
+        return seq if isinstance(seq, int) and not isinstance(seq, bool) else None
 
 
 @dataclass(frozen=True)
@@ -97,7 +110,12 @@ def parse_row(row: StoredRow) -> Entry:
     The payload text must be exactly the canonical JSON of the object it holds, so that every
     reader, in any language, sees the same payload the hash was made over.
     """
-    seq = row.seq
+    seq = row.number
+    if seq is None:
+        raise LedgerError(
+            f"row {row.position} of the entries table (in seq order): column seq is "
+            f"{row.seq!r}, not an integer"
+        )
     names = ("kind", "created_at", "payload", "prev_hash", "entry_hash", "signature")
     if len(row.values) != len(names):
         raise LedgerError(f"entry seq {seq}: expected {len(names)} columns")
@@ -195,7 +213,10 @@ def read_stored_ledger(path: Path) -> StoredLedger:
             raise LedgerError(f"{path}: not a fedsilo ledger ({error})") from None
     return StoredLedger(
         coordinator_key_text=meta[_KEY_META],
-        rows=tuple(StoredRow(seq=int(row[0]), values=tuple(row[1:])) for row in rows),
+        rows=tuple(
+            StoredRow(seq=row[0], values=tuple(row[1:]), position=position)
+            for position, row in enumerate(rows, start=1)
+        ),
     )
 
 
@@ -218,13 +239,14 @@ def read_coordinator_key_text(path: Path) -> str:
 UPDATE_ENTRY_FIELDS = (
     *UPDATE_BINDING_FIELDS,
     SITE_SIGNATURE_FIELD,
+    SITE_POLICY_FIELD,
     SITE_METRICS_FIELD,
     "dp_event",
     SITE_CLAIMS_FIELD,
 )
 """What an ``update_received`` entry (format 2) must hold to be verifiable: the binding, the
-site's signature on it, and the metrics and DP event (null where none) with the site's
-signature on them."""
+site's signature on it, the policy it declared, and the metrics and DP event (null where none)
+with the site's signature on them."""
 
 
 def _check_payload(kind: EntryKind, payload: Mapping[str, JsonValue]) -> None:
@@ -439,7 +461,10 @@ def _select_head(connection: sqlite3.Connection) -> Entry | None:
     row = connection.execute(f"SELECT {_COLUMNS} FROM entries ORDER BY seq DESC LIMIT 1").fetchone()
     if row is None:
         return None
-    return parse_row(StoredRow(seq=int(row[0]), values=tuple(row[1:])))
+    stored = StoredRow(seq=row[0], values=tuple(row[1:]))
+    if stored.number is None:
+        raise LedgerError(f"the ledger's last row has seq {row[0]!r}, not an integer")
+    return parse_row(stored)
 
 
 def _check_head(head: Entry, coordinator_key: PrivateKey, path: Path) -> None:

@@ -9,14 +9,17 @@ itself) and knows each site's public key. Per entry, in this order:
 4. the coordinator's signature over ``(entry_hash, seq)`` verifies under the pinned key;
 5. the first entry is ``run_started``;
 6. an ``update_received`` entry carries the site's update binding and ``site_signature``, the
-   site is known, and its signature verifies; its ``site_policy`` (the policy the site declared,
-   absent from ledgers older than the declaration) carries the site's valid signature over the
-   declaration and the same binding; its ``site_claims`` carries the site's valid signature
-   over the same binding and ``claims_sha256``, and that digest recomputes from the entry's
-   ``site_metrics`` and ``dp_event`` (so the metrics that weighted the update and the DP event
-   its privacy is accounted by are what the site signed; a ``num_examples`` beside them must
-   equal the signed one). An entry without ``site_claims`` (update entry format 1, written
-   before sites signed their claims) is a problem: its numbers rest on nobody's signature.
+   binding names the federation and run of the ledger's ``run_started`` entry (a site's genuine
+   update from another run cannot be chained into this one), the site is known, and its
+   signature verifies; its ``site_policy`` (the policy the site declared) carries the site's
+   valid signature over the declaration and the same binding; its ``site_claims`` carries the
+   site's valid signature over the same binding and ``claims_sha256``, and that digest
+   recomputes from the entry's ``site_metrics`` and ``dp_event`` (so the metrics that weighted
+   the update and the DP event its privacy is accounted by are what the site signed; a
+   ``num_examples`` beside them must equal the signed one). An entry without ``site_claims``
+   (update entry format 1, written before sites signed their claims) is a problem: its numbers
+   rest on nobody's signature. An entry with ``site_claims`` must carry ``site_policy`` too:
+   every writer of claims also wrote the declaration, so one without it had it removed.
 
 Every problem is collected, not just the first; then caller-supplied extra checks run (the
 server adds one that compares aggregate digests with the checkpoints on disk). Extra checks see
@@ -86,6 +89,9 @@ class VerifyReport:
     entries: int
     problems: tuple[VerifyProblem, ...]
     coordinator_fingerprint: str
+    receipts: int | None = None
+    """How many site receipt files were examined; None where the verification looked for none
+    (the ledger alone)."""
 
     @property
     def ok(self) -> bool:
@@ -132,26 +138,49 @@ def _binding_of(entry: Entry) -> tuple[UpdateBinding, str] | str:
     return binding, str(payload[SITE_SIGNATURE_FIELD])
 
 
-def _update_problems(entry: Entry, site_keys: Mapping[str, PublicKey]) -> list[VerifyProblem]:
+def _run_problem(binding: UpdateBinding, started: Mapping[str, object] | None) -> str | None:
+    """Why ``binding`` does not belong to the run the ledger's run_started entry (payload
+    ``started``) records (None: it does). A site signs each update for one federation and run,
+    so its signature alone cannot stop a genuine update of another run being chained here."""
+    if started is None:
+        return "no run_started entry records the federation and run this update must belong to"
+    expected = (started.get("federation_id"), started.get("run_id"))
+    if not all(isinstance(value, str) for value in expected):
+        return (
+            "the run_started entry records no federation_id and run_id (as text) to hold this "
+            "update's signed binding to"
+        )
+    if (binding.federation_id, binding.run_id) != expected:
+        return (
+            f"site {binding.site_id!r} signed this update for federation "
+            f"{binding.federation_id!r}, run {binding.run_id!r}, but this ledger's run_started "
+            f"entry records federation {expected[0]!r}, run {expected[1]!r}: an update of "
+            "another run"
+        )
+    return None
+
+
+def _update_problems(
+    entry: Entry, site_keys: Mapping[str, PublicKey], started: Mapping[str, object] | None
+) -> list[VerifyProblem]:
     found = _binding_of(entry)
     if isinstance(found, str):
         return [VerifyProblem(entry.seq, found)]
     binding, signature_text = found
+    problems: list[str | None] = [_run_problem(binding, started)]
     site_key = site_keys.get(binding.site_id)
     if site_key is None:
-        return [VerifyProblem(entry.seq, f"update from unknown site {binding.site_id!r}")]
-    try:
-        verify_update(site_key, binding, decode_signature(signature_text))
-    except SignatureError as error:
-        return [
-            VerifyProblem(
-                entry.seq, f"site {binding.site_id!r} signature on the update is invalid: {error}"
-            )
-        ]
-    problems = [
-        _policy_problem(entry.payload.get(SITE_POLICY_FIELD), site_key, binding),
-        _claims_problem(entry.payload, site_key, binding),
-    ]
+        problems.append(f"update from unknown site {binding.site_id!r}")
+    else:
+        try:
+            verify_update(site_key, binding, decode_signature(signature_text))
+        except SignatureError as error:
+            problems.append(f"site {binding.site_id!r} signature on the update is invalid: {error}")
+        else:
+            problems += [
+                _policy_problem(entry.payload, site_key, binding),
+                _claims_problem(entry.payload, site_key, binding),
+            ]
     return [VerifyProblem(entry.seq, problem) for problem in problems if problem is not None]
 
 
@@ -198,12 +227,22 @@ def _claims_problem(
     return None
 
 
-def _policy_problem(declared: object, site_key: PublicKey, binding: UpdateBinding) -> str | None:
+def _policy_problem(
+    payload: Mapping[str, object], site_key: PublicKey, binding: UpdateBinding
+) -> str | None:
     """Why an entry's ``site_policy`` is not the site's signed declaration (None: it is, or the
-    entry predates declarations and has none)."""
-    if declared is None:
-        return None
+    entry is of format 1, which predates declarations, and has none)."""
+    declared = payload.get(SITE_POLICY_FIELD)
     what = f"site {binding.site_id!r} policy declaration"
+    if declared is None:
+        if SITE_CLAIMS_FIELD not in payload:
+            return None  # format 1: reported as such by the claims check
+        # Sites declared their policy before they signed claims: a format-2 entry without a
+        # declaration had it removed, and the report would call the site's policy unknown.
+        return (
+            f"{what} is missing ({SITE_POLICY_FIELD}): an entry with {SITE_CLAIMS_FIELD} "
+            "always carries the site's signed declaration"
+        )
     if not isinstance(declared, dict) or set(declared) != {
         "policy_sha256",
         "min_cohort",
@@ -277,10 +316,11 @@ def _chain_problems(
 ) -> list[VerifyProblem]:
     problems: list[VerifyProblem] = []
     previous: Entry | None = None
+    started = next((e.payload for e in entries if e.kind is EntryKind.RUN_STARTED), None)
     for entry in entries:
         problems.extend(_entry_problems(entry, previous, coordinator_key))
         if entry.kind is EntryKind.UPDATE_RECEIVED:
-            problems.extend(_update_problems(entry, site_keys))
+            problems.extend(_update_problems(entry, site_keys, started))
         previous = entry
     return problems
 
@@ -346,7 +386,7 @@ def verify_ledger(
         try:
             entries.append(parse_row(row))
         except LedgerError as error:
-            problems.append(VerifyProblem(row.seq, str(error)))
+            problems.append(VerifyProblem(row.number, str(error)))
     if not stored.rows:
         problems.append(VerifyProblem(None, "the ledger has no entries"))
     problems.extend(_chain_problems(entries, coordinator_key, site_keys))

@@ -28,8 +28,10 @@ class Verification:
 
     ``key_source`` is "auditor" when the auditor pinned the key (``--coordinator-key``) and
     "folder" when it was taken from the run folder itself, which proves only that the ledger
-    matches the folder it came in, not who wrote it. ``first_broken`` names the first broken
-    entry (or "run folder") when verification failed.
+    matches the folder it came in, not who wrote it; ``site_key_source`` likewise for the site
+    keys (``--site-keys``, or ``federation.json``). ``first_broken`` names the first broken
+    entry (or "run folder") when verification failed. ``receipts`` is how many site receipts
+    were examined (None: not recorded).
     """
 
     ok: bool
@@ -39,6 +41,8 @@ class Verification:
     key_source: KeySource
     coordinator_fingerprint: str
     entries: int
+    site_key_source: KeySource = "folder"
+    receipts: int | None = None
 
     def __post_init__(self) -> None:
         if self.ok and self.problems:
@@ -183,8 +187,8 @@ class RoundRow:
     """
 
     round: int
-    sites_ok: int
-    sites_failed: int
+    sites_ok: int | None  # None where the record holds no count
+    sites_failed: int | None
     summed_sites: tuple[str, ...]
     examples: int | None
     train_loss: float | None
@@ -247,7 +251,10 @@ class Privacy:
     ``epsilon`` maps each site to ``((round, epsilon after that round), ...)`` recomputed from
     the ledger's DP events; ``site_level_epsilon`` likewise for site-level DP. ``site_modes``
     names, per site, the DP its ledgered updates show it ran under (its DP events, and the
-    site-level events of the rounds that summed it).
+    site-level events of the rounds that summed it). ``settings_source`` says where the mode,
+    accountant and delta were read (None: not established); ``events_recorded`` whether the
+    ledger holds any DP event (readable or not); ``notes`` what a reader must know about the
+    epsilons (an event that could not be read, an epsilon that could not be computed).
     """
 
     mode: str
@@ -257,10 +264,16 @@ class Privacy:
     epsilon: Mapping[str, tuple[tuple[int, float], ...]] = field(default_factory=dict)
     site_level_epsilon: tuple[tuple[int, float], ...] = ()
     site_modes: Mapping[str, str] = field(default_factory=dict)
+    settings_source: str | None = None
+    events_recorded: bool = False
+    notes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "epsilon", MappingProxyType(dict(self.epsilon)))
         object.__setattr__(self, "site_modes", MappingProxyType(dict(self.site_modes)))
+        if self.epsilon or self.site_level_epsilon:
+            # An epsilon is computed from DP events: the ledger holds some.
+            object.__setattr__(self, "events_recorded", True)
 
     @property
     def final_epsilon(self) -> dict[str, float]:

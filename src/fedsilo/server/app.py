@@ -34,6 +34,7 @@ from fedsilo.data.tasks import build_task
 from fedsilo.evaluation.gold import evaluate_task_gold
 from fedsilo.evaluation.metrics import GoldMetrics
 from fedsilo.ledger import EntryKind, Ledger
+from fedsilo.ledger.entries import DP_SETTINGS_FIELD
 from fedsilo.model.adapters import AdapterState, export_peft_folder, set_adapter_state
 from fedsilo.model.base import resolve_base_model
 from fedsilo.privacy.trust import update_visibility
@@ -228,6 +229,14 @@ def _execute(grid: Grid, job: ServerJob, folder: RunFolder) -> AdapterState:
                     "server_momentum": config.strategy.server_momentum,
                     "secure_aggregation": config.secure_aggregation.mode,
                     "secure_aggregation_trust": update_visibility(config.secure_aggregation.mode),
+                    # The accountant and delta every epsilon is computed with, in the ledger
+                    # itself: a report must not need config.toml to state the guarantee.
+                    DP_SETTINGS_FIELD: {
+                        "record_level": config.privacy.record_level,
+                        "site_level": config.privacy.site_level,
+                        "accountant": config.privacy.accountant,
+                        "delta": config.privacy.delta,
+                    },
                     "coordinator_fingerprint": fingerprint(coordinator_key.public_key()),
                     "sites": {name: fp for name, fp in membership.fingerprints().items()},
                     "fedsilo_version": fedsilo.__version__,

@@ -4,13 +4,16 @@ The ledger's own checks (chain, coordinator signatures, site signatures) are in
 ``fedsilo.ledger``. This module adds what needs the run folder: each checkpoint's adapter file
 must hash to what the ledger recorded for that round (the initial adapter in ``run_started``,
 the last ``round_aggregated`` entry of every later round, the final adapter in
-``run_finished``), and no checkpoint may exist that the ledger does not account for.
+``run_finished``), and no checkpoint may exist that the ledger does not account for; the
+site keys and ids of ``federation.json`` must be the ones ``run_started`` records (and the
+auditor's own, where they pin them).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from fedsilo.crypto import (
@@ -20,6 +23,7 @@ from fedsilo.crypto import (
     UpdateBinding,
     decode_signature,
     fingerprint,
+    read_public_key,
     verify_receipt,
 )
 from fedsilo.ledger import (
@@ -38,7 +42,7 @@ from fedsilo.server.folder_checks import (
     read_bounded,
 )
 from fedsilo.server.lineage import lineage_matches_ledger
-from fedsilo.server.membership import load_membership
+from fedsilo.server.membership import Membership, load_membership
 from fedsilo.server.run_folder import SERVER_STATE_FILE, RunFolder
 
 MAX_RECEIPT_BYTES = 64 * 1024
@@ -189,6 +193,86 @@ def receipts_match_ledger(receipt_files: Sequence[Path], coordinator_key: Public
     return check
 
 
+def membership_matches_ledger(
+    membership: Membership, pinned: Mapping[str, PublicKey] | None = None
+) -> ExtraCheck:
+    """An extra ledger check: ``federation.json`` (``membership``) names the federation, run and
+    site keys that the ``run_started`` entry records, and, where the auditor pinned site keys
+    (``pinned``), exactly those keys.
+
+    The site signatures are checked against the run folder's keys (or the pinned ones): a
+    ``federation.json`` whose keys differ from the fingerprints the coordinator signed into the
+    ledger at the start is not the membership the run had.
+    """
+
+    def check(entries: Sequence[Entry]) -> list[VerifyProblem]:
+        started = next((e for e in entries if e.kind is EntryKind.RUN_STARTED), None)
+        problems: list[VerifyProblem] = []
+        if pinned is not None:
+            problems += _pinned_key_problems(membership, pinned)
+        if started is None:
+            return problems  # a missing or unverified run_started is reported already
+        where = "federation.json"
+        for field, value in (
+            ("federation_id", membership.federation_id),
+            ("run_id", membership.run_id),
+        ):
+            if started.payload.get(field) != value:
+                problems.append(
+                    VerifyProblem(
+                        started.seq,
+                        f"{where} names {field} {value!r}, but the run_started entry records "
+                        f"{started.payload.get(field)!r}",
+                    )
+                )
+        recorded = started.payload.get("sites")
+        if not isinstance(recorded, dict):
+            problems.append(
+                VerifyProblem(started.seq, "the run_started entry records no site fingerprints")
+            )
+            return problems
+        held = membership.fingerprints()
+        for site in sorted(set(held) | set(recorded)):
+            if held.get(site) != recorded.get(site):
+                problems.append(
+                    VerifyProblem(
+                        started.seq,
+                        f"site {site!r}: {where} pins the key "
+                        f"{held.get(site, 'of no such site')}, but the run_started entry "
+                        f"records {recorded.get(site, 'no such site')}",
+                    )
+                )
+        return problems
+
+    return check
+
+
+def _pinned_key_problems(
+    membership: Membership, pinned: Mapping[str, PublicKey]
+) -> list[VerifyProblem]:
+    """Every site of ``federation.json`` must have the key the auditor pinned for it."""
+    problems: list[VerifyProblem] = []
+    for site, key in sorted(membership.site_keys().items()):
+        if site not in pinned:
+            problems.append(
+                VerifyProblem(
+                    None,
+                    f"site {site!r} is enrolled in federation.json, but no key of yours is "
+                    "pinned for it (--site-keys): its updates cannot be checked against a key "
+                    "you trust",
+                )
+            )
+        elif fingerprint(pinned[site]) != fingerprint(key):
+            problems.append(
+                VerifyProblem(
+                    None,
+                    f"site {site!r}: federation.json pins the key {fingerprint(key)}, not the "
+                    f"key {fingerprint(pinned[site])} you pinned",
+                )
+            )
+    return problems
+
+
 def _recorded_binding(entry: Entry) -> dict[str, object]:
     """The update binding an update_received entry records (empty for other kinds)."""
     if entry.kind is not EntryKind.UPDATE_RECEIVED:
@@ -210,6 +294,7 @@ def verify_run(
     run_dir: Path,
     *,
     coordinator_key: PublicKey | None = None,
+    site_keys: Mapping[str, PublicKey] | None = None,
     receipt_files: Sequence[Path] | None = None,
     _visiting: tuple[Path, ...] = (),
 ) -> VerifyReport:
@@ -217,8 +302,12 @@ def verify_run(
 
     ``coordinator_key`` is the key the auditor trusts, obtained out of band; without it the
     key pinned in RUN/federation.json is used (which only proves the ledger is consistent
-    with the folder it came in, not who wrote it). ``_visiting`` holds the runs whose
-    verification asked for this one (a run naming itself, directly or not, is a problem).
+    with the folder it came in, not who wrote it). ``site_keys`` likewise pins each site's key
+    (site name -> key): the site signatures are then checked against these alone, and every
+    site of federation.json must have one; without them the keys of RUN/federation.json are
+    used, held to the fingerprints the run_started entry records. The report counts the
+    receipt files examined. ``_visiting`` holds the runs whose verification asked for this one
+    (a run naming itself, directly or not, is a problem).
     """
     folder = RunFolder(run_dir)
     membership = load_membership(folder.membership_path)
@@ -248,19 +337,29 @@ def verify_run(
                 ),
                 coordinator_fingerprint=fingerprint(key),
             )
-        return verify_run(nested_dir, coordinator_key=key, _visiting=visiting)
+        return verify_run(nested_dir, coordinator_key=key, site_keys=site_keys, _visiting=visiting)
 
-    return verify_ledger(
+    report = verify_ledger(
         folder.ledger_path,
         coordinator_key=trusted,
-        site_keys=membership.site_keys(),
+        site_keys=membership.site_keys() if site_keys is None else site_keys,
         extra_checks=(
+            membership_matches_ledger(membership, site_keys),
             checkpoints_match_ledger(folder),
             outputs_match_ledger(folder),
             receipts_match_ledger(receipt_files, trusted),
             lineage_matches_ledger(folder, trusted, verify_nested),
         ),
     )
+    return dataclasses.replace(report, receipts=len(receipt_files))
+
+
+def receipts_examined(report: VerifyReport) -> str:
+    """How many site receipts the verification examined, said so that none is not read as
+    "all hold": a deployed site keeps its receipts in its own storage, not in the run folder."""
+    if not report.receipts:
+        return "0 receipts examined (none in the run folder)"
+    return f"{report.receipts} receipt{'s' if report.receipts != 1 else ''} examined"
 
 
 def describe(report: VerifyReport) -> str:
@@ -268,11 +367,27 @@ def describe(report: VerifyReport) -> str:
     if report.ok:
         return (
             f"ledger verified: {report.entries} entries, chain, coordinator signatures "
-            f"({report.coordinator_fingerprint}), site signatures and checkpoints all hold"
+            f"({report.coordinator_fingerprint}), site signatures, checkpoints and metrics all "
+            f"hold; {receipts_examined(report)}"
         )
     first = report.first_problem
     where = f"entry {first.seq}" if first and first.seq is not None else "run folder"
     reason = first.reason if first else "unknown problem"
     return (
-        f"ledger FAILED verification: {len(report.problems)} problem(s); first at {where}: {reason}"
+        f"ledger FAILED verification: {len(report.problems)} problem(s); first at {where}: "
+        f"{reason}; {receipts_examined(report)}"
     )
+
+
+def read_site_keys(folder: Path) -> dict[str, PublicKey]:
+    """The site keys an auditor pinned: every ``NAME.pub`` file of ``folder`` (as ``fedsilo keys
+    init`` writes them), by site name NAME.
+
+    Raises:
+        ValueError: ``folder`` holds no ``.pub`` file (naming it), or one that is not a key
+            (KeyFileError, naming the file).
+    """
+    paths = sorted(Path(folder).glob("*.pub"))
+    if not paths:
+        raise ValueError(f"{folder}: no site public key (NAME.pub) in this folder")
+    return {path.stem: read_public_key(path) for path in paths}

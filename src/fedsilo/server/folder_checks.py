@@ -9,10 +9,14 @@ verified, see :mod:`fedsilo.ledger.verify`):
   aggregate the ledger records;
 - ``status.json`` saying "completed": the ledger ends with ``run_finished`` (a ledger cut at
   its end, with final/ and the last round's files removed, no longer passes);
-- metrics: every round record in ``metrics.jsonl`` and in ``checkpoints/round-N/round.json``
-  hashes to the ``metrics_sha256`` the ledger recorded for that round (the baseline of round 0
-  in ``baseline_evaluated``). A round whose entry has no digest (ledgers written before it was
-  recorded) is marked unverified in the compliance report, not passed off as verified.
+- metrics: every line of ``metrics.jsonl`` is a record with an integer ``round`` (and counts
+  and figures of their types), of a round the ledger records, hashing to the
+  ``metrics_sha256`` the ledger recorded for that round (the baseline of round 0 in
+  ``baseline_evaluated``), once and in round order; every digest the ledger records has its
+  record, except the last round's when the run stopped before writing it; each
+  ``checkpoints/round-N/round.json`` is round N's recorded record. A round whose entry has no
+  digest (ledgers written before it was recorded) is marked unverified in the compliance
+  report, not passed off as verified.
 
 Files are read only when they are regular files inside the run folder and below a size limit.
 """
@@ -23,6 +27,7 @@ import hashlib
 import json
 import stat
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -202,61 +207,213 @@ def recorded_metric_digests(entries: Sequence[Entry]) -> dict[int, tuple[int, st
         if entry.kind in (EntryKind.ROUND_AGGREGATED, EntryKind.BASELINE_EVALUATED):
             round_number = entry.payload.get("round")
             digest = entry.payload.get("metrics_sha256")
-            if isinstance(round_number, int):
+            if isinstance(round_number, int) and not isinstance(round_number, bool):
                 recorded[round_number] = (entry.seq, digest if isinstance(digest, str) else None)
     return recorded
 
 
-def _metric_records(folder: RunFolder) -> list[tuple[str, dict[str, Any]]]:
-    """(where, record) of every metrics record in the folder; raises UnsafeFileError."""
-    found: list[tuple[str, dict[str, Any]]] = []
-    if folder.metrics_path.exists():
-        text = read_bounded(folder.metrics_path).decode("utf-8", errors="replace")
-        for number, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                found.append((f"{folder.metrics_path} line {number}", _json_object(line)))
-    for round_number in folder.checkpoint_rounds():
-        path = folder.checkpoint_dir(round_number) / "round.json"
-        if path.exists():
-            found.append((str(path), _json_object(read_bounded(path).decode("utf-8", "replace"))))
-    return found
+_COUNT_FIELDS = ("round", "attempts", "sites_ok", "sites_failed", "gold_count")
+_FIGURE_FIELDS = ("train_loss", "gold_accuracy", "gold_category_accuracy", "gold_loss")
 
 
-def _json_object(text: str) -> dict[str, Any]:
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class MetricsLine:
+    """One non-blank line of ``metrics.jsonl`` (or one ``round.json``) as read.
+
+    ``where`` names the file and line; ``record`` is the JSON object, None where the line is
+    not one; ``problem`` says why the line cannot be a round's record (not JSON, no integer
+    ``round``, a count or figure of the wrong type), None when it can.
+    """
+
+    where: str
+    record: dict[str, Any] | None
+    problem: str | None
+
+    @property
+    def round(self) -> int | None:
+        """The record's round, where the line is a well-formed record."""
+        if self.record is None or self.problem is not None:
+            return None
+        value = self.record["round"]
+        return value if _is_int(value) else None
+
+
+def _metrics_line(where: str, text: str) -> MetricsLine:
     try:
         value = json.loads(text)
     except ValueError as error:
-        raise UnsafeFileError(f"not JSON: {error}") from None
+        return MetricsLine(where, None, f"not JSON ({error})")
     if not isinstance(value, dict):
-        raise UnsafeFileError("a metrics record is not a JSON object")
-    return value
+        return MetricsLine(where, None, f"a {type(value).__name__}, not a JSON object")
+    if not _is_int(value.get("round")):
+        return MetricsLine(
+            where, value, f"field 'round' is {value.get('round')!r}, not an integer round number"
+        )
+    for name in _COUNT_FIELDS:
+        field = value.get(name)
+        if field is not None and not (_is_int(field) and field >= 0):
+            return MetricsLine(where, value, f"field {name!r} is {field!r}, not a count")
+    for name in _FIGURE_FIELDS:
+        field = value.get(name)
+        if field is not None and (isinstance(field, bool) or not isinstance(field, int | float)):
+            return MetricsLine(where, value, f"field {name!r} is {field!r}, not a number")
+    return MetricsLine(where, value, None)
 
 
-def _metrics_problems(folder: RunFolder, entries: Sequence[Entry]) -> list[VerifyProblem]:
+def read_metrics_lines(folder: RunFolder) -> list[MetricsLine]:
+    """Every non-blank line of the run's ``metrics.jsonl``, in order (none without the file).
+
+    Raises UnsafeFileError when the file is not a regular file inside the size limit.
+    """
+    if not folder.metrics_path.exists():
+        return []
+    text = read_bounded(folder.metrics_path).decode("utf-8", errors="replace")
+    return [
+        _metrics_line(f"{folder.metrics_path} line {number}", line)
+        for number, line in enumerate(text.splitlines(), start=1)
+        if line.strip()
+    ]
+
+
+def verified_metrics(folder: RunFolder, entries: Sequence[Entry]) -> dict[int, dict[str, Any]]:
+    """Round -> the ``metrics.jsonl`` record whose sha256 is the one the ledger records for
+    that round (rounds without such a record are left out)."""
     recorded = recorded_metric_digests(entries)
     try:
-        records = _metric_records(folder)
-    except UnsafeFileError as error:
-        return [VerifyProblem(None, f"metrics: {error}")]
+        lines = read_metrics_lines(folder)
+    except UnsafeFileError:
+        return {}
+    found: dict[int, dict[str, Any]] = {}
+    for line in lines:
+        number = line.round
+        if number is None or line.record is None:
+            continue
+        digest = recorded.get(number, (None, None))[1]
+        if digest is not None and record_digest(line.record) == digest:
+            found.setdefault(number, line.record)
+    return found
+
+
+def last_aggregated_round(entries: Sequence[Entry]) -> int | None:
+    """The last round the ledger records an aggregate (or the baseline, round 0) of."""
+    rounds = recorded_metric_digests(entries)
+    return max(rounds) if rounds else None
+
+
+def _may_lack_its_record(
+    folder: RunFolder, entries: Sequence[Entry], seq: int, number: int
+) -> bool:
+    """Whether round ``number``, recorded by entry ``seq``, may honestly have no metrics.jsonl
+    record: the coordinator ledgers a round, then writes its checkpoint, then appends its
+    record, so a crash (or a coordinator still at work) can leave the last round without one.
+    Anything it ledgered after that entry came after the record, except a resumed run's
+    ``run_resumed``, which rewrites metrics.jsonl from the checkpoints: the round's record is
+    then missing only if its checkpoint is too (and the round is run again or fails)."""
+    later = [entry for entry in entries if entry.seq > seq]
+    if not later:
+        return True
+    return later[0].kind is EntryKind.RUN_RESUMED and not folder.checkpoint_dir(number).exists()
+
+
+def _jsonl_problems(
+    folder: RunFolder, entries: Sequence[Entry], lines: Sequence[MetricsLine]
+) -> list[VerifyProblem]:
+    """metrics.jsonl against the ledger: each record well-formed, of a round the ledger
+    records, hashing to that round's metrics_sha256, once, in round order; and every digest
+    the ledger records has its record (but see :func:`_may_lack_its_record`)."""
+    recorded = recorded_metric_digests(entries)
     problems: list[VerifyProblem] = []
-    for where, record in records:
-        round_number = record.get("round")
-        seq, digest = (
-            recorded.get(round_number, (None, None))
-            if isinstance(round_number, int)
-            else (None, None)
-        )
+    present: set[int] = set()
+    previous: int | None = None
+    for line in lines:
+        number = line.round
+        if line.problem is not None or number is None or line.record is None:
+            problems.append(VerifyProblem(None, f"{line.where}: {line.problem}"))
+            continue
+        if previous is not None and number <= previous:
+            problems.append(
+                VerifyProblem(
+                    None,
+                    f"{line.where}: a record of round {number} after one of round {previous}: "
+                    "the records are out of order or repeated",
+                )
+            )
+        previous = number if previous is None else max(previous, number)
+        present.add(number)
+        if number not in recorded:
+            problems.append(
+                VerifyProblem(None, f"{line.where}: round {number} is not recorded in the ledger")
+            )
+            continue
+        seq, digest = recorded[number]
         if digest is None:
-            continue  # not ledgered: the report marks it unverified
-        if record_digest(record) != digest:
+            continue  # a ledger from before metrics digests: the report marks it unverified
+        if record_digest(line.record) != digest:
             problems.append(
                 VerifyProblem(
                     seq,
-                    f"{where}: round {round_number}'s metrics are not the ones the ledger "
+                    f"{line.where}: round {number}'s metrics are not the ones the ledger "
                     f"records (metrics sha256 {digest}); they were edited",
                 )
             )
+    for number, (seq, digest) in sorted(recorded.items()):
+        if digest is None or number in present:
+            continue
+        if _may_lack_its_record(folder, entries, seq, number):
+            continue
+        problems.append(
+            VerifyProblem(
+                seq,
+                f"{folder.metrics_path} holds no record of round {number}, whose metrics the "
+                f"ledger records (metrics sha256 {digest}): it was deleted or edited",
+            )
+        )
     return problems
+
+
+def _round_json_problems(folder: RunFolder, entries: Sequence[Entry]) -> list[VerifyProblem]:
+    """Each checkpoint's round.json is the record of its round that the ledger records."""
+    recorded = recorded_metric_digests(entries)
+    problems: list[VerifyProblem] = []
+    for number in folder.checkpoint_rounds():
+        seq, digest = recorded.get(number, (None, None))
+        path = folder.checkpoint_dir(number) / "round.json"
+        if not path.exists():
+            if digest is not None:
+                problems.append(
+                    VerifyProblem(
+                        seq, f"{path} is missing; the ledger records round {number}'s metrics"
+                    )
+                )
+            continue
+        line = _metrics_line(str(path), read_bounded(path).decode("utf-8", "replace"))
+        if line.problem is not None or line.record is None:
+            problems.append(VerifyProblem(seq, f"{path}: {line.problem}"))
+        elif line.round != number:
+            problems.append(
+                VerifyProblem(seq, f"{path}: the record is of round {line.round}, not {number}")
+            )
+        elif digest is not None and record_digest(line.record) != digest:
+            problems.append(
+                VerifyProblem(
+                    seq,
+                    f"{path}: round {number}'s metrics are not the ones the ledger records "
+                    f"(metrics sha256 {digest}); they were edited",
+                )
+            )
+    return problems
+
+
+def _metrics_problems(folder: RunFolder, entries: Sequence[Entry]) -> list[VerifyProblem]:
+    try:
+        lines = read_metrics_lines(folder)
+        return [*_jsonl_problems(folder, entries, lines), *_round_json_problems(folder, entries)]
+    except UnsafeFileError as error:
+        return [VerifyProblem(None, f"metrics: {error}")]
 
 
 def outputs_match_ledger(folder: RunFolder) -> ExtraCheck:

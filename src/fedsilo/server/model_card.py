@@ -23,19 +23,21 @@ from fedsilo.evaluation.metrics import SECONDARY_LABELS
 from fedsilo.ledger import Entry, EntryKind
 from fedsilo.model.base import BaseModelStatement, base_model_name
 from fedsilo.report.model import PartRow
-from fedsilo.server.folder_checks import PEFT_FILES, hash_file
+from fedsilo.server.folder_checks import PEFT_FILES, hash_file, last_aggregated_round
 from fedsilo.server.report_data import (
-    gold_parts_of,
+    last_verified_record,
     metric_meaning,
     metric_name,
     readable_entries,
     run_files,
 )
+from fedsilo.server.report_figures import gold_parts_of
 from fedsilo.server.report_privacy import privacy_of
 from fedsilo.server.report_provenance import (
     RunSetting,
     base_model_of,
     precision_fact,
+    recorded_config,
     run_setting,
     strategy_fact,
 )
@@ -65,8 +67,10 @@ def model_card(run_dir: Path, exported: Path, *, checkpoint_round: int | None = 
     adapter. Raises ValueError if the exported final adapter is not the file the ledger records.
     """
     folder = RunFolder(run_dir)
-    config, info = run_files(folder)
+    raw_config, info = run_files(folder)
     entries = readable_entries(folder.ledger_path) if folder.ledger_path.exists() else []
+    # Only a config.toml whose digest the ledger records speaks for the run.
+    config = recorded_config(raw_config, entries)
     started = next((e for e in entries if e.kind is EntryKind.RUN_STARTED), None)
     start = started.payload if started else {}
     base = base_model_of(info, start, config)
@@ -74,8 +78,8 @@ def model_card(run_dir: Path, exported: Path, *, checkpoint_round: int | None = 
     aggregated = [e for e in entries if e.kind is EntryKind.ROUND_AGGREGATED]
     privacy = privacy_of(entries, config)
     metric = metric_name(config, info)
-    metrics = folder.read_metrics() if folder.metrics_path.exists() else []
-    last = metrics[-1] if metrics else {}
+    evaluated = last_aggregated_round(entries) if checkpoint_round is None else checkpoint_round
+    last = last_verified_record(folder, entries, evaluated)
     sites = enrolled_sites(start)
     finals = privacy.final_epsilon
     source = (
@@ -126,7 +130,7 @@ def model_card(run_dir: Path, exported: Path, *, checkpoint_round: int | None = 
         *_audit_trail(),
         *files.lines,
     ]
-    if finals or privacy.site_level_epsilon:
+    if (finals or privacy.site_level_epsilon) and privacy.delta is not None:
         lines += [
             f"## Privacy (\u03b4 = {privacy.delta:g}, {privacy.accountant} accountant)",
             "",
@@ -153,7 +157,25 @@ def model_card(run_dir: Path, exported: Path, *, checkpoint_round: int | None = 
                 f"{privacy.site_level_epsilon[-1][1]:.4f} |"
             )
         lines.append("")
-    lines += _evaluation(last, metric, gold_parts_of(folder), config)
+    elif privacy.events_recorded:
+        lines += [
+            "## Privacy",
+            "",
+            "The ledger holds differential privacy events, but no \u03b5 is given here:",
+            "",
+        ]
+    if privacy.notes:
+        lines += [*(f"- {note}" for note in privacy.notes), ""]
+    if last:
+        lines += _evaluation(last, metric, gold_parts_of(last), config)
+    elif evaluated is not None:
+        lines += [
+            "## Evaluation",
+            "",
+            f"Not stated: metrics.jsonl holds no record of round {evaluated} that hashes to the "
+            "metrics digest the ledger records for it.",
+            "",
+        ]
     lines += _how_to_load(base, base_hash)
     local = info.get("base_model_path")
     if local:
@@ -170,7 +192,9 @@ def write_export_provenance(
     adapter.
     """
     folder = RunFolder(run_dir)
-    config, info = run_files(folder)
+    raw_config, info = run_files(folder)
+    entries = readable_entries(folder.ledger_path) if folder.ledger_path.exists() else []
+    config = recorded_config(raw_config, entries)
     spec = str(info.get("base_model") or (config.model.base if config else ""))
     config_path = Path(out_dir) / ADAPTER_CONFIG
     settings = json.loads(config_path.read_text(encoding="utf-8"))
@@ -352,6 +376,11 @@ def _percent(value: object) -> str:
     return f"{float(value) * 100:.1f}%" if isinstance(value, int | float) else _NOT_RECORDED
 
 
+def _loss(value: object) -> str:
+    # null where the loss was not finite (the run records it so rather than write NaN).
+    return f"{float(value):.4f}" if isinstance(value, int | float) else _NOT_RECORDED
+
+
 def _interval(pair: object) -> str:
     if isinstance(pair, list | tuple) and len(pair) == 2:
         return f"[{_percent(pair[0])}, {_percent(pair[1])}]"
@@ -396,7 +425,7 @@ def _evaluation(
         f"| accuracy | {_percent(last['gold_accuracy'])} | {_interval(accuracy_ci)} |",
         f"| {secondary} | {_percent(last.get('gold_category_accuracy'))} | "
         f"{_interval(last.get('gold_category_accuracy_ci95'))} |",
-        f"| mean answer loss | {float(last['gold_loss']):.4f} | |",
+        f"| mean answer loss | {_loss(last.get('gold_loss'))} | |",
         "",
         "Each 95% interval is a percentile bootstrap over the records of the set or part it "
         f"belongs to (the count given with it): {DEFAULT_RESAMPLES} resamples of its records "

@@ -2,10 +2,10 @@
 
 Everything the report states comes from the ledger (what the coordinator signed: sites,
 updates, rejections, aggregates, DP events, the policies the sites declared) or from named
-files of the run folder (``status.json``, ``run.json``, ``metrics.jsonl``, ``config.toml``);
-values the ledger does not cover are marked so in the report. The ledger is read row by row
-and a row that cannot be read is skipped here (verification reports it), so a tampered ledger
-still gets a report.
+files of the run folder (``status.json``, ``run.json``, ``metrics.jsonl``, and ``config.toml``
+only where its digest is the one the ledger records); values the ledger does not cover are
+marked so in the report. The ledger is read row by row and a row that cannot be read is skipped
+here (verification reports it), so a tampered ledger still gets a report.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from fedsilo.report import (
     DeclaredPolicy,
     Fact,
     Outcome,
-    PartRow,
     ReportData,
     RoundRow,
     SiteRow,
@@ -37,14 +36,22 @@ from fedsilo.report import (
     one_line,
 )
 from fedsilo.report.model import Execution, KeySource, RunStatus
-from fedsilo.server.folder_checks import recorded_metric_digests
+from fedsilo.server.audit import receipts_examined
+from fedsilo.server.folder_checks import (
+    UnsafeFileError,
+    last_aggregated_round,
+    read_metrics_lines,
+    recorded_metric_digests,
+    verified_metrics,
+)
 from fedsilo.server.membership import load_membership
 from fedsilo.server.report_figures import (
     examples_note,
+    float_pair,
+    gold_parts_of,
     interval_caveats,
     interval_note,
     metric_note,
-    ranking_chance,
     round_examples,
 )
 from fedsilo.server.report_privacy import privacy_of
@@ -53,9 +60,10 @@ from fedsilo.server.report_provenance import (
     execution_of,
     final_adapter_facts,
     precision_fact,
+    recorded_config,
     strategy_fact,
 )
-from fedsilo.server.run_folder import RunFolder
+from fedsilo.server.run_folder import RunFolder, record_digest
 
 _NODE_LABEL = re.compile(r"^node-(\d+)(?: \((.+)\))?$")
 _NOT_RECORDED = "not recorded"
@@ -110,7 +118,10 @@ def _text(value: object, default: str = _NOT_RECORDED) -> str:
 
 
 def _verification(
-    report: VerifyReport, key_source: KeySource, replacements: dict[str, str]
+    report: VerifyReport,
+    key_source: KeySource,
+    site_key_source: KeySource,
+    replacements: dict[str, str],
 ) -> Verification:
     def line(seq: int | None, reason: str) -> str:
         where = f"entry {seq}" if seq is not None else "run folder"
@@ -118,13 +129,15 @@ def _verification(
 
     problems = tuple(line(p.seq, p.reason) for p in report.problems)
     first = report.first_problem
+    # Receipts live at the sites: "all hold" over none examined would overstate the check.
+    receipts = "" if report.receipts is None else f"; {receipts_examined(report)}"
     if report.ok:
         summary = (
             f"{report.entries} entries: chain, coordinator signatures, site signatures, "
-            "checkpoints and receipts all hold"
+            f"checkpoints and metrics all hold{receipts}"
         )
     else:
-        summary = f"{len(problems)} problem(s) in {report.entries} entries"
+        summary = f"{len(problems)} problem(s) in {report.entries} entries{receipts}"
     return Verification(
         ok=report.ok,
         summary=summary,
@@ -133,6 +146,8 @@ def _verification(
         key_source=key_source,
         coordinator_fingerprint=report.coordinator_fingerprint,
         entries=report.entries,
+        site_key_source=site_key_source,
+        receipts=report.receipts,
     )
 
 
@@ -255,15 +270,13 @@ def declared_policies(
     }
 
 
-def _float_pair(value: object) -> tuple[float, float] | None:
-    if isinstance(value, list | tuple) and len(value) == 2:
-        low, high = value
-        if isinstance(low, int | float) and isinstance(high, int | float):
-            return float(low), float(high)
-    return None
+def _count(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _round_rows(folder: RunFolder, entries: Sequence[Entry]) -> tuple[RoundRow, ...]:
+    """One row per well-formed record of metrics.jsonl (verification names any other line),
+    marked ledgered only where the record is the one whose digest the ledger records."""
     aggregated = {
         e.payload.get("round"): e for e in entries if e.kind is EntryKind.ROUND_AGGREGATED
     }
@@ -274,13 +287,13 @@ def _round_rows(folder: RunFolder, entries: Sequence[Entry]) -> tuple[RoundRow, 
     ledgered = recorded_metric_digests(entries)
     rows: list[RoundRow] = []
     try:
-        records = folder.read_metrics()
-    except (OSError, ValueError):
-        records = []
-    for record in records:
-        if "round" not in record:
+        lines = read_metrics_lines(folder)
+    except UnsafeFileError:
+        lines = []
+    for line in lines:
+        round_number, record = line.round, line.record
+        if round_number is None or record is None:
             continue
-        round_number = int(record["round"])
         entry = aggregated.get(round_number)
         examples, withheld = examples_by_round.get(round_number, (None, None))
         if entry is not None:
@@ -291,12 +304,12 @@ def _round_rows(folder: RunFolder, entries: Sequence[Entry]) -> tuple[RoundRow, 
             digest, summed = str(started.payload.get("initial_adapter_sha256")), ()
         else:
             digest, summed = None, ()
-        count = record.get("gold_count")
+        recorded = ledgered.get(round_number, (None, None))[1]
         rows.append(
             RoundRow(
                 round=round_number,
-                sites_ok=int(record.get("sites_ok", 0)),
-                sites_failed=int(record.get("sites_failed", 0)),
+                sites_ok=_count(record.get("sites_ok")),
+                sites_failed=_count(record.get("sites_failed")),
                 summed_sites=summed,
                 examples=examples,
                 examples_withheld=withheld,
@@ -304,10 +317,10 @@ def _round_rows(folder: RunFolder, entries: Sequence[Entry]) -> tuple[RoundRow, 
                 gold_accuracy=_optional_float(record.get("gold_accuracy")),
                 gold_category_accuracy=_optional_float(record.get("gold_category_accuracy")),
                 gold_loss=_optional_float(record.get("gold_loss")),
-                gold_count=count if isinstance(count, int) else None,
+                gold_count=_count(record.get("gold_count")),
                 adapter_sha256=digest,
-                category_ci95=_float_pair(record.get("gold_category_accuracy_ci95")),
-                metrics_ledgered=ledgered.get(round_number, (None, None))[1] is not None,
+                category_ci95=float_pair(record.get("gold_category_accuracy_ci95")),
+                metrics_ledgered=recorded is not None and record_digest(record) == recorded,
             )
         )
     return tuple(rows)
@@ -315,43 +328,22 @@ def _round_rows(folder: RunFolder, entries: Sequence[Entry]) -> tuple[RoundRow, 
 
 def _optional_float(value: object) -> float | None:
     """A recorded figure, or None where the round has none (no training at round 0, no gold
-    scoring after a round between ``every_rounds``)."""
-    return float(value) if isinstance(value, int | float) else None
+    scoring after a round between ``every_rounds``) or it is not a finite number."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
 
 
-_PART_FIGURES = ("accuracy", "category_accuracy", "top1", "top5")
-
-
-def gold_parts_of(folder: RunFolder) -> tuple[PartRow, ...]:
-    """The last round's gold parts, where metrics.jsonl has them (figures as recorded)."""
-    try:
-        records = folder.read_metrics()
-    except (OSError, ValueError):
-        return ()
-    parts = records[-1].get("gold_parts") if records else None
-    if not isinstance(parts, dict):
-        return ()
-    rows: list[PartRow] = []
-    for part, figures in sorted(parts.items()):
-        if not isinstance(figures, dict):
-            continue
-        count = figures.get("count")
-        for figure in _PART_FIGURES:
-            value = figures.get(figure)
-            if isinstance(value, int | float) and math.isfinite(value):
-                candidates, chance = ranking_chance(figure, figures.get("candidates"))
-                rows.append(
-                    PartRow(
-                        part=str(part),
-                        figure=figure.replace("_", " "),
-                        value=float(value),
-                        ci95=_float_pair(figures.get(f"{figure}_ci95")),
-                        count=count if isinstance(count, int) else None,
-                        candidates=candidates,
-                        chance=chance,
-                    )
-                )
-    return tuple(rows)
+def last_verified_record(
+    folder: RunFolder, entries: Sequence[Entry], round_number: int | None = None
+) -> dict[str, Any]:
+    """The metrics.jsonl record of ``round_number`` (default: the last round the ledger
+    records) that hashes to the digest the ledger records for it; empty where there is none,
+    so that no figure the ledger does not vouch for is stated as the run's result."""
+    wanted = last_aggregated_round(entries) if round_number is None else round_number
+    if wanted is None:
+        return {}
+    return verified_metrics(folder, entries).get(wanted, {})
 
 
 def metric_name(config: FedsiloConfig | None, info: Mapping[str, Any]) -> str:
@@ -495,17 +487,26 @@ def _facts(
     return tuple(facts)
 
 
-def build_report_data(run_dir: Path, report: VerifyReport, *, key_source: KeySource) -> ReportData:
+def build_report_data(
+    run_dir: Path,
+    report: VerifyReport,
+    *,
+    key_source: KeySource,
+    site_key_source: KeySource = "folder",
+) -> ReportData:
     """Everything the compliance report shows, from the run folder and its ledger.
 
     ``report`` is the verification of the same folder; ``key_source`` says whether its
-    coordinator key was pinned by the auditor or taken from the folder. Raises LedgerError
-    only when the ledger cannot be read at all.
+    coordinator key was pinned by the auditor or taken from the folder, ``site_key_source``
+    the same of the site keys. Raises LedgerError only when the ledger cannot be read at all.
     """
     folder = RunFolder(run_dir)
     replacements = {str(folder.root.resolve()): "RUN", str(folder.root): "RUN"}
     entries = readable_entries(folder.ledger_path)
-    config, info = run_files(folder)
+    raw_config, info = run_files(folder)
+    # Only a config.toml whose digest the ledger records speaks for the run; the rest of the
+    # report reads the run's settings from it or says they are not established.
+    config = recorded_config(raw_config, entries)
     started = _first(entries, EntryKind.RUN_STARTED)
     updates = _update_rows(entries, replacements)
     privacy = privacy_of(entries, config)
@@ -533,23 +534,23 @@ def build_report_data(run_dir: Path, report: VerifyReport, *, key_source: KeySou
             )
         )
     rounds = _round_rows(folder, entries)
-    parts = gold_parts_of(folder)
+    parts = gold_parts_of(last_verified_record(folder, entries))
     metric = metric_name(config, info)
     secondary = SECONDARY_LABELS.get(metric, "secondary score")
     execution = execution_of(
         folder,
-        config,
+        raw_config,
         entries,
         sorted(fingerprints),
         private=bool(privacy.epsilon or privacy.site_level_epsilon),
     )
     run_name = info.get("run_name") or (started.payload.get("run_name") if started else None)
-    counts = [r.gold_count for r in rounds if r.gold_count is not None]
+    counts = [r.gold_count for r in rounds if r.gold_count is not None and r.metrics_ledgered]
     return ReportData(
         run_name=_text(run_name, folder.root.name),
         run_kind=_kind(started, execution),
         generated_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        verification=_verification(report, key_source, replacements),
+        verification=_verification(report, key_source, site_key_source, replacements),
         outcome=_outcome(folder, entries, config.run.rounds if config else None, replacements),
         facts=_facts(folder, entries, info, config, metric, execution),
         privacy=privacy,

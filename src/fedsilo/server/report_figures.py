@@ -9,6 +9,7 @@ there, with the exact binomial bounds where the figure is a share of right recor
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -200,3 +201,44 @@ def ranking_chance(figure: str, candidates: object) -> tuple[int | None, float |
     if candidates < 1:
         return None, None
     return candidates, min(1.0, k / candidates)
+
+
+def float_pair(value: object) -> tuple[float, float] | None:
+    """A recorded interval ``[low, high]`` as a pair of floats, None where it is not one."""
+    if isinstance(value, list | tuple) and len(value) == 2:
+        low, high = value
+        if isinstance(low, int | float) and isinstance(high, int | float):
+            return float(low), float(high)
+    return None
+
+
+_PART_FIGURES = ("accuracy", "category_accuracy", "top1", "top5")
+
+
+def gold_parts_of(record: Mapping[str, Any]) -> tuple[PartRow, ...]:
+    """The gold parts of a round's metrics ``record`` (the ledgered one: see
+    :func:`fedsilo.server.report_data.last_verified_record`), figures as recorded."""
+    parts = record.get("gold_parts")
+    if not isinstance(parts, dict):
+        return ()
+    rows: list[PartRow] = []
+    for part, figures in sorted(parts.items()):
+        if not isinstance(figures, dict):
+            continue
+        count = figures.get("count")
+        for figure in _PART_FIGURES:
+            value = figures.get(figure)
+            if isinstance(value, int | float) and math.isfinite(value):
+                candidates, chance = ranking_chance(figure, figures.get("candidates"))
+                rows.append(
+                    PartRow(
+                        part=str(part),
+                        figure=figure.replace("_", " "),
+                        value=float(value),
+                        ci95=float_pair(figures.get(f"{figure}_ci95")),
+                        count=count if isinstance(count, int) else None,
+                        candidates=candidates,
+                        chance=chance,
+                    )
+                )
+    return tuple(rows)
