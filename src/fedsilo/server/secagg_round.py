@@ -483,7 +483,27 @@ def unmask(ctx: SecAggRound, state: SecAggState) -> None:
         evidence = _off_polynomial_evidence(error.off_polynomial)
         halt_stage(ctx, state, "unmask", sites, reason, evidence)
     require_sites(ctx, state, "unmask", sites, _off_polynomial_evidence(recovery.off_polynomial))
+    _check_sum_norm(ctx, state, sites, recovery.total)
     state.total = recovery.total
+
+
+def _check_sum_norm(
+    ctx: SecAggRound, state: SecAggState, sites: list[str], total: np.ndarray
+) -> None:
+    """Halt the attempt if the unmasked sum is larger than the contributors' clipped inputs and
+    noise can make it: a site sent an input it did not clip. Which site cannot be known (the
+    inputs were masked), so the round is retried, not one site rejected."""
+    bound = state.params.sum_norm_bound(contributors=len(state.masked), length=state.length)
+    if bound is None:
+        return
+    norm = float(np.linalg.norm(dequantize(total, state.params.quantization())))
+    if norm > bound:
+        reason = (
+            f"the unmasked sum of {len(state.masked)} inputs has L2 norm {norm:.6g}, above the "
+            f"{bound:.6g} that inputs clipped to dp_clip_norm {state.params.dp_clip_norm:g} "
+            "with their noise can reach: a site sent an unclipped input"
+        )
+        halt_stage(ctx, state, "unmask", sites, reason, {"sum_norm": norm, "sum_norm_bound": bound})
 
 
 def _off_polynomial_evidence(off: Mapping[str, list[str]]) -> dict[str, JsonValue]:

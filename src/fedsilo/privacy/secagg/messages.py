@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from fedsilo.privacy.secagg.quantize import Quantization, plan_quantization
+from fedsilo.privacy.secagg.quantize import TAIL_SIGMAS, Quantization, plan_quantization
 from fedsilo.privacy.secagg.shamir import SHARE_BYTES
 
 ADVERTISE_STAGE = "secagg-advertise"
@@ -94,6 +94,25 @@ class SecAggParams:
             return 0.0
         share = self.dp_noise_multiplier * self.dp_clip_norm / math.sqrt(self.threshold)
         return share * math.sqrt(self.cohort_size)
+
+    def sum_norm_bound(self, *, contributors: int, length: int) -> float | None:
+        """The largest L2 norm the decoded sum of ``contributors`` honest inputs of ``length``
+        values can have, but for a chance below 1e-31; None without distributed DP.
+
+        Honest sites clip their update to ``dp_clip_norm`` (so the data sum is at most
+        ``contributors * dp_clip_norm``) and add Gaussian noise; the norm of the summed noise,
+        a Lipschitz function of it, exceeds ``std * (sqrt(length) + TAIL_SIGMAS)`` with
+        probability below exp(-TAIL_SIGMAS^2 / 2). Rounding adds at most one ring unit per
+        value and contributor (half for the data, half for the noise). The inputs arrive
+        masked, so the server cannot check any one of them; a sum above this bound proves that
+        some site sent an input it did not clip. Without distributed DP no site clips its
+        update's norm, and the ring's range is the only bound."""
+        if not self.distributed_dp:
+            return None
+        share = self.dp_noise_multiplier * self.dp_clip_norm / math.sqrt(self.threshold)
+        noise = share * math.sqrt(contributors) * (math.sqrt(length) + TAIL_SIGMAS)
+        rounding = contributors * math.sqrt(length) / self.quantization().scale
+        return contributors * self.dp_clip_norm + noise + rounding
 
     def quantization(self) -> Quantization:
         return plan_quantization(
