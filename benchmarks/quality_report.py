@@ -385,7 +385,18 @@ def _parts_text(data: dict[str, Any]) -> str:
     if len(parts) < 2:
         return ""
     each = "; ".join(", ".join(part["algorithms"]) for part in parts)
-    return f" of compute in {len(parts)} processes run side by side ({each})"
+    text = f" of compute in {len(parts)} processes ({each})"
+    if data.get("round0_differs"):
+        starts = ", ".join(
+            f"{', '.join(part['algorithms'])} {part['round0']['gold_loss']:.3f}"
+            for part in parts
+            if part.get("round0")
+        )
+        text += (
+            f", on different CPUs whose bf16 kernels score the untrained adapter differently "
+            f"(untrained gold loss: {starts})"
+        )
+    return text
 
 
 def _alpha_chart(loaded: dict[str, dict[str, Any]]) -> list[str]:

@@ -206,3 +206,33 @@ def test_the_command_reports_a_refused_merge_and_changes_nothing(
     assert "algorithm 'fedavg' is also measured" in capsys.readouterr().err
     assert into.read_bytes() == before
     assert not summary.exists()
+
+
+def test_parts_from_another_cpu_merge_only_when_asked_and_keep_each_start(tmp_path: Path) -> None:
+    into = _write(tmp_path / "a.json", _part({"fedavg": FEDAVG}))
+    round0 = {"gold_accuracy": 0.0, "gold_category_accuracy": 0.0, "gold_loss": 4.591}
+    other = _write(tmp_path / "b.json", _part({"centralized": CENTRALIZED}, round0=round0))
+    with pytest.raises(MergeError, match="--other-cpu"):
+        merge_quality_results(into, [other])
+
+    merged = merge_quality_results(into, [other], other_cpu=True)
+
+    assert merged["round0_differs"] is True
+    assert merged["round0"]["gold_loss"] == 4.62  # the target's own start
+    starts = {tuple(p["algorithms"]): p["round0"]["gold_loss"] for p in merged["merged_from"]}
+    assert starts == {("fedavg",): 4.62, ("centralized",): 4.591}
+
+
+def test_other_cpu_still_refuses_another_benchmark(tmp_path: Path) -> None:
+    into = _write(tmp_path / "a.json", _part({"fedavg": FEDAVG}))
+    other = _write(tmp_path / "b.json", _part({"centralized": CENTRALIZED}, gold_count=100))
+
+    with pytest.raises(MergeError, match="gold_count"):
+        merge_quality_results(into, [other], other_cpu=True)
+
+
+def test_parts_with_one_start_are_not_marked_as_differing(tmp_path: Path) -> None:
+    into = _write(tmp_path / "a.json", _part({"fedavg": FEDAVG}))
+    other = _write(tmp_path / "b.json", _part({"centralized": CENTRALIZED}))
+
+    assert merge_quality_results(into, [other], other_cpu=True)["round0_differs"] is False

@@ -458,7 +458,7 @@ def cmd_bench_merge(args: argparse.Namespace) -> int:
     )
 
     try:
-        merged = merge_quality_results(args.into, args.sources)
+        merged = merge_quality_results(args.into, args.sources, other_cpu=args.other_cpu)
     except MergeError as error:
         print(f"fedsilo bench merge: {error}", file=sys.stderr)
         return 2
@@ -633,6 +633,12 @@ def _add_bench(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     merge.add_argument("into", type=Path, help="the results file that receives the algorithms")
     merge.add_argument("sources", type=Path, nargs="+", help="results files to add to it")
+    merge.add_argument(
+        "--other-cpu",
+        action="store_true",
+        help="the parts ran on different CPUs, whose bf16 kernels score the untrained adapter "
+        "slightly differently: merge them anyway, keeping each part's untrained score",
+    )
     merge.add_argument(
         "--summary",
         type=Path,
