@@ -59,3 +59,9 @@ def test_absurd_rounds_exit_2_naming_the_field(
     error = capsys.readouterr().err
     assert "run.rounds" in error and "run.torch_threads" in error
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("value", [1e-300, 1e300], ids=["tiny", "huge"])
+def test_a_secure_aggregation_clip_no_quantization_can_serve_is_refused(value: float) -> None:
+    with pytest.raises(ConfigError, match=r"secure_aggregation\.clip"):
+        parse_config({"secure_aggregation": {"clip": value}}, source="run.toml")

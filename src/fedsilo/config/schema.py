@@ -357,7 +357,10 @@ class SecureAggregationSection(Section):
     # of the round's cohort. Below it a round attempt stops cleanly and is retried.
     threshold: int | None = Field(None, ge=2)
     # secagg: each coordinate is clipped to [-clip, clip] before fixed-point quantization.
-    clip: float = Field(1.0, gt=0)
+    # Bounded here so that a setting no quantization can serve (1e-300, 1e300) is refused when
+    # the config loads, not when the first round's parameters are built; 1e4 is the largest
+    # value any update may hold (protocol.records.MAX_ADAPTER_VALUE).
+    clip: float = Field(1.0, ge=1e-6, le=1e4)
     # he: substrings selecting the tensors that are encrypted (empty: all); the others travel
     # in the clear, one per site.
     he_tensors: tuple[str, ...] = ()
