@@ -44,6 +44,16 @@ def test_counts_every_summed_site_sent_are_shown() -> None:
     assert round_examples(entries) == {1: (100, None)}
 
 
+def test_the_total_is_the_sites_signed_counts_not_the_coordinators_own() -> None:
+    entries = _round(
+        {"site_id": "a", "num_examples": 40, "dp_event": None},
+        {"site_id": "b", "num_examples": 60, "dp_event": None},
+        examples=1_000_000,
+    )
+
+    assert round_examples(entries) == {1: (100, None)}
+
+
 def test_placeholder_counts_under_record_level_dp_are_withheld() -> None:
     entries = _round(
         {"site_id": "a", "num_examples": 1, "dp_event": _EVENT},

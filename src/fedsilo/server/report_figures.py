@@ -50,15 +50,13 @@ def round_examples(entries: Sequence[Entry]) -> dict[int, tuple[int | None, str 
             reasons.append(RECORD_LEVEL_DP)
         if secure:
             reasons.append(SECURE_AGGREGATION)
-        total = entry.payload.get("examples")
+        signed = [u.get("num_examples") if u is not None else None for u in sent]
         if reasons:
             counts[round_number] = (None, f"withheld ({' and '.join(reasons)})")
-        elif (
-            sent
-            and all(u is not None and isinstance(u.get("num_examples"), int) for u in sent)
-            and isinstance(total, int)
-        ):
-            counts[round_number] = (total, None)
+        elif signed and all(isinstance(n, int) and not isinstance(n, bool) for n in signed):
+            # The sum of the counts the sites signed (verify holds each entry's count to its
+            # signature), not the total the coordinator wrote beside the aggregate.
+            counts[round_number] = (sum(int(n) for n in signed if isinstance(n, int)), None)
         else:
             counts[round_number] = (None, None)
     return counts
