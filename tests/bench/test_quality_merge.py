@@ -236,3 +236,25 @@ def test_parts_with_one_start_are_not_marked_as_differing(tmp_path: Path) -> Non
     other = _write(tmp_path / "b.json", _part({"centralized": CENTRALIZED}))
 
     assert merge_quality_results(into, [other], other_cpu=True)["round0_differs"] is False
+
+
+def test_a_part_that_ran_one_mu_of_the_grid_merges(tmp_path: Path) -> None:
+    grid = {"num_sites": 8, "rounds": 2, "seed": 0, "proximal_mus": [0.01, 0.1]}
+    into = _write(tmp_path / "a.json", _part({"fedavg": FEDAVG}, budget=grid))
+    one = {**grid, "proximal_mus": [0.01]}
+    part = _write(tmp_path / "b.json", _part({"fedprox-mu0.01": FEDAVG}, budget=one))
+
+    merged = merge_quality_results(into, [part])
+
+    assert "fedprox-mu0.01" in merged["algorithms"]
+    assert merged["budget"]["proximal_mus"] == [0.01, 0.1]
+
+
+def test_a_mu_outside_the_grid_is_another_benchmark(tmp_path: Path) -> None:
+    grid = {"num_sites": 8, "rounds": 2, "seed": 0, "proximal_mus": [0.01, 0.1]}
+    into = _write(tmp_path / "a.json", _part({"fedavg": FEDAVG}, budget=grid))
+    other = {**grid, "proximal_mus": [1.0]}
+    part = _write(tmp_path / "b.json", _part({"fedprox-mu1": FEDAVG}, budget=other))
+
+    with pytest.raises(MergeError, match="'budget' differs"):
+        merge_quality_results(into, [part])

@@ -69,6 +69,23 @@ def _same_round0(mine: dict[str, Any], theirs: dict[str, Any]) -> bool:
     return True
 
 
+def _same_budget_but_mu_grid(reference: dict[str, Any], data: dict[str, Any]) -> bool:
+    """Whether the budgets differ at most in FedProx's mu grid, with every mu the part measured
+    in the target's grid: a part that ran one mu of the grid (``--mu 0.01``) measured the
+    same benchmark, one ``fedprox-mu<mu>`` algorithm of it."""
+    mine, theirs = reference.get("budget"), data.get("budget")
+    if not isinstance(mine, dict) or not isinstance(theirs, dict):
+        return False
+    grid = "proximal_mus"
+    if {k: v for k, v in mine.items() if k != grid} != {
+        k: v for k, v in theirs.items() if k != grid
+    }:
+        return False
+    names = {f"fedprox-mu{mu:g}" for mu in mine.get(grid) or []}
+    measured = {name for name in data.get("algorithms", {}) if name.startswith("fedprox-mu")}
+    return measured <= names
+
+
 def _check_same_benchmark(
     reference: dict[str, Any],
     reference_path: Path,
@@ -78,6 +95,8 @@ def _check_same_benchmark(
     other_cpu: bool,
 ) -> None:
     for key in SAME_BENCHMARK_FIELDS:
+        if key == "budget" and _same_budget_but_mu_grid(reference, data):
+            continue
         if data.get(key) != reference.get(key):
             raise MergeError(
                 f"{path}: field {key!r} differs from {reference_path} ({data.get(key)!r} there, "
