@@ -1,6 +1,9 @@
 """Site-level DP at the coordinator: clipping, noise scale, fixed weights, accounting."""
 
+import shutil
+import sqlite3
 from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 
 import dp_accounting
@@ -138,3 +141,36 @@ def test_privacy_command_recomputes_site_level_epsilon(
     assert main(["privacy", str(tmp_path / "run")]) == 0
 
     assert "site-level epsilon of the global adapter" in capsys.readouterr().out
+
+
+def test_privacy_command_checks_site_level_epsilon_through_the_last_reported_round(
+    make_config: Callable[..., FedsiloConfig],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # A coordinator that crashed after ledgering round 2's aggregate, before its metrics line:
+    # the reported epsilon is round 1's, and the ledger holds one more site-level event.
+    from fedsilo.cli.main import main
+
+    config = make_config(
+        run={"rounds": 2},
+        privacy={"site_level": True, "site_clip_norm": 0.1, "site_noise_multiplier": 2.0},
+    )
+    run_with_grid(config, tmp_path / "run")
+    folder = RunFolder(tmp_path / "run")
+    aggregate = next(
+        e.seq
+        for e in read_entries(folder.ledger_path)
+        if e.kind is EntryKind.ROUND_AGGREGATED and e.payload["round"] == 2
+    )
+    with closing(sqlite3.connect(folder.ledger_path)) as connection, connection:
+        connection.execute("DELETE FROM entries WHERE seq > ?", (aggregate,))
+    shutil.rmtree(folder.checkpoint_dir(2))
+    shutil.rmtree(folder.final_dir)
+    lines = folder.metrics_path.read_text().splitlines()
+    folder.metrics_path.write_text("\n".join(lines[:-1]) + "\n")
+    folder.write_json(folder.status_path, {"status": "running"})
+
+    assert main(["privacy", str(tmp_path / "run")]) == 0
+
+    assert "through round 1, the last reported" in capsys.readouterr().out

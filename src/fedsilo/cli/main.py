@@ -233,14 +233,23 @@ def cmd_privacy(args: argparse.Namespace) -> int:
     print(f"DP settings from {privacy.source}")
     all_match = True
     if privacy.site_level:
-        site_level = site_level_epsilon(entries, delta=privacy.delta, accountant=privacy.accountant)
         claims = [
-            m["site_level_epsilon"] for m in folder.read_metrics() if "site_level_epsilon" in m
+            (m["round"], m["site_level_epsilon"])
+            for m in folder.read_metrics()
+            if "site_level_epsilon" in m
         ]
-        all_match = bool(claims) and abs(claims[-1] - site_level) <= 1e-9 * max(1.0, site_level)
+        claim_round, claim = claims[-1] if claims else (None, None)
+        # As for record-level DP below: the claim is checked against the ledger as it stood
+        # when it was written, not against a round aggregated after it (a crash before the
+        # round's metrics line, or a run still going).
+        through = entries if claim_round is None else entries_through_round(entries, claim_round)
+        site_level = site_level_epsilon(through, delta=privacy.delta, accountant=privacy.accountant)
+        all_match = claim is not None and abs(claim - site_level) <= 1e-9 * max(1.0, site_level)
         print(
             f"site-level epsilon of the global adapter at delta={privacy.delta:g}: "
-            f"{site_level:.4f} recomputed, {claims[-1] if claims else '-'} reported"
+            f"{site_level:.4f} recomputed"
+            + ("" if claim_round is None else f" through round {claim_round}, the last reported")
+            + f", {'-' if claim is None else claim} reported"
         )
     if not privacy.record_level:
         return 0 if all_match else 1
