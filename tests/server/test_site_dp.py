@@ -1,9 +1,6 @@
 """Site-level DP at the coordinator: clipping, noise scale, fixed weights, accounting."""
 
-import shutil
-import sqlite3
 from collections.abc import Callable
-from contextlib import closing
 from pathlib import Path
 
 import dp_accounting
@@ -16,7 +13,7 @@ from fedsilo.server.run_folder import RunFolder
 from fedsilo.server.site_dp import SiteLevelDp, clip_update
 from fedsilo.server.strategies import FedAvg, SiteUpdate, UpdateSum
 
-from ..simulation.conftest import run_with_grid
+from ..simulation.conftest import run_with_grid, stop_run_in_last_round
 
 
 def _norm(delta: dict[str, torch.Tensor]) -> float:
@@ -157,19 +154,7 @@ def test_privacy_command_checks_site_level_epsilon_through_the_last_reported_rou
         privacy={"site_level": True, "site_clip_norm": 0.1, "site_noise_multiplier": 2.0},
     )
     run_with_grid(config, tmp_path / "run")
-    folder = RunFolder(tmp_path / "run")
-    aggregate = next(
-        e.seq
-        for e in read_entries(folder.ledger_path)
-        if e.kind is EntryKind.ROUND_AGGREGATED and e.payload["round"] == 2
-    )
-    with closing(sqlite3.connect(folder.ledger_path)) as connection, connection:
-        connection.execute("DELETE FROM entries WHERE seq > ?", (aggregate,))
-    shutil.rmtree(folder.checkpoint_dir(2))
-    shutil.rmtree(folder.final_dir)
-    lines = folder.metrics_path.read_text().splitlines()
-    folder.metrics_path.write_text("\n".join(lines[:-1]) + "\n")
-    folder.write_json(folder.status_path, {"status": "running"})
+    stop_run_in_last_round(RunFolder(tmp_path / "run"), 2, aggregated=True)
 
     assert main(["privacy", str(tmp_path / "run")]) == 0
 

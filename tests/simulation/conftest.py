@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+import sqlite3
 from collections.abc import Callable, Iterable
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +14,9 @@ from flwr.clientapp import ClientApp
 
 from fedsilo.client.app import build_client_app
 from fedsilo.config import FedsiloConfig
+from fedsilo.ledger import EntryKind, read_entries
 from fedsilo.server.app import build_server_app
+from fedsilo.server.run_folder import RunFolder
 from fedsilo.simulation.engines import SimulationRequest, prepare_job
 from fedsilo.simulation.inprocess_grid import InProcessGrid
 from fedsilo.simulation.sites import SimulatedSites
@@ -60,3 +65,24 @@ def run_with_grid(
         context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
         build_server_app(job)(grid, context)
     return reporter
+
+
+def stop_run_in_last_round(folder: RunFolder, round_number: int, *, aggregated: bool) -> None:
+    """Make a finished run look as it does while its last round, ``round_number``, is under way
+    (``aggregated=False``: its updates are ledgered, not its aggregate) or right after a crash
+    between ledgering the aggregate and writing the round's metrics (``aggregated=True``): the
+    ledger is cut there, the round's checkpoint, final/ and metrics line are removed, and
+    status.json says "running"."""
+    aggregate = next(
+        entry.seq
+        for entry in read_entries(folder.ledger_path)
+        if entry.kind is EntryKind.ROUND_AGGREGATED and entry.payload["round"] == round_number
+    )
+    first_cut = aggregate + 1 if aggregated else aggregate
+    with closing(sqlite3.connect(folder.ledger_path)) as connection, connection:
+        connection.execute("DELETE FROM entries WHERE seq >= ?", (first_cut,))
+    shutil.rmtree(folder.checkpoint_dir(round_number))
+    shutil.rmtree(folder.final_dir)
+    lines = folder.metrics_path.read_text().splitlines()
+    folder.metrics_path.write_text("\n".join(lines[:-1]) + "\n")
+    folder.write_json(folder.status_path, {"status": "running"})

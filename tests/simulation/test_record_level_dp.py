@@ -1,9 +1,7 @@
 """Record-level DP-SGD in a federation: events ledgered, epsilon per site, budgets enforced."""
 
-import shutil
 import sqlite3
 from collections.abc import Callable
-from contextlib import closing
 from pathlib import Path
 
 import dp_accounting
@@ -15,7 +13,7 @@ from fedsilo.data.tasks import build_task
 from fedsilo.ledger import EntryKind, read_entries
 from fedsilo.server.run_folder import RunFolder
 
-from .conftest import run_with_grid
+from .conftest import run_with_grid, stop_run_in_last_round
 
 
 def _dp_config(make_config: Callable[..., FedsiloConfig], **privacy: object) -> FedsiloConfig:
@@ -75,18 +73,7 @@ def test_privacy_command_checks_a_running_run_against_its_last_reported_round(
     # (and what follows it: checkpoint, metrics line, final adapter) is not there yet.
     run_with_grid(_dp_config(make_config, noise_multiplier=1.0), tmp_path / "run")
     folder = RunFolder(tmp_path / "run")
-    aggregate = next(
-        e.seq
-        for e in read_entries(folder.ledger_path)
-        if e.kind is EntryKind.ROUND_AGGREGATED and e.payload["round"] == 2
-    )
-    with closing(sqlite3.connect(folder.ledger_path)) as connection, connection:
-        connection.execute("DELETE FROM entries WHERE seq >= ?", (aggregate,))
-    shutil.rmtree(folder.checkpoint_dir(2))
-    shutil.rmtree(folder.final_dir)
-    lines = folder.metrics_path.read_text().splitlines()
-    folder.metrics_path.write_text("\n".join(lines[:-1]) + "\n")
-    folder.write_json(folder.status_path, {"status": "running"})
+    stop_run_in_last_round(folder, 2, aggregated=False)
     received = [e for e in read_entries(folder.ledger_path) if e.kind is EntryKind.UPDATE_RECEIVED]
     round_one = [e for e in received if e.payload["round"] == 1]
 
