@@ -353,13 +353,7 @@ def _jsonl_problems(
         if digest is None:
             continue  # a ledger from before metrics digests: the report marks it unverified
         if record_digest(line.record) != digest:
-            problems.append(
-                VerifyProblem(
-                    seq,
-                    f"{line.where}: round {number}'s metrics are not the ones the ledger "
-                    f"records (metrics sha256 {digest}); they were edited",
-                )
-            )
+            problems.append(_edited(seq, line.where, number, digest))
     for number, (seq, digest) in sorted(recorded.items()):
         if digest is None or number in present:
             continue
@@ -373,6 +367,15 @@ def _jsonl_problems(
             )
         )
     return problems
+
+
+def _edited(seq: int | None, where: str, number: int, digest: str) -> VerifyProblem:
+    """A record of round ``number`` at ``where`` that does not hash to the ledgered digest."""
+    return VerifyProblem(
+        seq,
+        f"{where}: round {number}'s metrics are not the ones the ledger records "
+        f"(metrics sha256 {digest}); they were edited",
+    )
 
 
 def _round_json_problems(folder: RunFolder, entries: Sequence[Entry]) -> list[VerifyProblem]:
@@ -398,13 +401,7 @@ def _round_json_problems(folder: RunFolder, entries: Sequence[Entry]) -> list[Ve
                 VerifyProblem(seq, f"{path}: the record is of round {line.round}, not {number}")
             )
         elif digest is not None and record_digest(line.record) != digest:
-            problems.append(
-                VerifyProblem(
-                    seq,
-                    f"{path}: round {number}'s metrics are not the ones the ledger records "
-                    f"(metrics sha256 {digest}); they were edited",
-                )
-            )
+            problems.append(_edited(seq, str(path), number, digest))
     return problems
 
 
