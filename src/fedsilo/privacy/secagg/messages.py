@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from fedsilo.privacy.distributed_dp import noise_share_std
 from fedsilo.privacy.secagg.quantize import TAIL_SIGMAS, Quantization, plan_quantization
 from fedsilo.privacy.secagg.shamir import SHARE_BYTES
 
@@ -88,12 +89,19 @@ class SecAggParams:
     def distributed_dp(self) -> bool:
         return self.dp_noise_multiplier > 0
 
+    def _noise_share_std(self) -> float:
+        """The noise std each site adds (distributed DP on)."""
+        return noise_share_std(
+            noise_multiplier=self.dp_noise_multiplier,
+            clip_norm=self.dp_clip_norm,
+            threshold=self.threshold,
+        )
+
     def noise_std_sum(self) -> float:
         """Std of the summed noise (update units) when all ``cohort_size`` sites contribute."""
         if not self.distributed_dp:
             return 0.0
-        share = self.dp_noise_multiplier * self.dp_clip_norm / math.sqrt(self.threshold)
-        return share * math.sqrt(self.cohort_size)
+        return self._noise_share_std() * math.sqrt(self.cohort_size)
 
     def sum_norm_bound(self, *, contributors: int, length: int) -> float | None:
         """The largest L2 norm the decoded sum of ``contributors`` honest inputs of ``length``
@@ -109,8 +117,9 @@ class SecAggParams:
         update's norm, and the ring's range is the only bound."""
         if not self.distributed_dp:
             return None
-        share = self.dp_noise_multiplier * self.dp_clip_norm / math.sqrt(self.threshold)
-        noise = share * math.sqrt(contributors) * (math.sqrt(length) + TAIL_SIGMAS)
+        noise = (
+            self._noise_share_std() * math.sqrt(contributors) * (math.sqrt(length) + TAIL_SIGMAS)
+        )
         rounding = contributors * math.sqrt(length) / self.quantization().scale
         return contributors * self.dp_clip_norm + noise + rounding
 
