@@ -17,6 +17,7 @@ from fedsilo.bench.quality import (
 )
 from fedsilo.bench.settings import QualityBudget
 from fedsilo.model.adapters import load_adapter
+from fedsilo.training.precision import cpu_model
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +71,11 @@ def test_budget_is_the_same_for_all(results: dict) -> None:
     assert algorithms["centralized"]["optimizer_steps"] == 2
     assert algorithms["fedavg"]["examples_seen"] == 4
     assert algorithms["local"]["optimizer_steps_per_site"] == 1
+
+
+def test_the_results_name_the_cpu_they_were_measured_on(results: dict) -> None:
+    # Untrained scores differ in the last digits between CPU models: a merge needs to know.
+    assert results["machine"]["cpu_model"] == cpu_model()
 
 
 def test_only_federated_algorithms_send_adapters_and_ffa_sends_less(results: dict) -> None:

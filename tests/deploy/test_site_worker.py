@@ -153,6 +153,24 @@ def test_the_model_stays_loaded_across_rounds(tmp_path: Path, tiny_model_dir: Pa
     assert worker.site._site.model is first.model  # same object: no reload
 
 
+def test_a_site_keeps_only_the_encoding_of_the_length_asked_last(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    worker = _worker(_policy_file(tmp_path, tiny_model_dir))
+    lora = LoraSpec(rank=4, alpha=8.0, dropout=0.0, target_modules=("q_proj", "v_proj"))
+
+    lengths = []
+    for max_length in (12, 64, 12):
+        worker.site.prepare(lora, max_length=max_length)
+        site = worker.site.site_for(_context())
+        lengths.append(max(len(example.input_ids) for example in site.examples))
+
+    assert lengths[0] <= 12 < lengths[1] <= 64 and lengths[2] <= 12
+    # One encoding held at a time: a coordinator cycling through lengths cannot make the site
+    # keep a copy of its records per length.
+    assert worker.site._encoded is not None and worker.site._encoded[0] == 12
+
+
 def test_a_rank_outside_the_policy_is_refused(tmp_path: Path, tiny_model_dir: Path) -> None:
     worker = _worker(_policy_file(tmp_path, tiny_model_dir))
 

@@ -73,7 +73,7 @@ from fedsilo.simulation.engines import SimulationRequest, simulate
 from fedsilo.storage import write_text_atomic
 from fedsilo.training.device import GPU_EVAL_BATCH
 from fedsilo.training.loop import train_plain
-from fedsilo.training.precision import forward_in
+from fedsilo.training.precision import cpu_model, forward_in
 
 log = logging.getLogger(__name__)
 
@@ -731,6 +731,7 @@ def run_quality_benchmark(request: QualityRequest) -> dict[str, Any]:
             "machine": {
                 "device": _device_name(request.device),
                 "cpus": os.cpu_count(),
+                "cpu_model": cpu_model(),
                 "platform": platform.platform(),
                 "torch_threads": 1,
             },

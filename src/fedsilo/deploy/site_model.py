@@ -93,7 +93,10 @@ class DeployedSite:
         self.load_seconds = time.perf_counter() - started
         self._lora: LoraSpec | None = None
         self._site: Site | None = None
-        self._examples: dict[int, tuple[Example, ...]] = {}
+        # The records encoded at the last round's max_length, only: the coordinator chooses the
+        # length each round, and keeping every length it asked for would let it grow the
+        # site's memory by one copy of its data per distinct value.
+        self._encoded: tuple[int, tuple[Example, ...]] | None = None
         log.info(
             "site %s: %d records, base model %s loaded in %.1f s",
             self.section.name,
@@ -108,7 +111,7 @@ class DeployedSite:
 
     def prepare(self, lora: LoraSpec, *, max_length: int) -> None:
         """Make ``site_for`` return a site with this adapter shape and encoding length."""
-        if self._site is not None and self._lora == lora and max_length in self._examples:
+        if self._site is not None and self._lora == lora and self._encoded_at(max_length):
             return
         if self._lora != lora or self._site is None:
             base = self._base
@@ -129,22 +132,26 @@ class DeployedSite:
             template = get_adapter_state(model)
         else:
             model, template = self._site.model, self._site.adapter_template
-        if max_length not in self._examples:
-            self._examples[max_length] = tuple(
-                encode_records(
-                    self.tokenizer,
-                    self.records,
-                    system_prompt=self.section.system_prompt,
-                    max_length=max_length,
-                    source=f"site {self.name} ({self.section.data})",
-                )
+        if self._encoded is None or not self._encoded_at(max_length):
+            self._encoded = None  # the old encoding goes before the new one is built
+            self._encoded = (
+                max_length,
+                tuple(
+                    encode_records(
+                        self.tokenizer,
+                        self.records,
+                        system_prompt=self.section.system_prompt,
+                        max_length=max_length,
+                        source=f"site {self.name} ({self.section.data})",
+                    )
+                ),
             )
         state = self.section.state_dir
         self._site = Site(
             name=self.name,
             model=model,
             tokenizer=self.tokenizer,
-            examples=self._examples[max_length],
+            examples=self._encoded[1],
             base_model_hash=self.base_model_hash,
             adapter_template=template,
             signing_key=self.identity.signing_key,
@@ -154,6 +161,9 @@ class DeployedSite:
             policy=self.policy,
             peer_keys=self.identity.peer_keys,
         )
+
+    def _encoded_at(self, max_length: int) -> bool:
+        return self._encoded is not None and self._encoded[0] == max_length
 
     def site_for(self, context: Context) -> Site:
         del context  # one site per process: every node context is this site
