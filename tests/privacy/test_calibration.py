@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fedsilo.config.schema import MIN_RECORD_NOISE_MULTIPLIER
 from fedsilo.privacy.accounting import UnsupportedEventError, compute_epsilon
 from fedsilo.privacy.calibration import (
     calibrate_noise_multiplier,
@@ -40,8 +41,20 @@ def test_calibrated_noise_meets_the_target_and_is_minimal_to_tolerance(
     noise = calibrate_noise_multiplier(**setting, tolerance=TOLERANCE)  # type: ignore[arg-type]
 
     assert _epsilon(noise, setting) <= setting["target_epsilon"]
-    if noise - TOLERANCE > 0:
+    assert noise >= MIN_RECORD_NOISE_MULTIPLIER
+    if noise - TOLERANCE > MIN_RECORD_NOISE_MULTIPLIER:
         assert _epsilon(noise - TOLERANCE, setting) > setting["target_epsilon"]
+
+
+def test_a_generous_target_is_underspent_at_the_admitted_floor_not_below_it() -> None:
+    # At q = 0.001 over one step even z = 0.1 stays under epsilon 20, but no coordinator
+    # admits noise below the floor (the accountants fail there).
+    noise = calibrate_noise_multiplier(
+        target_epsilon=20.0, delta=1e-5, sampling_rate=0.001, steps=1
+    )
+
+    assert noise == MIN_RECORD_NOISE_MULTIPLIER
+    assert _epsilon(noise, {"sampling_rate": 0.001, "steps": 1, "delta": 1e-5}) <= 20.0
 
 
 def test_calibration_with_pld_never_overshoots() -> None:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from flwr.app import ConfigRecord, RecordDict
 
-from fedsilo.privacy.events import PoissonGaussianEvent, event_to_json
+from fedsilo.privacy.accounting import compute_epsilon
+from fedsilo.privacy.events import PoissonGaussianEvent, event_from_json, event_to_json
 from fedsilo.protocol.records import DP_EVENT_KEY, SiteMetrics
 from fedsilo.server.admission import (
     DpRequirement,
@@ -47,6 +50,22 @@ def test_a_step_round_still_asks_for_its_steps() -> None:
 
     with pytest.raises(UpdateRejectedError, match="declares 6 steps; the round asked for 5"):
         check_dp_event(_event(1.2, 0.5, 6), required, "site-a")
+
+
+@pytest.mark.parametrize("noise", [1e-300, 1e-3, 0.29, 1e4 * 1.01, 1e200])
+def test_a_noise_multiplier_the_accountants_cannot_compose_is_rejected(noise: float) -> None:
+    # Under a target epsilon the round sets no minimum; admitted, 1e200 overflowed the RDP
+    # accountant and 1e-3 made the PLD accountant ask for 38 GiB, after the round, every round.
+    with pytest.raises(UpdateRejectedError, match=r"outside \[0.3, 10000\]"):
+        check_dp_event(_event(noise, 256 / 2000, 16), EPOCHS, "site-a")
+
+
+def test_the_ends_of_the_admitted_noise_range_are_accounted() -> None:
+    for noise in (0.3, 1e4):
+        event = check_dp_event(_event(noise, 256 / 2000, 16), EPOCHS, "site-a")
+        assert event is not None
+        epsilon = compute_epsilon([event_from_json(event)], delta=1e-5, accountant="rdp")
+        assert math.isfinite(epsilon) and epsilon > 0
 
 
 def test_a_rate_implying_an_absurd_size_is_rejected_not_raised() -> None:

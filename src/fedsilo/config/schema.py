@@ -314,6 +314,18 @@ class FederationSection(Section):
         return self
 
 
+# The record-level DP-SGD noise multipliers fedsilo runs and a coordinator admits from a site.
+# Below 0.3 one round spends an epsilon in the tens to thousands at realistic sampling rates, and
+# the accountants grow costly and then fail (the PLD accountant takes 26 s for three rounds at
+# 0.3, over a minute at 0.1, and gigabytes near 0.001; RDP divides by zero near 1e-300); above
+# 1e4 the noise is ten thousand times the clip norm, no signal survives, and RDP overflows (above
+# about 1e154). A ledgered event the accountant cannot compose would stop every later round's
+# accounting, so such values are refused where they enter; calibration to a target epsilon
+# never goes below the floor (it spends less than the target instead).
+MIN_RECORD_NOISE_MULTIPLIER = 0.3
+MAX_RECORD_NOISE_MULTIPLIER = 1e4
+
+
 class PrivacySection(Section):
     """Differential privacy: record-level (DP-SGD at every site) and/or site-level.
 
@@ -324,7 +336,9 @@ class PrivacySection(Section):
     """
 
     record_level: bool = False
-    noise_multiplier: float | None = Field(None, gt=0)
+    noise_multiplier: float | None = Field(
+        None, ge=MIN_RECORD_NOISE_MULTIPLIER, le=MAX_RECORD_NOISE_MULTIPLIER
+    )
     # Site-level DP at the coordinator (docs/privacy.md): each site's update clipped to
     # site_clip_norm, Gaussian noise site_noise_multiplier * site_clip_norm on the sum.
     site_level: bool = False

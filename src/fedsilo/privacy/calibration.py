@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
+from fedsilo.config.schema import MIN_RECORD_NOISE_MULTIPLIER
 from fedsilo.privacy.accounting import AccountantName, compute_epsilon
 from fedsilo.privacy.events import DpEvent, PoissonGaussianEvent, SampledSitesGaussianEvent
 
@@ -35,8 +36,10 @@ def calibrate_noise_multiplier(
     tolerance: float = 0.01,
     max_noise: float = 1000.0,
     prior_events: Sequence[DpEvent] = (),
+    min_noise: float = MIN_RECORD_NOISE_MULTIPLIER,
 ) -> float:
-    """The smallest noise multiplier ``z`` (to within ``tolerance``) that keeps the budget.
+    """The smallest noise multiplier ``z`` (to within ``tolerance``) that keeps the budget,
+    and at least ``min_noise`` (a larger target is then underspent, never exceeded).
 
     Returns ``z`` such that ``compute_epsilon([*prior_events, PoissonGaussianEvent(z,
     sampling_rate, steps)], delta=delta, accountant=accountant) <= target_epsilon`` holds as
@@ -47,7 +50,11 @@ def calibrate_noise_multiplier(
 
     Search: ``z`` doubles from ``min(1, max_noise)`` until the budget holds (capped at
     ``max_noise``), then bisects between the last failing and first passing value until they are
-    within ``tolerance``; the passing end is returned.
+    within ``tolerance``; the passing end is returned, or ``min_noise`` where the answer lies
+    below it. Candidates below ``min_noise`` count as failing without being computed, so the
+    accountants never see them (they grow slow and then fail there). ``min_noise`` defaults to
+    the smallest noise a coordinator admits
+    (:data:`~fedsilo.config.schema.MIN_RECORD_NOISE_MULTIPLIER`).
 
     Raises:
         ValueError: an argument out of range (``target_epsilon``, ``tolerance`` and ``max_noise``
@@ -74,6 +81,7 @@ def calibrate_noise_multiplier(
         tolerance=step,
         ceiling=ceiling,
         context=f"at delta={delta} with {len(history)} prior event(s)",
+        floor=_positive("min_noise", min_noise),
     )
 
 
@@ -121,10 +129,11 @@ def _smallest_noise(
     tolerance: float,
     ceiling: float,
     context: str,
+    floor: float = 0.0,
 ) -> float:
     """Doubling from ``min(1, ceiling)`` until ``epsilon_at`` meets ``target``, then bisection
-    to within ``tolerance``; the passing end is returned (epsilon assumed not to increase
-    with the noise)."""
+    to within ``tolerance``, never below ``floor``; the passing end is returned (epsilon
+    assumed not to increase with the noise)."""
     failing, passing = 0.0, min(1.0, ceiling)
     epsilon = epsilon_at(passing)
     while epsilon > target:
@@ -139,8 +148,12 @@ def _smallest_noise(
         middle = (failing + passing) / 2.0
         if not failing < middle < passing:
             break  # a tolerance below float resolution: no narrower bracket exists
-        if epsilon_at(middle) <= target:
+        # Below the floor a candidate counts as failing unevaluated: the search takes the path
+        # it would take without a floor whenever the answer is above it.
+        if middle >= floor and epsilon_at(middle) <= target:
             passing = middle
         else:
             failing = middle
+    if failing < floor < passing and epsilon_at(floor) <= target:
+        return floor
     return passing

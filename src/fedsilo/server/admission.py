@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from flwr.app import Message, RecordDict
 
+from fedsilo.config.schema import MAX_RECORD_NOISE_MULTIPLIER, MIN_RECORD_NOISE_MULTIPLIER
 from fedsilo.crypto import (
     PublicKey,
     SignatureError,
@@ -328,11 +329,19 @@ def check_dp_event(
         raise UpdateRejectedError(
             site, f"DP event declares {event.steps} steps; the round asked for {steps}"
         )
-    if event.noise_multiplier <= 0 or event.noise_multiplier < required.min_noise_multiplier:
+    if event.noise_multiplier < required.min_noise_multiplier:
         raise UpdateRejectedError(
             site,
             f"DP event noise multiplier {event.noise_multiplier:g} is below the round's "
-            f"{required.min_noise_multiplier:g} (or zero)",
+            f"{required.min_noise_multiplier:g}",
+        )
+    low, high = MIN_RECORD_NOISE_MULTIPLIER, MAX_RECORD_NOISE_MULTIPLIER
+    if not low <= event.noise_multiplier <= high:
+        # Under a target epsilon the round asks for no minimum: the site calibrates its own.
+        raise UpdateRejectedError(
+            site,
+            f"DP event noise multiplier {event.noise_multiplier:g} is outside [{low:g}, "
+            f"{high:g}], the range fedsilo accounts",
         )
     return event_to_json(event)
 
