@@ -79,3 +79,23 @@ def test_summary_names_the_metric_beside_each_accuracy() -> None:
     assert "metric exact" in text
     assert "accuracy (exact)" in text and "mean similarity (exact)" in text
     assert "exact match" not in text and "category" not in text
+
+
+def test_a_sites_reason_is_printed_as_text_never_as_markup() -> None:
+    console = Console(record=True, width=200)
+    reporter = ConsoleReporter(console, metric="code")
+    record = {
+        "round": 1,
+        "sites_ok": 1,
+        "sites_failed": 1,
+        "train_loss": 1.0,
+        "seconds": 2.0,
+        "failures": {"site-[b]": "site error: [/] [bold red]fake[/]\x1b[2J"},
+    }
+
+    reporter.round_done(record, total_rounds=2)  # "[/]" raised MarkupError when read as markup
+    reporter.notice("round 1 attempt 1: site-b: [/] closes nothing")
+
+    text = console.export_text()
+    assert "site-[b]: site error: [/] [bold red]fake[/]\ufffd[2J" in text
+    assert "site-b: [/] closes nothing" in text

@@ -317,6 +317,9 @@ def _metrics(**changes: Any) -> MetricRecord:
         {"train_loss": math.nan},
         {"train_loss": -0.5},
         {"num_examples": 0},
+        # Every position padding, yet 100 tokens: the round's padding share would go to -5e12.
+        {"padding_share": 1.0},
+        {"padding_share": 1.5},
     ],
     ids=lambda change: f"{next(iter(change))}={next(iter(change.values()))}",
 )

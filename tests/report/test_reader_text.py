@@ -30,3 +30,11 @@ def test_local_paths_are_cut_and_the_run_folder_named_run() -> None:
 
 def test_long_reasons_are_bounded() -> None:
     assert len(one_line("x" * 5000)) == 300
+
+
+def test_control_characters_and_bidi_overrides_are_not_passed_on() -> None:
+    # A site's reason reaches the terminal and the ledger: no escape sequence, NUL, carriage
+    # return or right-to-left override may act on what a reader sees.
+    line = one_line("bad\x1b[2J update\r\x00 from \u202esite-b\u2066 \x9b31m")
+
+    assert line == "bad\ufffd[2J update\ufffd\ufffd from \ufffdsite-b\ufffd \ufffd31m"

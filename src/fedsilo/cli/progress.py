@@ -10,8 +10,10 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
 from rich.table import Table
+from rich.text import Text
 
 from fedsilo.evaluation.metrics import SECONDARY_LABELS
+from fedsilo.report.reader_text import one_line
 from fedsilo.training.loop import StepProgress
 from fedsilo.training.progress import progress_to
 
@@ -70,11 +72,14 @@ class ConsoleReporter:
             f"{gold}{record['seconds']:.1f} s"
             f"{_training_speed(record)}"
         )
+        # Site names and reasons come from sites: printed as text, never read as rich markup
+        # (a reason "[/]" would raise, and end the run, if it were).
         for site, reason in sorted(record.get("failures", {}).items()):
-            self.console.print(f"    [yellow]{site}[/]: {reason.splitlines()[0]}")
+            self.console.print(Text.assemble("    ", (site, "yellow"), ": ", one_line(reason)))
 
     def notice(self, text: str) -> None:
-        self.console.print(f"[yellow]{text}[/]")
+        """``text`` in yellow, as it is: it may quote a site's words."""
+        self.console.print(Text(text, style="yellow"))
 
     @contextmanager
     def training_progress(self) -> Iterator[None]:

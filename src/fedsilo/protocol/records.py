@@ -297,6 +297,11 @@ class SiteMetrics:
             if isinstance(padding, bool) or not isinstance(padding, float | int):
                 raise ProtocolError(f"padding_share must be a number, got {padding!r}")
             _check_float(float(padding), "padding_share", low=0.0, high=1.0, what=what)
+            if tokens > 0 and padding >= 1.0:
+                raise ProtocolError(
+                    f"{what}: padding_share 1 with {tokens} tokens processed (a share of 1 "
+                    f"means no token was)"
+                )
         loss = None if train_loss is None else float(train_loss)
         share = None if padding is None else float(padding)
         return cls(num_examples, loss, tokens, float(seconds), precision, share)

@@ -12,6 +12,10 @@ import re
 MAX_CHARS = 300
 # Ray and Flower wrap an exception as "<class 'pkg.Error'>:<'message'>".
 _WRAPPED = re.compile(r"^<class '(?:[\w.]+\.)?(\w+)'>:<'(.*)'>$", re.DOTALL)
+# Characters a terminal or a text viewer acts on instead of showing: C0 and C1 controls (escape
+# sequences, carriage return, NUL) and the bidirectional overrides and isolates that reorder
+# what a reader sees. Site-sent text may carry them; a reader-facing line shows U+FFFD instead.
+_UNSHOWABLE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 # An absolute POSIX path of two or more parts, or a Windows drive path.
 _ABSOLUTE_PATH = re.compile(r"(?<![\w.:/])(?:/[^\s/'\"():,;]+){2,}/?|[A-Za-z]:\\[^\s'\"]+")
 
@@ -33,10 +37,11 @@ def one_line(text: str, *, replacements: dict[str, str] | None = None) -> str:
 
     The traceback (everything from "Traceback" on, and frame lines) is dropped, Flower's
     ``<class '...'>:<'...'>`` wrapping is unwrapped, ``replacements`` (say, the run folder's
-    absolute path -> "RUN") are applied, and any other absolute path is cut to its last
-    part. The result is at most ``MAX_CHARS`` characters.
+    absolute path -> "RUN") are applied, any other absolute path is cut to its last part, and
+    control characters and bidirectional overrides become U+FFFD. The result is at most
+    ``MAX_CHARS`` characters.
     """
-    text = text.strip()
+    text = _UNSHOWABLE.sub("\ufffd", text.strip())
     wrapped = _WRAPPED.match(text)
     if wrapped:
         text = f"{wrapped.group(1)}: {wrapped.group(2)}"

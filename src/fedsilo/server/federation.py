@@ -290,8 +290,12 @@ def _training_speed(replies: RoundReplies) -> dict[str, Any]:
     seconds = sum(m.seconds for m in reported) if reported else None
     tokens = sum(m.tokens for m in reported) if reported else None
     precisions = sorted({m.precision for m in replies.metrics.values() if m.precision})
-    padded = [(m.padding_share, m.tokens) for m in reported if m.padding_share is not None]
-    positions = sum(tokens_ / (1.0 - share) for share, tokens_ in padded if share < 1.0)
+    padded = [
+        (m.padding_share, m.tokens)
+        for m in reported
+        if m.padding_share is not None and m.padding_share < 1.0
+    ]
+    positions = sum(tokens_ / (1.0 - share) for share, tokens_ in padded)
     padded_tokens = sum(tokens_ for _, tokens_ in padded)
     return {
         "tokens": tokens,

@@ -205,14 +205,15 @@ def reject(
     """Ledger and report a reply (or a missing one) that is not used.
 
     The ledger and the run's metrics get the reason as one line without traceback or local
-    paths (they are read by auditors); the full text stays in the coordinator's log.
+    paths (they are read by auditors); the coordinator's log gets the text quoted (newlines and
+    control characters escaped, so a site's words cannot forge log lines) up to 4,000 characters.
     """
     short = one_line(reason)
     plan.ledger.append(
         EntryKind.UPDATE_REJECTED, {"round": round_number, "sender": sender, "reason": short}
     )
     result.failures[sender] = short
-    log.warning("round %d: %s rejected: %s", round_number, sender, reason)
+    log.warning("round %d: %s rejected: %r", round_number, sender, reason[:4000])
 
 
 def rejected_sender(plan: FederationPlan, node: int, reply: Message, sender: str) -> str:
