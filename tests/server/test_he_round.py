@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import tenseal as ts
 import torch
 from flwr.app import Message
 
@@ -147,6 +148,45 @@ def test_a_dealer_that_drops_is_replaced_by_the_next_site(
     assert replies.contributors == ["site-1", "site-2"]
     mean = replies.updates.mean()
     np.testing.assert_allclose(flatten(mean), _mean(h, ["site-1", "site-2"]), atol=1e-4)
+
+
+def _bfv_secret_context(poly_modulus_degree: int) -> bytes:
+    context = ts.context(
+        ts.SCHEME_TYPE.BFV, poly_modulus_degree=poly_modulus_degree, plain_modulus=1032193
+    )
+    return bytes(context.serialize(save_secret_key=True))
+
+
+@pytest.mark.parametrize(
+    "deal",
+    [
+        lambda degree: ckks.new_secret_context(2 * degree),  # another degree than asked
+        _bfv_secret_context,  # another scheme
+    ],
+    ids=["other-degree", "bfv"],
+)
+def test_a_dealer_whose_context_is_not_the_rounds_is_rejected_and_the_next_site_deals(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, deal: Callable[[int], bytes]
+) -> None:
+    # Before: every honest site's upload was rejected by name (other degree), or the attempt
+    # halted as a fault of the coordinator (another scheme), and each retry chose that dealer.
+    h = _he(tmp_path, monkeypatch, num_sites=3)
+    honest = ckks.new_secret_context
+    calls: list[int] = []
+
+    def first_dealer_deals_wrong(degree: int) -> bytes:
+        calls.append(degree)
+        return deal(degree) if len(calls) == 1 else honest(degree)
+
+    monkeypatch.setattr(ckks, "new_secret_context", first_dealer_deals_wrong)
+
+    replies = _round(h)
+
+    assert "the dealer's public context" in replies.failures["site-0"]
+    assert replies.contributors == ["site-1", "site-2"]
+    np.testing.assert_allclose(
+        flatten(replies.updates.mean()), _mean(h, ["site-1", "site-2"]), atol=1e-4
+    )
 
 
 def test_decryption_falls_to_the_next_contributor_and_below_threshold_halts(
@@ -414,6 +454,48 @@ def test_an_agreement_signed_in_one_attempt_is_not_one_of_another() -> None:
 
     assert contributors_statement(first, sites) != contributors_statement(second, sites)
     assert contributors_statement(first, sites[::-1]) == contributors_statement(first, sites)
+
+
+# L2 clip 0.1 and little noise: three honest inputs sum to a norm of about 0.3 at most; one
+# input of 0.4 per coordinate, unclipped, has norm 2.08 on its own.
+SITE_DP_SMALL_NOISE = {"site_level": True, "site_clip_norm": 0.1, "site_noise_multiplier": 0.1}
+
+
+@pytest.mark.parametrize("he_tensors", [[], ["lora_A"]], ids=["all-encrypted", "partly-plain"])
+def test_an_unclipped_he_input_under_distributed_dp_halts_the_attempt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, he_tensors: list[str]
+) -> None:
+    h = _he(
+        tmp_path, monkeypatch, num_sites=3, privacy=SITE_DP_SMALL_NOISE,
+        secure={"he_tensors": he_tensors},
+    )  # fmt: skip
+    for name in h.names:
+        h.sites.deltas[name] = {n: t * 0.1 for n, t in h.sites.deltas[name].items()}
+    h.sites.deltas["site-0"] = {n: t * 0 + 0.4 for n, t in h.sites.deltas["site-0"].items()}
+    # What a site that skips its L2 clip sends (encrypted, the server cannot see it alone).
+    monkeypatch.setattr("fedsilo.client.he.clip_l2", lambda vector, clip_norm: vector)
+
+    replies = _round(h)
+
+    assert replies.updates.count == 0
+    assert "a site sent an unclipped input" in replies.failures["secure-aggregation"]
+    [halted] = [
+        e.payload
+        for e in read_entries(h.plan.ledger.path)
+        if e.payload.get("outcome") == "halted" and e.payload.get("stage") == "decrypt_sum"
+    ]
+    assert float(halted["sum_norm"]) > float(halted["sum_norm_bound"])  # type: ignore[arg-type]
+
+
+def test_he_inputs_clipped_by_every_site_are_summed_under_distributed_dp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = _he(tmp_path, monkeypatch, num_sites=3, privacy=SITE_DP_SMALL_NOISE)
+    h.sites.deltas["site-0"] = {n: t * 0 + 0.4 for n, t in h.sites.deltas["site-0"].items()}
+
+    replies = _round(h)
+
+    assert replies.updates.count == 1, replies.failures
 
 
 def test_an_input_too_large_for_any_update_fails_the_round_instead_of_overflowing(

@@ -27,6 +27,7 @@ from flwr.app import RecordDict
 from flwr.serverapp import Grid
 
 from fedsilo.client.he import selector
+from fedsilo.ledger import JsonValue
 from fedsilo.model.adapters import AdapterState
 from fedsilo.model.flatten import flat_length, unflatten
 from fedsilo.privacy.he import ckks
@@ -72,6 +73,7 @@ from fedsilo.server.secagg_round import (
     accept_input,
     advertise_keys,
     exchange,
+    halt_stage,
     require_sites,
     run_stages,
     secagg_params,
@@ -156,7 +158,11 @@ def key_ceremony(ctx: SecAggRound, state: HeState) -> None:
                 recipients
             ):
                 raise ckks.HeError("the sealed keys do not match the cohort")
-            ckks.load_context(public, what="the dealer's public context", secret=False)
+            ckks.check_public_context(
+                public,
+                poly_modulus_degree=state.poly_modulus_degree,
+                what="the dealer's public context",
+            )
         except (ckks.HeError, ValueError, KeyError, TypeError, RecursionError) as error:
             reject(ctx.plan, ctx.replies, ctx.round_number, dealer, f"{KEYS_STAGE}: {error}")
             continue
@@ -301,9 +307,32 @@ def decrypt_sum(ctx: SecAggRound, state: HeState) -> None:
         except ProtocolError as error:
             reject(ctx.plan, ctx.replies, ctx.round_number, site, str(error))
             continue
+        _check_sum_norm(ctx, state, contributors, decrypted)
         state.decrypted = decrypted
         break
     require_sites(ctx, state, "decrypt_sum", contributors if state.decrypted is not None else [])
+
+
+def _check_sum_norm(
+    ctx: SecAggRound, state: HeState, contributors: list[str], decrypted: np.ndarray
+) -> None:
+    """Under distributed DP, halt the attempt if the sum (decrypted and plain parts together)
+    is larger than the contributors' clipped inputs and noise can make it: a site sent an input
+    it did not clip. The encrypted parts cannot be checked one by one, so the round is retried,
+    not one site rejected (as under secure aggregation)."""
+    bound = state.params.sum_norm_bound(contributors=len(contributors), length=state.length)
+    if bound is None:
+        return
+    plain = 0.0 if state.plain_sum is None else float(np.linalg.norm(state.plain_sum))
+    norm = math.hypot(float(np.linalg.norm(decrypted)), plain)
+    if norm > bound:
+        reason = (
+            f"the decrypted sum of {len(contributors)} inputs has L2 norm {norm:.6g}, above the "
+            f"{bound:.6g} that inputs clipped to dp_clip_norm {state.params.dp_clip_norm:g} "
+            "with their noise can reach: a site sent an unclipped input"
+        )
+        evidence: dict[str, JsonValue] = {"sum_norm": norm, "sum_norm_bound": bound}
+        halt_stage(ctx, state, "decrypt_sum", contributors, reason, evidence)
 
 
 HE_STAGES = (

@@ -66,6 +66,47 @@ def load_context(raw: bytes, *, what: str, secret: bool | None = None) -> Any:
     return context
 
 
+def check_public_context(raw: bytes, *, poly_modulus_degree: int, what: str) -> Any:
+    """The dealer's public context, loaded and held to the round's parameters.
+
+    A dealer chooses the context every site encrypts under: one of another scheme, degree,
+    modulus chain or scale would make every honest site's upload look wrong (rejecting the
+    honest sites by name) or fail outside any one site's check; one carrying evaluation keys
+    is more than the coordinator needs. So the context must be CKKS at the degree the round
+    asked for, with the moduli and scale :func:`new_secret_context` makes, without the secret
+    key or Galois and relinearization keys, and must encrypt.
+    """
+    context = load_context(raw, what=what, secret=False)
+    if poly_modulus_degree not in _PARAMETERS:
+        raise HeError(f"poly_modulus_degree must be one of {sorted(_PARAMETERS)}")
+    moduli, scale = _PARAMETERS[poly_modulus_degree]
+    try:
+        data = context.seal_context().data.key_context_data()
+        parms = data.parms()
+        found = (
+            str(parms.scheme()),
+            int(parms.poly_modulus_degree()),
+            int(data.total_coeff_modulus_bit_count()),
+            float(context.global_scale),
+        )
+        keys = bool(context.has_galois_keys()) or bool(context.has_relin_keys())
+    except Exception as error:  # TenSEAL raises bare exceptions for contexts of other schemes
+        raise HeError(f"{what}: its parameters cannot be read ({type(error).__name__})") from None
+    wanted = (str(ts.SCHEME_TYPE.CKKS), poly_modulus_degree, sum(moduli), scale)
+    if found != wanted:
+        raise HeError(
+            f"{what}: scheme, degree, modulus bits and scale are {found}; the round asked for "
+            f"{wanted}"
+        )
+    if keys:
+        raise HeError(f"{what}: carries Galois or relinearization keys")
+    try:
+        ts.ckks_vector(context, [0.0])
+    except Exception as error:
+        raise HeError(f"{what}: does not encrypt ({type(error).__name__})") from None
+    return context
+
+
 def slots(context: Any) -> int:
     """Values per ciphertext."""
     parms = context.seal_context().data.key_context_data().parms()
