@@ -87,9 +87,11 @@ def test_site_level_noise_for_epsilon_8_over_10_rounds_is_about_2() -> None:
     def epsilon(z: float) -> float:
         return compute_epsilon([SampledSitesGaussianEvent(z, 4, 4, 10)], delta=1e-5)
 
-    assert epsilon(2.0) > 8.0 > epsilon(2.05)
+    assert epsilon(2.01) > 8.0 > epsilon(2.02)
+    assert f"{epsilon(2.0):.2f}" == "8.08"
     page = (DOCS / "privacy-for-compliance.md").read_text()
-    assert "the accountant needs z = 2.0 (delta 1e-5)" in page
+    assert "the accountant needs z of about 2 (2.02 at delta 1e-5" in page
+    assert "z = 2.0 gives epsilon 8.08" in page
     # The table's ratio column: noise norm over update norm = z * sqrt(d) / n, d = 2.4 million.
     assert round(2.0 * math.sqrt(2.4e6) / 4) == 775
     assert "| 4 | 0.5 | about 775 |" in page

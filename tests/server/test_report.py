@@ -21,6 +21,7 @@ from fedsilo.crypto import generate_private_key, write_public_key
 from fedsilo.data.tasks import build_task
 from fedsilo.evaluation.bootstrap import exact_bounds_at_zero
 from fedsilo.ledger import Entry, EntryKind, payload_json, read_entries
+from fedsilo.ledger.entries import JsonValue
 from fedsilo.report import render_report
 from fedsilo.server.audit import verify_run
 from fedsilo.server.federation import FederationError
@@ -564,3 +565,25 @@ def test_the_report_says_how_many_receipts_were_examined(
     assert "checkpoints and metrics all hold; 0 receipts examined (none in the run folder)" in text
     assert "receipts all hold" not in text
     assert "Site receipts 0 receipts examined (none in the run folder)" in text
+
+
+def test_site_level_dp_with_no_recorded_secure_aggregation_mode_is_not_called_distributed() -> None:
+    def entry(seq: int, kind: EntryKind, payload: dict[str, JsonValue]) -> Entry:
+        return Entry(seq, kind, "2026-01-01T00:00:00.000000Z", payload, "", "", "")
+
+    event: dict[str, JsonValue] = {
+        "type": "sampled_sites_gaussian",
+        "noise_multiplier": 1.0,
+        "sites_per_round": 3,
+        "num_sites": 3,
+        "rounds": 1,
+    }
+    entries = [
+        entry(1, EntryKind.RUN_STARTED, {}),
+        entry(2, EntryKind.ROUND_AGGREGATED, {"round": 1, "site_dp_event": event, "sites": []}),
+    ]
+
+    privacy = privacy_of(entries, None)
+
+    assert "distributed" not in privacy.mode
+    assert "the secure-aggregation mode is not recorded" in privacy.mode

@@ -134,7 +134,12 @@ def model_card(run_dir: Path, exported: Path, *, checkpoint_round: int | None = 
         lines += [
             f"## Privacy (\u03b4 = {privacy.delta:g}, {privacy.accountant} accountant)",
             "",
-            "Recomputed from the DP events in the ledger (`fedsilo privacy RUN` prints the same)."
+            "Recomputed from every DP event in the ledger. `fedsilo privacy RUN` composes the "
+            "same events, but states \u03b5 through the last round reported in metrics.jsonl "
+            "and lists updates ledgered after it apart, so for a run stopped mid-round the two "
+            "differ. A site's \u03b5 here composes its accepted updates only: an update it "
+            "released that was rejected or arrived too late is not counted, so the site's own "
+            "`privacy-spent.json` is authoritative and may show more."
             + (
                 " The run was a simulation: the coordinator's machine held every site's "
                 "records, so \u03b5 bounds what the released adapter reveals (about one "

@@ -175,11 +175,14 @@ def _cumulative(
 
 
 def _site_level_label(secure: str) -> str:
-    return (
-        "distributed site-level (each site noises its update before secure aggregation)"
-        if secure != "none"
-        else "site-level (the coordinator clips and noises each round's aggregate)"
-    )
+    if secure == "none":
+        return "site-level (the coordinator clips and noises each round's aggregate)"
+    if secure == _NOT_RECORDED:
+        return (
+            "site-level (the secure-aggregation mode is not recorded, so whether the "
+            "coordinator or each site added the noise is not established)"
+        )
+    return "distributed site-level (each site noises its update before secure aggregation)"
 
 
 def _mode(settings: DpSettings | None, events: _Events, secure: str) -> str:
