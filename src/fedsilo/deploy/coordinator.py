@@ -11,8 +11,10 @@ What runs on the coordinator's machine:
 - This process: it registers each enrolled site's node key through the Control API (over
   loopback), waits for the sites to connect, submits the run with fedsilo's bundle, takes the
   run's ServerApp task itself from the SuperLink's Runtime API and runs the installed fedsilo
-  ServerApp over Flower's :class:`HttpGrid`. Its outcome is pushed back to the SuperLink, and
-  the command reports the SuperLink's own status of the run (a failed run exits non-zero).
+  ServerApp over :class:`~fedsilo.deploy.bounded_grid.BoundedHttpGrid` (Flower's HttpGrid,
+  bounding what each site's reply may cost to pull and inflate). Its outcome is pushed back
+  to the SuperLink, and the command reports the SuperLink's own status of the run (a failed
+  run exits non-zero).
 
 ``--resume`` continues the run folder from its last checkpoint (same run id and ledger).
 """
@@ -54,6 +56,7 @@ from fedsilo.crypto.certs import (
     parse_node_public_key,
     read_certificate,
 )
+from fedsilo.deploy.bounded_grid import BoundedHttpGrid
 from fedsilo.deploy.bundle import build_bundle, bundle_hash
 from fedsilo.deploy.control import Control, RunStatus
 from fedsilo.deploy.material import COORDINATOR_SIGNING
@@ -338,8 +341,11 @@ class CoordinatorService:
                 time.sleep(0.2)
         finally:
             acquirer.close()
-        grid = HttpGrid(
-            runtime_api_address=self.superlink_address, root_certificates=ca, token=token
+        grid = BoundedHttpGrid(
+            runtime_api_address=self.superlink_address,
+            root_certificates=ca,
+            token=token,
+            max_update_bytes=self.config.federation.max_update_bytes,
         )
         runtime = grid._runtime_client
         heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(runtime))

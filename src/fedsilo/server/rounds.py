@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -262,6 +262,20 @@ def accept(
     return entry
 
 
+def _one_by_one(pulled: Iterable[Message]) -> Iterator[Message]:
+    """The replies of one pull, holding none that was already handled.
+
+    A list (Flower's in-memory grid) is emptied as it is read; any other iterable (the deployed
+    grid) is read lazily, as it pulls and inflates a reply only when it is reached.
+    """
+    if isinstance(pulled, list):
+        pulled.reverse()
+        while pulled:
+            yield pulled.pop()
+    else:
+        yield from pulled
+
+
 def stream_replies(
     grid: Grid, messages: Sequence[Message], *, timeout: float
 ) -> Iterator[tuple[int, Message]]:
@@ -279,20 +293,19 @@ def stream_replies(
     synchronous = getattr(grid, "delivers_synchronously", False)
     deadline = time.monotonic() + timeout
     while pending:
-        pulled = list(grid.pull_messages(pending))
-        if not pulled:
-            left = deadline - time.monotonic()
-            if synchronous or left <= 0:
-                return
-            time.sleep(min(REPLY_POLL_S, left))
-            continue
-        pulled.reverse()
-        while pulled:
-            reply = pulled.pop()
+        # The ids are copied: ``pending`` shrinks while the pull is read.
+        arrived = False
+        for reply in _one_by_one(grid.pull_messages(list(pending))):
+            arrived = True
             answered = reply.metadata.reply_to_message_id
             pending.discard(answered)
             yield sent_to.get(answered, reply.metadata.src_node_id), reply
             del reply
+        if not arrived:
+            left = deadline - time.monotonic()
+            if synchronous or left <= 0:
+                return
+            time.sleep(min(REPLY_POLL_S, left))
 
 
 def send_and_attribute(
