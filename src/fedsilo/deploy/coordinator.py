@@ -26,13 +26,12 @@ import logging
 import signal
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
 import torch
-from flwr.app import Message
 from flwr.common.serde import context_from_proto, context_to_proto, run_from_proto
 from flwr.proto.runtime_pb2 import (
     AcquireTaskRequest,
@@ -45,7 +44,6 @@ from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
 from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supercore.task_identity import TaskIdentity
-from flwr.superlink.grid import HttpGrid
 
 from fedsilo.config import ConfigError, DeploymentSection, FedsiloConfig, load_config
 from fedsilo.crypto import fingerprint, public_key_text, read_private_key
@@ -79,29 +77,6 @@ from fedsilo.server.run_folder import RunFolder
 log = logging.getLogger(__name__)
 
 TASK_WAIT_S = 120.0
-REPLY_POLL_S = 0.25
-
-
-class PollingHttpGrid(HttpGrid):
-    """Flower's HttpGrid, polling for replies every 0.25 s instead of every 3 s.
-
-    ``HttpGrid.send_and_receive`` sleeps 3 s between pulls, which adds up to 3 s to every
-    round (and to every receipt exchange) whatever the sites' speed.
-    """
-
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
-        pending = set(self.push_messages(messages))
-        deadline = time.monotonic() + (timeout if timeout is not None else 0.0)
-        replies: list[Message] = []
-        while pending and (timeout is None or time.monotonic() < deadline):
-            pulled = list(self.pull_messages(pending))
-            replies.extend(pulled)
-            pending.difference_update(m.metadata.reply_to_message_id for m in pulled)
-            if pending:
-                time.sleep(REPLY_POLL_S)
-        return replies
 
 
 class CoordinatorError(RuntimeError):

@@ -17,6 +17,7 @@ the decrypted sum.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Iterator
@@ -27,7 +28,6 @@ from flwr.app import RecordDict
 from flwr.serverapp import Grid
 
 from fedsilo.client.he import selector
-from fedsilo.ledger import JsonValue
 from fedsilo.model.adapters import AdapterState
 from fedsilo.model.flatten import flat_length, unflatten
 from fedsilo.privacy.he import ckks
@@ -72,8 +72,8 @@ from fedsilo.server.secagg_round import (
     StageHaltedError,
     accept_input,
     advertise_keys,
+    check_sum_norm,
     exchange,
-    halt_stage,
     require_sites,
     run_stages,
     secagg_params,
@@ -307,32 +307,22 @@ def decrypt_sum(ctx: SecAggRound, state: HeState) -> None:
         except ProtocolError as error:
             reject(ctx.plan, ctx.replies, ctx.round_number, site, str(error))
             continue
-        _check_sum_norm(ctx, state, contributors, decrypted)
+        check_sum_norm(
+            ctx, state, "decrypt_sum", contributors,
+            contributors=len(contributors),
+            sum_norm=functools.partial(_whole_sum_norm, decrypted, state.plain_sum),
+            what="decrypted",
+        )  # fmt: skip
         state.decrypted = decrypted
         break
     require_sites(ctx, state, "decrypt_sum", contributors if state.decrypted is not None else [])
 
 
-def _check_sum_norm(
-    ctx: SecAggRound, state: HeState, contributors: list[str], decrypted: np.ndarray
-) -> None:
-    """Under distributed DP, halt the attempt if the sum (decrypted and plain parts together)
-    is larger than the contributors' clipped inputs and noise can make it: a site sent an input
-    it did not clip. The encrypted parts cannot be checked one by one, so the round is retried,
-    not one site rejected (as under secure aggregation)."""
-    bound = state.params.sum_norm_bound(contributors=len(contributors), length=state.length)
-    if bound is None:
-        return
-    plain = 0.0 if state.plain_sum is None else float(np.linalg.norm(state.plain_sum))
-    norm = math.hypot(float(np.linalg.norm(decrypted)), plain)
-    if norm > bound:
-        reason = (
-            f"the decrypted sum of {len(contributors)} inputs has L2 norm {norm:.6g}, above the "
-            f"{bound:.6g} that inputs clipped to dp_clip_norm {state.params.dp_clip_norm:g} "
-            "with their noise can reach: a site sent an unclipped input"
-        )
-        evidence: dict[str, JsonValue] = {"sum_norm": norm, "sum_norm_bound": bound}
-        halt_stage(ctx, state, "decrypt_sum", contributors, reason, evidence)
+def _whole_sum_norm(decrypted: np.ndarray, plain_sum: np.ndarray | None) -> float:
+    """The L2 norm of an HE round's whole sum: its decrypted and plain parts together (under
+    distributed DP every site clipped and noised its whole update, both parts)."""
+    plain = 0.0 if plain_sum is None else float(np.linalg.norm(plain_sum))
+    return math.hypot(float(np.linalg.norm(decrypted)), plain)
 
 
 HE_STAGES = (

@@ -483,27 +483,42 @@ def unmask(ctx: SecAggRound, state: SecAggState) -> None:
         evidence = _off_polynomial_evidence(error.off_polynomial)
         halt_stage(ctx, state, "unmask", sites, reason, evidence)
     require_sites(ctx, state, "unmask", sites, _off_polynomial_evidence(recovery.off_polynomial))
-    _check_sum_norm(ctx, state, sites, recovery.total)
+    check_sum_norm(
+        ctx, state, "unmask", sites,
+        contributors=len(state.masked),
+        sum_norm=lambda: float(
+            np.linalg.norm(dequantize(recovery.total, state.params.quantization()))
+        ),
+        what="unmasked",
+    )  # fmt: skip
     state.total = recovery.total
 
 
-def _check_sum_norm(
-    ctx: SecAggRound, state: SecAggState, sites: list[str], total: np.ndarray
+def check_sum_norm(
+    ctx: SecAggRound,
+    state: SecAggState,
+    stage: str,
+    sites: list[str],
+    *,
+    contributors: int,
+    sum_norm: Callable[[], float],
+    what: str,
 ) -> None:
-    """Halt the attempt if the unmasked sum is larger than the contributors' clipped inputs and
+    """Halt the attempt at ``stage`` if the ``what`` sum of ``contributors`` inputs (its L2 norm
+    computed by ``sum_norm``, only under distributed DP) is larger than clipped inputs and their
     noise can make it: a site sent an input it did not clip. Which site cannot be known (the
-    inputs were masked), so the round is retried, not one site rejected."""
-    bound = state.params.sum_norm_bound(contributors=len(state.masked), length=state.length)
+    inputs were masked or encrypted), so the round is retried, not one site rejected."""
+    bound = state.params.sum_norm_bound(contributors=contributors, length=state.length)
     if bound is None:
         return
-    norm = float(np.linalg.norm(dequantize(total, state.params.quantization())))
+    norm = sum_norm()
     if norm > bound:
         reason = (
-            f"the unmasked sum of {len(state.masked)} inputs has L2 norm {norm:.6g}, above the "
+            f"the {what} sum of {contributors} inputs has L2 norm {norm:.6g}, above the "
             f"{bound:.6g} that inputs clipped to dp_clip_norm {state.params.dp_clip_norm:g} "
             "with their noise can reach: a site sent an unclipped input"
         )
-        halt_stage(ctx, state, "unmask", sites, reason, {"sum_norm": norm, "sum_norm_bound": bound})
+        halt_stage(ctx, state, stage, sites, reason, {"sum_norm": norm, "sum_norm_bound": bound})
 
 
 def _off_polynomial_evidence(off: Mapping[str, list[str]]) -> dict[str, JsonValue]:
