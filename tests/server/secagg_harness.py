@@ -23,7 +23,7 @@ from fedsilo.client.policy import SitePolicy
 from fedsilo.client.site import Site
 from fedsilo.config import FedsiloConfig, parse_config
 from fedsilo.crypto import PrivateKey, generate_private_key, public_key_text
-from fedsilo.ledger import EntryKind, Ledger
+from fedsilo.ledger import EntryKind, Ledger, read_entries
 from fedsilo.model.adapters import AdapterState
 from fedsilo.model.flatten import flatten
 from fedsilo.privacy.secagg.quantize import quantize, ring_sum
@@ -101,6 +101,29 @@ class Harness:
     def expected_sum(self, names: Iterable[str]) -> np.ndarray:
         q = secagg_quantization(self)
         return ring_sum([quantize(flatten(self.sites.deltas[n]), q) for n in sorted(names)])
+
+
+# Distributed DP with L2 clip 0.1 and little noise: three honest inputs, each clipped, sum to
+# an L2 norm of about 0.3 plus the noise's (the bound is about 0.51); one input of 0.4 per
+# coordinate, unclipped, has norm 2.08.
+SITE_DP_SMALL_NOISE = {"site_level": True, "site_clip_norm": 0.1, "site_noise_multiplier": 0.1}
+
+
+def deltas_with_one_large(h: Harness) -> None:
+    """Small updates at every site but site-0, whose update clipping must shrink."""
+    for name in h.names:
+        h.sites.deltas[name] = {n: t * 0.1 for n, t in h.sites.deltas[name].items()}
+    h.sites.deltas["site-0"] = {n: t * 0 + 0.4 for n, t in h.sites.deltas["site-0"].items()}
+
+
+def halted_at(h: Harness, stage: str) -> dict[str, Any]:
+    """The ledgered payload of the one attempt that halted at ``stage``."""
+    [halted] = [
+        e.payload
+        for e in read_entries(h.plan.ledger.path)
+        if e.payload.get("outcome") == "halted" and e.payload.get("stage") == stage
+    ]
+    return dict(halted)
 
 
 def secagg_quantization(h: Harness) -> Any:

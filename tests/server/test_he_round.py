@@ -26,7 +26,14 @@ from fedsilo.protocol.secagg_records import ADVERTISE_MESSAGE
 from fedsilo.server.he_round import collect_he_round
 from fedsilo.server.rounds import RoundReplies
 
-from .secagg_harness import TEMPLATE, Harness, make_harness
+from .secagg_harness import (
+    SITE_DP_SMALL_NOISE,
+    TEMPLATE,
+    Harness,
+    deltas_with_one_large,
+    halted_at,
+    make_harness,
+)
 
 
 def _he(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **kwargs: object) -> Harness:
@@ -456,11 +463,6 @@ def test_an_agreement_signed_in_one_attempt_is_not_one_of_another() -> None:
     assert contributors_statement(first, sites[::-1]) == contributors_statement(first, sites)
 
 
-# L2 clip 0.1 and little noise: three honest inputs sum to a norm of about 0.3 at most; one
-# input of 0.4 per coordinate, unclipped, has norm 2.08 on its own.
-SITE_DP_SMALL_NOISE = {"site_level": True, "site_clip_norm": 0.1, "site_noise_multiplier": 0.1}
-
-
 @pytest.mark.parametrize("he_tensors", [[], ["lora_A"]], ids=["all-encrypted", "partly-plain"])
 def test_an_unclipped_he_input_under_distributed_dp_halts_the_attempt(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, he_tensors: list[str]
@@ -469,9 +471,7 @@ def test_an_unclipped_he_input_under_distributed_dp_halts_the_attempt(
         tmp_path, monkeypatch, num_sites=3, privacy=SITE_DP_SMALL_NOISE,
         secure={"he_tensors": he_tensors},
     )  # fmt: skip
-    for name in h.names:
-        h.sites.deltas[name] = {n: t * 0.1 for n, t in h.sites.deltas[name].items()}
-    h.sites.deltas["site-0"] = {n: t * 0 + 0.4 for n, t in h.sites.deltas["site-0"].items()}
+    deltas_with_one_large(h)
     # What a site that skips its L2 clip sends (encrypted, the server cannot see it alone).
     monkeypatch.setattr("fedsilo.client.he.clip_l2", lambda vector, clip_norm: vector)
 
@@ -479,19 +479,15 @@ def test_an_unclipped_he_input_under_distributed_dp_halts_the_attempt(
 
     assert replies.updates.count == 0
     assert "a site sent an unclipped input" in replies.failures["secure-aggregation"]
-    [halted] = [
-        e.payload
-        for e in read_entries(h.plan.ledger.path)
-        if e.payload.get("outcome") == "halted" and e.payload.get("stage") == "decrypt_sum"
-    ]
-    assert float(halted["sum_norm"]) > float(halted["sum_norm_bound"])  # type: ignore[arg-type]
+    halted = halted_at(h, "decrypt_sum")
+    assert float(halted["sum_norm"]) > float(halted["sum_norm_bound"])
 
 
 def test_he_inputs_clipped_by_every_site_are_summed_under_distributed_dp(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     h = _he(tmp_path, monkeypatch, num_sites=3, privacy=SITE_DP_SMALL_NOISE)
-    h.sites.deltas["site-0"] = {n: t * 0 + 0.4 for n, t in h.sites.deltas["site-0"].items()}
+    deltas_with_one_large(h)
 
     replies = _round(h)
 

@@ -30,7 +30,15 @@ from fedsilo.protocol.secagg_records import (
 )
 from fedsilo.server.secagg_round import collect_secure_round
 
-from .secagg_harness import TEMPLATE, Harness, make_harness, secagg_quantization
+from .secagg_harness import (
+    SITE_DP_SMALL_NOISE,
+    TEMPLATE,
+    Harness,
+    deltas_with_one_large,
+    halted_at,
+    make_harness,
+    secagg_quantization,
+)
 
 # Dropping a site at a stage: it stops answering from that stage's message on.
 STAGE_MESSAGES = {
@@ -482,22 +490,11 @@ def test_a_train_message_without_its_task_or_global_adapter_is_a_protocol_error(
     assert f"carries no {what} (no '{record}' " in reply.error.reason
 
 
-# Per-coordinate clip 0.5 (the harness's), L2 clip 0.1, little noise: three honest inputs sum to
-# an L2 norm of at most about 0.51; one input of 0.4 per coordinate has norm 2.08.
-SITE_DP_SMALL_NOISE = {"site_level": True, "site_clip_norm": 0.1, "site_noise_multiplier": 0.1}
-
-
-def _deltas_with_one_large(h: Harness) -> None:
-    for name in h.names:
-        h.sites.deltas[name] = {n: t * 0.1 for n, t in h.sites.deltas[name].items()}
-    h.sites.deltas["site-0"] = {n: t * 0 + 0.4 for n, t in h.sites.deltas["site-0"].items()}
-
-
 def test_an_unclipped_input_under_distributed_dp_halts_the_attempt(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     h = make_harness(tmp_path, monkeypatch, num_sites=3, privacy=SITE_DP_SMALL_NOISE)
-    _deltas_with_one_large(h)
+    deltas_with_one_large(h)
     # What a site that skips its L2 clip sends (the masked input hides it from the server).
     monkeypatch.setattr("fedsilo.client.secagg.clip_l2", lambda vector, clip_norm: vector)
 
@@ -506,19 +503,15 @@ def test_an_unclipped_input_under_distributed_dp_halts_the_attempt(
     assert state.total is None
     reason = replies.failures["secure-aggregation"]
     assert "a site sent an unclipped input" in reason
-    [halted] = [
-        e.payload
-        for e in read_entries(h.plan.ledger.path)
-        if e.payload.get("outcome") == "halted" and e.payload.get("stage") == "unmask"
-    ]
-    assert float(halted["sum_norm"]) > float(halted["sum_norm_bound"])  # type: ignore[arg-type]
+    halted = halted_at(h, "unmask")
+    assert float(halted["sum_norm"]) > float(halted["sum_norm_bound"])
 
 
 def test_the_same_inputs_clipped_by_every_site_are_summed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     h = make_harness(tmp_path, monkeypatch, num_sites=3, privacy=SITE_DP_SMALL_NOISE)
-    _deltas_with_one_large(h)
+    deltas_with_one_large(h)
 
     state, replies = h.run()
 

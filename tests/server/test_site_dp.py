@@ -122,6 +122,15 @@ def test_sampled_sites_are_accounted_under_replace_one(
     assert final["site_level_epsilon"] == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
 
 
+def _site_level_run(make_config: Callable[..., FedsiloConfig], run_dir: Path) -> None:
+    """Two rounds of central site-level DP (clip 0.1, noise 2) into ``run_dir``."""
+    config = make_config(
+        run={"rounds": 2},
+        privacy={"site_level": True, "site_clip_norm": 0.1, "site_noise_multiplier": 2.0},
+    )
+    run_with_grid(config, run_dir)
+
+
 def test_privacy_command_recomputes_site_level_epsilon(
     make_config: Callable[..., FedsiloConfig],
     tmp_path: Path,
@@ -129,11 +138,7 @@ def test_privacy_command_recomputes_site_level_epsilon(
 ) -> None:
     from fedsilo.cli.main import main
 
-    config = make_config(
-        run={"rounds": 2},
-        privacy={"site_level": True, "site_clip_norm": 0.1, "site_noise_multiplier": 2.0},
-    )
-    run_with_grid(config, tmp_path / "run")
+    _site_level_run(make_config, tmp_path / "run")
 
     assert main(["privacy", str(tmp_path / "run")]) == 0
 
@@ -149,11 +154,7 @@ def test_privacy_command_checks_site_level_epsilon_through_the_last_reported_rou
     # the reported epsilon is round 1's, and the ledger holds one more site-level event.
     from fedsilo.cli.main import main
 
-    config = make_config(
-        run={"rounds": 2},
-        privacy={"site_level": True, "site_clip_norm": 0.1, "site_noise_multiplier": 2.0},
-    )
-    run_with_grid(config, tmp_path / "run")
+    _site_level_run(make_config, tmp_path / "run")
     stop_run_in_last_round(RunFolder(tmp_path / "run"), 2, aggregated=True)
 
     assert main(["privacy", str(tmp_path / "run")]) == 0
