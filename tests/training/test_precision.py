@@ -1,5 +1,8 @@
 """Choosing the compute precision: CPU flags, the probe, and the base weights it leaves."""
 
+import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -48,6 +51,22 @@ def test_cpu_model_is_read_from_cpuinfo(tmp_path: Path) -> None:
 
     assert cpu_model(cpuinfo) == "AMD EPYC 9R45"
     assert cpu_model(tmp_path / "missing") == "unknown"
+
+
+@pytest.mark.parametrize(("preset", "expected"), [(None, "64"), ("7", "7")])
+def test_importing_sets_a_small_onednn_cache_unless_the_operator_chose_one(
+    preset: str | None, expected: str
+) -> None:
+    env = {k: v for k, v in os.environ.items() if k != precision_module.ONEDNN_CACHE_VARIABLE}
+    if preset is not None:
+        env[precision_module.ONEDNN_CACHE_VARIABLE] = preset
+    script = (
+        "import os, fedsilo.training.precision as p; print(os.environ[p.ONEDNN_CACHE_VARIABLE])"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+    )
+    assert done.stdout.strip() == expected
 
 
 def test_auto_takes_fp32_without_native_bf16_and_runs_no_probe() -> None:

@@ -17,6 +17,7 @@ pass runs inside ``torch.autocast``; losses are computed from fp32 logits.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -33,6 +34,16 @@ from fedsilo.config.schema import DeviceSetting, PrecisionSetting
 from fedsilo.training.device import model_device
 
 log = logging.getLogger(__name__)
+
+# oneDNN, which runs torch's bf16 matrix products on the CPU, caches up to 1,024 compiled
+# primitives by default. Training and scoring SmolLM2 need far fewer at a time, and the
+# surplus stayed resident: a bf16 site's peak memory fell from 1,768 MB to 1,562 MB at
+# capacity 64 with the same step time (batch 16; gold scoring time unchanged too). oneDNN
+# reads the variable when it creates its first primitive, so it is set here, before any bf16
+# product (the precision probe is the first); a value the operator set is kept.
+ONEDNN_CACHE_VARIABLE = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
+ONEDNN_CACHE_CAPACITY = 64
+os.environ.setdefault(ONEDNN_CACHE_VARIABLE, str(ONEDNN_CACHE_CAPACITY))
 
 Precision = Literal["bf16", "fp32"]
 
