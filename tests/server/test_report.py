@@ -83,9 +83,10 @@ def test_dp_run_reports_epsilon_per_site_equal_to_the_privacy_command(
 ) -> None:
     run, thrifty = dp_run_with_refusal
     main(["privacy", str(run)])
+    output = capsys.readouterr().out
     printed = {
         line.split()[0]: line.split()[2]
-        for line in capsys.readouterr().out.splitlines()
+        for line in output.splitlines()
         if line.endswith(("yes", "NO"))
     }
 
@@ -103,6 +104,10 @@ def test_dp_run_reports_epsilon_per_site_equal_to_the_privacy_command(
         row = rf"{re.escape(site)} record-level DP-SGD rdp 1e-05 {rounds} {epsilon}\b"
         assert re.search(row, text), (site, epsilon)
     assert "Metric: code" in text and "Accuracy (code)" in text and "Gold n" in text
+    # Both say what the ledger's epsilon leaves out: a rejected update a site released.
+    caveat = "epsilon here composes its accepted updates only"
+    assert caveat in output
+    assert caveat.replace("epsilon", "\u03b5") in text and "privacy-spent.json" in text
 
 
 def test_policies_shown_are_the_ones_sites_declared_in_the_ledger(

@@ -190,6 +190,7 @@ def _run_status(folder: RunFolder) -> str:
 
 def cmd_privacy(args: argparse.Namespace) -> int:
     from fedsilo.ledger import read_entries
+    from fedsilo.report.reader_text import EPSILON_OF_ACCEPTED_UPDATES_ONLY
     from fedsilo.server.audit import verify_run
     from fedsilo.server.privacy_report import (
         entries_through_round,
@@ -286,6 +287,7 @@ def cmd_privacy(args: argparse.Namespace) -> int:
             extra = len(later_events[site]) - len(events.get(site, []))
             if extra:
                 print(f"{site:<32} {len(later_events[site]):>6} {epsilon:>10.4f}  (+{extra})")
+    print(EPSILON_OF_ACCEPTED_UPDATES_ONLY.replace("\u03b5", "epsilon"))
     return 0 if all_match else 1
 
 

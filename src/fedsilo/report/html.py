@@ -16,6 +16,7 @@ import jinja2
 from markupsafe import Markup
 
 from fedsilo.report.model import ReportData, RoundRow
+from fedsilo.report.reader_text import EPSILON_OF_ACCEPTED_UPDATES_ONLY
 from fedsilo.report.svg import UNSAFE_CHARS, line_chart
 from fedsilo.storage import write_text_atomic
 
@@ -135,7 +136,15 @@ def render_report(data: ReportData) -> str:
         ValueError: a non-finite loss, accuracy or epsilon (the message names the series).
     """
     template = _ENVIRONMENT.get_template("report.html.j2")
-    return template.render(data=data, charts=_charts(data), missing=_MISSING) + "\n"
+    return (
+        template.render(
+            data=data,
+            charts=_charts(data),
+            missing=_MISSING,
+            accepted_only=EPSILON_OF_ACCEPTED_UPDATES_ONLY.replace("`", ""),
+        )
+        + "\n"
+    )
 
 
 def write_report(data: ReportData, path: Path) -> None:

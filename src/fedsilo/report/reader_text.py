@@ -10,6 +10,13 @@ from __future__ import annotations
 import re
 
 MAX_CHARS = 300
+# What every epsilon composed from the ledger leaves out, said wherever one is shown (the
+# report, the model card, ``fedsilo privacy``): the ledger holds accepted updates only.
+EPSILON_OF_ACCEPTED_UPDATES_ONLY = (
+    "A site's \u03b5 here composes its accepted updates only: an update it released that was "
+    "rejected or arrived too late is not counted, so the site's own `privacy-spent.json` is "
+    "authoritative and may show more."
+)
 # Ray and Flower wrap an exception as "<class 'pkg.Error'>:<'message'>".
 _WRAPPED = re.compile(r"^<class '(?:[\w.]+\.)?(\w+)'>:<'(.*)'>$", re.DOTALL)
 # Characters a terminal or a text viewer acts on instead of showing: C0 and C1 controls (escape

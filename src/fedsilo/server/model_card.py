@@ -23,6 +23,7 @@ from fedsilo.evaluation.metrics import SECONDARY_LABELS
 from fedsilo.ledger import Entry, EntryKind
 from fedsilo.model.base import BaseModelStatement, base_model_name
 from fedsilo.report.model import PartRow
+from fedsilo.report.reader_text import EPSILON_OF_ACCEPTED_UPDATES_ONLY
 from fedsilo.server.folder_checks import PEFT_FILES, hash_file, last_aggregated_round
 from fedsilo.server.report_data import (
     last_verified_record,
@@ -137,9 +138,7 @@ def model_card(run_dir: Path, exported: Path, *, checkpoint_round: int | None = 
             "Recomputed from every DP event in the ledger. `fedsilo privacy RUN` composes the "
             "same events, but states \u03b5 through the last round reported in metrics.jsonl "
             "and lists updates ledgered after it apart, so for a run stopped mid-round the two "
-            "differ. A site's \u03b5 here composes its accepted updates only: an update it "
-            "released that was rejected or arrived too late is not counted, so the site's own "
-            "`privacy-spent.json` is authoritative and may show more."
+            f"differ. {EPSILON_OF_ACCEPTED_UPDATES_ONLY}"
             + (
                 " The run was a simulation: the coordinator's machine held every site's "
                 "records, so \u03b5 bounds what the released adapter reveals (about one "
