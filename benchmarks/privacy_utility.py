@@ -46,6 +46,7 @@ from fedsilo.bench.dp_recipe import (
     schedule_from,
     smoke_setup,
     stored_results,
+    training_recipe,
     utility_config,
 )
 from fedsilo.config.schema import DEFAULT_TARGET_MODULES
@@ -98,12 +99,19 @@ def _row(
 
 
 def _with_shares(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each row with the share of the latest non-private accuracy it keeps (when measured)."""
+    """Each row with the share it keeps of the accuracy of the latest row without DP trained
+    with the same recipe (None where no such row exists: another recipe's accuracy is no
+    reference)."""
     plain = sorted((row for row in rows if row["setting"] == "no_dp"), key=_measured_at)
-    base = plain[-1]["accuracy"] if plain else None
-    return [
-        {**row, "share_of_non_private": row["accuracy"] / base if base else None} for row in rows
-    ]
+    base = {json.dumps(training_recipe(row["recipe"]), sort_keys=True): row for row in plain}
+
+    def share(row: dict[str, Any]) -> float | None:
+        reference = base.get(json.dumps(training_recipe(row["recipe"]), sort_keys=True))
+        return (
+            row["accuracy"] / reference["accuracy"] if reference and reference["accuracy"] else None
+        )
+
+    return [{**row, "share_of_non_private": share(row)} for row in rows]
 
 
 def _measured_at(row: dict[str, Any]) -> str:

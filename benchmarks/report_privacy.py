@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from fedsilo.bench.dp_recipe import training_recipe
 from fedsilo.config.schema import DEFAULT_TARGET_MODULES
 from fedsilo.protocol.schedule import local_steps_for
 
@@ -279,15 +280,6 @@ def latest_per_setting(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {
         row["setting"]: row for row in sorted(rows, key=lambda r: str(r.get("measured_at", "")))
     }
-
-
-# Recipe fields that change what is scored, not what is trained.
-_EVALUATION_ONLY = frozenset({"eval_every_rounds"})
-
-
-def training_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
-    """``recipe`` without its evaluation-only fields: what two trainings must share to compare."""
-    return {key: value for key, value in recipe.items() if key not in _EVALUATION_ONLY}
 
 
 def reference_recipe(rows: list[dict[str, Any]], result: dict[str, Any]) -> dict[str, Any] | None:

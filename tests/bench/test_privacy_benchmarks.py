@@ -461,3 +461,26 @@ def test_the_sweep_table_marks_the_lowest_validation_loss_of_each_schedule() -> 
     assert table.count("| **") == 2  # one lowest point per schedule: 28 rounds and 2 rounds
     assert "| **28: 1.950** |" in table and "| **2: 2.300** |" in table
     assert "| 28: 2.160 |" in table and "| 28: 2.050 |" in table
+
+
+def test_a_rows_share_is_of_the_no_dp_row_trained_with_its_own_recipe() -> None:
+    script = benchmark_script("privacy_utility")
+    wide, narrow = (
+        {"lora_rank": 16, "eval_every_rounds": 7},
+        {"lora_rank": 1, "eval_every_rounds": 7},
+    )
+
+    def row(setting: str, recipe: dict[str, int], accuracy: float, at: str) -> dict[str, object]:
+        return {"setting": setting, "recipe": recipe, "accuracy": accuracy, "measured_at": at}
+
+    rows = script._with_shares(
+        [
+            row("no_dp", wide, 0.8, "1"),
+            row("eps8", wide, 0.2, "2"),
+            row("no_dp", {**narrow, "eval_every_rounds": 4}, 0.5, "3"),  # scored more often only
+            row("eps8", narrow, 0.4, "4"),
+            row("eps3", {"lora_rank": 4, "eval_every_rounds": 7}, 0.3, "5"),
+        ]
+    )
+
+    assert [r["share_of_non_private"] for r in rows] == [1.0, 0.25, 1.0, 0.8, None]

@@ -102,6 +102,16 @@ class DpRecipe:
         return {**asdict(self), "lora_targets": list(self.lora_targets)}
 
 
+# Recipe fields that change what is scored, not what is trained.
+_EVALUATION_ONLY = frozenset({"eval_every_rounds"})
+
+
+def training_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
+    """``recipe`` (as stored) without its evaluation-only fields: what two trainings must share
+    for one's accuracy to be read as a share of the other's."""
+    return {key: value for key, value in recipe.items() if key not in _EVALUATION_ONLY}
+
+
 @dataclass(frozen=True)
 class Federation:
     """Who trains on what: the model, the sites and their size, the chapters."""
