@@ -157,7 +157,10 @@ _NOT_TRAINING = ("eval_every_rounds",)
 
 
 def _check_same_recipe(sweep: Path | None, swept: dict[str, Any], running: dict[str, Any]) -> None:
-    """Refuse hyperparameters chosen for another recipe (rounds, epochs, adapter, schedule)."""
+    """Refuse hyperparameters chosen for another recipe (rounds, epochs, adapter, schedule).
+    Without a sweep file the command line chose them: nothing to check."""
+    if sweep is None:
+        return
 
     def comparable(key: str, value: Any) -> Any:
         return sorted(value) if key == "lora_targets" else value

@@ -252,6 +252,8 @@ def test_hyperparameters_swept_for_another_recipe_are_refused(tmp_path: Path) ->
         {**swept, "eval_every_rounds": 1},
         {**swept, "lora_targets": ["v_proj", "q_proj"], "eval_every_rounds": 7},
     )
+    # Hyperparameters from the command line (no sweep file) are not checked against one.
+    script._check_same_recipe(None, {}, {**swept, "lr_schedule": "cosine"})
 
 
 def test_privacy_utility_refuses_fewer_chapters_than_sites(tmp_path: Path) -> None:
