@@ -9,8 +9,9 @@ nginx, no TLS, no token checks.
 from __future__ import annotations
 
 import json
+import time
 import tracemalloc
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from hashlib import sha256
 
@@ -56,6 +57,7 @@ from flwr.superlink.servicer.fleet import fleet_handlers
 from flwr.superlink.servicer.runtime import runtime_handlers
 
 from fedsilo.deploy.bounded_grid import BoundedHttpGrid, ReplyLimits
+from fedsilo.server.rounds import stream_replies
 
 MIB = 1024 * 1024
 MAX_UPDATE = 10 * MIB
@@ -141,16 +143,23 @@ def send_tasks(link: Link) -> None:
 
 
 def push_reply(
-    link: Link, node: int, envelope: ProtoMessage, tree: ObjectTree, contents: dict[str, bytes]
+    link: Link,
+    node: int,
+    envelope: ProtoMessage,
+    tree: ObjectTree,
+    contents: dict[str, bytes],
+    withhold: int = 0,
 ) -> str:
-    """What a SuperNode does: push the reply and its tree, then every object asked for."""
+    """What a SuperNode does: push the reply and its tree, then every object asked for (but
+    the last ``withhold`` of them, which a hostile site lists and never uploads)."""
     response = fleet_handlers.push_messages(
         PushMessagesRequest(
             node=Node(node_id=node), messages_list=[envelope], message_object_trees=[tree]
         ),
         link.state,
     )
-    for object_id in response.objects_to_push:
+    asked = list(response.objects_to_push)
+    for object_id in asked[: len(asked) - withhold]:
         request = PushObjectRequest(
             node=Node(node_id=node),
             run_id=link.grid.run.run_id,
@@ -178,7 +187,12 @@ def flwr_object(kind: str, children: list[str], body: bytes) -> tuple[str, bytes
 
 
 def crafted_reply(
-    link: Link, node: int, chunks: list[bytes], indices: list[int], message_body: bytes = b""
+    link: Link,
+    node: int,
+    chunks: list[bytes],
+    indices: list[int],
+    message_body: bytes = b"",
+    withhold: int = 0,
 ) -> str:
     """A reply a hostile site builds by hand: one Array over ``chunks``, listed by ``indices``."""
     contents: dict[str, bytes] = {}
@@ -218,7 +232,7 @@ def crafted_reply(
             )
         ],
     )
-    return push_reply(link, node, envelope, tree, contents)
+    return push_reply(link, node, envelope, tree, contents, withhold)
 
 
 def assert_refused(reply: Message, link: Link, node: int, words: str) -> None:
@@ -330,3 +344,52 @@ def test_an_honest_update_passes_unchanged(link: Link) -> None:
     assert dict(reply.content["claims"]) == dict(content["claims"])
     assert dict(reply.content["metrics"]) == dict(content["metrics"])
     assert link.store.get(message_id) is None
+
+
+def test_objects_never_uploaded_fail_their_reply_at_the_deadline(link: Link) -> None:
+    send_tasks(link)
+    hostile, honest = link.nodes
+    crafted_reply(link, hostile, [b"x" * 100, b"y" * 100], [0, 1], withhold=1)
+    payload = np.random.default_rng(2).bytes(MIB)
+    honest_reply(link, honest, update_content(payload))
+    ids = [m.metadata.message_id for m in link.sent.values()]
+    started = time.monotonic()
+
+    replies = list(link.grid.pull_messages_by(ids, started + 1.0))
+
+    # Flower alone would retry the missing object for up to two hours.
+    assert time.monotonic() - started < 30
+    by_task = {r.metadata.reply_to_message_id: r for r in replies}
+    assert_refused(by_task[link.sent[hostile].metadata.message_id], link, hostile, "ObjectPull")
+    good = by_task[link.sent[honest].metadata.message_id]
+    assert good.content.array_records["update"]["payload"].numpy().tobytes() == payload
+
+
+def test_a_reply_already_uploaded_is_taken_past_the_deadline(link: Link) -> None:
+    send_tasks(link)
+    node = link.nodes[0]
+    payload = np.random.default_rng(3).bytes(MIB)
+    honest_reply(link, node, update_content(payload))
+
+    (reply,) = list(
+        link.grid.pull_messages_by([link.sent[node].metadata.message_id], time.monotonic() - 5)
+    )
+
+    assert reply.content.array_records["update"]["payload"].numpy().tobytes() == payload
+
+
+def test_rounds_pull_through_the_deadline_where_the_grid_offers_it(link: Link) -> None:
+    asked: list[float] = []
+    pull_by = link.grid.pull_messages_by
+
+    def recording(message_ids: Iterable[str], deadline: float) -> Iterable[Message]:
+        asked.append(deadline)
+        return pull_by(message_ids, deadline)
+
+    link.grid.pull_messages_by = recording  # type: ignore[method-assign]
+    task = Message(RecordDict(), dst_node_id=link.nodes[1], message_type="train", group_id="2")
+    started = time.monotonic()
+
+    list(stream_replies(link.grid, [task], timeout=1.0))
+
+    assert asked and all(started < deadline <= started + 1.5 for deadline in asked)

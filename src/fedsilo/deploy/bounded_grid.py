@@ -13,6 +13,11 @@ replies of the same pull are untouched.
 
 Replies are pulled and inflated one at a time, as the caller iterates, so a round that folds
 each update before asking for the next holds one inflated reply, not one per site.
+
+A reply's envelope reaches the SuperLink before its objects do, and a site may list objects it
+never uploads. Flower would keep asking for them for up to two hours per reply; through
+:meth:`BoundedHttpGrid.pull_messages_by` a reply's objects are waited for only until the
+stage's deadline, after which the reply fails as its node's.
 """
 
 from __future__ import annotations
@@ -199,6 +204,14 @@ class BoundedHttpGrid(HttpGrid):
         return self._limits
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._pull(message_ids, deadline=None)
+
+    def pull_messages_by(self, message_ids: Iterable[str], deadline: float) -> Iterable[Message]:
+        """:meth:`pull_messages`, waiting for a reply's objects until ``deadline`` at most (a
+        ``time.monotonic()`` value): past it, objects not yet uploaded fail their reply."""
+        return self._pull(message_ids, deadline=deadline)
+
+    def _pull(self, message_ids: Iterable[str], *, deadline: float | None) -> Iterable[Message]:
         run_id = cast(Run, self._run).run_id
         try:
             response = self._runtime_client.PullMessages(
@@ -209,18 +222,25 @@ class BoundedHttpGrid(HttpGrid):
                 log.error("the SuperLink's answer to a pull was too large; pull fewer at once")
                 return []
             raise
-        return self._receive_each(run_id, response)
+        return self._receive_each(run_id, response, deadline)
 
-    def _receive_each(self, run_id: int, response: PullAppMessagesResponse) -> Iterator[Message]:
+    def _receive_each(
+        self, run_id: int, response: PullAppMessagesResponse, deadline: float | None
+    ) -> Iterator[Message]:
         pairs = zip(response.messages_list, response.message_object_trees, strict=True)
         for message_proto, tree in pairs:
-            yield self._receive(run_id, message_proto, tree)
+            # Flower's own limit, or the time left: an object already uploaded is still pulled
+            # at once past the deadline (the first try does not wait).
+            max_time = None if deadline is None else max(0.0, deadline - time.monotonic())
+            yield self._receive(run_id, message_proto, tree, max_time)
 
-    def _receive(self, run_id: int, message_proto: ProtoMessage, tree: ObjectTree) -> Message:
+    def _receive(
+        self, run_id: int, message_proto: ProtoMessage, tree: ObjectTree, max_time: float | None
+    ) -> Message:
         message_id = message_proto.metadata.message_id
         reply_to = message_proto.metadata.reply_to_message_id
         try:
-            return self._pull_and_inflate(run_id, message_id, reply_to, tree)
+            return self._pull_and_inflate(run_id, message_id, reply_to, tree, max_time)
         except Exception as error:
             # Whatever this reply does wrong (a limit, a missing object, a malformed head, an
             # index out of range), it fails as this reply only; the round reads it as its
@@ -233,15 +253,22 @@ class BoundedHttpGrid(HttpGrid):
             self._confirm(run_id, message_id)
 
     def _pull_and_inflate(
-        self, run_id: int, message_id: str, reply_to: str, tree: ObjectTree
+        self,
+        run_id: int,
+        message_id: str,
+        reply_to: str,
+        tree: ObjectTree,
+        max_time: float | None,
     ) -> Message:
         object_ids = listed_object_ids(tree, self._limits)
         pull = make_pull_object_fn_protobuf(
             pull_object_protobuf=self._runtime_client.PullObject, node=self.node, run_id=run_id
         )
-        contents = pull_objects(
-            object_ids, pull_object_fn=counting_pull(pull, max_bytes=self._limits.max_bytes)
-        )
+        counted = counting_pull(pull, max_bytes=self._limits.max_bytes)
+        if max_time is None:
+            contents = pull_objects(object_ids, pull_object_fn=counted)
+        else:
+            contents = pull_objects(object_ids, pull_object_fn=counted, max_time=max_time)
         check_inflated_size(contents, self._limits)
         message = inflate_object_from_contents(message_id, contents)
         if not isinstance(message, Message):
@@ -288,7 +315,12 @@ class BoundedHttpGrid(HttpGrid):
         deadline = time.monotonic() + (timeout if timeout is not None else 0.0)
         replies: list[Message] = []
         while pending and (timeout is None or time.monotonic() < deadline):
-            for reply in self.pull_messages(list(pending)):
+            pulled = (
+                self.pull_messages(list(pending))
+                if timeout is None
+                else self.pull_messages_by(list(pending), deadline)
+            )
+            for reply in pulled:
                 pending.discard(reply.metadata.reply_to_message_id)
                 replies.append(reply)
             if pending:

@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 from flwr.app import Message
@@ -276,6 +276,16 @@ def _one_by_one(pulled: Iterable[Message]) -> Iterator[Message]:
         yield from pulled
 
 
+@runtime_checkable
+class DeadlinePulls(Protocol):
+    """A grid whose pulls can give up on a reply's missing objects at a deadline (the deployed
+    coordinator's :class:`fedsilo.deploy.bounded_grid.BoundedHttpGrid`)."""
+
+    def pull_messages_by(
+        self, message_ids: Iterable[str], deadline: float
+    ) -> Iterable[Message]: ...
+
+
 def stream_replies(
     grid: Grid, messages: Sequence[Message], *, timeout: float
 ) -> Iterator[tuple[int, Message]]:
@@ -286,7 +296,9 @@ def stream_replies(
     each sent message's id; a reply made by Flower itself (say, "node unavailable") comes from
     the SuperLink, not the node, and is matched to its node through that id. Stops when every
     message is answered or ``timeout`` seconds have passed; a grid that delivers synchronously
-    (``delivers_synchronously``) has nothing more to give once a pull comes back empty.
+    (``delivers_synchronously``) has nothing more to give once a pull comes back empty. Where
+    the grid can (:class:`DeadlinePulls`), a reply whose objects are still missing at the
+    deadline fails as its node's instead of holding the stage.
     """
     pending = set(grid.push_messages(messages))
     sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
@@ -295,7 +307,12 @@ def stream_replies(
     while pending:
         # The ids are copied: ``pending`` shrinks while the pull is read.
         arrived = False
-        for reply in _one_by_one(grid.pull_messages(list(pending))):
+        pulled = (
+            grid.pull_messages_by(list(pending), deadline)
+            if isinstance(grid, DeadlinePulls)
+            else grid.pull_messages(list(pending))
+        )
+        for reply in _one_by_one(pulled):
             arrived = True
             answered = reply.metadata.reply_to_message_id
             pending.discard(answered)
