@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from fedsilo.client.app import keep_receipt, receipt_path
+from fedsilo.client.app import keep_receipt, receipt_path, remember_sent, sent_path
 from fedsilo.crypto import (
     Receipt,
     UpdateBinding,
@@ -31,17 +31,25 @@ BINDING = UpdateBinding(
 )
 
 
-def _deliver(receipts_dir: Path, binding: UpdateBinding, *, seq: int = 7) -> None:
-    """A receipt signed by the coordinator, as it arrives (through the message record)."""
+def _site(receipts_dir: Path) -> Any:
+    """Only the site's name, coordinator key and receipts folder are used."""
+    return SimpleNamespace(
+        name="alpha", coordinator_key=COORDINATOR_KEY.public_key(), receipts_dir=receipts_dir
+    )
+
+
+def _deliver(
+    receipts_dir: Path, binding: UpdateBinding, *, seq: int = 7, sent: bool = True
+) -> None:
+    """A receipt signed by the coordinator, as it arrives (through the message record), for
+    an update the site sent (``sent``) or not."""
+    if sent:
+        remember_sent(_site(receipts_dir), binding)
     receipt = Receipt(binding=binding, ledger_seq=seq, entry_hash=sha256_hex(b"entry %d" % seq))
     arrived = receipt_from_record(
         receipt_to_record(receipt, sign_receipt(COORDINATOR_KEY, receipt))
     )
-    # Only the site's name, coordinator key and receipts folder are used.
-    site: Any = SimpleNamespace(
-        name="alpha", coordinator_key=COORDINATOR_KEY.public_key(), receipts_dir=receipts_dir
-    )
-    keep_receipt(site, *arrived)
+    keep_receipt(_site(receipts_dir), *arrived)
 
 
 def test_receipts_of_each_run_are_kept_apart(tmp_path: Path) -> None:
@@ -50,6 +58,7 @@ def test_receipts_of_each_run_are_kept_apart(tmp_path: Path) -> None:
 
     kept = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.json"))
     assert kept == ["0123abcd/round-2-train.json", "4567ef/round-2-train.json"]
+    assert sent_path(tmp_path, BINDING).parent.parent == tmp_path.parent / "sent-updates"
     assert json.loads((tmp_path / kept[0]).read_text())["ledger_seq"] == 7
 
 
@@ -70,7 +79,7 @@ def test_a_signed_receipt_naming_a_path_is_refused_and_writes_nothing(
     receipts = tmp_path / "state" / "receipts"
 
     with pytest.raises(ValueError, match=f"receipt: {field}"):
-        _deliver(receipts, hostile)
+        _deliver(receipts, hostile, sent=False)
     assert not any(tmp_path.rglob("*.json"))
 
 
@@ -81,3 +90,36 @@ def test_a_kept_receipt_is_never_replaced_by_another(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="already holds another receipt"):
         _deliver(tmp_path, BINDING, seq=8)
     assert json.loads(receipt_path(tmp_path, BINDING).read_text())["ledger_seq"] == 7
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("payload_sha256", sha256_hex(b"another update")),
+        ("federation_id", "other-fed"),
+        ("round", 3),
+    ],
+)
+def test_a_receipt_for_an_update_the_site_never_sent_is_refused(
+    tmp_path: Path, field: str, value: object
+) -> None:
+    receipts = tmp_path / "receipts"
+    remember_sent(_site(receipts), BINDING)
+    other = dataclasses.replace(BINDING, **{field: value})
+
+    with pytest.raises(ValueError, match="this site sent no such update"):
+        _deliver(receipts, other, sent=False)
+    assert not receipts.exists()
+
+
+def test_a_round_asked_again_has_a_receipt_for_either_update(tmp_path: Path) -> None:
+    receipts = tmp_path / "receipts"
+    again = dataclasses.replace(BINDING, payload_sha256=sha256_hex(b"trained again"))
+    remember_sent(_site(receipts), BINDING)
+
+    _deliver(receipts, again)
+
+    assert json.loads(receipt_path(receipts, again).read_text())["binding"]["payload_sha256"] == (
+        again.payload_sha256
+    )
+    assert len(json.loads(sent_path(receipts, BINDING).read_text())) == 2
