@@ -10,10 +10,11 @@ expected batches, local work in epochs, the target epsilon split over the rounds
 accountant); ``inf`` is the same federation without DP. Each row holds the headline of the
 quality benchmark: category accuracy on ICD-10 gold part a (unseen codes of trained
 categories) with its 95% bootstrap interval, and the share of the non-private accuracy it
-keeps (against the latest no-DP row). Each row carries the recipe it trained with, where its
-hyperparameters came from and its run folder under ``--runs`` (named by setting and recipe); a
-setting re-measured with a new recipe is a new row beside the old one (the goals read the
-latest row of each setting). Writes
+keeps (against the latest no-DP row of its own recipe). Each row carries the recipe it trained
+with, where its hyperparameters came from and its run folder under ``--runs`` (named by setting
+and recipe); a setting re-measured with a new recipe is a new row beside the old one (the goals
+read the latest row of each setting trained with the recipe of the most accurate no-DP row).
+Writes
 benchmarks/results/privacy-utility.json after every setting, keeping the rows other processes
 measured for the same federation (processes measuring different ``--epsilons`` may share one
 file). ``--resume`` also skips the (setting, recipe) rows already there and continues an

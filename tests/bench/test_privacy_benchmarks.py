@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -486,3 +487,22 @@ def test_a_rows_share_is_of_the_no_dp_row_trained_with_its_own_recipe() -> None:
     )
 
     assert [r["share_of_non_private"] for r in rows] == [1.0, 0.25, 1.0, 0.8, None]
+
+
+def test_goals_read_dp_rows_against_the_most_accurate_recipe_without_dp() -> None:
+    report = benchmark_script("report_privacy")
+    wide, narrow = {"lora_rank": 16}, {"lora_rank": 1}
+
+    def row(setting: str, recipe: dict[str, int], accuracy: float, at: str) -> dict[str, Any]:
+        return {"setting": setting, "recipe": recipe, "accuracy": accuracy, "measured_at": at}
+
+    rows = [
+        row("no_dp", wide, 0.78, "1"),
+        row("eps8", wide, 0.015, "2"),
+        row("eps8", narrow, 0.0, "3"),
+        row("no_dp", narrow, 0.275, "4"),  # a weaker recipe, measured later
+    ]
+
+    assert report.reference_recipe(rows, {}) == wide
+    read = report.comparable_per_setting(rows, {})
+    assert read["eps8"]["accuracy"] == 0.015 and read["no_dp"]["accuracy"] == 0.78
