@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from fedsilo.client.app import keep_receipt, receipt_path, remember_sent, sent_path
+from fedsilo.client.receipts import keep_receipt, receipt_path, remember_sent, sent_path
 from fedsilo.crypto import (
     Receipt,
     UpdateBinding,
@@ -53,13 +53,14 @@ def _deliver(
 
 
 def test_receipts_of_each_run_are_kept_apart(tmp_path: Path) -> None:
-    _deliver(tmp_path, BINDING)
-    _deliver(tmp_path, dataclasses.replace(BINDING, run_id="4567ef"))
+    receipts = tmp_path / "receipts"
+    _deliver(receipts, BINDING)
+    _deliver(receipts, dataclasses.replace(BINDING, run_id="4567ef"))
 
-    kept = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.json"))
+    kept = sorted(str(p.relative_to(receipts)) for p in receipts.rglob("*.json"))
     assert kept == ["0123abcd/round-2-train.json", "4567ef/round-2-train.json"]
-    assert sent_path(tmp_path, BINDING).parent.parent == tmp_path.parent / "sent-updates"
-    assert json.loads((tmp_path / kept[0]).read_text())["ledger_seq"] == 7
+    assert sent_path(receipts, BINDING) == tmp_path / "sent-updates" / kept[0]
+    assert json.loads((receipts / kept[0]).read_text())["ledger_seq"] == 7
 
 
 @pytest.mark.parametrize(
@@ -84,12 +85,13 @@ def test_a_signed_receipt_naming_a_path_is_refused_and_writes_nothing(
 
 
 def test_a_kept_receipt_is_never_replaced_by_another(tmp_path: Path) -> None:
-    _deliver(tmp_path, BINDING, seq=7)
-    _deliver(tmp_path, BINDING, seq=7)  # delivered again: the same receipt, kept
+    receipts = tmp_path / "receipts"
+    _deliver(receipts, BINDING, seq=7)
+    _deliver(receipts, BINDING, seq=7)  # delivered again: the same receipt, kept
 
     with pytest.raises(ValueError, match="already holds another receipt"):
-        _deliver(tmp_path, BINDING, seq=8)
-    assert json.loads(receipt_path(tmp_path, BINDING).read_text())["ledger_seq"] == 7
+        _deliver(receipts, BINDING, seq=8)
+    assert json.loads(receipt_path(receipts, BINDING).read_text())["ledger_seq"] == 7
 
 
 @pytest.mark.parametrize(

@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict
-from pathlib import Path
-
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedsilo.client import he, secagg
 from fedsilo.client.local import local_update, sign_payload, sign_policy, sign_site_claims
-from fedsilo.client.site import Site, SiteProvider
-from fedsilo.crypto import Receipt, UpdateBinding, encode_signature, verify_receipt
+from fedsilo.client.receipts import keep_receipt
+from fedsilo.client.site import SiteProvider
 from fedsilo.model.adapters import adapter_to_bytes
-from fedsilo.protocol.records import (
-    RUN_ID_PATTERN,
-    STAGE_PATTERN,
-    receipt_from_record,
-    train_reply,
-)
-from fedsilo.storage import write_text_atomic
+from fedsilo.protocol.records import receipt_from_record, train_reply
 
 
 def handle_train(message: Message, context: Context, sites: SiteProvider) -> Message:
@@ -37,7 +27,6 @@ def handle_train(message: Message, context: Context, sites: SiteProvider) -> Mes
         stage=task.stage,
         payload=payload,
     )
-    remember_sent(update.site, binding)
     policy = sign_policy(update.site, binding, update.policy)
     claims = sign_site_claims(
         update.site, binding, metrics=update.metrics, dp_event=update.dp_event
@@ -54,75 +43,6 @@ def handle_receipt(message: Message, context: Context, sites: SiteProvider) -> M
     receipt, signature = receipt_from_record(message.content)
     keep_receipt(site, receipt, signature)
     return Message(RecordDict(), reply_to=message)
-
-
-def keep_receipt(site: Site, receipt: Receipt, signature: bytes) -> Path:
-    """Verify ``receipt`` as issued to ``site`` by its coordinator and store it; return where.
-
-    Receipts are the site's evidence against a ledger rewritten later: one is never replaced
-    by another (the same receipt delivered twice is kept once), and one is kept only for an
-    update this site sent (:func:`remember_sent`): the same run, round, stage and payload
-    digest. A receipt for anything else would be evidence of what the site never released."""
-    if receipt.binding.site_id != site.name:
-        raise ValueError(
-            f"site {site.name}: refusing a receipt issued to {receipt.binding.site_id!r}"
-        )
-    verify_receipt(site.coordinator_key, receipt, signature)
-    path = receipt_path(site.receipts_dir, receipt.binding)
-    sent = _sent_bindings(sent_path(site.receipts_dir, receipt.binding))
-    if receipt.binding.fields() not in sent:
-        digests = ", ".join(str(b["payload_sha256"])[:16] for b in sent) or "none"
-        raise ValueError(
-            f"site {site.name}: refusing a receipt for run {receipt.binding.run_id} round "
-            f"{receipt.binding.round} stage {receipt.binding.stage}: this site sent no such "
-            f"update (receipt's payload sha256 {receipt.binding.payload_sha256[:16]}, "
-            f"federation {receipt.binding.federation_id!r}; sent: {digests})"
-        )
-    record = {**asdict(receipt), "signature": encode_signature(signature)}
-    text = json.dumps(record, indent=2, sort_keys=True) + "\n"
-    if path.exists() and path.read_text(encoding="utf-8") != text:
-        raise ValueError(f"site {site.name}: {path} already holds another receipt; kept it")
-    write_text_atomic(path, text)
-    return path
-
-
-def remember_sent(site: Site, binding: UpdateBinding) -> None:
-    """Record that ``site`` sends the update ``binding`` names, before it is sent, so that a
-    receipt can be matched to it (a round asked again adds its new update beside the old)."""
-    path = sent_path(site.receipts_dir, binding)
-    sent = _sent_bindings(path)
-    if binding.fields() not in sent:
-        text = json.dumps([*sent, binding.fields()], indent=2, sort_keys=True) + "\n"
-        write_text_atomic(path, text)
-
-
-def _sent_bindings(path: Path) -> list[dict[str, str | int]]:
-    if not path.exists():
-        return []
-    loaded = json.loads(path.read_text(encoding="utf-8"))
-    if not isinstance(loaded, list) or not all(isinstance(b, dict) for b in loaded):
-        raise ValueError(f"{path}: not a list of sent update bindings")
-    return loaded
-
-
-def sent_path(receipts_dir: Path, binding: UpdateBinding) -> Path:
-    """Where a site records the updates it sent for ``binding``'s run, round and stage: beside
-    its receipts folder (which holds only receipts), named as the receipt will be."""
-    receipt = receipt_path(receipts_dir, binding)
-    return receipts_dir.parent / "sent-updates" / binding.run_id / receipt.name
-
-
-def receipt_path(receipts_dir: Path, binding: UpdateBinding) -> Path:
-    """Where a site keeps the receipt for ``binding``: one folder per run (a deployed site's
-    storage outlives its runs), one file per round and stage. The coordinator chose the run
-    id and stage, so both must be plain names; anything else is refused, naming the field."""
-    if not RUN_ID_PATTERN.fullmatch(binding.run_id):
-        raise ValueError(f"receipt: run_id {binding.run_id[:80]!r} is not a plain name")
-    if not STAGE_PATTERN.fullmatch(binding.stage):
-        raise ValueError(f"receipt: stage {binding.stage[:80]!r} is not a plain name")
-    if binding.round < 0:
-        raise ValueError(f"receipt: round {binding.round} is negative")
-    return receipts_dir / binding.run_id / f"round-{binding.round}-{binding.stage}.json"
 
 
 def build_client_app(sites: SiteProvider) -> ClientApp:

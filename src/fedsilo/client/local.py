@@ -22,6 +22,7 @@ from fedsilo.client.privacy_budget import (
     read_spent,
     record_spent,
 )
+from fedsilo.client.receipts import remember_sent
 from fedsilo.client.site import Site, SiteProvider
 from fedsilo.crypto import (
     UpdateBinding,
@@ -116,7 +117,8 @@ def local_update(
 def sign_payload(
     site: Site, *, federation_id: str, run_id: str, round_number: int, stage: str, payload: bytes
 ) -> tuple[UpdateBinding, bytes]:
-    """The site's binding of ``payload`` to this federation, run, round and stage, signed."""
+    """The site's binding of ``payload`` to this federation, run, round and stage, signed, and
+    recorded as sent (a receipt is kept only for a payload recorded here)."""
     binding = UpdateBinding(
         federation_id=federation_id,
         run_id=run_id,
@@ -125,7 +127,9 @@ def sign_payload(
         site_id=site.name,
         payload_sha256=sha256_hex(payload),
     )
-    return binding, sign_update(site.signing_key, binding)
+    signature = sign_update(site.signing_key, binding)
+    remember_sent(site, binding)
+    return binding, signature
 
 
 def sign_policy(site: Site, binding: UpdateBinding, policy: PolicyDeclaration) -> SignedPolicy:
