@@ -103,11 +103,15 @@ def _with_shares(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each row with the share it keeps of the accuracy of the latest row without DP trained
     with the same recipe (None where no such row exists: another recipe's accuracy is no
     reference)."""
+
+    def trained_as(row: dict[str, Any]) -> str:
+        return json.dumps(training_recipe(row["recipe"]), sort_keys=True)
+
     plain = sorted((row for row in rows if row["setting"] == "no_dp"), key=_measured_at)
-    base = {json.dumps(training_recipe(row["recipe"]), sort_keys=True): row for row in plain}
+    base = {trained_as(row): row for row in plain}
 
     def share(row: dict[str, Any]) -> float | None:
-        reference = base.get(json.dumps(training_recipe(row["recipe"]), sort_keys=True))
+        reference = base.get(trained_as(row))
         return (
             row["accuracy"] / reference["accuracy"] if reference and reference["accuracy"] else None
         )
@@ -153,8 +157,6 @@ _SWEPT_BEFORE_THE_FIELD = {
     "server_momentum": 0.0,
     "lora_targets": list(DEFAULT_TARGET_MODULES),
 }
-# Fields that do not change what is trained: how often the evaluation set is scored.
-_NOT_TRAINING = ("eval_every_rounds",)
 
 
 def _check_same_recipe(sweep: Path | None, swept: dict[str, Any], running: dict[str, Any]) -> None:
@@ -166,13 +168,11 @@ def _check_same_recipe(sweep: Path | None, swept: dict[str, Any], running: dict[
     def comparable(key: str, value: Any) -> Any:
         return sorted(value) if key == "lora_targets" else value
 
-    measured = {**_SWEPT_BEFORE_THE_FIELD, **swept}
+    measured = training_recipe({**_SWEPT_BEFORE_THE_FIELD, **swept})
     differing = {
         key: (value, running[key])
         for key, value in measured.items()
-        if key in running
-        and key not in _NOT_TRAINING
-        and comparable(key, value) != comparable(key, running[key])
+        if key in running and comparable(key, value) != comparable(key, running[key])
     }
     if differing:
         shown = ", ".join(

@@ -39,7 +39,7 @@ from flwr.common.constant import ErrorCode
 from flwr.proto.message_pb2 import ConfirmMessageReceivedRequest, ObjectTree
 from flwr.proto.message_pb2 import Message as ProtoMessage
 from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullAppMessagesResponse
-from flwr.supercore.constant import HEAD_BODY_DIVIDER, SYSTEM_MESSAGE_TYPE
+from flwr.supercore.constant import HEAD_BODY_DIVIDER, PULL_MAX_TIME, SYSTEM_MESSAGE_TYPE
 from flwr.supercore.date import now
 from flwr.supercore.inflatable.inflatable_object import (
     get_object_body,
@@ -264,11 +264,11 @@ class BoundedHttpGrid(HttpGrid):
         pull = make_pull_object_fn_protobuf(
             pull_object_protobuf=self._runtime_client.PullObject, node=self.node, run_id=run_id
         )
-        counted = counting_pull(pull, max_bytes=self._limits.max_bytes)
-        if max_time is None:
-            contents = pull_objects(object_ids, pull_object_fn=counted)
-        else:
-            contents = pull_objects(object_ids, pull_object_fn=counted, max_time=max_time)
+        contents = pull_objects(
+            object_ids,
+            pull_object_fn=counting_pull(pull, max_bytes=self._limits.max_bytes),
+            max_time=PULL_MAX_TIME if max_time is None else max_time,
+        )
         check_inflated_size(contents, self._limits)
         message = inflate_object_from_contents(message_id, contents)
         if not isinstance(message, Message):
@@ -315,12 +315,7 @@ class BoundedHttpGrid(HttpGrid):
         deadline = time.monotonic() + (timeout if timeout is not None else 0.0)
         replies: list[Message] = []
         while pending and (timeout is None or time.monotonic() < deadline):
-            pulled = (
-                self.pull_messages(list(pending))
-                if timeout is None
-                else self.pull_messages_by(list(pending), deadline)
-            )
-            for reply in pulled:
+            for reply in self._pull(list(pending), deadline=None if timeout is None else deadline):
                 pending.discard(reply.metadata.reply_to_message_id)
                 replies.append(reply)
             if pending:
