@@ -3,8 +3,8 @@
 One round: send the global adapter and the round task to the sampled sites, wait (bounded) for
 replies, validate each reply whole and fold it into the round's running sum as it arrives, and
 aggregate only if at least ``min_sites`` valid updates arrived. Otherwise the round is retried
-from the same global state, and after ``max_round_attempts`` the run stops with a message
-naming every site and why it failed.
+from the same global state (with site-level DP and sampling, from the same draw of sites), and
+after ``max_round_attempts`` the run stops with a message naming every site and why it failed.
 Nothing is half-applied: the global adapter changes only by a completed aggregation, and each
 aggregated round is checkpointed before it is reported.
 """
@@ -106,18 +106,45 @@ def sample_sites(
     round_number: int,
     attempt: int,
     secret: bool = False,
+    roster_size: int | None = None,
 ) -> list[int]:
     """The nodes asked to train in this round attempt (all of them when ``count`` is None).
 
     With ``secret`` the draw comes from the operating system's secure random source instead
     of the run's seed: privacy amplification by sampling needs a sample nobody can predict.
+
+    With ``roster_size`` the draw is ``count`` of the ``roster_size`` enrolled sites, online or
+    not: the online nodes fill the first slots, every other slot stands for an enrolled site
+    that is offline, and a drawn offline site is a dropout. Site-level DP accounts each round
+    as ``count`` of ``roster_size`` sites; drawing from the online nodes only would give every
+    online site a higher sampling rate than that, and the reported epsilon would understate
+    the privacy loss.
     """
     nodes = sorted(node_ids)
-    if count is None or count >= len(nodes):
+    slots = max(len(nodes), roster_size or 0)
+    if count is None or count >= slots:
         return nodes
     entropy = secrets.randbits(128) if secret else [seed, round_number, attempt]
     rng = np.random.default_rng(entropy)
-    return sorted(int(node) for node in rng.choice(nodes, size=count, replace=False))
+    drawn = rng.choice(slots, size=count, replace=False)
+    return sorted(nodes[int(slot)] for slot in drawn if slot < len(nodes))
+
+
+def draws_sites_once_per_round(config: FedsiloConfig) -> bool:
+    """Whether a round keeps one draw of sites across its attempts: site-level DP with
+    sampling. The accounting allows one draw per round, so a retry asks the same sites
+    again instead of drawing until enough online ones come up."""
+    per_round = config.strategy.sites_per_round
+    return config.privacy.site_level and per_round is not None and per_round < config.num_sites
+
+
+def _notice_offline_draw(plan: FederationPlan, round_number: int, nodes: Sequence[int]) -> None:
+    drawn = plan.config.strategy.sites_per_round
+    if draws_sites_once_per_round(plan.config) and drawn is not None and len(nodes) < drawn:
+        plan.reporter.notice(
+            f"round {round_number}: {drawn - len(nodes)} of the {drawn} sites drawn from the "
+            f"{plan.config.num_sites} enrolled are offline and count as dropouts"
+        )
 
 
 def collect_round(
@@ -331,15 +358,19 @@ def run_federation(grid: Grid, plan: FederationPlan, *, resume: bool) -> Adapter
     for round_number in range(start_round, config.run.rounds + 1):
         started = time.perf_counter()
         replies = RoundReplies()
+        nodes: list[int] | None = None
         for attempt in range(1, config.strategy.max_round_attempts + 1):
-            nodes = sample_sites(
-                grid.get_node_ids(),
-                count=config.strategy.sites_per_round,
-                seed=config.run.seed,
-                round_number=round_number,
-                attempt=attempt,
-                secret=config.privacy.site_level,
-            )
+            if nodes is None or not draws_sites_once_per_round(config):
+                nodes = sample_sites(
+                    grid.get_node_ids(),
+                    count=config.strategy.sites_per_round,
+                    seed=config.run.seed,
+                    round_number=round_number,
+                    attempt=attempt,
+                    secret=config.privacy.site_level,
+                    roster_size=config.num_sites if config.privacy.site_level else None,
+                )
+                _notice_offline_draw(plan, round_number, nodes)
             collect = COLLECTORS[config.secure_aggregation.mode]
             replies = collect(
                 grid, plan, global_state, round_number=round_number, attempt=attempt, nodes=nodes
@@ -363,7 +394,8 @@ def run_federation(grid: Grid, plan: FederationPlan, *, resume: bool) -> Adapter
             raise FederationError(
                 f"round {round_number}: fewer than min_sites={config.strategy.min_sites} valid "
                 f"updates after {config.strategy.max_round_attempts} attempts; "
-                f"{_describe(replies.failures)}. The last checkpoint is intact: fix the sites "
+                f"{_describe(replies.failures) if nodes else 'every site drawn is offline'}. "
+                f"The last checkpoint is intact: fix the sites "
                 f"and resume with --resume {folder.root}"
             )
 
