@@ -10,10 +10,11 @@ from fedsilo.client.policy import (
     PolicyError,
     SitePolicy,
     TaskRefusedError,
+    check_lora,
     check_task,
     load_policy,
 )
-from fedsilo.protocol.records import RoundTask
+from fedsilo.protocol.records import LoraSpec, RoundTask
 
 TASK = RoundTask(
     federation_id="cardio-pilot",
@@ -71,6 +72,53 @@ def test_task_outside_policy_is_refused(
 
     with pytest.raises(TaskRefusedError, match=reason):
         check_task(policy, replace(TASK, **change), site="cardiology")  # type: ignore[arg-type]
+
+
+LORA = LoraSpec(rank=8, alpha=16.0, dropout=0.05, target_modules=("q_proj", "v_proj"))
+LORA_LIMITS = """
+lora_rank = [1, 16]
+lora_alpha = [1, 32]
+lora_dropout = [0, 0.1]
+lora_targets = ["q_proj", "k_proj", "v_proj"]
+"""
+
+
+def test_adapter_within_policy_is_accepted(tmp_path: Path) -> None:
+    check_lora(load_policy(_policy(tmp_path, BASE + LORA_LIMITS)), LORA, site="cardiology")
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"rank": 32}, r"lora_rank=32 is outside the policy's range \[1, 16\]"),
+        ({"alpha": 512.0}, r"lora_alpha=512 is outside the policy's range \[1, 32\]"),
+        ({"dropout": 0.9}, r"lora_dropout=0.9 is outside the policy's range \[0, 0.1\]"),
+        (
+            {"target_modules": ("q_proj", "down_proj", "lm_head")},
+            r"target_modules \['down_proj', 'lm_head'\] are not in the policy's lora_targets",
+        ),
+    ],
+)
+def test_adapter_outside_policy_is_refused(
+    tmp_path: Path, change: dict[str, object], reason: str
+) -> None:
+    policy = load_policy(_policy(tmp_path, BASE + LORA_LIMITS))
+
+    with pytest.raises(TaskRefusedError, match=reason):
+        check_lora(policy, replace(LORA, **change), site="cardiology")  # type: ignore[arg-type]
+
+
+def test_default_limits_bound_alpha_and_dropout_but_not_targets(tmp_path: Path) -> None:
+    policy = load_policy(_policy(tmp_path, BASE))
+    check_lora(policy, replace(LORA, target_modules=("gate_proj", "up_proj")), site="c")
+
+    with pytest.raises(TaskRefusedError, match="lora_alpha=100000 is outside"):
+        check_lora(policy, replace(LORA, alpha=1e5), site="c")
+
+
+def test_an_empty_target_list_is_a_policy_error(tmp_path: Path) -> None:
+    with pytest.raises(PolicyError, match=r"limits\.lora_targets"):
+        load_policy(_policy(tmp_path, BASE + "lora_targets = []\n"))
 
 
 def test_policy_errors_name_file_and_field(tmp_path: Path) -> None:
@@ -182,6 +230,9 @@ def test_a_policy_at_the_default_aggregation_keeps_the_digest_it_had_before_the_
     assert policy_digest(SitePolicy.model_validate(rules)) == before
     stricter = {**rules, "accept": {"federation_id": "fed", "aggregation": "he"}}
     assert policy_digest(SitePolicy.model_validate(stricter)) != before
+    for limit in ({"lora_alpha": [1, 64]}, {"lora_dropout": [0, 0]}, {"lora_targets": ["q_proj"]}):
+        narrower = {**rules, "limits": {"min_cohort": 3, **limit}}
+        assert policy_digest(SitePolicy.model_validate(narrower)) != before
 
 
 def _privacy(rules: str, tmp_path: Path) -> SitePolicy:

@@ -17,6 +17,10 @@ hide in, hyperparameters outside the allowed ranges.
     local_epochs = [0.1, 10]
     batch_size = [1, 64]
     max_length = [8, 2048]
+    lora_rank = [1, 32]
+    lora_alpha = [1, 64]
+    lora_dropout = [0, 0.1]
+    lora_targets = ["q_proj", "k_proj", "v_proj", "o_proj"]   # optional: any linear layer
 
     [privacy]
     max_epsilon = 8.0                     # the site's record-level DP budget, at this delta:
@@ -108,13 +112,18 @@ class LimitsSection(_Section):
     batch_size: Range = (1, 256)
     max_length: Range = (8, 8192)
     lora_rank: Range = (1, 256)
+    lora_alpha: Range = (1e-3, 1024.0)
+    lora_dropout: Range = (0.0, 0.5)
+    # The module names (last name component, as peft matches them) the site trains an adapter
+    # on; None: any linear layer of the base model.
+    lora_targets: tuple[str, ...] | None = Field(None, min_length=1)
     # The largest message (global adapter and task) this site accepts to load.
     max_payload_bytes: int = Field(256 * 1024 * 1024, ge=1)
 
     @model_validator(mode="after")
     def _ranges_ordered(self) -> LimitsSection:
         ranges = ("learning_rate", "local_steps", "local_epochs", "batch_size", "max_length")
-        for name in (*ranges, "lora_rank"):
+        for name in (*ranges, "lora_rank", "lora_alpha", "lora_dropout"):
             low, high = getattr(self, name)
             if low > high:
                 raise ValueError(f"{name}: lower bound {low} exceeds upper bound {high}")
@@ -213,6 +222,10 @@ def policy_digest(policy: SitePolicy) -> str:
     # keeps the digest its runs' ledgers record.
     if policy.accept.aggregation == "any":
         del rules["accept"]["aggregation"]
+    defaults = LimitsSection().model_dump(mode="json")
+    for name in ("lora_alpha", "lora_dropout", "lora_targets"):
+        if rules["limits"][name] == defaults[name]:
+            del rules["limits"][name]
     if policy.privacy is not None:
         privacy = {
             name: value
@@ -365,11 +378,25 @@ def check_distributed_dp(policy: SitePolicy | None, noise_multiplier: float, *, 
 
 
 def check_lora(policy: SitePolicy, lora: LoraSpec, *, site: str) -> None:
-    """Raise TaskRefusedError if the round's adapter rank is outside the policy's range."""
-    low, high = policy.limits.lora_rank
-    if not low <= lora.rank <= high:
+    """Raise TaskRefusedError if the round's adapter (rank, alpha, dropout, target modules) is
+    outside the policy's limits: the coordinator chooses the adapter, the site bounds what it
+    trains and sends."""
+    limits = policy.limits
+    for name, value in (
+        ("lora_rank", lora.rank),
+        ("lora_alpha", lora.alpha),
+        ("lora_dropout", lora.dropout),
+    ):
+        low, high = getattr(limits, name)
+        if not low <= value <= high:
+            raise TaskRefusedError(
+                f"site {site}: {name}={value:g} is outside the policy's range [{low:g}, {high:g}]"
+            )
+    allowed = limits.lora_targets
+    if allowed is not None and (refused := sorted(set(lora.target_modules) - set(allowed))):
         raise TaskRefusedError(
-            f"site {site}: lora_rank={lora.rank} is outside the policy's range [{low:g}, {high:g}]"
+            f"site {site}: LoRA target_modules {refused} are not in the policy's lora_targets "
+            f"{list(allowed)}"
         )
 
 
