@@ -53,16 +53,16 @@ def test_cpu_model_is_read_from_cpuinfo(tmp_path: Path) -> None:
     assert cpu_model(tmp_path / "missing") == "unknown"
 
 
+@pytest.mark.parametrize("variable", ["ONEDNN_CACHE_VARIABLE", "IDEEP_CACHE_VARIABLE"])
 @pytest.mark.parametrize(("preset", "expected"), [(None, "64"), ("7", "7")])
-def test_importing_sets_a_small_onednn_cache_unless_the_operator_chose_one(
-    preset: str | None, expected: str
+def test_importing_sets_small_onednn_caches_unless_the_operator_chose_them(
+    variable: str, preset: str | None, expected: str
 ) -> None:
-    env = {k: v for k, v in os.environ.items() if k != precision_module.ONEDNN_CACHE_VARIABLE}
+    name = getattr(precision_module, variable)
+    env = {k: v for k, v in os.environ.items() if k != name}
     if preset is not None:
-        env[precision_module.ONEDNN_CACHE_VARIABLE] = preset
-    script = (
-        "import os, fedsilo.training.precision as p; print(os.environ[p.ONEDNN_CACHE_VARIABLE])"
-    )
+        env[name] = preset
+    script = f"import os, fedsilo.training.precision as p; print(os.environ[p.{variable}])"
     done = subprocess.run(
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
     )
