@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 import fedsilo.bench.quality as quality
-from fedsilo.bench.quality import QualityRequest, run_quality_benchmark
+from fedsilo.bench.quality import QualityRequest, ResumeError, run_quality_benchmark
 from fedsilo.bench.settings import QualityBudget
 from fedsilo.bench.summary import (
     seed_family_base,
@@ -484,6 +484,29 @@ def test_sweep_chooses_fedadams_server_rate_at_fedavgs_rate(
         )
     )
     assert again["chosen"] == chosen and again["fedadam_server_points"] == servers
+
+
+def test_a_resumed_sweep_may_widen_its_grid_but_not_drop_points(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    budget = dataclasses.replace(SMALL, examples_per_site=6, validation_share=0.34)
+    request = _request(
+        tiny_model_dir, tmp_path, budget, algorithms=("fedavg", "fedadam"),
+        results_path=tmp_path / "sweep.json",
+    )  # fmt: skip
+    first = run_sweep(SweepRequest(request, (1e-4,), (), server_learning_rates=(1e-4,)))
+    resumed = dataclasses.replace(request, resume=True)
+
+    wider = run_sweep(SweepRequest(resumed, (1e-4,), (), server_learning_rates=(1e-4, 0.1)))
+
+    assert wider["server_lr_grid"] == [1e-4, 0.1]
+    servers = wider["fedadam_server_points"]
+    assert servers["0.0001"] == first["fedadam_server_points"]["0.0001"]  # kept, not re-run
+    assert set(servers) == {"0.0001", "0.1"}
+    best = min(servers, key=lambda k: servers[k]["validation_loss"])
+    assert wider["chosen"]["server_learning_rate"] == float(best)
+    with pytest.raises(ResumeError, match=r"'server_lr_grid' differs .* \(a grid may only grow\)"):
+        run_sweep(SweepRequest(resumed, (1e-4,), (), server_learning_rates=(0.1,)))
 
 
 def test_seed_files_are_found_in_seed_order_and_named_back_to_their_family(

@@ -50,6 +50,10 @@ SELECTION = (
 )
 
 
+# Grids a resumed sweep may widen (a choice at a grid's edge calls for the next value out).
+GRID_FIELDS = ("learning_rate_grid", "mu_grid", "server_lr_grid")
+
+
 @dataclass(frozen=True)
 class SweepRequest:
     """The grid to try, with the benchmark request whose budget it tunes."""
@@ -125,10 +129,13 @@ def run_sweep(request: SweepRequest) -> dict[str, Any]:
     if quality.resume and path.exists():
         previous = json.loads(path.read_text())
         for key, value in identity.items():
-            if previous.get(key) != value:
+            stored = previous.get(key)
+            if key in GRID_FIELDS and isinstance(stored, list) and set(stored) <= set(value):
+                continue  # a widened grid: the points measured are kept, the new ones added
+            if stored != value:
                 raise ResumeError(
-                    f"{path}: field {key!r} differs from this sweep ({previous.get(key)!r} "
-                    f"there, {value!r} here); resume with the same settings"
+                    f"{path}: field {key!r} differs from this sweep ({stored!r} there, "
+                    f"{value!r} here); resume with the same settings (a grid may only grow)"
                 )
     points: dict[str, dict[str, dict[str, float]]] = previous.get("points", {})
     mu_points: dict[str, dict[str, float]] = previous.get("fedprox_points", {})
