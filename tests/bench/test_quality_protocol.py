@@ -450,14 +450,19 @@ def test_report_reads_a_run_without_centralized_against_the_same_steps_split_oth
     assert quality_report._same_work_lines("a", short, loaded) == []
 
 
-def test_sweep_chooses_fedadams_server_rate_at_fedavgs_rate(
-    tiny_model_dir: Path, tmp_path: Path
-) -> None:
+def _fedadam_sweep_request(tiny_model_dir: Path, tmp_path: Path) -> QualityRequest:
+    """FedAvg and FedAdam on the tiny model with a validation split, the sweep to sweep.json."""
     budget = dataclasses.replace(SMALL, examples_per_site=6, validation_share=0.34)
-    request = _request(
+    return _request(
         tiny_model_dir, tmp_path, budget, algorithms=("fedavg", "fedadam"),
         results_path=tmp_path / "sweep.json",
     )  # fmt: skip
+
+
+def test_sweep_chooses_fedadams_server_rate_at_fedavgs_rate(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    request = _fedadam_sweep_request(tiny_model_dir, tmp_path)
 
     sweep = run_sweep(SweepRequest(request, (1e-4, 0.05), (), server_learning_rates=(1e-4, 0.1)))
 
@@ -471,7 +476,7 @@ def test_sweep_chooses_fedadams_server_rate_at_fedavgs_rate(
     assert servers["0.0001"] != servers["0.1"]  # the server rate reached the strategy
     best = min(servers, key=lambda k: servers[k]["validation_loss"])
     assert chosen["server_learning_rate"] == float(best)
-    tuned = chosen_budget(budget, sweep)
+    tuned = chosen_budget(request.budget, sweep)
     assert tuned.server_learning_rate == float(best)
     assert hyperparameters_record(sweep, tmp_path / "sweep.json")["server_lr_grid"] == [1e-4, 0.1]
     # Resuming the finished sweep trains nothing more and chooses the same.
@@ -489,11 +494,7 @@ def test_sweep_chooses_fedadams_server_rate_at_fedavgs_rate(
 def test_a_resumed_sweep_may_widen_its_grid_but_not_drop_points(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    budget = dataclasses.replace(SMALL, examples_per_site=6, validation_share=0.34)
-    request = _request(
-        tiny_model_dir, tmp_path, budget, algorithms=("fedavg", "fedadam"),
-        results_path=tmp_path / "sweep.json",
-    )  # fmt: skip
+    request = _fedadam_sweep_request(tiny_model_dir, tmp_path)
     first = run_sweep(SweepRequest(request, (1e-4,), (), server_learning_rates=(1e-4,)))
     resumed = dataclasses.replace(request, resume=True)
 

@@ -139,8 +139,9 @@ def draws_sites_once_per_round(config: FedsiloConfig) -> bool:
 
 
 def _notice_offline_draw(plan: FederationPlan, round_number: int, nodes: Sequence[int]) -> None:
-    drawn = plan.config.strategy.sites_per_round
-    if draws_sites_once_per_round(plan.config) and drawn is not None and len(nodes) < drawn:
+    """Tell the operator when a draw from the roster took enrolled sites that are offline."""
+    drawn = plan.config.strategy.sites_per_round or plan.config.num_sites
+    if len(nodes) < drawn:
         plan.reporter.notice(
             f"round {round_number}: {drawn - len(nodes)} of the {drawn} sites drawn from the "
             f"{plan.config.num_sites} enrolled are offline and count as dropouts"
@@ -354,13 +355,14 @@ def run_federation(grid: Grid, plan: FederationPlan, *, resume: bool) -> Adapter
     """Run (or resume) all rounds; return the final global adapter."""
     config, folder, strategy = plan.config, plan.folder, plan.strategy
     start_round, global_state = _starting_point(plan, resume=resume)
+    fixed_draw = draws_sites_once_per_round(config)
 
     for round_number in range(start_round, config.run.rounds + 1):
         started = time.perf_counter()
         replies = RoundReplies()
         nodes: list[int] | None = None
         for attempt in range(1, config.strategy.max_round_attempts + 1):
-            if nodes is None or not draws_sites_once_per_round(config):
+            if nodes is None or not fixed_draw:
                 nodes = sample_sites(
                     grid.get_node_ids(),
                     count=config.strategy.sites_per_round,
@@ -368,9 +370,10 @@ def run_federation(grid: Grid, plan: FederationPlan, *, resume: bool) -> Adapter
                     round_number=round_number,
                     attempt=attempt,
                     secret=config.privacy.site_level,
-                    roster_size=config.num_sites if config.privacy.site_level else None,
+                    roster_size=config.num_sites if fixed_draw else None,
                 )
-                _notice_offline_draw(plan, round_number, nodes)
+                if fixed_draw:
+                    _notice_offline_draw(plan, round_number, nodes)
             collect = COLLECTORS[config.secure_aggregation.mode]
             replies = collect(
                 grid, plan, global_state, round_number=round_number, attempt=attempt, nodes=nodes
