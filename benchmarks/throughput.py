@@ -10,7 +10,10 @@ peak memory and thread count are its own:
 - ``hf-trainer-bf16``: the Hugging Face ``Trainer`` with peft and ``bf16=True`` on the CPU (the
   loop FlowerTune's clients run through TRL), same batches size and optimizer;
 - ``fedsilo-plain`` and ``fedsilo-plain-fp32``: :func:`fedsilo.training.loop.train_plain` in
-  the precision ``auto`` resolves to, and in fp32;
+  the precision ``auto`` resolves to, and in fp32, compiled where ``compile = "auto"`` finds
+  torch.compile working (each row records ``compiled`` and its untimed ``warmup_seconds``,
+  which hold the compilation), and ``fedsilo-plain-eager``, the ``auto`` precision with
+  ``compile = "off"`` (what compilation adds);
 - ``fedsilo-dp``: record-level DP-SGD (:func:`fedsilo.privacy.dp_sgd.train_local_dp`, Poisson
   batches of expected size 16, clip 1, noise 1) in the ``auto`` precision.
 
@@ -57,6 +60,7 @@ LOOPS = (
     "bare-bf16",
     "hf-trainer-bf16",
     "fedsilo-plain-fp32",
+    "fedsilo-plain-eager",
     "fedsilo-plain",
     "fedsilo-dp",
 )
@@ -71,7 +75,7 @@ def _rss_mb() -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / 1e6
 
 
-def _setup(precision: str, attention: str) -> dict[str, Any]:
+def _setup(precision: str, attention: str, compile_setting: str = "auto") -> dict[str, Any]:
     from fedsilo.client.site import load_model_with_adapter
     from fedsilo.config import parse_config
     from fedsilo.data.encode import encode_records
@@ -81,7 +85,7 @@ def _setup(precision: str, attention: str) -> dict[str, Any]:
         {
             "model": {"base": "smollm2-135m-instruct"},
             "task": {"num_sites": 4, "examples_per_site": 512, "gold_size": 64},
-            "train": {"max_length": 96, "precision": precision},
+            "train": {"max_length": 96, "precision": precision, "compile": compile_setting},
         },
         source="benchmark",
     )
@@ -132,6 +136,7 @@ class _Clock:
     """Step times after the warm-up steps, the tokens and positions they processed."""
 
     def __init__(self) -> None:
+        self.started = time.perf_counter()
         self.marks: list[float] = []
         self.peak_rss_mb = 0.0
 
@@ -141,6 +146,10 @@ class _Clock:
 
     def seconds(self) -> float:
         return self.marks[-1] - self.marks[WARMUP_STEPS - 1]
+
+    def warmup_seconds(self) -> float:
+        """The untimed first steps (a compiled loop compiles in them)."""
+        return self.marks[WARMUP_STEPS - 1] - self.started
 
 
 def _bare(setup: dict[str, Any], steps: int, precision: str) -> dict[str, Any]:
@@ -280,6 +289,7 @@ def run_one(loop: str, threads: int, steps: int) -> dict[str, Any]:
         "bare-bf16": "bf16",
         "hf-trainer-bf16": "fp32",  # the Trainer keeps fp32 weights and autocasts
         "fedsilo-plain-fp32": "fp32",
+        "fedsilo-plain-eager": auto,
         "fedsilo-plain": auto,
         "fedsilo-dp": auto,
     }[loop]
@@ -289,7 +299,7 @@ def run_one(loop: str, threads: int, steps: int) -> dict[str, Any]:
     # Where a site's memory goes: the runtime (torch, transformers, peft imported), then the
     # model and the encoded data, then what training adds on top.
     rss_before_load = _rss_mb()
-    setup = _setup(precision, attention)
+    setup = _setup(precision, attention, "off" if loop == "fedsilo-plain-eager" else "auto")
     rss_after_load = _rss_mb()
     compute = "bf16" if loop in ("bare-bf16", "hf-trainer-bf16") else precision
     peak = matmul_gflops(torch.bfloat16 if compute == "bf16" else torch.float32, seconds=1.0)
@@ -308,7 +318,12 @@ def run_one(loop: str, threads: int, steps: int) -> dict[str, Any]:
         "threads": threads,
         "precision": compute,
         "attention": attention,
+        # fedsilo's plain loops run the decoder layers through torch.compile where the
+        # machine can (fedsilo.training.compilation); DP-SGD and the other loops run eager.
+        "compiled": loop in ("fedsilo-plain", "fedsilo-plain-fp32")
+        and setup["loaded"].compiled.enabled,
         "steps_timed": steps - WARMUP_STEPS,
+        "warmup_seconds": clock.warmup_seconds(),
         "seconds": seconds,
         "tokens": measured["tokens"],
         "positions": measured["positions"],

@@ -55,13 +55,15 @@ def small_config(model_dir: Path, **overrides: dict[str, Any]) -> FedsiloConfig:
             "gold_size": 6,
             "system_prompt": "Code it.",
         },
-        # fp32 unless a test asks for bf16: the same numbers on every CPU.
+        # fp32 unless a test asks for bf16: the same numbers on every CPU. Eager unless a test
+        # asks for compilation, which costs seconds per model.
         "train": {
             "local_steps": 2,
             "batch_size": 2,
             "learning_rate": 0.01,
             "max_length": 96,
             "precision": "fp32",
+            "compile": "off",
         },
         "strategy": {"name": "fedavg", "min_sites": 2},
         "evaluation": {"max_new_tokens": 4, "batch_size": 8},

@@ -62,7 +62,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from fedsilo.config.schema import PrecisionSetting
+from fedsilo.config.schema import CompileSetting, PrecisionSetting
 from fedsilo.crypto import sha256_hex
 from fedsilo.ledger.entries import payload_json
 from fedsilo.protocol.records import MAX_MIN_COHORT, LoraSpec, PolicyDeclaration, RoundTask
@@ -166,6 +166,8 @@ class SiteSection(_Section):
     # The site's own choice of compute precision on its hardware (the coordinator's
     # train.precision does not apply to a deployed site).
     precision: PrecisionSetting = "auto"
+    # Likewise whether its plain training runs through torch.compile (needs a C++ compiler).
+    compile: CompileSetting = "auto"
 
 
 class ConnectSection(_Section):

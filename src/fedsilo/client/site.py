@@ -22,6 +22,7 @@ from fedsilo.crypto import PrivateKey, PublicKey
 from fedsilo.data.encode import Example
 from fedsilo.model.adapters import AdapterState, attach_lora, get_adapter_state
 from fedsilo.model.base import base_model_hash, load_base_model, resolve_base_model
+from fedsilo.training.compilation import CompileChoice, machine_compile, prepare_compiled_training
 from fedsilo.training.device import attention_kernel, resolve_device
 from fedsilo.training.precision import PrecisionChoice, hold_base_weights_in, machine_precision
 
@@ -61,12 +62,14 @@ class LoadedModel:
     base_model_hash: str
     adapter_template: AdapterState
     precision: PrecisionChoice  # the frozen base weights are held, and computed, in this
+    compiled: CompileChoice  # whether plain training runs the decoder layers compiled
 
 
 def load_model_with_adapter(config: FedsiloConfig) -> LoadedModel:
     """Resolve, hash and load the base model, attach the run's LoRA adapter, hold the frozen
-    base weights in the precision ``train.precision`` resolves to on this machine, and place
-    the model on ``train.device``.
+    base weights in the precision ``train.precision`` resolves to on this machine, place the
+    model on ``train.device``, and prepare compiled plain training if ``train.compile``
+    resolves on.
 
     The adapter is initialised on the CPU before the move, so its seeded start (the template)
     is the same on every device. A ``"cuda"`` device without CUDA is refused (DeviceError)
@@ -89,4 +92,7 @@ def load_model_with_adapter(config: FedsiloConfig) -> LoadedModel:
     choice = machine_precision(config.train.precision, config.train.device)
     hold_base_weights_in(model, choice.precision)
     model.to(device)
-    return LoadedModel(model, tokenizer, digest, get_adapter_state(model), choice)
+    compiled = machine_compile(config.train.compile, config.train.device)
+    if compiled.enabled:
+        prepare_compiled_training(model)
+    return LoadedModel(model, tokenizer, digest, get_adapter_state(model), choice, compiled)

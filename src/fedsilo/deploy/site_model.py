@@ -31,6 +31,7 @@ from fedsilo.data.records import Record, load_records
 from fedsilo.model.adapters import attach_lora, get_adapter_state
 from fedsilo.model.base import base_model_hash, load_base_model, resolve_base_model
 from fedsilo.protocol.records import LoraSpec
+from fedsilo.training.compilation import machine_compile, prepare_compiled_training
 from fedsilo.training.precision import hold_base_weights_in, machine_precision
 
 log = logging.getLogger(__name__)
@@ -128,6 +129,8 @@ class DeployedSite:
             )
             # The site's own hardware decides its precision (its policy may pin it).
             hold_base_weights_in(model, machine_precision(self.section.precision).precision)
+            if machine_compile(self.section.compile).enabled:
+                prepare_compiled_training(model)
             self._lora = lora
             template = get_adapter_state(model)
         else:

@@ -50,6 +50,7 @@ from fedsilo.server.run_folder import RunFolder, final_file_digests
 from fedsilo.server.site_dp import SiteLevelDp
 from fedsilo.server.strategies import Strategy, build_strategy
 from fedsilo.storage.atomic import fsync_folder
+from fedsilo.training.compilation import CompileChoice
 from fedsilo.training.precision import PrecisionChoice, forward_in
 
 log = logging.getLogger(__name__)
@@ -134,6 +135,7 @@ def _run_info(
     base_folder: Path,
     task: TaskData,
     precision: PrecisionChoice,
+    compiled: CompileChoice,
 ) -> dict[str, Any]:
     return {
         "system_prompt": task.system_prompt,
@@ -152,6 +154,7 @@ def _run_info(
         # computes; a deployed site chooses its own and reports it each round.
         "precision": precision.precision,
         "precision_choice": precision.as_record(),
+        "compile_choice": compiled.as_record(),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
@@ -195,7 +198,9 @@ def _execute(grid: Grid, job: ServerJob, folder: RunFolder) -> AdapterState:
     task = build_task(config.task, seed=config.run.seed)
     hygiene = _data_hygiene(config, task, job.reporter)
     if not (job.resume and folder.run_info_path.exists()):
-        info = _run_info(config, loaded.base_model_hash, base_folder, task, loaded.precision)
+        info = _run_info(
+            config, loaded.base_model_hash, base_folder, task, loaded.precision, loaded.compiled
+        )
         if hygiene is not None:
             info["data_hygiene"] = hygiene.to_json()
         folder.write_json(folder.run_info_path, info)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -29,6 +29,7 @@ from torch import nn
 from fedsilo.data.batching import collate, count_positions, count_tokens, iterate_batches
 from fedsilo.data.encode import Example
 from fedsilo.model.adapters import AdapterState, get_adapter_state, set_adapter_state
+from fedsilo.training.compilation import compiled_training
 from fedsilo.training.device import CPU_PLAIN_MICRO_BATCH, model_device, plain_micro_batch_size
 from fedsilo.training.loss import labelled_token_losses
 from fedsilo.training.precision import Precision, base_weights_precision, forward_in
@@ -125,6 +126,8 @@ class PlainGradient:
     examples of similar length (less padding, bounded memory), each weighted by its share of
     the batch's loss tokens, so the result is exactly the gradient of the whole batch's token
     mean. ``max_grad_norm`` clips that gradient (over all adapter parameters together) when set.
+    The decoder layers run compiled when the model was prepared for it
+    (:mod:`fedsilo.training.compilation`).
     """
 
     batch_size: int
@@ -139,8 +142,8 @@ class PlainGradient:
         )
 
     def attached(self, model: nn.Module) -> AbstractContextManager[None]:
-        del model
-        return nullcontext()
+        # Compiled decoder layers where the model was prepared for it (training.compilation).
+        return compiled_training(model)
 
     def set_gradients(
         self,

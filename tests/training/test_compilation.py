@@ -1,0 +1,110 @@
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from fedsilo.client.site import load_model_with_adapter
+from fedsilo.config import FedsiloConfig
+from fedsilo.config.schema import DeviceSetting
+from fedsilo.data.encode import encode_records
+from fedsilo.data.records import ChatRecord
+from fedsilo.training.compilation import (
+    CompileError,
+    compiled_training,
+    decoder_layers,
+    is_prepared,
+    prepare_compiled_training,
+    resolve_compile,
+)
+from fedsilo.training.loop import LocalTrainingResult, train_plain
+
+
+def _failing_probe(device: DeviceSetting) -> None:
+    raise RuntimeError(f"no C++ compiler for {device}")
+
+
+def _succeeding_probe(device: DeviceSetting) -> None:
+    del device
+
+
+def test_off_never_probes() -> None:
+    choice = resolve_compile("off", probe=_failing_probe)
+
+    assert not choice.enabled
+    assert choice.probe_seconds is None
+
+
+def test_auto_falls_back_to_eager_with_the_probe_error() -> None:
+    choice = resolve_compile("auto", probe=_failing_probe)
+
+    assert not choice.enabled
+    assert "no C++ compiler for cpu" in choice.reason
+    assert "eager" in choice.describe()
+
+
+def test_on_refuses_a_machine_where_compilation_fails_naming_the_setting() -> None:
+    with pytest.raises(CompileError, match=r"train.compile = 'on'.*no C\+\+ compiler"):
+        resolve_compile("on", probe=_failing_probe)
+
+
+def test_auto_compiles_where_the_probe_succeeds() -> None:
+    choice = resolve_compile("auto", probe=_succeeding_probe)
+
+    assert choice.enabled
+    assert choice.as_record()["enabled"] is True
+
+
+def _train(config: FedsiloConfig, *, compiled: bool) -> LocalTrainingResult:
+    loaded = load_model_with_adapter(config)
+    if compiled:
+        prepare_compiled_training(loaded.model)
+    records = [ChatRecord(prompt=f"code {i}", response=f"A{i:02d}.{i}") for i in range(6)]
+    examples = encode_records(
+        loaded.tokenizer, records, system_prompt=None, max_length=64, source="test"
+    )
+    return train_plain(
+        loaded.model,
+        examples,
+        global_state=loaded.adapter_template,
+        steps=3,
+        batch_size=4,
+        learning_rate=0.05,
+        proximal_mu=0.0,
+        max_grad_norm=1.0,
+        pad_id=int(loaded.tokenizer.pad_token_id),
+        seed=1,
+    )
+
+
+def test_compiled_plain_training_matches_eager_in_fp32(
+    make_config: Callable[..., FedsiloConfig],
+) -> None:
+    config = make_config()
+    torch._dynamo.reset()
+    counters.clear()
+
+    eager = _train(config, compiled=False)
+    assert counters["stats"]["unique_graphs"] == 0
+    compiled = _train(config, compiled=True)
+
+    # The compiled layers really ran (dynamo captured graphs) and gave eager's update.
+    assert counters["stats"]["unique_graphs"] > 0
+    assert compiled.train_loss == pytest.approx(eager.train_loss, rel=1e-5)
+    for name, tensor in eager.delta.items():
+        torch.testing.assert_close(compiled.delta[name], tensor, rtol=1e-4, atol=1e-6)
+
+
+def test_compiled_layers_are_installed_only_inside_the_block(
+    make_config: Callable[..., FedsiloConfig],
+) -> None:
+    loaded = load_model_with_adapter(make_config())  # compile "off" in test configs
+    assert not is_prepared(loaded.model)
+    prepare_compiled_training(loaded.model)
+    assert is_prepared(loaded.model)
+    layers = decoder_layers(loaded.model)
+
+    with compiled_training(loaded.model):
+        assert all(layer._compiled_call_impl is not None for layer in layers)
+    # Evaluation, generation and DP-SGD run eager on the same module.
+    assert all(layer._compiled_call_impl is None for layer in layers)
