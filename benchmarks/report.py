@@ -47,6 +47,7 @@ _LOOP_NAMES = {
     "bare-bf16": "bare torch + peft, bf16 base weights + autocast",
     "hf-trainer-bf16": "Hugging Face `Trainer` + peft, `bf16=True`",
     "fedsilo-plain-fp32": "fedsilo `train_plain`, fp32",
+    "fedsilo-plain-eager": "fedsilo `train_plain`, `precision = auto`, `compile = off`",
     "fedsilo-plain": "fedsilo `train_plain`, `precision = auto`",
     "fedsilo-dp": "fedsilo DP-SGD (`train_local_dp`), `precision = auto`",
 }
@@ -82,6 +83,9 @@ def _throughput_goals(rows: list[dict[str, Any]]) -> list[str]:
             f"bare fp32 loop's (goal <= 60%: {verdict(memory, 0.6, at_most=True)} against the "
             f"first, {verdict(memory_bare, 0.6, at_most=True)} against the second)",
         ]
+        if "fedsilo-plain-eager" in by_loop:
+            gain = speed / by_loop["fedsilo-plain-eager"]["tokens_per_s"]
+            parts.append(f"compiled {gain:.2f}x the eager loop's tokens/s")
         if "fedsilo-dp" in by_loop:
             dp_time = speed / by_loop["fedsilo-dp"]["tokens_per_s"]
             parts.append(
@@ -101,6 +105,13 @@ def _memory_parts(row: dict[str, Any]) -> str:
     runtime, loaded = row["rss_before_load_mb"], row["rss_after_load_mb"]
     training = row["peak_rss_training_mb"] - loaded
     return f"{runtime:.0f} / {loaded - runtime:.0f} / {training:.0f}"
+
+
+def _compiled(row: dict[str, Any]) -> str:
+    """Whether the loop ran compiled, with its untimed warm-up (which holds the compilation)."""
+    if "compiled" not in row:
+        return "-"  # measured before fedsilo compiled
+    return f"{'yes' if row['compiled'] else 'no'} ({row['warmup_seconds']:.0f})"
 
 
 def _throughput_section(result: dict[str, Any] | None) -> list[str]:
@@ -132,12 +143,16 @@ def _throughput_section(result: dict[str, Any] | None) -> list[str]:
         "(Python, torch, transformers, peft), the loaded model and encoded data, and what "
         "training adds; fp32 weights stay memory-mapped from the safetensors file and count "
         "as resident only once training touches them, so for fp32 loops most of the model "
-        "shows under training (bf16 weights are a converted copy, resident at load).",
+        "shows under training (bf16 weights are a converted copy, resident at load). "
+        "`compiled`: fedsilo's plain loop runs each decoder layer through `torch.compile` "
+        "where a probe compilation succeeds (`[train] compile = auto`; DP-SGD and the other "
+        "loops run eager); the warm-up is the untimed first steps, compilation included "
+        "(inductor's on-disk cache from an earlier process shortens it).",
         "",
-        "| loop | threads | attention | tokens/s | vs bare fp32 | padding | GFLOP/s "
-        "| share of GEMM peak | eval loss | peak memory (MB) | of which runtime / model "
+        "| loop | threads | attention | compiled (warm-up s) | tokens/s | vs bare fp32 | padding "
+        "| GFLOP/s | share of GEMM peak | eval loss | peak memory (MB) | of which runtime / model "
         "and data / training (MB) |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     rows = result["rows"]
     for row in rows:
@@ -147,7 +162,8 @@ def _throughput_section(result: dict[str, Any] | None) -> list[str]:
         ratio = f"{row['tokens_per_s'] / bare['tokens_per_s']:.2f}x" if bare else "-"
         lines.append(
             f"| {_LOOP_NAMES.get(row['loop'], row['loop'])} | {row['threads']} | "
-            f"{row.get('attention', 'sdpa')} | {row['tokens_per_s']:.0f} | {ratio} | "
+            f"{row.get('attention', 'sdpa')} | {_compiled(row)} | {row['tokens_per_s']:.0f} | "
+            f"{ratio} | "
             f"{_pct(row['padding_share'])} | "
             f"{row['achieved_gflops']:.0f} | {_pct(row['share_of_peak'])} "
             f"(of {row['gemm_peak_gflops']:.0f}) | {row['eval_loss']:.3f} | "

@@ -47,7 +47,14 @@ def coordinator_config(
             "gold_size": 6,
             "system_prompt": "Code it.",
         },
-        "train": {"local_steps": 2, "batch_size": 2, "learning_rate": 0.01, "max_length": 96},
+        # Eager, as in tests/conftest.py (compiling costs seconds per site process).
+        "train": {
+            "local_steps": 2,
+            "batch_size": 2,
+            "learning_rate": 0.01,
+            "max_length": 96,
+            "compile": "off",
+        },
         "strategy": {"name": "fedavg", "min_sites": 2, "round_timeout_s": round_timeout_s},
         "evaluation": {"max_new_tokens": 4, "batch_size": 8},
         "deployment": {
@@ -178,6 +185,7 @@ def write_site_policy(
             "keys_dir": "keys",
             "passphrase_file": "passphrase",
             "state_dir": "state",
+            "compile": "off",
         },
         "connect": {
             "coordinator": f"127.0.0.1:{listen_port}",

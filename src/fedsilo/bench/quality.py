@@ -734,6 +734,9 @@ def run_quality_benchmark(request: QualityRequest) -> dict[str, Any]:
                 "cpu_model": cpu_model(),
                 "platform": platform.platform(),
                 "torch_threads": 1,
+                # How this process trained (a resumed run may have started in another).
+                "precision": trainer.loaded.precision.precision,
+                "compiled_plain_training": trainer.loaded.compiled.enabled,
             },
             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
