@@ -1,10 +1,11 @@
+import threading
 from collections.abc import Callable
 
 import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from fedsilo.client.site import load_model_with_adapter
+from fedsilo.client.site import LoadedModel, load_model_with_adapter
 from fedsilo.config import FedsiloConfig
 from fedsilo.config.schema import DeviceSetting
 from fedsilo.data.encode import encode_records
@@ -55,10 +56,14 @@ def test_auto_compiles_where_the_probe_succeeds() -> None:
     assert choice.as_record()["enabled"] is True
 
 
-def _train(config: FedsiloConfig, *, compiled: bool) -> LocalTrainingResult:
+def _load(config: FedsiloConfig, *, compiled: bool) -> LoadedModel:
     loaded = load_model_with_adapter(config)
     if compiled:
         prepare_compiled_training(loaded.model)
+    return loaded
+
+
+def _train_loaded(loaded: LoadedModel) -> LocalTrainingResult:
     records = [ChatRecord(prompt=f"code {i}", response=f"A{i:02d}.{i}") for i in range(6)]
     examples = encode_records(
         loaded.tokenizer, records, system_prompt=None, max_length=64, source="test"
@@ -77,6 +82,10 @@ def _train(config: FedsiloConfig, *, compiled: bool) -> LocalTrainingResult:
     )
 
 
+def _train(config: FedsiloConfig, *, compiled: bool) -> LocalTrainingResult:
+    return _train_loaded(_load(config, compiled=compiled))
+
+
 def test_compiled_plain_training_matches_eager_in_fp32(
     make_config: Callable[..., FedsiloConfig],
 ) -> None:
@@ -91,8 +100,12 @@ def test_compiled_plain_training_matches_eager_in_fp32(
     # The compiled layers really ran (dynamo captured graphs) and gave eager's update.
     assert counters["stats"]["unique_graphs"] > 0
     assert compiled.train_loss == pytest.approx(eager.train_loss, rel=1e-5)
+    # Adam divides by the gradient's size, so a coordinate whose gradient is near zero can move
+    # by up to the learning rate on a last-bit difference in summation order: a loose absolute
+    # tolerance (updates here are about 0.1), which a wrong gradient would still exceed.
+    assert max(float(tensor.abs().max()) for tensor in eager.delta.values()) > 0.05
     for name, tensor in eager.delta.items():
-        torch.testing.assert_close(compiled.delta[name], tensor, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(compiled.delta[name], tensor, rtol=1e-3, atol=1e-3)
 
 
 def test_compiled_layers_are_installed_only_inside_the_block(
@@ -108,3 +121,32 @@ def test_compiled_layers_are_installed_only_inside_the_block(
         assert all(layer._compiled_call_impl is not None for layer in layers)
     # Evaluation, generation and DP-SGD run eager on the same module.
     assert all(layer._compiled_call_impl is None for layer in layers)
+
+
+def test_two_sites_train_compiled_at_the_same_time_as_they_would_eager(
+    make_config: Callable[..., FedsiloConfig],
+) -> None:
+    # run.concurrent_sites trains two model copies in two threads (the demo does); the copies
+    # are loaded one after the other, as fedsilo.simulation.sites loads them.
+    config = make_config()
+    eager = _train(config, compiled=False)
+    copies = [_load(config, compiled=True) for _ in range(2)]
+    results: list[LocalTrainingResult] = []
+    errors: list[BaseException] = []
+
+    def train(loaded: LoadedModel) -> None:
+        try:
+            results.append(_train_loaded(loaded))
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=train, args=(loaded,)) for loaded in copies]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert not errors, errors
+    assert len(results) == 2
+    for result in results:
+        assert result.train_loss == pytest.approx(eager.train_loss, rel=1e-5)
