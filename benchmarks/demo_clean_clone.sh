@@ -8,6 +8,7 @@ work=$(mktemp -d)
 git clone -q "$source_repo" "$work/fedsilo"
 cd "$work/fedsilo"
 export FEDSILO_CACHE="$work/cache"  # an empty cache: the conversion is part of the wait
+export TORCHINDUCTOR_CACHE_DIR="$work/inductor"  # and so is compiling the training loop
 started=$(date +%s.%N)
 bash scripts/setup.sh
 installed=$(date +%s.%N)
