@@ -84,6 +84,7 @@ def run_one(precision: str, steps: int, batch_size: int) -> dict[str, Any]:
         )
     return {
         "precision": loaded.precision.precision,
+        "compiled": loaded.compiled.enabled,  # compile = "auto", as a site trains
         "steps": steps,
         "batch_size": batch_size,
         "train_seconds": result.seconds,

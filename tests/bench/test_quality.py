@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -315,3 +316,18 @@ def test_resume_refuses_results_of_another_budget_naming_the_field(
 
     with pytest.raises(ResumeError, match=r"quality\.json: field 'budget' differs"):
         run_quality_benchmark(_small_request(tiny_model_dir, tmp_path, budget=other, resume=True))
+
+
+def test_a_run_resumes_whether_or_not_it_started_compiled(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # How a process computes (device, torch.compile) is recorded under "machine", not in the
+    # identity a resume must match: a run started eager may go on compiled.
+    request = _small_request(tiny_model_dir, tmp_path, algorithms=("centralized",))
+    first = run_quality_benchmark(request)
+    assert "compile" not in first["train"] and "device" not in first["train"]
+    assert first["machine"]["compiled_plain_training"] in (True, False)
+
+    resumed = run_quality_benchmark(dataclasses.replace(request, resume=True))
+
+    assert resumed["algorithms"]["centralized"] == first["algorithms"]["centralized"]

@@ -602,8 +602,10 @@ def _identity(
         request.model,
         base_model_hash,
         json.loads(json.dumps(asdict(request.budget))),
-        # The device is recorded apart (``machine``): a run may resume on another one.
-        config.train.model_dump(mode="json", exclude={"device"}),
+        # The device and compilation are recorded apart (``machine``): a run may resume on
+        # another device, or compiled where it started eager (the same training, rounded
+        # differently in bf16).
+        config.train.model_dump(mode="json", exclude={"device", "compile"}),
         config.lora.model_dump(mode="json"),
     )
     return dict(zip(IDENTITY_FIELDS, values, strict=True))
