@@ -24,11 +24,14 @@ def experiment(tmp_path_factory: pytest.TempPathFactory) -> CanaryExperiment:
     from fedsilo.model.tiny import write_tiny_llama
 
     base = write_tiny_llama(tmp_path_factory.mktemp("attack-model") / "tiny", seed=0)
-    # 4 rounds, not the default 3: at 3 the second canary's memorisation without DP hung on
-    # float rounding (exposure 9.97 with the fused attention kernel, 4.11 with the plain one,
-    # combined p 1.5e-5 against 6.2e-4). At 4 both canaries reach exposure 9-10 with either
-    # kernel (p 1.5e-5 and 2.8e-5), and DP at epsilon 8 still hides them (p 0.26).
-    return CanaryExperiment(base_model=str(base), rounds=4)
+    # Memorisation on the tiny model hangs on float rounding near the edge: at 3 rounds the
+    # second canary's exposure was 9.97 with the fused attention kernel and 4.11 with the plain
+    # one (combined p 1.5e-5 against 6.2e-4); at 4 rounds, measured on one Intel Xeon with AMX,
+    # fp32 eager gave p 4.1e-5, fp32 compiled 7.8e-5, bf16 eager 7.8e-5 and bf16 compiled
+    # 3.6e-3 (exposures 1.3 and 9.97). So the test trains fp32 and eager, as the other tests
+    # do (the same numbers on every CPU), for 6 rounds, where fp32 eager puts both canaries at
+    # the largest exposure 1,000 candidates allow (9.97 each, p 1.5e-5; bf16 compiled: 7.8e-5).
+    return CanaryExperiment(base_model=str(base), rounds=6, precision="fp32", compile="off")
 
 
 def test_without_dp_planted_canaries_are_memorised(

@@ -26,6 +26,7 @@ import numpy as np
 
 from fedsilo.client.site import load_model_with_adapter
 from fedsilo.config import FedsiloConfig, parse_config
+from fedsilo.config.schema import CompileSetting, PrecisionSetting
 from fedsilo.data.icd10 import TaskData, build_icd10_task
 from fedsilo.data.records import ChatRecord, load_records
 from fedsilo.model.adapters import set_adapter_state
@@ -60,6 +61,8 @@ class CanaryExperiment:
     repeats: int = 16
     candidates: int = 1000
     seed: int = 0
+    precision: PrecisionSetting = "auto"  # [train] precision of the federation's sites
+    compile: CompileSetting = "auto"  # [train] compile
 
 
 @dataclass(frozen=True)
@@ -204,6 +207,8 @@ def prepare(experiment: CanaryExperiment, work: Path, privacy: dict[str, Any]) -
                 "batch_size": experiment.batch_size,
                 "learning_rate": experiment.learning_rate,
                 "max_length": 96,
+                "precision": experiment.precision,
+                "compile": experiment.compile,
             },
             "strategy": {"min_sites": experiment.num_sites},
             "evaluation": {"max_new_tokens": 4},
