@@ -40,6 +40,7 @@ from fedsilo.protocol.records import (
     adapter_to_record,
     train_instruction,
 )
+from fedsilo.training.compilation import is_prepared, machine_compile
 
 OTHER_BUNDLE = "sha256:" + "ab" * 32
 
@@ -276,3 +277,18 @@ def test_a_deliberate_refusal_reaches_the_coordinator_with_its_reason(
     reply = worker._answer(_query_message(), _context(), bundle_sha256=expected_bundle_hash())
 
     assert reply.error.reason == f"{type(error).__name__}: {error}"
+
+
+@pytest.mark.parametrize("setting", ["off", "auto"])
+def test_the_site_policy_decides_whether_its_training_compiles(
+    tmp_path: Path, tiny_model_dir: Path, setting: str
+) -> None:
+    worker = _worker(_policy_file(tmp_path, tiny_model_dir, site={"compile": setting}))
+    lora = LoraSpec(rank=4, alpha=8.0, dropout=0.0, target_modules=("q_proj", "v_proj"))
+
+    worker.site.prepare(lora, max_length=32)
+    site = worker.site.site_for(_context())
+
+    # "auto" compiles where this machine's probe compilation works (it needs a C++ compiler).
+    expected = setting == "auto" and machine_compile("auto").enabled
+    assert is_prepared(site.model) is expected
