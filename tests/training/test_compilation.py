@@ -1,4 +1,6 @@
+import gc
 import threading
+import weakref
 from collections.abc import Callable
 
 import pytest
@@ -150,3 +152,16 @@ def test_two_sites_train_compiled_at_the_same_time_as_they_would_eager(
     assert len(results) == 2
     for result in results:
         assert result.train_loss == pytest.approx(eager.train_loss, rel=1e-5)
+
+
+def test_a_dropped_prepared_model_frees_its_layers(
+    make_config: Callable[..., FedsiloConfig],
+) -> None:
+    # A deployed site reloads its model for a new adapter shape: the old layers (the base
+    # weights) must not outlive it through their compiled calls.
+    loaded = _load(make_config(), compiled=True)
+    layer = weakref.ref(decoder_layers(loaded.model)[0])
+    del loaded
+    gc.collect()
+
+    assert layer() is None

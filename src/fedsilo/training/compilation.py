@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import time
-import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -106,10 +105,10 @@ def machine_compile(setting: CompileSetting, device: DeviceSetting = "cpu") -> C
     return choice
 
 
-# Each prepared decoder layer's compiled call (weak: a dropped model takes its entries along).
-_COMPILED_CALLS: weakref.WeakKeyDictionary[nn.Module, Callable[..., Any]] = (
-    weakref.WeakKeyDictionary()
-)
+# The attribute a prepared decoder layer keeps its compiled call in. On the layer, not in a
+# registry keyed by layer: the compiled call holds the layer (its bound ``_call_impl``), so a
+# registry entry would keep every dropped model's layers, and their weights, alive.
+_COMPILED_CALL = "_fedsilo_compiled_call"
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -128,16 +127,25 @@ def prepare_compiled_training(model: nn.Module) -> None:
     minute; later processes reuse its on-disk cache).
     """
     for layer in decoder_layers(model):
-        if layer not in _COMPILED_CALLS:
-            _COMPILED_CALLS[layer] = torch.compile(layer._call_impl, dynamic=True)
+        if not hasattr(layer, _COMPILED_CALL):
+            setattr(layer, _COMPILED_CALL, torch.compile(layer._call_impl, dynamic=True))
+
+
+def _compiled_calls(model: nn.Module) -> list[tuple[nn.Module, Callable[..., Any]]] | None:
+    """Each decoder layer with its compiled call; None unless every layer was prepared."""
+    try:
+        layers = decoder_layers(model)
+    except TypeError:
+        return None
+    calls = [(layer, getattr(layer, _COMPILED_CALL, None)) for layer in layers]
+    if any(call is None for _, call in calls):
+        return None
+    return [(layer, call) for layer, call in calls if call is not None]
 
 
 def is_prepared(model: nn.Module) -> bool:
     """Whether :func:`prepare_compiled_training` was applied to ``model``."""
-    try:
-        return all(layer in _COMPILED_CALLS for layer in decoder_layers(model))
-    except TypeError:
-        return False
+    return _compiled_calls(model) is not None
 
 
 @contextmanager
@@ -148,14 +156,14 @@ def compiled_training(model: nn.Module) -> Iterator[None]:
     calls ``_compiled_call_impl`` when set) and removed on exit, so everything outside the
     block (evaluation, generation, DP-SGD) runs eager on the same module.
     """
-    if not is_prepared(model):
+    calls = _compiled_calls(model)
+    if calls is None:
         yield
         return
-    layers = decoder_layers(model)
-    for layer in layers:
-        layer._compiled_call_impl = _COMPILED_CALLS[layer]
+    for layer, call in calls:
+        layer._compiled_call_impl = call
     try:
         yield
     finally:
-        for layer in layers:
+        for layer, _ in calls:
             layer._compiled_call_impl = None
