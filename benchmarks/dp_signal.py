@@ -52,12 +52,12 @@ from fedsilo.client.site import LoadedModel, load_model_with_adapter
 from fedsilo.data.encode import Example, encode_records
 from fedsilo.data.tasks import build_task
 from fedsilo.model.adapters import load_adapter, set_adapter_state
+from fedsilo.model.lora_forward import per_example_lora
 from fedsilo.privacy.calibration import calibrate_noise_multiplier
 from fedsilo.privacy.dp_sgd import (
     DEFAULT_MICRO_BATCH_SIZE,
     clip_per_example,
     clipped_per_example_gradients,
-    per_example_gradient_hooks,
     per_example_norms,
 )
 from fedsilo.protocol.schedule import local_steps_for
@@ -79,13 +79,13 @@ def gradient_point(
     losses: list[float] = []
     clipped_sum = [torch.zeros_like(param, dtype=torch.float32) for param in params]
     raw_sum = [torch.zeros_like(param, dtype=torch.float32) for param in params]
-    with per_example_gradient_hooks(model):
+    with per_example_lora(model, params) as per_example:
         for piece in micro_batches(examples, size=DEFAULT_MICRO_BATCH_SIZE):
             # An infinite bound clips nothing: the rows are the raw per-example gradients.
             raw, piece_losses = clipped_per_example_gradients(
                 model,
                 piece,
-                params=params,
+                per_example=per_example,
                 pad_id=pad_id,
                 max_grad_norm=math.inf,
                 precision=loaded.precision.precision,

@@ -144,10 +144,11 @@ def _throughput_section(result: dict[str, Any] | None) -> list[str]:
         "training adds; fp32 weights stay memory-mapped from the safetensors file and count "
         "as resident only once training touches them, so for fp32 loops most of the model "
         "shows under training (bf16 weights are a converted copy, resident at load). "
-        "`compiled`: fedsilo's plain loop runs each decoder layer through `torch.compile` "
-        "where a probe compilation succeeds (`[train] compile = auto`; DP-SGD and the other "
-        "loops run eager); the warm-up is the untimed first steps, compilation included "
-        "(inductor's on-disk cache from an earlier process shortens it).",
+        "`compiled`: fedsilo's loops (plain and DP-SGD) run each decoder layer through "
+        "`torch.compile` where a probe compilation succeeds (`[train] compile = auto`; the "
+        "other loops and `fedsilo-plain-eager` run eager); the warm-up is the untimed first "
+        "steps, compilation included (inductor's on-disk cache from an earlier process "
+        "shortens it).",
         "",
         "| loop | threads | attention | compiled (warm-up s) | tokens/s | vs bare fp32 | padding "
         "| GFLOP/s | share of GEMM peak | eval loss | peak memory (MB) | of which runtime / model "

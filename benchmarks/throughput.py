@@ -15,7 +15,8 @@ peak memory and thread count are its own:
   which hold the compilation), and ``fedsilo-plain-eager``, the ``auto`` precision with
   ``compile = "off"`` (what compilation adds);
 - ``fedsilo-dp``: record-level DP-SGD (:func:`fedsilo.privacy.dp_sgd.train_local_dp`, Poisson
-  batches of expected size 16, clip 1, noise 1) in the ``auto`` precision.
+  batches of expected size 16, clip 1, noise 1) in the ``auto`` precision, compiled as
+  ``fedsilo-plain``.
 
 Each process also measures its GEMM peak in its own precision and thread count (the product
 the precision probe times), so achieved FLOP rates are read against the same machine at the
@@ -318,9 +319,9 @@ def run_one(loop: str, threads: int, steps: int) -> dict[str, Any]:
         "threads": threads,
         "precision": compute,
         "attention": attention,
-        # fedsilo's plain loops run the decoder layers through torch.compile where the
-        # machine can (fedsilo.training.compilation); DP-SGD and the other loops run eager.
-        "compiled": loop in ("fedsilo-plain", "fedsilo-plain-fp32")
+        # fedsilo's loops run the decoder layers through torch.compile where the machine
+        # can (fedsilo.training.compilation), except the one set "off"; the others run eager.
+        "compiled": loop in ("fedsilo-plain", "fedsilo-plain-fp32", "fedsilo-dp")
         and setup["loaded"].compiled.enabled,
         "steps_timed": steps - WARMUP_STEPS,
         "warmup_seconds": clock.warmup_seconds(),

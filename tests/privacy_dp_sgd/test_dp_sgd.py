@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,20 +20,21 @@ from fedsilo.data.batching import collate
 from fedsilo.data.encode import Example, encode_records
 from fedsilo.data.records import ChatRecord
 from fedsilo.model.adapters import AdapterState, get_adapter_state
+from fedsilo.model.lora_forward import per_example_lora
 from fedsilo.privacy.dp_sgd import (
     DpTrainingResult,
     clip_per_example,
     clipped_per_example_gradients,
-    per_example_gradient_hooks,
     poisson_batches,
     train_local_dp,
 )
 from fedsilo.training.loop import train_plain
+from fedsilo.training.loss import labelled_token_losses
 from fedsilo.training.precision import hold_base_weights_in
 
 from ..lora_casts import keep_lora_input_casts, record_lora_input_casts
 
-OPACUS_PARAM_ATTRS = ("grad_sample", "_forward_counter", "_current_grad_sample", "_norm_sample")
+PER_EXAMPLE_ATTRS = ("_fedsilo_example_a", "_fedsilo_example_b")
 
 
 @dataclass
@@ -96,11 +98,11 @@ def _single_example_gradients(setup: Setup, example: Example) -> list[torch.Tens
 
 def _raw_per_example(setup: Setup) -> list[torch.Tensor]:
     setup.model.train()
-    with per_example_gradient_hooks(setup.model):
+    with per_example_lora(setup.model, setup.params) as per_example:
         grads, _ = clipped_per_example_gradients(
             setup.model,
             setup.examples,
-            params=setup.params,
+            per_example=per_example,
             pad_id=setup.pad_id,
             max_grad_norm=1e9,
         )
@@ -137,11 +139,11 @@ def test_no_clipped_gradient_exceeds_the_bound(setup: Setup) -> None:
     bound = float(_norms(_raw_per_example(setup)).median())
     setup.model.train()
 
-    with per_example_gradient_hooks(setup.model):
+    with per_example_lora(setup.model, setup.params) as per_example:
         clipped, _ = clipped_per_example_gradients(
             setup.model,
             setup.examples,
-            params=setup.params,
+            per_example=per_example,
             pad_id=setup.pad_id,
             max_grad_norm=bound,
         )
@@ -311,7 +313,7 @@ def test_only_adapter_weights_change(setup: Setup) -> None:
     assert all(torch.equal(after[name], value) for name, value in before.items())
 
 
-def test_model_is_left_without_opacus_traces(setup: Setup) -> None:
+def test_model_is_left_without_per_example_traces(setup: Setup) -> None:
     hooks_before = _hooks_count(setup.model)
     setup.model.eval()
 
@@ -320,12 +322,7 @@ def test_model_is_left_without_opacus_traces(setup: Setup) -> None:
     assert _hooks_count(setup.model) == hooks_before
     assert not setup.model.training
     assert not any(
-        hasattr(param, attr) for param in setup.model.parameters() for attr in OPACUS_PARAM_ATTRS
-    )
-    assert not any(
-        hasattr(module, attr)
-        for module in setup.model.modules()
-        for attr in ("activations", "max_batch_len", "autograd_grad_sample_hooks")
+        attr in module.__dict__ for module in setup.model.modules() for attr in PER_EXAMPLE_ATTRS
     )
     assert all(param.grad is None for param in setup.model.parameters())
 
@@ -352,14 +349,74 @@ def test_model_trains_normally_afterwards(
     assert torch.equal(_flat(used.delta), _flat(reference.delta))
 
 
-def test_hooks_are_removed_when_training_fails(setup: Setup) -> None:
-    hooks_before = _hooks_count(setup.model)
+def test_per_example_copies_are_removed_when_training_fails(setup: Setup) -> None:
+    setup.model.train()
 
-    with pytest.raises(RuntimeError, match="boom"), per_example_gradient_hooks(setup.model):
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        per_example_lora(setup.model, setup.params) as per_example,
+    ):
+        per_example.expand(2)
         raise RuntimeError("boom")
 
-    assert _hooks_count(setup.model) == hooks_before
-    assert not hasattr(setup.model, "autograd_grad_sample_hooks")
+    assert not any(
+        attr in module.__dict__ for module in setup.model.modules() for attr in PER_EXAMPLE_ATTRS
+    )
+
+
+def test_per_example_gradients_match_opacus_per_sample_hooks(setup: Setup) -> None:
+    # Opacus's per-sample gradient hooks on the LoRA A and B linear layers as the reference.
+    from opacus.grad_sample import GradSampleHooks
+
+    setup.model.train()
+    hooks = GradSampleHooks(setup.model, batch_first=True, loss_reduction="sum", strict=True)
+    try:
+        batch = collate(setup.examples, pad_id=setup.pad_id)
+        losses = labelled_token_losses(setup.model, batch).per_example_mean()
+        with warnings.catch_warnings():
+            # The first adapted layers' inputs need no gradient (the base is frozen).
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            losses.sum().backward()
+        reference = [param.grad_sample.detach().clone() for param in setup.params]
+    finally:
+        hooks.cleanup()
+    setup.model.zero_grad(set_to_none=True)
+
+    grads = _raw_per_example(setup)
+
+    assert len(grads) == len(reference)
+    for grad, expected in zip(grads, reference, strict=True):
+        assert grad.shape == expected.shape == (len(setup.examples), *grad.shape[1:])
+        torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-7)
+
+
+def test_a_trainable_parameter_that_is_not_a_lora_weight_is_refused(setup: Setup) -> None:
+    embedding = setup.model.get_input_embeddings().weight
+    embedding.requires_grad_(True)
+
+    with pytest.raises(TypeError, match="LoRA A and B weights only"):
+        _run(setup)
+
+
+def test_ffa_lora_keeps_per_example_gradients_of_b_only(
+    make_config: Callable[..., FedsiloConfig],
+) -> None:
+    loaded = load_model_with_adapter(make_config(lora={"ffa": True}))
+    records = [ChatRecord(prompt=f"code {i}", response="B" * (i + 1)) for i in range(3)]
+    examples = encode_records(
+        loaded.tokenizer, records, system_prompt=None, max_length=64, source="test"
+    )
+    pad_id = int(loaded.tokenizer.pad_token_id)
+    ffa = Setup(loaded.model, examples, get_adapter_state(loaded.model), pad_id)
+    trained = [name for name, param in loaded.model.named_parameters() if param.requires_grad]
+    assert trained and all(".lora_B." in name for name in trained)
+    expected = [_single_example_gradients(ffa, example) for example in examples]
+
+    grads = _raw_per_example(ffa)
+
+    for row, per_param in enumerate(expected):
+        for grad, reference in zip(grads, per_param, strict=True):
+            torch.testing.assert_close(grad[row], reference, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -403,11 +460,11 @@ def test_bf16_clips_fp32_per_example_gradients_to_the_same_bound(setup: Setup) -
     setup.model.train()
     bound = 1e-3  # far below every example's norm: each one is scaled to the bound
 
-    with per_example_gradient_hooks(setup.model):
+    with per_example_lora(setup.model, setup.params) as per_example:
         clipped, _ = clipped_per_example_gradients(
             setup.model,
             setup.examples,
-            params=setup.params,
+            per_example=per_example,
             pad_id=setup.pad_id,
             max_grad_norm=bound,
             precision="bf16",

@@ -12,6 +12,7 @@ from fedsilo.config import FedsiloConfig
 from fedsilo.config.schema import DeviceSetting
 from fedsilo.data.encode import encode_records
 from fedsilo.data.records import ChatRecord
+from fedsilo.privacy.dp_sgd import train_local_dp
 from fedsilo.training.compilation import (
     CompileError,
     compiled_training,
@@ -165,3 +166,46 @@ def test_a_dropped_prepared_model_frees_its_layers(
     gc.collect()
 
     assert layer() is None
+
+
+def _train_dp_loaded(loaded: LoadedModel, steps: int) -> LocalTrainingResult:
+    records = [ChatRecord(prompt=f"code {i}", response="A" * (i % 5 + 1)) for i in range(12)]
+    examples = encode_records(
+        loaded.tokenizer, records, system_prompt=None, max_length=64, source="test"
+    )
+    return train_local_dp(
+        loaded.model,
+        examples,
+        global_state=loaded.adapter_template,
+        steps=steps,
+        expected_batch_size=5,
+        learning_rate=0.05,
+        max_grad_norm=0.5,
+        noise_multiplier=0.3,
+        proximal_mu=0.0,
+        pad_id=int(loaded.tokenizer.pad_token_id),
+        seed=2,
+        micro_batch_size=3,
+    ).result
+
+
+def test_compiled_dp_sgd_matches_eager_in_fp32_without_recompiling_per_batch(
+    make_config: Callable[..., FedsiloConfig],
+) -> None:
+    # Poisson batches of varying size, cut into micro-batches of varying length: dynamic
+    # shapes must absorb them, not one compilation per batch.
+    config = make_config()
+    steps = 8
+    torch._dynamo.reset()
+    counters.clear()
+
+    eager = _train_dp_loaded(_load(config, compiled=False), steps)
+    assert counters["stats"]["unique_graphs"] == 0
+    compiled = _train_dp_loaded(_load(config, compiled=True), steps)
+
+    graphs = counters["stats"]["unique_graphs"]
+    assert 0 < graphs <= 4, f"{graphs} graphs compiled for {steps} steps"
+    assert compiled.train_loss == pytest.approx(eager.train_loss, rel=1e-5)
+    assert max(float(tensor.abs().max()) for tensor in eager.delta.values()) > 0.05
+    for name, tensor in eager.delta.items():
+        torch.testing.assert_close(compiled.delta[name], tensor, rtol=1e-3, atol=1e-3)

@@ -62,13 +62,13 @@ class LoadedModel:
     base_model_hash: str
     adapter_template: AdapterState
     precision: PrecisionChoice  # the frozen base weights are held, and computed, in this
-    compiled: CompileChoice  # whether plain training runs the decoder layers compiled
+    compiled: CompileChoice  # whether local training runs the decoder layers compiled
 
 
 def load_model_with_adapter(config: FedsiloConfig) -> LoadedModel:
     """Resolve, hash and load the base model, attach the run's LoRA adapter, hold the frozen
     base weights in the precision ``train.precision`` resolves to on this machine, place the
-    model on ``train.device``, and prepare compiled plain training if ``train.compile``
+    model on ``train.device``, and prepare compiled local training if ``train.compile``
     resolves on.
 
     The adapter is initialised on the CPU before the move, so its seeded start (the template)

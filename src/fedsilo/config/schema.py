@@ -34,8 +34,9 @@ SecureAggregationMode = Literal["none", "secagg", "he"]
 # Compute precision of training and evaluation: "auto" takes bf16 where the CPU multiplies
 # bf16 matrices natively and measurably faster than fp32 (docs/benchmarks.md), fp32 elsewhere.
 PrecisionSetting = Literal["auto", "bf16", "fp32"]
-# Whether plain local training runs through torch.compile (fedsilo.training.compilation):
-# "auto" where a probe compilation succeeds, "on" insists, "off" never.
+# Whether local training (DP-SGD included) runs through torch.compile
+# (fedsilo.training.compilation): "auto" where a probe compilation succeeds, "on" insists,
+# "off" never.
 CompileSetting = Literal["auto", "on", "off"]
 DeviceSetting = Literal["cpu", "cuda"]
 # Names that become file or folder names (run folders, RUN/sites/NAME, NAME.key, NAME.toml):
@@ -221,7 +222,7 @@ class TrainSection(Section):
     max_grad_norm: float | None = Field(1.0, gt=0)
     # Frozen base weights in bf16 and bf16 compute where that is native; adapters stay fp32.
     precision: PrecisionSetting = "auto"
-    # Plain training compiled with torch.compile where that works on this machine.
+    # Local training compiled with torch.compile where that works on this machine.
     compile: CompileSetting = "auto"
     # Where training and evaluation run: "cuda" (the first GPU) must exist where the model is
     # loaded (fedsilo.training.device); what sites send and the server aggregates is CPU fp32.

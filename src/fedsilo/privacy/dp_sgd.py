@@ -7,7 +7,8 @@ else touches the data:
    ``q = expected_batch_size / len(examples)``. A batch may be empty; that step still adds noise
    and still counts, because the accounting for Poisson subsampling assumes every step does.
 2. Per-example gradients of the LoRA parameters (the base model is frozen), each of the
-   example's own mean token loss, from Opacus's per-sample gradient hooks.
+   example's own mean token loss, from per-example copies of the LoRA weights
+   (:mod:`fedsilo.model.lora_forward`).
 3. Each example's whole-adapter gradient is clipped to L2 norm ``max_grad_norm``:
    ``g_i * min(1, C / ||g_i||)``, so no record moves the sum by more than ``C``.
 4. ``(sum_i clipped g_i + N(0, (noise_multiplier * C)^2 I)) / expected_batch_size``: the
@@ -22,10 +23,14 @@ upcast to fp32 before they are clipped and summed, so the bound ``C`` and the ac
 inputs are the same in either precision. A large expected batch is processed in micro-batches
 of per-example gradients, so memory does not grow with it.
 
-Opacus provides the per-example gradients only. Clipping, noise and normalisation are written
-out below rather than delegated to ``opacus.optimizers.DPOptimizer`` so that the mechanism is
-visible in a few lines, the noise comes from an explicit generator, and an empty batch (which
-has no forward pass, hence no per-sample gradients for DPOptimizer to read) is an ordinary
+Per-example gradients come from autograd itself: each trained LoRA weight is broadcast into a
+per-example leaf for the batch, so the backward pass leaves one gradient per example
+(:class:`fedsilo.model.lora_forward.PerExampleLora`). Nothing hooks into the forward or
+backward pass, so the decoder layers run compiled as in plain training where the model was
+prepared for it (:mod:`fedsilo.training.compilation`). The tests check these gradients
+against Opacus's per-sample hooks and against one backward pass per example. Clipping, noise
+and normalisation are written out below so that the mechanism is visible in a few lines, the
+noise comes from an explicit generator, and an empty batch (no forward pass) is an ordinary
 noise-only step.
 
 Randomness: batches come from ``numpy.random.default_rng(seed)`` and noise from a
@@ -40,20 +45,20 @@ defence against floating-point attacks on the Gaussian sampler is attempted.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from opacus.grad_sample import GradSampleHooks
 from peft import PeftModel
 from torch import nn
 
 from fedsilo.data.batching import collate
 from fedsilo.data.encode import Example
 from fedsilo.model.adapters import AdapterState
+from fedsilo.model.lora_forward import PerExampleLora, per_example_lora
+from fedsilo.training.compilation import compiled_training
 from fedsilo.training.device import CPU_DP_MICRO_BATCH, dp_micro_batch_size, model_device
 from fedsilo.training.loop import (
     LocalTrainingResult,
@@ -66,8 +71,6 @@ from fedsilo.training.loop import (
 from fedsilo.training.loss import labelled_token_losses
 from fedsilo.training.precision import Precision, forward_in
 
-# Attributes that Opacus's hooks leave on modules after a backward pass.
-_MODULE_LEFTOVERS = ("activations", "max_batch_len")
 # Examples whose per-example gradients are held at once on the CPU: bounds memory for large
 # batches (a GPU holds more, fedsilo.training.device).
 DEFAULT_MICRO_BATCH_SIZE = CPU_DP_MICRO_BATCH
@@ -108,6 +111,7 @@ class DpSgdGradient:
     noise_seed: int
     micro_batch_size: int = DEFAULT_MICRO_BATCH_SIZE
     _noise: torch.Generator = field(init=False, repr=False)
+    _per_example: PerExampleLora | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._noise = torch.Generator().manual_seed(self.noise_seed)
@@ -120,7 +124,20 @@ class DpSgdGradient:
         )
 
     def attached(self, model: nn.Module) -> AbstractContextManager[None]:
-        return per_example_gradient_hooks(model)
+        return self._attached(model)
+
+    @contextmanager
+    def _attached(self, model: nn.Module) -> Iterator[None]:
+        # Per-example copies of the trained LoRA weights, and compiled decoder layers where
+        # the model was prepared for it (training.compilation).
+        params = [param for param in model.parameters() if param.requires_grad]
+        with ExitStack() as stack:
+            self._per_example = stack.enter_context(per_example_lora(model, params))
+            stack.enter_context(compiled_training(model))
+            try:
+                yield
+            finally:
+                self._per_example = None
 
     def set_gradients(
         self,
@@ -131,6 +148,8 @@ class DpSgdGradient:
         pad_id: int,
         precision: Precision,
     ) -> StepOutcome:
+        if self._per_example is None:
+            raise RuntimeError("DP-SGD gradients are computed only inside attached(model)")
         sums = [torch.zeros_like(param, dtype=torch.float32) for param in params]
         example_losses: list[float] = []
         tokens = positions = 0
@@ -138,7 +157,7 @@ class DpSgdGradient:
             clipped, piece_losses = clipped_per_example_gradients(
                 model,
                 piece,
-                params=params,
+                per_example=self._per_example,
                 pad_id=pad_id,
                 max_grad_norm=self.max_grad_norm,
                 precision=precision,
@@ -187,7 +206,7 @@ def train_local_dp(
 
     ``seed`` drives both the batch sampling and the noise, and must be secret to the site (see
     the module docstring). The model is left as it was found apart from its adapter weights:
-    the Opacus hooks and their attributes are removed (also on error) and the training mode is
+    the per-example weight copies are removed (also on error) and the training mode is
     restored. ``train_loss`` is the mean over non-empty steps of the batch's mean per-example
     loss, NaN if every step drew an empty batch. Arguments are validated first (ValueError
     naming the argument). ``micro_batch_size`` defaults to the model's device's
@@ -256,58 +275,32 @@ def poisson_batches(
         yield [examples[int(index)] for index in chosen]
 
 
-@contextmanager
-def per_example_gradient_hooks(model: nn.Module) -> Iterator[None]:
-    """Attach Opacus's per-sample gradient hooks to ``model``'s trainable layers, then remove them.
-
-    While attached, a backward pass of a loss that is a *sum* of per-example losses leaves
-    each trainable parameter's per-example gradients in ``param.grad_sample`` (batch first).
-    On exit the hooks and every attribute they added to parameters and modules are removed,
-    even if the body raised.
-    """
-    hooks = GradSampleHooks(model, batch_first=True, loss_reduction="sum", strict=True)
-    try:
-        yield
-    finally:
-        hooks.cleanup()
-        for module in model.modules():
-            for name in _MODULE_LEFTOVERS:
-                if name in module.__dict__:
-                    delattr(module, name)
-
-
 def clipped_per_example_gradients(
     model: nn.Module,
     batch_examples: Sequence[Example],
     *,
-    params: Sequence[nn.Parameter],
+    per_example: PerExampleLora,
     pad_id: int,
     max_grad_norm: float,
     precision: Precision = "fp32",
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Per-example gradients of ``params`` for one non-empty batch, each clipped to the bound.
+    """Per-example gradients of the trained LoRA weights for one non-empty batch, clipped.
 
-    Needs :func:`per_example_gradient_hooks` attached and the model in training mode. Returns,
-    for each parameter, an fp32 tensor of shape ``(len(batch_examples), *param.shape)`` whose
-    rows are the examples' clipped gradients (the clipping is over the whole adapter: all
-    parameters of one example together), and the examples' mean token losses. The forward
-    pass runs in ``precision``; the gradients are upcast to fp32 before their norms are taken,
-    so the bound holds exactly. ``param.grad`` is left as whatever the backward pass put
-    there; callers overwrite it.
+    ``per_example`` comes from :func:`fedsilo.model.lora_forward.per_example_lora` on
+    ``model``. Returns, for each of its parameters, an fp32 tensor of shape
+    ``(len(batch_examples), *param.shape)`` whose rows are the examples' clipped gradients (the
+    clipping is over the whole adapter: all parameters of one example together), and the
+    examples' mean token losses. The forward pass runs in ``precision``; the gradients are
+    fp32 before their norms are taken, so the bound holds exactly.
     """
     batch = collate(batch_examples, pad_id=pad_id)
+    per_example.expand(len(batch_examples))
     with forward_in(model, precision):
         per_example_losses = labelled_token_losses(model, batch).per_example_mean()
-    # Opacus's hooks assume the loss is a sum over examples: each grad_sample row is then
-    # the gradient of that example's own loss.
-    with warnings.catch_warnings():
-        # The first adapted layers take inputs that need no gradient (the base is frozen);
-        # torch warns that the hook then sees output gradients only, which is all it needs.
-        warnings.filterwarnings(
-            "ignore", message="Full backward hook is firing", category=UserWarning
-        )
-        torch.autograd.backward(per_example_losses.sum())
-    grads = [_take_grad_sample(param).float() for param in params]
+    # Row i of each per-example weight only meets example i, so the gradient of the sum of
+    # the examples' losses leaves each example's own gradient in its row.
+    torch.autograd.backward(per_example_losses.sum())
+    grads = per_example.gradients()
     return clip_per_example(grads, max_grad_norm=max_grad_norm), per_example_losses.detach()
 
 
@@ -347,19 +340,6 @@ def _set_private_gradients(
                 0.0, noise_std, size=param.shape, generator=generator, dtype=param.dtype
             )
             param.grad = (total + noise.to(param.device)) / expected_batch_size
-
-
-def _take_grad_sample(param: nn.Parameter) -> torch.Tensor:
-    """The per-example gradients Opacus stored on ``param``; cleared for the next batch."""
-    grad_sample = getattr(param, "grad_sample", None)
-    if not isinstance(grad_sample, torch.Tensor):
-        # None: the parameter got no gradient; a list: two forward passes were accumulated.
-        raise RuntimeError(
-            f"no single per-example gradient for a parameter of shape {tuple(param.shape)}: "
-            f"got {type(grad_sample).__name__}"
-        )
-    param.grad_sample = None  # type: ignore[attr-defined]  # an attribute Opacus adds
-    return grad_sample
 
 
 def _validate(

@@ -1,4 +1,4 @@
-"""Plain local training through ``torch.compile``, where this machine can compile.
+"""Local training through ``torch.compile``, where this machine can compile.
 
 Eager PyTorch runs a LoRA decoder layer as dozens of small kernels: the rank-r products and the
 ``* scaling`` and ``+`` that peft adds to every adapted projection, RMSNorm, rotary embedding,
@@ -8,11 +8,12 @@ intermediates in fp32 inside its fused loops (closer to fp32 training than eager
 decoder layer is compiled on its own with dynamic shapes: every layer runs the same graph, so
 one compilation serves all of them and every batch length.
 
-Only plain training (FedAvg, FedProx, FFA-LoRA) runs compiled, and only inside
-:func:`compiled_training`: evaluation and generation stay eager (the KV cache recompiles at
-every decoding length and gains nothing), and so does record-level DP-SGD (Opacus's
-per-example hooks recompile on every call). Inductor on the CPU needs a C++ compiler; "auto"
-compiles only where a probe compilation succeeds at start-up, and logs why not otherwise.
+Local training runs compiled (FedAvg, FedProx, FFA-LoRA, and record-level DP-SGD, whose
+per-example gradients come from per-example weight copies inside the graph, see
+:mod:`fedsilo.model.lora_forward`), and only inside :func:`compiled_training`: evaluation and
+generation stay eager (the KV cache recompiles at every decoding length and gains nothing).
+Inductor on the CPU needs a C++ compiler; "auto" compiles only where a probe compilation
+succeeds at start-up, and logs why not otherwise.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class CompileError(RuntimeError):
 
 @dataclass(frozen=True)
 class CompileChoice:
-    """Whether plain training runs compiled in this process, and why."""
+    """Whether local training runs compiled in this process, and why."""
 
     enabled: bool
     setting: CompileSetting
@@ -50,7 +51,7 @@ class CompileChoice:
     def describe(self) -> str:
         """One line for the log."""
         state = "compiled (torch.compile, inductor)" if self.enabled else "eager"
-        return f"plain training {state} (setting {self.setting!r}: {self.reason})"
+        return f"local training {state} (setting {self.setting!r}: {self.reason})"
 
     def as_record(self) -> dict[str, str | float | bool | None]:
         """The choice as JSON-ready values (run.json)."""
@@ -77,7 +78,7 @@ Probe = Callable[[DeviceSetting], None]
 def resolve_compile(
     setting: CompileSetting, device: DeviceSetting = "cpu", *, probe: Probe | None = None
 ) -> CompileChoice:
-    """Decide whether plain training compiles here: ``"auto"`` and ``"on"`` run ``probe``
+    """Decide whether local training compiles here: ``"auto"`` and ``"on"`` run ``probe``
     (default: compile a small function), ``"on"`` raises CompileError naming the setting when it
     fails, ``"auto"`` falls back to eager with the probe's error as the reason."""
     if setting == "off":
@@ -154,7 +155,7 @@ def compiled_training(model: nn.Module) -> Iterator[None]:
 
     A layer's compiled call is installed the way ``nn.Module.compile`` installs it (the module
     calls ``_compiled_call_impl`` when set) and removed on exit, so everything outside the
-    block (evaluation, generation, DP-SGD) runs eager on the same module.
+    block (evaluation, generation) runs eager on the same module.
     """
     calls = _compiled_calls(model)
     if calls is None:
