@@ -23,7 +23,9 @@ the precision probe times), so achieved FLOP rates are read against the same mac
 same moment. FLOPs counted: forward plus activation gradients, ``4 * P`` per position a
 weight matrix is applied to (2 per multiply-add, forward and backward; the frozen weights get
 no weight gradient), with ``P_body`` the decoder's matrix parameters applied to every
-position, padding included, and ``P_head`` the LM head's, applied to every position (full
+position the loop computes, padding included (fedsilo's plain loop packs each micro-batch and
+computes the prompt prefix its examples share once, so it computes fewer positions than
+the examples have tokens), and ``P_head`` the LM head's, applied to every position (full
 logits) or only to labelled positions (fedsilo; counted as the timed tokens times the
 dataset's share of labelled tokens, since the loop reports tokens, not targets). Attention
 scores and the LoRA matrices are not counted (under 3% here). ``eval_loss`` is the mean
@@ -272,11 +274,17 @@ def _fedsilo(setup: dict[str, Any], steps: int, private: bool) -> dict[str, Any]
     else:
         result = train_plain(loaded.model, examples, batch_size=BATCH, max_grad_norm=1.0, **common)
     tokens = result.tokens - progress[WARMUP_STEPS - 1].tokens
-    positions = round(tokens / (1.0 - result.padding_share))
+    positions = result.positions - progress[WARMUP_STEPS - 1].positions
     targets = round(
         tokens * sum(e.num_targets for e in examples) / sum(len(e.input_ids) for e in examples)
     )
-    return {"clock": clock, "tokens": tokens, "positions": positions, "head_rows": targets}
+    return {
+        "clock": clock,
+        "tokens": tokens,
+        "positions": positions,
+        "head_rows": targets,
+        "padding_share": result.padding_share,
+    }
 
 
 def run_one(loop: str, threads: int, steps: int) -> dict[str, Any]:
@@ -328,7 +336,9 @@ def run_one(loop: str, threads: int, steps: int) -> dict[str, Any]:
         "seconds": seconds,
         "tokens": measured["tokens"],
         "positions": measured["positions"],
-        "padding_share": 1.0 - measured["tokens"] / measured["positions"],
+        "padding_share": measured.get(
+            "padding_share", 1.0 - measured["tokens"] / measured["positions"]
+        ),
         "tokens_per_s": measured["tokens"] / seconds,
         "achieved_gflops": flops / seconds / 1e9,
         "gemm_peak_gflops": peak,

@@ -152,7 +152,7 @@ class DpSgdGradient:
             raise RuntimeError("DP-SGD gradients are computed only inside attached(model)")
         sums = [torch.zeros_like(param, dtype=torch.float32) for param in params]
         example_losses: list[float] = []
-        tokens = positions = 0
+        tokens = positions = padding = 0
         for piece in micro_batches(batch, size=self.micro_batch_size):
             clipped, piece_losses = clipped_per_example_gradients(
                 model,
@@ -165,8 +165,11 @@ class DpSgdGradient:
             for total, per_example in zip(sums, clipped, strict=True):
                 total += per_example.sum(dim=0)
             example_losses += piece_losses.tolist()
-            tokens += sum(len(example.input_ids) for example in piece)
-            positions += len(piece) * max(len(example.input_ids) for example in piece)
+            piece_tokens = sum(len(example.input_ids) for example in piece)
+            piece_positions = len(piece) * max(len(example.input_ids) for example in piece)
+            tokens += piece_tokens
+            positions += piece_positions
+            padding += piece_positions - piece_tokens
         _set_private_gradients(
             params,
             sums,
@@ -175,7 +178,7 @@ class DpSgdGradient:
             generator=self._noise,
         )
         loss = float(np.mean(example_losses)) if example_losses else None
-        return StepOutcome(loss=loss, tokens=tokens, positions=positions)
+        return StepOutcome(loss=loss, tokens=tokens, positions=positions, padding=padding)
 
 
 def train_local_dp(

@@ -318,18 +318,17 @@ def _training_speed(replies: RoundReplies) -> dict[str, Any]:
     seconds = sum(m.seconds for m in reported) if reported else None
     tokens = sum(m.tokens for m in reported) if reported else None
     precisions = sorted({m.precision for m in replies.metrics.values() if m.precision})
-    padded = [
-        (m.padding_share, m.tokens)
-        for m in reported
-        if m.padding_share is not None and m.padding_share < 1.0
-    ]
-    positions = sum(tokens_ / (1.0 - share) for share, tokens_ in padded)
-    padded_tokens = sum(tokens_ for _, tokens_ in padded)
+    # Sites report a share, not their computed positions (packed training computes a shared
+    # prefix once, so positions are not tokens / (1 - share)): weight the shares by tokens.
+    shares = [(m.padding_share, m.tokens) for m in reported if m.padding_share is not None]
+    share_tokens = sum(tokens_ for _, tokens_ in shares)
     return {
         "tokens": tokens,
         "train_seconds": seconds,
         "train_tokens_per_s": tokens / seconds if tokens and seconds else None,
-        "padding_share": 1.0 - padded_tokens / positions if positions > 0 else None,
+        "padding_share": sum(share * tokens_ for share, tokens_ in shares) / share_tokens
+        if share_tokens > 0
+        else None,
         "precision": precisions[0] if len(precisions) == 1 else ("mixed" if precisions else None),
     }
 

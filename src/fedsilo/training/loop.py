@@ -26,12 +26,13 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from fedsilo.data.batching import collate, count_positions, count_tokens, iterate_batches
+from fedsilo.data.batching import iterate_batches
 from fedsilo.data.encode import Example
+from fedsilo.data.packing import pack_with_shared_prefix
 from fedsilo.model.adapters import AdapterState, get_adapter_state, set_adapter_state
 from fedsilo.training.compilation import compiled_training
 from fedsilo.training.device import CPU_PLAIN_MICRO_BATCH, model_device, plain_micro_batch_size
-from fedsilo.training.loss import labelled_token_losses
+from fedsilo.training.loss import packed_token_losses
 from fedsilo.training.precision import Precision, base_weights_precision, forward_in
 
 OptimizerName = Literal["adamw", "sgd"]
@@ -48,8 +49,9 @@ class StepOutcome:
     """What one step's gradient computation processed."""
 
     loss: float | None  # the batch's loss (None: an empty DP batch, noise only)
-    tokens: int  # non-padding tokens through the model
-    positions: int  # positions through the model, padding included
+    tokens: int  # the batch's examples' tokens (a prefix they share counts for each)
+    positions: int  # positions the model computed, padding included
+    padding: int  # of which padding
 
 
 @dataclass(frozen=True)
@@ -58,9 +60,10 @@ class StepProgress:
 
     step: int  # steps done, from 1
     steps: int
-    tokens: int  # non-padding tokens so far
+    tokens: int  # the examples' tokens so far (as LocalTrainingResult.tokens)
     seconds: float  # since the round's training started
     loss: float | None  # this step's batch loss (None: an empty DP batch)
+    positions: int = 0  # positions the model computed so far (as LocalTrainingResult.positions)
 
     @property
     def tokens_per_second(self) -> float:
@@ -100,8 +103,9 @@ class LocalTrainingResult:
     delta: AdapterState  # trained adapter minus the global adapter it started from
     num_examples: int  # size of the site's training set (the FedAvg weight)
     train_loss: float  # mean batch loss over the steps (without the proximal term); NaN if none
-    tokens: int  # non-padding tokens processed
-    padding_share: float  # share of the processed positions that were padding
+    tokens: int  # tokens of the examples trained on (a shared prefix counts for each)
+    positions: int  # positions the model computed (padding included, shared prefixes once)
+    padding_share: float  # share of the computed positions that were padding
     seconds: float
     precision: Precision
 
@@ -123,11 +127,12 @@ class PlainGradient:
     """Non-private training: the token-mean loss of a shuffled batch.
 
     The batch's gradient is accumulated over micro-batches of at most ``micro_batch_size``
-    examples of similar length (less padding, bounded memory), each weighted by its share of
-    the batch's loss tokens, so the result is exactly the gradient of the whole batch's token
-    mean. ``max_grad_norm`` clips that gradient (over all adapter parameters together) when set.
-    The decoder layers run compiled when the model was prepared for it
-    (:mod:`fedsilo.training.compilation`).
+    examples of similar length (bounded memory), each weighted by its share of the batch's
+    loss tokens, so the result is exactly the gradient of the whole batch's token mean. Each
+    micro-batch runs packed, its shared prompt prefix computed once and no padding
+    (:mod:`fedsilo.data.packing`). ``max_grad_norm`` clips that gradient (over all adapter
+    parameters together) when set. The decoder layers run compiled when the model was
+    prepared for it (:mod:`fedsilo.training.compilation`).
     """
 
     batch_size: int
@@ -160,17 +165,17 @@ class PlainGradient:
         loss_sum = 0.0
         tokens = positions = 0
         for piece in micro_batches(batch, size=self.micro_batch_size):
-            tensors = collate(piece, pad_id=pad_id)
-            tokens += count_tokens(tensors)
-            positions += count_positions(tensors)
+            packed = pack_with_shared_prefix(piece)
+            tokens += packed.tokens
+            positions += packed.positions
             with forward_in(model, precision):
-                token_losses = labelled_token_losses(model, tensors)
+                token_losses = packed_token_losses(model, packed)
             piece_sum = token_losses.losses.sum()
             torch.autograd.backward(piece_sum / targets)
             loss_sum += float(piece_sum.detach())
         if self.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-        return StepOutcome(loss=loss_sum / targets, tokens=tokens, positions=positions)
+        return StepOutcome(loss=loss_sum / targets, tokens=tokens, positions=positions, padding=0)
 
 
 def train_local(
@@ -213,7 +218,7 @@ def train_local(
     generator = np.random.default_rng(seed)
 
     losses: list[float] = []
-    tokens = positions = 0
+    tokens = positions = padding = 0
     was_training = model.training
     try:
         with method.attached(model):
@@ -235,10 +240,16 @@ def train_local(
                     losses.append(outcome.loss)
                 tokens += outcome.tokens
                 positions += outcome.positions
+                padding += outcome.padding
                 if on_step is not None:
                     on_step(
                         StepProgress(
-                            step, steps, tokens, time.perf_counter() - started, outcome.loss
+                            step,
+                            steps,
+                            tokens,
+                            time.perf_counter() - started,
+                            outcome.loss,
+                            positions,
                         )
                     )
     finally:
@@ -253,7 +264,8 @@ def train_local(
         num_examples=len(examples),
         train_loss=float(np.mean(losses)) if losses else float("nan"),
         tokens=tokens,
-        padding_share=1.0 - tokens / positions if positions else 0.0,
+        positions=positions,
+        padding_share=padding / positions if positions else 0.0,
         seconds=time.perf_counter() - started,
         precision=precision,
     )

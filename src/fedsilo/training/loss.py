@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from fedsilo.data.encode import IGNORE_INDEX
+from fedsilo.data.packing import PackedBatch
 from fedsilo.training.device import model_device, on_device
 
 
@@ -77,3 +78,32 @@ def labelled_token_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> T
     losses = nn.functional.cross_entropy(logits, targets[scored], reduction="none")
     rows = scored.nonzero()[:, 0]
     return TokenLosses(losses=losses, rows=rows, batch_rows=int(targets.shape[0]))
+
+
+def packed_token_losses(model: nn.Module, packed: PackedBatch) -> TokenLosses:
+    """:func:`labelled_token_losses` of a packed micro-batch (:mod:`fedsilo.data.packing`).
+
+    The packing's attention rule goes to the decoder as a 4D additive mask (0 where a query may
+    attend, the dtype's minimum where not) in the embeddings' dtype, with each token's own
+    position id. ``rows`` are the examples' indices, so :meth:`TokenLosses.per_example_mean`
+    means the same as for a padded batch.
+    """
+    decoder, head = decoder_and_head(model)
+    device = model_device(model)
+    # The dtype the decoder's hidden states start in (Hugging Face builds its masks in it).
+    embeddings = getattr(decoder, "embed_tokens", None)
+    dtype = embeddings.weight.dtype if isinstance(embeddings, nn.Embedding) else torch.float32
+    blocked = ~packed.attention_allowed()
+    mask = torch.zeros(blocked.shape, dtype=dtype).masked_fill(blocked, torch.finfo(dtype).min)
+    hidden = decoder(
+        input_ids=packed.input_ids.to(device),
+        attention_mask=mask[None, None].to(device),
+        position_ids=packed.position_ids.to(device),
+        use_cache=False,
+    ).last_hidden_state[0]
+    targets = packed.targets.to(device)
+    scored = targets != IGNORE_INDEX
+    logits = head(hidden[scored]).float()
+    losses = nn.functional.cross_entropy(logits, targets[scored], reduction="none")
+    rows = packed.segments.to(device)[scored] - 1
+    return TokenLosses(losses=losses, rows=rows, batch_rows=packed.examples)
