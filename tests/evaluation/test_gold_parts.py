@@ -105,11 +105,23 @@ def test_scores_do_not_depend_on_batching_or_order(tiny: tuple[torch.nn.Module, 
 # the long answer are cut (scored and answered the separate way): both paths in one call.
 @pytest.mark.parametrize(("batch_size", "max_length"), [(1, 256), (3, 256), (2, 60)])
 def test_one_prefill_gives_the_separate_scores_and_answers(
-    tiny: tuple[torch.nn.Module, object], batch_size: int, max_length: int
+    tiny: tuple[torch.nn.Module, object],
+    batch_size: int,
+    max_length: int,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     model, tokenizer = tiny
     records = [*RECORDS, ChatRecord("ICD-10-CM code for: Gout", "M10.9 M10.9 M10.9 M10.9")]
     settings = {"system_prompt": "S", "batch_size": batch_size}
+    shared: list[int] = []
+    sharing = gold_module._shared_prefix
+
+    def spy(*args: Any) -> tuple[int, object | None]:
+        prefix, cache = sharing(*args)
+        shared.append(prefix)
+        return prefix, cache
+
+    monkeypatch.setattr(gold_module, "_shared_prefix", spy)
 
     scores, answers = scores_and_answers(
         model,
@@ -131,6 +143,9 @@ def test_one_prefill_gives_the_separate_scores_and_answers(
     )
     assert answers == generated
     assert any(answers)
+    # The batches' shared prompt prefix (template, system prompt, "ICD-10-CM code for: ") ran
+    # once per batch, not with every row.
+    assert shared and min(shared) >= 8
     assert scores.losses == pytest.approx(alone.losses, abs=1e-4)
     assert scores.log_likelihoods == pytest.approx(alone.log_likelihoods, abs=1e-3)
     assert (scores.top1, scores.top5, scores.tokens) == (alone.top1, alone.top5, alone.tokens)

@@ -91,7 +91,7 @@ def test_loading_for_cuda_without_a_gpu_fails_before_loading_anything(
 
 def test_a_gpu_takes_whole_batches_and_larger_dp_micro_batches() -> None:
     cpu = torch.device("cpu")
-    assert plain_micro_batch_size(cpu, 16) == 4
+    assert plain_micro_batch_size(cpu, 32) == 16
     assert dp_micro_batch_size(cpu) == 8
     assert plain_micro_batch_size(CUDA, 16) == 16
     assert dp_micro_batch_size(CUDA) == 64
@@ -225,7 +225,7 @@ def test_micro_batch_sizes_follow_the_models_device(
     _plain(loaded, examples, batch_size=8)
     dp_sizes = _micro_batch_sizes(monkeypatch, dp_module)
     _dp(loaded, examples)
-    assert set(plain_sizes) == {4} and set(dp_sizes) == {8}
+    assert set(plain_sizes) == {16} and set(dp_sizes) == {8}
 
     # The same calls on a model that reports a GPU (fp32 compute, so nothing else changes).
     monkeypatch.setattr(loop_module, "model_device", lambda _model: CUDA)
@@ -284,5 +284,5 @@ def test_the_quality_benchmark_trains_on_the_requested_device_under_the_same_ide
 
 def test_device_module_keeps_cpu_sizes_of_before() -> None:
     # The CPU loop's figures are what the CPU benchmarks in docs/ were measured with.
-    assert loop_module.DEFAULT_PLAIN_MICRO_BATCH == device_module.CPU_PLAIN_MICRO_BATCH == 4
+    assert loop_module.DEFAULT_PLAIN_MICRO_BATCH == device_module.CPU_PLAIN_MICRO_BATCH == 16
     assert dp_module.DEFAULT_MICRO_BATCH_SIZE == device_module.CPU_DP_MICRO_BATCH == 8

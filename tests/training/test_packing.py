@@ -11,7 +11,12 @@ from fedsilo.client.site import load_model_with_adapter
 from fedsilo.config import FedsiloConfig
 from fedsilo.data.batching import collate
 from fedsilo.data.encode import IGNORE_INDEX, Example, encode_records
-from fedsilo.data.packing import pack_with_shared_prefix, shared_prefix_length
+from fedsilo.data.packing import (
+    pack_with_shared_prefix,
+    packed_length,
+    packed_rows,
+    shared_prefix_length,
+)
 from fedsilo.data.records import ChatRecord
 from fedsilo.training.loss import labelled_token_losses, packed_token_losses
 
@@ -61,6 +66,20 @@ def test_examples_without_a_common_start_are_packed_without_a_prefix() -> None:
 
     assert shared_prefix_length(examples) == 0
     assert pack_with_shared_prefix(examples).input_ids.tolist() == [[1, 2, 3, 4, 5]]
+
+
+def test_rows_hold_at_most_the_position_budget_and_every_example_once() -> None:
+    examples = [_example([1, 2, 3, *[9] * n], [X, X, X, *[9] * n]) for n in (1, 2, 3, 4, 20)]
+
+    rows = list(packed_rows(examples, max_positions=10))
+
+    # Prefix [1, 2] (the third token precedes a label) once per row; the 23-token example
+    # exceeds the budget alone.
+    assert [row.examples for row in rows] == [2, 1, 1, 1]
+    assert [row.positions for row in rows] == [2 + 2 + 3, 2 + 4, 2 + 5, 23]
+    assert all(row.positions <= 10 for row in rows[:-1])
+    assert sum(row.tokens for row in rows) == sum(len(e.input_ids) for e in examples)
+    assert [packed_length(examples[:2])] == [rows[0].positions]
 
 
 def test_an_empty_batch_is_refused() -> None:

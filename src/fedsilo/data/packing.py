@@ -16,7 +16,7 @@ prefix computed with its own weight copy (:mod:`fedsilo.model.lora_forward`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -68,6 +68,25 @@ def shared_prefix_length(examples: Sequence[Example]) -> int:
         for example in examples
     )
     return max(0, min(common, first_target - 1))
+
+
+def packed_length(examples: Sequence[Example]) -> int:
+    """Positions :func:`pack_with_shared_prefix` gives ``examples``."""
+    prefix = shared_prefix_length(examples)
+    return prefix + sum(len(example.input_ids) - prefix for example in examples)
+
+
+def packed_rows(examples: Sequence[Example], *, max_positions: int) -> Iterator[PackedBatch]:
+    """``examples``, in order, packed into rows of at most ``max_positions`` positions each (an
+    example longer than that gets a row of its own)."""
+    group: list[Example] = []
+    for example in examples:
+        if group and packed_length([*group, example]) > max_positions:
+            yield pack_with_shared_prefix(group)
+            group = []
+        group.append(example)
+    if group:
+        yield pack_with_shared_prefix(group)
 
 
 def pack_with_shared_prefix(examples: Sequence[Example]) -> PackedBatch:

@@ -10,8 +10,9 @@ Speed: prompts are batched by length (little padding); each prompt runs once wit
 answer, which gives the loss, and greedy generation continues on that pass's KV cache cut back
 to the prompt (:func:`scores_and_answers`: 1.5x faster than a prefill for each, same answers
 on SmolLM2's demo gold set); ranking scores all candidates by batched teacher forcing, each
-prompt run once and its KV cache shared by its candidates. The model's dtype is left as the
-caller set it; only the loss is taken in float32.
+prompt run once and its KV cache shared by its candidates. In both, the prompt prefix a batch's
+rows share (chat template and system prompt) runs once and its KV cache is repeated for the
+rows. The model's dtype is left as the caller set it; only the loss is taken in float32.
 """
 
 from __future__ import annotations
@@ -49,6 +50,38 @@ def _left_padded(prompts: Sequence[Sequence[int]], *, pad_id: int) -> dict[str, 
         input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
         attention_mask[row, width - len(ids) :] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+# Shorter shared prefixes are run with their rows: a separate pass would not pay for itself.
+_MIN_SHARED_PREFIX = 8
+
+
+def _shared_prefix(
+    decoder: torch.nn.Module, prompts: Sequence[Sequence[int]], device: torch.device
+) -> tuple[int, object | None]:
+    """The prompt prefix every row shares, run once: its length and the rows' KV cache of it.
+
+    The prefix stops one token short of the shortest prompt, so every row keeps the position
+    that predicts its first answer token. Chat prompts of one task share their template and
+    system prompt (37 of about 54 tokens for ICD-10 coding). The prefix is run at batch 1 and
+    its keys and values repeated for every row: the rows then continue it exactly as if each
+    had run it itself. Shorter than ``_MIN_SHARED_PREFIX``: (0, None), nothing shared.
+    """
+    first = prompts[0]
+    common = min(len(prompt) for prompt in prompts) - 1
+    for prompt in prompts[1:]:
+        common = next((t for t in range(common) if prompt[t] != first[t]), common)
+    if common < _MIN_SHARED_PREFIX:
+        return 0, None
+    prefix = torch.tensor([list(first[:common])], dtype=torch.long, device=device)
+    cache = decoder(input_ids=prefix, use_cache=True).cache
+    cache.batch_repeat_interleave(len(prompts))
+    return common, cache
+
+
+def _with_prefix(mask: torch.Tensor, prefix: int) -> torch.Tensor:
+    """``mask`` (rows, width) with ``prefix`` attended columns in front."""
+    return torch.cat([torch.ones_like(mask[:, :1]).expand(-1, prefix), mask], dim=1)
 
 
 def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -240,7 +273,11 @@ def scores_and_answers(
     device = model_device(model)
     for rows in length_batches([splits[i] for i in shared], batch_size):
         indices = [shared[row] for row in rows]
-        prompts = [examples[i].input_ids[: splits[i]] for i in indices]
+        prefix, prefix_cache = _shared_prefix(
+            decoder, [examples[i].input_ids[: splits[i]] for i in indices], device
+        )
+        # Below, "prompt" is what follows the shared prefix.
+        prompts = [examples[i].input_ids[prefix : splits[i]] for i in indices]
         replies = [examples[i].input_ids[splits[i] :] for i in indices]
         width = max(len(prompt) for prompt in prompts)
         shape = (len(indices), width + max(len(reply) for reply in replies))
@@ -252,11 +289,13 @@ def scores_and_answers(
             input_ids[row, width - len(prompt) : end] = torch.tensor((*prompt, *reply))
             mask[row, width - len(prompt) : end] = 1
             labels[row, width:end] = torch.tensor(reply)
-        input_ids, mask, labels = input_ids.to(device), mask.to(device), labels.to(device)
+        input_ids, labels = input_ids.to(device), labels.to(device)
+        mask = _with_prefix(mask.to(device), prefix)
         out = decoder(
             input_ids=input_ids,
             attention_mask=mask,
-            position_ids=(mask.cumsum(dim=1) - 1).clamp(min=0),
+            position_ids=(mask.cumsum(dim=1) - 1).clamp(min=0)[:, prefix:],
+            cache=prefix_cache,
             use_cache=True,
         )
         scores.record(indices, head, out.last_hidden_state, labels)
@@ -267,7 +306,7 @@ def scores_and_answers(
             decoder,
             head,
             cache,
-            mask[:, :width],
+            mask[:, : prefix + width],
             first,
             max_new_tokens=max_new_tokens,
             eos_id=tokenizer.eos_token_id,
@@ -424,12 +463,16 @@ def candidate_log_likelihoods(
     decoder, head = decoder_and_head(model)
     device = model_device(model)
     for indices in length_batches([len(prompt) for prompt, _ in encoded], batch_size):
-        batch = on_device(_left_padded([encoded[i][0] for i in indices], pad_id=pad_id), device)
-        prompt_mask = batch["attention_mask"]
+        prefix, prefix_cache = _shared_prefix(decoder, [encoded[i][0] for i in indices], device)
+        batch = on_device(
+            _left_padded([encoded[i][0][prefix:] for i in indices], pad_id=pad_id), device
+        )
+        prompt_mask = _with_prefix(batch["attention_mask"], prefix)
         prompt_out = decoder(
             input_ids=batch["input_ids"],
             attention_mask=prompt_mask,
-            position_ids=(prompt_mask.cumsum(dim=1) - 1).clamp(min=0),
+            position_ids=(prompt_mask.cumsum(dim=1) - 1).clamp(min=0)[:, prefix:],
+            cache=prefix_cache,
             use_cache=True,
         )
         # Each prompt's last position predicts its candidates' first token.

@@ -28,10 +28,16 @@ from torch import nn
 
 from fedsilo.data.batching import iterate_batches
 from fedsilo.data.encode import Example
-from fedsilo.data.packing import pack_with_shared_prefix
+from fedsilo.data.packing import packed_rows
 from fedsilo.model.adapters import AdapterState, get_adapter_state, set_adapter_state
 from fedsilo.training.compilation import compiled_training
-from fedsilo.training.device import CPU_PLAIN_MICRO_BATCH, model_device, plain_micro_batch_size
+from fedsilo.training.device import (
+    CPU_PACKED_POSITIONS,
+    CPU_PLAIN_MICRO_BATCH,
+    model_device,
+    packed_positions,
+    plain_micro_batch_size,
+)
 from fedsilo.training.loss import packed_token_losses
 from fedsilo.training.precision import Precision, base_weights_precision, forward_in
 
@@ -130,14 +136,16 @@ class PlainGradient:
     examples of similar length (bounded memory), each weighted by its share of the batch's
     loss tokens, so the result is exactly the gradient of the whole batch's token mean. Each
     micro-batch runs packed, its shared prompt prefix computed once and no padding
-    (:mod:`fedsilo.data.packing`). ``max_grad_norm`` clips that gradient (over all adapter
-    parameters together) when set. The decoder layers run compiled when the model was
-    prepared for it (:mod:`fedsilo.training.compilation`).
+    (:mod:`fedsilo.data.packing`), in rows of at most ``max_packed_positions``.
+    ``max_grad_norm`` clips that gradient (over all adapter parameters together) when set.
+    The decoder layers run compiled when the model was prepared for it
+    (:mod:`fedsilo.training.compilation`).
     """
 
     batch_size: int
     max_grad_norm: float | None = None
     micro_batch_size: int = DEFAULT_PLAIN_MICRO_BATCH
+    max_packed_positions: int = CPU_PACKED_POSITIONS
 
     def batches(
         self, examples: Sequence[Example], *, steps: int, generator: np.random.Generator
@@ -164,15 +172,16 @@ class PlainGradient:
             raise ValueError("a training batch has no loss token")
         loss_sum = 0.0
         tokens = positions = 0
-        for piece in micro_batches(batch, size=self.micro_batch_size):
-            packed = pack_with_shared_prefix(piece)
-            tokens += packed.tokens
-            positions += packed.positions
-            with forward_in(model, precision):
-                token_losses = packed_token_losses(model, packed)
-            piece_sum = token_losses.losses.sum()
-            torch.autograd.backward(piece_sum / targets)
-            loss_sum += float(piece_sum.detach())
+        pieces = micro_batches(batch, size=self.micro_batch_size)
+        for piece in pieces:
+            for packed in packed_rows(piece, max_positions=self.max_packed_positions):
+                tokens += packed.tokens
+                positions += packed.positions
+                with forward_in(model, precision):
+                    token_losses = packed_token_losses(model, packed)
+                row_sum = token_losses.losses.sum()
+                torch.autograd.backward(row_sum / targets)
+                loss_sum += float(row_sum.detach())
         if self.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
         return StepOutcome(loss=loss_sum / targets, tokens=tokens, positions=positions, padding=0)
@@ -287,14 +296,19 @@ def train_plain(
 ) -> LocalTrainingResult:
     """:func:`train_local` with :class:`PlainGradient` (non-private training, FedProx, FFA-LoRA).
 
-    Micro-batches of :data:`DEFAULT_PLAIN_MICRO_BATCH` on the CPU, the whole batch on a GPU.
+    Micro-batches of :data:`DEFAULT_PLAIN_MICRO_BATCH` on the CPU, the whole batch on a GPU;
+    packed rows as long as :func:`fedsilo.training.device.packed_positions` allows.
     """
-    micro_batch = plain_micro_batch_size(model_device(model), batch_size)
+    device = model_device(model)
+    micro_batch = plain_micro_batch_size(device, batch_size)
     return train_local(
         model,
         examples,
         method=PlainGradient(
-            batch_size=batch_size, max_grad_norm=max_grad_norm, micro_batch_size=micro_batch
+            batch_size=batch_size,
+            max_grad_norm=max_grad_norm,
+            micro_batch_size=micro_batch,
+            max_packed_positions=packed_positions(device),
         ),
         global_state=global_state,
         steps=steps,
