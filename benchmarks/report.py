@@ -131,7 +131,10 @@ def _throughput_section(result: dict[str, Any] | None) -> list[str]:
         )
         + ". GFLOP/s counts "
         "4 FLOPs per weight per position a matrix is applied to (forward and activation "
-        "gradient): the decoder's 106.2M matrix weights at every position, padding included, and "
+        "gradient): the decoder's 106.2M matrix weights at every position the loop computes, "
+        "padding included (fedsilo's plain loop packs each micro-batch into one row that computes "
+        "the prompt prefix its examples share once, so it computes fewer positions than its "
+        "examples hold tokens; tokens/s counts the examples' tokens for every loop), and "
         "the LM head's 28.3M at every position for full logits or only at labelled positions "
         "(fedsilo: the timed tokens times the dataset's share of labelled tokens). "
         "The GEMM peak is a 512x576 by 576x1536 product in the loop's precision, "
@@ -148,7 +151,9 @@ def _throughput_section(result: dict[str, Any] | None) -> list[str]:
         "`torch.compile` where a probe compilation succeeds (`[train] compile = auto`; the "
         "other loops and `fedsilo-plain-eager` run eager); the warm-up is the untimed first "
         "steps, compilation included (inductor's on-disk cache from an earlier process "
-        "shortens it).",
+        "shortens it). DP-SGD keeps one padded row per record: each record's gradient must "
+        "include what its own copy of the shared prefix contributes, so the prefix is computed "
+        "for every record and packing saves it nothing.",
         "",
         "| loop | threads | attention | compiled (warm-up s) | tokens/s | vs bare fp32 | padding "
         "| GFLOP/s | share of GEMM peak | eval loss | peak memory (MB) | of which runtime / model "
