@@ -127,13 +127,15 @@ def _per_example_slots(
                 if adapter_name in matrices and rank_scaled:
                     linear = cast(nn.Linear, matrices[adapter_name])
                     owners[id(linear.weight)] = (module, attribute)
+    names = {id(param): name for name, param in model.named_parameters()}
     slots: list[tuple[nn.Parameter, LoraLinear, str]] = []
     for param in params:
         owner = owners.get(id(param))
         if owner is None:
+            name = names.get(id(param), f"of shape {tuple(param.shape)}")
             raise TypeError(
-                f"per-example gradients cover LoRA A and B weights only; a trainable parameter "
-                f"of shape {tuple(param.shape)} is not one"
+                f"per-example gradients cover LoRA A and B weights only; the trainable "
+                f"parameter {name} is not one"
             )
         slots.append((param, *owner))
     return slots
