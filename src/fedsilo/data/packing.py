@@ -53,16 +53,19 @@ class PackedBatch:
         return causal & ((key_segment == 0) | (key_segment == query_segment))
 
 
+def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens every one of ``sequences`` (at least one) has in common."""
+    first = sequences[0]
+    common = min(len(sequence) for sequence in sequences)
+    for sequence in sequences[1:]:
+        common = next((t for t in range(common) if sequence[t] != first[t]), common)
+    return common
+
+
 def shared_prefix_length(examples: Sequence[Example]) -> int:
     """The longest prefix every example shares that ends before the first position whose
     hidden state carries loss (position t carries the loss of the label at t + 1)."""
-    first = examples[0].input_ids
-    common = len(first)
-    for example in examples[1:]:
-        ids = example.input_ids
-        common = next(
-            (t for t in range(min(common, len(ids))) if ids[t] != first[t]), min(common, len(ids))
-        )
+    common = common_prefix_length([example.input_ids for example in examples])
     first_target = min(
         next((t for t, label in enumerate(example.labels) if label != IGNORE_INDEX), 0)
         for example in examples

@@ -29,6 +29,7 @@ from fedsilo.config.schema import MetricName
 from fedsilo.data.batching import collate
 from fedsilo.data.encode import IGNORE_INDEX, encode_prompt, encode_record
 from fedsilo.data.icd10 import RankingItem, TaskData
+from fedsilo.data.packing import common_prefix_length
 from fedsilo.data.records import ChatRecord
 from fedsilo.evaluation.bootstrap import bootstrap_ci
 from fedsilo.evaluation.metrics import (
@@ -67,13 +68,10 @@ def _shared_prefix(
     its keys and values repeated for every row: the rows then continue it exactly as if each
     had run it itself. Shorter than ``_MIN_SHARED_PREFIX``: (0, None), nothing shared.
     """
-    first = prompts[0]
-    common = min(len(prompt) for prompt in prompts) - 1
-    for prompt in prompts[1:]:
-        common = next((t for t in range(common) if prompt[t] != first[t]), common)
+    common = min(common_prefix_length(prompts), min(len(prompt) for prompt in prompts) - 1)
     if common < _MIN_SHARED_PREFIX:
         return 0, None
-    prefix = torch.tensor([list(first[:common])], dtype=torch.long, device=device)
+    prefix = torch.tensor([list(prompts[0][:common])], dtype=torch.long, device=device)
     cache = decoder(input_ids=prefix, use_cache=True).cache
     cache.batch_repeat_interleave(len(prompts))
     return common, cache

@@ -172,8 +172,7 @@ class PlainGradient:
             raise ValueError("a training batch has no loss token")
         loss_sum = 0.0
         tokens = positions = 0
-        pieces = micro_batches(batch, size=self.micro_batch_size)
-        for piece in pieces:
+        for piece in micro_batches(batch, size=self.micro_batch_size):
             for packed in packed_rows(piece, max_positions=self.max_packed_positions):
                 tokens += packed.tokens
                 positions += packed.positions
