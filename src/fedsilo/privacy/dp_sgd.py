@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, ExitStack, contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -131,9 +131,8 @@ class DpSgdGradient:
         # Per-example copies of the trained LoRA weights, and compiled decoder layers where
         # the model was prepared for it (training.compilation).
         params = [param for param in model.parameters() if param.requires_grad]
-        with ExitStack() as stack:
-            self._per_example = stack.enter_context(per_example_lora(model, params))
-            stack.enter_context(compiled_training(model))
+        with per_example_lora(model, params) as per_example, compiled_training(model):
+            self._per_example = per_example
             try:
                 yield
             finally:
