@@ -19,7 +19,7 @@ Stages (each skipped when its output folder exists, so a stopped benchmark conti
 Training shape: the demo's, loaded from src/fedsilo/configs/demo.toml so the benchmark follows
 the demo (the results file records the shape it ran: results/distill.json was measured at 300
 records per site and 20 rounds without server momentum; demo.toml has since moved to 600 and
-28 rounds with momentum 0.7). Overrides: one torch thread, ``min_sites`` 2 (a
+56 rounds with momentum 0.7). Overrides: one torch thread, ``min_sites`` 2 (a
 cluster has 2 sites), and the clusters.
 
 Distillation: 48 transfer records per expert and 96 steps of 4, as at the earlier, smaller
