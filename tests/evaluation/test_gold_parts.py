@@ -229,6 +229,32 @@ def test_shared_prompt_scores_equal_scoring_each_pair(
             assert all(score < 0 for score in scores)
 
 
+def test_candidates_continue_their_prompt_in_one_row_per_item(
+    tiny: tuple[torch.nn.Module, object],
+) -> None:
+    model, tokenizer = tiny
+    items = [
+        RankingItem(RECORDS[0], ("I10", "I11.9", "I25.10")),
+        RankingItem(RECORDS[1], ("J45.909", "J44.9")),
+    ]
+    rows_seen: list[int] = []
+    decoder = gold_module.decoder_and_head(model)[0]
+    hook = decoder.register_forward_hook(
+        lambda _module, _args, kwargs, _out: rows_seen.append(int(kwargs["input_ids"].shape[0])),
+        with_kwargs=True,
+    )
+    try:
+        candidate_log_likelihoods(
+            model, tokenizer, items, system_prompt="S", max_length=256, batch_size=2
+        )
+    finally:
+        hook.remove()
+
+    # The shared prefix at batch 1, the two prompts, then the five candidates in two rows: the
+    # prompts' cache is never copied once per candidate.
+    assert max(rows_seen) == 2
+
+
 def test_ranking_part_counts_top1_and_top5() -> None:
     figures = ranking_part([1, 2, 6, 1], candidates=10)
 

@@ -40,7 +40,7 @@ from fedsilo.evaluation.metrics import (
     summarize_next_token,
 )
 from fedsilo.training.device import model_device, on_device
-from fedsilo.training.loss import decoder_and_head
+from fedsilo.training.loss import additive_attention_mask, decoder_and_head
 
 
 def _left_padded(prompts: Sequence[Sequence[int]], *, pad_id: int) -> dict[str, torch.Tensor]:
@@ -449,8 +449,9 @@ def candidate_log_likelihoods(
 
     The answer is the candidate's tokens and the end of turn. Each prompt runs once (a batch of
     ``batch_size`` prompts of similar length, left-padded, only the last position's logits
-    kept); its key-value cache is then shared by all its candidates, which are scored in one
-    batched pass. Equal, up to float rounding, to scoring every (prompt, candidate) pair alone.
+    kept); its candidates then continue its key-value cache side by side in one row, each
+    seeing the prompt and its own earlier tokens only. Equal, up to float rounding, to scoring
+    every (prompt, candidate) pair alone.
     """
     pad_id = int(tokenizer.pad_token_id)
     encoded = [
@@ -475,35 +476,35 @@ def candidate_log_likelihoods(
         )
         # Each prompt's last position predicts its candidates' first token.
         first = torch.log_softmax(head(prompt_out.last_hidden_state[:, -1]).float(), dim=-1)
-        # One row per (item, candidate); each row continues its item's cached prompt.
-        rows = [row for row, i in enumerate(indices) for _ in encoded[i][1]]
-        answers = [answer for i in indices for answer in encoded[i][1]]
-        width = max(len(answer) for answer in answers)
-        answer_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        answer_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for row, answer in enumerate(answers):
-            answer_ids[row, : len(answer)] = torch.tensor(answer, dtype=torch.long)
-            answer_mask[row, : len(answer)] = 1
-        answer_ids, answer_mask = answer_ids.to(device), answer_mask.to(device)
-        selected = torch.tensor(rows, dtype=torch.long, device=device)
-        cache = prompt_out.cache
-        cache.batch_select_indices(selected)
-        starts = prompt_mask[selected].sum(dim=1, keepdim=True)
+        # Each item's candidates continue its cached prompt side by side in one row. A row per
+        # candidate would copy the item's cached keys and values once per candidate, which
+        # took more time than the candidates' own tokens.
+        rows = _candidate_rows([encoded[i][1] for i in indices], pad_id=pad_id)
+        allowed = torch.cat(
+            [
+                prompt_mask.bool()[:, None, :].expand(-1, rows.width, -1)
+                & rows.real[:, :, None].to(device),
+                rows.allowed.to(device),
+            ],
+            dim=2,
+        )
         hidden = decoder(
-            input_ids=answer_ids,
-            attention_mask=torch.cat([prompt_mask[selected], answer_mask], dim=1),
-            position_ids=starts + torch.arange(width, device=device).unsqueeze(0),
-            cache=cache,
+            input_ids=rows.input_ids.to(device),
+            attention_mask=additive_attention_mask(decoder, allowed),
+            position_ids=prompt_mask.sum(dim=1, keepdim=True) + rows.offsets.to(device),
+            cache=prompt_out.cache,
             use_cache=True,
         ).last_hidden_state
-        totals = first[selected, answer_ids[:, 0]]
-        # Answer position t predicts token t + 1: only positions followed by a real token are
-        # projected onto the vocabulary (padding never reaches the head).
-        follows = answer_mask[:, 1:].bool()
-        if bool(follows.any()):
-            owner = follows.nonzero()[:, 0]
-            targets = answer_ids[:, 1:][follows]
-            token_scores = _target_log_probs(head, hidden[:, :-1][follows], targets)
+        owner = rows.owner.to(device)
+        totals = first[rows.item.to(device), rows.first_token.to(device)]
+        # Only positions followed by a token of their own candidate are projected onto the
+        # vocabulary (the last token of each candidate, and padding, never reach the head).
+        if rows.scored_row.numel():
+            token_scores = _target_log_probs(
+                head,
+                hidden[rows.scored_row.to(device), rows.scored_column.to(device)],
+                rows.scored_target.to(device),
+            )
             totals = totals.index_add(0, owner, token_scores)
         position = 0
         per_row = totals.tolist()
@@ -512,6 +513,78 @@ def candidate_log_likelihoods(
             scores[i] = per_row[position : position + count]
             position += count
     return scores
+
+
+@dataclass(frozen=True)
+class _CandidateRows:
+    """Each item's candidates packed in one row after its prompt (see candidate_log_likelihoods).
+
+    Candidate ``c`` (numbered over all items in order) sits in row ``item[c]``; a candidate
+    token sees its item's prompt (the cache) and its own earlier tokens, nothing else.
+    """
+
+    input_ids: torch.Tensor  # (items, width) long, padded with pad_id
+    offsets: torch.Tensor  # (items, width) long: each token's place within its candidate
+    real: torch.Tensor  # (items, width) bool: a candidate's token, not padding
+    allowed: torch.Tensor  # (items, width, width) bool: which new tokens each token sees
+    item: torch.Tensor  # (candidates,) long: the row of each candidate
+    first_token: torch.Tensor  # (candidates,) long: each candidate's first token
+    scored_row: torch.Tensor  # (scored,) long: row and column of each position that
+    scored_column: torch.Tensor  # predicts a later token of its candidate,
+    scored_target: torch.Tensor  # the token it predicts
+    owner: torch.Tensor  # and the candidate it belongs to
+
+    @property
+    def width(self) -> int:
+        return int(self.input_ids.shape[1])
+
+
+def _candidate_rows(answers: Sequence[Sequence[Sequence[int]]], *, pad_id: int) -> _CandidateRows:
+    """:class:`_CandidateRows` of each item's candidate answers (token ids)."""
+    width = max(sum(len(answer) for answer in item) for item in answers)
+    input_ids = torch.full((len(answers), width), pad_id, dtype=torch.long)
+    offsets = torch.zeros((len(answers), width), dtype=torch.long)
+    segments = torch.zeros((len(answers), width), dtype=torch.long)  # 0: padding
+    item_of: list[int] = []
+    first_tokens: list[int] = []
+    scored: list[tuple[int, int, int, int]] = []  # (row, column, target, candidate)
+    for row, item in enumerate(answers):
+        column = 0
+        for answer in item:
+            candidate = len(item_of)
+            item_of.append(row)
+            first_tokens.append(answer[0])
+            end = column + len(answer)
+            input_ids[row, column:end] = torch.tensor(answer, dtype=torch.long)
+            offsets[row, column:end] = torch.arange(len(answer))
+            segments[row, column:end] = candidate + 1
+            scored += [
+                (row, column + place, target, candidate) for place, target in enumerate(answer[1:])
+            ]
+            column = end
+    real = segments > 0
+    index = torch.arange(width)
+    causal = index[None, :] <= index[:, None]
+    same = segments[:, :, None] == segments[:, None, :]
+    # A padding position sees itself only, so that no softmax row is empty.
+    allowed = (causal & same & real[:, None, :]) | (
+        ~real[:, :, None] & (index[None, :] == index[:, None])
+    )
+    scored_row, scored_column, scored_target, owner = (
+        torch.tensor([entry[field] for entry in scored], dtype=torch.long) for field in range(4)
+    )
+    return _CandidateRows(
+        input_ids=input_ids,
+        offsets=offsets,
+        real=real,
+        allowed=allowed,
+        item=torch.tensor(item_of, dtype=torch.long),
+        first_token=torch.tensor(first_tokens, dtype=torch.long),
+        scored_row=scored_row,
+        scored_column=scored_column,
+        scored_target=scored_target,
+        owner=owner,
+    )
 
 
 def _target_log_probs(

@@ -80,6 +80,17 @@ def labelled_token_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> T
     return TokenLosses(losses=losses, rows=rows, batch_rows=int(targets.shape[0]))
 
 
+def additive_attention_mask(decoder: nn.Module, allowed: torch.Tensor) -> torch.Tensor:
+    """A custom attention rule as the decoder takes it: ``allowed`` (rows, queries, keys) bool
+    becomes a (rows, 1, queries, keys) additive mask, 0 where a query may attend and the
+    dtype's minimum where not, in the dtype the decoder's hidden states start in (Hugging Face
+    adds masks in it)."""
+    embeddings = getattr(decoder, "embed_tokens", None)
+    dtype = embeddings.weight.dtype if isinstance(embeddings, nn.Embedding) else torch.float32
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
 def packed_token_losses(model: nn.Module, packed: PackedBatch) -> TokenLosses:
     """:func:`labelled_token_losses` of a packed micro-batch (:mod:`fedsilo.data.packing`).
 
@@ -90,14 +101,10 @@ def packed_token_losses(model: nn.Module, packed: PackedBatch) -> TokenLosses:
     """
     decoder, head = decoder_and_head(model)
     device = model_device(model)
-    # The dtype the decoder's hidden states start in (Hugging Face builds its masks in it).
-    embeddings = getattr(decoder, "embed_tokens", None)
-    dtype = embeddings.weight.dtype if isinstance(embeddings, nn.Embedding) else torch.float32
-    blocked = ~packed.attention_allowed()
-    mask = torch.zeros(blocked.shape, dtype=dtype).masked_fill(blocked, torch.finfo(dtype).min)
+    mask = additive_attention_mask(decoder, packed.attention_allowed()[None])
     hidden = decoder(
         input_ids=packed.input_ids.to(device),
-        attention_mask=mask[None, None].to(device),
+        attention_mask=mask.to(device),
         position_ids=packed.position_ids.to(device),
         use_cache=False,
     ).last_hidden_state[0]
