@@ -1,13 +1,22 @@
-"""Cost of signing, verifying and ledgering one round: 10 sites with 1M-parameter adapters.
+"""Cost of signing, verifying and ledgering one round, at the demo's adapter or a given size.
 
+    python benchmarks/audit_overhead.py --demo-adapter [--rounds 3]
     python benchmarks/audit_overhead.py [--sites 10] [--params 1000000] [--rounds 3]
+
+``--demo-adapter`` takes the adapter's tensors (names and shapes) and the number of sites from
+the demo (src/fedsilo/configs/demo.toml and its base model); otherwise ``--params`` values in
+LoRA-shaped tensors (rank 8, width 576). Hashing and signing grow with the bytes, so only the
+first compares directly with the demo's round time.
 
 Per round it times what the audit trail adds to a round, with the same functions the
 federation uses:
-  site side, per update: safetensors encoding, sha256, the Ed25519 signature on the update
-  and the second one on its claims (the digest of its metrics and DP event);
+  site side, per update: safetensors encoding, sha256, the Ed25519 signature on the update,
+  the one on its policy declaration and the one on its claims (the digest of its metrics and
+  DP event);
   coordinator side: round_opened and one task_sent entry per site, then per update the digest
-  check, both signature checks and the update_received entry, the round_aggregated entry (with
+  check, the three signature checks and the update_received entry (with the declared policy,
+  the metrics and the claims, as fedsilo.server.rounds.accept writes it), the round_aggregated
+  entry (with
   the new adapter's digest) and one signed receipt per site.
 Sites work in parallel in a real federation, so the round's audit cost is one site's signing
 plus all of the coordinator's work. benchmarks/report.py compares it with the demo's round time
@@ -18,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -36,85 +46,125 @@ from fedsilo.crypto import (
     generate_private_key,
     sha256_hex,
     sign_claims,
+    sign_policy_declaration,
     sign_receipt,
     sign_update,
     verify_claims,
+    verify_policy_declaration,
     verify_update,
 )
 from fedsilo.ledger import EntryKind, JsonValue, Ledger
+from fedsilo.ledger.entries import SITE_CLAIMS_FIELD, SITE_METRICS_FIELD, SITE_POLICY_FIELD
 from fedsilo.model.adapters import adapter_to_bytes
+from fedsilo.protocol.records import PolicyDeclaration, SignedClaims, SignedPolicy, SiteMetrics
 from fedsilo.server.federation import adapter_digest
 
 RESULTS = Path(__file__).parent / "results"
 
 
-def make_adapter(params: int, *, seed: int) -> dict[str, torch.Tensor]:
-    """LoRA-shaped fp32 tensors (rank 8, width 576) adding up to ``params`` values."""
-    generator = torch.Generator().manual_seed(seed)
-    tensors: dict[str, torch.Tensor] = {}
+Shapes = dict[str, tuple[int, ...]]
+# What a site with a policy declares with each update (its digest and smallest cohort).
+POLICY = PolicyDeclaration(policy_sha256="ab" * 32, min_cohort=2)
+# The run every update's binding names (the verifier holds each update to it).
+RUN_STARTED: dict[str, JsonValue] = {"federation_id": "bench", "run_id": "run"}
+DEMO = Path(__file__).parents[1] / "src" / "fedsilo" / "configs" / "demo.toml"
+
+
+def lora_shapes(params: int) -> Shapes:
+    """LoRA-shaped tensors (rank 8, width 576) adding up to ``params`` values."""
+    shapes: Shapes = {}
     index = 0
-    while sum(t.numel() for t in tensors.values()) < params:
-        tensors[f"layers.{index}.lora_A.weight"] = torch.randn(8, 576, generator=generator)
-        tensors[f"layers.{index}.lora_B.weight"] = torch.randn(576, 8, generator=generator)
+    while sum(math.prod(shape) for shape in shapes.values()) < params:
+        shapes[f"layers.{index}.lora_A.weight"] = (8, 576)
+        shapes[f"layers.{index}.lora_B.weight"] = (576, 8)
         index += 1
-    return tensors
+    return shapes
+
+
+def demo_shapes() -> tuple[Shapes, int, str]:
+    """The demo's adapter tensors, its number of sites, and a description of the adapter."""
+    from fedsilo.client.site import load_model_with_adapter
+    from fedsilo.config import load_config
+
+    config = load_config(DEMO)
+    loaded = load_model_with_adapter(config)
+    shapes = {name: tuple(tensor.shape) for name, tensor in loaded.adapter_template.items()}
+    lora = config.lora
+    description = (
+        f"the demo's adapter: LoRA rank {lora.rank} on {', '.join(lora.target_modules)} of "
+        f"{config.model.base}"
+    )
+    return shapes, config.task.num_sites, description
+
+
+def make_adapter(shapes: Shapes, *, seed: int) -> dict[str, torch.Tensor]:
+    """Random fp32 tensors of ``shapes`` (the values do not change the cost)."""
+    generator = torch.Generator().manual_seed(seed)
+    return {name: torch.randn(shape, generator=generator) for name, shape in shapes.items()}
 
 
 def one_round(
     ledger: Ledger,
     coordinator: PrivateKey,
     sites: list[PrivateKey],
-    params: int,
+    shapes: Shapes,
     round_number: int,
 ) -> tuple[float, float]:
     """(slowest site's signing seconds, coordinator seconds) for one round."""
     site_seconds: list[float] = []
     uploads = []
     for index, key in enumerate(sites):
-        delta = make_adapter(params, seed=round_number * 100 + index)
+        delta = make_adapter(shapes, seed=round_number * 100 + index)
         started = time.perf_counter()
         payload = adapter_to_bytes(delta)
         binding = UpdateBinding(
-            "bench", "run", round_number, "train", f"site-{index}", sha256_hex(payload)
+            str(RUN_STARTED["federation_id"]),
+            str(RUN_STARTED["run_id"]),
+            round_number,
+            "train",
+            f"site-{index}",
+            sha256_hex(payload),
         )
         signature = sign_update(key, binding)
-        metrics: dict[str, JsonValue] = {
-            "num_examples": 64,
-            "train_loss": 1.25,
-            "tokens": 4096,
-            "seconds": 60.0,
-        }
-        digest = claims_sha256(metrics=metrics, dp_event=None)
-        claims_signature = sign_claims(key, binding, digest)
+        policy = SignedPolicy(
+            POLICY,
+            sign_policy_declaration(key, binding, POLICY.fields()),
+        )
+        metrics = SiteMetrics(
+            num_examples=64, train_loss=1.25, tokens=4096, seconds=60.0, precision="bf16"
+        )
+        digest = claims_sha256(metrics=metrics.claim_fields(), dp_event=None)
+        claims = SignedClaims(digest, sign_claims(key, binding, digest))
         site_seconds.append(time.perf_counter() - started)
-        uploads.append((key, payload, binding, signature, metrics, claims_signature))
+        uploads.append((key, payload, binding, signature, policy, metrics, claims))
 
     started = time.perf_counter()
     ledger.append(EntryKind.ROUND_OPENED, {"round": round_number, "nodes": list(range(len(sites)))})
     for index in range(len(sites)):
         ledger.append(EntryKind.TASK_SENT, {"round": round_number, "node": index})
     entries = []
-    for key, payload, binding, signature, metrics, claims_signature in uploads:
+    for node, (key, payload, binding, signature, policy, metrics, claims) in enumerate(uploads):
+        # What the coordinator checks and ledgers per upload (fedsilo.server.rounds.accept).
         assert sha256_hex(payload) == binding.payload_sha256
         verify_update(key.public_key(), binding, signature)
-        digest = claims_sha256(metrics=metrics, dp_event=None)
-        verify_claims(key.public_key(), binding, digest, claims_signature)
-        entry = ledger.append(
-            EntryKind.UPDATE_RECEIVED,
-            {
-                **binding.fields(),
-                "site_signature": encode_signature(signature),
-                "payload_bytes": len(payload),
-                "site_metrics": metrics,
-                "dp_event": None,
-                "site_claims": {
-                    "claims_sha256": digest,
-                    "signature": encode_signature(claims_signature),
-                },
-            },
+        verify_policy_declaration(
+            key.public_key(), binding, policy.declaration.fields(), policy.signature
         )
-        entries.append((binding, entry))
-    new_global = make_adapter(params, seed=-1 - round_number)
+        digest = claims_sha256(metrics=metrics.claim_fields(), dp_event=None)
+        verify_claims(key.public_key(), binding, digest, claims.signature)
+        fields: dict[str, JsonValue] = {
+            **binding.fields(),
+            "site_signature": encode_signature(signature),
+            "node": node,
+            "payload_bytes": len(payload),
+            "dp_event": None,
+            SITE_POLICY_FIELD: dict(policy.ledger_fields()),
+            SITE_METRICS_FIELD: dict(metrics.claim_fields()),
+            SITE_CLAIMS_FIELD: dict(claims.ledger_fields()),
+            "num_examples": metrics.num_examples,
+        }
+        entries.append((binding, ledger.append(EntryKind.UPDATE_RECEIVED, fields)))
+    new_global = make_adapter(shapes, seed=-1 - round_number)
     ledger.append(
         EntryKind.ROUND_AGGREGATED,
         {"round": round_number, "adapter_sha256": adapter_digest(new_global)},
@@ -126,12 +176,21 @@ def one_round(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--sites", type=int, default=10)
+    parser.add_argument(
+        "--demo-adapter", action="store_true", help="the demo's adapter tensors and sites"
+    )
+    parser.add_argument("--sites", type=int, default=None, help="default 10 (demo: its sites)")
     parser.add_argument("--params", type=int, default=1_000_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=RESULTS / "audit_overhead.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.demo_adapter:
+        shapes, demo_sites, adapter = demo_shapes()
+        args.sites = args.sites or demo_sites
+    else:
+        shapes, adapter = lora_shapes(args.params), "LoRA-shaped tensors of rank 8 and width 576"
+        args.sites = args.sites or 10
 
     coordinator = generate_private_key()
     sites = [generate_private_key() for _ in range(args.sites)]
@@ -141,9 +200,9 @@ def main() -> None:
         tempfile.TemporaryDirectory() as tmp,
         Ledger.open(Path(tmp) / "ledger.db", coordinator_key=coordinator) as ledger,
     ):
-        ledger.append(EntryKind.RUN_STARTED, {"run_id": "bench"})
+        ledger.append(EntryKind.RUN_STARTED, RUN_STARTED)
         for round_number in range(1, args.rounds + 1):
-            site_s, coordinator_s = one_round(ledger, coordinator, sites, args.params, round_number)
+            site_s, coordinator_s = one_round(ledger, coordinator, sites, shapes, round_number)
             site_times.append(site_s)
             coordinator_times.append(coordinator_s)
         head = ledger.head()
@@ -154,8 +213,10 @@ def main() -> None:
     result: dict[str, object] = {
         "benchmark": "audit-overhead-per-round",
         "sites": args.sites,
-        "params_per_adapter": args.params,
-        "payload_bytes": len(adapter_to_bytes(make_adapter(args.params, seed=0))),
+        "adapter": "demo" if args.demo_adapter else "lora-shaped",
+        "adapter_description": adapter,
+        "params_per_adapter": sum(math.prod(shape) for shape in shapes.values()),
+        "payload_bytes": len(adapter_to_bytes(make_adapter(shapes, seed=0))),
         "rounds": args.rounds,
         "ledger_entries_per_round": entries_per_round,
         "slowest_site_signing_s": site_times,

@@ -379,7 +379,9 @@ def _demo_section(result: dict[str, Any] | None) -> list[str]:
     return lines
 
 
-def _audit_reference(audit_s: float, demo: dict[str, Any] | None, payload_bytes: int) -> list[str]:
+def _audit_reference(
+    audit_s: float, demo: dict[str, Any] | None, result: dict[str, Any]
+) -> list[str]:
     """The audit's cost per round against the demo's current round (benchmarks/results/demo.json),
     read when the page is generated, so a re-measured demo is never compared with an old one."""
     if demo is None:
@@ -400,10 +402,16 @@ def _audit_reference(audit_s: float, demo: dict[str, Any] | None, payload_bytes:
         f"`benchmarks/results/demo.json`): {_pct(audit_s / round_s)} of a demo round, "
         f"{_pct(audit_s / per_site_s)} of one site's local training (the round time when every "
         "site trains in parallel). Goal: < 2%."
-        + f" Caution: the audit was measured on updates of {payload_bytes / 1e6:.1f} MB; the "
-        f"demo's adapter (LoRA rank {lora.get('rank')} on {targets} of its base model) is "
-        "another size, and hashing and signing grow with the bytes, so "
-        "these shares hold at the measured size only (not measured at the demo's).",
+        + (
+            f" Measured on the demo's own adapter ({result['payload_bytes'] / 1e6:.1f} MB per "
+            "update)."
+            if result.get("adapter") == "demo"
+            else f" Caution: the audit was measured on updates of "
+            f"{result['payload_bytes'] / 1e6:.1f} MB; the demo's adapter (LoRA rank "
+            f"{lora.get('rank')} on {targets} of its base model) is another size, and hashing "
+            "and signing grow with the bytes, so these shares hold at the measured size only "
+            "(`--demo-adapter` measures the demo's)."
+        ),
     ]
 
 
@@ -413,7 +421,9 @@ def _audit_section(result: dict[str, Any] | None, demo: dict[str, Any] | None) -
         return [*lines, "Not measured yet: run `python benchmarks/audit_overhead.py`.", ""]
     lines += [
         f"`python benchmarks/audit_overhead.py`: {result['sites']} sites, adapters of "
-        f"{result['params_per_adapter']:,} fp32 parameters ({result['payload_bytes']:,} bytes of "
+        f"{result['params_per_adapter']:,} fp32 parameters "
+        f"({result.get('adapter_description', 'LoRA-shaped tensors')}; "
+        f"{result['payload_bytes']:,} bytes of "
         f"safetensors), {result['rounds']} rounds, {result['ledger_entries_per_round']} ledger "
         "entries per round. Per round: the slowest site's encoding, hashing and signing, plus "
         "all of the coordinator's digest checks, signature checks, ledger writes and receipts.",
@@ -426,7 +436,7 @@ def _audit_section(result: dict[str, Any] | None, demo: dict[str, Any] | None) -
     ):
         lines.append(f"| {index} | {1000 * site_s:.1f} | {1000 * coordinator_s:.1f} |")
     lines += ["", f"Median per round: {1000 * result['median_audit_s_per_round']:.1f} ms."]
-    lines += _audit_reference(result["median_audit_s_per_round"], demo, result["payload_bytes"])
+    lines += _audit_reference(result["median_audit_s_per_round"], demo, result)
     lines += [
         "",
         f"Measured {result['measured_at']} on {result['machine']['cpus']} CPU cores; source: "
