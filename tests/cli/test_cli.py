@@ -82,8 +82,8 @@ def test_packaged_demo_config_is_the_documented_default() -> None:
     assert config.model.base == "smollm2-135m-instruct"
     assert config.task.name == "icd10"
     assert config.num_sites == 4
-    assert config.run.rounds == 28
-    assert config.evaluation.every_rounds == 28  # gold scored before and after only
+    assert config.run.rounds == 56
+    assert config.evaluation.every_rounds == 56  # gold scored before and after only
     assert _demo_config(rounds=5).run.rounds == 5
 
 
