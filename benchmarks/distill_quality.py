@@ -17,10 +17,10 @@ Stages (each skipped when its output folder exists, so a stopped benchmark conti
    the candidates), and pooled over the whole gold set ("all").
 
 Training shape: the demo's, loaded from src/fedsilo/configs/demo.toml so the benchmark follows
-the demo (the results file records the shape it ran: results/distill.json was measured at 300
-records per site and 20 rounds without server momentum; demo.toml has since moved to 600 and
-56 rounds with momentum 0.7). Overrides: one torch thread, ``min_sites`` 2 (a
-cluster has 2 sites), and the clusters.
+the demo (the results file records the shape it ran: results/distill.json was measured at 600
+codes per site and 56 rounds with server momentum 0.7, a shape chosen for four sites, under
+which the two-site clusters trained unstably; docs/distillation.md). Overrides: one torch
+thread, ``min_sites`` 2 (a cluster has 2 sites), and the clusters.
 
 Distillation: 48 transfer records per expert and 96 steps of 4, as at the earlier, smaller
 training budget; only ``max_length`` follows the training config (96), so the master sees the
