@@ -78,6 +78,16 @@ def test_edited_payload_is_caught_at_its_seq(ledger_path: Path) -> None:
     assert "entry_hash does not match" in report.problems[0].reason
 
 
+def test_a_payload_nested_too_deeply_is_reported_at_its_seq(ledger_path: Path) -> None:
+    deep = '{"a":' + "[" * 100_000 + "]" * 100_000 + "}"
+    execute_sql(ledger_path, "UPDATE entries SET payload = ? WHERE seq = 3", (deep,))
+
+    report = audit(ledger_path)
+
+    assert problem_seqs(report)[:1] == [3]
+    assert "nested too deeply" in report.problems[0].reason
+
+
 def test_edited_payload_with_recomputed_hash_is_caught(ledger_path: Path) -> None:
     original = read_entries(ledger_path)[2]
     forged_payload: dict[str, JsonValue] = {"round": 1, "site_id": "someone-else"}

@@ -1,5 +1,6 @@
 """Offline audit of a run folder: the ledger, its signatures and the checkpoints on disk."""
 
+import dataclasses
 import json
 import shutil
 import sqlite3
@@ -29,9 +30,10 @@ from fedsilo.crypto import (
     write_public_key,
 )
 from fedsilo.ledger import UPDATE_BINDING_FIELDS, EntryKind, Ledger, read_entries
+from fedsilo.server import federation
 from fedsilo.server.audit import read_site_keys, verify_run
 from fedsilo.server.federation import FederationError
-from fedsilo.server.run_folder import RunFolder, check_server_state
+from fedsilo.server.run_folder import Checkpoint, RunFolder, check_server_state
 
 from ..simulation.conftest import run_with_grid
 
@@ -169,6 +171,27 @@ def test_receipt_not_signed_by_the_coordinator_is_reported(finished_run: Path) -
     assert any("is not valid" in p.reason for p in report.problems)
 
 
+@pytest.mark.parametrize(
+    ("edit", "named"),
+    [
+        (lambda text: text.replace('"ledger_seq": ', '"ledger_seq": 1e400, "x": '), "ledger_seq"),
+        (lambda text: "[" * 30_000 + "]" * 30_000, "nested too deeply"),
+        (lambda text: "[1, 2]", "not a JSON object"),
+    ],
+)
+def test_a_hostile_receipt_is_reported_not_raised(
+    finished_run: Path, edit: Callable[[str], str], named: str
+) -> None:
+    # Receipts are the sites' files: whatever one holds, the audit names it and goes on.
+    receipt = sorted(finished_run.glob("sites/*/receipts/*/*.json"))[0]
+    receipt.write_text(edit(receipt.read_text()))
+
+    report = verify_run(finished_run)
+
+    assert any(f"receipt {receipt} is not valid" in p.reason and named in p.reason
+               for p in report.problems)  # fmt: skip
+
+
 def test_edited_server_state_fails_the_audit_and_the_resume(
     make_config: Callable[..., FedsiloConfig], tmp_path: Path
 ) -> None:
@@ -188,6 +211,83 @@ def test_edited_server_state_fails_the_audit_and_the_resume(
         run_with_grid(
             make_config(run={"rounds": 3}, strategy={"server_momentum": 0.9}), run_dir, resume=True
         )
+
+
+def _crash_before_checkpoint(monkeypatch: pytest.MonkeyPatch, round_number: int) -> None:
+    original = RunFolder.save_checkpoint
+
+    def crash(self: RunFolder, checkpoint: object) -> None:
+        if getattr(checkpoint, "round", None) == round_number:
+            raise FederationError("power cut while writing the checkpoint")
+        original(self, checkpoint)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(RunFolder, "save_checkpoint", crash)
+
+
+def test_a_server_state_planted_at_round_zero_fails_the_audit_and_the_resume(
+    make_config: Callable[..., FedsiloConfig], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Nothing is aggregated before round 1, so a velocity in round 0's state would move the
+    # first resumed round's adapter wherever its writer chose: the baseline entry binds it.
+    run_dir = tmp_path / "run"
+    config = make_config(run={"rounds": 2}, strategy={"server_momentum": 0.9})
+    _crash_before_checkpoint(monkeypatch, 1)
+    with pytest.raises(FederationError, match="power cut"):
+        run_with_grid(config, run_dir)
+    monkeypatch.undo()
+    folder = RunFolder(run_dir)
+    adapter = load_file(str(folder.checkpoint_dir(0) / "adapter.safetensors"))
+    planted = {f"velocity.{name}": torch.full_like(value, 1e3) for name, value in adapter.items()}
+    save_file(planted, str(folder.checkpoint_dir(0) / "server_state.safetensors"))
+
+    report = verify_run(run_dir)
+
+    assert any("round 0: the ledger records server state" in p.reason for p in report.problems)
+    with pytest.raises(ValueError, match="the ledger does not verify"):
+        run_with_grid(config, run_dir, resume=True)
+
+
+@pytest.mark.parametrize("crash_round", [1, 3])
+def test_a_checkpoint_that_changes_after_the_resume_check_is_refused(
+    make_config: Callable[..., FedsiloConfig],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    crash_round: int,
+) -> None:
+    # The files are hashed when the resume is checked and read again to be applied: what is
+    # applied is compared with the ledger too (at round 0, with a fresh strategy's state).
+    run_dir = tmp_path / "run"
+    config = make_config(run={"rounds": 3}, strategy={"server_momentum": 0.9})
+    _crash_before_checkpoint(monkeypatch, crash_round)
+    with pytest.raises(FederationError, match="power cut"):
+        run_with_grid(config, run_dir)
+    monkeypatch.undo()
+    original = RunFolder.load_checkpoint
+
+    def swapped(self: RunFolder, round_number: int) -> Checkpoint:
+        checkpoint = original(self, round_number)
+        planted = {f"velocity.{name}": v + 1.0 for name, v in checkpoint.adapter.items()}
+        return dataclasses.replace(checkpoint, server_state=planted)
+
+    monkeypatch.setattr(RunFolder, "load_checkpoint", swapped)
+    with pytest.raises(FederationError, match="strategy state loaded for resuming is not"):
+        run_with_grid(config, run_dir, resume=True)
+
+
+def test_an_update_is_ledgered_before_it_is_folded_into_the_sum(
+    make_config: Callable[..., FedsiloConfig], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folded_when_ledgered: list[int] = []
+    original = federation.accept
+
+    def recording_accept(plan: Any, result: Any, **fields: Any) -> Any:
+        folded_when_ledgered.append(result.updates.count - len(result.ledgered))
+        return original(plan, result, **fields)
+
+    monkeypatch.setattr(federation, "accept", recording_accept)
+    run_with_grid(make_config(run={"rounds": 1}), tmp_path / "run")
+
+    assert folded_when_ledgered and set(folded_when_ledgered) == {0}
 
 
 def test_a_server_state_must_fit_the_adapter() -> None:

@@ -467,6 +467,7 @@ def test_the_last_record_of_a_finished_run_may_not_be_missing(finished_run: Path
         ('{"round": 5, "sites_ok": "many"}', "line 4: field 'sites_ok' is 'many', not a count"),
         ('{"round": 5, "gold_loss": "low"}', "line 4: field 'gold_loss' is 'low', not a number"),
         ('{"round": 5}', "line 4: round 5 is not recorded in the ledger"),
+        ("[" * 100_000 + "]" * 100_000, "line 4: JSON nested too deeply"),
     ],
 )
 def test_a_malformed_metrics_line_is_named_by_file_line_and_field_and_still_reported(

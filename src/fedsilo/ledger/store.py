@@ -131,11 +131,15 @@ def parse_row(row: StoredRow) -> Entry:
         raise LedgerError(f"entry seq {seq}: unknown kind {kind_text!r}") from None
     try:
         payload = json.loads(payload_text, parse_constant=_refuse_constant)
+        canonical = payload_json(payload) if isinstance(payload, dict) else None
     except ValueError as error:
         raise LedgerError(f"entry seq {seq}: payload is not valid JSON ({error})") from None
+    except RecursionError:
+        # No entry fedsilo writes nests deeply; a crafted row must not crash the verifier.
+        raise LedgerError(f"entry seq {seq}: payload JSON is nested too deeply") from None
     if not isinstance(payload, dict):
         raise LedgerError(f"entry seq {seq}: payload is not a JSON object")
-    if payload_json(payload) != payload_text:
+    if canonical != payload_text:
         raise LedgerError(f"entry seq {seq}: payload text is not in canonical JSON form")
     return Entry(
         seq=seq,

@@ -73,10 +73,12 @@ def _hash_or_none(path: Path) -> str | None:
 def _server_state_problems(
     folder: RunFolder, round_number: int, entry: Entry
 ) -> list[VerifyProblem]:
-    """The round's strategy state file against the digest its ``round_aggregated`` entry
-    records (ledgers written before that digest was recorded have none to check)."""
+    """The round's strategy state file against the digest its ``round_aggregated`` entry (at
+    round 0 the ``baseline_evaluated`` one) records; ledgers written before that digest was
+    recorded have none to check."""
     digest = entry.payload.get("server_state_sha256")
-    if entry.kind is not EntryKind.ROUND_AGGREGATED or digest is None:
+    recording = (EntryKind.ROUND_AGGREGATED, EntryKind.BASELINE_EVALUATED)
+    if entry.kind not in recording or digest is None:
         return []
     path = folder.checkpoint_dir(round_number) / SERVER_STATE_FILE
     actual = _hash_or_none(path)
@@ -98,6 +100,7 @@ def checkpoints_match_ledger(folder: RunFolder) -> ExtraCheck:
         problems: list[VerifyProblem] = []
         recorded = _recorded_adapters(entries)
         entries_by_seq = {entry.seq: entry for entry in entries}
+        baseline = next((e for e in entries if e.kind is EntryKind.BASELINE_EVALUATED), None)
         for round_number in folder.checkpoint_rounds():
             path = folder.checkpoint_dir(round_number) / "adapter.safetensors"
             if round_number not in recorded:
@@ -119,7 +122,9 @@ def checkpoints_match_ledger(folder: RunFolder) -> ExtraCheck:
                         f"{path} hashes to {actual}",
                     )
                 )
-            problems.extend(_server_state_problems(folder, round_number, entries_by_seq[seq]))
+            state_entry = baseline if round_number == 0 else entries_by_seq[seq]
+            if state_entry is not None:
+                problems.extend(_server_state_problems(folder, round_number, state_entry))
         finished = [e for e in entries if e.kind is EntryKind.RUN_FINISHED]
         if folder.final_dir.exists() and not finished:
             # A chain cut short still verifies on its own; the final adapter on disk says
@@ -281,10 +286,22 @@ def _recorded_binding(entry: Entry) -> dict[str, object]:
 
 
 def _read_receipt(path: Path) -> tuple[Receipt, bytes]:
-    data = json.loads(read_bounded(path, limit=MAX_RECEIPT_BYTES).decode("utf-8"))
+    """The receipt in ``path``; ValueError (or KeyError, TypeError) when it is not one.
+
+    A site's file: any JSON may be in it, nested deep enough to exhaust the parser's stack.
+    """
+    try:
+        data = json.loads(read_bounded(path, limit=MAX_RECEIPT_BYTES).decode("utf-8"))
+    except RecursionError:
+        raise ValueError("its JSON is nested too deeply") from None
+    if not isinstance(data, dict) or not isinstance(data.get("binding"), dict):
+        raise ValueError("it is not a JSON object with a 'binding' object")
+    ledger_seq = data.get("ledger_seq")
+    if type(ledger_seq) is not int:
+        raise ValueError(f"its ledger_seq is {ledger_seq!r}, not an integer")
     receipt = Receipt(
         binding=UpdateBinding(**data["binding"]),
-        ledger_seq=int(data["ledger_seq"]),
+        ledger_seq=ledger_seq,
         entry_hash=str(data["entry_hash"]),
     )
     return receipt, decode_signature(str(data["signature"]))

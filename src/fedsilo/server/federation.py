@@ -201,7 +201,9 @@ def collect_round(
                 dp_required=dp_requirement(config),
             )
             site = admitted.binding.site_id
-            result.updates.add(SiteUpdate(site, admitted.delta, admitted.metrics.num_examples))
+            weighed = result.updates.checked(
+                SiteUpdate(site, admitted.delta, admitted.metrics.num_examples)
+            )
         except UpdateRejectedError as rejection:
             sender = rejected_sender(plan, node, reply, rejection.sender)
             reject(plan, result, round_number, sender, rejection.reason)
@@ -222,6 +224,8 @@ def collect_round(
             claims=admitted.claims,
             metrics=admitted.metrics,
         )
+        # Folded in only once its entry is durable (accept's promise).
+        result.updates.fold(weighed)
         plan.node_sites[admitted.node] = site
         result.metrics[site] = admitted.metrics
     for node in nodes:
@@ -477,6 +481,48 @@ def _describe(failures: dict[str, str]) -> str:
     return "; ".join(f"{site}: {reason}" for site, reason in sorted(failures.items()))
 
 
+def _check_loaded_checkpoint(plan: FederationPlan, checkpoint: Checkpoint) -> None:
+    """The tensors a resume is about to apply are the ones the ledger recorded.
+
+    The resume check hashed the files before they were read again here, so the digests are
+    taken of what was loaded. At round 0 the strategy's state must also be a fresh strategy's
+    (nothing has been aggregated yet), whatever the ledger holds: ledgers written before the
+    baseline entry recorded that digest could not bind it.
+    """
+    round_number = checkpoint.round
+    where = plan.folder.checkpoint_dir(round_number)
+    adapters: dict[int, str] = {}
+    states: dict[int, str] = {}
+    for entry in read_entries(plan.folder.ledger_path):
+        payload = entry.payload
+        if entry.kind is EntryKind.RUN_STARTED:
+            adapters[0] = str(payload.get("initial_adapter_sha256"))
+        elif entry.kind in (EntryKind.BASELINE_EVALUATED, EntryKind.ROUND_AGGREGATED):
+            recorded_round = payload.get("round")
+            if not isinstance(recorded_round, int):
+                continue
+            if entry.kind is EntryKind.ROUND_AGGREGATED:
+                adapters[recorded_round] = str(payload.get("adapter_sha256"))
+            digest = payload.get("server_state_sha256")
+            if isinstance(digest, str):
+                states[recorded_round] = digest
+    if adapter_digest(checkpoint.adapter) != adapters.get(round_number):
+        raise FederationError(
+            f"{where}: the adapter loaded for resuming is not the one the ledger records for "
+            f"round {round_number}"
+        )
+    state_digest = sha256_hex(server_state_bytes(checkpoint.server_state))
+    fresh = round_number == 0 and state_digest != sha256_hex(
+        server_state_bytes(plan.strategy.state_dict())
+    )
+    if fresh or state_digest != states.get(round_number, state_digest):
+        raise FederationError(
+            f"{where / SERVER_STATE_FILE}: the strategy state loaded for resuming is not the one "
+            f"the ledger records for round {round_number}"
+            + (" (a fresh strategy's, at round 0)" if fresh else "")
+        )
+
+
 def _starting_point(plan: FederationPlan, *, resume: bool) -> tuple[int, AdapterState]:
     """Round to start at and the global adapter to start from; writes the round-0 baseline."""
     folder = plan.folder
@@ -488,6 +534,7 @@ def _starting_point(plan: FederationPlan, *, resume: bool) -> tuple[int, Adapter
             like=checkpoint.adapter,
             what=str(folder.checkpoint_dir(last) / SERVER_STATE_FILE),
         )
+        _check_loaded_checkpoint(plan, checkpoint)
         plan.strategy.load_state_dict(checkpoint.server_state)
         # metrics.jsonl may lag the checkpoints by one write: rebuild it from them.
         folder.write_metrics(
@@ -515,7 +562,12 @@ def _starting_point(plan: FederationPlan, *, resume: bool) -> tuple[int, Adapter
     }
     record = _finite_record(record, plan.reporter, 0)
     plan.ledger.append(
-        EntryKind.BASELINE_EVALUATED, {"round": 0, "metrics_sha256": record_digest(record)}
+        EntryKind.BASELINE_EVALUATED,
+        {
+            "round": 0,
+            "metrics_sha256": record_digest(record),
+            "server_state_sha256": sha256_hex(server_state_bytes(plan.strategy.state_dict())),
+        },
     )
     folder.save_checkpoint(Checkpoint(0, plan.initial_adapter, plan.strategy.state_dict(), record))
     folder.write_metrics([record])

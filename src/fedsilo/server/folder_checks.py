@@ -247,6 +247,8 @@ def _metrics_line(where: str, text: str) -> MetricsLine:
         value = json.loads(text)
     except ValueError as error:
         return MetricsLine(where, None, f"not JSON ({error})")
+    except RecursionError:
+        return MetricsLine(where, None, "JSON nested too deeply")
     if not isinstance(value, dict):
         return MetricsLine(where, None, f"a {type(value).__name__}, not a JSON object")
     if not _is_int(value.get("round")):

@@ -37,6 +37,16 @@ class SiteSettings:
     proximal_mu: float
 
 
+@dataclass(frozen=True)
+class WeighedUpdate:
+    """A site's delta times its weight, in float64, checked to fit the round's sum."""
+
+    site: str
+    weighted: dict[str, torch.Tensor]
+    weight: float
+    num_examples: int
+
+
 class UpdateSum:
     """Running example-weighted sum of site deltas, in float64: all a round keeps of its updates.
 
@@ -61,6 +71,11 @@ class UpdateSum:
 
     def add(self, update: SiteUpdate) -> None:
         """Fold ``update`` into the sum, whole or not at all (ValueError naming the site)."""
+        self.fold(self.checked(update))
+
+    def checked(self, update: SiteUpdate) -> WeighedUpdate:
+        """``update`` weighed and checked to fit the sum (ValueError naming the site), not yet
+        folded in: a caller can ledger it between the two."""
         delta, weight = self.weigh(update)
         if not (math.isfinite(weight) and weight > 0):
             raise ValueError(f"update from {update.site} has weight {weight}")
@@ -69,11 +84,15 @@ class UpdateSum:
         weighted = {name: tensor.to(torch.float64) * weight for name, tensor in delta.items()}
         if not all(bool(torch.isfinite(t).all()) for t in weighted.values()):
             raise ValueError(f"update from {update.site} is not finite once weighted")
+        return WeighedUpdate(update.site, weighted, weight, update.num_examples)
+
+    def fold(self, update: WeighedUpdate) -> None:
+        """Add what :meth:`checked` returned to the sum."""
         if not self._sum:
-            self._sum = {name: torch.zeros_like(t) for name, t in weighted.items()}
-        for name, tensor in weighted.items():
+            self._sum = {name: torch.zeros_like(t) for name, t in update.weighted.items()}
+        for name, tensor in update.weighted.items():
             self._sum[name] += tensor
-        self.weight += weight
+        self.weight += update.weight
         self.sites.append(update.site)
         self.examples += update.num_examples
 
