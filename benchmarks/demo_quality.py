@@ -19,6 +19,7 @@ from pathlib import Path
 
 from fedsilo.cli.main import main as fedsilo_main
 from fedsilo.server.run_folder import RunFolder
+from fedsilo.training.precision import cpu_flags, cpu_model, has_native_bf16
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -87,7 +88,13 @@ def main() -> None:
         "install_seconds": args.install_seconds,
         "total_seconds": None if args.install_seconds is None else args.install_seconds + wall,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            # The demo's speed depends on whether `precision = auto` found native bf16.
+            "cpu_model": cpu_model(),
+            "native_bf16": has_native_bf16(cpu_flags()),
+        },
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

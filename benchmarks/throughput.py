@@ -9,6 +9,8 @@ peak memory and thread count are its own:
 - ``bare-bf16``: the same with the frozen base weights in bf16 under autocast;
 - ``hf-trainer-bf16``: the Hugging Face ``Trainer`` with peft and ``bf16=True`` on the CPU (the
   loop FlowerTune's clients run through TRL), same batches size and optimizer;
+  ``hf-trainer-fp32`` the same with ``bf16=False``, what a user picks on a CPU without native
+  bf16, where autocast to bf16 is emulated and slower than fp32;
 - ``fedsilo-plain`` and ``fedsilo-plain-fp32``: :func:`fedsilo.training.loop.train_plain` in
   the precision ``auto`` resolves to, and in fp32, compiled where ``compile = "auto"`` finds
   torch.compile working (each row records ``compiled`` and its untimed ``warmup_seconds``,
@@ -62,6 +64,7 @@ LOOPS = (
     "bare-fp32",
     "bare-bf16",
     "hf-trainer-bf16",
+    "hf-trainer-fp32",
     "fedsilo-plain-fp32",
     "fedsilo-plain-eager",
     "fedsilo-plain",
@@ -185,7 +188,7 @@ def _bare(setup: dict[str, Any], steps: int, precision: str) -> dict[str, Any]:
     return {"clock": clock, "tokens": tokens, "positions": positions, "head_rows": targets}
 
 
-def _hf_trainer(setup: dict[str, Any], steps: int) -> dict[str, Any]:
+def _hf_trainer(setup: dict[str, Any], steps: int, bf16: bool) -> dict[str, Any]:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from fedsilo.data.batching import collate, count_positions, count_tokens
@@ -215,7 +218,7 @@ def _hf_trainer(setup: dict[str, Any], steps: int) -> dict[str, Any]:
         weight_decay=0.0,
         lr_scheduler_type="constant",
         optim="adamw_torch",
-        bf16=True,
+        bf16=bf16,
         use_cpu=True,
         report_to=[],
         save_strategy="no",
@@ -297,6 +300,7 @@ def run_one(loop: str, threads: int, steps: int) -> dict[str, Any]:
         "bare-fp32": "fp32",
         "bare-bf16": "bf16",
         "hf-trainer-bf16": "fp32",  # the Trainer keeps fp32 weights and autocasts
+        "hf-trainer-fp32": "fp32",
         "fedsilo-plain-fp32": "fp32",
         "fedsilo-plain-eager": auto,
         "fedsilo-plain": auto,
@@ -314,8 +318,8 @@ def run_one(loop: str, threads: int, steps: int) -> dict[str, Any]:
     peak = matmul_gflops(torch.bfloat16 if compute == "bf16" else torch.float32, seconds=1.0)
     if loop.startswith("bare"):
         measured = _bare(setup, steps, compute)
-    elif loop == "hf-trainer-bf16":
-        measured = _hf_trainer(setup, steps)
+    elif loop.startswith("hf-trainer"):
+        measured = _hf_trainer(setup, steps, bf16=loop == "hf-trainer-bf16")
     else:
         measured = _fedsilo(setup, steps, private=loop == "fedsilo-dp")
     clock: _Clock = measured["clock"]
@@ -369,8 +373,17 @@ def main() -> None:
         cpu_flags,
         cpu_model,
         has_native_bf16,
+        matmul_gflops,
     )
 
+    # Both precisions' GEMM rate on one thread, in this parent process before any loop runs:
+    # where bf16 is emulated it is slower than fp32 by an order of magnitude or more, which is
+    # why the bf16 loops may be left out on such a CPU (--loops).
+    torch.set_num_threads(1)
+    gemm_one_thread = {
+        "fp32": matmul_gflops(torch.float32, seconds=1.0),
+        "bf16": matmul_gflops(torch.bfloat16, seconds=1.0),
+    }
     rows = []
     for threads in args.threads:
         for loop in args.loops:
@@ -397,6 +410,7 @@ def main() -> None:
                 # shares of peak are comparable only between runs on the same one.
                 "cpu_model": cpu_model(),
                 "bf16_flags": sorted(cpu_flags() & set(NATIVE_BF16_FLAGS)),
+                "gemm_gflops_one_thread": gemm_one_thread,
                 "rows": rows,
                 "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
                 "torch": torch.__version__,

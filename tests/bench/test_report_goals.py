@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from . import benchmark_script
+from . import BENCHMARKS, benchmark_script
 
 
 def _secagg_row(system: str, sites: int, params: int, wall: float) -> dict[str, Any]:
@@ -65,3 +65,43 @@ def test_the_quality_goal_is_read_on_the_mean_over_seeds(
 
     # One seed is no mean; FedAdam's single seed never counts as the best over seeds.
     assert readings == ["`t` (seeds 0, 1) 93.9%, misses the goal (best ffa-lora 95.0%)"]
+
+
+def _throughput_row(
+    loop: str, tokens_per_s: float, memory_mb: float, peak: float = 100.0
+) -> dict[str, Any]:
+    return {
+        "loop": loop, "threads": 1, "tokens_per_s": tokens_per_s, "share_of_peak": 0.6,
+        "peak_rss_training_mb": memory_mb, "precision": "fp32", "gemm_peak_gflops": peak,
+    }  # fmt: skip
+
+
+def test_the_trainer_goal_depends_on_whether_the_cpu_has_native_bf16(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # report.py imports its sibling modules
+    report = benchmark_script("report")
+    rows = [
+        _throughput_row("bare-fp32", 100.0, 4000.0, peak=110.0),
+        _throughput_row("hf-trainer-bf16", 10.0, 3000.0),  # emulated bf16: far slower
+        _throughput_row("hf-trainer-fp32", 240.0, 3500.0),
+        _throughput_row("fedsilo-plain-fp32", 260.0, 2000.0),
+        _throughput_row("fedsilo-plain", 260.0, 2000.0),
+    ]
+    # Without native bf16 the goal is 1.15x the faster Trainer row (260/240 = 1.08x: not met),
+    # never the emulated bf16 one (26x), and bf16's memory goal does not apply.
+    without = " ".join(report._throughput_goals(rows, native_bf16=False))
+    assert "1.08x (goal >= 1.15x, not met)" in without
+    assert "`bf16=False`" in without
+    assert "does not apply" in without
+    # The share of peak is read against the highest probe of the run: 60 of 110 GFLOP/s.
+    assert "share of GEMM peak 54.5% of the highest fp32 peak" in without
+    assert "(goal >= 50%, met)" in without
+    with_parent_probe = report._throughput_goals(
+        rows, native_bf16=False, one_thread_peaks={"fp32": 130.0}
+    )
+    assert "46.2% of the highest fp32 peak" in " ".join(with_parent_probe)
+    # With native bf16 the goal is 1.3x the bf16 Trainer.
+    native = " ".join(report._throughput_goals(rows, native_bf16=True))
+    assert "vs the `Trainer` 26.00x (goal >= 1.3x, met)" in native
+    assert "100.0% of fedsilo's fp32 loop" in native
