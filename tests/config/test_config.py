@@ -49,6 +49,14 @@ def test_broken_toml_names_the_file(tmp_path: Path) -> None:
         load_config(path)
 
 
+def test_a_config_that_is_not_utf8_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.toml"
+    path.write_bytes("[run]\nname = 'Hôpital'\n".encode("latin-1"))
+
+    with pytest.raises(ConfigError, match=r"latin1\.toml: not UTF-8 text"):
+        load_config(path)
+
+
 def test_files_task_paths_resolve_relative_to_config(tmp_path: Path) -> None:
     path = tmp_path / "sub" / "run.toml"
     path.parent.mkdir()

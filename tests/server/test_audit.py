@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 import shutil
 import sqlite3
 import stat
@@ -33,6 +34,7 @@ from fedsilo.ledger import UPDATE_BINDING_FIELDS, EntryKind, Ledger, read_entrie
 from fedsilo.server import federation
 from fedsilo.server.audit import read_site_keys, verify_run
 from fedsilo.server.federation import FederationError
+from fedsilo.server.membership import MembershipError
 from fedsilo.server.run_folder import Checkpoint, RunFolder, check_server_state
 
 from ..simulation.conftest import run_with_grid
@@ -326,6 +328,36 @@ def test_a_site_key_swapped_in_federation_json_fails(finished_run: Path) -> None
     reasons = " | ".join(p.reason for p in report.problems)
     assert f"site {site!r}: federation.json pins the key SHA256:" in reasons
     assert "but the run_started entry records SHA256:" in reasons
+
+
+def test_a_status_json_that_is_not_a_json_object_file_is_reported(finished_run: Path) -> None:
+    # A list where an object belongs, and a FIFO that would block a plain read, are named.
+    path = finished_run / "status.json"
+    path.write_text("[1, 2]")
+    assert any(
+        str(path) in p.reason and "expected a JSON object" in p.reason
+        for p in verify_run(finished_run).problems
+    )
+    path.unlink()
+    os.mkfifo(path)
+    assert any(
+        str(path) in p.reason and "not a regular file" in p.reason
+        for p in verify_run(finished_run).problems
+    )
+
+
+def test_a_federation_json_that_is_not_a_json_object_file_is_refused_naming_it(
+    finished_run: Path,
+) -> None:
+    # The audit needs the membership to verify anything: it stops with the file's name.
+    path = finished_run / "federation.json"
+    path.write_text("[1, 2]")
+    with pytest.raises(MembershipError, match=f"{path}: expected a JSON object"):
+        verify_run(finished_run)
+    path.unlink()
+    os.mkfifo(path)
+    with pytest.raises(MembershipError, match=f"{path}: not a regular file"):
+        verify_run(finished_run)
 
 
 def test_run_and_federation_ids_of_federation_json_must_be_the_ledgers(

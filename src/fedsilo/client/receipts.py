@@ -63,7 +63,10 @@ def remember_sent(site: Site, binding: UpdateBinding) -> None:
 def _sent_bindings(path: Path) -> list[dict[str, str | int]]:
     if not path.exists():
         return []
-    loaded = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as error:  # UnicodeDecodeError is a ValueError
+        raise ValueError(f"{path}: not a JSON list of sent update bindings ({error})") from None
     if not isinstance(loaded, list) or not all(isinstance(b, dict) for b in loaded):
         raise ValueError(f"{path}: not a list of sent update bindings")
     return loaded

@@ -49,6 +49,8 @@ def load_config(path: Path) -> FedsiloConfig:
         raise ConfigError(f"{path}: config file not found") from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: not valid TOML: {error}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text: {error}") from None
     config = parse_config(raw, source=str(path))
     return _resolve_paths(config, base=path.parent.resolve())
 

@@ -170,11 +170,15 @@ def final_tensor_problems(folder: RunFolder, seq: int, digest: object) -> list[V
     path = folder.final_dir / PEFT_FILES[1]
     try:
         tensors = adapter_from_bytes(read_bounded(path))
-    except ModelError as error:
+    except (ModelError, UnsafeFileError) as error:
         return [VerifyProblem(seq, f"{path}: {error}")]
     last = folder.latest_checkpoint_round()
     if last is not None:
-        names = set(folder.load_checkpoint(last).adapter)
+        checkpoint = folder.checkpoint_dir(last) / "adapter.safetensors"
+        try:
+            names = set(adapter_from_bytes(read_bounded(checkpoint)))
+        except (ModelError, UnsafeFileError) as error:
+            return [VerifyProblem(seq, f"{checkpoint}: {error}")]
         tensors = {name: tensor for name, tensor in tensors.items() if name in names}
     if adapter_digest(tensors) != digest:
         return [
@@ -186,8 +190,10 @@ def final_tensor_problems(folder: RunFolder, seq: int, digest: object) -> list[V
 def _status_problems(folder: RunFolder, entries: Sequence[Entry]) -> list[VerifyProblem]:
     try:
         status = folder.read_json(folder.status_path).get("status")
-    except (OSError, ValueError):
+    except FileNotFoundError:
         return []  # no status file: nothing claimed
+    except (OSError, ValueError) as error:
+        return [VerifyProblem(None, f"{folder.status_path} cannot be read: {error}")]
     if status != "completed" or (entries and entries[-1].kind is EntryKind.RUN_FINISHED):
         return []
     last = f"{entries[-1].kind} (entry {entries[-1].seq})" if entries else "nothing"

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsilo.crypto import PublicKey, fingerprint, parse_public_key
-from fedsilo.storage import write_text_atomic
+from fedsilo.storage import read_json_object, write_text_atomic
 
 
 class MembershipError(ValueError):
@@ -62,11 +62,11 @@ def save_membership(membership: Membership, path: Path) -> None:
 def load_membership(path: Path) -> Membership:
     """Read and check a membership file (every key must parse)."""
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = read_json_object(Path(path))
     except FileNotFoundError:
         raise MembershipError(f"{path}: federation membership file not found") from None
-    except json.JSONDecodeError as error:
-        raise MembershipError(f"{path}: not valid JSON: {error}") from None
+    except ValueError as error:
+        raise MembershipError(str(error)) from None
     fields = ("federation_id", "run_id", "coordinator_key_path", "coordinator_public_key", "sites")
     missing = [name for name in fields if name not in data]
     if missing:

@@ -31,7 +31,7 @@ from safetensors.torch import save as save_safetensors
 
 from fedsilo.ledger import JsonValue
 from fedsilo.model.adapters import AdapterState, load_adapter, save_adapter
-from fedsilo.storage import atomic_folder, write_text_atomic
+from fedsilo.storage import atomic_folder, read_json_object, write_text_atomic
 
 _ROUND_DIR = re.compile(r"^round-(\d+)$")
 
@@ -194,7 +194,4 @@ class RunFolder:
         write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
     def read_json(self, path: Path) -> dict[str, Any]:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a JSON object")
-        return data
+        return read_json_object(path)
