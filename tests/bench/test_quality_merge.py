@@ -167,7 +167,10 @@ def test_merging_the_target_into_itself_or_nothing_is_refused(tmp_path: Path) ->
 def test_the_command_merges_and_updates_the_summary_entry(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    into = _write(tmp_path / "quality-x-seed1.json", _part({"fedavg": FEDAVG}))
+    into = _write(
+        tmp_path / "quality-x-seed1.json",
+        {**_part({"fedavg": FEDAVG}), "command": "fedsilo bench quality --seed 1"},
+    )
     other = _write(tmp_path / "central.json", _part({"centralized": CENTRALIZED}))
     summary = tmp_path / "summary.json"
 
@@ -175,6 +178,8 @@ def test_the_command_merges_and_updates_the_summary_entry(
 
     entry = json.loads(summary.read_text())["tasks"]["x"]
     assert entry["results_files"] == [str(into)]
+    parts = json.loads(into.read_text())["merged_from"]
+    assert [part["command"] for part in parts] == ["fedsilo bench quality --seed 1", None]
     assert set(entry["algorithms"]) == {"fedavg", "centralized"}
     assert "algorithms ['centralized', 'fedavg']" in capsys.readouterr().out
 

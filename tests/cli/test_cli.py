@@ -1,6 +1,7 @@
 """The `fedsilo` command on the tiny model: simulate, resume, export, generate, errors."""
 
 import json
+import shlex
 from collections.abc import Callable
 from pathlib import Path
 
@@ -98,6 +99,8 @@ def test_bench_quality_resume_goes_on_in_the_folder_its_results_name(
     common += ["--algorithms", "fedavg", "--no-edge-cases", "--results", str(results)]
     assert main([*common, "--out", str(tmp_path / "bench")]) == 0
     first = json.loads(results.read_text())
+    # The results say how to run them again.
+    assert first["command"] == shlex.join(["fedsilo", *common, "--out", str(tmp_path / "bench")])
     results.write_text(json.dumps({**first, "algorithms": {}, "complete": False}))
 
     assert main([*common, "--resume"]) == 0

@@ -123,6 +123,7 @@ def _part(path: Path, data: dict[str, Any]) -> dict[str, Any]:
         "wall_seconds": data.get("wall_seconds"),
         "machine": data.get("machine"),
         "measured_at": data.get("measured_at"),
+        "command": data.get("command"),
         "round0": data.get("round0"),
     }
 

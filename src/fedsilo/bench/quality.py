@@ -96,6 +96,8 @@ class QualityRequest:
     # Where every algorithm trains and is scored (train.device). Not part of the budget: the
     # same budget measures the same thing on either device (a GPU is not bit-reproducible).
     device: DeviceSetting = "cpu"
+    # The command line that asked for this run, kept in the results so they can be re-run.
+    command: str | None = None
 
 
 class _QuietReporter:
@@ -742,6 +744,8 @@ def run_quality_benchmark(request: QualityRequest) -> dict[str, Any]:
             },
             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
+        if request.command is not None:
+            result["command"] = request.command
         if "merged_from" in previous:  # parts other processes measured (fedsilo bench merge)
             result["merged_from"] = previous["merged_from"]
         write_text_atomic(request.results_path, json.dumps(result, indent=2) + "\n")

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -443,6 +444,7 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
                 say=say,
                 hyperparameters=hyperparameters,
                 device=args.device,
+                command=args.command_line,
             )
         )
         written.append(results)
@@ -771,6 +773,7 @@ def _add_site_keys_option(command: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `fedsilo` command."""
     args = _parser().parse_args(argv)
+    args.command_line = shlex.join(["fedsilo", *(sys.argv[1:] if argv is None else argv)])
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
