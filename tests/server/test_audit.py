@@ -276,6 +276,43 @@ def test_a_checkpoint_that_changes_after_the_resume_check_is_refused(
         run_with_grid(config, run_dir, resume=True)
 
 
+def test_a_resume_from_round_zero_of_an_older_ledger_refuses_any_state_but_a_fresh_one(
+    make_config: Callable[..., FedsiloConfig], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Ledgers written before baseline_evaluated recorded the state's digest bind nothing at
+    # round 0: the resume still refuses a state a fresh strategy would not have.
+    run_dir = tmp_path / "run"
+    config = make_config(run={"rounds": 2}, strategy={"server_momentum": 0.9})
+    _crash_before_checkpoint(monkeypatch, 1)
+    with pytest.raises(FederationError, match="power cut"):
+        run_with_grid(config, run_dir)
+    monkeypatch.undo()
+    original_entries = federation.read_entries
+
+    def older_ledger(path: Path) -> list[Any]:
+        return [
+            dataclasses.replace(
+                entry,
+                payload={k: v for k, v in entry.payload.items() if k != "server_state_sha256"},
+            )
+            if entry.kind is EntryKind.BASELINE_EVALUATED
+            else entry
+            for entry in original_entries(path)
+        ]
+
+    original_load = RunFolder.load_checkpoint
+
+    def planted(self: RunFolder, round_number: int) -> Checkpoint:
+        checkpoint = original_load(self, round_number)
+        velocity = {f"velocity.{name}": v + 1.0 for name, v in checkpoint.adapter.items()}
+        return dataclasses.replace(checkpoint, server_state=velocity)
+
+    monkeypatch.setattr(federation, "read_entries", older_ledger)
+    monkeypatch.setattr(RunFolder, "load_checkpoint", planted)
+    with pytest.raises(FederationError, match="from round 0 is not a fresh strategy's"):
+        run_with_grid(config, run_dir, resume=True)
+
+
 def test_an_update_is_ledgered_before_it_is_folded_into_the_sum(
     make_config: Callable[..., FedsiloConfig], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

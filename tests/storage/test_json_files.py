@@ -48,6 +48,14 @@ def test_json_nested_deeper_than_the_parser_goes_is_refused_naming_the_file(
         read_json_object(path)
 
 
+def test_an_integer_python_will_not_parse_is_refused_naming_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "round.json"
+    path.write_text('{"a": ' + "1" * 5000 + "}")  # over Python's 4,300-digit limit
+
+    with pytest.raises(ValueError, match=f"{path}: not valid JSON"):
+        read_json_object(path)
+
+
 def test_a_missing_file_is_file_not_found(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         read_json_object(tmp_path / "absent.json")

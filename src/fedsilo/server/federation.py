@@ -512,14 +512,17 @@ def _check_loaded_checkpoint(plan: FederationPlan, checkpoint: Checkpoint) -> No
             f"round {round_number}"
         )
     state_digest = sha256_hex(server_state_bytes(checkpoint.server_state))
-    fresh = round_number == 0 and state_digest != sha256_hex(
-        server_state_bytes(plan.strategy.state_dict())
-    )
-    if fresh or state_digest != states.get(round_number, state_digest):
+    recorded = states.get(round_number)
+    if recorded is not None and state_digest != recorded:
         raise FederationError(
             f"{where / SERVER_STATE_FILE}: the strategy state loaded for resuming is not the one "
             f"the ledger records for round {round_number}"
-            + (" (a fresh strategy's, at round 0)" if fresh else "")
+        )
+    fresh_digest = sha256_hex(server_state_bytes(plan.strategy.state_dict()))
+    if round_number == 0 and state_digest != fresh_digest:
+        raise FederationError(
+            f"{where / SERVER_STATE_FILE}: the strategy state loaded for resuming from round 0 "
+            "is not a fresh strategy's (nothing is aggregated before round 1)"
         )
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -95,9 +96,23 @@ def hash_file(path: Path, *, limit: int = MAX_HASHED_BYTES) -> str:
 
 
 def read_bounded(path: Path, *, limit: int = MAX_PARSED_BYTES) -> bytes:
-    """The bytes of a regular file of at most ``limit`` bytes."""
-    _regular_size(path, limit)
-    with Path(path).open("rb") as handle:
+    """The bytes of a regular file of at most ``limit`` bytes.
+
+    Opened without blocking and checked on the open descriptor, so that a FIFO swapped in
+    after a separate check cannot block the audit.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as error:
+        raise UnsafeFileError(f"{path}: cannot be read: {error.strerror}") from None
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise UnsafeFileError(f"{path}: not a regular file")
+        if info.st_size > limit:
+            raise UnsafeFileError(
+                f"{path}: {info.st_size} bytes, over the audit's {limit}-byte limit"
+            )
         data = handle.read(limit + 1)
     if len(data) > limit:
         raise UnsafeFileError(f"{path}: over the audit's {limit}-byte limit")

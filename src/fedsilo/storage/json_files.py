@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import stat
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,12 @@ def read_json_object(path: Path, *, limit: int = MAX_JSON_BYTES) -> dict[str, An
     FileNotFoundError, as reading it would.
     """
     path = Path(path)
-    info = path.stat()
-    if not stat.S_ISREG(info.st_mode):
-        raise ValueError(f"{path}: not a regular file")
-    with path.open("rb") as handle:
+    # Opened without blocking and checked on the open descriptor: a FIFO swapped in after a
+    # separate check could otherwise still block the open or the read.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"{path}: not a regular file")
         data = handle.read(limit + 1)
     if len(data) > limit:
         raise ValueError(f"{path}: over the {limit}-byte limit for a JSON file")
@@ -33,7 +36,7 @@ def read_json_object(path: Path, *, limit: int = MAX_JSON_BYTES) -> dict[str, An
         raise ValueError(f"{path}: not UTF-8 text ({error})") from None
     except RecursionError:
         raise ValueError(f"{path}: JSON nested too deeply") from None
-    except json.JSONDecodeError as error:
+    except ValueError as error:  # JSONDecodeError, and e.g. an integer of too many digits
         raise ValueError(f"{path}: not valid JSON: {error}") from None
     if not isinstance(value, dict):
         raise ValueError(f"{path}: expected a JSON object, found a {type(value).__name__}")
