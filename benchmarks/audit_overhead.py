@@ -61,7 +61,7 @@ from fedsilo.ledger.entries import SITE_CLAIMS_FIELD, SITE_METRICS_FIELD, SITE_P
 from fedsilo.model.adapters import adapter_to_bytes
 from fedsilo.protocol.records import PolicyDeclaration, SignedClaims, SignedPolicy, SiteMetrics
 from fedsilo.server.federation import adapter_digest
-from fedsilo.server.run_folder import server_state_bytes
+from fedsilo.server.run_folder import server_state_digest
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -199,7 +199,7 @@ def one_round(
         {
             "round": round_number,
             "adapter_sha256": adapter_digest(new_global),
-            "server_state_sha256": sha256_hex(server_state_bytes(velocity)),
+            "server_state_sha256": server_state_digest(velocity),
         },
     )
     for binding, entry in entries:

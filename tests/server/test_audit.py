@@ -232,11 +232,9 @@ def test_a_server_state_planted_at_round_zero_fails_the_audit_and_the_resume(
     # Nothing is aggregated before round 1, so a velocity in round 0's state would move the
     # first resumed round's adapter wherever its writer chose: the baseline entry binds it.
     run_dir = tmp_path / "run"
-    config = make_config(run={"rounds": 2}, strategy={"server_momentum": 0.9})
-    _crash_before_checkpoint(monkeypatch, 1)
-    with pytest.raises(FederationError, match="power cut"):
-        run_with_grid(config, run_dir)
-    monkeypatch.undo()
+    config = _momentum_run_stopped_before_checkpoint(
+        make_config, run_dir, monkeypatch, rounds=2, crash_round=1
+    )
     folder = RunFolder(run_dir)
     adapter = load_file(str(folder.checkpoint_dir(0) / "adapter.safetensors"))
     planted = {f"velocity.{name}": torch.full_like(value, 1e3) for name, value in adapter.items()}
@@ -249,6 +247,35 @@ def test_a_server_state_planted_at_round_zero_fails_the_audit_and_the_resume(
         run_with_grid(config, run_dir, resume=True)
 
 
+def _momentum_run_stopped_before_checkpoint(
+    make_config: Callable[..., FedsiloConfig],
+    run_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    rounds: int,
+    crash_round: int,
+) -> FedsiloConfig:
+    config = make_config(run={"rounds": rounds}, strategy={"server_momentum": 0.9})
+    _crash_before_checkpoint(monkeypatch, crash_round)
+    with pytest.raises(FederationError, match="power cut"):
+        run_with_grid(config, run_dir)
+    monkeypatch.undo()
+    return config
+
+
+def _plant_velocity_when_loaded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checkpoints read back with a velocity in their strategy state, as if swapped on disk
+    after the resume check hashed them."""
+    original = RunFolder.load_checkpoint
+
+    def planted(self: RunFolder, round_number: int) -> Checkpoint:
+        checkpoint = original(self, round_number)
+        velocity = {f"velocity.{name}": v + 1.0 for name, v in checkpoint.adapter.items()}
+        return dataclasses.replace(checkpoint, server_state=velocity)
+
+    monkeypatch.setattr(RunFolder, "load_checkpoint", planted)
+
+
 @pytest.mark.parametrize("crash_round", [1, 3])
 def test_a_checkpoint_that_changes_after_the_resume_check_is_refused(
     make_config: Callable[..., FedsiloConfig],
@@ -259,19 +286,10 @@ def test_a_checkpoint_that_changes_after_the_resume_check_is_refused(
     # The files are hashed when the resume is checked and read again to be applied: what is
     # applied is compared with the ledger too (at round 0, with a fresh strategy's state).
     run_dir = tmp_path / "run"
-    config = make_config(run={"rounds": 3}, strategy={"server_momentum": 0.9})
-    _crash_before_checkpoint(monkeypatch, crash_round)
-    with pytest.raises(FederationError, match="power cut"):
-        run_with_grid(config, run_dir)
-    monkeypatch.undo()
-    original = RunFolder.load_checkpoint
-
-    def swapped(self: RunFolder, round_number: int) -> Checkpoint:
-        checkpoint = original(self, round_number)
-        planted = {f"velocity.{name}": v + 1.0 for name, v in checkpoint.adapter.items()}
-        return dataclasses.replace(checkpoint, server_state=planted)
-
-    monkeypatch.setattr(RunFolder, "load_checkpoint", swapped)
+    config = _momentum_run_stopped_before_checkpoint(
+        make_config, run_dir, monkeypatch, rounds=3, crash_round=crash_round
+    )
+    _plant_velocity_when_loaded(monkeypatch)
     with pytest.raises(FederationError, match="strategy state loaded for resuming is not"):
         run_with_grid(config, run_dir, resume=True)
 
@@ -282,11 +300,9 @@ def test_a_resume_from_round_zero_of_an_older_ledger_refuses_any_state_but_a_fre
     # Ledgers written before baseline_evaluated recorded the state's digest bind nothing at
     # round 0: the resume still refuses a state a fresh strategy would not have.
     run_dir = tmp_path / "run"
-    config = make_config(run={"rounds": 2}, strategy={"server_momentum": 0.9})
-    _crash_before_checkpoint(monkeypatch, 1)
-    with pytest.raises(FederationError, match="power cut"):
-        run_with_grid(config, run_dir)
-    monkeypatch.undo()
+    config = _momentum_run_stopped_before_checkpoint(
+        make_config, run_dir, monkeypatch, rounds=2, crash_round=1
+    )
     original_entries = federation.read_entries
 
     def older_ledger(path: Path) -> list[Any]:
@@ -300,15 +316,8 @@ def test_a_resume_from_round_zero_of_an_older_ledger_refuses_any_state_but_a_fre
             for entry in original_entries(path)
         ]
 
-    original_load = RunFolder.load_checkpoint
-
-    def planted(self: RunFolder, round_number: int) -> Checkpoint:
-        checkpoint = original_load(self, round_number)
-        velocity = {f"velocity.{name}": v + 1.0 for name, v in checkpoint.adapter.items()}
-        return dataclasses.replace(checkpoint, server_state=velocity)
-
     monkeypatch.setattr(federation, "read_entries", older_ledger)
-    monkeypatch.setattr(RunFolder, "load_checkpoint", planted)
+    _plant_velocity_when_loaded(monkeypatch)
     with pytest.raises(FederationError, match="from round 0 is not a fresh strategy's"):
         run_with_grid(config, run_dir, resume=True)
 

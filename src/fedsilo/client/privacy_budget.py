@@ -18,42 +18,41 @@ from fedsilo.privacy.accounting import compute_epsilon
 from fedsilo.privacy.calibration import calibrate_noise_multiplier
 from fedsilo.privacy.events import DpEvent, PoissonGaussianEvent, event_from_json, event_to_json
 from fedsilo.protocol.records import DpTask, RoundTask
-from fedsilo.storage import write_text_atomic
+from fedsilo.storage import read_json_value, write_text_atomic
 
 
-def _spent_entries(path: Path) -> list[dict[str, object]]:
-    """The entries of the site's record; ValueError naming the file and entry when damaged
-    (the site then refuses to train rather than guess what it has spent)."""
+def _read_record(path: Path) -> tuple[list[dict[str, object]], list[DpEvent]]:
+    """The entries of the site's record and the events they hold (none if the file is absent);
+    ValueError naming the file and entry when damaged (the site then refuses to train rather
+    than guess what it has spent)."""
     if not path.exists():
-        return []
+        return [], []
     try:
-        entries = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError) as error:  # UnicodeDecodeError is a ValueError
+        entries = read_json_value(path)
+    except ValueError as error:
         raise ValueError(f"{path}: not a JSON list of released DP events ({error})") from None
     if not isinstance(entries, list):
         raise ValueError(f"{path}: not a JSON list of released DP events")
+    events = []
     for index, entry in enumerate(entries):
         if not isinstance(entry, dict) or "event" not in entry:
             raise ValueError(f"{path}: entry {index} is not an object with an 'event'")
-    return entries
+        try:
+            events.append(event_from_json(entry["event"]))
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"{path}: entry {index} holds no valid DP event ({error})") from None
+    return entries, events
 
 
 def read_spent(path: Path) -> list[DpEvent]:
     """Every DP event this site has released, oldest first (none if the file is absent)."""
-    events = []
-    for index, entry in enumerate(_spent_entries(path)):
-        try:
-            events.append(event_from_json(entry["event"]))  # type: ignore[arg-type]
-        except (ValueError, KeyError, TypeError) as error:
-            raise ValueError(f"{path}: entry {index} holds no valid DP event ({error})") from None
-    return events
+    return _read_record(path)[1]
 
 
 def record_spent(path: Path, *, run_id: str, round_number: int, event: DpEvent) -> None:
     """Append one released event to the site's record (rewritten atomically); a record that
     does not read back whole is refused, never rewritten."""
-    read_spent(path)
-    entries = _spent_entries(path)
+    entries, _ = _read_record(path)
     entries.append({"run_id": run_id, "round": round_number, "event": event_to_json(event)})
     write_text_atomic(path, json.dumps(entries, indent=2) + "\n")
 

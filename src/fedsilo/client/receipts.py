@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from fedsilo.crypto import Receipt, UpdateBinding, encode_signature, verify_receipt
 from fedsilo.protocol.records import RUN_ID_PATTERN, STAGE_PATTERN
-from fedsilo.storage import write_text_atomic
+from fedsilo.storage import read_json_value, write_text_atomic
 
 if TYPE_CHECKING:
     from fedsilo.client.site import Site
@@ -64,8 +64,8 @@ def _sent_bindings(path: Path) -> list[dict[str, str | int]]:
     if not path.exists():
         return []
     try:
-        loaded = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError) as error:  # UnicodeDecodeError is a ValueError
+        loaded = read_json_value(path)
+    except ValueError as error:
         raise ValueError(f"{path}: not a JSON list of sent update bindings ({error})") from None
     if not isinstance(loaded, list) or not all(isinstance(b, dict) for b in loaded):
         raise ValueError(f"{path}: not a list of sent update bindings")

@@ -23,7 +23,7 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from fedsilo.config import FedsiloConfig
-from fedsilo.crypto import Receipt, sha256_hex, sign_receipt
+from fedsilo.crypto import Receipt, sign_receipt
 from fedsilo.evaluation.metrics import GoldMetrics
 from fedsilo.ledger import EntryKind, JsonValue, read_entries
 from fedsilo.model.adapters import AdapterState
@@ -64,7 +64,7 @@ from fedsilo.server.run_folder import (
     Checkpoint,
     check_server_state,
     record_digest,
-    server_state_bytes,
+    server_state_digest,
 )
 from fedsilo.server.secagg_round import collect_secure_round
 from fedsilo.server.strategies import SiteUpdate
@@ -436,7 +436,7 @@ def run_federation(grid: Grid, plan: FederationPlan, *, resume: bool) -> Adapter
                 "adapter_sha256": adapter_digest(global_state),
                 # Binds the strategy's state (momentum, FedAdam moments) that a resumed run
                 # applies: an edited one fails the audit and the resume.
-                "server_state_sha256": sha256_hex(server_state_bytes(server_state)),
+                "server_state_sha256": server_state_digest(server_state),
                 "sites": record["sites"],
                 "examples": record["examples"],
                 "strategy": strategy.name,
@@ -511,14 +511,14 @@ def _check_loaded_checkpoint(plan: FederationPlan, checkpoint: Checkpoint) -> No
             f"{where}: the adapter loaded for resuming is not the one the ledger records for "
             f"round {round_number}"
         )
-    state_digest = sha256_hex(server_state_bytes(checkpoint.server_state))
+    state_digest = server_state_digest(checkpoint.server_state)
     recorded = states.get(round_number)
     if recorded is not None and state_digest != recorded:
         raise FederationError(
             f"{where / SERVER_STATE_FILE}: the strategy state loaded for resuming is not the one "
             f"the ledger records for round {round_number}"
         )
-    fresh_digest = sha256_hex(server_state_bytes(plan.strategy.state_dict()))
+    fresh_digest = server_state_digest(plan.strategy.state_dict())
     if round_number == 0 and state_digest != fresh_digest:
         raise FederationError(
             f"{where / SERVER_STATE_FILE}: the strategy state loaded for resuming from round 0 "
@@ -569,7 +569,7 @@ def _starting_point(plan: FederationPlan, *, resume: bool) -> tuple[int, Adapter
         {
             "round": 0,
             "metrics_sha256": record_digest(record),
-            "server_state_sha256": sha256_hex(server_state_bytes(plan.strategy.state_dict())),
+            "server_state_sha256": server_state_digest(plan.strategy.state_dict()),
         },
     )
     folder.save_checkpoint(Checkpoint(0, plan.initial_adapter, plan.strategy.state_dict(), record))

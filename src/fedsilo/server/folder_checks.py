@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from fedsilo.model.adapters import adapter_from_bytes
 from fedsilo.model.base import ModelError
 from fedsilo.server.rounds import adapter_digest
 from fedsilo.server.run_folder import RunFolder, record_digest
+from fedsilo.storage import read_regular_file
 
 MAX_HASHED_BYTES = 16 * 1024**3
 """Largest file the audit hashes (streamed): far above any adapter, far below a disk-filler."""
@@ -96,27 +96,14 @@ def hash_file(path: Path, *, limit: int = MAX_HASHED_BYTES) -> str:
 
 
 def read_bounded(path: Path, *, limit: int = MAX_PARSED_BYTES) -> bytes:
-    """The bytes of a regular file of at most ``limit`` bytes.
-
-    Opened without blocking and checked on the open descriptor, so that a FIFO swapped in
-    after a separate check cannot block the audit.
-    """
+    """The bytes of a regular file of at most ``limit`` bytes (see
+    :func:`fedsilo.storage.read_regular_file`); UnsafeFileError otherwise."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        return read_regular_file(path, limit=limit)
     except OSError as error:
         raise UnsafeFileError(f"{path}: cannot be read: {error.strerror}") from None
-    with os.fdopen(fd, "rb") as handle:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise UnsafeFileError(f"{path}: not a regular file")
-        if info.st_size > limit:
-            raise UnsafeFileError(
-                f"{path}: {info.st_size} bytes, over the audit's {limit}-byte limit"
-            )
-        data = handle.read(limit + 1)
-    if len(data) > limit:
-        raise UnsafeFileError(f"{path}: over the audit's {limit}-byte limit")
-    return data
+    except ValueError as error:
+        raise UnsafeFileError(str(error)) from None
 
 
 def _last(entries: Sequence[Entry], kind: EntryKind) -> Entry | None:

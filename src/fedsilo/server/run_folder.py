@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from fedsilo.crypto import sha256_hex
 from fedsilo.ledger import JsonValue
 from fedsilo.model.adapters import AdapterState, load_adapter, save_adapter
 from fedsilo.storage import atomic_folder, read_json_object, write_text_atomic
@@ -53,6 +54,11 @@ def server_state_bytes(state: Mapping[str, torch.Tensor]) -> bytes:
     """A strategy's state as the safetensors bytes its checkpoint file holds (the same state
     always gives the same bytes, so the ledger can record their sha256)."""
     return save_safetensors({name: state[name].detach().contiguous() for name in sorted(state)})
+
+
+def server_state_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """The sha256 the ledger records for a strategy's state: that of its checkpoint file."""
+    return sha256_hex(server_state_bytes(state))
 
 
 def check_server_state(state: Mapping[str, torch.Tensor], *, like: AdapterState, what: str) -> None:

@@ -1,7 +1,14 @@
 """Crash-safe file and folder writes (a half-written file never replaces a good one), and
-bounded reads of the JSON files others may hand over."""
+bounded reads of the files others may hand over."""
 
 from fedsilo.storage.atomic import atomic_folder, write_bytes_atomic, write_text_atomic
-from fedsilo.storage.json_files import read_json_object
+from fedsilo.storage.json_files import read_json_object, read_json_value, read_regular_file
 
-__all__ = ["atomic_folder", "read_json_object", "write_bytes_atomic", "write_text_atomic"]
+__all__ = [
+    "atomic_folder",
+    "read_json_object",
+    "read_json_value",
+    "read_regular_file",
+    "write_bytes_atomic",
+    "write_text_atomic",
+]
