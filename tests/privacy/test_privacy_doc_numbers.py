@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from fedsilo.privacy.events import SampledSitesGaussianEvent
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
+# A PLD calibration takes seconds; several checks quote the same one.
+@functools.cache
 def _calibrated(records: int, batch: int, steps: int, epsilon: float, accountant: str) -> float:
     """The noise multiplier fedsilo calibrates (default tolerance, as the runs do)."""
     assert accountant in ("rdp", "pld")
