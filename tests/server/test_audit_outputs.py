@@ -1,6 +1,7 @@
 """The audit covers what a run hands out: final/, the run's end, receipts, metrics, lineage."""
 
 import json
+import os
 import shutil
 import sqlite3
 from collections.abc import Callable
@@ -273,6 +274,15 @@ def test_lineage_self_reference_is_a_problem_not_a_recursion(finished_run: Path)
 def test_audit_hashes_only_regular_files_inside_the_folder(tmp_path: Path) -> None:
     with pytest.raises(UnsafeFileError, match="not a regular file"):
         hash_file(Path("/dev/zero"))
+    # A FIFO is refused without blocking: it is opened non-blocking and checked once open.
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(UnsafeFileError, match="not a regular file"):
+        hash_file(tmp_path / "fifo")
+    with pytest.raises(UnsafeFileError, match="cannot be read"):
+        hash_file(tmp_path / "missing")
+    (tmp_path / "big").write_bytes(b"x" * 11)
+    with pytest.raises(UnsafeFileError, match="11 bytes, over the 10-byte limit"):
+        hash_file(tmp_path / "big", limit=10)
     (tmp_path / "link").symlink_to("/dev/zero")
     with pytest.raises(UnsafeFileError, match="leaves the run folder"):
         contained(tmp_path, "link", field="transfer.file")

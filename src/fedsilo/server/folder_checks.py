@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ from fedsilo.model.adapters import adapter_from_bytes
 from fedsilo.model.base import ModelError
 from fedsilo.server.rounds import adapter_digest
 from fedsilo.server.run_folder import RunFolder, record_digest
-from fedsilo.storage import read_regular_file
+from fedsilo.storage import open_regular_file, read_regular_file
 
 MAX_HASHED_BYTES = 16 * 1024**3
 """Largest file the audit hashes (streamed): far above any adapter, far below a disk-filler."""
@@ -69,29 +68,24 @@ def contained(root: Path, relative: object, *, field: str) -> Path:
     return Path(root) / candidate
 
 
-def _regular_size(path: Path, limit: int) -> int:
-    try:
-        info = path.stat()
-    except OSError as error:
-        raise UnsafeFileError(f"{path}: cannot be read: {error.strerror}") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise UnsafeFileError(f"{path}: not a regular file")
-    if info.st_size > limit:
-        raise UnsafeFileError(f"{path}: {info.st_size} bytes, over the audit's {limit}-byte limit")
-    return info.st_size
-
-
 def hash_file(path: Path, *, limit: int = MAX_HASHED_BYTES) -> str:
-    """sha256 hex of a regular file of at most ``limit`` bytes, read in chunks."""
-    _regular_size(path, limit)
+    """sha256 hex of a regular file of at most ``limit`` bytes, read in chunks (checked on
+    the open descriptor, as :func:`fedsilo.storage.open_regular_file` does)."""
     digest = hashlib.sha256()
     read = 0
-    with Path(path).open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            read += len(chunk)
-            if read > limit:  # the file grew while it was read
-                raise UnsafeFileError(f"{path}: over the audit's {limit}-byte limit")
-            digest.update(chunk)
+    try:
+        with open_regular_file(path, limit=limit) as handle:
+            while chunk := handle.read(1 << 20):
+                read += len(chunk)
+                if read > limit:  # the file grew while it was read
+                    raise UnsafeFileError(f"{path}: over the audit's {limit}-byte limit")
+                digest.update(chunk)
+    except OSError as error:
+        raise UnsafeFileError(f"{path}: cannot be read: {error.strerror}") from None
+    except UnsafeFileError:
+        raise
+    except ValueError as error:
+        raise UnsafeFileError(str(error)) from None
     return digest.hexdigest()
 
 

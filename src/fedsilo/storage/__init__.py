@@ -2,10 +2,16 @@
 bounded reads of the files others may hand over."""
 
 from fedsilo.storage.atomic import atomic_folder, write_bytes_atomic, write_text_atomic
-from fedsilo.storage.json_files import read_json_object, read_json_value, read_regular_file
+from fedsilo.storage.json_files import (
+    open_regular_file,
+    read_json_object,
+    read_json_value,
+    read_regular_file,
+)
 
 __all__ = [
     "atomic_folder",
+    "open_regular_file",
     "read_json_object",
     "read_json_value",
     "read_regular_file",

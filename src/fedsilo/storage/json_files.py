@@ -5,20 +5,25 @@ from __future__ import annotations
 import json
 import os
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 MAX_JSON_BYTES = 64 * 1024**2
 """Largest JSON file read whole (status, run information, membership, round records, a site's
 records); the largest fedsilo writes, a membership of thousands of sites, is a few megabytes."""
 
 
-def read_regular_file(path: Path, *, limit: int) -> bytes:
-    """The bytes of the regular file ``path``, at most ``limit``; ValueError naming ``path``.
+@contextmanager
+def open_regular_file(path: Path, *, limit: int) -> Iterator[BinaryIO]:
+    """``path`` opened for reading when it is a regular file of at most ``limit`` bytes;
+    ValueError naming ``path`` otherwise.
 
     Opened without blocking and checked on the open descriptor: a FIFO or a device, even one
     swapped in after a separate check, cannot block or exhaust the reader. A missing file
-    raises FileNotFoundError, as reading it would.
+    raises FileNotFoundError, as opening it would. The caller still stops at ``limit`` bytes
+    read: the file may grow after the check.
     """
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     with os.fdopen(fd, "rb") as handle:
@@ -27,6 +32,13 @@ def read_regular_file(path: Path, *, limit: int) -> bytes:
             raise ValueError(f"{path}: not a regular file")
         if info.st_size > limit:
             raise ValueError(f"{path}: {info.st_size} bytes, over the {limit}-byte limit")
+        yield handle
+
+
+def read_regular_file(path: Path, *, limit: int) -> bytes:
+    """The bytes of the regular file ``path``, at most ``limit``; ValueError naming ``path``
+    (see :func:`open_regular_file`)."""
+    with open_regular_file(path, limit=limit) as handle:
         data = handle.read(limit + 1)
     if len(data) > limit:
         raise ValueError(f"{path}: over the {limit}-byte limit")
