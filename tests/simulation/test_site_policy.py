@@ -176,3 +176,27 @@ def test_an_update_without_its_signed_policy_declaration_is_rejected(
     assert round_one["sites_ok"] == 2
     [failure] = round_one["failures"].values()
     assert reason in failure
+
+
+def test_a_simulated_site_refuses_an_adapter_outside_its_policy(
+    make_config: Callable[..., FedsiloConfig], tmp_path: Path
+) -> None:
+    # The test config trains LoRA rank 4 on every projection.
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    config = make_config(
+        run={"rounds": 1, "site_policies": str(policies)}, strategy={"min_sites": 1}
+    )
+    narrow, small, _ = [s.name for s in build_task(config.task, seed=config.run.seed).sites]
+    accept = '[accept]\nfederation_id = "fedsilo-simulation"\n[limits]\n'
+    (policies / f"{narrow}.toml").write_text(accept + 'lora_targets = ["q_proj", "v_proj"]\n')
+    (policies / f"{small}.toml").write_text(accept + "lora_rank = [1, 2]\n")
+
+    run_with_grid(config, tmp_path / "run")
+
+    [_, round_one] = RunFolder(tmp_path / "run").read_metrics()
+    assert round_one["sites_ok"] == 1
+    assert narrow not in round_one["sites"] and small not in round_one["sites"]
+    reasons = sorted(round_one["failures"].values())
+    assert any("lora_rank=4 is outside the policy's range [1, 2]" in r for r in reasons), reasons
+    assert any("are not in the policy's lora_targets ['q_proj', 'v_proj']" in r for r in reasons)
