@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from fedsilo.data import records
 from fedsilo.data.records import ChatRecord, DataError, TextRecord, load_records
 from fedsilo.storage import write_bytes_atomic, write_text_atomic
 
@@ -299,6 +300,37 @@ def test_csv_cells_longer_than_the_csv_default_limit_load(tmp_path: Path) -> Non
     assert load_records(path) == [TextRecord(text=long_text)]
 
 
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        ('{"text": "a", "n": ' + "1" * 5000 + "}", r"line 1: invalid JSON: Exceeds the limit"),
+        ('{"text": "a", "deep": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
+        ('{"text": "first", "text": "second"}', r"line 1: field 'text' given twice"),
+        ('{"text": "a\\ud800b"}', r"line 1: field 'text' is not valid Unicode text"),
+    ],
+)
+def test_hostile_jsonl_lines_name_the_line(tmp_path: Path, line: str, reason: str) -> None:
+    path = tmp_path / "site.jsonl"
+    write_text_atomic(path, line + "\n")
+
+    with pytest.raises(DataError, match=reason):
+        load_records(path)
+
+
+def test_a_line_or_cell_over_the_field_limit_is_refused_before_it_is_read_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(records, "MAX_FIELD_BYTES", 1000)
+    jsonl = _jsonl(tmp_path / "site.jsonl", {"text": "short"}, {"text": "x" * 2000})
+    csv_file = tmp_path / "site.csv"
+    write_text_atomic(csv_file, "text\nshort\n" + "x" * 2000 + "\n")
+
+    with pytest.raises(DataError, match=r"site\.jsonl: line 2: over the 1000-byte limit"):
+        load_records(jsonl)
+    with pytest.raises(DataError, match=r"site\.csv: line 3: invalid CSV: field larger"):
+        load_records(csv_file)
+
+
 # --- Parquet record errors name file, row index and field --------------------------------------
 
 
@@ -316,6 +348,14 @@ def test_parquet_null_response_names_row_and_field(tmp_path: Path) -> None:
     path = _parquet(tmp_path / "site.parquet", table)
 
     with pytest.raises(DataError, match=r"site\.parquet: row index 1: missing field 'response'"):
+        load_records(path)
+
+
+def test_parquet_column_given_twice_is_rejected(tmp_path: Path) -> None:
+    table = pa.Table.from_arrays([pa.array(["a"]), pa.array(["b"])], names=["text", "text"])
+    path = _parquet(tmp_path / "site.parquet", table)
+
+    with pytest.raises(DataError, match=r"site\.parquet: column\(s\) 'text' appear more than once"):
         load_records(path)
 
 

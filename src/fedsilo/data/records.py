@@ -28,8 +28,9 @@ PROMPT_FIELD = "prompt"
 RESPONSE_FIELD = "response"
 RECORD_FIELDS = (TEXT_FIELD, PROMPT_FIELD, RESPONSE_FIELD)
 
-# Clinical notes can exceed the csv module's default 128 KiB per field.
-_CSV_FIELD_LIMIT = 2**31 - 1
+MAX_FIELD_BYTES = 16 * 1024**2
+"""Largest JSONL line or CSV field read: far above any clinical note (the csv module's own
+default, 128 KiB, is not), far below what would exhaust a site's memory before a check."""
 _PARQUET_BATCH_ROWS = 4096
 
 
@@ -78,34 +79,64 @@ def _type_name(value: object) -> str:
     return type(value).__name__
 
 
-def _read_jsonl(path: Path, stats: _ReadStats) -> Iterator[_RawRecord]:
+class _DuplicateKeyError(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """A JSON object's members; a key given twice is an error, not the last one winning."""
+    fields: dict[str, object] = {}
+    for key, value in pairs:
+        if key in fields:
+            raise _DuplicateKeyError(key)
+        fields[key] = value
+    return fields
+
+
+def _jsonl_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """``path``'s lines (1-based numbers), none read beyond :data:`MAX_FIELD_BYTES`."""
     with path.open("rb") as handle:
-        for number, raw_line in enumerate(handle, start=1):
-            # Decoding line by line lets an encoding error name its line.
-            try:
-                line = raw_line.decode("utf-8-sig" if number == 1 else "utf-8")
-            except UnicodeDecodeError as error:
-                raise DataError(
-                    f"{path}: line {number}: not valid UTF-8 ({error.reason})"
-                ) from None
-            if not line.strip():
-                stats.blank_lines += 1
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(
-                    f"{path}: line {number}: invalid JSON: {error.msg} (column {error.colno})"
-                ) from None
-            if not isinstance(value, dict):
-                raise DataError(
-                    f"{path}: line {number}: expected a JSON object, got {_type_name(value)}"
-                )
-            yield _RawRecord(where=f"line {number}", fields=value)
+        number = 0
+        while raw_line := handle.readline(MAX_FIELD_BYTES + 1):
+            number += 1
+            if len(raw_line) > MAX_FIELD_BYTES:
+                raise DataError(f"{path}: line {number}: over the {MAX_FIELD_BYTES}-byte limit")
+            yield number, raw_line
+
+
+def _read_jsonl(path: Path, stats: _ReadStats) -> Iterator[_RawRecord]:
+    for number, raw_line in _jsonl_lines(path):
+        # Decoding line by line lets an encoding error name its line.
+        try:
+            line = raw_line.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as error:
+            raise DataError(f"{path}: line {number}: not valid UTF-8 ({error.reason})") from None
+        if not line.strip():
+            stats.blank_lines += 1
+            continue
+        try:
+            value = json.loads(line, object_pairs_hook=_unique_keys)
+        except _DuplicateKeyError as error:
+            raise DataError(f"{path}: line {number}: field {error.key!r} given twice") from None
+        except json.JSONDecodeError as error:
+            raise DataError(
+                f"{path}: line {number}: invalid JSON: {error.msg} (column {error.colno})"
+            ) from None
+        except RecursionError:
+            raise DataError(f"{path}: line {number}: JSON nested too deeply") from None
+        except ValueError as error:  # e.g. an integer of too many digits
+            raise DataError(f"{path}: line {number}: invalid JSON: {error}") from None
+        if not isinstance(value, dict):
+            raise DataError(
+                f"{path}: line {number}: expected a JSON object, got {_type_name(value)}"
+            )
+        yield _RawRecord(where=f"line {number}", fields=value)
 
 
 def _read_csv(path: Path, stats: _ReadStats) -> Iterator[_RawRecord]:
-    previous_limit = csv.field_size_limit(_CSV_FIELD_LIMIT)
+    previous_limit = csv.field_size_limit(MAX_FIELD_BYTES)
     try:
         with path.open(encoding="utf-8-sig", newline="") as handle:
             reader = csv.reader(handle, strict=True)
@@ -167,6 +198,9 @@ def _read_parquet(path: Path, stats: _ReadStats) -> Iterator[_RawRecord]:
     except (pa.ArrowException, OSError) as error:
         raise DataError(f"{path}: not a readable Parquet file: {error}") from None
     names = parquet.schema_arrow.names
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise DataError(f"{path}: column(s) {', '.join(map(repr, repeated))} appear more than once")
     used = [name for name in names if name in RECORD_FIELDS]
     if not used and parquet.metadata.num_rows > 0:
         # Reading zero columns would say nothing useful; name the columns that do exist.
@@ -208,6 +242,12 @@ def _string_field(path: Path, raw: _RawRecord, name: str) -> str | None:
         )
     if not value.strip():
         raise DataError(f"{path}: {raw.where}: field {name!r} is empty")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:  # a lone surrogate (JSON's "\ud800"): not text
+        raise DataError(
+            f"{path}: {raw.where}: field {name!r} is not valid Unicode text ({error.reason})"
+        ) from None
     return value
 
 
