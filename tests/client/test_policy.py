@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from fedsilo.client.policy import (
+    MAX_POLICY_BYTES,
     PolicyError,
     SitePolicy,
     TaskRefusedError,
@@ -135,6 +136,43 @@ def test_inverted_range_is_refused(tmp_path: Path) -> None:
         PolicyError, match=r"limits: .*batch_size: lower bound 64(\.0)? exceeds upper bound 1"
     ):
         load_policy(path)
+
+
+@pytest.mark.parametrize(
+    ("rules", "field"),
+    [
+        ("learning_rate = [nan, 1.0]\n", "limits.learning_rate.0"),
+        ("learning_rate = [0.0, inf]\n", "limits.learning_rate.1"),
+        ('batch_size = ["1", "64"]\n', "limits.batch_size.0"),
+        ("batch_size = [true, 64]\n", "limits.batch_size.0"),
+        ("learning_rate = [-1.0, 1.0]\n", "limits.learning_rate.0"),
+        ('min_cohort = "3"\n', "limits.min_cohort"),
+        ('lora_targets = [""]\n', "limits.lora_targets.0"),
+        ("[privacy]\nmax_epsilon = inf\ndelta = 1e-5\n", "privacy.max_epsilon"),
+        ('[privacy]\nmax_epsilon = "8"\ndelta = 1e-5\n', "privacy.max_epsilon"),
+    ],
+)
+def test_a_bound_that_is_not_a_finite_number_as_written_is_refused(
+    tmp_path: Path, rules: str, field: str
+) -> None:
+    # NaN passed the ordering check and infinity switched a budget off; strings and booleans
+    # were coerced to numbers.
+    text = '[accept]\nfederation_id = "x"\n' + ("" if rules.startswith("[") else "[limits]\n")
+    with pytest.raises(PolicyError, match=re.escape(field)):
+        load_policy(_policy(tmp_path, text + rules))
+
+
+def test_an_unreadable_policy_file_is_named(tmp_path: Path) -> None:
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes('[accept]\nfederation_id = "caf\xe9"\n'.encode("latin-1"))
+    with pytest.raises(PolicyError, match=r"latin1\.toml: not UTF-8 text"):
+        load_policy(latin1)
+    with pytest.raises(PolicyError, match=rf"{re.escape(str(tmp_path))}: cannot be read: Is a dir"):
+        load_policy(tmp_path)
+    big = tmp_path / "big.toml"
+    big.write_text("#" * (MAX_POLICY_BYTES + 1))
+    with pytest.raises(PolicyError, match=r"big\.toml: .*over the"):
+        load_policy(big)
 
 
 def test_missing_policy_file_is_a_clear_error(tmp_path: Path) -> None:

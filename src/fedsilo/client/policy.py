@@ -57,17 +57,30 @@ import logging
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AllowInfNan,
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    model_validator,
+)
 
 from fedsilo.config.schema import CompileSetting, PrecisionSetting
 from fedsilo.crypto import sha256_hex
 from fedsilo.ledger.entries import payload_json
 from fedsilo.protocol.records import MAX_MIN_COHORT, LoraSpec, PolicyDeclaration, RoundTask
+from fedsilo.storage import read_regular_file
 
 log = logging.getLogger(__name__)
+
+
+MAX_POLICY_BYTES = 1024 * 1024
+"""Largest policy file read: a policy is a few dozen lines."""
 
 
 class PolicyError(ValueError):
@@ -79,7 +92,9 @@ class TaskRefusedError(RuntimeError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # A bound of NaN or infinity would pass every ordering check and then refuse, or allow,
+    # everything: numbers are finite wherever a policy gives one.
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 UpdateChannel = Literal["clear", "secagg", "he"]
@@ -99,13 +114,15 @@ class AcceptSection(_Section):
     aggregation: Literal["any", "secagg", "he"] = "any"
 
 
-Range = tuple[float, float]
+# A range's bounds are numbers as written, never strings or booleans coerced, and not negative.
+Bound = Annotated[float, Strict(), AllowInfNan(False), Field(ge=0)]
+Range = tuple[Bound, Bound]
 
 
 class LimitsSection(_Section):
     """Inclusive ranges the round task's hyperparameters must fall in."""
 
-    min_cohort: int = Field(1, ge=1, le=MAX_MIN_COHORT)
+    min_cohort: int = Field(1, ge=1, le=MAX_MIN_COHORT, strict=True)
     learning_rate: Range = (1e-6, 1e-1)
     local_steps: Range = (1, 1000)
     local_epochs: Range = (0, 1000)
@@ -116,9 +133,9 @@ class LimitsSection(_Section):
     lora_dropout: Range = (0.0, 0.5)
     # The module names (last name component, as peft matches them) the site trains an adapter
     # on; None: any linear layer of the base model.
-    lora_targets: tuple[str, ...] | None = Field(None, min_length=1)
+    lora_targets: tuple[Annotated[str, Field(min_length=1)], ...] | None = Field(None, min_length=1)
     # The largest message (global adapter and task) this site accepts to load.
-    max_payload_bytes: int = Field(256 * 1024 * 1024, ge=1)
+    max_payload_bytes: int = Field(256 * 1024 * 1024, ge=1, strict=True)
 
     @model_validator(mode="after")
     def _ranges_ordered(self) -> LimitsSection:
@@ -140,9 +157,9 @@ class PrivacySection(_Section):
     a secure round announcing less, or none, is refused before the site makes its keys, and
     with a floor above 0 a round that would send the update in the clear is refused as well."""
 
-    max_epsilon: float | None = Field(None, gt=0)
-    delta: float | None = Field(None, gt=0, lt=1)
-    min_distributed_noise_multiplier: float = Field(0.0, ge=0, allow_inf_nan=False)
+    max_epsilon: float | None = Field(None, gt=0, strict=True)
+    delta: float | None = Field(None, gt=0, lt=1, strict=True)
+    min_distributed_noise_multiplier: float = Field(0.0, ge=0, strict=True)
 
     @model_validator(mode="after")
     def _budget_whole(self) -> PrivacySection:
@@ -279,11 +296,18 @@ def resolve_policy_paths(policy: SitePolicy, *, base: Path) -> SitePolicy:
 def load_policy(path: Path) -> SitePolicy:
     """Read and validate a policy file; errors name the file and the field."""
     try:
-        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        text = read_regular_file(Path(path), limit=MAX_POLICY_BYTES).decode("utf-8")
+        data = tomllib.loads(text)
     except FileNotFoundError:
         raise PolicyError(f"{path}: site policy file not found") from None
+    except OSError as error:
+        raise PolicyError(f"{path}: cannot be read: {error.strerror}") from None
+    except UnicodeDecodeError as error:
+        raise PolicyError(f"{path}: not UTF-8 text ({error.reason})") from None
     except tomllib.TOMLDecodeError as error:
         raise PolicyError(f"{path}: not valid TOML: {error}") from None
+    except ValueError as error:  # not a regular file, or too large
+        raise PolicyError(str(error)) from None
     try:
         return SitePolicy.model_validate(data)
     except ValidationError as error:
