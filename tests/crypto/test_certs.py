@@ -26,6 +26,7 @@ from fedsilo.crypto.certs import (
     node_public_key_pem,
     parse_node_public_key,
     parse_san,
+    read_ca_certificate,
     read_certificate,
     read_node_private_key,
 )
@@ -169,3 +170,30 @@ def test_cli_certs_init_and_site(tmp_path: Path, capsys: pytest.CaptureFixture[s
     out = capsys.readouterr().out
     assert "coord.example.org" in out and "SHA256:" in out
     assert main(["certs", "init", "--out", str(coordinator)]) == 2  # never replaced
+
+
+def test_a_ca_file_must_hold_exactly_one_ca_certificate(tmp_path: Path) -> None:
+    # TLS trusts every certificate of the file while the fingerprint shown is the first one's:
+    # a second CA appended to the federation's would be trusted unseen.
+    federation = init_coordinator_tls(tmp_path / "federation", sans=("127.0.0.1",), valid_days=9)
+    other = init_coordinator_tls(tmp_path / "other", sans=("127.0.0.1",), valid_days=9)
+    appended = tmp_path / "appended.pem"
+    appended.write_bytes(federation.ca_cert.read_bytes() + other.ca_cert.read_bytes())
+    secret = tmp_path / "passphrase"
+    secret.write_text("st-mary's long passphrase\n")
+
+    certificate, data = read_ca_certificate(federation.ca_cert)
+    assert data == federation.ca_cert.read_bytes()
+    assert certificate == read_certificate(federation.ca_cert)
+    with pytest.raises(KeyFileError, match=r"appended\.pem: holds 2 certificates"):
+        read_ca_certificate(appended)
+    leaf = tmp_path / "leaf.pem"
+    leaf.write_bytes(
+        read_certificate(federation.server_cert).public_bytes(serialization.Encoding.PEM)
+    )
+    with pytest.raises(KeyFileError, match=r"leaf\.pem: the certificate is not a CA certificate"):
+        read_ca_certificate(leaf)
+    site = tmp_path / "site"
+    command = ["certs", "site", "--name", "st-mary", "--out", str(site), "--ca", str(appended)]
+    assert main([*command, "--passphrase-file", str(secret)]) == 2
+    assert not (site / "ca.pem").exists()

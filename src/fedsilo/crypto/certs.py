@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedsilo.crypto.keys import KeyFileError
-from fedsilo.storage import write_bytes_atomic
+from fedsilo.storage import read_regular_file, write_bytes_atomic
 
 _PRIVATE_MODE = 0o600
 NODE_KEY_TYPE = "ecdsa-sha2-nistp384"
@@ -176,6 +176,43 @@ def read_certificate(path: Path) -> x509.Certificate:
         raise KeyFileError(f"{path}: certificate file not found") from None
     except ValueError as error:
         raise KeyFileError(f"{path}: not a PEM certificate: {error}") from None
+
+
+MAX_CERTIFICATE_FILE_BYTES = 1024 * 1024
+
+
+def read_ca_certificate(path: Path) -> tuple[x509.Certificate, bytes]:
+    """The federation CA certificate in ``path`` and the file's bytes, read once.
+
+    A site trusts every certificate in the file it hands to TLS, while the fingerprint an
+    operator compares is the first one's: so the file must hold exactly one certificate, and
+    that one a CA. Errors name the file.
+    """
+    try:
+        data = read_regular_file(Path(path), limit=MAX_CERTIFICATE_FILE_BYTES)
+    except FileNotFoundError:
+        raise KeyFileError(f"{path}: certificate file not found") from None
+    except OSError as error:
+        raise KeyFileError(f"{path}: cannot be read: {error.strerror}") from None
+    except ValueError as error:
+        raise KeyFileError(str(error)) from None
+    try:
+        certificates = x509.load_pem_x509_certificates(data)
+    except ValueError as error:
+        raise KeyFileError(f"{path}: not a PEM certificate: {error}") from None
+    if len(certificates) != 1:
+        raise KeyFileError(
+            f"{path}: holds {len(certificates)} certificates; the federation CA file must hold "
+            "exactly one (TLS would trust every one of them)"
+        )
+    [certificate] = certificates
+    try:
+        is_ca = certificate.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
+    if not is_ca:
+        raise KeyFileError(f"{path}: the certificate is not a CA certificate")
+    return certificate, data
 
 
 def read_ec_private_key(path: Path) -> ec.EllipticCurvePrivateKey:

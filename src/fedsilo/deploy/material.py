@@ -13,7 +13,6 @@ the coordinator. Private keys never leave the machine that made them.
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,9 +32,10 @@ from fedsilo.crypto.certs import (
     init_node_keys,
     node_key_fingerprint,
     parse_node_public_key,
+    read_ca_certificate,
     read_certificate,
 )
-from fedsilo.storage import write_text_atomic
+from fedsilo.storage import write_bytes_atomic, write_text_atomic
 
 COORDINATOR_SIGNING = "coordinator-signing"
 
@@ -127,10 +127,11 @@ def init_site_material(
     )
     copied = None
     if ca_cert is not None:
-        read_certificate(ca_cert)  # refuse to copy something that is not a certificate
+        # Read once and checked (one CA certificate), then the same bytes written.
+        _, ca_bytes = read_ca_certificate(ca_cert)
         copied = out_dir / "ca.pem"
         if Path(ca_cert).resolve() != copied.resolve():
-            shutil.copyfile(ca_cert, copied)
+            write_bytes_atomic(copied, ca_bytes)
     return SiteMaterial(
         name, signing_key, signing_public, node_key, node_public, enrollment, copied
     )

@@ -38,7 +38,7 @@ from fedsilo.crypto import fingerprint
 from fedsilo.crypto.certs import (
     certificate_fingerprint,
     node_key_fingerprint,
-    read_certificate,
+    read_ca_certificate,
     read_node_private_key,
 )
 from fedsilo.deploy.bundle import expected_bundle_hash
@@ -183,7 +183,7 @@ class SiteService:
             state_dir=site.state_dir,
         )
         self.node_key = read_node_private_key(self.runtime.node_key)
-        self.ca = read_certificate(policy.connect.ca_cert)
+        self.ca, _ = read_ca_certificate(policy.connect.ca_cert)
         self.identity = load_identity(policy)
         self.supernode: Child | None = None
         self.joined_as: int | None = None  # node id once the SuperNode has joined
