@@ -144,6 +144,21 @@ def check_enrollment(config: FedsiloConfig) -> dict[str, bytes]:
             site.node_public_key, source=f"federation.sites[{index}].node_public_key"
         )
         keys[site.name] = node_public_key_pem(key)
+    # One key, one place on the roster: Flower would register a node key twice as one node,
+    # and one signing key held by two sites would count twice towards a cohort.
+    for field, values in (
+        ("node_public_key", keys),
+        ("public_key", {site.name: site.public_key for site in sites}),
+    ):
+        holders: dict[object, str] = {}
+        for name, value in values.items():
+            if value is not None and value in holders:
+                raise ConfigError(
+                    f"[[federation.sites]]: sites {holders[value]} and {name} enroll the same "
+                    f"{field}; each site needs its own keys"
+                )
+            if value is not None:
+                holders[value] = name
     return keys
 
 
