@@ -295,6 +295,19 @@ def test_lora_spec_with_infinite_alpha_is_refused() -> None:
         LoraSpec.from_record(record)
 
 
+@pytest.mark.parametrize("field", ["alpha", "dropout"])
+def test_a_boolean_is_not_a_number_in_a_lora_spec(field: str) -> None:
+    fields = {"rank": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": ["q_proj"]}
+
+    with pytest.raises(ProtocolError, match=rf"mistypes the fields \['{field}'\]"):
+        LoraSpec.from_record(ConfigRecord({**fields, field: True}))
+
+
+def test_a_boolean_is_not_a_number_in_dp_settings() -> None:
+    with pytest.raises(ProtocolError, match=r"mistypes the fields \['noise_multiplier'\]"):
+        DpTask.from_record(_dp(noise_multiplier=True))
+
+
 def test_poly_modulus_degree_zero_is_refused() -> None:
     content = RecordDict({"he": keygen_record(0)})
 

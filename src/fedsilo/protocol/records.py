@@ -430,7 +430,7 @@ class DpTask:
             "planned_rounds": int,
         }
         values = {
-            name: float(v) if kind is float and isinstance(v, int) else v
+            name: _int_as_float(v) if kind is float else v
             for name, kind in kinds.items()
             if (v := record.get(name)) is not None
         }
@@ -481,8 +481,8 @@ class LoraSpec:
     def from_record(cls, record: ConfigRecord) -> LoraSpec:
         values = {
             "rank": record.get("rank"),
-            "alpha": float(a) if isinstance(a := record.get("alpha"), int) else a,
-            "dropout": float(d) if isinstance(d := record.get("dropout"), int) else d,
+            "alpha": _int_as_float(record.get("alpha")),
+            "dropout": _int_as_float(record.get("dropout")),
         }
         fields = _typed_fields(
             values, {"rank": int, "alpha": float, "dropout": float}, what="the round's LoRA spec"
@@ -641,6 +641,12 @@ _BINDING_KINDS: dict[str, type] = {
     "site_id": str,
     "payload_sha256": str,
 }
+
+
+def _int_as_float(value: object) -> object:
+    """An integer where a float is expected (records keep 1.0 as 1), as a float; a boolean,
+    though an int to Python, stays a boolean for the type check to refuse."""
+    return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
 def _typed_fields(
