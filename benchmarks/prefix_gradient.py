@@ -85,7 +85,6 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    from fedsilo.client.site import trained_lora
     from fedsilo.data.packing import shared_prefix_length
     from fedsilo.model.adapters import get_adapter_state
     from fedsilo.training.loop import train_plain
@@ -125,11 +124,11 @@ def main() -> None:
         _clipped_sum(exact_grads), _clipped_sum(cut_grads), dim=0
     )
     tokens = sum(len(example.input_ids) for example in compared)
-    lora = trained_lora(model)
+    lora = model.peft_config[model.active_adapter]
     result = {
         "benchmark": "prefix-gradient",
         "model": "smollm2-135m-instruct",
-        "lora": {"rank": lora.rank, "target_modules": list(lora.target_modules)},
+        "lora": {"rank": lora.r, "target_modules": sorted(lora.target_modules)},
         "plain_steps_first": args.steps,
         "batch_size": BATCH,
         "learning_rate": LEARNING_RATE,

@@ -12,7 +12,6 @@ from fedsilo.client.policy import (
     TaskRefusedError,
     UpdateChannel,
     check_channel,
-    check_lora,
     check_nothing_in_clear,
     check_task,
     declare_policy,
@@ -24,7 +23,7 @@ from fedsilo.client.privacy_budget import (
     record_spent,
 )
 from fedsilo.client.receipts import remember_sent
-from fedsilo.client.site import Site, SiteProvider, trained_lora
+from fedsilo.client.site import Site, SiteProvider
 from fedsilo.crypto import (
     UpdateBinding,
     claims_sha256,
@@ -90,9 +89,6 @@ def local_update(
     if site.policy is not None:
         check_channel(site.policy, channel, site=site.name)
         check_task(site.policy, task, site=site.name, num_examples=len(site.examples))
-        # The adapter this site's model holds: a simulated site loads the run's, which no
-        # message carries, and a deployed one checked the round's before loading it.
-        check_lora(site.policy, trained_lora(site.model), site=site.name)
     if task.base_model_hash != site.base_model_hash:
         raise TaskRefusedError(
             f"site {site.name}: the round's base model {task.base_model_hash} is not the model "

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Protocol
 
 from flwr.app import Context
-from peft import LoraConfig, PeftModel
+from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from fedsilo.client.policy import SitePolicy
@@ -22,7 +22,6 @@ from fedsilo.crypto import PrivateKey, PublicKey
 from fedsilo.data.encode import Example
 from fedsilo.model.adapters import AdapterState, attach_lora, get_adapter_state
 from fedsilo.model.base import base_model_hash, load_base_model, resolve_base_model
-from fedsilo.protocol.records import LoraSpec
 from fedsilo.training.compilation import CompileChoice, machine_compile, prepare_compiled_training
 from fedsilo.training.device import attention_kernel, resolve_device
 from fedsilo.training.precision import PrecisionChoice, hold_base_weights_in, machine_precision
@@ -46,20 +45,6 @@ class Site:
     # The federation's pinned site identity keys, installed at the site: secure aggregation
     # verifies every peer's key advertisement against them, so the server cannot swap keys.
     peer_keys: Mapping[str, PublicKey] = field(default_factory=dict)
-
-
-def trained_lora(model: PeftModel) -> LoraSpec:
-    """The shape and scaling of the LoRA adapter ``model`` trains (its active adapter)."""
-    config = model.peft_config[model.active_adapter]
-    if not isinstance(config, LoraConfig) or config.target_modules is None:
-        raise TypeError(f"the site's model trains a {type(config).__name__}, not a LoRA adapter")
-    targets = config.target_modules
-    return LoraSpec(
-        rank=config.r,
-        alpha=float(config.lora_alpha),
-        dropout=float(config.lora_dropout),
-        target_modules=(targets,) if isinstance(targets, str) else tuple(sorted(targets)),
-    )
 
 
 class SiteProvider(Protocol):

@@ -14,13 +14,14 @@ from pathlib import Path
 import torch
 from flwr.app import Context
 
-from fedsilo.client.policy import PolicyError, SitePolicy, load_policy
+from fedsilo.client.policy import PolicyError, SitePolicy, check_lora, load_policy
 from fedsilo.client.site import LoadedModel, Site, load_model_with_adapter
 from fedsilo.config import FedsiloConfig
 from fedsilo.crypto import read_private_key
 from fedsilo.data.encode import encode_records
 from fedsilo.data.icd10 import TaskData
 from fedsilo.data.tasks import build_task
+from fedsilo.protocol.records import LoraSpec
 from fedsilo.server.membership import Membership
 from fedsilo.simulation.enrollment import site_folder, site_key_path
 
@@ -80,6 +81,11 @@ class SimulatedSites:
 
     def _prepare(self, index: int) -> Site:
         data = self._task.sites[index]
+        policy = self._policy(data.name)
+        if policy is not None:
+            # A simulated site loads the run's adapter, which no message carries (a deployed
+            # site checks the one a round names): held to the site's limits before loading.
+            check_lora(policy, LoraSpec.of(self.config.lora), site=data.name)
         loaded = self._loaded(index)
         examples = encode_records(
             loaded.tokenizer,
@@ -103,7 +109,7 @@ class SimulatedSites:
             coordinator_key=self.membership.coordinator_key(),
             receipts_dir=folder / "receipts",
             spent_path=folder / "privacy-spent.json",
-            policy=self._policy(data.name),
+            policy=policy,
             peer_keys=self.membership.site_keys(),
         )
 
