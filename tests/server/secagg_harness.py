@@ -187,6 +187,7 @@ def make_harness(
             receipts_dir=tmp_path / name / "receipts",
             spent_path=tmp_path / name / "spent.json",
             policy=(policies or {}).get(name),
+            sessions_path=tmp_path / name / "secure-sessions.json",
             peer_keys=membership.site_keys(),
         )
         for name in names

@@ -414,6 +414,26 @@ def test_a_session_once_left_for_another_cannot_be_opened_again(
     assert _stored(h, "site-1") == after_other
 
 
+def test_a_session_stays_opened_across_flower_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A coordinator that restarts (--resume), or a restarted SuperNode, starts a new Flower run:
+    # the node's Context starts empty, and only the site's own file still knows the session.
+    h = make_harness(tmp_path, monkeypatch, num_sites=3, threshold=2)
+    pushed = _pushed(h)
+    h.run()
+    advert = next(m for m in pushed if m.metadata.message_type == ADVERTISE_MESSAGE)
+    sessions = tmp_path / "site-1" / "secure-sessions.json"
+    assert json.loads(sessions.read_text()) == ["fed/run-1/1/1"]
+    h.grid.contexts[h.node("site-1")].state.config_records.clear()
+
+    assert "already opened session fed/run-1/1/1" in _send_again(h, advert, "site-1")
+    sessions.write_text("{not json")
+    refusal = _send_again(h, advert, "site-1", attempt=2)
+    assert "its record of opened sessions cannot be read" in refusal
+    assert str(sessions) in refusal
+
+
 def _floor(value: float) -> SitePolicy:
     return SitePolicy.model_validate(
         {

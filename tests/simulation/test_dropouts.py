@@ -11,6 +11,7 @@ from flwr.clientapp import ClientApp
 from fedsilo.client.app import handle_train
 from fedsilo.client.site import Site
 from fedsilo.config import FedsiloConfig
+from fedsilo.ledger import EntryKind, read_entries
 from fedsilo.server.federation import FederationError
 from fedsilo.server.run_folder import RunFolder
 from fedsilo.simulation.inprocess_grid import FIRST_NODE_ID
@@ -115,6 +116,27 @@ def test_resume_after_failed_round_matches_an_uninterrupted_run(
     final_resumed = resumed.load_checkpoint(2).adapter
     final_straight = straight.load_checkpoint(2).adapter
     assert all(np.array_equal(final_resumed[n], final_straight[n]) for n in final_straight)
+
+
+def test_a_resumed_round_numbers_its_attempts_after_those_it_opened(
+    make_config: Callable[..., FedsiloConfig], tmp_path: Path
+) -> None:
+    # An attempt is a secure session that sites open once, and a resumed coordinator is a new
+    # Flower run: it must not ask them to open attempt 1 of the round again.
+    config = make_config(run={"rounds": 2})
+    with pytest.raises(FederationError):
+        run_with_grid(config, tmp_path / "run", crashing({0, 1}, rounds={2}))
+
+    run_with_grid(config, tmp_path / "run", resume=True)
+
+    opened = [
+        (entry.payload["round"], entry.payload["attempt"])
+        for entry in read_entries(tmp_path / "run" / "ledger.db")
+        if entry.kind is EntryKind.ROUND_OPENED
+    ]
+    assert opened == [(1, 1), (2, 1), (2, 2), (2, 3)]
+    [_, _, round_two] = RunFolder(tmp_path / "run").read_metrics()
+    assert round_two["attempts"] == 1  # attempts this run took
 
 
 def test_resume_with_changed_settings_is_refused(

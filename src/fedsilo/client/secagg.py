@@ -24,6 +24,7 @@ from fedsilo.client.local import (
     sign_policy,
     sign_site_claims,
 )
+from fedsilo.client.opened_sessions import read_opened, record_opened
 from fedsilo.client.policy import TaskRefusedError, check_distributed_dp, check_task
 from fedsilo.client.site import Site, SiteProvider
 from fedsilo.crypto import SignatureError, verify_update
@@ -73,7 +74,8 @@ from fedsilo.protocol.secagg_records import (
 )
 
 STATE_KEY = "secagg-session"
-# Every session key this site has opened in the run (its node's Context), never forgotten.
+# Every session key this site has opened in the Flower run (its node's Context); a site with
+# a sessions file also keeps them across runs.
 OPENED_KEY = "secagg-opened"
 
 
@@ -128,10 +130,14 @@ def load_session(context: Context, site: Site, message: Message) -> protocol.Sit
     return state
 
 
-def _opened_sessions(context: Context) -> list[str]:
+def _opened_sessions(context: Context, site: Site) -> list[str]:
+    """Every session key the site has opened: in this Flower run (its node's Context) and,
+    where the site keeps one, in any run before (its own file, see client.opened_sessions)."""
     record = context.state.config_records.get(OPENED_KEY)
     opened = record.get("sessions") if record is not None else None
-    return [str(key) for key in opened] if isinstance(opened, list) else []
+    in_run = [str(key) for key in opened] if isinstance(opened, list) else []
+    on_disk = [] if site.sessions_path is None else read_opened(site.sessions_path, site=site.name)
+    return [*on_disk, *(key for key in in_run if key not in on_disk)]
 
 
 def handle_advertise(message: Message, context: Context, sites: SiteProvider) -> Message:
@@ -148,7 +154,7 @@ def handle_advertise(message: Message, context: Context, sites: SiteProvider) ->
             f"site {site.name}: policy accepts federation {site.policy.accept.federation_id!r}, "
             f"not {session.federation_id!r}"
         )
-    opened = _opened_sessions(context)
+    opened = _opened_sessions(context, site)
     if session.key() in opened:
         raise protocol.SecAggRefusedError(
             f"site {site.name}: already opened session {session.key()}; a session is opened "
@@ -167,7 +173,10 @@ def handle_advertise(message: Message, context: Context, sites: SiteProvider) ->
         task = RoundTask.from_record(message.content.config_records[TASK_KEY])
         check_task(site.policy, task, site=site.name, num_examples=len(site.examples))
     state = protocol.advertise(site=site.name, session=session, params=params)
-    context.state.config_records[OPENED_KEY] = ConfigRecord({"sessions": [*opened, session.key()]})
+    opened = [*opened, session.key()]
+    if site.sessions_path is not None:  # on disk before the site answers
+        record_opened(site.sessions_path, opened)
+    context.state.config_records[OPENED_KEY] = ConfigRecord({"sessions": opened})
     _save(context, state)
     return reply_signed(message, site, session, ADVERTISE_STAGE, state.advertisement().to_payload())
 

@@ -45,6 +45,9 @@ class Site:
     # The federation's pinned site identity keys, installed at the site: secure aggregation
     # verifies every peer's key advertisement against them, so the server cannot swap keys.
     peer_keys: Mapping[str, PublicKey] = field(default_factory=dict)
+    # The secure sessions this site has opened, kept across Flower runs (None: only in the
+    # node's Context, as in tests that stand in for a site).
+    sessions_path: Path | None = None
 
 
 class SiteProvider(Protocol):

@@ -161,6 +161,7 @@ class DeployedSite:
             coordinator_key=self.identity.coordinator_key,
             receipts_dir=state / "receipts",
             spent_path=state / "privacy-spent.json",
+            sessions_path=state / "secure-sessions.json",
             policy=self.policy,
             peer_keys=self.identity.peer_keys,
         )

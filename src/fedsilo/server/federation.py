@@ -359,12 +359,16 @@ def run_federation(grid: Grid, plan: FederationPlan, *, resume: bool) -> Adapter
     config, folder, strategy = plan.config, plan.folder, plan.strategy
     start_round, global_state = _starting_point(plan, resume=resume)
     fixed_draw = draws_sites_once_per_round(config)
+    opened_attempts = _opened_attempts(plan) if resume else {}
 
     for round_number in range(start_round, config.run.rounds + 1):
         started = time.perf_counter()
         replies = RoundReplies()
         nodes: list[int] | None = None
-        for attempt in range(1, config.strategy.max_round_attempts + 1):
+        # A resumed round goes on numbering its attempts after those the ledger records
+        # opened: an attempt is a session that sites open once (client.opened_sessions).
+        first_attempt = opened_attempts.get(round_number, 0) + 1
+        for attempt in range(first_attempt, first_attempt + config.strategy.max_round_attempts):
             if nodes is None or not fixed_draw:
                 nodes = sample_sites(
                     grid.get_node_ids(),
@@ -409,7 +413,7 @@ def run_federation(grid: Grid, plan: FederationPlan, *, resume: bool) -> Adapter
         gold = plan.evaluate(global_state) if config.scores_gold_after(round_number) else None
         record = {
             "round": round_number,
-            "attempts": attempt,
+            "attempts": attempt - first_attempt + 1,
             "sites_ok": len(replies.sites),
             "sites_failed": len(replies.failures),
             "sites": replies.sites,
@@ -524,6 +528,17 @@ def _check_loaded_checkpoint(plan: FederationPlan, checkpoint: Checkpoint) -> No
             f"{where / SERVER_STATE_FILE}: the strategy state loaded for resuming from round 0 "
             "is not a fresh strategy's (nothing is aggregated before round 1)"
         )
+
+
+def _opened_attempts(plan: FederationPlan) -> dict[int, int]:
+    """Round -> the highest attempt the ledger records opening."""
+    highest: dict[int, int] = {}
+    for entry in read_entries(plan.folder.ledger_path):
+        if entry.kind is EntryKind.ROUND_OPENED:
+            round_number, attempt = entry.payload.get("round"), entry.payload.get("attempt")
+            if isinstance(round_number, int) and isinstance(attempt, int):
+                highest[round_number] = max(attempt, highest.get(round_number, 0))
+    return highest
 
 
 def _starting_point(plan: FederationPlan, *, resume: bool) -> tuple[int, AdapterState]:

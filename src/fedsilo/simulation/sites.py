@@ -109,6 +109,7 @@ class SimulatedSites:
             coordinator_key=self.membership.coordinator_key(),
             receipts_dir=folder / "receipts",
             spent_path=folder / "privacy-spent.json",
+            sessions_path=folder / "secure-sessions.json",
             policy=policy,
             peer_keys=self.membership.site_keys(),
         )
