@@ -192,15 +192,38 @@ def test_an_oversized_message_is_refused(tmp_path: Path, tiny_model_dir: Path) -
     assert reply.has_error() and "at most 1000" in reply.error.reason
 
 
-def test_bytes_relayed_in_config_records_count_towards_the_payload_limit() -> None:
+def _as_task(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower stamps a message with the running task's identity, which a test must set."""
+    for name, value in (("_run_id", 1), ("_node_id", SUPERLINK_NODE_ID), ("_task_id", 0)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+def test_bytes_relayed_in_config_records_count_towards_the_payload_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from flwr.app import ConfigRecord
 
     from fedsilo.deploy.site_worker import message_bytes
 
+    _as_task(monkeypatch)
     relayed = ConfigRecord({"sealed": [b"x" * 4000, b"y" * 4000], "site": "st-mary", "n": 3})
     message = Message(RecordDict({"shares": relayed}), dst_node_id=1, message_type="query")
 
     assert message_bytes(message) == 8000 + len("st-mary") + 8
+
+
+def test_numbers_in_metric_records_count_towards_the_payload_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from flwr.app import MetricRecord
+
+    from fedsilo.deploy.site_worker import message_bytes
+
+    _as_task(monkeypatch)
+    listed = MetricRecord({"values": [0.5] * 1000, "count": 3})
+    message = Message(RecordDict({"metrics": listed}), dst_node_id=1, message_type="query")
+
+    assert message_bytes(message) == 8 * 1000 + 8
 
 
 def test_the_bundle_hash_is_stable_and_carries_no_code() -> None:

@@ -55,15 +55,17 @@ class WorkerStats:
 
 
 def message_bytes(message: Message) -> int:
-    """Bytes a message carries in its arrays and in its config records (relayed shares,
-    ciphertexts and advertisements travel there): what loading it costs."""
+    """Bytes a message carries in its arrays, its config records (relayed shares, ciphertexts
+    and advertisements travel there) and its metric records (lists of numbers): what loading
+    it costs."""
     total = 0
     for record in message.content.array_records.values():
         for array in record.values():
             total += len(array.data)
-    for config in message.content.config_records.values():
-        for value in config.values():
-            total += sum(map(_value_bytes, value if isinstance(value, list) else [value]))
+    for records in (message.content.config_records, message.content.metric_records):
+        for values in records.values():
+            for value in values.values():
+                total += sum(map(_value_bytes, value if isinstance(value, list) else [value]))
     return total
 
 
