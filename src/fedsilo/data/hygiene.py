@@ -76,7 +76,8 @@ def _gold_key(record: Record) -> tuple[str, str] | None:
 
 def _file_identity(path: Path) -> str:
     try:
-        return "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        with Path(path).open("rb") as handle:  # streamed: a site file may be gigabytes
+            return "sha256:" + hashlib.file_digest(handle, "sha256").hexdigest()
     except OSError:
         return f"path:{Path(path).resolve()}"
 
@@ -92,7 +93,7 @@ def _shared_files(task: TaskSection) -> tuple[tuple[str, ...], ...]:
 
 def check_data_hygiene(data: TaskData, task: TaskSection) -> DataHygiene:
     """The hygiene findings of ``data`` (built from ``task``)."""
-    gold = {_gold_key(record) for record in data.gold}
+    gold = {_gold_key(record) for record in data.gold} - {None}
     duplicated: dict[str, int] = {}
     in_gold: dict[str, int] = {}
     for site in data.sites:
@@ -100,7 +101,7 @@ def check_data_hygiene(data: TaskData, task: TaskSection) -> DataHygiene:
         extra = sum(count - 1 for count in copies.values())
         if extra:
             duplicated[site.name] = extra
-        leaked = sum(1 for record in site.records if _gold_key(record) in gold - {None})
+        leaked = sum(1 for record in site.records if _gold_key(record) in gold)
         if leaked:
             in_gold[site.name] = leaked
     return DataHygiene(duplicated, in_gold, _shared_files(task))
