@@ -376,6 +376,14 @@ def _stored(h: Harness, name: str) -> bytes:
     return raw
 
 
+def _after_a_round(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Harness, Message]:
+    """A harness that ran one secure round, and the first advertisement request it sent."""
+    h = make_harness(tmp_path, monkeypatch, num_sites=3, threshold=2)
+    pushed = _pushed(h)
+    h.run()
+    return h, next(m for m in pushed if m.metadata.message_type == ADVERTISE_MESSAGE)
+
+
 def test_a_site_opens_a_session_once_so_it_cannot_be_made_to_unmask_twice(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -400,10 +408,7 @@ def test_a_site_opens_a_session_once_so_it_cannot_be_made_to_unmask_twice(
 def test_a_session_once_left_for_another_cannot_be_opened_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    h = make_harness(tmp_path, monkeypatch, num_sites=3, threshold=2)
-    pushed = _pushed(h)
-    h.run()
-    advert = next(m for m in pushed if m.metadata.message_type == ADVERTISE_MESSAGE)
+    h, advert = _after_a_round(tmp_path, monkeypatch)
 
     other_attempt = _send_again(h, advert, "site-1", attempt=7)
     after_other = _stored(h, "site-1")
@@ -419,10 +424,7 @@ def test_a_session_stays_opened_across_flower_runs(
 ) -> None:
     # A coordinator that restarts (--resume), or a restarted SuperNode, starts a new Flower run:
     # the node's Context starts empty, and only the site's own file still knows the session.
-    h = make_harness(tmp_path, monkeypatch, num_sites=3, threshold=2)
-    pushed = _pushed(h)
-    h.run()
-    advert = next(m for m in pushed if m.metadata.message_type == ADVERTISE_MESSAGE)
+    h, advert = _after_a_round(tmp_path, monkeypatch)
     sessions = tmp_path / "site-1" / "secure-sessions.json"
     assert json.loads(sessions.read_text()) == ["fed/run-1/1/1"]
     h.grid.contexts[h.node("site-1")].state.config_records.clear()

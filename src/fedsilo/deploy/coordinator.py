@@ -152,13 +152,12 @@ def check_enrollment(config: FedsiloConfig) -> dict[str, bytes]:
     ):
         holders: dict[object, str] = {}
         for name, value in values.items():
-            if value is not None and value in holders:
+            if value in holders:
                 raise ConfigError(
                     f"[[federation.sites]]: sites {holders[value]} and {name} enroll the same "
                     f"{field}; each site needs its own keys"
                 )
-            if value is not None:
-                holders[value] = name
+            holders[value] = name
     return keys
 
 
