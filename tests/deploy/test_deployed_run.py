@@ -115,7 +115,9 @@ def test_three_sites_survive_a_supernode_killed_mid_round(deployment: Deployment
         sign in reason
         for sign in ("no reply within", "Node Unavailable", "Reply message objects are unavailable")
     ), reason
-    # Gamma's SuperNode was started again, rejoined, and trained in round 3.
+    # Gamma's SuperNode was started again, rejoined, and trained in round 3: round 2 ended
+    # the moment gamma marked its old node offline, and the coordinator waited for it to
+    # rejoin before drawing round 3 ([deployment] rejoin_wait_s).
     assert f"SuperNode (pid {killed}) exited" in victim.log()
     assert _supernode_pid(victim) != killed
     assert metrics[3]["sites"] == sorted(SITES)

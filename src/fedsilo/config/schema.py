@@ -405,6 +405,10 @@ class DeploymentSection(Section):
     # Start the run once this many enrolled sites are connected (default: all of them).
     min_sites_connected: int | None = Field(None, ge=1)
     join_timeout_s: float = Field(600.0, gt=0)
+    # Before each round's draw, wait up to this long for sites connected at the previous draw
+    # that are not connected now (a SuperNode restarting), so that they are not left out of
+    # the round; a site that stays away is waited for once. 0: draw at once.
+    rejoin_wait_s: float = Field(30.0, ge=0)
 
 
 class FedsiloConfig(Section):

@@ -28,11 +28,12 @@ from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_htt
 from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
 from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
-from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
 from fedsilo.client.policy import TaskRefusedError, check_bundle, check_lora, check_task
 from fedsilo.deploy.bundle import bundle_hash
 from fedsilo.deploy.site_model import DeployedSite
+from fedsilo.deploy.site_pull import pull_task_input_bounded
 from fedsilo.privacy.he.ckks import HeError
 from fedsilo.privacy.secagg.messages import SecAggMessageError
 from fedsilo.privacy.secagg.site import SecAggRefusedError
@@ -161,7 +162,11 @@ class SiteWorker:
         context = None
         status, details = "failed", "task failed"
         try:
-            message, context, run, fab = pull_task_input(client)
+            message, context, run, fab = pull_task_input_bounded(
+                client,
+                site=self.site.name,
+                max_payload_bytes=self.site.policy.limits.max_payload_bytes,
+            )
             kind = f"{message.metadata.message_type} (group {message.metadata.group_id})"
             self.say(f"task {kind} of run {run.run_id} received")
             reply = self._answer(message, context, bundle_sha256=bundle_hash(fab.content))

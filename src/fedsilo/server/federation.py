@@ -45,6 +45,7 @@ from fedsilo.server.admission import (
 )
 from fedsilo.server.he_round import collect_he_round
 from fedsilo.server.privacy_report import site_epsilons, site_level_epsilon
+from fedsilo.server.returning_sites import wait_for_returning_sites
 from fedsilo.server.rounds import (
     FederationPlan,
     GoldEvaluator,
@@ -360,6 +361,8 @@ def run_federation(grid: Grid, plan: FederationPlan, *, resume: bool) -> Adapter
     start_round, global_state = _starting_point(plan, resume=resume)
     fixed_draw = draws_sites_once_per_round(config)
     opened_attempts = _opened_attempts(plan) if resume else {}
+    connected_at_last_draw = 0
+    rejoin_wait_s = config.deployment.rejoin_wait_s if config.deployment else 0.0
 
     for round_number in range(start_round, config.run.rounds + 1):
         started = time.perf_counter()
@@ -370,8 +373,16 @@ def run_federation(grid: Grid, plan: FederationPlan, *, resume: bool) -> Adapter
         first_attempt = opened_attempts.get(round_number, 0) + 1
         for attempt in range(first_attempt, first_attempt + config.strategy.max_round_attempts):
             if nodes is None or not fixed_draw:
+                online = wait_for_returning_sites(
+                    grid,
+                    expected=connected_at_last_draw,
+                    wait_s=rejoin_wait_s,
+                    notice=plan.reporter.notice,
+                    round_number=round_number,
+                )
+                connected_at_last_draw = len(online)
                 nodes = sample_sites(
-                    grid.get_node_ids(),
+                    online,
                     count=config.strategy.sites_per_round,
                     seed=config.run.seed,
                     round_number=round_number,
