@@ -331,6 +331,21 @@ def test_a_line_or_cell_over_the_field_limit_is_refused_before_it_is_read_whole(
         load_records(csv_file)
 
 
+def test_a_parquet_cell_over_the_field_limit_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(records, "MAX_FIELD_BYTES", 1000)
+    table = pa.table({"prompt": ["Q1", "Q2"], "response": ["A1", "é" * 501]})  # 1,002 bytes
+    path = _parquet(tmp_path / "site.parquet", table)
+
+    with pytest.raises(
+        DataError, match=r"site\.parquet: row index 1: field 'response' is over the 1000-byte"
+    ):
+        load_records(path)
+    monkeypatch.setattr(records, "MAX_FIELD_BYTES", 1002)
+    assert len(load_records(path)) == 2
+
+
 # --- Parquet record errors name file, row index and field --------------------------------------
 
 

@@ -243,11 +243,17 @@ def _string_field(path: Path, raw: _RawRecord, name: str) -> str | None:
     if not value.strip():
         raise DataError(f"{path}: {raw.where}: field {name!r} is empty")
     try:
-        value.encode("utf-8")
+        size = len(value.encode("utf-8"))
     except UnicodeEncodeError as error:  # a lone surrogate (JSON's "\ud800"): not text
         raise DataError(
             f"{path}: {raw.where}: field {name!r} is not valid Unicode text ({error.reason})"
         ) from None
+    # JSONL lines and CSV cells are cut off at the limit while reading; a Parquet cell arrives
+    # whole in its batch of rows, and is held to the same limit here.
+    if size > MAX_FIELD_BYTES:
+        raise DataError(
+            f"{path}: {raw.where}: field {name!r} is over the {MAX_FIELD_BYTES}-byte limit"
+        )
     return value
 
 
