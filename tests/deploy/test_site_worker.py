@@ -13,12 +13,15 @@ from typing import Any
 
 import pytest
 import tomli_w
-from flwr.app import Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedsilo.client.app import build_client_app
+from fedsilo.client.he import HE_STATE_KEY
 from fedsilo.client.policy import PolicyError, TaskRefusedError
+from fedsilo.client.secagg import OPENED_KEY
+from fedsilo.client.secagg import STATE_KEY as SECAGG_STATE_KEY
 from fedsilo.crypto import init_site_keys
 from fedsilo.deploy.bundle import build_bundle, bundle_hash, expected_bundle_hash
 from fedsilo.deploy.site import load_site_policy
@@ -315,3 +318,68 @@ def test_the_site_policy_decides_whether_its_training_compiles(
     # "auto" compiles where this machine's probe compilation works (it needs a C++ compiler).
     expected = setting == "auto" and machine_compile("auto").enabled
     assert is_prepared(site.model) is expected
+
+
+def _keeping_state(seen: list[dict[str, object]]) -> Callable[..., Message]:
+    """An app that records the session state it finds and leaves a new one behind."""
+
+    def app(*, message: Message, context: Context) -> Message:
+        records = context.state.config_records
+        seen.append({key: dict(records[key]) for key in records})
+        records[SECAGG_STATE_KEY] = ConfigRecord({"state": f"keys {len(seen)}".encode()})
+        records[HE_STATE_KEY] = ConfigRecord({"secret": b"ckks"})
+        records[OPENED_KEY] = ConfigRecord({"sessions": ["f/r/1/1"]})
+        return Message(RecordDict(), reply_to=message)
+
+    return app
+
+
+def test_session_secrets_stay_in_the_worker_and_never_reach_the_supernode(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    worker = _worker(_policy_file(tmp_path, tiny_model_dir))
+    seen: list[dict[str, object]] = []
+    worker.app = _keeping_state(seen)  # type: ignore[assignment]
+    first = _context()
+
+    worker._answer(_query_message(), first, bundle_sha256=expected_bundle_hash())
+
+    # What goes back to the SuperNode: no secret, the list of opened sessions as before.
+    assert set(first.state.config_records) == {OPENED_KEY}
+    # The SuperNode's next context, with a session planted by whoever else took a task from
+    # its Runtime API: the app sees the worker's own secrets instead.
+    second = _context()
+    second.state.config_records[OPENED_KEY] = first.state.config_records[OPENED_KEY]
+    second.state.config_records[SECAGG_STATE_KEY] = ConfigRecord({"state": b"planted"})
+    worker._answer(_query_message(), second, bundle_sha256=expected_bundle_hash())
+
+    assert seen[1][SECAGG_STATE_KEY] == {"state": b"keys 1"}
+    assert seen[1][HE_STATE_KEY] == {"secret": b"ckks"}
+    assert set(second.state.config_records) == {OPENED_KEY}
+    # Another Flower run starts without them.
+    other_run = Context(run_id=2, node_id=5, node_config={}, state=RecordDict(), run_config={})
+    worker._answer(_query_message(), other_run, bundle_sha256=expected_bundle_hash())
+    assert seen[2] == {}
+
+
+def test_session_secrets_are_taken_back_when_the_app_fails(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    worker = _worker(_policy_file(tmp_path, tiny_model_dir))
+    seen: list[dict[str, object]] = []
+    worker.app = _keeping_state(seen)  # type: ignore[assignment]
+    worker._answer(_query_message(), _context(), bundle_sha256=expected_bundle_hash())
+
+    def failing(*, message: Message, context: Context) -> Message:
+        assert SECAGG_STATE_KEY in context.state.config_records
+        raise SecAggRefusedError("site alpha: refused")
+
+    worker.app = failing  # type: ignore[assignment]
+    context = _context()
+    reply = worker._answer(_query_message(), context, bundle_sha256=expected_bundle_hash())
+
+    assert reply.has_error()
+    assert SECAGG_STATE_KEY not in context.state.config_records
+    worker.app = _keeping_state(seen)  # type: ignore[assignment]
+    worker._answer(_query_message(), _context(), bundle_sha256=expected_bundle_hash())
+    assert seen[-1][SECAGG_STATE_KEY] == {"state": b"keys 1"}

@@ -2,10 +2,12 @@
 
 The session's secrets (X25519 private keys, self-mask seed, shares held for peers) live in
 ``context.state`` on the site and never leave it except as the shares the protocol sends,
-sealed for their recipient. Every advertisement the server relays is verified against the
-peer's pinned Ed25519 key before it is used, so the server cannot substitute keys; likewise
-every survivor's signature on the survivor set before the site unmasks, so the server cannot
-tell different sites different survivors.
+sealed for their recipient (a deployed site's worker lends them to the context for one task
+at a time and keeps them from its SuperNode: :mod:`fedsilo.deploy.session_secrets`). Every
+advertisement the server relays is verified against the peer's pinned Ed25519 key before it
+is used, so the server cannot substitute keys; likewise every survivor's signature on the
+survivor set before the site unmasks, so the server cannot tell different sites different
+survivors.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from flwr.app import Error, Message
+from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 from flwr.proto.runtime_pb2 import AcquireTaskRequest
@@ -32,6 +32,7 @@ from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
 from fedsilo.client.policy import TaskRefusedError, check_bundle, check_lora, check_task
 from fedsilo.deploy.bundle import bundle_hash
+from fedsilo.deploy.session_secrets import SessionSecrets
 from fedsilo.deploy.site_model import DeployedSite
 from fedsilo.deploy.site_pull import pull_task_input_bounded
 from fedsilo.privacy.he.ckks import HeError
@@ -114,6 +115,7 @@ class SiteWorker:
         self.runtime_address = runtime_address
         self.stop = stop
         self.stats = WorkerStats()
+        self.secrets = SessionSecrets()
 
     def _client(self, token: str | None) -> RuntimeHttpClient:
         interceptors: list[object] = [RuntimeVersionHttpInterceptor(component_name="SuperExec")]
@@ -187,7 +189,7 @@ class SiteWorker:
             self.stats.tasks += 1
             self.stats.seconds.append(time.perf_counter() - started)
 
-    def _answer(self, message: Message, context: object, *, bundle_sha256: str) -> Message:
+    def _answer(self, message: Message, context: Context, *, bundle_sha256: str) -> Message:
         policy, name = self.site.policy, self.site.name
         try:
             check_bundle(policy, bundle_sha256, site=name)
@@ -201,7 +203,8 @@ class SiteWorker:
             # stage) gets the model prepared for it first.
             if TASK_KEY in message.content.config_records:
                 self._prepare(message)
-            return self.app(message=message, context=context)  # type: ignore[arg-type]
+            with self.secrets.lent_to(context):
+                return self.app(message=message, context=context)
         except Exception as error:  # refused or failed: the reason goes back as the reply
             self.stats.refused += isinstance(error, TaskRefusedError)
             log.warning("site %s: %s", name, error)
