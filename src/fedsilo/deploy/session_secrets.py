@@ -46,8 +46,8 @@ class SessionSecrets:
             kept: dict[str, ConfigRecord] = {}
             for key in SECRET_STATE_KEYS:
                 if key in state:
-                    record = state[key]
-                    if isinstance(record, ConfigRecord):
-                        kept[key] = record
+                    left = state[key]
+                    if isinstance(left, ConfigRecord):
+                        kept[key] = left
                     del state[key]
             self._by_run[context.run_id] = kept
