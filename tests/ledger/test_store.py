@@ -327,3 +327,72 @@ def test_reading_a_live_ledger_sees_its_log_and_changes_nothing(tmp_path: Path) 
 
         assert read_entries(tmp_path / "ledger.db") == written
         assert _folder_bytes(tmp_path) == before
+
+
+RECURSIVE_VIEW = """
+CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+INSERT INTO meta VALUES ('schema_version', '1'), ('coordinator_public_key', 'ed25519:x');
+CREATE VIEW entries AS WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r)
+SELECT n AS seq, 'run_started' AS kind, '' AS created_at, zeroblob(1000000) AS payload,
+       '' AS prev_hash, '' AS entry_hash, '' AS signature FROM r;
+"""
+
+
+def test_a_ledger_whose_entries_are_a_view_without_end_is_refused_before_any_row(
+    tmp_path: Path,
+) -> None:
+    # A few kilobytes on disk; read as rows, it never ends (1 MB per row).
+    path = tmp_path / "ledger.db"
+    with closing(sqlite3.connect(path)) as connection:
+        connection.executescript(RECURSIVE_VIEW)
+    assert path.stat().st_size < 64 * 1024
+
+    with pytest.raises(LedgerError, match=r"not a fedsilo ledger \(it holds view 'entries'\)"):
+        read_entries(path)
+    with pytest.raises(LedgerError, match="view 'entries'"):
+        read_coordinator_key_text(path)
+
+
+@pytest.mark.parametrize(
+    ("sql", "reason"),
+    [
+        (
+            "ALTER TABLE entries ADD COLUMN padding TEXT "
+            "GENERATED ALWAYS AS (zeroblob(1000000)) VIRTUAL",
+            r"table entries altered",
+        ),
+        ("CREATE TRIGGER noisy AFTER INSERT ON meta BEGIN SELECT 1; END", "trigger 'noisy'"),
+        ("CREATE TABLE extra(x)", "table 'extra'"),
+    ],
+    ids=["generated-column", "trigger", "extra-table"],
+)
+def test_a_ledger_schema_that_could_compute_rows_is_refused(
+    tmp_path: Path, sql: str, reason: str
+) -> None:
+    record_run(tmp_path / "ledger.db")
+    execute_sql(tmp_path / "ledger.db", sql)
+
+    with pytest.raises(LedgerError, match=reason):
+        read_entries(tmp_path / "ledger.db")
+
+
+def test_a_ledger_or_log_over_the_size_limit_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    record_run(tmp_path / "ledger.db")
+    size = (tmp_path / "ledger.db").stat().st_size
+    monkeypatch.setattr("fedsilo.ledger.store.MAX_LEDGER_BYTES", size - 1)
+
+    with pytest.raises(LedgerError, match=rf"ledger\.db: {size} bytes, over the {size - 1}-byte"):
+        read_entries(tmp_path / "ledger.db")
+
+    monkeypatch.setattr("fedsilo.ledger.store.MAX_LEDGER_BYTES", size)
+    assert len(read_entries(tmp_path / "ledger.db")) == 6
+    # A live ledger's log is held to the same limit.
+    with open_ledger(tmp_path / "live.db") as ledger:
+        ledger.append(EntryKind.RUN_STARTED, {"run_id": "r"})
+        wal = tmp_path / "live.db-wal"
+        assert wal.stat().st_size > 0
+        monkeypatch.setattr("fedsilo.ledger.store.MAX_LEDGER_BYTES", wal.stat().st_size - 1)
+        with pytest.raises(LedgerError, match=r"live\.db-wal: \d+ bytes, over the"):
+            read_entries(tmp_path / "live.db")

@@ -18,7 +18,7 @@ rewriting the whole file per event would make appends cost O(entries).
 from __future__ import annotations
 
 import json
-import shutil
+import os
 import sqlite3
 import tempfile
 import threading
@@ -57,6 +57,7 @@ from fedsilo.ledger.entries import (
     utc_now,
     verify_entry_signature,
 )
+from fedsilo.storage import open_regular_file
 
 SCHEMA_VERSION = "1"
 _KEY_META = "coordinator_public_key"
@@ -156,6 +157,62 @@ def _refuse_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
+# A ledger holds a few kilobytes per site and round: 4 GiB is far beyond any real run, and
+# bounds what a reader copies and what the file's rows can hold.
+MAX_LEDGER_BYTES = 4 * 1024**3
+
+# What a ledger file may hold besides its two tables: their primary-key and UNIQUE indexes.
+# A view or a trigger, or a generated column, would let the file compute what a reader gets
+# (a 12 KB file with a recursive view yields rows without end).
+_TABLE_COLUMNS = {
+    "entries": ("seq", "kind", "created_at", "payload", "prev_hash", "entry_hash", "signature"),
+    "meta": ("key", "value"),
+}
+
+
+def _checked_size(path: Path) -> int:
+    """The size of the regular file ``path``, refused over :data:`MAX_LEDGER_BYTES`."""
+    try:
+        with open_regular_file(path, limit=MAX_LEDGER_BYTES) as handle:
+            return os.fstat(handle.fileno()).st_size
+    except ValueError as error:
+        raise LedgerError(f"cannot read the ledger: {error}") from None
+
+
+def _copy_bounded(source: Path, target: Path) -> None:
+    """Copy the regular file ``source``, refusing it past :data:`MAX_LEDGER_BYTES` even if
+    it grows while copied."""
+    try:
+        with open_regular_file(source, limit=MAX_LEDGER_BYTES) as reader, target.open("wb") as out:
+            copied = 0
+            while chunk := reader.read(1024**2):
+                copied += len(chunk)
+                if copied > MAX_LEDGER_BYTES:
+                    raise LedgerError(f"{source}: over the {MAX_LEDGER_BYTES}-byte limit")
+                out.write(chunk)
+    except ValueError as error:
+        raise LedgerError(f"cannot read the ledger: {error}") from None
+
+
+def _check_schema(connection: sqlite3.Connection, path: Path) -> None:
+    """Refuse a file whose schema could compute rows: only the ledger's two tables, their
+    stored columns and their own indexes."""
+    try:
+        objects = connection.execute("SELECT type, name, tbl_name FROM sqlite_master").fetchall()
+        for kind, name, table in objects:
+            if kind == "table" and name in _TABLE_COLUMNS:
+                columns = connection.execute(f"PRAGMA table_xinfo({name})").fetchall()
+                # table_xinfo rows: cid, name, type, notnull, default, pk, hidden (0: stored).
+                if tuple(row[1] for row in columns) != _TABLE_COLUMNS[name] or any(
+                    row[6] for row in columns
+                ):
+                    raise LedgerError(f"{path}: not a fedsilo ledger (table {name} altered)")
+            elif not (kind == "index" and table in _TABLE_COLUMNS):
+                raise LedgerError(f"{path}: not a fedsilo ledger (it holds {kind} {name!r})")
+    except sqlite3.Error as error:
+        raise LedgerError(f"{path}: not a fedsilo ledger ({error})") from None
+
+
 @contextmanager
 def _read_only_connection(path: Path) -> Iterator[sqlite3.Connection]:
     """A connection that cannot change anything in the ledger's folder, not even its -shm.
@@ -164,27 +221,31 @@ def _read_only_connection(path: Path) -> Iterator[sqlite3.Connection]:
     write-ahead log beside it) is opened ``immutable``: SQLite then takes no locks and creates
     no ``-wal`` or ``-shm`` file. A ledger with a live log (a running or crashed coordinator)
     is copied with its log into a temporary folder and read there, so committed entries still
-    in the log are seen and nothing is written next to the evidence.
+    in the log are seen and nothing is written next to the evidence. The file may come from
+    an untrusted party: it and its log are bounded in size, and its schema may hold nothing
+    that computes rows (:func:`_check_schema`).
     """
     path = Path(path)
     if not path.is_file():
         raise LedgerError(f"{path}: no ledger file there")
+    _checked_size(path)
     wal = path.with_name(path.name + "-wal")
     with tempfile.TemporaryDirectory(prefix="fedsilo-ledger-") as scratch:
-        if wal.is_file() and wal.stat().st_size > 0:
+        if wal.is_file() and _checked_size(wal) > 0:
             copy = Path(scratch) / path.name
-            shutil.copyfile(path, copy)
-            shutil.copyfile(wal, copy.with_name(copy.name + "-wal"))
+            _copy_bounded(path, copy)
+            _copy_bounded(wal, copy.with_name(copy.name + "-wal"))
             uri = f"{copy.as_uri()}?mode=ro"
         else:
             uri = f"{path.resolve().as_uri()}?mode=ro&immutable=1"
         try:
             connection = sqlite3.connect(uri, uri=True)
-            # The file may come from an untrusted party: never run functions its schema names.
+            # Never run functions its schema names.
             connection.execute("PRAGMA trusted_schema=OFF")
         except sqlite3.Error as error:
             raise LedgerError(f"{path}: cannot open as a ledger ({error})") from None
         try:
+            _check_schema(connection, path)
             yield connection
         finally:
             connection.close()
