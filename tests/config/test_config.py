@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -159,3 +160,26 @@ def test_record_level_dp_accepts_local_work_in_epochs() -> None:
     )
 
     assert (config.train.local_epochs, config.train.batch_size) == (2.0, 512)
+
+
+def test_a_config_that_is_not_a_regular_file_or_too_large_is_refused_by_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)  # opening it to read would block
+    with pytest.raises(ConfigError, match=r"fifo\.toml: not a regular file"):
+        load_config(fifo)
+
+    large = tmp_path / "large.toml"
+    large.write_text("[run]\nrounds = 3\n")
+    monkeypatch.setattr("fedsilo.config.load.MAX_CONFIG_BYTES", 10)
+    with pytest.raises(ConfigError, match=r"large\.toml: 17 bytes, over the 10-byte limit"):
+        load_config(large)
+
+
+def test_a_config_nested_too_deeply_is_refused_by_name(tmp_path: Path) -> None:
+    path = tmp_path / "deep.toml"
+    path.write_text("x = " + "[" * 100_000 + "]" * 100_000 + "\n")
+
+    with pytest.raises(ConfigError, match=r"deep\.toml: TOML nested too deeply"):
+        load_config(path)

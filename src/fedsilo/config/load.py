@@ -12,7 +12,10 @@ import tomli_w
 from pydantic import ValidationError
 
 from fedsilo.config.schema import DeploymentSection, FedsiloConfig
-from fedsilo.storage import write_text_atomic
+from fedsilo.storage import read_regular_file, write_text_atomic
+
+# A run's config is a few kilobytes; a site list of thousands stays far below this.
+MAX_CONFIG_BYTES = 1024**2
 
 
 class ConfigError(ValueError):
@@ -44,13 +47,19 @@ def load_config(path: Path) -> FedsiloConfig:
     """Load and validate a TOML config file. Relative data paths are resolved from its folder."""
     path = Path(path)
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        # Bounded and never blocking: an auditor reads the config.toml of a run folder that
+        # someone else wrote (a FIFO or a link to /dev/zero in its place).
+        raw = tomllib.loads(read_regular_file(path, limit=MAX_CONFIG_BYTES).decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: not valid TOML: {error}") from None
     except UnicodeDecodeError as error:
         raise ConfigError(f"{path}: not UTF-8 text: {error}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: TOML nested too deeply") from None
+    except (OSError, ValueError) as error:  # not a regular file, over the limit, unreadable
+        raise ConfigError(f"cannot read the config file: {error}") from None
     config = parse_config(raw, source=str(path))
     return _resolve_paths(config, base=path.parent.resolve())
 
