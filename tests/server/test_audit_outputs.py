@@ -123,6 +123,31 @@ def test_last_entry_cut_with_final_folder_fails(finished_run: Path) -> None:
     assert "says the run completed" in _reasons(finished_run)
 
 
+def test_a_completed_run_without_its_final_adapter_fails(finished_run: Path) -> None:
+    shutil.rmtree(finished_run / "final")
+
+    assert "says the run completed, but" in _reasons(finished_run)
+    assert "final is missing: the final adapter run_finished records" in _reasons(finished_run)
+
+
+def test_a_final_that_is_not_a_folder_is_a_problem_not_a_crash(finished_run: Path) -> None:
+    shutil.rmtree(finished_run / "final")
+    (finished_run / "final").write_text("not an adapter")
+
+    assert "final is not a folder" in _reasons(finished_run)
+
+
+def test_a_checkpoint_folder_named_like_another_round_is_not_taken_for_it(
+    finished_run: Path,
+) -> None:
+    folder = RunFolder(finished_run)
+    recorded = folder.checkpoint_rounds()
+    for alias in ("round-01", "round-1\n", "round-\u0661"):  # the last: Arabic-Indic 1
+        shutil.copytree(folder.checkpoint_dir(2), folder.checkpoints_dir / alias)
+
+    assert folder.checkpoint_rounds() == recorded
+
+
 def _cut_round_two_with_its_files(run_dir: Path) -> None:
     _cut_from(run_dir, _round_two_opened(run_dir))
     folder = RunFolder(run_dir)

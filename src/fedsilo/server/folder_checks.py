@@ -6,7 +6,8 @@ verified, see :mod:`fedsilo.ledger.verify`):
 - ``final/``: its files are exactly the ones the ``run_finished`` entry records (file sha256 of
   ``adapter_model.safetensors`` and ``adapter_config.json``; ledgers written before these were
   recorded bind the weights through their tensors' digest), and the final adapter is the last
-  aggregate the ledger records;
+  aggregate the ledger records; a run whose status.json says it completed must have final/
+  (only a crash while finishing leaves none);
 - ``status.json`` saying "completed": the ledger ends with ``run_finished`` (a ledger cut at
   its end, with final/ and the last round's files removed, no longer passes);
 - metrics: every line of ``metrics.jsonl`` is a record with an integer ``round`` (and counts
@@ -107,10 +108,24 @@ def _last(entries: Sequence[Entry], kind: EntryKind) -> Entry | None:
 
 def _final_problems(folder: RunFolder, entries: Sequence[Entry]) -> list[VerifyProblem]:
     finished = _last(entries, EntryKind.RUN_FINISHED)
-    if finished is None or not folder.final_dir.exists():
+    if finished is None:
         return []  # a final/ without run_finished is reported by checkpoints_match_ledger
-    problems: list[VerifyProblem] = []
     payload = finished.payload
+    if not folder.final_dir.exists():
+        # A crash between run_finished and putting final/ in place leaves none (a resumed run
+        # finishes again); a run that says it completed must hand its final adapter out.
+        if _claims_completed(folder):
+            return [
+                VerifyProblem(
+                    finished.seq,
+                    f"{folder.status_path} says the run completed, but {folder.final_dir} is "
+                    "missing: the final adapter run_finished records cannot be checked",
+                )
+            ]
+        return []
+    if not folder.final_dir.is_dir():
+        return [VerifyProblem(finished.seq, f"{folder.final_dir} is not a folder")]
+    problems: list[VerifyProblem] = []
     # The aggregate the run finished with; a resumed run may have aggregated more since.
     aggregated = _last([e for e in entries if e.seq < finished.seq], EntryKind.ROUND_AGGREGATED)
     final_digest = payload.get("final_adapter_sha256")
@@ -181,6 +196,15 @@ def final_tensor_problems(folder: RunFolder, seq: int, digest: object) -> list[V
             VerifyProblem(seq, f"{path} does not hold the final adapter {digest} of the ledger")
         ]
     return []
+
+
+def _claims_completed(folder: RunFolder) -> bool:
+    """Whether a readable status.json says "completed" (an unreadable one is reported by
+    :func:`_status_problems`)."""
+    try:
+        return bool(folder.read_json(folder.status_path).get("status") == "completed")
+    except (OSError, ValueError):
+        return False
 
 
 def _status_problems(folder: RunFolder, entries: Sequence[Entry]) -> list[VerifyProblem]:

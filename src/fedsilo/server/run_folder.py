@@ -34,7 +34,8 @@ from fedsilo.ledger import JsonValue
 from fedsilo.model.adapters import AdapterState, load_adapter, save_adapter
 from fedsilo.storage import atomic_folder, read_json_object, write_text_atomic
 
-_ROUND_DIR = re.compile(r"^round-(\d+)$")
+# Canonical names only: "round-01", "round-1\\n" or non-ASCII digits would alias a round.
+_ROUND_DIR = re.compile(r"round-(0|[1-9][0-9]*)", re.ASCII)
 
 
 SERVER_STATE_FILE = "server_state.safetensors"
@@ -145,7 +146,7 @@ class RunFolder:
             return []
         rounds = []
         for entry in self.checkpoints_dir.iterdir():
-            match = _ROUND_DIR.match(entry.name)
+            match = _ROUND_DIR.fullmatch(entry.name)
             if match and entry.is_dir():
                 rounds.append(int(match.group(1)))
         return sorted(rounds)
