@@ -6,6 +6,7 @@ import shutil
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from safetensors.torch import load_file, save_file
@@ -13,15 +14,18 @@ from safetensors.torch import load_file, save_file
 from fedsilo.cli.main import main
 from fedsilo.config import FedsiloConfig
 from fedsilo.crypto import (
+    PrivateKey,
     Receipt,
     UpdateBinding,
     encode_signature,
     generate_private_key,
+    public_key_text,
     read_private_key,
     sign_receipt,
 )
-from fedsilo.ledger import EntryKind, Ledger, read_entries
+from fedsilo.ledger import EntryKind, Ledger, VerifyReport, read_entries
 from fedsilo.ledger.entries import sign_entry_hash
+from fedsilo.server import audit
 from fedsilo.server.audit import verify_run
 from fedsilo.server.folder_checks import UnsafeFileError, contained, hash_file
 from fedsilo.server.run_folder import RunFolder
@@ -294,6 +298,63 @@ def test_lineage_self_reference_is_a_problem_not_a_recursion(finished_run: Path)
     )
 
     assert "refers back to a run that names it" in _reasons(finished_run)
+
+
+def _run_naming(folder: Path, sources: list[Path], key: PrivateKey) -> Path:
+    """A bare run folder whose ledger names each of ``sources`` as a distillation source."""
+    folder.mkdir(parents=True)
+    membership = {
+        "federation_id": "f",
+        "run_id": folder.name,
+        "coordinator_key_path": "coordinator.key",
+        "coordinator_public_key": public_key_text(key.public_key()),
+        "sites": {},
+    }
+    (folder / "federation.json").write_text(json.dumps(membership))
+    with Ledger.open(folder / "ledger.db", coordinator_key=key) as ledger:
+        ledger.append(EntryKind.RUN_STARTED, {"federation_id": "f", "run_id": folder.name})
+        for source in sources:
+            ledger.append(EntryKind.DISTILL_SOURCES, {"source_run": {"folder": str(source)}})
+    return folder
+
+
+def test_a_source_run_named_many_times_is_verified_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Four levels, each naming the level below three times: 3 + 9 + 27 + 81 verifications
+    # of the same four runs when each name is followed anew.
+    key = generate_private_key()
+    level = _run_naming(tmp_path / "level-4", [], key)
+    for depth in (3, 2, 1, 0):
+        level = _run_naming(tmp_path / f"level-{depth}", [level] * 3, key)
+    calls: list[Path] = []
+    original = audit.verify_run
+
+    def counting(run_dir: Path, **kwargs: Any) -> VerifyReport:
+        calls.append(Path(run_dir))
+        return original(run_dir, **kwargs)
+
+    monkeypatch.setattr(audit, "verify_run", counting)
+
+    report = audit.verify_run(level)
+
+    assert sorted(path.name for path in calls) == [f"level-{n}" for n in range(5)]
+    # Each name still gets its run's verdict: here, that a source run is not fully recorded.
+    assert report.problems
+
+
+def test_an_audit_verifies_a_bounded_number_of_nested_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(audit, "MAX_NESTED_RUNS", 2)
+    key = generate_private_key()
+    sources = [_run_naming(tmp_path / f"source-{n}", [], key) for n in range(3)]
+    top = _run_naming(tmp_path / "top", sources, key)
+
+    reasons = " | ".join(problem.reason for problem in audit.verify_run(top).problems)
+
+    assert "source-2 would be run 3 verified in this audit; not followed" in reasons
+    assert "source-0 would be" not in reasons
 
 
 def test_audit_hashes_only_regular_files_inside_the_folder(tmp_path: Path) -> None:

@@ -49,6 +49,19 @@ MAX_RECEIPT_BYTES = 64 * 1024
 MAX_NESTING = 8
 """Deepest chain of runs naming runs (distillation -> clustered run -> cluster) verified."""
 
+MAX_NESTED_RUNS = 256
+"""Most distinct runs one audit verifies besides the one asked for (a distillation of a
+clustered run of 100 clusters is about 100)."""
+
+
+@dataclasses.dataclass
+class _NestedRuns:
+    """The runs one audit has verified on behalf of the run asked for: each once. A ledger
+    can name the same source run many times at every level; verified anew each time, 3 names
+    per level made a chain 4 deep cost 121 verifications, and the nesting limit allows 8."""
+
+    reports: dict[tuple[Path, str], VerifyReport] = dataclasses.field(default_factory=dict)
+
 
 def _recorded_adapters(entries: Sequence[Entry]) -> dict[int, tuple[int, str]]:
     """Round -> (seq, adapter sha256) as the ledger last recorded it."""
@@ -314,6 +327,7 @@ def verify_run(
     site_keys: Mapping[str, PublicKey] | None = None,
     receipt_files: Sequence[Path] | None = None,
     _visiting: tuple[Path, ...] = (),
+    _nested: _NestedRuns | None = None,
 ) -> VerifyReport:
     """Verify a run folder's ledger offline, with the checkpoints and the sites' receipts.
 
@@ -339,22 +353,38 @@ def verify_run(
             ]
         )
     visiting = (*_visiting, folder.root.resolve())
+    nested = _NestedRuns() if _nested is None else _nested
+
+    def not_followed(nested_dir: Path, key: PublicKey, why: str) -> VerifyReport:
+        return VerifyReport(
+            entries=0,
+            problems=(VerifyProblem(None, f"{nested_dir} {why}; not followed"),),
+            coordinator_fingerprint=fingerprint(key),
+        )
 
     def verify_nested(nested_dir: Path, key: PublicKey) -> VerifyReport:
         # A cluster's run or a distillation's source run, under the key the auditor trusts.
-        if Path(nested_dir).resolve() in visiting or len(visiting) >= MAX_NESTING:
-            return VerifyReport(
-                entries=0,
-                problems=(
-                    VerifyProblem(
-                        None,
-                        f"{nested_dir} refers back to a run that names it, or nests more than "
-                        f"{MAX_NESTING} runs deep; not followed",
-                    ),
-                ),
-                coordinator_fingerprint=fingerprint(key),
+        resolved = Path(nested_dir).resolve()
+        if resolved in visiting or len(visiting) >= MAX_NESTING:
+            return not_followed(
+                nested_dir,
+                key,
+                f"refers back to a run that names it, or nests more than {MAX_NESTING} runs deep",
             )
-        return verify_run(nested_dir, coordinator_key=key, site_keys=site_keys, _visiting=visiting)
+        seen = (resolved, fingerprint(key))
+        if seen not in nested.reports:
+            if len(nested.reports) >= MAX_NESTED_RUNS:
+                return not_followed(
+                    nested_dir, key, f"would be run {MAX_NESTED_RUNS + 1} verified in this audit"
+                )
+            nested.reports[seen] = verify_run(
+                nested_dir,
+                coordinator_key=key,
+                site_keys=site_keys,
+                _visiting=visiting,
+                _nested=nested,
+            )
+        return nested.reports[seen]
 
     report = verify_ledger(
         folder.ledger_path,
