@@ -406,6 +406,17 @@ def test_a_federation_json_that_is_not_a_json_object_file_is_refused_naming_it(
         verify_run(finished_run)
 
 
+def test_a_federation_json_field_of_the_wrong_type_is_refused_naming_it(
+    finished_run: Path,
+) -> None:
+    path = finished_run / "federation.json"
+    membership = json.loads(path.read_text())
+    path.write_text(json.dumps({**membership, "coordinator_key_path": None}))
+
+    with pytest.raises(MembershipError, match=r"fields \['coordinator_key_path'\] must be text"):
+        verify_run(finished_run)
+
+
 def test_run_and_federation_ids_of_federation_json_must_be_the_ledgers(
     finished_run: Path,
 ) -> None:

@@ -4,11 +4,13 @@ import json
 import os
 import shutil
 import sqlite3
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import tomli_w
 from safetensors.torch import load_file, save_file
 
 from fedsilo.cli.main import main
@@ -281,6 +283,30 @@ def test_lineage_refuses_absolute_and_escaping_paths(finished_run: Path, tmp_pat
     assert "is the absolute path" in reasons
     assert "leaves the run folder" in reasons
     assert "hashes to" not in reasons
+
+
+def test_a_lineage_entry_that_cannot_be_read_fails_that_entry_not_the_audit(
+    finished_run: Path,
+) -> None:
+    config = finished_run / "config.toml"
+    settings = tomllib.loads(config.read_text())
+    settings["clusters"]["method"] = "update-cosine"
+    config.write_text(tomli_w.dumps(settings))
+    # A similarity no float can hold: the entry fails, the audit goes on to report it.
+    _append(
+        finished_run,
+        EntryKind.CLUSTERS_ASSIGNED,
+        {
+            "clusters": {"a": ["x"]},
+            "method": "update-cosine",
+            "similarity": {"x": {"x": 10**400}},
+            "probe_sha256": {},
+        },
+    )
+
+    reasons = _reasons(finished_run)
+
+    assert "clusters_assigned: OverflowError: int too large to convert to float" in reasons
 
 
 def test_lineage_self_reference_is_a_problem_not_a_recursion(finished_run: Path) -> None:

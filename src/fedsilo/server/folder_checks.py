@@ -41,7 +41,12 @@ from fedsilo.storage import open_regular_file, read_regular_file
 MAX_HASHED_BYTES = 16 * 1024**3
 """Largest file the audit hashes (streamed): far above any adapter, far below a disk-filler."""
 MAX_PARSED_BYTES = 2 * 1024**3
-"""Largest file the audit loads into memory to parse (adapter weights, JSON)."""
+"""Largest adapter file the audit loads into memory to parse."""
+MAX_METRICS_BYTES = 256 * 1024**2
+"""Largest metrics.jsonl the audit parses (a round's record is a few kilobytes; parsed JSON
+takes several times its text in memory)."""
+MAX_ROUND_RECORD_BYTES = 16 * 1024**2
+"""Largest checkpoint round.json the audit parses."""
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
@@ -299,7 +304,9 @@ def read_metrics_lines(folder: RunFolder) -> list[MetricsLine]:
     """
     if not folder.metrics_path.exists():
         return []
-    text = read_bounded(folder.metrics_path).decode("utf-8", errors="replace")
+    text = read_bounded(folder.metrics_path, limit=MAX_METRICS_BYTES).decode(
+        "utf-8", errors="replace"
+    )
     return [
         _metrics_line(f"{folder.metrics_path} line {number}", line)
         for number, line in enumerate(text.splitlines(), start=1)
@@ -421,7 +428,8 @@ def _round_json_problems(folder: RunFolder, entries: Sequence[Entry]) -> list[Ve
                     )
                 )
             continue
-        line = _metrics_line(str(path), read_bounded(path).decode("utf-8", "replace"))
+        text = read_bounded(path, limit=MAX_ROUND_RECORD_BYTES).decode("utf-8", "replace")
+        line = _metrics_line(str(path), text)
         if line.problem is not None or line.record is None:
             problems.append(VerifyProblem(seq, f"{path}: {line.problem}"))
         elif line.round != number:

@@ -285,26 +285,41 @@ def lineage_matches_ledger(
 ) -> ExtraCheck:
     """An extra ledger check for the provenance entries (the module docstring lists them)."""
 
+    def entry_problems(entry: Entry) -> list[VerifyProblem]:
+        if entry.kind is EntryKind.CLUSTERS_ASSIGNED:
+            return _cluster_problems(folder, entry)
+        if entry.kind is EntryKind.EXPERT_FINISHED:
+            return _expert_problems(folder, entry, trusted, verify)
+        if entry.kind is EntryKind.DISTILL_SOURCES:
+            return _sources_problems(folder, entry, trusted, verify)
+        if entry.kind is EntryKind.RUN_FINISHED and "final_peft_sha256" in entry.payload:
+            return _file_problem(
+                entry.seq,
+                "master adapter",
+                folder.final_dir / PEFT_WEIGHTS,
+                entry.payload["final_peft_sha256"],
+            )
+        return []
+
     def check(entries: Sequence[Entry]) -> list[VerifyProblem]:
         problems: list[VerifyProblem] = []
-        clustered = False
         for entry in entries:
-            if entry.kind is EntryKind.CLUSTERS_ASSIGNED:
-                clustered = True
-                problems += _cluster_problems(folder, entry)
-            elif entry.kind is EntryKind.EXPERT_FINISHED:
-                problems += _expert_problems(folder, entry, trusted, verify)
-            elif entry.kind is EntryKind.DISTILL_SOURCES:
-                problems += _sources_problems(folder, entry, trusted, verify)
-            elif entry.kind is EntryKind.RUN_FINISHED and "final_peft_sha256" in entry.payload:
-                problems += _file_problem(
-                    entry.seq,
-                    "master adapter",
-                    folder.final_dir / PEFT_WEIGHTS,
-                    entry.payload["final_peft_sha256"],
+            try:
+                problems += entry_problems(entry)
+            except Exception as error:
+                # The folders, ledgers and configs an entry names were written by whoever
+                # handed the run over: whatever reading them raises (a number too large for
+                # a float, a null path, an unreadable nested ledger) fails that entry, never
+                # the audit.
+                problems.append(
+                    VerifyProblem(entry.seq, f"{entry.kind}: {type(error).__name__}: {error}")
                 )
+        clustered = any(entry.kind is EntryKind.CLUSTERS_ASSIGNED for entry in entries)
         if clustered or (folder.root / "clusters").exists():
-            problems += _unrecorded_folders(folder, entries)
+            try:
+                problems += _unrecorded_folders(folder, entries)
+            except OSError as error:
+                problems.append(VerifyProblem(None, f"clusters folder: {error}"))
         return problems
 
     return check

@@ -71,6 +71,9 @@ def load_membership(path: Path) -> Membership:
     missing = [name for name in fields if name not in data]
     if missing:
         raise MembershipError(f"{path}: missing fields {missing}")
+    not_text = [name for name in fields[:4] if not isinstance(data[name], str)]
+    if not_text:
+        raise MembershipError(f"{path}: fields {not_text} must be text")
     sites = data["sites"]
     if not isinstance(sites, dict) or not all(isinstance(v, str) for v in sites.values()):
         raise MembershipError(f"{path}: 'sites' must map site names to public key texts")
