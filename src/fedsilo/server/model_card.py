@@ -23,6 +23,7 @@ from fedsilo.evaluation.metrics import SECONDARY_LABELS
 from fedsilo.ledger import Entry, EntryKind
 from fedsilo.model.base import BaseModelStatement, base_model_name
 from fedsilo.report.model import PartRow
+from fedsilo.report.numbers import recorded_float
 from fedsilo.report.reader_text import EPSILON_OF_ACCEPTED_UPDATES_ONLY
 from fedsilo.server.folder_checks import PEFT_FILES, hash_file, last_aggregated_round
 from fedsilo.server.report_data import (
@@ -377,12 +378,14 @@ def _how_to_load(base: BaseModelStatement | None, base_hash: object) -> list[str
 
 
 def _percent(value: object) -> str:
-    return f"{float(value) * 100:.1f}%" if isinstance(value, int | float) else _NOT_RECORDED
+    number = recorded_float(value)
+    return _NOT_RECORDED if number is None else f"{number * 100:.1f}%"
 
 
 def _loss(value: object) -> str:
     # null where the loss was not finite (the run records it so rather than write NaN).
-    return f"{float(value):.4f}" if isinstance(value, int | float) else _NOT_RECORDED
+    number = recorded_float(value)
+    return _NOT_RECORDED if number is None else f"{number:.4f}"
 
 
 def _interval(pair: object) -> str:

@@ -10,7 +10,6 @@ here (verification reports it), so a tampered ledger still gets a report.
 
 from __future__ import annotations
 
-import math
 import re
 import time
 from collections import defaultdict
@@ -36,6 +35,7 @@ from fedsilo.report import (
     one_line,
 )
 from fedsilo.report.model import Execution, KeySource, RunStatus
+from fedsilo.report.numbers import recorded_float
 from fedsilo.server.audit import receipts_examined
 from fedsilo.server.folder_checks import (
     UnsafeFileError,
@@ -329,9 +329,7 @@ def _round_rows(folder: RunFolder, entries: Sequence[Entry]) -> tuple[RoundRow, 
 def _optional_float(value: object) -> float | None:
     """A recorded figure, or None where the round has none (no training at round 0, no gold
     scoring after a round between ``every_rounds``) or it is not a finite number."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value) if math.isfinite(value) else None
+    return recorded_float(value)
 
 
 def last_verified_record(

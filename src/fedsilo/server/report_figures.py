@@ -9,7 +9,6 @@ there, with the exact binomial bounds where the figure is a share of right recor
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -18,6 +17,7 @@ from fedsilo.evaluation.bootstrap import exact_bounds_at_zero
 from fedsilo.evaluation.metrics import RIGHT_OR_WRONG
 from fedsilo.ledger import Entry, EntryKind
 from fedsilo.report.model import PartRow, RoundRow
+from fedsilo.report.numbers import recorded_float
 
 RECORD_LEVEL_DP = "record-level DP"
 SECURE_AGGREGATION = "secure aggregation"
@@ -204,9 +204,9 @@ def ranking_chance(figure: str, candidates: object) -> tuple[int | None, float |
 def float_pair(value: object) -> tuple[float, float] | None:
     """A recorded interval ``[low, high]`` as a pair of floats, None where it is not one."""
     if isinstance(value, list | tuple) and len(value) == 2:
-        low, high = value
-        if isinstance(low, int | float) and isinstance(high, int | float):
-            return float(low), float(high)
+        low, high = map(recorded_float, value)
+        if low is not None and high is not None:
+            return low, high
     return None
 
 
@@ -225,14 +225,14 @@ def gold_parts_of(record: Mapping[str, Any]) -> tuple[PartRow, ...]:
             continue
         count = figures.get("count")
         for figure in _PART_FIGURES:
-            value = figures.get(figure)
-            if isinstance(value, int | float) and math.isfinite(value):
+            value = recorded_float(figures.get(figure))
+            if value is not None:
                 candidates, chance = ranking_chance(figure, figures.get("candidates"))
                 rows.append(
                     PartRow(
                         part=str(part),
                         figure=figure.replace("_", " "),
-                        value=float(value),
+                        value=value,
                         ci95=float_pair(figures.get(f"{figure}_ci95")),
                         count=count if isinstance(count, int) else None,
                         candidates=candidates,

@@ -18,6 +18,7 @@ from fedsilo.ledger import Entry, EntryKind
 from fedsilo.ledger.entries import SITE_METRICS_FIELD
 from fedsilo.model.base import BaseModelStatement, describe_base_model
 from fedsilo.report.model import UNKNOWN_EXECUTION, Execution, Fact
+from fedsilo.report.numbers import recorded_float
 from fedsilo.server.run_folder import RunFolder
 from fedsilo.simulation.enrollment import COORDINATOR, site_folder
 
@@ -222,7 +223,7 @@ def _first_task(entries: Sequence[Entry]) -> Mapping[str, Any]:
 
 
 def _number(value: object) -> float | None:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+    return recorded_float(value)
 
 
 def strategy_fact(entries: Sequence[Entry], config: FedsiloConfig | None) -> Fact:
