@@ -309,6 +309,20 @@ def test_a_lineage_entry_that_cannot_be_read_fails_that_entry_not_the_audit(
     assert "clusters_assigned: OverflowError: int too large to convert to float" in reasons
 
 
+def test_a_link_out_of_the_run_folder_fails_the_audit(finished_run: Path) -> None:
+    elsewhere = finished_run.parent / "elsewhere.jsonl"
+    shutil.copy(finished_run / "metrics.jsonl", elsewhere)
+    (finished_run / "metrics.jsonl").unlink()
+    (finished_run / "metrics.jsonl").symlink_to(elsewhere)
+    # A link that stays inside the folder is no problem.
+    (finished_run / "inside-link").symlink_to(finished_run / "status.json")
+
+    reasons = _reasons(finished_run)
+
+    assert f"metrics.jsonl links to {elsewhere.resolve()}, outside the run folder" in reasons
+    assert "inside-link" not in reasons
+
+
 def test_lineage_self_reference_is_a_problem_not_a_recursion(finished_run: Path) -> None:
     _append(
         finished_run,

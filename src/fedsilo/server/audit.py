@@ -38,6 +38,7 @@ from fedsilo.ledger import (
 from fedsilo.server.folder_checks import (
     UnsafeFileError,
     hash_file,
+    links_out_of,
     outputs_match_ledger,
     read_bounded,
 )
@@ -396,6 +397,7 @@ def verify_run(
             outputs_match_ledger(folder),
             receipts_match_ledger(receipt_files, trusted),
             lineage_matches_ledger(folder, trusted, verify_nested),
+            lambda _entries: links_out_of(folder.root),
         ),
     )
     return dataclasses.replace(report, receipts=len(receipt_files))

@@ -19,13 +19,16 @@ verified, see :mod:`fedsilo.ledger.verify`):
   digest (ledgers written before it was recorded) is marked unverified in the compliance
   report, not passed off as verified.
 
-Files are read only when they are regular files inside the run folder and below a size limit.
+Files are read only when they are regular files below a size limit; paths a ledger entry
+names must stay inside the run folder, and any symbolic link in the run folder that leads out
+of it is itself a problem (:func:`links_out_of`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +75,42 @@ def contained(root: Path, relative: object, *, field: str) -> Path:
     if resolved != base and base not in resolved.parents:
         raise UnsafeFileError(f"{field} {relative!r} leaves the run folder {root}")
     return Path(root) / candidate
+
+
+MAX_WALKED_ENTRIES = 1_000_000
+"""Most files and folders the audit looks at for links out of a run folder."""
+
+
+def links_out_of(root: Path) -> list[VerifyProblem]:
+    """A problem for each symbolic link in the run folder ``root`` whose target is outside it.
+
+    The audit reads a run folder's own files by their fixed names (metrics.jsonl, the
+    checkpoints, receipts); a link among them would have it read, hash and quote a file from
+    elsewhere on the auditor's machine as if the run folder held it. fedsilo writes no links.
+    """
+    base = Path(root).resolve()
+    problems: list[VerifyProblem] = []
+    walked = 0
+    for folder, dirs, files in os.walk(base, followlinks=False):
+        for name in (*dirs, *files):
+            walked += 1
+            if walked > MAX_WALKED_ENTRIES:
+                return [
+                    *problems,
+                    VerifyProblem(
+                        None,
+                        f"{root}: more than {MAX_WALKED_ENTRIES} files; not all "
+                        "checked for links out of the run folder",
+                    ),
+                ]
+            path = Path(folder) / name
+            if path.is_symlink():
+                target = path.resolve()
+                if target != base and base not in target.parents:
+                    problems.append(
+                        VerifyProblem(None, f"{path} links to {target}, outside the run folder")
+                    )
+    return problems
 
 
 def hash_file(path: Path, *, limit: int = MAX_HASHED_BYTES) -> str:
