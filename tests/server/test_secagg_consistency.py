@@ -516,3 +516,32 @@ def test_a_site_refuses_to_share_keys_with_more_sites_than_the_round_announced()
     three = {n: cohort[n] for n in ("a", "b", "v")}
     _, sealed = site_protocol.share_keys(states["v"], three)
     assert sorted(sealed) == ["a", "b"]
+
+
+def test_a_site_shares_its_keys_once_so_a_second_cohort_cannot_unmask_its_input() -> None:
+    # The attack: after a's masked input over {a, b, c}, ask a to share again and to mask a
+    # second input over everyone; a's held shares were reset by the second sharing, so an
+    # unmasking naming {a, d, e} survivors and {b, c} dropped would hand out a's self-mask
+    # seed and b's and c's mask keys: everything that hides a's first input.
+    names = ["a", "b", "c", "d", "e"]
+    state = _sessions_after_masking(names, 3)["a"]
+    assert state.input_sent
+
+    with pytest.raises(site_protocol.SecAggRefusedError, match="already shared its keys"):
+        site_protocol.share_keys(state, state.peers)
+    with pytest.raises(site_protocol.SecAggRefusedError, match="already sent its masked input"):
+        site_protocol.receive_shares(state, {}, min_cohort=1)
+    # What the site stores says so too.
+    stored = site_protocol.SiteSession.from_bytes(state.to_bytes())
+    assert stored == state and stored.input_sent
+
+
+def test_a_site_opens_shares_only_after_sharing_its_keys() -> None:
+    session = SessionId("fed", "run-1", 1, 1)
+    params = SecAggParams(
+        threshold=2, cohort_size=3, clip=1.0, dp_clip_norm=0.0, dp_noise_multiplier=0.0
+    )
+    fresh = site_protocol.advertise(site="a", session=session, params=params)
+
+    with pytest.raises(site_protocol.SecAggRefusedError, match="has not shared its keys"):
+        site_protocol.receive_shares(fresh, {}, min_cohort=1)

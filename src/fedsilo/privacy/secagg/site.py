@@ -64,6 +64,9 @@ class SiteSession:
     self_seed: bytes
     peers: dict[str, Advertisement] = field(default_factory=dict)  # verified advertisements
     held: dict[str, ShareBundle] = field(default_factory=dict)  # shares others gave us
+    # The masked input's cohort is fixed once its shares are opened; recorded, not inferred
+    # from ``held``, which sharing keys again would reset.
+    input_sent: bool = False
     unmasked: bool = False
     signed_survivors: tuple[str, ...] | None = None  # the one U3 this site signed
 
@@ -92,6 +95,7 @@ class SiteSession:
                 "self_seed": self.self_seed.hex(),
                 "peers": {name: a.to_payload().decode() for name, a in self.peers.items()},
                 "held": {name: b.to_bytes().decode() for name, b in self.held.items()},
+                "input_sent": self.input_sent,
                 "unmasked": self.unmasked,
                 "signed_survivors": self.signed_survivors,
             }
@@ -121,6 +125,7 @@ class SiteSession:
             and type(attempt) is int
             and isinstance(value["site"], str)
             and type(value["unmasked"]) is bool
+            and type(value["input_sent"]) is bool
         ):
             raise TypeError("mistyped session, site or unmasked field")
         secret_fields = [value[name] for name in ("share_key", "mask_key", "self_seed")]
@@ -143,6 +148,7 @@ class SiteSession:
                 name: ShareBundle.from_bytes(text.encode(), sender=name, recipient=site)
                 for name, text in value["held"].items()
             },
+            input_sent=value["input_sent"],
             unmasked=value["unmasked"],
             signed_survivors=_names(value.get("signed_survivors")),
         )
@@ -177,7 +183,13 @@ def advertise(*, site: str, session: SessionId, params: SecAggParams) -> SiteSes
 def share_keys(
     state: SiteSession, cohort: Mapping[str, Advertisement]
 ) -> tuple[SiteSession, dict[str, bytes]]:
-    """Step 2: the sealed share bundle for every other site of ``cohort`` (verified adverts)."""
+    """Step 2: the sealed share bundle for every other site of ``cohort`` (verified adverts),
+    once per session."""
+    if state.peers:
+        # Sharing again would hand out fresh shares of the same seed and mask key to another
+        # cohort, and reset what the site holds: after a masked input over cohort A, a second
+        # one over cohort B lets the server unmask the first input alone.
+        raise SecAggRefusedError(f"site {state.site}: already shared its keys in this session")
     if cohort.get(state.site) != state.advertisement():
         raise SecAggRefusedError(
             f"site {state.site}: the relayed advertisements do not hold this site's own keys"
@@ -241,10 +253,12 @@ def receive_shares(
     state: SiteSession, sealed: Mapping[str, bytes], *, min_cohort: int
 ) -> SiteSession:
     """Step 3a: open the bundles the other sites of the cohort sent us (server-relayed)."""
-    if len(state.held) > 1:
+    if state.input_sent:
         # One masked input per session: two inputs masked over different cohorts would give
         # the server two views of the same input to compare.
         raise SecAggRefusedError(f"site {state.site}: already sent its masked input")
+    if not state.peers:
+        raise SecAggRefusedError(f"site {state.site}: has not shared its keys in this session")
     unknown = sorted(set(sealed) - set(state.peers))
     if unknown or state.site in sealed:
         raise SecAggRefusedError(
@@ -261,7 +275,7 @@ def receive_shares(
             held[sender] = ShareBundle.from_bytes(raw, sender=sender, recipient=state.site)
         except (SealError, SecAggMessageError) as error:
             raise SecAggRefusedError(f"site {state.site}: shares from {sender}: {error}") from None
-    return replace(state, held=held)
+    return replace(state, held=held, input_sent=True)
 
 
 def mask(state: SiteSession, words: np.ndarray) -> np.ndarray:
@@ -284,7 +298,7 @@ def agree_survivors(
     if state.signed_survivors is not None:
         # Two signed sets would let the server show each half of the cohort another view.
         raise SecAggRefusedError(f"site {state.site}: already signed a survivor set")
-    if len(state.held) < 2:
+    if not state.input_sent:
         raise SecAggRefusedError(f"site {state.site}: has not sent its masked input")
     if state.site not in survivors or not survivors <= set(state.held):
         raise SecAggRefusedError(
