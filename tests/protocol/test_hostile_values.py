@@ -204,7 +204,16 @@ def _dp(**changes: Any) -> ConfigRecord:
 
 @pytest.mark.parametrize(
     "change",
-    [{"delta": math.nan}, {"delta": 1.5}, {"noise_multiplier": math.inf}, {"planned_rounds": 0}],
+    [
+        {"delta": math.nan},
+        {"delta": 1.5},
+        {"noise_multiplier": math.inf},
+        {"planned_rounds": 0},
+        # What no accountant can compose cheaply: refused before any accounting runs.
+        {"noise_multiplier": 0.03},
+        {"noise_multiplier": 2e4},
+        {"planned_rounds": 2**53},
+    ],
     ids=lambda change: f"{next(iter(change))}={next(iter(change.values()))}",
 )
 def test_dp_task_out_of_range_is_refused(change: dict[str, Any]) -> None:
@@ -214,6 +223,7 @@ def test_dp_task_out_of_range_is_refused(change: dict[str, Any]) -> None:
 
 def test_dp_task_round_trips() -> None:
     assert DpTask.from_record(_dp()).delta == 1e-5
+    assert DpTask.from_record(_dp(noise_multiplier=0.3, planned_rounds=100_000)).planned_rounds
     assert DpTask.from_record(_dp(accountant="pld")).accountant == "pld"
 
 

@@ -53,12 +53,16 @@ class Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
+MAX_ROUNDS = 100_000
+"""Most rounds a run may plan (also the most a DP task may ask a site to budget for)."""
+
+
 class RunSection(Section):
     """What to run and how the process behaves."""
 
     name: SafeName = "fedsilo-run"
     seed: int = 0
-    rounds: int = Field(3, ge=1, le=100_000)
+    rounds: int = Field(3, ge=1, le=MAX_ROUNDS)
     # On a small machine a multi-threaded torch process slows down sharply as soon as
     # anything else runs; one thread per simulated site is the fast, predictable choice.
     torch_threads: int = Field(1, ge=1, le=1024)

@@ -29,6 +29,11 @@ from flwr.common.constant import SType
 from numpy.lib import format as npy_format
 
 from fedsilo.config import LoraSection
+from fedsilo.config.schema import (
+    MAX_RECORD_NOISE_MULTIPLIER,
+    MAX_ROUNDS,
+    MIN_RECORD_NOISE_MULTIPLIER,
+)
 from fedsilo.crypto import (
     Receipt,
     SignatureError,
@@ -437,10 +442,21 @@ class DpTask:
         what = "the round's DP settings"
         task = cls(**_typed_fields(values, kinds, what=what))  # type: ignore[arg-type]
         _check_float(task.noise_multiplier, "noise_multiplier", low=0.0, high=1e6, what=what)
+        if task.noise_multiplier > 0:
+            # The range a site's DP event may declare (server.admission): outside it the
+            # accountants cannot compose the event (0.03 made PLD ask for gigabytes before
+            # the budget check could refuse the task).
+            _check_float(
+                task.noise_multiplier,
+                "noise_multiplier",
+                low=MIN_RECORD_NOISE_MULTIPLIER,
+                high=MAX_RECORD_NOISE_MULTIPLIER,
+                what=what,
+            )
         _check_float(task.target_epsilon, "target_epsilon", low=0.0, high=1e6, what=what)
         _check_float(task.max_grad_norm, "max_grad_norm", low=0.0, high=1e6, what=what)
         _check_float(task.delta, "delta", low=0.0, high=1.0, what=what)
-        _check_int(task.planned_rounds, "planned_rounds", low=1, high=MAX_COUNT, what=what)
+        _check_int(task.planned_rounds, "planned_rounds", low=1, high=MAX_ROUNDS, what=what)
         if task.accountant not in get_args(AccountantName):
             raise ProtocolError(
                 f"{what}: accountant {task.accountant[:80]!r} is not one of "
