@@ -552,6 +552,27 @@ def test_an_he_round_with_distributed_noise_below_a_sites_floor_is_refused_befor
     assert STATE_KEY not in records and HE_STATE_KEY not in records
 
 
+def test_a_site_with_a_noise_floor_sends_nothing_trained_in_the_clear_in_an_he_round(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The noise meets the floor, but he_tensors name no tensor of the adapter: every trained
+    # tensor would leave in the clear with this site's noise share alone.
+    floor = SitePolicy.model_validate(
+        {"accept": {"federation_id": "fed"}, "privacy": {"min_distributed_noise_multiplier": 0.5}}
+    )
+    privacy = {"site_level": True, "site_clip_norm": 1.0, "site_noise_multiplier": 0.5}
+    h = _he(
+        tmp_path, monkeypatch, num_sites=4, privacy=privacy, policies={"site-3": floor},
+        secure={"he_tensors": ["no-such-tensor"]},
+    )  # fmt: skip
+
+    replies = _round(h)
+
+    assert "site-3" not in replies.contributors
+    [reason] = [r for r in replies.failures.values() if "in the clear" in r]
+    assert "the policy accepts only [privacy] min_distributed_noise_multiplier = 0.5" in reason
+
+
 def test_an_encrypted_input_request_without_its_round_task_is_a_protocol_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

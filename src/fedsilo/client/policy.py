@@ -463,14 +463,22 @@ def check_nothing_in_clear(
     *,
     site: str,
 ) -> None:
-    """Under a policy that requires HE, refuse an update a tensor of which training changed
-    and the round would send in the clear (its ``he_tensors`` leave that tensor out)."""
-    if policy.accept.aggregation == "any":
+    """Under a policy that requires HE, or a distributed DP noise floor, refuse an update a
+    tensor of which training changed and the round would send in the clear (its
+    ``he_tensors`` leave that tensor out): such a tensor leaves with this site's noise share
+    alone, a fraction of the noise the floor asks the sum to carry."""
+    floor = policy.privacy.min_distributed_noise_multiplier if policy.privacy else 0.0
+    if policy.accept.aggregation == "any" and floor == 0:
         return
     changed = sorted(n for n, t in delta.items() if in_clear(n) and bool(torch.any(t != 0)))
-    if changed:
-        raise TaskRefusedError(
-            f"site {site}: the round would send {len(changed)} trained tensor(s) in the clear "
-            f"(e.g. {changed[0]}); the policy accepts only aggregation = "
-            f"{policy.accept.aggregation!r}"
-        )
+    if not changed:
+        return
+    rule = (
+        f"aggregation = {policy.accept.aggregation!r}"
+        if policy.accept.aggregation != "any"
+        else f"[privacy] min_distributed_noise_multiplier = {floor:g}"
+    )
+    raise TaskRefusedError(
+        f"site {site}: the round would send {len(changed)} trained tensor(s) in the clear "
+        f"(e.g. {changed[0]}); the policy accepts only {rule}"
+    )
