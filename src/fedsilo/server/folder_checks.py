@@ -51,6 +51,8 @@ takes several times its text in memory)."""
 MAX_ROUND_RECORD_BYTES = 16 * 1024**2
 """Largest checkpoint round.json the audit parses."""
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
+FINAL_ADAPTER_FIELDS = ("final_files", "final_adapter_sha256", "final_peft_sha256")
+"""Fields of a run_finished entry that record an adapter in final/."""
 
 
 class UnsafeFileError(ValueError):
@@ -157,8 +159,10 @@ def _final_problems(folder: RunFolder, entries: Sequence[Entry]) -> list[VerifyP
     payload = finished.payload
     if not folder.final_dir.exists():
         # A crash between run_finished and putting final/ in place leaves none (a resumed run
-        # finishes again); a run that says it completed must hand its final adapter out.
-        if _claims_completed(folder):
+        # finishes again); a run that says it completed must hand out the final adapter its
+        # entry records (a clustered run records experts instead, in their own run folders).
+        records_final = any(name in payload for name in FINAL_ADAPTER_FIELDS)
+        if records_final and _claims_completed(folder):
             return [
                 VerifyProblem(
                     finished.seq,
