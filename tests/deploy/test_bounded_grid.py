@@ -8,12 +8,10 @@ nginx, no TLS, no token checks.
 
 from __future__ import annotations
 
-import json
 import time
 import tracemalloc
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from hashlib import sha256
 
 import numpy as np
 import pytest
@@ -43,8 +41,6 @@ from flwr.proto.runtime_pb2 import (
 from flwr.proto.task_pb2 import Task
 from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
 from flwr.supercore.constant import (
-    HEAD_BODY_DIVIDER,
-    HEAD_VALUE_DIVIDER,
     NOOP_FEDERATION_ID,
     TaskType,
 )
@@ -58,6 +54,8 @@ from flwr.superlink.servicer.runtime import runtime_handlers
 
 from fedsilo.deploy.bounded_grid import BoundedHttpGrid, ReplyLimits
 from fedsilo.server.rounds import stream_replies
+
+from .crafted_objects import crafted_message
 
 MIB = 1024 * 1024
 MAX_UPDATE = 10 * MIB
@@ -179,13 +177,6 @@ def honest_reply(link: Link, node: int, content: RecordDict) -> str:
     return push_reply(link, node, envelope, get_object_tree(reply), contents)
 
 
-def flwr_object(kind: str, children: list[str], body: bytes) -> tuple[str, bytes]:
-    """An object as Flower serialises one (head, divider, body), whatever its body says."""
-    head = HEAD_VALUE_DIVIDER.join([kind, ",".join(children), str(len(body))])
-    content = head.encode() + HEAD_BODY_DIVIDER + body
-    return sha256(content).hexdigest(), content
-
-
 def crafted_reply(
     link: Link,
     node: int,
@@ -195,43 +186,11 @@ def crafted_reply(
     withhold: int = 0,
 ) -> str:
     """A reply a hostile site builds by hand: one Array over ``chunks``, listed by ``indices``."""
-    contents: dict[str, bytes] = {}
-    chunk_ids = []
-    for data in chunks:
-        chunk_id, contents[chunk_id] = flwr_object("ArrayChunk", [], data)
-        chunk_ids.append(chunk_id)
-    size = sum(len(chunks[i]) for i in indices if 0 <= i < len(chunks))
-    array_meta = {"dtype": "uint8", "shape": [size], "stype": "numpy.ndarray"}
-    array_body = json.dumps({**array_meta, "arraychunk_ids": indices}).encode()
-    array_id, contents[array_id] = flwr_object("Array", chunk_ids, array_body)
-    record_body = json.dumps({"payload": array_id}).encode()
-    record_id, contents[record_id] = flwr_object("ArrayRecord", [array_id], record_body)
-    dict_body = json.dumps({"update": record_id}).encode()
-    dict_id, contents[dict_id] = flwr_object("RecordDict", [record_id], dict_body)
     envelope = message_to_proto(Message(RecordDict(), reply_to=link.sent[node]))
     metadata = envelope.metadata
     body = message_body or ProtoMessage(metadata=metadata).SerializeToString(deterministic=True)
-    message_id, contents[message_id] = flwr_object("Message", [dict_id], body)
-    metadata.message_id = message_id
-    tree = ObjectTree(
-        object_id=message_id,
-        children=[
-            ObjectTree(
-                object_id=dict_id,
-                children=[
-                    ObjectTree(
-                        object_id=record_id,
-                        children=[
-                            ObjectTree(
-                                object_id=array_id,
-                                children=[ObjectTree(object_id=c) for c in chunk_ids],
-                            )
-                        ],
-                    )
-                ],
-            )
-        ],
-    )
+    tree, contents = crafted_message(chunks, indices, message_body=body)
+    metadata.message_id = tree.object_id
     return push_reply(link, node, envelope, tree, contents, withhold)
 
 

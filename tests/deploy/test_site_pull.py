@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import tracemalloc
-from hashlib import sha256
 from typing import Any
 
 import numpy as np
@@ -14,7 +12,6 @@ from flwr.common.serde import context_to_proto, fab_to_proto, run_to_proto
 from flwr.proto.message_pb2 import Message as ProtoMessage
 from flwr.proto.message_pb2 import ObjectTree, PullObjectResponse
 from flwr.proto.runtime_pb2 import PullAppMessagesResponse, PullTaskInputResponse
-from flwr.supercore.constant import HEAD_BODY_DIVIDER, HEAD_VALUE_DIVIDER
 from flwr.supercore.fab import Fab
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
 from flwr.supercore.run import Run
@@ -22,6 +19,8 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedsilo.client.policy import TaskRefusedError
 from fedsilo.deploy.site_pull import pull_task_input_bounded
+
+from .crafted_objects import crafted_message
 
 MIB = 1024 * 1024
 
@@ -74,44 +73,9 @@ def _honest(payload: bytes) -> FakeRuntime:
     )
 
 
-def _object(kind: str, children: list[str], body: bytes) -> tuple[str, bytes]:
-    head = HEAD_VALUE_DIVIDER.join([kind, ",".join(children), str(len(body))])
-    content = head.encode() + HEAD_BODY_DIVIDER + body
-    return sha256(content).hexdigest(), content
-
-
 def _amplified(chunk: bytes, repeats: int) -> FakeRuntime:
     """A task a hostile coordinator builds by hand: one chunk listed ``repeats`` times."""
-    contents: dict[str, bytes] = {}
-    chunk_id, contents[chunk_id] = _object("ArrayChunk", [], chunk)
-    meta = {"dtype": "uint8", "shape": [len(chunk) * repeats], "stype": "numpy.ndarray"}
-    body = json.dumps({**meta, "arraychunk_ids": [0] * repeats}).encode()
-    array_id, contents[array_id] = _object("Array", [chunk_id], body)
-    record_id, contents[record_id] = _object(
-        "ArrayRecord", [array_id], json.dumps({"a": array_id}).encode()
-    )
-    dict_id, contents[dict_id] = _object(
-        "RecordDict", [record_id], json.dumps({"global": record_id}).encode()
-    )
-    message_id, contents[message_id] = _object("Message", [dict_id], b"")
-    tree = ObjectTree(
-        object_id=message_id,
-        children=[
-            ObjectTree(
-                object_id=dict_id,
-                children=[
-                    ObjectTree(
-                        object_id=record_id,
-                        children=[
-                            ObjectTree(
-                                object_id=array_id, children=[ObjectTree(object_id=chunk_id)]
-                            )
-                        ],
-                    )
-                ],
-            )
-        ],
-    )
+    tree, contents = crafted_message([chunk], [0] * repeats, array_key="a", record_key="global")
     return FakeRuntime(tree, contents)
 
 
