@@ -334,15 +334,28 @@ def _keeping_state(seen: list[dict[str, object]]) -> Callable[..., Message]:
     return app
 
 
-def test_session_secrets_stay_in_the_worker_and_never_reach_the_supernode(
+def _keeping_state_worker(
     tmp_path: Path, tiny_model_dir: Path
-) -> None:
+) -> tuple[SiteWorker, list[dict[str, object]]]:
+    """A worker whose app is :func:`_keeping_state`, and the list of states it saw."""
     worker = _worker(_policy_file(tmp_path, tiny_model_dir))
     seen: list[dict[str, object]] = []
     worker.app = _keeping_state(seen)  # type: ignore[assignment]
+    return worker, seen
+
+
+def _ask(worker: SiteWorker, context: Context) -> Message:
+    """A query task answered by ``worker`` in ``context``."""
+    return worker._answer(_query_message(), context, bundle_sha256=expected_bundle_hash())
+
+
+def test_session_secrets_stay_in_the_worker_and_never_reach_the_supernode(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    worker, seen = _keeping_state_worker(tmp_path, tiny_model_dir)
     first = _context()
 
-    worker._answer(_query_message(), first, bundle_sha256=expected_bundle_hash())
+    _ask(worker, first)
 
     # What goes back to the SuperNode: no secret, the list of opened sessions as before.
     assert set(first.state.config_records) == {OPENED_KEY}
@@ -351,24 +364,22 @@ def test_session_secrets_stay_in_the_worker_and_never_reach_the_supernode(
     second = _context()
     second.state.config_records[OPENED_KEY] = first.state.config_records[OPENED_KEY]
     second.state.config_records[SECAGG_STATE_KEY] = ConfigRecord({"state": b"planted"})
-    worker._answer(_query_message(), second, bundle_sha256=expected_bundle_hash())
+    _ask(worker, second)
 
     assert seen[1][SECAGG_STATE_KEY] == {"state": b"keys 1"}
     assert seen[1][HE_STATE_KEY] == {"secret": b"ckks"}
     assert set(second.state.config_records) == {OPENED_KEY}
     # Another Flower run starts without them.
     other_run = Context(run_id=2, node_id=5, node_config={}, state=RecordDict(), run_config={})
-    worker._answer(_query_message(), other_run, bundle_sha256=expected_bundle_hash())
+    _ask(worker, other_run)
     assert seen[2] == {}
 
 
 def test_session_secrets_are_taken_back_when_the_app_fails(
     tmp_path: Path, tiny_model_dir: Path
 ) -> None:
-    worker = _worker(_policy_file(tmp_path, tiny_model_dir))
-    seen: list[dict[str, object]] = []
-    worker.app = _keeping_state(seen)  # type: ignore[assignment]
-    worker._answer(_query_message(), _context(), bundle_sha256=expected_bundle_hash())
+    worker, seen = _keeping_state_worker(tmp_path, tiny_model_dir)
+    _ask(worker, _context())
 
     def failing(*, message: Message, context: Context) -> Message:
         assert SECAGG_STATE_KEY in context.state.config_records
@@ -376,10 +387,10 @@ def test_session_secrets_are_taken_back_when_the_app_fails(
 
     worker.app = failing  # type: ignore[assignment]
     context = _context()
-    reply = worker._answer(_query_message(), context, bundle_sha256=expected_bundle_hash())
+    reply = _ask(worker, context)
 
     assert reply.has_error()
     assert SECAGG_STATE_KEY not in context.state.config_records
     worker.app = _keeping_state(seen)  # type: ignore[assignment]
-    worker._answer(_query_message(), _context(), bundle_sha256=expected_bundle_hash())
+    _ask(worker, _context())
     assert seen[-1][SECAGG_STATE_KEY] == {"state": b"keys 1"}

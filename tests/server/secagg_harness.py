@@ -109,6 +109,13 @@ class Harness:
 SITE_DP_SMALL_NOISE = {"site_level": True, "site_clip_norm": 0.1, "site_noise_multiplier": 0.1}
 
 
+def noise_floor_policy(floor: float) -> SitePolicy:
+    """A site policy for federation "fed" with ``[privacy] min_distributed_noise_multiplier``."""
+    return SitePolicy.model_validate(
+        {"accept": {"federation_id": "fed"}, "privacy": {"min_distributed_noise_multiplier": floor}}
+    )
+
+
 def deltas_with_one_large(h: Harness) -> None:
     """Small updates at every site but site-0, whose update clipping must shrink."""
     for name in h.names:

@@ -33,6 +33,7 @@ from .secagg_harness import (
     deltas_with_one_large,
     halted_at,
     make_harness,
+    noise_floor_policy,
 )
 
 
@@ -534,9 +535,7 @@ def test_an_he_round_with_distributed_noise_below_a_sites_floor_is_refused_befor
     from fedsilo.client.he import HE_STATE_KEY
     from fedsilo.client.secagg import STATE_KEY
 
-    floor = SitePolicy.model_validate(
-        {"accept": {"federation_id": "fed"}, "privacy": {"min_distributed_noise_multiplier": 2.0}}
-    )
+    floor = noise_floor_policy(2.0)
     privacy = {"site_level": True, "site_clip_norm": 1.0, "site_noise_multiplier": 0.5}
     h = _he(tmp_path, monkeypatch, num_sites=4, privacy=privacy, policies={"site-3": floor})
 
@@ -557,9 +556,7 @@ def test_a_site_with_a_noise_floor_sends_nothing_trained_in_the_clear_in_an_he_r
 ) -> None:
     # The noise meets the floor, but he_tensors name no tensor of the adapter: every trained
     # tensor would leave in the clear with this site's noise share alone.
-    floor = SitePolicy.model_validate(
-        {"accept": {"federation_id": "fed"}, "privacy": {"min_distributed_noise_multiplier": 0.5}}
-    )
+    floor = noise_floor_policy(0.5)
     privacy = {"site_level": True, "site_clip_norm": 1.0, "site_noise_multiplier": 0.5}
     h = _he(
         tmp_path, monkeypatch, num_sites=4, privacy=privacy, policies={"site-3": floor},

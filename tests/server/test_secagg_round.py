@@ -37,6 +37,7 @@ from .secagg_harness import (
     deltas_with_one_large,
     halted_at,
     make_harness,
+    noise_floor_policy,
     secagg_quantization,
 )
 
@@ -436,15 +437,6 @@ def test_a_session_stays_opened_across_flower_runs(
     assert str(sessions) in refusal
 
 
-def _floor(value: float) -> SitePolicy:
-    return SitePolicy.model_validate(
-        {
-            "accept": {"federation_id": "fed"},
-            "privacy": {"min_distributed_noise_multiplier": value},
-        }
-    )
-
-
 @pytest.mark.parametrize(
     ("privacy", "announced"),
     [
@@ -460,7 +452,11 @@ def test_advertise_stage_refuses_distributed_noise_below_the_policy_floor(
     from fedsilo.client.secagg import STATE_KEY
 
     h = make_harness(
-        tmp_path, monkeypatch, num_sites=4, privacy=privacy, policies={"site-2": _floor(1.0)}
+        tmp_path,
+        monkeypatch,
+        num_sites=4,
+        privacy=privacy,
+        policies={"site-2": noise_floor_policy(1.0)},
     )
 
     state, replies = h.run()
@@ -478,7 +474,11 @@ def test_distributed_noise_at_the_policy_floor_is_accepted(
 ) -> None:
     privacy = {"site_level": True, "site_clip_norm": 1.0, "site_noise_multiplier": 1.0}
     h = make_harness(
-        tmp_path, monkeypatch, num_sites=3, privacy=privacy, policies={"site-2": _floor(1.0)}
+        tmp_path,
+        monkeypatch,
+        num_sites=3,
+        privacy=privacy,
+        policies={"site-2": noise_floor_policy(1.0)},
     )
 
     state, replies = h.run()
