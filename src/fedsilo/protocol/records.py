@@ -441,18 +441,17 @@ class DpTask:
         }
         what = "the round's DP settings"
         task = cls(**_typed_fields(values, kinds, what=what))  # type: ignore[arg-type]
-        _check_float(task.noise_multiplier, "noise_multiplier", low=0.0, high=1e6, what=what)
-        if task.noise_multiplier > 0:
-            # The range a site's DP event may declare (server.admission): outside it the
-            # accountants cannot compose the event (0.03 made PLD ask for gigabytes before
-            # the budget check could refuse the task).
-            _check_float(
-                task.noise_multiplier,
-                "noise_multiplier",
-                low=MIN_RECORD_NOISE_MULTIPLIER,
-                high=MAX_RECORD_NOISE_MULTIPLIER,
-                what=what,
-            )
+        # 0 (calibrate to target_epsilon) or the range a site's DP event may declare
+        # (server.admission): outside it the accountants cannot compose the event (0.03 made
+        # PLD ask for gigabytes before the budget check could refuse the task).
+        noise_low = MIN_RECORD_NOISE_MULTIPLIER if task.noise_multiplier > 0 else 0.0
+        _check_float(
+            task.noise_multiplier,
+            "noise_multiplier",
+            low=noise_low,
+            high=MAX_RECORD_NOISE_MULTIPLIER,
+            what=what,
+        )
         _check_float(task.target_epsilon, "target_epsilon", low=0.0, high=1e6, what=what)
         _check_float(task.max_grad_norm, "max_grad_norm", low=0.0, high=1e6, what=what)
         _check_float(task.delta, "delta", low=0.0, high=1.0, what=what)

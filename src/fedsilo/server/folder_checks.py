@@ -6,8 +6,9 @@ verified, see :mod:`fedsilo.ledger.verify`):
 - ``final/``: its files are exactly the ones the ``run_finished`` entry records (file sha256 of
   ``adapter_model.safetensors`` and ``adapter_config.json``; ledgers written before these were
   recorded bind the weights through their tensors' digest), and the final adapter is the last
-  aggregate the ledger records; a run whose status.json says it completed must have final/
-  (only a crash while finishing leaves none);
+  aggregate the ledger records; a run whose status.json says it completed, and whose
+  ``run_finished`` records a final adapter, must have final/ (only a crash while finishing
+  leaves none; a clustered run's experts are in their own run folders);
 - ``status.json`` saying "completed": the ledger ends with ``run_finished`` (a ledger cut at
   its end, with final/ and the last round's files removed, no longer passes);
 - metrics: every line of ``metrics.jsonl`` is a record with an integer ``round`` (and counts

@@ -67,11 +67,11 @@ def load_membership(path: Path) -> Membership:
         raise MembershipError(f"{path}: federation membership file not found") from None
     except ValueError as error:
         raise MembershipError(str(error)) from None
-    fields = ("federation_id", "run_id", "coordinator_key_path", "coordinator_public_key", "sites")
-    missing = [name for name in fields if name not in data]
+    text_fields = ("federation_id", "run_id", "coordinator_key_path", "coordinator_public_key")
+    missing = [name for name in (*text_fields, "sites") if name not in data]
     if missing:
         raise MembershipError(f"{path}: missing fields {missing}")
-    not_text = [name for name in fields[:4] if not isinstance(data[name], str)]
+    not_text = [name for name in text_fields if not isinstance(data[name], str)]
     if not_text:
         raise MembershipError(f"{path}: fields {not_text} must be text")
     sites = data["sites"]

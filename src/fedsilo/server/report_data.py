@@ -313,10 +313,12 @@ def _round_rows(folder: RunFolder, entries: Sequence[Entry]) -> tuple[RoundRow, 
                 summed_sites=summed,
                 examples=examples,
                 examples_withheld=withheld,
-                train_loss=_optional_float(record.get("train_loss")),
-                gold_accuracy=_optional_float(record.get("gold_accuracy")),
-                gold_category_accuracy=_optional_float(record.get("gold_category_accuracy")),
-                gold_loss=_optional_float(record.get("gold_loss")),
+                # None where the round has none (no training at round 0, no gold scoring
+                # between ``every_rounds``) or it is not a finite number.
+                train_loss=recorded_float(record.get("train_loss")),
+                gold_accuracy=recorded_float(record.get("gold_accuracy")),
+                gold_category_accuracy=recorded_float(record.get("gold_category_accuracy")),
+                gold_loss=recorded_float(record.get("gold_loss")),
                 gold_count=_count(record.get("gold_count")),
                 adapter_sha256=digest,
                 category_ci95=float_pair(record.get("gold_category_accuracy_ci95")),
@@ -324,12 +326,6 @@ def _round_rows(folder: RunFolder, entries: Sequence[Entry]) -> tuple[RoundRow, 
             )
         )
     return tuple(rows)
-
-
-def _optional_float(value: object) -> float | None:
-    """A recorded figure, or None where the round has none (no training at round 0, no gold
-    scoring after a round between ``every_rounds``) or it is not a finite number."""
-    return recorded_float(value)
 
 
 def last_verified_record(

@@ -222,10 +222,6 @@ def _first_task(entries: Sequence[Entry]) -> Mapping[str, Any]:
     return {}
 
 
-def _number(value: object) -> float | None:
-    return recorded_float(value)
-
-
 def strategy_fact(entries: Sequence[Entry], config: FedsiloConfig | None) -> Fact:
     """The strategy with its server-side settings as the ledger records them (FedAdam's,
     which the ledger records only by the configuration digest, from ``config`` where that
@@ -237,7 +233,7 @@ def strategy_fact(entries: Sequence[Entry], config: FedsiloConfig | None) -> Fac
     settings: list[str] = []
     sources = ["the run-start ledger entry"]
     if name in ("fedavg", "fedprox"):
-        momentum = _number(start.get("server_momentum"))
+        momentum = recorded_float(start.get("server_momentum"))
         if momentum is None:
             settings.append("server momentum not recorded")
         elif momentum > 0:
@@ -245,7 +241,7 @@ def strategy_fact(entries: Sequence[Entry], config: FedsiloConfig | None) -> Fac
         else:
             settings.append("no server momentum")
     if name == "fedprox":
-        mu = _number(_first_task(entries).get("proximal_mu"))
+        mu = recorded_float(_first_task(entries).get("proximal_mu"))
         settings.append(f"proximal mu {mu:g}" if mu is not None else "proximal mu not recorded")
         sources.append("the tasks sent to the sites")
     if name == "fedadam":
