@@ -416,8 +416,25 @@ def test_a_session_once_left_for_another_cannot_be_opened_again(
     first_again = _send_again(h, advert, "site-1")
 
     assert other_attempt == ""  # a new attempt is a new session
-    assert "already opened session fed/run-1/1/1" in first_again
+    assert "already opened session fed/run-1/1/7" in first_again
+    assert "fed/run-1/1/1 is refused" in first_again
     assert _stored(h, "site-1") == after_other
+
+
+def test_retried_attempts_keep_one_opened_session_per_round_on_the_site(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A coordinator retrying without end must not grow the site's record with every attempt.
+    h, advert = _after_a_round(tmp_path, monkeypatch)
+    sessions = tmp_path / "site-1" / "secure-sessions.json"
+
+    answers = [_send_again(h, advert, "site-1", attempt=attempt) for attempt in range(2, 12)]
+    next_round = _send_again(h, advert, "site-1", round=2, attempt=1)
+
+    assert answers == [""] * 10
+    assert next_round == ""
+    assert json.loads(sessions.read_text()) == ["fed/run-1/1/11", "fed/run-1/2/1"]
+    assert "already opened session fed/run-1/1/11" in _send_again(h, advert, "site-1", attempt=5)
 
 
 def test_a_session_stays_opened_across_flower_runs(

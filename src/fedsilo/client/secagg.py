@@ -26,7 +26,12 @@ from fedsilo.client.local import (
     sign_policy,
     sign_site_claims,
 )
-from fedsilo.client.opened_sessions import read_opened, record_opened
+from fedsilo.client.opened_sessions import (
+    last_attempts,
+    opened_before,
+    read_opened,
+    record_opened,
+)
 from fedsilo.client.policy import TaskRefusedError, check_distributed_dp, check_task
 from fedsilo.client.site import Site, SiteProvider
 from fedsilo.crypto import SignatureError, verify_update
@@ -139,7 +144,12 @@ def _opened_sessions(context: Context, site: Site) -> list[str]:
     opened = record.get("sessions") if record is not None else None
     in_run = [str(key) for key in opened] if isinstance(opened, list) else []
     on_disk = [] if site.sessions_path is None else read_opened(site.sessions_path, site=site.name)
-    return [*on_disk, *(key for key in in_run if key not in on_disk)]
+    try:
+        return last_attempts([*on_disk, *in_run])
+    except ValueError as error:
+        raise protocol.SecAggRefusedError(
+            f"site {site.name}: its record of opened sessions in this run is unreadable ({error})"
+        ) from None
 
 
 def handle_advertise(message: Message, context: Context, sites: SiteProvider) -> Message:
@@ -148,7 +158,9 @@ def handle_advertise(message: Message, context: Context, sites: SiteProvider) ->
     A session is opened once: advertising again for a session key this site has opened
     would reset what it did in it (masked, signed a survivor set, unmasked), letting the
     server replay the other survivors' signatures of that session into a second unmasking.
-    A retried attempt is a new session (its attempt number is in the key)."""
+    A retried attempt is a new session (its attempt number is in the key); attempts go
+    upwards, so a site opens only an attempt later than the last it opened of that round
+    (see client.opened_sessions)."""
     site = sites.site_for(context)
     session, params = session_from_content(message.content)
     if site.policy is not None and site.policy.accept.federation_id != session.federation_id:
@@ -157,10 +169,11 @@ def handle_advertise(message: Message, context: Context, sites: SiteProvider) ->
             f"not {session.federation_id!r}"
         )
     opened = _opened_sessions(context, site)
-    if session.key() in opened:
+    ruled_out_by = opened_before(opened, session)
+    if ruled_out_by is not None:
         raise protocol.SecAggRefusedError(
-            f"site {site.name}: already opened session {session.key()}; a session is opened "
-            "once (a retried attempt has its own)"
+            f"site {site.name}: already opened session {ruled_out_by}; a session is opened "
+            f"once and a retry opens a later attempt, so {session.key()} is refused"
         )
     if params.cohort_size < _min_cohort(site):
         raise TaskRefusedError(
@@ -175,7 +188,7 @@ def handle_advertise(message: Message, context: Context, sites: SiteProvider) ->
         task = RoundTask.from_record(message.content.config_records[TASK_KEY])
         check_task(site.policy, task, site=site.name, num_examples=len(site.examples))
     state = protocol.advertise(site=site.name, session=session, params=params)
-    opened = [*opened, session.key()]
+    opened = last_attempts([*opened, session.key()])
     if site.sessions_path is not None:  # on disk before the site answers
         record_opened(site.sessions_path, opened)
     context.state.config_records[OPENED_KEY] = ConfigRecord({"sessions": opened})
