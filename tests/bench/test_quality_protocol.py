@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -211,6 +213,72 @@ def test_summary_file_keeps_other_tasks_and_leaves_out_other_budgets(tmp_path: P
     assert entry["algorithms"]["centralized"]["seeds"] == [0, 1]
     assert entry["algorithms"]["centralized"]["mean"] == pytest.approx(0.6)
     assert entry["skipped_files"] == [str(tmp_path / "stale.json")]
+
+
+def test_a_seed_given_twice_counts_once_and_the_second_file_is_listed_as_left_out(
+    tmp_path: Path,
+) -> None:
+    first, again = tmp_path / "q.json", tmp_path / "q-seed1.json"
+    first.write_text(json.dumps(_fake(1, "icd10", 0.5, [0.10], (0.1, 0.0))))
+    again.write_text(json.dumps(_fake(1, "icd10", 0.5, [0.40], (0.1, 0.0))))
+
+    entry = update_summary(tmp_path / "summary.json", "t", [first, again])["tasks"]["t"]
+
+    assert entry["algorithms"]["fedavg"]["values"] == [0.10]
+    assert entry["results_files"] == [str(first)]
+    assert entry["skipped_files"] == [str(again)]
+
+
+def test_summary_updates_from_processes_finishing_together_keep_every_entry(
+    tmp_path: Path,
+) -> None:
+    results = tmp_path / "q.json"
+    results.write_text(json.dumps(_fake(0, "icd10", 0.5, [0.3], (0.1, 0.0))))
+    summary_path = tmp_path / "summary.json"
+    code = (
+        "import sys; from pathlib import Path; from fedsilo.bench.summary import update_summary\n"
+        "for i in range(60):\n"
+        "    update_summary(Path(sys.argv[1]), f'{sys.argv[2]}{i}', [Path(sys.argv[3])])\n"
+    )
+    writers = [
+        subprocess.Popen([sys.executable, "-c", code, str(summary_path), task, str(results)])
+        for task in ("a", "b", "c")
+    ]
+
+    assert [writer.wait(timeout=120) for writer in writers] == [0, 0, 0]
+    # Each process adds a new entry with each update: an update lost to another is missing.
+    expected = {f"{task}{i}" for task in ("a", "b", "c") for i in range(60)}
+    assert set(json.loads(summary_path.read_text())["tasks"]) == expected
+
+
+@pytest.mark.parametrize(
+    ("argv", "written"),
+    [
+        (["--seed", "2"], "quality-icd10-seed2.json"),
+        (["--seed", "0"], "quality-icd10.json"),
+        (["--seeds", "0", "3"], "quality-icd10-seed3.json quality-icd10.json"),
+    ],
+)
+def test_each_seed_of_the_cli_writes_its_own_results_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, argv: list[str], written: str
+) -> None:
+    from fedsilo.cli.main import main
+
+    def fake_benchmark(request: quality.QualityRequest) -> dict[str, Any]:
+        data = _fake(request.budget.seed, "icd10", 0.5, [0.3], (0.1, 0.0))
+        request.results_path.write_text(json.dumps(data))
+        return data
+
+    monkeypatch.setattr(quality, "run_quality_benchmark", fake_benchmark)
+    base = tmp_path / "quality-icd10.json"
+    summary = tmp_path / "summary.json"
+    common = ["bench", "quality", "--task", "icd10-by-specialty", "--summary", str(summary)]
+
+    assert main([*common, "--results", str(base), *argv, "--out", str(tmp_path / "runs")]) == 0
+    assert " ".join(sorted(p.name for p in tmp_path.glob("quality-*.json"))) == written
+    # A seed's own file named with another seed is refused before anything runs.
+    mismatched = ["--results", str(tmp_path / "quality-icd10-seed4.json"), "--seed", "5"]
+    assert main([*common, *mismatched]) == 2
 
 
 def test_sweep_chooses_on_validation_never_gold_and_the_benchmark_records_it(

@@ -22,7 +22,6 @@ Three federations are built from it, all on the ICD-10 task with whole specialti
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import math
 import os
@@ -43,7 +42,7 @@ from fedsilo.server.progress import LogReporter
 from fedsilo.server.run_folder import RunFolder
 from fedsilo.simulation.canary_experiment import CanaryExperiment, write_attack_sites
 from fedsilo.simulation.engines import SimulationRequest, simulate
-from fedsilo.storage import write_text_atomic
+from fedsilo.storage import folder_lock, write_text_atomic
 
 # Four of the five ICD-10-CM chapters with at least 2,000 billable codes (the fifth, 20, is
 # external causes): orthopedics (13), obstetrics (15), ophthalmology (7), trauma surgery (19).
@@ -413,15 +412,10 @@ def merge_results(
     Raises:
         ResultsFileConflictError: ``out`` holds results of another header (:func:`stored_results`).
     """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    folder = os.open(out.parent, os.O_RDONLY)
-    try:
-        fcntl.flock(folder, fcntl.LOCK_EX)
+    with folder_lock(out.parent):
         result = {**header, **build(stored_results(out, header))}
         write_text_atomic(out, json.dumps(result, indent=2) + "\n")
         return result
-    finally:
-        os.close(folder)
 
 
 def save_row(

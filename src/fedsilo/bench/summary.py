@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsilo.bench.settings import headline_metric
-from fedsilo.storage import write_text_atomic
+from fedsilo.storage import folder_lock, write_text_atomic
 
 INTERVAL = (
     "95% Student t-interval over the seeds' values: mean +- t(0.975, n-1) * sd / sqrt(n), "
@@ -118,8 +118,24 @@ def update_summary(summary_path: Path, task: str, results_paths: Sequence[Path])
 
     Only files measured with the same settings as the first (task, model and budget but for
     the seed) are combined; the others, left from another budget, are listed under
-    ``skipped_files`` and not counted.
+    ``skipped_files`` and not counted, as is a file whose seed an earlier file already gave.
+    Several benchmark processes may finish together: the summary is re-read and rewritten
+    under a lock on its folder, so none drops another's entry.
     """
+    entry = _summary_entry(results_paths)
+    with folder_lock(summary_path.parent):
+        summary: dict[str, Any] = {"benchmark": "quality-summary", "tasks": {}}
+        if summary_path.exists():
+            try:
+                summary = json.loads(summary_path.read_text())
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{summary_path}: not a summary file ({error})") from error
+        summary.setdefault("tasks", {})[task] = entry
+        write_text_atomic(summary_path, json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _summary_entry(results_paths: Sequence[Path]) -> dict[str, Any]:
     per_seed: dict[int, dict[str, Any]] = {}
     used: list[str] = []
     skipped: list[str] = []
@@ -131,23 +147,16 @@ def update_summary(summary_path: Path, task: str, results_paths: Sequence[Path])
             raise ValueError(f"{path}: not a results file ({error})") from error
         identity = _identity(data)
         reference = identity if reference is None else reference
-        if identity != reference:
+        seed = int(data["budget"]["seed"])
+        if identity != reference or seed in per_seed:
             skipped.append(str(path))
             continue
-        per_seed[int(data["budget"]["seed"])] = data
+        per_seed[seed] = data
         used.append(str(path))
     entry = summarize_seeds(per_seed)
     entry["results_files"] = used
     entry["skipped_files"] = skipped
-    summary: dict[str, Any] = {"benchmark": "quality-summary", "tasks": {}}
-    if summary_path.exists():
-        try:
-            summary = json.loads(summary_path.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{summary_path}: not a summary file ({error})") from error
-    summary.setdefault("tasks", {})[task] = entry
-    write_text_atomic(summary_path, json.dumps(summary, indent=2) + "\n")
-    return summary
+    return entry
 
 
 def drop_summary_entries(summary_path: Path, results_paths: Sequence[Path]) -> list[str]:
@@ -155,19 +164,20 @@ def drop_summary_entries(summary_path: Path, results_paths: Sequence[Path]) -> l
     another results file); returns their names. A missing summary has none."""
     if not summary_path.exists():
         return []
-    summary = json.loads(summary_path.read_text())
     parts = {Path(p).resolve() for p in results_paths}
-    tasks: dict[str, Any] = summary.get("tasks", {})
-    dropped = [
-        name
-        for name, entry in tasks.items()
-        if entry.get("results_files")
-        and all(Path(f).resolve() in parts for f in entry["results_files"])
-    ]
-    if dropped:
-        for name in dropped:
-            del tasks[name]
-        write_text_atomic(summary_path, json.dumps(summary, indent=2) + "\n")
+    with folder_lock(summary_path.parent):
+        summary = json.loads(summary_path.read_text())
+        tasks: dict[str, Any] = summary.get("tasks", {})
+        dropped = [
+            name
+            for name, entry in tasks.items()
+            if entry.get("results_files")
+            and all(Path(f).resolve() in parts for f in entry["results_files"])
+        ]
+        if dropped:
+            for name in dropped:
+                del tasks[name]
+            write_text_atomic(summary_path, json.dumps(summary, indent=2) + "\n")
     return dropped
 
 
@@ -175,6 +185,11 @@ def _seed_suffix(path: Path) -> tuple[str, int | None]:
     """(the stem without ``-seed<s>``, s) for a seed file; (the stem, None) for any other."""
     stem, _, seed = path.stem.rpartition("-seed")
     return (stem, int(seed)) if stem and seed.isdigit() else (path.stem, None)
+
+
+def seed_in_name(path: Path) -> int | None:
+    """The seed a ``-seed<s>`` results file names; None for a seed-0 (family) file."""
+    return _seed_suffix(path)[1]
 
 
 def seed_family_base(path: Path) -> Path:

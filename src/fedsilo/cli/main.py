@@ -341,6 +341,7 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
     from fedsilo.bench.settings import ALL_ALGORITHMS, QualityBudget
     from fedsilo.bench.summary import (
         seed_family_base,
+        seed_in_name,
         seed_results_files,
         seed_results_path,
         summary_label,
@@ -387,6 +388,14 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    named_seed = seed_in_name(base)
+    if not args.seeds and named_seed is not None and named_seed != args.seed:
+        print(
+            f"fedsilo bench quality: --results {base} is seed {named_seed}'s file, but --seed "
+            f"is {args.seed}",
+            file=sys.stderr,
+        )
+        return 2
     stamp = time.strftime(f"quality-{args.task}-%Y%m%d-%H%M%S")
     say = lambda line: print(line, flush=True)  # noqa: E731
 
@@ -430,7 +439,8 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
     family = seed_family_base(base)
     label = summary_label(family)
     for seed in seeds:
-        results = seed_results_path(base, seed) if args.seeds else base
+        # Each seed has its own file, so that no seed's results replace another's.
+        results = seed_results_path(family, seed)
         run_quality_benchmark(
             QualityRequest(
                 task=args.task,
@@ -454,7 +464,11 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
         print(
             f"wrote {args.summary} ({label}: seeds "
             f"{[int(s) for s in sorted({*seeds[: len(written)]})]} measured now"
-            + (f"; left out files of another budget: {skipped})" if skipped else ")"),
+            + (
+                f"; left out files of another budget or of a seed given twice: {skipped})"
+                if skipped
+                else ")"
+            ),
             flush=True,
         )
     return 0

@@ -1,7 +1,12 @@
 """Crash-safe file and folder writes (a half-written file never replaces a good one), and
 bounded reads of the files others may hand over."""
 
-from fedsilo.storage.atomic import atomic_folder, write_bytes_atomic, write_text_atomic
+from fedsilo.storage.atomic import (
+    atomic_folder,
+    folder_lock,
+    write_bytes_atomic,
+    write_text_atomic,
+)
 from fedsilo.storage.json_files import (
     open_regular_file,
     read_json_object,
@@ -11,6 +16,7 @@ from fedsilo.storage.json_files import (
 
 __all__ = [
     "atomic_folder",
+    "folder_lock",
     "open_regular_file",
     "read_json_object",
     "read_json_value",
