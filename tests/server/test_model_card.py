@@ -523,3 +523,24 @@ def test_the_card_states_the_privacy_the_ledger_records_not_config_toml(
     assert epsilons and epsilons == [
         line for line in honest.splitlines() if "| record-level DP-SGD |" in line
     ]
+
+
+@pytest.mark.parametrize(
+    ("recorded", "said"),
+    [
+        ({"he_tensors": ["lora_B"]}, "the tensors whose names contain lora_B encrypted"),
+        ({"he_tensors": []}, "its adapter update, encrypted with CKKS"),
+        ({}, "encrypted in whole or in part (the ledger does not record which tensors"),
+    ],
+    ids=["selection recorded", "all recorded", "not recorded"],
+)
+def test_without_a_covered_config_the_card_states_the_he_selection_the_ledger_records(
+    make_config: Callable[..., FedsiloConfig], recorded: dict[str, JsonValue], said: str
+) -> None:
+    # config.toml is not the run's (another digest): only the run_started entry speaks.
+    payload: dict[str, JsonValue] = {"secure_aggregation": "he", **recorded}
+    start = Entry(1, EntryKind.RUN_STARTED, "", payload, "", "", "")
+
+    text = "\n".join(what_left_the_sites(make_config(), payload, [start]))
+
+    assert said in text

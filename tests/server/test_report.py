@@ -343,6 +343,37 @@ def test_secure_aggregation_run_shows_no_example_count(
     text = _visible_text(html)
     assert f"1 {_summed(payload)} withheld (secure aggregation) " in text
     assert "Under secure aggregation the sites send no example count" in text
+    # Who could see one site's update, as the run's signed ledger states it.
+    assert "Who could see one site's update secure aggregation, no key holder" in text
+    assert "subtract two sums whose cohorts differ in one site" in text
+
+
+@pytest.mark.parametrize(
+    ("recorded", "said"),
+    [
+        ({"he_tensors": ["lora_B"]}, "the tensors whose names contain lora_B; the others"),
+        ({"he_tensors": []}, "all of the adapter update"),
+        ({}, "not established (the ledger does not record the selection"),
+    ],
+    ids=["selection recorded", "all recorded", "not recorded"],
+)
+def test_an_he_runs_report_says_which_tensors_were_encrypted_and_who_could_decrypt(
+    recorded: dict[str, JsonValue], said: str
+) -> None:
+    payload: dict[str, JsonValue] = {
+        "secure_aggregation": "he",
+        "secure_aggregation_trust": "homomorphic encryption under ONE secret key",
+        **recorded,
+    }
+    start = Entry(1, EntryKind.RUN_STARTED, "", payload, "", "", "")
+
+    privacy = privacy_of([start], None)
+
+    assert privacy.he_tensors is not None and privacy.he_tensors.startswith(said)
+    assert privacy.update_visibility == "homomorphic encryption under ONE secret key"
+    assert (
+        privacy_of([Entry(1, EntryKind.RUN_STARTED, "", {}, "", "", "")], None).he_tensors is None
+    )
 
 
 def test_gold_figures_are_said_to_be_the_coordinators_bound_by_its_signed_ledger(

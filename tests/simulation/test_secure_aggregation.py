@@ -102,6 +102,7 @@ def test_he_round_matches_plain_fedavg_within_ckks_error(
     assert started["secure_aggregation"] == "he"
     trust = str(started["secure_aggregation_trust"])
     assert "ONE secret key shared by every site" in trust and "any single site" in trust
+    assert started["he_tensors"] == []  # every tensor encrypted, recorded beside the trust line
     # Chain, coordinator and site signatures, checkpoints and every site's receipt.
     assert verify_run(folder.root).problems == ()
 

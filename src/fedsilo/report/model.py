@@ -255,12 +255,17 @@ class Privacy:
     accountant and delta were read (None: not established); ``events_recorded`` whether the
     ledger holds any DP event (readable or not); ``notes`` what a reader must know about the
     epsilons (an event that could not be read, an epsilon that could not be computed).
+    ``update_visibility`` is who could see one site's update, as the run_started entry states
+    it (None: not recorded); ``he_tensors`` which tensors HE encrypted, in words (None: not
+    an HE run).
     """
 
     mode: str
     accountant: str | None
     delta: float | None
     secure_aggregation: str
+    update_visibility: str | None = None
+    he_tensors: str | None = None
     epsilon: Mapping[str, tuple[tuple[int, float], ...]] = field(default_factory=dict)
     site_level_epsilon: tuple[tuple[int, float], ...] = ()
     site_modes: Mapping[str, str] = field(default_factory=dict)

@@ -234,6 +234,9 @@ def _execute(grid: Grid, job: ServerJob, folder: RunFolder) -> AdapterState:
                     "server_momentum": config.strategy.server_momentum,
                     "secure_aggregation": config.secure_aggregation.mode,
                     "secure_aggregation_trust": update_visibility(config.secure_aggregation.mode),
+                    # Under HE, which tensors were encrypted (empty: all): the trust line
+                    # depends on it, and a report must not need config.toml to say it.
+                    "he_tensors": list(config.secure_aggregation.he_tensors),
                     # The accountant and delta every epsilon is computed with, in the ledger
                     # itself: a report must not need config.toml to state the guarantee.
                     DP_SETTINGS_FIELD: {

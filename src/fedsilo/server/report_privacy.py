@@ -24,7 +24,7 @@ from fedsilo.ledger.entries import DP_SETTINGS_FIELD
 from fedsilo.privacy.accounting import AccountantName, compute_epsilon
 from fedsilo.privacy.events import DpEvent, event_from_json
 from fedsilo.report import Privacy
-from fedsilo.server.report_provenance import recorded_config
+from fedsilo.server.report_provenance import recorded_config, recorded_he_tensors
 
 _NOT_RECORDED = "not recorded"
 
@@ -206,6 +206,34 @@ def _mode(settings: DpSettings | None, events: _Events, secure: str) -> str:
     )
 
 
+def _update_visibility(entries: Sequence[Entry]) -> str | None:
+    trust = _started(entries).get("secure_aggregation_trust")
+    return trust if isinstance(trust, str) and trust else None
+
+
+def _he_tensors(secure: str, config: FedsiloConfig | None, entries: Sequence[Entry]) -> str | None:
+    """Which tensors an HE run encrypted, in words; None for a run without HE."""
+    if secure != "he":
+        return None
+    checked = recorded_config(config, entries)
+    selected = (
+        checked.secure_aggregation.he_tensors
+        if checked is not None
+        else recorded_he_tensors(_started(entries))
+    )
+    if selected is None:
+        return (
+            "not established (the ledger does not record the selection, and config.toml is not "
+            "the configuration it records): tensors not selected travelled in the clear"
+        )
+    if not selected:
+        return "all of the adapter update"
+    return (
+        f"the tensors whose names contain {', '.join(selected)}; the others travelled to the "
+        "coordinator site by site in the clear"
+    )
+
+
 def privacy_of(entries: Sequence[Entry], config: FedsiloConfig | None) -> Privacy:
     """The run's DP settings and each site's DP mode and epsilon after each round, from the
     ledger; the settings from ``config`` only where the ledger's configuration digest covers
@@ -255,6 +283,8 @@ def privacy_of(entries: Sequence[Entry], config: FedsiloConfig | None) -> Privac
         accountant=settings.accountant if settings and private else None,
         delta=settings.delta if settings and private else None,
         secure_aggregation=secure,
+        update_visibility=_update_visibility(entries),
+        he_tensors=_he_tensors(secure, config, entries),
         epsilon=epsilon,
         site_level_epsilon=site_level,
         site_modes=site_modes,

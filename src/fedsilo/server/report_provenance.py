@@ -382,3 +382,12 @@ def final_adapter_facts(finished: Entry | None) -> list[Fact]:
             )
         )
     return facts
+
+
+def recorded_he_tensors(start: Mapping[str, object]) -> tuple[str, ...] | None:
+    """The HE tensor selection the run_started entry records (empty: all), None if it does
+    not record one."""
+    recorded = start.get("he_tensors")
+    if isinstance(recorded, list) and all(isinstance(name, str) for name in recorded):
+        return tuple(recorded)
+    return None

@@ -18,7 +18,12 @@ from pathlib import Path
 from fedsilo.config import FedsiloConfig
 from fedsilo.config.schema import SecureAggregationMode
 from fedsilo.ledger import Entry, EntryKind
-from fedsilo.server.report_provenance import held_site_keys, recorded_config, run_setting
+from fedsilo.server.report_provenance import (
+    held_site_keys,
+    recorded_config,
+    recorded_he_tensors,
+    run_setting,
+)
 from fedsilo.server.run_folder import RunFolder
 
 
@@ -29,7 +34,9 @@ class Disclosure:
     secure_aggregation: SecureAggregationMode
     record_level: bool  # DP-SGD at the site: DP event sent, metrics withheld
     site_level: bool  # noise on the sum: added by the coordinator, or by the sites before masking
-    he_tensors: tuple[str, ...] = ()  # under "he": the tensors encrypted (empty: all)
+    # Under "he": the tensors encrypted (empty: all; None: not established, a run_started
+    # entry from before it was recorded there and a config.toml the ledger does not cover).
+    he_tensors: tuple[str, ...] | None = ()
 
 
 def disclosure_of(
@@ -52,6 +59,7 @@ def disclosure_of(
         return None
     return Disclosure(
         mode,
+        he_tensors=recorded_he_tensors(start),
         record_level=any(
             isinstance(e.payload.get("dp_event"), dict)
             for e in entries
@@ -99,12 +107,19 @@ def _masked(settings: Disclosure) -> str:
 
 
 def _encrypted(settings: Disclosure) -> str:
-    which = (
-        f"the tensors whose names contain {', '.join(settings.he_tensors)} encrypted (the "
-        "others in the clear)"
-        if settings.he_tensors
-        else "encrypted"
-    )
+    if settings.he_tensors is None:
+        which = (
+            "encrypted in whole or in part (the ledger does not record which tensors, and "
+            "config.toml is not the configuration it records; tensors not selected travelled "
+            "in the clear)"
+        )
+    elif settings.he_tensors:
+        which = (
+            f"the tensors whose names contain {', '.join(settings.he_tensors)} encrypted (the "
+            "others in the clear)"
+        )
+    else:
+        which = "encrypted"
     return (
         f"its adapter update{_dp_sgd(settings)}, {_site_noise(settings)}{which} with CKKS "
         "homomorphic encryption under one secret key shared by the sites of the round: the "
