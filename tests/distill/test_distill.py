@@ -1,6 +1,7 @@
 """`fedsilo distill` on the tiny model: the student learns the experts, and says where from."""
 
 import sqlite3
+from html import unescape
 from pathlib import Path
 
 import pytest
@@ -134,3 +135,6 @@ def test_distillation_gets_a_compliance_report(distilled: Path, tmp_path: Path) 
     assert 'class="banner pass"' in page
     for expert in read_entries(distilled / "ledger.db")[1].payload["experts"]:  # type: ignore[union-attr]
         assert f"distilled from expert {expert}: adapter" in page
+    text = unescape(page)
+    assert "This folder's ledger records no training on site records: the adapter was " in text
+    assert "No differential privacy event is recorded" not in text

@@ -3,6 +3,7 @@
 import shutil
 import sqlite3
 from collections.abc import Callable
+from html import unescape
 from pathlib import Path
 
 import pytest
@@ -218,3 +219,11 @@ def test_clustered_run_gets_a_compliance_report(clustered_run: Path, tmp_path: P
     assert 'class="banner pass"' in page
     for cluster in GROUPS:
         assert f"expert {cluster}: cluster run" in page
+    # The experts trained in their own runs: this ledger's lack of DP events and updates is
+    # not reported as a run without privacy or without training.
+    text = unescape(page)
+    assert "This folder's ledger records no training on site records" in text
+    assert "No differential privacy event is recorded" not in text
+    assert "none in this folder's ledger: the training on site records ran in the expert" in text
+    for cluster in GROUPS:
+        assert f"in clusters/{cluster} (its report: fedsilo audit report" in text

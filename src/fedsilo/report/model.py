@@ -290,7 +290,10 @@ class Privacy:
 class ReportData:
     """Everything the compliance report shows about one run folder.
 
-    ``examples_note`` says what the rounds' example counts are (or why they are withheld);
+    ``trained_in`` lists, for a run whose own ledger records no training on site records (a
+    clustered run, a distillation), the expert runs that did: their reports state what bounds
+    the sites' records. ``examples_note`` says what the rounds' example counts are (or why
+    they are withheld);
     ``interval_note`` how the gold intervals were computed, and ``interval_caveats`` where
     such an interval understates the uncertainty (shown only where one does).
     """
@@ -310,6 +313,7 @@ class ReportData:
     secondary: str = "category accuracy"  # what gold_category_accuracy holds under the metric
     gold_parts: tuple[PartRow, ...] = ()
     notes: tuple[str, ...] = ()
+    trained_in: tuple[str, ...] = ()
     execution: Execution = UNKNOWN_EXECUTION
     examples_note: str | None = None
     interval_note: str | None = None

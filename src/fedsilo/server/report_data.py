@@ -375,6 +375,27 @@ def _kind(started: Entry | None, execution: Execution) -> str:
     return f"{name}{_EXECUTED[execution.kind]}"
 
 
+def _trained_in(entries: Sequence[Entry]) -> tuple[str, ...]:
+    """The runs that trained on site records for a run whose own ledger records none: each
+    expert of a clustered run, the experts a distillation started from."""
+    runs: list[str] = []
+    for entry in entries:
+        payload = entry.payload
+        if entry.kind is EntryKind.EXPERT_FINISHED:
+            runs.append(
+                f"expert {payload.get('cluster')}: run {payload.get('run_id')} in "
+                f"clusters/{payload.get('cluster')} (its report: fedsilo audit report "
+                f"RUN/clusters/{payload.get('cluster')})"
+            )
+        elif entry.kind is EntryKind.DISTILL_SOURCES:
+            experts = payload.get("experts")
+            where = payload.get("experts_dir")
+            for name, source in sorted(experts.items() if isinstance(experts, dict) else ()):
+                sites = source.get("sites") if isinstance(source, dict) else None
+                runs.append(f"expert {name} (sites {sites}), from the experts in {where}")
+    return tuple(runs)
+
+
 def _notes(entries: Sequence[Entry]) -> tuple[str, ...]:
     notes: list[str] = []
     for entry in entries:
@@ -560,6 +581,7 @@ def build_report_data(
         ),
         gold_parts=parts,
         notes=_notes(entries),
+        trained_in=_trained_in(entries),
         execution=execution,
         examples_note=examples_note(rounds, entries),
         interval_note=(
