@@ -544,3 +544,47 @@ def test_without_a_covered_config_the_card_states_the_he_selection_the_ledger_re
     text = "\n".join(what_left_the_sites(make_config(), payload, [start]))
 
     assert said in text
+
+
+def test_the_card_of_a_completed_run_resumed_and_stopped_describes_the_exported_final_adapter(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedsilo.server.privacy_report import entries_through_round
+    from fedsilo.server.run_folder import RunFolder
+
+    privacy = {"record_level": True, "noise_multiplier": 1.0}
+    run = tmp_path / "run"
+    run_with_grid(small_config(tiny_model_dir, run={"rounds": 1}, privacy=privacy), run)
+    original = RunFolder.append_metrics
+
+    def stop_after_round_two(self: RunFolder, record: dict[str, object]) -> None:
+        if record["round"] == 2:
+            raise RuntimeError("stopped after round 2's checkpoint")
+        original(self, record)
+
+    monkeypatch.setattr(RunFolder, "append_metrics", stop_after_round_two)
+    more = small_config(tiny_model_dir, run={"rounds": 3}, privacy=privacy)
+    with pytest.raises(RuntimeError, match="stopped after round 2"):
+        run_with_grid(more, run, resume=True)
+    monkeypatch.undo()
+    entries = read_entries(run / "ledger.db")
+
+    card = model_card(run, run / "final")
+
+    # final/ still holds round 1's adapter (the last run_finished records it).
+    assert "| Rounds aggregated | 1 |" in card
+    assert "Held-out gold set after round 1 " in card
+    assert "up to round 1, the exported adapter's" in card
+    through_one = site_epsilons(entries_through_round(entries, 1), delta=1e-5, accountant="rdp")
+    every = site_epsilons(entries, delta=1e-5, accountant="rdp")
+    for site, epsilon in through_one.items():
+        assert f"| {site} | record-level DP-SGD | {epsilon:.4f} |" in card
+        assert every[site] > epsilon
+    # The compliance report: not said to have ended, and the configuration it ran under last.
+    data = build_report_data(run, verify_run(run), key_source="folder")
+    facts = {fact.label: fact for fact in data.facts}
+    assert facts["Ended"].value.startswith("not finished: finished at ")
+    resumed = [e for e in entries if e.kind is EntryKind.RUN_RESUMED][-1]
+    assert facts["Configuration digest"].value == resumed.payload["config_digest"]
+    assert facts["Configuration digest"].note is not None
+    assert str(entries[0].payload["config_digest"]) in facts["Configuration digest"].note

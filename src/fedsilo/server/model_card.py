@@ -25,7 +25,13 @@ from fedsilo.model.base import BaseModelStatement, base_model_name
 from fedsilo.report.model import PartRow
 from fedsilo.report.numbers import recorded_float
 from fedsilo.report.reader_text import EPSILON_OF_ACCEPTED_UPDATES_ONLY
-from fedsilo.server.folder_checks import PEFT_FILES, hash_file, last_aggregated_round
+from fedsilo.server.folder_checks import (
+    FINAL_ADAPTER_FIELDS,
+    PEFT_FILES,
+    hash_file,
+    last_aggregated_round,
+)
+from fedsilo.server.privacy_report import entries_through_round
 from fedsilo.server.report_data import (
     last_verified_record,
     metric_meaning,
@@ -77,10 +83,14 @@ def model_card(run_dir: Path, exported: Path, *, checkpoint_round: int | None = 
     start = started.payload if started else {}
     base = base_model_of(info, start, config)
     base_hash = start.get("base_model_hash") or info.get("base_model_hash")
-    aggregated = [e for e in entries if e.kind is EntryKind.ROUND_AGGREGATED]
-    privacy = privacy_of(entries, config)
+    evaluated = _final_adapter_round(entries) if checkpoint_round is None else checkpoint_round
+    # The adapter holds the rounds up to its own: a completed run resumed for more rounds has
+    # ledgered later ones, which are not in the final/ it exported.
+    of_adapter = entries if evaluated is None else entries_through_round(entries, evaluated)
+    later_rounds = len(of_adapter) < len(entries)
+    aggregated = [e for e in of_adapter if e.kind is EntryKind.ROUND_AGGREGATED]
+    privacy = privacy_of(of_adapter, config)
     metric = metric_name(config, info)
-    evaluated = last_aggregated_round(entries) if checkpoint_round is None else checkpoint_round
     last = last_verified_record(folder, entries, evaluated)
     sites = enrolled_sites(start)
     finals = privacy.final_epsilon
@@ -136,7 +146,14 @@ def model_card(run_dir: Path, exported: Path, *, checkpoint_round: int | None = 
         lines += [
             f"## Privacy (\u03b4 = {privacy.delta:g}, {privacy.accountant} accountant)",
             "",
-            "Recomputed from every DP event in the ledger. `fedsilo privacy RUN` composes the "
+            (
+                f"Recomputed from the DP events the ledger holds up to round {evaluated}, the "
+                "exported adapter's; the sites spent more in the rounds the ledger records "
+                "after it, which this adapter does not hold and this table does not count. "
+                if later_rounds
+                else "Recomputed from every DP event in the ledger. "
+            )
+            + "`fedsilo privacy RUN` composes the "
             "same events, but states \u03b5 through the last round reported in metrics.jsonl "
             "and lists updates ledgered after it apart, so for a run stopped mid-round the two "
             f"differ. {EPSILON_OF_ACCEPTED_UPDATES_ONLY}"
@@ -186,6 +203,20 @@ def model_card(run_dir: Path, exported: Path, *, checkpoint_round: int | None = 
     if local:
         lines += ["", f"On the coordinator the base model was read from `{local}`."]
     return "\n".join(lines) + "\n"
+
+
+def _final_adapter_round(entries: Sequence[Entry]) -> int | None:
+    """The round of the adapter in final/: the last run_finished that records one says how
+    many rounds it holds; without one, the last round the ledger aggregated."""
+    for entry in reversed(entries):
+        if entry.kind is EntryKind.RUN_FINISHED and any(
+            name in entry.payload for name in FINAL_ADAPTER_FIELDS
+        ):
+            rounds = entry.payload.get("rounds")
+            if isinstance(rounds, int) and not isinstance(rounds, bool):
+                return rounds
+            break
+    return last_aggregated_round(entries)
 
 
 def write_export_provenance(

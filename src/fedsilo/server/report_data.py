@@ -468,10 +468,30 @@ def _facts(
     except (OSError, ValueError, KeyError):
         run_id, federation = _text(start.get("run_id")), _text(start.get("federation_id"))
     base = base_model_of(info, start, config)
-    ended = (
-        finished.created_at
-        if finished
-        else (f"not finished (last ledger entry {entries[-1].created_at})" if entries else None)
+    resumed_after = finished is not None and any(
+        e.kind is EntryKind.RUN_RESUMED and e.seq > finished.seq for e in entries
+    )
+    if finished is not None and not resumed_after:
+        ended: str | None = finished.created_at
+    elif finished is not None:
+        ended = (
+            f"not finished: finished at {finished.created_at}, then resumed for more rounds "
+            f"(last ledger entry {entries[-1].created_at})"
+        )
+    else:
+        ended = f"not finished (last ledger entry {entries[-1].created_at})" if entries else None
+    digests = [
+        str(e.payload.get("config_digest"))
+        for e in entries
+        if e.kind in (EntryKind.RUN_STARTED, EntryKind.RUN_RESUMED)
+        and e.payload.get("config_digest")
+    ]
+    # A resumed run may run under another configuration (more rounds): the last one is the
+    # one it ran under, and config.toml is read only if it is that one.
+    digest_note = (
+        f"the last run start or resume; the run started under {digests[0]}"
+        if digests and digests[-1] != digests[0]
+        else None
     )
     facts = [
         Fact("Run id", run_id, True),
@@ -490,8 +510,9 @@ def _facts(
         Fact("Metric", metric),
         Fact(
             "Configuration digest",
-            _text(start.get("config_digest") or info.get("config_digest")),
+            _text(digests[-1] if digests else info.get("config_digest")),
             True,
+            digest_note,
         ),
         Fact("fedsilo version", _text(info.get("fedsilo_version") or start.get("fedsilo_version"))),
         Fact("flwr version", _text(info.get("flwr_version"))),
