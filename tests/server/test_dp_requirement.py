@@ -28,7 +28,9 @@ def _event(noise: float, rate: float, steps: int) -> RecordDict:
     return _reply(event_to_json(PoissonGaussianEvent(noise, rate, steps)))
 
 
-EPOCHS = DpRequirement(local_steps=0, local_epochs=2.0, batch_size=256, min_noise_multiplier=0.0)
+EPOCHS = DpRequirement(
+    local_steps=0, local_epochs=2.0, batch_size=256, min_noise_multiplier=0.0, max_records=10_000
+)
 
 
 def test_an_epoch_round_accepts_the_steps_of_the_declared_size() -> None:
@@ -45,7 +47,7 @@ def test_an_epoch_round_refuses_steps_that_do_not_match_the_declared_size() -> N
 
 def test_a_step_round_still_asks_for_its_steps() -> None:
     required = DpRequirement(
-        local_steps=5, local_epochs=0.0, batch_size=8, min_noise_multiplier=1.0
+        local_steps=5, local_epochs=0.0, batch_size=8, min_noise_multiplier=1.0, max_records=100
     )
 
     with pytest.raises(UpdateRejectedError, match="declares 6 steps; the round asked for 5"):
@@ -75,6 +77,29 @@ def test_a_rate_implying_an_absurd_size_is_rejected_not_raised() -> None:
 
     with pytest.raises(UpdateRejectedError, match="DP event: sampling_rate"):
         check_dp_event(content, EPOCHS, "site-a")
+
+
+@pytest.mark.parametrize(
+    ("local_steps", "local_epochs", "steps_at_10k", "steps_at_20k"),
+    [(0, 2.0, 80, 158), (5, 0.0, 5, 5)],
+    ids=["epochs", "steps"],
+)
+def test_a_rate_implying_more_records_than_the_federation_allows_is_rejected(
+    local_steps: int, local_epochs: float, steps_at_10k: int, steps_at_20k: int
+) -> None:
+    # In epochs a site's rate sets the steps composed every round: 8 / 2**53 once admitted
+    # 1.1e15 steps, which the PLD accountant failed on (5 TiB) after every later round.
+    required = DpRequirement(
+        local_steps=local_steps,
+        local_epochs=local_epochs,
+        batch_size=256,
+        min_noise_multiplier=0.0,
+        max_records=10_000,
+    )
+
+    assert check_dp_event(_event(1.0, 256 / 10_000, steps_at_10k), required, "site-a")
+    with pytest.raises(UpdateRejectedError, match="implies 20000 records; the federation allows"):
+        check_dp_event(_event(1.0, 256 / 20_000, steps_at_20k), required, "site-a")
 
 
 def test_a_private_site_claiming_a_large_count_is_rejected() -> None:

@@ -295,6 +295,9 @@ class DpRequirement:
     local_epochs: float
     batch_size: int
     min_noise_multiplier: float  # 0 when each site calibrates its own noise to a target
+    # The most records a site may hold (federation.max_site_examples): a sampling rate implying
+    # more is refused, since in epochs it sets the steps the accountant composes every round.
+    max_records: int
 
     def steps_for(self, event: PoissonGaussianEvent) -> int:
         """The steps ``event`` must declare, given the sampling rate it declares."""
@@ -325,6 +328,14 @@ def check_dp_event(
         steps = required.steps_for(event)
     except ValueError as error:
         raise UpdateRejectedError(site, f"DP event: {error}") from None
+    implied_records = round(required.batch_size / event.sampling_rate)
+    if implied_records > required.max_records:
+        raise UpdateRejectedError(
+            site,
+            f"DP event sampling rate {event.sampling_rate:g} at batch size "
+            f"{required.batch_size} implies {implied_records} records; the federation allows "
+            f"at most {required.max_records} per site",
+        )
     if event.steps != steps:
         raise UpdateRejectedError(
             site, f"DP event declares {event.steps} steps; the round asked for {steps}"

@@ -131,6 +131,7 @@ def dp_requirement(config: FedsiloConfig) -> DpRequirement | None:
         local_epochs=config.train.local_epochs or 0.0,
         batch_size=config.train.batch_size,
         min_noise_multiplier=privacy.noise_multiplier or 0.0,
+        max_records=config.federation.max_site_examples,
     )
 
 
