@@ -18,7 +18,7 @@ from fedsilo.model.flatten import flatten
 from fedsilo.privacy.secagg import site as site_protocol
 from fedsilo.privacy.secagg.messages import canonical_json
 from fedsilo.privacy.secagg.quantize import dequantize, quantize, resolution
-from fedsilo.protocol.records import GLOBAL_KEY, TASK_KEY, TRAIN_MESSAGE, UPDATE_KEY
+from fedsilo.protocol.records import GLOBAL_KEY, SITE_KEY, TASK_KEY, TRAIN_MESSAGE, UPDATE_KEY
 from fedsilo.protocol.secagg_records import (
     ADVERTISE_MESSAGE,
     ADVERTS_KEY,
@@ -124,6 +124,51 @@ def test_a_retried_attempt_after_a_halt_completes_with_fresh_keys(
     assert second.total is not None, replies.failures
     np.testing.assert_array_equal(second.total, h.expected_sum(h.names))
     assert first.keys["site-2"].mask_public != second.keys["site-2"].mask_public
+
+
+def test_a_site_replaying_anothers_advertisement_is_named_and_cannot_take_its_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = make_harness(tmp_path, monkeypatch, num_sites=3, threshold=2)
+    h.run(attempt=1)
+    # site-0's signed advertisement of attempt 1 (the server relays it to every peer).
+    [old] = [
+        m
+        for m in h.grid.received
+        if m.metadata.message_type == ADVERTISE_MESSAGE
+        and m.metadata.src_node_id == h.node("site-0")
+    ]
+    relayer = h.node("site-2")
+    pull = h.grid.pull_messages
+
+    def relayed_first(message_ids: Any) -> list[Message]:
+        wanted, replies = list(message_ids), []
+        while got := list(pull(wanted)):
+            replies += got
+        for reply in replies:
+            if reply.metadata.src_node_id == relayer and (
+                reply.metadata.message_type == ADVERTISE_MESSAGE
+            ):
+                content, copied = reply.content, old.content
+                content.array_records[UPDATE_KEY] = copy.deepcopy(copied.array_records[UPDATE_KEY])
+                content.config_records[SITE_KEY] = copy.deepcopy(copied.config_records[SITE_KEY])
+        # The relayer answers first: it has nothing to compute.
+        return sorted(replies, key=lambda m: m.metadata.src_node_id != relayer)
+
+    monkeypatch.setattr(h.grid, "pull_messages", relayed_first)
+    seen = len(read_entries(h.plan.ledger.path))
+
+    second, replies = h.run(attempt=2)
+
+    rejected = [
+        e.payload
+        for e in read_entries(h.plan.ledger.path)[seen:]
+        if e.kind is EntryKind.UPDATE_REJECTED
+    ]
+    assert [r["sender"] for r in rejected] == [f"node-{relayer} (site-2)"]
+    assert "a message site-0 signed, sent by another node" in str(rejected[0]["reason"])
+    assert second.total is not None, replies.failures
+    np.testing.assert_array_equal(second.total, h.expected_sum(["site-0", "site-1"]))
 
 
 def test_decoded_mean_is_within_quantization_error(

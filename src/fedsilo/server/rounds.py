@@ -222,10 +222,19 @@ def rejected_sender(plan: FederationPlan, node: int, reply: Message, sender: str
 
     ``sender`` is what admission named: the signing site, or ``node-<id>`` for a reply with no
     signature to go by. Such a reply, and one Flower relayed for the node, is named by
-    :meth:`FederationPlan.node_label`.
+    :meth:`FederationPlan.node_label`; so is a reply signed by another site than the one the
+    node has signed as: a site relaying another's signed message (an old advertisement, a
+    stale update) gets the rejection, not the site it copied.
     """
     unsigned = node != reply.metadata.src_node_id or sender.startswith("node-")
-    return plan.node_label(node) if unsigned else sender
+    return plan.node_label(node) if unsigned or not answers_for(plan, node, sender) else sender
+
+
+def answers_for(plan: FederationPlan, node: int, site: str) -> bool:
+    """Whether ``site`` may be answering from ``node``: the node has signed as no other site in
+    this run. (A node new to the run may be a site's restarted SuperNode: it is not refused.)"""
+    known_site = plan.node_sites.get(node)
+    return known_site is None or known_site == site
 
 
 def accept(

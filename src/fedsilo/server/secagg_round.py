@@ -92,6 +92,7 @@ from fedsilo.server.rounds import (
     FederationPlan,
     RoundReplies,
     accept,
+    answers_for,
     dp_requirement,
     dp_task,
     open_round,
@@ -180,6 +181,10 @@ def exchange(
                 max_bytes=max_bytes,
             )
             site = upload.binding.site_id
+            # Before the reply counts as the site's: a node relaying another site's signed
+            # message would otherwise take that site's place in the attempt.
+            if not answers_for(ctx.plan, node, site):
+                raise UpdateRejectedError(site, f"a message {site} signed, sent by another node")
             if state.node_of.setdefault(site, node) != node:
                 raise UpdateRejectedError(site, f"{site} answered from node {node}, not its own")
         except UpdateRejectedError as rejection:
