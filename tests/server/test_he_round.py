@@ -12,7 +12,7 @@ import torch
 from flwr.app import Message
 
 from fedsilo.client.policy import SitePolicy, policy_digest
-from fedsilo.ledger import read_entries
+from fedsilo.ledger import EntryKind, read_entries
 from fedsilo.model.flatten import flatten
 from fedsilo.privacy.he import ckks
 from fedsilo.protocol.he_records import (
@@ -507,8 +507,47 @@ def test_an_input_too_large_for_any_update_fails_the_round_instead_of_overflowin
 
     replies = _round(h)
 
+    # Every signer's sum is out of range: the input is the cause, and HE cannot say whose, so
+    # the attempt halts with each signer's result as evidence and no site is rejected.
     assert replies.updates.count == 0
-    assert any("above the bound" in reason for reason in replies.failures.values())
+    assert list(replies.failures) == ["secure-aggregation"]
+    assert (
+        "every decrypted sum (3 signers) is out of range" in replies.failures["secure-aggregation"]
+    )
+    halted = halted_at(h, "decrypt_sum")
+    assert sorted(halted["out_of_range"]) == h.names
+    assert "above the bound" in halted["out_of_range"]["site-0"]
+
+
+def test_a_decryptor_returning_an_out_of_range_sum_is_passed_over_for_the_next_signer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedsilo.privacy.he import ckks
+
+    h = _he(tmp_path, monkeypatch, num_sites=3)
+    decrypt, calls = ckks.decrypt, []
+
+    def first_decryptor_lies(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        values = decrypt(*args, **kwargs)
+        return [v + 1e6 for v in values] if len(calls) == 1 else values
+
+    monkeypatch.setattr(ckks, "decrypt", first_decryptor_lies)
+
+    replies = _round(h)
+
+    # The next signer's sum is used; the first's stays on record, and nobody is rejected
+    # (an out-of-range input would have made the first sum fail just the same).
+    assert replies.contributors == h.names
+    assert replies.failures == {}
+    np.testing.assert_allclose(flatten(replies.updates.mean()), _mean(h, h.names), atol=1e-4)
+    [stage] = [
+        e.payload
+        for e in read_entries(h.plan.ledger.path)
+        if e.kind is EntryKind.SECURE_AGGREGATION_STAGE and e.payload["stage"] == "decrypt_sum"
+    ]
+    assert stage["outcome"] == "completed"
+    assert list(stage["out_of_range"]) == ["site-0"]  # type: ignore[arg-type]
 
 
 def test_an_he_site_opens_a_session_once_so_its_key_and_input_are_never_reset(

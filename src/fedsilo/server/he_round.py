@@ -28,6 +28,7 @@ from flwr.app import RecordDict
 from flwr.serverapp import Grid
 
 from fedsilo.client.he import selector
+from fedsilo.ledger import JsonValue
 from fedsilo.model.adapters import AdapterState
 from fedsilo.model.flatten import flat_length, unflatten
 from fedsilo.privacy.he import ckks
@@ -74,6 +75,7 @@ from fedsilo.server.secagg_round import (
     advertise_keys,
     check_sum_norm,
     exchange,
+    halt_stage,
     require_sites,
     run_stages,
     secagg_params,
@@ -294,18 +296,21 @@ def decrypt_sum(ctx: SecAggRound, state: HeState) -> None:
         stage=DECRYPTED_STAGE,
         max_bytes=8 * length,
     )
+    out_of_range: dict[str, JsonValue] = {}
     for site, payload in answers:
         if len(payload) != 8 * length:
             reject(ctx.plan, ctx.replies, ctx.round_number, site, "decrypted sum of wrong length")
             continue
         decrypted = np.frombuffer(payload, dtype="<f8").copy()
         # Inputs are encrypted, so nothing bounded them on arrival: the sum of bounded inputs
-        # is bounded by their count, and a larger one (a hostile input or decryptor) would
-        # overflow the fp32 global adapter.
+        # is bounded by their count, and a larger one would overflow the fp32 global adapter.
+        # It is not the decryptor's fault by itself: one input out of range, or encrypted
+        # under another key, makes every honest decryptor's sum fail too, and HE cannot tell
+        # which contributor did it. So no site is blamed; the next signer is asked.
         try:
             check_adapter_values(decrypted, count=len(contributors), what="decrypted sum")
         except ProtocolError as error:
-            reject(ctx.plan, ctx.replies, ctx.round_number, site, str(error))
+            out_of_range[site] = str(error)
             continue
         check_sum_norm(
             ctx, state, "decrypt_sum", contributors,
@@ -315,7 +320,18 @@ def decrypt_sum(ctx: SecAggRound, state: HeState) -> None:
         )  # fmt: skip
         state.decrypted = decrypted
         break
-    require_sites(ctx, state, "decrypt_sum", contributors if state.decrypted is not None else [])
+    evidence = {"out_of_range": out_of_range} if out_of_range else None
+    if state.decrypted is None and out_of_range:
+        halt_stage(
+            ctx, state, "decrypt_sum", [],
+            f"every decrypted sum ({len(out_of_range)} signers) is out of range: an input is "
+            "out of range or encrypted under another key; HE cannot tell which contributor's, "
+            "so no site is rejected",
+            evidence,
+        )  # fmt: skip
+    require_sites(
+        ctx, state, "decrypt_sum", contributors if state.decrypted is not None else [], evidence
+    )
 
 
 def _whole_sum_norm(decrypted: np.ndarray, plain_sum: np.ndarray | None) -> float:
