@@ -151,6 +151,7 @@ def test_cli_certs_init_and_site(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert not (site / "st-mary.key").exists()
     secret = tmp_path / "passphrase"
     secret.write_text("st-mary's long passphrase\n")
+    secret.chmod(0o600)
     assert main([*command, "--passphrase-file", str(secret)]) == 0
 
     assert private_key_is_encrypted(site / "st-mary.key")
@@ -181,6 +182,7 @@ def test_a_ca_file_must_hold_exactly_one_ca_certificate(tmp_path: Path) -> None:
     appended.write_bytes(federation.ca_cert.read_bytes() + other.ca_cert.read_bytes())
     secret = tmp_path / "passphrase"
     secret.write_text("st-mary's long passphrase\n")
+    secret.chmod(0o600)
 
     certificate, data = read_ca_certificate(federation.ca_cert)
     assert data == federation.ca_cert.read_bytes()

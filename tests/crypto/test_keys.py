@@ -406,6 +406,7 @@ def test_passphrase_from_file_or_environment(
 ) -> None:
     file = tmp_path / "passphrase"
     file.write_bytes(PASSPHRASE + b"\n")
+    file.chmod(0o600)
     monkeypatch.delenv(PASSPHRASE_ENV, raising=False)
 
     assert read_passphrase(file, source="site") == PASSPHRASE
@@ -437,7 +438,20 @@ def test_deployed_site_key_decrypts_with_the_policy_passphrase_file(tmp_path: Pa
     key = generate_private_key()
     write_private_key(key, tmp_path / "st-mary.key", passphrase=PASSPHRASE)
     (tmp_path / "passphrase").write_bytes(PASSPHRASE + b"\n")
+    (tmp_path / "passphrase").chmod(0o600)
 
     loaded = read_site_key(tmp_path / "st-mary.key", passphrase_file=tmp_path / "passphrase")
 
     assert raw(loaded) == raw(key)
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604])
+def test_a_passphrase_file_others_may_read_is_refused_like_a_private_key(
+    tmp_path: Path, mode: int
+) -> None:
+    file = tmp_path / "passphrase"
+    file.write_bytes(PASSPHRASE + b"\n")
+    file.chmod(mode)
+
+    with pytest.raises(KeyFileError, match=f"permissions {mode:04o} are too open; a passphrase"):
+        read_passphrase(file, source="site")

@@ -109,6 +109,19 @@ def test_everything_but_the_fleet_api_is_refused_by_nginx(
     assert response.headers.get("server") == "nginx"  # answered by nginx, not Flower
 
 
+@pytest.mark.parametrize("suffix", ["%0A", "%0D%0A", "%0Ax"])
+def test_a_fleet_route_followed_by_a_newline_never_reaches_flower(
+    coordinator: tuple[CoordinatorService, Path, str], suffix: str
+) -> None:
+    # A regex ending in $ matches before a final newline: nginx passed get-run%0A on, with a raw
+    # newline in the request line (Flower's server then answered 400). nginx's own 404 only.
+    _service, ca, public = coordinator
+    with httpx.Client(verify=ssl.create_default_context(cafile=str(ca))) as client:
+        response = client.post(f"https://{public}/v1/fleet/get-run{suffix}", content=b"")
+
+    assert response.status_code == 404, response.text
+
+
 def test_the_fleet_api_reaches_flower_and_demands_node_auth(
     coordinator: tuple[CoordinatorService, Path, str],
 ) -> None:

@@ -97,10 +97,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_keys_init(args: argparse.Namespace) -> int:
     from fedsilo.crypto import fingerprint, init_site_keys, read_public_key
+    from fedsilo.crypto.keys import read_passphrase
 
     passphrase = None
     if args.passphrase_file is not None:
-        passphrase = args.passphrase_file.read_bytes().rstrip(b"\r\n")
+        passphrase = read_passphrase(args.passphrase_file, source=f"site {args.site}")
     private, public = init_site_keys(args.site, args.out, passphrase=passphrase)
     print(f"private key: {private} (mode 0600{', passphrase-encrypted' if passphrase else ''})")
     print(f"public key:  {public}")

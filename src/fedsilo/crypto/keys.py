@@ -188,25 +188,31 @@ def read_private_key(path: Path, *, passphrase: bytes | None) -> PrivateKey:
     given exactly when the file is encrypted. Every failure is a :class:`KeyFileError`.
     """
     path = Path(path)
-    try:
-        info = path.stat()
-    except FileNotFoundError:
-        raise KeyFileError(f"{path}: private key file not found") from None
-    except OSError as exc:
-        raise KeyFileError(f"{path}: cannot read private key file: {exc.strerror}") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise KeyFileError(f"{path}: not a regular file")
-    mode = stat.S_IMODE(info.st_mode)
-    if mode & 0o077:
-        raise KeyFileError(
-            f"{path}: permissions {mode:04o} are too open; a private key must be accessible "
-            f"only by its owner (chmod 600 {path})"
-        )
+    _check_owner_only(path, what="private key")
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise KeyFileError(f"{path}: cannot read private key file: {exc.strerror}") from None
     return _load_private_pem(data, path, passphrase)
+
+
+def _check_owner_only(path: Path, *, what: str) -> None:
+    """Refuse (KeyFileError) a secret's file that is missing, not a regular file, or that its
+    group or others may access."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise KeyFileError(f"{path}: {what} file not found") from None
+    except OSError as exc:
+        raise KeyFileError(f"{path}: cannot read {what} file: {exc.strerror}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise KeyFileError(f"{path}: not a regular file")
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & 0o077:
+        raise KeyFileError(
+            f"{path}: permissions {mode:04o} are too open; a {what} must be accessible only "
+            f"by its owner (chmod 600 {path})"
+        )
 
 
 def _load_private_pem(data: bytes, path: Path, passphrase: bytes | None) -> PrivateKey:
@@ -311,10 +317,12 @@ def read_passphrase(file: Path | None, *, source: str) -> bytes | None:
     """A key passphrase from ``file`` (trailing newline dropped), else from the
     PASSPHRASE_ENV environment variable, else None; ``source`` names who asks, in errors.
 
-    For unattended starts: the file (mode 0600, say) or the variable is set by whoever
-    starts the service. A passphrase shorter than MIN_PASSPHRASE_BYTES is refused.
+    For unattended starts: the file or the variable is set by whoever starts the service.
+    The file, like a private key, must be accessible by its owner only (it unlocks one). A
+    passphrase shorter than MIN_PASSPHRASE_BYTES is refused.
     """
     if file is not None:
+        _check_owner_only(Path(file), what="passphrase")
         try:
             passphrase = Path(file).read_bytes().rstrip(b"\r\n")
         except OSError as error:

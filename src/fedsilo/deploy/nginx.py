@@ -88,10 +88,12 @@ http {{
         ssl_certificate {settings.server_cert.resolve()};
         ssl_certificate_key {settings.server_key.resolve()};
         ssl_protocols TLSv1.2 TLSv1.3;
-        # The Fleet API, exactly: the normalized path must be one of these routes.
-        location ~ ^/v1/fleet/({paths})$ {{
+        # The Fleet API, exactly: the normalized path must be one of these routes (\\z, not $,
+        # which also matches before a final newline), and the upstream gets the route's own
+        # name, never the client's decoded path.
+        location ~ ^/v1/fleet/({paths})\\z {{
             limit_except POST {{ deny all; }}
-            proxy_pass https://127.0.0.1:{settings.upstream_port}$uri;
+            proxy_pass https://127.0.0.1:{settings.upstream_port}/v1/fleet/$1;
             proxy_http_version 1.1;
             # Stream bodies both ways: nothing is spooled to disk (updates stay in memory,
             # and the worker needs no writable temp folder).

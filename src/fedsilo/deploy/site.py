@@ -281,6 +281,8 @@ class SiteService:
             "served by this process)",
             f"node key {node_key_fingerprint(self.node_key.public_key())}; signing key "
             f"{fingerprint(self.identity.signing_key.public_key())}",
+            # The key receipts are checked with: compare with what `certs init` printed.
+            f"coordinator signing key {fingerprint(self.identity.coordinator_key)}",
             f"bundles accepted: {', '.join(bundles)} (this fedsilo submits "
             f"{expected_bundle_hash()})",
         ):

@@ -7,7 +7,8 @@ SuperNode with ``--isolation process`` and serves the SuperNode's Runtime API (l
 from this worker: it takes each task, checks the run's bundle hash against the site policy,
 checks the message size and the adapter shape against the policy, and answers with the
 installed :func:`fedsilo.client.app.build_client_app`, in this process, with the model that is
-already in memory. The bundle itself is never unpacked or executed.
+already in memory. The bundle itself is never executed (Flower's SuperNode reads its
+``pyproject.toml``; this worker only hashes it).
 """
 
 from __future__ import annotations
