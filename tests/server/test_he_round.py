@@ -197,6 +197,29 @@ def test_a_dealer_whose_context_is_not_the_rounds_is_rejected_and_the_next_site_
     )
 
 
+def test_a_site_refuses_a_sealed_key_that_is_not_the_dealers_signed_public_contexts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A dealer sealing each peer a key of its own made every decrypted sum garbage and every
+    # honest decryptor look wrong, every attempt; each site now checks its key and names it.
+    import fedsilo.client.he as client_he
+
+    h = _he(tmp_path, monkeypatch, num_sites=3)
+    seal = client_he.seal
+
+    def another_key_for_each_peer(key: bytes, secret: bytes, associated: bytes) -> bytes:
+        return seal(key, ckks.new_secret_context(4096), associated=associated)
+
+    monkeypatch.setattr(client_he, "seal", another_key_for_each_peer)
+
+    replies = _round(h)
+
+    assert replies.updates.count == 0
+    for peer in ("site-1", "site-2"):
+        reason = replies.failures[f"node-{h.node(peer)} ({peer})"]
+        assert f"site {peer}: the CKKS key dealer site-0 sealed for it is not the key" in reason
+
+
 def test_decryption_falls_to_the_next_contributor_and_below_threshold_halts(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -11,6 +11,7 @@ advertisement before it uses the key it received.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -180,12 +181,47 @@ def _received_secret(site: Site, state: SiteSession, request: EncryptRequest) ->
         raise SecAggRefusedError(
             f"site {site.name}: the dealer's advertisement is not authentic: {error}"
         ) from None
+    public, sealed = _sealed_for(site, state, request)
     key_context, associated = _key_contexts(state, dealer.site, site.name)
     key = agree(agreement_key_from_bytes(state.share_key), advert.share_public, context=key_context)
     try:
-        return open_sealed(key, request.sealed_secret, associated=associated)
+        secret = open_sealed(key, sealed, associated=associated)
     except SealError as error:
         raise SecAggRefusedError(f"site {site.name}: the sealed CKKS key: {error}") from None
+    # A dealer that sealed different keys to different sites (or one other than the public
+    # context the server adds under) would make every decrypted sum garbage: refuse it here,
+    # naming the dealer, before training.
+    try:
+        matches = ckks.public_part(secret) == public
+    except ckks.HeError as error:
+        raise SecAggRefusedError(f"site {site.name}: the sealed CKKS key: {error}") from None
+    if not matches:
+        raise SecAggRefusedError(
+            f"site {site.name}: the CKKS key dealer {dealer.site} sealed for it is not the key "
+            "of the public context the dealer signed for the round"
+        )
+    return secret
+
+
+def _sealed_for(site: Site, state: SiteSession, request: EncryptRequest) -> tuple[bytes, bytes]:
+    """The public context and this site's sealed secret from the dealer's signed keys."""
+    signed = request.signed_keys
+    try:
+        verify_update(
+            site.peer_keys[signed.site], signed.binding(state.session, KEYS_STAGE), signed.signature
+        )
+        header, public, *sealed = ckks.unframe(signed.payload, what="the dealer's keys")
+        recipients = json.loads(header)["recipients"]
+        index = recipients.index(site.name)
+        return public, sealed[index]
+    except SignatureError as error:
+        raise SecAggRefusedError(
+            f"site {site.name}: the dealer's keys are not authentic: {error}"
+        ) from None
+    except (ckks.HeError, ValueError, KeyError, TypeError, IndexError) as error:
+        raise SecAggRefusedError(
+            f"site {site.name}: the dealer's keys hold no sealed key for it ({error})"
+        ) from None
 
 
 def selector(tensors: tuple[str, ...]) -> Callable[[str], bool]:

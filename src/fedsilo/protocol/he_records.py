@@ -101,7 +101,11 @@ class EncryptRequest:
     """What a site needs to encrypt its update under the ceremony's key."""
 
     dealer: SignedPayload  # the dealer's signed key advertisement
-    sealed_secret: bytes  # the secret context sealed for this site (empty for the dealer)
+    # The dealer's signed key-ceremony payload, as the server received it: the public context
+    # the server adds ciphertexts under and every site's sealed secret, so that a site can check
+    # its secret against the one public context all sites and the server hold.
+    dealer_keys: bytes
+    dealer_keys_signature: bytes
     tensors: tuple[str, ...]  # substrings selecting the encrypted tensors; empty: all
 
     def to_record(self) -> ConfigRecord:
@@ -110,10 +114,16 @@ class EncryptRequest:
                 "dealer": self.dealer.site,
                 "dealer_payload": self.dealer.payload,
                 "dealer_signature": self.dealer.signature,
-                "sealed_secret": self.sealed_secret,
+                "dealer_keys": self.dealer_keys,
+                "dealer_keys_signature": self.dealer_keys_signature,
                 "tensors": list(self.tensors),
             }
         )
+
+    @property
+    def signed_keys(self) -> SignedPayload:
+        """The dealer's key-ceremony payload with its signature."""
+        return SignedPayload(self.dealer.site, self.dealer_keys, self.dealer_keys_signature)
 
     @classmethod
     def from_content(cls, content: RecordDict) -> EncryptRequest:
@@ -124,7 +134,12 @@ class EncryptRequest:
             payload=_bytes(record, "dealer_payload", what),
             signature=_bytes(record, "dealer_signature", what),
         )
-        return cls(dealer, _bytes(record, "sealed_secret", what), _strings(record, "tensors", what))
+        return cls(
+            dealer,
+            _bytes(record, "dealer_keys", what),
+            _bytes(record, "dealer_keys_signature", what),
+            _strings(record, "tensors", what),
+        )
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,10 @@
     advertise_keys    every sampled site sends signed fresh X25519 public keys (as in secagg)
     key_ceremony      one site (the dealer, first by name) verifies them, creates the CKKS key
                       and seals it for every other site; the server keeps the public part
-    encrypted_inputs  each site gets its sealed key, the global adapter and the task; it trains
-                      and returns its update, the selected tensors encrypted
+    encrypted_inputs  each site gets the dealer's signed keys (the public context and every
+                      sealed key), the global adapter and the task; it checks its key against
+                      that public context, trains and returns its update, the selected tensors
+                      encrypted
     add_ciphertexts   the server adds the ciphertexts, a check, and the plain tensors, if any
     agree_contributors  each contributor signs the contributor set, once per session
     decrypt_sum       one signer adds the contributors' signed inputs and decrypts the sum, if
@@ -53,6 +55,7 @@ from fedsilo.protocol.he_records import (
 from fedsilo.protocol.records import ProtocolError, check_adapter_values
 from fedsilo.protocol.secagg_records import ADVERTS_KEY, SignedPayload, adverts_record
 from fedsilo.server.admission import (
+    SignedUpload,
     UpdateRejectedError,
     check_claims,
     check_dp_event,
@@ -93,7 +96,7 @@ class HeState(SecAggState):
 
     dealer: str | None = None
     public_context: bytes = b""
-    sealed_keys: dict[str, bytes] = field(default_factory=dict)  # recipient -> sealed secret
+    dealer_keys: tuple[bytes, bytes] | None = None  # the dealer's signed keys payload, signature
     encrypted: dict[str, list[bytes]] = field(default_factory=dict)
     # Each accepted input as its site signed it: the decrypting site adds these itself.
     signed_inputs: dict[str, SignedPayload] = field(default_factory=dict)
@@ -118,8 +121,8 @@ def _in_turn(
     message_type: str,
     stage: str,
     max_bytes: int,
-) -> Iterator[tuple[str, bytes]]:
-    """Ask ``sites`` one at a time, in order; yield each that answers, with its payload.
+) -> Iterator[tuple[str, SignedUpload]]:
+    """Ask ``sites`` one at a time, in order; yield each that answers, with its signed upload.
 
     For the stages one site does for all (dealing the key, decrypting): the caller stops at the
     first usable answer, and the next site is asked only if it did not get one.
@@ -134,7 +137,7 @@ def _in_turn(
             max_bytes=max_bytes,
         )
         if site in accepted:
-            yield site, accepted[site][0].payload
+            yield site, accepted[site][0]
 
 
 def key_ceremony(ctx: SecAggRound, state: HeState) -> None:
@@ -152,9 +155,9 @@ def key_ceremony(ctx: SecAggRound, state: HeState) -> None:
         stage=KEYS_STAGE,
         max_bytes=_KEYS_UPLOAD_BYTES,
     )
-    for dealer, payload in answers:
+    for dealer, upload in answers:
         try:
-            header, public, *sealed = ckks.unframe(payload, what=KEYS_STAGE)
+            header, public, *sealed = ckks.unframe(upload.payload, what=KEYS_STAGE)
             recipients = json.loads(header)["recipients"]
             if recipients != sorted(set(state.adverts) - {dealer}) or len(sealed) != len(
                 recipients
@@ -173,20 +176,19 @@ def key_ceremony(ctx: SecAggRound, state: HeState) -> None:
             reject(ctx.plan, ctx.replies, ctx.round_number, dealer, reason)
             continue
         state.dealer, state.public_context = dealer, public
-        state.sealed_keys = dict(zip(recipients, sealed, strict=True))
+        state.dealer_keys = (upload.payload, upload.signature)
         break
     require_sites(ctx, state, "key_ceremony", list(state.adverts) if state.dealer else [])
 
 
 def encrypted_inputs(ctx: SecAggRound, state: HeState) -> None:
     """Stage 3: every site of the ceremony trains and sends its encrypted update."""
-    assert state.dealer is not None
+    assert state.dealer is not None and state.dealer_keys is not None
     cohort = sorted(state.adverts)
     contents = train_contents(ctx, state, cohort)
+    request = EncryptRequest(state.adverts[state.dealer], *state.dealer_keys, state.tensors)
     for site in cohort:
-        contents[state.node_of[site]][HE_KEY] = EncryptRequest(
-            state.adverts[state.dealer], state.sealed_keys.get(site, b""), state.tensors
-        ).to_record()
+        contents[state.node_of[site]][HE_KEY] = request.to_record()
     accepted = exchange(
         ctx,
         state,
@@ -297,7 +299,8 @@ def decrypt_sum(ctx: SecAggRound, state: HeState) -> None:
         max_bytes=8 * length,
     )
     out_of_range: dict[str, JsonValue] = {}
-    for site, payload in answers:
+    for site, upload in answers:
+        payload = upload.payload
         if len(payload) != 8 * length:
             reject(ctx.plan, ctx.replies, ctx.round_number, site, "decrypted sum of wrong length")
             continue
