@@ -207,10 +207,15 @@ def test_a_site_refuses_a_sealed_key_that_is_not_the_dealers_signed_public_conte
     h = _he(tmp_path, monkeypatch, num_sites=3)
     seal = client_he.seal
 
-    def another_key_for_each_peer(key: bytes, secret: bytes, associated: bytes) -> bytes:
-        return seal(key, ckks.new_secret_context(4096), associated=associated)
+    def site_0_seals_another_key_for_each_peer(
+        key: bytes, secret: bytes, associated: bytes
+    ) -> bytes:
+        # The associated data names the dealer and the peer (client.he._key_contexts).
+        dealt_by_site_0 = b"\nhe-seal\n" in associated and b"\nsite-0\nsite-" in associated
+        wrong = ckks.new_secret_context(4096) if dealt_by_site_0 else secret
+        return seal(key, wrong, associated=associated)
 
-    monkeypatch.setattr(client_he, "seal", another_key_for_each_peer)
+    monkeypatch.setattr(client_he, "seal", site_0_seals_another_key_for_each_peer)
 
     replies = _round(h)
 
@@ -218,6 +223,9 @@ def test_a_site_refuses_a_sealed_key_that_is_not_the_dealers_signed_public_conte
     for peer in ("site-1", "site-2"):
         reason = replies.failures[f"node-{h.node(peer)} ({peer})"]
         assert f"site {peer}: the CKKS key dealer site-0 sealed for it is not the key" in reason
+    # The retry is dealt by the next site by name, whose key every site accepts.
+    retried = _round(h, attempt=2)
+    assert retried.contributors == h.names, retried.failures
 
 
 def test_decryption_falls_to_the_next_contributor_and_below_threshold_halts(

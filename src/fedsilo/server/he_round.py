@@ -1,8 +1,9 @@
 """A homomorphic-encryption round on the Grid: named stages over one typed state.
 
     advertise_keys    every sampled site sends signed fresh X25519 public keys (as in secagg)
-    key_ceremony      one site (the dealer, first by name) verifies them, creates the CKKS key
-                      and seals it for every other site; the server keeps the public part
+    key_ceremony      one site (the dealer; each attempt starts at another site by name)
+                      verifies them, creates the CKKS key and seals it for every other site;
+                      the server keeps the public part
     encrypted_inputs  each site gets the dealer's signed keys (the public context and every
                       sealed key), the global adapter and the task; it checks its key against
                       that public context, trains and returns its update, the selected tensors
@@ -146,10 +147,14 @@ def key_ceremony(ctx: SecAggRound, state: HeState) -> None:
     content = session_content(
         state, {ADVERTS_KEY: relayed, HE_KEY: keygen_record(state.poly_modulus_degree)}
     )
+    # Each attempt starts the turn at another site: a dealer whose key the sites refuse (or
+    # that spoils the round otherwise) does not deal every retry of the round.
+    by_name = sorted(state.adverts)
+    first = (state.session.attempt - 1) % len(by_name)
     answers = _in_turn(
         ctx,
         state,
-        sorted(state.adverts),
+        by_name[first:] + by_name[:first],
         content,
         message_type=KEYGEN_MESSAGE,
         stage=KEYS_STAGE,
