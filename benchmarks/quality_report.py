@@ -215,7 +215,10 @@ def _algorithm_note(data: dict[str, Any]) -> str:
         notes.append(f"FedAdam server learning rate {budget['server_learning_rate']:g}")
     families = {"fedprox" if n.startswith("fedprox") else n for n in ran}
     missing = [family for family in ORDER if family not in families]
-    if missing:
+    if missing and data.get("complete") is False:
+        # A run stopped part-way (resumable): what it lacks is not a choice made to save time.
+        notes.append("incomplete: not run yet (`--resume` goes on): " + ", ".join(missing))
+    elif missing:
         notes.append("not run here, to save time: " + ", ".join(missing))
     if data["task_settings"]["name"] == "icd10" and not data.get("edge_cases"):
         notes.append("no edge cases")
@@ -365,7 +368,7 @@ def _task_section(
         "",
         "Against the goals (federated >= 97% of centralized; clearly above local-only):",
         "",
-        *_goal_lines(data),
+        *(_goal_lines(data) or ["- none yet: no federated algorithm has run."]),
         "",
         *_same_work_lines(name, data, loaded or {}),
         f"![gold accuracy by round]({accuracy})",
