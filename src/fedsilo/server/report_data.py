@@ -57,6 +57,7 @@ from fedsilo.server.report_figures import (
 from fedsilo.server.report_privacy import privacy_of
 from fedsilo.server.report_provenance import (
     base_model_of,
+    config_digests,
     execution_of,
     final_adapter_facts,
     precision_fact,
@@ -480,12 +481,7 @@ def _facts(
         )
     else:
         ended = f"not finished (last ledger entry {entries[-1].created_at})" if entries else None
-    digests = [
-        str(e.payload.get("config_digest"))
-        for e in entries
-        if e.kind in (EntryKind.RUN_STARTED, EntryKind.RUN_RESUMED)
-        and e.payload.get("config_digest")
-    ]
+    digests = [str(digest) for digest in config_digests(entries) if digest]
     # A resumed run may run under another configuration (more rounds): the last one is the
     # one it ran under, and config.toml is read only if it is that one.
     digest_note = (

@@ -24,7 +24,8 @@ from fedsilo.ledger.entries import DP_SETTINGS_FIELD
 from fedsilo.privacy.accounting import AccountantName, compute_epsilon
 from fedsilo.privacy.events import DpEvent, event_from_json
 from fedsilo.report import Privacy
-from fedsilo.server.report_provenance import recorded_config, recorded_he_tensors
+from fedsilo.server.report_provenance import recorded_config
+from fedsilo.server.site_disclosure import disclosure_of
 
 _NOT_RECORDED = "not recorded"
 
@@ -215,12 +216,9 @@ def _he_tensors(secure: str, config: FedsiloConfig | None, entries: Sequence[Ent
     """Which tensors an HE run encrypted, in words; None for a run without HE."""
     if secure != "he":
         return None
-    checked = recorded_config(config, entries)
-    selected = (
-        checked.secure_aggregation.he_tensors
-        if checked is not None
-        else recorded_he_tensors(_started(entries))
-    )
+    # What a site disclosed is decided once, for the model card and this report alike.
+    disclosure = disclosure_of(config, _started(entries), entries)
+    selected = disclosure.he_tensors if disclosure is not None else None
     if selected is None:
         return (
             "not established (the ledger does not record the selection, and config.toml is not "

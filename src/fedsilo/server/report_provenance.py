@@ -41,14 +41,20 @@ _ENGINES: Mapping[str, tuple[str, str]] = {
 }
 
 
-def recorded_config(config: FedsiloConfig | None, entries: Sequence[Entry]) -> FedsiloConfig | None:
-    """``config`` if it is the configuration the ledger's last run start (or resume) names by
-    digest, else None: a config.toml edited after the run says nothing about the run."""
-    digests = [
+def config_digests(entries: Sequence[Entry]) -> list[object]:
+    """The configuration digest of each run start and resume, in ledger order, as recorded
+    (None where an entry records none)."""
+    return [
         e.payload.get("config_digest")
         for e in entries
         if e.kind in (EntryKind.RUN_STARTED, EntryKind.RUN_RESUMED)
     ]
+
+
+def recorded_config(config: FedsiloConfig | None, entries: Sequence[Entry]) -> FedsiloConfig | None:
+    """``config`` if it is the configuration the ledger's last run start (or resume) names by
+    digest, else None: a config.toml edited after the run says nothing about the run."""
+    digests = config_digests(entries)
     if config is None or not digests or digests[-1] != config_digest(config):
         return None
     return config
