@@ -101,9 +101,7 @@ def test_the_control_api_answers_on_loopback_only(
 def test_everything_but_the_fleet_api_is_refused_by_nginx(
     coordinator: tuple[CoordinatorService, Path, str], path: str
 ) -> None:
-    _service, ca, public = coordinator
-    with httpx.Client(verify=ssl.create_default_context(cafile=str(ca))) as client:
-        response = client.post(f"https://{public}{path}", content=b"")
+    response = _post_empty(coordinator, path)
 
     assert response.status_code in (400, 404), (path, response.status_code)
     assert response.headers.get("server") == "nginx"  # answered by nginx, not Flower
@@ -115,11 +113,16 @@ def test_a_fleet_route_followed_by_a_newline_never_reaches_flower(
 ) -> None:
     # A regex ending in $ matches before a final newline: nginx passed get-run%0A on, with a raw
     # newline in the request line (Flower's server then answered 400). nginx's own 404 only.
-    _service, ca, public = coordinator
-    with httpx.Client(verify=ssl.create_default_context(cafile=str(ca))) as client:
-        response = client.post(f"https://{public}/v1/fleet/get-run{suffix}", content=b"")
+    response = _post_empty(coordinator, f"/v1/fleet/get-run{suffix}")
 
     assert response.status_code == 404, response.text
+
+
+def _post_empty(coordinator: tuple[CoordinatorService, Path, str], path: str) -> httpx.Response:
+    """An empty POST to ``path`` on the coordinator's public address, trusting its CA."""
+    _service, ca, public = coordinator
+    with httpx.Client(verify=ssl.create_default_context(cafile=str(ca))) as client:
+        return client.post(f"https://{public}{path}", content=b"")
 
 
 def test_the_fleet_api_reaches_flower_and_demands_node_auth(

@@ -32,7 +32,7 @@ from fedsilo.server.audit import verify_run
 from fedsilo.server.folder_checks import UnsafeFileError, contained, hash_file
 from fedsilo.server.run_folder import RunFolder
 
-from ..simulation.conftest import run_with_grid
+from ..simulation.conftest import resume_and_stop_after_round, run_with_grid
 
 
 @pytest.fixture
@@ -464,17 +464,7 @@ def test_completed_run_resumed_for_more_rounds_and_stopped_still_verifies_and_re
     finished_run: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    original = RunFolder.append_metrics
-
-    def stop_after_round_three(self: RunFolder, record: dict[str, object]) -> None:
-        if record["round"] == 3:
-            raise RuntimeError("stopped after round 3's checkpoint")
-        original(self, record)
-
-    monkeypatch.setattr(RunFolder, "append_metrics", stop_after_round_three)
-    with pytest.raises(RuntimeError, match="stopped after round 3"):
-        run_with_grid(make_config(run={"rounds": 4}), finished_run, resume=True)
-    monkeypatch.setattr(RunFolder, "append_metrics", original)
+    resume_and_stop_after_round(make_config(run={"rounds": 4}), finished_run, 3, monkeypatch)
 
     report = verify_run(finished_run)
     assert report.ok, report.problems

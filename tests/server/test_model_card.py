@@ -32,7 +32,7 @@ from fedsilo.server.report_provenance import strategy_fact
 from fedsilo.server.site_disclosure import what_left_the_sites
 
 from ..conftest import small_config
-from ..simulation.conftest import run_with_grid
+from ..simulation.conftest import resume_and_stop_after_round, run_with_grid
 
 _GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 _RANKING_CANDIDATES = 6
@@ -550,23 +550,12 @@ def test_the_card_of_a_completed_run_resumed_and_stopped_describes_the_exported_
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from fedsilo.server.privacy_report import entries_through_round
-    from fedsilo.server.run_folder import RunFolder
 
     privacy = {"record_level": True, "noise_multiplier": 1.0}
     run = tmp_path / "run"
     run_with_grid(small_config(tiny_model_dir, run={"rounds": 1}, privacy=privacy), run)
-    original = RunFolder.append_metrics
-
-    def stop_after_round_two(self: RunFolder, record: dict[str, object]) -> None:
-        if record["round"] == 2:
-            raise RuntimeError("stopped after round 2's checkpoint")
-        original(self, record)
-
-    monkeypatch.setattr(RunFolder, "append_metrics", stop_after_round_two)
     more = small_config(tiny_model_dir, run={"rounds": 3}, privacy=privacy)
-    with pytest.raises(RuntimeError, match="stopped after round 2"):
-        run_with_grid(more, run, resume=True)
-    monkeypatch.undo()
+    resume_and_stop_after_round(more, run, 2, monkeypatch)
     entries = read_entries(run / "ledger.db")
 
     card = model_card(run, run / "final")

@@ -9,6 +9,7 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any
 
+import pytest
 from flwr.app import Context, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -65,6 +66,24 @@ def run_with_grid(
         context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
         build_server_app(job)(grid, context)
     return reporter
+
+
+def resume_and_stop_after_round(
+    config: FedsiloConfig, run_dir: Path, round_number: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Resume ``run_dir`` under ``config`` and stop it once round ``round_number``'s checkpoint
+    is written, before its metrics line, as a crash there would."""
+    original = RunFolder.append_metrics
+
+    def stop(self: RunFolder, record: dict[str, object]) -> None:
+        if record["round"] == round_number:
+            raise RuntimeError(f"stopped after round {round_number}'s checkpoint")
+        original(self, record)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(RunFolder, "append_metrics", stop)
+        with pytest.raises(RuntimeError, match=f"stopped after round {round_number}"):
+            run_with_grid(config, run_dir, resume=True)
 
 
 def stop_run_in_last_round(folder: RunFolder, round_number: int, *, aggregated: bool) -> None:
